@@ -1,0 +1,1 @@
+"""Metadata side of lesionfuse: dataset spec, validation, features, folds, metrics, LightGBM."""

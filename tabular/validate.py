@@ -1,0 +1,146 @@
+"""Reading and checking a data set's metadata table against its spec.
+
+Every refusal names the spec key or column, and the first offending ids with their count, so a
+user can find the rows at fault in a table of hundreds of thousands.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+
+from tabular.errors import DataError, preview
+from tabular.spec import DatasetSpec
+
+log = logging.getLogger(__name__)
+
+
+def read_metadata(spec: DatasetSpec, require_target: bool = True) -> pd.DataFrame:
+    """Read `spec.metadata` and check it.
+
+    The id column is read as text; categorical columns as text (NaN where empty); numeric
+    columns as float. Train-only columns are kept in the frame (features never use them).
+
+    Args:
+        spec: the data set's spec.
+        require_target: training needs the target; scoring does not.
+
+    Returns:
+        The table, one row per id, in file order.
+
+    Raises:
+        DataError: the file is missing; a column the spec names is missing; an id is duplicated
+            or empty; the target is missing, not 0/1, or of one class only; the group has
+            missing values; a numeric column holds text.
+    """
+    if not spec.metadata.exists():
+        raise DataError(f"spec '{spec.name}': metadata file not found: {spec.metadata}")
+    text_columns = {spec.id, spec.group, *spec.categorical}
+    if spec.patient:
+        text_columns.add(spec.patient)
+    frame = pd.read_csv(
+        spec.metadata,
+        dtype={c: "string" for c in text_columns},
+        low_memory=False,
+    )
+    check_metadata(frame, spec, require_target=require_target)
+    for column in spec.numeric:
+        frame[column] = frame[column].astype("float64")
+    for column in text_columns:
+        # Plain object strings with NaN are what pandas, LightGBM and JSON all handle.
+        frame[column] = frame[column].astype(object).where(frame[column].notna(), np.nan)
+    return frame
+
+
+def check_metadata(frame: pd.DataFrame, spec: DatasetSpec, require_target: bool = True) -> None:
+    """Check a metadata frame against its spec; see `read_metadata` for what is refused."""
+    where = f"metadata {spec.metadata.name}"
+    needed = {"id": spec.id, "group": spec.group}
+    if spec.patient:
+        needed["patient"] = spec.patient
+    if require_target:
+        if not spec.target:
+            raise DataError(f"spec '{spec.name}': key 'target' is not set, training needs it")
+        needed["target"] = spec.target
+    for key, column in needed.items():
+        if column not in frame.columns:
+            raise DataError(f"{where}: column '{column}' (spec key '{key}') is missing")
+    for key in ("categorical", "numeric", "exclude"):
+        for column in getattr(spec, key):
+            if column not in frame.columns:
+                raise DataError(f"{where}: column '{column}' (spec key '{key}') is missing")
+
+    ids = frame[spec.id]
+    empty = frame.index[ids.isna() | (ids.astype(str).str.strip() == "")]
+    if len(empty):
+        raise DataError(f"{where}: column '{spec.id}' (spec key 'id') is empty in rows {preview(list(empty))}")
+    duplicated = ids[ids.duplicated(keep=False)].unique()
+    if len(duplicated):
+        raise DataError(f"{where}: duplicate ids in column '{spec.id}', {preview(list(duplicated))}")
+
+    group_missing = ids[frame[spec.group].isna()]
+    if len(group_missing):
+        raise DataError(
+            f"{where}: column '{spec.group}' (spec key 'group') has missing values, "
+            f"ids {preview(list(group_missing))}"
+        )
+
+    for column in spec.numeric:
+        values = frame[column]
+        if values.dtype == object or str(values.dtype) == "string":
+            parsed = pd.to_numeric(values, errors="coerce")
+            bad = values.notna() & parsed.isna()
+            if bad.any():
+                raise DataError(
+                    f"{where}: numeric column '{column}' holds text, e.g. "
+                    f"{values[bad].iloc[0]!r} (ids {preview(list(ids[bad]))})"
+                )
+            frame[column] = parsed
+
+    if require_target:
+        check_target(frame, spec)
+
+
+def check_target(frame: pd.DataFrame, spec: DatasetSpec) -> None:
+    """The target must be 0/1 in every row, with both classes present."""
+    where = f"metadata {spec.metadata.name}"
+    target = pd.to_numeric(frame[spec.target], errors="coerce")
+    bad = ~target.isin([0, 1])
+    if bad.any():
+        examples = frame.loc[bad, spec.target].head(3).tolist()
+        raise DataError(
+            f"{where}: column '{spec.target}' (spec key 'target') must be 0 or 1; got {examples} "
+            f"in ids {preview(list(frame.loc[bad, spec.id]))}"
+        )
+    classes = sorted(target.unique().tolist())
+    if len(classes) < 2:
+        raise DataError(
+            f"{where}: column '{spec.target}' (spec key 'target') has one class only "
+            f"({int(classes[0])} in all {len(frame)} rows); training needs both 0 and 1"
+        )
+    frame[spec.target] = target.astype("int8")
+
+
+def check_images(frame: pd.DataFrame, spec: DatasetSpec, available_ids: Iterable[str]) -> list[str]:
+    """Match metadata rows to the image source's ids.
+
+    Returns:
+        Ids that have an image but no metadata row (listed in the log, not fatal).
+
+    Raises:
+        DataError: rows without an image, naming how many and the first few.
+    """
+    available = set(map(str, available_ids))
+    rows = frame[spec.id].astype(str)
+    missing = rows[~rows.isin(available)].tolist()
+    if missing:
+        raise DataError(
+            f"spec '{spec.name}': rows without an image in {spec.images}, ids {preview(missing)}"
+        )
+    extra = sorted(available - set(rows))
+    if extra:
+        log.warning("%d image(s) have no metadata row and are ignored: %s", len(extra), preview(extra))
+    return extra
