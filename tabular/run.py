@@ -138,7 +138,6 @@ def _align(folds: pd.DataFrame, frame: pd.DataFrame, spec: DatasetSpec, run_dir:
     if unknown or gone:
         raise DataError(
             f"run {run_dir}: the metadata rows changed since the run began "
-            f"({len(unknown)} new id(s){': ' + preview(unknown) if unknown else ''}; "
-            f"{len(gone)} removed{': ' + preview(gone) if gone else ''}); start a new run"
+            f"(new ids {preview(unknown)}; removed ids {preview(gone)}); start a new run"
         )
     return by_id.loc[ids.to_numpy()].reset_index()

@@ -90,7 +90,7 @@ def check_metadata(frame: pd.DataFrame, spec: DatasetSpec, require_target: bool 
 
     for column in spec.numeric:
         values = frame[column]
-        if values.dtype == object or str(values.dtype) == "string":
+        if not pd.api.types.is_numeric_dtype(values):
             parsed = pd.to_numeric(values, errors="coerce")
             bad = values.notna() & parsed.isna()
             if bad.any():
