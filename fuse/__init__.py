@@ -1,0 +1,1 @@
+"""Where images and metadata meet: fusion MLP, stacking, report, scoring, demo."""
