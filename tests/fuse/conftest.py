@@ -25,10 +25,12 @@ numeric = ["age", "size"]
 """
 
 
-def make_tabular_run(root: Path, n_rows: int = 300, seed: int = 0, n_folds: int = 5) -> Run:
+def make_tabular_run(root: Path, n_rows: int = 300, seed: int = 0, n_folds: int = 5,
+                     signal: float = 1.0) -> Run:
     """A run on a small metadata-only data set whose target depends on age and size.
 
-    Two rows per lesion (the group), about 30% positives.
+    Two rows per lesion (the group), about 30% positives; `signal=0` makes the target independent
+    of the metadata.
     """
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -36,7 +38,7 @@ def make_tabular_run(root: Path, n_rows: int = 300, seed: int = 0, n_folds: int 
     group = np.repeat(np.arange(n_groups), 2)[:n_rows]
     age = rng.normal(55, 15, n_groups)[group].round()
     size = rng.gamma(2.0, 2.0, n_rows)
-    signal = 0.06 * (age - 55) + 0.3 * (size - 4) + rng.normal(0, 1, n_rows)
+    signal = signal * (0.06 * (age - 55) + 0.3 * (size - 4)) + rng.normal(0, 1, n_rows)
     target = (signal > np.quantile(signal, 0.7)).astype(int)
     frame = pd.DataFrame({
         "image_id": [f"IMG_{i:05d}" for i in range(n_rows)],

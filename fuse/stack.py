@@ -1,0 +1,422 @@
+"""Stacking and blending the two base models of a run, out of fold, and choosing the final one.
+
+Two ways to join the LightGBM ensemble (`gbdt/`) and the fusion MLP (`fusion/`):
+
+- "stack": LightGBM on the metadata features plus the fusion MLP's prediction as one more feature
+  (the shape of the ISIC 2024 winners' second stage). Trained and evaluated with the run's own
+  folds: for fold k it learns on the rows of the other folds, using *their* out-of-fold fusion
+  predictions, and predicts fold k from fold k's out-of-fold fusion predictions. At scoring time
+  the fusion feature is the fold-averaged fusion prediction and the stack's fold models are
+  averaged.
+- "blend": a weighted average of the two base models' ranks. A rank is taken against a reference
+  distribution (the out-of-fold predictions of the training part), not within the batch being
+  scored, so one row scores the same alone or among thousands. The weight is chosen on the
+  training folds only.
+
+Both are evaluated out of fold; the better on pAUC80 becomes the run's final model, recorded in
+`stack/final.json` with its operating threshold (chosen on its out-of-fold predictions for the
+target sensitivity).
+
+Why stacking on out-of-fold predictions does not leak fold k's labels into fold k's figures:
+the feature value of an evaluated row of fold k is its out-of-fold fusion prediction, made by the
+fusion model that did not see fold k. The training rows' feature values came from fusion models
+that *did* see fold k's rows (each training row's own fusion model left out that row's fold, not
+fold k), so fold k's labels shaped those values; but only through a model that had to generalise
+to the training row, never by copying fold k's labels into fold k's features. What the stack
+learns is "an honest out-of-fold fusion score -> label", and fold k's rows get exactly that kind of
+score. Training the stack on in-fold fusion predictions, or on rows of fold k, would leak; the
+tests build both leaks and check that this module avoids them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+
+from fuse.errors import RunError
+from tabular.errors import DataError, preview
+from tabular.metrics import MetricWarning, pauc80, summarize
+
+log = logging.getLogger(__name__)
+
+BASE_STAGES = ("gbdt", "fusion")
+MADE_BY = {
+    "gbdt": "invoke train-gbdt --spec S --run R",
+    "fusion": "invoke train-fusion --spec S --run R",
+    "stack": "invoke stack --run R",
+    "blend": "invoke stack --run R",
+}
+FUSION_FEATURE = "p_fusion"
+# Quantiles kept per base model as the blend's rank reference: fine enough that the top 0.1% of
+# an ISIC-sized set (the part pAUC80 looks at) keeps distinct ranks, small enough for JSON.
+REFERENCE_POINTS = 4097
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """The stack's LightGBM parameters and the blend's weight grid.
+
+    A fixed number of rounds, no early stopping: stopping on fold k would pick the round count on
+    the rows being evaluated.
+    """
+
+    num_boost_round: int = 300
+    learning_rate: float = 0.03
+    num_leaves: int = 15
+    min_data_in_leaf: int = 20
+    feature_fraction: float = 0.8
+    bagging_fraction: float = 0.8
+    bagging_freq: int = 1
+    lambda_l2: float = 1.0
+    seed: int = 0
+    blend_weights: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
+
+    def lgb_params(self) -> dict:
+        return {
+            "objective": "binary",
+            "learning_rate": self.learning_rate,
+            "num_leaves": self.num_leaves,
+            "min_data_in_leaf": self.min_data_in_leaf,
+            "feature_fraction": self.feature_fraction,
+            "bagging_fraction": self.bagging_fraction,
+            "bagging_freq": self.bagging_freq,
+            "lambda_l2": self.lambda_l2,
+            "seed": self.seed,
+            "deterministic": True,
+            "num_threads": 1,
+            "verbosity": -1,
+        }
+
+
+# --------------------------------------------------------------------------------------- inputs
+
+
+def require_run(run_dir: Path | str) -> Path:
+    """`run_dir` as a Path; RunError when it holds no run."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file():
+        raise RunError(
+            f"run {run_dir}: not found (no run.json); start one with "
+            "`invoke train-gbdt --spec S --run R`"
+        )
+    return run_dir
+
+
+def require_stage(run_dir: Path, stage: str, filename: str = "oof.csv") -> Path:
+    """`<run>/<stage>/<filename>`; RunError naming the stage and the command that makes it."""
+    path = Path(run_dir) / stage / filename
+    if not path.is_file():
+        command = MADE_BY.get(stage, f"the {stage} stage")
+        raise RunError(
+            f"run {run_dir}: stage '{stage}' is missing ({path} not found); make it with `{command}`"
+        )
+    return path
+
+
+def read_oof(run_dir: Path, stage: str, ids: np.ndarray, folds: np.ndarray,
+             target: np.ndarray | None = None) -> np.ndarray:
+    """A stage's out-of-fold predictions aligned to `ids` (shape (n,), float64).
+
+    Raises:
+        RunError: the stage's `oof.csv` is missing (names the command that makes it); it lacks a
+            column; its ids differ from the run's; a row's fold or target differs from the run's
+            `folds.csv` / metadata; a prediction is not a finite number.
+    """
+    path = require_stage(run_dir, stage)
+    oof = pd.read_csv(path, dtype={"id": str})
+    missing = {"id", "fold", "p"} - set(oof.columns)
+    if missing:
+        raise RunError(f"{path}: not an out-of-fold file, missing column(s) {sorted(missing)}")
+    if oof["id"].duplicated().any():
+        raise RunError(f"{path}: duplicate ids {preview(oof.loc[oof['id'].duplicated(), 'id'].tolist())}")
+    by_id = oof.set_index("id")
+    wanted = pd.Index(ids.astype(str))
+    absent = wanted.difference(by_id.index)
+    extra = by_id.index.difference(wanted)
+    if len(absent) or len(extra):
+        raise RunError(
+            f"{path}: ids differ from the run's folds.csv (missing {preview(list(absent))}; "
+            f"not in the run {preview(list(extra))}); retrain the stage: `{MADE_BY.get(stage, stage)}`"
+        )
+    aligned = by_id.loc[wanted]
+    wrong_fold = aligned["fold"].to_numpy() != folds
+    if wrong_fold.any():
+        raise RunError(
+            f"{path}: folds differ from the run's folds.csv for ids "
+            f"{preview(list(wanted[wrong_fold]))}; its predictions are not out of fold for this "
+            f"run; retrain the stage: `{MADE_BY.get(stage, stage)}`"
+        )
+    if target is not None and "target" in aligned.columns:
+        wrong_target = aligned["target"].to_numpy() != target
+        if wrong_target.any():
+            raise RunError(f"{path}: targets differ from the run's metadata for ids {preview(list(wanted[wrong_target]))}")
+    p = pd.to_numeric(aligned["p"], errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(p)
+    if bad.any():
+        raise RunError(f"{path}: column 'p' is not a finite number for ids {preview(list(wanted[bad]))}")
+    return p
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------- the stack
+
+
+def stack_features(encoder, frame: pd.DataFrame, p_fusion: np.ndarray) -> pd.DataFrame:
+    """The stack's input: the encoder's metadata features plus `p_fusion` as the last column."""
+    features = encoder.transform(frame).reset_index(drop=True)
+    if FUSION_FEATURE in features.columns:
+        raise RunError(f"metadata feature name {FUSION_FEATURE!r} clashes with the stack's fusion feature")
+    features[FUSION_FEATURE] = np.asarray(p_fusion, dtype=np.float32)
+    return features
+
+
+def fit_stack_model(features: pd.DataFrame, y: np.ndarray, config: StackConfig) -> lgb.Booster:
+    """One stack LightGBM on (features, y); the rows given are the only rows it learns from."""
+    data = lgb.Dataset(features, label=np.asarray(y), free_raw_data=True)
+    return lgb.train(config.lgb_params(), data, num_boost_round=config.num_boost_round)
+
+
+def _fit_encoder(frame: pd.DataFrame, spec):
+    from tabular.features import FeatureEncoder
+
+    return FeatureEncoder().fit(frame, spec)
+
+
+def load_encoder(path: Path):
+    """A fold's `FeatureEncoder` from its JSON file."""
+    from tabular.features import FeatureEncoder
+
+    return FeatureEncoder.from_json(json.loads(path.read_text()))
+
+
+def oof_stack(frame: pd.DataFrame, spec, y: np.ndarray, folds: np.ndarray, p_fusion: np.ndarray,
+              config: StackConfig, out_dir: Path | None = None) -> np.ndarray:
+    """Out-of-fold stack predictions, shape (n,); fold k's rows never reach fold k's model.
+
+    For each fold k the encoder and the model are fitted on the rows of the other folds only.
+    With `out_dir`, each fold's model (`fold{k}.txt`) and encoder (`encoder_fold{k}.json`) are saved.
+    """
+    p = np.full(len(frame), np.nan)
+    for k in np.unique(folds):
+        train = np.flatnonzero(folds != k)
+        valid = np.flatnonzero(folds == k)
+        train_frame = frame.iloc[train].reset_index(drop=True)
+        encoder = _fit_encoder(train_frame, spec)
+        model = fit_stack_model(stack_features(encoder, train_frame, p_fusion[train]), y[train], config)
+        valid_frame = frame.iloc[valid].reset_index(drop=True)
+        p[valid] = model.predict(stack_features(encoder, valid_frame, p_fusion[valid]))
+        if out_dir is not None:
+            model.save_model(str(out_dir / f"fold{k}.txt"))
+            (out_dir / f"encoder_fold{k}.json").write_text(json.dumps(encoder.to_json()))
+    return p
+
+
+def predict_stack(stage_dir: Path, frame: pd.DataFrame, p_fusion: np.ndarray) -> np.ndarray:
+    """Average of the stack's fold models on new rows, shape (n,).
+
+    `p_fusion` is the fusion MLP's fold-averaged prediction for the same rows.
+    """
+    record = json.loads((stage_dir / "stack.json").read_text())
+    predictions = []
+    for k in record["folds"]:
+        encoder = load_encoder(stage_dir / f"encoder_fold{k}.json")
+        model = lgb.Booster(model_file=str(stage_dir / f"fold{k}.txt"))
+        features = stack_features(encoder, frame.reset_index(drop=True), p_fusion)
+        predictions.append(model.predict(features))
+    return np.mean(predictions, axis=0)
+
+
+# ----------------------------------------------------------------------------------- the blend
+
+
+def rank_reference(p: np.ndarray, points: int = REFERENCE_POINTS) -> np.ndarray:
+    """Strictly increasing quantiles of `p` that define its rank function (see `to_rank`)."""
+    p = np.asarray(p, dtype=np.float64)
+    if len(p) <= points:
+        return np.unique(p)
+    return np.unique(np.quantile(p, np.linspace(0.0, 1.0, points)))
+
+
+def to_rank(reference: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """The share of the reference below `p` (0..1), linear between the reference's quantiles."""
+    reference = np.asarray(reference, dtype=np.float64)
+    if len(reference) == 1:
+        return np.where(np.asarray(p) >= reference[0], 1.0, 0.0)
+    levels = np.linspace(0.0, 1.0, len(reference))
+    return np.interp(np.asarray(p, dtype=np.float64), reference, levels)
+
+
+def blend_scores(weight_gbdt: float, references: dict, p_gbdt: np.ndarray, p_fusion: np.ndarray) -> np.ndarray:
+    """`w * rank(p_gbdt) + (1 - w) * rank(p_fusion)`, ranks against the stored references."""
+    return (weight_gbdt * to_rank(references["gbdt"], p_gbdt)
+            + (1.0 - weight_gbdt) * to_rank(references["fusion"], p_fusion))
+
+
+def choose_blend_weight(y: np.ndarray, p_gbdt: np.ndarray, p_fusion: np.ndarray,
+                        weights: tuple[float, ...]) -> tuple[float, dict]:
+    """The weight of gbdt that maximises pAUC80 on these rows (ties: the one nearest 0.5).
+
+    Returns (weight, references) where references are the rank references of these rows.
+    """
+    references = {"gbdt": rank_reference(p_gbdt), "fusion": rank_reference(p_fusion)}
+    if y.min() == y.max():
+        return 0.5, references
+    best, best_score = 0.5, -math.inf
+    for w in sorted(weights, key=lambda w: abs(w - 0.5)):
+        score = pauc80(y, blend_scores(w, references, p_gbdt, p_fusion))
+        if score > best_score + 1e-12:
+            best, best_score = float(w), score
+    return best, references
+
+
+def oof_blend(y: np.ndarray, folds: np.ndarray, p_gbdt: np.ndarray, p_fusion: np.ndarray,
+              config: StackConfig) -> tuple[np.ndarray, dict[int, float]]:
+    """Out-of-fold blend scores, shape (n,), and the weight each fold used.
+
+    Fold k's weight and rank references come from the other folds' rows only.
+    """
+    p = np.full(len(y), np.nan)
+    chosen = {}
+    for k in np.unique(folds):
+        train = folds != k
+        weight, references = choose_blend_weight(y[train], p_gbdt[train], p_fusion[train], config.blend_weights)
+        p[~train] = blend_scores(weight, references, p_gbdt[~train], p_fusion[~train])
+        chosen[int(k)] = weight
+    return p, chosen
+
+
+def predict_blend(stage_dir: Path, p_gbdt: np.ndarray, p_fusion: np.ndarray) -> np.ndarray:
+    """The blend on new rows from the base models' fold-averaged predictions, shape (n,)."""
+    record = json.loads((stage_dir / "blend.json").read_text())
+    references = {name: np.asarray(values) for name, values in record["references"].items()}
+    return blend_scores(record["weight_gbdt"], references, p_gbdt, p_fusion)
+
+
+# ------------------------------------------------------------------------------------- entry
+
+
+def stack(run_dir: Path | str, sensitivity: float = 0.95, config: StackConfig | None = None) -> dict:
+    """Stack and blend a run's base models out of fold and choose its final model.
+
+    Reads `gbdt/oof.csv` and `fusion/oof.csv` (checked against the run's `folds.csv`), writes
+    `stack/` (fold models `fold{k}.txt`, encoders, `stack.json`, `oof.csv`, `metrics.json`,
+    `final.json`) and `blend/` (`blend.json`, `oof.csv`, `metrics.json`).
+
+    Args:
+        run_dir: the run folder.
+        sensitivity: target sensitivity of the operating threshold, in (0, 1]; default 0.95.
+        config: stack and blend settings; default `StackConfig()`.
+
+    Returns:
+        `stack/final.json`'s content: final model name, threshold, sensitivity, and the out-of-fold
+        metrics of both candidates.
+
+    Raises:
+        RunError: no run at `run_dir`; a base stage is missing (names the command that makes it);
+            an `oof.csv` does not match the run's folds; `sensitivity` out of range.
+    """
+    from tabular.run import load_run
+
+    if not 0.0 < sensitivity <= 1.0:
+        raise RunError(f"sensitivity: expected a value in (0, 1], got {sensitivity!r}")
+    config = config or StackConfig()
+    run_dir = require_run(run_dir)
+    for stage in BASE_STAGES:  # say what is missing before reading any metadata
+        require_stage(run_dir, stage)
+    try:
+        run = load_run(run_dir)
+    except DataError as error:
+        raise RunError(f"run {run_dir}: cannot be reopened: {error}") from error
+    ids = run.frame[run.spec.id].astype(str).to_numpy()
+    y, folds = run.target, run.fold
+    p_gbdt = read_oof(run_dir, "gbdt", ids, folds, y)
+    p_fusion = read_oof(run_dir, "fusion", ids, folds, y)
+    made_from = {
+        "folds.csv": file_sha256(run_dir / "folds.csv"),
+        "gbdt/oof.csv": file_sha256(run_dir / "gbdt" / "oof.csv"),
+        "fusion/oof.csv": file_sha256(run_dir / "fusion" / "oof.csv"),
+    }
+
+    stack_dir = run.stage_dir("stack")
+    for old in stack_dir.glob("fold*.txt"):
+        old.unlink()
+    log.info("stack: LightGBM on metadata + fusion prediction, %d folds", len(np.unique(folds)))
+    p_stack = oof_stack(run.frame, run.spec, y, folds, p_fusion, config, out_dir=stack_dir)
+    (stack_dir / "stack.json").write_text(json.dumps({
+        "folds": [int(k) for k in np.unique(folds)],
+        "feature": FUSION_FEATURE,
+        "config": asdict(config),
+        "made_from": made_from,
+    }, indent=2))
+
+    blend_dir = run.stage_dir("blend")
+    p_blend, fold_weights = oof_blend(y, folds, p_gbdt, p_fusion, config)
+    weight, references = choose_blend_weight(y, p_gbdt, p_fusion, config.blend_weights)
+    (blend_dir / "blend.json").write_text(json.dumps({
+        "weight_gbdt": weight,
+        "fold_weights": fold_weights,
+        "references": {name: values.tolist() for name, values in references.items()},
+        "made_from": made_from,
+    }))
+
+    figures = {}
+    for name, p, stage_dir in (("stack", p_stack, stack_dir), ("blend", p_blend, blend_dir)):
+        write_oof(stage_dir / "oof.csv", ids, folds, y, p)
+        figures[name] = evaluate(y, p, folds, sensitivity)
+        figures[name]["made_from"] = made_from
+        (stage_dir / "metrics.json").write_text(json.dumps(figures[name], indent=2))
+
+    def key(name):
+        value = figures[name]["pauc80"]
+        return -math.inf if value is None else value
+
+    # Ties go to the stack (first): it also carries the metadata signal the blend only sees via gbdt.
+    final = max(("stack", "blend"), key=key)
+    record = {
+        "final": final,
+        "threshold": figures[final]["threshold"],
+        "sensitivity": sensitivity,
+        "pauc80": {name: figures[name]["pauc80"] for name in ("stack", "blend")},
+        "note": "final = the candidate with the higher out-of-fold pAUC80; threshold chosen on its "
+                "out-of-fold predictions for the target sensitivity",
+        "made_from": made_from,
+    }
+    (stack_dir / "final.json").write_text(json.dumps(record, indent=2))
+    log.info("final model: %s (pAUC80 stack %s, blend %s), threshold %.4g",
+             final, record["pauc80"]["stack"], record["pauc80"]["blend"], record["threshold"])
+    return record
+
+
+def write_oof(path: Path, ids: np.ndarray, folds: np.ndarray, y: np.ndarray, p: np.ndarray) -> None:
+    pd.DataFrame({"id": ids, "fold": folds, "target": y, "p": p}).to_csv(path, index=False)
+
+
+def evaluate(y: np.ndarray, p: np.ndarray, folds: np.ndarray, sensitivity: float) -> dict:
+    """`summarize` on the pooled out-of-fold predictions, plus pAUC80 per fold."""
+    figures = summarize(y, p, sensitivity=sensitivity)
+    per_fold = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MetricWarning)
+        for k in np.unique(folds):
+            rows = folds == k
+            value = pauc80(y[rows], p[rows])
+            per_fold[int(k)] = None if math.isnan(value) else value
+    figures["pauc80_per_fold"] = per_fold
+    return figures
+
+
+def final_choice(run_dir: Path | str) -> dict:
+    """`stack/final.json` of a run; RunError naming `invoke stack` when absent."""
+    return json.loads(require_stage(run_dir, "stack", "final.json").read_text())

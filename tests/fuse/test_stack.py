@@ -1,0 +1,162 @@
+"""Stacking and blending out of fold: no leak, the run's own folds, threshold and final choice."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fuse.errors import RunError
+from fuse.stack import (
+    StackConfig,
+    fit_stack_model,
+    oof_stack,
+    predict_blend,
+    predict_stack,
+    stack,
+    stack_features,
+)
+from tabular.features import FeatureEncoder
+from tabular.metrics import roc_auc, threshold_for_sensitivity
+
+FAST = StackConfig(num_boost_round=150)
+# Small leaves and many rounds: a model that sees a row in training memorises it, so a leak shows.
+MEMORISING = StackConfig(num_boost_round=200, learning_rate=0.1, min_data_in_leaf=5)
+
+
+def leaky_stack(frame, spec, y, p_fusion, folds, config):
+    """What a leaky stack does: one model fitted on every row, fold k's rows included."""
+    encoder = FeatureEncoder().fit(frame, spec)
+    model = fit_stack_model(stack_features(encoder, frame, p_fusion), y, config)
+    return model.predict(stack_features(encoder, frame, p_fusion))
+
+
+def test_label_on_training_folds_noise_on_evaluated_fold_gives_no_skill(run_factory, oof_writer):
+    # The fake fusion column equals the label on folds 1..4 and is noise on fold 0. Evaluated on
+    # fold 0, an honest stack learnt "p_fusion = label" from folds 1..4 and meets noise: no skill.
+    # A stack that also trained on fold 0 memorises fold 0's labels (its noise values are unique)
+    # and looks excellent there. The metadata carry no signal, so only a leak can score.
+    run = run_factory(signal=0.0)
+    rng = np.random.default_rng(3)
+    y, folds = run.target, run.fold
+    evaluated = folds == 0
+    p_fusion = np.where(evaluated, rng.uniform(0, 1, len(y)), y.astype(float))
+    oof_writer(run, "fusion", p_fusion)
+    oof_writer(run, "gbdt", rng.uniform(0, 1, len(y)))
+
+    stack(run.dir, config=MEMORISING)
+    oof = pd.read_csv(run.dir / "stack" / "oof.csv")
+    honest = roc_auc(oof["target"][evaluated], oof["p"][evaluated])
+    leaky = leaky_stack(run.frame, run.spec, y, p_fusion, folds, MEMORISING)
+    assert roc_auc(y[evaluated], leaky[evaluated]) > 0.95  # the test can see a leak
+    assert honest < 0.75
+
+
+def test_random_labels_give_chance_out_of_fold(run_factory):
+    # Labels independent of every feature: out of fold the stack can only guess, while a model
+    # scored on rows it trained on memorises them.
+    run = run_factory(seed=5, signal=0.0)
+    y = run.target
+    p_fusion = np.random.default_rng(7).uniform(0, 1, len(y))
+    ours = oof_stack(run.frame, run.spec, y, run.fold, p_fusion, MEMORISING)
+    leaky = leaky_stack(run.frame, run.spec, y, p_fusion, run.fold, MEMORISING)
+    assert roc_auc(y, leaky) > 0.95
+    assert 0.3 < roc_auc(y, ours) < 0.75
+
+
+def test_outputs_folds_threshold_and_final_choice(tabular_run):
+    run = tabular_run
+    record = stack(run.dir, sensitivity=0.9, config=FAST)
+    for stage in ("stack", "blend"):
+        oof = pd.read_csv(run.dir / stage / "oof.csv", dtype={"id": str})
+        assert list(oof.columns) == ["id", "fold", "target", "p"]
+        assert oof["id"].tolist() == run.frame[run.spec.id].tolist()
+        np.testing.assert_array_equal(oof["fold"], run.fold)  # the run's folds, row for row
+        assert oof["p"].notna().all()
+        metrics = json.loads((run.dir / stage / "metrics.json").read_text())
+        assert metrics["pauc80"] == pytest.approx(record["pauc80"][stage])
+    assert sorted(p.name for p in (run.dir / "stack").glob("fold*.txt")) == [f"fold{k}.txt" for k in range(5)]
+
+    final = json.loads((run.dir / "stack" / "final.json").read_text())
+    assert final == record
+    assert final["final"] == max(("stack", "blend"), key=lambda name: final["pauc80"][name])
+    oof = pd.read_csv(run.dir / final["final"] / "oof.csv")
+    expected = threshold_for_sensitivity(oof["target"], oof["p"], 0.9)
+    assert final["threshold"] == pytest.approx(expected)
+    assert final["sensitivity"] == 0.9
+    flagged = oof["p"] >= final["threshold"]
+    assert flagged[oof["target"] == 1].mean() >= 0.9
+
+
+def test_higher_sensitivity_lowers_the_threshold(tabular_run):
+    high = stack(tabular_run.dir, sensitivity=0.95, config=FAST)
+    low = stack(tabular_run.dir, sensitivity=0.5, config=FAST)
+    assert high["final"] == low["final"]
+    assert high["threshold"] < low["threshold"]
+
+
+def test_blend_weight_is_chosen_without_the_evaluated_fold(run_factory, oof_writer):
+    # gbdt is perfect on fold 0 and noise elsewhere; fusion is informative everywhere. A weight
+    # chosen with fold 0 would favour gbdt on fold 0; chosen on folds 1..4 it favours fusion.
+    run = run_factory(seed=2)
+    rng = np.random.default_rng(0)
+    y, folds = run.target, run.fold
+    p_gbdt = np.where(folds == 0, y * 0.5 + rng.uniform(0, 0.5, len(y)), rng.uniform(0, 1, len(y)))
+    p_fusion = 1 / (1 + np.exp(-(2 * (y - 0.5) * 2 + rng.normal(0, 1, len(y)))))
+    oof_writer(run, "gbdt", p_gbdt)
+    oof_writer(run, "fusion", p_fusion)
+    stack(run.dir, config=FAST)
+    blend = json.loads((run.dir / "blend" / "blend.json").read_text())
+    assert blend["fold_weights"]["0"] <= 0.2
+
+
+def test_scoring_helpers_average_the_fold_models(tabular_run):
+    run = tabular_run
+    stack(run.dir, config=FAST)
+    new = run.frame.head(20).drop(columns=[run.spec.target])
+    p_fusion = np.linspace(0.01, 0.99, 20)
+    p = predict_stack(run.dir / "stack", new, p_fusion)
+    assert p.shape == (20,) and np.all((p > 0) & (p < 1))
+    # one row alone scores the same as among others (per-row features only in this spec)
+    alone = predict_stack(run.dir / "stack", new.iloc[[3]], p_fusion[[3]])
+    assert alone[0] == pytest.approx(p[3])
+    b = predict_blend(run.dir / "blend", np.linspace(0, 1, 20), p_fusion)
+    assert np.all(np.diff(b) >= 0) and b.min() >= 0 and b.max() <= 1
+
+
+def test_missing_stage_names_the_command(run_factory, oof_writer):
+    run = run_factory()
+    with pytest.raises(RunError, match=r"stage 'gbdt' is missing .*invoke train-gbdt"):
+        stack(run.dir)
+    oof_writer(run, "gbdt", np.full(len(run.frame), 0.5))
+    with pytest.raises(RunError, match=r"stage 'fusion' is missing .*invoke train-fusion"):
+        stack(run.dir)
+
+
+def test_run_not_found(tmp_path):
+    with pytest.raises(RunError, match=r"not found \(no run.json\)"):
+        stack(tmp_path / "nowhere")
+
+
+def test_oof_with_other_folds_is_refused(tabular_run):
+    path = tabular_run.dir / "fusion" / "oof.csv"
+    oof = pd.read_csv(path)
+    oof.loc[:3, "fold"] = (oof.loc[:3, "fold"] + 1) % 5
+    oof.to_csv(path, index=False)
+    with pytest.raises(RunError, match=r"folds differ from the run's folds.csv"):
+        stack(tabular_run.dir)
+
+
+def test_oof_with_other_ids_is_refused(tabular_run):
+    path = tabular_run.dir / "gbdt" / "oof.csv"
+    oof = pd.read_csv(path)
+    oof.iloc[:-2].to_csv(path, index=False)
+    with pytest.raises(RunError, match=r"ids differ from the run's folds.csv \(missing 2:"):
+        stack(tabular_run.dir)
+
+
+def test_bad_sensitivity(tabular_run):
+    with pytest.raises(RunError, match=r"sensitivity: expected a value in \(0, 1\], got 1.5"):
+        stack(tabular_run.dir, sensitivity=1.5)
