@@ -1,0 +1,319 @@
+"""The evaluation report of a run: one table of every model's out-of-fold figures, and plots.
+
+Every figure comes from out-of-fold predictions (`<stage>/oof.csv`), so each row was scored by a
+model that never saw it. Each model's operating threshold is chosen on its own out-of-fold
+predictions for the target sensitivity (default 95%): the scales of the models differ (the blend
+gives a rank score, not a probability), so one shared threshold would mean nothing.
+
+Writes `<run>/report/`: `report.md` (the table, the final model, the plots), `metrics.json` (the
+same figures for machines) and the PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fuse.errors import RunError
+from fuse.stack import require_run
+from tabular.folds import read_folds
+from tabular.metrics import MetricWarning, summarize
+
+log = logging.getLogger(__name__)
+
+MODELS = ("gbdt", "fusion", "blend", "stack")
+DESCRIPTIONS = {
+    "gbdt": "LightGBM ensemble on metadata (and image PCA) features",
+    "fusion": "fusion MLP on image embeddings + metadata",
+    "blend": "rank average of gbdt and fusion",
+    "stack": "LightGBM on metadata + the fusion MLP's prediction",
+}
+# (key in metrics.json, column heading, format)
+COLUMNS = (
+    ("pauc80", "pAUC80", ".4f"),
+    ("roc_auc", "ROC AUC", ".4f"),
+    ("pr_auc", "PR AUC", ".4f"),
+    ("threshold", "threshold", ".6g"),
+    ("accuracy", "accuracy", ".4f"),
+    ("precision", "precision", ".4f"),
+    ("recall", "recall", ".4f"),
+    ("specificity", "specificity", ".4f"),
+    ("f1", "F1", ".4f"),
+    ("tp", "TP", "d"),
+    ("fp", "FP", "d"),
+    ("tn", "TN", "d"),
+    ("fn", "FN", "d"),
+)
+PLOTS = {
+    "roc": "roc.png",
+    "pr": "precision_recall.png",
+    "confusion": "confusion_matrix.png",
+    "calibration": "calibration.png",
+    "histogram": "score_histogram.png",
+    "importance": "feature_importance.png",
+}
+
+
+def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
+    """Write `<run>/report/report.md`, `metrics.json` and the PNG plots.
+
+    Args:
+        run_dir: the run folder.
+        sensitivity: target sensitivity of each model's operating threshold, in (0, 1].
+
+    Returns:
+        The path of `report.md`.
+
+    Raises:
+        RunError: no run at `run_dir`; no stage has out-of-fold predictions yet; an `oof.csv`
+            does not match the run's `folds.csv`; `sensitivity` out of range.
+    """
+    if not 0.0 < sensitivity <= 1.0:
+        raise RunError(f"sensitivity: expected a value in (0, 1], got {sensitivity!r}")
+    run_dir = require_run(run_dir)
+    record = json.loads((run_dir / "run.json").read_text())
+    folds = read_folds(run_dir / "folds.csv")
+    predictions, y = _read_predictions(run_dir, folds)
+    final = _final(run_dir)
+
+    figures = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MetricWarning)
+        for name, p in predictions.items():
+            figures[name] = summarize(y, p, sensitivity=sensitivity)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    shown = final["final"] if final and final["final"] in predictions else _best(figures)
+    plots = _plots(out, y, predictions, figures, shown, run_dir / "gbdt" / "importance.csv")
+
+    document = {
+        "run": str(run_dir),
+        "dataset": record.get("spec", {}).get("name"),
+        "rows": int(len(y)),
+        "positives": int(y.sum()),
+        "n_folds": int(folds["fold"].nunique()),
+        "sensitivity": sensitivity,
+        "final": final["final"] if final else None,
+        "final_threshold": figures[final["final"]]["threshold"] if final and final["final"] in figures else None,
+        "models": figures,
+        "plots": {key: name for key, name in plots.items()},
+    }
+    (out / "metrics.json").write_text(json.dumps(document, indent=2))
+    path = out / "report.md"
+    path.write_text(_markdown(document, final))
+    log.info("report: %s", path)
+    return path
+
+
+def _read_predictions(run_dir: Path, folds: pd.DataFrame) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Out-of-fold predictions of every stage present, aligned with `folds.csv`, and the target."""
+    from fuse.stack import read_oof
+
+    ids = folds["id"].to_numpy()
+    fold = folds["fold"].to_numpy()
+    predictions = {}
+    y = None
+    for name in MODELS:
+        path = run_dir / name / "oof.csv"
+        if not path.is_file():
+            continue
+        if y is None:
+            oof = pd.read_csv(path, dtype={"id": str})
+            if "target" not in oof.columns:
+                raise RunError(f"{path}: not an out-of-fold file, missing column(s) ['target']")
+            y = oof.set_index("id").reindex(ids)["target"].to_numpy()
+            if np.isnan(y.astype(float)).any():
+                y = None  # read_oof below names the ids that differ
+            else:
+                y = y.astype(np.int64)
+        predictions[name] = read_oof(run_dir, name, ids, fold, y)
+    if not predictions:
+        raise RunError(
+            f"run {run_dir}: no model has out-of-fold predictions yet (no gbdt/, fusion/, blend/ or "
+            "stack/ oof.csv); train one with `invoke train-gbdt --spec S --run R` or "
+            "`invoke train-fusion --spec S --run R`"
+        )
+    return predictions, y
+
+
+def _final(run_dir: Path) -> dict | None:
+    path = run_dir / "stack" / "final.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _best(figures: dict) -> str:
+    def key(name):
+        value = figures[name]["pauc80"]
+        return -math.inf if value is None else value
+
+    return max(figures, key=key)
+
+
+def _cell(value, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return format(value, fmt)
+
+
+def _markdown(document: dict, final: dict | None) -> str:
+    sensitivity = document["sensitivity"]
+    lines = [
+        f"# Evaluation report: {document['dataset']}",
+        "",
+        f"Run `{document['run']}`: {document['rows']} rows, {document['positives']} positive "
+        f"(malignant), {document['n_folds']} grouped folds. Every figure is out of fold: each row "
+        "was scored by a model that never saw it.",
+        "",
+    ]
+    if final:
+        lines.append(
+            f"**Final model: {final['final']}** (the higher out-of-fold pAUC80 of stack and blend; "
+            f"`stack/final.json`), operating threshold {_cell(document['final_threshold'], '.6g')} "
+            f"for {sensitivity:.0%} target sensitivity."
+        )
+        if abs(final["sensitivity"] - sensitivity) > 1e-12:
+            lines.append(
+                f"Note: `stack/final.json` holds the threshold for {final['sensitivity']:.0%} "
+                "sensitivity, which scoring uses; this report's thresholds are for "
+                f"{sensitivity:.0%}. Rerun `invoke stack --run R --sensitivity {sensitivity}` to align them."
+            )
+    else:
+        lines.append("No final model yet: run `invoke stack --run R` to stack and blend the base models.")
+    lines += [
+        "",
+        f"Thresholds: each model's own, chosen on its out-of-fold predictions as the highest "
+        f"score that keeps recall at or above {sensitivity:.0%}. pAUC80 is the ISIC 2024 metric "
+        "(ROC area above 80% TPR, 0..0.2, random about 0.02).",
+        "",
+        "| model | " + " | ".join(heading for _, heading, _ in COLUMNS) + " |",
+        "|---|" + "|".join("---:" for _ in COLUMNS) + "|",
+    ]
+    for name, figures in document["models"].items():
+        label = f"**{name}** (final)" if final and name == final["final"] else name
+        cells = [_cell(figures[key], fmt) for key, _, fmt in COLUMNS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Models:"]
+    lines += [f"- {name}: {DESCRIPTIONS[name]}" for name in document["models"]]
+    lines += ["", "## Plots", ""]
+    titles = {
+        "roc": "ROC curves (shaded: the pAUC80 region, TPR >= 80%)",
+        "pr": "Precision-recall curves",
+        "confusion": "Confusion matrix of the final model at its operating threshold",
+        "calibration": "Calibration (reliability) curves",
+        "histogram": "Scores of the final model by class",
+        "importance": "LightGBM feature importance (gbdt)",
+    }
+    for key, name in document["plots"].items():
+        lines += [f"### {titles[key]}", "", f"![{key}]({name})", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ plots
+
+
+def _plots(out: Path, y: np.ndarray, predictions: dict, figures: dict, shown: str,
+           importance_csv: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    written = {}
+    one_class = y.min() == y.max()
+
+    def save(fig, key):
+        fig.tight_layout()
+        fig.savefig(out / PLOTS[key], dpi=110)
+        plt.close(fig)
+        written[key] = PLOTS[key]
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.axhspan(0.8, 1.0, color="tab:green", alpha=0.12, label="pAUC80 region (TPR >= 0.8)")
+    if not one_class:
+        for name, p in predictions.items():
+            fpr, tpr, _ = roc_curve(y, p)
+            ax.plot(fpr, tpr, label=f"{name} (AUC {_cell(figures[name]['roc_auc'], '.3f')}, "
+                                    f"pAUC80 {_cell(figures[name]['pauc80'], '.3f')})")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="false-positive rate", ylabel="true-positive rate (sensitivity)", title="ROC", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=7)
+    save(fig, "roc")
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    if not one_class:
+        for name, p in predictions.items():
+            precision, recall, _ = precision_recall_curve(y, p)
+            ax.plot(recall, precision, label=f"{name} (AP {_cell(figures[name]['pr_auc'], '.3f')})")
+    ax.axhline(y.mean(), color="grey", lw=0.8, ls="--", label=f"prevalence {y.mean():.3f}")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="upper right", fontsize=7)
+    save(fig, "pr")
+
+    f = figures[shown]
+    counts = np.array([[f["tn"] or 0, f["fp"] or 0], [f["fn"] or 0, f["tp"] or 0]])
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.imshow(counts, cmap="Blues")
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center",
+                    color="white" if counts[i, j] > counts.max() / 2 else "black", fontsize=12)
+    ax.set_xticks([0, 1], ["benign", "malignant"])
+    ax.set_yticks([0, 1], ["benign", "malignant"])
+    ax.set(xlabel="predicted", ylabel="true",
+           title=f"{shown} at threshold {_cell(f['threshold'], '.4g')}")
+    save(fig, "confusion")
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="perfectly calibrated")
+    if not one_class:
+        for name, p in predictions.items():
+            bins = max(2, min(10, int(y.sum()) // 2))
+            true, mean = calibration_curve(y, np.clip(p, 0, 1), n_bins=bins, strategy="quantile")
+            suffix = " (rank score)" if name == "blend" else ""
+            ax.plot(mean, true, marker="o", ms=3, label=name + suffix)
+    ax.set(xlabel="mean predicted score", ylabel="observed share malignant", title="Calibration", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left", fontsize=7)
+    save(fig, "calibration")
+
+    p = predictions[shown]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    edges = np.linspace(float(p.min()), float(p.max()) + 1e-12, 41)
+    ax.hist(p[y == 0], bins=edges, alpha=0.6, density=True, label=f"benign ({int((y == 0).sum())})")
+    ax.hist(p[y == 1], bins=edges, alpha=0.6, density=True, label=f"malignant ({int(y.sum())})")
+    if f["threshold"] is not None:
+        ax.axvline(f["threshold"], color="black", ls="--", lw=1, label="operating threshold")
+    ax.set(xlabel=f"{shown} score", ylabel="density", title=f"Scores by class ({shown})")
+    ax.legend(fontsize=7)
+    save(fig, "histogram")
+
+    if importance_csv.is_file():
+        top = _importance(importance_csv)
+        if top is not None:
+            fig, ax = plt.subplots(figsize=(6, max(2.5, 0.22 * len(top) + 1)))
+            ax.barh(top.index[::-1], top.to_numpy()[::-1], color="tab:blue")
+            ax.set(xlabel=top.name, title="LightGBM feature importance (gbdt)")
+            ax.tick_params(axis="y", labelsize=7)
+            save(fig, "importance")
+    return written
+
+
+def _importance(path: Path, top: int = 25) -> pd.Series | None:
+    """The `top` features of `gbdt/importance.csv` by gain (or its first numeric column)."""
+    table = pd.read_csv(path)
+    text = [c for c in table.columns if not pd.api.types.is_numeric_dtype(table[c])]
+    numeric = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
+    if not text or not numeric:
+        log.warning("%s: no feature-name and value columns; importance plot skipped", path)
+        return None
+    value = next((c for c in numeric if "gain" in c.lower()), numeric[0])
+    series = table.groupby(text[0])[value].mean().sort_values(ascending=False).head(top)
+    series.name = value
+    return series
