@@ -1,0 +1,1 @@
+"""Image side of lesionfuse: sources, frozen backbone and weights, embedding loop, feature store."""

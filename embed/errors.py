@@ -1,0 +1,15 @@
+"""Exceptions of the image side (``embed``)."""
+
+from __future__ import annotations
+
+
+class EmbedError(ValueError):
+    """An input, file or setting the image side cannot use.
+
+    The message names the parameter or path, the value received and, where it helps,
+    the command that fixes it.
+    """
+
+
+class StoreMismatchError(EmbedError):
+    """A feature store (or a model) was made with other weights, preprocessing or shape."""
