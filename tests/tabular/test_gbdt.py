@@ -1,0 +1,169 @@
+"""The LightGBM ensemble: folds x seeds, down-sampling inside the training part, PCA per fold,
+text models that reproduce the out-of-fold predictions, and nothing pickled."""
+
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+import pytest
+
+from tabular.errors import DataError
+from tabular.gbdt import (
+    DEFAULT_PARAMS,
+    FoldPCA,
+    GBDTConfig,
+    build_fold,
+    check_extra,
+    fit_ensemble,
+    importance_table,
+    negative_sample,
+    predict_gbdt,
+    save_ensemble,
+)
+from tabular.metrics import roc_auc
+from tabular.spec import DatasetSpec
+
+FAST = GBDTConfig(seeds=(0, 1), num_boost_round=80, early_stopping_rounds=10, num_threads=1)
+
+
+def toy(n=400, seed=0):
+    rng = np.random.default_rng(seed)
+    signal = rng.normal(size=n)
+    frame = pd.DataFrame({
+        "id": [f"r{i}" for i in range(n)],
+        "patient": [f"p{i // 4}" for i in range(n)],
+        "site": rng.choice(["arm", "leg", "back"], n),
+        "x": signal + rng.normal(scale=0.5, size=n),
+        "noise": rng.normal(size=n),
+        "target": (signal > 0.8).astype(int),
+    })
+    spec = DatasetSpec(name="toy", root=Path("."), metadata=Path("toy.csv"), images=None, id="id",
+                       target="target", group="patient", patient="patient", categorical=("site",),
+                       numeric=("x", "noise"))
+    folds = (np.arange(n) // 4) % 4  # patients never straddle folds
+    return frame, spec, folds
+
+
+def fit(frame, spec, folds, extra=None, config=FAST):
+    y = frame["target"].to_numpy()
+    data = [build_fold(frame, spec, y, folds, k, extra=extra, config=config) for k in range(4)]
+    return data, fit_ensemble(data, len(frame), DEFAULT_PARAMS, config)
+
+
+def test_negative_sample_keeps_positives_and_bounds_ratio():
+    y = np.array([1] * 10 + [0] * 990)
+    keep = negative_sample(y, 5.0, seed=0)
+    assert set(np.flatnonzero(y == 1)) <= set(keep)
+    assert (y[keep] == 0).sum() == 50
+    assert not np.array_equal(keep, negative_sample(y, 5.0, seed=1))
+    assert negative_sample(y, None, seed=0) is None
+    assert negative_sample(y, 1000.0, seed=0) is None
+
+
+def test_config_refuses_bad_options():
+    with pytest.raises(DataError, match="neg_ratio: expected a positive number or None, got -1"):
+        GBDTConfig(neg_ratio=-1)
+    with pytest.raises(DataError, match=r"seeds: expected a non-empty sequence of integers, got \(\)"):
+        GBDTConfig(seeds=())
+    with pytest.raises(DataError, match="extra_components: expected >= 1, got 0"):
+        GBDTConfig(extra_components=0)
+
+
+def test_ensemble_learns_and_saved_models_reproduce_oof(tmp_path):
+    frame, spec, folds = toy()
+    data, ensemble = fit(frame, spec, folds)
+    assert set(ensemble.boosters) == {(k, s) for k in range(4) for s in (0, 1)}
+    assert not np.isnan(ensemble.oof).any()
+    assert roc_auc(frame["target"], ensemble.oof) > 0.85
+    save_ensemble(tmp_path, ensemble, data, FAST, extra_dim=None)
+    # Each fold's text models, at their best iteration, give back that fold's OOF predictions.
+    for d in data:
+        boosters = [lgb.Booster(model_file=str(tmp_path / f"fold{d.fold}_seed{s}.txt")) for s in (0, 1)]
+        p = np.mean([b.predict(d.X_valid) for b in boosters], axis=0)
+        np.testing.assert_allclose(p, ensemble.oof[d.valid_rows], rtol=1e-9)
+    # Only text, JSON and npy: nothing is pickled.
+    assert {p.suffix for p in tmp_path.iterdir()} <= {".txt", ".json"}
+    p = predict_gbdt(tmp_path, frame.drop(columns=["target"]))
+    assert p.shape == (len(frame),) and ((p > 0) & (p < 1)).all()
+    assert roc_auc(frame["target"], p) > 0.9
+
+
+def test_neg_ratio_trains_on_fewer_negatives_but_predicts_every_row():
+    frame, spec, folds = toy()
+    config = GBDTConfig(seeds=(0,), neg_ratio=1.0, num_boost_round=40, early_stopping_rounds=10, num_threads=1)
+    data, ensemble = fit(frame, spec, folds, config=config)
+    assert not np.isnan(ensemble.oof).any()
+    d = data[0]
+    keep = negative_sample(d.y_train, 1.0, seed=0)
+    assert (d.y_train[keep] == 0).sum() == (d.y_train == 1).sum()
+    assert d.train_set.subset(keep.tolist()).construct().num_data() == len(keep)
+
+
+def test_pca_fitted_on_training_part_only(tmp_path):
+    frame, spec, folds = toy()
+    rng = np.random.default_rng(1)
+    extra = rng.normal(size=(len(frame), 12)).astype(np.float32)
+    extra[:, 0] += 2 * frame["target"].to_numpy()
+    config = GBDTConfig(seeds=(0,), extra_components=4, num_boost_round=40, early_stopping_rounds=10, num_threads=1)
+    data, ensemble = fit(frame, spec, folds, extra=extra, config=config)
+    d0 = data[0]
+    np.testing.assert_allclose(d0.pca.mean, extra[d0.train_rows].mean(axis=0), rtol=1e-5, atol=1e-6)
+    assert d0.feature_names[-4:] == ["img_pca_0", "img_pca_1", "img_pca_2", "img_pca_3"]
+    # Changing the validation rows' embeddings leaves that fold's PCA unchanged.
+    changed = extra.copy()
+    changed[d0.valid_rows] += 100.0
+    again = build_fold(frame, spec, frame["target"].to_numpy(), folds, 0, extra=changed, config=config)
+    np.testing.assert_allclose(again.pca.components, d0.pca.components, atol=1e-5)
+    save_ensemble(tmp_path, ensemble, data, config, extra_dim=12)
+    for k in range(4):
+        assert np.load(tmp_path / f"pca_fold{k}_components.npy", allow_pickle=False).shape == (4, 12)
+    p = predict_gbdt(tmp_path, frame, extra=extra)
+    assert p.shape == (len(frame),)
+    with pytest.raises(DataError, match="extra: the models in .* use image features"):
+        predict_gbdt(tmp_path, frame)
+    with pytest.raises(DataError, match="extra: expected 12 columns"):
+        predict_gbdt(tmp_path, frame, extra=extra[:, :5])
+
+
+def test_pca_transform_chunks_match_full():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 8))
+    pca = FoldPCA.fit(x, 3, max_rows=100)
+    np.testing.assert_allclose(pca.transform(x, chunk=7), (x - pca.mean) @ pca.components.T, rtol=1e-4, atol=1e-5)
+
+
+def test_predict_refuses_missing_stage_and_unexpected_extra(tmp_path):
+    frame, spec, folds = toy(n=200)
+    with pytest.raises(DataError, match="holds no trained LightGBM stage"):
+        predict_gbdt(tmp_path, frame)
+    config = GBDTConfig(seeds=(0,), num_boost_round=20, early_stopping_rounds=5, num_threads=1)
+    data, ensemble = fit(frame, spec, folds, config=config)
+    save_ensemble(tmp_path / "gbdt", ensemble, data, config, extra_dim=None)
+    # A run folder holding gbdt/ is accepted too.
+    assert predict_gbdt(tmp_path, frame).shape == (200,)
+    with pytest.raises(DataError, match="trained without image features"):
+        predict_gbdt(tmp_path, frame, extra=np.zeros((200, 3)))
+    with pytest.raises(DataError, match=r"the frame lacks feature column\(s\) 1: x"):
+        predict_gbdt(tmp_path, frame.drop(columns=["x"]))
+
+
+def test_check_extra():
+    with pytest.raises(DataError, match=r"extra: expected a 2-D array \(n_rows, d\), got shape \(3,\)"):
+        check_extra(np.zeros(3), 3)
+    with pytest.raises(DataError, match="extra: expected 4 rows .* got 3"):
+        check_extra(np.zeros((3, 2)), 4)
+    bad = np.zeros((3, 2))
+    bad[1, 1] = np.nan
+    with pytest.raises(DataError, match="extra: rows with NaN or infinite values, ids 1: b"):
+        check_extra(bad, 3, ["a", "b", "c"])
+
+
+def test_importance_table():
+    frame, spec, folds = toy(n=200)
+    config = GBDTConfig(seeds=(0,), num_boost_round=20, early_stopping_rounds=5, num_threads=1)
+    _, ensemble = fit(frame, spec, folds, config=config)
+    table = importance_table(ensemble)
+    assert list(table.columns) == ["feature", "gain", "gain_std", "gain_share", "splits"]
+    assert table["feature"].iloc[0] == "x"
+    assert table["gain_share"].sum() == pytest.approx(1.0)
