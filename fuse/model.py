@@ -1,0 +1,170 @@
+"""The fusion MLP: an image branch on frozen embeddings, a metadata branch, one fused head.
+
+```
+embedding (B, 2048) ─► standardise ─► Linear ─► BatchNorm ─► ReLU ─► Dropout ─┐
+                                                                              ├─► concat ─► Linear ─► ReLU ─► Dropout ─► Linear ─► logit (B,)
+metadata  (B, m)    ─► Linear ─► BatchNorm ─► ReLU ─► Dropout ───────────────┘
+```
+
+The metadata input is `tabular.features.FeatureEncoder.mlp_matrix`: standardised numerics (and, for
+ISIC 2024, engineered and per-patient features) with missing values at the mean plus a missing-value
+indicator (a missing age is information, and a zero after standardisation would otherwise pass for
+the mean), and one-hot categoricals. With `n_meta=0` the model is the image branch alone (the
+baseline that shows what the metadata adds).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+from torch import nn
+
+from fuse.errors import RunError
+
+log = logging.getLogger(__name__)
+
+IMBALANCE_CHOICES = ("oversample", "pos_weight", "none")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """How the fusion MLP is shaped and trained.
+
+    Attributes:
+        image_hidden, meta_hidden, fused_hidden: widths of the image branch, the metadata branch
+            and the fused layer.
+        dropout: dropout after every hidden layer.
+        batch_size, lr, weight_decay: AdamW mini-batch training.
+        max_epochs, patience: at most `max_epochs` passes over the training part; stop after
+            `patience` epochs without a better validation pauc80 and keep the best epoch.
+        imbalance: "oversample" (repeat positives of the training part, `oversample_ratio`
+            positive draws per negative per epoch), "pos_weight" (weight the positive term of the
+            loss by `pos_weight`, or by negatives/positives of the training part when None), or
+            "none". The default, "pos_weight", measured better than oversampling on HAM10000
+            (see fuse/fusion.py's module notes) and keeps an epoch's length at the training
+            part's size, which matters at ISIC 2024's 0.1% prevalence.
+        seed: seeds weights, dropout, sampling and view draws; the same seed gives the same
+            predictions on CPU.
+        device: "auto" (CUDA when present), "cpu" or "cuda".
+    """
+
+    image_hidden: int = 512
+    meta_hidden: int = 64
+    fused_hidden: int = 256
+    dropout: float = 0.3
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    max_epochs: int = 30
+    patience: int = 5
+    imbalance: str = "pos_weight"
+    oversample_ratio: float = 1.0
+    pos_weight: float | None = None
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.imbalance not in IMBALANCE_CHOICES:
+            raise RunError(f"imbalance: expected one of {IMBALANCE_CHOICES}, got {self.imbalance!r}")
+        for name in ("image_hidden", "meta_hidden", "fused_hidden", "batch_size", "max_epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise RunError(f"{name}: expected a positive integer, got {value!r}")
+        if not isinstance(self.patience, int) or self.patience < 1:
+            raise RunError(f"patience: expected a positive integer, got {self.patience!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise RunError(f"dropout: expected a value in [0, 1), got {self.dropout!r}")
+        if not self.lr > 0:
+            raise RunError(f"lr: expected a positive number, got {self.lr!r}")
+        if not self.oversample_ratio > 0:
+            raise RunError(f"oversample_ratio: expected a positive number, got {self.oversample_ratio!r}")
+        if self.pos_weight is not None and not self.pos_weight > 0:
+            raise RunError(f"pos_weight: expected a positive number or None, got {self.pos_weight!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise RunError(f"device: expected auto, cpu or cuda, got {self.device!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> FusionConfig:
+        """Rebuild from `to_dict()`; unknown keys are refused (RunError names them)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise RunError(f"fusion config: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"device: {device!r} was asked for but CUDA is not available; use --device cpu")
+    return torch.device(device)
+
+
+class FusionMLP(nn.Module):
+    """Image branch + metadata branch -> one logit per row.
+
+    Args:
+        n_image: embedding width (2048 for ResNet-50).
+        n_meta: metadata input width (columns of the encoder's MLP matrix); 0 builds the image branch alone.
+        config: layer widths and dropout.
+
+    `forward(image, meta=None)`: image (B, n_image) float32, meta (B, n_meta) float32 or None
+    when n_meta is 0; returns logits of shape (B,). The embedding is standardised inside the model
+    by the buffers `image_mean`/`image_scale` (set from the training part with `set_image_stats`),
+    so that they travel with the state dict.
+    """
+
+    def __init__(self, n_image: int = 2048, n_meta: int = 0, config: FusionConfig = FusionConfig()):
+        super().__init__()
+        if n_image < 1:
+            raise RunError(f"n_image: expected a positive integer, got {n_image!r}")
+        if n_meta < 0:
+            raise RunError(f"n_meta: expected an integer >= 0, got {n_meta!r}")
+        self.n_image = n_image
+        self.n_meta = n_meta
+        self.register_buffer("image_mean", torch.zeros(n_image))
+        self.register_buffer("image_scale", torch.ones(n_image))
+        self.image = _branch(n_image, config.image_hidden, config.dropout)
+        self.meta = _branch(n_meta, config.meta_hidden, config.dropout) if n_meta else None
+        width = config.image_hidden + (config.meta_hidden if n_meta else 0)
+        self.head = nn.Sequential(
+            nn.Linear(width, config.fused_hidden),
+            nn.ReLU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.fused_hidden, 1),
+        )
+
+    @property
+    def image_only(self) -> bool:
+        return self.meta is None
+
+    def set_image_stats(self, mean: np.ndarray, std: np.ndarray) -> None:
+        """Standardise embeddings with these (n_image,) statistics of the training part."""
+        std = np.where(np.asarray(std) > 1e-6, std, 1.0)
+        self.image_mean.copy_(torch.as_tensor(np.asarray(mean), dtype=torch.float32))
+        self.image_scale.copy_(torch.as_tensor(1.0 / std, dtype=torch.float32))
+
+    def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.image((image - self.image_mean) * self.image_scale)
+        if self.meta is not None:
+            if meta is None:
+                raise RunError(f"meta: this model takes {self.n_meta} metadata inputs, got None")
+            hidden = torch.cat([hidden, self.meta(meta)], dim=1)
+        return self.head(hidden).squeeze(1)
+
+
+def _branch(n_in: int, n_out: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_in, n_out), nn.BatchNorm1d(n_out), nn.ReLU(), nn.Dropout(dropout))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return int(sum(math.prod(p.shape) for p in model.parameters()))

@@ -1,0 +1,208 @@
+"""train_fusion / predict_fusion on a tiny data set with a tiny feature store (real store writer)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from embed.errors import StoreMismatchError
+from embed.store import IDENTITY_FIELDS, FeatureStore, StoreWriter
+from fuse.errors import RunError
+from fuse.fusion import (
+    Embeddings,
+    load_fold_models,
+    predict_fusion,
+    predict_rows,
+    store_identity,
+    train_fusion,
+)
+from fuse.model import FusionConfig
+from tabular.errors import DataError
+from tabular.spec import load_spec
+
+SPEC = """[dataset]
+name = "tiny-fusion"
+metadata = "metadata.csv"
+images = "images"
+id = "image_id"
+target = "target"
+group = "lesion_id"
+categorical = ["sex"]
+numeric = ["age"]
+"""
+N, VIEWS, DIM = 48, 2, 16
+TINY = FusionConfig(image_hidden=16, meta_hidden=4, fused_hidden=8, batch_size=16, max_epochs=4, lr=0.01,
+                    patience=2, device="cpu")
+QUICK = FusionConfig(**{**TINY.to_dict(), "max_epochs": 1})
+
+
+def identity(sha: str = "a" * 64, image_size: int = 32, views: int = VIEWS) -> dict:
+    return {
+        "backbone": "test-backbone",
+        "weights_sha256": sha,
+        "preprocessing": {"resize": "whole image", "normalize_mean": [0.5, 0.5, 0.5]},
+        "image_size": image_size,
+        "views": views,
+        "dtype": "float16",
+        "dim": DIM,
+    }
+
+
+def make_data(root: Path, extra_column: bool = False) -> tuple:
+    """Metadata + spec for N images (2 per lesion, 1 in 3 lesions malignant) and their vectors."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    lesion = np.arange(N) // 2
+    target = (lesion % 3 == 0).astype(int)
+    frame = pd.DataFrame({
+        "image_id": [f"IMG_{i:03d}" for i in range(N)],
+        "lesion_id": [f"L{g:03d}" for g in lesion],
+        "sex": rng.choice(["male", "female"], N),
+        "age": np.where(rng.random(N) < 0.1, np.nan, rng.normal(55, 10, N).round()),
+        "target": target,
+    })
+    if extra_column:
+        frame["site"] = "back"
+    frame.to_csv(root / "metadata.csv", index=False)
+    (root / "dataset.toml").write_text(SPEC)
+    vectors = rng.normal(0, 1, (N, VIEWS, DIM)).astype(np.float32)
+    vectors[target == 1, :, :4] += 2.0  # the images carry the label
+    return load_spec(root / "dataset.toml"), frame, vectors
+
+
+def write_store(path: Path, ids, vectors, **kwargs) -> Path:
+    with StoreWriter(path, identity(**kwargs), shard_rows=20) as writer:
+        writer.append(list(ids), vectors)
+    return path
+
+
+@pytest.fixture
+def data(tmp_path):
+    spec, frame, vectors = make_data(tmp_path / "data")
+    store = write_store(tmp_path / "store", frame["image_id"], vectors)
+    return spec, frame, vectors, store
+
+
+def test_train_fusion_writes_the_stage_and_beats_chance(data, tmp_path):
+    spec, frame, vectors, store = data
+    metrics = train_fusion(spec, tmp_path / "run", store, TINY, n_folds=3)
+    out = tmp_path / "run" / "fusion"
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "store.json", "oof.csv", "metrics.json", "baselines_oof.csv"} <= names
+    assert {f"fold{k}.pt" for k in range(3)} | {f"encoder_fold{k}.json" for k in range(3)} <= names
+    oof = pd.read_csv(out / "oof.csv", dtype={"id": str})
+    assert list(oof.columns) == ["id", "fold", "target", "p"]
+    assert oof["id"].tolist() == frame["image_id"].tolist()  # the run's row order
+    folds = pd.read_csv(tmp_path / "run" / "folds.csv", dtype={"id": str}).set_index("id")
+    assert (oof["fold"].to_numpy() == folds.loc[oof["id"], "fold"].to_numpy()).all()
+    assert oof["p"].between(0, 1).all()
+    assert metrics["roc_auc"] > 0.7
+    assert set(metrics["baselines"]) == {"logreg", "image_only"}
+    assert json.loads((out / "metrics.json").read_text())["pauc80"] == metrics["pauc80"]
+    recorded = json.loads((out / "store.json").read_text())
+    assert recorded["weights_sha256"] == "a" * 64 and recorded["path"] == str(store.resolve())
+    assert recorded["views"] == VIEWS and recorded["dim"] == DIM
+
+
+def test_same_seed_gives_identical_out_of_fold_predictions(data, tmp_path):
+    spec, _, _, store = data
+    train_fusion(spec, tmp_path / "a", store, TINY, baselines=False, n_folds=3)
+    train_fusion(spec, tmp_path / "b", store, TINY, baselines=False, n_folds=3)
+    a = pd.read_csv(tmp_path / "a" / "fusion" / "oof.csv")
+    b = pd.read_csv(tmp_path / "b" / "fusion" / "oof.csv")
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_saved_models_reproduce_the_out_of_fold_predictions(data, tmp_path):
+    spec, frame, vectors, store = data
+    train_fusion(spec, tmp_path / "run", store, TINY, baselines=False, n_folds=3)
+    out = tmp_path / "run" / "fusion"
+    oof = pd.read_csv(out / "oof.csv")
+    record, _, models = load_fold_models(out)  # state dicts read with weights_only=True
+    source = Embeddings.from_array(FeatureStore.open(store).read(frame["image_id"].tolist()))
+    for k, (model, encoder) in enumerate(models):
+        rows = np.flatnonzero(oof["fold"].to_numpy() == k)
+        meta = torch.from_numpy(encoder.mlp_matrix(encoder.transform(frame)).to_numpy(np.float32))
+        p = predict_rows(model, source, meta, rows, batch_size=TINY.batch_size * 4)
+        np.testing.assert_allclose(p, oof["p"].to_numpy()[rows], rtol=1e-6)
+    p_all = predict_fusion(out, frame, spec, vectors.astype(np.float16),
+                           identity=store_identity(FeatureStore.open(store).manifest))
+    assert p_all.shape == (N,) and np.isfinite(p_all).all()
+
+
+def test_a_store_made_with_other_weights_is_refused(data, tmp_path):
+    spec, frame, vectors, store = data
+    train_fusion(spec, tmp_path / "run", store, QUICK, baselines=False, n_folds=3)
+    other = write_store(tmp_path / "other", frame["image_id"], vectors, sha="b" * 64)
+    with pytest.raises(StoreMismatchError, match=r"weights_sha256='b{64}' but expected weights_sha256='a{64}'"):
+        train_fusion(spec, tmp_path / "run", other, QUICK, baselines=False)
+
+
+def test_a_store_made_at_another_image_size_is_refused(data, tmp_path):
+    spec, frame, vectors, store = data
+    train_fusion(spec, tmp_path / "run", store, QUICK, baselines=False, n_folds=3)
+    other = write_store(tmp_path / "other", frame["image_id"], vectors, image_size=64)
+    with pytest.raises(StoreMismatchError, match="image_size=64 but expected image_size=32"):
+        train_fusion(spec, tmp_path / "run", other, QUICK, baselines=False)
+
+
+def test_ids_missing_from_the_store_are_named_with_the_command_that_embeds_them(tmp_path):
+    spec, frame, vectors = make_data(tmp_path / "data")
+    keep = np.arange(N) >= 3
+    store = write_store(tmp_path / "store", frame["image_id"][keep], vectors[keep])
+    with pytest.raises(
+        RunError,
+        match=r"lacks 3 of the run's 48 ids \(3: IMG_000, IMG_001, IMG_002\); "
+        r"embed them with `invoke embed --spec .*dataset.toml`",
+    ):
+        train_fusion(spec, tmp_path / "run", store, QUICK, n_folds=3)
+
+
+def test_a_missing_store_names_the_command_that_makes_it(data, tmp_path):
+    spec = data[0]
+    with pytest.raises(RunError, match=r"no feature store at .*nowhere; make it with `invoke embed --spec"):
+        train_fusion(spec, tmp_path / "run", tmp_path / "nowhere", QUICK, n_folds=3)
+
+
+def test_metadata_columns_changed_since_the_run_began_are_refused(data, tmp_path):
+    spec, _, _, store = data
+    train_fusion(spec, tmp_path / "run", store, QUICK, baselines=False, n_folds=3)
+    changed, _, _ = make_data(tmp_path / "data", extra_column=True)
+    with pytest.raises(DataError, match=r"metadata columns changed since the run began \(removed \[\], added \['site'\]\)"):
+        train_fusion(changed, tmp_path / "run", store, QUICK, baselines=False)
+
+
+def test_prediction_refuses_embeddings_of_another_store(data, tmp_path):
+    spec, frame, vectors, store = data
+    train_fusion(spec, tmp_path / "run", store, QUICK, baselines=False, n_folds=3)
+    out = tmp_path / "run" / "fusion"
+    other = identity(image_size=448)
+    with pytest.raises(StoreMismatchError, match="field 'image_size' differs: the model was trained on 32, got 448"):
+        predict_fusion(out, frame, spec, vectors, identity=other)
+    other = identity()
+    other["preprocessing"] = {**other["preprocessing"], "normalize_mean": [0.4, 0.4, 0.4]}
+    with pytest.raises(StoreMismatchError, match=r"field 'preprocessing.normalize_mean' differs"):
+        predict_fusion(out, frame, spec, vectors, identity=other)
+    with pytest.raises(StoreMismatchError, match="field 'dim' differs: the model was trained on 16, got 8"):
+        predict_fusion(out, frame, spec, vectors[:, :, :8])
+    with pytest.raises(RunError, match=r"holds no trained fusion models"):
+        predict_fusion(tmp_path, frame, spec, vectors)
+    assert set(IDENTITY_FIELDS) <= set(json.loads((out / "store.json").read_text()))
+
+
+@pytest.mark.slow
+def test_epoch_benchmark_reports_both_learners_and_memory(tmp_path):
+    from fuse.fusion_bench import bench_fusion_epoch
+
+    report = bench_fusion_epoch(n_rows=300, dim=32, views=2, n_meta=4, batch_size=64, workdir=tmp_path)
+    assert report["store"]["bytes"] >= 300 * 2 * 32 * 2
+    for kind in ("mlp", "linear"):
+        assert report[kind]["rows"] == 300 and report[kind]["rows_per_s"] > 0
+        assert report[kind]["peak_rss_bytes"] >= report[kind]["rss_before_bytes"] > 0
+    assert report["mlp_vs_linear_time"] > 0
+    assert list(tmp_path.iterdir()) == []  # the temporary store is gone
