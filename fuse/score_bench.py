@@ -1,0 +1,151 @@
+"""How fast scoring is end to end, beside the embedding pipeline alone on the same images.
+
+`bench_scoring` writes a folder of `n_images` JPEGs (the run's own training images, cycled under new
+ids) with a metadata CSV (their rows, target dropped), then times, in the same process and run:
+
+1. the baseline: `embed.pipeline.embed_ids` over the folder with the run's backbone and settings
+   (backbone already loaded: the pipeline alone);
+2. `fuse.score.score` on the same folder and CSV, end to end: weights check, backbone load,
+   decoding, embedding, metadata features, every stage's fold models, the final model, the CSV.
+
+The ratio of their rates says what scoring costs beyond embedding; the target is >= 0.8.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from fuse.errors import RunError
+from fuse.score import _embedding_setup, _run_identity, _run_spec, read_scoring_metadata, score
+from fuse.stack import require_run
+
+log = logging.getLogger(__name__)
+
+TARGET_RATIO = 0.8
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def bench_scoring(
+    run_dir: Path | str,
+    n_images: int = 2000,
+    *,
+    weights: Path | str | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    num_workers: int | None = None,
+    workdir: Path | str | None = None,
+) -> dict:
+    """Images/s of `score` end to end and of the embedding pipeline alone, on the same images.
+
+    Args:
+        run_dir: a run ready to score (`invoke stack` done) whose spec has images.
+        n_images: images in the benchmark folder (the run's images, cycled), >= 1.
+        weights, batch_size, device, num_workers: as in `fuse.score.score`.
+        workdir: where the folder and outputs go (default: a temporary folder, removed after).
+
+    Returns:
+        dict: n_images, device, image_size, views, batch_size, embed_only_s,
+        embed_only_images_per_s, score_s, score_images_per_s, ratio (score rate / embedding
+        rate), target_ratio, meets_target, final model.
+
+    Raises:
+        RunError: as `score`; the run's spec has no images; `n_images` < 1.
+    """
+    import torch
+
+    from embed.backbone import load_backbone
+    from embed.pipeline import embed_ids, resolve_device
+    from embed.sources import FolderSource, open_source
+
+    if not isinstance(n_images, int) or n_images < 1:
+        raise RunError(f"n_images: expected a positive integer, got {n_images!r}")
+    run_dir = require_run(run_dir)
+    spec = _run_spec(run_dir)
+    if spec.images is None or not Path(spec.images).exists():
+        raise RunError(f"run {run_dir}: its spec '{spec.name}' has no images at {spec.images}; nothing to score")
+    identity = _run_identity(run_dir)
+    own = workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="score-bench-") if own else workdir)
+    try:
+        folder, metadata = _bench_folder(workdir, spec, open_source(spec.images), n_images)
+        ids = [p.stem for p in sorted(folder.iterdir())]
+        weights_info, config = _embedding_setup(identity, weights, batch_size, device, num_workers)
+        resolved = resolve_device(config.device)
+        model = load_backbone(weights_info, "cpu")
+
+        def sync():
+            if resolved.type == "cuda":
+                torch.cuda.synchronize()
+
+        # A short warm-up so that neither side pays for kernel selection or a cold page cache.
+        for _ in embed_ids(FolderSource(folder), ids[: min(len(ids), batch_size)], model, config):
+            pass
+        sync()
+        start = time.perf_counter()
+        embedded = 0
+        for batch_ids, _, _ in embed_ids(FolderSource(folder), ids, model, config):
+            embedded += len(batch_ids)
+        sync()
+        embed_s = time.perf_counter() - start
+        del model
+
+        start = time.perf_counter()
+        result = score(run_dir, folder, metadata, workdir / "predictions.csv", batch_size=batch_size,
+                       device=device, weights=weights, num_workers=num_workers, progress=False)
+        sync()
+        score_s = time.perf_counter() - start
+    finally:
+        if own:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    embed_rate = n_images / embed_s
+    score_rate = n_images / score_s
+    figures = {
+        "n_images": n_images,
+        "device": torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "image_size": int(identity["image_size"]),
+        "views": int(identity["views"]),
+        "batch_size": batch_size,
+        "embedded": embedded,
+        "embed_only_s": round(embed_s, 3),
+        "embed_only_images_per_s": round(embed_rate, 2),
+        "score_s": round(score_s, 3),
+        "score_images_per_s": round(score_rate, 2),
+        "ratio": round(score_rate / embed_rate, 3),
+        "target_ratio": TARGET_RATIO,
+        "meets_target": score_rate / embed_rate >= TARGET_RATIO,
+        "final": result.attrs.get("final"),
+        "rows_with_error": int((result["error"] != "").sum()),
+    }
+    log.info("score bench: %s", json.dumps(figures))
+    return figures
+
+
+def _bench_folder(workdir: Path, spec, source, n_images: int) -> tuple[Path, Path]:
+    """`workdir/images/<id>.jpg|png` (the run's images cycled) and `workdir/metadata.csv`."""
+    folder = workdir / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    frame = read_scoring_metadata(Path(spec.metadata), spec)
+    available = set(map(str, source.ids()))
+    frame = frame[frame[spec.id].isin(available)].reset_index(drop=True)
+    if frame.empty:
+        raise RunError(f"run spec '{spec.name}': none of its metadata rows has an image in {spec.images}")
+    rows = []
+    for i in range(n_images):
+        row = frame.iloc[i % len(frame)].to_dict()
+        data = source.read_bytes(str(row[spec.id]))
+        new_id = f"bench{i:06d}"
+        suffix = ".png" if data.startswith(PNG_MAGIC) else ".jpg"
+        (folder / f"{new_id}{suffix}").write_bytes(data)
+        row[spec.id] = new_id
+        rows.append(row)
+    metadata = workdir / "metadata.csv"
+    pd.DataFrame(rows).to_csv(metadata, index=False)
+    return folder, metadata

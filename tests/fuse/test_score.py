@@ -1,0 +1,257 @@
+"""Scoring new images with a tiny trained run: columns, missing metadata, unreadable images, Kaggle.
+
+One module-scoped run on a synthetic ISIC 2024-layout data set, with a random-initialised
+ResNet-50 at 32 px, one LightGBM seed, two fusion epochs and a small stack: about half a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fuse.errors import RunError
+from fuse.score import NO_METADATA, read_scoring_metadata, score
+from fuse.score_bench import bench_scoring
+from fuse.stack import StackConfig, stack
+from tabular.spec import ISIC2024_TRAIN_ONLY, load_spec
+
+pytestmark = pytest.mark.slow
+
+COLUMNS = ["isic_id", "probability", "p_gbdt", "p_fusion", "flagged", "error"]
+FAST = {"device": "cpu", "num_workers": 0, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A trained, stacked run plus its data folder and the random weights it was embedded with."""
+    import torch
+    import torchvision
+
+    from fuse.embedding import embed_spec
+    from fuse.fusion import train_fusion
+    from fuse.model import FusionConfig
+    from fuse.stages import mean_embeddings
+    from fuse.synthetic import make_isic2024_like
+    from tabular.gbdt import GBDTConfig
+    from tabular.train import fit_gbdt
+
+    root = tmp_path_factory.mktemp("score")
+    data = root / "data"
+    make_isic2024_like(data, n_rows=60, n_patients=12, prevalence=0.25, seed=0,
+                       image_size_range=(24, 40), test_rows=6)
+    torch.manual_seed(0)
+    weights = root / "random-resnet50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), weights)
+    summary = embed_spec(data, image_size=32, weights_path=weights, stores=root / "stores",
+                         device="cpu", num_workers=0)
+    spec = load_spec(data)
+    run = root / "run"
+    fit_gbdt(spec, run, extra=mean_embeddings(spec, summary.store_dir),
+             config=GBDTConfig(seeds=(0,), extra_components=4, num_boost_round=40,
+                               early_stopping_rounds=10, num_threads=1))
+    train_fusion(spec, run, summary.store_dir,
+                 FusionConfig(max_epochs=2, image_hidden=16, meta_hidden=8, fused_hidden=8,
+                              batch_size=32, device="cpu"), baselines=False)
+    stack(run, config=StackConfig(num_boost_round=30))
+    return {"root": root, "data": data, "run": run, "weights": weights, "spec": spec}
+
+
+def _folder_of_test_images(tiny, folder):
+    """The six test images as `<id>.jpg` files."""
+    import h5py
+
+    folder.mkdir()
+    with h5py.File(tiny["data"] / "test-image.hdf5", "r") as h5:
+        ids = sorted(h5.keys())
+        for image_id in ids:
+            (folder / f"{image_id}.jpg").write_bytes(np.asarray(h5[image_id]).tobytes())
+    return ids
+
+
+def test_every_column_every_row_with_broken_images_and_partial_metadata(tiny, tmp_path):
+    folder = tmp_path / "images"
+    ids = _folder_of_test_images(tiny, folder)
+    (folder / "ISIC_zero.jpg").write_bytes(b"")
+    (folder / "ISIC_text.jpg").write_text("this is not an image\n")
+    metadata = pd.read_csv(tiny["data"] / "test-metadata.csv", dtype={"isic_id": str})
+    no_row = metadata["isic_id"].iloc[0]
+    metadata = metadata[metadata["isic_id"] != no_row]
+    ghost = metadata.iloc[[0]].assign(isic_id="ISIC_ghost")  # a row whose image is missing
+    pd.concat([metadata, ghost]).to_csv(tmp_path / "meta.csv", index=False)
+
+    out = tmp_path / "out" / "predictions.csv"
+    result = score(tiny["run"], folder, tmp_path / "meta.csv", out, weights=tiny["weights"], **FAST)
+
+    written = pd.read_csv(out, dtype={"isic_id": str}, keep_default_na=False, na_values=[""])
+    assert list(written.columns) == COLUMNS == list(result.columns)
+    expected = [*metadata["isic_id"], "ISIC_ghost", *sorted({no_row, "ISIC_zero", "ISIC_text"})]
+    assert sorted(written["isic_id"]) == sorted(expected) and written["isic_id"].is_unique
+    by_id = result.set_index("isic_id")
+    final = json.loads((tiny["run"] / "stack" / "final.json").read_text())
+
+    scored = [i for i in ids if i != no_row]
+    assert by_id.loc[scored, "error"].eq("").all()
+    assert by_id.loc[scored, ["probability", "p_gbdt", "p_fusion"]].notna().all().all()
+    assert (by_id.loc[scored, "flagged"] == (by_id.loc[scored, "probability"] >= final["threshold"])).all()
+    assert by_id.loc[scored, "probability"].between(0, 1).all()
+
+    assert by_id.loc[no_row, "error"] == NO_METADATA  # scored with metadata treated as missing
+    assert np.isfinite(by_id.loc[no_row, "probability"])
+
+    for broken in ("ISIC_zero", "ISIC_text"):
+        row = by_id.loc[broken]
+        assert row["error"].startswith("image unreadable:"), row["error"]
+        assert "not scored: the final model needs the image" in row["error"]
+        assert np.isnan(row["probability"]) and np.isnan(row["p_fusion"]) and pd.isna(row["flagged"])
+    assert "empty file" in by_id.loc["ISIC_zero", "error"]
+
+    ghost_row = by_id.loc["ISIC_ghost"]
+    assert ghost_row["error"].startswith("no image for this id in")
+    assert np.isnan(ghost_row["probability"])
+    # this run's LightGBM uses image PCA features, so it cannot score a row without an image
+    assert np.isnan(ghost_row["p_gbdt"]) and "p_gbdt needs the image too" in ghost_row["error"]
+    assert written.loc[written["isic_id"] == "ISIC_ghost", "flagged"].isna().all()  # empty cell
+
+
+def test_hdf5_with_train_only_columns_and_without_metadata(tiny, tmp_path):
+    metadata = pd.read_csv(tiny["data"] / "test-metadata.csv", dtype={"isic_id": str})
+    truth = pd.read_csv(tiny["data"] / "test-truth.csv", dtype={"isic_id": str})
+    leaky = metadata.merge(truth, on="isic_id").assign(
+        iddx_1=np.where(truth["target"] == 1, "Malignant", "Benign"), mel_thick_mm=9.9, lesion_id="IL_x"
+    )
+    leaky.to_csv(tmp_path / "leaky.csv", index=False)
+    images = tiny["data"] / "test-image.hdf5"
+    plain = score(tiny["run"], images, tiny["data"] / "test-metadata.csv", tmp_path / "a.csv",
+                  weights=tiny["weights"], **FAST)
+    with_answers = score(tiny["run"], images, tmp_path / "leaky.csv", tmp_path / "b.csv",
+                         weights=tiny["weights"], **FAST)
+    # the answers never reached a model: the same predictions, byte for byte
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    assert with_answers["probability"].tolist() == plain["probability"].tolist()
+    assert plain["error"].eq("").all() and len(plain) == 6
+
+    alone = score(tiny["run"], images, None, tmp_path / "c.csv", weights=tiny["weights"], **FAST)
+    assert sorted(alone["isic_id"]) == sorted(plain["isic_id"])
+    assert alone["error"].eq(NO_METADATA).all()
+    assert alone[["probability", "p_gbdt", "p_fusion"]].notna().all().all()
+
+
+def test_train_only_columns_are_dropped_on_reading(tiny, tmp_path):
+    spec = tiny["spec"]
+    frame = pd.read_csv(tiny["data"] / "train-metadata.csv")
+    frame.to_csv(tmp_path / "m.csv", index=False)
+    read = read_scoring_metadata(tmp_path / "m.csv", spec)
+    assert not set(read.columns) & set(ISIC2024_TRAIN_ONLY)
+    assert set(read.columns) == {spec.id, spec.patient, *spec.feature_columns}
+
+
+def test_kaggle_format_on_the_isic2024_demo(tiny, shared_data, tmp_path):
+    demo = shared_data / "isic2024-demo"
+    out = tmp_path / "submission.csv"
+    result = score(tiny["run"], demo / "test-image.hdf5", demo / "test-metadata.csv", out,
+                   format="kaggle", weights=tiny["weights"], **FAST)
+    submission = pd.read_csv(out)
+    sample = pd.read_csv(demo / "sample_submission.csv")
+    assert list(submission.columns) == list(sample.columns) == ["isic_id", "target"]
+    assert submission["isic_id"].tolist() == sample["isic_id"].tolist()
+    assert submission["target"].between(0, 1).all()
+    np.testing.assert_allclose(submission["target"], result["probability"])
+    assert result["error"].eq("").all()
+
+
+def test_bench_scoring_reports_both_rates(tiny, tmp_path):
+    figures = bench_scoring(tiny["run"], n_images=8, weights=tiny["weights"], device="cpu",
+                            num_workers=0, workdir=tmp_path)
+    assert figures["n_images"] == 8 and figures["embedded"] == 8
+    assert figures["embed_only_images_per_s"] > 0 and figures["score_images_per_s"] > 0
+    assert figures["ratio"] == pytest.approx(figures["score_images_per_s"] / figures["embed_only_images_per_s"], rel=1e-2)
+    assert figures["rows_with_error"] == 0
+    assert len(pd.read_csv(tmp_path / "predictions.csv")) == 8
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def test_unknown_format(tiny, tmp_path):
+    with pytest.raises(RunError, match=r"format: expected one of \['csv', 'kaggle'\], got 'xlsx'"):
+        score(tiny["run"], tiny["data"] / "test-image.hdf5", None, tmp_path / "o.csv", format="xlsx")
+
+
+def test_run_not_found(tmp_path):
+    with pytest.raises(RunError, match=r"not found \(no run.json\)"):
+        score(tmp_path / "nowhere", tmp_path, None, tmp_path / "o.csv")
+
+
+def test_missing_stack_stage(tabular_run, tmp_path):
+    with pytest.raises(RunError, match=r"stage 'stack' is missing .*invoke stack --run R"):
+        score(tabular_run.dir, tmp_path, None, tmp_path / "o.csv")
+
+
+def test_images_path_missing(tiny, tmp_path):
+    with pytest.raises(RunError, match=r"images: .*nothing-here does not exist"):
+        score(tiny["run"], tmp_path / "nothing-here", None, tmp_path / "o.csv")
+
+
+def test_images_path_not_a_folder_or_hdf5(tiny, tmp_path):
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(RunError, match=r"images: .*is a file but not HDF5"):
+        score(tiny["run"], tmp_path / "x.txt", None, tmp_path / "o.csv")
+
+
+def test_metadata_without_the_id_column(tiny, tmp_path):
+    metadata = pd.read_csv(tiny["data"] / "test-metadata.csv").drop(columns=["isic_id"])
+    metadata.to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(RunError, match=r"the id column 'isic_id' \(the run's spec key 'id'\) is missing"):
+        score(tiny["run"], tiny["data"] / "test-image.hdf5", tmp_path / "m.csv", tmp_path / "o.csv",
+              weights=tiny["weights"], **FAST)
+
+
+def test_metadata_without_a_feature_column(tiny, tmp_path):
+    metadata = pd.read_csv(tiny["data"] / "test-metadata.csv").drop(columns=["age_approx"])
+    metadata.to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(RunError, match=r"feature column\(s\) 1: age_approx are missing"):
+        score(tiny["run"], tiny["data"] / "test-image.hdf5", tmp_path / "m.csv", tmp_path / "o.csv",
+              weights=tiny["weights"], **FAST)
+
+
+def test_metadata_with_repeated_ids_or_text_in_numbers(tiny, tmp_path):
+    metadata = pd.read_csv(tiny["data"] / "test-metadata.csv")
+    pd.concat([metadata, metadata.iloc[[1]]]).to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(RunError, match=r"repeated ids in column 'isic_id', 1: ISIC_"):
+        score(tiny["run"], tiny["data"] / "test-image.hdf5", tmp_path / "m.csv", tmp_path / "o.csv",
+              weights=tiny["weights"], **FAST)
+    metadata.assign(age_approx="forty").to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(RunError, match=r"numeric column 'age_approx' holds text, e.g. 'forty'"):
+        score(tiny["run"], tiny["data"] / "test-image.hdf5", tmp_path / "m.csv", tmp_path / "o.csv",
+              weights=tiny["weights"], **FAST)
+
+
+def test_metadata_file_missing(tiny, tmp_path):
+    with pytest.raises(RunError, match=r"metadata: no such file .*absent.csv"):
+        score(tiny["run"], tiny["data"] / "test-image.hdf5", tmp_path / "absent.csv", tmp_path / "o.csv",
+              weights=tiny["weights"], **FAST)
+
+
+def test_other_weights_are_refused(tiny, tmp_path):
+    import torch
+    import torchvision
+
+    torch.manual_seed(1)
+    other = tmp_path / "other-resnet50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), other)
+    with pytest.raises(RunError, match=r"field 'weights_sha256' differs.*pass --weights"):
+        score(tiny["run"], tiny["data"] / "test-image.hdf5", None, tmp_path / "o.csv", weights=other, **FAST)
+
+
+def test_other_preprocessing_is_refused(tiny, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny["run"], run)
+    record = json.loads((run / "fusion" / "store.json").read_text())
+    record["preprocessing"]["resize"] = "centre crop"
+    (run / "fusion" / "store.json").write_text(json.dumps(record))
+    with pytest.raises(RunError, match=r"field 'preprocessing.resize' differs"):
+        score(run, tiny["data"] / "test-image.hdf5", None, tmp_path / "o.csv", weights=tiny["weights"], **FAST)
