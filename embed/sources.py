@@ -247,6 +247,13 @@ def _to_rgb(im: Image.Image, image_id: str) -> Image.Image:
         raise EmbedError(f"image {image_id!r}: cannot convert mode {mode!r} to RGB: {exc}") from exc
 
 
+def _reason(exc: Exception) -> str:
+    reason = str(exc) or type(exc).__name__
+    if "truncated" in reason.lower():
+        return f"truncated file ({reason})"
+    return reason
+
+
 def decode_image(
     data: bytes, image_id: str, max_pixels: int, *, draft_size: int | None = None
 ) -> Image.Image:
@@ -279,7 +286,7 @@ def decode_image(
                 f"{len(data)} bytes starting {data[:8]!r})"
             ) from exc
         except Exception as exc:  # PIL raises many types for bad data
-            raise EmbedError(f"image {image_id!r}: not a readable image ({exc})") from exc
+            raise EmbedError(f"image {image_id!r}: not a readable image ({_reason(exc)})") from exc
         width, height = im.size
         if width * height > max_pixels:
             raise EmbedError(
@@ -298,7 +305,4 @@ def decode_image(
         except EmbedError:
             raise
         except Exception as exc:
-            reason = str(exc) or type(exc).__name__
-            if "truncated" in reason.lower():
-                reason = f"truncated file ({reason})"
-            raise EmbedError(f"image {image_id!r}: cannot decode: {reason}") from exc
+            raise EmbedError(f"image {image_id!r}: cannot decode: {_reason(exc)}") from exc

@@ -774,6 +774,7 @@ class StoreWriter:
                 "this run asks for",
             )
         own = dict(manifests)
+        fresh = self.manifest_name not in own
         self._own = own.get(self.manifest_name) or {
             "format": FORMAT,
             **self.identity,
@@ -799,6 +800,10 @@ class StoreWriter:
         pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.npy$")
         numbers = [int(m.group(1)) for n in listed if (m := pattern.match(n + ".npy"))]
         self._next = max(numbers, default=-1) + 1
+        if fresh:
+            # The store exists (empty) from the start, so a run killed before its first shard
+            # leaves a store that opens, not a folder that is not one.
+            self._write_manifest()
 
     def _cleanup(self, listed: set[str]) -> None:
         """Delete this part's temp files and shard files no manifest lists (a killed run's)."""

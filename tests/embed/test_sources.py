@@ -149,10 +149,13 @@ def test_zero_byte_image():
         decode_image(b"", "z", MAX)
 
 
-def test_truncated_jpeg():
+@pytest.mark.parametrize("keep", [0.9, 0.5, 0.05])  # cut in the scan data, or in the header
+def test_truncated_jpeg(keep):
     data = jpeg_bytes(3, (64, 64))
-    with pytest.raises(EmbedError, match=r"image 't': cannot decode: truncated file"):
-        decode_image(data[: len(data) // 2], "t", MAX)
+    with pytest.raises(
+        EmbedError, match=r"image 't': (cannot decode: |not a readable image \()truncated file"
+    ):
+        decode_image(data[: int(len(data) * keep)], "t", MAX)
 
 
 def test_text_file_is_not_an_image():

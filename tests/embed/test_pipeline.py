@@ -1,0 +1,439 @@
+"""The embedding loop and build_store: real data, bad images, resume, kill -9, sharded builds.
+
+A random-initialised ResNet-50 at 32 px keeps these fast; what is checked is the plumbing
+(which ids, which rows, which files), not the features themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from storetools import DATA, HAM_IMAGES, ISIC_MINI, random_weights, tiny_config, write_folder
+
+import embed.pipeline as pipeline
+from embed.backbone import load_backbone
+from embed.errors import EmbedError, StoreMismatchError
+from embed.pipeline import (
+    VIEWS,
+    EmbedConfig,
+    apply_view,
+    build_store,
+    collate_drop_failed,
+    embed_ids,
+    part_of,
+    resolve_device,
+    store_identity,
+)
+from embed.sources import FolderSource, open_source
+from embed.store import MANIFEST, FeatureStore
+
+WORKER = Path(__file__).with_name("store_worker.py")
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is absent")
+N_IMAGES = 24
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return random_weights(tmp_path_factory.mktemp("weights") / "random-resnet50.pth")
+
+
+@pytest.fixture(scope="module")
+def model(weights):
+    return load_backbone(weights, "cpu")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    write_folder(root, N_IMAGES, size=(40, 40))
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, folder, weights) -> FeatureStore:
+    """The uninterrupted single-process store of `folder` that other runs must equal."""
+    store = tmp_path_factory.mktemp("reference") / "store"
+    summary = build_store(FolderSource(folder), None, store, "toy", weights, tiny_config())
+    assert summary.embedded == N_IMAGES and summary.stored == N_IMAGES
+    return FeatureStore.open(store)
+
+
+def assert_same_vectors(a: FeatureStore, b: FeatureStore) -> None:
+    assert sorted(a.ids) == sorted(b.ids)
+    ids = sorted(a.ids)
+    va, vb = a.read(ids).astype(np.float32), b.read(ids).astype(np.float32)
+    # fp32 on CPU; batches may be composed differently, so allow fp16 rounding.
+    np.testing.assert_allclose(va, vb, rtol=1e-2, atol=2e-2)
+
+
+def file_digests(path: Path) -> dict[str, tuple[str, int]]:
+    return {
+        p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(path.iterdir())
+        if p.name.startswith("shard-")
+    }
+
+
+# ----------------------------------------------------------------------------- config and helpers
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"image_size": 0}, r"EmbedConfig.image_size: expected a positive integer, got 0"),
+        ({"batch_size": -1}, r"EmbedConfig.batch_size: expected a positive integer, got -1"),
+        ({"views": 9}, r"EmbedConfig.views: expected 1..8, got 9"),
+        ({"views": 0}, r"EmbedConfig.views: expected 1..8, got 0"),
+        (
+            {"shard_index": 2, "shard_count": 2},
+            r"EmbedConfig.shard_index: expected 0..1 for shard_count=2, got 2",
+        ),
+        ({"shard_count": 0}, r"EmbedConfig.shard_count: expected a positive integer, got 0"),
+        ({"shard_rows": 0}, r"EmbedConfig.shard_rows: expected a positive integer, got 0"),
+        ({"max_pixels": 0}, r"EmbedConfig.max_pixels: expected a positive integer, got 0"),
+        ({"num_workers": -1}, r"EmbedConfig.num_workers: expected None or an integer >= 0, got -1"),
+        (
+            {"device": "tpu"},
+            r"EmbedConfig.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'",
+        ),
+    ],
+)
+def test_config_is_checked(kwargs, message):
+    with pytest.raises(EmbedError, match=message):
+        EmbedConfig(**kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_gpu_is_refused():
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(EmbedError, match=r"device='cuda' but no CUDA GPU is available"):
+        resolve_device("cuda")
+
+
+def test_views_are_the_eight_symmetries_of_the_square():
+    x = torch.arange(9.0).reshape(1, 1, 3, 3)
+    outs = [apply_view(x, v) for v in range(len(VIEWS))]
+    assert torch.equal(outs[0], x)
+    assert outs[1][0, 0, 0].tolist() == [2.0, 1.0, 0.0]  # hflip
+    assert outs[2][0, 0, 0].tolist() == [6.0, 7.0, 8.0]  # vflip
+    assert torch.equal(outs[6][0, 0], x[0, 0].T)  # transpose
+    assert torch.equal(outs[7][0, 0], x[0, 0].flip(0).flip(1).T)  # anti-transpose
+    assert len({tuple(o.flatten().tolist()) for o in outs}) == 8
+    with pytest.raises(EmbedError, match=r"view: expected 0..7, got 8"):
+        apply_view(x, 8)
+
+
+def test_part_of_is_a_stable_balanced_split():
+    ids = [f"ISIC_{i:07d}" for i in range(2000)]
+    parts = [part_of(i, 4) for i in ids]
+    assert part_of("ISIC_0000000", 4) == parts[0]  # no per-process hash seed
+    counts = np.bincount(parts, minlength=4)
+    assert counts.min() > 400
+
+
+def test_collate_drops_failed_items():
+    t = torch.zeros(3, 4, 4)
+    ids, batch, failures = collate_drop_failed([("a", t, None), ("b", None, "bad"), ("c", t, None)])
+    assert ids == ["a", "c"] and batch.shape == (2, 3, 4, 4) and failures == {"b": "bad"}
+    ids, batch, failures = collate_drop_failed([("b", None, "bad")])
+    assert ids == [] and batch is None and failures == {"b": "bad"}
+
+
+# ----------------------------------------------------------------------------- embed_ids
+
+
+def test_embed_ids_order_failures_and_views(tmp_path, folder, model):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for p in sorted(folder.iterdir())[:5]:
+        (bad / p.name).write_bytes(p.read_bytes())
+    (bad / "zero.jpg").write_bytes(b"")
+    src = FolderSource(bad)
+    ids = ["img_004", "zero", "img_001", "absent", "img_000"]
+    batches = list(embed_ids(src, ids, model, tiny_config(views=3, batch_size=2)))
+    got_ids = [i for b in batches for i in b[0]]
+    failures = {k: v for b in batches for k, v in b[2].items()}
+    assert got_ids == ["img_004", "img_001", "img_000"]
+    assert set(failures) == {"zero", "absent"}
+    assert "empty file" in failures["zero"] and "not found" in failures["absent"]
+    vecs = np.concatenate([b[1] for b in batches])
+    assert vecs.shape == (3, 3, 2048) and vecs.dtype == np.float16 and np.isfinite(vecs).all()
+    assert [b[1].shape[0] for b in batches] == [1, 1, 1]  # each batch of 2 lost or kept one
+    plain = np.concatenate([b[1] for b in embed_ids(src, ids, model, tiny_config(batch_size=2))])
+    np.testing.assert_allclose(plain[:, 0], vecs[:, 0], rtol=1e-2, atol=2e-2)
+    assert list(embed_ids(src, [], model, tiny_config())) == []
+
+
+def test_views_embed_the_transformed_image(tmp_path, model):
+    """View k of an image equals view 0 of that image transformed by PIL beforehand."""
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    variants = {
+        "plain": base,
+        "hflip": base.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        "rot90": base.transpose(Image.Transpose.ROTATE_90),  # counter-clockwise, as torch.rot90
+        "transpose": base.transpose(Image.Transpose.TRANSPOSE),
+    }
+    root = tmp_path / "views"
+    root.mkdir()
+    for name, im in variants.items():
+        im.save(root / f"{name}.png")
+    src = FolderSource(root)
+    ((_, multi, _),) = embed_ids(src, ["plain"], model, tiny_config(views=8))
+    ((_, single, _),) = embed_ids(src, ["hflip", "rot90", "transpose"], model, tiny_config())
+    for k, name in enumerate(["hflip", "rot90", "transpose"]):
+        np.testing.assert_allclose(multi[0, VIEWS.index(name)], single[k, 0], rtol=1e-2, atol=2e-2)
+    assert not np.allclose(multi[0, 0], multi[0, 1], atol=1e-2)
+
+
+def test_amp_on_cpu_stays_close_to_fp32(folder, model):
+    src = FolderSource(folder)
+    ids = src.ids()[:4]
+    ((_, fp32, _),) = embed_ids(src, ids, model, tiny_config(amp=False))
+    ((_, mixed, _),) = embed_ids(src, ids, model, tiny_config(amp=True))
+    a, b = fp32[:, 0].astype(np.float32), mixed[:, 0].astype(np.float32)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.98
+
+
+# ----------------------------------------------------------------------------- build_store
+
+
+@needs_data
+def test_build_store_from_isic2024_hdf5_with_a_worker_process(tmp_path, weights, model):
+    src = open_source(ISIC_MINI)
+    src.ids()  # the parent opens the file before the fork: the worker must reopen it
+    store = tmp_path / "isic"
+    summary = build_store(
+        src,
+        None,
+        store,
+        "isic2024-mini",
+        weights,
+        tiny_config(num_workers=1, shard_rows=16, batch_size=8),
+    )
+    assert (summary.embedded, summary.skipped_existing, summary.failed) == (51, 0, {})
+    fs = FeatureStore.open(store)
+    assert fs.count == 51 and len(fs.manifest["shards"]) == 4
+    fs.check_compatible(store_identity(weights, tiny_config()))
+    manifest = json.loads((store / MANIFEST).read_text())
+    assert manifest["dataset"] == "isic2024-mini" and manifest["source"].endswith(
+        "train-image.hdf5"
+    )
+    # The scoring path (embed_ids without a store) gives the stored vectors.
+    few = fs.ids[::20]
+    ((_, direct, _),) = embed_ids(src, few, model, tiny_config())
+    np.testing.assert_allclose(
+        direct.astype(np.float32), fs.read(few).astype(np.float32), rtol=1e-2, atol=2e-2
+    )
+
+
+@needs_data
+def test_build_store_from_ham10000_folder_subset(tmp_path, weights):
+    ids = sorted(p.stem for p in HAM_IMAGES.iterdir())[:10]
+    summary = build_store(
+        FolderSource(HAM_IMAGES), ids, tmp_path / "ham", "ham", weights, tiny_config()
+    )
+    assert summary.embedded == 10 and summary.failed == {}
+    assert FeatureStore.open(tmp_path / "ham").ids == ids
+
+
+def test_resume_does_no_model_work_and_changes_no_shard(
+    tmp_path, folder, weights, reference, monkeypatch
+):
+    store = tmp_path / "store"
+    src = FolderSource(folder)
+    first = build_store(src, src.ids()[:10], store, "toy", weights, tiny_config())
+    assert first.embedded == 10 and first.images_per_s > 0
+    before = file_digests(store)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded for a run with nothing to do")
+
+    monkeypatch.setattr(pipeline, "load_backbone", no_model)
+    again = build_store(src, src.ids()[:10], store, "toy", weights, tiny_config())
+    assert (again.embedded, again.skipped_existing, again.failed) == (0, 10, {})
+    assert file_digests(store) == before
+    monkeypatch.undo()
+    rest = build_store(src, None, store, "toy", weights, tiny_config())
+    assert (rest.embedded, rest.skipped_existing, rest.stored) == (N_IMAGES - 10, 10, N_IMAGES)
+    assert all(file_digests(store)[name] == digest for name, digest in before.items())
+    assert_same_vectors(FeatureStore.open(store), reference)
+
+
+def test_failures_are_recorded_listed_and_retried_on_request(tmp_path, folder, weights):
+    root = tmp_path / "images"
+    root.mkdir()
+    for p in sorted(folder.iterdir())[:6]:
+        (root / p.name).write_bytes(p.read_bytes())
+    good = (root / "img_000.jpg").read_bytes()
+    (root / "zero.jpg").write_bytes(b"")
+    (root / "text.png").write_bytes(b"lesion,target\n")
+    (root / "cut.jpg").write_bytes(good[: len(good) // 2])
+    src = FolderSource(root)
+    store = tmp_path / "store"
+    first = build_store(src, None, store, "toy", weights, tiny_config())
+    assert first.embedded == 6 and set(first.failed) == {"zero", "text", "cut"}
+    assert "empty file" in first.failed["zero"] and "truncated" in first.failed["cut"]
+    manifest = json.loads((store / MANIFEST).read_text())
+    assert manifest["failures"] == first.failed
+    second = build_store(src, None, store, "toy", weights, tiny_config())
+    assert second.embedded == 0 and second.failed == {} and second.previously_failed == first.failed
+    (root / "cut.jpg").write_bytes(good)  # repaired
+    third = build_store(src, None, store, "toy", weights, tiny_config(retry_failed=True))
+    assert third.embedded == 1 and set(third.failed) == {"zero", "text"}
+    fs = FeatureStore.open(store)
+    assert "cut" in fs.ids and set(fs.failures) == {"zero", "text"}
+    with pytest.raises(
+        EmbedError, match=r"1 of 2 requested ids have no vector .*'zero'.*could not be embedded"
+    ):
+        fs.read(["cut", "zero"])
+
+
+def test_store_of_other_settings_is_refused(tmp_path, folder, weights, tmp_path_factory):
+    src = FolderSource(folder)
+    store = tmp_path / "store"
+    build_store(src, src.ids()[:2], store, "toy", weights, tiny_config())
+    with pytest.raises(
+        StoreMismatchError, match=r"built with image_size=32 but this run asks for image_size=48"
+    ):
+        build_store(src, None, store, "toy", weights, tiny_config(image_size=48))
+    with pytest.raises(
+        StoreMismatchError, match=r"built with views=1 but this run asks for views=2"
+    ):
+        build_store(src, None, store, "toy", weights, tiny_config(views=2))
+    other = random_weights(tmp_path_factory.mktemp("w2") / "other.pth", seed=1)
+    with pytest.raises(
+        StoreMismatchError,
+        match=r"built with weights_sha256='[0-9a-f]{64}' but this run asks for weights_sha256=",
+    ):
+        build_store(src, None, store, "toy", other, tiny_config())
+    assert FeatureStore.open(store).count == 2
+
+
+def test_repeated_ids_are_refused(tmp_path, folder, weights):
+    with pytest.raises(
+        EmbedError, match=r"ids: 1 repeated id\(s\) \('img_001'\); each image must appear once"
+    ):
+        build_store(
+            FolderSource(folder),
+            ["img_001", "img_002", "img_001"],
+            tmp_path,
+            "toy",
+            weights,
+            tiny_config(),
+        )
+
+
+# ----------------------------------------------------------------------------- other processes
+
+
+def _worker(folder: Path, store: Path, weights, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONHASHSEED": "random", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(folder), str(store), str(weights.path), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"worker ended before the shard appeared:\n{proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("worker too slow")
+        time.sleep(0.01)
+
+
+def _listed(store: Path) -> int:
+    try:
+        return json.loads((store / MANIFEST).read_text())["count"]
+    except FileNotFoundError:
+        return 0
+
+
+def _shards(store: Path) -> list[str]:
+    return sorted(p.name for p in store.glob("shard-*.npy")) if store.is_dir() else []
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_resume_equals_uninterrupted(tmp_path, folder, weights, reference):
+    store = tmp_path / "store"
+    counts = []
+    # Kill once the moment the first shard file appears (before the manifest lists it), and
+    # once a little after the manifest has listed some more rows.
+    for round_ in range(2):
+        proc = _worker(folder, store, weights, "--delay", "0.05")
+        if round_ == 0:
+            _wait_for(lambda: bool(_shards(store)), proc)
+        else:
+            _wait_for(lambda: _listed(store) > counts[0], proc)
+            time.sleep(0.07)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        fs = FeatureStore.open(store)  # never corrupt: opens, verifies, reads
+        assert fs.verify()["ok"]
+        assert 0 <= fs.count < N_IMAGES
+        fs.read(fs.ids)
+        counts.append(fs.count)
+    assert counts[1] > counts[0]
+    summary = build_store(FolderSource(folder), None, store, "toy", weights, tiny_config())
+    assert summary.skipped_existing == counts[1] and summary.embedded == N_IMAGES - counts[1]
+    assert not [n for n in os.listdir(store) if n.startswith(".tmp")]
+    assert_same_vectors(FeatureStore.open(store), reference)
+
+
+@pytest.mark.slow
+def test_two_processes_build_one_sharded_store(tmp_path, folder, weights, reference):
+    store = tmp_path / "store"
+    procs = [
+        _worker(folder, store, weights, "--shard", f"{i}/2", "--shard-rows", "4") for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    embedded = [
+        int(next(ln for ln in o.splitlines() if ln.startswith("SUMMARY")).split()[1])
+        for o in outputs
+    ]
+    assert sum(embedded) == N_IMAGES and min(embedded) > 0
+    names = sorted(os.listdir(store))
+    assert any(n.startswith("shard-0-of-2-") for n in names) and any(
+        n.startswith("shard-1-of-2-") for n in names
+    )
+    fs = FeatureStore.open(store)
+    assert fs.verify()["ok"] and fs.count == N_IMAGES
+    assert_same_vectors(fs, reference)
+    # The last writer out merged: one manifest; a re-run of either part has nothing to do.
+    assert [n for n in names if n.startswith("manifest")] in (
+        [MANIFEST],
+        [MANIFEST, "manifest.part-0-of-2.json"],
+        [MANIFEST, "manifest.part-1-of-2.json"],
+    )
+    from embed.store import merge_store
+
+    assert merge_store(store)["count"] == N_IMAGES
+    assert [n for n in os.listdir(store) if n.startswith("manifest")] == [MANIFEST]
+    again = build_store(
+        FolderSource(folder), None, store, "toy", weights, tiny_config(shard_index=1, shard_count=2)
+    )
+    assert again.embedded == 0 and again.skipped_existing == embedded[1]
+    # A single-writer run over the merged store finds everything too.
+    assert (
+        build_store(FolderSource(folder), None, store, "toy", weights, tiny_config()).embedded == 0
+    )
