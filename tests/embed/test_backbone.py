@@ -194,6 +194,12 @@ def test_converted_weights_classify_the_imagenet_check_photos(real_weights, imag
         assert abs(p - float(row["top1_probability_seen"])) < 0.02, f"{row['file']}: p={p:.4f}"
 
 
+def test_converted_weights_survive_a_half_precision_cast(real_weights):
+    state = torch.load(real_weights.path, map_location="cpu", weights_only=True)
+    too_big = [k for k, v in state.items() if v.is_floating_point() and v.abs().max() > 6e4]
+    assert too_big == []
+
+
 def test_bf16_channels_last_features_match_fp32(real_weights, imagenet_check):
     x = _imagenet_eval_view(imagenet_check[0]["path"])[None]
     model = load_backbone(real_weights)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import stat
 import tarfile
 from pathlib import Path
@@ -439,7 +440,7 @@ def test_a_torchvision_state_dict_is_accepted(resnet50_file):
 
 def test_a_converted_file_passed_by_path_keeps_its_recorded_layout(tmp_path, resnet50_file):
     path = tmp_path / "mine.pth"
-    path.write_bytes(resnet50_file.read_bytes())
+    os.link(resnet50_file, path)  # same bytes without copying 100 MB
     record = {
         "format": W.RECORD_FORMAT,
         "sha256": sha256_file(path),
@@ -463,6 +464,16 @@ def test_a_resnet18_state_dict_is_refused_naming_the_keys(tmp_path):
         r"layer1\.0\.conv1\.weight expected \(64, 64, 1, 1\) got \(64, 64, 3, 3\)"
     )
     with pytest.raises(EmbedError, match=pattern):
+        ensure_weights(weights_path=path)
+
+
+def test_a_state_dict_with_infinite_values_is_refused(tmp_path, resnet50_file):
+    state = torch.load(resnet50_file, weights_only=True)
+    state["bn1.running_var"] = state["bn1.running_var"].half()
+    state["bn1.running_var"][3] = float("inf")  # what a float16 cast of a large variance gives
+    path = tmp_path / "half.pth"
+    torch.save(state, path)
+    with pytest.raises(EmbedError, match=r"NaN or inf in \(1\): bn1\.running_var"):
         ensure_weights(weights_path=path)
 
 
