@@ -1,0 +1,250 @@
+"""`fit_gbdt`: the LightGBM stage of a run, from metadata (and optional image PCA) to `gbdt/`.
+
+For each fold of the run the feature encoder (and the PCA of the extra matrix) is fitted on the
+training part only; the validation part is encoded as new rows would be. The ensemble is trained
+with the default parameters, optionally tuned with Optuna on the same folds, and retrained with
+the best parameters. Figures with and without tuning are both recorded; note that tuning on the
+folds that also measure the result makes the tuned out-of-fold figures slightly optimistic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from tabular.errors import DataError, preview
+from tabular.gbdt import (
+    DATASET_PARAMS,
+    DEFAULT_PARAMS,
+    GBDTConfig,
+    build_fold,
+    check_extra,
+    fit_ensemble,
+    importance_table,
+    save_ensemble,
+)
+from tabular.metrics import summarize
+from tabular.spec import DatasetSpec
+
+log = logging.getLogger(__name__)
+
+STAGE = "gbdt"
+
+
+def fit_gbdt(
+    spec: DatasetSpec,
+    run_dir: Path | str,
+    trials: int = 0,
+    storage: str | None = None,
+    extra: np.ndarray | None = None,
+    extra_components: int = 64,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    neg_ratio: float | None = None,
+    config: GBDTConfig | None = None,
+) -> dict:
+    """Train the LightGBM stage of the run in `run_dir` and write `<run>/gbdt/`.
+
+    Args:
+        spec: the data set's spec (the run is created from it, or checked against it).
+        run_dir: the run folder (created with its folds on first use).
+        trials: Optuna trials the study should hold (0 = default parameters, no study). A rerun
+            runs only the trials still missing.
+        storage: Optuna storage URL or journal file (default `sqlite:///<run>/gbdt/optuna.db`).
+        extra: optional (n_rows, d) matrix aligned to the metadata rows (image embeddings);
+            reduced per fold by PCA to `extra_components` columns fitted on the training part.
+        extra_components: PCA components kept from `extra`.
+        seeds: one model per fold and seed.
+        neg_ratio: keep at most this many negatives per positive in each training part.
+        config: full ensemble settings (overrides seeds / neg_ratio / extra_components).
+
+    Returns:
+        The `metrics.json` content: `summarize()` of the out-of-fold predictions plus the data
+        set name, row count, per-fold figures, untuned figures when tuned, and timings.
+
+    Raises:
+        DataError: invalid metadata or run (see `tabular.run.open_run`), bad features (see
+            `FeatureEncoder`), a bad `extra` matrix, or bad options.
+    """
+    from tabular.run import open_run
+
+    if config is None:
+        config = GBDTConfig(seeds=tuple(int(s) for s in seeds), neg_ratio=neg_ratio, extra_components=extra_components)
+    run = open_run(spec, Path(run_dir))
+    return fit_gbdt_frame(
+        run.frame, run.folds["fold"].to_numpy(), spec, run.stage_dir(STAGE),
+        trials=trials, storage=storage, extra=extra, config=config,
+    )
+
+
+def fit_gbdt_frame(
+    frame: pd.DataFrame,
+    fold_of_row: np.ndarray,
+    spec: DatasetSpec,
+    stage_dir: Path,
+    trials: int = 0,
+    storage: str | None = None,
+    extra: np.ndarray | None = None,
+    config: GBDTConfig | None = None,
+) -> dict:
+    """`fit_gbdt` on a frame and fold assignment already in memory (benchmarks, tests).
+
+    `fold_of_row` has shape (len(frame),); other arguments as `fit_gbdt`.
+    """
+    started = time.perf_counter()
+    config = config or GBDTConfig()
+    if not isinstance(trials, int | np.integer) or trials < 0:
+        raise DataError(f"trials: expected an integer >= 0, got {trials!r}")
+    if not spec.target or spec.target not in frame.columns:
+        raise DataError(f"spec '{spec.name}': training needs the target column (spec key 'target')")
+    frame = frame.reset_index(drop=True)
+    ids = frame[spec.id].astype(str).tolist()
+    y = frame[spec.target].to_numpy().astype(np.int8)
+    fold_of_row = np.asarray(fold_of_row)
+    if len(fold_of_row) != len(frame):
+        raise DataError(f"folds: expected {len(frame)} fold numbers (one per row), got {len(fold_of_row)}")
+    if extra is not None:
+        extra = check_extra(extra, len(frame), ids)
+    stage_dir = Path(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    tick = time.perf_counter()
+    folds = []
+    for k in tqdm(sorted(np.unique(fold_of_row).tolist()), desc="features", unit="fold", leave=False):
+        folds.append(build_fold(frame, spec, y, fold_of_row, k, extra=extra, config=config))
+    timings["features"] = time.perf_counter() - tick
+    log.info("gbdt: %d rows, %d folds, %d features (fold 0)", len(frame), len(folds), len(folds[0].feature_names))
+
+    tick = time.perf_counter()
+    untuned = fit_ensemble(folds, len(frame), DEFAULT_PARAMS, config, desc="gbdt (default parameters)")
+    timings["untuned"] = time.perf_counter() - tick
+    final = untuned
+    tuning = None
+    if trials > 0:
+        from tabular.tuning import tune
+
+        tick = time.perf_counter()
+        tuning = tune(
+            folds,
+            study_name=f"gbdt-{spec.name}",
+            n_trials=int(trials),
+            stage_dir=stage_dir,
+            storage=storage,
+            config=config,
+            study_attrs=_study_attrs(spec, ids, fold_of_row, folds, extra, config),
+        )
+        timings["tuning"] = time.perf_counter() - tick
+        if _same_params(tuning.best_params, DEFAULT_PARAMS):
+            log.info("gbdt: the default parameters remain the best; keeping the untuned ensemble")
+        else:
+            tick = time.perf_counter()
+            final = fit_ensemble(folds, len(frame), tuning.best_params, config, desc="gbdt (tuned parameters)")
+            timings["final"] = time.perf_counter() - tick
+
+    missing = np.flatnonzero(np.isnan(final.oof))
+    if len(missing):
+        raise DataError(f"folds: rows in no validation fold, ids {preview([ids[i] for i in missing])}")
+
+    _clear_models(stage_dir)
+    save_ensemble(stage_dir, final, folds, config, extra_dim=None if extra is None else int(extra.shape[1]))
+    _write_oof(stage_dir / "oof.csv", ids, fold_of_row, y, final.oof)
+    if tuning is not None:
+        _write_oof(stage_dir / "oof_untuned.csv", ids, fold_of_row, y, untuned.oof)
+    importance_table(final).to_csv(stage_dir / "importance.csv", index=False)
+    (stage_dir / "params.json").write_text(json.dumps(
+        {
+            "params": final.params,
+            "tuned": final is not untuned,
+            "dataset_params": DATASET_PARAMS,
+            "config": _jsonable(asdict(config)),
+            "best_iterations": {str(f["fold"]): f["best_iterations"] for f in final.per_fold},
+        },
+        indent=2,
+    ))
+
+    timings["total"] = time.perf_counter() - started
+    metrics = {
+        "stage": STAGE,
+        "dataset": spec.name,
+        "rows": len(frame),
+        "n_folds": len(folds),
+        "seeds": [int(s) for s in config.seeds],
+        "neg_ratio": config.neg_ratio,
+        "features": len(folds[0].feature_names),
+        "extra": None if extra is None else {"dim": int(extra.shape[1]), "components": len(folds[0].pca.names)},
+        **summarize(y, final.oof),
+        "tuned": final is not untuned,
+        "per_fold": final.per_fold,
+        "seconds": {k: round(v, 2) for k, v in timings.items()},
+    }
+    if tuning is not None:
+        metrics["untuned"] = summarize(y, untuned.oof)
+        metrics["untuned"]["per_fold"] = untuned.per_fold
+        metrics["trials"] = {
+            "requested": int(trials),
+            "finished": tuning.trials_finished,
+            "run_now": tuning.trials_run,
+            "best_mean_fold_pauc80": tuning.best_value,
+            "study": tuning.study_name,
+            "storage": tuning.storage,
+            "note": "tuned on these folds: the tuned out-of-fold figures are slightly optimistic",
+        }
+    (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    log.info(
+        "gbdt %s: OOF pAUC80 %.4f, ROC AUC %.4f%s (%.0f s)",
+        spec.name, metrics["pauc80"] or float("nan"), metrics["roc_auc"] or float("nan"),
+        f"; untuned pAUC80 {metrics['untuned']['pauc80']:.4f}" if tuning is not None else "",
+        timings["total"],
+    )
+    return metrics
+
+
+def _write_oof(path: Path, ids, fold_of_row, y, p) -> None:
+    pd.DataFrame({"id": ids, "fold": fold_of_row, "target": y.astype(int), "p": p}).to_csv(path, index=False)
+
+
+def _clear_models(stage_dir: Path) -> None:
+    """Remove models of an earlier fit (another seed count would leave stale files behind)."""
+    for pattern in ("fold*_seed*.txt", "pca_fold*_*.npy"):
+        for path in stage_dir.glob(pattern):
+            path.unlink()
+
+
+def _same_params(a: dict, b: dict) -> bool:
+    keys = set(b) - {"verbosity", "metric", "objective"}
+    for key in keys:
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, float) or isinstance(y, float):
+            # The search space stores an L1/L2 of 0 as its 1e-8 floor.
+            if x is None or y is None or abs(float(x) - float(y)) > 1e-6:
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def _study_attrs(spec, ids, fold_of_row, folds, extra, config) -> dict:
+    digest = hashlib.sha256()
+    for i, k in zip(ids, fold_of_row, strict=True):
+        digest.update(f"{i}\t{k}\n".encode())
+    features = hashlib.sha256("\n".join(folds[0].feature_names).encode()).hexdigest()[:16]
+    return {
+        "dataset": spec.name,
+        "rows": len(ids),
+        "folds_sha256": digest.hexdigest()[:16],
+        "features_sha256": features,
+        "extra_dim": None if extra is None else int(extra.shape[1]),
+        "neg_ratio": config.neg_ratio,
+    }
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))

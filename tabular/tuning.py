@@ -1,0 +1,307 @@
+"""Optuna study over LightGBM parameters, scored on mean out-of-fold pAUC80 of the run's folds.
+
+- One study per data set, named `gbdt-<data set>`, kept in a storage (default
+  `sqlite:///<run>/gbdt/optuna.db`; any SQLAlchemy URL; or an Optuna journal file:
+  `journal:///abs/path/study.log` or a path ending in `.log`), opened with `load_if_exists=True`.
+- `n_trials` is the number of finished (complete or pruned) trials the study should hold: a rerun
+  after an interruption, or a second worker on the same storage, runs only the missing ones.
+- Each trial trains one model per fold (one seed, for speed) and reports the running mean pAUC80
+  after each fold, so that the MedianPruner can stop a hopeless trial early.
+- The sampler is a seeded TPESampler, re-seeded from the trial number: reproducible in one
+  process, and two workers on one study do not propose the same parameters.
+- The full LightGBM parameters of each trial are kept as JSON in its user attributes; the best are
+  written to `best_params.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import optuna
+from optuna.samplers import BaseSampler, TPESampler
+from optuna.trial import TrialState
+from tqdm.auto import tqdm
+
+from tabular.errors import DataError
+from tabular.gbdt import DEFAULT_PARAMS, FoldData, GBDTConfig, predict_best, train_model
+from tabular.metrics import MetricWarning, pauc80
+
+log = logging.getLogger(__name__)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# lambda_l1 / lambda_l2 are searched on a log scale whose floor stands for "no regularisation".
+_LOG_FLOOR = 1e-8
+
+
+def suggest_params(trial: optuna.Trial) -> dict:
+    """LightGBM booster parameters for one trial (the search space)."""
+    params = {
+        "learning_rate": trial.suggest_float("learning_rate", 0.01, 0.2, log=True),
+        "num_leaves": trial.suggest_int("num_leaves", 8, 256, log=True),
+        "max_depth": trial.suggest_int("max_depth", 3, 12),
+        "min_child_samples": trial.suggest_int("min_child_samples", 5, 200, log=True),
+        "feature_fraction": trial.suggest_float("feature_fraction", 0.3, 1.0),
+        "bagging_fraction": trial.suggest_float("bagging_fraction", 0.4, 1.0),
+        "bagging_freq": trial.suggest_int("bagging_freq", 0, 7),
+        "lambda_l1": trial.suggest_float("lambda_l1", _LOG_FLOOR, 10.0, log=True),
+        "lambda_l2": trial.suggest_float("lambda_l2", _LOG_FLOOR, 10.0, log=True),
+        "scale_pos_weight": trial.suggest_float("scale_pos_weight", 1.0, 4.0),
+    }
+    return {**DEFAULT_PARAMS, **params}
+
+
+def default_trial_params() -> dict:
+    """DEFAULT_PARAMS expressed in the search space (enqueued as the study's first trial)."""
+    names = ("learning_rate", "num_leaves", "max_depth", "min_child_samples", "feature_fraction",
+             "bagging_fraction", "bagging_freq", "lambda_l1", "lambda_l2", "scale_pos_weight")
+    values = {name: DEFAULT_PARAMS[name] for name in names}
+    for name in ("lambda_l1", "lambda_l2"):
+        values[name] = max(values[name], _LOG_FLOOR)
+    return values
+
+
+class TrialSeededTPE(BaseSampler):
+    """A TPESampler seeded with `seed + trial.number` for each trial.
+
+    Trial 0 takes `first_params` (the untuned defaults) instead of sampling: the study then never
+    ends worse than the defaults on its own objective. Keying this on the trial number, rather
+    than enqueueing a trial, keeps two workers starting together from both running the defaults.
+    """
+
+    def __init__(self, seed: int = 0, n_startup_trials: int = 10, first_params: Mapping | None = None) -> None:
+        self._seed = seed
+        self._n_startup = n_startup_trials
+        self._first = dict(first_params or {})
+        self._tpe = TPESampler(seed=seed, n_startup_trials=n_startup_trials)
+
+    def before_trial(self, study, trial) -> None:
+        self._tpe = TPESampler(seed=self._seed + trial.number, n_startup_trials=self._n_startup)
+        self._tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        if trial.number == 0 and self._first:
+            return {}
+        return self._tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        if trial.number == 0 and param_name in self._first:
+            return self._first[param_name]
+        return self._tpe.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._tpe.after_trial(study, trial, state, values)
+
+
+def open_storage(storage: str | Path | None, default_path: Path):
+    """An Optuna storage from a URL, a journal file, or the default sqlite file.
+
+    Raises:
+        DataError: an empty storage string.
+    """
+    if storage is None:
+        default_path.parent.mkdir(parents=True, exist_ok=True)
+        storage = f"sqlite:///{default_path.resolve()}"
+    storage = str(storage)
+    if not storage.strip():
+        raise DataError("storage: got an empty string; pass a URL such as sqlite:///study.db")
+    if storage.startswith("journal://") or ("://" not in storage and storage.endswith(".log")):
+        path = Path(storage[len("journal://"):] if storage.startswith("journal://") else storage)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(str(path)))
+    if "://" not in storage:
+        raise DataError(
+            f"storage: {storage!r} is neither a database URL (sqlite:///path.db, "
+            "postgresql://...) nor a journal file (journal:///path.log or a path ending in .log)"
+        )
+    engine_kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else None
+    # The heartbeat lets a later worker mark trials of a killed worker as failed, so they do not
+    # hold a place in the trial budget forever.
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(6):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    storage, engine_kwargs=engine_kwargs, heartbeat_interval=30, grace_period=120
+                )
+        except SQLAlchemyError:
+            # Two workers creating the tables of a new database at once: one of them loses the
+            # race on the schema version row; the tables exist a moment later.
+            if attempt == 5:
+                raise
+            time.sleep(0.2 * 2**attempt + random.random() * 0.2)
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    best_params: dict
+    best_value: float
+    trials_finished: int
+    trials_run: int
+    study_name: str
+    storage: str
+
+
+class _BudgetReached(Exception):
+    """Another worker took the last places in the trial budget."""
+
+
+def _count(study: optuna.Study, states) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def tune(
+    folds: Sequence[FoldData],
+    study_name: str,
+    n_trials: int,
+    stage_dir: Path,
+    storage: str | Path | None = None,
+    config: GBDTConfig | None = None,
+    seed: int = 0,
+    study_attrs: Mapping | None = None,
+) -> TuneResult:
+    """Run the study until it holds `n_trials` finished trials; write `best_params.json`.
+
+    Args:
+        folds: the run's folds (see `tabular.gbdt.build_fold`).
+        study_name: e.g. f"gbdt-{spec.name}".
+        n_trials: finished (complete + pruned) trials the study should hold in total.
+        stage_dir: where `best_params.json` (and the default sqlite storage) go.
+        storage: see `open_storage`.
+        config: ensemble settings; trials use its first seed only.
+        seed: sampler seed.
+        study_attrs: what the study is about (data set, features, folds); a study in the
+            storage recorded with other values is refused.
+
+    Returns:
+        TuneResult with the best parameters (full LightGBM parameters) and counts.
+
+    Raises:
+        DataError: `n_trials` < 1, or the stored study was made from other data/features.
+    """
+    if not isinstance(n_trials, int | np.integer) or n_trials < 1:
+        raise DataError(f"trials: expected a positive integer, got {n_trials!r}")
+    config = config or GBDTConfig()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    resolved = open_storage(storage, stage_dir / "optuna.db")
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=resolved,
+        direction="maximize",
+        sampler=TrialSeededTPE(seed=seed, first_params=default_trial_params()),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
+        load_if_exists=True,
+    )
+    _check_attrs(study, dict(study_attrs or {}), storage)
+    trial_config = replace(config, seeds=(config.seeds[0],))
+
+    def objective(trial: optuna.Trial) -> float:
+        ahead = [t for t in trial.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+                 if t.state != TrialState.RUNNING or t.number < trial.number]
+        if len(ahead) >= n_trials:
+            raise _BudgetReached
+        params = suggest_params(trial)
+        trial.set_user_attr("lgbm_params", json.loads(json.dumps(params)))
+        scores, iterations = [], []
+        for step, data in enumerate(folds):
+            booster = train_model(data, params, int(trial_config.seeds[0]), trial_config)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", MetricWarning)
+                scores.append(pauc80(data.y_valid, predict_best(booster, data.X_valid)))
+            iterations.append(int(booster.best_iteration))
+            trial.set_user_attr("fold_pauc80", [None if math.isnan(s) else s for s in scores])
+            trial.set_user_attr("best_iterations", iterations)
+            running = _nanmean(scores)
+            trial.report(running, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return _nanmean(scores)
+
+    done = _count(study, FINISHED)
+    run = 0
+    bar = tqdm(total=max(0, n_trials - done), desc=f"tuning {study_name}", unit="trial", leave=False)
+    while True:
+        running = _count(study, (TrialState.RUNNING,))
+        if _count(study, FINISHED) + running >= n_trials:
+            break
+        try:
+            study.optimize(objective, n_trials=1, catch=())
+        except _BudgetReached:
+            break
+        run += 1
+        bar.update(1)
+        try:
+            bar.set_postfix(best=f"{study.best_value:.4f}")
+        except ValueError:  # no complete trial yet (all pruned)
+            pass
+    bar.close()
+    # Let the trials of other workers still running finish being counted in the result.
+    try:
+        best = study.best_trial
+    except ValueError as error:
+        raise DataError(f"tuning: study {study_name} has no complete trial (all pruned or failed)") from error
+    best_params = best.user_attrs.get("lgbm_params") or {**DEFAULT_PARAMS, **best.params}
+    result = TuneResult(
+        best_params=best_params,
+        best_value=float(best.value),
+        trials_finished=_count(study, FINISHED),
+        trials_run=run,
+        study_name=study_name,
+        storage=_describe(storage, stage_dir / "optuna.db"),
+    )
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / "best_params.json").write_text(
+        json.dumps(
+            {
+                "params": best_params,
+                "mean_fold_pauc80": result.best_value,
+                "trial": best.number,
+                "trials_finished": result.trials_finished,
+                "study": study_name,
+                "storage": result.storage,
+            },
+            indent=2,
+        )
+    )
+    log.info("tuning %s: best mean fold pAUC80 %.4f (trial %d of %d finished)",
+             study_name, result.best_value, best.number, result.trials_finished)
+    return result
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else 0.0
+
+
+def _describe(storage, default_path: Path) -> str:
+    return str(storage) if storage is not None else f"sqlite:///{default_path.resolve()}"
+
+
+def _check_attrs(study: optuna.Study, attrs: dict, storage) -> None:
+    stored = study.user_attrs
+    if not stored:
+        for key, value in attrs.items():
+            study.set_user_attr(key, value)
+        return
+    for key, value in attrs.items():
+        if key in stored and stored[key] != value:
+            raise DataError(
+                f"storage {storage or 'default'}: study '{study.study_name}' was made with {key}="
+                f"{stored[key]!r}, this run has {value!r}; use another --storage (or another run)"
+            )

@@ -1,0 +1,171 @@
+"""The Optuna study: storages, resumption, two workers on one study, parameters kept as JSON."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from optuna.storages import JournalStorage, RDBStorage
+from optuna.trial import TrialState
+
+from tabular.errors import DataError
+from tabular.gbdt import GBDTConfig, build_fold
+from tabular.spec import DatasetSpec
+from tabular.tuning import TrialSeededTPE, default_trial_params, open_storage, suggest_params, tune
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = GBDTConfig(seeds=(0,), num_boost_round=30, early_stopping_rounds=5, num_threads=1)
+
+# Shared by the tests and the worker processes, so that both build identical folds.
+MAKE_FOLDS = '''
+def make_folds(n=240, seed=0):
+    import numpy as np
+    import pandas as pd
+    from pathlib import Path
+    from tabular.gbdt import GBDTConfig, build_fold
+    from tabular.spec import DatasetSpec
+
+    rng = np.random.default_rng(seed)
+    signal = rng.normal(size=n)
+    frame = pd.DataFrame({
+        "id": [f"r{i}" for i in range(n)],
+        "site": rng.choice(["arm", "leg"], n),
+        "x": signal + rng.normal(scale=0.7, size=n),
+        "target": (signal > 0.7).astype(int),
+    })
+    spec = DatasetSpec(name="toy", root=Path("."), metadata=Path("toy.csv"), images=None, id="id",
+                       target="target", group="id", categorical=("site",), numeric=("x",))
+    folds = np.arange(n) % 3
+    y = frame["target"].to_numpy()
+    config = GBDTConfig(seeds=(0,), num_boost_round=30, early_stopping_rounds=5, num_threads=1)
+    return [build_fold(frame, spec, y, folds, k, config=config) for k in range(3)], config
+'''
+namespace: dict = {}
+exec(MAKE_FOLDS, namespace)
+make_folds = namespace["make_folds"]
+
+
+@pytest.fixture(scope="module")
+def folds():
+    return make_folds()[0]
+
+
+def finished(storage, name="gbdt-toy"):
+    study = optuna.load_study(study_name=name, storage=storage)
+    return [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+
+
+def test_open_storage_kinds(tmp_path):
+    assert isinstance(open_storage(None, tmp_path / "gbdt" / "optuna.db"), RDBStorage)
+    assert (tmp_path / "gbdt" / "optuna.db").exists()
+    assert isinstance(open_storage(f"journal://{tmp_path}/a.log", tmp_path / "x.db"), JournalStorage)
+    assert isinstance(open_storage(str(tmp_path / "b.log"), tmp_path / "x.db"), JournalStorage)
+    assert isinstance(open_storage(f"sqlite:///{tmp_path}/c.db", tmp_path / "x.db"), RDBStorage)
+    with pytest.raises(DataError, match="storage: 'study.txt' is neither a database URL"):
+        open_storage("study.txt", tmp_path / "x.db")
+    with pytest.raises(DataError, match="storage: got an empty string"):
+        open_storage(" ", tmp_path / "x.db")
+
+
+def test_first_trial_is_the_defaults_and_lies_in_search_space():
+    sampler = TrialSeededTPE(seed=0, first_params=default_trial_params())
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    first = suggest_params(study.ask())
+    for name, value in default_trial_params().items():
+        assert first[name] == value
+        distribution = study.trials[0].distributions[name]
+        assert distribution.low <= value <= distribution.high
+    assert suggest_params(study.ask())["num_leaves"] != first["num_leaves"]
+
+
+def test_resumes_and_runs_only_missing_trials(tmp_path, folds):
+    storage = f"sqlite:///{tmp_path}/study.db"
+    first = tune(folds, "gbdt-toy", 3, tmp_path, storage=storage, config=FAST)
+    assert (first.trials_run, first.trials_finished) == (3, 3)
+    second = tune(folds, "gbdt-toy", 5, tmp_path, storage=storage, config=FAST)
+    assert (second.trials_run, second.trials_finished) == (2, 5)
+    third = tune(folds, "gbdt-toy", 5, tmp_path, storage=storage, config=FAST)
+    assert third.trials_run == 0
+    trials = finished(storage)
+    assert len(trials) == 5
+    # Trial 0 is the untuned defaults; every trial keeps its LightGBM parameters as JSON.
+    assert trials[0].params["num_leaves"] == default_trial_params()["num_leaves"]
+    for t in trials:
+        params = t.user_attrs["lgbm_params"]
+        assert params["objective"] == "binary" and "num_leaves" in params
+        json.dumps(params)
+        if t.state == TrialState.COMPLETE:
+            assert len(t.user_attrs["fold_pauc80"]) == 3
+            assert sorted(t.intermediate_values) == [0, 1, 2]
+    best = json.loads((tmp_path / "best_params.json").read_text())
+    assert best["params"] == second.best_params
+    assert best["trials_finished"] == 5
+    assert 0 < best["mean_fold_pauc80"] <= 0.2
+
+
+def test_default_storage_and_journal(tmp_path, folds):
+    result = tune(folds, "gbdt-toy", 2, tmp_path, config=FAST)
+    assert (tmp_path / "optuna.db").exists() and result.storage.startswith("sqlite:///")
+    journal = tmp_path / "study.log"
+    tune(folds, "gbdt-toy", 2, tmp_path, storage=str(journal), config=FAST)
+    assert len(finished(JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal))))) == 2
+
+
+def test_study_made_from_other_data_is_refused(tmp_path, folds):
+    storage = f"sqlite:///{tmp_path}/study.db"
+    tune(folds, "gbdt-toy", 1, tmp_path, storage=storage, config=FAST, study_attrs={"rows": 240})
+    with pytest.raises(DataError, match="study 'gbdt-toy' was made with rows=240, this run has 999"):
+        tune(folds, "gbdt-toy", 2, tmp_path, storage=storage, config=FAST, study_attrs={"rows": 999})
+
+
+def test_bad_trial_count(tmp_path, folds):
+    with pytest.raises(DataError, match="trials: expected a positive integer, got 0"):
+        tune(folds, "gbdt-toy", 0, tmp_path, config=FAST)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_two_processes_share_one_study(tmp_path, kind):
+    storage = f"sqlite:///{tmp_path}/study.db" if kind == "sqlite" else f"journal://{tmp_path}/study.log"
+    script = tmp_path / "worker.py"
+    script.write_text(MAKE_FOLDS + textwrap.dedent(f'''
+        import json, sys
+        from pathlib import Path
+        from tabular.tuning import tune
+        folds, config = make_folds()
+        out = Path(sys.argv[1])
+        result = tune(folds, "gbdt-toy", 5, out, storage={storage!r}, config=config)
+        print(json.dumps({{"run": result.trials_run, "finished": result.trials_finished}}))
+    '''))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    workers = [
+        subprocess.Popen([sys.executable, str(script), str(tmp_path / f"w{i}")], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        for i in range(2)
+    ]
+    results = []
+    for worker in workers:
+        out, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err[-2000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    if kind == "sqlite":
+        total = finished(storage)
+    else:
+        total = finished(JournalStorage(optuna.storages.journal.JournalFileBackend(f"{tmp_path}/study.log")))
+    assert len(total) == 5
+    assert sum(r["run"] for r in results) == 5
+    # Different trial numbers give different proposals, even with one sampler seed.
+    params = [json.dumps(t.params, sort_keys=True) for t in total]
+    assert len(set(params)) == len(params)
+
+
+def test_fixture_folds_are_three(folds):
+    assert [d.fold for d in folds] == [0, 1, 2]
+    assert isinstance(folds[0].X_valid, pd.DataFrame) and np.isin(folds[0].y_valid, [0, 1]).all()
+    assert build_fold is not None and DatasetSpec is not None
