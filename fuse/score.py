@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from fuse.errors import RunError
-from fuse.stack import final_choice, predict_blend, predict_stack, require_run, require_stage
+from fuse.stack import blend_scores, final_choice, require_run, require_stage
 from tabular.errors import preview
 
 log = logging.getLogger(__name__)
@@ -109,23 +109,18 @@ def score(
         raise RunError(f"images: {error}") from error
     image_ids = [str(i) for i in source.ids()]
     frame, errors = _rows(metadata, spec, image_ids, images)
+    if frame.empty:
+        raise RunError(f"images: {images} holds no image (<id>.jpg|.jpeg|.png files or HDF5 keys) and "
+                       "no metadata rows were given; nothing to score")
     ids = frame[spec.id].tolist()
     available = set(image_ids)
     has_image = np.array([i in available for i in ids], dtype=bool)
 
     weights_info, config = _embedding_setup(identity, weights, batch_size, device, num_workers)
-    embeddings, failures, seconds = _embed(source, [i for i, ok in zip(ids, has_image, strict=True) if ok],
-                                           weights_info, config, progress)
+    p_gbdt, p_fusion, probability, embedded, failures, seconds = _score_rows(
+        run_dir, final["final"], frame, spec, has_image, source, weights_info, config, identity, progress)
     for image_id, reason in failures.items():
         errors[image_id] = f"image unreadable: {reason}"
-    embedded = np.array([i in embeddings for i in ids])
-    views, dim = int(identity["views"]), int(identity["dim"])
-    block = np.zeros((len(ids), views, dim), dtype=np.float16)
-    for row in np.flatnonzero(embedded):
-        block[row] = embeddings[ids[row]]
-
-    p_fusion, p_gbdt = _base_predictions(run_dir, frame, spec, block, embedded, identity)
-    probability = _final_predictions(run_dir, final["final"], frame, p_gbdt, p_fusion)
     threshold = float(final["threshold"])
     flagged = pd.array([None if math.isnan(p) else bool(p >= threshold) for p in probability], dtype="boolean")
     error = [_error_text(i, errors, embedded[n], p_gbdt[n]) for n, i in enumerate(ids)]
@@ -312,89 +307,232 @@ def read_scoring_metadata(path: Path, spec) -> pd.DataFrame:
     return frame
 
 
-# -------------------------------------------------------------------------------- embedding
+# ----------------------------------------------------------------- embedding and predicting
 
 
-def _embed(source, ids: list[str], weights, config, progress: bool):
-    """{id: (views, dim) float16}, {id: reason} for unreadable images, seconds of the loop."""
+def _score_rows(run_dir: Path, final: str, frame: pd.DataFrame, spec, has_image: np.ndarray, source,
+                weights, config, identity: dict, progress: bool):
+    """Embed the rows' images and predict, overlapping the two.
+
+    Rows are cut into chunks of whole patients (per-patient features need all of a patient's
+    scored rows, and nothing else) and images are embedded chunk after chunk; as soon as a
+    chunk's images are done, a worker thread predicts it while the accelerator embeds the next.
+    The run's models are loaded once, in that thread, while the backbone loads.
+
+    Returns (p_gbdt, p_fusion, probability, embedded mask, {id: reason} of unreadable images,
+    seconds of the embedding loop), arrays in `frame` row order.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
     from embed.backbone import load_backbone
     from embed.pipeline import embed_ids
 
+    n = len(frame)
+    ids = frame[spec.id].tolist()
+    chunks = patient_chunks(frame, spec, chunk_rows(n))
+    p_gbdt, p_fusion, probability = (np.full(n, np.nan) for _ in range(3))
+    embedded = np.zeros(n, dtype=bool)
     vectors: dict[str, np.ndarray] = {}
     failures: dict[str, str] = {}
-    if not ids:
-        return vectors, failures, 0.0
+    shape = (int(identity["views"]), int(identity["dim"]))
+
+    def predict(models: LoadedRun, rows: np.ndarray) -> None:
+        block = np.zeros((len(rows), *shape), dtype=np.float16)
+        done = np.zeros(len(rows), dtype=bool)
+        for j, row in enumerate(rows):
+            vector = vectors.pop(ids[row], None)
+            if vector is not None:
+                block[j], done[j] = vector, True
+        embedded[rows] = done
+        p_gbdt[rows], p_fusion[rows], probability[rows] = models.predict(
+            frame.iloc[rows].reset_index(drop=True), block, done)
+
+    order = [ids[row] for rows in chunks for row in rows if has_image[row]]
+    # Image rows up to and including chunk c, to know when a chunk's images are all through.
+    ready_at = np.cumsum([int(has_image[rows].sum()) for rows in chunks])
     started = time.perf_counter()
-    model = load_backbone(weights, "cpu")
-    bar = tqdm(total=len(ids), unit="img", desc="score", dynamic_ncols=True, disable=not progress,
-               mininterval=1.0)
-    try:
-        for batch_ids, batch, batch_failures in embed_ids(source, ids, model, config):
-            for image_id, vector in zip(batch_ids, batch, strict=True):
-                vectors[str(image_id)] = vector
-            failures.update(batch_failures)
-            bar.update(len(batch_ids) + len(batch_failures))
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - started
-    log.info("embedded %d images (%d unreadable) in %.1f s (%.1f images/s)",
-             len(vectors), len(failures), seconds, len(ids) / seconds if seconds > 0 else math.nan)
-    return vectors, failures, seconds
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="score") as worker:
+        loading = worker.submit(LoadedRun, run_dir, final)
+        pending = []
+        next_chunk, seen = 0, 0
+
+        def release() -> None:
+            nonlocal next_chunk
+            while next_chunk < len(chunks) and ready_at[next_chunk] <= seen:
+                pending.append(worker.submit(lambda rows: predict(loading.result(), rows), chunks[next_chunk]))
+                next_chunk += 1
+
+        release()  # chunks without any image
+        if order:
+            model = load_backbone(weights, "cpu")
+            bar = tqdm(total=len(order), unit="img", desc="score", dynamic_ncols=True,
+                       disable=not progress, mininterval=1.0)
+            try:
+                for batch_ids, batch, batch_failures in embed_ids(source, order, model, config):
+                    for image_id, vector in zip(batch_ids, batch, strict=True):
+                        vectors[str(image_id)] = vector
+                    failures.update(batch_failures)
+                    seen += len(batch_ids) + len(batch_failures)
+                    bar.update(len(batch_ids) + len(batch_failures))
+                    release()
+            finally:
+                bar.close()
+            del model
+        seconds = time.perf_counter() - started
+        seen = len(order)  # every chunk is predicted, whatever the loop yielded
+        release()
+        for future in pending:
+            future.result()  # re-raises a prediction error here
+    if order:
+        log.info("embedded %d images (%d unreadable) in %.1f s (%.1f images/s, predictions overlapped)",
+                 len(order) - len(failures), len(failures), seconds, len(order) / max(seconds, 1e-9))
+    return p_gbdt, p_fusion, probability, embedded, failures, seconds
 
 
-# ------------------------------------------------------------------------------ predictions
+def chunk_rows(n: int) -> int:
+    """Rows per prediction chunk: about 16 chunks, each at least 256 and at most 16384 rows."""
+    return int(min(16_384, max(256, math.ceil(n / 16))))
 
 
-def _base_predictions(run_dir: Path, frame: pd.DataFrame, spec, block: np.ndarray,
-                      embedded: np.ndarray, identity: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(p_fusion, p_gbdt), each shape (n,), NaN where a model cannot score a row.
+def patient_chunks(frame: pd.DataFrame, spec, size: int) -> list[np.ndarray]:
+    """Row positions in chunks of about `size` rows, each holding whole patients.
 
-    Every row (with an image or not) goes through the encoders together, so per-patient features
-    see all of a patient's scored rows; rows without an embedding get zeros, and their outputs
-    from image models are discarded.
+    A row without a patient is a patient of its own. Without a patient column rows are
+    independent and chunks follow the row order.
     """
-    from fuse.fusion import predict_fusion
-    from tabular.errors import DataError
-    from tabular.gbdt import predict_gbdt
+    n = len(frame)
+    if not spec.patient or spec.patient not in frame.columns:
+        return [np.arange(start, min(start + size, n)) for start in range(0, n, size)]
+    codes, _ = pd.factorize(frame[spec.patient], use_na_sentinel=True)
+    lone = codes < 0
+    codes = codes.copy()
+    codes[lone] = codes.max(initial=-1) + 1 + np.arange(int(lone.sum()))
+    order = np.argsort(codes, kind="stable")
+    sorted_codes = codes[order]
+    boundaries = np.flatnonzero(np.diff(sorted_codes)) + 1  # where a new patient starts
+    chunks, start = [], 0
+    for boundary in [*boundaries.tolist(), n]:
+        if boundary - start >= size or boundary == n:
+            if boundary > start:
+                chunks.append(order[start:boundary])
+            start = boundary
+    return chunks
 
-    p_fusion = np.full(len(frame), np.nan)
-    p_gbdt = np.full(len(frame), np.nan)
-    try:
-        if embedded.any():
-            fusion = predict_fusion(run_dir / "fusion", frame, spec, block)
-            p_fusion[embedded] = fusion[embedded]
-        manifest = json.loads((run_dir / "gbdt" / "features.json").read_text())
-        if manifest.get("extra_dim"):
-            if embedded.any():
-                extra = block.astype(np.float32).mean(axis=1)
-                gbdt = predict_gbdt(run_dir / "gbdt", frame, spec, extra=extra)
-                p_gbdt[embedded] = gbdt[embedded]
+
+class LoadedRun:
+    """A run's stages (fold models, encoders, PCA) loaded once to predict chunk after chunk.
+
+    `predict(frame, block, embedded)` follows `fuse.fusion.predict_fusion`,
+    `tabular.gbdt.predict_gbdt` and `fuse.stack.StackModels.predict` with the files read once, and
+    encodes each distinct fold encoder once per chunk (the stages' encoders of one fold are
+    usually the same).
+    """
+
+    def __init__(self, run_dir: Path, final: str):
+        import lightgbm as lgb
+
+        from fuse.fusion import load_fold_models
+        from tabular.features import FeatureEncoder
+        from tabular.gbdt import FoldPCA
+
+        self.run_dir, self.final = run_dir, final
+        self._keys: dict[int, str] = {}  # encoder object -> its JSON, to share equal encoders' output
+        record, _, models = load_fold_models(run_dir / "fusion")
+        self.fusion_dim = int(record["n_image"])
+        self.fusion = models
+        gbdt_dir = run_dir / "gbdt"
+        manifest = json.loads((gbdt_dir / "features.json").read_text())
+        encoders = json.loads(require_stage(run_dir, "gbdt", "encoder.json").read_text())["folds"]
+        self.extra_dim = manifest.get("extra_dim")
+        self.gbdt = []
+        for entry in manifest["folds"]:
+            pca = FoldPCA.load(gbdt_dir, entry["pca"]) if entry.get("pca") else None
+            boosters = [lgb.Booster(model_file=str(require_stage(run_dir, "gbdt", name)))
+                        for name in entry["models"]]
+            self.gbdt.append((FeatureEncoder.from_json(encoders[str(entry["fold"])]), pca,
+                              entry["features"], boosters))
+        if final == "stack":
+            from fuse.stack import StackModels
+
+            self.stack = StackModels.load(run_dir / "stack")
+        elif final == "blend":
+            record = json.loads(require_stage(run_dir, "blend", "blend.json").read_text())
+            self.blend = (record["weight_gbdt"],
+                          {name: np.asarray(values) for name, values in record["references"].items()})
         else:
-            p_gbdt = predict_gbdt(run_dir / "gbdt", frame, spec)
-    except DataError as error:
-        raise RunError(f"run {run_dir}: cannot score these rows: {error}") from error
-    return p_fusion, p_gbdt
+            raise RunError(f"{run_dir / 'stack' / 'final.json'}: unknown final model {final!r}; "
+                           "rerun `invoke stack --run R`")
 
+    def predict(self, frame: pd.DataFrame, block: np.ndarray, embedded: np.ndarray):
+        """(p_gbdt, p_fusion, probability) of `frame`'s rows, each shape (n,), NaN where unscored.
 
-def _final_predictions(run_dir: Path, final: str, frame: pd.DataFrame, p_gbdt: np.ndarray,
-                       p_fusion: np.ndarray) -> np.ndarray:
-    probability = np.full(len(frame), np.nan)
-    if final == "stack":
-        rows = np.isfinite(p_fusion)
-        if rows.any():
-            # The stack's fold models see the whole frame (per-patient features); the fusion
-            # feature of rows without an image is a placeholder whose output is discarded.
-            filled = np.where(rows, p_fusion, np.nanmean(p_fusion))
-            probability[rows] = predict_stack(run_dir / "stack", frame, filled)[rows]
-    elif final == "blend":
-        rows = np.isfinite(p_fusion) & np.isfinite(p_gbdt)
-        if rows.any():
-            probability[rows] = predict_blend(run_dir / "blend", p_gbdt[rows], p_fusion[rows])
-    else:
-        raise RunError(f"{run_dir / 'stack' / 'final.json'}: unknown final model {final!r}; rerun `invoke stack --run R`")
-    return probability
+        `block` (n, views, dim) float16 holds zeros where `embedded` is False; those rows go
+        through the encoders with the others (per-patient features) and their image-model
+        outputs are discarded.
+        """
+        from tabular.errors import DataError
+
+        try:
+            return self._predict(frame, block, embedded)
+        except DataError as error:
+            raise RunError(f"run {self.run_dir}: cannot score these rows: {error}") from error
+
+    def _predict(self, frame, block, embedded):
+        import torch
+
+        from embed.errors import StoreMismatchError
+        from fuse.fusion import Embeddings, predict_rows
+        from tabular.gbdt import with_extra
+
+        cache: dict[str, pd.DataFrame] = {}
+
+        def transform(encoder, rows: pd.DataFrame) -> pd.DataFrame:
+            key = self._keys.get(id(encoder))
+            if key is None:
+                key = self._keys[id(encoder)] = json.dumps(encoder.to_json(), sort_keys=True)
+            if key not in cache:
+                cache[key] = encoder.transform(rows)
+            return cache[key]
+
+        n = len(frame)
+        if block.shape[2] != self.fusion_dim:
+            raise StoreMismatchError(f"embeddings: field 'dim' differs: the model was trained on "
+                                     f"{self.fusion_dim}, got {block.shape[2]}")
+        source = Embeddings.from_array(block)
+        p_fusion = np.zeros(n)
+        for model, encoder in self.fusion:
+            meta = encoder.mlp_matrix(transform(encoder, frame)).to_numpy(dtype=np.float32)
+            p_fusion += predict_rows(model, source, torch.from_numpy(meta), np.arange(n), 1024)
+        p_fusion /= len(self.fusion)
+        p_fusion[~embedded] = np.nan
+
+        extra = block.astype(np.float32).mean(axis=1) if self.extra_dim else None
+        p_gbdt = np.zeros(n)
+        count = 0
+        for encoder, pca, names, boosters in self.gbdt:
+            features = with_extra(transform(encoder, frame), extra, pca)
+            if list(features.columns) != names:
+                raise RunError(f"run {self.run_dir}: gbdt features differ from gbdt/features.json; retrain the stage")
+            for booster in boosters:
+                p_gbdt += booster.predict(features)
+                count += 1
+        p_gbdt /= count
+        if self.extra_dim:
+            p_gbdt[~embedded] = np.nan
+
+        probability = np.full(n, np.nan)
+        if self.final == "stack":
+            if embedded.any():
+                # Rows without an image need a placeholder fusion feature; their output is dropped.
+                filled = np.where(embedded, p_fusion, np.nanmean(p_fusion))
+                probability[embedded] = self.stack.predict(frame, filled, transform)[embedded]
+        else:
+            rows = embedded & np.isfinite(p_gbdt)
+            weight, references = self.blend
+            probability[rows] = blend_scores(weight, references, p_gbdt[rows], p_fusion[rows])
+        return p_gbdt, p_fusion, probability
 
 
 def _error_text(image_id: str, errors: dict[str, str], embedded: bool, p_gbdt: float) -> str:

@@ -173,9 +173,13 @@ def file_sha256(path: Path) -> str:
 # ----------------------------------------------------------------------------------- the stack
 
 
-def stack_features(encoder, frame: pd.DataFrame, p_fusion: np.ndarray) -> pd.DataFrame:
-    """The stack's input: the encoder's metadata features plus `p_fusion` as the last column."""
-    features = encoder.transform(frame).reset_index(drop=True)
+def stack_features(encoder, frame: pd.DataFrame, p_fusion: np.ndarray,
+                   features: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The stack's input: the encoder's metadata features plus `p_fusion` as the last column.
+
+    `features`, when given, is `encoder.transform(frame)` computed already.
+    """
+    features = (encoder.transform(frame) if features is None else features.copy()).reset_index(drop=True)
     if FUSION_FEATURE in features.columns:
         raise RunError(f"metadata feature name {FUSION_FEATURE!r} clashes with the stack's fusion feature")
     features[FUSION_FEATURE] = np.asarray(p_fusion, dtype=np.float32)
@@ -223,19 +227,49 @@ def oof_stack(frame: pd.DataFrame, spec, y: np.ndarray, folds: np.ndarray, p_fus
     return p
 
 
+class StackModels:
+    """The stack's fold models and encoders, loaded once to score many batches of rows."""
+
+    def __init__(self, folds: list[tuple[object, lgb.Booster]]):
+        self.folds = folds
+
+    @classmethod
+    def load(cls, stage_dir: Path) -> StackModels:
+        """Read `stack.json`, `fold{k}.txt` and `encoder_fold{k}.json` of a `stack/` folder.
+
+        Raises:
+            RunError: a file is missing (names it and `invoke stack`).
+        """
+        stage_dir = Path(stage_dir)
+        record = json.loads(require_stage(stage_dir.parent, stage_dir.name, "stack.json").read_text())
+        folds = []
+        for k in record["folds"]:
+            model_path = require_stage(stage_dir.parent, stage_dir.name, f"fold{k}.txt")
+            encoder = load_encoder(require_stage(stage_dir.parent, stage_dir.name, f"encoder_fold{k}.json"))
+            folds.append((encoder, lgb.Booster(model_file=str(model_path))))
+        return cls(folds)
+
+    def predict(self, frame: pd.DataFrame, p_fusion: np.ndarray, transform=None) -> np.ndarray:
+        """Mean of the fold models on `frame`'s rows, shape (n,).
+
+        `p_fusion`: the fusion MLP's fold-averaged prediction for the same rows. `transform`, when
+        given, is called as `transform(encoder, frame)` in place of `encoder.transform(frame)`
+        (to share encoded features between stages).
+        """
+        frame = frame.reset_index(drop=True)
+        total = np.zeros(len(frame))
+        for encoder, model in self.folds:
+            features = transform(encoder, frame) if transform is not None else None
+            total += model.predict(stack_features(encoder, frame, p_fusion, features))
+        return total / len(self.folds)
+
+
 def predict_stack(stage_dir: Path, frame: pd.DataFrame, p_fusion: np.ndarray) -> np.ndarray:
     """Average of the stack's fold models on new rows, shape (n,).
 
     `p_fusion` is the fusion MLP's fold-averaged prediction for the same rows.
     """
-    record = json.loads((stage_dir / "stack.json").read_text())
-    predictions = []
-    for k in record["folds"]:
-        encoder = load_encoder(stage_dir / f"encoder_fold{k}.json")
-        model = lgb.Booster(model_file=str(stage_dir / f"fold{k}.txt"))
-        features = stack_features(encoder, frame.reset_index(drop=True), p_fusion)
-        predictions.append(model.predict(features))
-    return np.mean(predictions, axis=0)
+    return StackModels.load(stage_dir).predict(frame, p_fusion)
 
 
 # ----------------------------------------------------------------------------------- the blend

@@ -13,8 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fuse import score as score_module
 from fuse.errors import RunError
-from fuse.score import NO_METADATA, read_scoring_metadata, score
+from fuse.score import NO_METADATA, patient_chunks, read_scoring_metadata, score
 from fuse.score_bench import bench_scoring
 from fuse.stack import StackConfig, stack
 from tabular.spec import ISIC2024_TRAIN_ONLY, load_spec
@@ -138,6 +139,62 @@ def test_hdf5_with_train_only_columns_and_without_metadata(tiny, tmp_path):
     assert sorted(alone["isic_id"]) == sorted(plain["isic_id"])
     assert alone["error"].eq(NO_METADATA).all()
     assert alone[["probability", "p_gbdt", "p_fusion"]].notna().all().all()
+
+
+def test_chunked_streaming_equals_the_stages_own_predictions(tiny, tmp_path, monkeypatch):
+    # Scoring predicts chunk by chunk (whole patients each) while embedding; the figures must be
+    # those of each stage's own predict function on the whole frame.
+    from fuse.fusion import predict_fusion
+    from fuse.stack import predict_stack
+    from tabular.gbdt import predict_gbdt
+
+    images, metadata = tiny["data"] / "test-image.hdf5", tiny["data"] / "test-metadata.csv"
+    whole = score(tiny["run"], images, metadata, tmp_path / "a.csv", weights=tiny["weights"], **FAST)
+    monkeypatch.setattr(score_module, "chunk_rows", lambda n: 1)
+    chunked = score(tiny["run"], images, metadata, tmp_path / "b.csv", weights=tiny["weights"], **FAST)
+    for column in ("probability", "p_gbdt", "p_fusion"):
+        np.testing.assert_allclose(chunked[column], whole[column], rtol=1e-6)
+
+    spec = tiny["spec"]
+    frame = read_scoring_metadata(metadata, spec)
+    assert frame[spec.id].tolist() == whole[spec.id].tolist()
+    vectors = _embed_directly(tiny, images, frame[spec.id].tolist())
+    p_fusion = predict_fusion(tiny["run"] / "fusion", frame, spec, vectors)
+    p_gbdt = predict_gbdt(tiny["run"] / "gbdt", frame, spec, extra=vectors.astype(np.float32).mean(axis=1))
+    np.testing.assert_allclose(whole["p_fusion"], p_fusion, rtol=1e-5)
+    np.testing.assert_allclose(whole["p_gbdt"], p_gbdt, rtol=1e-5)
+    final = json.loads((tiny["run"] / "stack" / "final.json").read_text())
+    if final["final"] == "stack":
+        np.testing.assert_allclose(whole["probability"], predict_stack(tiny["run"] / "stack", frame, p_fusion), rtol=1e-5)
+
+
+def _embed_directly(tiny, images, ids):
+    from embed.backbone import load_backbone
+    from embed.pipeline import EmbedConfig, embed_ids
+    from embed.sources import open_source
+    from embed.weights import ensure_weights
+
+    config = EmbedConfig(image_size=32, device="cpu", num_workers=0, progress=False)
+    model = load_backbone(ensure_weights(tiny["weights"]))
+    got = {}
+    for batch_ids, batch, _ in embed_ids(open_source(images), ids, model, config):
+        got.update(zip(batch_ids, batch, strict=True))
+    return np.stack([got[i] for i in ids])
+
+
+@pytest.mark.parametrize("size", [1, 3, 50])
+def test_patient_chunks_keep_patients_whole(tiny, size):
+    spec = tiny["spec"]
+    frame = read_scoring_metadata(tiny["data"] / "train-metadata.csv", spec)
+    frame.loc[frame.index[:3], spec.patient] = np.nan  # rows without a patient
+    chunks = patient_chunks(frame, spec, size)
+    rows = np.concatenate(chunks)
+    assert sorted(rows.tolist()) == list(range(len(frame)))
+    assert all(len(chunk) >= size for chunk in chunks[:-1])
+    owner = {}
+    for k, chunk in enumerate(chunks):
+        for patient in frame[spec.patient].iloc[chunk].dropna().unique():
+            assert owner.setdefault(patient, k) == k
 
 
 def test_train_only_columns_are_dropped_on_reading(tiny, tmp_path):
