@@ -327,7 +327,7 @@ def _score_rows(run_dir: Path, final: str, frame: pd.DataFrame, spec, has_image:
     from tqdm.auto import tqdm
 
     from embed.backbone import load_backbone
-    from embed.pipeline import embed_ids
+    from embed.pipeline import embed_ids, resolve_device
 
     n = len(frame)
     ids = frame[spec.id].tolist()
@@ -354,7 +354,7 @@ def _score_rows(run_dir: Path, final: str, frame: pd.DataFrame, spec, has_image:
     ready_at = np.cumsum([int(has_image[rows].sum()) for rows in chunks])
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="score") as worker:
-        loading = worker.submit(LoadedRun, run_dir, final)
+        loading = worker.submit(LoadedRun, run_dir, final, resolve_device(config.device))
         pending = []
         next_chunk, seen = 0, 0
 
@@ -424,13 +424,13 @@ def patient_chunks(frame: pd.DataFrame, spec, size: int) -> list[np.ndarray]:
 class LoadedRun:
     """A run's stages (fold models, encoders, PCA) loaded once to predict chunk after chunk.
 
-    `predict(frame, block, embedded)` follows `fuse.fusion.predict_fusion`,
+    `device`: where the fusion MLPs run (the scoring device). `predict(frame, block, embedded)` follows `fuse.fusion.predict_fusion`,
     `tabular.gbdt.predict_gbdt` and `fuse.stack.StackModels.predict` with the files read once, and
     encodes each distinct fold encoder once per chunk (the stages' encoders of one fold are
     usually the same).
     """
 
-    def __init__(self, run_dir: Path, final: str):
+    def __init__(self, run_dir: Path, final: str, device="cpu"):
         import lightgbm as lgb
 
         from fuse.fusion import load_fold_models
@@ -441,7 +441,10 @@ class LoadedRun:
         self._keys: dict[int, str] = {}  # encoder object -> its JSON, to share equal encoders' output
         record, _, models = load_fold_models(run_dir / "fusion")
         self.fusion_dim = int(record["n_image"])
-        self.fusion = models
+        # The MLPs run where the backbone runs: on a GPU their 2048-wide image branch costs next
+        # to nothing, on CPU cores it would cost more than the rest of the prediction together.
+        self.device = device
+        self.fusion = [(model.to(device), encoder) for model, encoder in models]
         gbdt_dir = run_dir / "gbdt"
         manifest = json.loads((gbdt_dir / "features.json").read_text())
         encoders = json.loads(require_stage(run_dir, "gbdt", "encoder.json").read_text())["folds"]
@@ -504,7 +507,7 @@ class LoadedRun:
         p_fusion = np.zeros(n)
         for model, encoder in self.fusion:
             meta = encoder.mlp_matrix(transform(encoder, frame)).to_numpy(dtype=np.float32)
-            p_fusion += predict_rows(model, source, torch.from_numpy(meta), np.arange(n), 1024)
+            p_fusion += predict_rows(model, source, torch.from_numpy(meta), np.arange(n), 4096, self.device)
         p_fusion /= len(self.fusion)
         p_fusion[~embedded] = np.nan
 
