@@ -44,12 +44,6 @@ class ImageSource(Protocol):
         ...
 
 
-def _first_ids(ids, n: int = 5) -> str:
-    ids = list(ids)
-    shown = ", ".join(repr(i) for i in ids[:n])
-    return shown + (f", ... ({len(ids)} in all)" if len(ids) > n else "")
-
-
 class FolderSource:
     """Images stored as `<root>/<id>.jpg|.jpeg|.png` (suffix case ignored).
 

@@ -22,7 +22,7 @@ from PIL import Image
 from storetools import DATA, HAM_IMAGES, ISIC_MINI, random_weights, tiny_config, write_folder
 
 import embed.pipeline as pipeline
-from embed.backbone import load_backbone
+from embed.backbone import load_backbone, preprocess
 from embed.errors import EmbedError, StoreMismatchError
 from embed.pipeline import (
     VIEWS,
@@ -31,11 +31,14 @@ from embed.pipeline import (
     build_store,
     collate_drop_failed,
     embed_ids,
+    normalize_batch,
+    parse_shard,
     part_of,
+    resize_uint8,
     resolve_device,
     store_identity,
 )
-from embed.sources import FolderSource, open_source
+from embed.sources import FolderSource, decode_image, open_source
 from embed.store import MANIFEST, FeatureStore
 
 WORKER = Path(__file__).with_name("store_worker.py")
@@ -134,6 +137,14 @@ def test_views_are_the_eight_symmetries_of_the_square():
         apply_view(x, 8)
 
 
+def test_parse_shard():
+    assert parse_shard("1/4") == (1, 4)
+    with pytest.raises(EmbedError, match=r"--shard: expected i/n such as 0/4, got 'x'"):
+        parse_shard("x")
+    with pytest.raises(EmbedError, match=r"--shard: expected i/n with 0 <= i < n, got '4/4'"):
+        parse_shard("4/4")
+
+
 def test_part_of_is_a_stable_balanced_split():
     ids = [f"ISIC_{i:07d}" for i in range(2000)]
     parts = [part_of(i, 4) for i in ids]
@@ -143,11 +154,25 @@ def test_part_of_is_a_stable_balanced_split():
 
 
 def test_collate_drops_failed_items():
-    t = torch.zeros(3, 4, 4)
-    ids, batch, failures = collate_drop_failed([("a", t, None), ("b", None, "bad"), ("c", t, None)])
-    assert ids == ["a", "c"] and batch.shape == (2, 3, 4, 4) and failures == {"b": "bad"}
+    a = np.zeros((4, 4, 3), dtype=np.uint8)
+    ids, batch, failures = collate_drop_failed([("a", a, None), ("b", None, "bad"), ("c", a, None)])
+    assert ids == ["a", "c"] and batch.shape == (2, 4, 4, 3) and failures == {"b": "bad"}
+    assert batch.dtype == torch.uint8
     ids, batch, failures = collate_drop_failed([("b", None, "bad")])
     assert ids == [] and batch is None and failures == {"b": "bad"}
+
+
+def test_worker_resize_and_device_normalisation_equal_preprocess(folder):
+    """uint8 through the loader + normalisation on the device == backbone.preprocess, exactly."""
+    src = FolderSource(folder)
+    images = [decode_image(src.read_bytes(i), i, 10**8) for i in src.ids()[:3]]
+    images.append(images[0].convert("L"))  # preprocess converts other modes itself
+    for size in (32, 57):
+        expected = torch.stack([preprocess(im, size) for im in images])
+        batch = torch.from_numpy(np.stack([resize_uint8(im, size) for im in images]))
+        got = normalize_batch(batch, "cpu")
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(got, expected)
 
 
 # ----------------------------------------------------------------------------- embed_ids
@@ -437,3 +462,28 @@ def test_two_processes_build_one_sharded_store(tmp_path, folder, weights, refere
     assert (
         build_store(FolderSource(folder), None, store, "toy", weights, tiny_config()).embedded == 0
     )
+
+
+def test_bench_embedding_smoke(tmp_path, weights, folder):
+    from embed.bench import bench_embedding
+
+    result = bench_embedding(
+        weights,
+        n_images=8,
+        image_size=32,
+        batch_size=4,
+        device="cpu",
+        num_workers=0,
+        rounds=1,
+        store_rows=300,
+        work_dir=tmp_path,
+    )
+    for key in ("naive_images_per_s", "pipeline_images_per_s", "ceiling_images_per_s"):
+        assert result[key] > 0
+    assert result["pipeline_over_naive"] == pytest.approx(
+        result["pipeline_images_per_s"] / result["naive_images_per_s"], rel=1e-2
+    )
+    assert result["store_rows"] == 300 and result["store_read_rows_per_s"] > 0
+    assert not list(tmp_path.iterdir())  # the temporary work folder is gone
+    with pytest.raises(EmbedError, match=r"bench: .* holds 24 images, n_images=30"):
+        bench_embedding(weights, n_images=30, images=folder, store_rows=0)

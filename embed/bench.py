@@ -1,0 +1,303 @@
+"""Throughput of the embedding pipeline, each figure beside its in-run baseline.
+
+On the same images, in one process, one after the other and repeated `rounds` times (the best
+round of each counts, as `timeit` does, because other processes on a shared machine only ever
+make a run slower):
+
+(a) naive: decode with PIL in the main process, fp32, NCHW, one batch after the other;
+(b) pipeline: `build_store` into a temporary store (decoding in worker processes, channels_last,
+    AMP, store writes included);
+(c) ceiling: random tensors through the same model with the pipeline's settings (no decoding).
+
+Also the store's write rate and memory-mapped read rate (rows/s) at a larger row count, for the
+scale of ISIC 2024 (401,059 images). Run: `python -m embed.bench --out bench.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from embed.backbone import autocast_context, load_backbone, prepare_model, preprocess
+from embed.errors import EmbedError
+from embed.pipeline import EmbedConfig, build_store, default_num_workers, resolve_device
+from embed.sources import HDF5Source, ImageSource, decode_image, open_source
+from embed.store import FeatureStore, StoreWriter
+from embed.weights import WeightsInfo
+
+log = logging.getLogger(__name__)
+
+TARGETS = {"pipeline_over_ceiling": 0.85, "pipeline_over_naive": 1.8}
+
+
+def write_synthetic_hdf5(path: Path, n_images: int, seed: int = 0) -> list[str]:
+    """ISIC 2024-like crops: n JPEGs of 96-160 px squares (skin with a darker blotch) in HDF5."""
+    import h5py
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    ids = [f"ISIC_{i:07d}" for i in range(n_images)]
+    with h5py.File(path, "w") as f:
+        for image_id in ids:
+            side = int(rng.integers(96, 161))
+            yy, xx = np.mgrid[0:side, 0:side]
+            cx, cy = rng.uniform(0.35, 0.65, 2) * side
+            r = np.hypot(xx - cx, yy - cy) / side
+            blend = np.clip((r - rng.uniform(0.1, 0.25)) * 8, 0, 1)[..., None]
+            arr = rng.uniform(40, 120, 3) * (1 - blend) + rng.uniform(150, 230, 3) * blend
+            arr = arr + rng.normal(0, 5, (side, side, 3))
+            buf = io.BytesIO()
+            Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+            f.create_dataset(image_id, data=np.bytes_(buf.getvalue()))
+    return ids
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _naive(source: ImageSource, ids, model, device, image_size, batch_size) -> float:
+    """Images/s of the plain loop: decode in this process, fp32, NCHW."""
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for k in range(0, len(ids), batch_size):
+            chunk = ids[k : k + batch_size]
+            x = torch.stack(
+                [
+                    preprocess(decode_image(source.read_bytes(i), i, 50_000_000), image_size)
+                    for i in chunk
+                ]
+            )
+            model(x.to(device)).to(torch.float16).cpu()
+    _sync(device)
+    return len(ids) / (time.perf_counter() - start)
+
+
+def _ceiling(model, device, n_images, image_size, batch_size, amp: bool) -> float:
+    """Images/s of the model alone, with the pipeline's settings, on random input."""
+    x = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    batches = max(1, round(n_images / batch_size))
+    ctx = autocast_context(device) if amp else None
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for _ in range(batches):
+            if ctx is None:
+                y = model(x)
+            else:
+                with ctx:
+                    y = model(x)
+            y.float().to(torch.float16).cpu()
+    _sync(device)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def _pipeline(source, ids, weights, config, work: Path, tag: str) -> float:
+    summary = build_store(source, ids, work / f"store-{tag}", "bench", weights, config)
+    if summary.embedded != len(ids):
+        raise EmbedError(f"bench: pipeline embedded {summary.embedded} of {len(ids)} images")
+    return summary.images_per_s
+
+
+def bench_store(
+    rows: int, work: Path, views: int = 1, dim: int = 2048, shard_rows: int = 4096
+) -> dict:
+    """Write `rows` random float16 rows to a store, then read them back memory-mapped.
+
+    Returns rows/s for writing (with fsync and checksums), for opening the store and
+    building its id index, and for reading all rows in a random order (warm page cache).
+    """
+    identity = {
+        "backbone": "bench",
+        "weights_sha256": "0" * 64,
+        "preprocessing": {},
+        "image_size": 0,
+        "views": views,
+        "dtype": "float16",
+        "dim": dim,
+    }
+    rng = np.random.default_rng(0)
+    block = rng.standard_normal((shard_rows, views, dim)).astype(np.float16)
+    ids = [f"ISIC_{i:07d}" for i in range(rows)]
+    path = work / "scale-store"
+    start = time.perf_counter()
+    with StoreWriter(path, identity, shard_rows=shard_rows) as writer:
+        for k in range(0, rows, shard_rows):
+            chunk = ids[k : k + shard_rows]
+            writer.append(chunk, block[: len(chunk)])
+    write_s = time.perf_counter() - start
+    start = time.perf_counter()
+    store = FeatureStore.open(path)
+    if store.count != rows:
+        raise EmbedError(f"bench: store holds {store.count} rows, wrote {rows}")
+    open_s = time.perf_counter() - start
+    order = [ids[i] for i in rng.permutation(rows)]
+    start = time.perf_counter()
+    out = store.read(order)
+    read_s = time.perf_counter() - start
+    nbytes = out.nbytes
+    return {
+        "store_rows": rows,
+        "store_mb": round(nbytes / 2**20, 1),
+        "store_write_rows_per_s": round(rows / write_s),
+        "store_write_mb_per_s": round(nbytes / 2**20 / write_s, 1),
+        "store_open_index_s": round(open_s, 3),
+        "store_read_rows_per_s": round(rows / read_s),
+        "store_read_mb_per_s": round(nbytes / 2**20 / read_s, 1),
+    }
+
+
+def bench_embedding(
+    weights: WeightsInfo,
+    n_images: int = 192,
+    image_size: int = 224,
+    batch_size: int = 32,
+    *,
+    images: Path | None = None,
+    device: str = "auto",
+    num_workers: int | None = None,
+    amp: bool = True,
+    rounds: int = 2,
+    store_rows: int = 50_000,
+    work_dir: Path | None = None,
+) -> dict:
+    """Measure naive loop, pipeline and model-only ceiling on the same images (see module doc).
+
+    images: a folder or HDF5 to take the first `n_images` ids from; None = synthetic ISIC-like
+    130 px crops written to a temporary HDF5. store_rows: rows for the store write/read figures
+    (0 skips them). Returns a JSON-ready dict with images/s of each, the ratios
+    pipeline/ceiling and pipeline/naive, the targets and whether they are met.
+    Raises EmbedError when the images cannot be read or `images` holds too few.
+    """
+    dev = resolve_device(device)
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix="lesionfuse-bench-") as tmp:
+        work = Path(tmp)
+        if images is None:
+            src_path = work / "images.hdf5"
+            ids = write_synthetic_hdf5(src_path, n_images)
+            src: ImageSource = HDF5Source(src_path)
+            described = f"synthetic ISIC-like JPEG crops, 96-160 px, {n_images} in HDF5"
+        else:
+            src = open_source(images)
+            ids = src.ids()[:n_images]
+            if len(ids) < n_images:
+                raise EmbedError(f"bench: {images} holds {len(ids)} images, n_images={n_images}")
+            described = str(images)
+        config = EmbedConfig(
+            image_size=image_size,
+            batch_size=batch_size,
+            device=str(dev),
+            num_workers=num_workers,
+            amp=amp,
+            progress=False,
+            log_every=10**6,
+        )
+        naive_model = load_backbone(weights, dev)  # fp32, NCHW: as a first attempt would be
+        fast_model = prepare_model(load_backbone(weights, dev), dev)
+        # Warm up each path once (oneDNN / cuDNN pick and cache their kernels on first use).
+        warm = ids[:batch_size]
+        _naive(src, warm, naive_model, dev, image_size, batch_size)
+        _ceiling(fast_model, dev, batch_size, image_size, batch_size, amp)
+        _pipeline(src, warm, weights, config, work, "warm")
+        runs = {"naive": [], "pipeline": [], "ceiling": []}
+        for r in range(rounds):
+            runs["naive"].append(_naive(src, ids, naive_model, dev, image_size, batch_size))
+            runs["pipeline"].append(_pipeline(src, ids, weights, config, work, f"r{r}"))
+            runs["ceiling"].append(_ceiling(fast_model, dev, n_images, image_size, batch_size, amp))
+            log.info(
+                "bench round %d: naive %.1f, pipeline %.1f, ceiling %.1f images/s",
+                r,
+                runs["naive"][-1],
+                runs["pipeline"][-1],
+                runs["ceiling"][-1],
+            )
+        best = {k: max(v) for k, v in runs.items()}
+        result = {
+            "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+            "cpu_count": len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "images": described,
+            "n_images": len(ids),
+            "image_size": image_size,
+            "batch_size": batch_size,
+            "num_workers": default_num_workers(dev) if num_workers is None else num_workers,
+            "amp": amp,
+            "weights_sha256": weights.sha256,
+            "naive_images_per_s": round(best["naive"], 2),
+            "pipeline_images_per_s": round(best["pipeline"], 2),
+            "ceiling_images_per_s": round(best["ceiling"], 2),
+            "pipeline_over_ceiling": round(best["pipeline"] / best["ceiling"], 3),
+            "pipeline_over_naive": round(best["pipeline"] / best["naive"], 3),
+            "rounds": {k: [round(x, 2) for x in v] for k, v in runs.items()},
+            "targets": TARGETS,
+        }
+        result["meets_targets"] = all(result[k] >= v for k, v in TARGETS.items())
+        if store_rows:
+            result.update(bench_store(store_rows, work))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: print (and optionally write) the figures as JSON."""
+    from embed.weights import ensure_weights
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", type=Path, default=None)
+    parser.add_argument("--images", type=Path, default=None)
+    parser.add_argument("--n-images", type=int, default=192)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--store-rows", type=int, default=50_000)
+    parser.add_argument("--no-amp", action="store_true")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    result = bench_embedding(
+        ensure_weights(args.weights),
+        args.n_images,
+        args.image_size,
+        args.batch_size,
+        images=args.images,
+        device=args.device,
+        num_workers=args.num_workers,
+        amp=not args.no_amp,
+        rounds=args.rounds,
+        store_rows=args.store_rows,
+    )
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
