@@ -15,7 +15,9 @@ Two ways to join the LightGBM ensemble (`gbdt/`) and the fusion MLP (`fusion/`):
 
 Both are evaluated out of fold; the better on pAUC80 becomes the run's final model, recorded in
 `stack/final.json` with its operating threshold (chosen on its out-of-fold predictions for the
-target sensitivity).
+target sensitivity). Picking the better of two on the same rows flatters the winner a little;
+with two candidates the bias is small, and the report shows both. The blend's output is a rank
+score in [0, 1], ordered like a probability but not calibrated as one.
 
 Why stacking on out-of-fold predictions does not leak fold k's labels into fold k's figures:
 the feature value of an evaluated row of fold k is its out-of-fold fusion prediction, made by the
@@ -24,8 +26,9 @@ that *did* see fold k's rows (each training row's own fusion model left out that
 fold k), so fold k's labels shaped those values; but only through a model that had to generalise
 to the training row, never by copying fold k's labels into fold k's features. What the stack
 learns is "an honest out-of-fold fusion score -> label", and fold k's rows get exactly that kind of
-score. Training the stack on in-fold fusion predictions, or on rows of fold k, would leak; the
-tests build both leaks and check that this module avoids them.
+score. A stack that also learnt from fold k's rows would leak: tests/fuse/test_stack.py builds
+one, shows that it scores on labels it should not know (random labels; a fusion column equal to
+the label on the training folds and noise on the evaluated one), and that this module does not.
 """
 
 from __future__ import annotations
@@ -214,6 +217,9 @@ def oof_stack(frame: pd.DataFrame, spec, y: np.ndarray, folds: np.ndarray, p_fus
     """
     p = np.full(len(frame), np.nan)
     for k in np.unique(folds):
+        # Fold k's model sees only the other folds' rows, their out-of-fold fusion predictions
+        # and an encoder fitted on them; fold k's own fusion predictions came from the fusion
+        # model that left fold k out (see the module docstring for why this does not leak).
         train = np.flatnonzero(folds != k)
         valid = np.flatnonzero(folds == k)
         train_frame = frame.iloc[train].reset_index(drop=True)
