@@ -144,24 +144,25 @@ def stack(c, run, sensitivity=0.95):
         "format": "csv (all columns) or kaggle (isic_id,target)",
         "batch_size": "images per forward pass",
         "device": "auto, cpu or cuda",
+        "weights": "the torchvision resnet50 state dict the run was embedded with, if not the cached one",
     }
 )
-def score(c, run, images, out, metadata=None, format="csv", batch_size=32, device="auto"):
+def score(c, run, images, out, metadata=None, format="csv", batch_size=32, device="auto", weights=None):
     """Score a folder or HDF5 of new images with a trained run."""
     _logging()
     from fuse.stages import score_images
 
     _run(score_images, run, images=images, metadata=metadata, out=out, format=format,
-         batch_size=int(batch_size), device=device)
+         batch_size=int(batch_size), device=device, weights=weights)
 
 
-@task(help={"quick": "a minute-long version with small sizes"})
-def bench(c, quick=False):
+@task(help={"quick": "a short version with small sizes", "device": "auto, cpu or cuda"})
+def bench(c, quick=False, device="auto"):
     """Throughput and memory figures, each beside its in-run baseline."""
     _logging()
     from fuse.bench import run_bench
 
-    _run(run_bench, quick=quick)
+    _run(run_bench, quick=quick, device=device)
 
 
 @task(help={"k": "only tests matching this expression"})

@@ -87,9 +87,9 @@ def stack_and_report(run, sensitivity: float = 0.95) -> Path:
 
 
 def score_images(run, images, out, metadata=None, format: str = "csv", batch_size: int = 32,
-                 device: str = "auto"):
+                 device: str = "auto", weights: Path | str | None = None):
     """`invoke score`: score new images (and their metadata) with a trained run."""
     from fuse.score import score
 
     return score(run_dir(run), images=Path(images), metadata=Path(metadata) if metadata else None,
-                 out=Path(out), format=format, batch_size=batch_size, device=device)
+                 out=Path(out), format=format, batch_size=batch_size, device=device, weights=weights)
