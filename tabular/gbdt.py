@@ -63,8 +63,15 @@ DEFAULT_PARAMS: dict = {
 }
 # Dataset (binning) parameters, fixed: a binned Dataset is built once per fold and reused with
 # other booster parameters, which LightGBM allows only when these do not change.
-# feature_pre_filter=False lets trials lower min_child_samples on the same Dataset.
-DATASET_PARAMS: dict = {"max_bin": 255, "feature_pre_filter": False, "verbosity": -1}
+# feature_pre_filter=False lets trials lower min_child_samples on the same Dataset. Bin edges
+# from 50,000 sampled rows (LightGBM's default is 200,000) make binning 320,000 ISIC 2024 rows
+# x 200 features take about 3 s instead of 8 s, with about 200 rows per bin still.
+DATASET_PARAMS: dict = {
+    "max_bin": 255,
+    "bin_construct_sample_cnt": 50_000,
+    "feature_pre_filter": False,
+    "verbosity": -1,
+}
 
 
 @dataclass(frozen=True)
@@ -78,8 +85,9 @@ class GBDTConfig:
     extra_components: PCA components kept from the extra matrix (image embeddings).
     pca_fit_rows: PCA is fitted on at most this many training rows (a seeded sample) to bound
         memory on ISIC-sized data; the projection is applied to every row.
-    num_boost_round / early_stopping_rounds: boosting stops when the validation AUC has not
-        improved for `early_stopping_rounds` rounds; the model is saved at its best iteration.
+    num_boost_round / early_stopping_rounds: boosting stops when the first validation metric
+        (log loss by default) has not improved for `early_stopping_rounds` rounds; the model is
+        saved at its best iteration.
     log_period: LightGBM evaluation log every N rounds (0 = quiet).
     num_threads: LightGBM threads; 0 = half the logical CPUs (LightGBM runs best with one thread
         per physical core, and its OpenMP threads slow down sharply on an oversubscribed machine).
@@ -90,7 +98,7 @@ class GBDTConfig:
     extra_components: int = 64
     pca_fit_rows: int = 50_000
     num_boost_round: int = 5000
-    early_stopping_rounds: int = 100
+    early_stopping_rounds: int = 50
     log_period: int = 0
     num_threads: int = 0
 
