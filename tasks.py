@@ -71,20 +71,9 @@ def embed(c, spec, image_size=224, views=1, batch_size=32, device="auto", weight
     _logging()
     from fuse.embedding import embed_spec
 
-    index, count = _parse_shard(shard)
     _run(embed_spec, spec, image_size=int(image_size), views=int(views), batch_size=int(batch_size),
-         device=device, weights_path=weights, shard_index=index, shard_count=count,
+         device=device, weights_path=weights, shard=shard,
          num_workers=None if workers is None else int(workers))
-
-
-def _parse_shard(text: str) -> tuple[int, int]:
-    try:
-        index, count = (int(part) for part in str(text).split("/"))
-    except ValueError:
-        _fail(ValueError(f"--shard must look like i/n (e.g. 0/4), got: {text!r}"))
-    if not 0 <= index < count:
-        _fail(ValueError(f"--shard i/n needs 0 <= i < n, got: {text!r}"))
-    return index, count
 
 
 @task(

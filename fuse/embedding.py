@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from embed.pipeline import EmbedConfig, build_store
+from embed.pipeline import EmbedConfig, build_store, parse_shard
 from embed.sources import open_source
 from embed.store import store_name
 from embed.weights import WeightsInfo, ensure_weights
@@ -22,10 +22,11 @@ log = logging.getLogger(__name__)
 
 
 def embed_spec(spec, image_size: int = 224, views: int = 1, batch_size: int = 32, device: str = "auto",
-               weights_path: Path | str | None = None, shard_index: int = 0, shard_count: int = 1,
+               weights_path: Path | str | None = None, shard: str = "0/1",
                num_workers: int | None = None, stores: Path | None = None):
     """Embed every image a spec's metadata names into `artifacts/stores/<store>/`.
 
+    `shard` "i/n" embeds only part i of n (0-based), so n workers can fill one store at once.
     Rows without an image are refused before any model work (DataError naming them); images
     without a row are listed and skipped. Rerunning embeds only ids not yet stored.
 
@@ -35,6 +36,7 @@ def embed_spec(spec, image_size: int = 224, views: int = 1, batch_size: int = 32
     spec = spec if isinstance(spec, DatasetSpec) else load_spec(spec)
     if not spec.images:
         raise RunError(f"spec '{spec.name}' names no images (key 'images'); nothing to embed")
+    shard_index, shard_count = parse_shard(shard)
     frame = read_metadata(spec, require_target=False)
     source = open_source(spec.images)
     check_images(frame, spec, source.ids())

@@ -1,0 +1,82 @@
+"""The command entry points: embedding a spec, finding its store, and the options they refuse."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from embed.errors import EmbedError
+from embed.weights import ensure_weights
+from fuse.embedding import embed_spec, locate_store
+from fuse.errors import RunError
+from fuse.stages import mean_embeddings, stack_and_report, train_gbdt
+from fuse.synthetic import make_isic2024_like
+from tabular.spec import load_spec
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    data = root / "isic-tiny"
+    make_isic2024_like(data, n_rows=60, n_patients=8, prevalence=0.2, seed=1)
+    weights_path = root / "random-resnet50.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), weights_path)
+    return {"root": root, "data": data, "weights_path": weights_path,
+            "weights": ensure_weights(weights_path), "stores": root / "stores"}
+
+
+def test_embed_spec_builds_the_store_and_a_rerun_does_no_model_work(tiny):
+    first = embed_spec(tiny["data"], image_size=32, weights_path=tiny["weights_path"], stores=tiny["stores"])
+    assert first.embedded == 60 and not first.failed
+    again = embed_spec(tiny["data"], image_size=32, weights_path=tiny["weights_path"], stores=tiny["stores"])
+    assert again.embedded == 0
+    spec = load_spec(tiny["data"])
+    store = locate_store(spec, tiny["weights"], stores=tiny["stores"])
+    assert store.name.endswith("-32px-1v")
+    vectors = mean_embeddings(spec, store)
+    assert vectors.shape == (60, 2048) and vectors.std() > 0
+
+
+def test_locate_store_names_the_command_that_makes_one(tiny, tmp_path):
+    spec = load_spec(tiny["data"])
+    with pytest.raises(RunError, match=r"no feature store for data set 'isic-tiny-train' .* `invoke embed --spec "):
+        locate_store(spec, tiny["weights"], stores=tmp_path)
+
+
+def test_locate_store_asks_to_choose_among_several(tiny):
+    embed_spec(tiny["data"], image_size=32, weights_path=tiny["weights_path"], stores=tiny["stores"])
+    embed_spec(tiny["data"], image_size=40, weights_path=tiny["weights_path"], stores=tiny["stores"])
+    with pytest.raises(RunError, match="several feature stores for 'isic-tiny-train': .*32px-1v, .*40px-1v; choose one with --store"):
+        locate_store(load_spec(tiny["data"]), tiny["weights"], stores=tiny["stores"])
+
+
+def test_embed_refuses_a_spec_without_images(shared_data):
+    with pytest.raises(RunError, match="spec 'isic2020-dev' names no images"):
+        embed_spec(shared_data / "isic2020" / "dataset.toml")
+
+
+def test_embed_refuses_a_bad_shard(tiny):
+    with pytest.raises(EmbedError, match=r"--shard: expected i/n with 0 <= i < n, got '3/2'"):
+        embed_spec(tiny["data"], shard="3/2", weights_path=tiny["weights_path"], stores=tiny["stores"])
+
+
+def test_train_gbdt_refuses_bad_image_pca(shared_data, tmp_path):
+    with pytest.raises(RunError, match="--image-pca must be >= 0, got: -1"):
+        train_gbdt(shared_data / "isic2020" / "dataset.toml", tmp_path / "run", image_pca=-1)
+    with pytest.raises(RunError, match="spec 'isic2020-dev' has no images; use --image-pca 0"):
+        train_gbdt(shared_data / "isic2020" / "dataset.toml", tmp_path / "run", image_pca=8)
+
+
+def test_stack_refuses_a_sensitivity_outside_0_1(tmp_path):
+    with pytest.raises(RunError, match=r"--sensitivity must be in \(0, 1\), got: 1.5"):
+        stack_and_report(tmp_path, sensitivity=1.5)
+
+
+def test_gbdt_uses_image_pca_from_the_store(tiny, tmp_path):
+    path = next(p for p in tiny["stores"].iterdir() if p.name.endswith("-32px-1v"))
+    metrics = train_gbdt(tiny["data"], tmp_path / "run", image_pca=4, store=path, seeds=(0,))
+    features = (tmp_path / "run" / "gbdt" / "features.json").read_text()
+    assert "pca" in features.lower()
+    assert Path(tmp_path / "run" / "gbdt" / "oof.csv").exists() and "pauc80" in str(metrics)
