@@ -137,6 +137,15 @@ def test_views_are_the_eight_symmetries_of_the_square():
         apply_view(x, 8)
 
 
+@pytest.mark.parametrize(
+    "cpus, cpu_workers, cuda_workers", [(2, 0, 2), (4, 0, 4), (16, 1, 8), (64, 4, 8)]
+)
+def test_default_num_workers(monkeypatch, cpus, cpu_workers, cuda_workers):
+    monkeypatch.setattr(pipeline, "_cpu_count", lambda: cpus)
+    assert pipeline.default_num_workers("cpu") == cpu_workers
+    assert pipeline.default_num_workers("cuda") == cuda_workers
+
+
 def test_parse_shard():
     assert parse_shard("1/4") == (1, 4)
     with pytest.raises(EmbedError, match=r"--shard: expected i/n such as 0/4, got 'x'"):
