@@ -63,16 +63,17 @@ def demo(c, rows=600, trials=3):
         "weights": "torchvision resnet50 state dict to use instead of the cached weights",
         "shard": "i/n: embed only part i of n (for n parallel workers on one store)",
         "workers": "decode worker processes (default: chosen for the device)",
+        "retry_failed": "try again the images an earlier run could not read",
     }
 )
 def embed(c, spec, image_size=224, views=1, batch_size=32, device="auto", weights=None,
-          shard="0/1", workers=None):
+          shard="0/1", workers=None, retry_failed=False):
     """Embed a data set's images into its feature store (resumable)."""
     _logging()
     from fuse.embedding import embed_spec
 
     _run(embed_spec, spec, image_size=int(image_size), views=int(views), batch_size=int(batch_size),
-         device=device, weights_path=weights, shard=shard,
+         device=device, weights_path=weights, shard=shard, retry_failed=bool(retry_failed),
          num_workers=None if workers is None else int(workers))
 
 

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def embed_spec(spec, image_size: int = 224, views: int = 1, batch_size: int = 32, device: str = "auto",
                weights_path: Path | str | None = None, shard: str = "0/1",
-               num_workers: int | None = None, stores: Path | None = None):
+               num_workers: int | None = None, stores: Path | None = None, retry_failed: bool = False):
     """Embed every image a spec's metadata names into `artifacts/stores/<store>/`.
 
     `shard` "i/n" embeds only part i of n (0-based), so n workers can fill one store at once.
@@ -42,7 +42,8 @@ def embed_spec(spec, image_size: int = 224, views: int = 1, batch_size: int = 32
     check_images(frame, spec, source.ids())
     weights = ensure_weights(Path(weights_path) if weights_path else None)
     config = EmbedConfig(image_size=image_size, views=views, batch_size=batch_size, device=device,
-                         num_workers=num_workers, shard_index=shard_index, shard_count=shard_count)
+                         num_workers=num_workers, shard_index=shard_index, shard_count=shard_count,
+                         retry_failed=retry_failed)
     store_dir = store_path(spec, weights, image_size, views, stores)
     summary = build_store(source, frame[spec.id].astype(str).tolist(), store_dir, spec.name, weights, config)
     log.info("store %s: %s", store_dir, summary)
