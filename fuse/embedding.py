@@ -46,7 +46,6 @@ def embed_spec(spec, image_size: int = 224, views: int = 1, batch_size: int = 32
                          retry_failed=retry_failed)
     store_dir = store_path(spec, weights, image_size, views, stores)
     summary = build_store(source, frame[spec.id].astype(str).tolist(), store_dir, spec.name, weights, config)
-    log.info("store %s: %s", store_dir, summary)
     print(f"store: {store_dir}")
     return summary
 
