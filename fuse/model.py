@@ -38,15 +38,21 @@ class FusionConfig:
         image_hidden, meta_hidden, fused_hidden: widths of the image branch, the metadata branch
             and the fused layer.
         dropout: dropout after every hidden layer.
+        input_dropout: dropout on the (standardised) embedding itself, before the image branch.
         batch_size, lr, weight_decay: AdamW mini-batch training.
         max_epochs, patience: at most `max_epochs` passes over the training part; stop after
             `patience` epochs without a better validation pauc80 and keep the best epoch.
         imbalance: "oversample" (repeat positives of the training part, `oversample_ratio`
             positive draws per negative per epoch), "pos_weight" (weight the positive term of the
             loss by `pos_weight`, or by negatives/positives of the training part when None), or
-            "none". The default, "pos_weight", measured better than oversampling on HAM10000
-            (see fuse/fusion.py's module notes) and keeps an epoch's length at the training
-            part's size, which matters at ISIC 2024's 0.1% prevalence.
+            "none". Default "oversample": on HAM10000 (lesion-grouped 5 folds, 3 seeds) it gave
+            the same OOF pauc80 as "pos_weight" (0.1409 vs 0.1410 on average) and a higher ROC
+            AUC in every seed (0.9045 vs 0.9014); "none" gave 0.1405 / 0.9011. At ratio 1.0 an
+            epoch holds twice the training negatives: at ISIC 2024's 0.1% prevalence that
+            doubles an epoch's cost, and a smaller ratio (or "pos_weight") keeps it shorter.
+        The other defaults (lr 1e-4, dropout 0.5, input_dropout 0.5) were chosen on the same
+        folds; at lr 1e-3, dropout 0.3 and no input dropout the MLP overfit within 1-4 epochs
+        and its OOF ROC AUC (0.898) fell below the logistic-regression baseline's.
         seed: seeds weights, dropout, sampling and view draws; the same seed gives the same
             predictions on CPU.
         device: "auto" (CUDA when present), "cpu" or "cuda".
@@ -55,13 +61,14 @@ class FusionConfig:
     image_hidden: int = 512
     meta_hidden: int = 64
     fused_hidden: int = 256
-    dropout: float = 0.3
+    dropout: float = 0.5
+    input_dropout: float = 0.5
     batch_size: int = 256
-    lr: float = 1e-3
+    lr: float = 1e-4
     weight_decay: float = 1e-4
-    max_epochs: int = 30
+    max_epochs: int = 40
     patience: int = 5
-    imbalance: str = "pos_weight"
+    imbalance: str = "oversample"
     oversample_ratio: float = 1.0
     pos_weight: float | None = None
     seed: int = 0
@@ -76,8 +83,10 @@ class FusionConfig:
                 raise RunError(f"{name}: expected a positive integer, got {value!r}")
         if not isinstance(self.patience, int) or self.patience < 1:
             raise RunError(f"patience: expected a positive integer, got {self.patience!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise RunError(f"dropout: expected a value in [0, 1), got {self.dropout!r}")
+        for name in ("dropout", "input_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise RunError(f"{name}: expected a value in [0, 1), got {value!r}")
         if not self.lr > 0:
             raise RunError(f"lr: expected a positive number, got {self.lr!r}")
         if not self.oversample_ratio > 0:
@@ -133,7 +142,9 @@ class FusionMLP(nn.Module):
         self.n_meta = n_meta
         self.register_buffer("image_mean", torch.zeros(n_image))
         self.register_buffer("image_scale", torch.ones(n_image))
-        self.image = _branch(n_image, config.image_hidden, config.dropout)
+        self.image = nn.Sequential(
+            nn.Dropout(config.input_dropout), *_branch(n_image, config.image_hidden, config.dropout)
+        )
         self.meta = _branch(n_meta, config.meta_hidden, config.dropout) if n_meta else None
         width = config.image_hidden + (config.meta_hidden if n_meta else 0)
         self.head = nn.Sequential(

@@ -37,6 +37,7 @@ numeric = ["age"]
 """
 N, VIEWS, DIM = 48, 2, 16
 TINY = FusionConfig(image_hidden=16, meta_hidden=4, fused_hidden=8, batch_size=16, max_epochs=4, lr=0.01,
+                    dropout=0.1, input_dropout=0.0,
                     patience=2, device="cpu")
 QUICK = FusionConfig(**{**TINY.to_dict(), "max_epochs": 1})
 

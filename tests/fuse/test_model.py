@@ -11,6 +11,7 @@ from fuse.fusion import Embeddings, _batches, epoch_rows, predict_rows, train_on
 from fuse.model import FusionConfig, FusionMLP
 
 TINY = FusionConfig(image_hidden=16, meta_hidden=4, fused_hidden=8, batch_size=8, max_epochs=6,
+                    dropout=0.1, input_dropout=0.0, lr=1e-3,
                     patience=6, device="cpu")
 
 
@@ -39,6 +40,7 @@ def test_fusion_model_without_metadata_input_is_refused():
     [
         ({"imbalance": "smote"}, r"imbalance: expected one of .*'smote'"),
         ({"dropout": 1.5}, r"dropout: expected a value in \[0, 1\), got 1.5"),
+        ({"input_dropout": -0.1}, r"input_dropout: expected a value in \[0, 1\), got -0.1"),
         ({"batch_size": 0}, "batch_size: expected a positive integer, got 0"),
         ({"pos_weight": -1.0}, "pos_weight: expected a positive number or None, got -1.0"),
         ({"device": "tpu"}, "device: expected auto, cpu or cuda, got 'tpu'"),
