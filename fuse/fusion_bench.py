@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -35,6 +34,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from tabular.bench import peak_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -164,17 +165,6 @@ def _in_child(kind: str, args: dict) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def _peak_rss_bytes() -> int:
-    """Peak resident memory of this process (VmHWM; ru_maxrss as a fallback), in bytes."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
 def _measure(kind: str, store_dir: str, labels: str, n_meta: int, batch_size: int, seed: int,
              device: str) -> dict:
     import torch
@@ -191,7 +181,7 @@ def _measure(kind: str, store_dir: str, labels: str, n_meta: int, batch_size: in
     meta = rng.standard_normal((len(y), n_meta), dtype=np.float32)
     order = rng.permutation(len(y))
     views = rng.integers(embeddings.views, size=len(y))
-    rss_before = _peak_rss_bytes()
+    rss_before = peak_rss_bytes()
     result = {"kind": kind, "rows": int(len(y)), "threads": torch.get_num_threads(),
               "rss_before_bytes": rss_before}
     if kind == "mlp":
@@ -229,7 +219,7 @@ def _measure(kind: str, store_dir: str, labels: str, n_meta: int, batch_size: in
     result.update(
         seconds=round(seconds, 3),
         rows_per_s=round(len(y) / max(seconds, 1e-9), 1),
-        peak_rss_bytes=_peak_rss_bytes(),
+        peak_rss_bytes=peak_rss_bytes(),
         pid=os.getpid(),
     )
     return result
