@@ -32,7 +32,7 @@ DESCRIPTIONS = {
     "gbdt": "LightGBM ensemble on metadata (and image PCA) features",
     "fusion": "fusion MLP on image embeddings + metadata",
     "blend": "rank average of gbdt and fusion",
-    "stack": "LightGBM on metadata + the fusion MLP's prediction",
+    "stack": "LightGBM on metadata + the fusion MLP's and gbdt's predictions",
 }
 # (key in metrics.json, column heading, format)
 COLUMNS = (

@@ -529,8 +529,9 @@ class LoadedRun:
         if self.final == "stack":
             if embedded.any():
                 # Rows without an image need a placeholder fusion feature; their output is dropped.
+                # A NaN p_gbdt (its stage needs the image too) is left to LightGBM as missing.
                 filled = np.where(embedded, p_fusion, np.nanmean(p_fusion))
-                probability[embedded] = self.stack.predict(frame, filled, transform)[embedded]
+                probability[embedded] = self.stack.predict(frame, filled, p_gbdt, transform)[embedded]
         else:
             rows = embedded & np.isfinite(p_gbdt)
             weight, references = self.blend

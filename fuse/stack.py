@@ -2,12 +2,13 @@
 
 Two ways to join the LightGBM ensemble (`gbdt/`) and the fusion MLP (`fusion/`):
 
-- "stack": LightGBM on the metadata features plus the fusion MLP's prediction as one more feature
-  (the shape of the ISIC 2024 winners' second stage). Trained and evaluated with the run's own
-  folds: for fold k it learns on the rows of the other folds, using *their* out-of-fold fusion
-  predictions, and predicts fold k from fold k's out-of-fold fusion predictions. At scoring time
-  the fusion feature is the fold-averaged fusion prediction and the stack's fold models are
-  averaged.
+- "stack": LightGBM on the metadata features plus the two base models' predictions as two more
+  features, `p_fusion` (the fusion MLP) and `p_gbdt` (the LightGBM ensemble, which also saw the
+  image PCA components the stack itself lacks); the shape of the ISIC 2024 winners' second stage.
+  Trained and evaluated with the run's own folds: for fold k it learns on the rows of the other
+  folds, using *their* out-of-fold base predictions, and predicts fold k from fold k's
+  out-of-fold base predictions. At scoring time the base features are the fold-averaged base
+  predictions and the stack's fold models are averaged.
 - "blend": a weighted average of the two base models' ranks. A rank is taken against a reference
   distribution (the out-of-fold predictions of the training part), not within the batch being
   scored, so one row scores the same alone or among thousands. The weight is chosen on the
@@ -19,16 +20,18 @@ target sensitivity). Picking the better of two on the same rows flatters the win
 with two candidates the bias is small, and the report shows both. The blend's output is a rank
 score in [0, 1], ordered like a probability but not calibrated as one.
 
-Why stacking on out-of-fold predictions does not leak fold k's labels into fold k's figures:
-the feature value of an evaluated row of fold k is its out-of-fold fusion prediction, made by the
-fusion model that did not see fold k. The training rows' feature values came from fusion models
-that *did* see fold k's rows (each training row's own fusion model left out that row's fold, not
-fold k), so fold k's labels shaped those values; but only through a model that had to generalise
-to the training row, never by copying fold k's labels into fold k's features. What the stack
-learns is "an honest out-of-fold fusion score -> label", and fold k's rows get exactly that kind of
-score. A stack that also learnt from fold k's rows would leak: tests/fuse/test_stack.py builds
-one, shows that it scores on labels it should not know (random labels; a fusion column equal to
-the label on the training folds and noise on the evaluated one), and that this module does not.
+Why stacking on out-of-fold predictions does not leak fold k's labels into fold k's figures (the
+same reasoning holds for each base feature, `p_fusion` and `p_gbdt` alike, since both base stages
+were trained on the same run folds and both files are out of fold): the feature value of an
+evaluated row of fold k is its out-of-fold base prediction, made by the base model that did not
+see fold k. The training rows' feature values came from base models that *did* see fold k's rows
+(each training row's own base model left out that row's fold, not fold k), so fold k's labels
+shaped those values; but only through a model that had to generalise to the training row, never
+by copying fold k's labels into fold k's features. What the stack learns is "honest out-of-fold
+base scores -> label", and fold k's rows get exactly that kind of scores. A stack that also
+learnt from fold k's rows would leak: tests/fuse/test_stack.py builds one, shows that it scores on
+labels it should not know (random labels; a fusion or gbdt column equal to the label on the
+training folds and noise on the evaluated one), and that this module does not.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ MADE_BY = {
     "blend": "invoke stack --run R",
 }
 FUSION_FEATURE = "p_fusion"
+GBDT_FEATURE = "p_gbdt"
+# The base-model features the stack appends to the metadata features, in this column order.
+BASE_FEATURES = (FUSION_FEATURE, GBDT_FEATURE)
 # Quantiles kept per base model as the blend's rank reference: fine enough that the top 0.1% of
 # an ISIC-sized set (the part pAUC80 looks at) keeps distinct ranks, small enough for JSON.
 REFERENCE_POINTS = 4097
@@ -176,16 +182,22 @@ def file_sha256(path: Path) -> str:
 # ----------------------------------------------------------------------------------- the stack
 
 
-def stack_features(encoder, frame: pd.DataFrame, p_fusion: np.ndarray,
+def stack_features(encoder, frame: pd.DataFrame, p_fusion: np.ndarray, p_gbdt: np.ndarray | None = None,
                    features: pd.DataFrame | None = None) -> pd.DataFrame:
-    """The stack's input: the encoder's metadata features plus `p_fusion` as the last column.
+    """The stack's input: the encoder's metadata features plus `p_fusion` and `p_gbdt` as the last
+    columns (in that order; `p_gbdt` omitted when None, as for a stack saved before it was a
+    feature). NaN in `p_gbdt` is passed through: LightGBM routes missing values.
 
     `features`, when given, is `encoder.transform(frame)` computed already.
     """
     features = (encoder.transform(frame) if features is None else features.copy()).reset_index(drop=True)
-    if FUSION_FEATURE in features.columns:
-        raise RunError(f"metadata feature name {FUSION_FEATURE!r} clashes with the stack's fusion feature")
-    features[FUSION_FEATURE] = np.asarray(p_fusion, dtype=np.float32)
+    base = {FUSION_FEATURE: p_fusion}
+    if p_gbdt is not None:
+        base[GBDT_FEATURE] = p_gbdt
+    for name, values in base.items():
+        if name in features.columns:
+            raise RunError(f"metadata feature name {name!r} clashes with the stack's base-model feature")
+        features[name] = np.asarray(values, dtype=np.float32)
     return features
 
 
@@ -209,24 +221,26 @@ def load_encoder(path: Path):
 
 
 def oof_stack(frame: pd.DataFrame, spec, y: np.ndarray, folds: np.ndarray, p_fusion: np.ndarray,
-              config: StackConfig, out_dir: Path | None = None) -> np.ndarray:
+              p_gbdt: np.ndarray, config: StackConfig, out_dir: Path | None = None) -> np.ndarray:
     """Out-of-fold stack predictions, shape (n,); fold k's rows never reach fold k's model.
 
+    `p_fusion`, `p_gbdt`: the base models' out-of-fold predictions on the run's folds.
     For each fold k the encoder and the model are fitted on the rows of the other folds only.
     With `out_dir`, each fold's model (`fold{k}.txt`) and encoder (`encoder_fold{k}.json`) are saved.
     """
     p = np.full(len(frame), np.nan)
     for k in np.unique(folds):
-        # Fold k's model sees only the other folds' rows, their out-of-fold fusion predictions
-        # and an encoder fitted on them; fold k's own fusion predictions came from the fusion
-        # model that left fold k out (see the module docstring for why this does not leak).
+        # Fold k's model sees only the other folds' rows, their out-of-fold fusion and gbdt
+        # predictions and an encoder fitted on them; fold k's own base predictions came from the
+        # base models that left fold k out (see the module docstring for why this does not leak).
         train = np.flatnonzero(folds != k)
         valid = np.flatnonzero(folds == k)
         train_frame = frame.iloc[train].reset_index(drop=True)
         encoder = _fit_encoder(train_frame, spec)
-        model = fit_stack_model(stack_features(encoder, train_frame, p_fusion[train]), y[train], config)
+        model = fit_stack_model(stack_features(encoder, train_frame, p_fusion[train], p_gbdt[train]),
+                                y[train], config)
         valid_frame = frame.iloc[valid].reset_index(drop=True)
-        p[valid] = model.predict(stack_features(encoder, valid_frame, p_fusion[valid]))
+        p[valid] = model.predict(stack_features(encoder, valid_frame, p_fusion[valid], p_gbdt[valid]))
         if out_dir is not None:
             model.save_model(str(out_dir / f"fold{k}.txt"))
             (out_dir / f"encoder_fold{k}.json").write_text(json.dumps(encoder.to_json()))
@@ -236,8 +250,9 @@ def oof_stack(frame: pd.DataFrame, spec, y: np.ndarray, folds: np.ndarray, p_fus
 class StackModels:
     """The stack's fold models and encoders, loaded once to score many batches of rows."""
 
-    def __init__(self, folds: list[tuple[object, lgb.Booster]]):
+    def __init__(self, folds: list[tuple[object, lgb.Booster]], uses_gbdt: bool = True):
         self.folds = folds
+        self.uses_gbdt = uses_gbdt  # False for a stack saved when p_fusion was its only base feature
 
     @classmethod
     def load(cls, stage_dir: Path) -> StackModels:
@@ -253,29 +268,32 @@ class StackModels:
             model_path = require_stage(stage_dir.parent, stage_dir.name, f"fold{k}.txt")
             encoder = load_encoder(require_stage(stage_dir.parent, stage_dir.name, f"encoder_fold{k}.json"))
             folds.append((encoder, lgb.Booster(model_file=str(model_path))))
-        return cls(folds)
+        return cls(folds, uses_gbdt=GBDT_FEATURE in record.get("features", [record.get("feature")]))
 
-    def predict(self, frame: pd.DataFrame, p_fusion: np.ndarray, transform=None) -> np.ndarray:
+    def predict(self, frame: pd.DataFrame, p_fusion: np.ndarray, p_gbdt: np.ndarray,
+                transform=None) -> np.ndarray:
         """Mean of the fold models on `frame`'s rows, shape (n,).
 
-        `p_fusion`: the fusion MLP's fold-averaged prediction for the same rows. `transform`, when
-        given, is called as `transform(encoder, frame)` in place of `encoder.transform(frame)`
-        (to share encoded features between stages).
+        `p_fusion`, `p_gbdt`: the fusion MLP's and the LightGBM ensemble's fold-averaged
+        predictions for the same rows (NaN in `p_gbdt` is routed by LightGBM as missing).
+        `transform`, when given, is called as `transform(encoder, frame)` in place of
+        `encoder.transform(frame)` (to share encoded features between stages).
         """
         frame = frame.reset_index(drop=True)
+        gbdt = p_gbdt if self.uses_gbdt else None
         total = np.zeros(len(frame))
         for encoder, model in self.folds:
             features = transform(encoder, frame) if transform is not None else None
-            total += model.predict(stack_features(encoder, frame, p_fusion, features))
+            total += model.predict(stack_features(encoder, frame, p_fusion, gbdt, features))
         return total / len(self.folds)
 
 
-def predict_stack(stage_dir: Path, frame: pd.DataFrame, p_fusion: np.ndarray) -> np.ndarray:
+def predict_stack(stage_dir: Path, frame: pd.DataFrame, p_fusion: np.ndarray, p_gbdt: np.ndarray) -> np.ndarray:
     """Average of the stack's fold models on new rows, shape (n,).
 
-    `p_fusion` is the fusion MLP's fold-averaged prediction for the same rows.
+    `p_fusion`, `p_gbdt`: the base models' fold-averaged predictions for the same rows.
     """
-    return StackModels.load(stage_dir).predict(frame, p_fusion)
+    return StackModels.load(stage_dir).predict(frame, p_fusion, p_gbdt)
 
 
 # ----------------------------------------------------------------------------------- the blend
@@ -392,11 +410,11 @@ def stack(run_dir: Path | str, sensitivity: float = 0.95, config: StackConfig | 
     stack_dir = run.stage_dir("stack")
     for old in stack_dir.glob("fold*.txt"):
         old.unlink()
-    log.info("stack: LightGBM on metadata + fusion prediction, %d folds", len(np.unique(folds)))
-    p_stack = oof_stack(run.frame, run.spec, y, folds, p_fusion, config, out_dir=stack_dir)
+    log.info("stack: LightGBM on metadata + fusion and gbdt predictions, %d folds", len(np.unique(folds)))
+    p_stack = oof_stack(run.frame, run.spec, y, folds, p_fusion, p_gbdt, config, out_dir=stack_dir)
     (stack_dir / "stack.json").write_text(json.dumps({
         "folds": [int(k) for k in np.unique(folds)],
-        "feature": FUSION_FEATURE,
+        "features": list(BASE_FEATURES),
         "config": asdict(config),
         "made_from": made_from,
     }, indent=2))

@@ -165,7 +165,7 @@ def test_chunked_streaming_equals_the_stages_own_predictions(tiny, tmp_path, mon
     np.testing.assert_allclose(whole["p_gbdt"], p_gbdt, rtol=1e-5)
     final = json.loads((tiny["run"] / "stack" / "final.json").read_text())
     if final["final"] == "stack":
-        np.testing.assert_allclose(whole["probability"], predict_stack(tiny["run"] / "stack", frame, p_fusion), rtol=1e-5)
+        np.testing.assert_allclose(whole["probability"], predict_stack(tiny["run"] / "stack", frame, p_fusion, p_gbdt), rtol=1e-5)
 
 
 def _embed_directly(tiny, images, ids):

@@ -26,30 +26,35 @@ FAST = StackConfig(num_boost_round=150)
 MEMORISING = StackConfig(num_boost_round=200, learning_rate=0.1, min_data_in_leaf=5)
 
 
-def leaky_stack(frame, spec, y, p_fusion, folds, config):
+def leaky_stack(frame, spec, y, p_fusion, p_gbdt, folds, config):
     """What a leaky stack does: one model fitted on every row, fold k's rows included."""
     encoder = FeatureEncoder().fit(frame, spec)
-    model = fit_stack_model(stack_features(encoder, frame, p_fusion), y, config)
-    return model.predict(stack_features(encoder, frame, p_fusion))
+    model = fit_stack_model(stack_features(encoder, frame, p_fusion, p_gbdt), y, config)
+    return model.predict(stack_features(encoder, frame, p_fusion, p_gbdt))
 
 
-def test_label_on_training_folds_noise_on_evaluated_fold_gives_no_skill(run_factory, oof_writer):
-    # The fake fusion column equals the label on folds 1..4 and is noise on fold 0. Evaluated on
-    # fold 0, an honest stack learnt "p_fusion = label" from folds 1..4 and meets noise: no skill.
-    # A stack that also trained on fold 0 memorises fold 0's labels (its noise values are unique)
-    # and looks excellent there. The metadata carry no signal, so only a leak can score.
+@pytest.mark.parametrize("leaking", ["fusion", "gbdt"])
+def test_label_on_training_folds_noise_on_evaluated_fold_gives_no_skill(run_factory, oof_writer, leaking):
+    # The fake base column (p_fusion, or p_gbdt: the stack uses both as features) equals the label
+    # on folds 1..4 and is noise on fold 0; the other base column is noise everywhere. Evaluated
+    # on fold 0, an honest stack learnt "p_<leaking> = label" from folds 1..4 and meets noise: no
+    # skill. A stack that also trained on fold 0 memorises fold 0's labels (its noise values are
+    # unique) and looks excellent there. The metadata carry no signal, so only a leak can score.
     run = run_factory(signal=0.0)
     rng = np.random.default_rng(3)
     y, folds = run.target, run.fold
     evaluated = folds == 0
-    p_fusion = np.where(evaluated, rng.uniform(0, 1, len(y)), y.astype(float))
-    oof_writer(run, "fusion", p_fusion)
-    oof_writer(run, "gbdt", rng.uniform(0, 1, len(y)))
+    base = {
+        leaking: np.where(evaluated, rng.uniform(0, 1, len(y)), y.astype(float)),
+        {"fusion": "gbdt", "gbdt": "fusion"}[leaking]: rng.uniform(0, 1, len(y)),
+    }
+    oof_writer(run, "fusion", base["fusion"])
+    oof_writer(run, "gbdt", base["gbdt"])
 
     stack(run.dir, config=MEMORISING)
     oof = pd.read_csv(run.dir / "stack" / "oof.csv")
     honest = roc_auc(oof["target"][evaluated], oof["p"][evaluated])
-    leaky = leaky_stack(run.frame, run.spec, y, p_fusion, folds, MEMORISING)
+    leaky = leaky_stack(run.frame, run.spec, y, base["fusion"], base["gbdt"], folds, MEMORISING)
     assert roc_auc(y[evaluated], leaky[evaluated]) > 0.95  # the test can see a leak
     assert honest < 0.75
 
@@ -59,9 +64,10 @@ def test_random_labels_give_chance_out_of_fold(run_factory):
     # scored on rows it trained on memorises them.
     run = run_factory(seed=5, signal=0.0)
     y = run.target
-    p_fusion = np.random.default_rng(7).uniform(0, 1, len(y))
-    ours = oof_stack(run.frame, run.spec, y, run.fold, p_fusion, MEMORISING)
-    leaky = leaky_stack(run.frame, run.spec, y, p_fusion, run.fold, MEMORISING)
+    rng = np.random.default_rng(7)
+    p_fusion, p_gbdt = rng.uniform(0, 1, len(y)), rng.uniform(0, 1, len(y))
+    ours = oof_stack(run.frame, run.spec, y, run.fold, p_fusion, p_gbdt, MEMORISING)
+    leaky = leaky_stack(run.frame, run.spec, y, p_fusion, p_gbdt, run.fold, MEMORISING)
     assert roc_auc(y, leaky) > 0.95
     assert 0.3 < roc_auc(y, ours) < 0.75
 
@@ -117,11 +123,15 @@ def test_scoring_helpers_average_the_fold_models(tabular_run):
     stack(run.dir, config=FAST)
     new = run.frame.head(20).drop(columns=[run.spec.target])
     p_fusion = np.linspace(0.01, 0.99, 20)
-    p = predict_stack(run.dir / "stack", new, p_fusion)
+    p_gbdt = np.linspace(0.99, 0.01, 20)
+    p = predict_stack(run.dir / "stack", new, p_fusion, p_gbdt)
     assert p.shape == (20,) and np.all((p > 0) & (p < 1))
     # one row alone scores the same as among others (per-row features only in this spec)
-    alone = predict_stack(run.dir / "stack", new.iloc[[3]], p_fusion[[3]])
+    alone = predict_stack(run.dir / "stack", new.iloc[[3]], p_fusion[[3]], p_gbdt[[3]])
     assert alone[0] == pytest.approx(p[3])
+    # a missing p_gbdt (its stage needed an unreadable image) is routed by LightGBM, not refused
+    missing = predict_stack(run.dir / "stack", new, p_fusion, np.full(20, np.nan))
+    assert np.all(np.isfinite(missing) & (missing > 0) & (missing < 1))
     b = predict_blend(run.dir / "blend", np.linspace(0, 1, 20), p_fusion)
     assert np.all(np.diff(b) >= 0) and b.min() >= 0 and b.max() <= 1
 
