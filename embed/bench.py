@@ -248,6 +248,7 @@ def bench_embedding(
             "num_workers": default_num_workers(dev) if num_workers is None else num_workers,
             "amp": amp,
             "weights_sha256": weights.sha256,
+            "weights_source": weights.source,
             "naive_images_per_s": round(best["naive"], 2),
             "pipeline_images_per_s": round(best["pipeline"], 2),
             "ceiling_images_per_s": round(best["ceiling"], 2),
@@ -260,6 +261,17 @@ def bench_embedding(
         if store_rows:
             result.update(bench_store(store_rows, work))
     return result
+
+
+def random_weights(path: Path) -> WeightsInfo:
+    """A random-init ResNet-50 state dict in the Keras v1 stride layout (throughput figures only)."""
+    import torchvision
+
+    from embed.weights import STRIDE_KERAS_V1, sha256_file
+
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
+    return WeightsInfo(path=path, sha256=sha256_file(path), source="random init (throughput only)",
+                       stride_layout=STRIDE_KERAS_V1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -278,10 +290,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--store-rows", type=int, default=50_000)
     parser.add_argument("--no-amp", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="random-initialised ResNet-50 in the converted weights' stride layout: the same "
+        "work per image, for throughput on machines the real weights file cannot reach",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     result = bench_embedding(
-        ensure_weights(args.weights),
+        random_weights(Path(tempfile.mkdtemp()) / "random-resnet50.pth")
+        if args.random_weights
+        else ensure_weights(args.weights),
         args.n_images,
         args.image_size,
         args.batch_size,
