@@ -64,14 +64,16 @@ def locate_store(spec: DatasetSpec, weights: WeightsInfo | None = None, stores: 
     """
     weights = weights or ensure_weights()
     root = stores or stores_root()
-    prefix = store_name(spec.name, weights.sha256, 224, 1).rsplit("-224px-1v", 1)[0] + "-"
-    candidates = sorted(p for p in root.glob(prefix + "*") if (p / "manifest.json").exists() or any(p.glob("manifest*.json")))
+    preferred = root / store_name(spec.name, weights.sha256, 224, 1)
+    # Same data set and weights, any image size or views; a store has at least one manifest
+    # (`manifest.json`, or the part manifests of a sharded build still in progress).
+    prefix = preferred.name.removesuffix("224px-1v")
+    candidates = sorted(p for p in root.glob(prefix + "*") if any(p.glob("manifest*.json")))
     if not candidates:
         raise RunError(
             f"no feature store for data set '{spec.name}' with weights {weights.sha256[:12]} under {root}; "
             f"make it with `invoke embed --spec {spec.source or spec.metadata}`"
         )
-    preferred = root / store_name(spec.name, weights.sha256, 224, 1)
     if preferred in candidates:
         return preferred
     if len(candidates) > 1:
