@@ -58,7 +58,7 @@ def demo(c, rows=600, trials=3):
         "spec": "dataset spec TOML, or an ISIC 2024 Kaggle-layout directory",
         "image_size": "square input size in pixels (default 224)",
         "views": "1 = the plain image; more = fixed flips/rotations, each kept",
-        "batch_size": "images per forward pass",
+        "batch_size": "images per forward pass (default: 256 on CUDA, 32 on CPU)",
         "device": "auto, cpu or cuda",
         "weights": "torchvision resnet50 state dict to use instead of the cached weights",
         "shard": "i/n: embed only part i of n (for n parallel workers on one store)",
@@ -66,14 +66,15 @@ def demo(c, rows=600, trials=3):
         "retry_failed": "try again the images an earlier run could not read",
     }
 )
-def embed(c, spec, image_size=224, views=1, batch_size=32, device="auto", weights=None,
+def embed(c, spec, image_size=224, views=1, batch_size=None, device="auto", weights=None,
           shard="0/1", workers=None, retry_failed=False):
     """Embed a data set's images into its feature store (resumable)."""
     _logging()
     from fuse.embedding import embed_spec
 
-    _run(embed_spec, spec, image_size=int(image_size), views=int(views), batch_size=int(batch_size),
-         device=device, weights_path=weights, shard=shard, retry_failed=bool(retry_failed),
+    _run(embed_spec, spec, image_size=int(image_size), views=int(views),
+         batch_size=None if batch_size is None else int(batch_size), device=device,
+         weights_path=weights, shard=shard, retry_failed=bool(retry_failed),
          num_workers=None if workers is None else int(workers))
 
 
@@ -132,18 +133,18 @@ def stack(c, run, sensitivity=0.95):
         "metadata": "CSV with the spec's columns (no target needed); optional",
         "out": "where to write the predictions CSV",
         "format": "csv (all columns) or kaggle (isic_id,target)",
-        "batch_size": "images per forward pass",
+        "batch_size": "images per forward pass (default: 256 on CUDA, 32 on CPU)",
         "device": "auto, cpu or cuda",
         "weights": "the torchvision resnet50 state dict the run was embedded with, if not the cached one",
     }
 )
-def score(c, run, images, out, metadata=None, format="csv", batch_size=32, device="auto", weights=None):
+def score(c, run, images, out, metadata=None, format="csv", batch_size=None, device="auto", weights=None):
     """Score a folder or HDF5 of new images with a trained run."""
     _logging()
     from fuse.stages import score_images
 
     _run(score_images, run, images=images, metadata=metadata, out=out, format=format,
-         batch_size=int(batch_size), device=device, weights=weights)
+         batch_size=None if batch_size is None else int(batch_size), device=device, weights=weights)
 
 
 @task(help={"quick": "a short version with small sizes", "device": "auto, cpu or cuda"})

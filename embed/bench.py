@@ -7,7 +7,11 @@ make a run slower):
 (a) naive: decode with PIL in the main process, fp32, NCHW, one batch after the other;
 (b) pipeline: `build_store` into a temporary store (decoding in worker processes, channels_last,
     AMP, store writes included);
-(c) ceiling: random tensors through the same model with the pipeline's settings (no decoding).
+(c) ceiling: random tensors through the same model with the pipeline's settings (no decoding);
+(d) reader: the pipeline's DataLoader alone (read, decode, resize, collate, pin), no model.
+
+The pipeline runs at about the lower of (c) and (d): the reader figure says which side bounds it
+on a given machine (on a GPU host, the decode workers; on a CPU, the model).
 
 Also the store's write rate and memory-mapped read rate (rows/s) at a larger row count, for the
 scale of ISIC 2024 (401,059 images). Run: `python -m embed.bench --out bench.json`.
@@ -30,7 +34,7 @@ import torch
 
 from embed.backbone import autocast_context, load_backbone, prepare_model, preprocess
 from embed.errors import EmbedError
-from embed.pipeline import EmbedConfig, build_store, default_num_workers, resolve_device
+from embed.pipeline import EmbedConfig, build_store, make_loader, resolve_device, settle_config
 from embed.sources import HDF5Source, ImageSource, decode_image, open_source
 from embed.store import FeatureStore, StoreWriter
 from embed.weights import WeightsInfo
@@ -113,6 +117,16 @@ def _ceiling(model, device, n_images, image_size, batch_size, amp: bool) -> floa
     return batches * batch_size / (time.perf_counter() - start)
 
 
+def _reader(source: ImageSource, ids, config: EmbedConfig, device: torch.device) -> float:
+    """Images/s of the pipeline's reader alone: every batch decoded, collated and (on CUDA)
+    pinned, then dropped."""
+    start = time.perf_counter()
+    count = 0
+    for batch_ids, _, failures in make_loader(source, ids, config, device):
+        count += len(batch_ids) + len(failures)
+    return count / (time.perf_counter() - start)
+
+
 def _pipeline(source, ids, weights, config, work: Path, tag: str) -> float:
     summary = build_store(source, ids, work / f"store-{tag}", "bench", weights, config)
     if summary.embedded != len(ids):
@@ -172,7 +186,7 @@ def bench_embedding(
     weights: WeightsInfo,
     n_images: int = 192,
     image_size: int = 224,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     *,
     images: Path | None = None,
     device: str = "auto",
@@ -182,9 +196,10 @@ def bench_embedding(
     store_rows: int = 50_000,
     work_dir: Path | None = None,
 ) -> dict:
-    """Measure naive loop, pipeline and model-only ceiling on the same images (see module doc).
+    """Measure naive loop, pipeline, model-only ceiling and reader on the same images (see
+    module doc).
 
-    images: a folder or HDF5 to take the first `n_images` ids from; None = synthetic ISIC-like
+    batch_size, num_workers: None = the pipeline's defaults for the device. images: a folder or HDF5 to take the first `n_images` ids from; None = synthetic ISIC-like
     130 px crops written to a temporary HDF5. store_rows: rows for the store write/read figures
     (0 skips them). Returns a JSON-ready dict with images/s of each, the ratios
     pipeline/ceiling and pipeline/naive, the targets and whether they are met.
@@ -204,15 +219,19 @@ def bench_embedding(
             if len(ids) < n_images:
                 raise EmbedError(f"bench: {images} holds {len(ids)} images, n_images={n_images}")
             described = str(images)
-        config = EmbedConfig(
-            image_size=image_size,
-            batch_size=batch_size,
-            device=str(dev),
-            num_workers=num_workers,
-            amp=amp,
-            progress=False,
-            log_every=10**6,
+        config = settle_config(
+            EmbedConfig(
+                image_size=image_size,
+                batch_size=batch_size,
+                device=str(dev),
+                num_workers=num_workers,
+                amp=amp,
+                progress=False,
+                log_every=10**6,
+            ),
+            dev,
         )
+        batch_size = config.batch_size
         naive_model = load_backbone(weights, dev)  # fp32, NCHW: as a first attempt would be
         fast_model = prepare_model(load_backbone(weights, dev), dev)
         # Warm up each path once (oneDNN / cuDNN pick and cache their kernels on first use).
@@ -220,17 +239,20 @@ def bench_embedding(
         _naive(src, warm, naive_model, dev, image_size, batch_size)
         _ceiling(fast_model, dev, batch_size, image_size, batch_size, amp)
         _pipeline(src, warm, weights, config, work, "warm")
-        runs = {"naive": [], "pipeline": [], "ceiling": []}
+        _reader(src, warm, config, dev)
+        runs = {"naive": [], "pipeline": [], "ceiling": [], "reader": []}
         for r in range(rounds):
             runs["naive"].append(_naive(src, ids, naive_model, dev, image_size, batch_size))
             runs["pipeline"].append(_pipeline(src, ids, weights, config, work, f"r{r}"))
             runs["ceiling"].append(_ceiling(fast_model, dev, n_images, image_size, batch_size, amp))
+            runs["reader"].append(_reader(src, ids, config, dev))
             log.info(
-                "bench round %d: naive %.1f, pipeline %.1f, ceiling %.1f images/s",
+                "bench round %d: naive %.1f, pipeline %.1f, ceiling %.1f, reader %.1f images/s",
                 r,
                 runs["naive"][-1],
                 runs["pipeline"][-1],
                 runs["ceiling"][-1],
+                runs["reader"][-1],
             )
         best = {k: max(v) for k, v in runs.items()}
         result = {
@@ -245,14 +267,17 @@ def bench_embedding(
             "n_images": len(ids),
             "image_size": image_size,
             "batch_size": batch_size,
-            "num_workers": default_num_workers(dev) if num_workers is None else num_workers,
+            "num_workers": config.num_workers,
             "amp": amp,
             "weights_sha256": weights.sha256,
             "weights_source": weights.source,
             "naive_images_per_s": round(best["naive"], 2),
             "pipeline_images_per_s": round(best["pipeline"], 2),
             "ceiling_images_per_s": round(best["ceiling"], 2),
+            "reader_images_per_s": round(best["reader"], 2),
+            "bound_by": "reader (decoding)" if best["reader"] < best["ceiling"] else "model",
             "pipeline_over_ceiling": round(best["pipeline"] / best["ceiling"], 3),
+            "pipeline_over_reader": round(best["pipeline"] / best["reader"], 3),
             "pipeline_over_naive": round(best["pipeline"] / best["naive"], 3),
             "rounds": {k: [round(x, 2) for x in v] for k, v in runs.items()},
             "targets": TARGETS,
@@ -283,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=Path, default=None)
     parser.add_argument("--n-images", type=int, default=192)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 256 on CUDA, 32 on CPU")
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--rounds", type=int, default=2)

@@ -126,6 +126,9 @@ def format_table(result: dict) -> str:
                  f"{e['naive_images_per_s']:.1f}", f"{e['pipeline_over_naive']:.2f}", ">= 1.8"))
     rows.append(("embed pipeline images/s vs model-only ceiling", f"{e['pipeline_images_per_s']:.1f}",
                  f"{e['ceiling_images_per_s']:.1f}", f"{e['pipeline_over_ceiling']:.2f}", ">= 0.85"))
+    if "reader_images_per_s" in e:
+        rows.append(("embed pipeline images/s vs its reader (decode only)", f"{e['pipeline_images_per_s']:.1f}",
+                     f"{e['reader_images_per_s']:.1f}", f"{e['pipeline_over_reader']:.2f}", ""))
     if "store_write_rows_per_s" in e:
         rows.append((f"store write rows/s ({e['store_rows']} rows)", f"{e['store_write_rows_per_s']}", "", "", ""))
         rows.append((f"store mmap read rows/s ({e['store_rows']} rows)", f"{e['store_read_rows_per_s']}", "", "", ""))

@@ -21,7 +21,7 @@ from tabular.validate import check_images, read_metadata
 log = logging.getLogger(__name__)
 
 
-def embed_spec(spec, image_size: int = 224, views: int = 1, batch_size: int = 32, device: str = "auto",
+def embed_spec(spec, image_size: int = 224, views: int = 1, batch_size: int | None = None, device: str = "auto",
                weights_path: Path | str | None = None, shard: str = "0/1",
                num_workers: int | None = None, stores: Path | None = None, retry_failed: bool = False):
     """Embed every image a spec's metadata names into `artifacts/stores/<store>/`.

@@ -50,7 +50,7 @@ def score(
     metadata: Path | str | None,
     out: Path | str,
     format: str = "csv",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     device: str = "auto",
     *,
     weights: Path | str | None = None,
@@ -68,7 +68,7 @@ def score(
         format: "csv" (id, probability, p_gbdt, p_fusion, flagged, error) or "kaggle"
             (`isic_id,target` with target = probability, the ISIC 2024 submission format; a row
             that could not be scored gets the operating threshold, logged by id).
-        batch_size: images per forward pass.
+        batch_size: images per forward pass (None: 256 on CUDA, 32 on CPU).
         device: "auto", "cpu" or "cuda".
         weights: the backbone weights file (default: the cached weights, `invoke weights`); its
             sha256 must be the one the run was trained with.
@@ -88,7 +88,7 @@ def score(
     started = time.perf_counter()
     if format not in FORMATS:
         raise RunError(f"format: expected one of {list(FORMATS)}, got {format!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise RunError(f"batch_size: expected a positive integer, got {batch_size!r}")
     run_dir = require_run(run_dir)
     spec = _run_spec(run_dir)
@@ -181,7 +181,7 @@ def _run_identity(run_dir: Path) -> dict:
     return identity
 
 
-def _embedding_setup(identity: dict, weights, batch_size: int, device: str, num_workers):
+def _embedding_setup(identity: dict, weights, batch_size: int | None, device: str, num_workers):
     """Weights and embedding settings for new images, checked against the run's identity."""
     from embed.errors import StoreMismatchError
     from embed.pipeline import EmbedConfig, store_identity

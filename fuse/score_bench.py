@@ -41,7 +41,7 @@ def bench_scoring(
     n_images: int = 2000,
     *,
     weights: Path | str | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     device: str = "auto",
     num_workers: int | None = None,
     workdir: Path | str | None = None,
@@ -67,7 +67,7 @@ def bench_scoring(
     import torch
 
     from embed.backbone import load_backbone
-    from embed.pipeline import embed_ids, resolve_device
+    from embed.pipeline import embed_ids, resolve_device, settle_config
     from embed.sources import FolderSource, open_source
     from embed.weights import ensure_weights
 
@@ -87,6 +87,7 @@ def bench_scoring(
         ids = [p.stem for p in sorted(folder.iterdir())]
         _, config = _embedding_setup(identity, weights, batch_size, device, num_workers)
         resolved = resolve_device(config.device)
+        config = settle_config(config, resolved)
 
         def sync():
             if resolved.type == "cuda":
@@ -109,7 +110,7 @@ def bench_scoring(
             sync()
             return time.perf_counter() - start, result
 
-        embedding_alone(ids[: min(len(ids), 2 * batch_size)])  # warm-up, untimed
+        embedding_alone(ids[: min(len(ids), 2 * config.batch_size)])  # warm-up, untimed
         embed_s = score_s = float("inf")
         for _ in range(repeats):
             seconds, embedded = embedding_alone(ids)
@@ -127,7 +128,7 @@ def bench_scoring(
         "device": torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "image_size": int(identity["image_size"]),
         "views": int(identity["views"]),
-        "batch_size": batch_size,
+        "batch_size": config.batch_size,
         "embedded": embedded,
         "repeats": repeats,
         "embed_only_s": round(embed_s, 3),

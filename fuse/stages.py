@@ -86,7 +86,7 @@ def stack_and_report(run, sensitivity: float = 0.95) -> Path:
     return write_report(run_dir(run), sensitivity=sensitivity)
 
 
-def score_images(run, images, out, metadata=None, format: str = "csv", batch_size: int = 32,
+def score_images(run, images, out, metadata=None, format: str = "csv", batch_size: int | None = None,
                  device: str = "auto", weights: Path | str | None = None):
     """`invoke score`: score new images (and their metadata) with a trained run."""
     from fuse.score import score

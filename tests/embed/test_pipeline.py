@@ -138,12 +138,26 @@ def test_views_are_the_eight_symmetries_of_the_square():
 
 
 @pytest.mark.parametrize(
-    "cpus, cpu_workers, cuda_workers", [(2, 0, 2), (4, 0, 4), (16, 1, 8), (64, 4, 8)]
+    "cpus, cpu_workers, cuda_workers", [(2, 0, 1), (4, 0, 2), (16, 1, 14), (64, 4, 16)]
 )
 def test_default_num_workers(monkeypatch, cpus, cpu_workers, cuda_workers):
     monkeypatch.setattr(pipeline, "_cpu_count", lambda: cpus)
     assert pipeline.default_num_workers("cpu") == cpu_workers
     assert pipeline.default_num_workers("cuda") == cuda_workers
+
+
+def test_batch_size_and_workers_default_by_device(monkeypatch):
+    monkeypatch.setattr(pipeline, "_cpu_count", lambda: 16)
+    assert pipeline.default_batch_size("cuda:0") == 256
+    assert pipeline.default_batch_size("cpu") == 32
+    gpu = pipeline.settle_config(EmbedConfig(), torch.device("cuda"))
+    assert (gpu.batch_size, gpu.num_workers) == (256, 14)
+    mine = pipeline.settle_config(EmbedConfig(batch_size=8, num_workers=0), torch.device("cuda"))
+    assert (mine.batch_size, mine.num_workers) == (8, 0)  # what the user set is kept
+    assert pipeline.batches_in_flight(torch.device("cuda")) == 2
+    assert pipeline.batches_in_flight(torch.device("cpu")) == 0
+    with pytest.raises(EmbedError, match=r"EmbedConfig.batch_size: expected a positive integer, got 0"):
+        EmbedConfig(batch_size=0)
 
 
 def test_parse_shard():
@@ -207,6 +221,43 @@ def test_embed_ids_order_failures_and_views(tmp_path, folder, model):
     plain = np.concatenate([b[1] for b in embed_ids(src, ids, model, tiny_config(batch_size=2))])
     np.testing.assert_allclose(plain[:, 0], vecs[:, 0], rtol=1e-2, atol=2e-2)
     assert list(embed_ids(src, [], model, tiny_config())) == []
+
+
+def test_batches_left_in_flight_come_back_in_order_and_unchanged(
+    tmp_path, folder, model, monkeypatch
+):
+    """The GPU's queue of launched batches (run here on CPU) yields what the plain loop yields:
+    the same batches, ids, failures and vectors, in order, the last ones drained at the end."""
+    bad = tmp_path / "queue"
+    bad.mkdir()
+    for p in sorted(folder.iterdir())[:7]:
+        (bad / p.name).write_bytes(p.read_bytes())
+    (bad / "zero.jpg").write_bytes(b"")
+    src = FolderSource(bad)
+    ids = ["zero", "absent", *src.ids()[:7]]  # the first batch holds only failures
+    config = tiny_config(batch_size=2)
+    plain = list(embed_ids(src, ids, model, config))
+    monkeypatch.setattr(pipeline, "batches_in_flight", lambda device: 2)
+    queued = []
+    for item in embed_ids(src, ids, model, config):
+        queued.append(item)
+    assert [(b[0], b[2]) for b in queued] == [(b[0], b[2]) for b in plain]
+    assert queued[0][0] == [] and queued[0][1].shape == (0, 1, 2048)
+    for (_, a, _), (_, b, _) in zip(queued, plain, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_launched_batch_waits_for_its_copy_before_it_is_read():
+    class Event:
+        waited = False
+
+        def synchronize(self):
+            self.waited = True
+
+    event = Event()
+    vectors = torch.ones(2, 1, 2048, dtype=torch.float16)
+    launched = pipeline._Launched(["a", "b"], {}, vectors, event)
+    assert launched.collect(1).shape == (2, 1, 2048) and event.waited
 
 
 def test_views_embed_the_transformed_image(tmp_path, model):
@@ -487,8 +538,19 @@ def test_bench_embedding_smoke(tmp_path, weights, folder):
         store_rows=300,
         work_dir=tmp_path,
     )
-    for key in ("naive_images_per_s", "pipeline_images_per_s", "ceiling_images_per_s"):
+    for key in (
+        "naive_images_per_s",
+        "pipeline_images_per_s",
+        "ceiling_images_per_s",
+        "reader_images_per_s",
+    ):
         assert result[key] > 0
+    assert result["bound_by"] == (
+        "reader (decoding)"
+        if result["reader_images_per_s"] < result["ceiling_images_per_s"]
+        else "model"
+    )
+    assert result["batch_size"] == 4 and result["num_workers"] == 0
     assert result["pipeline_over_naive"] == pytest.approx(
         result["pipeline_images_per_s"] / result["naive_images_per_s"], rel=1e-2
     )
