@@ -11,6 +11,10 @@
   process, and two workers on one study do not propose the same parameters.
 - The full LightGBM parameters of each trial are kept as JSON in its user attributes; the best are
   written to `best_params.json`.
+- A trial left RUNNING by a worker that died (kill -9, out of memory, a lost node) is marked
+  failed once its heartbeat is older than `STALE_AFTER_SECONDS`, so its place in the budget is
+  run again: RDB storages keep that heartbeat themselves; for a journal file (which has none in
+  Optuna) each trial writes a `HEARTBEAT_ATTR` user attribute every `HEARTBEAT_SECONDS`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import logging
 import math
 import random
+import threading
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -38,6 +43,9 @@ from tabular.metrics import MetricWarning, pauc80
 log = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+HEARTBEAT_ATTR = "heartbeat_unix_time"
+HEARTBEAT_SECONDS = 30
+STALE_AFTER_SECONDS = 120
 # lambda_l1 / lambda_l2 are searched on a log scale whose floor stands for "no regularisation".
 _LOG_FLOOR = 1e-8
 
@@ -137,7 +145,10 @@ def open_storage(storage: str | Path | None, default_path: Path):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(
-                    storage, engine_kwargs=engine_kwargs, heartbeat_interval=30, grace_period=120
+                    storage,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=HEARTBEAT_SECONDS,
+                    grace_period=STALE_AFTER_SECONDS,
                 )
         except SQLAlchemyError:
             # Two workers creating the tables of a new database at once: one of them loses the
@@ -146,6 +157,62 @@ def open_storage(storage: str | Path | None, default_path: Path):
                 raise
             time.sleep(0.2 * 2**attempt + random.random() * 0.2)
     raise AssertionError("unreachable")
+
+
+class _Heartbeat:
+    """While open, writes the current time into the trial's `HEARTBEAT_ATTR` every `seconds`."""
+
+    def __init__(self, trial: optuna.Trial, seconds: float) -> None:
+        self._trial = trial
+        self._seconds = seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="trial-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        while True:
+            self._trial.set_user_attr(HEARTBEAT_ATTR, time.time())
+            if self._stop.wait(self._seconds):
+                return
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def fail_stale_trials(study: optuna.Study, storage, stale_after: float = STALE_AFTER_SECONDS) -> list[int]:
+    """Mark failed the RUNNING trials of `study` whose last heartbeat (or, lacking one, start) is
+    more than `stale_after` seconds old; returns their numbers.
+
+    For storages without a heartbeat of their own (journal files); an RDBStorage does this
+    itself at the start of every trial.
+    """
+    if isinstance(storage, optuna.storages.RDBStorage):
+        return []
+    now = time.time()
+    failed = []
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        last = trial.user_attrs.get(HEARTBEAT_ATTR)
+        if last is None and trial.datetime_start is not None:
+            last = trial.datetime_start.timestamp()
+        if last is None or now - float(last) <= stale_after:
+            continue
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        try:
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        except RuntimeError:  # finished meanwhile by its own worker, or failed by another
+            continue
+        failed.append(trial.number)
+        log.warning(
+            "tuning %s: trial %d has had no heartbeat for %.0f s (its worker stopped); marked failed, "
+            "its place in the trial budget is run again",
+            study.study_name, trial.number, now - float(last),
+        )
+    return failed
 
 
 @dataclass(frozen=True)
@@ -212,6 +279,12 @@ def tune(
     trial_config = replace(config, seeds=(config.seeds[0],))
 
     def objective(trial: optuna.Trial) -> float:
+        if isinstance(resolved, optuna.storages.RDBStorage):
+            return measured(trial)
+        with _Heartbeat(trial, HEARTBEAT_SECONDS):
+            return measured(trial)
+
+    def measured(trial: optuna.Trial) -> float:
         ahead = [t for t in trial.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
                  if t.state != TrialState.RUNNING or t.number < trial.number]
         if len(ahead) >= n_trials:
@@ -237,6 +310,7 @@ def tune(
     run = 0
     bar = tqdm(total=max(0, n_trials - done), desc=f"tuning {study_name}", unit="trial", leave=False)
     while True:
+        fail_stale_trials(study, resolved)
         running = _count(study, (TrialState.RUNNING,))
         if _count(study, FINISHED) + running >= n_trials:
             break

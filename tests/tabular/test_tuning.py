@@ -169,3 +169,42 @@ def test_fixture_folds_are_three(folds):
     assert [d.fold for d in folds] == [0, 1, 2]
     assert isinstance(folds[0].X_valid, pd.DataFrame) and np.isin(folds[0].y_valid, [0, 1]).all()
     assert build_fold is not None and DatasetSpec is not None
+
+
+def _journal(path):
+    return JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
+def test_a_dead_workers_trial_is_failed_and_its_place_run_again(tmp_path, folds):
+    """A journal file has no heartbeat of its own: a trial left RUNNING by a killed worker
+    would hold a place in the budget forever."""
+    import time
+
+    storage = f"journal://{tmp_path}/study.log"
+    tune(folds, "gbdt-toy", 1, tmp_path, storage=storage, config=FAST)
+    study = optuna.load_study(study_name="gbdt-toy", storage=_journal(tmp_path / "study.log"))
+    dead = study.ask()  # RUNNING, its worker gone
+    study._storage.set_trial_user_attr(dead._trial_id, "heartbeat_unix_time", time.time() - 1000)
+    alive = study.ask()  # RUNNING, its worker beating a moment ago
+    study._storage.set_trial_user_attr(alive._trial_id, "heartbeat_unix_time", time.time())
+
+    result = tune(folds, "gbdt-toy", 4, tmp_path, storage=storage, config=FAST)
+
+    states = {t.number: t.state for t in optuna.load_study(
+        study_name="gbdt-toy", storage=_journal(tmp_path / "study.log")).trials}
+    assert states[dead.number] == TrialState.FAIL
+    assert states[alive.number] == TrialState.RUNNING  # still counted as someone's work
+    assert result.trials_finished == 3 and result.trials_run == 2
+
+
+def test_trials_on_a_journal_write_a_heartbeat(tmp_path, folds, monkeypatch):
+    import tabular.tuning as tuning
+
+    monkeypatch.setattr(tuning, "HEARTBEAT_SECONDS", 0.001)
+    tune(folds, "gbdt-toy", 2, tmp_path, storage=f"journal://{tmp_path}/study.log", config=FAST)
+    trials = optuna.load_study(study_name="gbdt-toy", storage=_journal(tmp_path / "study.log")).trials
+    assert all(t.user_attrs["heartbeat_unix_time"] >= t.datetime_start.timestamp() - 1 for t in trials)
+    # An RDB storage keeps its own heartbeat; nothing is written into the trials there.
+    tune(folds, "gbdt-toy", 1, tmp_path, config=FAST)
+    (trial,) = optuna.load_study(study_name="gbdt-toy", storage=f"sqlite:///{tmp_path}/optuna.db").trials
+    assert "heartbeat_unix_time" not in trial.user_attrs
