@@ -201,13 +201,18 @@ def test_worker_resize_and_device_normalisation_equal_preprocess(folder):
 # ----------------------------------------------------------------------------- embed_ids
 
 
-def test_embed_ids_order_failures_and_views(tmp_path, folder, model):
+def folder_with_an_empty_file(tmp_path: Path, folder: Path, n_good: int) -> FolderSource:
+    """The first `n_good` images of `folder` and a zero-byte `zero.jpg`."""
     bad = tmp_path / "bad"
     bad.mkdir()
-    for p in sorted(folder.iterdir())[:5]:
+    for p in sorted(folder.iterdir())[:n_good]:
         (bad / p.name).write_bytes(p.read_bytes())
     (bad / "zero.jpg").write_bytes(b"")
-    src = FolderSource(bad)
+    return FolderSource(bad)
+
+
+def test_embed_ids_order_failures_and_views(tmp_path, folder, model):
+    src = folder_with_an_empty_file(tmp_path, folder, 5)
     ids = ["img_004", "zero", "img_001", "absent", "img_000"]
     batches = list(embed_ids(src, ids, model, tiny_config(views=3, batch_size=2)))
     got_ids = [i for b in batches for i in b[0]]
@@ -228,12 +233,7 @@ def test_batches_left_in_flight_come_back_in_order_and_unchanged(
 ):
     """The GPU's queue of launched batches (run here on CPU) yields what the plain loop yields:
     the same batches, ids, failures and vectors, in order, the last ones drained at the end."""
-    bad = tmp_path / "queue"
-    bad.mkdir()
-    for p in sorted(folder.iterdir())[:7]:
-        (bad / p.name).write_bytes(p.read_bytes())
-    (bad / "zero.jpg").write_bytes(b"")
-    src = FolderSource(bad)
+    src = folder_with_an_empty_file(tmp_path, folder, 7)
     ids = ["zero", "absent", *src.ids()[:7]]  # the first batch holds only failures
     config = tiny_config(batch_size=2)
     plain = list(embed_ids(src, ids, model, config))
