@@ -41,9 +41,11 @@ Over seeds 0-2 (an earlier store of the same weights before a lossless re-conver
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -245,27 +247,24 @@ def _train_all(run: Run, embeddings: Embeddings, identity: dict, config: FusionC
     oof_image = np.full(len(y), np.nan)
     image_info = []
     encoders = {}
+    data = _data_digest(run)
     for k in range(run.n_folds):
         train_rows = np.flatnonzero(fold != k)
         valid_rows = np.flatnonzero(fold == k)
-        encoder = FeatureEncoder().fit(run.frame.iloc[train_rows], spec)
-        encoders[k] = encoder
-        meta = encode_meta(encoder, run.frame)
-        model, p_valid, info = train_one(
-            embeddings, meta, y, train_rows, valid_rows, config, device, seed_key=(k, 0),
-            label=f"fusion fold {k}",
-        )
-        oof[valid_rows] = p_valid
-        folds_info.append({"fold": k, "n_meta": int(meta.shape[1]), **info})
-        torch.save(_cpu_state(model), out / f"fold{k}.pt")
-        (out / f"encoder_fold{k}.json").write_text(json.dumps(encoder.to_json(), indent=1))
+        key = _fold_key(data, identity, config, baselines, k)
+        done = _finished_fold(out, k, key, len(valid_rows))
+        if done is None:
+            done = _train_fold(run, embeddings, config, baselines, device, k, train_rows, valid_rows)
+            _save_fold(out, k, key, done)
+        else:
+            log.info("fusion fold %d: trained before with these settings, data and store; kept "
+                     "(delete %s to train it again)", k, out / f"fold{k}.done.json")
+        encoders[k] = done["encoder"]
+        oof[valid_rows] = done["p_valid"]
+        folds_info.append(done["info"])
         if baselines:
-            _, p_image, info_image = train_one(
-                embeddings, None, y, train_rows, valid_rows, config, device, seed_key=(k, 1),
-                label=f"image-only fold {k}",
-            )
-            oof_image[valid_rows] = p_image
-            image_info.append({"fold": k, **info_image})
+            oof_image[valid_rows] = done["p_image"]
+            image_info.append(done["image_info"])
 
     config_record = {
         **config.to_dict(),
@@ -299,6 +298,85 @@ def _train_all(run: Run, embeddings: Embeddings, identity: dict, config: FusionC
             line += f"; {name} pauc80 {figures['pauc80']:.4f}, ROC AUC {figures['roc_auc']:.4f}"
     log.info(line)
     return metrics
+
+
+# ----------------------------------------------------------------------------- one fold, resumable
+# A fold's model, encoder and validation predictions are on disk once `fold<k>.done.json` is:
+# a rerun after an interruption (hours at ISIC 2024 scale) trains only the folds not done with
+# the same settings, data, folds and store.
+
+
+def _train_fold(run: Run, embeddings: Embeddings, config: FusionConfig, baselines: bool,
+                device, k: int, train_rows: np.ndarray, valid_rows: np.ndarray) -> dict:
+    y = run.target
+    encoder = FeatureEncoder().fit(run.frame.iloc[train_rows], run.spec)
+    meta = encode_meta(encoder, run.frame)
+    model, p_valid, info = train_one(
+        embeddings, meta, y, train_rows, valid_rows, config, device, seed_key=(k, 0),
+        label=f"fusion fold {k}",
+    )
+    done = {"encoder": encoder, "model": _cpu_state(model), "p_valid": p_valid,
+            "info": {"fold": k, "n_meta": int(meta.shape[1]), **info}}
+    if baselines:
+        _, p_image, info_image = train_one(
+            embeddings, None, y, train_rows, valid_rows, config, device, seed_key=(k, 1),
+            label=f"image-only fold {k}",
+        )
+        done.update(p_image=p_image, image_info={"fold": k, **info_image})
+    return done
+
+
+def _data_digest(run: Run) -> str:
+    """sha256 of the run's rows (every metadata value), labels and fold assignment."""
+    digest = hashlib.sha256()
+    digest.update(pd.util.hash_pandas_object(run.frame, index=False).to_numpy().tobytes())
+    digest.update(np.ascontiguousarray(run.target, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(run.fold, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def _fold_key(data: str, identity: dict, config: FusionConfig, baselines: bool, k: int) -> str:
+    """What fold k's result depends on: code version, settings, store, data and folds."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        code = version("lesionfuse")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        code = "unknown"
+    payload = {"code": code, "config": config.to_dict(), "baselines": baselines, "fold": k,
+               "store": {f: identity.get(f) for f in STORE_FIELDS}, "data": data}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _save_fold(out: Path, k: int, key: str, done: dict) -> None:
+    torch.save(done["model"], out / f"fold{k}.pt")
+    (out / f"encoder_fold{k}.json").write_text(json.dumps(done["encoder"].to_json(), indent=1))
+    record = {"key": key, "info": done["info"], "p_valid": np.asarray(done["p_valid"]).tolist()}
+    if "p_image" in done:
+        record.update(p_image=np.asarray(done["p_image"]).tolist(), image_info=done["image_info"])
+    # Written last and atomically: its presence means the fold's files above are complete.
+    tmp = out / f"fold{k}.done.json.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, out / f"fold{k}.done.json")
+
+
+def _finished_fold(out: Path, k: int, key: str, n_valid: int) -> dict | None:
+    """Fold k's saved result when it was made with `key` and its files are all there, else None."""
+    path = out / f"fold{k}.done.json"
+    encoder_path = out / f"encoder_fold{k}.json"
+    if not (path.exists() and encoder_path.exists() and (out / f"fold{k}.pt").exists()):
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("key") != key or len(record.get("p_valid", ())) != n_valid:
+        return None
+    done = {"encoder": FeatureEncoder.from_json(json.loads(encoder_path.read_text())),
+            "p_valid": np.asarray(record["p_valid"], dtype=float), "info": record["info"]}
+    if "p_image" in record:
+        done.update(p_image=np.asarray(record["p_image"], dtype=float), image_info=record["image_info"])
+    return done
 
 
 def encode_meta(encoder: FeatureEncoder, frame: pd.DataFrame) -> np.ndarray:

@@ -207,3 +207,49 @@ def test_epoch_benchmark_reports_both_learners_and_memory(tmp_path):
         assert report[kind]["peak_rss_bytes"] >= report[kind]["rss_before_bytes"] > 0
     assert report["mlp_vs_linear_time"] > 0
     assert list(tmp_path.iterdir()) == []  # the temporary store is gone
+
+
+def test_an_interrupted_run_trains_only_the_folds_not_done(data, tmp_path, monkeypatch):
+    """Killed during fold 2, a rerun keeps folds 0-1 and ends where an uninterrupted run ends."""
+    import fuse.fusion as fusion
+
+    spec, _, _, store = data
+    train_fusion(spec, tmp_path / "whole", store, TINY, n_folds=3)
+
+    class Killed(Exception):
+        pass
+
+    real = fusion._train_fold
+    calls = []
+    killed = []
+
+    def dies_in_the_third_fold(*args, **kwargs):
+        calls.append(args[5])  # k
+        if len(calls) == 3 and not killed:  # the first run only
+            killed.append(True)
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fusion, "_train_fold", dies_in_the_third_fold)
+    with pytest.raises(Killed):
+        train_fusion(spec, tmp_path / "resumed", store, TINY, n_folds=3)
+    out = tmp_path / "resumed" / "fusion"
+    assert sorted(p.name for p in out.glob("*.done.json")) == ["fold0.done.json", "fold1.done.json"]
+
+    calls.clear()
+    metrics = train_fusion(spec, tmp_path / "resumed", store, TINY, n_folds=3)
+    assert calls == [2]
+    for name in ("oof.csv", "baselines_oof.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(out / name),
+                                      pd.read_csv(tmp_path / "whole" / "fusion" / name))
+    whole = json.loads((tmp_path / "whole" / "fusion" / "metrics.json").read_text())
+
+    def timeless(folds):
+        return [{k: v for k, v in f.items() if k != "seconds"} for f in folds]
+
+    assert timeless(metrics["folds"]) == timeless(whole["folds"])
+    assert metrics["baselines"]["logreg"]["pauc80"] == whole["baselines"]["logreg"]["pauc80"]
+
+    calls.clear()
+    train_fusion(spec, tmp_path / "resumed", store, QUICK, n_folds=3)  # other settings: all again
+    assert calls == [0, 1, 2]
