@@ -44,7 +44,7 @@ def weights(c, weights=None):
 
 
 @task(help={"rows": "lesions in the synthetic data set", "trials": "Optuna trials for the GBDT"})
-def demo(c, rows=600, trials=3):
+def demo(c, rows=1500, trials=3):
     """Make the synthetic demo data set, run the whole pipeline, print the report path."""
     _logging()
     from fuse.demo import run_demo

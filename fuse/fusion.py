@@ -337,13 +337,9 @@ def _data_digest(run: Run) -> str:
 
 def _fold_key(data: str, identity: dict, config: FusionConfig, baselines: bool, k: int) -> str:
     """What fold k's result depends on: code version, settings, store, data and folds."""
-    from importlib.metadata import PackageNotFoundError, version
+    from embed.store import lesionfuse_version
 
-    try:
-        code = version("lesionfuse")
-    except PackageNotFoundError:  # run from a source tree that was not installed
-        code = "unknown"
-    payload = {"code": code, "config": config.to_dict(), "baselines": baselines, "fold": k,
+    payload = {"code": lesionfuse_version(), "config": config.to_dict(), "baselines": baselines, "fold": k,
                "store": {f: identity.get(f) for f in STORE_FIELDS}, "data": data}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
