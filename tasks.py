@@ -136,15 +136,18 @@ def stack(c, run, sensitivity=0.95):
         "batch_size": "images per forward pass (default: 256 on CUDA, 32 on CPU)",
         "device": "auto, cpu or cuda",
         "weights": "the torchvision resnet50 state dict the run was embedded with, if not the cached one",
+        "store": "feature store folder to embed the images into first and reuse: a rerun embeds only what it lacks",
     }
 )
-def score(c, run, images, out, metadata=None, format="csv", batch_size=None, device="auto", weights=None):
+def score(c, run, images, out, metadata=None, format="csv", batch_size=None, device="auto", weights=None,
+          store=None):
     """Score a folder or HDF5 of new images with a trained run."""
     _logging()
     from fuse.stages import score_images
 
     _run(score_images, run, images=images, metadata=metadata, out=out, format=format,
-         batch_size=None if batch_size is None else int(batch_size), device=device, weights=weights)
+         batch_size=None if batch_size is None else int(batch_size), device=device, weights=weights,
+         store=store)
 
 
 @task(help={"quick": "a short version with small sizes", "device": "auto, cpu or cuda"})

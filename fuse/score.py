@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,7 @@ def score(
     weights: Path | str | None = None,
     num_workers: int | None = None,
     progress: bool = True,
+    store: Path | str | None = None,
 ) -> pd.DataFrame:
     """Score the images in `images` (with their metadata rows) and write the predictions.
 
@@ -74,6 +76,11 @@ def score(
             sha256 must be the one the run was trained with.
         num_workers: image decoding processes (default: chosen for the device).
         progress: show a tqdm bar (images/s).
+        store: a feature store folder to embed the images into first (made if absent). A rerun
+            after an interruption embeds only the images not stored yet, and scoring the same
+            images with another run of the same weights embeds nothing. Vectors are kept by id:
+            use a new folder when images change under the same ids. None: embed in memory,
+            predicting while the next images are embedded.
 
     Returns:
         The predictions in the "csv" layout, one row per input row: metadata rows in file order,
@@ -84,6 +91,8 @@ def score(
             or `metadata` missing; the metadata lacks the id column or a feature column, repeats
             an id, or holds text in a numeric column; the weights, preprocessing, image size or
             views differ from the run's (names the field).
+        RunError: also when `store` was made with other weights, preprocessing, image size or
+            views (names the field).
     """
     started = time.perf_counter()
     if format not in FORMATS:
@@ -118,7 +127,8 @@ def score(
 
     weights_info, config = _embedding_setup(identity, weights, batch_size, device, num_workers)
     p_gbdt, p_fusion, probability, embedded, failures, seconds = _score_rows(
-        run_dir, final["final"], frame, spec, has_image, source, weights_info, config, identity, progress)
+        run_dir, final["final"], frame, spec, has_image, source, weights_info, config, identity, progress,
+        store=Path(store) if store is not None else None, images=images)
     for image_id, reason in failures.items():
         errors[image_id] = f"image unreadable: {reason}"
     threshold = float(final["threshold"])
@@ -311,8 +321,10 @@ def read_scoring_metadata(path: Path, spec) -> pd.DataFrame:
 
 
 def _score_rows(run_dir: Path, final: str, frame: pd.DataFrame, spec, has_image: np.ndarray, source,
-                weights, config, identity: dict, progress: bool):
-    """Embed the rows' images and predict, overlapping the two.
+                weights, config, identity: dict, progress: bool, *, store: Path | None = None,
+                images: Path | None = None):
+    """Embed the rows' images (or take them from `store`, embedding what it lacks) and predict,
+    overlapping the two.
 
     Rows are cut into chunks of whole patients (per-patient features need all of a patient's
     scored rows, and nothing else) and images are embedded chunk after chunk; as soon as a
@@ -327,7 +339,7 @@ def _score_rows(run_dir: Path, final: str, frame: pd.DataFrame, spec, has_image:
     from tqdm.auto import tqdm
 
     from embed.backbone import load_backbone
-    from embed.pipeline import embed_ids, resolve_device
+    from embed.pipeline import resolve_device
 
     n = len(frame)
     ids = frame[spec.id].tolist()
@@ -366,11 +378,13 @@ def _score_rows(run_dir: Path, final: str, frame: pd.DataFrame, spec, has_image:
 
         release()  # chunks without any image
         if order:
-            model = load_backbone(weights, "cpu")
+            batches = (_embedded_batches(source, order, load_backbone(weights, "cpu"), config)
+                       if store is None else
+                       _stored_batches(source, order, weights, replace(config, progress=progress), store, images))
             bar = tqdm(total=len(order), unit="img", desc="score", dynamic_ncols=True,
                        disable=not progress, mininterval=1.0)
             try:
-                for batch_ids, batch, batch_failures in embed_ids(source, order, model, config):
+                for batch_ids, batch, batch_failures in batches:
                     for image_id, vector in zip(batch_ids, batch, strict=True):
                         vectors[str(image_id)] = vector
                     failures.update(batch_failures)
@@ -379,7 +393,6 @@ def _score_rows(run_dir: Path, final: str, frame: pd.DataFrame, spec, has_image:
                     release()
             finally:
                 bar.close()
-            del model
         seconds = time.perf_counter() - started
         seen = len(order)  # every chunk is predicted, whatever the loop yielded
         release()
@@ -389,6 +402,39 @@ def _score_rows(run_dir: Path, final: str, frame: pd.DataFrame, spec, has_image:
         log.info("embedded %d images (%d unreadable) in %.1f s (%.1f images/s, predictions overlapped)",
                  len(order) - len(failures), len(failures), seconds, len(order) / max(seconds, 1e-9))
     return p_gbdt, p_fusion, probability, embedded, failures, seconds
+
+
+def _embedded_batches(source, order: list[str], model, config):
+    """(ids, vectors, failures) per batch, embedded in memory."""
+    from embed.pipeline import embed_ids
+
+    yield from embed_ids(source, order, model, config)
+
+
+def _stored_batches(source, order: list[str], weights, config, store: Path, images: Path | None,
+                    rows_per_read: int = 4096):
+    """(ids, vectors, failures) in blocks, from `store` after embedding into it what it lacks.
+
+    The store is filled by `embed.pipeline.build_store` (crash-safe, resumable); images it
+    recorded as unreadable before are reported with the reason recorded then.
+    """
+    from embed.errors import StoreMismatchError
+    from embed.pipeline import build_store
+    from embed.store import FeatureStore
+
+    try:
+        summary = build_store(source, order, store, f"scored images: {images}", weights, config)
+    except StoreMismatchError as error:
+        raise RunError(f"--store {store}: {error}. For this run, pass a new --store folder") from error
+    log.info("store %s: %d embedded now, %d already there, %d unreadable", store, summary.embedded,
+             summary.skipped_existing, len(summary.failed) + len(summary.previously_failed))
+    failures = {**summary.previously_failed, **summary.failed}
+    readable = [i for i in order if i not in failures]
+    stored = FeatureStore.open(store)
+    for start in range(0, len(readable), rows_per_read):
+        block = readable[start:start + rows_per_read]
+        yield block, stored.read(block), {}
+    yield [], np.empty((0, stored.views, stored.dim), dtype=np.float16), failures
 
 
 def chunk_rows(n: int) -> int:

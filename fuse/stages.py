@@ -87,9 +87,10 @@ def stack_and_report(run, sensitivity: float = 0.95) -> Path:
 
 
 def score_images(run, images, out, metadata=None, format: str = "csv", batch_size: int | None = None,
-                 device: str = "auto", weights: Path | str | None = None):
+                 device: str = "auto", weights: Path | str | None = None, store: Path | str | None = None):
     """`invoke score`: score new images (and their metadata) with a trained run."""
     from fuse.score import score
 
     return score(run_dir(run), images=Path(images), metadata=Path(metadata) if metadata else None,
-                 out=Path(out), format=format, batch_size=batch_size, device=device, weights=weights)
+                 out=Path(out), format=format, batch_size=batch_size, device=device, weights=weights,
+                 store=store)

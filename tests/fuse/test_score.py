@@ -312,3 +312,58 @@ def test_other_preprocessing_is_refused(tiny, tmp_path):
     (run / "fusion" / "store.json").write_text(json.dumps(record))
     with pytest.raises(RunError, match=r"field 'preprocessing.resize' differs"):
         score(run, tiny["data"] / "test-image.hdf5", None, tmp_path / "o.csv", weights=tiny["weights"], **FAST)
+
+
+def test_scoring_through_a_store_resumes_and_reuses_the_embeddings(tiny, tmp_path, monkeypatch):
+    """With a store, a rerun after an interruption embeds only what is missing, a second scoring
+    embeds nothing, unreadable images keep their reasons, and the predictions are the in-memory ones."""
+    import embed.pipeline as pipeline
+
+    folder = tmp_path / "images"
+    ids = _folder_of_test_images(tiny, folder)
+    (folder / "ISIC_zero.jpg").write_bytes(b"")
+    metadata = tiny["data"] / "test-metadata.csv"
+    in_memory = score(tiny["run"], folder, metadata, tmp_path / "a.csv", weights=tiny["weights"], **FAST)
+
+    summaries = []
+    build = pipeline.build_store
+
+    def recorded(*args, **kwargs):
+        summaries.append(build(*args, **kwargs))
+        return summaries[-1]
+
+    monkeypatch.setattr(pipeline, "build_store", recorded)
+    store = tmp_path / "store"
+    # An interrupted first run: the store holds three of the images.
+    part = tmp_path / "part"
+    part.mkdir()
+    for image_id in ids[:3]:
+        shutil.copy(folder / f"{image_id}.jpg", part)
+    score(tiny["run"], part, None, tmp_path / "part.csv", weights=tiny["weights"], store=store, **FAST)
+
+    resumed = score(tiny["run"], folder, metadata, tmp_path / "b.csv", weights=tiny["weights"], store=store, **FAST)
+    again = score(tiny["run"], folder, metadata, tmp_path / "c.csv", weights=tiny["weights"], store=store, **FAST)
+
+    assert [(s.embedded, s.skipped_existing) for s in summaries] == [(3, 0), (len(ids) - 3, 3), (0, len(ids))]
+    assert list(summaries[1].failed) == ["ISIC_zero"] and list(summaries[2].previously_failed) == ["ISIC_zero"]
+    for result in (resumed, again):
+        pd.testing.assert_frame_equal(result, in_memory, check_exact=False, rtol=1e-6)
+        assert "empty file" in result.set_index("isic_id").loc["ISIC_zero", "error"]
+
+
+def test_a_scoring_store_made_with_other_weights_is_refused(tiny, tmp_path):
+    import torch
+    import torchvision
+
+    from embed.pipeline import EmbedConfig, build_store
+    from embed.sources import open_source
+    from embed.weights import WeightsInfo, sha256_file
+
+    torch.manual_seed(1)
+    other = tmp_path / "other-resnet50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), other)
+    images = tiny["data"] / "test-image.hdf5"
+    build_store(open_source(images), None, tmp_path / "store", "other", WeightsInfo(other, sha256_file(other), "test"),
+                EmbedConfig(image_size=32, device="cpu", num_workers=0, progress=False))
+    with pytest.raises(RunError, match=r"--store .*store: .*weights_sha256.*pass a new --store folder"):
+        score(tiny["run"], images, None, tmp_path / "o.csv", weights=tiny["weights"], store=tmp_path / "store", **FAST)
