@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -176,11 +177,40 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def _cpu_count() -> int:
+CGROUP_CPU_LIMITS = (
+    Path("/sys/fs/cgroup/cpu.max"),  # cgroup v2: "<quota> <period>" or "max <period>"
+    Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),  # cgroup v1: quota, -1 = none (period beside it)
+)
+
+
+def cgroup_cpu_limit(paths: Sequence[Path] = CGROUP_CPU_LIMITS) -> int | None:
+    """CPUs a container's CPU quota allows (rounded up), or None without a quota.
+
+    `docker run --cpus 4` and Kubernetes CPU limits set a quota but leave every host CPU in the
+    affinity mask, so counting CPUs by affinity alone would start a worker per host core.
+    """
+    v2, v1 = paths
     try:
-        return len(os.sched_getaffinity(0))
+        if v2.exists():
+            quota, period = v2.read_text().split()[:2]
+            return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
+        if v1.exists():
+            quota = int(v1.read_text().strip())
+            period = int((v1.parent / "cpu.cfs_period_us").read_text().strip())
+            return None if quota <= 0 else max(1, math.ceil(quota / period))
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _cpu_count() -> int:
+    """CPUs this process may use: its affinity mask, capped by a container's CPU quota."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    return min(cpus, limit) if limit else cpus
 
 
 def default_batch_size(device: torch.device | str) -> int:

@@ -585,3 +585,34 @@ def test_bench_checks_the_pipelines_vectors_against_the_naive_loop(
     monkeypatch.setattr(pipeline, "_launch", shifted)
     bad = bench_embedding(weights, **settings)
     assert bad["min_cosine_to_naive"] < 0.95 and not bad["meets_targets"]
+
+
+@pytest.mark.parametrize(
+    "v2, v1, expected",
+    [
+        ("max 100000\n", None, None),
+        ("400000 100000\n", None, 4),
+        ("150000 100000\n", None, 2),  # 1.5 CPUs: a second worker still has half a core
+        (None, ("-1", "100000"), None),
+        (None, ("200000", "100000"), 2),
+        (None, None, None),
+        ("garbage\n", None, None),
+    ],
+)
+def test_container_cpu_quota_caps_the_cpu_count(tmp_path, v2, v1, expected):
+    v2_path = tmp_path / "cpu.max"
+    v1_path = tmp_path / "cpu" / "cpu.cfs_quota_us"
+    if v2 is not None:
+        v2_path.write_text(v2)
+    if v1 is not None:
+        v1_path.parent.mkdir()
+        v1_path.write_text(v1[0])
+        (v1_path.parent / "cpu.cfs_period_us").write_text(v1[1])
+    assert pipeline.cgroup_cpu_limit((v2_path, v1_path)) == expected
+
+
+def test_cpu_count_takes_the_smaller_of_affinity_and_quota(monkeypatch):
+    monkeypatch.setattr(pipeline, "cgroup_cpu_limit", lambda: 3)
+    assert pipeline._cpu_count() == min(3, len(os.sched_getaffinity(0)))
+    monkeypatch.setattr(pipeline, "cgroup_cpu_limit", lambda: None)
+    assert pipeline._cpu_count() == len(os.sched_getaffinity(0))
