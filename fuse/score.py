@@ -339,7 +339,7 @@ def _score_rows(run_dir: Path, final: str, frame: pd.DataFrame, spec, has_image:
     from tqdm.auto import tqdm
 
     from embed.backbone import load_backbone
-    from embed.pipeline import resolve_device
+    from embed.pipeline import embed_ids, resolve_device
 
     n = len(frame)
     ids = frame[spec.id].tolist()
@@ -378,7 +378,7 @@ def _score_rows(run_dir: Path, final: str, frame: pd.DataFrame, spec, has_image:
 
         release()  # chunks without any image
         if order:
-            batches = (_embedded_batches(source, order, load_backbone(weights, "cpu"), config)
+            batches = (embed_ids(source, order, load_backbone(weights, "cpu"), config)
                        if store is None else
                        _stored_batches(source, order, weights, replace(config, progress=progress), store, images))
             bar = tqdm(total=len(order), unit="img", desc="score", dynamic_ncols=True,
@@ -402,13 +402,6 @@ def _score_rows(run_dir: Path, final: str, frame: pd.DataFrame, spec, has_image:
         log.info("embedded %d images (%d unreadable) in %.1f s (%.1f images/s, predictions overlapped)",
                  len(order) - len(failures), len(failures), seconds, len(order) / max(seconds, 1e-9))
     return p_gbdt, p_fusion, probability, embedded, failures, seconds
-
-
-def _embedded_batches(source, order: list[str], model, config):
-    """(ids, vectors, failures) per batch, embedded in memory."""
-    from embed.pipeline import embed_ids
-
-    yield from embed_ids(source, order, model, config)
 
 
 def _stored_batches(source, order: list[str], weights, config, store: Path, images: Path | None,
