@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from common.errors import LesionfuseError
 
-class EmbedError(ValueError):
+
+class EmbedError(LesionfuseError):
     """An input, file or setting the image side cannot use.
 
     The message names the parameter or path, the value received and, where it helps,

@@ -1,5 +1,5 @@
-"""The fusion side's own exception."""
+"""The fusion side's exception: a run, its artifacts or its options are not usable."""
 
+from common.errors import RunError
 
-class RunError(ValueError):
-    """A run, its artifacts or its options are not usable."""
+__all__ = ["RunError"]

@@ -1,0 +1,1 @@
+"""Helpers every side of lesionfuse shares: the base error, atomic files, hashes, the version."""
