@@ -5,8 +5,9 @@ model that never saw it. Each model's operating threshold is chosen on its own o
 predictions for the target sensitivity (default 95%): the scales of the models differ (the blend
 gives a rank score, not a probability), so one shared threshold would mean nothing.
 
-Writes `<run>/report/`: `report.md` (the table, the final model, the plots), `metrics.json` (the
-same figures for machines) and the PNG plots.
+Writes `<run>/report/`: `report.md` (the table, the final model, the plots), `index.html` (the
+same, as one self-contained page with the plots embedded, for a browser, offline), `metrics.json`
+(the same figures for machines) and the PNG plots.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fuse import html
 from fuse.errors import RunError
 from fuse.stack import require_run
 from tabular.folds import read_folds
@@ -58,10 +60,18 @@ PLOTS = {
     "histogram": "score_histogram.png",
     "importance": "feature_importance.png",
 }
+PLOT_TITLES = {
+    "roc": "ROC curves (shaded: the pAUC80 region, TPR >= 80%)",
+    "pr": "Precision-recall curves",
+    "confusion": "Confusion matrix of the final model at its operating threshold",
+    "calibration": "Calibration (reliability) curves",
+    "histogram": "Scores of the final model by class",
+    "importance": "LightGBM feature importance (gbdt)",
+}
 
 
 def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
-    """Write `<run>/report/report.md`, `metrics.json` and the PNG plots.
+    """Write `<run>/report/report.md`, `index.html`, `metrics.json` and the PNG plots.
 
     Args:
         run_dir: the run folder.
@@ -97,6 +107,10 @@ def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
         "dataset": record.get("spec", {}).get("name"),
         "rows": int(len(y)),
         "positives": int(y.sum()),
+        "groups": int(folds["group"].nunique()),
+        "group_column": record.get("spec", {}).get("group"),
+        "patients": _patients(record, folds),
+        "patient_column": record.get("spec", {}).get("patient"),
         "n_folds": int(folds["fold"].nunique()),
         "sensitivity": sensitivity,
         "final": final["final"] if final else None,
@@ -107,7 +121,8 @@ def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
     (out / "metrics.json").write_text(json.dumps(document, indent=2))
     path = out / "report.md"
     path.write_text(_markdown(document, final))
-    log.info("report: %s", path)
+    html.write_text_atomic(out / "index.html", _html(document, final, out))
+    log.info("report: %s (and index.html)", path)
     return path
 
 
@@ -142,6 +157,24 @@ def _read_predictions(run_dir: Path, folds: pd.DataFrame) -> tuple[dict[str, np.
     return predictions, y
 
 
+def _patients(record: dict, folds: pd.DataFrame) -> int | None:
+    """How many patients the run's rows come from; None when the spec names no patient column
+    (or its metadata file can no longer be read)."""
+    spec = record.get("spec", {})
+    patient = spec.get("patient")
+    if not patient:
+        return None
+    if patient == spec.get("group"):
+        return int(folds["group"].nunique())
+    try:
+        table = pd.read_csv(spec["metadata"], usecols=[spec["id"], patient], dtype=str)
+    except (OSError, ValueError, KeyError) as error:
+        log.warning("report: patients not counted (%s)", error)
+        return None
+    rows = table[table[spec["id"]].isin(set(folds["id"]))]
+    return int(rows[patient].nunique())
+
+
 def _final(run_dir: Path) -> dict | None:
     path = run_dir / "stack" / "final.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -166,9 +199,8 @@ def _markdown(document: dict, final: dict | None) -> str:
     lines = [
         f"# Evaluation report: {document['dataset']}",
         "",
-        f"Run `{document['run']}`: {document['rows']} rows, {document['positives']} positive "
-        f"(malignant), {document['n_folds']} grouped folds. Every figure is out of fold: each row "
-        "was scored by a model that never saw it.",
+        f"Run `{document['run']}`: {_data_figures(document)}. Every figure is out of fold: each "
+        "row was scored by a model that never saw it.",
         "",
     ]
     if final:
@@ -201,17 +233,114 @@ def _markdown(document: dict, final: dict | None) -> str:
     lines += ["", "Models:"]
     lines += [f"- {name}: {DESCRIPTIONS[name]}" for name in document["models"]]
     lines += ["", "## Plots", ""]
-    titles = {
-        "roc": "ROC curves (shaded: the pAUC80 region, TPR >= 80%)",
-        "pr": "Precision-recall curves",
-        "confusion": "Confusion matrix of the final model at its operating threshold",
-        "calibration": "Calibration (reliability) curves",
-        "histogram": "Scores of the final model by class",
-        "importance": "LightGBM feature importance (gbdt)",
-    }
     for key, name in document["plots"].items():
-        lines += [f"### {titles[key]}", "", f"![{key}]({name})", ""]
+        lines += [f"### {PLOT_TITLES[key]}", "", f"![{key}]({name})", ""]
     return "\n".join(lines)
+
+
+def _data_figures(document: dict) -> str:
+    """"300 rows, 90 positive (malignant), 150 groups (lesion_id), 5 grouped folds"."""
+    parts = [f"{document['rows']} rows", f"{document['positives']} positive (malignant)",
+             f"{document['groups']} groups ({document['group_column']})"]
+    if document.get("patients") is not None:
+        parts.append(f"{document['patients']} patients ({document['patient_column']})")
+    parts.append(f"{document['n_folds']} grouped folds")
+    return ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------------- html
+
+
+def _html(document: dict, final: dict | None, out: Path) -> str:
+    """`index.html`: the figures of `report.md` as one self-contained page (plots embedded)."""
+    e = html.escape
+    sensitivity = document["sensitivity"]
+    rows, positives = document["rows"], document["positives"]
+    facts = [
+        ("data set", e(document["dataset"])),
+        ("run", f'<span class="id">{e(document["run"])}</span>'),
+        ("rows", f"{rows:,}"),
+        ("positives (malignant)", f"{positives:,} ({positives / rows:.2%})" if rows else "0"),
+        (f"groups ({e(document['group_column'])})", f"{document['groups']:,}"),
+    ]
+    if document.get("patients") is not None:
+        facts.append((f"patients ({e(document['patient_column'])})", f"{document['patients']:,}"))
+    facts.append(("folds", f"{document['n_folds']} (grouped: a group never straddles folds)"))
+    body = [
+        f"<h1>Evaluation report: {e(document['dataset'])}</h1>",
+        '<p class="muted">Every figure is out of fold: each row was scored by a model that never '
+        "saw it.</p>",
+        '<dl class="facts">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>",
+        "<h2>Final model and operating point</h2>",
+    ]
+    if final:
+        name = final["final"]
+        figures = document["models"].get(name, {})
+        body.append(
+            f'<p><span class="badge final">final</span> <strong>{e(name)}</strong>: '
+            f"{e(DESCRIPTIONS.get(name, ''))} (the higher out-of-fold pAUC80 of stack and blend; "
+            "<code>stack/final.json</code>).</p>"
+        )
+        point = [
+            ("operating threshold", e(html.number(document["final_threshold"], ".6g"))),
+            ("target sensitivity", f"{sensitivity:.0%}"),
+            ("sensitivity reached (recall)", e(html.number(figures.get("recall"), ".4f"))),
+            ("specificity", e(html.number(figures.get("specificity"), ".4f"))),
+            ("pAUC80", e(html.number(figures.get("pauc80"), ".4f"))),
+        ]
+        body.append('<dl class="facts">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in point)
+                    + "</dl>")
+        if abs(final["sensitivity"] - sensitivity) > 1e-12:
+            body.append(
+                f'<p class="note">Note: <code>stack/final.json</code> holds the threshold for '
+                f"{final['sensitivity']:.0%} sensitivity, which scoring uses; this report's "
+                f"thresholds are for {sensitivity:.0%}. Rerun <code>invoke stack --run R "
+                f"--sensitivity {e(sensitivity)}</code> to align them.</p>"
+            )
+    else:
+        body.append('<p class="note">No final model yet: run <code>invoke stack --run R</code> to '
+                    "stack and blend the base models.</p>")
+
+    head = '<th>model</th>' + "".join(
+        f'<th class="num">{e(heading)}</th>' for _, heading, _ in COLUMNS)
+    table_rows = []
+    for name, figures in document["models"].items():
+        is_final = bool(final) and name == final["final"]
+        label = e(name) + (' <span class="badge final">final</span>' if is_final else "")
+        cells = "".join(
+            f'<td class="num" data-sort="{_sort_key(figures[key])}">'
+            f"{e(html.number(figures[key], fmt))}</td>"
+            for key, _, fmt in COLUMNS
+        )
+        css = ' class="final"' if is_final else ""
+        table_rows.append(f"<tr{css}><td>{label}</td>{cells}</tr>")
+    body += [
+        "<h2>Models</h2>",
+        f"<p>Thresholds: each model's own, chosen on its out-of-fold predictions as the highest "
+        f"score that keeps recall at or above {sensitivity:.0%}. pAUC80 is the ISIC 2024 metric "
+        "(ROC area above 80% TPR, 0..0.2, random about 0.02). Click a heading to sort.</p>",
+        f'<table class="sortable" id="models"><thead><tr>{head}</tr></thead>'
+        f'<tbody>{"".join(table_rows)}</tbody></table>',
+        "<ul>" + "".join(f"<li><strong>{e(name)}</strong>: {e(DESCRIPTIONS.get(name, ''))}</li>"
+                         for name in document["models"]) + "</ul>",
+        "<h2>Plots</h2>",
+        '<div class="plots">',
+    ]
+    for key, name in document["plots"].items():
+        uri = html.png_data_uri((out / name).read_bytes())
+        body.append(
+            f'<figure id="plot-{e(key)}"><img src="{uri}" alt="{e(PLOT_TITLES[key])}">'
+            f"<figcaption>{e(PLOT_TITLES[key])}</figcaption></figure>"
+        )
+    body.append("</div>")
+    title = f"Evaluation report: {document['dataset']}"
+    return html.page(title, "\n".join(body), sortable=True)
+
+
+def _sort_key(value) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    return repr(float(value))
 
 
 # ------------------------------------------------------------------------------------ plots

@@ -1,9 +1,12 @@
-"""The evaluation report: every model and column, valid plots, and the table equal to metrics.json."""
+"""The evaluation report: every model and column, valid plots, and the table equal to metrics.json;
+index.html with the same table, every plot embedded, and the data set's figures."""
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+from html.parser import HTMLParser
 
 import pandas as pd
 import pytest
@@ -105,3 +108,119 @@ def test_run_not_found(tmp_path):
 def test_bad_sensitivity(tabular_run):
     with pytest.raises(RunError, match=r"sensitivity: expected a value in \(0, 1\], got 0"):
         write_report(tabular_run.dir, sensitivity=0)
+
+
+# ------------------------------------------------------------------------------ index.html
+
+
+class _Page(HTMLParser):
+    """The parts of index.html the tests look at: table cells by row, images, scripts."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[list[str]] = []
+        self.images: list[dict] = []
+        self.scripts = 0
+        self.text: list[str] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "img":
+            self.images.append(dict(attrs))
+        elif tag == "script":
+            self.scripts += 1
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.rows[-1].append(" ".join("".join(self._cell).split()))
+            self._cell = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _page(path) -> _Page:
+    parser = _Page()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+def test_index_html_has_the_table_final_model_plots_and_data_figures(stacked_run):
+    path = write_report(stacked_run.dir)
+    index = path.parent / "index.html"
+    page = _page(index)
+    document = json.loads((path.parent / "metrics.json").read_text())
+    final = json.loads((stacked_run.dir / "stack" / "final.json").read_text())
+
+    # the model table: every column of report.md's table, every model, the same cells
+    markdown = _table(path.read_text())
+    header, *body = page.rows[: 1 + len(document["models"])]
+    assert header == list(markdown.columns)
+    for row, expected in zip(body, markdown.itertuples(index=False), strict=True):
+        name = expected[0].replace("**", "").replace(" (final)", "")
+        assert row[0] == (f"{name} final" if name == final["final"] else name)
+        assert row[1:] == list(expected[1:])
+
+    # every plot of report.md, embedded byte for byte
+    shown = [image["src"] for image in page.images]
+    assert len(shown) == len(document["plots"]) == len(PLOTS)
+    for name in document["plots"].values():
+        encoded = base64.b64encode((path.parent / name).read_bytes()).decode()
+        assert f"data:image/png;base64,{encoded}" in shown
+    assert all(src.startswith("data:image/png;base64,") for src in shown)
+
+    text = " ".join(" ".join(page.text).split())
+    # the data set's figures and the operating point
+    assert f"rows {document['rows']:,}" in text
+    assert f"positives (malignant) {document['positives']:,}" in text
+    assert document["groups"] == 150 and "groups (lesion_id) 150" in text
+    assert document["patients"] is None and "patients" not in text
+    assert f"operating threshold {format(final['threshold'], '.6g')}" in text
+    assert "target sensitivity 95%" in text
+    # self-contained: no address to fetch anything from
+    raw = index.read_text()
+    assert "http://" not in raw and "https://" not in raw and " src=\"data:" in raw
+    assert page.scripts == 1  # the table sorter, inline
+
+
+def test_index_html_escapes_names_from_the_data(stacked_run):
+    record_path = stacked_run.dir / "run.json"
+    record = json.loads(record_path.read_text())
+    record["spec"]["name"] = "<script>alert(1)</script>&co"
+    record["spec"]["group"] = 'lesion"<b>'
+    record_path.write_text(json.dumps(record))
+    path = write_report(stacked_run.dir)
+    raw = (path.parent / "index.html").read_text()
+    assert "<script>alert(1)" not in raw and "<b>" not in raw
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;&amp;co" in raw
+    assert "lesion&quot;&lt;b&gt;" in raw
+    assert _page(path.parent / "index.html").scripts == 1
+
+
+def test_index_html_without_final_model_says_so(tabular_run):
+    path = write_report(tabular_run.dir)
+    page = _page(path.parent / "index.html")
+    text = " ".join(" ".join(page.text).split())
+    assert "No final model yet: run invoke stack --run R" in text
+    assert [row[0] for row in page.rows[1:3]] == ["gbdt", "fusion"]
+    assert len(page.images) == len(json.loads((path.parent / "metrics.json").read_text())["plots"])
+
+
+def test_patients_counted_when_the_spec_has_a_patient_column(tmp_path):
+    from fuse.report import _patients
+
+    folds = pd.DataFrame({"id": ["a", "b", "c", "d"], "group": ["g1", "g1", "g2", "g3"], "fold": [0, 0, 1, 1]})
+    pd.DataFrame({"image_id": ["a", "b", "c", "d", "x"], "pid": ["p1", "p1", "p1", "p2", "p9"]}).to_csv(
+        tmp_path / "metadata.csv", index=False
+    )
+    spec = {"id": "image_id", "group": "lesion_id", "metadata": str(tmp_path / "metadata.csv")}
+    assert _patients({"spec": {**spec, "patient": None}}, folds) is None
+    assert _patients({"spec": {**spec, "patient": "pid"}}, folds) == 2  # x is not in the run
+    assert _patients({"spec": {**spec, "patient": "lesion_id"}}, folds) == 3  # the group itself
+    assert _patients({"spec": {**spec, "patient": "pid", "metadata": str(tmp_path / "gone.csv")}}, folds) is None
