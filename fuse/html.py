@@ -151,12 +151,3 @@ def page(title: str, body: str, *, sortable: bool = False) -> str:
         f"<body>\n{body}\n{script}</body>\n</html>\n"
     )
 
-
-def write_text_atomic(path, text: str) -> None:
-    """Write `text` (UTF-8) to `path` through a temporary file, so a reader never sees half a page."""
-    from pathlib import Path
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.files import atomic_write_text
 from fuse import html
 from fuse.errors import RunError
 from fuse.stack import require_run
@@ -121,7 +122,7 @@ def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
     (out / "metrics.json").write_text(json.dumps(document, indent=2))
     path = out / "report.md"
     path.write_text(_markdown(document, final))
-    html.write_text_atomic(out / "index.html", _html(document, final, out))
+    atomic_write_text(out / "index.html", _html(document, final, out))
     log.info("report: %s (and index.html)", path)
     return path
 
