@@ -82,7 +82,8 @@ class GBDTConfig:
     neg_ratio: keep at most this many negatives per positive in each training part (None = all).
         The ISIC 2024 winners kept about 1 negative in 100 at 0.1% prevalence: trees then train
         on a fraction of the rows, and each seed sees other negatives, which adds diversity.
-    extra_components: PCA components kept from the extra matrix (image embeddings).
+    extra_components: PCA components kept from the extra matrix (image embeddings); 0 = metadata
+        only, when no extra matrix is given.
     pca_fit_rows: PCA is fitted on at most this many training rows (a seeded sample) to bound
         memory on ISIC-sized data; the projection is applied to every row.
     num_boost_round / early_stopping_rounds: boosting stops when the first validation metric
@@ -107,8 +108,10 @@ class GBDTConfig:
             raise DataError(f"seeds: expected a non-empty sequence of integers, got {self.seeds!r}")
         if self.neg_ratio is not None and not (self.neg_ratio > 0 and math.isfinite(self.neg_ratio)):
             raise DataError(f"neg_ratio: expected a positive number or None, got {self.neg_ratio!r}")
-        if self.extra_components < 1:
-            raise DataError(f"extra_components: expected >= 1, got {self.extra_components!r}")
+        # 0 = metadata only: a tabular-only spec, or `invoke train-gbdt --image-pca 0`.
+        if (isinstance(self.extra_components, bool) or not isinstance(self.extra_components, int | np.integer)
+                or self.extra_components < 0):
+            raise DataError(f"extra_components: expected an integer >= 0, got {self.extra_components!r}")
         if self.num_boost_round < 1 or self.early_stopping_rounds < 1:
             raise DataError(
                 f"num_boost_round / early_stopping_rounds: expected >= 1, got "

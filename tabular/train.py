@@ -60,7 +60,7 @@ def fit_gbdt(
         storage: Optuna storage URL or journal file (default `sqlite:///<run>/gbdt/optuna.db`).
         extra: optional (n_rows, d) matrix aligned to the metadata rows (image embeddings);
             reduced per fold by PCA to `extra_components` columns fitted on the training part.
-        extra_components: PCA components kept from `extra`.
+        extra_components: PCA components kept from `extra` (0 = metadata only: `extra` must be None).
         seeds: one model per fold and seed.
         neg_ratio: keep at most this many negatives per positive in each training part.
         config: full ensemble settings (overrides seeds / neg_ratio / extra_components).
@@ -112,6 +112,11 @@ def fit_gbdt_frame(
         raise DataError(f"folds: expected {len(frame)} fold numbers (one per row), got {len(fold_of_row)}")
     if extra is not None:
         extra = check_extra(extra, len(frame), ids)
+        if config.extra_components == 0:
+            raise DataError(
+                f"extra_components: 0 keeps no image features, but an extra matrix of shape "
+                f"{extra.shape} was given; pass extra=None for metadata only, or extra_components >= 1"
+            )
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

@@ -66,8 +66,12 @@ def test_config_refuses_bad_options():
         GBDTConfig(neg_ratio=-1)
     with pytest.raises(DataError, match=r"seeds: expected a non-empty sequence of integers, got \(\)"):
         GBDTConfig(seeds=())
-    with pytest.raises(DataError, match="extra_components: expected >= 1, got 0"):
-        GBDTConfig(extra_components=0)
+    with pytest.raises(DataError, match="extra_components: expected an integer >= 0, got -1"):
+        GBDTConfig(extra_components=-1)
+    with pytest.raises(DataError, match="extra_components: expected an integer >= 0, got 2.5"):
+        GBDTConfig(extra_components=2.5)
+    # 0 is metadata only (no image matrix), what `invoke train-gbdt --image-pca 0` asks for.
+    assert GBDTConfig(extra_components=0).extra_components == 0
 
 
 def test_ensemble_learns_and_saved_models_reproduce_oof(tmp_path):

@@ -109,6 +109,23 @@ def test_fit_gbdt_with_extra_matrix(tmp_path):
         fit_gbdt(spec, tmp_path / "run", extra=extra[:10], config=config)
 
 
+def test_fit_gbdt_metadata_only_with_zero_extra_components(tmp_path):
+    """`invoke train-gbdt --image-pca 0` (and any tabular-only spec) passes extra_components=0."""
+    spec, _ = make(tmp_path, n=200)
+    metrics = fit_gbdt(spec, tmp_path / "run", extra_components=0, seeds=(0,))
+    assert metrics["extra"] is None and metrics["rows"] == 200
+    params = json.loads((tmp_path / "run" / "gbdt" / "params.json").read_text())
+    assert params["config"]["extra_components"] == 0
+
+
+def test_fit_gbdt_refuses_an_extra_matrix_with_zero_components(tmp_path):
+    spec, _ = make(tmp_path, n=200)
+    extra = np.zeros((200, 8), dtype=np.float32)
+    with pytest.raises(DataError, match=r"extra_components: 0 keeps no image features, but an extra "
+                                        r"matrix of shape \(200, 8\) was given"):
+        fit_gbdt(spec, tmp_path / "run", extra=extra, extra_components=0, seeds=(0,))
+
+
 def test_fit_gbdt_refuses_bad_input(tmp_path):
     spec, _ = make(tmp_path, n=100, edit=lambda f: f.assign(site=np.nan))
     with pytest.raises(DataError, match="categorical column 'site' has no value"):
