@@ -32,20 +32,36 @@ def read_metadata(spec: DatasetSpec, require_target: bool = True) -> pd.DataFram
         The table, one row per id, in file order.
 
     Raises:
-        DataError: the file is missing; a column the spec names is missing; an id is duplicated
+        DataError: the file is missing, empty, or has a header but no rows; a column the spec names is missing; an id is duplicated
             or empty; the target is missing, not 0/1, or of one class only; the group has
             missing values; a numeric column holds text.
     """
     if not spec.metadata.exists():
         raise DataError(f"spec '{spec.name}': metadata file not found: {spec.metadata}")
+    where = f"spec '{spec.name}': metadata file {spec.metadata}"
+    size = spec.metadata.stat().st_size
+    if size == 0:
+        # A truncated copy or an interrupted export: pandas would only say "No columns to parse".
+        raise DataError(f"{where} is empty (0 bytes); expected a CSV with a header line and one row per image")
     text_columns = {spec.id, spec.group, *spec.categorical}
     if spec.patient:
         text_columns.add(spec.patient)
-    frame = pd.read_csv(
-        spec.metadata,
-        dtype={c: "string" for c in text_columns},
-        low_memory=False,
-    )
+    try:
+        frame = pd.read_csv(
+            spec.metadata,
+            dtype={c: "string" for c in text_columns},
+            low_memory=False,
+        )
+    except pd.errors.EmptyDataError as error:
+        raise DataError(
+            f"{where} has no header line (only blank lines, {size} bytes); expected a CSV with a "
+            "header line and one row per image"
+        ) from error
+    if frame.empty:
+        # Checked before the columns: with no rows, the header is all there is to show.
+        columns = [str(c) for c in frame.columns]
+        shown = ", ".join(columns[:10]) + (f", ... ({len(columns) - 10} more)" if len(columns) > 10 else "")
+        raise DataError(f"{where} has a header but no rows (columns: {shown})")
     check_metadata(frame, spec, require_target=require_target)
     for column in spec.numeric:
         frame[column] = frame[column].astype("float64")
@@ -73,6 +89,8 @@ def check_metadata(frame: pd.DataFrame, spec: DatasetSpec, require_target: bool 
             if column not in frame.columns:
                 raise DataError(f"{where}: column '{column}' (spec key '{key}') is missing")
 
+    if frame.empty:
+        raise DataError(f"{where}: has no rows")
     ids = frame[spec.id]
     empty = frame.index[ids.isna() | (ids.astype(str).str.strip() == "")]
     if len(empty):

@@ -7,7 +7,7 @@ import pytest
 
 from tabular.errors import DataError
 from tabular.spec import load_spec
-from tabular.validate import check_images, read_metadata
+from tabular.validate import check_images, check_metadata, read_metadata
 
 SPEC = """
 [dataset]
@@ -114,6 +114,46 @@ def test_metadata_file_missing(tmp_path):
     (tmp_path / "dataset.toml").write_text(SPEC)
     with pytest.raises(DataError, match="metadata file not found"):
         read_metadata(load_spec(tmp_path / "dataset.toml"))
+
+
+def test_empty_metadata_file_is_named(tmp_path):
+    (tmp_path / "dataset.toml").write_text(SPEC)
+    (tmp_path / "metadata.csv").write_bytes(b"")
+    spec = load_spec(tmp_path / "dataset.toml")
+    with pytest.raises(DataError, match=r"spec 'tiny': metadata file .*metadata\.csv is empty \(0 bytes\)"):
+        read_metadata(spec)
+    with pytest.raises(DataError, match=r"metadata\.csv is empty \(0 bytes\)"):
+        read_metadata(spec, require_target=False)
+
+
+def test_metadata_file_of_blank_lines_is_refused(tmp_path):
+    (tmp_path / "dataset.toml").write_text(SPEC)
+    (tmp_path / "metadata.csv").write_text("\n\n  \n")
+    with pytest.raises(DataError, match=r"metadata\.csv has no header line \(only blank lines, 5 bytes\)"):
+        read_metadata(load_spec(tmp_path / "dataset.toml"))
+
+
+@pytest.mark.parametrize("require_target", [True, False])
+def test_header_only_metadata_file_is_named(tmp_path, require_target):
+    (tmp_path / "dataset.toml").write_text(SPEC)
+    (tmp_path / "metadata.csv").write_text("image_id,lesion_id,sex,age,target\n\n")
+    with pytest.raises(DataError, match=r"spec 'tiny': metadata file .*metadata\.csv has a header but no rows "
+                                        r"\(columns: image_id, lesion_id, sex, age, target\)"):
+        read_metadata(load_spec(tmp_path / "dataset.toml"), require_target=require_target)
+
+
+def test_long_header_without_rows_shows_the_first_columns(tmp_path):
+    (tmp_path / "dataset.toml").write_text(SPEC)
+    (tmp_path / "metadata.csv").write_text(",".join(f"c{i}" for i in range(12)) + "\n")
+    with pytest.raises(DataError, match=r"has a header but no rows \(columns: c0, c1, .*, c9, \.\.\. \(2 more\)\)"):
+        read_metadata(load_spec(tmp_path / "dataset.toml"))
+
+
+def test_check_metadata_refuses_a_frame_without_rows(tmp_path):
+    spec = make(tmp_path, rows())
+    frame = pd.DataFrame(columns=["image_id", "lesion_id", "sex", "age", "target"])
+    with pytest.raises(DataError, match="metadata metadata.csv: has no rows"):
+        check_metadata(frame, spec)
 
 
 def test_rows_without_image_are_refused_and_images_without_rows_listed(tmp_path, caplog):
