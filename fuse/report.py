@@ -24,8 +24,8 @@ import pandas as pd
 from common.files import atomic_write_text
 from fuse import html
 from fuse.errors import RunError
-from fuse.stack import require_run
 from tabular.folds import read_folds
+from tabular.layout import RunLayout
 from tabular.metrics import MetricWarning, summarize
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
     """
     if not 0.0 < sensitivity <= 1.0:
         raise RunError(f"sensitivity: expected a value in (0, 1], got {sensitivity!r}")
-    run_dir = require_run(run_dir)
+    run_dir = RunLayout(Path(run_dir)).require().dir
     record = json.loads((run_dir / "run.json").read_text())
     folds = read_folds(run_dir / "folds.csv")
     predictions, y = _read_predictions(run_dir, folds)
@@ -129,7 +129,14 @@ def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
 
 def _read_predictions(run_dir: Path, folds: pd.DataFrame) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Out-of-fold predictions of every stage present, aligned with `folds.csv`, and the target."""
-    from fuse.stack import read_oof
+    layout = RunLayout(run_dir)
+    if hasattr(layout, "read_oof"):
+        read_oof = layout.read_oof
+    else:  # the reader's earlier home
+        from fuse.stack import read_oof as read_stage
+
+        def read_oof(stage, ids, folds, target):
+            return read_stage(run_dir, stage, ids, folds, target)
 
     ids = folds["id"].to_numpy()
     fold = folds["fold"].to_numpy()
@@ -148,7 +155,7 @@ def _read_predictions(run_dir: Path, folds: pd.DataFrame) -> tuple[dict[str, np.
                 y = None  # read_oof below names the ids that differ
             else:
                 y = y.astype(np.int64)
-        predictions[name] = read_oof(run_dir, name, ids, fold, y)
+        predictions[name] = read_oof(name, ids, fold, y)
     if not predictions:
         raise RunError(
             f"run {run_dir}: no model has out-of-fold predictions yet (no gbdt/, fusion/, blend/ or "
