@@ -1,4 +1,10 @@
-"""lesionfuse commands: `invoke --list`. Each task parses its options and calls one function."""
+"""lesionfuse commands: `invoke --list`. Each task parses its options and calls one function.
+
+Every option is a named flag (`--spec S`), none positional: invoke fills a positional argument with
+the next word, so `invoke embed --help` took "--help" as the spec. No option has a short form
+either: invoke would make them up from the first free letter (`-h` was `--shard`), shadowing `-h`
+for help. Required options are checked here, naming the option and what it takes.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +28,33 @@ def _fail(error: ValueError) -> None:
     sys.exit(2)
 
 
+SPEC_HELP = "required: dataset spec TOML, or an ISIC 2024 Kaggle-layout directory"
+RUN_HELP = "required: run name (artifacts/runs/<run>) or a path"
+_REQUIRED = {
+    "spec": SPEC_HELP,
+    "run": RUN_HELP,
+    "images": "required: folder of <id>.jpg|.jpeg|.png, or an HDF5 file of encoded images",
+    "out": "required: where to write the predictions CSV",
+}
+
+
+def _task(**kwargs):
+    """`@task` with every option a named flag without a short form (see the module docstring)."""
+    return task(positional=[], auto_shortflags=False, **kwargs)
+
+
+def _require(name: str, **given) -> None:
+    """Exit with a message naming the required options of task `name` that were not given."""
+    missing = [option for option, value in given.items() if value is None]
+    if not missing:
+        return
+    flags = " and ".join(f"--{option.replace('_', '-')}" for option in missing)
+    what = "; ".join(f"--{option.replace('_', '-')}: {_REQUIRED[option].removeprefix('required: ')}"
+                     for option in missing)
+    print(f"error: invoke {name} needs {flags} ({what}); see `invoke {name} --help`", file=sys.stderr)
+    sys.exit(2)
+
+
 def _run(function, *args, **kwargs):
     from embed.errors import EmbedError
     from fuse.errors import RunError
@@ -33,7 +66,7 @@ def _run(function, *args, **kwargs):
         _fail(error)
 
 
-@task(help={"weights": "use this torchvision resnet50 state dict instead of the cached one"})
+@_task(help={"weights": "use this torchvision resnet50 state dict instead of the cached one"})
 def weights(c, weights=None):
     """Obtain and verify the backbone weights (cached; offline once cached)."""
     _logging()
@@ -43,7 +76,7 @@ def weights(c, weights=None):
     print(f"weights: {info.path}\nsha256: {info.sha256}\nsource: {info.source}")
 
 
-@task(help={"rows": "lesions in the synthetic data set", "trials": "Optuna trials for the GBDT"})
+@_task(help={"rows": "lesions in the synthetic data set", "trials": "Optuna trials for the GBDT"})
 def demo(c, rows=1500, trials=3):
     """Make the synthetic demo data set, run the whole pipeline, print the report path."""
     _logging()
@@ -53,9 +86,9 @@ def demo(c, rows=1500, trials=3):
     print(f"report: {report}")
 
 
-@task(
+@_task(
     help={
-        "spec": "dataset spec TOML, or an ISIC 2024 Kaggle-layout directory",
+        "spec": SPEC_HELP,
         "image_size": "square input size in pixels (default 224)",
         "views": "1 = the plain image; more = fixed flips/rotations, each kept",
         "batch_size": "images per forward pass (default: 256 on CUDA, 32 on CPU)",
@@ -66,9 +99,10 @@ def demo(c, rows=1500, trials=3):
         "retry_failed": "try again the images an earlier run could not read",
     }
 )
-def embed(c, spec, image_size=224, views=1, batch_size=None, device="auto", weights=None,
+def embed(c, spec=None, image_size=224, views=1, batch_size=None, device="auto", weights=None,
           shard="0/1", workers=None, retry_failed=False):
     """Embed a data set's images into its feature store (resumable)."""
+    _require("embed", spec=spec)
     _logging()
     from fuse.embedding import embed_spec
 
@@ -78,18 +112,19 @@ def embed(c, spec, image_size=224, views=1, batch_size=None, device="auto", weig
          num_workers=None if workers is None else int(workers))
 
 
-@task(
+@_task(
     help={
-        "spec": "dataset spec TOML, or an ISIC 2024 Kaggle-layout directory",
-        "run": "run name (artifacts/runs/<run>) or a path",
+        "spec": SPEC_HELP,
+        "run": RUN_HELP,
         "trials": "Optuna trials (0 = default parameters); a rerun runs only the missing ones",
         "storage": "Optuna storage URL (default sqlite in the run folder; any RDB URL or journal:///file.log)",
         "image_pca": "PCA components of the image embeddings added as features (0 = metadata only; needs `invoke embed`)",
         "neg_ratio": "keep at most this many negatives per positive in each training part",
     }
 )
-def train_gbdt(c, spec, run, trials=0, storage=None, image_pca=None, neg_ratio=None):
+def train_gbdt(c, spec=None, run=None, trials=0, storage=None, image_pca=None, neg_ratio=None):
     """Train the Optuna-tuned LightGBM ensemble on metadata (and image PCA) features."""
+    _require("train-gbdt", spec=spec, run=run)
     _logging()
     from fuse.stages import train_gbdt as train
 
@@ -98,17 +133,18 @@ def train_gbdt(c, spec, run, trials=0, storage=None, image_pca=None, neg_ratio=N
          neg_ratio=None if neg_ratio is None else float(neg_ratio))
 
 
-@task(
+@_task(
     help={
-        "spec": "dataset spec TOML, or an ISIC 2024 Kaggle-layout directory",
-        "run": "run name (artifacts/runs/<run>) or a path",
+        "spec": SPEC_HELP,
+        "run": RUN_HELP,
         "store": "feature store folder (default: the spec's store for the current weights)",
         "imbalance": "oversample, pos_weight or none",
         "epochs": "maximum epochs per fold",
     }
 )
-def train_fusion(c, spec, run, store=None, imbalance=None, epochs=None):
+def train_fusion(c, spec=None, run=None, store=None, imbalance=None, epochs=None):
     """Train the fusion MLP on image embeddings plus one-hot metadata."""
+    _require("train-fusion", spec=spec, run=run)
     _logging()
     from fuse.stages import train_fusion as train
 
@@ -116,9 +152,10 @@ def train_fusion(c, spec, run, store=None, imbalance=None, epochs=None):
          max_epochs=None if epochs is None else int(epochs))
 
 
-@task(help={"run": "run name or path", "sensitivity": "target sensitivity of the operating threshold"})
-def stack(c, run, sensitivity=0.95):
+@_task(help={"run": RUN_HELP, "sensitivity": "target sensitivity of the operating threshold"})
+def stack(c, run=None, sensitivity=0.95):
     """Stack the fusion MLP with the LightGBM ensemble and write the evaluation report."""
+    _require("stack", run=run)
     _logging()
     from fuse.stages import stack_and_report
 
@@ -126,12 +163,12 @@ def stack(c, run, sensitivity=0.95):
     print(f"report: {report}")
 
 
-@task(
+@_task(
     help={
-        "run": "run name or path",
-        "images": "folder of <id>.jpg|.jpeg|.png, or an HDF5 file of encoded images",
+        "run": RUN_HELP,
+        "images": _REQUIRED["images"],
         "metadata": "CSV with the spec's columns (no target needed); optional",
-        "out": "where to write the predictions CSV",
+        "out": _REQUIRED["out"],
         "format": "csv (all columns) or kaggle (isic_id,target)",
         "batch_size": "images per forward pass (default: 256 on CUDA, 32 on CPU)",
         "device": "auto, cpu or cuda",
@@ -139,9 +176,10 @@ def stack(c, run, sensitivity=0.95):
         "store": "feature store folder to embed the images into first and reuse: a rerun embeds only what it lacks",
     }
 )
-def score(c, run, images, out, metadata=None, format="csv", batch_size=None, device="auto", weights=None,
-          store=None):
+def score(c, run=None, images=None, out=None, metadata=None, format="csv", batch_size=None, device="auto",
+          weights=None, store=None):
     """Score a folder or HDF5 of new images with a trained run."""
+    _require("score", run=run, images=images, out=out)
     _logging()
     from fuse.stages import score_images
 
@@ -150,7 +188,7 @@ def score(c, run, images, out, metadata=None, format="csv", batch_size=None, dev
          store=store)
 
 
-@task(help={"quick": "a short version with small sizes", "device": "auto, cpu or cuda"})
+@_task(help={"quick": "a short version with small sizes", "device": "auto, cpu or cuda"})
 def bench(c, quick=False, device="auto"):
     """Throughput and memory figures, each beside its in-run baseline."""
     _logging()
@@ -159,19 +197,19 @@ def bench(c, quick=False, device="auto"):
     _run(run_bench, quick=quick, device=device)
 
 
-@task(help={"k": "only tests matching this expression"})
+@_task(help={"k": "only tests matching this expression"})
 def test(c, k=None):
     """Run the test suite."""
     selection = f" -k {k!r}" if k else ""
     c.run(f"{sys.executable} -m pytest{selection}", pty=False)
 
 
-@task
+@_task()
 def lint(c):
     """Check the code with ruff."""
     c.run(f"{sys.executable} -m ruff check .")
 
 
-@task(pre=[lint, test])
+@_task(pre=[lint, test])
 def check(c):
     """Lint, then test."""
