@@ -58,6 +58,9 @@ ul.reasons .down { color: var(--down); }
 .id { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 13px;
       word-break: break-all; }
 section.patient { margin: 14px 0 22px; }
+table.lesions { table-layout: fixed; width: 100%; }
+table.lesions td { overflow-wrap: anywhere; }
+.pid { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
 """
 
 # Click a heading of a `table.sortable` to sort by that column (numbers by `data-sort`).

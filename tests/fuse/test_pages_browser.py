@@ -1,0 +1,178 @@
+"""The run report's index.html and the triage page, opened in a real browser (headless Chromium).
+
+Each page must render (its table with the expected rows), every <img> must have loaded (no
+broken-image icon), the console must stay free of errors (the pages' Content-Security-Policy
+reports any attempt to fetch something there), and a screenshot is taken.
+
+Needs Debian's `chromium` (CI installs it in .ci/run) and the `playwright` Python package (the
+dev extra), which drives that browser: it never downloads a browser of its own here. Skips with
+the reason when either is absent, except under CI (CI=true), where that is a failure. Set
+LESIONFUSE_SCREENSHOTS=DIR to keep the screenshots.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from fuse.report import PLOTS, write_report
+from fuse.stack import StackConfig, stack
+from fuse.triage import write_triage_page
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage"]
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+pytestmark = pytest.mark.slow
+
+
+def _absent(reason: str):
+    if IN_CI:
+        pytest.fail(f"{reason}; CI must have it (.ci/run installs it)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        _absent("no chromium on PATH (Debian package `chromium`)")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        _absent("the playwright package is not installed (pip install -e '.[dev]')")
+    with sync_api.sync_playwright() as playwright:
+        # launch() gives every browser a fresh temporary profile (user data dir)
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        yield browser
+        browser.close()
+
+
+def open_page(browser, path: Path, screenshot: Path, width: int = 1280) -> tuple[object, list[str]]:
+    """Open `path` (file://), wait until loaded, take a full-page screenshot; the page and the
+    console errors, page errors and failed requests seen."""
+    page = browser.new_page(viewport={"width": width, "height": 900})
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url[:80]}"))
+    page.goto(path.as_uri(), wait_until="load")
+    page.wait_for_function("Array.from(document.images).every(i => i.complete)")
+    page.screenshot(path=str(screenshot), full_page=True)
+    keep = os.environ.get("LESIONFUSE_SCREENSHOTS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(screenshot, Path(keep) / screenshot.name)
+    return page, problems
+
+
+def broken_images(page) -> list[str]:
+    return page.evaluate(
+        "Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0))"
+        ".map(i => i.alt || i.src.slice(0, 40))"
+    )
+
+
+def assert_screenshot(path: Path) -> None:
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.width >= 800 and image.height >= 400
+        # not a blank page: more than a handful of colours
+        assert len(image.convert("RGB").resize((200, 200)).getcolors(40000)) > 50
+
+
+def test_run_report_renders_in_chromium(browser, tmp_path, tabular_run):
+    run = tabular_run  # fake gbdt and fusion out-of-fold predictions (tests/fuse/conftest.py)
+    stack(run.dir, config=StackConfig(num_boost_round=60))
+    pd.DataFrame({"feature": ["age", "size", "sex__male"], "gain": [5.0, 9.0, 1.0]}).to_csv(
+        run.dir / "gbdt" / "importance.csv", index=False)
+    index = write_report(run.dir).parent / "index.html"
+
+    page, problems = open_page(browser, index, tmp_path / "report.png")
+    assert page.title().startswith("Evaluation report: tiny")
+    assert page.locator("table#models tbody tr").count() == 4
+    assert page.locator("table#models thead th").count() == 14
+    assert page.locator("img").count() == len(PLOTS)
+    assert broken_images(page) == []
+    sizes = page.evaluate("Array.from(document.images).map(i => i.naturalWidth)")
+    assert min(sizes) > 300  # real plots, not icons
+    # the sorting script works: sort by ROC AUC, highest first
+    page.locator("table#models thead th", has_text="ROC AUC").click()
+    cells = page.locator("table#models tbody tr td:nth-child(3)").all_inner_texts()
+    assert [float(c) for c in cells] == sorted((float(c) for c in cells), reverse=True)
+    assert problems == []
+    assert_screenshot(tmp_path / "report.png")
+
+
+def _predictions(ids: list[str]) -> pd.DataFrame:
+    rng = np.random.default_rng(3)
+    p = np.sort(rng.beta(0.6, 4, len(ids)))[::-1]
+    reasons = ["age = 71 (+0.80); localization = back (+0.31)",
+               "age = 35 (-0.42); sex = female (-0.10)", ""]
+    return pd.DataFrame({
+        "image_id": ids,
+        "probability": p,
+        "p_gbdt": np.clip(p + rng.normal(0, 0.05, len(ids)), 0, 1),
+        "p_fusion": np.clip(p + rng.normal(0, 0.05, len(ids)), 0, 1),
+        "flagged": pd.array(p >= 0.3, dtype="boolean"),
+        "reasons": [reasons[i % 3] for i in range(len(ids))],
+        "error": "",
+    })
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["list", "by-patient"])
+def test_triage_page_renders_in_chromium(browser, tmp_path, shared_data, grouped):
+    folder = shared_data / "ham10000" / "images"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent")
+    files = sorted(folder.glob("*.jpg"))[:12]
+    images = {f.stem: f for f in files}
+    ids = ["no_image_here"] + list(images)  # the highest probability: shown in both layouts
+    frame = _predictions(ids)
+    broken = pd.DataFrame({"image_id": ["<script>alert(1)</script>", "ISIC_missing"],
+                           "probability": np.nan, "p_gbdt": np.nan, "p_fusion": np.nan,
+                           "flagged": pd.array([None, None], dtype="boolean"), "reasons": "",
+                           "error": ["image unreadable: truncated JPEG", "no image for this id"]})
+    frame = pd.concat([frame, broken], ignore_index=True)
+    patient = pd.Series([f"P{i % 3}" for i in range(len(frame))]) if grouped else None
+    overlays = {ids[1]: images[ids[1]].read_bytes()}
+
+    def thumbnail(image_id: str) -> bytes | None:
+        path = images.get(image_id)
+        return path.read_bytes() if path else None
+
+    out = write_triage_page(frame, tmp_path / "triage.html", id_column="image_id",
+                            thumbnail=thumbnail, patient=patient, threshold=0.3,
+                            run_name="ham10000-dev", overlays=overlays, csv_name="preds.csv",
+                            per_patient=2)
+    name = f"triage-{'by-patient' if grouped else 'list'}.png"
+    page, problems = open_page(browser, out, tmp_path / name)
+    lesions = page.locator("table.lesions tbody tr")
+    if grouped:
+        # 13 scored over 3 patients: each shows its flagged lesions and 2 others
+        assert page.locator("section.patient").count() == 3
+        shown = lesions.count()
+        assert 6 <= shown <= 13
+        assert page.locator("p.more").count() >= 1
+    else:
+        assert lesions.count() == 13
+        n_flagged = int(frame["flagged"].sum())
+        assert page.locator("table#flagged-lesions tbody tr.flagged").count() == n_flagged
+        assert page.locator("table#other-lesions tbody tr").count() == 13 - n_flagged
+    assert page.locator("table#error-rows tbody tr").count() == 2
+    assert "<script>alert(1)</script>" in page.locator("table#error-rows").inner_text()
+    images_shown = page.locator("img.thumb").count()
+    assert images_shown >= (6 if grouped else 13)  # 12 thumbnails + 1 overlay
+    assert broken_images(page) == []
+    assert page.locator(".noimg", has_text="no image").count() == 1  # the id without an image
+    assert problems == []
+    assert_screenshot(tmp_path / name)
