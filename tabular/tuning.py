@@ -15,6 +15,10 @@
   failed once its heartbeat is older than `STALE_AFTER_SECONDS`, so its place in the budget is
   run again: RDB storages keep that heartbeat themselves; for a journal file (which has none in
   Optuna) each trial writes a `HEARTBEAT_ATTR` user attribute every `HEARTBEAT_SECONDS`.
+- A RUNNING trial with a fresh heartbeat may be another live worker's: it keeps its place, and
+  when the missing places are all held by such trials the worker waits (polling every
+  `WAIT_SECONDS`) until they finish or go stale, so that the study ends with `n_trials` finished
+  trials. What was found and done is logged.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 HEARTBEAT_ATTR = "heartbeat_unix_time"
 HEARTBEAT_SECONDS = 30
 STALE_AFTER_SECONDS = 120
+WAIT_SECONDS = 5
 # lambda_l1 / lambda_l2 are searched on a log scale whose floor stands for "no regularisation".
 _LOG_FLOOR = 1e-8
 
@@ -183,36 +188,74 @@ class _Heartbeat:
         self._thread.join()
 
 
-def fail_stale_trials(study: optuna.Study, storage, stale_after: float = STALE_AFTER_SECONDS) -> list[int]:
-    """Mark failed the RUNNING trials of `study` whose last heartbeat (or, lacking one, start) is
-    more than `stale_after` seconds old; returns their numbers.
+@dataclass(frozen=True)
+class RunningSweep:
+    """RUNNING trials of a study, as `fail_stale_trials` found them.
 
-    For storages without a heartbeat of their own (journal files); an RDBStorage does this
-    itself at the start of every trial.
+    failed: (number, seconds since the last heartbeat or None where the storage does not say)
+        of trials just marked FAIL; fresh: the same for trials left RUNNING (heartbeat recent).
     """
+
+    failed: tuple[tuple[int, float | None], ...] = ()
+    fresh: tuple[tuple[int, float | None], ...] = ()
+
+
+def fail_stale_trials(study: optuna.Study, storage, stale_after: float | None = None) -> RunningSweep:
+    """Mark failed the RUNNING trials of `study` whose last heartbeat (or, lacking one, start) is
+    more than `stale_after` seconds (default `STALE_AFTER_SECONDS`) old.
+
+    An RDBStorage keeps the heartbeat itself and applies its own grace period (the storage is
+    opened with `STALE_AFTER_SECONDS`); a journal file relies on the trials' `HEARTBEAT_ATTR`.
+    """
+    stale_after = STALE_AFTER_SECONDS if stale_after is None else stale_after
     if isinstance(storage, optuna.storages.RDBStorage):
-        return []
+        return _fail_stale_rdb(study)
     now = time.time()
-    failed = []
+    failed, fresh = [], []
     study_id = storage.get_study_id_from_name(study.study_name)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         last = trial.user_attrs.get(HEARTBEAT_ATTR)
         if last is None and trial.datetime_start is not None:
             last = trial.datetime_start.timestamp()
-        if last is None or now - float(last) <= stale_after:
+        age = None if last is None else now - float(last)
+        if age is None or age <= stale_after:
+            fresh.append((trial.number, age))
             continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         try:
             storage.set_trial_state_values(trial_id, TrialState.FAIL)
         except RuntimeError:  # finished meanwhile by its own worker, or failed by another
             continue
-        failed.append(trial.number)
-        log.warning(
-            "tuning %s: trial %d has had no heartbeat for %.0f s (its worker stopped); marked failed, "
-            "its place in the trial budget is run again",
-            study.study_name, trial.number, now - float(last),
-        )
-    return failed
+        failed.append((trial.number, age))
+    return RunningSweep(failed=tuple(failed), fresh=tuple(fresh))
+
+
+def _fail_stale_rdb(study: optuna.Study) -> RunningSweep:
+    # Optuna fails stale trials itself only when a trial starts; a resumed worker that finds the
+    # budget taken by a dead trial would never start one, so this is asked for explicitly.
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    if not before:
+        return RunningSweep()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    after = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    # The RDB heartbeat's age is not exposed by Optuna: only the grace period is known.
+    failed = tuple((n, None) for n in sorted(before) if after.get(n) == TrialState.FAIL)
+    fresh = tuple((n, None) for n in sorted(before) if after.get(n) == TrialState.RUNNING)
+    return RunningSweep(failed=failed, fresh=fresh)
+
+
+def _numbers(trials) -> str:
+    return ", ".join(str(n) for n, _ in trials)
+
+
+def _ages(trials) -> str:
+    ages = [age for _, age in trials if age is not None]
+    if not ages:
+        return ""
+    low, high = min(ages), max(ages)
+    return f" (last {low:.0f} s ago)" if round(low) == round(high) else f" (last {low:.0f} to {high:.0f} s ago)"
 
 
 @dataclass(frozen=True)
@@ -309,15 +352,44 @@ def tune(
     done = _count(study, FINISHED)
     run = 0
     bar = tqdm(total=max(0, n_trials - done), desc=f"tuning {study_name}", unit="trial", leave=False)
+    told: set[tuple] = set()  # (fresh RUNNING trials, waiting) already reported, not to repeat it
     while True:
-        fail_stale_trials(study, resolved)
-        running = _count(study, (TrialState.RUNNING,))
-        if _count(study, FINISHED) + running >= n_trials:
+        sweep = fail_stale_trials(study, resolved)
+        finished = _count(study, FINISHED)
+        fresh = sweep.fresh
+        if sweep.failed:
+            log.warning(
+                "study %s: found %d trial(s) left RUNNING by a worker that stopped (trial numbers %s): "
+                "marked FAIL after %.0f s without a heartbeat%s; %d more trial(s) will run to reach "
+                "--trials %d",
+                study_name, len(sweep.failed), _numbers(sweep.failed), STALE_AFTER_SECONDS,
+                _ages(sweep.failed), max(0, n_trials - finished - len(fresh)), n_trials,
+            )
+        if finished >= n_trials:
             break
+        waiting = finished + len(fresh) >= n_trials
+        key = (tuple(n for n, _ in fresh), waiting)
+        if fresh and key not in told:
+            told.add(key)
+            log.info(
+                "study %s: trial(s) %s RUNNING with a heartbeat in the last %.0f s (another worker may "
+                "still be running them): counted toward --trials %d; %s",
+                study_name, _numbers(fresh), STALE_AFTER_SECONDS, n_trials,
+                "waiting for them to finish (a trial whose worker stopped is marked FAIL once it has "
+                f"had no heartbeat for {STALE_AFTER_SECONDS:.0f} s, and run again here)"
+                if waiting else f"{n_trials - finished - len(fresh)} more trial(s) will run here",
+            )
+        if waiting:
+            # The missing places are held by RUNNING trials: wait until they finish (another
+            # worker's) or go stale (a dead worker's, then run here), so the budget is met.
+            time.sleep(WAIT_SECONDS)
+            continue
         try:
             study.optimize(objective, n_trials=1, catch=())
         except _BudgetReached:
-            break
+            # Another worker took the place meanwhile; the trial that found out is FAIL and not
+            # counted. Back to the top: wait for the others' trials or run what is still missing.
+            continue
         run += 1
         bar.update(1)
         try:
@@ -325,7 +397,6 @@ def tune(
         except ValueError:  # no complete trial yet (all pruned)
             pass
     bar.close()
-    # Let the trials of other workers still running finish being counted in the result.
     try:
         best = study.best_trial
     except ValueError as error:

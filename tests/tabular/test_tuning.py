@@ -1,10 +1,16 @@
 """The Optuna study: storages, resumption, two workers on one study, parameters kept as JSON."""
 
 import json
+import logging
 import os
+import re
+import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -175,11 +181,23 @@ def _journal(path):
     return JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
 
 
-def test_a_dead_workers_trial_is_failed_and_its_place_run_again(tmp_path, folds):
+def _finish_later(storage, number: int, seconds: float) -> threading.Timer:
+    """Another worker finishing its trial `number` in `seconds`."""
+    def finish():
+        optuna.load_study(study_name="gbdt-toy", storage=storage).tell(number, 0.0)
+
+    timer = threading.Timer(seconds, finish)
+    timer.start()
+    return timer
+
+
+def test_a_dead_workers_trial_is_failed_and_its_place_run_again(tmp_path, folds, monkeypatch, caplog):
     """A journal file has no heartbeat of its own: a trial left RUNNING by a killed worker
     would hold a place in the budget forever."""
-    import time
+    import tabular.tuning as tuning
 
+    monkeypatch.setattr(tuning, "WAIT_SECONDS", 0.05)
+    caplog.set_level(logging.INFO, logger="tabular.tuning")
     storage = f"journal://{tmp_path}/study.log"
     tune(folds, "gbdt-toy", 1, tmp_path, storage=storage, config=FAST)
     study = optuna.load_study(study_name="gbdt-toy", storage=_journal(tmp_path / "study.log"))
@@ -187,14 +205,75 @@ def test_a_dead_workers_trial_is_failed_and_its_place_run_again(tmp_path, folds)
     study._storage.set_trial_user_attr(dead._trial_id, "heartbeat_unix_time", time.time() - 1000)
     alive = study.ask()  # RUNNING, its worker beating a moment ago
     study._storage.set_trial_user_attr(alive._trial_id, "heartbeat_unix_time", time.time())
+    # The live worker finishes its trial while this one waits for the last place.
+    timer = _finish_later(_journal(tmp_path / "study.log"), alive.number, 1.0)
 
     result = tune(folds, "gbdt-toy", 4, tmp_path, storage=storage, config=FAST)
+    timer.join()
 
     states = {t.number: t.state for t in optuna.load_study(
         study_name="gbdt-toy", storage=_journal(tmp_path / "study.log")).trials}
     assert states[dead.number] == TrialState.FAIL
-    assert states[alive.number] == TrialState.RUNNING  # still counted as someone's work
-    assert result.trials_finished == 3 and result.trials_run == 2
+    assert states[alive.number] == TrialState.COMPLETE  # run by the other worker, not again here
+    assert result.trials_finished == 4 and result.trials_run == 2
+    assert re.search(
+        r"study gbdt-toy: found 1 trial\(s\) left RUNNING by a worker that stopped \(trial numbers 1\): "
+        r"marked FAIL after 120 s without a heartbeat \(last 1\d{3} s ago\); 2 more trial\(s\) will run "
+        r"to reach --trials 4", caplog.text)
+    assert re.search(
+        r"study gbdt-toy: trial\(s\) 2 RUNNING with a heartbeat in the last 120 s \(another worker may "
+        r"still be running them\): counted toward --trials 4; waiting for them to finish", caplog.text)
+
+
+def test_resume_after_kill_on_sqlite_fails_the_stale_trial_and_meets_the_budget(tmp_path, folds, caplog):
+    """The default storage: a worker killed (kill -9) mid-trial leaves it RUNNING with an old
+    heartbeat; a rerun asking for the same budget must run its place, not stop one short."""
+    caplog.set_level(logging.INFO, logger="tabular.tuning")
+    path = tmp_path / "optuna.db"
+    storage = f"sqlite:///{path}"
+    tune(folds, "gbdt-toy", 3, tmp_path, storage=storage, config=FAST)
+    rdb = open_storage(storage, path)  # with the heartbeat, as the killed worker had it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a heartbeat outside Study.optimize, on purpose
+        killed = optuna.load_study(study_name="gbdt-toy", storage=rdb).ask()
+    rdb.record_heartbeat(killed._trial_id)
+    with sqlite3.connect(path) as db:  # its last heartbeat, 1000 s before the rerun
+        db.execute("UPDATE trial_heartbeats SET heartbeat = datetime('now', '-1000 seconds')")
+
+    result = tune(folds, "gbdt-toy", 4, tmp_path, storage=storage, config=FAST)
+
+    study = optuna.load_study(study_name="gbdt-toy", storage=storage)
+    assert study.trials[killed.number].state == TrialState.FAIL
+    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 4
+    assert result.trials_finished == 4 and result.trials_run == 1
+    assert re.search(
+        r"study gbdt-toy: found 1 trial\(s\) left RUNNING by a worker that stopped \(trial numbers 3\): "
+        r"marked FAIL after 120 s without a heartbeat; 1 more trial\(s\) will run to reach --trials 4",
+        caplog.text)
+
+
+def test_a_fresh_running_trial_whose_worker_died_is_waited_for_then_run_again(tmp_path, folds, monkeypatch,
+                                                                             caplog):
+    """Killed a moment ago: its heartbeat is still fresh, so it may be another live worker's; the
+    rerun waits until it finishes or goes stale, and then runs its place."""
+    import tabular.tuning as tuning
+
+    monkeypatch.setattr(tuning, "WAIT_SECONDS", 0.05)
+    monkeypatch.setattr(tuning, "STALE_AFTER_SECONDS", 1.0)
+    caplog.set_level(logging.INFO, logger="tabular.tuning")
+    storage = f"journal://{tmp_path}/study.log"
+    tune(folds, "gbdt-toy", 2, tmp_path, storage=storage, config=FAST)
+    study = optuna.load_study(study_name="gbdt-toy", storage=_journal(tmp_path / "study.log"))
+    killed = study.ask()
+    study._storage.set_trial_user_attr(killed._trial_id, "heartbeat_unix_time", time.time())
+
+    result = tune(folds, "gbdt-toy", 3, tmp_path, storage=storage, config=FAST)
+
+    assert result.trials_finished == 3 and result.trials_run == 1
+    text = caplog.text
+    waiting = text.index("study gbdt-toy: trial(s) 2 RUNNING with a heartbeat in the last 1 s")
+    failed = text.index("study gbdt-toy: found 1 trial(s) left RUNNING by a worker that stopped (trial numbers 2)")
+    assert waiting < failed
 
 
 def test_trials_on_a_journal_write_a_heartbeat(tmp_path, folds, monkeypatch):
