@@ -188,13 +188,37 @@ def score(c, run=None, images=None, out=None, metadata=None, format="csv", batch
          store=store)
 
 
-@_task(help={"quick": "a short version with small sizes", "device": "auto, cpu or cuda"})
-def bench(c, quick=False, device="auto"):
+@_task(help={
+    "quick": "a short version with small sizes",
+    "device": "auto, cpu or cuda",
+    "parts": "comma-separated parts to run: embedding,gbdt,fusion,scoring (default: all)",
+    "out": "where to write the figures as JSON (default: artifacts/bench/bench.json)",
+    "weights": "embedding part: this torchvision resnet50 state dict instead of the cached weights",
+    "random_weights": "embedding part: a random-initialised ResNet-50 of the same shape (throughput only, "
+                      "no weights file needed)",
+    "images": "embedding part: a folder or HDF5 to read images from (default: synthetic ISIC-like crops)",
+    "n_images": "embedding part: images to embed (default 192, 64 with --quick)",
+    "image_size": "embedding part: model input side, px",
+    "batch_size": "embedding and scoring parts: images per batch (default: 256 on CUDA, 32 on CPU)",
+    "num_workers": "embedding and scoring parts: decoding processes (default: chosen for the device)",
+    "rounds": "embedding part: timed rounds, the best counts",
+    "store_rows": "embedding part: rows of the store write/read figures, 0 skips them "
+                  "(default 100000, 20000 with --quick)",
+    "amp": "embedding part: mixed precision (--no-amp: fp32)",
+})
+def bench(c, quick=False, device="auto", parts=None, out=None, weights=None, random_weights=False, images=None,
+          n_images=None, image_size=224, batch_size=None, num_workers=None, rounds=2, store_rows=None, amp=True):
     """Throughput and memory figures, each beside its in-run baseline."""
     _logging()
-    from fuse.bench import run_bench
+    from benchmarks.run import run_bench
 
-    _run(run_bench, quick=quick, device=device)
+    def count(value):
+        return None if value is None else int(value)
+
+    _run(run_bench, quick=quick, out=out, device=device, parts=parts, weights=weights,
+         random_weights=random_weights, images=images, n_images=count(n_images), image_size=int(image_size),
+         batch_size=count(batch_size), num_workers=count(num_workers), rounds=int(rounds),
+         store_rows=count(store_rows), amp=amp)
 
 
 @_task(help={"k": "only tests matching this expression"})

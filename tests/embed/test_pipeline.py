@@ -524,69 +524,6 @@ def test_two_processes_build_one_sharded_store(tmp_path, folder, weights, refere
     )
 
 
-def test_bench_embedding_smoke(tmp_path, weights, folder):
-    from embed.bench import bench_embedding
-
-    result = bench_embedding(
-        weights,
-        n_images=8,
-        image_size=32,
-        batch_size=4,
-        device="cpu",
-        num_workers=0,
-        rounds=1,
-        store_rows=300,
-        work_dir=tmp_path,
-    )
-    for key in (
-        "naive_images_per_s",
-        "pipeline_images_per_s",
-        "ceiling_images_per_s",
-        "reader_images_per_s",
-    ):
-        assert result[key] > 0
-    assert result["bound_by"] == (
-        "reader (decoding)"
-        if result["reader_images_per_s"] < result["ceiling_images_per_s"]
-        else "model"
-    )
-    assert result["batch_size"] == 4 and result["num_workers"] == 0
-    assert result["pipeline_over_naive"] == pytest.approx(
-        result["pipeline_images_per_s"] / result["naive_images_per_s"], rel=1e-2
-    )
-    assert result["store_rows"] == 300 and result["store_read_rows_per_s"] > 0
-    assert not list(tmp_path.iterdir())  # the temporary work folder is gone
-    with pytest.raises(EmbedError, match=r"bench: .* holds 24 images, n_images=30"):
-        bench_embedding(weights, n_images=30, images=folder, store_rows=0)
-
-
-def test_bench_checks_the_pipelines_vectors_against_the_naive_loop(
-    tmp_path, weights, folder, monkeypatch
-):
-    """The speed figures count only with the right vectors: here (on CPU, batches queued as on
-    a GPU) they agree; with vectors handed to the wrong ids the bench says so."""
-    from embed.bench import bench_embedding
-
-    settings = dict(
-        n_images=9, image_size=32, batch_size=4, device="cpu", num_workers=0, rounds=1,
-        store_rows=0, images=folder, work_dir=tmp_path,
-    )  # fmt: skip
-    monkeypatch.setattr(pipeline, "batches_in_flight", lambda device: 2)
-    good = bench_embedding(weights, **settings)
-    assert good["images_checked"] == 9 and good["min_cosine_to_naive"] > 0.95
-
-    launch = pipeline._launch
-
-    def shifted(model, batch, ids, failures, device, views, amp):
-        launched = launch(model, batch, ids, failures, device, views, amp)
-        launched.vectors = torch.roll(launched.vectors, 1, dims=0)  # each id gets its neighbour's
-        return launched
-
-    monkeypatch.setattr(pipeline, "_launch", shifted)
-    bad = bench_embedding(weights, **settings)
-    assert bad["min_cosine_to_naive"] < 0.95 and not bad["meets_targets"]
-
-
 @pytest.mark.parametrize(
     "v2, v1, expected",
     [

@@ -196,19 +196,6 @@ def test_prediction_refuses_embeddings_of_another_store(data, tmp_path):
     assert set(IDENTITY_FIELDS) <= set(json.loads((out / "store.json").read_text()))
 
 
-@pytest.mark.slow
-def test_epoch_benchmark_reports_both_learners_and_memory(tmp_path):
-    from fuse.fusion_bench import bench_fusion_epoch
-
-    report = bench_fusion_epoch(n_rows=300, dim=32, views=2, n_meta=4, batch_size=64, workdir=tmp_path)
-    assert report["store"]["bytes"] >= 300 * 2 * 32 * 2
-    for kind in ("mlp", "linear"):
-        assert report[kind]["rows"] == 300 and report[kind]["rows_per_s"] > 0
-        assert report[kind]["peak_rss_bytes"] >= report[kind]["rss_before_bytes"] > 0
-    assert report["mlp_vs_linear_time"] > 0
-    assert list(tmp_path.iterdir()) == []  # the temporary store is gone
-
-
 def test_an_interrupted_run_trains_only_the_folds_not_done(data, tmp_path, monkeypatch):
     """Killed during fold 2, a rerun keeps folds 0-1 and ends where an uninterrupted run ends."""
     import fuse.fusion as fusion

@@ -16,7 +16,6 @@ import pytest
 from fuse import score as score_module
 from fuse.errors import RunError
 from fuse.score import NO_METADATA, patient_chunks, read_scoring_metadata, score
-from fuse.score_bench import bench_scoring
 from fuse.stack import StackConfig, stack
 from tabular.spec import ISIC2024_TRAIN_ONLY, load_spec
 
@@ -218,16 +217,6 @@ def test_kaggle_format_on_the_isic2024_demo(tiny, shared_data, tmp_path):
     assert submission["target"].between(0, 1).all()
     np.testing.assert_allclose(submission["target"], result["probability"])
     assert result["error"].eq("").all()
-
-
-def test_bench_scoring_reports_both_rates(tiny, tmp_path):
-    figures = bench_scoring(tiny["run"], n_images=8, weights=tiny["weights"], device="cpu",
-                            num_workers=0, workdir=tmp_path)
-    assert figures["n_images"] == 8 and figures["embedded"] == 8
-    assert figures["embed_only_images_per_s"] > 0 and figures["score_images_per_s"] > 0
-    assert figures["ratio"] == pytest.approx(figures["score_images_per_s"] / figures["embed_only_images_per_s"], rel=1e-2)
-    assert figures["rows_with_error"] == 0
-    assert len(pd.read_csv(tmp_path / "predictions.csv")) == 8
 
 
 # ------------------------------------------------------------------------------ errors

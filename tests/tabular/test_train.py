@@ -159,17 +159,3 @@ def test_ham10000_metadata_only(shared_data, tmp_path):
     assert metrics["roc_auc"] > 0.74
     assert 0.05 < metrics["pauc80"] < 0.2
     assert metrics["recall"] >= 0.95
-
-
-@pytest.mark.slow
-def test_bench_gbdt_small(tmp_path):
-    from tabular.bench import bench_gbdt
-
-    spec, frame = make(tmp_path, n=300)
-    report = bench_gbdt(frame, spec, n_folds=3, seeds=(0,), num_threads=1)
-    for side in ("ours", "baseline"):
-        assert report[side]["fit_seconds"] > 0 and report[side]["peak_rss_bytes"] > 10 * 1024**2
-        assert 0 <= report[side]["pauc80"] <= 0.2
-    assert report["ours"]["n_features"] > report["baseline"]["n_features"]
-    assert report["ratios"]["fit_seconds"] > 0 and report["ratios"]["peak_rss"] > 0
-    json.dumps(report)

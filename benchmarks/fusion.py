@@ -2,45 +2,37 @@
 
 `bench_fusion_epoch` writes a synthetic store with the real store writer (`embed.store.StoreWriter`,
 float16 shards, memory-mapped on reading) in a temporary folder, then, each in a fresh child
-process so that its peak resident memory is its own:
+process so that its peak resident memory is its own (`benchmarks.common.run_child`):
 
 - one training epoch of the fusion MLP over every row, through the same code `train_fusion` runs
-  (`fuse.fusion.run_epoch`: row indices gathered one mini-batch at a time from the memory-mapped
-  shards, one random view per image);
+  (`fuse.fusion.training.run_epoch`: row indices gathered one mini-batch at a time from the
+  memory-mapped shards, one random view per image);
 - the in-run baseline: one pass of a linear model with log loss (sklearn `SGDClassifier.partial_fit`)
   over the same mini-batches of the same store: the cheapest learner that reads every vector once.
 
 Peak memory is the child's peak resident set (VmHWM, which counts the store's pages it touched
 through the memory map) and is reported beside the store's size on disk; the target is under 2x.
-
-Measured (`bench_fusion_epoch()` defaults: 401,059 rows x 1 view x 2048, float16 store of
-1.64 GB; this project's 2-core CPU machine, torch on 2 threads, shared with other work): one
-fusion-MLP epoch 32.6 s (12,300 rows/s) beside 4.3 s (92,300 rows/s) for the SGD log-loss pass,
-i.e. 7.5x the cheapest learner's pass; the MLP child's peak 2.72 GB = 1.65x the store (0.84 GB of
-it interpreter, torch and inputs before the epoch; the epoch itself added 1.14x the store, the
-pages of the memory map).
+Measured figures are in the README (`invoke bench` remakes them).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from tabular.bench import peak_rss_bytes
+from benchmarks.common import ISIC2024_ROWS, peak_rss_bytes, run_child
+from fuse.errors import RunError
 
 log = logging.getLogger(__name__)
 
-ISIC2024_ROWS = 401_059
-REPO = Path(__file__).resolve().parents[1]
+# The MLP child's whole peak resident memory, as a multiple of the store's size on disk.
+TARGET_PEAK_VS_STORE = 2.0
 
 
 def bench_fusion_epoch(
@@ -73,9 +65,10 @@ def bench_fusion_epoch(
         before it began), `mlp_vs_linear_time` (ratio of pass times), and `memory_target_met`
         (the MLP child's whole peak under 2x the store's size; only meaningful for stores of a
         few GB, as torch alone takes about 0.6 GB).
-    """
-    from fuse.errors import RunError
 
+    Raises:
+        RunError: a shape below n_rows 2, dim 1, views 1; a child process failed.
+    """
     if n_rows < 2 or dim < 1 or views < 1:
         raise RunError(f"bench: expected n_rows >= 2, dim >= 1, views >= 1; got {n_rows}, {dim}, {views}")
     folder = Path(tempfile.mkdtemp(prefix="fusion-bench-", dir=workdir))
@@ -88,8 +81,8 @@ def bench_fusion_epoch(
         store_bytes = sum(p.stat().st_size for p in store_dir.glob("*.npy"))
         args = dict(store_dir=str(store_dir), labels=str(folder / "labels.npy"), n_meta=n_meta,
                     batch_size=batch_size, seed=seed, device=device)
-        mlp = _in_child("mlp", args)
-        linear = _in_child("linear", args)
+        mlp = run_child("benchmarks.fusion:measure_pass", {"kind": "mlp", **args}, label="mlp")
+        linear = run_child("benchmarks.fusion:measure_pass", {"kind": "linear", **args}, label="linear")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     for result in (mlp, linear):
@@ -105,7 +98,7 @@ def bench_fusion_epoch(
         "mlp": mlp,
         "linear": linear,
         "mlp_vs_linear_time": round(mlp["seconds"] / max(linear["seconds"], 1e-9), 3),
-        "memory_target_met": mlp["peak_rss_bytes"] < 2 * store_bytes,
+        "memory_target_met": mlp["peak_rss_bytes"] < TARGET_PEAK_VS_STORE * store_bytes,
     }
     log.info(
         "fusion epoch: %d rows in %.1f s (%.0f rows/s, peak %.2f x store); linear pass %.1f s "
@@ -142,37 +135,18 @@ def _write_store(path: Path, n_rows: int, dim: int, views: int, prevalence: floa
     return labels
 
 
-def _in_child(kind: str, args: dict) -> dict:
-    """Run `_measure` in a fresh Python process and return what it measured.
-
-    A plain subprocess (not multiprocessing) so that it works whatever the parent's `__main__`
-    is (invoke, pytest, `python -`), and its peak memory is its own.
-    """
-    from fuse.errors import RunError
-
-    code = (
-        "import json, sys; from fuse.fusion_bench import _measure; "
-        "print('RESULT ' + json.dumps(_measure(sys.argv[1], **json.loads(sys.argv[2]))))"
-    )
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    # stderr passes through: the epoch's progress bar, and the child's traceback if it fails.
-    done = subprocess.run([sys.executable, "-c", code, kind, json.dumps(args)], env=env,
-                          stdout=subprocess.PIPE, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise RunError(f"bench child '{kind}' failed (exit {done.returncode}); its error is printed above")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
-def _measure(kind: str, store_dir: str, labels: str, n_meta: int, batch_size: int, seed: int,
-             device: str) -> dict:
+def measure_pass(kind: str, store_dir: str, labels: str, n_meta: int, batch_size: int, seed: int,
+                 device: str) -> dict:
+    """One pass over the store, in a child process: kind "mlp" (one fusion-MLP epoch) or
+    "linear" (one `SGDClassifier.partial_fit` pass over the same mini-batches)."""
     import torch
     from torch import nn
 
+    from embed.pipeline import resolve_device
     from embed.store import FeatureStore
-    from fuse.fusion import Embeddings, _batches, run_epoch
-    from fuse.model import FusionConfig, FusionMLP, resolve_device
+    from fuse.fusion import Embeddings, minibatches
+    from fuse.fusion.training import run_epoch
+    from fuse.model import FusionConfig, FusionMLP
 
     y = np.load(labels, allow_pickle=False).astype(np.int64)
     store = FeatureStore.open(store_dir)
@@ -211,7 +185,7 @@ def _measure(kind: str, store_dir: str, labels: str, n_meta: int, batch_size: in
         model.partial_fit(np.hstack([embeddings.pick(warm, views[: len(warm)]).astype(np.float32), meta[warm]]),
                           y[warm], classes=classes)
         started = time.perf_counter()
-        for part in _batches(len(order), batch_size):
+        for part in minibatches(len(order), batch_size):
             rows = order[part]
             x = np.hstack([embeddings.pick(rows, views[part]).astype(np.float32), meta[rows]])
             model.partial_fit(x, y[rows], classes=classes)

@@ -26,9 +26,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks.common import synchronize
 from fuse.errors import RunError
-from fuse.score import _embedding_setup, _run_identity, _run_spec, read_scoring_metadata, score
-from fuse.stack import require_run
+from fuse.score import read_scoring_metadata, score
+from fuse.stores import run_identity
+from tabular.layout import RunLayout
+from tabular.spec import DatasetSpec, spec_from_identity
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +65,15 @@ def bench_scoring(
         rate), target_ratio, meets_target, final model, repeats, rows_with_error.
 
     Raises:
-        RunError: as `score`; the run's spec has no images; `n_images` < 1.
+        RunError: as `score`; no run at `run_dir`; the run's spec has no images, or no stage of
+            the run read images; the weights differ from the run's; `n_images` or `repeats` < 1.
     """
     import torch
 
     from embed.backbone import load_backbone
-    from embed.pipeline import embed_ids, resolve_device, settle_config
+    from embed.errors import StoreMismatchError
+    from embed.identity import check_identity, embedding_identity
+    from embed.pipeline import EmbedConfig, embed_ids, resolve_device, settle_config
     from embed.sources import FolderSource, open_source
     from embed.weights import ensure_weights
 
@@ -75,23 +81,33 @@ def bench_scoring(
         raise RunError(f"n_images: expected a positive integer, got {n_images!r}")
     if not isinstance(repeats, int) or repeats < 1:
         raise RunError(f"repeats: expected a positive integer, got {repeats!r}")
-    run_dir = require_run(run_dir)
-    spec = _run_spec(run_dir)
+    run = RunLayout(Path(run_dir)).require()
+    spec = spec_from_identity(run.read_record()["spec"])
     if spec.images is None or not Path(spec.images).exists():
-        raise RunError(f"run {run_dir}: its spec '{spec.name}' has no images at {spec.images}; nothing to score")
-    identity = _run_identity(run_dir)
+        raise RunError(f"run {run.dir}: its spec '{spec.name}' has no images at {spec.images}; nothing to score")
+    identity = run_identity(run)
+    if identity is None:
+        raise RunError(f"run {run.dir}: no stage was trained on image embeddings; nothing to compare scoring with")
     own = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="score-bench-") if own else workdir)
     try:
         folder, metadata = _bench_folder(workdir, spec, open_source(spec.images), n_images)
         ids = [p.stem for p in sorted(folder.iterdir())]
-        _, config = _embedding_setup(identity, weights, batch_size, device, num_workers)
-        resolved = resolve_device(config.device)
-        config = settle_config(config, resolved)
-
-        def sync():
-            if resolved.type == "cuda":
-                torch.cuda.synchronize()
+        # The embedding settings scoring uses: the run's image size and views.
+        resolved = resolve_device(device)
+        config = settle_config(
+            EmbedConfig(image_size=int(identity["image_size"]), views=int(identity["views"]),
+                        batch_size=batch_size, device=device, num_workers=num_workers, progress=False),
+            resolved,
+        )
+        # Refused before any timing, as `score` would refuse it: weights other than the run's.
+        info = ensure_weights(Path(weights) if weights else None)
+        try:
+            check_identity(embedding_identity(info, config), identity, "scoring",
+                           "the run's models were trained on",
+                           hint=f"weights at hand: {info.path}; pass the file the run was trained with")
+        except StoreMismatchError as error:
+            raise RunError(str(error)) from error
 
         def embedding_alone(subset) -> tuple[float, int]:
             start = time.perf_counter()
@@ -100,14 +116,14 @@ def bench_scoring(
             count = 0
             for batch_ids, _, _ in embed_ids(FolderSource(folder), subset, model, config):
                 count += len(batch_ids)
-            sync()
+            synchronize(resolved)
             return time.perf_counter() - start, count
 
         def scoring() -> tuple[float, pd.DataFrame]:
             start = time.perf_counter()
-            result = score(run_dir, folder, metadata, workdir / "predictions.csv", batch_size=batch_size,
+            result = score(run.dir, folder, metadata, workdir / "predictions.csv", batch_size=batch_size,
                            device=device, weights=weights, num_workers=num_workers, progress=False)
-            sync()
+            synchronize(resolved)
             return time.perf_counter() - start, result
 
         embedding_alone(ids[: min(len(ids), 2 * config.batch_size)])  # warm-up, untimed
@@ -145,7 +161,7 @@ def bench_scoring(
     return figures
 
 
-def _bench_folder(workdir: Path, spec, source, n_images: int) -> tuple[Path, Path]:
+def _bench_folder(workdir: Path, spec: DatasetSpec, source, n_images: int) -> tuple[Path, Path]:
     """`workdir/images/<id>.jpg|png` (the run's images cycled) and `workdir/metadata.csv`."""
     folder = workdir / "images"
     folder.mkdir(parents=True, exist_ok=True)

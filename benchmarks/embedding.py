@@ -18,17 +18,13 @@ workers, normalised on the device, channels_last, AMP, batches queued on the GPU
 with the naive loop's fp32 vectors of the same images, row by row (`min_cosine_to_naive`).
 
 Also the store's write rate and memory-mapped read rate (rows/s) at a larger row count, for the
-scale of ISIC 2024 (401,059 images). Run: `python -m embed.bench --out bench.json`.
+scale of ISIC 2024 (401,059 images). Run: `invoke bench --parts embedding`.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import logging
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import cpu_count, cpu_name, synchronize
 from embed.backbone import autocast_context, load_backbone, prepare_model, preprocess
 from embed.errors import EmbedError
 from embed.pipeline import EmbedConfig, build_store, make_loader, resolve_device, settle_config
@@ -46,6 +43,8 @@ from embed.weights import WeightsInfo
 log = logging.getLogger(__name__)
 
 TARGETS = {"pipeline_over_ceiling": 0.85, "pipeline_over_naive": 1.8, "min_cosine_to_naive": 0.95}
+# The pipeline's own limit (EmbedConfig.max_pixels), so that the naive loop decodes what it does.
+MAX_PIXELS = EmbedConfig().max_pixels
 
 
 def write_synthetic_hdf5(path: Path, n_images: int, seed: int = 0) -> list[str]:
@@ -70,19 +69,24 @@ def write_synthetic_hdf5(path: Path, n_images: int, seed: int = 0) -> list[str]:
     return ids
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def random_weights(path: Path) -> WeightsInfo:
+    """A random-init ResNet-50 state dict in the Keras v1 stride layout (throughput figures only):
+    the same work per image as the real weights, on machines the real weights file cannot reach."""
+    import torchvision
+
+    from common.files import sha256_file
+    from embed.weights import STRIDE_KERAS_V1
+
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
+    return WeightsInfo(path=Path(path), sha256=sha256_file(path), source="random init (throughput only)",
+                       stride_layout=STRIDE_KERAS_V1)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _decoded_batch(source: ImageSource, ids, image_size: int) -> torch.Tensor:
+    """The plain way: decode and preprocess each image in this process, fp32, NCHW."""
+    return torch.stack(
+        [preprocess(decode_image(source.read_bytes(i), i, MAX_PIXELS), image_size) for i in ids]
+    )
 
 
 def _naive(source: ImageSource, ids, model, device, image_size, batch_size) -> float:
@@ -90,15 +94,9 @@ def _naive(source: ImageSource, ids, model, device, image_size, batch_size) -> f
     start = time.perf_counter()
     with torch.inference_mode():
         for k in range(0, len(ids), batch_size):
-            chunk = ids[k : k + batch_size]
-            x = torch.stack(
-                [
-                    preprocess(decode_image(source.read_bytes(i), i, 50_000_000), image_size)
-                    for i in chunk
-                ]
-            )
+            x = _decoded_batch(source, ids[k : k + batch_size], image_size)
             model(x.to(device)).to(torch.float16).cpu()
-    _sync(device)
+    synchronize(device)
     return len(ids) / (time.perf_counter() - start)
 
 
@@ -117,7 +115,7 @@ def _ceiling(model, device, n_images, image_size, batch_size, amp: bool) -> floa
                 with ctx:
                     y = model(x)
             y.float().to(torch.float16).cpu()
-    _sync(device)
+    synchronize(device)
     return batches * batch_size / (time.perf_counter() - start)
 
 
@@ -140,10 +138,7 @@ def _min_cosine_to_naive(
     would hide vectors handed to the wrong ids."""
     stored = FeatureStore.open(store_dir).read(ids)[:, 0, :].astype(np.float64)
     with torch.inference_mode():
-        x = torch.stack(
-            [preprocess(decode_image(source.read_bytes(i), i, 50_000_000), image_size) for i in ids]
-        )
-        naive = model(x.to(device)).double().cpu().numpy()
+        naive = model(_decoded_batch(source, ids, image_size).to(device)).double().cpu().numpy()
     centre = naive.mean(axis=0)
     stored, naive = stored - centre, naive - centre
     dot = (stored * naive).sum(axis=1)
@@ -206,6 +201,19 @@ def bench_store(
     }
 
 
+def _open_images(images: Path | None, n_images: int, work: Path) -> tuple[ImageSource, list[str], str]:
+    """The bench's images: the first `n_images` of `images`, or synthetic crops in `work`."""
+    if images is None:
+        src_path = work / "images.hdf5"
+        ids = write_synthetic_hdf5(src_path, n_images)
+        return HDF5Source(src_path), ids, f"synthetic ISIC-like JPEG crops, 96-160 px, {n_images} in HDF5"
+    source = open_source(images)
+    ids = source.ids()[:n_images]
+    if len(ids) < n_images:
+        raise EmbedError(f"bench: {images} holds {len(ids)} images, n_images={n_images}")
+    return source, ids, str(images)
+
+
 def bench_embedding(
     weights: WeightsInfo,
     n_images: int = 192,
@@ -223,26 +231,17 @@ def bench_embedding(
     """Measure naive loop, pipeline, model-only ceiling and reader on the same images (see
     module doc).
 
-    batch_size, num_workers: None = the pipeline's defaults for the device. images: a folder or HDF5 to take the first `n_images` ids from; None = synthetic ISIC-like
-    130 px crops written to a temporary HDF5. store_rows: rows for the store write/read figures
-    (0 skips them). Returns a JSON-ready dict with images/s of each, the ratios
-    pipeline/ceiling and pipeline/naive, the targets and whether they are met.
+    batch_size, num_workers: None = the pipeline's defaults for the device. images: a folder or
+    HDF5 to take the first `n_images` ids from; None = synthetic ISIC-like 96-160 px crops
+    written to a temporary HDF5. store_rows: rows for the store write/read figures (0 skips
+    them). Returns a JSON-ready dict with images/s of each, the ratios pipeline/ceiling and
+    pipeline/naive, the targets and whether they are met.
     Raises EmbedError when the images cannot be read or `images` holds too few.
     """
     dev = resolve_device(device)
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="lesionfuse-bench-") as tmp:
         work = Path(tmp)
-        if images is None:
-            src_path = work / "images.hdf5"
-            ids = write_synthetic_hdf5(src_path, n_images)
-            src: ImageSource = HDF5Source(src_path)
-            described = f"synthetic ISIC-like JPEG crops, 96-160 px, {n_images} in HDF5"
-        else:
-            src = open_source(images)
-            ids = src.ids()[:n_images]
-            if len(ids) < n_images:
-                raise EmbedError(f"bench: {images} holds {len(ids)} images, n_images={n_images}")
-            described = str(images)
+        src, ids, described = _open_images(images, n_images, work)
         config = settle_config(
             EmbedConfig(
                 image_size=image_size,
@@ -285,10 +284,8 @@ def bench_embedding(
         )
         result = {
             "device": str(dev),
-            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
-            "cpu_count": len(os.sched_getaffinity(0))
-            if hasattr(os, "sched_getaffinity")
-            else os.cpu_count(),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
+            "cpu_count": cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "images": described,
@@ -316,63 +313,3 @@ def bench_embedding(
         if store_rows:
             result.update(bench_store(store_rows, work))
     return result
-
-
-def random_weights(path: Path) -> WeightsInfo:
-    """A random-init ResNet-50 state dict in the Keras v1 stride layout (throughput figures only)."""
-    import torchvision
-
-    from embed.weights import STRIDE_KERAS_V1, sha256_file
-
-    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
-    return WeightsInfo(path=path, sha256=sha256_file(path), source="random init (throughput only)",
-                       stride_layout=STRIDE_KERAS_V1)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command line: print (and optionally write) the figures as JSON."""
-    from embed.weights import ensure_weights
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", type=Path, default=None)
-    parser.add_argument("--images", type=Path, default=None)
-    parser.add_argument("--n-images", type=int, default=192)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 256 on CUDA, 32 on CPU")
-    parser.add_argument("--num-workers", type=int, default=None)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--store-rows", type=int, default=50_000)
-    parser.add_argument("--no-amp", action="store_true")
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument(
-        "--random-weights",
-        action="store_true",
-        help="random-initialised ResNet-50 in the converted weights' stride layout: the same "
-        "work per image, for throughput on machines the real weights file cannot reach",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    result = bench_embedding(
-        random_weights(Path(tempfile.mkdtemp()) / "random-resnet50.pth")
-        if args.random_weights
-        else ensure_weights(args.weights),
-        args.n_images,
-        args.image_size,
-        args.batch_size,
-        images=args.images,
-        device=args.device,
-        num_workers=args.num_workers,
-        amp=not args.no_amp,
-        rounds=args.rounds,
-        store_rows=args.store_rows,
-    )
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-
-
-if __name__ == "__main__":
-    main()

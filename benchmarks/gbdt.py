@@ -1,8 +1,8 @@
 """Benchmark of the LightGBM stage at ISIC 2024 scale, beside an in-run baseline.
 
 `bench_gbdt(frame, spec)` takes a metadata table (the caller builds it, e.g. the synthetic
-ISIC 2024-like table of `fuse.synthetic` with 401,059 rows; `tabular` never imports `fuse`) and
-measures, each in a fresh child interpreter so that peak memory is that run's own:
+ISIC 2024-like table of `fuse.synthetic` with 401,059 rows) and measures, each in a fresh child
+interpreter so that peak memory is that run's own (`benchmarks.common.run_child`):
 
 - ours: feature building alone (encoder fit + transform of all rows), then one whole 5-fold fit
   of the stage at fixed parameters (`fit_gbdt_frame`: per-fold features, fold x seed models,
@@ -10,25 +10,22 @@ measures, each in a fresh child interpreter so that peak memory is that run's ow
 - baseline: plain LightGBM on the raw numeric columns, same folds, same parameters, one model per
   fold and seed.
 
-Peak memory is the child's peak resident set size (`ru_maxrss`, cross-checked with VmHWM in
-/proc/self/status): LightGBM allocates in C, which `tracemalloc` does not see.
+Peak memory is the child's peak resident set size (VmHWM, cross-checked with `ru_maxrss`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import resource
-import subprocess
-import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from benchmarks.common import cpu_count, peak_rss_bytes, ru_maxrss_bytes, run_child
 from tabular.errors import DataError
 from tabular.spec import DatasetSpec
 
@@ -38,43 +35,31 @@ log = logging.getLogger(__name__)
 TARGET_FIT_SECONDS = 180.0
 TARGET_PEAK_BYTES = 4 * 1024**3
 
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size in bytes (VmHWM, else ru_maxrss)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+SIDES = ("baseline", "ours")
 
 
-def _child(kind: str, work: str) -> None:
-    """Runs in a child process (`python -m tabular.bench KIND WORK`); writes `<work>/<kind>.json`."""
+def measure_fit(kind: str, work: str) -> dict:
+    """One side's fit, in a child process: reads `<work>/job.json`, `frame.parquet`, `folds.npy`.
+
+    kind: "ours" (features, then `fit_gbdt_frame`) or "baseline" (plain LightGBM, raw columns).
+    """
     import warnings
 
     from tabular.gbdt import DEFAULT_PARAMS, GBDTConfig
     from tabular.metrics import MetricWarning, pauc80, roc_auc
+    from tabular.spec import spec_from_identity
 
     work_dir = Path(work)
     job = json.loads((work_dir / "job.json").read_text())
-    spec_fields, options = job["spec"], job["options"]
+    options = job["options"]
     frame = pd.read_parquet(work_dir / "frame.parquet")
     folds = np.load(work_dir / "folds.npy", allow_pickle=False)
-    spec = DatasetSpec(**{
-        **spec_fields,
-        "root": Path(spec_fields["root"]),
-        "metadata": Path(spec_fields["metadata"]),
-        "images": None,
-        **{key: tuple(spec_fields[key]) for key in ("categorical", "numeric", "exclude")},
-    })
+    spec = replace(spec_from_identity(job["spec"]), images=None)
     y = frame[spec.target].to_numpy().astype(np.int8)
     params = {**DEFAULT_PARAMS, **options["params"]}
     config = GBDTConfig(seeds=tuple(options["seeds"]), neg_ratio=options["neg_ratio"],
                         num_threads=options["num_threads"])
-    loaded = peak_rss_bytes()
-    result: dict = {"rss_after_loading_bytes": loaded}
+    result: dict = {"rss_after_loading_bytes": peak_rss_bytes()}
     if kind == "ours":
         from tabular.features import FeatureEncoder
         from tabular.train import fit_gbdt_frame
@@ -117,8 +102,8 @@ def _child(kind: str, work: str) -> None:
             result["pauc80"] = pauc80(y, oof)
             result["roc_auc"] = roc_auc(y, oof)
     result["peak_rss_bytes"] = peak_rss_bytes()
-    result["ru_maxrss_bytes"] = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-    (work_dir / f"{kind}.json").write_text(json.dumps(result))
+    result["ru_maxrss_bytes"] = ru_maxrss_bytes()
+    return result
 
 
 def bench_gbdt(
@@ -134,7 +119,7 @@ def bench_gbdt(
     """Time and peak memory of the LightGBM stage beside plain LightGBM on raw numeric columns.
 
     Args:
-        frame: metadata with the target (validated, e.g. by `tabular.validate.check_metadata`).
+        frame: metadata with the target (validated, e.g. by `tabular.validate.read_metadata`).
         spec: its spec (built-in ISIC 2024 for the engineered and per-patient features).
         n_folds: folds (grouped, stratified: `tabular.folds.make_folds`).
         seeds: models per fold; default one, for a benchmark of the fit's cost per model set.
@@ -156,34 +141,18 @@ def bench_gbdt(
     folds = make_folds(frame, spec, n_folds=n_folds, seed=42)["fold"].to_numpy()
     options = {"seeds": [int(s) for s in seeds], "neg_ratio": neg_ratio, "params": dict(params or {}),
                "num_threads": int(num_threads)}
-    spec_fields = {
-        "name": spec.name, "root": str(spec.root), "metadata": str(spec.metadata), "id": spec.id,
-        "target": spec.target, "group": spec.group, "patient": spec.patient,
-        "categorical": spec.categorical, "numeric": spec.numeric, "exclude": spec.exclude, "builtin": spec.builtin,
-    }
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         work = Path(tmp)
         frame.reset_index(drop=True).to_parquet(work / "frame.parquet", index=False)
         np.save(work / "folds.npy", folds, allow_pickle=False)
-        (work / "job.json").write_text(json.dumps({"spec": spec_fields, "options": options}))
-        # A fresh interpreter per side (not multiprocessing): its peak memory is its own, and the
-        # caller's main module need not be import-safe.
-        repo = str(Path(__file__).resolve().parents[1])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
+        (work / "job.json").write_text(json.dumps({"spec": spec.identity(), "options": options}))
         results = {}
-        for kind in ("baseline", "ours"):
+        for kind in SIDES:
             log.info("bench: %s fit on %d rows", kind, len(frame))
             tick = time.perf_counter()
-            process = subprocess.run([sys.executable, "-m", "tabular.bench", kind, str(work)], env=env,
-                                     capture_output=True, text=True)
-            wall = time.perf_counter() - tick
-            if process.returncode != 0 or not (work / f"{kind}.json").exists():
-                raise DataError(
-                    f"bench: the {kind} child process failed (exit code {process.returncode}): "
-                    f"{process.stderr.strip()[-1500:]}"
-                )
-            results[kind] = json.loads((work / f"{kind}.json").read_text())
-            results[kind]["process_seconds"] = wall
+            results[kind] = run_child("benchmarks.gbdt:measure_fit", {"kind": kind, "work": str(work)},
+                                      label=kind, error=DataError)
+            results[kind]["process_seconds"] = time.perf_counter() - tick
     ours, baseline = results["ours"], results["baseline"]
     report = {
         "rows": len(frame),
@@ -192,7 +161,7 @@ def bench_gbdt(
         "n_folds": n_folds,
         "seeds": list(options["seeds"]),
         "neg_ratio": neg_ratio,
-        "cpus": os.cpu_count(),
+        "cpus": cpu_count(),
         "ours": ours,
         "baseline": baseline,
         "ratios": {
@@ -212,7 +181,3 @@ def bench_gbdt(
         ours["peak_rss_bytes"] / 1e9, baseline["peak_rss_bytes"] / 1e9,
     )
     return report
-
-
-if __name__ == "__main__":
-    _child(sys.argv[1], sys.argv[2])

@@ -1,0 +1,13 @@
+"""`invoke bench` and its parts: throughput and memory figures, each beside an in-run baseline.
+
+- `benchmarks.common`: what the figures were measured on, peak memory, the child-process runner;
+- `benchmarks.embedding`: naive loop / pipeline / model-only ceiling / reader, store write and read;
+- `benchmarks.gbdt`: features and one 5-fold LightGBM fit beside plain LightGBM on raw columns;
+- `benchmarks.fusion`: one fusion-MLP epoch beside a linear model's pass over the same store;
+- `benchmarks.scoring`: scoring a folder end to end beside the embedding pipeline alone;
+- `benchmarks.run`: `run_bench`, every part in one run, written to `artifacts/bench/` as JSON
+  and printed as a table.
+
+They call only the public functions of `embed`, `tabular` and `fuse`, so they also show that the
+public API is enough to drive every stage. Nothing in the product imports them.
+"""

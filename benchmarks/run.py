@@ -1,0 +1,248 @@
+"""`invoke bench`: every throughput and memory figure, each beside its in-run baseline.
+
+Parts (each measured by its own module, in this one run, on this machine):
+- embedding: naive loop / pipeline / model-only ceiling / reader, store write and memory-mapped
+  read (`benchmarks.embedding`);
+- gbdt: feature building and one 5-fold fit on the synthetic ISIC 2024-sized table, beside plain
+  LightGBM on the raw columns (`benchmarks.gbdt`), at several row counts to show cost growth;
+- fusion: one MLP epoch beside a linear model's pass over the same store (`benchmarks.fusion`), at
+  the same row counts;
+- scoring: a folder of images end to end beside the embedding pipeline alone
+  (`benchmarks.scoring`), on the demo run (made first if absent).
+
+Writes `artifacts/bench/bench.json` (`bench-quick.json` with `quick`) and prints a table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import ISIC2024_PATIENTS, ISIC2024_ROWS, machine
+from benchmarks.embedding import TARGETS as EMBED_TARGETS
+from benchmarks.fusion import TARGET_PEAK_VS_STORE
+from benchmarks.gbdt import TARGET_FIT_SECONDS, TARGET_PEAK_BYTES
+from benchmarks.scoring import TARGET_RATIO as SCORE_TARGET_RATIO
+from embed.weights import ensure_weights
+from fuse.errors import RunError
+from fuse.paths import artifacts_root
+
+log = logging.getLogger(__name__)
+
+PARTS = ("embedding", "gbdt", "fusion", "scoring")
+FULL_SIZES = (10_000, 50_000, ISIC2024_ROWS)
+QUICK_SIZES = (10_000,)
+# Embedding part: images (and store rows) per run, quick / full.
+EMBED_IMAGES = {True: 64, False: 192}
+STORE_ROWS = {True: 20_000, False: 100_000}
+# Scoring part: images scored, quick / full.
+SCORE_IMAGES = {True: 200, False: 2000}
+
+
+def parse_parts(parts: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """The parts to run, in `PARTS` order: None (all), or names, or one comma-separated string.
+
+    Raises:
+        RunError: an unknown name, or none given.
+    """
+    if parts is None:
+        return PARTS
+    names = [p.strip() for p in (parts.split(",") if isinstance(parts, str) else parts)]
+    names = [p for p in names if p]
+    unknown = [p for p in names if p not in PARTS]
+    if unknown or not names:
+        raise RunError(f"parts: expected a comma-separated subset of {', '.join(PARTS)}, got {parts!r}")
+    return tuple(p for p in PARTS if p in names)
+
+
+def _check_count(name: str, value, minimum: int) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise RunError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+
+
+def run_bench(
+    quick: bool = False,
+    out: Path | str | None = None,
+    device: str = "auto",
+    *,
+    parts: str | tuple[str, ...] | None = None,
+    weights: Path | str | None = None,
+    random_weights: bool = False,
+    images: Path | str | None = None,
+    n_images: int | None = None,
+    image_size: int = 224,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    rounds: int = 2,
+    store_rows: int | None = None,
+    amp: bool = True,
+) -> dict:
+    """Run the chosen parts; `quick` uses small sizes (about a minute or two on 2 cores).
+
+    Args:
+        quick: small sizes (one row count, fewer images).
+        out: where the JSON goes (default `artifacts/bench/bench.json`, `bench-quick.json` when
+            quick); its folder is created.
+        device: "auto", "cpu" or "cuda", for every part.
+        parts: which parts to run (names of `PARTS`, or one comma-separated string); None = all.
+        weights: the backbone weights file of the embedding part (default: the cached weights).
+        random_weights: the embedding part uses a random-initialised ResNet-50 of the same shape
+            (the same work per image, no weights file needed: throughput only).
+        images: a folder or HDF5 whose first `n_images` images the embedding part reads (default:
+            synthetic ISIC-like crops).
+        n_images: images of the embedding part (default 192; 64 when quick).
+        image_size, rounds, amp: of the embedding part (`benchmarks.embedding.bench_embedding`).
+        batch_size, num_workers: of the embedding and scoring parts (None: the pipeline's
+            defaults for the device).
+        store_rows: rows of the embedding part's store write and read figures, 0 skips them
+            (default 100,000; 20,000 when quick).
+
+    Returns:
+        The JSON-ready figures: machine, quick, parts {name: figures}, seconds.
+
+    Raises:
+        RunError: an unknown part; a count below its minimum; `weights` together with
+            `random_weights`. Each part raises its own side's errors.
+    """
+    chosen = parse_parts(parts)
+    for name, value, minimum in (("n_images", n_images, 1), ("image_size", image_size, 1),
+                                 ("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                                 ("rounds", rounds, 1), ("store_rows", store_rows, 0)):
+        _check_count(name, value, minimum)
+    if weights is not None and random_weights:
+        raise RunError(f"weights: {weights} was given together with random_weights; choose one")
+    out = Path(out) if out else artifacts_root() / "bench" / ("bench-quick.json" if quick else "bench.json")
+    # Weights are checked first, so that a missing file stops the run before the long parts.
+    embed_weights = None
+    if "embedding" in chosen and not random_weights:
+        embed_weights = ensure_weights(None if weights is None else Path(weights))
+    if "scoring" in chosen:
+        ensure_weights()  # the demo run's
+    sizes = QUICK_SIZES if quick else FULL_SIZES
+    result: dict = {"machine": machine(), "quick": quick, "parts": {}}
+    started = time.perf_counter()
+
+    if "embedding" in chosen:
+        log.info("bench: embedding")
+        result["parts"]["embedding"] = _embedding(
+            embed_weights, images=None if images is None else Path(images),
+            n_images=n_images or EMBED_IMAGES[quick], image_size=image_size, batch_size=batch_size,
+            device=device, num_workers=num_workers, amp=amp, rounds=rounds,
+            store_rows=STORE_ROWS[quick] if store_rows is None else store_rows)
+    if "gbdt" in chosen:
+        result["parts"]["gbdt"] = [_gbdt_at(rows) for rows in sizes]
+    if "fusion" in chosen:
+        result["parts"]["fusion"] = [_fusion_at(rows, device) for rows in sizes]
+    if "scoring" in chosen:
+        log.info("bench: scoring")
+        result["parts"]["scoring"] = _scoring(SCORE_IMAGES[quick], device, batch_size, num_workers)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(format_table(result))
+    print(f"bench: {out}")
+    return result
+
+
+def _embedding(weights, **settings) -> dict:
+    """The embedding part with `weights`, or (None) a random-initialised ResNet-50 of the same shape."""
+    from benchmarks.embedding import bench_embedding, random_weights
+
+    if weights is not None:
+        return bench_embedding(weights, **settings)
+    with tempfile.TemporaryDirectory(prefix="lesionfuse-bench-weights-") as tmp:
+        return bench_embedding(random_weights(Path(tmp) / "random-resnet50.pth"), **settings)
+
+
+def _gbdt_at(rows: int) -> dict:
+    from benchmarks.gbdt import bench_gbdt
+    from fuse.synthetic import make_isic2024_like
+    from tabular.spec import isic2024_spec
+    from tabular.validate import read_metadata
+
+    log.info("bench: gbdt at %d rows", rows)
+    with tempfile.TemporaryDirectory(prefix="bench-gbdt-") as tmp:
+        patients = max(10, round(ISIC2024_PATIENTS * rows / ISIC2024_ROWS))
+        make_isic2024_like(Path(tmp), n_rows=rows, n_patients=patients, prevalence=0.001 if rows >= 50_000 else 0.005,
+                           seed=0, write_images=False)
+        spec = isic2024_spec(Path(tmp))
+        return bench_gbdt(read_metadata(spec), spec)
+
+
+def _fusion_at(rows: int, device: str) -> dict:
+    import torch
+
+    from benchmarks.fusion import bench_fusion_epoch
+
+    log.info("bench: fusion epoch at %d rows", rows)
+    return bench_fusion_epoch(n_rows=rows, device="cpu" if device == "auto" and not torch.cuda.is_available() else device)
+
+
+def _scoring(n_images: int, device: str, batch_size: int | None, num_workers: int | None) -> dict:
+    """Scoring needs a trained run with images: the demo run, made first if absent."""
+    from benchmarks.scoring import bench_scoring
+    from fuse.demo import DEMO_RUN, run_demo
+    from fuse.paths import run_dir
+    from tabular.layout import RunLayout
+
+    run = RunLayout(run_dir(DEMO_RUN))
+    if not run.final.exists():
+        run_demo()
+    return bench_scoring(run.dir, n_images=n_images, device=device, batch_size=batch_size,
+                         num_workers=num_workers)
+
+
+def format_table(result: dict) -> str:
+    """One line per figure: value, its in-run baseline, the ratio and the target (parts absent
+    from `result` are left out)."""
+    rows = [("figure", "value", "baseline", "ratio", "target")]
+    parts = result["parts"]
+    e = parts.get("embedding")
+    if e:
+        rows.append(("embed pipeline images/s vs naive loop", f"{e['pipeline_images_per_s']:.1f}",
+                     f"{e['naive_images_per_s']:.1f}", f"{e['pipeline_over_naive']:.2f}",
+                     f">= {EMBED_TARGETS['pipeline_over_naive']}"))
+        rows.append(("embed pipeline images/s vs model-only ceiling", f"{e['pipeline_images_per_s']:.1f}",
+                     f"{e['ceiling_images_per_s']:.1f}", f"{e['pipeline_over_ceiling']:.2f}",
+                     f">= {EMBED_TARGETS['pipeline_over_ceiling']}"))
+        if "min_cosine_to_naive" in e:
+            rows.append((f"embed vectors vs naive fp32, min centred cosine ({e['images_checked']} images)",
+                         f"{e['min_cosine_to_naive']:.4f}", "", "", f">= {EMBED_TARGETS['min_cosine_to_naive']}"))
+        if "reader_images_per_s" in e:
+            rows.append(("embed pipeline images/s vs its reader (decode only)", f"{e['pipeline_images_per_s']:.1f}",
+                         f"{e['reader_images_per_s']:.1f}", f"{e['pipeline_over_reader']:.2f}", ""))
+        if "store_write_rows_per_s" in e:
+            rows.append((f"store write rows/s ({e['store_rows']} rows)", f"{e['store_write_rows_per_s']}", "", "", ""))
+            rows.append((f"store mmap read rows/s ({e['store_rows']} rows)", f"{e['store_read_rows_per_s']}", "", "", ""))
+    for g in parts.get("gbdt", ()):
+        ours, base = g["ours"], g["baseline"]
+        rows.append((f"gbdt features s ({g['rows']} rows)", f"{ours['features_seconds']:.1f}", "", "", ""))
+        rows.append((f"gbdt 5-fold fit s ({g['rows']} rows) vs raw LightGBM", f"{ours['fit_seconds']:.1f}",
+                     f"{base['fit_seconds']:.1f}", f"{g['ratios']['fit_seconds']:.2f}", f"< {TARGET_FIT_SECONDS:.0f} s"))
+        rows.append((f"gbdt peak GB ({g['rows']} rows) vs raw LightGBM", f"{ours['peak_rss_bytes'] / 1e9:.2f}",
+                     f"{base['peak_rss_bytes'] / 1e9:.2f}", f"{g['ratios']['peak_rss']:.2f}",
+                     f"< {TARGET_PEAK_BYTES / 1024**3:.0f} GB"))
+    for f in parts.get("fusion", ()):
+        mlp, lin = f["mlp"], f["linear"]
+        n = f["store"]["rows"]
+        rows.append((f"fusion epoch s ({n} rows) vs linear pass", f"{mlp['seconds']:.1f}", f"{lin['seconds']:.1f}",
+                     f"{f['mlp_vs_linear_time']:.2f}", ""))
+        rows.append((f"fusion rows/s ({n} rows)", f"{mlp['rows_per_s']:.0f}", f"{lin['rows_per_s']:.0f}", "", ""))
+        rows.append((f"fusion peak / store size ({n} rows)", f"{mlp['peak_vs_store']:.2f}", "", "",
+                     f"< {TARGET_PEAK_VS_STORE:g}"))
+    s = parts.get("scoring")
+    if s:
+        rows.append((f"score images/s ({s['n_images']} images) vs embedding alone", f"{s['score_images_per_s']:.1f}",
+                     f"{s['embed_only_images_per_s']:.1f}", f"{s['ratio']:.2f}", f">= {SCORE_TARGET_RATIO}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    m = result["machine"]
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}, torch {m['torch']}"]
+    for k, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)

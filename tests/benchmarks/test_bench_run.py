@@ -1,0 +1,140 @@
+"""`invoke bench`: its options, the JSON it writes and the printed table (figure, baseline, ratio)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.common import machine
+from benchmarks.run import PARTS, format_table, parse_parts, run_bench
+from fuse.errors import RunError
+
+RESULT = {
+    "machine": machine(),
+    "parts": {
+        "embedding": {
+            "pipeline_images_per_s": 57.6,
+            "naive_images_per_s": 18.2,
+            "ceiling_images_per_s": 59.8,
+            "reader_images_per_s": 1900.0,
+            "pipeline_over_naive": 3.165,
+            "pipeline_over_ceiling": 0.963,
+            "pipeline_over_reader": 0.03,
+            "min_cosine_to_naive": 0.9976,
+            "images_checked": 65,
+            "store_rows": 1000,
+            "store_write_rows_per_s": 84000,
+            "store_read_rows_per_s": 95000,
+        },
+        "gbdt": [
+            {
+                "rows": 10000,
+                "ours": {"features_seconds": 0.1, "fit_seconds": 1.9, "peak_rss_bytes": 3.2e8},
+                "baseline": {"fit_seconds": 0.6, "peak_rss_bytes": 2.0e8},
+                "ratios": {"fit_seconds": 3.17, "peak_rss": 1.6},
+            }
+        ],
+        "fusion": [
+            {
+                "store": {"rows": 10000},
+                "mlp": {"seconds": 0.8, "rows_per_s": 12500, "peak_vs_store": 23.0},
+                "linear": {"seconds": 0.1, "rows_per_s": 100000},
+                "mlp_vs_linear_time": 8.0,
+            }
+        ],
+        "scoring": {
+            "n_images": 200,
+            "score_images_per_s": 57.8,
+            "embed_only_images_per_s": 58.4,
+            "ratio": 0.99,
+        },
+    },
+}
+
+
+def _cells(table: str, label: str) -> list[str]:
+    (line,) = [x for x in table.splitlines() if x.startswith(label)]
+    return line[len(label) :].split()
+
+
+def test_table_prints_each_figure_with_its_baseline_and_ratio():
+    table = format_table(RESULT)
+    lines = table.splitlines()
+    assert lines[0].startswith("machine: ") and "cores" in lines[0]
+    expected = {
+        "embed pipeline images/s vs naive loop": ("57.6", "18.2", "3.17"),
+        "embed pipeline images/s vs model-only ceiling": ("57.6", "59.8", "0.96"),
+        "embed pipeline images/s vs its reader (decode only)": ("57.6", "1900.0", "0.03"),
+        "embed vectors vs naive fp32, min centred cosine (65 images)": ("0.9976", ">=", "0.95"),
+        "gbdt 5-fold fit s (10000 rows) vs raw LightGBM": ("1.9", "0.6", "3.17"),
+        "fusion epoch s (10000 rows) vs linear pass": ("0.8", "0.1", "8.00"),
+        "score images/s (200 images) vs embedding alone": ("57.8", "58.4", "0.99"),
+    }
+    for label, cells in expected.items():
+        assert _cells(table, label)[:3] == list(cells), label
+
+
+def test_table_shows_each_target():
+    table = format_table(RESULT)
+    targets = {
+        "embed pipeline images/s vs naive loop": ">= 1.8",
+        "embed pipeline images/s vs model-only ceiling": ">= 0.85",
+        "gbdt 5-fold fit s (10000 rows) vs raw LightGBM": "< 180 s",
+        "gbdt peak GB (10000 rows) vs raw LightGBM": "< 4 GB",
+        "fusion peak / store size (10000 rows)": "< 2",
+        "score images/s (200 images) vs embedding alone": ">= 0.8",
+    }
+    for label, target in targets.items():
+        assert " ".join(_cells(table, label)).endswith(target), label
+
+
+def test_table_of_some_parts_leaves_the_others_out():
+    only = {"machine": RESULT["machine"], "parts": {"embedding": RESULT["parts"]["embedding"]}}
+    table = format_table(only)
+    assert "embed pipeline images/s vs naive loop" in table
+    assert not any(word in table for word in ("gbdt", "fusion", "score"))
+
+
+def test_parts_are_named_and_kept_in_order():
+    assert parse_parts(None) == PARTS
+    assert parse_parts("scoring, embedding") == ("embedding", "scoring")
+    assert parse_parts(["gbdt"]) == ("gbdt",)
+    with pytest.raises(RunError, match=r"parts: expected a comma-separated subset of embedding, gbdt, "
+                                       r"fusion, scoring, got 'embed'"):
+        parse_parts("embed")
+    with pytest.raises(RunError, match=r"parts: .* got ''"):
+        parse_parts("")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"n_images": 0}, r"n_images: expected an integer >= 1, got 0"),
+        ({"batch_size": 0}, r"batch_size: expected an integer >= 1, got 0"),
+        ({"num_workers": -1}, r"num_workers: expected an integer >= 0, got -1"),
+        ({"rounds": 0}, r"rounds: expected an integer >= 1, got 0"),
+        ({"store_rows": -1}, r"store_rows: expected an integer >= 0, got -1"),
+        ({"weights": "w.pth", "random_weights": True}, r"weights: w.pth was given together with random_weights"),
+        ({"parts": "gpu"}, r"parts: expected a comma-separated subset"),
+    ],
+)
+def test_bad_options_are_refused_before_any_work(tmp_path, options, message):
+    with pytest.raises(RunError, match=message):
+        run_bench(out=tmp_path / "bench.json", **options)
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_embedding_part_alone_with_random_weights(tmp_path, capsys):
+    """`invoke bench --parts embedding --random-weights ...`: no weights file, one part, its JSON."""
+    out = tmp_path / "out" / "gpu-bench.json"
+    result = run_bench(out=out, device="cpu", parts="embedding", random_weights=True, n_images=4,
+                       image_size=32, batch_size=4, num_workers=0, rounds=1, store_rows=0)
+    assert list(result["parts"]) == ["embedding"]
+    embedding = result["parts"]["embedding"]
+    assert embedding["weights_source"] == "random init (throughput only)"
+    assert embedding["n_images"] == 4 and embedding["image_size"] == 32 and embedding["rounds"]["naive"]
+    assert "store_rows" not in embedding  # --store-rows 0 skips the store figures
+    assert json.loads(out.read_text())["parts"]["embedding"]["n_images"] == 4
+    printed = capsys.readouterr().out
+    assert "embed pipeline images/s vs model-only ceiling" in printed and f"bench: {out}" in printed

@@ -1,0 +1,68 @@
+"""The scoring part: scoring a folder end to end beside the embedding pipeline alone.
+
+One module-scoped run on a synthetic ISIC 2024-layout data set, with a random-initialised
+ResNet-50 at 32 px, one LightGBM seed, two fusion epochs and a small stack: about half a minute.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from benchmarks.scoring import bench_scoring
+from fuse.errors import RunError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A trained, stacked run and the random weights it was embedded with."""
+    import torch
+    import torchvision
+
+    from fuse.commands import embed_spec, train_gbdt
+    from fuse.fusion import train_fusion
+    from fuse.model import FusionConfig
+    from fuse.stack import StackConfig, stack
+    from fuse.synthetic import make_isic2024_like
+    from tabular.gbdt import GBDTConfig
+    from tabular.spec import load_spec
+
+    root = tmp_path_factory.mktemp("score-bench")
+    data = root / "data"
+    make_isic2024_like(data, n_rows=60, n_patients=12, prevalence=0.25, seed=0,
+                       image_size_range=(24, 40), test_rows=6)
+    torch.manual_seed(0)
+    weights = root / "random-resnet50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), weights)
+    summary = embed_spec(data, image_size=32, weights_path=weights, stores=root / "stores",
+                         device="cpu", num_workers=0)
+    run = root / "run"
+    train_gbdt(data, run, image_pca=4, store=summary.store_dir,
+               config=GBDTConfig(seeds=(0,), extra_components=4, num_boost_round=40,
+                                 early_stopping_rounds=10, num_threads=1))
+    train_fusion(load_spec(data), run, summary.store_dir,
+                 FusionConfig(max_epochs=2, image_hidden=16, meta_hidden=8, fused_hidden=8,
+                              batch_size=32, device="cpu"), baselines=False)
+    stack(run, config=StackConfig(num_boost_round=30))
+    return {"run": run, "weights": weights}
+
+
+def test_bench_scoring_reports_both_rates(tiny, tmp_path):
+    figures = bench_scoring(tiny["run"], n_images=8, weights=tiny["weights"], device="cpu",
+                            num_workers=0, workdir=tmp_path)
+    assert figures["n_images"] == 8 and figures["embedded"] == 8
+    assert figures["embed_only_images_per_s"] > 0 and figures["score_images_per_s"] > 0
+    assert figures["ratio"] == pytest.approx(figures["score_images_per_s"] / figures["embed_only_images_per_s"], rel=1e-2)
+    assert figures["rows_with_error"] == 0
+    assert len(pd.read_csv(tmp_path / "predictions.csv")) == 8
+
+
+def test_bench_scoring_refuses_bad_counts_and_a_missing_run(tiny, tmp_path):
+    with pytest.raises(RunError, match=r"n_images: expected a positive integer, got 0"):
+        bench_scoring(tiny["run"], n_images=0)
+    with pytest.raises(RunError, match=r"repeats: expected a positive integer, got 0"):
+        bench_scoring(tiny["run"], n_images=1, repeats=0)
+    with pytest.raises(RunError, match=r"not found \(no run.json\)"):
+        bench_scoring(tmp_path / "nowhere", n_images=1)
