@@ -204,10 +204,10 @@ def score(c, run=None, images=None, out=None, metadata=None, format="csv", batch
     "rounds": "embedding part: timed rounds, the best counts",
     "store_rows": "embedding part: rows of the store write/read figures, 0 skips them "
                   "(default 100000, 20000 with --quick)",
-    "amp": "embedding part: mixed precision (--no-amp: fp32)",
+    "no_amp": "embedding part: fp32 instead of mixed precision",
 })
 def bench(c, quick=False, device="auto", parts=None, out=None, weights=None, random_weights=False, images=None,
-          n_images=None, image_size=224, batch_size=None, num_workers=None, rounds=2, store_rows=None, amp=True):
+          n_images=None, image_size=224, batch_size=None, num_workers=None, rounds=2, store_rows=None, no_amp=False):
     """Throughput and memory figures, each beside its in-run baseline."""
     _logging()
     from benchmarks.run import run_bench
@@ -218,7 +218,7 @@ def bench(c, quick=False, device="auto", parts=None, out=None, weights=None, ran
     _run(run_bench, quick=quick, out=out, device=device, parts=parts, weights=weights,
          random_weights=random_weights, images=images, n_images=count(n_images), image_size=int(image_size),
          batch_size=count(batch_size), num_workers=count(num_workers), rounds=int(rounds),
-         store_rows=count(store_rows), amp=amp)
+         store_rows=count(store_rows), amp=not no_amp)
 
 
 @_task(help={"k": "only tests matching this expression"})
