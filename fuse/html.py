@@ -46,8 +46,8 @@ tr.flagged td:first-child { box-shadow: inset 4px 0 0 var(--flag); }
 .badge.flag { background: var(--flag); color: #fff; }
 .badge.final { background: #2f5eb5; color: #fff; }
 .plots { display: flex; flex-wrap: wrap; gap: 18px; }
-figure { margin: 0; }
-figure img { max-width: 100%; height: auto; border: 1px solid var(--line); }
+figure { margin: 0; flex: 1 1 440px; max-width: 620px; }
+figure img { width: 100%; height: auto; border: 1px solid var(--line); }
 figcaption { color: var(--muted); font-size: 13px; max-width: 620px; }
 img.thumb { display: block; border-radius: 3px; }
 .noimg { display: flex; align-items: center; justify-content: center; text-align: center;
@@ -58,7 +58,7 @@ ul.reasons .down { color: var(--down); }
 .id { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 13px;
       word-break: break-all; }
 section.patient { margin: 14px 0 22px; }
-table.lesions { table-layout: fixed; width: 100%; }
+table.lesions.wide { table-layout: fixed; width: 100%; }
 table.lesions td { overflow-wrap: anywhere; }
 .pid { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
 """

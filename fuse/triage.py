@@ -45,6 +45,7 @@ def write_triage_page(
     per_patient: int = 3,
     csv_name: str | None = None,
     thumbnail_px: int = 96,
+    prevalence: float | None = None,
 ) -> Path:
     """Write the triage page of scored lesions to `out` (one self-contained HTML file).
 
@@ -71,6 +72,8 @@ def write_triage_page(
             flagged ones.
         csv_name: the predictions file's name, for the "all rows are in ..." sentence.
         thumbnail_px: the thumbnails' longest side, in pixels.
+        prevalence: the prevalence `probability` was moved to when scoring (a fraction), for the
+            header's sentence; None: the probabilities hold at the training data's prevalence.
 
     Returns:
         `out` as a Path.
@@ -108,7 +111,7 @@ def write_triage_page(
         listing = _flat(shown, counts, render, source, max_rows)
     else:
         listing = _grouped(scored, counts, render, source, max_rows, per_patient)
-    body = [_header(run_name, threshold, counts, patient is not None, rows), listing,
+    body = [_header(run_name, threshold, counts, patient is not None, rows, render, prevalence), listing,
             _errors(unscored, source, max_rows, patient is not None)]
     if render.failed:
         log.warning("triage page: %d of the shown images could not be read (shown as placeholders)",
@@ -155,7 +158,8 @@ def _text(frame: pd.DataFrame, column: str) -> np.ndarray:
 # --------------------------------------------------------------------------------- sections
 
 
-def _header(run_name: str, threshold: float, counts: dict, grouped: bool, rows: pd.DataFrame) -> str:
+def _header(run_name: str, threshold: float, counts: dict, grouped: bool, rows: pd.DataFrame,
+            render: _Renderer, prevalence: float | None) -> str:
     e = html.escape
     point = f"{_percent(threshold)} (probability {_decimal(threshold)})"
     facts = [
@@ -169,19 +173,42 @@ def _header(run_name: str, threshold: float, counts: dict, grouped: bool, rows: 
     ]
     if grouped:
         facts.insert(2, ("patients", f"{rows['patient'].nunique():,}"))
+    if prevalence is not None:
+        facts.insert(2, ("probabilities at prevalence", e(_percent(prevalence))))
     return "\n".join([
         f"<h1>Triage: {e(run_name)}</h1>",
         '<dl class="facts">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>",
-        "<p><strong>probability</strong> is the model's estimate that the lesion is malignant, at "
-        "the prevalence of the data it was trained on (of lesions given 20%, about one in five was "
-        "malignant there); where malignancy is rarer or commoner than there, it over- or "
-        "understates the risk. <strong>flagged</strong> means at or above the run's operating "
-        f"threshold ({e(_percent(threshold))}), chosen on the training data's out-of-fold "
-        "predictions for the run's target sensitivity. <strong>reasons</strong> are the metadata "
-        "values that moved the LightGBM score most (its contribution in log-odds: red raises the "
-        "score, green lowers it); <code>p_</code> columns are each base model's own score. The "
-        "model's output is a second opinion, not a diagnosis.</p>",
+        f"<p>{_explanation(threshold, render, prevalence)}</p>",
     ])
+
+
+def _explanation(threshold: float, render: _Renderer, prevalence: float | None) -> str:
+    e = html.escape
+    if prevalence is None:
+        where = ("at the prevalence of the data it was trained on (of lesions given 20%, about one "
+                 "in five was malignant there); where malignancy is rarer or commoner than there, "
+                 "it over- or understates the risk")
+    else:
+        where = (f"at a prevalence of {e(_percent(prevalence))}, set when scoring (of lesions given "
+                 "20%, about one in five would be malignant where that prevalence holds)")
+    text = [
+        f"<strong>probability</strong> is the model's estimate that the lesion is malignant, {where}.",
+        "<strong>flagged</strong> means at or above the run's operating threshold "
+        f"({e(_percent(threshold))}), chosen on the training data's out-of-fold predictions for "
+        "the run's target sensitivity.",
+    ]
+    if render.p_columns:
+        text.append(f"{', '.join(f'<code>{e(c)}</code>' for c in render.p_columns)}: each base "
+                    "model's own score.")
+    if render.has_reasons:
+        text.append("<strong>reasons</strong>: the metadata values that moved the LightGBM score "
+                    "most, with their contribution in log-odds (red raises the score, green "
+                    "lowers it).")
+    if render.has_overlays:
+        text.append("<strong>saliency</strong>: where in the image the fusion model's score "
+                    "looked (Grad-CAM), for the lesions that have one.")
+    text.append("The model's output is a second opinion, not a diagnosis.")
+    return " ".join(text)
 
 
 def _flat(shown: pd.DataFrame, counts: dict, render: _Renderer, source: str, max_rows: int) -> str:
@@ -361,7 +388,8 @@ class _Renderer:
             head.append("<th>reasons</th>")
         body = [self._row(row, n) for n, row in enumerate(rows.to_dict("records"), start=start)]
         ident = f' id="{e(table_id)}"' if table_id else ""
-        return (f'<table class="sortable lesions"{ident}><colgroup>{"".join(cols)}</colgroup>'
+        wide = " wide" if self.has_reasons else ""  # the reasons column takes the rest
+        return (f'<table class="sortable lesions{wide}"{ident}><colgroup>{"".join(cols)}</colgroup>'
                 f'<thead><tr>{"".join(head)}</tr></thead><tbody>{"".join(body)}</tbody></table>')
 
     def _row(self, row: dict, n: int) -> str:

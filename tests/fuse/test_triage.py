@@ -52,7 +52,8 @@ class Page(HTMLParser):
         if tag in self.BLOCK:
             self._space()
         if tag == "table":
-            self._table = attrs.get("id") or attrs.get("class")
+            # "lesions" for the tables of one patient's lesions (no id)
+            self._table = attrs.get("id") or ("lesions" if "lesions" in attrs.get("class", "") else None)
         elif tag == "thead":
             self._in_head = True
         elif tag == "tbody":
@@ -98,7 +99,7 @@ class Page(HTMLParser):
     def lesions(self, column: int = 2) -> list[str]:
         """The id column of every lesion row, in page order (the 3rd cell, without overlays)."""
         return [r["cells"][column].split(" note:")[0] for r in self.rows
-                if r["table"] in ("flagged-lesions", "other-lesions", "sortable lesions")]
+                if r["table"] in ("flagged-lesions", "other-lesions", "lesions")]
 
     def errors(self) -> list[list[str]]:
         return [r["cells"] for r in self.rows if r["table"] == "error-rows"]
@@ -197,7 +198,7 @@ def test_grouped_by_patient(tmp_path):
     assert page.patients == ["A", "C", NO_PATIENT, "B"]
     by_patient = {}
     for row in page.rows:
-        if row["table"] == "sortable lesions":
+        if row["table"] == "lesions":
             by_patient.setdefault(row["patient"], []).append(row["cells"][2])
     ids = frame["image_id"].to_numpy()
     order_a = [ids[i] for i in np.argsort(-p[:12], kind="stable")]
@@ -320,6 +321,20 @@ def test_header_says_what_probability_and_flagged_mean(tmp_path):
     assert "probability is the model's estimate that the lesion is malignant, at the prevalence of " \
            "the data it was trained on" in text
     assert "flagged means at or above the run's operating threshold (1.2%)" in text
+    assert "p_gbdt, p_fusion: each base model's own score." in text
+    assert "reasons" in text and "saliency" not in text
+
+
+def test_header_follows_the_columns_and_the_prevalence_given(tmp_path):
+    frame = predictions([0.9, 0.1]).drop(columns=["reasons", "p_fusion"])
+    page = write(frame, tmp_path, prevalence=0.001, overlays={"L000": jpeg()})
+    text = page.plain()
+    assert "probabilities at prevalence 0.1%" in text
+    assert "at a prevalence of 0.1%, set when scoring" in text
+    assert "training data's prevalence" not in text and "trained on (of" not in text
+    assert "p_gbdt: each base model's own score." in text
+    assert "reasons" not in text
+    assert "saliency: where in the image" in text
 
 
 def test_reasons_are_listed_with_their_direction(tmp_path):
