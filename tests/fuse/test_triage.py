@@ -379,3 +379,16 @@ def test_100000_rows_stay_small_and_quick(tmp_path, grouped):
     assert "All rows are in preds.csv." in page.plain()
     assert size < 6_000_000, size
     assert seconds < 60, seconds
+
+
+def test_predictions_read_back_from_the_csv_give_the_same_page(tmp_path):
+    frame = predictions([0.9, np.nan, 0.2], error=["", "unreadable", ""],
+                        reasons=["age = 71 (+0.80)", "", ""])
+    frame.to_csv(tmp_path / "preds.csv", index=False)
+    again = pd.read_csv(tmp_path / "preds.csv", dtype={"image_id": str}, keep_default_na=True)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = write(frame, tmp_path / "a")
+    second = write(again, tmp_path / "b")
+    assert first.rows == second.rows
+    assert second.lesions() == ["L000", "L002"] and second.errors() == [["1", "L001", "unreadable"]]
