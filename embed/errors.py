@@ -15,3 +15,8 @@ class EmbedError(LesionfuseError):
 
 class StoreMismatchError(EmbedError):
     """A feature store (or a model) was made with other weights, preprocessing or shape."""
+
+
+class EmbedInterrupted(EmbedError):
+    """An embedding run stopped by SIGINT or SIGTERM after saving every row it had embedded;
+    running the same command again embeds the rest."""

@@ -13,10 +13,13 @@ image again; view 0 is always the plain image.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -29,16 +32,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from embed.backbone import (
-    BACKBONE_NAME,
     EMBED_DIM,
     autocast_context,
     load_backbone,
     prepare_model,
-    preprocessing_for,
 )
-from embed.errors import EmbedError
-from embed.sources import ALPHA_BACKGROUND, ImageSource, decode_image
-from embed.store import DTYPE, StoreWriter
+from embed.errors import EmbedError, EmbedInterrupted
+from embed.identity import DTYPE, embedding_identity
+from embed.sources import ALPHA_BACKGROUND, ImageSource, decode_image, safe_reason
+from embed.store import StoreWriter
 from embed.weights import INPUT_MEAN, INPUT_STD, WeightsInfo
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,8 @@ class EmbedConfig:
     shard_index, shard_count: this writer is part shard_index (0-based) of shard_count parallel
         writers; each embeds the ids whose stable hash falls to it.
     shard_rows: rows per shard file (4096).
+    max_shard_seconds: a shard is also written once its oldest row has waited this long (60 s),
+        so a hard kill (kill -9, out of memory) loses at most about that much work.
     max_pixels: larger images are refused as possible decompression bombs (50 M).
     amp: mixed precision (fp16 on CUDA, bf16 on CPUs with native bf16); False = fp32.
     retry_failed: embed again ids recorded as failed by an earlier run (else they are listed).
@@ -93,6 +97,7 @@ class EmbedConfig:
     shard_index: int = 0
     shard_count: int = 1
     shard_rows: int = 4096
+    max_shard_seconds: float = 60.0
     max_pixels: int = 50_000_000
     amp: bool = True
     retry_failed: bool = False
@@ -121,6 +126,11 @@ class EmbedConfig:
                 f"EmbedConfig.shard_index: expected 0..{self.shard_count - 1} for "
                 f"shard_count={self.shard_count}, got {self.shard_index!r}"
             )
+        seconds = self.max_shard_seconds
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
+            raise EmbedError(
+                f"EmbedConfig.max_shard_seconds: expected a number > 0, got {seconds!r}"
+            )
         if self.num_workers is not None and (
             not isinstance(self.num_workers, int) or self.num_workers < 0
         ):
@@ -139,10 +149,11 @@ class EmbedConfig:
 class EmbedSummary:
     """What a `build_store` run did.
 
-    embedded: vectors written by this run; skipped_existing: ids already in the store;
-    failed: {id: reason} that failed in this run; previously_failed: {id: reason} recorded by an
-    earlier run and not retried; seconds: wall time; images_per_s: images processed per second of
-    the embedding loop; stored: rows in the store after the run.
+    embedded: vectors written by this run; skipped_existing: ids already in the store (with an
+    unchanged image); failed: {id: reason} that failed in this run; previously_failed:
+    {id: reason} recorded by an earlier run and not retried; seconds: wall time; images_per_s:
+    images processed per second of the embedding loop; stored: ids with a vector in the store
+    after the run; changed: stored ids whose image had changed, embedded again by this run.
     """
 
     store_dir: Path
@@ -155,6 +166,7 @@ class EmbedSummary:
     stored: int = 0
     shard_index: int = 0
     shard_count: int = 1
+    changed: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -266,20 +278,8 @@ def part_of(image_id: str, shard_count: int) -> int:
     return int.from_bytes(digest, "big") % shard_count
 
 
-def store_identity(weights: WeightsInfo, config: EmbedConfig) -> dict:
-    """The identity fields a store made with `weights` and `config` records and is checked on.
-
-    Use it as `FeatureStore.check_compatible(store_identity(weights, config))`.
-    """
-    return {
-        "backbone": BACKBONE_NAME,
-        "weights_sha256": weights.sha256,
-        "preprocessing": preprocessing_for(weights),
-        "image_size": config.image_size,
-        "views": config.views,
-        "dtype": DTYPE,
-        "dim": EMBED_DIM,
-    }
+# kept for fuse/ until it moves to embed.identity
+store_identity = embedding_identity
 
 
 def apply_view(x: torch.Tensor, view: int) -> torch.Tensor:
@@ -353,7 +353,7 @@ class _DecodeDataset(Dataset):
         except EmbedError as exc:
             return image_id, None, str(exc)
         except Exception as exc:  # a broken file must not end the run
-            return image_id, None, f"image {image_id!r}: {type(exc).__name__}: {exc}"
+            return image_id, None, f"image {image_id!r}: {type(exc).__name__}: {safe_reason(exc)}"
 
 
 def collate_drop_failed(items):
@@ -563,11 +563,118 @@ def _launch(
 
 
 def _describe(source: ImageSource) -> str:
+    """The source's folder or file as an absolute path: what a store records as `source`."""
     for attr in ("root", "path"):
         value = getattr(source, attr, None)
         if value is not None:
-            return str(value)
+            return os.path.abspath(value)
     return repr(source)
+
+
+def _fingerprints(source: ImageSource, ids: list[str]) -> dict[str, str]:
+    """The source's fingerprints of `ids` now; {} (every image unknown) for a source without
+    them."""
+    method = getattr(source, "fingerprints", None)
+    if method is None or not ids:
+        return {}
+    t0 = time.perf_counter()
+    found = method(ids)
+    log.info("image fingerprints of %d ids read in %.1f s", len(ids), time.perf_counter() - t0)
+    return found
+
+
+class _StopSignals:
+    """SIGTERM (what SLURM and `kill` send) and SIGINT (Ctrl-C) ask the run to stop after the
+    current batch instead of ending the process at once, so the writer can save what it holds.
+
+    Handlers are installed only in the main thread (Python delivers signals there, and
+    `signal.signal` refuses other threads) and the previous ones are restored on exit. A second
+    signal raises KeyboardInterrupt at once; the writer still saves its buffered rows.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            # None: a handler installed outside Python, which cannot be put back; default it.
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else ""
+
+
+@dataclass
+class _Plan:
+    """What a run does with each id of its part."""
+
+    todo: list[str]  # to embed: not stored yet, or stored from an image that has changed
+    skipped: list[str]  # stored, image unchanged (or not known to have changed)
+    changed: list[str]
+    previously_failed: dict[str, str]
+
+
+def _plan(
+    writer: StoreWriter, mine: list[str], now: dict[str, str], source, config: EmbedConfig
+) -> _Plan:
+    """Sort `mine` by what the store holds; changed images are marked to be embedded again."""
+    changed = writer.changed({i: now[i] for i in mine if i in now})
+    if changed:
+        log.warning(
+            "%d image(s) changed since they were embedded (%s): embedding them again: ids %s",
+            len(changed),
+            getattr(source, "FINGERPRINT", "fingerprint"),
+            ", ".join(changed[:5]) + (", ..." if len(changed) > 5 else ""),
+        )
+        writer.supersede(changed)
+    unknown = sum(1 for i in mine if i in writer.stored and writer.stored_fingerprint(i) is None)
+    if unknown:
+        log.info(
+            "%d stored id(s) have no image fingerprint (embedded before fingerprints were "
+            "recorded): whether their images changed cannot be told",
+            unknown,
+        )
+    renew = set(changed)
+    previously_failed = {
+        i: writer.failures[i]
+        for i in mine
+        if i not in writer.stored and i in writer.failures and not config.retry_failed
+    }
+    return _Plan(
+        todo=[
+            i for i in mine if (i not in writer.stored or i in renew) and i not in previously_failed
+        ],
+        skipped=[i for i in mine if i in writer.stored and i not in renew],
+        changed=changed,
+        previously_failed=previously_failed,
+    )
+
+
+def _note_source(writer: StoreWriter, source_path: str) -> None:
+    recorded = writer.recorded.get("source")
+    if recorded and recorded != source_path:
+        log.info(
+            "store %s was embedded from %s; this run reads %s: stored ids are kept unless their "
+            "image fingerprint differs",
+            writer.path,
+            recorded,
+            source_path,
+        )
 
 
 def build_store(
@@ -578,16 +685,20 @@ def build_store(
     weights: WeightsInfo,
     config: EmbedConfig,
 ) -> EmbedSummary:
-    """Embed the ids of `ids` (None = all of `source.ids()`) that `store_dir` does not hold yet.
+    """Embed the ids of `ids` (None = all of `source.ids()`) that `store_dir` does not hold yet,
+    and those whose image changed since it was embedded (by the source's fingerprints).
 
     With config.shard_count > 1 only the ids of part config.shard_index are embedded (see
     `part_of`); several such runs may write one store at once. Ids recorded as failed earlier
     are skipped unless config.retry_failed. Unreadable images are recorded in the manifest's
     failures and returned in the summary; they never stop the run.
 
+    SIGTERM or SIGINT (main thread only) stop the run after the current batch: every row
+    embedded so far is written, then EmbedInterrupted is raised (rerunning continues).
+
     Raises EmbedError for repeated ids, a bad config, or a store locked by another writer of the
     same part; StoreMismatchError when the store was made with other weights, preprocessing,
-    image size or views.
+    image size or views; EmbedInterrupted as above.
     """
     started = time.perf_counter()
     store_dir = Path(store_dir)
@@ -600,7 +711,7 @@ def build_store(
             "each image must appear once"
         )
     device = resolve_device(config.device)
-    identity = store_identity(weights, config)
+    identity = embedding_identity(weights, config)
     info = {"dataset": dataset, "source": _describe(source), "decode": DECODE_INFO}
     mine = sorted(
         i
@@ -610,69 +721,88 @@ def build_store(
     timer = _Timer()
     failed: dict[str, str] = {}
     embedded = 0
-    with StoreWriter(
-        store_dir,
-        identity,
-        shard_index=config.shard_index,
-        shard_count=config.shard_count,
-        shard_rows=config.shard_rows,
-        info=info,
-    ) as writer:
-        skipped = [i for i in mine if i in writer.stored]
-        previously_failed = {
-            i: writer.failures[i]
-            for i in mine
-            if i not in writer.stored and i in writer.failures and not config.retry_failed
-        }
-        todo = [i for i in mine if i not in writer.stored and i not in previously_failed]
+    loop_start = None
+    with (
+        _StopSignals() as stop,
+        StoreWriter(
+            store_dir,
+            identity,
+            shard_index=config.shard_index,
+            shard_count=config.shard_count,
+            shard_rows=config.shard_rows,
+            max_shard_seconds=config.max_shard_seconds,
+            info=info,
+        ) as writer,
+    ):
+        _note_source(writer, info["source"])
+        now = _fingerprints(source, mine)
+        plan = _plan(writer, mine, now, source, config)
         log.info(
-            "store %s: %d ids for this part, %d already stored, %d failed before%s, %d to embed",
+            "store %s: %d ids for this part, %d already stored, %d changed, %d failed before%s, "
+            "%d to embed",
             store_dir,
             len(mine),
-            len(skipped),
-            len(previously_failed),
-            " (not retried; set retry_failed to retry)" if previously_failed else "",
-            len(todo),
+            len(plan.skipped),
+            len(plan.changed),
+            len(plan.previously_failed),
+            " (not retried; set retry_failed to retry)" if plan.previously_failed else "",
+            len(plan.todo),
         )
-        loop_start = None
-        if todo:
+        if plan.todo and stop.received is None:
             model = load_backbone(weights, device)
             loop_start = time.perf_counter()  # the rate excludes loading the model
-            timer = _Timer()
-            for batch_ids, vectors, failures in embed_ids(source, todo, model, config, timer=timer):
-                t0 = time.perf_counter()
-                writer.append(batch_ids, vectors)
-                if failures:
-                    writer.add_failures(failures)
-                    failed.update(failures)
-                embedded += len(batch_ids)
-                timer.write += time.perf_counter() - t0
+            batches = embed_ids(source, plan.todo, model, config, timer=timer)
+            with contextlib.closing(batches):
+                for batch_ids, vectors, failures in batches:
+                    t0 = time.perf_counter()
+                    writer.append(batch_ids, vectors, [now.get(i) for i in batch_ids])
+                    if failures:
+                        writer.add_failures(failures)
+                        failed.update(failures)
+                    embedded += len(batch_ids)
+                    timer.write += time.perf_counter() - t0
+                    if stop.received is not None:
+                        break
     # After the writer closed: the last shard and manifest are part of the run's cost.
     loop_seconds = time.perf_counter() - loop_start if loop_start is not None else 0.0
     stored = len(writer.stored)
     seconds = time.perf_counter() - started
-    rate = (embedded + len(failed)) / loop_seconds if todo and loop_seconds > 0 else 0.0
+    rate = (embedded + len(failed)) / loop_seconds if plan.todo and loop_seconds > 0 else 0.0
     summary = EmbedSummary(
         store_dir=store_dir,
         embedded=embedded,
-        skipped_existing=len(skipped),
+        skipped_existing=len(plan.skipped),
         failed=failed,
-        previously_failed=previously_failed,
+        previously_failed=plan.previously_failed,
         seconds=seconds,
         images_per_s=rate,
         stored=stored,
         shard_index=config.shard_index,
         shard_count=config.shard_count,
+        changed=plan.changed,
     )
+    _log_summary(summary, timer)
+    if stop.received is not None:
+        message = (
+            f"interrupted by {stop.name}: {embedded} rows saved to feature store "
+            f"{str(store_dir)!r} ({stored} in all); rerun the same command to continue"
+        )
+        log.warning("%s", message)
+        raise EmbedInterrupted(message)
+    return summary
+
+
+def _log_summary(summary: EmbedSummary, timer: _Timer) -> None:
+    previously_failed = summary.previously_failed
     log.info(
         "store %s: embedded %d, skipped %d already stored, %d failed%s, in %.1f s (%.1f images/s)",
-        store_dir,
-        embedded,
-        len(skipped),
-        len(failed),
+        summary.store_dir,
+        summary.embedded,
+        summary.skipped_existing,
+        len(summary.failed),
         f" (+{len(previously_failed)} failed earlier, not retried)" if previously_failed else "",
-        seconds,
-        rate,
+        summary.seconds,
+        summary.images_per_s,
     )
     if timer.batches:
         log.info(
@@ -682,4 +812,3 @@ def build_store(
             timer.write / timer.batches,
             timer.batches,
         )
-    return summary

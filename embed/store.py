@@ -6,13 +6,20 @@ Layout of a store directory::
     manifest.part-<i>-of-<n>.json       partial manifest of writer i of n (sharded build)
     shard-00000.npy                     float16, shape (rows, views, dim)
     shard-00000.ids.json                the ids of those rows, same order
-    shard-<i>-of-<n>-00000.npy / .ids.json    shards written by writer i of n
+    shard-00000.fingerprints.json       the fingerprint of each row's image when it was embedded
+                                        (same order; null = unknown); absent in older stores
+    shard-<i>-of-<n>-00000.npy / .ids.json / .fingerprints.json    shards of writer i of n
     .lock-*  .tmp-*                     lock files and files being written (never read)
 
-A manifest holds the store's identity (`IDENTITY_FIELDS`: backbone, weights_sha256,
-preprocessing, image_size, views, dtype, dim), the shards it lists ({name, rows, sha256,
-ids_sha256}), the row count, the ids that could not be embedded ({id: reason}), the data set and
-image source, creation time and lesionfuse version.
+A manifest holds the store's identity (`embed.identity.IDENTITY_FIELDS`: backbone,
+weights_sha256, preprocessing, image_size, views, dtype, dim), a `store_uid` given once when the
+store is created (stores made before it have none), the shards it lists ({name, rows, sha256,
+ids_sha256, fingerprints_sha256}), the row count, the ids that could not be embedded
+({id: reason}), the data set and image source, creation time and lesionfuse version.
+
+An id may be stored more than once: when its image changed it is embedded again and the new row
+is appended. Shards are listed oldest first, so readers take an id's row from the last shard
+that holds it.
 
 Crash safety: every file is written under a `.tmp-` name in the same directory, fsynced and then
 renamed, so a shard appears only when complete; a manifest is rewritten the same way after each
@@ -37,12 +44,14 @@ import os
 import re
 import secrets
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from embed.errors import EmbedError, StoreMismatchError
+from embed.errors import EmbedError
+from embed.identity import DTYPE, IDENTITY_FIELDS, as_json, check_identity
 
 try:  # advisory locks; absent on Windows, where one writer per part is the user's care
     import fcntl
@@ -53,16 +62,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "lesionfuse-feature-store/1"
 MANIFEST = "manifest.json"
-DTYPE = "float16"
-IDENTITY_FIELDS: tuple[str, ...] = (
-    "backbone",
-    "weights_sha256",
-    "preprocessing",
-    "image_size",
-    "views",
-    "dtype",
-    "dim",
-)
+FINGERPRINTS_SUFFIX = ".fingerprints.json"
 _PART_MANIFEST_RE = re.compile(r"^manifest\.part-(\d+)-of-(\d+)\.json$")
 _LOCK_TIMEOUT_S = 30.0
 
@@ -110,11 +110,6 @@ def _part_manifest_name(index: int, count: int) -> str:
 
 def _shard_prefix(index: int, count: int) -> str:
     return "shard-" if count == 1 else f"shard-{_part_label(index, count)}-"
-
-
-def _jsonable(value):
-    """The value as it reads back from JSON (tuples become lists), for comparisons."""
-    return json.loads(json.dumps(value))
 
 
 # ----------------------------------------------------------------------------- file helpers
@@ -238,51 +233,6 @@ def _part_lock(path: Path, index: int, count: int) -> _Lock:
     return _Lock(path / f".lock-part-{_part_label(index, count)}")
 
 
-# ----------------------------------------------------------------------------- identity checks
-
-
-def _compare(field: str, have, want) -> str | None:
-    """None when equal, else the dotted name of the first differing (sub)field."""
-    if isinstance(have, dict) and isinstance(want, dict):
-        for key in sorted(set(have) | set(want)):
-            if key not in have or key not in want:
-                return f"{field}.{key}"
-            sub = _compare(f"{field}.{key}", have[key], want[key])
-            if sub:
-                return sub
-        return None
-    return None if have == want else field
-
-
-def _lookup(value, dotted: str):
-    for part in dotted.split(".")[1:]:
-        value = value.get(part, "<absent>") if isinstance(value, dict) else "<absent>"
-    return value
-
-
-def _check_identity(have: dict, want: dict, where: str, verb: str) -> None:
-    """Raise StoreMismatchError naming the first identity field where `have` differs from `want`."""
-    unknown = set(want) - set(IDENTITY_FIELDS)
-    if unknown:
-        raise EmbedError(
-            f"unknown feature store field(s) {sorted(unknown)}; known: {list(IDENTITY_FIELDS)}"
-        )
-    want = _jsonable(want)
-    for key in IDENTITY_FIELDS:
-        if key not in want:
-            continue
-        have_value = have.get(key, "<absent>")
-        diff = _compare(key, have_value, want[key])
-        if diff:
-            store_v = _lookup(have_value, diff)
-            want_v = _lookup(want[key], diff)
-            raise StoreMismatchError(
-                f"{where} was built with {diff}={store_v!r} but {verb} {diff}={want_v!r}; "
-                "use a store built with the same settings (a store's name carries the data set, "
-                "weights sha, image size and views) or build a new one with `invoke embed`"
-            )
-
-
 # ----------------------------------------------------------------------------- reading
 
 
@@ -315,7 +265,7 @@ def _collect(path: Path) -> tuple[dict, list[tuple[str, dict]]]:
                 f"{str(path / name)!r} is not a lesionfuse feature store manifest "
                 f"(format {m.get('format')!r}, expected {FORMAT!r})"
             )
-        _check_identity(
+        check_identity(
             m,
             {k: first[k] for k in IDENTITY_FIELDS if k in first},
             f"{str(path / name)!r}",
@@ -334,7 +284,50 @@ def _collect(path: Path) -> tuple[dict, list[tuple[str, dict]]]:
     combined["shards"] = shards
     combined["failures"] = failures
     combined["created"] = min(m.get("created", "") for _, m in manifests) or None
+    combined["store_uid"] = next((m["store_uid"] for _, m in manifests if m.get("store_uid")), None)
     return combined, manifests
+
+
+def _has_manifest(path: Path) -> bool:
+    if (path / MANIFEST).exists():
+        return True
+    return path.is_dir() and any(_PART_MANIFEST_RE.match(e) for e in os.listdir(path))
+
+
+def _shard_ids(path: Path, shard: dict) -> list[str]:
+    """The ids of a listed shard; raises EmbedError when they do not match its row count."""
+    ids_path = path / f"{shard['name']}.ids.json"
+    ids = _read_json(ids_path)
+    if not isinstance(ids, list) or len(ids) != int(shard["rows"]):
+        raise EmbedError(
+            f"feature store {str(path)!r}: {ids_path.name} holds "
+            f"{len(ids) if isinstance(ids, list) else 'no list of'} ids but the manifest "
+            f"says {shard['rows']} rows; the store is damaged, build it again"
+        )
+    return ids
+
+
+def _shard_fingerprints(path: Path, shard: dict) -> list[str | None]:
+    """The image fingerprints of a listed shard's rows; None where unknown (older stores)."""
+    if "fingerprints_sha256" not in shard:
+        return [None] * int(shard["rows"])
+    fp_path = path / f"{shard['name']}{FINGERPRINTS_SUFFIX}"
+    fingerprints = _read_json(fp_path)
+    if not isinstance(fingerprints, list) or len(fingerprints) != int(shard["rows"]):
+        raise EmbedError(
+            f"feature store {str(path)!r}: {fp_path.name} does not hold one fingerprint per row "
+            f"of the {shard['rows']} the manifest lists; the store is damaged, build it again"
+        )
+    return fingerprints
+
+
+def image_changed(stored: str | None, now: str | None) -> bool:
+    """Whether an image differs from the one a vector was embedded from.
+
+    Only two known fingerprints can tell: an id stored without one (a store made before
+    fingerprints) or no longer in the source is not called changed.
+    """
+    return stored is not None and now is not None and stored != now
 
 
 class FeatureStore:
@@ -350,8 +343,10 @@ class FeatureStore:
         self.manifest = manifest
         self._ids: list[str] | None = None
         self._index = None
+        self._kept: np.ndarray | None = None  # positions of indexed rows among all listed rows
         self._shard_of: np.ndarray | None = None
         self._row_of: np.ndarray | None = None
+        self._fingerprints: np.ndarray | None = None
         self._maps: dict[int, np.ndarray] = {}
 
     @classmethod
@@ -419,36 +414,42 @@ class FeatureStore:
         shard_of: list[np.ndarray] = []
         row_of: list[np.ndarray] = []
         for s, shard in enumerate(self.manifest["shards"]):
-            ids_path = self.path / f"{shard['name']}.ids.json"
-            ids = _read_json(ids_path)
-            if not isinstance(ids, list) or len(ids) != int(shard["rows"]):
-                raise EmbedError(
-                    f"feature store {str(self.path)!r}: {ids_path.name} holds "
-                    f"{len(ids) if isinstance(ids, list) else 'no list of'} ids but the manifest "
-                    f"says {shard['rows']} rows; the store is damaged, build it again"
-                )
+            ids = _shard_ids(self.path, shard)
             all_ids.extend(ids)
             shard_of.append(np.full(len(ids), s, dtype=np.int32))
             row_of.append(np.arange(len(ids), dtype=np.int64))
         index = pd.Index(all_ids, dtype=object)
+        # Shards are listed oldest first; an id embedded again (its image changed) is read from
+        # the newest shard holding it.
+        kept = np.flatnonzero(~index.duplicated(keep="last"))
+        if len(kept) < len(index):
+            log.debug(
+                "feature store %s: %d rows superseded by a newer row of the same id",
+                self.path,
+                len(index) - len(kept),
+            )
         shard_arr = np.concatenate(shard_of) if shard_of else np.empty(0, np.int32)
         row_arr = np.concatenate(row_of) if row_of else np.empty(0, np.int64)
-        dup = index.duplicated(keep="first")
-        if dup.any():
-            # Two writers that ran at once on overlapping ids; the vectors are equal up to
-            # rounding, so the first listed copy is used.
-            log.warning(
-                "feature store %s holds %d ids twice (%s); using the first copy",
-                self.path,
-                int(dup.sum()),
-                _first(index[dup]),
-            )
-            keep = ~dup
-            index, shard_arr, row_arr = index[keep], shard_arr[keep], row_arr[keep]
-        self._ids = list(index)
-        self._index = index
-        self._shard_of = shard_arr
-        self._row_of = row_arr
+        self._index = index[kept]
+        self._ids = list(self._index)
+        self._kept = kept
+        self._shard_of = shard_arr[kept]
+        self._row_of = row_arr[kept]
+
+    def _fingerprint_array(self) -> np.ndarray:
+        """Each indexed id's stored image fingerprint (None where unknown), index order.
+
+        Loaded on first use: reading vectors needs no fingerprints.
+        """
+        if self._fingerprints is None:
+            self._build_index()
+            every_row: list = []
+            for shard in self.manifest["shards"]:
+                every_row.extend(_shard_fingerprints(self.path, shard))
+            values = np.empty(len(every_row), dtype=object)
+            values[:] = every_row
+            self._fingerprints = values[self._kept]
+        return self._fingerprints
 
     def _map(self, s: int) -> np.ndarray:
         arr = self._maps.get(s)
@@ -481,6 +482,49 @@ class FeatureStore:
 
     def __contains__(self, image_id: str) -> bool:
         return not self.missing([image_id])
+
+    def fingerprints(self, ids: Sequence[str]) -> dict[str, str]:
+        """{id: fingerprint of the image its vector was embedded from} for the ids of `ids` that
+        are stored with a known fingerprint (stores made before fingerprints have none)."""
+        self._build_index()
+        ids = list(ids)
+        if not ids:
+            return {}
+        pos = self._index.get_indexer(ids)
+        found = np.flatnonzero(pos >= 0)
+        values = self._fingerprint_array()[pos[found]]
+        return {
+            ids[i]: v for i, v in zip(found.tolist(), values.tolist(), strict=True) if v is not None
+        }
+
+    def changed(self, source, ids: Sequence[str]) -> list[str]:
+        """The ids of `ids` whose image in `source` (an `embed.sources.ImageSource`) differs
+        from the one their stored vector was embedded from, in the order given.
+
+        Compares cheap fingerprints (a folder: file size and modification time; HDF5: encoded
+        length and CRC-32), not pixels. Ids without a vector, stored without a fingerprint, or
+        absent from `source` are not listed: `missing` and the data set's own checks cover them.
+        `build_store` embeds changed ids again.
+        """
+        stored = self.fingerprints(ids)
+        if not stored:
+            return []
+        now = source.fingerprints(list(stored))
+        return [i for i in ids if image_changed(stored.get(i), now.get(i))]
+
+    def reference(self) -> dict:
+        """What a stage that reads this store records as "the store I read".
+
+        The identity fields (`IDENTITY_FIELDS`), plus "store" (the folder's absolute path),
+        "store_uid" (given once when the store was created; None for stores made before) and
+        "count" (ids with a vector).
+        """
+        return {
+            **{key: self.manifest.get(key) for key in IDENTITY_FIELDS},
+            "store": str(self.path.resolve()),
+            "store_uid": self.manifest.get("store_uid"),
+            "count": self.count,
+        }
 
     def read(self, ids: Sequence[str]) -> np.ndarray:
         """Vectors of `ids`, shape (len(ids), views, dim), float16, rows in the order asked.
@@ -536,19 +580,24 @@ class FeatureStore:
         IDENTITY_FIELDS; for `preprocessing` the differing sub-field) whose value differs from
         the store's, with both values. Unknown fields raise EmbedError.
         """
-        _check_identity(self.manifest, expected, f"feature store {str(self.path)!r}", "expected")
+        check_identity(self.manifest, expected, f"feature store {str(self.path)!r}", "expected")
 
     def verify(self) -> dict:
-        """Recompute every shard's and ids file's sha256 and compare with the manifest.
+        """Recompute the sha256 of every shard's files (vectors, ids, fingerprints where listed)
+        and compare with the manifest.
 
-        Returns {"shards": n, "rows": n, "ok": True}. Raises EmbedError naming each damaged
-        or missing shard.
+        Returns {"shards": n, "rows": n (rows in the shard files, superseded ones included),
+        "ok": True}. Raises EmbedError naming each damaged or missing shard.
         """
         bad = []
         rows = 0
+        sidecars = ((".npy", "sha256"), (".ids.json", "ids_sha256"))
         for shard in self.manifest["shards"]:
             rows += int(shard["rows"])
-            for suffix, key in ((".npy", "sha256"), (".ids.json", "ids_sha256")):
+            listed = sidecars
+            if "fingerprints_sha256" in shard:
+                listed += ((FINGERPRINTS_SUFFIX, "fingerprints_sha256"),)
+            for suffix, key in listed:
                 p = self.path / f"{shard['name']}{suffix}"
                 if not p.is_file():
                     bad.append(f"{p.name} (missing)")
@@ -614,6 +663,9 @@ def _merge_locked(path: Path) -> dict | None:
             created=combined.get("created") or _now(),
         )
         base.pop("part", None)
+        base.pop("store_uid", None)
+        if combined.get("store_uid"):
+            base["store_uid"] = combined["store_uid"]
         _write_json(path, MANIFEST, base)
         for name, _ in folded:
             with contextlib.suppress(FileNotFoundError):
@@ -666,8 +718,10 @@ class StoreWriter:
     Use as a context manager. On entry it takes the part's lock (the whole store's manifest lock
     when shard_count == 1), refuses a store of another identity (StoreMismatchError), deletes the
     temp files and unlisted shards a killed writer of this part left, and loads what the store
-    already holds. `append` buffers rows and writes a shard whenever `shard_rows` are buffered;
-    leaving the context writes the rest and the manifest. A sharded writer then tries to merge.
+    already holds. `append` buffers rows and writes a shard whenever `shard_rows` are buffered or
+    the oldest buffered row has waited `max_shard_seconds` (so a hard kill loses at most about
+    that much work); leaving the context writes the rest and the manifest. A sharded writer then
+    tries to merge.
     """
 
     def __init__(
@@ -678,6 +732,7 @@ class StoreWriter:
         shard_index: int = 0,
         shard_count: int = 1,
         shard_rows: int = 4096,
+        max_shard_seconds: float = 60.0,
         info: dict | None = None,
         lock_timeout: float = _LOCK_TIMEOUT_S,
     ):
@@ -693,20 +748,29 @@ class StoreWriter:
             )
         if not (isinstance(shard_rows, int) and shard_rows >= 1):
             raise EmbedError(f"shard_rows must be an integer >= 1, got {shard_rows!r}")
+        if not _positive_number(max_shard_seconds):
+            raise EmbedError(f"max_shard_seconds must be a number > 0, got {max_shard_seconds!r}")
         self.path = Path(path)
-        self.identity = _jsonable({k: identity[k] for k in IDENTITY_FIELDS})
+        self.identity = as_json({k: identity[k] for k in IDENTITY_FIELDS})
         self.shard_index = shard_index
         self.shard_count = shard_count
         self.shard_rows = shard_rows
+        self.max_shard_seconds = float(max_shard_seconds)
         self.info = dict(info or {})
         self.lock_timeout = lock_timeout
         self._lock: _Lock | None = None
         self._own: dict | None = None  # the manifest this writer rewrites
+        self._own_ids: set[str] = set()  # ids listed in that manifest's shards
+        self.recorded: dict = {}  # the store's manifest as found on entry ({} for a new store)
         self.stored: set[str] = set()  # ids with a vector anywhere in the store
+        self._stored_fingerprints: dict[str, str | None] = {}  # id -> fingerprint, newest row
+        self._replacing: set[str] = set()  # stored ids whose next append supersedes their row
         self.failures: dict[str, str] = {}  # known failures anywhere in the store, not stored
         self._buf_ids: list[str] = []
+        self._buf_fingerprints: list[str | None] = []
         self._buf_vecs: list[np.ndarray] = []
         self._buf_rows = 0
+        self._buf_since: float | None = None  # time.monotonic() of the oldest buffered row
         self._next = 0
         self.shards_written: list[str] = []
 
@@ -717,6 +781,11 @@ class StoreWriter:
     @property
     def manifest_name(self) -> str:
         return _part_manifest_name(self.shard_index, self.shard_count) if self.sharded else MANIFEST
+
+    @property
+    def buffered(self) -> int:
+        """Rows appended but not yet in a shard file."""
+        return self._buf_rows
 
     # -- lifecycle
     def __enter__(self) -> StoreWriter:
@@ -750,40 +819,53 @@ class StoreWriter:
             self._lock = _manifest_lock(self.path)
             self._lock.acquire(self.lock_timeout, what)
         try:
+            self._create_if_new()
             self._load()
         except BaseException:
             self._release()
             raise
+
+    def _new_manifest(self, store_uid: str | None) -> dict:
+        manifest = {"format": FORMAT, **self.identity, **self.info}
+        if store_uid:
+            manifest["store_uid"] = store_uid
+        manifest.update(count=0, shards=[], failures={}, created=_now())
+        return manifest
+
+    def _create_if_new(self) -> None:
+        """Write the first manifest of a new store, with its store_uid.
+
+        Parts of a sharded build may start at once on an empty folder: the manifest lock lets
+        one of them create the store, and the others find its manifest and share its store_uid.
+        """
+        if _has_manifest(self.path):
+            return
+        lock = _manifest_lock(self.path) if self.sharded else None
+        if lock is not None:
+            lock.acquire(self.lock_timeout, f"feature store {str(self.path)!r}")
+        try:
+            if not _has_manifest(self.path):
+                self._own = self._new_manifest(uuid.uuid4().hex)
+                if self.sharded:
+                    self._own["part"] = _part_label(self.shard_index, self.shard_count)
+                self._write_manifest()
+        finally:
+            if lock is not None:
+                lock.release()
 
     def _load(self) -> None:
         if not self.sharded:
             # Fold finished parts of an earlier sharded build first, so this writer owns one
             # manifest listing everything.
             _merge_locked(self.path)
-        try:
-            combined, manifests = _collect(self.path)
-        except StoreMismatchError:
-            raise
-        except EmbedError:
-            combined, manifests = None, []
-        if combined is not None:
-            _check_identity(
-                combined,
-                self.identity,
-                f"feature store {str(self.path)!r}",
-                "this run asks for",
-            )
+        combined, manifests = _collect(self.path)
+        check_identity(
+            combined, self.identity, f"feature store {str(self.path)!r}", "this run asks for"
+        )
+        self.recorded = combined
         own = dict(manifests)
         fresh = self.manifest_name not in own
-        self._own = own.get(self.manifest_name) or {
-            "format": FORMAT,
-            **self.identity,
-            **self.info,
-            "count": 0,
-            "shards": [],
-            "failures": {},
-            "created": _now(),
-        }
+        self._own = own.get(self.manifest_name) or self._new_manifest(combined.get("store_uid"))
         if self.sharded:
             self._own["part"] = _part_label(self.shard_index, self.shard_count)
         self._own.update(self.info)
@@ -791,10 +873,8 @@ class StoreWriter:
         for _, m in manifests:
             listed.update(s["name"] for s in m.get("shards", []))
         self._cleanup(listed)
-        all_shards = combined["shards"] if combined else []
-        self.stored = _stored_ids(self.path, all_shards)
-        failures = combined["failures"] if combined else {}
-        self.failures = {k: v for k, v in failures.items() if k not in self.stored}
+        self._load_stored(combined["shards"])
+        self.failures = {k: v for k, v in combined["failures"].items() if k not in self.stored}
         # Next shard number after every file of this part, listed or not, ever seen.
         prefix = _shard_prefix(self.shard_index, self.shard_count)
         pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.npy$")
@@ -805,12 +885,25 @@ class StoreWriter:
             # leaves a store that opens, not a folder that is not one.
             self._write_manifest()
 
+    def _load_stored(self, shards: list[dict]) -> None:
+        """Every stored id with the fingerprint of its newest row; the ids this part lists."""
+        own_names = {s["name"] for s in self._own["shards"]}
+        for shard in shards:  # oldest first: a later row of an id replaces an earlier one
+            ids = _shard_ids(self.path, shard)
+            self._stored_fingerprints.update(
+                zip(ids, _shard_fingerprints(self.path, shard), strict=True)
+            )
+            if shard["name"] in own_names:
+                self._own_ids.update(ids)
+        self.stored = set(self._stored_fingerprints)
+
     def _cleanup(self, listed: set[str]) -> None:
         """Delete this part's temp files and shard files no manifest lists (a killed run's)."""
         prefix = _shard_prefix(self.shard_index, self.shard_count)
-        own_shard = re.compile(rf"^{re.escape(prefix)}(\d+)(\.npy|\.ids\.json)$")
+        files = r"(\.npy|\.ids\.json|\.fingerprints\.json)"
+        own_shard = re.compile(rf"^{re.escape(prefix)}(\d+){files}$")
         own_tmp = re.compile(
-            rf"^\.tmp-({re.escape(prefix)}\d+(\.npy|\.ids\.json)|{re.escape(self.manifest_name)})-"
+            rf"^\.tmp-({re.escape(prefix)}\d+{files}|{re.escape(self.manifest_name)})-"
         )
         removed = []
         for entry in os.listdir(self.path):
@@ -850,37 +943,72 @@ class StoreWriter:
                 finally:
                     lock.release()
 
+    # -- what the store holds
+    def stored_fingerprint(self, image_id: str) -> str | None:
+        """The fingerprint of the image `image_id`'s stored row was made from; None if unknown."""
+        return self._stored_fingerprints.get(image_id)
+
+    def changed(self, fingerprints: dict[str, str]) -> list[str]:
+        """The stored ids of `fingerprints` ({id: fingerprint now}) whose stored fingerprint is
+        known and differs (see `image_changed`), in the order given."""
+        stored = self._stored_fingerprints
+        return [i for i, now in fingerprints.items() if image_changed(stored.get(i), now)]
+
+    def supersede(self, ids: Sequence[str]) -> None:
+        """Let the next `append` of these stored ids add a row that replaces their current one
+        for every reader (their image changed). Until then readers keep the current row."""
+        self._replacing.update(i for i in ids if i in self.stored)
+
     # -- writing
     def add_failures(self, failures: dict[str, str]) -> None:
         """Record ids that could not be embedded (written with the next manifest)."""
         self._own.setdefault("failures", {}).update(failures)
         self.failures.update(failures)
 
-    def append(self, ids: Sequence[str], vectors: np.ndarray) -> None:
-        """Buffer rows: `vectors` shape (len(ids), views, dim), cast to float16.
+    def append(
+        self,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        fingerprints: Sequence[str | None] | None = None,
+    ) -> None:
+        """Buffer rows: `vectors` shape (len(ids), views, dim), cast to float16; `fingerprints`
+        (one per id, None = unknown) say which image each vector was made from.
 
-        Raises EmbedError on a shape mismatch or on ids already in the store or buffer.
+        Raises EmbedError on a shape mismatch or on ids already in the store (unless passed to
+        `supersede`) or buffer.
         """
         ids = list(ids)
         vectors = np.asarray(vectors)
         expected = (len(ids), self.identity["views"], self.identity["dim"])
         if vectors.shape != expected:
             raise EmbedError(f"vectors have shape {vectors.shape}, expected {expected}")
-        dup = [i for i in ids if i in self.stored]
+        fingerprints = [None] * len(ids) if fingerprints is None else list(fingerprints)
+        if len(fingerprints) != len(ids):
+            raise EmbedError(f"{len(fingerprints)} fingerprints given for {len(ids)} ids")
+        dup = [i for i in ids if i in self.stored and i not in self._replacing]
         if dup or len(set(ids)) != len(ids):
             dup = dup or [i for i in ids if ids.count(i) > 1]
             raise EmbedError(f"{len(dup)} ids are already in the store or repeated: {_first(dup)}")
-        if not ids:
-            return
+        if ids:
+            self._buffer(ids, vectors, fingerprints)
+        while self._buf_rows >= self.shard_rows:
+            self._write_shard(self.shard_rows)
+        if self._buf_rows and time.monotonic() - self._buf_since >= self.max_shard_seconds:
+            self.flush()
+
+    def _buffer(self, ids: list[str], vectors: np.ndarray, fingerprints: list) -> None:
+        if not self._buf_rows:
+            self._buf_since = time.monotonic()
         self._buf_ids.extend(ids)
+        self._buf_fingerprints.extend(fingerprints)
         self._buf_vecs.append(vectors.astype(DTYPE, copy=False))
         self._buf_rows += len(ids)
         self.stored.update(ids)
+        self._replacing.difference_update(ids)
+        self._stored_fingerprints.update(zip(ids, fingerprints, strict=True))
         for i in ids:
             self.failures.pop(i, None)
             self._own.get("failures", {}).pop(i, None)
-        while self._buf_rows >= self.shard_rows:
-            self._write_shard(self.shard_rows)
 
     def flush(self) -> None:
         """Write all buffered rows as one (possibly short) shard."""
@@ -891,25 +1019,38 @@ class StoreWriter:
         allv = np.concatenate(self._buf_vecs) if len(self._buf_vecs) > 1 else self._buf_vecs[0]
         vecs, rest = allv[:rows], allv[rows:]
         ids, self._buf_ids = self._buf_ids[:rows], self._buf_ids[rows:]
+        fingerprints = self._buf_fingerprints[:rows]
+        self._buf_fingerprints = self._buf_fingerprints[rows:]
         self._buf_vecs = [rest] if len(rest) else []
         self._buf_rows = len(rest)
+        # The rows left over came with the latest append.
+        self._buf_since = time.monotonic() if len(rest) else None
         name = f"{_shard_prefix(self.shard_index, self.shard_count)}{self._next:05d}"
         self._next += 1
         vecs = np.ascontiguousarray(vecs)
-        sha = _atomic_write(
+        entry = {"name": name, "rows": rows}
+        entry["sha256"] = _atomic_write(
             self.path, f"{name}.npy", lambda f: np.save(f, vecs, allow_pickle=False)
         )
-        ids_sha = _write_json(self.path, f"{name}.ids.json", ids)
-        self._own["shards"].append(
-            {"name": name, "rows": rows, "sha256": sha, "ids_sha256": ids_sha}
-        )
+        entry["ids_sha256"] = _write_json(self.path, f"{name}.ids.json", ids)
+        if any(fp is not None for fp in fingerprints):
+            entry["fingerprints_sha256"] = _write_json(
+                self.path, f"{name}{FINGERPRINTS_SUFFIX}", fingerprints
+            )
+        # Listing the shard in the manifest comes last: until then readers ignore its files.
+        self._own["shards"].append(entry)
+        self._own_ids.update(ids)
         self._write_manifest()
         self.shards_written.append(name)
         log.debug("feature store %s: wrote %s (%d rows)", self.path, name, rows)
 
     def _write_manifest(self) -> None:
         own = self._own
-        own["count"] = sum(int(s["rows"]) for s in own["shards"])
+        own["count"] = len(self._own_ids)  # an id embedded again is counted once
         own["updated"] = _now()
         own["lesionfuse_version"] = lesionfuse_version()
         _write_json(self.path, self.manifest_name, own)
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0

@@ -7,11 +7,16 @@ A random-initialised ResNet-50 at 32 px keeps these fast; what is checked is the
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,11 +24,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from storetools import DATA, HAM_IMAGES, ISIC_MINI, random_weights, tiny_config, write_folder
+from storetools import (
+    DATA,
+    HAM_IMAGES,
+    ISIC_MINI,
+    random_weights,
+    tiny_config,
+    write_folder,
+    write_hdf5,
+)
 
 import embed.pipeline as pipeline
 from embed.backbone import load_backbone, preprocess
-from embed.errors import EmbedError, StoreMismatchError
+from embed.errors import EmbedError, EmbedInterrupted, StoreMismatchError
+from embed.identity import embedding_identity
 from embed.pipeline import (
     VIEWS,
     EmbedConfig,
@@ -36,9 +50,8 @@ from embed.pipeline import (
     part_of,
     resize_uint8,
     resolve_device,
-    store_identity,
 )
-from embed.sources import FolderSource, decode_image, open_source
+from embed.sources import FolderSource, HDF5Source, decode_image, open_source
 from embed.store import MANIFEST, FeatureStore
 
 WORKER = Path(__file__).with_name("store_worker.py")
@@ -105,6 +118,14 @@ def file_digests(path: Path) -> dict[str, tuple[str, int]]:
         ({"shard_count": 0}, r"EmbedConfig.shard_count: expected a positive integer, got 0"),
         ({"shard_rows": 0}, r"EmbedConfig.shard_rows: expected a positive integer, got 0"),
         ({"max_pixels": 0}, r"EmbedConfig.max_pixels: expected a positive integer, got 0"),
+        (
+            {"max_shard_seconds": 0},
+            r"EmbedConfig.max_shard_seconds: expected a number > 0, got 0",
+        ),
+        (
+            {"max_shard_seconds": True},
+            r"EmbedConfig.max_shard_seconds: expected a number > 0, got True",
+        ),
         ({"num_workers": -1}, r"EmbedConfig.num_workers: expected None or an integer >= 0, got -1"),
         (
             {"device": "tpu"},
@@ -156,7 +177,9 @@ def test_batch_size_and_workers_default_by_device(monkeypatch):
     assert (mine.batch_size, mine.num_workers) == (8, 0)  # what the user set is kept
     assert pipeline.batches_in_flight(torch.device("cuda")) == 2
     assert pipeline.batches_in_flight(torch.device("cpu")) == 0
-    with pytest.raises(EmbedError, match=r"EmbedConfig.batch_size: expected a positive integer, got 0"):
+    with pytest.raises(
+        EmbedError, match=r"EmbedConfig.batch_size: expected a positive integer, got 0"
+    ):
         EmbedConfig(batch_size=0)
 
 
@@ -311,7 +334,7 @@ def test_build_store_from_isic2024_hdf5_with_a_worker_process(tmp_path, weights,
     assert (summary.embedded, summary.skipped_existing, summary.failed) == (51, 0, {})
     fs = FeatureStore.open(store)
     assert fs.count == 51 and len(fs.manifest["shards"]) == 4
-    fs.check_compatible(store_identity(weights, tiny_config()))
+    fs.check_compatible(embedding_identity(weights, tiny_config()))
     manifest = json.loads((store / MANIFEST).read_text())
     assert manifest["dataset"] == "isic2024-mini" and manifest["source"].endswith(
         "train-image.hdf5"
@@ -371,6 +394,7 @@ def test_failures_are_recorded_listed_and_retried_on_request(tmp_path, folder, w
     first = build_store(src, None, store, "toy", weights, tiny_config())
     assert first.embedded == 6 and set(first.failed) == {"zero", "text", "cut"}
     assert "empty file" in first.failed["zero"] and "truncated" in first.failed["cut"]
+    assert "lesion" not in first.failed["text"]  # the file's content is never quoted
     manifest = json.loads((store / MANIFEST).read_text())
     assert manifest["failures"] == first.failed
     second = build_store(src, None, store, "toy", weights, tiny_config())
@@ -419,6 +443,229 @@ def test_repeated_ids_are_refused(tmp_path, folder, weights):
             weights,
             tiny_config(),
         )
+
+
+# ----------------------------------------------------------------------------- changed images
+
+
+def _copy_folder(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for p in sorted(src.iterdir()):
+        shutil.copy2(p, dst / p.name)  # keeps the modification time, as `cp -p` and rsync -a do
+    return dst
+
+
+def _rotated_jpeg(data: bytes) -> bytes:
+    with Image.open(io.BytesIO(data)) as im:
+        rotated = im.rotate(90)
+    buf = io.BytesIO()
+    rotated.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _rotate(path: Path) -> None:
+    """Replace an image by itself turned a quarter, as an edited copy of a data set would."""
+    info = path.stat()
+    path.write_bytes(_rotated_jpeg(path.read_bytes()))
+    # A rewrite gets a new modification time; set one explicitly so that a filesystem with
+    # coarse timestamps cannot give the old one back when the size happens to be the same.
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded for a run with nothing to do")
+
+
+def test_changed_images_are_embedded_again_and_read_back_new(
+    tmp_path, folder, weights, reference, monkeypatch, caplog
+):
+    root = _copy_folder(folder, tmp_path / "images")
+    src = FolderSource(root)
+    store = tmp_path / "store"
+    build_store(src, None, store, "toy", weights, tiny_config())
+    rotated = ["img_003", "img_010", "img_017"]
+    for image_id in rotated:
+        _rotate(root / f"{image_id}.jpg")
+    assert FeatureStore.open(store).changed(src, src.ids()) == rotated
+    with caplog.at_level(logging.INFO, logger="embed.pipeline"):
+        again = build_store(src, None, store, "toy", weights, tiny_config())
+    assert (again.changed, again.embedded, again.skipped_existing, again.stored) == (
+        rotated,
+        3,
+        N_IMAGES - 3,
+        N_IMAGES,
+    )
+    assert (
+        "3 image(s) changed since they were embedded (file size and modification time): "
+        "embedding them again: ids img_003, img_010, img_017" in caplog.text
+    )
+    fs = FeatureStore.open(store)
+    assert fs.count == N_IMAGES and fs.changed(src, src.ids()) == []
+    assert json.loads((store / MANIFEST).read_text())["count"] == N_IMAGES
+    build_store(src, None, tmp_path / "fresh", "toy", weights, tiny_config())
+    assert_same_vectors(fs, FeatureStore.open(tmp_path / "fresh"))
+    old, new = reference.read(rotated), fs.read(rotated)
+    assert np.abs(old.astype(np.float32) - new.astype(np.float32)).max() > 0.1
+    monkeypatch.setattr(pipeline, "load_backbone", _no_model)
+    third = build_store(src, None, store, "toy", weights, tiny_config())
+    assert (third.embedded, third.changed, third.skipped_existing) == (0, [], N_IMAGES)
+
+
+def test_changed_images_of_an_hdf5_file_are_embedded_again(tmp_path, weights, monkeypatch):
+    import h5py
+
+    path = tmp_path / "images.hdf5"
+    ids = write_hdf5(path, 12, size=(40, 40))
+    store = tmp_path / "store"
+    first = build_store(HDF5Source(path), None, store, "toy", weights, tiny_config())
+    assert first.embedded == 12
+    rotated = ["img_002", "img_009"]
+    with h5py.File(path, "a") as f:
+        for key in rotated:
+            data = _rotated_jpeg(f[key][()])
+            del f[key]
+            f.create_dataset(key, data=np.bytes_(data))
+    src = HDF5Source(path)
+    assert FeatureStore.open(store).changed(src, ids) == rotated
+    again = build_store(src, None, store, "toy", weights, tiny_config())
+    assert (again.changed, again.embedded, again.stored) == (rotated, 2, 12)
+    build_store(src, None, tmp_path / "fresh", "toy", weights, tiny_config())
+    assert_same_vectors(FeatureStore.open(store), FeatureStore.open(tmp_path / "fresh"))
+    # The whole file was rewritten in place, but only two images changed: nothing more to do.
+    monkeypatch.setattr(pipeline, "load_backbone", _no_model)
+    assert build_store(src, None, store, "toy", weights, tiny_config()).embedded == 0
+
+
+def test_a_store_records_its_source_and_a_moved_copy_is_matched_by_fingerprint(
+    tmp_path, folder, weights, monkeypatch, caplog
+):
+    first = _copy_folder(folder, tmp_path / "first")
+    store = tmp_path / "store"
+    build_store(FolderSource(first), None, store, "toy", weights, tiny_config())
+    assert json.loads((store / MANIFEST).read_text())["source"] == str(first.resolve())
+    moved = _copy_folder(first, tmp_path / "moved")  # same files, same times
+    monkeypatch.setattr(pipeline, "load_backbone", _no_model)
+    with caplog.at_level(logging.INFO, logger="embed.pipeline"):
+        again = build_store(FolderSource(moved), None, store, "toy", weights, tiny_config())
+    assert again.embedded == 0 and again.skipped_existing == N_IMAGES
+    assert f"was embedded from {first.resolve()}; this run reads {moved.resolve()}" in caplog.text
+    assert json.loads((store / MANIFEST).read_text())["source"] == str(moved.resolve())
+
+
+def test_a_symlink_out_of_the_image_folder_is_a_failure_and_the_run_goes_on(
+    tmp_path, folder, weights
+):
+    root = tmp_path / "images"
+    root.mkdir()
+    for p in sorted(folder.iterdir())[:3]:
+        shutil.copy2(p, root / p.name)
+    private = tmp_path / "private.jpg"  # a readable image, so only the link check refuses it
+    private.write_bytes((folder / "img_005.jpg").read_bytes())
+    (root / "escape.jpg").symlink_to(private)
+    (root / "alias.jpg").symlink_to(root / "img_000.jpg")
+    store = tmp_path / "store"
+    summary = build_store(FolderSource(root), None, store, "toy", weights, tiny_config())
+    assert summary.embedded == 4 and list(summary.failed) == ["escape"]
+    assert re.fullmatch(
+        r"image 'escape': symlink points outside the image folder .* only links to files "
+        r"inside it are read",
+        summary.failed["escape"],
+    )
+    fs = FeatureStore.open(store)
+    assert sorted(fs.ids) == ["alias", "img_000", "img_001", "img_002"]
+    assert fs.failures == summary.failed
+
+
+# ----------------------------------------------------------------------------- interruptions
+
+
+class _SignalAt(FolderSource):
+    """Sends signals to this process while reading given ids: a signal arriving mid-batch."""
+
+    def __init__(self, root, signals: dict[str, int]):
+        super().__init__(root)
+        self.signals = signals
+
+    def read_bytes(self, image_id: str) -> bytes:
+        if image_id in self.signals:
+            os.kill(os.getpid(), self.signals[image_id])
+        return super().read_bytes(image_id)
+
+
+class _SignalEscaped(Exception):
+    """A signal reached the handler the test installed: build_store did not take it over."""
+
+
+@pytest.fixture
+def guarded_signals():
+    """SIGTERM and SIGINT handled by the test while it runs, so that a build_store that does not
+    catch them fails the test instead of ending (SIGTERM) or aborting (SIGINT) the session."""
+
+    def escaped(signum, frame):
+        raise _SignalEscaped(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, escaped) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield escaped
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def _interrupted_build(source, store, weights, expected):
+    with expected:
+        build_store(source, None, store, "toy", weights, tiny_config(shard_rows=1000))
+
+
+def test_sigint_mid_batch_finishes_the_batch_saves_every_row_and_raises(
+    tmp_path, folder, weights, reference, guarded_signals
+):
+    store = tmp_path / "store"
+    src = _SignalAt(folder, {"img_005": signal.SIGINT})  # in the second batch of four
+    _interrupted_build(
+        src,
+        store,
+        weights,
+        pytest.raises(
+            EmbedInterrupted,
+            match=r"^interrupted by SIGINT: 8 rows saved to feature store '.*store' \(8 in all\); "
+            r"rerun the same command to continue$",
+        ),
+    )
+    assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is guarded_signals
+    assert FeatureStore.open(store).ids == [f"img_{i:03d}" for i in range(8)]
+    rest = build_store(FolderSource(folder), None, store, "toy", weights, tiny_config())
+    assert (rest.embedded, rest.skipped_existing) == (N_IMAGES - 8, 8)
+    assert_same_vectors(FeatureStore.open(store), reference)
+
+
+def test_a_second_signal_stops_at_once_and_still_saves_the_finished_batches(
+    tmp_path, folder, weights, guarded_signals
+):
+    store = tmp_path / "store"
+    src = _SignalAt(folder, {"img_005": signal.SIGTERM, "img_006": signal.SIGINT})
+    _interrupted_build(src, store, weights, pytest.raises(KeyboardInterrupt))
+    assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is guarded_signals
+    assert FeatureStore.open(store).ids == [f"img_{i:03d}" for i in range(4)]
+
+
+def test_build_store_runs_outside_the_main_thread_without_signal_handlers(
+    tmp_path, folder, weights
+):
+    before = signal.getsignal(signal.SIGINT)
+    result = {}
+
+    def run():
+        try:
+            result["summary"] = build_store(
+                FolderSource(folder), ["img_000"], tmp_path / "s", "toy", weights, tiny_config()
+            )
+        except Exception as error:  # reported below, in the test's thread
+            result["error"] = error
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert "error" not in result, result.get("error")
+    assert result["summary"].embedded == 1 and signal.getsignal(signal.SIGINT) is before
 
 
 # ----------------------------------------------------------------------------- other processes
@@ -481,6 +728,84 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted(tmp_path, folder, weigh
     summary = build_store(FolderSource(folder), None, store, "toy", weights, tiny_config())
     assert summary.skipped_existing == counts[1] and summary.embedded == N_IMAGES - counts[1]
     assert not [n for n in os.listdir(store) if n.startswith(".tmp")]
+    assert_same_vectors(FeatureStore.open(store), reference)
+
+
+class _Lines:
+    """A worker's output, read by a thread line by line, so a test can wait for a line."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.lines):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"no line with {text!r} from the worker:\n{self.text()}")
+            time.sleep(0.01)
+
+    def text(self) -> str:
+        self.proc.wait(timeout=120)
+        self._thread.join(timeout=30)
+        return "".join(self.lines)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_saves_the_rows_exits_non_zero_and_a_rerun_embeds_the_rest(
+    tmp_path, folder, weights, reference
+):
+    store = tmp_path / "store"
+    # Shards of 1000 rows and a minute: without the signal handling nothing would be on disk.
+    proc = _worker(
+        folder, store, weights, "--delay", "0.2", "--shard-rows", "1000", "--log-every", "1"
+    )
+    output = _Lines(proc)
+    output.wait_for("batch 1/6")  # one batch of 4 embedded, more coming
+    proc.send_signal(signal.SIGTERM)
+    text = output.text()
+    assert proc.returncode == 2, text
+    found = re.search(
+        r"error: interrupted by SIGTERM: (\d+) rows saved .*rerun the same command", text
+    )
+    assert found, text
+    saved = int(found.group(1))
+    assert 4 <= saved < N_IMAGES and saved % 4 == 0
+    assert _listed(store) == saved
+    fs = FeatureStore.open(store)
+    assert fs.verify()["ok"] and fs.count == saved
+    rest = build_store(FolderSource(folder), None, store, "toy", weights, tiny_config())
+    assert (rest.embedded, rest.skipped_existing) == (N_IMAGES - saved, saved)
+    assert_same_vectors(FeatureStore.open(store), reference)
+
+
+@pytest.mark.slow
+def test_kill_9_after_a_time_bounded_shard_keeps_its_rows(tmp_path, folder, weights, reference):
+    store = tmp_path / "store"
+    # 1000-row shards are never filled here: only the 0.2 s limit writes shards.
+    proc = _worker(
+        folder,
+        store,
+        weights,
+        *("--delay", "0.1", "--shard-rows", "1000", "--max-shard-seconds", "0.2"),
+    )
+    _wait_for(lambda: _listed(store) > 0, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    fs = FeatureStore.open(store)
+    assert fs.verify()["ok"]
+    kept = fs.count
+    assert 0 < kept < N_IMAGES
+    fs.read(fs.ids)
+    rest = build_store(FolderSource(folder), None, store, "toy", weights, tiny_config())
+    assert (rest.embedded, rest.skipped_existing) == (N_IMAGES - kept, kept)
     assert_same_vectors(FeatureStore.open(store), reference)
 
 

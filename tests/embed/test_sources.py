@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -12,7 +14,14 @@ from PIL import Image
 from storetools import DATA, HAM_IMAGES, ISIC_MINI, jpeg_bytes, write_hdf5
 
 from embed.errors import EmbedError
-from embed.sources import FolderSource, HDF5Source, ImageSource, decode_image, open_source
+from embed.sources import (
+    FolderSource,
+    HDF5Source,
+    ImageSource,
+    decode_image,
+    open_source,
+    safe_reason,
+)
 
 MAX = 50_000_000
 
@@ -104,6 +113,52 @@ def test_folder_missing_id_and_folder(tmp_path):
         FolderSource(tmp_path / "absent")
 
 
+def test_folder_fingerprints_follow_size_and_modification_time(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes(0))
+    (tmp_path / "b.png").write_bytes(_png(Image.new("RGB", (4, 4))))
+    src = FolderSource(tmp_path)
+    first = src.fingerprints(["a", "b", "gone", "../x"])
+    assert set(first) == {"a", "b"}  # ids without a file (or outside the folder) are left out
+    info = os.stat(tmp_path / "a.jpg")
+    assert first["a"] == f"file:{info.st_size}:{info.st_mtime_ns}"
+    assert src.fingerprints(["a", "b"]) == first
+    # Rewritten with the same size (a rotated square image often is): the time tells.
+    data = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "a.jpg").write_bytes(data[::-1])
+    os.utime(tmp_path / "a.jpg", ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000))
+    assert src.fingerprints(["a"])["a"] != first["a"]
+    assert src.fingerprints(["b"]) == {"b": first["b"]}
+
+
+def test_folder_reads_symlinks_inside_the_folder_only(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "real.jpg").write_bytes(jpeg_bytes(0))
+    (root / "sub").mkdir()
+    (root / "sub" / "deep.jpg").write_bytes(jpeg_bytes(1))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "private.jpg").write_bytes(jpeg_bytes(2))
+    (root / "alias.jpg").symlink_to(root / "real.jpg")
+    (root / "relative.jpg").symlink_to("sub/deep.jpg")
+    (root / "escape.jpg").symlink_to(outside / "private.jpg")
+    (root / "climb.jpg").symlink_to("../outside/private.jpg")
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    src = FolderSource(root)
+    assert src.read_bytes("alias") == jpeg_bytes(0)
+    assert src.read_bytes("relative") == jpeg_bytes(1)
+    for image_id in ("escape", "climb", "linked/private"):
+        with pytest.raises(
+            EmbedError,
+            match=rf"image '{image_id}': symlink points outside the image folder .*images.* "
+            rf"\(.*{image_id}.jpg'\); only links to files inside it are read",
+        ):
+            src.read_bytes(image_id)
+    # A folder reached through a link is fine: what counts is where the files really are.
+    (tmp_path / "via").symlink_to(root, target_is_directory=True)
+    assert FolderSource(tmp_path / "via").read_bytes("alias") == jpeg_bytes(0)
+
+
 # ----------------------------------------------------------------------------- HDF5 source
 
 
@@ -133,6 +188,36 @@ def test_hdf5_keeps_trailing_zero_bytes_and_uint8_arrays(tmp_path):
     assert src.read_bytes("array") == payload
 
 
+def test_hdf5_fingerprints_are_length_and_crc_of_what_read_bytes_returns(tmp_path):
+    import h5py
+
+    path = tmp_path / "images.hdf5"
+    ids = write_hdf5(path, 3, extra={"empty": b""})
+    with h5py.File(path, "a") as f:
+        # Layouts whose bytes are not at one file offset: read through h5py instead.
+        f.create_dataset("chunked", data=np.frombuffer(jpeg_bytes(7), np.uint8), chunks=(64,))
+        f.create_dataset(
+            "compressed", data=np.frombuffer(jpeg_bytes(8), np.uint8), compression="gzip"
+        )
+        f.create_group("group")
+    src = HDF5Source(path)
+    keys = [*ids, "empty", "chunked", "compressed"]
+    found = src.fingerprints([*keys, "group", "absent", "a/b", ""])
+    assert list(found) == keys
+    for key in keys:
+        data = src.read_bytes(key)
+        assert found[key] == f"h5:{len(data)}:{zlib.crc32(data):08x}"
+    # The same length with other bytes (a flipped EXIF orientation tag, say) is a change.
+    data = bytearray(src.read_bytes("img_001"))
+    src.close()
+    data[-3] ^= 0xFF
+    with h5py.File(path, "a") as f:
+        del f["img_001"]
+        f.create_dataset("img_001", data=np.bytes_(bytes(data)))
+    again = HDF5Source(path).fingerprints(keys)
+    assert [k for k in keys if again[k] != found[k]] == ["img_001"]
+
+
 def test_open_source_refuses_other_paths(tmp_path):
     (tmp_path / "table.csv").write_text("a,b\n")
     with pytest.raises(EmbedError, match=r"images path .*table.csv.* is a file but not HDF5"):
@@ -160,9 +245,24 @@ def test_truncated_jpeg(keep):
 
 def test_text_file_is_not_an_image():
     with pytest.raises(
-        EmbedError, match=r"image 'txt': not a readable image \(format not recognised"
+        EmbedError, match=r"image 'txt': not a readable image \(format not recognised, 19 bytes\)$"
     ):
         decode_image(b"id,target\nISIC_1,0\n", "txt", MAX)
+
+
+def test_error_messages_never_quote_the_file_content():
+    secret = b"root:x:0:0:SECRET-TOKEN:/root:/bin/bash\n"
+    with pytest.raises(EmbedError) as info:
+        decode_image(secret, "passwd", MAX)
+    assert "root:x" not in str(info.value) and "SECRET" not in str(info.value)
+    # What decoders may put in their own messages: bytes literals are masked, length capped.
+    reason = safe_reason(SyntaxError("broken PNG file (chunk b'SECR')" + " x" * 300))
+    assert reason.startswith("broken PNG file (chunk <bytes>) x x") and "SECR" not in reason
+    assert len(reason) == 203 and reason.endswith("...")
+    assert safe_reason(OSError("image file is truncated")) == (
+        "truncated file (image file is truncated)"
+    )
+    assert safe_reason(ValueError()) == "ValueError"
 
 
 def test_too_many_pixels_is_refused_before_decoding():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import zlib
 
 import numpy as np
@@ -199,6 +200,8 @@ def test_append_checks_shape_and_duplicates(tmp_path):
             r"shard_index must be in 0..1 for shard_count=2, got 2",
         ),
         ({"shard_rows": 0}, r"shard_rows must be an integer >= 1, got 0"),
+        ({"max_shard_seconds": 0}, r"max_shard_seconds must be a number > 0, got 0"),
+        ({"max_shard_seconds": "60"}, r"max_shard_seconds must be a number > 0, got '60'"),
     ],
 )
 def test_writer_arguments(tmp_path, kwargs, message):
@@ -339,3 +342,182 @@ def test_a_manifest_of_another_format_is_refused(tmp_path):
     (tmp_path / MANIFEST).write_text("{not json")
     with pytest.raises(EmbedError, match=r"feature store file .*manifest.json.* cannot be read"):
         FeatureStore.open(tmp_path)
+
+
+# ----------------------------------------------------------------------------- store reference
+
+
+def _uid(path) -> str | None:
+    return json.loads((path / MANIFEST).read_text()).get("store_uid")
+
+
+def test_reference_names_identity_folder_uid_and_count(tmp_path):
+    store = tmp_path / "s"
+    fill(store, IDS[:5])
+    uid = _uid(store)
+    assert isinstance(uid, str) and len(uid) == 32 and int(uid, 16) >= 0
+    reference = FeatureStore.open(store).reference()
+    assert reference == {
+        **IDENTITY,
+        "store": str(store.resolve()),
+        "store_uid": uid,
+        "count": 5,
+    }
+    fill(store, IDS[5:9])  # a later writer keeps the uid
+    assert FeatureStore.open(store).reference()["store_uid"] == uid
+    assert FeatureStore.open(store).reference()["count"] == 9
+    other = tmp_path / "t"
+    fill(other, IDS[:5])
+    assert _uid(other) != uid  # a store of the same content is another store
+
+
+def test_parts_started_at_once_share_one_uid_kept_by_merge(tmp_path):
+    store = tmp_path / "s"
+    w0 = StoreWriter(store, IDENTITY, shard_index=0, shard_count=2)
+    w1 = StoreWriter(store, IDENTITY, shard_index=1, shard_count=2)
+    w0.open()
+    w1.open()
+    parts = [json.loads((store / f"manifest.part-{i}-of-2.json").read_text()) for i in (0, 1)]
+    assert parts[0]["store_uid"] == parts[1]["store_uid"]
+    w0.append(IDS[:3], vectors(IDS[:3]))
+    w1.append(IDS[3:6], vectors(IDS[3:6]))
+    w0.close()
+    w1.close()
+    assert _uid(store) == parts[0]["store_uid"]
+    assert FeatureStore.open(store).reference()["store_uid"] == parts[0]["store_uid"]
+
+
+def test_a_store_made_before_uids_has_none_and_keeps_none(tmp_path):
+    fill(tmp_path, IDS[:3])
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    del manifest["store_uid"]
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    assert FeatureStore.open(tmp_path).reference()["store_uid"] is None
+    fill(tmp_path, IDS[3:6])
+    assert _uid(tmp_path) is None
+    assert FeatureStore.open(tmp_path).reference()["count"] == 6
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def test_fingerprints_are_stored_beside_the_ids_and_verified(tmp_path):
+    with StoreWriter(tmp_path, IDENTITY, shard_rows=4) as writer:
+        writer.append(IDS[:3], vectors(IDS[:3]), ["fp0", "fp1", None])
+        writer.append(IDS[3:5], vectors(IDS[3:5]))  # no fingerprints: unknown
+    assert json.loads((tmp_path / "shard-00000.fingerprints.json").read_text()) == [
+        "fp0",
+        "fp1",
+        None,
+        None,
+    ]
+    assert not (tmp_path / "shard-00001.fingerprints.json").exists()
+    fs = FeatureStore.open(tmp_path)
+    assert fs.fingerprints(IDS[:5] + ["absent"]) == {"id_000": "fp0", "id_001": "fp1"}
+    assert fs.verify()["ok"]
+    (tmp_path / "shard-00000.fingerprints.json").write_text('["x", "fp1", null, null]')
+    with pytest.raises(
+        EmbedError,
+        match=r"failed verification: 1 damaged file\(s\): shard-00000.fingerprints.json "
+        r"\(sha256 differs",
+    ):
+        FeatureStore.open(tmp_path).verify()
+    (tmp_path / "shard-00000.fingerprints.json").write_text('["x"]')
+    with pytest.raises(
+        EmbedError,
+        match=r"shard-00000.fingerprints.json does not hold one fingerprint per row of the 4",
+    ):
+        FeatureStore.open(tmp_path).fingerprints(["id_000"])
+    with StoreWriter(tmp_path / "other", IDENTITY) as writer:
+        with pytest.raises(EmbedError, match=r"1 fingerprints given for 2 ids"):
+            writer.append(["a", "b"], vectors(["a", "b"]), ["fp"])
+
+
+class _Source:
+    """An image source reduced to its fingerprints."""
+
+    def __init__(self, fingerprints):
+        self.now = fingerprints
+
+    def fingerprints(self, ids):
+        return {i: self.now[i] for i in ids if i in self.now}
+
+
+def test_changed_names_ids_whose_image_fingerprint_differs(tmp_path):
+    with StoreWriter(tmp_path, IDENTITY) as writer:
+        writer.append(IDS[:4], vectors(IDS[:4]), ["a", "b", "c", None])
+    fs = FeatureStore.open(tmp_path)
+    now = _Source({"id_000": "a", "id_001": "B", "id_003": "d", "id_009": "z"})
+    # id_002 is gone from the source, id_003 was stored without a fingerprint, id_009 has no
+    # vector: none of them can be called changed.
+    assert fs.changed(now, IDS[:10]) == ["id_001"]
+    assert fs.changed(now, ["id_001", "id_000", "id_001"]) == ["id_001", "id_001"]
+    assert fs.changed(now, []) == []
+
+
+def _renewed(ids) -> np.ndarray:
+    return -vectors(ids)
+
+
+def test_an_id_embedded_again_is_read_from_its_newest_row(tmp_path):
+    fill(tmp_path, IDS[:10])
+    with StoreWriter(tmp_path, IDENTITY) as writer:
+        with pytest.raises(EmbedError, match=r"1 ids are already in the store"):
+            writer.append(["id_002"], _renewed(["id_002"]))
+        writer.supersede(["id_002", "id_007", "not-stored"])
+        writer.append(["id_002", "id_007", "id_010"], _renewed(["id_002", "id_007", "id_010"]))
+        with pytest.raises(EmbedError, match=r"1 ids are already in the store"):
+            writer.append(["id_002"], _renewed(["id_002"]))  # superseded once, not for ever
+    fs = FeatureStore.open(tmp_path)
+    assert fs.count == 11 and sorted(fs.ids) == IDS[:11]
+    assert json.loads((tmp_path / MANIFEST).read_text())["count"] == 11
+    assert fs.missing(IDS[:12]) == ["id_011"]
+    np.testing.assert_array_equal(
+        fs.read(["id_001", "id_002", "id_007", "id_010"]),
+        np.concatenate([vectors(["id_001"]), _renewed(["id_002", "id_007", "id_010"])]),
+    )
+    # A later writer sees the newest rows too and counts each id once.
+    fill(tmp_path, IDS[11:13])
+    fs = FeatureStore.open(tmp_path)
+    assert fs.count == 13 and json.loads((tmp_path / MANIFEST).read_text())["count"] == 13
+    np.testing.assert_array_equal(fs.read(["id_002"]), _renewed(["id_002"]))
+
+
+def test_an_id_embedded_again_by_a_part_wins_after_merge(tmp_path):
+    store = tmp_path / "s"
+    fill(store, IDS[:6], index=0, count=2)
+    fill(store, IDS[6:12], index=1, count=2)
+    assert [n for n in os.listdir(store) if n.startswith("manifest")] == [MANIFEST]
+    with StoreWriter(store, IDENTITY, shard_index=0, shard_count=2) as writer:
+        writer.supersede(["id_001"])
+        writer.append(["id_001"], _renewed(["id_001"]))
+        writer.flush()
+        # Before the merge the part manifest lists the new row after manifest.json's.
+        during = FeatureStore.open(store)
+        assert during.count == 12
+        np.testing.assert_array_equal(during.read(["id_001"]), _renewed(["id_001"]))
+    merged = merge_store(store)
+    assert merged["count"] == 12
+    fs = FeatureStore.open(store)
+    assert fs.count == 12 and sorted(fs.ids) == IDS[:12]
+    np.testing.assert_array_equal(
+        fs.read(["id_001", "id_002"]), np.concatenate([_renewed(["id_001"]), vectors(["id_002"])])
+    )
+
+
+# ----------------------------------------------------------------------------- time-bounded shards
+
+
+def test_a_shard_is_written_once_its_oldest_row_has_waited_max_shard_seconds(tmp_path):
+    with StoreWriter(tmp_path, IDENTITY, shard_rows=1000, max_shard_seconds=0.05) as writer:
+        writer.append(IDS[:3], vectors(IDS[:3]))
+        assert FeatureStore.open(tmp_path).count == 0  # young rows wait for more
+        time.sleep(0.1)
+        writer.append(IDS[3:4], vectors(IDS[3:4]))
+        # The oldest row had waited past the limit: all four are on disk, listed, readable.
+        assert writer.buffered == 0
+        assert json.loads((tmp_path / MANIFEST).read_text())["count"] == 4
+        assert FeatureStore.open(tmp_path).ids == IDS[:4]
+        time.sleep(0.1)
+        writer.append([], vectors([]))  # a batch whose images all failed: nothing to write
+        assert writer.buffered == 0 and len(writer.shards_written) == 1

@@ -1,0 +1,110 @@
+"""What makes two embeddings comparable: the embedding identity, built and compared in one place.
+
+An embedding identity is the dict of `IDENTITY_FIELDS` (backbone, weights_sha256, preprocessing,
+image_size, views, dtype, dim). A feature store records it in its manifest; a model trained on a
+store records it too; anything that combines vectors with a store or a model compares the two
+with `check_identity`, which names the first field that differs (dotted for nested fields, e.g.
+`preprocessing.normalize_mean`) and both values.
+
+This module imports no torch: `embedding_identity` loads the backbone's constants only when
+called, so reading a store's identity stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from embed.errors import EmbedError, StoreMismatchError
+
+if TYPE_CHECKING:  # pragma: no cover - type names only
+    from embed.pipeline import EmbedConfig
+    from embed.weights import WeightsInfo
+
+IDENTITY_FIELDS: tuple[str, ...] = (
+    "backbone",
+    "weights_sha256",
+    "preprocessing",
+    "image_size",
+    "views",
+    "dtype",
+    "dim",
+)
+# Vectors are stored as float16: half the bytes of float32, and the frozen backbone's pooled
+# features lose nothing a downstream model can use at that precision.
+DTYPE = "float16"
+
+MISMATCH_HINT = (
+    "use a store built with the same settings (a store's name carries the data set, weights sha, "
+    "image size and views) or build a new one with `invoke embed`"
+)
+
+
+def embedding_identity(weights: WeightsInfo, config: EmbedConfig) -> dict:
+    """The identity of vectors embedded with `weights` and `config` (image_size, views)."""
+    from embed.backbone import BACKBONE_NAME, EMBED_DIM, preprocessing_for
+
+    return {
+        "backbone": BACKBONE_NAME,
+        "weights_sha256": weights.sha256,
+        "preprocessing": preprocessing_for(weights),
+        "image_size": config.image_size,
+        "views": config.views,
+        "dtype": DTYPE,
+        "dim": EMBED_DIM,
+    }
+
+
+def as_json(value):
+    """The value as it reads back from JSON (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(value))
+
+
+def _first_difference(field: str, have, want) -> str | None:
+    """None when equal, else the dotted name of the first differing (sub)field."""
+    if isinstance(have, dict) and isinstance(want, dict):
+        for key in sorted(set(have) | set(want)):
+            if key not in have or key not in want:
+                return f"{field}.{key}"
+            sub = _first_difference(f"{field}.{key}", have[key], want[key])
+            if sub:
+                return sub
+        return None
+    return None if have == want else field
+
+
+def _lookup(value, dotted: str):
+    """The sub-value named by `dotted` below its top-level field, or "<absent>"."""
+    for part in dotted.split(".")[1:]:
+        value = value.get(part, "<absent>") if isinstance(value, dict) else "<absent>"
+    return value
+
+
+def check_identity(
+    have: dict, want: dict, have_label: str, want_label: str, *, hint: str = MISMATCH_HINT
+) -> None:
+    """Raise StoreMismatchError naming the first identity field where `have` differs from `want`.
+
+    Only the fields `want` holds are compared (a partial identity checks those fields); fields
+    are compared as JSON reads them back, so tuples and lists are alike. The message reads
+    "<have_label> was built with <field>=<have value> but <want_label> <field>=<want value>;
+    <hint>", e.g. have_label "feature store '/s'", want_label "this run asks for".
+
+    Raises EmbedError when `want` holds a field that is not an identity field.
+    """
+    unknown = set(want) - set(IDENTITY_FIELDS)
+    if unknown:
+        raise EmbedError(
+            f"unknown feature store field(s) {sorted(unknown)}; known: {list(IDENTITY_FIELDS)}"
+        )
+    want = as_json(want)
+    for key in IDENTITY_FIELDS:
+        if key not in want:
+            continue
+        have_value = as_json(have.get(key, "<absent>"))
+        diff = _first_difference(key, have_value, want[key])
+        if diff:
+            raise StoreMismatchError(
+                f"{have_label} was built with {diff}={_lookup(have_value, diff)!r} but "
+                f"{want_label} {diff}={_lookup(want[key], diff)!r}; {hint}"
+            )
