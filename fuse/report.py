@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -36,7 +37,12 @@ DESCRIPTIONS = {
     "fusion": "fusion MLP on image embeddings + metadata",
     "blend": "rank average of gbdt and fusion",
     "stack": "LightGBM on metadata + the fusion MLP's and gbdt's predictions",
+    "calibrated": "the final model's score through its calibrator (fitted on the out-of-fold "
+                  "scores): the `probability` that scoring writes",
 }
+# The final model's calibrated out-of-fold probabilities (written by `invoke stack` beside its
+# oof.csv), shown as the model "calibrated"; absent for runs stacked before calibration.
+CALIBRATED_OOF = "final_oof.csv"
 # (key in metrics.json, column heading, format)
 COLUMNS = (
     ("pauc80", "pAUC80", ".4f"),
@@ -92,6 +98,9 @@ def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
     folds = read_folds(run_dir / "folds.csv")
     predictions, y = _read_predictions(run_dir, folds)
     final = _final(run_dir)
+    calibrated = _read_calibrated(run_dir, folds, final)
+    if calibrated is not None:
+        predictions["calibrated"] = calibrated
 
     figures = {}
     with warnings.catch_warnings():
@@ -100,7 +109,10 @@ def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
             figures[name] = summarize(y, p, sensitivity=sensitivity)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    shown = final["final"] if final and final["final"] in predictions else _best(figures)
+    if "calibrated" in predictions:
+        shown = "calibrated"
+    else:
+        shown = final["final"] if final and final["final"] in predictions else _best(figures)
     plots = _plots(out, y, predictions, figures, shown, run_dir / "gbdt" / "importance.csv")
 
     document = {
@@ -115,7 +127,9 @@ def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
         "n_folds": int(folds["fold"].nunique()),
         "sensitivity": sensitivity,
         "final": final["final"] if final else None,
-        "final_threshold": figures[final["final"]]["threshold"] if final and final["final"] in figures else None,
+        # the threshold scoring applies: on the calibrated probability where there is one
+        "final_threshold": figures[shown]["threshold"] if final and final["final"] in figures else None,
+        "final_method": final.get("calibration", {}).get("method") if final else None,
         "models": figures,
         "plots": {key: name for key, name in plots.items()},
     }
@@ -183,6 +197,23 @@ def _patients(record: dict, folds: pd.DataFrame) -> int | None:
     return int(rows[patient].nunique())
 
 
+def _read_calibrated(run_dir: Path, folds: pd.DataFrame, final: dict | None) -> np.ndarray | None:
+    """The final model's calibrated out-of-fold probabilities aligned with `folds.csv`, or None
+    (no calibration yet, or a file that does not match the run: logged)."""
+    path = run_dir / "stack" / CALIBRATED_OOF
+    if not final or "calibration" not in final or not path.is_file():
+        return None
+    oof = pd.read_csv(path, dtype={"id": str})
+    if not {"id", "p"} <= set(oof.columns) or oof["id"].duplicated().any():
+        log.warning("%s: not an out-of-fold file of this run; calibrated figures left out", path)
+        return None
+    p = pd.to_numeric(oof.set_index("id")["p"].reindex(folds["id"]), errors="coerce").to_numpy(dtype=float)
+    if not np.isfinite(p).all():
+        log.warning("%s: ids differ from the run's folds.csv; calibrated figures left out", path)
+        return None
+    return p
+
+
 def _final(run_dir: Path) -> dict | None:
     path = run_dir / "stack" / "final.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -215,7 +246,7 @@ def _markdown(document: dict, final: dict | None) -> str:
         lines.append(
             f"**Final model: {final['final']}** (the higher out-of-fold pAUC80 of stack and blend; "
             f"`stack/final.json`), operating threshold {_cell(document['final_threshold'], '.6g')} "
-            f"for {sensitivity:.0%} target sensitivity."
+            f"for {sensitivity:.0%} target sensitivity{_on_probability(document)}."
         )
         if abs(final["sensitivity"] - sensitivity) > 1e-12:
             lines.append(
@@ -236,6 +267,8 @@ def _markdown(document: dict, final: dict | None) -> str:
     ]
     for name, figures in document["models"].items():
         label = f"**{name}** (final)" if final and name == final["final"] else name
+        if name == "calibrated":
+            label = f"**calibrated** ({document['final']}, {document['final_method']})"
         cells = [_cell(figures[key], fmt) for key, _, fmt in COLUMNS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Models:"]
@@ -244,6 +277,13 @@ def _markdown(document: dict, final: dict | None) -> str:
     for key, name in document["plots"].items():
         lines += [f"### {PLOT_TITLES[key]}", "", f"![{key}]({name})", ""]
     return "\n".join(lines)
+
+
+def _on_probability(document: dict) -> str:
+    if "calibrated" not in document["models"]:
+        return ""
+    return (f", on the calibrated probability (row `calibrated`: {document['final']} through "
+            f"{document['final_method']} calibration, the `probability` scoring writes)")
 
 
 def _data_figures(document: dict) -> str:
@@ -283,14 +323,15 @@ def _html(document: dict, final: dict | None, out: Path) -> str:
     ]
     if final:
         name = final["final"]
-        figures = document["models"].get(name, {})
+        figures = document["models"].get("calibrated", document["models"].get(name, {}))
         body.append(
             f'<p><span class="badge final">final</span> <strong>{e(name)}</strong>: '
-            f"{e(DESCRIPTIONS.get(name, ''))} (the higher out-of-fold pAUC80 of stack and blend; "
+            f"{_code(DESCRIPTIONS.get(name, ''))} (the higher out-of-fold pAUC80 of stack and blend; "
             "<code>stack/final.json</code>).</p>"
         )
         point = [
-            ("operating threshold", e(html.number(document["final_threshold"], ".6g"))),
+            ("operating threshold", e(html.number(document["final_threshold"], ".6g"))
+             + _code(_on_probability(document))),
             ("target sensitivity", f"{sensitivity:.0%}"),
             ("sensitivity reached (recall)", e(html.number(figures.get("recall"), ".4f"))),
             ("specificity", e(html.number(figures.get("specificity"), ".4f"))),
@@ -315,6 +356,9 @@ def _html(document: dict, final: dict | None, out: Path) -> str:
     for name, figures in document["models"].items():
         is_final = bool(final) and name == final["final"]
         label = e(name) + (' <span class="badge final">final</span>' if is_final else "")
+        if name == "calibrated":
+            label = (f'calibrated <span class="muted">({e(document["final"])}, '
+                     f'{e(document["final_method"])})</span>')
         cells = "".join(
             f'<td class="num" data-sort="{_sort_key(figures[key])}">'
             f"{e(html.number(figures[key], fmt))}</td>"
@@ -329,7 +373,7 @@ def _html(document: dict, final: dict | None, out: Path) -> str:
         "(ROC area above 80% TPR, 0..0.2, random about 0.02). Click a heading to sort.</p>",
         f'<table class="sortable" id="models"><thead><tr>{head}</tr></thead>'
         f'<tbody>{"".join(table_rows)}</tbody></table>',
-        "<ul>" + "".join(f"<li><strong>{e(name)}</strong>: {e(DESCRIPTIONS.get(name, ''))}</li>"
+        "<ul>" + "".join(f"<li><strong>{e(name)}</strong>: {_code(DESCRIPTIONS.get(name, ''))}</li>"
                          for name in document["models"]) + "</ul>",
         "<h2>Plots</h2>",
         '<div class="plots">',
@@ -343,6 +387,11 @@ def _html(document: dict, final: dict | None, out: Path) -> str:
     body.append("</div>")
     title = f"Evaluation report: {document['dataset']}"
     return html.page(title, "\n".join(body), sortable=True)
+
+
+def _code(text: str) -> str:
+    """Markdown-ish text as HTML: escaped, with `code` spans."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
 
 
 def _sort_key(value) -> str:
@@ -365,6 +414,8 @@ def _plots(out: Path, y: np.ndarray, predictions: dict, figures: dict, shown: st
 
     written = {}
     one_class = y.min() == y.max()
+    # calibration keeps the final model's order: its ROC and PR curves would repeat the final's
+    ranked = {name: p for name, p in predictions.items() if name != "calibrated"}
 
     def save(fig, key):
         fig.tight_layout()
@@ -375,7 +426,7 @@ def _plots(out: Path, y: np.ndarray, predictions: dict, figures: dict, shown: st
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.axhspan(0.8, 1.0, color="tab:green", alpha=0.12, label="pAUC80 region (TPR >= 0.8)")
     if not one_class:
-        for name, p in predictions.items():
+        for name, p in ranked.items():
             fpr, tpr, _ = roc_curve(y, p)
             ax.plot(fpr, tpr, label=f"{name} (AUC {_cell(figures[name]['roc_auc'], '.3f')}, "
                                     f"pAUC80 {_cell(figures[name]['pauc80'], '.3f')})")
@@ -386,7 +437,7 @@ def _plots(out: Path, y: np.ndarray, predictions: dict, figures: dict, shown: st
 
     fig, ax = plt.subplots(figsize=(5.5, 5))
     if not one_class:
-        for name, p in predictions.items():
+        for name, p in ranked.items():
             precision, recall, _ = precision_recall_curve(y, p)
             ax.plot(recall, precision, label=f"{name} (AP {_cell(figures[name]['pr_auc'], '.3f')})")
     ax.axhline(y.mean(), color="grey", lw=0.8, ls="--", label=f"prevalence {y.mean():.3f}")
@@ -414,7 +465,7 @@ def _plots(out: Path, y: np.ndarray, predictions: dict, figures: dict, shown: st
         for name, p in predictions.items():
             bins = max(2, min(10, int(y.sum()) // 2))
             true, mean = calibration_curve(y, np.clip(p, 0, 1), n_bins=bins, strategy="quantile")
-            suffix = " (rank score)" if name == "blend" else ""
+            suffix = {"blend": " (rank score)", "calibrated": " (probability)"}.get(name, "")
             ax.plot(mean, true, marker="o", ms=3, label=name + suffix)
     ax.set(xlabel="mean predicted score", ylabel="observed share malignant", title="Calibration", xlim=(0, 1), ylim=(0, 1))
     ax.legend(loc="upper left", fontsize=7)

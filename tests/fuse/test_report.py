@@ -40,11 +40,11 @@ def test_table_has_every_model_and_column_and_matches_metrics_json(stacked_run):
     assert path == stacked_run.dir / "report" / "report.md"
     table = _table(path.read_text())
     assert list(table.columns) == ["model"] + [heading for _, heading, _ in COLUMNS]
-    names = [cell.replace("**", "").replace(" (final)", "") for cell in table["model"]]
-    assert names == ["gbdt", "fusion", "blend", "stack"]
-
+    names = [cell.replace("**", "").replace(" (final)", "").split(" (")[0] for cell in table["model"]]
     document = json.loads((stacked_run.dir / "report" / "metrics.json").read_text())
     final = json.loads((stacked_run.dir / "stack" / "final.json").read_text())
+    calibrated = "calibration" in final  # runs stacked since calibration have the calibrated row
+    assert names == ["gbdt", "fusion", "blend", "stack"] + (["calibrated"] if calibrated else [])
     assert document["final"] == final["final"]
     assert table["model"][names.index(final["final"])] == f"**{final['final']}** (final)"
     for row, name in zip(table.itertuples(index=False), names, strict=True):
@@ -55,9 +55,15 @@ def test_table_has_every_model_and_column_and_matches_metrics_json(stacked_run):
                 assert int(cell) == figures[key]
             else:
                 assert math.isclose(float(cell), figures[key], rel_tol=1e-3, abs_tol=1e-4)
-    # the final model's threshold is the one stack chose for the same sensitivity
-    assert document["models"][final["final"]]["threshold"] == pytest.approx(final["threshold"])
+    # the final model's threshold is the one stack chose for the same sensitivity (on the
+    # calibrated probability where there is one: the threshold scoring applies)
+    chosen = "calibrated" if calibrated else final["final"]
+    assert document["models"][chosen]["threshold"] == pytest.approx(final["threshold"])
     assert document["final_threshold"] == pytest.approx(final["threshold"])
+    if calibrated:
+        method = final["calibration"]["method"]
+        assert table["model"][names.index("calibrated")] == f"**calibrated** ({final['final']}, {method})"
+        assert "on the calibrated probability (row `calibrated`" in path.read_text()
 
 
 def test_every_plot_is_a_valid_png(stacked_run):
@@ -166,6 +172,7 @@ def test_index_html_has_the_table_final_model_plots_and_data_figures(stacked_run
         name = expected[0].replace("**", "").replace(" (final)", "")
         assert row[0] == (f"{name} final" if name == final["final"] else name)
         assert row[1:] == list(expected[1:])
+    assert len(body) == len(document["models"])
 
     # every plot of report.md, embedded byte for byte
     shown = [image["src"] for image in page.images]
@@ -181,7 +188,8 @@ def test_index_html_has_the_table_final_model_plots_and_data_figures(stacked_run
     assert f"positives (malignant) {document['positives']:,}" in text
     assert document["groups"] == 150 and "groups (lesion_id) 150" in text
     assert document["patients"] is None and "patients" not in text
-    assert f"operating threshold {format(final['threshold'], '.6g')}" in text
+    assert f"operating threshold {format(document['final_threshold'], '.6g')}" in text
+    assert document["final_threshold"] == pytest.approx(final["threshold"])
     assert "target sensitivity 95%" in text
     # self-contained: no address to fetch anything from
     raw = index.read_text()
