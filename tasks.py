@@ -56,13 +56,11 @@ def _require(name: str, **given) -> None:
 
 
 def _run(function, *args, **kwargs):
-    from embed.errors import EmbedError
-    from fuse.errors import RunError
-    from tabular.errors import DataError
+    from common.errors import LesionfuseError
 
     try:
         return function(*args, **kwargs)
-    except (EmbedError, DataError, RunError) as error:
+    except LesionfuseError as error:
         _fail(error)
 
 
@@ -104,7 +102,7 @@ def embed(c, spec=None, image_size=224, views=1, batch_size=None, device="auto",
     """Embed a data set's images into its feature store (resumable)."""
     _require("embed", spec=spec)
     _logging()
-    from fuse.embedding import embed_spec
+    from fuse.commands import embed_spec
 
     _run(embed_spec, spec, image_size=int(image_size), views=int(views),
          batch_size=None if batch_size is None else int(batch_size), device=device,
@@ -120,17 +118,18 @@ def embed(c, spec=None, image_size=224, views=1, batch_size=None, device="auto",
         "storage": "Optuna storage URL (default sqlite in the run folder; any RDB URL or journal:///file.log)",
         "image_pca": "PCA components of the image embeddings added as features (0 = metadata only; needs `invoke embed`)",
         "neg_ratio": "keep at most this many negatives per positive in each training part",
+        "store": "feature store folder for the image PCA (default: the spec's store for the current weights)",
     }
 )
-def train_gbdt(c, spec=None, run=None, trials=0, storage=None, image_pca=None, neg_ratio=None):
+def train_gbdt(c, spec=None, run=None, trials=0, storage=None, image_pca=None, neg_ratio=None, store=None):
     """Train the Optuna-tuned LightGBM ensemble on metadata (and image PCA) features."""
     _require("train-gbdt", spec=spec, run=run)
     _logging()
-    from fuse.stages import train_gbdt as train
+    from fuse.commands import train_gbdt as train
 
     _run(train, spec, run, trials=int(trials), storage=storage,
          image_pca=None if image_pca is None else int(image_pca),
-         neg_ratio=None if neg_ratio is None else float(neg_ratio))
+         neg_ratio=None if neg_ratio is None else float(neg_ratio), store=store)
 
 
 @_task(
@@ -146,7 +145,7 @@ def train_fusion(c, spec=None, run=None, store=None, imbalance=None, epochs=None
     """Train the fusion MLP on image embeddings plus one-hot metadata."""
     _require("train-fusion", spec=spec, run=run)
     _logging()
-    from fuse.stages import train_fusion as train
+    from fuse.commands import train_fusion as train
 
     _run(train, spec, run, store=store, imbalance=imbalance,
          max_epochs=None if epochs is None else int(epochs))
@@ -157,7 +156,7 @@ def stack(c, run=None, sensitivity=0.95):
     """Stack the fusion MLP with the LightGBM ensemble and write the evaluation report."""
     _require("stack", run=run)
     _logging()
-    from fuse.stages import stack_and_report
+    from fuse.commands import stack_and_report
 
     report = _run(stack_and_report, run, sensitivity=float(sensitivity))
     print(f"report: {report}")
@@ -174,18 +173,23 @@ def stack(c, run=None, sensitivity=0.95):
         "device": "auto, cpu or cuda",
         "weights": "the torchvision resnet50 state dict the run was embedded with, if not the cached one",
         "store": "feature store folder to embed the images into first and reuse: a rerun embeds only what it lacks",
+        "prevalence": "share of malignant lesions where the images come from (default: the training data's); "
+                      "moves `probability` to that prior",
+        "html": "where to write the triage page (default: beside --out, e.g. preds.html)",
+        "no_html": "write no triage page",
     }
 )
 def score(c, run=None, images=None, out=None, metadata=None, format="csv", batch_size=None, device="auto",
-          weights=None, store=None):
+          weights=None, store=None, prevalence=None, html=None, no_html=False):
     """Score a folder or HDF5 of new images with a trained run."""
     _require("score", run=run, images=images, out=out)
     _logging()
-    from fuse.stages import score_images
+    from fuse.commands import score_images
 
-    _run(score_images, run, images=images, metadata=metadata, out=out, format=format,
+    _run(score_images, run, images=images, metadata=metadata, out=out, output_format=format,
          batch_size=None if batch_size is None else int(batch_size), device=device, weights=weights,
-         store=store)
+         store=store, prevalence=None if prevalence is None else float(prevalence), html=html,
+         page=not no_html)
 
 
 @_task(help={

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fuse import stages
-from fuse.embedding import embed_spec
+from fuse import commands
 from fuse.paths import artifacts_root, run_dir, stores_root
 from fuse.synthetic import make_isic2024_like
 
@@ -40,12 +39,12 @@ def run_demo(rows: int = 1500, trials: int = 3, root: Path | None = None, run: s
     if not (data / "train-metadata.csv").exists() or not (data / "test-image.hdf5").exists():
         make_isic2024_like(data, n_rows=rows, n_patients=max(rows // 40, 10), prevalence=0.08, seed=0,
                            test_rows=max(rows // 10, 10))
-    embed_spec(data)
-    stages.train_gbdt(data, run, trials=trials)
-    stages.train_fusion(data, run, max_epochs=max_epochs)
-    report = stages.stack_and_report(run)
+    commands.embed_spec(data)
+    commands.train_gbdt(data, run, trials=trials)
+    commands.train_fusion(data, run, max_epochs=max_epochs)
+    report = commands.stack_and_report(run)
     predictions = root / "predictions.csv"
-    stages.score_images(run, images=data / "test-image.hdf5", metadata=data / "test-metadata.csv",
+    commands.score_images(run, images=data / "test-image.hdf5", metadata=data / "test-metadata.csv",
                         out=predictions)
     print(f"predictions: {predictions}")
     return report

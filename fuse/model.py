@@ -20,10 +20,12 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
 from fuse.errors import RunError
+from tabular.features import FeatureEncoder
 
 log = logging.getLogger(__name__)
 
@@ -109,15 +111,6 @@ class FusionConfig:
         return cls(**values)
 
 
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise RunError(f"device: {device!r} was asked for but CUDA is not available; use --device cpu")
-    return torch.device(device)
-
-
 class FusionMLP(nn.Module):
     """Image branch + metadata branch -> one logit per row.
 
@@ -179,3 +172,12 @@ def _branch(n_in: int, n_out: int, dropout: float) -> nn.Sequential:
 
 def count_parameters(model: nn.Module) -> int:
     return int(sum(math.prod(p.shape) for p in model.parameters()))
+
+
+def encode_meta(encoder: FeatureEncoder, frame: pd.DataFrame, features: pd.DataFrame | None = None) -> np.ndarray:
+    """The metadata branch's input: shape (len(frame), n_meta) float32, no NaN.
+
+    `features`, when given, is `encoder.transform(frame)` computed already.
+    """
+    features = encoder.transform(frame) if features is None else features
+    return encoder.mlp_matrix(features).to_numpy(dtype=np.float32)

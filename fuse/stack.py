@@ -36,7 +36,6 @@ training folds and noise on the evaluated one), and that this module does not.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -48,19 +47,18 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
+from common.files import atomic_write_json, sha256_file
+from fuse.calibration import Calibrator, choose_calibrator
 from fuse.errors import RunError
-from tabular.errors import DataError, preview
+from fuse.stores import run_identity
+from tabular.errors import DataError
+from tabular.gbdt_model import Encode, positional
+from tabular.layout import RunLayout
 from tabular.metrics import MetricWarning, pauc80, summarize
 
 log = logging.getLogger(__name__)
 
 BASE_STAGES = ("gbdt", "fusion")
-MADE_BY = {
-    "gbdt": "invoke train-gbdt --spec S --run R",
-    "fusion": "invoke train-fusion --spec S --run R",
-    "stack": "invoke stack --run R",
-    "blend": "invoke stack --run R",
-}
 FUSION_FEATURE = "p_fusion"
 GBDT_FEATURE = "p_gbdt"
 # The base-model features the stack appends to the metadata features, in this column order.
@@ -68,6 +66,8 @@ BASE_FEATURES = (FUSION_FEATURE, GBDT_FEATURE)
 # Quantiles kept per base model as the blend's rank reference: fine enough that the top 0.1% of
 # an ISIC-sized set (the part pAUC80 looks at) keeps distinct ranks, small enough for JSON.
 REFERENCE_POINTS = 4097
+# The final model's calibrated out-of-fold probabilities, beside the stack's own oof.csv.
+CALIBRATED_OOF = "final_oof.csv"
 
 
 @dataclass(frozen=True)
@@ -104,79 +104,6 @@ class StackConfig:
             "num_threads": 1,
             "verbosity": -1,
         }
-
-
-# --------------------------------------------------------------------------------------- inputs
-
-
-def require_run(run_dir: Path | str) -> Path:
-    """`run_dir` as a Path; RunError when it holds no run."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "run.json").is_file():
-        raise RunError(
-            f"run {run_dir}: not found (no run.json); start one with "
-            "`invoke train-gbdt --spec S --run R`"
-        )
-    return run_dir
-
-
-def require_stage(run_dir: Path, stage: str, filename: str = "oof.csv") -> Path:
-    """`<run>/<stage>/<filename>`; RunError naming the stage and the command that makes it."""
-    path = Path(run_dir) / stage / filename
-    if not path.is_file():
-        command = MADE_BY.get(stage, f"the {stage} stage")
-        raise RunError(
-            f"run {run_dir}: stage '{stage}' is missing ({path} not found); make it with `{command}`"
-        )
-    return path
-
-
-def read_oof(run_dir: Path, stage: str, ids: np.ndarray, folds: np.ndarray,
-             target: np.ndarray | None = None) -> np.ndarray:
-    """A stage's out-of-fold predictions aligned to `ids` (shape (n,), float64).
-
-    Raises:
-        RunError: the stage's `oof.csv` is missing (names the command that makes it); it lacks a
-            column; its ids differ from the run's; a row's fold or target differs from the run's
-            `folds.csv` / metadata; a prediction is not a finite number.
-    """
-    path = require_stage(run_dir, stage)
-    oof = pd.read_csv(path, dtype={"id": str})
-    missing = {"id", "fold", "p"} - set(oof.columns)
-    if missing:
-        raise RunError(f"{path}: not an out-of-fold file, missing column(s) {sorted(missing)}")
-    if oof["id"].duplicated().any():
-        raise RunError(f"{path}: duplicate ids {preview(oof.loc[oof['id'].duplicated(), 'id'].tolist())}")
-    by_id = oof.set_index("id")
-    wanted = pd.Index(ids.astype(str))
-    absent = wanted.difference(by_id.index)
-    extra = by_id.index.difference(wanted)
-    if len(absent) or len(extra):
-        raise RunError(
-            f"{path}: ids differ from the run's folds.csv (missing {preview(list(absent))}; "
-            f"not in the run {preview(list(extra))}); retrain the stage: `{MADE_BY.get(stage, stage)}`"
-        )
-    aligned = by_id.loc[wanted]
-    wrong_fold = aligned["fold"].to_numpy() != folds
-    if wrong_fold.any():
-        raise RunError(
-            f"{path}: folds differ from the run's folds.csv for ids "
-            f"{preview(list(wanted[wrong_fold]))}; its predictions are not out of fold for this "
-            f"run; retrain the stage: `{MADE_BY.get(stage, stage)}`"
-        )
-    if target is not None and "target" in aligned.columns:
-        wrong_target = aligned["target"].to_numpy() != target
-        if wrong_target.any():
-            raise RunError(f"{path}: targets differ from the run's metadata for ids {preview(list(wanted[wrong_target]))}")
-    p = pd.to_numeric(aligned["p"], errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(p)
-    if bad.any():
-        raise RunError(f"{path}: column 'p' is not a finite number for ids {preview(list(wanted[bad]))}")
-    return p
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------- the stack
@@ -247,53 +174,53 @@ def oof_stack(frame: pd.DataFrame, spec, y: np.ndarray, folds: np.ndarray, p_fus
     return p
 
 
-class StackModels:
+class StackModel:
     """The stack's fold models and encoders, loaded once to score many batches of rows."""
 
     def __init__(self, folds: list[tuple[object, lgb.Booster]], uses_gbdt: bool = True):
         self.folds = folds
         self.uses_gbdt = uses_gbdt  # False for a stack saved when p_fusion was its only base feature
 
+    @property
+    def encoders(self) -> list:
+        return [encoder for encoder, _ in self.folds]
+
     @classmethod
-    def load(cls, stage_dir: Path) -> StackModels:
+    def load(cls, stage_dir: Path | str) -> StackModel:
         """Read `stack.json`, `fold{k}.txt` and `encoder_fold{k}.json` of a `stack/` folder.
 
         Raises:
             RunError: a file is missing (names it and `invoke stack`).
         """
         stage_dir = Path(stage_dir)
-        record = json.loads(require_stage(stage_dir.parent, stage_dir.name, "stack.json").read_text())
+        record = json.loads(_stage_file(stage_dir, "stack.json").read_text())
         folds = []
         for k in record["folds"]:
-            model_path = require_stage(stage_dir.parent, stage_dir.name, f"fold{k}.txt")
-            encoder = load_encoder(require_stage(stage_dir.parent, stage_dir.name, f"encoder_fold{k}.json"))
+            model_path = _stage_file(stage_dir, f"fold{k}.txt")
+            encoder = load_encoder(_stage_file(stage_dir, f"encoder_fold{k}.json"))
             folds.append((encoder, lgb.Booster(model_file=str(model_path))))
         return cls(folds, uses_gbdt=GBDT_FEATURE in record.get("features", [record.get("feature")]))
 
-    def predict(self, frame: pd.DataFrame, p_fusion: np.ndarray, p_gbdt: np.ndarray,
-                transform=None) -> np.ndarray:
+    def predict(self, frame: pd.DataFrame, p_gbdt: np.ndarray, p_fusion: np.ndarray,
+                encode: Encode | None = None) -> np.ndarray:
         """Mean of the fold models on `frame`'s rows, shape (n,).
 
-        `p_fusion`, `p_gbdt`: the fusion MLP's and the LightGBM ensemble's fold-averaged
+        `p_gbdt`, `p_fusion`: the LightGBM ensemble's and the fusion MLP's fold-averaged
         predictions for the same rows (NaN in `p_gbdt` is routed by LightGBM as missing).
-        `transform`, when given, is called as `transform(encoder, frame)` in place of
+        `encode`, when given, is called as `encode(encoder, frame)` in place of
         `encoder.transform(frame)` (to share encoded features between stages).
         """
-        frame = frame.reset_index(drop=True)
+        frame = positional(frame)
         gbdt = p_gbdt if self.uses_gbdt else None
         total = np.zeros(len(frame))
         for encoder, model in self.folds:
-            features = transform(encoder, frame) if transform is not None else None
+            features = encode(encoder, frame) if encode is not None else None
             total += model.predict(stack_features(encoder, frame, p_fusion, gbdt, features))
         return total / len(self.folds)
 
 
-def predict_stack(stage_dir: Path, frame: pd.DataFrame, p_fusion: np.ndarray, p_gbdt: np.ndarray) -> np.ndarray:
-    """Average of the stack's fold models on new rows, shape (n,).
-
-    `p_fusion`, `p_gbdt`: the base models' fold-averaged predictions for the same rows.
-    """
-    return StackModels.load(stage_dir).predict(frame, p_fusion, p_gbdt)
+def _stage_file(stage_dir: Path, name: str) -> Path:
+    return RunLayout(stage_dir.parent).require_file(stage_dir.name, name)
 
 
 # ----------------------------------------------------------------------------------- the blend
@@ -355,11 +282,65 @@ def oof_blend(y: np.ndarray, folds: np.ndarray, p_gbdt: np.ndarray, p_fusion: np
     return p, chosen
 
 
-def predict_blend(stage_dir: Path, p_gbdt: np.ndarray, p_fusion: np.ndarray) -> np.ndarray:
-    """The blend on new rows from the base models' fold-averaged predictions, shape (n,)."""
-    record = json.loads((stage_dir / "blend.json").read_text())
-    references = {name: np.asarray(values) for name, values in record["references"].items()}
-    return blend_scores(record["weight_gbdt"], references, p_gbdt, p_fusion)
+class BlendModel:
+    """The blend's weight and rank references, loaded once (`blend/blend.json`)."""
+
+    encoders: list = []
+
+    def __init__(self, weight_gbdt: float, references: dict[str, np.ndarray]):
+        self.weight_gbdt, self.references = weight_gbdt, references
+
+    @classmethod
+    def load(cls, stage_dir: Path | str) -> BlendModel:
+        record = json.loads(_stage_file(Path(stage_dir), "blend.json").read_text())
+        return cls(record["weight_gbdt"], {name: np.asarray(values) for name, values in record["references"].items()})
+
+    def predict(self, frame: pd.DataFrame | None, p_gbdt: np.ndarray, p_fusion: np.ndarray,
+                encode: Encode | None = None) -> np.ndarray:
+        """The blend on new rows from the base models' fold-averaged predictions, shape (n,).
+
+        `frame` and `encode` are not used (the blend sees the base models only); they keep the
+        signature of `StackModel.predict`.
+        """
+        return blend_scores(self.weight_gbdt, self.references, p_gbdt, p_fusion)
+
+
+@dataclass(frozen=True)
+class FinalModel:
+    """The run's final model (`stack/final.json`): its name, operating threshold, model and the
+    calibrator that turns its score into `probability` (None for runs stacked before calibration:
+    their `probability` is the raw score)."""
+
+    name: str
+    threshold: float
+    sensitivity: float
+    model: StackModel | BlendModel
+    calibrator: Calibrator | None = None
+
+    def probability(self, score: np.ndarray) -> np.ndarray:
+        return score if self.calibrator is None else self.calibrator(score)
+
+
+def load_final(run_dir: Path | str) -> FinalModel:
+    """The final model `invoke stack` chose for the run.
+
+    Raises:
+        RunError: no `stack/final.json` (names `invoke stack`), or an unknown final model.
+    """
+    layout = RunLayout(Path(run_dir))
+    record = layout.read_final()
+    loaders = {"stack": StackModel.load, "blend": BlendModel.load}
+    name = record["final"]
+    if name not in loaders:
+        raise RunError(f"{layout.final}: unknown final model {name!r}; rerun `invoke stack --run R`")
+    calibration = record.get("calibration")
+    if calibration is None:
+        log.warning("run %s was stacked before calibration: `probability` is the final model's raw "
+                    "score; rerun `invoke stack --run R` to calibrate it", layout.dir)
+    return FinalModel(name=name, threshold=float(record["threshold"]),
+                      sensitivity=float(record.get("sensitivity", math.nan)),
+                      model=loaders[name](layout.stage(name)),
+                      calibrator=Calibrator.from_json(calibration) if calibration else None)
 
 
 # ------------------------------------------------------------------------------------- entry
@@ -390,24 +371,26 @@ def stack(run_dir: Path | str, sensitivity: float = 0.95, config: StackConfig | 
     if not 0.0 < sensitivity <= 1.0:
         raise RunError(f"sensitivity: expected a value in (0, 1], got {sensitivity!r}")
     config = config or StackConfig()
-    run_dir = require_run(run_dir)
+    layout = RunLayout(Path(run_dir)).require()
+    run_dir = layout.dir
     for stage in BASE_STAGES:  # say what is missing before reading any metadata
-        require_stage(run_dir, stage)
+        layout.require_file(stage)
     try:
         run = load_run(run_dir)
     except DataError as error:
         raise RunError(f"run {run_dir}: cannot be reopened: {error}") from error
     ids = run.frame[run.spec.id].astype(str).to_numpy()
     y, folds = run.target, run.fold
-    p_gbdt = read_oof(run_dir, "gbdt", ids, folds, y)
-    p_fusion = read_oof(run_dir, "fusion", ids, folds, y)
+    p_gbdt = layout.read_oof("gbdt", ids, folds, y)
+    p_fusion = layout.read_oof("fusion", ids, folds, y)
+    run_identity(layout)  # the base stages must have been trained on the same embeddings
     made_from = {
-        "folds.csv": file_sha256(run_dir / "folds.csv"),
-        "gbdt/oof.csv": file_sha256(run_dir / "gbdt" / "oof.csv"),
-        "fusion/oof.csv": file_sha256(run_dir / "fusion" / "oof.csv"),
+        "folds.csv": sha256_file(layout.folds),
+        "gbdt/oof.csv": sha256_file(layout.oof("gbdt")),
+        "fusion/oof.csv": sha256_file(layout.oof("fusion")),
     }
 
-    stack_dir = run.stage_dir("stack")
+    stack_dir = layout.make_stage("stack")
     for old in stack_dir.glob("fold*.txt"):
         old.unlink()
     log.info("stack: LightGBM on metadata + fusion and gbdt predictions, %d folds", len(np.unique(folds)))
@@ -419,7 +402,7 @@ def stack(run_dir: Path | str, sensitivity: float = 0.95, config: StackConfig | 
         "made_from": made_from,
     }, indent=2))
 
-    blend_dir = run.stage_dir("blend")
+    blend_dir = layout.make_stage("blend")
     p_blend, fold_weights = oof_blend(y, folds, p_gbdt, p_fusion, config)
     weight, references = choose_blend_weight(y, p_gbdt, p_fusion, config.blend_weights)
     (blend_dir / "blend.json").write_text(json.dumps({
@@ -431,7 +414,7 @@ def stack(run_dir: Path | str, sensitivity: float = 0.95, config: StackConfig | 
 
     figures = {}
     for name, p, stage_dir in (("stack", p_stack, stack_dir), ("blend", p_blend, blend_dir)):
-        write_oof(stage_dir / "oof.csv", ids, folds, y, p)
+        layout.write_oof(stage_dir.name, ids, folds, y, p)
         figures[name] = evaluate(y, p, folds, sensitivity)
         figures[name]["made_from"] = made_from
         (stage_dir / "metrics.json").write_text(json.dumps(figures[name], indent=2))
@@ -442,23 +425,28 @@ def stack(run_dir: Path | str, sensitivity: float = 0.95, config: StackConfig | 
 
     # Ties go to the stack (first): it also carries the metadata signal the blend only sees via gbdt.
     final = max(("stack", "blend"), key=key)
+    calibrator, p_calibrated, calibration_figures = choose_calibrator(
+        y, p_stack if final == "stack" else p_blend, folds)
+    layout.write_oof("stack", ids, folds, y, p_calibrated, name=CALIBRATED_OOF)
+    calibrated = evaluate(y, p_calibrated, folds, sensitivity)
     record = {
         "final": final,
-        "threshold": figures[final]["threshold"],
+        "threshold": calibrated["threshold"],
         "sensitivity": sensitivity,
         "pauc80": {name: figures[name]["pauc80"] for name in ("stack", "blend")},
-        "note": "final = the candidate with the higher out-of-fold pAUC80; threshold chosen on its "
-                "out-of-fold predictions for the target sensitivity",
+        "calibration": {**calibrator.to_json(), "out_of_fold": calibration_figures},
+        "note": "final = the candidate with the higher out-of-fold pAUC80; its score is calibrated "
+                "(the method with the lower out-of-fold Brier score, fitted on all out-of-fold "
+                "scores); threshold chosen on the calibrated out-of-fold probabilities for the "
+                "target sensitivity",
         "made_from": made_from,
     }
-    (stack_dir / "final.json").write_text(json.dumps(record, indent=2))
-    log.info("final model: %s (pAUC80 stack %s, blend %s), threshold %.4g",
-             final, record["pauc80"]["stack"], record["pauc80"]["blend"], record["threshold"])
+    atomic_write_json(layout.final, record)
+    log.info("final model: %s (pAUC80 stack %s, blend %s), calibrated by %s (out-of-fold Brier %.4f, "
+             "ECE %.4f), threshold %.4g", final, record["pauc80"]["stack"], record["pauc80"]["blend"],
+             calibrator.method, calibration_figures[calibrator.method]["brier"],
+             calibration_figures[calibrator.method]["ece"], record["threshold"])
     return record
-
-
-def write_oof(path: Path, ids: np.ndarray, folds: np.ndarray, y: np.ndarray, p: np.ndarray) -> None:
-    pd.DataFrame({"id": ids, "fold": folds, "target": y, "p": p}).to_csv(path, index=False)
 
 
 def evaluate(y: np.ndarray, p: np.ndarray, folds: np.ndarray, sensitivity: float) -> dict:
@@ -473,8 +461,3 @@ def evaluate(y: np.ndarray, p: np.ndarray, folds: np.ndarray, sensitivity: float
             per_fold[int(k)] = None if math.isnan(value) else value
     figures["pauc80_per_fold"] = per_fold
     return figures
-
-
-def final_choice(run_dir: Path | str) -> dict:
-    """`stack/final.json` of a run; RunError naming `invoke stack` when absent."""
-    return json.loads(require_stage(run_dir, "stack", "final.json").read_text())

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from common.files import atomic_write
 from tabular.errors import DataError
 from tabular.spec import DatasetSpec
 
@@ -65,9 +66,7 @@ def make_folds(frame: pd.DataFrame, spec: DatasetSpec, n_folds: int = 5, seed: i
 
 def write_folds(folds: pd.DataFrame, path: Path) -> None:
     """Write `folds.csv` atomically (a half-written fold file would misalign every stage)."""
-    tmp = path.with_suffix(".csv.tmp")
-    folds.to_csv(tmp, index=False)
-    tmp.replace(path)
+    atomic_write(path, lambda f: folds.to_csv(f, index=False))
 
 
 def read_folds(path: Path) -> pd.DataFrame:

@@ -9,10 +9,10 @@ Building blocks used by `tabular.train.fit_gbdt` (which builds the features of e
 - `FoldPCA`: PCA of an optional extra matrix (image embeddings, rows aligned to the frame),
   fitted on the training part of the fold only, saved as `.npy` (never pickled).
 - `train_model`: one booster, with optional down-sampling of negatives inside the training part.
-- `fit_ensemble` / `save_ensemble` / `predict_gbdt`.
+- `fit_ensemble` / `save_ensemble` (read back by `tabular.gbdt_model.load`).
 
 Models are saved as LightGBM text truncated at the best iteration; encoders as JSON; PCA as npy.
-Nothing is pickled, and `predict_gbdt` reads only those files.
+Nothing is pickled, and `tabular.gbdt_model` reads only those files.
 """
 
 from __future__ import annotations
@@ -438,71 +438,3 @@ def importance_table(ensemble: Ensemble) -> pd.DataFrame:
     total = table["gain"].sum()
     table.insert(3, "gain_share", table["gain"] / total if total > 0 else 0.0)
     return table.sort_values("gain", ascending=False, kind="stable").reset_index(drop=True)
-
-
-# ------------------------------------------------------------------------------- prediction
-
-
-def predict_gbdt(stage_dir: Path | str, frame: pd.DataFrame, spec: DatasetSpec | None = None,
-                 extra: np.ndarray | None = None) -> np.ndarray:
-    """Average of every fold x seed model of a trained `gbdt/` stage on new rows.
-
-    Each fold's models see features from that fold's encoder (and that fold's PCA of `extra`).
-    Per-patient features are computed from the rows of `frame` only.
-
-    Args:
-        stage_dir: the `gbdt/` folder (a run folder holding `gbdt/` is accepted too).
-        frame: metadata rows (the target, if present, is ignored).
-        spec: optional; when given, its name must match the data set the models were trained on.
-        extra: (len(frame), d) matrix aligned to `frame` rows, required iff the stage was trained
-            with one (image embeddings).
-
-    Returns:
-        Probabilities, shape (len(frame),), float64.
-
-    Raises:
-        DataError: the folder holds no trained stage; `extra` is missing, unexpected or of the
-            wrong shape; a feature column is missing or bad (see `FeatureEncoder.transform`).
-    """
-    stage_dir = Path(stage_dir)
-    if not (stage_dir / "features.json").exists() and (stage_dir / "gbdt" / "features.json").exists():
-        stage_dir = stage_dir / "gbdt"
-    manifest_path = stage_dir / "features.json"
-    if not manifest_path.exists():
-        raise DataError(
-            f"gbdt: {stage_dir} holds no trained LightGBM stage (no features.json); "
-            "train one with `invoke train-gbdt --spec S --run R`"
-        )
-    manifest = json.loads(manifest_path.read_text())
-    encoders = json.loads((stage_dir / "encoder.json").read_text())["folds"]
-    if spec is not None:
-        trained_on = next(iter(encoders.values()))["dataset"]
-        if trained_on != spec.name:
-            log.warning("gbdt: models were trained on data set %r, scoring rows of %r", trained_on, spec.name)
-    extra_dim = manifest.get("extra_dim")
-    if extra_dim and extra is None:
-        raise DataError(
-            f"extra: the models in {stage_dir} use image features ({extra_dim}-dimensional "
-            "embeddings); pass extra with one row per frame row"
-        )
-    if extra is not None:
-        if not extra_dim:
-            raise DataError(f"extra: the models in {stage_dir} were trained without image features; pass extra=None")
-        extra = check_extra(extra, len(frame))
-        if extra.shape[1] != extra_dim:
-            raise DataError(f"extra: expected {extra_dim} columns (as in training), got {extra.shape[1]}")
-    frame = frame.reset_index(drop=True)
-    total = np.zeros(len(frame))
-    count = 0
-    for entry in manifest["folds"]:
-        encoder = FeatureEncoder.from_json(encoders[str(entry["fold"])])
-        features = encoder.transform(frame)
-        pca = FoldPCA.load(stage_dir, entry["pca"]) if entry.get("pca") else None
-        features = with_extra(features, extra, pca)
-        if list(features.columns) != entry["features"]:
-            raise DataError(f"gbdt: fold {entry['fold']} features differ from features.json; retrain the stage")
-        for name in entry["models"]:
-            booster = lgb.Booster(model_file=str(stage_dir / name))
-            total += booster.predict(features)
-            count += 1
-    return total / count

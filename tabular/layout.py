@@ -20,7 +20,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import RunError
+import numpy as np
+import pandas as pd
+
+from common.errors import RunError, preview
+from common.files import atomic_write
 
 RUN_RECORD = "run.json"
 SPEC_COPY = "spec.toml"
@@ -119,6 +123,60 @@ class RunLayout:
     def read_final(self) -> dict:
         """`stack/final.json`'s content (RunError naming `invoke stack` when absent)."""
         return json.loads(self.require_file("stack", FINAL).read_text())
+
+    # -- out-of-fold predictions: id, fold, target, p in the run's row order
+
+    def write_oof(self, stage: str, ids, folds, target, p, name: str = OOF) -> Path:
+        """Write `<stage>/<name>` (atomically: a half-written file would misalign the stack)."""
+        frame = pd.DataFrame({"id": ids, "fold": folds, "target": np.asarray(target).astype(int), "p": p})
+        path = self.make_stage(stage) / name
+        atomic_write(path, lambda f: frame.to_csv(f, index=False))
+        return path
+
+    def read_oof(self, stage: str, ids: np.ndarray, folds: np.ndarray,
+                 target: np.ndarray | None = None) -> np.ndarray:
+        """A stage's out-of-fold predictions aligned to `ids` (shape (n,), float64).
+
+        Raises:
+            RunError: the stage's `oof.csv` is missing (names the command that makes it); it lacks
+                a column; its ids differ from the run's; a row's fold or target differs from the
+                run's `folds.csv` / metadata; a prediction is not a finite number.
+        """
+        path = self.require_file(stage)
+        retrain = f"retrain the stage: `{MADE_BY.get(stage, stage)}`"
+        oof = pd.read_csv(path, dtype={"id": str})
+        missing = {"id", "fold", "p"} - set(oof.columns)
+        if missing:
+            raise RunError(f"{path}: not an out-of-fold file, missing column(s) {sorted(missing)}")
+        if oof["id"].duplicated().any():
+            raise RunError(f"{path}: duplicate ids {preview(oof.loc[oof['id'].duplicated(), 'id'].tolist())}")
+        by_id = oof.set_index("id")
+        wanted = pd.Index(np.asarray(ids).astype(str))
+        absent = wanted.difference(by_id.index)
+        extra = by_id.index.difference(wanted)
+        if len(absent) or len(extra):
+            raise RunError(
+                f"{path}: ids differ from the run's folds.csv (missing {preview(list(absent))}; "
+                f"not in the run {preview(list(extra))}); {retrain}"
+            )
+        aligned = by_id.loc[wanted]
+        wrong_fold = aligned["fold"].to_numpy() != folds
+        if wrong_fold.any():
+            raise RunError(
+                f"{path}: folds differ from the run's folds.csv for ids "
+                f"{preview(list(wanted[wrong_fold]))}; its predictions are not out of fold for this "
+                f"run; {retrain}"
+            )
+        if target is not None and "target" in aligned.columns:
+            wrong_target = aligned["target"].to_numpy() != target
+            if wrong_target.any():
+                raise RunError(f"{path}: targets differ from the run's metadata for ids "
+                               f"{preview(list(wanted[wrong_target]))}")
+        p = pd.to_numeric(aligned["p"], errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(p)
+        if bad.any():
+            raise RunError(f"{path}: column 'p' is not a finite number for ids {preview(list(wanted[bad]))}")
+        return p
 
     def read_store_records(self) -> dict[str, dict]:
         """{stage: the store record it wrote} for every stage trained on embeddings."""

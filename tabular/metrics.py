@@ -17,13 +17,23 @@ import math
 import warnings
 
 import numpy as np
-from sklearn.metrics import auc, average_precision_score, roc_auc_score, roc_curve
+import pandas as pd
+from sklearn.metrics import (
+    auc,
+    average_precision_score,
+    brier_score_loss,
+    confusion_matrix,
+    roc_auc_score,
+    roc_curve,
+)
 
 from tabular.errors import DataError, preview
 
 log = logging.getLogger(__name__)
 
 MIN_TPR = 0.80
+# Equal-count bins of the expected calibration error and the reliability curve (DESIGN.md).
+CALIBRATION_BINS = 10
 
 
 class MetricWarning(UserWarning):
@@ -180,12 +190,7 @@ def metrics_at_threshold(y_true, y_score, threshold: float) -> dict:
     if not math.isfinite(threshold):
         raise DataError(f"threshold: expected a finite number, got {threshold!r}")
     y, p = _check(y_true, y_score)
-    flagged = p >= threshold
-    positive = y == 1
-    tp = int(np.sum(flagged & positive))
-    fp = int(np.sum(flagged & ~positive))
-    tn = int(np.sum(~flagged & ~positive))
-    fn = int(np.sum(~flagged & positive))
+    (tn, fp), (fn, tp) = confusion_matrix(y, (p >= threshold).astype(int), labels=[0, 1]).tolist()
     precision = _ratio(tp, tp + fp)
     recall = _ratio(tp, tp + fn)
     return {
@@ -199,6 +204,45 @@ def metrics_at_threshold(y_true, y_score, threshold: float) -> dict:
         "tn": tn,
         "fn": fn,
     }
+
+
+def calibration_bins(y_true, y_score, n_bins: int = CALIBRATION_BINS) -> pd.DataFrame:
+    """The reliability curve: rows sorted by score, cut into `n_bins` equal-count bins.
+
+    Returns:
+        One row per non-empty bin: rows, mean_score, share_malignant (columns of those names).
+    """
+    y, p = _check(y_true, y_score)
+    order = np.argsort(p, kind="stable")
+    bins = [b for b in np.array_split(order, min(n_bins, len(order))) if len(b)]
+    return pd.DataFrame({
+        "rows": [len(b) for b in bins],
+        "mean_score": [float(p[b].mean()) for b in bins],
+        "share_malignant": [float(y[b].mean()) for b in bins],
+    })
+
+
+def expected_calibration_error(y_true, y_score, n_bins: int = CALIBRATION_BINS) -> float:
+    """Mean |share malignant - mean score| over `n_bins` equal-count bins of the score, weighted by
+    bin size (0 = calibrated). Only meaningful for a score that claims to be a probability.
+    """
+    bins = calibration_bins(y_true, y_score, n_bins)
+    gap = (bins["share_malignant"] - bins["mean_score"]).abs()
+    return float((gap * bins["rows"]).sum() / bins["rows"].sum())
+
+
+def brier(y_true, y_score) -> float:
+    """Mean squared difference between the 0/1 label and the score (sklearn's `brier_score_loss`)."""
+    y, p = _check(y_true, y_score)
+    if p.min() < 0 or p.max() > 1:
+        return math.nan  # a score outside [0, 1] is not a probability
+    return float(brier_score_loss(y, p))
+
+
+def calibration(y_true, y_score) -> dict:
+    """{brier, ece} of a score that claims to be a probability (JSON-ready)."""
+    return {"brier": _json_ready(brier(y_true, y_score)),
+            "ece": _json_ready(expected_calibration_error(y_true, y_score))}
 
 
 def _json_ready(value):

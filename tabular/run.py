@@ -7,15 +7,16 @@ columns and rows, so that all out-of-fold predictions of a run line up.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from common.files import atomic_write_json, atomic_write_text
 from tabular.errors import DataError, preview
 from tabular.folds import make_folds, read_folds, write_folds
+from tabular.layout import RunLayout
 from tabular.spec import DatasetSpec, spec_from_identity, spec_to_toml
 from tabular.validate import read_metadata
 
@@ -48,11 +49,13 @@ class Run:
         """Each row's fold as a numpy int array, in row order."""
         return self.folds["fold"].to_numpy()
 
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.dir)
+
     def stage_dir(self, name: str) -> Path:
         """`<run>/<name>/`, created if absent."""
-        path = self.dir / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return self.layout.make_stage(name)
 
 
 def open_run(spec: DatasetSpec, run_dir: Path | str, n_folds: int = 5, seed: int = 42) -> Run:
@@ -62,13 +65,13 @@ def open_run(spec: DatasetSpec, run_dir: Path | str, n_folds: int = 5, seed: int
         DataError: the metadata is invalid (see `read_metadata`); or the run exists and the spec's
             columns, the metadata file's columns or its ids differ from those it began with.
     """
-    run_dir = Path(run_dir)
+    layout = RunLayout(Path(run_dir))
+    run_dir = layout.dir
     frame = read_metadata(spec, require_target=True)
-    record_path = run_dir / "run.json"
-    if record_path.exists():
-        record = json.loads(record_path.read_text())
+    if layout.exists():
+        record = layout.read_record()
         _check_same_data(record, spec, frame, run_dir)
-        folds = read_folds(run_dir / "folds.csv")
+        folds = read_folds(layout.folds)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         folds = make_folds(frame, spec, n_folds=n_folds, seed=seed)
@@ -81,12 +84,10 @@ def open_run(spec: DatasetSpec, run_dir: Path | str, n_folds: int = 5, seed: int
             "n_folds": n_folds,
             "fold_seed": seed,
         }
-        (run_dir / "spec.toml").write_text(spec_to_toml(spec))
-        write_folds(folds, run_dir / "folds.csv")
+        atomic_write_text(layout.spec_copy, spec_to_toml(spec))
+        write_folds(folds, layout.folds)
         # run.json last: its presence means the run's folds and spec copy are complete.
-        tmp = record_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(record_path)
+        atomic_write_json(layout.record, record)
         log.info("run %s: %d rows, %d folds", run_dir, len(frame), n_folds)
     folds = _align(folds, frame, spec, run_dir)
     return Run(dir=run_dir, spec=spec, frame=frame, folds=folds, record=record)
@@ -96,16 +97,9 @@ def load_run(run_dir: Path | str) -> Run:
     """Reopen an existing run from its own record (for stacking, reports and scoring).
 
     Raises:
-        DataError: the folder holds no run (no `run.json`).
+        RunError: the folder holds no run (no `run.json`).
     """
-    run_dir = Path(run_dir)
-    record_path = run_dir / "run.json"
-    if not record_path.exists():
-        raise DataError(
-            f"run: {run_dir} holds no run (no run.json); start one with "
-            "`invoke train-gbdt --spec S --run R` or `invoke train-fusion --spec S --run R`"
-        )
-    record = json.loads(record_path.read_text())
+    record = RunLayout(Path(run_dir)).read_record()
     spec = spec_from_identity(record["spec"])
     return open_run(spec, run_dir, n_folds=record["n_folds"], seed=record["fold_seed"])
 

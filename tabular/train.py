@@ -31,6 +31,7 @@ from tabular.gbdt import (
     importance_table,
     save_ensemble,
 )
+from tabular.layout import RunLayout
 from tabular.metrics import summarize
 from tabular.spec import DatasetSpec
 
@@ -160,9 +161,10 @@ def fit_gbdt_frame(
 
     _clear_models(stage_dir)
     save_ensemble(stage_dir, final, folds, config, extra_dim=None if extra is None else int(extra.shape[1]))
-    _write_oof(stage_dir / "oof.csv", ids, fold_of_row, y, final.oof)
+    layout = RunLayout(stage_dir.parent)
+    layout.write_oof(stage_dir.name, ids, fold_of_row, y, final.oof)
     if tuning is not None:
-        _write_oof(stage_dir / "oof_untuned.csv", ids, fold_of_row, y, untuned.oof)
+        layout.write_oof(stage_dir.name, ids, fold_of_row, y, untuned.oof, name="oof_untuned.csv")
     importance_table(final).to_csv(stage_dir / "importance.csv", index=False)
     (stage_dir / "params.json").write_text(json.dumps(
         {
@@ -210,10 +212,6 @@ def fit_gbdt_frame(
         timings["total"],
     )
     return metrics
-
-
-def _write_oof(path: Path, ids, fold_of_row, y, p) -> None:
-    pd.DataFrame({"id": ids, "fold": fold_of_row, "target": y.astype(int), "p": p}).to_csv(path, index=False)
 
 
 def _clear_models(stage_dir: Path) -> None:

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 from invoke import Collection
 
-from fuse.embedding import embed_spec
-from fuse.stages import train_gbdt
+from fuse.commands import embed_spec, train_gbdt
 from tabular.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]

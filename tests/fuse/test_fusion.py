@@ -1,4 +1,4 @@
-"""train_fusion / predict_fusion on a tiny data set with a tiny feature store (real store writer)."""
+"""train_fusion / FusionModel.predict on a tiny data set with a tiny feature store (real store writer)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,7 @@ import torch
 from embed.errors import StoreMismatchError
 from embed.store import IDENTITY_FIELDS, FeatureStore, StoreWriter
 from fuse.errors import RunError
-from fuse.fusion import (
-    Embeddings,
-    load_fold_models,
-    predict_fusion,
-    predict_rows,
-    store_identity,
-    train_fusion,
-)
+from fuse.fusion import Embeddings, FusionModel, predict_rows, train_fusion
 from fuse.model import FusionConfig
 from tabular.errors import DataError
 from tabular.spec import load_spec
@@ -106,7 +99,7 @@ def test_train_fusion_writes_the_stage_and_beats_chance(data, tmp_path):
     assert set(metrics["baselines"]) == {"logreg", "image_only"}
     assert json.loads((out / "metrics.json").read_text())["pauc80"] == metrics["pauc80"]
     recorded = json.loads((out / "store.json").read_text())
-    assert recorded["weights_sha256"] == "a" * 64 and recorded["path"] == str(store.resolve())
+    assert recorded["weights_sha256"] == "a" * 64 and recorded["store"] == str(store.resolve())
     assert recorded["views"] == VIEWS and recorded["dim"] == DIM
 
 
@@ -124,15 +117,15 @@ def test_saved_models_reproduce_the_out_of_fold_predictions(data, tmp_path):
     train_fusion(spec, tmp_path / "run", store, TINY, baselines=False, n_folds=3)
     out = tmp_path / "run" / "fusion"
     oof = pd.read_csv(out / "oof.csv")
-    record, _, models = load_fold_models(out)  # state dicts read with weights_only=True
+    models = FusionModel.load(out).folds  # state dicts read with weights_only=True
     source = Embeddings.from_array(FeatureStore.open(store).read(frame["image_id"].tolist()))
     for k, (model, encoder) in enumerate(models):
         rows = np.flatnonzero(oof["fold"].to_numpy() == k)
         meta = torch.from_numpy(encoder.mlp_matrix(encoder.transform(frame)).to_numpy(np.float32))
         p = predict_rows(model, source, meta, rows, batch_size=TINY.batch_size * 4)
         np.testing.assert_allclose(p, oof["p"].to_numpy()[rows], rtol=1e-6)
-    p_all = predict_fusion(out, frame, spec, vectors.astype(np.float16),
-                           identity=store_identity(FeatureStore.open(store).manifest))
+    p_all = FusionModel.load(out).predict(frame, vectors.astype(np.float16), spec=spec,
+                                          identity=FeatureStore.open(store).reference())
     assert p_all.shape == (N,) and np.isfinite(p_all).all()
 
 
@@ -140,7 +133,7 @@ def test_a_store_made_with_other_weights_is_refused(data, tmp_path):
     spec, frame, vectors, store = data
     train_fusion(spec, tmp_path / "run", store, QUICK, baselines=False, n_folds=3)
     other = write_store(tmp_path / "other", frame["image_id"], vectors, sha="b" * 64)
-    with pytest.raises(StoreMismatchError, match=r"weights_sha256='b{64}' but expected weights_sha256='a{64}'"):
+    with pytest.raises(StoreMismatchError, match=r"weights_sha256='b{64}' but stage 'fusion' of run .* was trained on weights_sha256='a{64}'"):
         train_fusion(spec, tmp_path / "run", other, QUICK, baselines=False)
 
 
@@ -148,7 +141,7 @@ def test_a_store_made_at_another_image_size_is_refused(data, tmp_path):
     spec, frame, vectors, store = data
     train_fusion(spec, tmp_path / "run", store, QUICK, baselines=False, n_folds=3)
     other = write_store(tmp_path / "other", frame["image_id"], vectors, image_size=64)
-    with pytest.raises(StoreMismatchError, match="image_size=64 but expected image_size=32"):
+    with pytest.raises(StoreMismatchError, match="image_size=64 but stage 'fusion' of run .* was trained on image_size=32"):
         train_fusion(spec, tmp_path / "run", other, QUICK, baselines=False)
 
 
@@ -183,22 +176,22 @@ def test_prediction_refuses_embeddings_of_another_store(data, tmp_path):
     train_fusion(spec, tmp_path / "run", store, QUICK, baselines=False, n_folds=3)
     out = tmp_path / "run" / "fusion"
     other = identity(image_size=448)
-    with pytest.raises(StoreMismatchError, match="field 'image_size' differs: the model was trained on 32, got 448"):
-        predict_fusion(out, frame, spec, vectors, identity=other)
+    with pytest.raises(StoreMismatchError, match="image_size=448 but the fusion models were trained on image_size=32"):
+        FusionModel.load(out).predict(frame, vectors, identity=other)
     other = identity()
     other["preprocessing"] = {**other["preprocessing"], "normalize_mean": [0.4, 0.4, 0.4]}
-    with pytest.raises(StoreMismatchError, match=r"field 'preprocessing.normalize_mean' differs"):
-        predict_fusion(out, frame, spec, vectors, identity=other)
+    with pytest.raises(StoreMismatchError, match=r"built with preprocessing.normalize_mean=\[0.4, 0.4, 0.4\]"):
+        FusionModel.load(out).predict(frame, vectors, identity=other)
     with pytest.raises(StoreMismatchError, match="field 'dim' differs: the model was trained on 16, got 8"):
-        predict_fusion(out, frame, spec, vectors[:, :, :8])
+        FusionModel.load(out).predict(frame, vectors[:, :, :8])
     with pytest.raises(RunError, match=r"holds no trained fusion models"):
-        predict_fusion(tmp_path, frame, spec, vectors)
+        FusionModel.load(tmp_path).predict(frame, vectors)
     assert set(IDENTITY_FIELDS) <= set(json.loads((out / "store.json").read_text()))
 
 
 def test_an_interrupted_run_trains_only_the_folds_not_done(data, tmp_path, monkeypatch):
     """Killed during fold 2, a rerun keeps folds 0-1 and ends where an uninterrupted run ends."""
-    import fuse.fusion as fusion
+    from fuse.fusion import cross_validation as fusion
 
     spec, _, _, store = data
     train_fusion(spec, tmp_path / "whole", store, TINY, n_folds=3)
@@ -240,3 +233,22 @@ def test_an_interrupted_run_trains_only_the_folds_not_done(data, tmp_path, monke
     calls.clear()
     train_fusion(spec, tmp_path / "resumed", store, QUICK, n_folds=3)  # other settings: all again
     assert calls == [0, 1, 2]
+
+
+def test_ids_that_failed_to_embed_name_retry_failed_and_the_file_listing_them(tmp_path):
+    spec, frame, vectors = make_data(tmp_path / "data")
+    keep = np.arange(N) >= 2
+    store = tmp_path / "store"
+    with StoreWriter(store, identity(), shard_rows=20) as writer:
+        writer.append(list(frame["image_id"][keep]), vectors[keep])
+        writer.add_failures({"IMG_000": "image unreadable: truncated JPEG", "IMG_001": "empty file"})
+    with pytest.raises(
+        RunError,
+        match=r"2 of them could not be embedded, e.g. IMG_000: image unreadable: truncated JPEG "
+        r"\(all 2 are listed in .*unembedded-ids.csv\); try them again with "
+        r"`invoke embed --spec .*dataset.toml --retry-failed`; to train without them, remove their rows",
+    ):
+        train_fusion(spec, tmp_path / "run", store, QUICK, n_folds=3)
+    listed = pd.read_csv(tmp_path / "run" / "unembedded-ids.csv")
+    assert listed.to_dict("list") == {"image_id": ["IMG_000", "IMG_001"],
+                                      "reason": ["image unreadable: truncated JPEG", "empty file"]}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fuse.errors import RunError
-from fuse.fusion import Embeddings, _batches, epoch_rows, predict_rows, train_one
+from fuse.fusion import Embeddings, epoch_rows, minibatches, predict_rows, train_one
 from fuse.model import FusionConfig, FusionMLP
 
 TINY = FusionConfig(image_hidden=16, meta_hidden=4, fused_hidden=8, batch_size=8, max_epochs=6,
@@ -85,9 +85,9 @@ def test_without_oversampling_each_training_row_appears_once(imbalance):
 
 
 def test_batches_never_leave_a_single_row():
-    assert [s.stop - s.start for s in _batches(17, 8)] == [8, 9]
-    assert [s.stop - s.start for s in _batches(16, 8)] == [8, 8]
-    assert sum(s.stop - s.start for s in _batches(1, 8)) == 1
+    assert [s.stop - s.start for s in minibatches(17, 8)] == [8, 9]
+    assert [s.stop - s.start for s in minibatches(16, 8)] == [8, 8]
+    assert sum(s.stop - s.start for s in minibatches(1, 8)) == 1
 
 
 class RecordingEmbeddings(Embeddings):

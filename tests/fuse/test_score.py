@@ -21,7 +21,7 @@ from tabular.spec import ISIC2024_TRAIN_ONLY, load_spec
 
 pytestmark = pytest.mark.slow
 
-COLUMNS = ["isic_id", "probability", "p_gbdt", "p_fusion", "flagged", "error"]
+COLUMNS = ["isic_id", "probability", "p_gbdt", "p_fusion", "flagged", "reasons", "error"]
 FAST = {"device": "cpu", "num_workers": 0, "progress": False}
 
 
@@ -31,13 +31,11 @@ def tiny(tmp_path_factory):
     import torch
     import torchvision
 
-    from fuse.embedding import embed_spec
+    from fuse.commands import embed_spec, train_gbdt
     from fuse.fusion import train_fusion
     from fuse.model import FusionConfig
-    from fuse.stages import mean_embeddings
     from fuse.synthetic import make_isic2024_like
     from tabular.gbdt import GBDTConfig
-    from tabular.train import fit_gbdt
 
     root = tmp_path_factory.mktemp("score")
     data = root / "data"
@@ -50,9 +48,9 @@ def tiny(tmp_path_factory):
                          device="cpu", num_workers=0)
     spec = load_spec(data)
     run = root / "run"
-    fit_gbdt(spec, run, extra=mean_embeddings(spec, summary.store_dir),
-             config=GBDTConfig(seeds=(0,), extra_components=4, num_boost_round=40,
-                               early_stopping_rounds=10, num_threads=1))
+    train_gbdt(data, run, image_pca=4, store=summary.store_dir,
+               config=GBDTConfig(seeds=(0,), extra_components=4, num_boost_round=40,
+                                 early_stopping_rounds=10, num_threads=1))
     train_fusion(spec, run, summary.store_dir,
                  FusionConfig(max_epochs=2, image_hidden=16, meta_hidden=8, fused_hidden=8,
                               batch_size=32, device="cpu"), baselines=False)
@@ -143,9 +141,9 @@ def test_hdf5_with_train_only_columns_and_without_metadata(tiny, tmp_path):
 def test_chunked_streaming_equals_the_stages_own_predictions(tiny, tmp_path, monkeypatch):
     # Scoring predicts chunk by chunk (whole patients each) while embedding; the figures must be
     # those of each stage's own predict function on the whole frame.
-    from fuse.fusion import predict_fusion
-    from fuse.stack import predict_stack
-    from tabular.gbdt import predict_gbdt
+    from fuse.fusion import FusionModel
+    from fuse.stack import BlendModel, StackModel, load_final
+    from tabular.gbdt_model import GBDTModel
 
     images, metadata = tiny["data"] / "test-image.hdf5", tiny["data"] / "test-metadata.csv"
     whole = score(tiny["run"], images, metadata, tmp_path / "a.csv", weights=tiny["weights"], **FAST)
@@ -158,13 +156,14 @@ def test_chunked_streaming_equals_the_stages_own_predictions(tiny, tmp_path, mon
     frame = read_scoring_metadata(metadata, spec)
     assert frame[spec.id].tolist() == whole[spec.id].tolist()
     vectors = _embed_directly(tiny, images, frame[spec.id].tolist())
-    p_fusion = predict_fusion(tiny["run"] / "fusion", frame, spec, vectors)
-    p_gbdt = predict_gbdt(tiny["run"] / "gbdt", frame, spec, extra=vectors.astype(np.float32).mean(axis=1))
+    p_fusion = FusionModel.load(tiny["run"] / "fusion").predict(frame, vectors, spec=spec)
+    p_gbdt = GBDTModel.load(tiny["run"] / "gbdt").predict(frame, vectors.astype(np.float32).mean(axis=1), spec=spec)
     np.testing.assert_allclose(whole["p_fusion"], p_fusion, rtol=1e-5)
     np.testing.assert_allclose(whole["p_gbdt"], p_gbdt, rtol=1e-5)
-    final = json.loads((tiny["run"] / "stack" / "final.json").read_text())
-    if final["final"] == "stack":
-        np.testing.assert_allclose(whole["probability"], predict_stack(tiny["run"] / "stack", frame, p_fusion, p_gbdt), rtol=1e-5)
+    final = load_final(tiny["run"])  # the final model's score, through its calibrator
+    model = StackModel.load(tiny["run"] / "stack") if final.name == "stack" else BlendModel.load(tiny["run"] / "blend")
+    expected = final.calibrator(model.predict(frame, p_gbdt, p_fusion))
+    np.testing.assert_allclose(whole["probability"], expected, rtol=1e-5)
 
 
 def _embed_directly(tiny, images, ids):
@@ -209,7 +208,7 @@ def test_kaggle_format_on_the_isic2024_demo(tiny, shared_data, tmp_path):
     demo = shared_data / "isic2024-demo"
     out = tmp_path / "submission.csv"
     result = score(tiny["run"], demo / "test-image.hdf5", demo / "test-metadata.csv", out,
-                   format="kaggle", weights=tiny["weights"], **FAST)
+                   output_format="kaggle", weights=tiny["weights"], **FAST)
     submission = pd.read_csv(out)
     sample = pd.read_csv(demo / "sample_submission.csv")
     assert list(submission.columns) == list(sample.columns) == ["isic_id", "target"]
@@ -224,7 +223,7 @@ def test_kaggle_format_on_the_isic2024_demo(tiny, shared_data, tmp_path):
 
 def test_unknown_format(tiny, tmp_path):
     with pytest.raises(RunError, match=r"format: expected one of \['csv', 'kaggle'\], got 'xlsx'"):
-        score(tiny["run"], tiny["data"] / "test-image.hdf5", None, tmp_path / "o.csv", format="xlsx")
+        score(tiny["run"], tiny["data"] / "test-image.hdf5", None, tmp_path / "o.csv", output_format="xlsx")
 
 
 def test_run_not_found(tmp_path):
@@ -289,7 +288,7 @@ def test_other_weights_are_refused(tiny, tmp_path):
     torch.manual_seed(1)
     other = tmp_path / "other-resnet50.pth"
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), other)
-    with pytest.raises(RunError, match=r"field 'weights_sha256' differs.*pass --weights"):
+    with pytest.raises(RunError, match=r"scoring was built with weights_sha256='[0-9a-f]{64}' but the run's models were trained on weights_sha256=.*pass --weights"):
         score(tiny["run"], tiny["data"] / "test-image.hdf5", None, tmp_path / "o.csv", weights=other, **FAST)
 
 
@@ -299,7 +298,7 @@ def test_other_preprocessing_is_refused(tiny, tmp_path):
     record = json.loads((run / "fusion" / "store.json").read_text())
     record["preprocessing"]["resize"] = "centre crop"
     (run / "fusion" / "store.json").write_text(json.dumps(record))
-    with pytest.raises(RunError, match=r"field 'preprocessing.resize' differs"):
+    with pytest.raises(RunError, match=r"preprocessing.resize='centre crop'"):
         score(run, tiny["data"] / "test-image.hdf5", None, tmp_path / "o.csv", weights=tiny["weights"], **FAST)
 
 
@@ -326,8 +325,8 @@ def test_scoring_through_a_store_resumes_and_reuses_the_embeddings(tiny, tmp_pat
     # An interrupted first run: the store holds three of the images.
     part = tmp_path / "part"
     part.mkdir()
-    for image_id in ids[:3]:
-        shutil.copy(folder / f"{image_id}.jpg", part)
+    for image_id in ids[:3]:  # the same files (size and modification time) as in `folder`
+        shutil.copy2(folder / f"{image_id}.jpg", part)
     score(tiny["run"], part, None, tmp_path / "part.csv", weights=tiny["weights"], store=store, **FAST)
 
     resumed = score(tiny["run"], folder, metadata, tmp_path / "b.csv", weights=tiny["weights"], store=store, **FAST)
@@ -356,3 +355,33 @@ def test_a_scoring_store_made_with_other_weights_is_refused(tiny, tmp_path):
                 EmbedConfig(image_size=32, device="cpu", num_workers=0, progress=False))
     with pytest.raises(RunError, match=r"--store .*store: .*weights_sha256.*pass a new --store folder"):
         score(tiny["run"], images, None, tmp_path / "o.csv", weights=tiny["weights"], store=tmp_path / "store", **FAST)
+
+
+def test_prevalence_moves_probability_and_keeps_the_flagged_lesions(tiny, tmp_path):
+    images, metadata = tiny["data"] / "test-image.hdf5", tiny["data"] / "test-metadata.csv"
+    plain = score(tiny["run"], images, metadata, tmp_path / "a.csv", weights=tiny["weights"], **FAST)
+    moved = score(tiny["run"], images, metadata, tmp_path / "b.csv", weights=tiny["weights"],
+                  prevalence=0.001, **FAST)
+    assert "prevalence" not in plain.columns and (moved["prevalence"] == 0.001).all()
+    scored = plain["probability"].notna()
+    assert (moved.loc[scored, "probability"] < plain.loc[scored, "probability"]).all()
+    pd.testing.assert_series_equal(moved["flagged"], plain["flagged"])
+    with pytest.raises(RunError, match=r"--prevalence: expected a share strictly between 0 and 1, got 0.0"):
+        score(tiny["run"], images, metadata, tmp_path / "c.csv", weights=tiny["weights"], prevalence=0.0, **FAST)
+
+
+def test_reasons_and_the_triage_page(tiny, tmp_path):
+    images, metadata = tiny["data"] / "test-image.hdf5", tiny["data"] / "test-metadata.csv"
+    result = score(tiny["run"], images, metadata, tmp_path / "p.csv", weights=tiny["weights"],
+                   page=tmp_path / "p.html", **FAST)
+    # "feature = value (+0.12)"; only contributions that raise the score, largest first.
+    pattern = r"^$|^([^;]+ = [^;]+ \(\+\d+\.\d\d\))(; [^;]+ = [^;]+ \(\+\d+\.\d\d\)){0,2}$"
+    assert result["reasons"].str.match(pattern).all()  # GBDTModel.reasons is tested on real signal
+    page = (tmp_path / "p.html").read_text()
+    assert result["isic_id"].iloc[0] in page and "p.csv" in page
+    with pytest.raises(RunError, match=r"--html .*: expected a file ending in .html, got '.csv'"):
+        score(tiny["run"], images, metadata, tmp_path / "q.csv", weights=tiny["weights"],
+              page=tmp_path / "q2.csv", **FAST)
+    with pytest.raises(RunError, match=r"--html .* is, or lies inside, the --run input"):
+        score(tiny["run"], images, metadata, tmp_path / "q.csv", weights=tiny["weights"],
+              page=tiny["run"] / "report" / "triage.html", **FAST)

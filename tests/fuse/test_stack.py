@@ -10,11 +10,11 @@ import pytest
 
 from fuse.errors import RunError
 from fuse.stack import (
+    BlendModel,
     StackConfig,
+    StackModel,
     fit_stack_model,
     oof_stack,
-    predict_blend,
-    predict_stack,
     stack,
     stack_features,
 )
@@ -124,15 +124,16 @@ def test_scoring_helpers_average_the_fold_models(tabular_run):
     new = run.frame.head(20).drop(columns=[run.spec.target])
     p_fusion = np.linspace(0.01, 0.99, 20)
     p_gbdt = np.linspace(0.99, 0.01, 20)
-    p = predict_stack(run.dir / "stack", new, p_fusion, p_gbdt)
+    model = StackModel.load(run.dir / "stack")
+    p = model.predict(new, p_gbdt, p_fusion)
     assert p.shape == (20,) and np.all((p > 0) & (p < 1))
     # one row alone scores the same as among others (per-row features only in this spec)
-    alone = predict_stack(run.dir / "stack", new.iloc[[3]], p_fusion[[3]], p_gbdt[[3]])
+    alone = model.predict(new.iloc[[3]], p_gbdt[[3]], p_fusion[[3]])
     assert alone[0] == pytest.approx(p[3])
     # a missing p_gbdt (its stage needed an unreadable image) is routed by LightGBM, not refused
-    missing = predict_stack(run.dir / "stack", new, p_fusion, np.full(20, np.nan))
+    missing = model.predict(new, np.full(20, np.nan), p_fusion)
     assert np.all(np.isfinite(missing) & (missing > 0) & (missing < 1))
-    b = predict_blend(run.dir / "blend", np.linspace(0, 1, 20), p_fusion)
+    b = BlendModel.load(run.dir / "blend").predict(None, np.linspace(0, 1, 20), p_fusion)
     assert np.all(np.diff(b) >= 0) and b.min() >= 0 and b.max() <= 1
 
 

@@ -18,9 +18,9 @@ from tabular.gbdt import (
     fit_ensemble,
     importance_table,
     negative_sample,
-    predict_gbdt,
     save_ensemble,
 )
+from tabular.gbdt_model import GBDTModel
 from tabular.metrics import roc_auc
 from tabular.spec import DatasetSpec
 
@@ -88,7 +88,7 @@ def test_ensemble_learns_and_saved_models_reproduce_oof(tmp_path):
         np.testing.assert_allclose(p, ensemble.oof[d.valid_rows], rtol=1e-9)
     # Only text, JSON and npy: nothing is pickled.
     assert {p.suffix for p in tmp_path.iterdir()} <= {".txt", ".json"}
-    p = predict_gbdt(tmp_path, frame.drop(columns=["target"]))
+    p = GBDTModel.load(tmp_path).predict(frame.drop(columns=["target"]))
     assert p.shape == (len(frame),) and ((p > 0) & (p < 1)).all()
     assert roc_auc(frame["target"], p) > 0.9
 
@@ -122,12 +122,12 @@ def test_pca_fitted_on_training_part_only(tmp_path):
     save_ensemble(tmp_path, ensemble, data, config, extra_dim=12)
     for k in range(4):
         assert np.load(tmp_path / f"pca_fold{k}_components.npy", allow_pickle=False).shape == (4, 12)
-    p = predict_gbdt(tmp_path, frame, extra=extra)
+    p = GBDTModel.load(tmp_path).predict(frame, extra=extra)
     assert p.shape == (len(frame),)
     with pytest.raises(DataError, match="extra: the models in .* use image features"):
-        predict_gbdt(tmp_path, frame)
+        GBDTModel.load(tmp_path).predict(frame)
     with pytest.raises(DataError, match="extra: expected 12 columns"):
-        predict_gbdt(tmp_path, frame, extra=extra[:, :5])
+        GBDTModel.load(tmp_path).predict(frame, extra=extra[:, :5])
 
 
 def test_pca_transform_chunks_match_full():
@@ -140,16 +140,16 @@ def test_pca_transform_chunks_match_full():
 def test_predict_refuses_missing_stage_and_unexpected_extra(tmp_path):
     frame, spec, folds = toy(n=200)
     with pytest.raises(DataError, match="holds no trained LightGBM stage"):
-        predict_gbdt(tmp_path, frame)
+        GBDTModel.load(tmp_path).predict(frame)
     config = GBDTConfig(seeds=(0,), num_boost_round=20, early_stopping_rounds=5, num_threads=1)
     data, ensemble = fit(frame, spec, folds, config=config)
     save_ensemble(tmp_path / "gbdt", ensemble, data, config, extra_dim=None)
-    # A run folder holding gbdt/ is accepted too.
-    assert predict_gbdt(tmp_path, frame).shape == (200,)
+    model = GBDTModel.load(tmp_path / "gbdt")
+    assert model.predict(frame).shape == (200,)
     with pytest.raises(DataError, match="trained without image features"):
-        predict_gbdt(tmp_path, frame, extra=np.zeros((200, 3)))
+        model.predict(frame, extra=np.zeros((200, 3)))
     with pytest.raises(DataError, match=r"the frame lacks feature column\(s\) 1: x"):
-        predict_gbdt(tmp_path, frame.drop(columns=["x"]))
+        model.predict(frame.drop(columns=["x"]))
 
 
 def test_check_extra():
@@ -171,3 +171,24 @@ def test_importance_table():
     assert list(table.columns) == ["feature", "gain", "gain_std", "gain_share", "splits"]
     assert table["feature"].iloc[0] == "x"
     assert table["gain_share"].sum() == pytest.approx(1.0)
+
+
+def test_reasons_name_the_metadata_that_raises_the_score(tmp_path):
+    """`x` carries the signal: the rows with the largest x are explained by it, with its value and
+    a positive contribution; image PCA features never appear among the reasons."""
+    frame, spec, folds = toy()
+    extra = np.random.default_rng(1).normal(size=(len(frame), 6)).astype(np.float32)
+    config = GBDTConfig(seeds=(0,), num_boost_round=60, early_stopping_rounds=20, num_threads=1,
+                        extra_components=2)
+    data, ensemble = fit(frame, spec, folds, extra=extra, config=config)
+    save_ensemble(tmp_path, ensemble, data, config, extra_dim=6)
+    model = GBDTModel.load(tmp_path)
+    reasons = model.reasons(frame, extra)
+    assert len(reasons) == len(frame)
+    top = frame["x"].nlargest(10).index
+    for i in top:
+        first = reasons[i].split("; ")[0]
+        name, rest = first.split(" = ")
+        assert name == "x" and rest == f"{frame.loc[i, 'x']:.3g} ({rest.split('(')[1]}"
+        assert float(rest.split("(")[1].rstrip(")")) > 0
+    assert not any("img_pca_" in text for text in reasons)

@@ -5,6 +5,7 @@ import json
 import pandas as pd
 import pytest
 
+from common.errors import RunError
 from tabular.errors import DataError
 from tabular.run import load_run, open_run
 from tabular.spec import load_spec
@@ -66,5 +67,5 @@ def test_changed_rows_are_refused(tmp_path):
 
 
 def test_folder_without_a_run(tmp_path):
-    with pytest.raises(DataError, match="holds no run"):
+    with pytest.raises(RunError, match=r"not found \(no run.json\)"):
         load_run(tmp_path)

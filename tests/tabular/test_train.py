@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from tabular.errors import DataError
-from tabular.gbdt import GBDTConfig, predict_gbdt
+from tabular.gbdt import GBDTConfig
+from tabular.gbdt_model import GBDTModel
 from tabular.metrics import roc_auc
 from tabular.spec import ISIC2024_NOT_FEATURES, ISIC2024_TRAIN_ONLY, load_spec
 from tabular.train import fit_gbdt
@@ -73,7 +74,7 @@ def test_fit_gbdt_writes_the_stage(tmp_path):
     params = json.loads((stage / "params.json").read_text())
     assert params["params"]["objective"] == "binary" and params["config"]["seeds"] == [0, 1]
     # The saved stage scores new rows (per-patient features from the scored rows only).
-    p = predict_gbdt(run, frame.drop(columns=["target"]).iloc[:20], spec)
+    p = GBDTModel.load(run / "gbdt").predict(frame.drop(columns=["target"]).iloc[:20], spec=spec)
     assert p.shape == (20,)
 
 
@@ -104,7 +105,7 @@ def test_fit_gbdt_with_extra_matrix(tmp_path):
     assert metrics["extra"] == {"dim": 16, "components": 5}
     features = json.loads((tmp_path / "run" / "gbdt" / "features.json").read_text())
     assert features["folds"][0]["features"][-5:] == [f"img_pca_{i}" for i in range(5)]
-    assert predict_gbdt(tmp_path / "run" / "gbdt", frame, extra=extra).shape == (200,)
+    assert GBDTModel.load(tmp_path / "run" / "gbdt").predict(frame, extra=extra).shape == (200,)
     with pytest.raises(DataError, match="extra: expected 200 rows"):
         fit_gbdt(spec, tmp_path / "run", extra=extra[:10], config=config)
 
@@ -148,7 +149,7 @@ def test_isic2024_mini_end_to_end_without_train_only_columns(shared_data, tmp_pa
             assert not any(column in name.lower() for column in banned), name
     # Scoring the Kaggle test-format demo (no train-only columns at all).
     demo = pd.read_csv(shared_data / "isic2024-demo" / "test-metadata.csv")
-    p = predict_gbdt(tmp_path / "run", demo, spec)
+    p = GBDTModel.load(tmp_path / "run" / "gbdt").predict(demo, spec=spec)
     assert p.shape == (3,) and np.isfinite(p).all()
 
 

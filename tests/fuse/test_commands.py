@@ -8,11 +8,12 @@ import torchvision
 
 from embed.errors import EmbedError
 from embed.weights import ensure_weights
-from fuse.embedding import embed_spec, locate_store
+from fuse.commands import embed_spec, stack_and_report, train_gbdt
 from fuse.errors import RunError
-from fuse.stages import mean_embeddings, stack_and_report, train_gbdt
+from fuse.stores import locate_store, open_for_training
 from fuse.synthetic import make_isic2024_like
 from tabular.spec import load_spec
+from tabular.validate import read_metadata
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,8 @@ def test_embed_spec_builds_the_store_and_a_rerun_does_no_model_work(tiny):
     spec = load_spec(tiny["data"])
     store = locate_store(spec, tiny["weights"], stores=tiny["stores"])
     assert store.name.endswith("-32px-1v")
-    vectors = mean_embeddings(spec, store)
+    ids = read_metadata(spec)[spec.id].astype(str).tolist()
+    vectors = open_for_training(spec, ids, store).mean_embeddings()
     assert vectors.shape == (60, 2048) and vectors.std() > 0
 
 

@@ -1,0 +1,139 @@
+"""One public function per command: each resolves names to paths and calls its stage.
+
+`tasks.py` parses options and calls exactly one of these; tests and scripts can call them too.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from embed.pipeline import EmbedConfig, EmbedSummary, build_store, parse_shard
+from embed.sources import open_source
+from embed.weights import ensure_weights
+from fuse.errors import RunError
+from fuse.paths import run_dir
+from fuse.stores import (
+    check_same_embeddings,
+    open_for_training,
+    record_store,
+    store_path,
+)
+from tabular.layout import RunLayout
+from tabular.run import open_run
+from tabular.spec import DatasetSpec, load_spec
+from tabular.validate import check_images, read_metadata
+
+log = logging.getLogger(__name__)
+
+# LightGBM on 64 PCA components of the embeddings + metadata beat the fusion MLP on HAM10000 lesions
+# no model saw (DESIGN.md): the two then see the same information.
+DEFAULT_IMAGE_PCA = 64
+
+
+def embed_spec(spec, image_size: int = 224, views: int = 1, batch_size: int | None = None, device: str = "auto",
+               weights_path: Path | str | None = None, shard: str = "0/1",
+               num_workers: int | None = None, stores: Path | None = None,
+               retry_failed: bool = False) -> EmbedSummary:
+    """`invoke embed`: every image a spec's metadata names into `artifacts/stores/<store>/`.
+
+    `shard` "i/n" embeds only part i of n (0-based), so n workers can fill one store at once.
+    Rows without an image are refused before any model work (DataError naming them); images
+    without a row are listed and skipped. Rerunning embeds only ids not yet stored, and ids whose
+    image changed since it was stored.
+
+    Returns:
+        The store's `EmbedSummary` (embedded, already stored, failed ids with reasons).
+    """
+    spec = spec if isinstance(spec, DatasetSpec) else load_spec(spec)
+    if not spec.images:
+        raise RunError(f"spec '{spec.name}' names no images (key 'images'); nothing to embed")
+    shard_index, shard_count = parse_shard(shard)
+    frame = read_metadata(spec, require_target=False)
+    source = open_source(spec.images)
+    check_images(frame, spec, source.ids())
+    weights = ensure_weights(Path(weights_path) if weights_path else None)
+    config = EmbedConfig(image_size=image_size, views=views, batch_size=batch_size, device=device,
+                         num_workers=num_workers, shard_index=shard_index, shard_count=shard_count,
+                         retry_failed=retry_failed)
+    store_dir = store_path(spec, weights, image_size, views, stores)
+    summary = build_store(source, frame[spec.id].astype(str).tolist(), store_dir, spec.name, weights, config)
+    print(f"store: {store_dir}")
+    return summary
+
+
+def train_gbdt(spec, run, trials: int = 0, storage: str | None = None, image_pca: int | None = None,
+               neg_ratio: float | None = None, store: Path | str | None = None, seeds=(0, 1, 2),
+               config=None) -> dict:
+    """`invoke train-gbdt`: LightGBM on metadata features, plus image PCA features when the spec has images.
+
+    `image_pca` defaults to 64 components for a spec with images (its feature store must exist:
+    `invoke embed --spec S`), 0 for a tabular-only spec. The store read is recorded in
+    `gbdt/store.json`, and refused when another stage of the run was trained on other embeddings.
+    `config` (a `tabular.gbdt.GBDTConfig`) overrides `seeds`, `neg_ratio` and `image_pca`'s count.
+    """
+    from tabular.train import fit_gbdt
+
+    spec = load_spec(spec)
+    if image_pca is None:
+        image_pca = DEFAULT_IMAGE_PCA if spec.images else 0
+    if image_pca < 0:
+        raise RunError(f"--image-pca must be >= 0, got: {image_pca}")
+    layout = RunLayout(run_dir(run))
+    extra, reference = None, None
+    if image_pca:
+        if not spec.images:
+            raise RunError(f"--image-pca {image_pca}: spec '{spec.name}' has no images; use --image-pca 0")
+        ids = open_run(spec, layout.dir).frame[spec.id].astype(str).tolist()
+        opened = open_for_training(spec, ids, store, run=layout)
+        reference = opened.reference
+        check_same_embeddings(layout, reference, f"feature store {str(opened.store.path)!r}", skip="gbdt")
+        extra = opened.mean_embeddings()
+    metrics = fit_gbdt(spec, layout.dir, trials=trials, storage=storage, extra=extra,
+                       extra_components=image_pca, neg_ratio=neg_ratio, seeds=tuple(seeds), config=config)
+    record_store(layout, "gbdt", reference)
+    return metrics
+
+
+def train_fusion(spec, run, store: Path | str | None = None, imbalance: str | None = None,
+                 max_epochs: int | None = None, config=None) -> dict:
+    """`invoke train-fusion`: the fusion MLP on the spec's feature store and metadata."""
+    from fuse.fusion import train_fusion as fit
+    from fuse.model import FusionConfig
+
+    spec = load_spec(spec)
+    config = config or FusionConfig()
+    if imbalance is not None:
+        config = replace(config, imbalance=imbalance)
+    if max_epochs is not None:
+        config = replace(config, max_epochs=max_epochs)
+    return fit(spec, run_dir(run), store, config)
+
+
+def stack_and_report(run, sensitivity: float = 0.95) -> Path:
+    """`invoke stack`: stack and blend the base models, choose the final one, write the report."""
+    from fuse.report import write_report
+    from fuse.stack import stack
+
+    if not 0 < sensitivity < 1:
+        raise RunError(f"--sensitivity must be in (0, 1), got: {sensitivity}")
+    stack(run_dir(run), sensitivity=sensitivity)
+    return write_report(run_dir(run), sensitivity=sensitivity)
+
+
+def score_images(run, images, out, metadata=None, output_format: str = "csv", batch_size: int | None = None,
+                 device: str = "auto", weights: Path | str | None = None, store: Path | str | None = None,
+                 prevalence: float | None = None, html: Path | str | None = None, page: bool = True):
+    """`invoke score`: score new images (and their metadata) with a trained run.
+
+    The triage page goes to `html`, by default beside `out` (`preds.csv` -> `preds.html`);
+    `page=False` writes none.
+    """
+    from fuse.score import score
+
+    out = Path(out)
+    html = (Path(html) if html else out.with_suffix(".html")) if page else None
+    return score(run_dir(run), images=Path(images), metadata=Path(metadata) if metadata else None,
+                 out=out, output_format=output_format, batch_size=batch_size, device=device,
+                 weights=weights, store=store, prevalence=prevalence, page=html)

@@ -1,0 +1,238 @@
+"""Cross-validated training of the fusion MLP on a run's folds, resumable fold by fold.
+
+`train_fusion` reads the image embeddings of a run's rows from a feature store (checked by
+`fuse.stores`: every row has a vector made from its current image, and the store's embedding
+identity matches every other image-reading stage of the run) and, per fold of the run's
+`folds.csv`, fits the metadata encoder on the training part only and trains one MLP
+(`fuse.fusion.training`), plus, on the same folds, the image branch alone and a logistic
+regression (`fuse.fusion.baselines`).
+
+It writes `<run>/fusion/`: `fold{k}.pt` (state dicts), `encoder_fold{k}.json`, `config.json`,
+`store.json` (the store it read), `oof.csv` (id, fold, target, p; the run's row order),
+`metrics.json` (the out-of-fold figures, per fold and of the baselines) and, with baselines,
+`baselines_oof.csv`.
+
+A fold's model, encoder and validation predictions are on disk once `fold<k>.done.json` is: a
+rerun after an interruption (hours at ISIC 2024 scale) trains only the folds not done with the
+same code version, settings, data, folds and embeddings.
+
+Note: the validation part of each fold both stops training (and picks C) and gives the
+out-of-fold figure, so the figures carry a small optimistic bias; it is the same for all three
+models, so their comparison is fair.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from common.files import atomic_write_json
+from common.version import lesionfuse_version
+from embed.identity import IDENTITY_FIELDS
+from embed.pipeline import resolve_device
+from fuse.fusion.baselines import logistic_baseline
+from fuse.fusion.embeddings import Embeddings
+from fuse.fusion.training import cpu_state, finite_or_none, train_one
+from fuse.model import FusionConfig, FusionMLP, count_parameters, encode_meta
+from fuse.stores import check_same_embeddings, open_for_training, record_store
+from tabular.features import FeatureEncoder
+from tabular.layout import RunLayout
+from tabular.metrics import MetricWarning, pauc80, roc_auc, summarize
+from tabular.run import Run, open_run
+from tabular.spec import DatasetSpec, load_spec
+
+log = logging.getLogger(__name__)
+
+STAGE = "fusion"
+
+
+def train_fusion(
+    spec: DatasetSpec | Path | str,
+    run_dir: Path | str,
+    store_dir: Path | str,
+    config: FusionConfig | None = None,
+    baselines: bool = True,
+    n_folds: int = 5,
+    fold_seed: int = 42,
+) -> dict:
+    """Train the fusion MLP (and its baselines) on the run's folds; write `<run>/fusion/`.
+
+    Args:
+        spec: the data set's spec (or a path to one).
+        run_dir: the run folder; created with its folds when new, else its folds are reused
+            (`n_folds`/`fold_seed` only apply to a new run).
+        store_dir: the feature store holding every row's embedding (`invoke embed --spec S`).
+        config: model and training options (default `FusionConfig()`).
+        baselines: also train the logistic regression and image-only baselines.
+
+    Returns:
+        The content of `metrics.json`: `summarize()` of the out-of-fold predictions, plus
+        `folds` (per-fold figures), `baselines` (when asked) and `store`.
+
+    Raises:
+        DataError: invalid metadata, or a run that began with other metadata columns or spec.
+        StoreMismatchError: the store's embeddings differ from those another stage of this run
+            (or an earlier fusion stage) was trained on (names the field and the stage).
+        RunError: no store; the store lacks some of the run's ids (count, first few, and the
+            command that embeds them); some images changed since they were embedded.
+    """
+    config = config or FusionConfig()
+    if not isinstance(spec, DatasetSpec):
+        spec = load_spec(spec)
+    run = open_run(spec, run_dir, n_folds=n_folds, seed=fold_seed)
+    layout = RunLayout(run.dir)
+    ids = run.frame[spec.id].astype(str).tolist()
+    opened = open_for_training(spec, ids, store_dir, run=layout)
+    reference = opened.reference
+    check_same_embeddings(layout, reference, f"feature store {str(opened.store.path)!r}")
+    embeddings = Embeddings.from_store(opened.store, ids)
+    log.info(
+        "fusion: %d rows x %d view(s) x %d dims from %s; %d folds",
+        embeddings.n, embeddings.views, embeddings.dim, opened.store.path, run.n_folds,
+    )
+    metrics = _train_all(run, embeddings, reference, config, baselines)
+    record_store(layout, STAGE, reference)
+    return metrics
+
+
+def _train_all(run: Run, embeddings: Embeddings, identity: dict, config: FusionConfig,
+               baselines: bool) -> dict:
+    spec = run.spec
+    y = run.target
+    fold = run.fold
+    out = RunLayout(run.dir).make_stage(STAGE)
+    device = resolve_device(config.device)
+    oof = np.full(len(y), np.nan)
+    folds_info = []
+    oof_image = np.full(len(y), np.nan)
+    image_info = []
+    encoders = {}
+    data = _data_digest(run)
+    for k in range(run.n_folds):
+        train_rows = np.flatnonzero(fold != k)
+        valid_rows = np.flatnonzero(fold == k)
+        key = _fold_key(data, identity, config, baselines, k)
+        done = _finished_fold(out, k, key, len(valid_rows))
+        if done is None:
+            done = _train_fold(run, embeddings, config, baselines, device, k, train_rows, valid_rows)
+            _save_fold(out, k, key, done)
+        else:
+            log.info("fusion fold %d: trained before with these settings, data and store; kept "
+                     "(delete %s to train it again)", k, out / f"fold{k}.done.json")
+        encoders[k] = done["encoder"]
+        oof[valid_rows] = done["p_valid"]
+        folds_info.append(done["info"])
+        if baselines:
+            oof_image[valid_rows] = done["p_image"]
+            image_info.append(done["image_info"])
+
+    config_record = {
+        **config.to_dict(),
+        "n_image": embeddings.dim,
+        "views": embeddings.views,
+        "n_folds": run.n_folds,
+        "n_meta": {str(f["fold"]): f["n_meta"] for f in folds_info},
+        "parameters": count_parameters(FusionMLP(embeddings.dim, folds_info[0]["n_meta"], config)),
+    }
+    (out / "config.json").write_text(json.dumps(config_record, indent=2))
+    ids = run.frame[spec.id].astype(str).to_numpy()
+    pd.DataFrame({"id": ids, "fold": fold, "target": y, "p": oof}).to_csv(out / "oof.csv", index=False)
+
+    metrics = summarize(y, oof)
+    metrics["folds"] = folds_info
+    metrics["store"] = identity
+    if baselines:
+        p_logreg, logreg_info = logistic_baseline(run, embeddings, encoders, seed=config.seed)
+        metrics["baselines"] = {
+            "logreg": {**_figures(y, p_logreg), "folds": logreg_info},
+            "image_only": {**_figures(y, oof_image), "folds": image_info},
+        }
+        pd.DataFrame(
+            {"id": ids, "fold": fold, "target": y, "p_logreg": p_logreg, "p_image_only": oof_image}
+        ).to_csv(out / "baselines_oof.csv", index=False)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    line = f"fusion OOF: pauc80 {metrics['pauc80']:.4f}, ROC AUC {metrics['roc_auc']:.4f}"
+    if baselines:
+        for name, figures in metrics["baselines"].items():
+            line += f"; {name} pauc80 {figures['pauc80']:.4f}, ROC AUC {figures['roc_auc']:.4f}"
+    log.info(line)
+    return metrics
+
+
+def _train_fold(run: Run, embeddings: Embeddings, config: FusionConfig, baselines: bool,
+                device, k: int, train_rows: np.ndarray, valid_rows: np.ndarray) -> dict:
+    y = run.target
+    encoder = FeatureEncoder().fit(run.frame.iloc[train_rows], run.spec)
+    meta = encode_meta(encoder, run.frame)
+    model, p_valid, info = train_one(
+        embeddings, meta, y, train_rows, valid_rows, config, device, seed_key=(k, 0),
+        label=f"fusion fold {k}",
+    )
+    done = {"encoder": encoder, "model": cpu_state(model), "p_valid": p_valid,
+            "info": {"fold": k, "n_meta": int(meta.shape[1]), **info}}
+    if baselines:
+        _, p_image, info_image = train_one(
+            embeddings, None, y, train_rows, valid_rows, config, device, seed_key=(k, 1),
+            label=f"image-only fold {k}",
+        )
+        done.update(p_image=p_image, image_info={"fold": k, **info_image})
+    return done
+
+
+def _data_digest(run: Run) -> str:
+    """sha256 of the run's rows (every metadata value), labels and fold assignment."""
+    digest = hashlib.sha256()
+    digest.update(pd.util.hash_pandas_object(run.frame, index=False).to_numpy().tobytes())
+    digest.update(np.ascontiguousarray(run.target, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(run.fold, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def _fold_key(data: str, identity: dict, config: FusionConfig, baselines: bool, k: int) -> str:
+    """What fold k's result depends on: code version, settings, store, data and folds."""
+    payload = {"code": lesionfuse_version(), "config": config.to_dict(), "baselines": baselines, "fold": k,
+               "store": {f: identity.get(f) for f in IDENTITY_FIELDS}, "data": data}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _save_fold(out: Path, k: int, key: str, done: dict) -> None:
+    torch.save(done["model"], out / f"fold{k}.pt")
+    (out / f"encoder_fold{k}.json").write_text(json.dumps(done["encoder"].to_json(), indent=1))
+    record = {"key": key, "info": done["info"], "p_valid": np.asarray(done["p_valid"]).tolist()}
+    if "p_image" in done:
+        record.update(p_image=np.asarray(done["p_image"]).tolist(), image_info=done["image_info"])
+    # Written last and atomically: its presence means the fold's files above are complete.
+    atomic_write_json(out / f"fold{k}.done.json", record, indent=None)
+
+
+def _finished_fold(out: Path, k: int, key: str, n_valid: int) -> dict | None:
+    """Fold k's saved result when it was made with `key` and its files are all there, else None."""
+    path = out / f"fold{k}.done.json"
+    encoder_path = out / f"encoder_fold{k}.json"
+    if not (path.exists() and encoder_path.exists() and (out / f"fold{k}.pt").exists()):
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("key") != key or len(record.get("p_valid", ())) != n_valid:
+        return None
+    done = {"encoder": FeatureEncoder.from_json(json.loads(encoder_path.read_text())),
+            "p_valid": np.asarray(record["p_valid"], dtype=float), "info": record["info"]}
+    if "p_image" in record:
+        done.update(p_image=np.asarray(record["p_image"], dtype=float), image_info=record["image_info"])
+    return done
+
+
+def _figures(y: np.ndarray, p: np.ndarray) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MetricWarning)
+        return {"pauc80": finite_or_none(pauc80(y, p)), "roc_auc": finite_or_none(roc_auc(y, p))}
+

@@ -1,0 +1,138 @@
+"""A trained fusion stage, loaded once: `load(stage_dir).predict(frame, embeddings)`.
+
+The one reader of the files `fuse.fusion.cross_validation` writes (`config.json`, `store.json`,
+`fold{k}.pt` loaded with `weights_only=True`, `encoder_fold{k}.json`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from common.errors import preview
+from embed.errors import StoreMismatchError
+from embed.identity import IDENTITY_FIELDS, check_identity
+from fuse.errors import RunError
+from fuse.fusion.embeddings import Embeddings
+from fuse.fusion.training import predict_rows
+from fuse.model import FusionConfig, FusionMLP, encode_meta
+from tabular.features import FeatureEncoder
+from tabular.gbdt_model import Encode, positional
+from tabular.spec import DatasetSpec
+
+
+class FusionModel:
+    """The fold models of a `fusion/` folder with their metadata encoders.
+
+    Attributes: `store` (the record of the store the models were trained on), `dim` (embedding
+    width), `device` (where the MLPs run).
+    """
+
+    def __init__(self, record: dict, store: dict, folds: list[tuple[FusionMLP, FeatureEncoder]],
+                 device: torch.device | str = "cpu"):
+        self.record, self.store = record, store
+        self.dim = int(record["n_image"])
+        self.device = torch.device(device)
+        self.folds = [(model.to(self.device), encoder) for model, encoder in folds]
+
+    @property
+    def identity(self) -> dict:
+        """The embedding identity the models were trained on."""
+        return {key: self.store[key] for key in IDENTITY_FIELDS if key in self.store}
+
+    @property
+    def encoders(self) -> list[FeatureEncoder]:
+        return [encoder for _, encoder in self.folds]
+
+    @classmethod
+    def load(cls, stage_dir: Path | str, device: torch.device | str = "cpu") -> FusionModel:
+        """Read `config.json`, `store.json` and each fold's state dict and encoder.
+
+        Raises:
+            RunError: the folder holds no trained fusion models, or a file is missing.
+        """
+        stage_dir = Path(stage_dir)
+        config_path = stage_dir / "config.json"
+        if not config_path.exists():
+            raise RunError(
+                f"fusion: {stage_dir} holds no trained fusion models (no config.json); "
+                "train them with `invoke train-fusion --spec S --run R`"
+            )
+        record = json.loads(config_path.read_text())
+        store_path = stage_dir / "store.json"
+        if not store_path.exists():
+            raise RunError(f"fusion: {store_path} is missing; retrain with `invoke train-fusion`")
+        store = json.loads(store_path.read_text())
+        config = FusionConfig.from_dict({k: v for k, v in record.items() if k in FusionConfig.__dataclass_fields__})
+        folds = []
+        for k in range(int(record["n_folds"])):
+            state_path = stage_dir / f"fold{k}.pt"
+            encoder_path = stage_dir / f"encoder_fold{k}.json"
+            for path in (state_path, encoder_path):
+                if not path.exists():
+                    raise RunError(f"fusion: {path} is missing; retrain with `invoke train-fusion`")
+            encoder = FeatureEncoder.from_json(json.loads(encoder_path.read_text()))
+            model = FusionMLP(int(record["n_image"]), int(record["n_meta"][str(k)]), config)
+            model.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
+            model.eval()
+            folds.append((model, encoder))
+        return cls(record, store, folds, device)
+
+    def predict(self, frame: pd.DataFrame, embeddings: np.ndarray, *, identity: dict | None = None,
+                spec: DatasetSpec | None = None, encode: Encode | None = None,
+                batch_size: int = 4096) -> np.ndarray:
+        """Probabilities of malignancy: the mean over fold models and over views.
+
+        Args:
+            frame: metadata rows (the spec's feature columns; no target needed).
+            embeddings: shape (len(frame), views, dim), the rows' embeddings in frame order.
+            identity: the embeddings' identity, compared with the training store's (None: the
+                caller has checked it).
+            spec: names the id column in messages.
+            encode: shared encoding of `frame` (see `tabular.gbdt_model.Encode`).
+
+        Returns:
+            Shape (len(frame),) float64 in [0, 1].
+
+        Raises:
+            StoreMismatchError: `identity` differs from the training store's (names the field), or
+                the embeddings' width differs from the models'.
+            RunError: embeddings of the wrong shape or with non-finite values.
+        """
+        embeddings = np.asarray(embeddings)
+        if embeddings.ndim != 3 or embeddings.shape[0] != len(frame):
+            raise RunError(
+                f"embeddings: expected shape ({len(frame)}, views, {self.dim}), got {embeddings.shape}"
+            )
+        if embeddings.shape[2] != self.dim:
+            raise StoreMismatchError(
+                f"embeddings: field 'dim' differs: the model was trained on {self.dim}, "
+                f"got {embeddings.shape[2]}"
+            )
+        if identity is not None:
+            check_identity(identity, self.identity, "the embeddings given",
+                           "the fusion models were trained on",
+                           hint="embed with the same weights and settings, or train a new run")
+        bad = ~np.isfinite(embeddings).all(axis=(1, 2))
+        if bad.any():
+            ids = (frame[spec.id].astype(str).to_numpy()[bad] if spec is not None and spec.id in frame.columns
+                   else np.flatnonzero(bad))
+            raise RunError(f"embeddings: non-finite values in rows {preview(list(ids))}")
+        frame = positional(frame)
+        source = Embeddings.from_array(embeddings)
+        rows = np.arange(len(frame))
+        total = np.zeros(len(frame))
+        for model, encoder in self.folds:
+            features = encode(encoder, frame) if encode is not None else None
+            meta = torch.from_numpy(encode_meta(encoder, frame, features))
+            total += predict_rows(model, source, meta, rows, batch_size, self.device)
+        return total / len(self.folds)
+
+
+def load(stage_dir: Path | str, device: torch.device | str = "cpu") -> FusionModel:
+    """`FusionModel.load`: the stage's one entry for prediction."""
+    return FusionModel.load(stage_dir, device)

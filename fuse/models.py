@@ -1,0 +1,149 @@
+"""A trained run's models, loaded once through each stage's own `load`, predicting batch after batch.
+
+`RunModels.load(run_dir)` asks each stage for its model (`tabular.gbdt_model.load`,
+`fuse.fusion.load`, `fuse.stack.load_final`) and checks, before any image is embedded, that every
+stage that reads embeddings was trained on the same ones (`<stage>/store.json`): its `identity`
+is what new images must be embedded with. Nothing here reads a stage's files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from embed.errors import StoreMismatchError
+from fuse.errors import RunError
+from fuse.fusion import FusionModel
+from fuse.stack import FinalModel, load_final
+from fuse.stores import run_identity
+from tabular.errors import DataError
+from tabular.gbdt_model import GBDTModel, positional
+from tabular.layout import RunLayout
+from tabular.spec import spec_from_identity
+
+
+class EncodingCache:
+    """`encode(encoder, frame)` that encodes a frame once per distinct encoder.
+
+    The stages' encoders of one fold are usually equal (fitted on the same training part), so a
+    batch of rows is encoded once per fold instead of once per stage. Use one cache per batch.
+    """
+
+    def __init__(self):
+        self._keys: dict[int, str] = {}
+        self._features: dict[str, pd.DataFrame] = {}
+        # The batch itself is held, not its id: a freed frame's id can be reused by the next one.
+        self._frame: pd.DataFrame | None = None
+
+    def __call__(self, encoder, frame: pd.DataFrame) -> pd.DataFrame:
+        if frame is not self._frame:  # a new batch: forget the last one's features
+            self._frame, self._features = frame, {}
+        key = self._keys.get(id(encoder))
+        if key is None:
+            key = self._keys[id(encoder)] = json.dumps(encoder.to_json(), sort_keys=True)
+        if key not in self._features:
+            self._features[key] = encoder.transform(frame)
+        return self._features[key]
+
+
+class RunModels:
+    """The LightGBM stage, the fusion stage and the final model of one run."""
+
+    def __init__(self, run: RunLayout, gbdt: GBDTModel, fusion: FusionModel, final: FinalModel,
+                 identity: dict):
+        self.run, self.gbdt, self.fusion, self.final = run, gbdt, fusion, final
+        self.identity = identity
+        self.run_spec = spec_from_identity(run.read_record()["spec"])
+        self._encode = EncodingCache()
+
+    @property
+    def threshold(self) -> float:
+        return self.final.threshold
+
+    @classmethod
+    def load(cls, run_dir: Path | str, device="cpu") -> RunModels:
+        """Load every stage a run's final model needs.
+
+        Raises:
+            RunError: no run; a stage is missing (names the command that makes it); an image-reading
+                stage without its `store.json` (made by an older version: retrain it).
+            RunError: also when two stages were trained on different embeddings (names the field
+                and both stages).
+        """
+        run = RunLayout(Path(run_dir)).require()
+        final = load_final(run.dir)
+        gbdt_dir = run.stage("gbdt")
+        run.require_file("gbdt", "features.json")
+        try:
+            gbdt = GBDTModel.load(gbdt_dir)
+        except DataError as error:
+            raise RunError(f"run {run.dir}: {error}") from error
+        run.require_file("fusion", "config.json")
+        fusion = FusionModel.load(run.stage("fusion"), device)
+        records = run.read_store_records()
+        if gbdt.uses_images and "gbdt" not in records:
+            raise RunError(
+                f"run {run.dir}: stage 'gbdt' uses image features but does not record the feature "
+                f"store it was trained on ({run.store_record('gbdt')} is missing: made by an older "
+                "version); retrain it with `invoke train-gbdt --spec S --run R`"
+            )
+        try:
+            identity = run_identity(run)
+        except StoreMismatchError as error:
+            raise RunError(f"run {run.dir}: its stages disagree on the embeddings they need: {error}") from error
+        if identity is None:
+            raise RunError(f"run {run.dir}: no stage records the feature store it was trained on; "
+                           "retrain with `invoke train-fusion --spec S --run R`")
+        return cls(run, gbdt, fusion, final, identity)
+
+    def predict(self, frame: pd.DataFrame, block: np.ndarray, embedded: np.ndarray):
+        """(p_gbdt, p_fusion, probability) of `frame`'s rows, each shape (n,), NaN where unscored.
+
+        `block` (n, views, dim) holds zeros where `embedded` is False; those rows go through the
+        encoders with the others (per-patient features count every scored row of a patient) and
+        their image-model outputs are discarded.
+
+        Raises:
+            RunError: the rows cannot be encoded (e.g. a numeric column holds text).
+        """
+        try:
+            return self._predict(positional(frame), block, embedded)
+        except DataError as error:
+            raise RunError(f"run {self.run.dir}: cannot score these rows: {error}") from error
+
+    def reasons(self, frame: pd.DataFrame, block: np.ndarray, embedded: np.ndarray) -> list[str]:
+        """The LightGBM stage's largest metadata contributions per row (see `GBDTModel.reasons`);
+        "" for rows without an image when that stage needs one."""
+        frame = positional(frame)
+        extra = block.astype(np.float32).mean(axis=1) if self.gbdt.uses_images else None
+        try:
+            text = self.gbdt.reasons(frame, extra, encode=self._encode)
+        except DataError as error:
+            raise RunError(f"run {self.run.dir}: cannot explain these rows: {error}") from error
+        if self.gbdt.uses_images:
+            text = [t if done else "" for t, done in zip(text, embedded, strict=True)]
+        return text
+
+    def _predict(self, frame: pd.DataFrame, block: np.ndarray, embedded: np.ndarray):
+        p_fusion = self.fusion.predict(frame, block, encode=self._encode)
+        p_fusion[~embedded] = np.nan
+        extra = block.astype(np.float32).mean(axis=1) if self.gbdt.uses_images else None
+        p_gbdt = self.gbdt.predict(frame, extra, encode=self._encode)
+        if self.gbdt.uses_images:
+            p_gbdt[~embedded] = np.nan
+
+        probability = np.full(len(frame), np.nan)
+        if self.final.name == "stack":
+            if embedded.any():
+                # Rows without an image need a placeholder fusion feature; their output is dropped.
+                # A NaN p_gbdt (its stage needs the image too) is left to LightGBM as missing.
+                filled = np.where(embedded, p_fusion, np.nanmean(p_fusion))
+                score = self.final.model.predict(frame, p_gbdt, filled, self._encode)[embedded]
+                probability[embedded] = self.final.probability(score)
+        else:
+            rows = embedded & np.isfinite(p_gbdt)
+            probability[rows] = self.final.probability(self.final.model.predict(None, p_gbdt[rows], p_fusion[rows]))
+        return p_gbdt, p_fusion, probability

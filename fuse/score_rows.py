@@ -1,0 +1,123 @@
+"""The rows to score: the metadata file's rows (only the columns the run's models use), then the
+images that have no row.
+
+Train-only columns in the metadata file (the target, the diagnosis, ...) are dropped on reading:
+only the id, the patient key and the spec's feature columns ever reach a model.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.errors import preview
+from fuse.errors import RunError
+
+log = logging.getLogger(__name__)
+
+NO_METADATA = "no metadata row: scored with metadata treated as missing"
+
+
+def scoring_rows(metadata, spec, image_ids: list[str], images: Path) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The rows to score (metadata rows, then images without one) and the errors known so far."""
+    errors: dict[str, str] = {}
+    if metadata is None:
+        frame = pd.DataFrame({spec.id: image_ids})
+        errors.update(dict.fromkeys(image_ids, NO_METADATA))
+        log.warning("no metadata file: %d images scored with metadata treated as missing", len(image_ids))
+    else:
+        frame = read_scoring_metadata(Path(metadata), spec)
+        available = set(image_ids)
+        no_image = [i for i in frame[spec.id] if i not in available]
+        if no_image:
+            log.warning("%d metadata row(s) have no image in %s: %s", len(no_image), images, preview(no_image))
+            errors.update(dict.fromkeys(no_image, f"no image for this id in {images}"))
+        listed = set(frame[spec.id])
+        extra = [i for i in image_ids if i not in listed]
+        if extra:
+            log.warning("%d image(s) have no metadata row and are scored with metadata treated as "
+                        "missing: %s", len(extra), preview(extra))
+            frame = pd.concat([frame, pd.DataFrame({spec.id: extra})], ignore_index=True)
+            errors.update(dict.fromkeys(extra, NO_METADATA))
+    for column in _model_columns(spec):
+        if column not in frame.columns:
+            frame[column] = np.nan
+    for column in _text_columns(spec):
+        if column in frame.columns:
+            frame[column] = frame[column].astype(object)
+    return frame.reset_index(drop=True), errors
+
+
+def _model_columns(spec) -> list[str]:
+    columns = list(spec.feature_columns)
+    if spec.patient:
+        columns.append(spec.patient)
+    return columns
+
+
+def _text_columns(spec) -> list[str]:
+    columns = [spec.id, *spec.categorical]
+    if spec.patient:
+        columns.append(spec.patient)
+    return columns
+
+
+def read_scoring_metadata(path: Path, spec) -> pd.DataFrame:
+    """A metadata CSV for scoring: only the id, the patient key and the feature columns are kept.
+
+    Returns:
+        One row per id in file order; ids as text, categorical values as text or NaN, numeric
+        values as float.
+
+    Raises:
+        RunError: the file is missing; the id column, the patient column or a feature column is
+            missing; an id is empty or repeated; a numeric column holds text.
+    """
+    if not path.is_file():
+        raise RunError(f"metadata: no such file {path}")
+    try:
+        header = pd.read_csv(path, nrows=0)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise RunError(f"metadata {path}: not a readable CSV ({error})") from error
+    if spec.id not in header.columns:
+        raise RunError(
+            f"metadata {path}: the id column '{spec.id}' (the run's spec key 'id') is missing; "
+            f"columns are {preview(list(header.columns))}"
+        )
+    needed = _model_columns(spec)
+    missing = [c for c in needed if c not in header.columns]
+    if missing:
+        raise RunError(
+            f"metadata {path}: the run's feature column(s) {preview(missing)} are missing (empty "
+            "values are allowed, a missing column is not; omit --metadata to score images alone)"
+        )
+    ignored = [c for c in header.columns if c not in (spec.id, *needed)]
+    if ignored:
+        log.info("metadata: %d column(s) not used by the run's models are ignored: %s", len(ignored), preview(ignored))
+    text = [c for c in dict.fromkeys(_text_columns(spec)) if c in (spec.id, *needed)]
+    frame = pd.read_csv(path, usecols=[spec.id, *needed], dtype={c: "string" for c in text}, low_memory=False)
+    frame = frame[[spec.id, *dict.fromkeys(needed)]]
+    ids = frame[spec.id]
+    empty = ids.isna() | (ids.str.strip() == "")
+    if empty.any():
+        raise RunError(f"metadata {path}: column '{spec.id}' is empty in rows {preview((np.flatnonzero(empty) + 2).tolist())} (file lines)")
+    repeated = ids[ids.duplicated(keep=False)].unique().tolist()
+    if repeated:
+        raise RunError(f"metadata {path}: repeated ids in column '{spec.id}', {preview(repeated)}")
+    for column in spec.numeric:
+        if column not in frame.columns or pd.api.types.is_numeric_dtype(frame[column]):
+            continue
+        parsed = pd.to_numeric(frame[column], errors="coerce")
+        bad = frame[column].notna() & parsed.isna()
+        if bad.any():
+            raise RunError(
+                f"metadata {path}: numeric column '{column}' holds text, e.g. "
+                f"{frame.loc[bad, column].iloc[0]!r} (ids {preview(ids[bad].tolist())})"
+            )
+        frame[column] = parsed
+    for column in text:
+        frame[column] = frame[column].astype(object).where(frame[column].notna(), np.nan)
+    return frame

@@ -1,0 +1,224 @@
+"""A spec's feature store: where it lives, opening it for training, and recording which one a stage read.
+
+The spec (tabular) says which ids a data set has and where its images are; the store (embed)
+knows nothing of specs. This module joins the two for every stage that reads embeddings, so that
+each of them refuses the same things with the same words:
+
+- a row without a vector (never embedded, or unreadable: the message names `--retry-failed` and
+  writes the ids with their reasons to a file, so those rows can be left out);
+- a vector made from another version of its image (the image's size or modification time, or its
+  HDF5 bytes, changed since it was embedded: "stale vectors");
+- a store whose embedding identity differs from the one another stage of the same run was
+  trained on (`<stage>/store.json`), naming the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import preview
+from common.files import atomic_write_json
+from embed.errors import StoreMismatchError
+from embed.identity import IDENTITY_FIELDS, check_identity
+from embed.sources import open_source
+from embed.store import FeatureStore, store_name
+from embed.weights import WeightsInfo, ensure_weights
+from fuse.errors import RunError
+from fuse.paths import stores_root
+from tabular.layout import RunLayout
+from tabular.spec import DatasetSpec
+
+log = logging.getLogger(__name__)
+
+# Rows read from a store at once when a whole data set is averaged over views (bounded memory).
+READ_ROWS = 8192
+
+
+def store_path(spec: DatasetSpec, weights: WeightsInfo, image_size: int, views: int,
+               stores: Path | None = None) -> Path:
+    """Where the store for (data set, weights, image size, views) lives."""
+    return (stores or stores_root()) / store_name(spec.name, weights.sha256, image_size, views)
+
+
+def locate_store(spec: DatasetSpec, weights: WeightsInfo | None = None, stores: Path | None = None) -> Path:
+    """The spec's feature store for the current weights.
+
+    Prefers the plain 224 px single-view store when several exist; otherwise there must be exactly
+    one. Raises RunError naming the command that makes one, or the candidates to choose from.
+    """
+    weights = weights or ensure_weights()
+    root = stores or stores_root()
+    preferred = root / store_name(spec.name, weights.sha256, 224, 1)
+    # Same data set and weights, any image size or views; a store has at least one manifest
+    # (`manifest.json`, or the part manifests of a sharded build still in progress).
+    prefix = preferred.name.removesuffix("224px-1v")
+    candidates = sorted(p for p in root.glob(prefix + "*") if any(p.glob("manifest*.json")))
+    if not candidates:
+        raise RunError(
+            f"no feature store for data set '{spec.name}' with weights {weights.sha256[:12]} under {root}; "
+            f"make it with `invoke embed --spec {spec_argument(spec)}`"
+        )
+    if preferred in candidates:
+        return preferred
+    if len(candidates) > 1:
+        names = ", ".join(p.name for p in candidates)
+        raise RunError(f"several feature stores for '{spec.name}': {names}; choose one with --store")
+    return candidates[0]
+
+
+def spec_argument(spec: DatasetSpec) -> str:
+    """What to pass as `--spec` to mean this spec again."""
+    return str(spec.source or spec.root)
+
+
+@dataclass(frozen=True)
+class SpecStore:
+    """A store opened for a spec's rows: every row has a vector made from its current image."""
+
+    store: FeatureStore
+    ids: list[str]
+
+    @property
+    def reference(self) -> dict:
+        """What a stage records as the store it read (identity fields, folder, uid, rows)."""
+        return self.store.reference()
+
+    def mean_embeddings(self) -> np.ndarray:
+        """(n_rows, dim) float32: each row's embedding averaged over views, in the spec's row order."""
+        out = np.empty((len(self.ids), self.store.dim), dtype=np.float32)
+        for start in range(0, len(self.ids), READ_ROWS):
+            block = self.store.read(self.ids[start:start + READ_ROWS])
+            out[start:start + READ_ROWS] = block.astype(np.float32).mean(axis=1)
+        return out
+
+
+def open_for_training(spec: DatasetSpec, ids: list[str], store_dir: Path | str | None = None,
+                      run: RunLayout | None = None) -> SpecStore:
+    """Open the store holding `ids` (the spec's rows) and check that training may use it.
+
+    Args:
+        spec: the data set (its image source is checked for changed images).
+        ids: the rows' ids, in the order the stage will read them.
+        store_dir: the store folder (default: `locate_store(spec)`).
+        run: when given, unembedded ids are written to `<run>/unembedded-ids.csv`.
+
+    Raises:
+        RunError: no store there; ids without a vector (names how many, the first few, the reason
+            of the first, `--retry-failed`, and the file listing them all); ids whose image changed
+            since it was embedded (names them and the command that embeds them again).
+        StoreMismatchError: the store's manifests disagree.
+    """
+    store_dir = Path(store_dir) if store_dir is not None else locate_store(spec)
+    if not store_dir.is_dir():
+        raise RunError(f"store: no feature store at {store_dir}; make it with "
+                       f"`invoke embed --spec {spec_argument(spec)}`")
+    store = FeatureStore.open(store_dir)
+    _require_vectors(spec, ids, store, run)
+    _require_current(spec, ids, store)
+    return SpecStore(store=store, ids=list(ids))
+
+
+def _require_vectors(spec: DatasetSpec, ids: list[str], store: FeatureStore, run: RunLayout | None) -> None:
+    missing = store.missing(ids)
+    if not missing:
+        return
+    failures = store.failures
+    failed = [i for i in missing if i in failures]
+    listing = ""
+    if run is not None:
+        path = run.dir / "unembedded-ids.csv"
+        run.dir.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow([spec.id, "reason"])
+            writer.writerows((i, failures.get(i, "not embedded yet")) for i in missing)
+        listing = f" (all {len(missing)} are listed in {path})"
+    what = f"store {store.path} lacks {len(missing)} of the run's {len(ids)} ids ({preview(missing)})"
+    if failed:
+        raise RunError(
+            f"{what}; {len(failed)} of them could not be embedded, e.g. {failed[0]}: "
+            f"{failures[failed[0]]}{listing}; try them again with "
+            f"`invoke embed --spec {spec_argument(spec)} --retry-failed`; to train without them, "
+            f"remove their rows from {spec.metadata} (a new --run, since a run's rows are fixed)"
+        )
+    raise RunError(f"{what}; embed them with `invoke embed --spec {spec_argument(spec)}`{listing}")
+
+
+def _require_current(spec: DatasetSpec, ids: list[str], store: FeatureStore) -> None:
+    """Refuse vectors made from an earlier version of their image."""
+    if not spec.images:
+        return
+    if not Path(spec.images).exists():
+        # The vectors are what training needs; without the images there is nothing to compare.
+        log.warning("the spec's images (%s) are not there: the store's vectors are used without "
+                    "checking that they match the current images", spec.images)
+        return
+    changed = store.changed(open_source(spec.images), ids)
+    if changed:
+        raise RunError(
+            f"store {store.path}: {len(changed)} image(s) changed since they were embedded "
+            f"({preview(changed)}); embed them again with `invoke embed --spec {spec_argument(spec)}`"
+        )
+
+
+# ------------------------------------------------------------------ what each stage was trained on
+
+
+def record_store(run: RunLayout, stage: str, reference: dict | None) -> None:
+    """Write `<stage>/store.json` (the store a stage read), or remove it when the stage read none."""
+    path = run.store_record(stage)
+    if reference is None:
+        path.unlink(missing_ok=True)
+        return
+    run.make_stage(stage)
+    atomic_write_json(path, reference)
+
+
+def check_same_embeddings(run: RunLayout, identity: dict, what: str, *, skip: str | None = None) -> None:
+    """Refuse `identity` when a stage of `run` (other than `skip`) was trained on other embeddings.
+
+    `what` names the embeddings being checked in the message (e.g. "feature store '/s'").
+
+    Raises:
+        StoreMismatchError: names the field, the stage and both values.
+    """
+    for stage, record in run.read_store_records().items():
+        if stage == skip:
+            continue
+        check_identity(identity, _identity_of(record), what,
+                       f"stage '{stage}' of run {run.dir} was trained on",
+                       hint="use the store that stage was trained on (its store.json names it), "
+                            "or retrain that stage on this one")
+
+
+def run_identity(run: RunLayout) -> dict | None:
+    """The embedding identity every image-reading stage of `run` was trained on (None: none read images).
+
+    Raises:
+        StoreMismatchError: two stages were trained on different embeddings (names the field
+            and both stages): their models would need two embeddings of one image.
+    """
+    records = run.read_store_records()
+    if not records:
+        return None
+    (first_stage, first), *others = records.items()
+    for stage, record in others:
+        check_identity(_identity_of(record), _identity_of(first),
+                       f"stage '{stage}' of run {run.dir}", f"stage '{first_stage}' was trained on",
+                       hint="retrain one stage on the other's store (`--store`)")
+    return _identity_of(first)
+
+
+def _identity_of(record: dict) -> dict:
+    return {key: record[key] for key in IDENTITY_FIELDS if key in record}
+
+
+__all__ = [
+    "SpecStore", "StoreMismatchError", "check_same_embeddings", "locate_store", "open_for_training",
+    "record_store", "run_identity", "spec_argument", "store_path",
+]

@@ -1,0 +1,211 @@
+"""A trained LightGBM stage, loaded once: `load(stage_dir).predict(frame, extra)`.
+
+The one reader of the files `tabular.gbdt.save_ensemble` writes (`features.json`,
+`encoder.json`, `fold{k}_seed{s}.txt`, the PCA `.npy` files); scoring, stacking and reports go
+through it, so a change to the GBDT features is made in `tabular/` alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+
+from tabular.errors import DataError
+from tabular.features import FeatureEncoder
+from tabular.gbdt import EXTRA_PREFIX, FoldPCA, check_extra, with_extra
+from tabular.spec import DatasetSpec
+
+log = logging.getLogger(__name__)
+
+FEATURES_FILE = "features.json"
+ENCODER_FILE = "encoder.json"
+
+# `encode(encoder, frame)`: a caller's stand-in for `encoder.transform(frame)`, so that stages
+# whose fold encoders are equal encode a batch of rows once (see `fuse.models.EncodingCache`).
+Encode = Callable[[FeatureEncoder, pd.DataFrame], pd.DataFrame]
+
+
+def _transform(encoder: FeatureEncoder, frame: pd.DataFrame) -> pd.DataFrame:
+    return encoder.transform(frame)
+
+
+def positional(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with a 0..n-1 index: itself when it has one already, so that an `Encode` cache
+    keyed by the frame object still recognises it."""
+    index = frame.index
+    if isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1:
+        return frame
+    return frame.reset_index(drop=True)
+
+
+@dataclass
+class _Fold:
+    fold: int
+    encoder: FeatureEncoder
+    pca: FoldPCA | None
+    features: list[str]
+    boosters: list[lgb.Booster]
+
+
+class GBDTModel:
+    """Every fold x seed booster of a `gbdt/` folder, with each fold's encoder and PCA.
+
+    `extra_dim`: the width of the image embeddings the models use (None: metadata only).
+    """
+
+    def __init__(self, stage_dir: Path, folds: list[_Fold], extra_dim: int | None, dataset: str | None):
+        self.stage_dir = stage_dir
+        self.folds = folds
+        self.extra_dim = extra_dim
+        self.dataset = dataset
+
+    @property
+    def uses_images(self) -> bool:
+        return bool(self.extra_dim)
+
+    @property
+    def encoders(self) -> list[FeatureEncoder]:
+        return [f.encoder for f in self.folds]
+
+    @classmethod
+    def load(cls, stage_dir: Path | str) -> GBDTModel:
+        """Read a trained `gbdt/` folder.
+
+        Raises:
+            DataError: the folder holds no trained stage (names the command that makes one), or a
+                model file it lists is missing.
+        """
+        stage_dir = Path(stage_dir)
+        manifest_path = stage_dir / FEATURES_FILE
+        if not manifest_path.exists():
+            raise DataError(
+                f"gbdt: {stage_dir} holds no trained LightGBM stage (no {FEATURES_FILE}); "
+                "train one with `invoke train-gbdt --spec S --run R`"
+            )
+        manifest = json.loads(manifest_path.read_text())
+        encoders = json.loads((stage_dir / ENCODER_FILE).read_text())["folds"]
+        folds = []
+        for entry in manifest["folds"]:
+            paths = [stage_dir / name for name in entry["models"]]
+            absent = [str(p) for p in paths if not p.is_file()]
+            if absent:
+                raise DataError(f"gbdt: model file(s) {absent} missing; retrain with `invoke train-gbdt`")
+            folds.append(_Fold(
+                fold=int(entry["fold"]),
+                encoder=FeatureEncoder.from_json(encoders[str(entry["fold"])]),
+                pca=FoldPCA.load(stage_dir, entry["pca"]) if entry.get("pca") else None,
+                features=list(entry["features"]),
+                boosters=[lgb.Booster(model_file=str(p)) for p in paths],
+            ))
+        dataset = next(iter(encoders.values()), {}).get("dataset")
+        return cls(stage_dir, folds, manifest.get("extra_dim"), dataset)
+
+    def predict(self, frame: pd.DataFrame, extra: np.ndarray | None = None, *,
+                spec: DatasetSpec | None = None, encode: Encode | None = None) -> np.ndarray:
+        """Mean probability over every fold x seed model, shape (len(frame),) float64.
+
+        Each fold's models see that fold's encoding of `frame` (per-patient features computed
+        from `frame`'s rows only) and that fold's PCA of `extra`.
+
+        Args:
+            frame: metadata rows (a target column, if present, is ignored).
+            extra: (len(frame), d) image embeddings aligned with `frame`, required iff the models
+                use image features; rows of zeros may stand for missing images (their
+                predictions are then the caller's to discard).
+            spec: when given, a data set name other than the training one is logged.
+            encode: shared encoding (see `Encode`).
+
+        Raises:
+            DataError: `extra` missing, unexpected or of the wrong width; a feature column missing
+                or bad (see `FeatureEncoder.transform`); features that differ from training.
+        """
+        encode = encode or _transform
+        if spec is not None and self.dataset is not None and self.dataset != spec.name:
+            log.warning("gbdt: models were trained on data set %r, scoring rows of %r", self.dataset, spec.name)
+        extra = self._checked_extra(extra, len(frame))
+        frame = positional(frame)
+        total = np.zeros(len(frame))
+        count = 0
+        for fold in self.folds:
+            features = with_extra(encode(fold.encoder, frame), extra, fold.pca)
+            if list(features.columns) != fold.features:
+                raise DataError(
+                    f"gbdt: fold {fold.fold} features differ from {self.stage_dir / FEATURES_FILE}; "
+                    "retrain the stage with `invoke train-gbdt`"
+                )
+            for booster in fold.boosters:
+                total += booster.predict(features)
+                count += 1
+        return total / count
+
+    def reasons(self, frame: pd.DataFrame, extra: np.ndarray | None = None, *, top: int = 3,
+                encode: Encode | None = None) -> list[str]:
+        """The largest metadata contributions to each row's score, as text.
+
+        Contributions are LightGBM's own SHAP values (`pred_contrib=True`, in log-odds), averaged
+        over every fold x seed model; the image PCA features are left out (they are the image's
+        share, not a metadata reason). Only contributions that raise the score are named, largest
+        first, e.g. "age_approx = 71 (+0.80); anatom_site_general = back (+0.31)"; a row whose
+        metadata lowers its score gets "".
+
+        Args: as `predict`; `top` is the most reasons per row.
+        """
+        encode = encode or _transform
+        extra = self._checked_extra(extra, len(frame))
+        frame = positional(frame)
+        total: pd.DataFrame | None = None
+        count = 0
+        values = None
+        for fold in self.folds:
+            features = with_extra(encode(fold.encoder, frame), extra, fold.pca)
+            if values is None:
+                values = features
+            for booster in fold.boosters:
+                contrib = booster.predict(features, pred_contrib=True)[:, :-1]  # last: the bias
+                block = pd.DataFrame(contrib, columns=features.columns)
+                total = block if total is None else total.add(block, fill_value=0.0)
+                count += 1
+        mean = (total / count).drop(columns=[c for c in total.columns if c.startswith(EXTRA_PREFIX)])
+        return [_reason_text(mean.iloc[i], values.iloc[i], top) for i in range(len(frame))]
+
+    def _checked_extra(self, extra, n_rows: int) -> np.ndarray | None:
+        if self.extra_dim and extra is None:
+            raise DataError(
+                f"extra: the models in {self.stage_dir} use image features ({self.extra_dim}-dimensional "
+                "embeddings); pass extra with one row per frame row"
+            )
+        if extra is None:
+            return None
+        if not self.extra_dim:
+            raise DataError(f"extra: the models in {self.stage_dir} were trained without image features; "
+                            "pass extra=None")
+        extra = check_extra(extra, n_rows)
+        if extra.shape[1] != self.extra_dim:
+            raise DataError(f"extra: expected {self.extra_dim} columns (as in training), got {extra.shape[1]}")
+        return extra
+
+
+def _reason_text(contributions: pd.Series, values: pd.Series, top: int) -> str:
+    largest = contributions[contributions > 0].sort_values(ascending=False).head(top)
+    return "; ".join(f"{name} = {_shown(values.get(name))} ({value:+.2f})" for name, value in largest.items())
+
+
+def _shown(value) -> str:
+    """A feature value as a person reads it: integers without decimals, NaN as "missing"."""
+    if value is None or (np.isscalar(value) and pd.isna(value)):
+        return "missing"
+    if isinstance(value, float | np.floating):
+        return f"{value:.0f}" if float(value).is_integer() else f"{value:.3g}"
+    return str(value)
+
+
+def load(stage_dir: Path | str) -> GBDTModel:
+    """`GBDTModel.load`: the stage's one entry for prediction."""
+    return GBDTModel.load(stage_dir)
