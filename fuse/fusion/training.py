@@ -16,6 +16,7 @@ import warnings
 
 import numpy as np
 import torch
+from sklearn.metrics import log_loss
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -199,8 +200,7 @@ def stop_score(y: np.ndarray, p: np.ndarray) -> float:
         score = pauc80(y, p)
     if math.isfinite(score):
         return score
-    q = np.clip(p, 1e-7, 1 - 1e-7)
-    return -float(np.mean(-(y * np.log(q) + (1 - y) * np.log(1 - q))))
+    return -float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1]))
 
 
 @torch.inference_mode()
