@@ -177,10 +177,11 @@ def stack(c, run=None, sensitivity=0.95):
                       "moves `probability` to that prior",
         "html": "where to write the triage page (default: beside --out, e.g. preds.html)",
         "no_html": "write no triage page",
+        "overlays": "flagged lesions on the triage page that get a Grad-CAM saliency overlay (0 = none)",
     }
 )
 def score(c, run=None, images=None, out=None, metadata=None, format="csv", batch_size=None, device="auto",
-          weights=None, store=None, prevalence=None, html=None, no_html=False):
+          weights=None, store=None, prevalence=None, html=None, no_html=False, overlays=20):
     """Score a folder or HDF5 of new images with a trained run."""
     _require("score", run=run, images=images, out=out)
     _logging()
@@ -189,7 +190,7 @@ def score(c, run=None, images=None, out=None, metadata=None, format="csv", batch
     _run(score_images, run, images=images, metadata=metadata, out=out, output_format=format,
          batch_size=None if batch_size is None else int(batch_size), device=device, weights=weights,
          store=store, prevalence=None if prevalence is None else float(prevalence), html=html,
-         page=not no_html)
+         page=not no_html, overlays=int(overlays))
 
 
 @_task(help={

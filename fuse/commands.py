@@ -124,11 +124,13 @@ def stack_and_report(run, sensitivity: float = 0.95) -> Path:
 
 def score_images(run, images, out, metadata=None, output_format: str = "csv", batch_size: int | None = None,
                  device: str = "auto", weights: Path | str | None = None, store: Path | str | None = None,
-                 prevalence: float | None = None, html: Path | str | None = None, page: bool = True):
+                 prevalence: float | None = None, html: Path | str | None = None, page: bool = True,
+                 overlays: int = 20):
     """`invoke score`: score new images (and their metadata) with a trained run.
 
     The triage page goes to `html`, by default beside `out` (`preds.csv` -> `preds.html`);
-    `page=False` writes none.
+    `page=False` writes none. `overlays`: how many flagged lesions on it get a Grad-CAM saliency
+    overlay (0 = none).
     """
     from fuse.score import score
 
@@ -136,4 +138,4 @@ def score_images(run, images, out, metadata=None, output_format: str = "csv", ba
     html = (Path(html) if html else out.with_suffix(".html")) if page else None
     return score(run_dir(run), images=Path(images), metadata=Path(metadata) if metadata else None,
                  out=out, output_format=output_format, batch_size=batch_size, device=device,
-                 weights=weights, store=store, prevalence=prevalence, page=html)
+                 weights=weights, store=store, prevalence=prevalence, page=html, overlays=overlays)

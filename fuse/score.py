@@ -57,6 +57,7 @@ def score(
     prevalence: float | None = None,
     explain: bool = True,
     page: Path | str | None = None,
+    overlays: int = 20,
 ) -> pd.DataFrame:
     """Score the images in `images` (with their metadata rows) and write the predictions.
 
@@ -88,6 +89,9 @@ def score(
             from its SHAP values).
         page: also write the triage page (one self-contained HTML file) there: flagged lesions
             first, with thumbnails, scores and reasons. Checked like `out`.
+        overlays: with `page`, how many flagged lesions (highest probability first) get a Grad-CAM
+            saliency overlay of the fusion MLP on the page (`fuse.saliency`; a backward pass
+            each); 0 = none.
 
     Returns:
         The predictions in the "csv" layout, one row per input row: metadata rows in file order,
@@ -105,6 +109,8 @@ def score(
     started = time.perf_counter()
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise RunError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    if isinstance(overlays, bool) or not isinstance(overlays, int) or overlays < 0:
+        raise RunError(f"overlays: expected an integer >= 0, got {overlays!r}")
     inputs = {"--images": images, "--metadata": metadata, "--run": run_dir, "--store": store, "--weights": weights}
     out = check_out(out, output_format, inputs)
     if page is not None:
@@ -158,7 +164,16 @@ def score(
         result["prevalence"] = prevalence
     write_predictions(result, out, output_format, spec.id, threshold)
     if page is not None:
-        _write_page(result, page, models, frame, spec, source, out, threshold, prevalence)
+        pictures = {}
+        if overlays:
+            from fuse.saliency import saliency_overlays
+
+            flagged_rows = result[result["flagged"].fillna(False).to_numpy(dtype=bool)]
+            shown = flagged_rows.sort_values("probability", ascending=False, kind="stable")[spec.id]
+            if len(shown):
+                pictures = saliency_overlays(models, frame, shown.head(overlays).tolist(), source,
+                                             weights_info, device)
+        _write_page(result, page, models, frame, spec, source, out, threshold, prevalence, pictures)
     total = time.perf_counter() - started
     result.attrs.update({
         "seconds": total,
@@ -177,7 +192,8 @@ def score(
 
 
 def _write_page(result: pd.DataFrame, page: Path, models: RunModels, frame: pd.DataFrame, spec, source,
-                out: Path, threshold: float, prevalence: float | None) -> None:
+                out: Path, threshold: float, prevalence: float | None,
+                overlays: dict[str, bytes] | None = None) -> None:
     """The triage page of `result`: thumbnails read from the image source for the rows shown."""
     from fuse.triage import write_triage_page
 
@@ -190,7 +206,8 @@ def _write_page(result: pd.DataFrame, page: Path, models: RunModels, frame: pd.D
     patient = frame[spec.patient].reset_index(drop=True) if spec.patient and spec.patient in frame.columns else None
     page.parent.mkdir(parents=True, exist_ok=True)
     write_triage_page(result, page, id_column=spec.id, threshold=threshold, run_name=models.run.dir.name,
-                      thumbnail=thumbnail, patient=patient, csv_name=out.name, prevalence=prevalence)
+                      thumbnail=thumbnail, patient=patient, csv_name=out.name, prevalence=prevalence,
+                      overlays=overlays)
     log.info("triage page: %s", page)
 
 

@@ -1,0 +1,203 @@
+"""Grad-CAM saliency overlays: where in the image the fusion MLP's score looked.
+
+For each image asked: decode and preprocess it exactly as embedding does (the run's image size,
+view 0), run the frozen backbone to the output of its last convolutional block (`layer4`,
+shape (2048, h, w)) without autograd, then make that activation the one tensor that needs a
+gradient: average-pool it to the 2048-d embedding, run every fold's fusion MLP with the row's
+encoded metadata to its logit, average the logits over folds and take their gradient with
+respect to the activation (`torch.autograd.grad`, so no `.grad` is left on any parameter and the
+backbone's weights are never part of the graph). Each channel is weighted by its mean gradient,
+the weighted sum goes through a ReLU, is upsampled to the image, scaled to 0..1 and drawn with a
+colour map over the image.
+
+Because the backbone ends in a global average pool, the gradient of the embedding is the same at
+every position of a channel: the map is the class activation map (CAM) of the fusion MLP's
+linearisation at this image, at layer4's resolution (7 x 7 at 224 px), so it shows regions,
+not fine detail. The whole image was resized to a square without cropping, so the map covers the
+whole image and is stretched back to its aspect.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+# Longest side of an overlay, px (the triage page shows them at its thumbnail size).
+OVERLAY_PX = 192
+# How strongly the colour map covers the image: at heat 0 and at heat 1.
+ALPHA_RANGE = (0.15, 0.6)
+COLORMAP = "jet"
+BATCH = 16
+
+__all__ = ["OVERLAY_PX", "grad_cam", "saliency_overlays"]
+
+
+def saliency_overlays(models, frame: pd.DataFrame, ids: Sequence[str], source, weights,
+                      device: str | torch.device = "cpu", *, size: int = OVERLAY_PX,
+                      backbone: torch.nn.Module | None = None) -> dict[str, bytes]:
+    """Grad-CAM overlays (PNG bytes, longest side `size`) of the fusion MLP's score, by id.
+
+    Args:
+        models: the run's loaded models (`fuse.models.RunModels`): its fusion folds, spec and
+            embedding identity (image size) are used.
+        frame: the scored metadata rows (the run spec's id column and features). Each id's
+            metadata is encoded with the other rows of its patient, as scoring encodes it.
+        ids: the images to explain; only these are computed (a backward pass each).
+        source: the image source the ids are read from (`embed.sources.open_source`).
+        weights: the backbone's `embed.weights.WeightsInfo` (the run's weights).
+        device: where the backbone runs ("auto", "cpu", "cuda").
+        size: the overlays' longest side, px.
+        backbone: an already loaded `embed.backbone.load_backbone` model for `weights` (None:
+            loaded here).
+
+    Returns:
+        {id: PNG bytes} for every id whose image could be read and that has a row in `frame`;
+        an unreadable image or an id without a row gets no overlay (logged), never an error.
+    """
+    from embed.backbone import load_backbone
+    from embed.pipeline import EmbedConfig, resize_uint8, resolve_device
+    from embed.sources import decode_image, safe_reason
+
+    ids = list(dict.fromkeys(str(i) for i in ids))
+    if not ids:
+        return {}
+    spec = models.run_spec
+    image_size = int(models.identity["image_size"])
+    max_pixels = EmbedConfig().max_pixels
+    keys = frame[spec.id].astype(str)
+    positions = pd.Series(np.arange(len(frame)), index=keys.to_numpy())
+    positions = positions[~positions.index.duplicated()]
+
+    pictures: list[Image.Image] = []
+    arrays: list[np.ndarray] = []
+    rows: list[int] = []
+    done_ids: list[str] = []
+    for image_id in ids:
+        if image_id not in positions.index:
+            log.warning("saliency %s: no metadata row among the scored rows; no overlay", image_id)
+            continue
+        try:
+            data = source.read_bytes(image_id)
+            image = decode_image(data, image_id, max_pixels, draft_size=image_size)
+            model_input = resize_uint8(image, image_size)
+            if image_size < size:  # the model's draft may be smaller than the overlay
+                image = decode_image(data, image_id, max_pixels, draft_size=size)
+        except Exception as error:  # noqa: BLE001 - one unreadable image loses its overlay only
+            log.warning("saliency %s: image unreadable, no overlay: %s", image_id, safe_reason(error))
+            continue
+        image = image.copy()
+        image.thumbnail((size, size), Image.Resampling.LANCZOS)
+        pictures.append(image)
+        arrays.append(model_input)
+        rows.append(int(positions[image_id]))
+        done_ids.append(image_id)
+    if not done_ids:
+        return {}
+
+    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    if backbone is None:
+        backbone = load_backbone(weights, device)
+    meta = _encoded_meta(models, frame, rows)
+
+    out: dict[str, bytes] = {}
+    for start in range(0, len(done_ids), BATCH):
+        part = slice(start, start + BATCH)
+        batch = torch.from_numpy(np.stack(arrays[part]))
+        maps = grad_cam(backbone, models.fusion.folds, batch, [m[part] for m in meta], device)
+        for image_id, picture, cam in zip(done_ids[part], pictures[part], maps, strict=True):
+            out[image_id] = _overlay_png(picture, cam)
+    log.info("saliency: %d overlay(s) of %d asked", len(out), len(ids))
+    return out
+
+
+def grad_cam(backbone: torch.nn.Module, folds, batch: torch.Tensor, meta: Sequence[np.ndarray | None],
+             device: str | torch.device = "cpu") -> np.ndarray:
+    """Grad-CAM maps of the fold-averaged fusion logit at the backbone's layer4.
+
+    Args:
+        backbone: the frozen torchvision ResNet-50 (`embed.backbone.load_backbone`).
+        folds: [(FusionMLP, encoder)] (`FusionModel.folds`); the MLPs stay where they are.
+        batch: uint8 (n, S, S, 3), as `embed.pipeline.resize_uint8` makes it.
+        meta: per fold, the rows' metadata input (n, n_meta) float32, or None for an image-only MLP.
+        device: where the backbone runs.
+
+    Returns:
+        float32 (n, h, w) in 0..1 (layer4's grid; all zeros where no position raises the logit).
+    """
+    from embed.pipeline import normalize_batch
+
+    x = normalize_batch(batch, device)
+    with torch.no_grad():
+        activation = _layer4(backbone, x).float()
+    activation.requires_grad_(True)
+    embedding = activation.mean(dim=(2, 3))  # the backbone's global average pool
+    logits = []
+    for (model, _), rows in zip(folds, meta, strict=True):
+        model.eval()
+        target = next(model.parameters()).device
+        inputs = None if model.image_only or rows is None else torch.as_tensor(rows, device=target)
+        logits.append(model(embedding.to(target), inputs).to(activation.device))
+    logit = torch.stack(logits).mean(dim=0)
+    # Rows are independent (eval mode), so the gradient of the sum is each row's own gradient.
+    (gradient,) = torch.autograd.grad(logit.sum(), activation)
+    weights = gradient.mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((weights * activation.detach()).sum(dim=1))
+    cam = cam - cam.amin(dim=(1, 2), keepdim=True)
+    peak = cam.amax(dim=(1, 2), keepdim=True)
+    cam = torch.where(peak > 0, cam / peak.clamp_min(1e-12), torch.zeros_like(cam))
+    return cam.cpu().numpy().astype(np.float32)
+
+
+def _layer4(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """torchvision ResNet's forward up to and including layer4: (n, 2048, h, w)."""
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    return model.layer4(model.layer3(model.layer2(model.layer1(x))))
+
+
+def _encoded_meta(models, frame: pd.DataFrame, rows: list[int]) -> list[np.ndarray | None]:
+    """Per fold, the metadata input of `frame`'s `rows`, encoded with their patients' other rows
+    (per-patient features come from the scored rows of the patient, as in scoring)."""
+    from fuse.model import encode_meta
+    from tabular.gbdt_model import positional
+
+    spec = models.run_spec
+    frame = positional(frame)
+    if spec.patient and spec.patient in frame.columns:
+        patients = frame[spec.patient]
+        wanted = patients.iloc[rows].dropna().unique()
+        keep = np.flatnonzero(patients.isin(wanted).to_numpy())
+        keep = np.union1d(keep, rows)
+    else:
+        keep = np.unique(rows)
+    subset = frame.iloc[keep].reset_index(drop=True)
+    where = np.searchsorted(keep, rows)
+    out: list[np.ndarray | None] = []
+    for model, encoder in models.fusion.folds:
+        out.append(None if model.image_only else encode_meta(encoder, subset)[where])
+    return out
+
+
+def _overlay_png(image: Image.Image, cam: np.ndarray) -> bytes:
+    """`cam` (h, w in 0..1) upsampled to `image` and drawn over it with `COLORMAP`, as PNG."""
+    import matplotlib
+
+    width, height = image.size
+    heat = torch.nn.functional.interpolate(torch.from_numpy(cam)[None, None], size=(height, width),
+                                           mode="bilinear", align_corners=False)[0, 0]
+    heat = heat.clamp(0, 1).numpy()
+    colour = matplotlib.colormaps[COLORMAP](heat)[..., :3]
+    low, high = ALPHA_RANGE
+    alpha = (low + (high - low) * heat)[..., None]
+    base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    blended = np.clip((1 - alpha) * base + alpha * colour, 0, 1)
+    buffer = io.BytesIO()
+    Image.fromarray((blended * 255 + 0.5).astype(np.uint8)).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
