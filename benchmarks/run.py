@@ -7,7 +7,8 @@ Parts (each measured by its own module, in this one run, on this machine):
   LightGBM on the raw columns (`benchmarks.gbdt`), at several row counts to show cost growth;
 - fusion: one MLP epoch beside a linear model's pass over the same store (`benchmarks.fusion`), at
   the same row counts;
-- scoring: a folder of images end to end beside the embedding pipeline alone
+- scoring: a folder of images end to end beside the embedding pipeline alone, and scoring with
+  the reasons, the triage page and its saliency overlays beside scoring without them
   (`benchmarks.scoring`), on the demo run (made first if absent).
 
 Writes `artifacts/bench/bench.json` (`bench-quick.json` with `quick`) and prints a table.
@@ -238,6 +239,9 @@ def format_table(result: dict) -> str:
     if s:
         rows.append((f"score images/s ({s['n_images']} images) vs embedding alone", f"{s['score_images_per_s']:.1f}",
                      f"{s['embed_only_images_per_s']:.1f}", f"{s['ratio']:.2f}", f">= {SCORE_TARGET_RATIO}"))
+        if "explained_s" in s:
+            rows.append((f"score s with reasons + triage page + {s['overlays']} overlays vs without",
+                         f"{s['explained_s']:.1f}", f"{s['score_s']:.1f}", f"{s['explained_over_plain']:.2f}", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     m = result["machine"]
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}, torch {m['torch']}"]

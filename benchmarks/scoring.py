@@ -1,4 +1,5 @@
-"""How fast scoring is end to end, beside the embedding pipeline alone on the same images.
+"""How fast scoring is end to end, beside the embedding pipeline alone on the same images, and
+what the reasons and the triage page add to it.
 
 `bench_scoring` writes a folder of `n_images` JPEGs (the run's own training images, cycled under new
 ids) with a metadata CSV (their rows, target dropped), then times, in the same process and run:
@@ -6,13 +7,18 @@ ids) with a metadata CSV (their rows, target dropped), then times, in the same p
 1. the baseline, the embedding pipeline alone: weights check (`ensure_weights`), backbone load and
    `embed.pipeline.embed_ids` over the folder with the run's image size and views, vectors kept
    in memory (what `invoke embed` does, less writing a store);
-2. `fuse.score.score` on the same folder and CSV, end to end: the same, plus reading the
-   metadata, loading every stage's fold models, metadata features, predictions, the final model
-   and writing the CSV.
+2. `fuse.score.score` on the same folder and CSV, end to end, without explanations
+   (`explain=False`, no page): the same, plus reading the metadata, loading every stage's fold
+   models, metadata features, predictions, the final model and writing the CSV;
+3. `fuse.score.score` as `invoke score` runs it by default: 2. plus the `reasons` column
+   (LightGBM's SHAP values, every row), the triage page (thumbnails of the rows shown) and a
+   Grad-CAM saliency overlay for up to `overlays` flagged lesions (a backbone pass and a backward
+   pass through the fusion MLPs each, `fuse.saliency`).
 
-Both run once untimed first (page cache, CUDA context, kernel choice), then `repeats` times each,
-alternating; the fastest of each counts. The ratio of their rates says what scoring costs beyond
-embedding; the target is >= 0.8.
+The embedding baseline runs once untimed first (page cache, CUDA context, kernel choice), then
+the three run `repeats` times each, in turn; the fastest of each counts. The ratio of 2.'s rate to
+1.'s says what scoring costs beyond embedding (the target is >= 0.8); the ratio of 3.'s time to
+2.'s says what the reasons, the page and its overlays cost.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from tabular.spec import DatasetSpec, spec_from_identity
 log = logging.getLogger(__name__)
 
 TARGET_RATIO = 0.8
+# Flagged lesions given a saliency overlay in the explained run (`invoke score`'s default).
+OVERLAYS = 20
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -49,6 +57,7 @@ def bench_scoring(
     num_workers: int | None = None,
     workdir: Path | str | None = None,
     repeats: int = 1,
+    overlays: int = OVERLAYS,
 ) -> dict:
     """Images/s of `score` end to end and of the embedding pipeline alone, on the same images.
 
@@ -58,11 +67,15 @@ def bench_scoring(
         weights, batch_size, device, num_workers: as in `fuse.score.score`.
         workdir: where the folder and outputs go (default: a temporary folder, removed after).
         repeats: timed runs of each side (the fastest counts), >= 1.
+        overlays: flagged lesions given a saliency overlay in the explained run, >= 0.
 
     Returns:
         dict: n_images, device, image_size, views, batch_size, embed_only_s,
-        embed_only_images_per_s, score_s, score_images_per_s, ratio (score rate / embedding
-        rate), target_ratio, meets_target, final model, repeats, rows_with_error.
+        embed_only_images_per_s, score_s, score_images_per_s (scoring without reasons or page),
+        ratio (score rate / embedding rate), target_ratio, meets_target, explained_s,
+        explained_images_per_s (with reasons, triage page and overlays), explained_over_plain
+        (explained time / plain scoring time), overlays_asked, overlays (drawn on the page),
+        flagged, final model, repeats, rows_with_error.
 
     Raises:
         RunError: as `score`; no run at `run_dir`; the run's spec has no images, or no stage of
@@ -81,6 +94,8 @@ def bench_scoring(
         raise RunError(f"n_images: expected a positive integer, got {n_images!r}")
     if not isinstance(repeats, int) or repeats < 1:
         raise RunError(f"repeats: expected a positive integer, got {repeats!r}")
+    if isinstance(overlays, bool) or not isinstance(overlays, int) or overlays < 0:
+        raise RunError(f"overlays: expected an integer >= 0, got {overlays!r}")
     run = RunLayout(Path(run_dir)).require()
     spec = spec_from_identity(run.read_record()["spec"])
     if spec.images is None or not Path(spec.images).exists():
@@ -119,20 +134,25 @@ def bench_scoring(
             synchronize(resolved)
             return time.perf_counter() - start, count
 
-        def scoring() -> tuple[float, pd.DataFrame]:
+        def scoring(explained: bool) -> tuple[float, pd.DataFrame]:
+            extra = ({"explain": True, "page": workdir / "triage.html", "overlays": overlays} if explained
+                     else {"explain": False, "page": None})
             start = time.perf_counter()
             result = score(run.dir, folder, metadata, workdir / "predictions.csv", batch_size=batch_size,
-                           device=device, weights=weights, num_workers=num_workers, progress=False)
+                           device=device, weights=weights, num_workers=num_workers, progress=False, **extra)
             synchronize(resolved)
             return time.perf_counter() - start, result
 
         embedding_alone(ids[: min(len(ids), 2 * config.batch_size)])  # warm-up, untimed
-        embed_s = score_s = float("inf")
+        embed_s = score_s = explained_s = float("inf")
         for _ in range(repeats):
             seconds, embedded = embedding_alone(ids)
             embed_s = min(embed_s, seconds)
-            seconds, result = scoring()
+            seconds, result = scoring(explained=False)
             score_s = min(score_s, seconds)
+            seconds, explained = scoring(explained=True)
+            explained_s = min(explained_s, seconds)
+        drawn = (workdir / "triage.html").read_text().count('alt="saliency of ')
     finally:
         if own:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -154,6 +174,12 @@ def bench_scoring(
         "ratio": round(score_rate / embed_rate, 3),
         "target_ratio": TARGET_RATIO,
         "meets_target": score_rate / embed_rate >= TARGET_RATIO,
+        "explained_s": round(explained_s, 3),
+        "explained_images_per_s": round(n_images / explained_s, 2),
+        "explained_over_plain": round(explained_s / score_s, 3),
+        "overlays_asked": overlays,
+        "overlays": drawn,
+        "flagged": int(explained["flagged"].fillna(False).sum()),
         "final": result.attrs.get("final"),
         "rows_with_error": int((result["error"] != "").sum()),
     }

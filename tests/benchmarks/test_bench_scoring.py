@@ -1,4 +1,5 @@
-"""The scoring part: scoring a folder end to end beside the embedding pipeline alone.
+"""The scoring part: scoring a folder end to end beside the embedding pipeline alone, and with
+reasons, triage page and saliency overlays beside scoring without them.
 
 One module-scoped run on a synthetic ISIC 2024-layout data set, with a random-initialised
 ResNet-50 at 32 px, one LightGBM seed, two fusion epochs and a small stack: about half a minute.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from benchmarks.common import machine
+from benchmarks.run import format_table
 from benchmarks.scoring import bench_scoring
 from fuse.errors import RunError
 
@@ -57,6 +60,33 @@ def test_bench_scoring_reports_both_rates(tiny, tmp_path):
     assert figures["ratio"] == pytest.approx(figures["score_images_per_s"] / figures["embed_only_images_per_s"], rel=1e-2)
     assert figures["rows_with_error"] == 0
     assert len(pd.read_csv(tmp_path / "predictions.csv")) == 8
+    # with reasons, the triage page and overlays, beside the same scoring without them
+    assert figures["explained_s"] > 0 and figures["score_s"] > 0
+    assert figures["explained_over_plain"] == pytest.approx(figures["explained_s"] / figures["score_s"], rel=1e-2)
+    assert figures["explained_images_per_s"] == pytest.approx(8 / figures["explained_s"], rel=1e-2)
+    assert figures["overlays_asked"] == 20
+    assert figures["overlays"] == min(20, figures["flagged"]) and figures["flagged"] >= 1
+    page = (tmp_path / "triage.html").read_text()
+    assert page.count('alt="saliency of ') == figures["overlays"]
+    assert "reasons" in pd.read_csv(tmp_path / "predictions.csv").columns
+
+
+def test_bench_scoring_without_overlays(tiny, tmp_path):
+    figures = bench_scoring(tiny["run"], n_images=4, weights=tiny["weights"], device="cpu",
+                            num_workers=0, workdir=tmp_path, overlays=0)
+    assert figures["overlays_asked"] == 0 and figures["overlays"] == 0
+    assert "saliency" not in (tmp_path / "triage.html").read_text().lower()
+
+
+def test_table_row_of_the_explained_scoring():
+    scoring = {"n_images": 200, "score_images_per_s": 50.0, "embed_only_images_per_s": 55.0, "ratio": 0.91,
+               "score_s": 4.0, "explained_s": 5.2, "explained_over_plain": 1.3, "overlays": 20}
+    table = format_table({"machine": machine(), "parts": {"scoring": scoring}})
+    label = "score s with reasons + triage page + 20 overlays vs without"
+    (line,) = [x for x in table.splitlines() if x.startswith(label)]
+    assert line[len(label):].split() == ["5.2", "4.0", "1.30"]
+    older = {k: v for k, v in scoring.items() if k not in ("score_s", "explained_s", "explained_over_plain")}
+    assert "triage page" not in format_table({"machine": machine(), "parts": {"scoring": older}})
 
 
 def test_bench_scoring_refuses_bad_counts_and_a_missing_run(tiny, tmp_path):
@@ -64,5 +94,7 @@ def test_bench_scoring_refuses_bad_counts_and_a_missing_run(tiny, tmp_path):
         bench_scoring(tiny["run"], n_images=0)
     with pytest.raises(RunError, match=r"repeats: expected a positive integer, got 0"):
         bench_scoring(tiny["run"], n_images=1, repeats=0)
+    with pytest.raises(RunError, match=r"overlays: expected an integer >= 0, got -1"):
+        bench_scoring(tiny["run"], n_images=1, overlays=-1)
     with pytest.raises(RunError, match=r"not found \(no run.json\)"):
         bench_scoring(tmp_path / "nowhere", n_images=1)
