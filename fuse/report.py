@@ -27,7 +27,7 @@ from fuse import html
 from fuse.errors import RunError
 from tabular.folds import read_folds
 from tabular.layout import RunLayout
-from tabular.metrics import MetricWarning, summarize
+from tabular.metrics import MetricWarning, calibration, summarize
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,14 @@ DESCRIPTIONS = {
 # oof.csv), shown as the model "calibrated"; absent for runs stacked before calibration.
 CALIBRATED_OOF = "final_oof.csv"
 # (key in metrics.json, column heading, format)
+# Models whose output is a rank, not a probability (no Brier score or ECE for them).
+RANK_SCORES = ("blend",)
 COLUMNS = (
     ("pauc80", "pAUC80", ".4f"),
     ("roc_auc", "ROC AUC", ".4f"),
     ("pr_auc", "PR AUC", ".4f"),
+    ("brier", "Brier", ".4f"),
+    ("ece", "ECE", ".4f"),
     ("threshold", "threshold", ".6g"),
     ("accuracy", "accuracy", ".4f"),
     ("precision", "precision", ".4f"),
@@ -106,7 +110,12 @@ def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MetricWarning)
         for name, p in predictions.items():
-            figures[name] = summarize(y, p, sensitivity=sensitivity)
+            # The calibrated final model is shown at the threshold scoring applies (final.json).
+            threshold = final["threshold"] if name == "calibrated" and final else None
+            figures[name] = summarize(y, p, threshold=threshold, sensitivity=sensitivity)
+            # Brier and ECE only mean something for a score that claims to be a probability:
+            # the blend is a rank.
+            figures[name].update(calibration(y, p) if name not in RANK_SCORES else {"brier": None, "ece": None})
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     if "calibrated" in predictions:
@@ -128,7 +137,8 @@ def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
         "sensitivity": sensitivity,
         "final": final["final"] if final else None,
         # the threshold scoring applies: on the calibrated probability where there is one
-        "final_threshold": figures[shown]["threshold"] if final and final["final"] in figures else None,
+        "final_threshold": (final["threshold"] if "calibrated" in figures else figures[shown]["threshold"])
+        if final and final["final"] in figures else None,
         "final_method": final.get("calibration", {}).get("method") if final else None,
         "models": figures,
         "plots": {key: name for key, name in plots.items()},

@@ -428,17 +428,20 @@ def stack(run_dir: Path | str, sensitivity: float = 0.95, config: StackConfig | 
     calibrator, p_calibrated, calibration_figures = choose_calibrator(
         y, p_stack if final == "stack" else p_blend, folds)
     layout.write_oof("stack", ids, folds, y, p_calibrated, name=CALIBRATED_OOF)
-    calibrated = evaluate(y, p_calibrated, folds, sensitivity)
+    # The threshold chosen on the final score, carried through the (monotone) calibrator: the
+    # lesions at or above it are the same ones, now compared on the probability scale.
+    score_threshold = figures[final]["threshold"]
     record = {
         "final": final,
-        "threshold": calibrated["threshold"],
+        "threshold": float(calibrator(np.array([score_threshold]))[0]),
+        "score_threshold": score_threshold,
         "sensitivity": sensitivity,
         "pauc80": {name: figures[name]["pauc80"] for name in ("stack", "blend")},
         "calibration": {**calibrator.to_json(), "out_of_fold": calibration_figures},
         "note": "final = the candidate with the higher out-of-fold pAUC80; its score is calibrated "
                 "(the method with the lower out-of-fold Brier score, fitted on all out-of-fold "
-                "scores); threshold chosen on the calibrated out-of-fold probabilities for the "
-                "target sensitivity",
+                "scores); score_threshold is chosen on its out-of-fold scores for the target "
+                "sensitivity, threshold is the same point on the probability scale",
         "made_from": made_from,
     }
     atomic_write_json(layout.final, record)
