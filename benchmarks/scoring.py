@@ -65,7 +65,9 @@ def bench_scoring(
         run_dir: a run ready to score (`invoke stack` done) whose spec has images.
         n_images: images in the benchmark folder (the run's images, cycled), >= 1.
         weights, batch_size, device, num_workers: as in `fuse.score.score`.
-        workdir: where the folder and outputs go (default: a temporary folder, removed after).
+        workdir: where the folder and outputs go (default: a temporary folder, removed after):
+            `predictions.csv` of the plain run, `predictions-explained.csv` and `triage.html` of
+            the explained one.
         repeats: timed runs of each side (the fastest counts), >= 1.
         overlays: flagged lesions given a saliency overlay in the explained run, >= 0.
 
@@ -137,8 +139,9 @@ def bench_scoring(
         def scoring(explained: bool) -> tuple[float, pd.DataFrame]:
             extra = ({"explain": True, "page": workdir / "triage.html", "overlays": overlays} if explained
                      else {"explain": False, "page": None})
+            out = workdir / ("predictions-explained.csv" if explained else "predictions.csv")
             start = time.perf_counter()
-            result = score(run.dir, folder, metadata, workdir / "predictions.csv", batch_size=batch_size,
+            result = score(run.dir, folder, metadata, out, batch_size=batch_size,
                            device=device, weights=weights, num_workers=num_workers, progress=False, **extra)
             synchronize(resolved)
             return time.perf_counter() - start, result

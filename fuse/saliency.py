@@ -8,7 +8,9 @@ encoded metadata to its logit, average the logits over folds and take their grad
 respect to the activation (`torch.autograd.grad`, so no `.grad` is left on any parameter and the
 backbone's weights are never part of the graph). Each channel is weighted by its mean gradient,
 the weighted sum goes through a ReLU, is upsampled to the image, scaled to 0..1 and drawn with a
-colour map over the image.
+colour map over the image. Everything runs in float32: on 20 HAM10000 images, bf16 autocast of the
+backbone moved the 0..1 maps by up to 0.12 and saved 7% of the time on a CPU. A map with no
+position that raises the score is all zeros and leaves the image untinted.
 
 Because the backbone ends in a global average pool, the gradient of the embedding is the same at
 every position of a channel: the map is the class activation map (CAM) of the fusion MLP's
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,8 +35,9 @@ log = logging.getLogger(__name__)
 
 # Longest side of an overlay, px (the triage page shows them at its thumbnail size).
 OVERLAY_PX = 192
-# How strongly the colour map covers the image: at heat 0 and at heat 1.
-ALPHA_RANGE = (0.15, 0.6)
+# How strongly the colour map covers the image at heat 0 and at heat 1: where the score did not
+# look, the lesion shows through untinted (a floor above 0 washed every image blue-purple).
+ALPHA_RANGE = (0.0, 0.6)
 COLORMAP = "jet"
 BATCH = 16
 
@@ -107,6 +111,7 @@ def saliency_overlays(models, frame: pd.DataFrame, ids: Sequence[str], source, w
         backbone = load_backbone(weights, device)
     meta = _encoded_meta(models, frame, rows)
 
+    started = time.perf_counter()
     out: dict[str, bytes] = {}
     for start in range(0, len(done_ids), BATCH):
         part = slice(start, start + BATCH)
@@ -114,7 +119,7 @@ def saliency_overlays(models, frame: pd.DataFrame, ids: Sequence[str], source, w
         maps = grad_cam(backbone, models.fusion.folds, batch, [m[part] for m in meta], device)
         for image_id, picture, cam in zip(done_ids[part], pictures[part], maps, strict=True):
             out[image_id] = _overlay_png(picture, cam)
-    log.info("saliency: %d overlay(s) of %d asked", len(out), len(ids))
+    log.info("saliency: %d overlay(s) of %d asked in %.1f s", len(out), len(ids), time.perf_counter() - started)
     return out
 
 

@@ -68,7 +68,8 @@ def test_bench_scoring_reports_both_rates(tiny, tmp_path):
     assert figures["overlays"] == min(20, figures["flagged"]) and figures["flagged"] >= 1
     page = (tmp_path / "triage.html").read_text()
     assert page.count('alt="saliency of ') == figures["overlays"]
-    assert "reasons" in pd.read_csv(tmp_path / "predictions.csv").columns
+    assert "reasons" not in pd.read_csv(tmp_path / "predictions.csv").columns
+    assert "reasons" in pd.read_csv(tmp_path / "predictions-explained.csv").columns
 
 
 def test_bench_scoring_without_overlays(tiny, tmp_path):
