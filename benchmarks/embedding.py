@@ -37,7 +37,8 @@ from embed.backbone import autocast_context, load_backbone, prepare_model, prepr
 from embed.errors import EmbedError
 from embed.pipeline import EmbedConfig, build_store, make_loader, resolve_device, settle_config
 from embed.sources import HDF5Source, ImageSource, decode_image, open_source
-from embed.store import FeatureStore, StoreWriter
+from embed.store import FeatureStore
+from embed.store_writer import StoreWriter
 from embed.weights import WeightsInfo
 
 log = logging.getLogger(__name__)

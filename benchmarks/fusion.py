@@ -112,7 +112,7 @@ def bench_fusion_epoch(
 def _write_store(path: Path, n_rows: int, dim: int, views: int, prevalence: float, seed: int,
                  shard_rows: int) -> np.ndarray:
     """A store of random float16 vectors (positives shifted a little); returns the labels."""
-    from embed.store import StoreWriter
+    from embed.store_writer import StoreWriter
 
     identity = {
         "backbone": "synthetic",

@@ -40,7 +40,7 @@ from embed.backbone import (
 from embed.errors import EmbedError, EmbedInterrupted
 from embed.identity import DTYPE, embedding_identity
 from embed.sources import ALPHA_BACKGROUND, ImageSource, decode_image, safe_reason
-from embed.store import StoreWriter
+from embed.store_writer import StoreWriter
 from embed.weights import INPUT_MEAN, INPUT_STD, WeightsInfo
 
 log = logging.getLogger(__name__)

@@ -835,7 +835,7 @@ def test_two_processes_build_one_sharded_store(tmp_path, folder, weights, refere
         [MANIFEST, "manifest.part-0-of-2.json"],
         [MANIFEST, "manifest.part-1-of-2.json"],
     )
-    from embed.store import merge_store
+    from embed.store_writer import merge_store
 
     assert merge_store(store)["count"] == N_IMAGES
     assert [n for n in os.listdir(store) if n.startswith("manifest")] == [MANIFEST]

@@ -19,10 +19,9 @@ from embed.store import (
     IDENTITY_FIELDS,
     MANIFEST,
     FeatureStore,
-    StoreWriter,
-    merge_store,
     store_name,
 )
+from embed.store_writer import StoreWriter, merge_store
 
 VIEWS, DIM = 2, 2048
 IDENTITY = {

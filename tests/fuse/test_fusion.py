@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from embed.errors import StoreMismatchError
-from embed.store import IDENTITY_FIELDS, FeatureStore, StoreWriter
+from embed.store import IDENTITY_FIELDS, FeatureStore
+from embed.store_writer import StoreWriter
 from fuse.errors import RunError
 from fuse.fusion import Embeddings, FusionModel, predict_rows, train_fusion
 from fuse.model import FusionConfig
