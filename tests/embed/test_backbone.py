@@ -16,6 +16,7 @@ import torchvision
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from common.files import sha256_file
 from embed.backbone import (
     EMBED_DIM,
     PREPROCESSING,
@@ -34,7 +35,6 @@ from embed.weights import (
     STRIDE_TORCHVISION,
     WeightsInfo,
     ensure_weights,
-    sha256_file,
 )
 
 # ----------------------------------------------------------------------------- random weights

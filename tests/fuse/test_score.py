@@ -343,9 +343,10 @@ def test_a_scoring_store_made_with_other_weights_is_refused(tiny, tmp_path):
     import torch
     import torchvision
 
+    from common.files import sha256_file
     from embed.pipeline import EmbedConfig, build_store
     from embed.sources import open_source
-    from embed.weights import WeightsInfo, sha256_file
+    from embed.weights import WeightsInfo
 
     torch.manual_seed(1)
     other = tmp_path / "other-resnet50.pth"
