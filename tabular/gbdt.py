@@ -8,7 +8,9 @@ Building blocks used by `tabular.train.fit_gbdt` (which builds the features of e
   part.
 - `FoldPCA`: PCA of an optional extra matrix (image embeddings, rows aligned to the frame),
   fitted on the training part of the fold only, saved as `.npy` (never pickled).
-- `train_model`: one booster, with optional down-sampling of negatives inside the training part.
+- `negative_sample` / `train_model`: one booster, on every positive of the training part and at
+  most `neg_ratio` negatives per positive (a different draw per seed and fold); validation parts
+  are never sampled.
 - `fit_ensemble` / `save_ensemble` (read back by `tabular.gbdt_model.load`).
 
 Models are saved as LightGBM text truncated at the best iteration; encoders as JSON; PCA as npy.
@@ -72,6 +74,13 @@ DATASET_PARAMS: dict = {
     "feature_pre_filter": False,
     "verbosity": -1,
 }
+# Negatives kept per positive in each training part unless told otherwise (GBDTConfig.neg_ratio).
+# A training part with fewer negatives per positive is left whole, so this down-samples only
+# below about 1% prevalence (ISIC 2024: 0.1%, ~1,000 negatives per positive), not ISIC 2020 (1.7%,
+# ~59 per positive) or HAM10000 (19%). Chosen from out-of-fold pAUC80 and fit time at 20-200
+# negatives per positive on the synthetic 401,059-row ISIC 2024-like table and on ISIC 2020 (see
+# `benchmarks.gbdt`, which measures it beside the unsampled ensemble in every run).
+DEFAULT_NEG_RATIO: float = 100.0
 
 
 @dataclass(frozen=True)
@@ -79,9 +88,16 @@ class GBDTConfig:
     """How the ensemble is trained (booster parameters are passed separately).
 
     seeds: one model per fold and seed; their predictions are averaged.
-    neg_ratio: keep at most this many negatives per positive in each training part (None = all).
-        The ISIC 2024 winners kept about 1 negative in 100 at 0.1% prevalence: trees then train
-        on a fraction of the rows, and each seed sees other negatives, which adds diversity.
+    neg_ratio: keep every positive and at most this many negatives per positive in each training
+        part, a different random draw per seed and fold (validation parts are never sampled);
+        default `DEFAULT_NEG_RATIO` (None means the default too); 0 keeps every negative. A part
+        with fewer negatives per positive is left whole. The ISIC 2024 winners kept about 1
+        negative in 100 at 0.1% prevalence: trees train on a fraction of the rows, and each seed
+        sees other negatives, which makes the seeds a bagging ensemble. Early stopping then
+        watches the validation log loss of probabilities moved back to the unsampled prevalence
+        (an init score of log(kept share of negatives)), so that it stops on the ranking learnt
+        and not on the shift of the base rate; saved models and their predictions are unchanged
+        in form (probabilities at the sampled prevalence: the same order).
     extra_components: PCA components kept from the extra matrix (image embeddings); 0 = metadata
         only, when no extra matrix is given.
     pca_fit_rows: PCA is fitted on at most this many training rows (a seeded sample) to bound
@@ -95,7 +111,7 @@ class GBDTConfig:
     """
 
     seeds: tuple[int, ...] = (0, 1, 2)
-    neg_ratio: float | None = None
+    neg_ratio: float | None = DEFAULT_NEG_RATIO
     extra_components: int = 64
     pca_fit_rows: int = 50_000
     num_boost_round: int = 5000
@@ -106,8 +122,17 @@ class GBDTConfig:
     def __post_init__(self) -> None:
         if not self.seeds or not all(isinstance(s, int | np.integer) for s in self.seeds):
             raise DataError(f"seeds: expected a non-empty sequence of integers, got {self.seeds!r}")
-        if self.neg_ratio is not None and not (self.neg_ratio > 0 and math.isfinite(self.neg_ratio)):
-            raise DataError(f"neg_ratio: expected a positive number or None, got {self.neg_ratio!r}")
+        ratio = self.neg_ratio
+        if ratio is None:
+            object.__setattr__(self, "neg_ratio", DEFAULT_NEG_RATIO)
+        elif (isinstance(ratio, bool) or not isinstance(ratio, int | float | np.integer | np.floating)
+                or not (math.isfinite(ratio) and ratio >= 0)):
+            raise DataError(
+                f"neg_ratio: expected a number >= 0 (negatives kept per positive; 0 keeps every "
+                f"negative, None the default {DEFAULT_NEG_RATIO:g}), got {ratio!r}"
+            )
+        else:
+            object.__setattr__(self, "neg_ratio", float(ratio))
         # 0 = metadata only: a tabular-only spec, or `invoke train-gbdt --image-pca 0`.
         if (isinstance(self.extra_components, bool) or not isinstance(self.extra_components, int | np.integer)
                 or self.extra_components < 0):
@@ -207,9 +232,12 @@ def with_extra(features: pd.DataFrame, extra: np.ndarray | None, pca: FoldPCA | 
 class FoldData:
     """One fold, ready to train on.
 
-    `train_set` is a binned LightGBM Dataset of the training part (raw features freed);
-    `X_valid` (n_valid, n_features) float32 and `y_valid` are the validation part;
-    `valid_rows` are its row positions in the run's frame.
+    `train_set` is a binned LightGBM Dataset of the training part (raw features freed): of all
+    of it, or, where the config down-samples negatives, of only the rows some seed's draw keeps
+    (`dataset_rows`, positions in the training part; binning then costs a fraction);
+    `X_valid` (n_valid, n_features) float32 and `y_valid` are the validation part, `valid_set`
+    its binned Dataset (built once, shared by every seed and trial); `valid_rows` are its row
+    positions in the run's frame; `y_train` is the label of every row of the training part.
     """
 
     fold: int
@@ -222,6 +250,9 @@ class FoldData:
     encoder: FeatureEncoder
     pca: FoldPCA | None = None
     feature_names: list[str] = field(default_factory=list)
+    dataset_rows: np.ndarray | None = None
+    sampled: tuple[float, tuple[int, ...]] | None = None  # (neg_ratio, seeds) behind dataset_rows
+    valid_set: lgb.Dataset | None = None
 
 
 def build_fold(
@@ -236,7 +267,10 @@ def build_fold(
     """Fit the encoder (and PCA) on the training part of `fold`, and build its data.
 
     Per-patient features of the validation part are computed from the validation rows only, as
-    they would be at scoring time.
+    they would be at scoring time. With negative down-sampling (`config.neg_ratio`), features are
+    computed on the whole training part (per-patient figures need every row of the patient) and
+    only the rows some seed of `config.seeds` trains on are binned; train this fold with the
+    same `neg_ratio` and seeds (`train_model` refuses others).
     """
     config = config or GBDTConfig()
     train_rows = np.flatnonzero(fold_of_row != fold)
@@ -250,22 +284,34 @@ def build_fold(
         X_train = with_extra(X_train, extra[train_rows], pca)
         X_valid = with_extra(X_valid, extra[valid_rows], pca)
     names = list(X_train.columns)
+    y_train = y[train_rows]
+    dataset_rows = sampled_rows(y_train, config, fold)
+    if dataset_rows is not None:
+        X_train = X_train.iloc[dataset_rows]
     X_train = X_train.reset_index(drop=True)
     X_valid = X_valid.reset_index(drop=True)
-    train_set = lgb.Dataset(X_train, label=y[train_rows], params=dict(DATASET_PARAMS), free_raw_data=True)
+    label = y_train if dataset_rows is None else y_train[dataset_rows]
+    train_set = lgb.Dataset(X_train, label=label, params=dict(DATASET_PARAMS), free_raw_data=True)
     train_set.construct()
     del X_train
+    # Raw data kept (it is X_valid itself): LightGBM may rebuild it for other booster parameters.
+    valid_set = lgb.Dataset(X_valid, label=y[valid_rows], reference=train_set, params=dict(DATASET_PARAMS),
+                            free_raw_data=False)
+    valid_set.construct()
     return FoldData(
         fold=fold,
         train_rows=train_rows,
         valid_rows=valid_rows,
-        y_train=y[train_rows],
+        y_train=y_train,
         train_set=train_set,
         X_valid=X_valid,
         y_valid=y[valid_rows],
         encoder=encoder,
         pca=pca,
         feature_names=names,
+        dataset_rows=dataset_rows,
+        sampled=None if dataset_rows is None else (config.neg_ratio, tuple(int(s) for s in config.seeds)),
+        valid_set=valid_set,
     )
 
 
@@ -276,17 +322,72 @@ def negative_sample(y: np.ndarray, neg_ratio: float | None, seed: int) -> np.nda
     """Row positions keeping every positive and at most `neg_ratio` negatives per positive.
 
     Applied to a fold's training part only; validation rows are never dropped. None when
-    nothing needs dropping.
+    nothing needs dropping: `neg_ratio` None or 0 (off), no positive to keep negatives for, or
+    no more negatives than `neg_ratio` per positive.
     """
-    if neg_ratio is None:
+    if not neg_ratio:
         return None
     positives = np.flatnonzero(y == 1)
     negatives = np.flatnonzero(y == 0)
+    if len(positives) == 0:
+        return None
     keep = min(len(negatives), max(1, int(math.floor(neg_ratio * len(positives)))))
     if keep >= len(negatives):
         return None
     chosen = np.random.default_rng(seed).choice(negatives, keep, replace=False)
     return np.sort(np.concatenate([positives, chosen]))
+
+
+def sample_seed(seed: int, fold: int) -> int:
+    """The seed of one model's negative draw: another draw for every seed and fold."""
+    return int(seed) + 7919 * int(fold)
+
+
+def validation_offset(y_train: np.ndarray, keep: np.ndarray | None) -> float:
+    """log(share of the training part's negatives in `keep`): 0 when nothing was dropped.
+
+    A model trained on that share of the negatives predicts log-odds raised by -offset; adding
+    the offset to the validation part's scores (its init score) makes early stopping watch the
+    log loss at the validation part's own prevalence.
+    """
+    if keep is None:
+        return 0.0
+    positives = int((y_train == 1).sum())
+    return math.log((len(keep) - positives) / (len(y_train) - positives))
+
+
+def sampled_rows(y_train: np.ndarray, config: GBDTConfig, fold: int) -> np.ndarray | None:
+    """Positions in a training part that some seed of `config` trains on; None = all of them."""
+    draws = [negative_sample(y_train, config.neg_ratio, sample_seed(s, fold)) for s in config.seeds]
+    if any(d is None for d in draws):
+        return None
+    rows = np.unique(np.concatenate(draws))
+    return None if len(rows) == len(y_train) else rows
+
+
+def sampling_summary(folds: Sequence[FoldData], config: GBDTConfig) -> dict:
+    """What negative down-sampling did, for the stage's metrics.json.
+
+    Returns:
+        neg_ratio (0 = off), applied (some training part was down-sampled), and per fold the
+        training part's positives and negatives, the negatives each model kept (the same count for
+        every seed, each seed its own draw) and the rows each model trained on.
+    """
+    per_fold = []
+    for data in folds:
+        positives = int((data.y_train == 1).sum())
+        negatives = int(len(data.y_train) - positives)
+        keep = negative_sample(data.y_train, config.neg_ratio, sample_seed(config.seeds[0], data.fold))
+        kept = negatives if keep is None else int(len(keep) - positives)
+        per_fold.append({"fold": data.fold, "positives": positives, "negatives": negatives,
+                         "negatives_kept": kept, "rows_per_model": positives + kept})
+    return {
+        "neg_ratio": config.neg_ratio,
+        "applied": any(f["negatives_kept"] < f["negatives"] for f in per_fold),
+        "draw": "every positive and at most neg_ratio negatives per positive of each training part, "
+                "a different draw per seed and fold; validation parts are never sampled; 0 = off",
+        "folds": per_fold,
+    }
 
 
 def booster_params(params: Mapping, seed: int, config: GBDTConfig) -> dict:
@@ -301,12 +402,34 @@ def booster_params(params: Mapping, seed: int, config: GBDTConfig) -> dict:
 
 
 def train_model(data: FoldData, params: Mapping, seed: int, config: GBDTConfig) -> lgb.Booster:
-    """One booster on `data`'s training part, early-stopped on its validation part."""
+    """One booster on `data`'s training part (down-sampled: see `GBDTConfig.neg_ratio`),
+    early-stopped on its whole validation part.
+
+    Raises:
+        DataError: `data` was built for another negative sample (`build_fold` with another
+            neg_ratio, or without this seed).
+    """
+    keep = negative_sample(data.y_train, config.neg_ratio, sample_seed(seed, data.fold))
     train_set = data.train_set
-    keep = negative_sample(data.y_train, config.neg_ratio, seed + 7919 * data.fold)
-    if keep is not None:
+    if data.dataset_rows is not None:
+        positions = None if keep is None else np.searchsorted(data.dataset_rows, keep)
+        if (positions is None or positions[-1] >= len(data.dataset_rows)
+                or not np.array_equal(data.dataset_rows[positions], keep)):
+            ratio, seeds = data.sampled
+            raise DataError(
+                f"fold {data.fold}: built for neg_ratio {ratio:g} and seeds {list(seeds)}, which does not "
+                f"hold the rows of neg_ratio {config.neg_ratio:g} seed {seed}; build the fold with the "
+                f"config it is trained with"
+            )
+        if len(positions) < len(data.dataset_rows):
+            train_set = data.train_set.subset(positions.tolist())
+    elif keep is not None:
         train_set = data.train_set.subset(keep.tolist())
-    valid_set = lgb.Dataset(data.X_valid, label=data.y_valid, reference=train_set, params=dict(DATASET_PARAMS))
+    valid_set = data.valid_set
+    if valid_set is None:
+        valid_set = lgb.Dataset(data.X_valid, label=data.y_valid, reference=data.train_set,
+                                params=dict(DATASET_PARAMS), free_raw_data=False).construct()
+    valid_set.set_init_score(np.full(len(data.y_valid), validation_offset(data.y_train, keep)))
     callbacks = [
         lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False),
         lgb.log_evaluation(config.log_period),

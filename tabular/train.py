@@ -29,6 +29,7 @@ from tabular.gbdt import (
     check_extra,
     fit_ensemble,
     importance_table,
+    sampling_summary,
     save_ensemble,
 )
 from tabular.layout import RunLayout
@@ -63,12 +64,17 @@ def fit_gbdt(
             reduced per fold by PCA to `extra_components` columns fitted on the training part.
         extra_components: PCA components kept from `extra` (0 = metadata only: `extra` must be None).
         seeds: one model per fold and seed.
-        neg_ratio: keep at most this many negatives per positive in each training part.
+        neg_ratio: keep every positive and at most this many negatives per positive in each
+            training part, a different draw per seed and fold (validation parts are never
+            sampled); None = the default (`tabular.gbdt.DEFAULT_NEG_RATIO`, 100: on only where a
+            training part has more negatives per positive, e.g. ISIC 2024), 0 = every negative.
         config: full ensemble settings (overrides seeds / neg_ratio / extra_components).
 
     Returns:
         The `metrics.json` content: `summarize()` of the out-of-fold predictions plus the data
-        set name, row count, per-fold figures, untuned figures when tuned, and timings.
+        set name, row count, per-fold figures, untuned figures when tuned, timings, and the
+        negative sampling applied (`negative_sampling`: ratio, whether any training part was
+        down-sampled, per fold the negatives there and kept per model).
 
     Raises:
         DataError: invalid metadata or run (see `tabular.run.open_run`), bad features (see
@@ -185,6 +191,7 @@ def fit_gbdt_frame(
         "n_folds": len(folds),
         "seeds": [int(s) for s in config.seeds],
         "neg_ratio": config.neg_ratio,
+        "negative_sampling": sampling_summary(folds, config),
         "features": len(folds[0].feature_names),
         "extra": None if extra is None else {"dim": int(extra.shape[1]), "components": len(folds[0].pca.names)},
         **summarize(y, final.oof),
@@ -245,7 +252,8 @@ def _study_attrs(spec, ids, fold_of_row, folds, extra, config) -> dict:
         "folds_sha256": digest.hexdigest()[:16],
         "features_sha256": features,
         "extra_dim": None if extra is None else int(extra.shape[1]),
-        "neg_ratio": config.neg_ratio,
+        # 0 (off) as None: a study made before sampling was on by default matches --neg-ratio 0.
+        "neg_ratio": config.neg_ratio or None,
     }
 
 

@@ -1,4 +1,5 @@
-"""The LightGBM part: our stage and plain LightGBM, each in its own child process."""
+"""The LightGBM part: the default stage, the same on every negative, and plain LightGBM, each in its
+own child process."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ numeric = ["size", "age"]
 """
 
 
-def make(tmp_path, n=300, seed=0):
+def make(tmp_path, n=300, seed=0, positives=None):
     rng = np.random.default_rng(seed)
     size = rng.gamma(2.0, 2.0, n)
     frame = pd.DataFrame({
@@ -35,6 +36,9 @@ def make(tmp_path, n=300, seed=0):
         "age": rng.normal(55, 10, n).round(),
         "target": (size + rng.normal(scale=1.0, size=n) > 7).astype(int),
     })
+    if positives is not None:
+        frame["target"] = 0
+        frame.loc[frame["size"].nlargest(positives).index, "target"] = 1
     frame.to_csv(tmp_path / "metadata.csv", index=False)
     (tmp_path / "dataset.toml").write_text(SPEC)
     return load_spec(tmp_path / "dataset.toml"), frame
@@ -44,9 +48,30 @@ def make(tmp_path, n=300, seed=0):
 def test_bench_gbdt_small(tmp_path):
     spec, frame = make(tmp_path, n=300)
     report = bench_gbdt(frame, spec, n_folds=3, seeds=(0,), num_threads=1)
-    for side in ("ours", "baseline"):
+    for side in ("ours", "unsampled", "baseline"):
         assert report[side]["fit_seconds"] > 0 and report[side]["peak_rss_bytes"] > 10 * 1024**2
         assert 0 <= report[side]["pauc80"] <= 0.2
     assert report["ours"]["n_features"] > report["baseline"]["n_features"]
     assert report["ratios"]["fit_seconds"] > 0 and report["ratios"]["peak_rss"] > 0
+    assert report["ratios"]["fit_vs_unsampled"] > 0
+    # 20% positives: the default ratio leaves every training part whole, so both fits are the same.
+    assert report["neg_ratio"] == 100 and report["unsampled"]["neg_ratio"] == 0
+    assert report["ours"]["negative_sampling"]["applied"] is False
+    assert report["ours"]["pauc80"] == pytest.approx(report["unsampled"]["pauc80"])
+    # Targets: each says where it holds; seconds and pAUC80 only at 401,059 rows.
+    assert report["targets"]["fit_seconds"]["applies_to"].startswith("2-core AMD EPYC")
+    assert report["targets"]["fit_vs_unsampled"]["applies_to"] == "any CPU"
+    assert report["targets"]["fit_met"] is None and report["targets"]["pauc80_met"] is None
+    assert len(report["load_average"]) == 3
     json.dumps(report)
+
+
+@pytest.mark.slow
+def test_bench_gbdt_samples_rare_positives(tmp_path):
+    spec, frame = make(tmp_path, n=600, positives=12)
+    report = bench_gbdt(frame, spec, n_folds=3, seeds=(0, 1), neg_ratio=5, num_threads=1)
+    sampling = report["ours"]["negative_sampling"]
+    assert sampling["applied"] is True and report["neg_ratio"] == 5
+    assert all(f["negatives_kept"] == 5 * f["positives"] for f in sampling["folds"])
+    assert report["unsampled"]["negative_sampling"]["applied"] is False
+    assert report["ratios"]["pauc80_delta"] == pytest.approx(report["ours"]["pauc80"] - report["unsampled"]["pauc80"])

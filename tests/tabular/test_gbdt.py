@@ -1,6 +1,8 @@
 """The LightGBM ensemble: folds x seeds, down-sampling inside the training part, PCA per fold,
 text models that reproduce the out-of-fold predictions, and nothing pickled."""
 
+import math
+import re
 from pathlib import Path
 
 import lightgbm as lgb
@@ -10,6 +12,7 @@ import pytest
 
 from tabular.errors import DataError
 from tabular.gbdt import (
+    DEFAULT_NEG_RATIO,
     DEFAULT_PARAMS,
     FoldPCA,
     GBDTConfig,
@@ -18,7 +21,10 @@ from tabular.gbdt import (
     fit_ensemble,
     importance_table,
     negative_sample,
+    sample_seed,
+    sampling_summary,
     save_ensemble,
+    train_model,
 )
 from tabular.gbdt_model import GBDTModel
 from tabular.metrics import roc_auc
@@ -58,12 +64,28 @@ def test_negative_sample_keeps_positives_and_bounds_ratio():
     assert (y[keep] == 0).sum() == 50
     assert not np.array_equal(keep, negative_sample(y, 5.0, seed=1))
     assert negative_sample(y, None, seed=0) is None
+    assert negative_sample(y, 0, seed=0) is None  # 0 = off
     assert negative_sample(y, 1000.0, seed=0) is None
+    # No positive in the part: nothing to keep negatives for, the part stays whole.
+    assert negative_sample(np.zeros(50, dtype=int), 5.0, seed=0) is None
+
+
+def test_negative_sampling_is_on_by_default_and_off_with_zero():
+    assert GBDTConfig().neg_ratio == DEFAULT_NEG_RATIO == 100
+    assert GBDTConfig(neg_ratio=None).neg_ratio == DEFAULT_NEG_RATIO  # None = the default
+    assert GBDTConfig(neg_ratio=0).neg_ratio == 0.0
+    assert GBDTConfig(neg_ratio=20).neg_ratio == 20.0
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "100", True])
+def test_config_refuses_bad_neg_ratio(bad):
+    message = (r"neg_ratio: expected a number >= 0 \(negatives kept per positive; 0 keeps every negative, "
+               rf"None the default 100\), got {re.escape(repr(bad))}")
+    with pytest.raises(DataError, match=message):
+        GBDTConfig(neg_ratio=bad)
 
 
 def test_config_refuses_bad_options():
-    with pytest.raises(DataError, match="neg_ratio: expected a positive number or None, got -1"):
-        GBDTConfig(neg_ratio=-1)
     with pytest.raises(DataError, match=r"seeds: expected a non-empty sequence of integers, got \(\)"):
         GBDTConfig(seeds=())
     with pytest.raises(DataError, match="extra_components: expected an integer >= 0, got -1"):
@@ -95,13 +117,63 @@ def test_ensemble_learns_and_saved_models_reproduce_oof(tmp_path):
 
 def test_neg_ratio_trains_on_fewer_negatives_but_predicts_every_row():
     frame, spec, folds = toy()
-    config = GBDTConfig(seeds=(0,), neg_ratio=1.0, num_boost_round=40, early_stopping_rounds=10, num_threads=1)
+    config = GBDTConfig(seeds=(0, 1), neg_ratio=1.0, num_boost_round=40, early_stopping_rounds=10, num_threads=1)
     data, ensemble = fit(frame, spec, folds, config=config)
     assert not np.isnan(ensemble.oof).any()
-    d = data[0]
-    keep = negative_sample(d.y_train, 1.0, seed=0)
-    assert (d.y_train[keep] == 0).sum() == (d.y_train == 1).sum()
-    assert d.train_set.subset(keep.tolist()).construct().num_data() == len(keep)
+    for d in data:
+        # Only the training part is sampled: each seed its own draw, every positive, one negative
+        # per positive; the binned Dataset holds just the rows some seed keeps.
+        keeps = [negative_sample(d.y_train, 1.0, seed=sample_seed(s, d.fold)) for s in (0, 1)]
+        assert not np.array_equal(keeps[0], keeps[1])
+        for keep in keeps:
+            assert (d.y_train[keep] == 0).sum() == (d.y_train == 1).sum() < (d.y_train == 0).sum()
+        np.testing.assert_array_equal(d.dataset_rows, np.unique(np.concatenate(keeps)))
+        assert d.train_set.num_data() == len(d.dataset_rows) < len(d.train_rows)
+        # The validation part is whole.
+        assert d.valid_set.num_data() == len(d.valid_rows) == len(d.y_valid)
+        assert len(d.train_rows) + len(d.valid_rows) == len(frame)
+    summary = sampling_summary(data, config)
+    assert summary["neg_ratio"] == 1.0 and summary["applied"] is True
+    for f, d in zip(summary["folds"], data, strict=True):
+        assert f["negatives_kept"] == f["positives"] == (d.y_train == 1).sum()
+        assert f["rows_per_model"] == 2 * f["positives"] and f["negatives"] == (d.y_train == 0).sum()
+
+
+def test_sampled_models_stop_on_the_validation_loss_at_its_own_prevalence():
+    """Early stopping scores the validation part with the log-odds moved back by log(kept share
+    of negatives); the saved model's own predictions are not moved."""
+    frame, spec, folds = toy()
+    config = GBDTConfig(seeds=(0,), neg_ratio=1.0, num_boost_round=60, early_stopping_rounds=10, num_threads=1)
+    y = frame["target"].to_numpy()
+    d = build_fold(frame, spec, y, folds, 0, config=config)
+    booster = train_model(d, DEFAULT_PARAMS, 0, config)
+    positives = (d.y_train == 1).sum()
+    offset = math.log(positives / (d.y_train == 0).sum())
+    raw = booster.predict(d.X_valid, num_iteration=booster.best_iteration, raw_score=True)
+    p = 1 / (1 + np.exp(-(raw + offset)))
+    loss = -np.mean(d.y_valid * np.log(p) + (1 - d.y_valid) * np.log(1 - p))
+    assert booster.best_score["valid"]["binary_logloss"] == pytest.approx(loss, rel=1e-6)
+
+
+def test_a_fold_refuses_a_seed_or_ratio_it_was_not_built_for():
+    frame, spec, folds = toy()
+    config = GBDTConfig(seeds=(0,), neg_ratio=1.0, num_boost_round=10, early_stopping_rounds=5, num_threads=1)
+    d = build_fold(frame, spec, frame["target"].to_numpy(), folds, 0, config=config)
+    with pytest.raises(DataError, match=r"fold 0: built for neg_ratio 1 and seeds \[0\], which does not hold "
+                                        r"the rows of neg_ratio 1 seed 5"):
+        train_model(d, DEFAULT_PARAMS, 5, config)
+    with pytest.raises(DataError, match="which does not hold the rows of neg_ratio 0 seed 0"):
+        train_model(d, DEFAULT_PARAMS, 0, GBDTConfig(seeds=(0,), neg_ratio=0))
+
+
+def test_sampling_off_trains_on_every_row():
+    frame, spec, folds = toy(n=200)
+    config = GBDTConfig(seeds=(0,), neg_ratio=0, num_boost_round=10, early_stopping_rounds=5, num_threads=1)
+    data, _ = fit(frame, spec, folds, config=config)
+    assert all(d.dataset_rows is None and d.train_set.num_data() == len(d.train_rows) for d in data)
+    summary = sampling_summary(data, config)
+    assert summary["applied"] is False and summary["neg_ratio"] == 0
+    assert all(f["negatives_kept"] == f["negatives"] for f in summary["folds"])
 
 
 def test_pca_fitted_on_training_part_only(tmp_path):

@@ -136,6 +136,44 @@ def test_fit_gbdt_refuses_bad_input(tmp_path):
         fit_gbdt(spec, tmp_path / "run2", trials=-1, config=FAST)
 
 
+def _rare(frame):
+    """About 2% positives: 300 rows keep 6, so a training part holds about 5 (and 235 negatives)."""
+    target = np.zeros(len(frame), dtype=int)
+    target[frame["size"].nlargest(6).index] = 1
+    return frame.assign(target=target)
+
+
+def test_fit_gbdt_samples_negatives_by_default_below_one_percent_and_records_it(tmp_path):
+    spec, _ = make(tmp_path, n=300, edit=_rare)
+    config = GBDTConfig(seeds=(0, 1), neg_ratio=10, num_boost_round=30, early_stopping_rounds=5, num_threads=1)
+    metrics = fit_gbdt(spec, tmp_path / "run", config=config)
+    stored = json.loads((tmp_path / "run" / "gbdt" / "metrics.json").read_text())
+    sampling = stored["negative_sampling"]
+    assert stored["neg_ratio"] == 10 and sampling["neg_ratio"] == 10 and sampling["applied"] is True
+    assert "validation parts are never sampled" in sampling["draw"]
+    for fold in sampling["folds"]:
+        assert fold["negatives_kept"] == 10 * fold["positives"] < fold["negatives"]
+        assert fold["rows_per_model"] == 11 * fold["positives"]
+    # Every row is scored out of fold, by models that never trained on it.
+    oof = pd.read_csv(tmp_path / "run" / "gbdt" / "oof.csv")
+    assert oof["p"].notna().all() and len(oof) == 300 == metrics["rows"]
+
+
+def test_fit_gbdt_default_neg_ratio_and_zero_turns_it_off(tmp_path):
+    spec, _ = make(tmp_path, n=200)
+    # neg_ratio=None (what `invoke train-gbdt` passes without --neg-ratio) is the default, which
+    # leaves a 20%-positive table whole.
+    metrics = fit_gbdt(spec, tmp_path / "run", seeds=(0,), extra_components=0, neg_ratio=None)
+    assert metrics["neg_ratio"] == 100 and metrics["negative_sampling"]["applied"] is False
+    spec, _ = make(tmp_path, n=300, edit=_rare)
+    metrics = fit_gbdt(spec, tmp_path / "run2", seeds=(0,), extra_components=0, neg_ratio=0)
+    assert metrics["neg_ratio"] == 0 and metrics["negative_sampling"]["applied"] is False
+    assert all(f["negatives_kept"] == f["negatives"] for f in metrics["negative_sampling"]["folds"])
+    with pytest.raises(DataError, match=r"neg_ratio: expected a number >= 0 \(negatives kept per positive; "
+                                        r"0 keeps every negative, None the default 100\), got -5"):
+        fit_gbdt(spec, tmp_path / "run3", seeds=(0,), extra_components=0, neg_ratio=-5)
+
+
 def test_isic2024_mini_end_to_end_without_train_only_columns(shared_data, tmp_path):
     spec = load_spec(shared_data / "isic2024-mini")
     config = GBDTConfig(seeds=(0,), num_boost_round=20, early_stopping_rounds=5, num_threads=1)
