@@ -34,8 +34,10 @@ import torch
 
 from benchmarks.common import cpu_count, cpu_name, synchronize
 from embed.backbone import autocast_context, load_backbone, prepare_model, preprocess
+from embed.config import EmbedConfig, resolve_device, settle_config
 from embed.errors import EmbedError
-from embed.pipeline import EmbedConfig, build_store, make_loader, resolve_device, settle_config
+from embed.pipeline import build_store
+from embed.reader import make_loader
 from embed.sources import HDF5Source, ImageSource, decode_image, open_source
 from embed.store import FeatureStore
 from embed.store_writer import StoreWriter

@@ -142,7 +142,7 @@ def measure_pass(kind: str, store_dir: str, labels: str, n_meta: int, batch_size
     import torch
     from torch import nn
 
-    from embed.pipeline import resolve_device
+    from embed.config import resolve_device
     from embed.store import FeatureStore
     from fuse.fusion import Embeddings, minibatches
     from fuse.fusion.training import run_epoch

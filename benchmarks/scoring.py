@@ -86,9 +86,10 @@ def bench_scoring(
     import torch
 
     from embed.backbone import load_backbone
+    from embed.config import EmbedConfig, resolve_device, settle_config
     from embed.errors import StoreMismatchError
     from embed.identity import check_identity, embedding_identity
-    from embed.pipeline import EmbedConfig, embed_ids, resolve_device, settle_config
+    from embed.model_loop import embed_ids
     from embed.sources import FolderSource, open_source
     from embed.weights import ensure_weights
 

@@ -1,1 +1,8 @@
-"""Image side of lesionfuse: sources, frozen backbone and weights, embedding loop, feature store."""
+"""Image side of lesionfuse.
+
+Image sources (`sources`); the frozen ImageNet ResNet-50 (`backbone`) and its weights (`weights`:
+cache and verify; `weights_npm`: fetch; `weights_tfjs`: convert); what makes two embeddings
+comparable (`identity`); an embedding run's settings and resources (`config`), its reader
+(`reader`) and model loop (`model_loop`); the feature store (`store` reads it, `store_writer`
+writes it); and `pipeline.build_store`, which runs them to fill a store.
+"""

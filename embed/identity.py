@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from embed.errors import EmbedError, StoreMismatchError
 
 if TYPE_CHECKING:  # pragma: no cover - type names only
-    from embed.pipeline import EmbedConfig
+    from embed.config import EmbedConfig
     from embed.weights import WeightsInfo
 
 IDENTITY_FIELDS: tuple[str, ...] = (

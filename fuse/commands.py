@@ -9,7 +9,8 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from embed.pipeline import EmbedConfig, EmbedSummary, build_store, parse_shard
+from embed.config import EmbedConfig, EmbedSummary, parse_shard
+from embed.pipeline import build_store
 from embed.sources import open_source
 from embed.weights import ensure_weights
 from fuse.errors import RunError

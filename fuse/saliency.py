@@ -67,7 +67,8 @@ def saliency_overlays(models, frame: pd.DataFrame, ids: Sequence[str], source, w
         an unreadable image or an id without a row gets no overlay (logged), never an error.
     """
     from embed.backbone import load_backbone
-    from embed.pipeline import EmbedConfig, resize_uint8, resolve_device
+    from embed.config import EmbedConfig, resolve_device
+    from embed.reader import resize_uint8
     from embed.sources import decode_image, safe_reason
 
     ids = list(dict.fromkeys(str(i) for i in ids))
@@ -137,7 +138,7 @@ def grad_cam(backbone: torch.nn.Module, folds, batch: torch.Tensor, meta: Sequen
     Returns:
         float32 (n, h, w) in 0..1 (layer4's grid; all zeros where no position raises the logit).
     """
-    from embed.pipeline import normalize_batch
+    from embed.reader import normalize_batch
 
     x = normalize_batch(batch, device)
     with torch.no_grad():

@@ -119,7 +119,7 @@ def score(
     if not images.exists():
         raise RunError(f"images: {images} does not exist (expected a folder of <id>.jpg|.jpeg|.png or an .hdf5 file)")
 
-    from embed.pipeline import resolve_device
+    from embed.config import resolve_device
     from embed.sources import open_source
 
     models = RunModels.load(run_dir, resolve_device(device))
@@ -226,7 +226,7 @@ def _training_prevalence(models: RunModels, prevalence: float | None) -> float:
 
 def _embedding_setup(identity: dict, weights, batch_size: int | None, device: str, num_workers):
     """Weights and embedding settings for new images, checked against the run's identity."""
-    from embed.pipeline import EmbedConfig
+    from embed.config import EmbedConfig
     from embed.weights import ensure_weights
 
     info = ensure_weights(Path(weights) if weights else None)
@@ -261,7 +261,7 @@ def _score_rows(models: RunModels, frame: pd.DataFrame, spec, has_image: np.ndar
     from tqdm.auto import tqdm
 
     from embed.backbone import load_backbone
-    from embed.pipeline import embed_ids
+    from embed.model_loop import embed_ids
 
     n = len(frame)
     ids = frame[spec.id].tolist()

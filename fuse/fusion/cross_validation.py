@@ -35,8 +35,8 @@ import torch
 
 from common.files import atomic_write_json
 from common.version import lesionfuse_version
+from embed.config import resolve_device
 from embed.identity import IDENTITY_FIELDS
-from embed.pipeline import resolve_device
 from fuse.fusion.baselines import logistic_baseline
 from fuse.fusion.embeddings import Embeddings
 from fuse.fusion.training import cpu_state, finite_or_none, train_one

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import embed.pipeline as pipeline
+import embed.model_loop as model_loop
 from benchmarks.embedding import bench_embedding, random_weights
 from embed.errors import EmbedError
 
@@ -82,17 +82,17 @@ def test_bench_checks_the_pipelines_vectors_against_the_naive_loop(
         n_images=9, image_size=32, batch_size=4, device="cpu", num_workers=0, rounds=1,
         store_rows=0, images=folder, work_dir=tmp_path,
     )  # fmt: skip
-    monkeypatch.setattr(pipeline, "batches_in_flight", lambda device: 2)
+    monkeypatch.setattr(model_loop, "batches_in_flight", lambda device: 2)
     good = bench_embedding(weights, **settings)
     assert good["images_checked"] == 9 and good["min_cosine_to_naive"] > 0.95
 
-    launch = pipeline._launch
+    launch = model_loop._launch
 
     def shifted(model, batch, ids, failures, device, views, amp):
         launched = launch(model, batch, ids, failures, device, views, amp)
         launched.vectors = torch.roll(launched.vectors, 1, dims=0)  # each id gets its neighbour's
         return launched
 
-    monkeypatch.setattr(pipeline, "_launch", shifted)
+    monkeypatch.setattr(model_loop, "_launch", shifted)
     bad = bench_embedding(weights, **settings)
     assert bad["min_cosine_to_naive"] < 0.95 and not bad["meets_targets"]

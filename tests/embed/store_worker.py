@@ -18,8 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 from common.files import sha256_file  # noqa: E402
+from embed.config import EmbedConfig  # noqa: E402
 from embed.errors import EmbedError  # noqa: E402
-from embed.pipeline import EmbedConfig, build_store  # noqa: E402
+from embed.pipeline import build_store  # noqa: E402
 from embed.sources import FolderSource  # noqa: E402
 from embed.weights import WeightsInfo  # noqa: E402
 

@@ -70,7 +70,7 @@ def write_hdf5(path: Path, n: int, prefix: str = "img", size=(48, 40), extra: di
 
 
 def tiny_config(**overrides):
-    from embed.pipeline import EmbedConfig
+    from embed.config import EmbedConfig
 
     settings = dict(
         image_size=32,

@@ -33,10 +33,6 @@ def test_embedding_identity_is_built_from_weights_and_config(tmp_path):
         "dtype": "float16",
         "dim": EMBED_DIM,
     }
-    # The older name the fuse stages import is the same function, not a second definition.
-    from embed.pipeline import store_identity
-
-    assert store_identity is embedding_identity
 
 
 def test_check_identity_names_the_first_differing_field_dotted_with_both_values():

@@ -34,23 +34,16 @@ from storetools import (
     write_hdf5,
 )
 
+import embed.config as embed_config
+import embed.model_loop as model_loop
 import embed.pipeline as pipeline
 from embed.backbone import load_backbone, preprocess
+from embed.config import VIEWS, EmbedConfig, parse_shard, part_of, resolve_device
 from embed.errors import EmbedError, EmbedInterrupted, StoreMismatchError
 from embed.identity import embedding_identity
-from embed.pipeline import (
-    VIEWS,
-    EmbedConfig,
-    apply_view,
-    build_store,
-    collate_drop_failed,
-    embed_ids,
-    normalize_batch,
-    parse_shard,
-    part_of,
-    resize_uint8,
-    resolve_device,
-)
+from embed.model_loop import embed_ids
+from embed.pipeline import build_store
+from embed.reader import apply_view, collate_drop_failed, normalize_batch, resize_uint8
 from embed.sources import FolderSource, HDF5Source, decode_image, open_source
 from embed.store import MANIFEST, FeatureStore
 
@@ -162,21 +155,23 @@ def test_views_are_the_eight_symmetries_of_the_square():
     "cpus, cpu_workers, cuda_workers", [(2, 0, 1), (4, 0, 2), (16, 1, 14), (64, 4, 16)]
 )
 def test_default_num_workers(monkeypatch, cpus, cpu_workers, cuda_workers):
-    monkeypatch.setattr(pipeline, "_cpu_count", lambda: cpus)
-    assert pipeline.default_num_workers("cpu") == cpu_workers
-    assert pipeline.default_num_workers("cuda") == cuda_workers
+    monkeypatch.setattr(embed_config, "_cpu_count", lambda: cpus)
+    assert embed_config.default_num_workers("cpu") == cpu_workers
+    assert embed_config.default_num_workers("cuda") == cuda_workers
 
 
 def test_batch_size_and_workers_default_by_device(monkeypatch):
-    monkeypatch.setattr(pipeline, "_cpu_count", lambda: 16)
-    assert pipeline.default_batch_size("cuda:0") == 256
-    assert pipeline.default_batch_size("cpu") == 32
-    gpu = pipeline.settle_config(EmbedConfig(), torch.device("cuda"))
+    monkeypatch.setattr(embed_config, "_cpu_count", lambda: 16)
+    assert embed_config.default_batch_size("cuda:0") == 256
+    assert embed_config.default_batch_size("cpu") == 32
+    gpu = embed_config.settle_config(EmbedConfig(), torch.device("cuda"))
     assert (gpu.batch_size, gpu.num_workers) == (256, 14)
-    mine = pipeline.settle_config(EmbedConfig(batch_size=8, num_workers=0), torch.device("cuda"))
+    mine = embed_config.settle_config(
+        EmbedConfig(batch_size=8, num_workers=0), torch.device("cuda")
+    )
     assert (mine.batch_size, mine.num_workers) == (8, 0)  # what the user set is kept
-    assert pipeline.batches_in_flight(torch.device("cuda")) == 2
-    assert pipeline.batches_in_flight(torch.device("cpu")) == 0
+    assert model_loop.batches_in_flight(torch.device("cuda")) == 2
+    assert model_loop.batches_in_flight(torch.device("cpu")) == 0
     with pytest.raises(
         EmbedError, match=r"EmbedConfig.batch_size: expected a positive integer, got 0"
     ):
@@ -260,7 +255,7 @@ def test_batches_left_in_flight_come_back_in_order_and_unchanged(
     ids = ["zero", "absent", *src.ids()[:7]]  # the first batch holds only failures
     config = tiny_config(batch_size=2)
     plain = list(embed_ids(src, ids, model, config))
-    monkeypatch.setattr(pipeline, "batches_in_flight", lambda device: 2)
+    monkeypatch.setattr(model_loop, "batches_in_flight", lambda device: 2)
     queued = []
     for item in embed_ids(src, ids, model, config):
         queued.append(item)
@@ -279,7 +274,7 @@ def test_a_launched_batch_waits_for_its_copy_before_it_is_read():
 
     event = Event()
     vectors = torch.ones(2, 1, 2048, dtype=torch.float16)
-    launched = pipeline._Launched(["a", "b"], {}, vectors, event)
+    launched = model_loop._Launched(["a", "b"], {}, vectors, event)
     assert launched.collect(1).shape == (2, 1, 2048) and event.waited
 
 
@@ -870,11 +865,11 @@ def test_container_cpu_quota_caps_the_cpu_count(tmp_path, v2, v1, expected):
         v1_path.parent.mkdir()
         v1_path.write_text(v1[0])
         (v1_path.parent / "cpu.cfs_period_us").write_text(v1[1])
-    assert pipeline.cgroup_cpu_limit((v2_path, v1_path)) == expected
+    assert embed_config.cgroup_cpu_limit((v2_path, v1_path)) == expected
 
 
 def test_cpu_count_takes_the_smaller_of_affinity_and_quota(monkeypatch):
-    monkeypatch.setattr(pipeline, "cgroup_cpu_limit", lambda: 3)
-    assert pipeline._cpu_count() == min(3, len(os.sched_getaffinity(0)))
-    monkeypatch.setattr(pipeline, "cgroup_cpu_limit", lambda: None)
-    assert pipeline._cpu_count() == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(embed_config, "cgroup_cpu_limit", lambda: 3)
+    assert embed_config._cpu_count() == min(3, len(os.sched_getaffinity(0)))
+    monkeypatch.setattr(embed_config, "cgroup_cpu_limit", lambda: None)
+    assert embed_config._cpu_count() == len(os.sched_getaffinity(0))

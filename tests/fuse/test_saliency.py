@@ -155,7 +155,7 @@ def test_the_map_follows_the_image_and_equals_a_hook_based_grad_cam(tiny):
 
     # The textbook recipe with hooks on copies: layer4's output kept by a forward hook, the
     # backbone's own forward (its average pool) to the embedding, backward() to the activation.
-    from embed.pipeline import normalize_batch
+    from embed.reader import normalize_batch
 
     backbone = copy.deepcopy(tiny["backbone"])
     kept = {}
@@ -195,7 +195,7 @@ def test_known_readouts(tiny):
     # logit = sum of the embedding: every channel's gradient is +1/(h w), so the map is the
     # activation summed over channels (layer4 ends in a ReLU, so all >= 0), scaled to 0..1.
     # logit = minus that: every weight is negative, the ReLU leaves nothing, the map is zeros.
-    from embed.pipeline import normalize_batch
+    from embed.reader import normalize_batch
 
     batch = _quadrant_batch()
     with torch.no_grad():

@@ -168,7 +168,8 @@ def test_chunked_streaming_equals_the_stages_own_predictions(tiny, tmp_path, mon
 
 def _embed_directly(tiny, images, ids):
     from embed.backbone import load_backbone
-    from embed.pipeline import EmbedConfig, embed_ids
+    from embed.config import EmbedConfig
+    from embed.model_loop import embed_ids
     from embed.sources import open_source
     from embed.weights import ensure_weights
 
@@ -344,7 +345,8 @@ def test_a_scoring_store_made_with_other_weights_is_refused(tiny, tmp_path):
     import torchvision
 
     from common.files import sha256_file
-    from embed.pipeline import EmbedConfig, build_store
+    from embed.config import EmbedConfig
+    from embed.pipeline import build_store
     from embed.sources import open_source
     from embed.weights import WeightsInfo
 
