@@ -1,6 +1,6 @@
 """How fast one fusion-MLP epoch runs on an ISIC 2024-sized feature store, and how much memory it takes.
 
-`bench_fusion_epoch` writes a synthetic store with the real store writer (`embed.store.StoreWriter`,
+`bench_fusion_epoch` writes a synthetic store with the real store writer (`embed.store_writer.StoreWriter`,
 float16 shards, memory-mapped on reading) in a temporary folder, then, each in a fresh child
 process so that its peak resident memory is its own (`benchmarks.common.run_child`):
 

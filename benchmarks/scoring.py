@@ -5,7 +5,7 @@ what the reasons and the triage page add to it.
 ids) with a metadata CSV (their rows, target dropped), then times, in the same process and run:
 
 1. the baseline, the embedding pipeline alone: weights check (`ensure_weights`), backbone load and
-   `embed.pipeline.embed_ids` over the folder with the run's image size and views, vectors kept
+   `embed.model_loop.embed_ids` over the folder with the run's image size and views, vectors kept
    in memory (what `invoke embed` does, less writing a store);
 2. `fuse.score.score` on the same folder and CSV, end to end, without explanations
    (`explain=False`, no page): the same, plus reading the metadata, loading every stage's fold

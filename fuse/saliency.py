@@ -131,7 +131,7 @@ def grad_cam(backbone: torch.nn.Module, folds, batch: torch.Tensor, meta: Sequen
     Args:
         backbone: the frozen torchvision ResNet-50 (`embed.backbone.load_backbone`).
         folds: [(FusionMLP, encoder)] (`FusionModel.folds`); the MLPs stay where they are.
-        batch: uint8 (n, S, S, 3), as `embed.pipeline.resize_uint8` makes it.
+        batch: uint8 (n, S, S, 3), as `embed.reader.resize_uint8` makes it.
         meta: per fold, the rows' metadata input (n, n_meta) float32, or None for an image-only MLP.
         device: where the backbone runs.
 
