@@ -1,7 +1,7 @@
 """Benchmark of the LightGBM stage at ISIC 2024 scale, beside in-run baselines.
 
 `bench_gbdt(frame, spec)` takes a metadata table (the caller builds it, e.g. the synthetic
-ISIC 2024-like table of `fuse.synthetic` with 401,059 rows) and measures, each in a fresh child
+ISIC 2024-like table of `fuse.demo.synthetic` with 401,059 rows) and measures, each in a fresh child
 interpreter so that peak memory is that run's own (`benchmarks.common.run_child`):
 
 - ours: feature building alone (encoder fit + transform of all rows), then one whole 5-fold fit

@@ -168,7 +168,7 @@ def _embedding(weights, **settings) -> dict:
 
 def _gbdt_at(rows: int) -> dict:
     from benchmarks.gbdt import bench_gbdt
-    from fuse.synthetic import make_isic2024_like
+    from fuse.demo.synthetic import make_isic2024_like
     from tabular.spec import isic2024_spec
     from tabular.validate import read_metadata
 

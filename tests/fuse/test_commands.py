@@ -9,9 +9,9 @@ import torchvision
 from embed.errors import EmbedError
 from embed.weights import ensure_weights
 from fuse.commands import embed_spec, stack_and_report, train_gbdt
+from fuse.demo.synthetic import make_isic2024_like
 from fuse.errors import RunError
 from fuse.stores import locate_store, open_for_training
-from fuse.synthetic import make_isic2024_like
 from tabular.spec import load_spec
 from tabular.validate import read_metadata
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from fuse import demo
+from fuse.demo import run as demo
 
 
 class Stop(Exception):
@@ -33,7 +33,7 @@ def test_demo_data_of_another_size_is_made_again_with_its_store_and_run(tmp_path
         raise Stop
 
     monkeypatch.setattr(demo, "make_isic2024_like", make)
-    monkeypatch.setattr(demo, "embed_spec", embed)
+    monkeypatch.setattr(demo.commands, "embed_spec", embed)
 
     assert demo._rows_of(data) == 3
     with pytest.raises(Stop):

@@ -36,11 +36,11 @@ def tiny(tmp_path_factory):
     from embed.sources import open_source
     from embed.weights import ensure_weights
     from fuse.commands import embed_spec, train_gbdt
+    from fuse.demo.synthetic import make_isic2024_like
     from fuse.fusion import train_fusion
     from fuse.model import FusionConfig
     from fuse.models import RunModels
     from fuse.stack import StackConfig, stack
-    from fuse.synthetic import make_isic2024_like
     from tabular.gbdt import GBDTConfig
     from tabular.spec import load_spec
 

@@ -32,9 +32,9 @@ def tiny(tmp_path_factory):
     import torchvision
 
     from fuse.commands import embed_spec, train_gbdt
+    from fuse.demo.synthetic import make_isic2024_like
     from fuse.fusion import train_fusion
     from fuse.model import FusionConfig
-    from fuse.synthetic import make_isic2024_like
     from tabular.gbdt import GBDTConfig
 
     root = tmp_path_factory.mktemp("score")

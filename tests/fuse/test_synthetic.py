@@ -1,4 +1,4 @@
-"""fuse.synthetic: the ISIC 2024-like generator's layout, formats, determinism and signal."""
+"""fuse.demo.synthetic: the ISIC 2024-like generator's layout, formats, determinism and signal."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from sklearn.model_selection import GroupKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from fuse.demo.synthetic import TEST_COLUMNS, TRAIN_COLUMNS, draw_lesion, make_isic2024_like
 from fuse.errors import RunError
-from fuse.synthetic import TEST_COLUMNS, TRAIN_COLUMNS, draw_lesion, make_isic2024_like
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 REAL_TRAIN = SHARED / "isic2024-mini" / "train-metadata.csv"

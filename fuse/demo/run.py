@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 
 from fuse import commands
+from fuse.demo.synthetic import make_isic2024_like
 from fuse.paths import artifacts_root, run_dir, stores_root
-from fuse.synthetic import make_isic2024_like
 
 log = logging.getLogger(__name__)
 
