@@ -366,67 +366,92 @@ def stack(run_dir: Path | str, sensitivity: float = 0.95, config: StackConfig | 
         RunError: no run at `run_dir`; a base stage is missing (names the command that makes it);
             an `oof.csv` does not match the run's folds; `sensitivity` out of range.
     """
-    from tabular.run import load_run
-
     if not 0.0 < sensitivity <= 1.0:
         raise RunError(f"sensitivity: expected a value in (0, 1], got {sensitivity!r}")
     config = config or StackConfig()
     layout = RunLayout(Path(run_dir)).require()
-    run_dir = layout.dir
-    for stage in BASE_STAGES:  # say what is missing before reading any metadata
-        layout.require_file(stage)
-    try:
-        run = load_run(run_dir)
-    except DataError as error:
-        raise RunError(f"run {run_dir}: cannot be reopened: {error}") from error
-    ids = run.frame[run.spec.id].astype(str).to_numpy()
-    y, folds = run.target, run.fold
-    p_gbdt = layout.read_oof("gbdt", ids, folds, y)
-    p_fusion = layout.read_oof("fusion", ids, folds, y)
-    run_identity(layout)  # the base stages must have been trained on the same embeddings
+    run, p_gbdt, p_fusion = _base_predictions(layout)
     made_from = {
         "folds.csv": sha256_file(layout.folds),
         "gbdt/oof.csv": sha256_file(layout.oof("gbdt")),
         "fusion/oof.csv": sha256_file(layout.oof("fusion")),
     }
+    ids = run.frame[run.spec.id].astype(str).to_numpy()
+    y, folds = run.target, run.fold
+    p_stack = _fit_stack(layout, run, p_gbdt, p_fusion, config, made_from)
+    p_blend = _fit_blend(layout, y, folds, p_gbdt, p_fusion, config, made_from)
+    figures = {}
+    for name, p in (("stack", p_stack), ("blend", p_blend)):
+        layout.write_oof(name, ids, folds, y, p)
+        figures[name] = {**evaluate(y, p, folds, sensitivity), "made_from": made_from}
+        atomic_write_json(layout.metrics(name), figures[name])
+    final = _choose_final(figures)
+    record = _calibrate_final(layout, ids, y, folds, final, p_stack if final == "stack" else p_blend,
+                              figures, sensitivity, made_from)
+    return record
 
+
+def _base_predictions(layout: RunLayout):
+    """The reopened run and its two base stages' out-of-fold predictions, checked against its folds."""
+    from tabular.run import load_run
+
+    for stage in BASE_STAGES:  # say what is missing before reading any metadata
+        layout.require_file(stage)
+    try:
+        run = load_run(layout.dir)
+    except DataError as error:
+        raise RunError(f"run {layout.dir}: cannot be reopened: {error}") from error
+    ids = run.frame[run.spec.id].astype(str).to_numpy()
+    p_gbdt = layout.read_oof("gbdt", ids, run.fold, run.target)
+    p_fusion = layout.read_oof("fusion", ids, run.fold, run.target)
+    run_identity(layout)  # the base stages must have been trained on the same embeddings
+    return run, p_gbdt, p_fusion
+
+
+def _fit_stack(layout: RunLayout, run, p_gbdt, p_fusion, config: StackConfig, made_from: dict) -> np.ndarray:
+    """The stack's out-of-fold predictions; its fold models and encoders saved in `stack/`."""
     stack_dir = layout.make_stage("stack")
     for old in stack_dir.glob("fold*.txt"):
         old.unlink()
-    log.info("stack: LightGBM on metadata + fusion and gbdt predictions, %d folds", len(np.unique(folds)))
-    p_stack = oof_stack(run.frame, run.spec, y, folds, p_fusion, p_gbdt, config, out_dir=stack_dir)
-    (stack_dir / "stack.json").write_text(json.dumps({
-        "folds": [int(k) for k in np.unique(folds)],
+    log.info("stack: LightGBM on metadata + fusion and gbdt predictions, %d folds", len(np.unique(run.fold)))
+    p_stack = oof_stack(run.frame, run.spec, run.target, run.fold, p_fusion, p_gbdt, config, out_dir=stack_dir)
+    atomic_write_json(stack_dir / "stack.json", {
+        "folds": [int(k) for k in np.unique(run.fold)],
         "features": list(BASE_FEATURES),
         "config": asdict(config),
         "made_from": made_from,
-    }, indent=2))
+    })
+    return p_stack
 
-    blend_dir = layout.make_stage("blend")
+
+def _fit_blend(layout: RunLayout, y, folds, p_gbdt, p_fusion, config: StackConfig, made_from: dict) -> np.ndarray:
+    """The blend's out-of-fold scores; its weight and rank references (from every row) in `blend/`."""
     p_blend, fold_weights = oof_blend(y, folds, p_gbdt, p_fusion, config)
     weight, references = choose_blend_weight(y, p_gbdt, p_fusion, config.blend_weights)
-    (blend_dir / "blend.json").write_text(json.dumps({
+    atomic_write_json(layout.make_stage("blend") / "blend.json", {
         "weight_gbdt": weight,
         "fold_weights": fold_weights,
         "references": {name: values.tolist() for name, values in references.items()},
         "made_from": made_from,
-    }))
+    }, indent=None)
+    return p_blend
 
-    figures = {}
-    for name, p, stage_dir in (("stack", p_stack, stack_dir), ("blend", p_blend, blend_dir)):
-        layout.write_oof(stage_dir.name, ids, folds, y, p)
-        figures[name] = evaluate(y, p, folds, sensitivity)
-        figures[name]["made_from"] = made_from
-        (stage_dir / "metrics.json").write_text(json.dumps(figures[name], indent=2))
+
+def _choose_final(figures: dict) -> str:
+    """The candidate with the higher out-of-fold pAUC80; ties go to the stack (listed first): it
+    also carries the metadata signal the blend only sees through gbdt."""
 
     def key(name):
         value = figures[name]["pauc80"]
         return -math.inf if value is None else value
 
-    # Ties go to the stack (first): it also carries the metadata signal the blend only sees via gbdt.
-    final = max(("stack", "blend"), key=key)
-    calibrator, p_calibrated, calibration_figures = choose_calibrator(
-        y, p_stack if final == "stack" else p_blend, folds)
+    return max(("stack", "blend"), key=key)
+
+
+def _calibrate_final(layout: RunLayout, ids, y, folds, final: str, p_final, figures: dict,
+                     sensitivity: float, made_from: dict) -> dict:
+    """Calibrate the final model's score, write `stack/final.json` and the calibrated out-of-fold file."""
+    calibrator, p_calibrated, calibration_figures = choose_calibrator(y, p_final, folds)
     layout.write_oof("stack", ids, folds, y, p_calibrated, name=CALIBRATED_OOF)
     # The threshold chosen on the final score, carried through the (monotone) calibrator: the
     # lesions at or above it are the same ones, now compared on the probability scale.

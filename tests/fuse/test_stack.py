@@ -90,9 +90,9 @@ def test_outputs_folds_threshold_and_final_choice(tabular_run):
     assert final["final"] == max(("stack", "blend"), key=lambda name: final["pauc80"][name])
     oof = pd.read_csv(run.dir / final["final"] / "oof.csv")
     expected = threshold_for_sensitivity(oof["target"], oof["p"], 0.9)
-    assert final["threshold"] == pytest.approx(expected)
+    assert final["score_threshold"] == pytest.approx(expected)  # `threshold`: the same on the probability scale
     assert final["sensitivity"] == 0.9
-    flagged = oof["p"] >= final["threshold"]
+    flagged = oof["p"] >= final["score_threshold"]
     assert flagged[oof["target"] == 1].mean() >= 0.9
 
 
