@@ -60,7 +60,7 @@ def world(tmp_path_factory, shared_data):
     meta = pd.read_csv(ham / "metadata.csv")
     lesions = meta.drop_duplicates("lesion_id")
     chosen = pd.concat([lesions[lesions.target == 1].head(20), lesions[lesions.target == 0].head(60)])
-    train = meta[meta.lesion_id.isin(chosen.lesion_id)].head(80)
+    train = meta[meta.image_id.isin(chosen.image_id)]  # one image per lesion: 20 malignant, 60 benign
     images = root / "ham-images"
     images.mkdir()
     for image_id in train.image_id:
@@ -164,7 +164,9 @@ def test_stages_trained_on_stores_of_other_sizes_are_refused(world, trained):
     env, spec, weights = world["env"], str(world["spec"]), str(world["weights"])
     invoke(env, "embed", "--spec", spec, "--image-size", "40", "--weights", weights, "--device", "cpu",
            "--workers", "0")
-    done = invoke(env, "train-fusion", "--spec", spec, "--run", "r", "--store", str(_store(world, 40)),
+    invoke(env, "train-gbdt", "--spec", spec, "--run", "sizes", "--store", str(_store(world, 32)),
+           "--image-pca", "4")
+    done = invoke(env, "train-fusion", "--spec", spec, "--run", "sizes", "--store", str(_store(world, 40)),
                   "--epochs", "1", check=False)
     assert done.returncode == 2
     assert "image_size=40 but stage 'gbdt'" in done.stderr and "image_size=32" in done.stderr

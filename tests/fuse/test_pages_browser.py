@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fuse.report import PLOTS, write_report
+from fuse.report import COLUMNS, PLOTS, write_report
 from fuse.stack import StackConfig, stack
 from fuse.triage import write_triage_page
 
@@ -102,7 +102,7 @@ def test_run_report_renders_in_chromium(browser, tmp_path, tabular_run):
     page, problems = open_page(browser, index, tmp_path / "report.png")
     assert page.title().startswith("Evaluation report: tiny")
     assert page.locator("table#models tbody tr").count() == len(models) >= 4
-    assert page.locator("table#models thead th").count() == 14
+    assert page.locator("table#models thead th").count() == len(COLUMNS) + 1  # the model name, then each figure
     assert page.locator("img").count() == len(PLOTS)
     assert broken_images(page) == []
     sizes = page.evaluate("Array.from(document.images).map(i => i.naturalWidth)")
