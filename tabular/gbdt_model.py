@@ -25,6 +25,8 @@ from tabular.spec import DatasetSpec
 log = logging.getLogger(__name__)
 
 FEATURES_FILE = "features.json"
+# How the encoder names a one-hot column: "<column>__<category>".
+ONE_HOT_SEPARATOR = "__"
 ENCODER_FILE = "encoder.json"
 
 # `encode(encoder, frame)`: a caller's stand-in for `encoder.transform(frame)`, so that stages
@@ -194,7 +196,15 @@ class GBDTModel:
 
 def _reason_text(contributions: pd.Series, values: pd.Series, top: int) -> str:
     largest = contributions[contributions > 0].sort_values(ascending=False).head(top)
-    return "; ".join(f"{name} = {_shown(values.get(name))} ({value:+.2f})" for name, value in largest.items())
+    return "; ".join(f"{_condition(name, values.get(name))} ({value:+.2f})" for name, value in largest.items())
+
+
+def _condition(name: str, value) -> str:
+    """"age = 71"; a one-hot column `site__back` reads "site = back" (1) or "site != back" (0)."""
+    column, _, category = name.partition(ONE_HOT_SEPARATOR)
+    if category and not (np.isscalar(value) and pd.isna(value)) and float(value) in (0.0, 1.0):
+        return f"{column} {'=' if float(value) == 1.0 else '!='} {category}"
+    return f"{name} = {_shown(value)}"
 
 
 def _shown(value) -> str:

@@ -377,8 +377,8 @@ def test_reasons_and_the_triage_page(tiny, tmp_path):
     images, metadata = tiny["data"] / "test-image.hdf5", tiny["data"] / "test-metadata.csv"
     result = score(tiny["run"], images, metadata, tmp_path / "p.csv", weights=tiny["weights"],
                    page=tmp_path / "p.html", **FAST)
-    # "feature = value (+0.12)"; only contributions that raise the score, largest first.
-    pattern = r"^$|^([^;]+ = [^;]+ \(\+\d+\.\d\d\))(; [^;]+ = [^;]+ \(\+\d+\.\d\d\)){0,2}$"
+    # "feature = value (+0.12)" or "column != category (+0.12)"; only contributions that raise the score, largest first.
+    pattern = r"^$|^([^;]+ !?= [^;]+ \(\+\d+\.\d\d\))(; [^;]+ !?= [^;]+ \(\+\d+\.\d\d\)){0,2}$"
     assert result["reasons"].str.match(pattern).all()  # GBDTModel.reasons is tested on real signal
     page = (tmp_path / "p.html").read_text()
     assert result["isic_id"].iloc[0] in page and "p.csv" in page

@@ -264,3 +264,13 @@ def test_reasons_name_the_metadata_that_raises_the_score(tmp_path):
         assert name == "x" and rest == f"{frame.loc[i, 'x']:.3g} ({rest.split('(')[1]}"
         assert float(rest.split("(")[1].rstrip(")")) > 0
     assert not any("img_pca_" in text for text in reasons)
+
+
+def test_reasons_read_one_hot_columns_as_conditions():
+    from tabular.gbdt_model import _reason_text
+
+    contributions = pd.Series({"age": 0.8, "site__back": 0.3, "site__face": 0.1, "size": -0.5})
+    values = pd.Series({"age": 71.0, "site__back": 1.0, "site__face": 0.0, "size": 3.25})
+    assert _reason_text(contributions, values, top=3) == "age = 71 (+0.80); site = back (+0.30); site != face (+0.10)"
+    assert _reason_text(contributions, values, top=1) == "age = 71 (+0.80)"
+    assert _reason_text(-contributions.abs(), values, top=3) == ""  # nothing raised the score
