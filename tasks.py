@@ -117,8 +117,8 @@ def embed(c, spec=None, image_size=224, views=1, batch_size=None, device="auto",
         "trials": "Optuna trials (0 = default parameters); a rerun runs only the missing ones",
         "storage": "Optuna storage URL (default sqlite in the run folder; any RDB URL or journal:///file.log)",
         "image_pca": "PCA components of the image embeddings added as features (0 = metadata only; needs `invoke embed`)",
-        "neg_ratio": "negatives kept per positive in each training part, a different draw per seed (default 100: "
-                     "down-samples only where negatives outnumber positives more than 100 to 1, e.g. ISIC 2024; "
+        "neg_ratio": "negatives kept per positive in each training part, a different draw per seed (default 50: "
+                     "down-samples only where negatives outnumber positives more than 50 to 1, e.g. ISIC 2024; "
                      "0 = keep every negative); validation parts are never sampled",
         "store": "feature store folder for the image PCA (default: the spec's store for the current weights)",
     }

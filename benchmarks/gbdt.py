@@ -13,11 +13,18 @@ interpreter so that peak memory is that run's own (`benchmarks.common.run_child`
 - baseline: plain LightGBM on the raw numeric columns, same folds, parameters, seeds and negative
   draws as ours: what the features cost.
 
-Targets, each stated for the hardware it holds on (`TARGETS`): the default fit at most
-`TARGET_FIT_VS_UNSAMPLED` of the unsampled fit's time and its pAUC80 no lower than the unsampled
-one's beyond the seed-to-seed noise, on any CPU; under `TARGET_FIT_SECONDS` at 401,059 rows on the
-2-core AMD EPYC development machine (a slower CPU misses that without a shortfall: look at the
-ratio); peak memory under `TARGET_PEAK_BYTES` on any machine.
+Targets, each stated for the hardware it holds on (`TARGETS`), and judged (`targets.*_met`) only
+there, None elsewhere:
+- pAUC80 of the default no lower than the unsampled one's beyond the seed-to-seed noise
+  (`TARGET_PAUC80_DELTA`), at 401,059 rows, on any CPU;
+- the default fit at most `TARGET_FIT_VS_UNSAMPLED` of the unsampled fit's time, where LightGBM
+  runs one thread per model (2 logical CPUs, as `GBDTConfig` sets it there): with more threads
+  the fits shrink and the feature building, single-threaded and the same with or without
+  sampling, takes a larger share, so the ratio rises without a shortfall;
+- the default fit under `TARGET_FIT_SECONDS` at 401,059 rows on the 2-core AMD EPYC development
+  machine with nothing else running: seconds depend on the CPU and on its load, so `load_average`
+  and `fit_cpu_seconds` (process CPU time, which a busy machine inflates less) come with them;
+- peak memory under `TARGET_PEAK_BYTES` on any machine.
 
 Peak memory is the child's peak resident set size (VmHWM, cross-checked with `ru_maxrss`).
 """
@@ -42,18 +49,22 @@ from tabular.spec import DatasetSpec
 log = logging.getLogger(__name__)
 
 # The default ensemble's 5-fold fit (3 seeds) on 401,059 rows, on the 2-core AMD EPYC development
-# machine; seconds scale with the CPU, so elsewhere the ratio below is the figure to judge.
+# machine when idle; seconds scale with the CPU and its load, so elsewhere judge the ratio below.
 TARGET_FIT_SECONDS = 60.0
-# Default fit time / unsampled fit time in the same run, on any CPU (both sides on the same cores).
-TARGET_FIT_VS_UNSAMPLED = 0.4
-# Default pAUC80 - unsampled pAUC80 at 401,059 rows: at least minus twice the seed-to-seed spread
-# (standard deviation over three 3-seed sets) of the unsampled ensemble measured there, 0.0xx.
-TARGET_PAUC80_DELTA = -0.01
+# Default fit time / unsampled fit time in the same run, where LightGBM runs one thread per model
+# (measured 0.25-0.28 on the 2-core EPYC at load 2.5-4.5).
+TARGET_FIT_VS_UNSAMPLED = 0.35
+# Default pAUC80 - unsampled pAUC80 at 401,059 rows, the same seeds: at least minus twice the
+# standard deviation of the difference of two 3-seed ensembles (pooled set-to-set standard
+# deviation 0.0010 over 3-seed sets at 20-200 negatives per positive and unsampled, 401,059
+# synthetic rows: 2 x sqrt(2) x 0.0010 = 0.0027).
+TARGET_PAUC80_DELTA = -0.003
 TARGET_PEAK_BYTES = 4 * 1024**3
 TARGETS = {
     "fit_seconds": {"value": TARGET_FIT_SECONDS, "rows": ISIC2024_ROWS,
-                    "applies_to": "2-core AMD EPYC development machine (or faster CPUs)"},
-    "fit_vs_unsampled": {"value": TARGET_FIT_VS_UNSAMPLED, "applies_to": "any CPU"},
+                    "applies_to": "2-core AMD EPYC development machine, idle (or a faster CPU)"},
+    "fit_vs_unsampled": {"value": TARGET_FIT_VS_UNSAMPLED, "lightgbm_threads": 1,
+                         "applies_to": "any CPU where LightGBM runs 1 thread per model (2 logical CPUs)"},
     "pauc80_delta": {"value": TARGET_PAUC80_DELTA, "rows": ISIC2024_ROWS, "applies_to": "any CPU"},
     "peak_rss_bytes": {"value": TARGET_PEAK_BYTES, "applies_to": "any machine"},
 }
@@ -95,9 +106,10 @@ def measure_fit(kind: str, work: str) -> dict:
             result["features_seconds"] = time.perf_counter() - tick
             result["n_features"] = int(features.shape[1])
             del features
-        tick = time.perf_counter()
+        tick, cpu = time.perf_counter(), time.process_time()
         metrics = fit_gbdt_frame(frame, folds, spec, work_dir / f"gbdt-{kind}", config=config)
         result["fit_seconds"] = time.perf_counter() - tick
+        result["fit_cpu_seconds"] = time.process_time() - cpu
         result["fit_breakdown_seconds"] = metrics["seconds"]
         result["pauc80"] = metrics["pauc80"]
         result["roc_auc"] = metrics["roc_auc"]
@@ -110,7 +122,7 @@ def measure_fit(kind: str, work: str) -> dict:
         from tabular.gbdt import booster_params, negative_sample, sample_seed, validation_offset
 
         columns = list(spec.numeric)
-        tick = time.perf_counter()
+        tick, cpu = time.perf_counter(), time.process_time()
         X = frame[columns].apply(pd.to_numeric, errors="coerce").astype(np.float32)
         oof = np.zeros(len(frame))
         for k in np.unique(folds):
@@ -128,6 +140,7 @@ def measure_fit(kind: str, work: str) -> dict:
                 )
                 oof[valid] += booster.predict(X.iloc[valid], num_iteration=booster.best_iteration) / len(config.seeds)
         result["fit_seconds"] = time.perf_counter() - tick
+        result["fit_cpu_seconds"] = time.process_time() - cpu
         result["n_features"] = len(columns)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", MetricWarning)
@@ -172,11 +185,13 @@ def bench_gbdt(
         DataError: no target column, or a child process failed.
     """
     from tabular.folds import make_folds
-    from tabular.gbdt import GBDTConfig
+    from tabular.gbdt import GBDTConfig, lightgbm_threads
 
     if not spec.target or spec.target not in frame.columns:
         raise DataError(f"bench: the frame lacks the target column '{spec.target}'")
-    config = GBDTConfig(seeds=tuple(GBDTConfig().seeds if seeds is None else seeds), neg_ratio=neg_ratio)
+    config = GBDTConfig(seeds=tuple(GBDTConfig().seeds if seeds is None else seeds), neg_ratio=neg_ratio,
+                        num_threads=int(num_threads))
+    threads = lightgbm_threads(config)
     folds = make_folds(frame, spec, n_folds=n_folds, seed=42)["fold"].to_numpy()
     options = {"seeds": [int(s) for s in config.seeds], "neg_ratio": config.neg_ratio,
                "params": dict(params or {}), "num_threads": int(num_threads)}
@@ -209,6 +224,7 @@ def bench_gbdt(
         "seeds": list(options["seeds"]),
         "neg_ratio": config.neg_ratio,
         "cpus": cpu_count(),
+        "lightgbm_threads": threads,
         "load_average": _load_average(),
         "ours": ours,
         "unsampled": unsampled,
@@ -217,7 +233,7 @@ def bench_gbdt(
         "targets": {
             **TARGETS,
             "fit_met": ours["fit_seconds"] <= TARGET_FIT_SECONDS if full else None,
-            "fit_vs_unsampled_met": ratios["fit_vs_unsampled"] <= TARGET_FIT_VS_UNSAMPLED,
+            "fit_vs_unsampled_met": ratios["fit_vs_unsampled"] <= TARGET_FIT_VS_UNSAMPLED if threads == 1 else None,
             "pauc80_met": (None if not full or ratios["pauc80_delta"] is None
                            else ratios["pauc80_delta"] >= TARGET_PAUC80_DELTA),
             "memory_met": ours["peak_rss_bytes"] <= TARGET_PEAK_BYTES,

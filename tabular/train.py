@@ -66,7 +66,7 @@ def fit_gbdt(
         seeds: one model per fold and seed.
         neg_ratio: keep every positive and at most this many negatives per positive in each
             training part, a different draw per seed and fold (validation parts are never
-            sampled); None = the default (`tabular.gbdt.DEFAULT_NEG_RATIO`, 100: on only where a
+            sampled); None = the default (`tabular.gbdt.DEFAULT_NEG_RATIO`, 50: on only where a
             training part has more negatives per positive, e.g. ISIC 2024), 0 = every negative.
         config: full ensemble settings (overrides seeds / neg_ratio / extra_components).
 

@@ -71,7 +71,7 @@ def test_negative_sample_keeps_positives_and_bounds_ratio():
 
 
 def test_negative_sampling_is_on_by_default_and_off_with_zero():
-    assert GBDTConfig().neg_ratio == DEFAULT_NEG_RATIO == 100
+    assert GBDTConfig().neg_ratio == DEFAULT_NEG_RATIO == 50
     assert GBDTConfig(neg_ratio=None).neg_ratio == DEFAULT_NEG_RATIO  # None = the default
     assert GBDTConfig(neg_ratio=0).neg_ratio == 0.0
     assert GBDTConfig(neg_ratio=20).neg_ratio == 20.0
@@ -80,7 +80,7 @@ def test_negative_sampling_is_on_by_default_and_off_with_zero():
 @pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "100", True])
 def test_config_refuses_bad_neg_ratio(bad):
     message = (r"neg_ratio: expected a number >= 0 \(negatives kept per positive; 0 keeps every negative, "
-               rf"None the default 100\), got {re.escape(repr(bad))}")
+               rf"None the default 50\), got {re.escape(repr(bad))}")
     with pytest.raises(DataError, match=message):
         GBDTConfig(neg_ratio=bad)
 

@@ -164,13 +164,13 @@ def test_fit_gbdt_default_neg_ratio_and_zero_turns_it_off(tmp_path):
     # neg_ratio=None (what `invoke train-gbdt` passes without --neg-ratio) is the default, which
     # leaves a 20%-positive table whole.
     metrics = fit_gbdt(spec, tmp_path / "run", seeds=(0,), extra_components=0, neg_ratio=None)
-    assert metrics["neg_ratio"] == 100 and metrics["negative_sampling"]["applied"] is False
+    assert metrics["neg_ratio"] == 50 and metrics["negative_sampling"]["applied"] is False
     spec, _ = make(tmp_path, n=300, edit=_rare)
     metrics = fit_gbdt(spec, tmp_path / "run2", seeds=(0,), extra_components=0, neg_ratio=0)
     assert metrics["neg_ratio"] == 0 and metrics["negative_sampling"]["applied"] is False
     assert all(f["negatives_kept"] == f["negatives"] for f in metrics["negative_sampling"]["folds"])
     with pytest.raises(DataError, match=r"neg_ratio: expected a number >= 0 \(negatives kept per positive; "
-                                        r"0 keeps every negative, None the default 100\), got -5"):
+                                        r"0 keeps every negative, None the default 50\), got -5"):
         fit_gbdt(spec, tmp_path / "run3", seeds=(0,), extra_components=0, neg_ratio=-5)
 
 
