@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from tinyrun import train_tiny_run
 
 from benchmarks.common import machine
 from benchmarks.run import format_table
@@ -21,35 +22,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A trained, stacked run and the random weights it was embedded with."""
-    import torch
-    import torchvision
-
-    from fuse.commands import embed_spec, train_gbdt
-    from fuse.demo.synthetic import make_isic2024_like
-    from fuse.fusion import train_fusion
-    from fuse.model import FusionConfig
-    from fuse.stack import StackConfig, stack
-    from tabular.gbdt import GBDTConfig
-    from tabular.spec import load_spec
-
-    root = tmp_path_factory.mktemp("score-bench")
-    data = root / "data"
-    make_isic2024_like(data, n_rows=60, n_patients=12, prevalence=0.25, seed=0,
-                       image_size_range=(24, 40), test_rows=6)
-    torch.manual_seed(0)
-    weights = root / "random-resnet50.pth"
-    torch.save(torchvision.models.resnet50(weights=None).state_dict(), weights)
-    summary = embed_spec(data, image_size=32, weights_path=weights, stores=root / "stores",
-                         device="cpu", num_workers=0)
-    run = root / "run"
-    train_gbdt(data, run, image_pca=4, store=summary.store_dir,
-               config=GBDTConfig(seeds=(0,), extra_components=4, num_boost_round=40,
-                                 early_stopping_rounds=10, num_threads=1))
-    train_fusion(load_spec(data), run, summary.store_dir,
-                 FusionConfig(max_epochs=2, image_hidden=16, meta_hidden=8, fused_hidden=8,
-                              batch_size=32, device="cpu"), baselines=False)
-    stack(run, config=StackConfig(num_boost_round=30))
-    return {"run": run, "weights": weights}
+    return train_tiny_run(tmp_path_factory.mktemp("score-bench"))
 
 
 def test_bench_scoring_reports_both_rates(tiny, tmp_path):

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from tinyrun import train_tiny_run
 
 from fuse import saliency as saliency_module
 from fuse.saliency import grad_cam, saliency_overlays
@@ -30,42 +31,17 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A trained, stacked run at 64 px, its loaded models, backbone and scoring rows."""
-    import torchvision
-
     from embed.backbone import load_backbone
     from embed.sources import open_source
     from embed.weights import ensure_weights
-    from fuse.commands import embed_spec, train_gbdt
-    from fuse.demo.synthetic import make_isic2024_like
-    from fuse.fusion import train_fusion
-    from fuse.model import FusionConfig
     from fuse.models import RunModels
-    from fuse.stack import StackConfig, stack
-    from tabular.gbdt import GBDTConfig
-    from tabular.spec import load_spec
 
-    root = tmp_path_factory.mktemp("saliency")
-    data = root / "data"
-    make_isic2024_like(data, n_rows=60, n_patients=12, prevalence=0.25, seed=0,
-                       image_size_range=(24, 40), test_rows=6)
-    torch.manual_seed(0)
-    weights = root / "random-resnet50.pth"
-    torch.save(torchvision.models.resnet50(weights=None).state_dict(), weights)
-    summary = embed_spec(data, image_size=SIZE, weights_path=weights, stores=root / "stores",
-                         device="cpu", num_workers=0)
-    spec = load_spec(data)
-    run = root / "run"
-    train_gbdt(data, run, image_pca=4, store=summary.store_dir,
-               config=GBDTConfig(seeds=(0,), extra_components=4, num_boost_round=40,
-                                 early_stopping_rounds=10, num_threads=1))
-    train_fusion(spec, run, summary.store_dir,
-                 FusionConfig(max_epochs=2, image_hidden=16, meta_hidden=8, fused_hidden=8,
-                              batch_size=32, device="cpu"), baselines=False)
-    stack(run, config=StackConfig(num_boost_round=30))
-    info = ensure_weights(weights)
+    made = train_tiny_run(tmp_path_factory.mktemp("saliency"), image_size=SIZE)
+    data, spec = made["data"], made["spec"]
+    info = ensure_weights(made["weights"])
     return {
-        "data": data, "run": run, "weights": weights, "spec": spec, "info": info,
-        "models": RunModels.load(run), "backbone": load_backbone(info, "cpu"),
+        "data": data, "run": made["run"], "weights": made["weights"], "spec": spec, "info": info,
+        "models": RunModels.load(made["run"]), "backbone": load_backbone(info, "cpu"),
         "frame": read_scoring_metadata(data / "test-metadata.csv", spec),
         "source": open_source(data / "test-image.hdf5"),
     }

@@ -12,12 +12,12 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from tinyrun import train_tiny_run
 
 from fuse import score as score_module
 from fuse.errors import RunError
 from fuse.score import NO_METADATA, patient_chunks, read_scoring_metadata, score
-from fuse.stack import StackConfig, stack
-from tabular.spec import ISIC2024_TRAIN_ONLY, load_spec
+from tabular.spec import ISIC2024_TRAIN_ONLY
 
 pytestmark = pytest.mark.slow
 
@@ -28,34 +28,7 @@ FAST = {"device": "cpu", "num_workers": 0, "progress": False}
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A trained, stacked run plus its data folder and the random weights it was embedded with."""
-    import torch
-    import torchvision
-
-    from fuse.commands import embed_spec, train_gbdt
-    from fuse.demo.synthetic import make_isic2024_like
-    from fuse.fusion import train_fusion
-    from fuse.model import FusionConfig
-    from tabular.gbdt import GBDTConfig
-
-    root = tmp_path_factory.mktemp("score")
-    data = root / "data"
-    make_isic2024_like(data, n_rows=60, n_patients=12, prevalence=0.25, seed=0,
-                       image_size_range=(24, 40), test_rows=6)
-    torch.manual_seed(0)
-    weights = root / "random-resnet50.pth"
-    torch.save(torchvision.models.resnet50(weights=None).state_dict(), weights)
-    summary = embed_spec(data, image_size=32, weights_path=weights, stores=root / "stores",
-                         device="cpu", num_workers=0)
-    spec = load_spec(data)
-    run = root / "run"
-    train_gbdt(data, run, image_pca=4, store=summary.store_dir,
-               config=GBDTConfig(seeds=(0,), extra_components=4, num_boost_round=40,
-                                 early_stopping_rounds=10, num_threads=1))
-    train_fusion(spec, run, summary.store_dir,
-                 FusionConfig(max_epochs=2, image_hidden=16, meta_hidden=8, fused_hidden=8,
-                              batch_size=32, device="cpu"), baselines=False)
-    stack(run, config=StackConfig(num_boost_round=30))
-    return {"root": root, "data": data, "run": run, "weights": weights, "spec": spec}
+    return train_tiny_run(tmp_path_factory.mktemp("score"))
 
 
 def _folder_of_test_images(tiny, folder):
