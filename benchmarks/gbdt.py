@@ -17,10 +17,10 @@ Targets, each stated for the hardware it holds on (`TARGETS`), and judged (`targ
 there, None elsewhere:
 - pAUC80 of the default no lower than the unsampled one's beyond the seed-to-seed noise
   (`TARGET_PAUC80_DELTA`), at 401,059 rows, on any CPU;
-- the default fit at most `TARGET_FIT_VS_UNSAMPLED` of the unsampled fit's time, where LightGBM
-  runs one thread per model (2 logical CPUs, as `GBDTConfig` sets it there): with more threads
-  the fits shrink and the feature building, single-threaded and the same with or without
-  sampling, takes a larger share, so the ratio rises without a shortfall;
+- the default fit at most `TARGET_FIT_VS_UNSAMPLED` of the unsampled fit's time at 401,059 rows,
+  where LightGBM runs one thread per model (2 logical CPUs, as `GBDTConfig` sets it there): with
+  more threads, or on fewer rows, the fits shrink and the feature building (single-threaded, the
+  same with or without sampling) takes a larger share, so the ratio rises without a shortfall;
 - the default fit under `TARGET_FIT_SECONDS` at 401,059 rows on the 2-core AMD EPYC development
   machine with nothing else running: seconds depend on the CPU and on its load, so `load_average`
   and `fit_cpu_seconds` (process CPU time, which a busy machine inflates less) come with them;
@@ -63,7 +63,7 @@ TARGET_PEAK_BYTES = 4 * 1024**3
 TARGETS = {
     "fit_seconds": {"value": TARGET_FIT_SECONDS, "rows": ISIC2024_ROWS,
                     "applies_to": "2-core AMD EPYC development machine, idle (or a faster CPU)"},
-    "fit_vs_unsampled": {"value": TARGET_FIT_VS_UNSAMPLED, "lightgbm_threads": 1,
+    "fit_vs_unsampled": {"value": TARGET_FIT_VS_UNSAMPLED, "rows": ISIC2024_ROWS, "lightgbm_threads": 1,
                          "applies_to": "any CPU where LightGBM runs 1 thread per model (2 logical CPUs)"},
     "pauc80_delta": {"value": TARGET_PAUC80_DELTA, "rows": ISIC2024_ROWS, "applies_to": "any CPU"},
     "peak_rss_bytes": {"value": TARGET_PEAK_BYTES, "applies_to": "any machine"},
@@ -233,7 +233,8 @@ def bench_gbdt(
         "targets": {
             **TARGETS,
             "fit_met": ours["fit_seconds"] <= TARGET_FIT_SECONDS if full else None,
-            "fit_vs_unsampled_met": ratios["fit_vs_unsampled"] <= TARGET_FIT_VS_UNSAMPLED if threads == 1 else None,
+            "fit_vs_unsampled_met": (ratios["fit_vs_unsampled"] <= TARGET_FIT_VS_UNSAMPLED
+                                     if full and threads == 1 else None),
             "pauc80_met": (None if not full or ratios["pauc80_delta"] is None
                            else ratios["pauc80_delta"] >= TARGET_PAUC80_DELTA),
             "memory_met": ours["peak_rss_bytes"] <= TARGET_PEAK_BYTES,

@@ -61,7 +61,7 @@ def test_bench_gbdt_small(tmp_path):
     # Targets: each says where it holds; seconds and pAUC80 only at 401,059 rows.
     assert report["targets"]["fit_seconds"]["applies_to"].startswith("2-core AMD EPYC")
     assert report["targets"]["fit_vs_unsampled"]["applies_to"].startswith("any CPU where LightGBM runs 1 thread")
-    assert report["lightgbm_threads"] == 1 and report["targets"]["fit_vs_unsampled_met"] in (True, False)
+    assert report["lightgbm_threads"] == 1 and report["targets"]["fit_vs_unsampled_met"] is None
     assert report["ours"]["fit_cpu_seconds"] > 0 and report["unsampled"]["fit_cpu_seconds"] > 0
     assert report["targets"]["fit_met"] is None and report["targets"]["pauc80_met"] is None
     assert len(report["load_average"]) == 3

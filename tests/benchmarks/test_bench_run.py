@@ -88,7 +88,6 @@ def test_table_shows_each_target():
     targets = {
         "embed pipeline images/s vs naive loop": ">= 1.8",
         "embed pipeline images/s vs model-only ceiling": ">= 0.85",
-        "gbdt default 5-fold fit s (10000 rows, 3 seeds, 50 neg/pos) vs every negative": "<= 0.35 (1 LightGBM thread)",
         "gbdt peak GB (10000 rows) vs raw LightGBM": "< 4 GB",
         "fusion peak / store size (10000 rows)": "< 2",
         "score images/s (200 images) vs embedding alone": ">= 0.8",
@@ -98,16 +97,18 @@ def test_table_shows_each_target():
 
 
 def test_gbdt_targets_name_the_hardware_and_the_row_count_they_hold_for():
-    """The seconds target holds for 401,059 rows on the idle 2-core EPYC, the time ratio where LightGBM
-    runs one thread, the pAUC80 target on any CPU (only at 401,059 rows, where its noise was measured)."""
+    """At 401,059 rows: the seconds target holds on the idle 2-core EPYC, the time ratio where LightGBM
+    runs one thread, the pAUC80 target (its noise measured there) on any CPU."""
     full = {**RESULT["parts"]["gbdt"][0], "rows": 401059}
     table = format_table({"machine": RESULT["machine"], "parts": {"gbdt": [full]}})
     fit = " ".join(_cells(table, "gbdt default 5-fold fit s (401059 rows, 3 seeds, 50 neg/pos) vs every negative"))
     assert fit.endswith("<= 0.35 (1 LightGBM thread); < 60 s (idle 2-core EPYC)")
     pauc = " ".join(_cells(table, "gbdt default OOF pAUC80 (401059 rows) vs every negative, difference"))
     assert pauc.endswith(">= -0.003 (seed noise, any CPU)")
+    # Fewer rows: fixed costs weigh more and the noise was not measured there, so no target.
     small = format_table(RESULT)
     assert _cells(small, "gbdt default OOF pAUC80 (10000 rows) vs every negative, difference")[3:] == []
+    assert _cells(small, "gbdt default 5-fold fit s (10000 rows, 3 seeds, 50 neg/pos) vs every negative")[3:] == []
     # A result written before the unsampled side existed still prints.
     old = {k: v for k, v in RESULT["parts"]["gbdt"][0].items() if k not in ("unsampled", "seeds", "neg_ratio")}
     table = format_table({"machine": RESULT["machine"], "parts": {"gbdt": [old]}})
