@@ -27,12 +27,17 @@ there, None elsewhere:
 - peak memory under `TARGET_PEAK_BYTES` on any machine.
 
 Peak memory is the child's peak resident set size (VmHWM, cross-checked with `ru_maxrss`).
+
+`sweep_neg_ratio` (`python -m benchmarks.gbdt --synthetic 401059` or `--spec S`) measures what the
+default ratio was chosen from: out-of-fold pAUC80, ROC AUC and fit time at several ratios, each
+with several seed sets, so that the seed-to-seed spread is measured beside the differences.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -264,3 +269,182 @@ def _load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except (AttributeError, OSError):
         return None
+
+
+# ------------------------------------------------------------------------ negative-ratio sweep
+
+
+def sweep_neg_ratio(
+    frame: pd.DataFrame,
+    spec: DatasetSpec,
+    ratios: tuple[float, ...] = (0, 20, 50, 100, 200),
+    seed_sets: int = 3,
+    set_size: int = 3,
+    n_folds: int = 5,
+    num_threads: int = 0,
+    work_dir: Path | None = None,
+) -> dict:
+    """Out-of-fold pAUC80, ROC AUC and fit time of the stage at several `neg_ratio`s, each with
+    several disjoint seed sets, so that the seed-to-seed spread is measured, not assumed.
+
+    Each fit is the stage itself (`fit_gbdt_frame` at default parameters: per-fold features, fold x
+    seed models, files written), in this process, on the same folds. Seed set i is seeds
+    i*set_size .. (i+1)*set_size-1; the sets run in turn and, within a set, every ratio back to
+    back, so that a change of machine load falls on all ratios alike.
+
+    Args:
+        frame, spec: as `bench_gbdt`.
+        ratios: negatives kept per positive (0 = every negative, today's default before sampling).
+        seed_sets: disjoint seed sets per ratio (>= 2 for a spread).
+        set_size: seeds per set (the default ensemble has 3).
+        n_folds, num_threads, work_dir: as `bench_gbdt`.
+
+    Returns:
+        dict: rows, positives, fits (one per ratio and set: pauc80, roc_auc, seconds, cpu_seconds,
+        load_average, applied, rows_per_model), and per ratio: pauc80 mean and sd over the sets,
+        roc_auc mean, seconds and cpu_seconds mean, pauc80 minus ratio 0's (when measured);
+        pooled_set_sd (the pooled within-ratio standard deviation of a set's pAUC80) and
+        noise_delta (2 x sqrt(2) x pooled_set_sd: how far two sets' pAUC80 may differ by seeds).
+    """
+    import warnings
+
+    from tabular.folds import make_folds
+    from tabular.gbdt import GBDTConfig
+    from tabular.train import fit_gbdt_frame
+
+    if not spec.target or spec.target not in frame.columns:
+        raise DataError(f"sweep: the frame lacks the target column '{spec.target}'")
+    if isinstance(seed_sets, bool) or not isinstance(seed_sets, int) or seed_sets < 1:
+        raise DataError(f"seed_sets: expected an integer >= 1, got {seed_sets!r}")
+    if isinstance(set_size, bool) or not isinstance(set_size, int) or set_size < 1:
+        raise DataError(f"set_size: expected an integer >= 1, got {set_size!r}")
+    configs = {float(r): GBDTConfig(neg_ratio=r, num_threads=int(num_threads)) for r in ratios}
+    frame = frame.reset_index(drop=True)
+    folds = make_folds(frame, spec, n_folds=n_folds, seed=42)["fold"].to_numpy()
+    fits = []
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(seed_sets):
+            seeds = tuple(range(i * set_size, (i + 1) * set_size))
+            for ratio, config in configs.items():
+                config = replace(config, seeds=seeds)
+                load = _load_average()
+                tick, cpu = time.perf_counter(), time.process_time()
+                metrics = fit_gbdt_frame(frame, folds, spec, Path(tmp) / "gbdt", config=config)
+                fit = {
+                    "neg_ratio": ratio, "seeds": list(seeds), "pauc80": metrics["pauc80"],
+                    "roc_auc": metrics["roc_auc"], "seconds": time.perf_counter() - tick,
+                    "cpu_seconds": time.process_time() - cpu,
+                    "load_average": [load[0] if load else None, *(_load_average() or [None])[:1]],
+                    "applied": metrics["negative_sampling"]["applied"],
+                    "rows_per_model": [f["rows_per_model"] for f in metrics["negative_sampling"]["folds"]],
+                }
+                fits.append(fit)
+                log.info("sweep: neg_ratio %g seeds %s: pAUC80 %.4f, ROC AUC %.4f, %.1f s (CPU %.1f s, load %s)",
+                         ratio, list(seeds), fit["pauc80"], fit["roc_auc"], fit["seconds"], fit["cpu_seconds"],
+                         fit["load_average"])
+    summary: dict[str, dict] = {}
+    squares, dof = 0.0, 0
+    for ratio in configs:
+        mine = [f for f in fits if f["neg_ratio"] == ratio]
+        pauc = np.array([f["pauc80"] for f in mine], dtype=float)
+        squares += float(((pauc - pauc.mean()) ** 2).sum())
+        dof += len(pauc) - 1
+        summary[f"{ratio:g}"] = {
+            "neg_ratio": ratio,
+            "sets": len(mine),
+            "applied": mine[0]["applied"],
+            "rows_per_model": mine[0]["rows_per_model"][0],
+            "pauc80_mean": float(pauc.mean()),
+            "pauc80_sd": float(pauc.std(ddof=1)) if len(pauc) > 1 else None,
+            "roc_auc_mean": float(np.mean([f["roc_auc"] for f in mine])),
+            "seconds_mean": float(np.mean([f["seconds"] for f in mine])),
+            "cpu_seconds_mean": float(np.mean([f["cpu_seconds"] for f in mine])),
+        }
+    base = summary.get("0")
+    for row in summary.values():
+        row["pauc80_minus_unsampled"] = None if base is None else row["pauc80_mean"] - base["pauc80_mean"]
+        row["seconds_vs_unsampled"] = None if base is None else row["seconds_mean"] / base["seconds_mean"]
+    pooled = math.sqrt(squares / dof) if dof else None
+    return {
+        "rows": len(frame),
+        "positives": int(frame[spec.target].sum()),
+        "n_folds": n_folds,
+        "set_size": set_size,
+        "cpus": cpu_count(),
+        "fits": fits,
+        "ratios": summary,
+        "pooled_set_sd": pooled,
+        "noise_delta": None if pooled is None else 2 * math.sqrt(2) * pooled,
+    }
+
+
+def format_sweep(result: dict) -> str:
+    """The sweep as a table: one line per ratio."""
+    lines = [f"{result['rows']} rows, {result['positives']} positives, {result['n_folds']} folds, "
+             f"{result['set_size']} seeds a set; pooled set-to-set sd of pAUC80 "
+             f"{_num(result['pooled_set_sd'])}, noise on a difference (2 x sqrt 2 x sd) {_num(result['noise_delta'])}",
+             "neg/pos  applied  rows/model  sets  pAUC80 mean +- sd  vs every negative  ROC AUC  fit s  "
+             "x every negative  CPU s"]
+    for row in result["ratios"].values():
+        delta = row["pauc80_minus_unsampled"]
+        lines.append(
+            f"{row['neg_ratio']:>7g}  {str(row['applied']):>7}  {row['rows_per_model']:>10}  {row['sets']:>4}  "
+            f"{row['pauc80_mean']:.4f} +- {_num(row['pauc80_sd'])}  {'' if delta is None else f'{delta:+.4f}':>17}  "
+            f"{row['roc_auc_mean']:.4f}  {row['seconds_mean']:5.1f}  "
+            f"{'' if row['seconds_vs_unsampled'] is None else format(row['seconds_vs_unsampled'], '.2f'):>16}  "
+            f"{row['cpu_seconds_mean']:5.1f}")
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`python -m benchmarks.gbdt`: the negative-ratio sweep on a spec or the synthetic table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.gbdt",
+        description="Out-of-fold pAUC80, ROC AUC and fit time of the LightGBM stage at several negatives per "
+                    "positive, each with several seed sets (the seed-to-seed spread).")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--spec", help="dataset spec TOML (or ISIC 2024 Kaggle-layout directory)")
+    source.add_argument("--synthetic", type=int, metavar="ROWS",
+                        help="the synthetic ISIC 2024-like table of this many rows (401059: the bench's)")
+    parser.add_argument("--ratios", default="0,20,50,100,200", help="comma-separated negatives per positive")
+    parser.add_argument("--seed-sets", type=int, default=3)
+    parser.add_argument("--set-size", type=int, default=3)
+    parser.add_argument("--out", help="write the JSON here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from tabular.spec import isic2024_spec, load_spec
+    from tabular.validate import read_metadata
+
+    try:
+        ratios = tuple(float(r) for r in args.ratios.split(","))
+    except ValueError as error:
+        raise SystemExit(f"--ratios: expected comma-separated numbers, got {args.ratios!r}") from error
+    with tempfile.TemporaryDirectory(prefix="sweep-gbdt-") as tmp:
+        if args.spec:
+            spec = load_spec(args.spec)
+        else:
+            from benchmarks.common import ISIC2024_PATIENTS
+            from fuse.demo.synthetic import make_isic2024_like
+
+            rows = args.synthetic
+            make_isic2024_like(Path(tmp), n_rows=rows, n_patients=max(10, round(ISIC2024_PATIENTS * rows / ISIC2024_ROWS)),
+                               prevalence=0.001 if rows >= 50_000 else 0.005, seed=0, write_images=False)
+            spec = isic2024_spec(Path(tmp))
+        result = sweep_neg_ratio(read_metadata(spec), spec, ratios=ratios, seed_sets=args.seed_sets,
+                                 set_size=args.set_size)
+    result["dataset"] = spec.name
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(format_sweep(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

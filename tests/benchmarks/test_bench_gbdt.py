@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmarks.gbdt import bench_gbdt
+from benchmarks.gbdt import bench_gbdt, main, sweep_neg_ratio
 from tabular.spec import load_spec
 
 SPEC = """
@@ -77,3 +77,29 @@ def test_bench_gbdt_samples_rare_positives(tmp_path):
     assert all(f["negatives_kept"] == 5 * f["positives"] for f in sampling["folds"])
     assert report["unsampled"]["negative_sampling"]["applied"] is False
     assert report["ratios"]["pauc80_delta"] == pytest.approx(report["ours"]["pauc80"] - report["unsampled"]["pauc80"])
+
+
+def test_sweep_measures_each_ratio_with_its_seed_spread(tmp_path):
+    spec, frame = make(tmp_path, n=600, positives=12)
+    result = sweep_neg_ratio(frame, spec, ratios=(0, 5), seed_sets=2, set_size=1, n_folds=3, num_threads=1)
+    assert len(result["fits"]) == 4 and [f["seeds"] for f in result["fits"]] == [[0], [0], [1], [1]]
+    every, sampled = result["ratios"]["0"], result["ratios"]["5"]
+    assert every["applied"] is False and sampled["applied"] is True
+    assert sampled["rows_per_model"] == 6 * 8 < every["rows_per_model"]  # 8 positives a training part
+    assert every["pauc80_minus_unsampled"] == 0.0 and every["seconds_vs_unsampled"] == 1.0
+    assert sampled["pauc80_minus_unsampled"] == pytest.approx(sampled["pauc80_mean"] - every["pauc80_mean"])
+    assert every["sets"] == 2 and every["pauc80_sd"] is not None
+    assert result["noise_delta"] == pytest.approx(2 * 2**0.5 * result["pooled_set_sd"])
+    json.dumps(result)
+
+
+def test_sweep_command_on_a_spec(tmp_path, capsys):
+    make(tmp_path, n=600, positives=12)
+    out = tmp_path / "sweep.json"
+    main(["--spec", str(tmp_path / "dataset.toml"), "--ratios", "0,5", "--seed-sets", "2", "--set-size", "1",
+          "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "600 rows, 12 positives" in printed and "pooled set-to-set sd" in printed
+    assert json.loads(out.read_text())["dataset"] == "synthetic"
+    with pytest.raises(SystemExit, match="--ratios: expected comma-separated numbers, got 'a,b'"):
+        main(["--spec", str(tmp_path / "dataset.toml"), "--ratios", "a,b"])
