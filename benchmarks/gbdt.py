@@ -60,10 +60,10 @@ TARGET_FIT_SECONDS = 60.0
 # (measured 0.25-0.28 on the 2-core EPYC at load 2.5-4.5).
 TARGET_FIT_VS_UNSAMPLED = 0.35
 # Default pAUC80 - unsampled pAUC80 at 401,059 rows, the same seeds: at least minus twice the
-# standard deviation of the difference of two 3-seed ensembles (pooled set-to-set standard
-# deviation 0.0010 over 3-seed sets at 20-200 negatives per positive and unsampled, 401,059
-# synthetic rows: 2 x sqrt(2) x 0.0010 = 0.0027).
-TARGET_PAUC80_DELTA = -0.003
+# standard deviation of the difference of two 3-seed ensembles (`noise_delta` of
+# `python -m benchmarks.gbdt --synthetic 401059`: pooled set-to-set standard deviation 0.0012 over
+# three 3-seed sets at 0, 20, 50, 100 and 200 negatives per positive; 2 x sqrt(2) x 0.0012).
+TARGET_PAUC80_DELTA = -0.0033
 TARGET_PEAK_BYTES = 4 * 1024**3
 TARGETS = {
     "fit_seconds": {"value": TARGET_FIT_SECONDS, "rows": ISIC2024_ROWS,

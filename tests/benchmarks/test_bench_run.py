@@ -104,7 +104,7 @@ def test_gbdt_targets_name_the_hardware_and_the_row_count_they_hold_for():
     fit = " ".join(_cells(table, "gbdt default 5-fold fit s (401059 rows, 3 seeds, 50 neg/pos) vs every negative"))
     assert fit.endswith("<= 0.35 (1 LightGBM thread); < 60 s (idle 2-core EPYC)")
     pauc = " ".join(_cells(table, "gbdt default OOF pAUC80 (401059 rows) vs every negative, difference"))
-    assert pauc.endswith(">= -0.003 (seed noise, any CPU)")
+    assert pauc.endswith(">= -0.0033 (seed noise, any CPU)")
     # Fewer rows: fixed costs weigh more and the noise was not measured there, so no target.
     small = format_table(RESULT)
     assert _cells(small, "gbdt default OOF pAUC80 (10000 rows) vs every negative, difference")[3:] == []
