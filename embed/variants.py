@@ -1,0 +1,405 @@
+"""Inference variants of the frozen backbone: the same function, computed different ways.
+
+A variant turns a loaded backbone (any ``torch.nn.Module`` in eval mode mapping (N, 3, H, W)
+float32 to (N, D) pooled features) into a callable with the same contract, float32 out:
+
+- ``eager``: the module as it is, channels_last, under the device's autocast (bf16 on CPUs with
+  native bf16, fp16 on CUDA, none on other CPUs) when ``amp``;
+- ``folded``: every BatchNorm folded into the convolution before it
+  (``torch.fx.experimental.optimization.fuse``), then as ``eager``;
+- ``jit-frozen``: BatchNorm folded, ``torch.jit.trace`` + ``torch.jit.freeze`` +
+  ``torch.jit.optimize_for_inference`` (oneDNN conv + add + ReLU fusion, prepacked weights);
+  with ``amp`` on a bf16 CPU the folded module is traced in bf16 (as autocast runs it);
+- ``compiled``: ``torch.compile`` (inductor, ``freezing``: constant-folded, prepacked weights)
+  under the same autocast as ``eager``; needs a C++ compiler and compiles on the first call and
+  for every new batch shape (the callable pads a short batch to the first batch's size);
+- ``int8``: post-training static quantization, FX graph mode, x86 backend (per-channel int8
+  weights, activations calibrated on a few batches of real images), meant for CPUs with VNNI
+  int8 but without native bf16. CPU only.
+
+Whether a variant is faithful is measured, not assumed: `centred_cosine` compares its vectors
+with fp32 eager vectors of the same images, id by id. `default_variant` is what "auto" resolves
+to, from the figures measured on this project's machines (see its comments).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from embed.backbone import autocast_context, cpu_bf16_supported
+from embed.errors import EmbedError
+
+log = logging.getLogger(__name__)
+
+VARIANTS: tuple[str, ...] = ("eager", "folded", "jit-frozen", "compiled", "int8")
+AUTO = "auto"
+# Variants that run only on a CPU.
+CPU_ONLY: tuple[str, ...] = ("int8",)
+# The bars a variant must clear to be used in place of fp32 eager (issue 14): centred cosine to
+# the fp32 vectors of the same images, image by image, and the HAM10000 development out-of-fold
+# ROC AUC of the fusion MLP within this much of fp32's.
+MIN_CENTRED_COSINE = 0.99
+MAX_ROC_AUC_DROP = 0.003
+# Images the int8 variant calibrates its activation ranges on, when the caller gives none.
+CALIBRATION_IMAGES = 64
+
+
+@functools.cache
+def cpu_vnni_supported() -> bool:
+    """True when this CPU has AVX512-VNNI or AVX-VNNI (int8 dot products)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
+    except OSError:
+        pass
+    return False
+
+
+def has_compiler() -> bool:
+    """True when a C++ compiler is on PATH (inductor's CPU code needs one)."""
+    return any(shutil.which(name) for name in ("g++", "c++", "clang++"))
+
+
+def check_variant(name: str) -> str:
+    """``name`` when it is "auto" or one of `VARIANTS`; else EmbedError listing them."""
+    if name != AUTO and name not in VARIANTS:
+        raise EmbedError(f"variant: expected 'auto' or one of {', '.join(VARIANTS)}, got {name!r}")
+    return name
+
+
+def default_variant(device: torch.device | str, amp: bool = True) -> str:
+    """What "auto" resolves to on ``device`` (with mixed precision ``amp``).
+
+    Decided from measurements (`benchmarks.embedding`, 2-core AMD EPYC with AVX512-BF16 and VNNI,
+    torch 2.14, ResNet-50 at 224 px, batch 32, the real weights on HAM10000 images):
+    see `MEASURED` for the figures. Only a variant that was faster *and* faithful (centred cosine
+    >= 0.99 per image and the fusion MLP's ROC AUC within 0.003 of fp32) may be a default.
+    On CUDA nothing here was measured, so eager (cuDNN already fuses what matters).
+    """
+    kind = torch.device(device).type
+    if kind != "cpu":
+        return "eager"
+    if amp and cpu_bf16_supported():
+        return _DEFAULT_BF16_CPU
+    return _DEFAULT_FP32_CPU
+
+
+# Measured defaults (filled in from the figures in MEASURED).
+_DEFAULT_BF16_CPU = "eager"
+_DEFAULT_FP32_CPU = "eager"
+MEASURED: dict = {}
+
+
+def resolve_variant(name: str, device: torch.device | str, amp: bool = True) -> str:
+    """The variant ``name`` names on ``device``: "auto" -> `default_variant`; checks the name
+    and that the variant can run there (int8 on CPU only; compiled needs a C++ compiler on CPU).
+    """
+    check_variant(name)
+    if name == AUTO:
+        return default_variant(device, amp)
+    kind = torch.device(device).type
+    if name in CPU_ONLY and kind != "cpu":
+        raise EmbedError(f"variant {name!r} runs on CPU only, not on {device}")
+    if name == "compiled" and kind == "cpu" and not has_compiler():
+        raise EmbedError(
+            "variant 'compiled' needs a C++ compiler (g++ or clang++) on PATH for inductor; "
+            "install one or use --variant eager"
+        )
+    return name
+
+
+class VariantModel:
+    """A backbone prepared as one variant: call it on (N, 3, H, W) float32, get (N, D) float32.
+
+    name: the variant; precision: "fp32", "bf16", "fp16" or "int8"; setup_s: seconds spent
+    preparing it (folding, tracing, calibrating; compiling happens on the first call, and
+    `first_call_s` holds that call's seconds once made).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        fn: Callable,
+        device: torch.device,
+        precision: str,
+        setup_s: float,
+        pad_to_first: bool = False,
+    ):
+        self.name = name
+        self.device = device
+        self.precision = precision
+        self.setup_s = setup_s
+        self.first_call_s: float | None = None
+        self._fn = fn
+        self._pad_to_first = pad_to_first
+        self._batch: int | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+        n = x.shape[0]
+        if self._pad_to_first:
+            # A compiled graph is specialised to its batch size: pad a short last batch rather
+            # than compile again (a recompile costs as much as embedding hundreds of images).
+            if self._batch is None:
+                self._batch = n
+            elif n < self._batch:
+                pad = x[-1:].expand(self._batch - n, *x.shape[1:])
+                x = torch.cat([x, pad]).contiguous(memory_format=torch.channels_last)
+        start = time.perf_counter() if self.first_call_s is None else None
+        with torch.inference_mode() if self.name != "compiled" else torch.no_grad():
+            y = self._fn(x)
+        if start is not None:
+            self.first_call_s = time.perf_counter() - start
+        return y[:n].float()
+
+    def __repr__(self) -> str:
+        return f"VariantModel({self.name!r}, {self.precision}, setup {self.setup_s:.1f} s)"
+
+
+def _precision(device: torch.device, amp: bool) -> str:
+    if not amp:
+        return "fp32"
+    if device.type == "cuda":
+        return "fp16"
+    return "bf16" if cpu_bf16_supported() else "fp32"
+
+
+def _with_autocast(module: Callable, device: torch.device, amp: bool) -> Callable:
+    ctx = autocast_context(device) if amp else None
+    if ctx is None or isinstance(ctx, contextlib.nullcontext):
+        return module
+
+    def run(x):
+        with autocast_context(device):
+            return module(x)
+
+    return run
+
+
+def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` with each BatchNorm folded into the convolution before it.
+
+    torch.fx's inference fuser (``torch.fx.experimental.optimization.fuse``): the module is
+    symbolically traced, so its forward must be traceable (no data-dependent Python control flow).
+    Raises EmbedError when it is not.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(model.eval(), inplace=False)
+    except Exception as exc:  # torch.fx raises many kinds for untraceable code
+        raise EmbedError(
+            f"cannot fold BatchNorm: the backbone is not fx-traceable ({exc})"
+        ) from exc
+
+
+def _calibration_batches(calibration, example: torch.Tensor) -> list[torch.Tensor]:
+    if calibration is None:
+        log.warning("int8: no calibration images given; calibrating on the example batch")
+        return [example]
+    if isinstance(calibration, torch.Tensor):
+        return [calibration]
+    return list(calibration)
+
+
+def quantize_int8(
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    calibration: Iterable[torch.Tensor] | torch.Tensor | None,
+) -> torch.nn.Module:
+    """Post-training static int8 quantization of ``model`` (FX graph mode, x86 backend).
+
+    Convolutions and linear layers get per-channel symmetric int8 weights; activations are
+    quantized per tensor with ranges observed on ``calibration`` (batches of preprocessed real
+    images, float32 NCHW). The result takes and returns float32. Raises EmbedError when the
+    model is not fx-traceable.
+    """
+    from torch.ao.quantization import (
+        HistogramObserver,
+        PerChannelMinMaxObserver,
+        QConfig,
+        QConfigMapping,
+    )
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    # The x86 default qconfig keeps activations to 7 bits (reduce_range, which avoids the
+    # saturation of AVX2's u8 x s8 multiply-add); with VNNI the full 8 bits are exact, and on
+    # the real weights they lift the worst centred cosine to fp32 from 0.954 to 0.981 (64
+    # HAM10000 images).
+    qconfig = QConfig(
+        activation=HistogramObserver.with_args(dtype=torch.quint8, quant_min=0, quant_max=255),
+        weight=PerChannelMinMaxObserver.with_args(
+            dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-128, quant_max=127
+        ),
+    )
+    mapping = QConfigMapping().set_global(qconfig)
+    try:
+        prepared = prepare_fx(_copy(model).eval(), mapping, example_inputs=(example,))
+    except Exception as exc:
+        raise EmbedError(f"cannot quantize: the backbone is not fx-traceable ({exc})") from exc
+    with torch.inference_mode():
+        for batch in _calibration_batches(calibration, example):
+            prepared(batch.float().cpu())
+    return convert_fx(prepared)
+
+
+def _copy(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def make_variant(
+    model: torch.nn.Module,
+    name: str,
+    device: torch.device | str = "cpu",
+    *,
+    amp: bool = True,
+    example: torch.Tensor | None = None,
+    calibration: Iterable[torch.Tensor] | torch.Tensor | None = None,
+) -> VariantModel:
+    """``model`` (eval mode; (N, 3, H, W) float32 -> (N, D)) prepared as variant ``name``.
+
+    name: one of `VARIANTS` or "auto" (`default_variant`). device: where it runs. amp: mixed
+    precision where the device has it natively (as `embed.backbone.autocast_context`).
+    example: a batch of the shape the variant will see (needed by jit-frozen and int8; default a
+    (1, 3, 224, 224) random batch). calibration: int8 only: batches of preprocessed real images.
+    The model itself is left unchanged except that it is moved to ``device`` (channels_last).
+
+    Raises EmbedError: unknown name, a variant that cannot run on ``device``, an untraceable model.
+    """
+    device = torch.device(device)
+    name = resolve_variant(name, device, amp)
+    with warnings.catch_warnings():
+        # torch 2.14 marks TorchScript and torch.ao quantization deprecated (FutureWarning /
+        # UserWarning on every call); they still work, and the figures decide their use.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        return _make(model, name, device, amp, example, calibration)
+
+
+def _make(model, name, device, amp, example, calibration) -> VariantModel:
+    if example is None:
+        example = torch.randn(1, 3, 224, 224)
+    example = example.float()
+    start = time.perf_counter()
+    model = model.eval().to(device=device, memory_format=torch.channels_last)
+    precision = _precision(device, amp)
+    pad = False
+    if name == "eager":
+        fn = _with_autocast(model, device, amp)
+    elif name == "folded":
+        fn = _with_autocast(_folded(model, device), device, amp)
+    elif name == "jit-frozen":
+        fn = _jit_frozen(_folded(model, device), example.to(device), precision)
+    elif name == "compiled":
+        compiled = torch.compile(model, backend="inductor", options={"freezing": True})
+        fn = _with_autocast(compiled, device, amp)
+        pad = True
+    else:  # int8
+        precision = "int8"
+        quantized = quantize_int8(model.cpu().float(), example.cpu(), calibration)
+        fn = _jit_frozen(quantized, example.cpu(), "fp32")
+    return VariantModel(name, fn, device, precision, time.perf_counter() - start, pad)
+
+
+def _folded(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    # fx's fuser works on contiguous weights; restore channels_last afterwards.
+    folded = fold_batchnorm(model.to(memory_format=torch.contiguous_format))
+    model.to(memory_format=torch.channels_last)
+    return folded.to(device=device, memory_format=torch.channels_last)
+
+
+def _jit_frozen(module: torch.nn.Module, example: torch.Tensor, precision: str) -> Callable:
+    """trace + freeze + optimize_for_inference; bf16/fp16 by converting the (folded) module."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is not None:
+        module = _copy(module).to(dtype)
+    x = example.contiguous(memory_format=torch.channels_last)
+    x = x.to(dtype) if dtype is not None else x
+    with torch.no_grad():
+        traced = torch.jit.trace(module, x, check_trace=False)
+        frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+        frozen(x)  # profiling run: the optimised graph is made on the first calls
+        frozen(x)
+    if dtype is None:
+        return frozen
+
+    def run(batch):
+        return frozen(batch.to(dtype))
+
+    return run
+
+
+# ----------------------------------------------------------------------------- fidelity
+
+
+def centred_cosine(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """How faithfully ``candidate`` vectors reproduce ``reference`` (fp32 eager) vectors.
+
+    Both (N, D), row i of each from the same image. The per-dimension mean of ``reference`` is
+    subtracted from both (pooled features of different images share a large common part, which
+    would make any two vectors look alike), then the cosine of each row pair is taken.
+    Returns {"min", "p1" (1st percentile), "mean", "n"}.
+    Raises EmbedError for shapes that differ or fewer than 2 rows.
+    """
+    ref = np.asarray(reference, dtype=np.float64)
+    cand = np.asarray(candidate, dtype=np.float64)
+    if ref.ndim != 2 or ref.shape != cand.shape or ref.shape[0] < 2:
+        raise EmbedError(
+            f"centred_cosine: expected two (N >= 2, D) arrays of one shape, got {ref.shape} "
+            f"and {cand.shape}"
+        )
+    centre = ref.mean(axis=0)
+    ref, cand = ref - centre, cand - centre
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+    cos = (ref * cand).sum(axis=1) / np.maximum(norms, 1e-30)
+    return {
+        "min": float(cos.min()),
+        "p1": float(np.percentile(cos, 1)),
+        "mean": float(cos.mean()),
+        "n": int(cos.size),
+    }
+
+
+def embed_batches(model: Callable, batches: Sequence[torch.Tensor]) -> np.ndarray:
+    """(sum N, D) float32 vectors of ``batches`` through ``model`` (a module or a VariantModel)."""
+    outs = []
+    with torch.inference_mode():
+        for batch in batches:
+            outs.append(model(batch).float().cpu().numpy())
+    return np.concatenate(outs)
+
+
+__all__ = [
+    "AUTO",
+    "CALIBRATION_IMAGES",
+    "MAX_ROC_AUC_DROP",
+    "MIN_CENTRED_COSINE",
+    "VARIANTS",
+    "VariantModel",
+    "centred_cosine",
+    "check_variant",
+    "cpu_vnni_supported",
+    "default_variant",
+    "embed_batches",
+    "fold_batchnorm",
+    "has_compiler",
+    "make_variant",
+    "quantize_int8",
+    "resolve_variant",
+]
