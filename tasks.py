@@ -13,6 +13,8 @@ import sys
 
 from invoke import task
 
+from embed.pooled import DEFAULT_BLOCKS, DEFAULT_POOLING  # torch-free: --help stays fast
+
 
 def _logging(verbose: bool = False) -> None:
     logging.basicConfig(
@@ -55,6 +57,23 @@ def _require(name: str, **given) -> None:
     sys.exit(2)
 
 
+def _number(option: str, value, kind=int, default=None):
+    """`value` (a command-line string) as `kind` (`default` when not given); exits 2 naming the
+    option when it is not a number of that kind. Numeric options default to None in the task
+    signatures for this: invoke would convert an option with an int default itself, and a typo
+    would end in its traceback."""
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        what = "an integer" if kind is int else "a number"
+        print(f"error: --{option.replace('_', '-')} expects {what}, got {value!r}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _run(function, *args, **kwargs):
     from common.errors import LesionfuseError
 
@@ -74,13 +93,13 @@ def weights(c, weights=None):
     print(f"weights: {info.path}\nsha256: {info.sha256}\nsource: {info.source}")
 
 
-@_task(help={"rows": "lesions in the synthetic data set", "trials": "Optuna trials for the GBDT"})
-def demo(c, rows=1500, trials=3):
+@_task(help={"rows": "lesions in the synthetic data set (default 1500)", "trials": "Optuna trials for the GBDT (default 3)"})
+def demo(c, rows=None, trials=None):
     """Make the synthetic demo data set, run the whole pipeline, print the report path."""
     _logging()
     from fuse.demo import run_demo
 
-    report = _run(run_demo, rows=rows, trials=trials)
+    report = _run(run_demo, rows=_number("rows", rows, default=1500), trials=_number("trials", trials, default=3))
     print(f"report: {report}")
 
 
@@ -88,7 +107,10 @@ def demo(c, rows=1500, trials=3):
     help={
         "spec": SPEC_HELP,
         "image_size": "square input size in pixels (default 224)",
-        "views": "1 = the plain image; more = fixed flips/rotations, each kept",
+        "views": "1 = the plain image (default); more = fixed flips/rotations, each kept",
+        "blocks": "ResNet-50 stages pooled into the vector, comma-separated (default: "
+                  + ",".join(DEFAULT_BLOCKS) + ")",
+        "pooling": "avg or gem (generalised mean, p=3), for every block (default: " + DEFAULT_POOLING + ")",
         "batch_size": "images per forward pass (default: 256 on CUDA, 32 on CPU)",
         "device": "auto, cpu or cuda",
         "weights": "torchvision resnet50 state dict to use instead of the cached weights",
@@ -97,17 +119,17 @@ def demo(c, rows=1500, trials=3):
         "retry_failed": "try again the images an earlier run could not read",
     }
 )
-def embed(c, spec=None, image_size=224, views=1, batch_size=None, device="auto", weights=None,
-          shard="0/1", workers=None, retry_failed=False):
+def embed(c, spec=None, image_size=None, views=None, blocks=None, pooling=None, batch_size=None, device="auto",
+          weights=None, shard="0/1", workers=None, retry_failed=False):
     """Embed a data set's images into its feature store (resumable)."""
     _require("embed", spec=spec)
     _logging()
     from fuse.commands import embed_spec
 
-    _run(embed_spec, spec, image_size=int(image_size), views=int(views),
-         batch_size=None if batch_size is None else int(batch_size), device=device,
+    _run(embed_spec, spec, image_size=_number("image_size", image_size, default=224), views=_number("views", views, default=1),
+         blocks=blocks or DEFAULT_BLOCKS, pooling=pooling or DEFAULT_POOLING, batch_size=_number("batch_size", batch_size), device=device,
          weights_path=weights, shard=shard, retry_failed=bool(retry_failed),
-         num_workers=None if workers is None else int(workers))
+         num_workers=_number("workers", workers))
 
 
 @_task(
@@ -123,15 +145,15 @@ def embed(c, spec=None, image_size=224, views=1, batch_size=None, device="auto",
         "store": "feature store folder for the image PCA (default: the spec's store for the current weights)",
     }
 )
-def train_gbdt(c, spec=None, run=None, trials=0, storage=None, image_pca=None, neg_ratio=None, store=None):
+def train_gbdt(c, spec=None, run=None, trials=None, storage=None, image_pca=None, neg_ratio=None, store=None):
     """Train the Optuna-tuned LightGBM ensemble on metadata (and image PCA) features."""
     _require("train-gbdt", spec=spec, run=run)
     _logging()
     from fuse.commands import train_gbdt as train
 
-    _run(train, spec, run, trials=int(trials), storage=storage,
-         image_pca=None if image_pca is None else int(image_pca),
-         neg_ratio=None if neg_ratio is None else float(neg_ratio), store=store)
+    _run(train, spec, run, trials=_number("trials", trials, default=0), storage=storage,
+         image_pca=_number("image_pca", image_pca),
+         neg_ratio=_number("neg_ratio", neg_ratio, float), store=store)
 
 
 @_task(
@@ -141,26 +163,27 @@ def train_gbdt(c, spec=None, run=None, trials=0, storage=None, image_pca=None, n
         "store": "feature store folder (default: the spec's store for the current weights)",
         "imbalance": "oversample, pos_weight or none",
         "epochs": "maximum epochs per fold",
+        "members": "MLPs per fold, each its own seed, averaged (default: FusionConfig.members)",
     }
 )
-def train_fusion(c, spec=None, run=None, store=None, imbalance=None, epochs=None):
+def train_fusion(c, spec=None, run=None, store=None, imbalance=None, epochs=None, members=None):
     """Train the fusion MLP on image embeddings plus one-hot metadata."""
     _require("train-fusion", spec=spec, run=run)
     _logging()
     from fuse.commands import train_fusion as train
 
     _run(train, spec, run, store=store, imbalance=imbalance,
-         max_epochs=None if epochs is None else int(epochs))
+         max_epochs=_number("epochs", epochs), members=_number("members", members))
 
 
-@_task(help={"run": RUN_HELP, "sensitivity": "target sensitivity of the operating threshold"})
-def stack(c, run=None, sensitivity=0.95):
+@_task(help={"run": RUN_HELP, "sensitivity": "target sensitivity of the operating threshold (default 0.95)"})
+def stack(c, run=None, sensitivity=None):
     """Stack the fusion MLP with the LightGBM ensemble and write the evaluation report."""
     _require("stack", run=run)
     _logging()
     from fuse.commands import stack_and_report
 
-    report = _run(stack_and_report, run, sensitivity=float(sensitivity))
+    report = _run(stack_and_report, run, sensitivity=_number("sensitivity", sensitivity, float, default=0.95))
     print(f"report: {report}")
 
 
@@ -179,20 +202,20 @@ def stack(c, run=None, sensitivity=0.95):
                       "moves `probability` to that prior",
         "html": "where to write the triage page (default: beside --out, e.g. preds.html)",
         "no_html": "write no triage page",
-        "overlays": "flagged lesions on the triage page that get a Grad-CAM saliency overlay (0 = none)",
+        "overlays": "flagged lesions on the triage page that get a Grad-CAM saliency overlay (default 20; 0 = none)",
     }
 )
 def score(c, run=None, images=None, out=None, metadata=None, format="csv", batch_size=None, device="auto",
-          weights=None, store=None, prevalence=None, html=None, no_html=False, overlays=20):
+          weights=None, store=None, prevalence=None, html=None, no_html=False, overlays=None):
     """Score a folder or HDF5 of new images with a trained run."""
     _require("score", run=run, images=images, out=out)
     _logging()
     from fuse.commands import score_images
 
     _run(score_images, run, images=images, metadata=metadata, out=out, output_format=format,
-         batch_size=None if batch_size is None else int(batch_size), device=device, weights=weights,
-         store=store, prevalence=None if prevalence is None else float(prevalence), html=html,
-         page=not no_html, overlays=int(overlays))
+         batch_size=_number("batch_size", batch_size), device=device, weights=weights,
+         store=store, prevalence=_number("prevalence", prevalence, float), html=html,
+         page=not no_html, overlays=_number("overlays", overlays, default=20))
 
 
 @_task(help={
@@ -205,27 +228,25 @@ def score(c, run=None, images=None, out=None, metadata=None, format="csv", batch
                       "no weights file needed)",
     "images": "embedding part: a folder or HDF5 to read images from (default: synthetic ISIC-like crops)",
     "n_images": "embedding part: images to embed (default 192, 64 with --quick)",
-    "image_size": "embedding part: model input side, px",
+    "image_size": "embedding part: model input side, px (default 224)",
     "batch_size": "embedding and scoring parts: images per batch (default: 256 on CUDA, 32 on CPU)",
     "num_workers": "embedding and scoring parts: decoding processes (default: chosen for the device)",
-    "rounds": "embedding part: timed rounds, the best counts",
+    "rounds": "embedding part: timed rounds, the best counts (default 2)",
     "store_rows": "embedding part: rows of the store write/read figures, 0 skips them "
                   "(default 100000, 20000 with --quick)",
     "no_amp": "embedding part: fp32 instead of mixed precision",
 })
 def bench(c, quick=False, device="auto", parts=None, out=None, weights=None, random_weights=False, images=None,
-          n_images=None, image_size=224, batch_size=None, num_workers=None, rounds=2, store_rows=None, no_amp=False):
+          n_images=None, image_size=None, batch_size=None, num_workers=None, rounds=None, store_rows=None, no_amp=False):
     """Throughput and memory figures, each beside its in-run baseline."""
     _logging()
     from benchmarks.run import run_bench
 
-    def count(value):
-        return None if value is None else int(value)
-
     _run(run_bench, quick=quick, out=out, device=device, parts=parts, weights=weights,
-         random_weights=random_weights, images=images, n_images=count(n_images), image_size=int(image_size),
-         batch_size=count(batch_size), num_workers=count(num_workers), rounds=int(rounds),
-         store_rows=count(store_rows), amp=not no_amp)
+         random_weights=random_weights, images=images, n_images=_number("n_images", n_images), image_size=_number("image_size", image_size, default=224),
+         batch_size=_number("batch_size", batch_size), num_workers=_number("num_workers", num_workers),
+         rounds=_number("rounds", rounds, default=2),
+         store_rows=_number("store_rows", store_rows), amp=not no_amp)
 
 
 @_task(help={"k": "only tests matching this expression"})

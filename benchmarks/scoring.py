@@ -86,7 +86,7 @@ def bench_scoring(
     import torch
 
     from embed.backbone import load_backbone
-    from embed.config import EmbedConfig, resolve_device, settle_config
+    from embed.config import config_for_identity, resolve_device, settle_config
     from embed.errors import StoreMismatchError
     from embed.identity import check_identity, embedding_identity
     from embed.model_loop import embed_ids
@@ -114,8 +114,8 @@ def bench_scoring(
         # The embedding settings scoring uses: the run's image size and views.
         resolved = resolve_device(device)
         config = settle_config(
-            EmbedConfig(image_size=int(identity["image_size"]), views=int(identity["views"]),
-                        batch_size=batch_size, device=device, num_workers=num_workers, progress=False),
+            config_for_identity(identity, batch_size=batch_size, device=device, num_workers=num_workers,
+                                progress=False),
             resolved,
         )
         # Refused before any timing, as `score` would refuse it: weights other than the run's.
@@ -130,7 +130,7 @@ def bench_scoring(
         def embedding_alone(subset) -> tuple[float, int]:
             start = time.perf_counter()
             info = ensure_weights(Path(weights) if weights else None)
-            model = load_backbone(info, "cpu")
+            model = load_backbone(info, "cpu", blocks=config.blocks, pooling=config.pooling)
             count = 0
             for batch_ids, _, _ in embed_ids(FolderSource(folder), subset, model, config):
                 count += len(batch_ids)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from common.files import sha256_file
 from embed.errors import EmbedError
+from embed.pooled import BLOCKS, GEM_P, check_features, feature_dim
 from embed.weights import (
     INPUT_MEAN,
     INPUT_STD,
@@ -23,8 +24,9 @@ from embed.weights import (
 
 log = logging.getLogger(__name__)
 
-EMBED_DIM = 2048
+EMBED_DIM = 2048  # layer4's channels: the classic pooled ResNet-50 embedding
 BACKBONE_NAME = "resnet50-keras-imagenet"
+
 
 # What a feature store records about the input transform, so that a store made with another
 # transform (or another stride layout) is refused. The whole image is resized to a square without
@@ -70,6 +72,49 @@ def preprocess(image: Image.Image, image_size: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
+def pool(activation: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C) float32 by `pooling` ("avg" or "gem").
+
+    GeM is computed in float32: under fp16 autocast the cube of an activation of 41 or more
+    would overflow.
+    """
+    if pooling == "avg":
+        return torch.nn.functional.adaptive_avg_pool2d(activation, 1).flatten(1).float()
+    x = activation.float().clamp(min=1e-6)
+    return x.pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
+
+
+class PooledResNet(torch.nn.Module):
+    """A torchvision ResNet-50 run up to its deepest pooled block; forward gives the pooled
+    features of `blocks`, concatenated in forward order: (N, feature_dim(blocks)) float32.
+
+    Keeps torchvision's attribute names (conv1, bn1, relu, maxpool, layer1..), so code that walks
+    the stages (Grad-CAM) reads it as it reads a ResNet. Stages after the deepest pooled block
+    are dropped: pooling layer3 alone skips layer4's share of the work.
+    """
+
+    def __init__(self, resnet: torch.nn.Module, blocks, pooling: str):
+        super().__init__()
+        self.blocks = check_features(blocks, pooling)
+        self.pooling = pooling
+        self.stages = BLOCKS[: BLOCKS.index(self.blocks[-1]) + 1]
+        for name in ("conv1", "bn1", "relu", "maxpool", *self.stages):
+            setattr(self, name, getattr(resnet, name))
+
+    @property
+    def dim(self) -> int:
+        return feature_dim(self.blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        pooled = []
+        for name in self.stages:
+            x = getattr(self, name)(x)
+            if name in self.blocks:
+                pooled.append(pool(x, self.pooling))
+        return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)
+
+
 def set_stride_layout(model: torch.nn.Module, layout: str) -> None:
     """Put the stride-2 of layer2..layer4's first block where ``layout`` says.
 
@@ -91,18 +136,24 @@ def load_backbone(
     weights: WeightsInfo,
     device: torch.device | str = "cpu",
     keep_classifier: bool = False,
+    *,
+    blocks=("layer4",),
+    pooling: str = "avg",
 ) -> torch.nn.Module:
-    """Build the frozen ResNet-50 for ``weights``.
+    """Build the frozen ResNet-50 for ``weights``, pooling ``blocks`` by ``pooling``.
 
     The file's sha256 is checked against ``weights.sha256``, the state dict is loaded with
     ``weights_only=True`` and ``strict=True``, the stride layout is set from
     ``weights.stride_layout``. The model is in eval mode with ``requires_grad`` False, on
     ``device``, in the default memory format (see ``prepare_model``). Input: (N, 3, H, W) float32
-    made by ``preprocess``. Output: (N, 2048) pooled features, or (N, 1000) ImageNet logits when
-    ``keep_classifier`` is True.
+    made by ``preprocess``. Output: a ``PooledResNet``'s (N, feature_dim(blocks)) pooled
+    features (layer4 average: 2048, the classic embedding), or the whole torchvision model's
+    (N, 1000) ImageNet logits when ``keep_classifier`` is True.
 
-    Raises EmbedError when the file changed since it was verified or does not load.
+    Raises EmbedError when the file changed since it was verified or does not load, or for an
+    unknown block or pooling.
     """
+    check_features(blocks, pooling)
     import torchvision  # deferred: importing torchvision costs about a second
 
     actual = sha256_file(weights.path)
@@ -127,7 +178,7 @@ def load_backbone(
         raise EmbedError(f"weights {weights.path}: does not load into ResNet-50: {exc}") from exc
     model.float()  # a half-precision user file would otherwise make the whole model half
     if not keep_classifier:
-        model.fc = torch.nn.Identity()
+        model = PooledResNet(model, blocks, pooling)
     model.eval()
     model.requires_grad_(False)
     return model.to(device)
@@ -170,6 +221,8 @@ def autocast_context(device: torch.device | str) -> contextlib.AbstractContextMa
 __all__ = [
     "BACKBONE_NAME",
     "EMBED_DIM",
+    "PooledResNet",
+    "pool",
     "PREPROCESSING",
     "STRIDE_KERAS_V1",
     "STRIDE_TORCHVISION",

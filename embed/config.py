@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from embed.errors import EmbedError
+from embed.pooled import DEFAULT_BLOCKS, DEFAULT_POOLING, check_features
 
 # View k of an image; at most len(VIEWS) views. The order is part of a store's meaning.
 VIEWS: tuple[str, ...] = (
@@ -38,6 +39,9 @@ class EmbedConfig:
 
     image_size: side of the square model input, px (224).
     views: test-time views per image, 1..8 (`VIEWS` order; 1 = the plain image only).
+    blocks: the ResNet-50 stages whose output is pooled, concatenated in forward order
+        (`embed.backbone.BLOCKS`; a comma-separated string is accepted).
+    pooling: "avg" (global average) or "gem" (generalised mean, p=3) for every pooled block.
     batch_size: images per model call; None = `default_batch_size(device)` (256 on CUDA, 32 on CPU).
     device: "auto" (cuda when available, else cpu), "cpu", "cuda" or "cuda:N".
     num_workers: decoding processes; None = `default_num_workers(device)`.
@@ -55,6 +59,8 @@ class EmbedConfig:
 
     image_size: int = 224
     views: int = 1
+    blocks: tuple[str, ...] = DEFAULT_BLOCKS
+    pooling: str = DEFAULT_POOLING
     batch_size: int | None = None
     device: str = "auto"
     num_workers: int | None = None
@@ -69,6 +75,9 @@ class EmbedConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        # Normalised (forward order, a tuple) so equal settings give equal configs and identities.
+        object.__setattr__(self, "blocks", check_features(self.blocks, self.pooling))
+
         def positive(name: str, value) -> None:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise EmbedError(f"EmbedConfig.{name}: expected a positive integer, got {value!r}")
@@ -136,6 +145,17 @@ class EmbedSummary:
         d = asdict(self)
         d["store_dir"] = str(self.store_dir)
         return d
+
+
+def config_for_identity(identity: dict, **settings) -> EmbedConfig:
+    """An EmbedConfig that embeds as `identity` says (image size, views, blocks, pooling; an
+    older identity without blocks/pooling means layer4 average), plus `settings` (device,
+    batch size, ...)."""
+    from embed.identity import with_legacy_values
+
+    identity = with_legacy_values(identity)
+    return EmbedConfig(image_size=int(identity["image_size"]), views=int(identity["views"]),
+                       blocks=tuple(identity["blocks"]), pooling=str(identity["pooling"]), **settings)
 
 
 # ----------------------------------------------------------------------------- resources

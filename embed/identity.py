@@ -1,7 +1,7 @@
 """What makes two embeddings comparable: the embedding identity, built and compared in one place.
 
 An embedding identity is the dict of `IDENTITY_FIELDS` (backbone, weights_sha256, preprocessing,
-image_size, views, dtype, dim). A feature store records it in its manifest; a model trained on a
+image_size, views, blocks, pooling, dtype, dim). A feature store records it in its manifest; a model trained on a
 store records it too; anything that combines vectors with a store or a model compares the two
 with `check_identity`, which names the first field that differs (dotted for nested fields, e.g.
 `preprocessing.normalize_mean`) and both values.
@@ -27,9 +27,14 @@ IDENTITY_FIELDS: tuple[str, ...] = (
     "preprocessing",
     "image_size",
     "views",
+    "blocks",
+    "pooling",
     "dtype",
     "dim",
 )
+# Fields added after stores and runs already existed, with the value every earlier store and
+# model had: an identity that lacks one is read with this value, so older stores stay usable.
+LEGACY_VALUES: dict = {"blocks": ["layer4"], "pooling": "avg"}
 # Vectors are stored as float16: half the bytes of float32, and the frozen backbone's pooled
 # features lose nothing a downstream model can use at that precision.
 DTYPE = "float16"
@@ -41,8 +46,10 @@ MISMATCH_HINT = (
 
 
 def embedding_identity(weights: WeightsInfo, config: EmbedConfig) -> dict:
-    """The identity of vectors embedded with `weights` and `config` (image_size, views)."""
-    from embed.backbone import BACKBONE_NAME, EMBED_DIM, preprocessing_for
+    """The identity of vectors embedded with `weights` and `config` (image size, views, the
+    pooled blocks and their pooling)."""
+    from embed.backbone import BACKBONE_NAME, preprocessing_for
+    from embed.pooled import feature_dim
 
     return {
         "backbone": BACKBONE_NAME,
@@ -50,9 +57,25 @@ def embedding_identity(weights: WeightsInfo, config: EmbedConfig) -> dict:
         "preprocessing": preprocessing_for(weights),
         "image_size": config.image_size,
         "views": config.views,
+        "blocks": list(config.blocks),
+        "pooling": config.pooling,
         "dtype": DTYPE,
-        "dim": EMBED_DIM,
+        "dim": feature_dim(config.blocks),
     }
+
+
+def with_legacy_values(identity: dict) -> dict:
+    """A whole recorded identity (one holding every field that older stores and models
+    recorded) with `LEGACY_VALUES` filled in where a newer field is absent; a partial identity
+    (some fields asked for) is returned as it is, so that it still checks only its fields."""
+    recorded = all(key in identity for key in IDENTITY_FIELDS if key not in LEGACY_VALUES)
+    return {**LEGACY_VALUES, **identity} if recorded else dict(identity)
+
+
+def identity_of(record: dict) -> dict:
+    """The identity fields of a record (a store's manifest, a stage's `store.json`), with the
+    values older records imply for fields they lack (`with_legacy_values`)."""
+    return with_legacy_values({key: record[key] for key in IDENTITY_FIELDS if key in record})
 
 
 def as_json(value):
@@ -97,7 +120,10 @@ def check_identity(
         raise EmbedError(
             f"unknown feature store field(s) {sorted(unknown)}; known: {list(IDENTITY_FIELDS)}"
         )
-    want = as_json(want)
+    want = as_json(with_legacy_values(want))
+    # `have` is always a record (a store, a model, what this code would embed): fields it lacks
+    # take their legacy values even if it also lacks others.
+    have = {**LEGACY_VALUES, **have}
     for key in IDENTITY_FIELDS:
         if key not in want:
             continue

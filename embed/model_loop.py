@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from embed.backbone import EMBED_DIM, autocast_context, prepare_model
+from embed.backbone import autocast_context, prepare_model
 from embed.config import EmbedConfig, resolve_device, settle_config
 from embed.identity import DTYPE
+from embed.pooled import feature_dim
 from embed.reader import apply_view, make_loader, normalize_batch
 from embed.sources import ImageSource
 
@@ -55,9 +56,9 @@ class _Launched:
     vectors: torch.Tensor | None  # float16 (n, views, dim) on the CPU, valid once `done` is
     done: torch.cuda.Event | None  # None: `vectors` is ready (CPU, or an empty batch)
 
-    def collect(self, views: int) -> np.ndarray:
+    def collect(self, views: int, dim: int) -> np.ndarray:
         if self.vectors is None:
-            return np.empty((0, views, EMBED_DIM), dtype=DTYPE)
+            return np.empty((0, views, dim), dtype=DTYPE)
         if self.done is not None:
             self.done.synchronize()
         return self.vectors.numpy()
@@ -142,7 +143,7 @@ class _Progress:
     def finish(self, launched: _Launched) -> tuple[list[str], np.ndarray, dict[str, str]]:
         config, timer = self.config, self.timer
         t0 = time.perf_counter()
-        vectors = launched.collect(config.views)
+        vectors = launched.collect(config.views, feature_dim(config.blocks))
         timer.infer += time.perf_counter() - t0
         timer.batches += 1
         timer.images += len(launched.ids) + len(launched.failures)

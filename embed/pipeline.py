@@ -71,7 +71,7 @@ def build_store(
         plan = _plan(writer, mine, now, source, config)
         _log_plan(store_dir, mine, plan)
         if plan.todo and stop.received is None:
-            model = load_backbone(weights, device)
+            model = load_backbone(weights, device, blocks=config.blocks, pooling=config.pooling)
             _embed(run, writer, source, plan.todo, now, model, config, stop)
     # After the writer closed: the last shard and manifest are part of the run's cost.
     summary = _summarise(run, plan, writer, store_dir, config, started)

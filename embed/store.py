@@ -49,7 +49,7 @@ import numpy as np
 
 from common.files import sha256_file
 from embed.errors import EmbedError
-from embed.identity import IDENTITY_FIELDS, check_identity
+from embed.identity import IDENTITY_FIELDS, check_identity, identity_of
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,16 @@ FINGERPRINTS_SUFFIX = ".fingerprints.json"
 _PART_MANIFEST_RE = re.compile(r"^manifest\.part-(\d+)-of-(\d+)\.json$")
 
 
-def store_name(dataset: str, weights_sha256: str, image_size: int, views: int) -> str:
-    """Directory name of a store: f"{dataset}-{sha[:12]}-{size}px-{views}v"."""
-    return f"{dataset}-{weights_sha256[:12]}-{int(image_size)}px-{int(views)}v"
+def store_name(dataset: str, weights_sha256: str, image_size: int, views: int,
+               blocks=("layer4",), pooling: str = "avg") -> str:
+    """Directory name of a store: f"{dataset}-{sha[:12]}-{size}px-{views}v", followed by the
+    pooled features when they are not the classic layer4 average, e.g. "-l34-gem" for layer3
+    and layer4 pooled by GeM (so stores made before blocks were a setting keep their names)."""
+    name = f"{dataset}-{weights_sha256[:12]}-{int(image_size)}px-{int(views)}v"
+    if list(blocks) == ["layer4"] and pooling == "avg":
+        return name
+    digits = "".join(block.removeprefix("layer") for block in blocks)
+    return f"{name}-l{digits}-{pooling}"
 
 
 def _first(items: Iterable, n: int = 5) -> str:
@@ -376,7 +383,7 @@ class FeatureStore:
         "count" (ids with a vector).
         """
         return {
-            **{key: self.manifest.get(key) for key in IDENTITY_FIELDS},
+            **identity_of(self.manifest),
             "store": str(self.path.resolve()),
             "store_uid": self.manifest.get("store_uid"),
             "count": self.count,

@@ -27,7 +27,7 @@ from filelock import FileLock, Timeout
 from common.files import atomic_write, fsync_dir
 from common.version import lesionfuse_version
 from embed.errors import EmbedError
-from embed.identity import DTYPE, IDENTITY_FIELDS, as_json, check_identity
+from embed.identity import DTYPE, IDENTITY_FIELDS, as_json, check_identity, with_legacy_values
 from embed.store import (
     _PART_MANIFEST_RE,
     FINGERPRINTS_SUFFIX,
@@ -244,6 +244,9 @@ class StoreWriter:
         info: dict | None = None,
         lock_timeout: float = _LOCK_TIMEOUT_S,
     ):
+        # An identity of the fields every store had before blocks became a setting means the
+        # layer4 average, as such a store is read.
+        identity = with_legacy_values(identity)
         missing = [k for k in IDENTITY_FIELDS if k not in identity]
         if missing:
             raise EmbedError(f"store identity lacks field(s) {missing}")

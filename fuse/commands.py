@@ -11,6 +11,7 @@ from pathlib import Path
 
 from embed.config import EmbedConfig, EmbedSummary, parse_shard
 from embed.pipeline import build_store
+from embed.pooled import DEFAULT_BLOCKS, DEFAULT_POOLING
 from embed.sources import open_source
 from embed.weights import ensure_weights
 from fuse.errors import RunError
@@ -36,10 +37,12 @@ DEFAULT_IMAGE_PCA = 64
 def embed_spec(spec, image_size: int = 224, views: int = 1, batch_size: int | None = None, device: str = "auto",
                weights_path: Path | str | None = None, shard: str = "0/1",
                num_workers: int | None = None, stores: Path | None = None,
-               retry_failed: bool = False) -> EmbedSummary:
+               retry_failed: bool = False, blocks=DEFAULT_BLOCKS, pooling: str = DEFAULT_POOLING) -> EmbedSummary:
     """`invoke embed`: every image a spec's metadata names into `artifacts/stores/<store>/`.
 
     `shard` "i/n" embeds only part i of n (0-based), so n workers can fill one store at once.
+    `blocks` (e.g. "layer3,layer4") and `pooling` ("avg" or "gem") say which pooled backbone
+    features the store keeps; each setting has its own store.
     Rows without an image are refused before any model work (DataError naming them); images
     without a row are listed and skipped. Rerunning embeds only ids not yet stored, and ids whose
     image changed since it was stored.
@@ -47,18 +50,19 @@ def embed_spec(spec, image_size: int = 224, views: int = 1, batch_size: int | No
     Returns:
         The store's `EmbedSummary` (embedded, already stored, failed ids with reasons).
     """
+    shard_index, shard_count = parse_shard(shard)
+    # The settings are checked before any file is read: a typo fails at once.
+    config = EmbedConfig(image_size=image_size, views=views, blocks=blocks, pooling=pooling,
+                         batch_size=batch_size, device=device, num_workers=num_workers,
+                         shard_index=shard_index, shard_count=shard_count, retry_failed=retry_failed)
     spec = spec if isinstance(spec, DatasetSpec) else load_spec(spec)
     if not spec.images:
         raise RunError(f"spec '{spec.name}' names no images (key 'images'); nothing to embed")
-    shard_index, shard_count = parse_shard(shard)
     frame = read_metadata(spec, require_target=False)
     source = open_source(spec.images)
     check_images(frame, spec, source.ids())
     weights = ensure_weights(Path(weights_path) if weights_path else None)
-    config = EmbedConfig(image_size=image_size, views=views, batch_size=batch_size, device=device,
-                         num_workers=num_workers, shard_index=shard_index, shard_count=shard_count,
-                         retry_failed=retry_failed)
-    store_dir = store_path(spec, weights, image_size, views, stores)
+    store_dir = store_path(spec, weights, config, stores)
     summary = build_store(source, frame[spec.id].astype(str).tolist(), store_dir, spec.name, weights, config)
     print(f"store: {store_dir}")
     return summary
@@ -98,7 +102,7 @@ def train_gbdt(spec, run, trials: int = 0, storage: str | None = None, image_pca
 
 
 def train_fusion(spec, run, store: Path | str | None = None, imbalance: str | None = None,
-                 max_epochs: int | None = None, config=None) -> dict:
+                 max_epochs: int | None = None, members: int | None = None, config=None) -> dict:
     """`invoke train-fusion`: the fusion MLP on the spec's feature store and metadata."""
     from fuse.fusion import train_fusion as fit
     from fuse.model import FusionConfig
@@ -109,6 +113,8 @@ def train_fusion(spec, run, store: Path | str | None = None, imbalance: str | No
         config = replace(config, imbalance=imbalance)
     if max_epochs is not None:
         config = replace(config, max_epochs=max_epochs)
+    if members is not None:
+        config = replace(config, members=members)
     return fit(spec, run_dir(run), store, config)
 
 

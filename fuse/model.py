@@ -57,6 +57,8 @@ class FusionConfig:
         and its OOF ROC AUC (0.898) fell below the logistic-regression baseline's.
         seed: seeds weights, dropout, sampling and view draws; the same seed gives the same
             predictions on CPU.
+        members: MLPs trained per fold, each from its own seed (member 0 is the single model's),
+            their probabilities averaged: a seed ensemble, `members` times the training cost.
         device: "auto" (CUDA when present), "cpu" or "cuda".
     """
 
@@ -74,12 +76,13 @@ class FusionConfig:
     oversample_ratio: float = 1.0
     pos_weight: float | None = None
     seed: int = 0
+    members: int = 1
     device: str = "auto"
 
     def __post_init__(self) -> None:
         if self.imbalance not in IMBALANCE_CHOICES:
             raise RunError(f"imbalance: expected one of {IMBALANCE_CHOICES}, got {self.imbalance!r}")
-        for name in ("image_hidden", "meta_hidden", "fused_hidden", "batch_size", "max_epochs"):
+        for name in ("image_hidden", "meta_hidden", "fused_hidden", "batch_size", "max_epochs", "members"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise RunError(f"{name}: expected a positive integer, got {value!r}")

@@ -1,22 +1,23 @@
 """Grad-CAM saliency overlays: where in the image the fusion MLP's score looked.
 
 For each image asked: decode and preprocess it exactly as embedding does (the run's image size,
-view 0), run the frozen backbone to the output of its last convolutional block (`layer4`,
-shape (2048, h, w)) without autograd, then make that activation the one tensor that needs a
-gradient: average-pool it to the 2048-d embedding, run every fold's fusion MLP with the row's
-encoded metadata to its logit, average the logits over folds and take their gradient with
-respect to the activation (`torch.autograd.grad`, so no `.grad` is left on any parameter and the
-backbone's weights are never part of the graph). Each channel is weighted by its mean gradient,
-the weighted sum goes through a ReLU, is upsampled to the image, scaled to 0..1 and drawn with a
-colour map over the image. Everything runs in float32: on 20 HAM10000 images, bf16 autocast of the
-backbone moved the 0..1 maps by up to 0.12 and saved 7% of the time on a CPU. A map with no
-position that raises the score is all zeros and leaves the image untinted.
+view 0), run the frozen backbone without autograd to the output of the shallowest block the run's
+embedding pools (layer4 for the classic embedding, shape (2048, h, w); layer3 when the store also
+pools layer3, (1024, 2h, 2w)), then make that activation the one tensor that needs a gradient:
+run the remaining blocks and pool them as the store does to the embedding, run every fold's
+fusion MLP with the row's encoded metadata to its logit, average the logits over folds and take
+their gradient with respect to the activation (`torch.autograd.grad`, so no `.grad` is left on
+any parameter and the backbone's weights are never part of the graph). Each channel is weighted
+by its mean gradient, the weighted sum goes through a ReLU, is upsampled to the image, scaled to
+0..1 and drawn with a colour map over the image. Everything runs in float32: on 20 HAM10000
+images, bf16 autocast of the backbone moved the 0..1 maps by up to 0.12 and saved 7% of the time
+on a CPU. A map with no position that raises the score is all zeros and leaves the image untinted.
 
-Because the backbone ends in a global average pool, the gradient of the embedding is the same at
-every position of a channel: the map is the class activation map (CAM) of the fusion MLP's
-linearisation at this image, at layer4's resolution (7 x 7 at 224 px), so it shows regions,
-not fine detail. The whole image was resized to a square without cropping, so the map covers the
-whole image and is stretched back to its aspect.
+The map lies at the resolution of that block (7 x 7 for layer4 at 224 px, 14 x 14 for layer3),
+so it shows regions, not fine detail; taking it at the shallowest pooled block is what makes it
+account for every pooled feature (a deeper block's gradient would miss the shallower block's own
+pooled features). The whole image was resized to a square without cropping, so the map covers
+the whole image and is stretched back to its aspect.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def saliency_overlays(models, frame: pd.DataFrame, ids: Sequence[str], source, w
 
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     if backbone is None:
-        backbone = load_backbone(weights, device)
+        blocks, pooling = models.identity.get("blocks", ["layer4"]), models.identity.get("pooling", "avg")
+        backbone = load_backbone(weights, device, blocks=blocks, pooling=pooling)
     meta = _encoded_meta(models, frame, rows)
 
     started = time.perf_counter()
@@ -126,25 +128,26 @@ def saliency_overlays(models, frame: pd.DataFrame, ids: Sequence[str], source, w
 
 def grad_cam(backbone: torch.nn.Module, folds, batch: torch.Tensor, meta: Sequence[np.ndarray | None],
              device: str | torch.device = "cpu") -> np.ndarray:
-    """Grad-CAM maps of the fold-averaged fusion logit at the backbone's layer4.
+    """Grad-CAM maps of the fold-averaged fusion logit at the shallowest pooled block.
 
     Args:
-        backbone: the frozen torchvision ResNet-50 (`embed.backbone.load_backbone`).
+        backbone: the frozen `embed.backbone.PooledResNet` the run's embeddings came from
+            (`embed.backbone.load_backbone` with the run's blocks and pooling).
         folds: [(FusionMLP, encoder)] (`FusionModel.folds`); the MLPs stay where they are.
         batch: uint8 (n, S, S, 3), as `embed.reader.resize_uint8` makes it.
         meta: per fold, the rows' metadata input (n, n_meta) float32, or None for an image-only MLP.
         device: where the backbone runs.
 
     Returns:
-        float32 (n, h, w) in 0..1 (layer4's grid; all zeros where no position raises the logit).
+        float32 (n, h, w) in 0..1 (that block's grid; all zeros where no position raises the logit).
     """
     from embed.reader import normalize_batch
 
     x = normalize_batch(batch, device)
     with torch.no_grad():
-        activation = _layer4(backbone, x).float()
+        activation = _forward_to(backbone, x, backbone.blocks[0]).float()
     activation.requires_grad_(True)
-    embedding = activation.mean(dim=(2, 3))  # the backbone's global average pool
+    embedding = _pooled_from(backbone, activation)
     logits = []
     for (model, _), rows in zip(folds, meta, strict=True):
         model.eval()
@@ -162,10 +165,29 @@ def grad_cam(backbone: torch.nn.Module, folds, batch: torch.Tensor, meta: Sequen
     return cam.cpu().numpy().astype(np.float32)
 
 
-def _layer4(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """torchvision ResNet's forward up to and including layer4: (n, 2048, h, w)."""
+def _forward_to(model: torch.nn.Module, x: torch.Tensor, block: str) -> torch.Tensor:
+    """The backbone's forward up to and including `block`: (n, channels, h, w)."""
     x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
-    return model.layer4(model.layer3(model.layer2(model.layer1(x))))
+    for name in model.stages:
+        x = getattr(model, name)(x)
+        if name == block:
+            return x
+    raise ValueError(f"block {block!r} is not one of the backbone's stages {model.stages}")
+
+
+def _pooled_from(model: torch.nn.Module, activation: torch.Tensor) -> torch.Tensor:
+    """The embedding the backbone makes from `activation`, the output of its shallowest pooled
+    block: the later stages run on it and every pooled block is pooled, as in its forward."""
+    from embed.backbone import pool
+
+    stages = model.stages[model.stages.index(model.blocks[0]):]
+    x, pooled = activation, []
+    for name in stages:
+        if name != stages[0]:
+            x = getattr(model, name)(x)
+        if name in model.blocks:
+            pooled.append(pool(x, model.pooling))
+    return torch.cat(pooled, dim=1)
 
 
 def _encoded_meta(models, frame: pd.DataFrame, rows: list[int]) -> list[np.ndarray | None]:

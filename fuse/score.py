@@ -226,12 +226,12 @@ def _training_prevalence(models: RunModels, prevalence: float | None) -> float:
 
 def _embedding_setup(identity: dict, weights, batch_size: int | None, device: str, num_workers):
     """Weights and embedding settings for new images, checked against the run's identity."""
-    from embed.config import EmbedConfig
+    from embed.config import config_for_identity
     from embed.weights import ensure_weights
 
     info = ensure_weights(Path(weights) if weights else None)
-    config = EmbedConfig(image_size=int(identity["image_size"]), views=int(identity["views"]),
-                         batch_size=batch_size, device=device, num_workers=num_workers, progress=False)
+    config = config_for_identity(identity, batch_size=batch_size, device=device, num_workers=num_workers,
+                                 progress=False)
     try:
         check_identity(embedding_identity(info, config), identity, "scoring", "the run's models were trained on",
                        hint=f"weights at hand: {info.path}; pass --weights with the file the run was trained with")
@@ -302,7 +302,7 @@ def _score_rows(models: RunModels, frame: pd.DataFrame, spec, has_image: np.ndar
 
         release()  # chunks without any image
         if order:
-            batches = (embed_ids(source, order, load_backbone(weights, "cpu"), config)
+            batches = (embed_ids(source, order, load_backbone(weights, "cpu", blocks=config.blocks, pooling=config.pooling), config)
                        if store is None else
                        _stored_batches(source, order, weights, replace(config, progress=progress), store, images))
             bar = tqdm(total=len(order), unit="img", desc="score", dynamic_ncols=True,

@@ -23,8 +23,9 @@ import numpy as np
 
 from common.errors import preview
 from common.files import atomic_write_json
+from embed.config import EmbedConfig
 from embed.errors import StoreMismatchError
-from embed.identity import IDENTITY_FIELDS, check_identity
+from embed.identity import check_identity, identity_of
 from embed.sources import open_source
 from embed.store import FeatureStore, store_name
 from embed.weights import WeightsInfo, ensure_weights
@@ -39,24 +40,25 @@ log = logging.getLogger(__name__)
 READ_ROWS = 8192
 
 
-def store_path(spec: DatasetSpec, weights: WeightsInfo, image_size: int, views: int,
+def store_path(spec: DatasetSpec, weights: WeightsInfo, config: EmbedConfig,
                stores: Path | None = None) -> Path:
-    """Where the store for (data set, weights, image size, views) lives."""
-    return (stores or stores_root()) / store_name(spec.name, weights.sha256, image_size, views)
+    """Where the store for (data set, weights, image size, views, pooled blocks) lives."""
+    name = store_name(spec.name, weights.sha256, config.image_size, config.views, config.blocks, config.pooling)
+    return (stores or stores_root()) / name
 
 
 def locate_store(spec: DatasetSpec, weights: WeightsInfo | None = None, stores: Path | None = None) -> Path:
     """The spec's feature store for the current weights.
 
-    Prefers the plain 224 px single-view store when several exist; otherwise there must be exactly
-    one. Raises RunError naming the command that makes one, or the candidates to choose from.
+    Prefers the store of the default settings (224 px, one view, the default blocks and pooling)
+    when several exist; otherwise there must be exactly one. Raises RunError naming the command that makes one, or the candidates to choose from.
     """
     weights = weights or ensure_weights()
     root = stores or stores_root()
-    preferred = root / store_name(spec.name, weights.sha256, 224, 1)
-    # Same data set and weights, any image size or views; a store has at least one manifest
-    # (`manifest.json`, or the part manifests of a sharded build still in progress).
-    prefix = preferred.name.removesuffix("224px-1v")
+    preferred = store_path(spec, weights, EmbedConfig(), root)
+    # Same data set and weights, any image size, views or blocks; a store has at least one
+    # manifest (`manifest.json`, or the part manifests of a sharded build still in progress).
+    prefix = f"{spec.name}-{weights.sha256[:12]}-"
     candidates = sorted(p for p in root.glob(prefix + "*") if any(p.glob("manifest*.json")))
     if not candidates:
         raise RunError(
@@ -190,7 +192,7 @@ def check_same_embeddings(run: RunLayout, identity: dict, what: str, *, skip: st
     for stage, record in run.read_store_records().items():
         if stage == skip:
             continue
-        check_identity(identity, _identity_of(record), what,
+        check_identity(identity, identity_of(record), what,
                        f"stage '{stage}' of run {run.dir} was trained on",
                        hint="use the store that stage was trained on (its store.json names it), "
                             "or retrain that stage on this one")
@@ -208,14 +210,10 @@ def run_identity(run: RunLayout) -> dict | None:
         return None
     (first_stage, first), *others = records.items()
     for stage, record in others:
-        check_identity(_identity_of(record), _identity_of(first),
+        check_identity(identity_of(record), identity_of(first),
                        f"stage '{stage}' of run {run.dir}", f"stage '{first_stage}' was trained on",
                        hint="retrain one stage on the other's store (`--store`)")
-    return _identity_of(first)
-
-
-def _identity_of(record: dict) -> dict:
-    return {key: record[key] for key in IDENTITY_FIELDS if key in record}
+    return identity_of(first)
 
 
 __all__ = [

@@ -108,6 +108,8 @@ class GBDTConfig:
         only, when no extra matrix is given.
     pca_fit_rows: PCA is fitted on at most this many training rows (a seeded sample) to bound
         memory on ISIC-sized data; the projection is applied to every row.
+    patient_context: with image features and a spec that names a patient column, also the
+        image's distance to the patient's other lesions (`patient_context`).
     num_boost_round / early_stopping_rounds: boosting stops when the first validation metric
         (log loss by default) has not improved for `early_stopping_rounds` rounds; the model is
         saved at its best iteration.
@@ -120,6 +122,7 @@ class GBDTConfig:
     neg_ratio: float | None = DEFAULT_NEG_RATIO
     extra_components: int = 64
     pca_fit_rows: int = 50_000
+    patient_context: bool = True
     num_boost_round: int = 5000
     early_stopping_rounds: int = 50
     log_period: int = 0
@@ -219,15 +222,55 @@ def check_extra(extra, n_rows: int, ids: Sequence[str] | None = None) -> np.ndar
     return array
 
 
-def with_extra(features: pd.DataFrame, extra: np.ndarray | None, pca: FoldPCA | None) -> pd.DataFrame:
-    """Append the PCA projection of `extra` to `features` (same rows, same order)."""
+# The image relative to the patient's other lesions ("ugly duckling"), from the PCA projection.
+PATIENT_CONTEXT = tuple(f"{EXTRA_PREFIX}{name}" for name in ("patient_dist", "patient_dist_ratio", "patient_dist_rank"))
+
+
+def patient_context(reduced: np.ndarray, patients) -> np.ndarray:
+    """How unlike its patient's other lesions each image is, from these rows only: (n, 3) float32.
+
+    Dermatologists call a lesion that looks unlike the patient's other lesions an "ugly
+    duckling", a sign of melanoma. Per row, in the PCA space of the image embeddings:
+    - the Euclidean distance to the mean of the patient's rows (the row included),
+    - that distance over the patient's mean distance (1 = typical for this patient),
+    - its percentile rank within the patient (1 = the patient's most unusual lesion).
+    Computed from the rows given, as the per-patient metadata features are: at scoring time
+    from the scored rows of the patient; never from labels. A row without a patient, or the only
+    row of its patient, has distance 0, ratio 1 and rank 1 (nothing to compare with).
+    """
+    reduced = np.asarray(reduced, dtype=np.float64)
+    keys = pd.Series(patients, dtype=object).reset_index(drop=True)
+    codes, _ = pd.factorize(keys, use_na_sentinel=True)
+    lone = codes < 0
+    # A row without a patient is its own patient, never pooled with other such rows.
+    codes = codes.copy()
+    codes[lone] = codes.max(initial=-1) + 1 + np.arange(int(lone.sum()))
+    counts = np.bincount(codes)
+    sums = np.zeros((len(counts), reduced.shape[1]))
+    np.add.at(sums, codes, reduced)
+    distance = np.linalg.norm(reduced - (sums / counts[:, None])[codes], axis=1)
+    mean_distance = np.bincount(codes, weights=distance) / counts
+    ratio = np.where(mean_distance[codes] > 0, distance / np.maximum(mean_distance[codes], 1e-12), 1.0)
+    rank = pd.Series(distance).groupby(codes).rank(method="average", pct=True).to_numpy()
+    return np.column_stack([distance, ratio, rank]).astype(np.float32)
+
+
+def with_extra(features: pd.DataFrame, extra: np.ndarray | None, pca: FoldPCA | None,
+               patients=None) -> pd.DataFrame:
+    """Append the PCA projection of `extra` to `features` (same rows, same order), and, when
+    `patients` (each row's patient, None for none) is given, the image's patient context
+    (`patient_context`)."""
     if pca is None:
         return features
     reduced = pca.transform(extra)
-    clash = set(pca.names) & set(features.columns)
+    names = list(pca.names)
+    if patients is not None:
+        reduced = np.hstack([reduced, patient_context(reduced, patients)])
+        names += list(PATIENT_CONTEXT)
+    clash = set(names) & set(features.columns)
     if clash:
         raise DataError(f"extra: feature name(s) {sorted(clash)} clash with metadata features")
-    block = pd.DataFrame(reduced, index=features.index, columns=pca.names)
+    block = pd.DataFrame(reduced, index=features.index, columns=names)
     return pd.concat([features, block], axis=1)
 
 
@@ -287,8 +330,13 @@ def build_fold(
     pca = None
     if extra is not None:
         pca = FoldPCA.fit(extra[train_rows], config.extra_components, seed=fold, max_rows=config.pca_fit_rows)
-        X_train = with_extra(X_train, extra[train_rows], pca)
-        X_valid = with_extra(X_valid, extra[valid_rows], pca)
+        # Each part's patient context comes from its own rows (a patient is in one part only
+        # when folds are grouped by patient, as the ISIC 2024 spec's are).
+        patients = spec.patient if config.patient_context and spec.patient else None
+        X_train = with_extra(X_train, extra[train_rows], pca,
+                             None if patients is None else frame[patients].iloc[train_rows].to_numpy())
+        X_valid = with_extra(X_valid, extra[valid_rows], pca,
+                             None if patients is None else frame[patients].iloc[valid_rows].to_numpy())
     names = list(X_train.columns)
     y_train = y[train_rows]
     dataset_rows = sampled_rows(y_train, config, fold)

@@ -19,7 +19,7 @@ import pandas as pd
 
 from tabular.errors import DataError
 from tabular.features import FeatureEncoder
-from tabular.gbdt import EXTRA_PREFIX, FoldPCA, check_extra, with_extra
+from tabular.gbdt import EXTRA_PREFIX, PATIENT_CONTEXT, FoldPCA, check_extra, with_extra
 from tabular.spec import DatasetSpec
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,16 @@ class _Fold:
     pca: FoldPCA | None
     features: list[str]
     boosters: list[lgb.Booster]
+
+    def patients(self, frame: pd.DataFrame):
+        """Each row's patient when this fold's models use the image's patient context (its
+        features say so; stages trained before it existed do not), else None."""
+        if not set(PATIENT_CONTEXT) <= set(self.features):
+            return None
+        column = self.encoder.state["patient"]
+        if column not in frame.columns:
+            raise DataError(f"gbdt: column '{column}' (the patient) is missing from the rows to score")
+        return frame[column].to_numpy()
 
 
 class GBDTModel:
@@ -136,7 +146,7 @@ class GBDTModel:
         total = np.zeros(len(frame))
         count = 0
         for fold in self.folds:
-            features = with_extra(encode(fold.encoder, frame), extra, fold.pca)
+            features = with_extra(encode(fold.encoder, frame), extra, fold.pca, fold.patients(frame))
             if list(features.columns) != fold.features:
                 raise DataError(
                     f"gbdt: fold {fold.fold} features differ from {self.stage_dir / FEATURES_FILE}; "
@@ -166,7 +176,7 @@ class GBDTModel:
         count = 0
         values = None
         for fold in self.folds:
-            features = with_extra(encode(fold.encoder, frame), extra, fold.pca)
+            features = with_extra(encode(fold.encoder, frame), extra, fold.pca, fold.patients(frame))
             if values is None:
                 values = features
             for booster in fold.boosters:

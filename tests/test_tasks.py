@@ -128,3 +128,33 @@ def test_invoke_train_gbdt_on_a_header_only_metadata_file(tmp_path):
     assert "Traceback" not in result.stderr
     assert re.search(r"error: spec 'hdr': metadata file .*metadata\.csv has a header but no rows "
                      r"\(columns: image_id, lesion_id, target\)", result.stderr), result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["train-gbdt", "--spec", "s.toml", "--run", "r", "--neg-ratio", "abc"], "--neg-ratio expects a number, got 'abc'"),
+        (["train-fusion", "--spec", "s.toml", "--run", "r", "--members", "two"], "--members expects an integer, got 'two'"),
+        (["embed", "--spec", "s.toml", "--image-size", "1.5"], "--image-size expects an integer, got '1.5'"),
+        (["score", "--run", "r", "--images", "i", "--out", "p.csv", "--prevalence", "1%"],
+         "--prevalence expects a number, got '1%'"),
+    ],
+)
+def test_a_non_numeric_option_is_named_without_a_traceback(args, expected, tmp_path):
+    result = invoke(*args, env={"LESIONFUSE_ARTIFACTS": str(tmp_path)})
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"error: {expected}" in result.stderr, result.stderr
+
+
+def test_embed_refuses_an_unknown_block_by_name(tmp_path):
+    spec = tmp_path / "s.toml"
+    spec.write_text('[dataset]\nname = "s"\nmetadata = "m.csv"\nimages = "img"\nid = "id"\ntarget = "t"\n'
+                    'group = "id"\ncategorical = []\nnumeric = []\n')
+    (tmp_path / "m.csv").write_text("id,t\na,0\n")
+    (tmp_path / "img").mkdir()
+    result = invoke("embed", "--spec", str(spec), "--blocks", "layer3,layer9",
+                    env={"LESIONFUSE_ARTIFACTS": str(tmp_path)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: blocks: expected one or more distinct of ['layer1', 'layer2', 'layer3', 'layer4']" \
+           " (e.g. 'layer3,layer4'), got ['layer3', 'layer9']" in result.stderr, result.stderr

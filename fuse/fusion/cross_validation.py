@@ -36,9 +36,10 @@ import torch
 from common.files import atomic_write_json
 from common.version import lesionfuse_version
 from embed.config import resolve_device
-from embed.identity import IDENTITY_FIELDS
+from embed.identity import identity_of
 from fuse.fusion.baselines import logistic_baseline
 from fuse.fusion.embeddings import Embeddings
+from fuse.fusion.predict import member_file
 from fuse.fusion.training import cpu_state, finite_or_none, train_one
 from fuse.model import FusionConfig, FusionMLP, count_parameters, encode_meta
 from fuse.stores import check_same_embeddings, open_for_training, record_store
@@ -171,11 +172,21 @@ def _train_fold(run: Run, embeddings: Embeddings, config: FusionConfig, baseline
     y = run.target
     encoder = FeatureEncoder().fit(run.frame.iloc[train_rows], run.spec)
     meta = encode_meta(encoder, run.frame)
-    model, p_valid, info = train_one(
-        embeddings, meta, y, train_rows, valid_rows, config, device, seed_key=(k, 0),
-        label=f"fusion fold {k}",
-    )
-    done = {"encoder": encoder, "model": cpu_state(model), "p_valid": p_valid,
+    states, predictions, infos = [], [], []
+    for member in range(config.members):
+        # Member 0 draws what a single model drew, so members=1 is the single model exactly.
+        seed_key = (k, 0) if member == 0 else (k, 0, member)
+        label = f"fusion fold {k}" + (f" member {member}" if config.members > 1 else "")
+        model, p_member, info = train_one(embeddings, meta, y, train_rows, valid_rows, config, device,
+                                          seed_key=seed_key, label=label)
+        states.append(cpu_state(model))
+        predictions.append(p_member)
+        infos.append(info)
+    info = infos[0] if config.members == 1 else {
+        "best_epoch": [i["best_epoch"] for i in infos], "epochs": [i["epochs"] for i in infos],
+        "valid_pauc80": finite_or_none(pauc80(y[valid_rows], np.mean(predictions, axis=0))),
+        "seconds": round(sum(i["seconds"] for i in infos), 2)}
+    done = {"encoder": encoder, "models": states, "p_valid": np.mean(predictions, axis=0),
             "info": {"fold": k, "n_meta": int(meta.shape[1]), **info}}
     if baselines:
         _, p_image, info_image = train_one(
@@ -198,12 +209,13 @@ def _data_digest(run: Run) -> str:
 def _fold_key(data: str, identity: dict, config: FusionConfig, baselines: bool, k: int) -> str:
     """What fold k's result depends on: code version, settings, store, data and folds."""
     payload = {"code": lesionfuse_version(), "config": config.to_dict(), "baselines": baselines, "fold": k,
-               "store": {f: identity.get(f) for f in IDENTITY_FIELDS}, "data": data}
+               "store": identity_of(identity), "data": data}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _save_fold(out: Path, k: int, key: str, done: dict) -> None:
-    torch.save(done["model"], out / f"fold{k}.pt")
+    for member, state in enumerate(done["models"]):
+        torch.save(state, out / member_file(k, member))
     (out / f"encoder_fold{k}.json").write_text(json.dumps(done["encoder"].to_json(), indent=1))
     record = {"key": key, "info": done["info"], "p_valid": np.asarray(done["p_valid"]).tolist()}
     if "p_image" in done:

@@ -15,7 +15,7 @@ import torch
 
 from common.errors import preview
 from embed.errors import StoreMismatchError
-from embed.identity import IDENTITY_FIELDS, check_identity
+from embed.identity import check_identity, identity_of
 from fuse.errors import RunError
 from fuse.fusion.embeddings import Embeddings
 from fuse.fusion.training import predict_rows
@@ -25,8 +25,16 @@ from tabular.gbdt_model import Encode, positional
 from tabular.spec import DatasetSpec
 
 
+def member_file(k: int, member: int) -> str:
+    """The state dict file of fold k's member (member 0: `fold{k}.pt`, as a single model's)."""
+    return f"fold{k}.pt" if member == 0 else f"fold{k}_member{member}.pt"
+
+
 class FusionModel:
     """The fold models of a `fusion/` folder with their metadata encoders.
+
+    `folds` holds one (MLP, encoder) entry per fold and seed-ensemble member (`members` of the
+    config; one by default); predictions are the mean over all entries.
 
     Attributes: `store` (the record of the store the models were trained on), `dim` (embedding
     width), `device` (where the MLPs run).
@@ -42,7 +50,7 @@ class FusionModel:
     @property
     def identity(self) -> dict:
         """The embedding identity the models were trained on."""
-        return {key: self.store[key] for key in IDENTITY_FIELDS if key in self.store}
+        return identity_of(self.store)
 
     @property
     def encoders(self) -> list[FeatureEncoder]:
@@ -70,16 +78,17 @@ class FusionModel:
         config = FusionConfig.from_dict({k: v for k, v in record.items() if k in FusionConfig.__dataclass_fields__})
         folds = []
         for k in range(int(record["n_folds"])):
-            state_path = stage_dir / f"fold{k}.pt"
             encoder_path = stage_dir / f"encoder_fold{k}.json"
-            for path in (state_path, encoder_path):
+            state_paths = [stage_dir / member_file(k, m) for m in range(config.members)]
+            for path in (*state_paths, encoder_path):
                 if not path.exists():
                     raise RunError(f"fusion: {path} is missing; retrain with `invoke train-fusion`")
             encoder = FeatureEncoder.from_json(json.loads(encoder_path.read_text()))
-            model = FusionMLP(int(record["n_image"]), int(record["n_meta"][str(k)]), config)
-            model.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
-            model.eval()
-            folds.append((model, encoder))
+            for state_path in state_paths:
+                model = FusionMLP(int(record["n_image"]), int(record["n_meta"][str(k)]), config)
+                model.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
+                model.eval()
+                folds.append((model, encoder))
         return cls(record, store, folds, device)
 
     def predict(self, frame: pd.DataFrame, embeddings: np.ndarray, *, identity: dict | None = None,

@@ -29,6 +29,7 @@ from embed.backbone import (
     set_stride_layout,
 )
 from embed.errors import EmbedError
+from embed.pooled import BLOCKS, feature_dim
 from embed.weights import (
     INPUT_MEAN,
     STRIDE_KERAS_V1,
@@ -52,13 +53,67 @@ def test_the_backbone_is_frozen_and_gives_2048_features(random_weights):
     model = load_backbone(random_weights)
     assert not model.training
     assert all(not p.requires_grad for p in model.parameters())
-    assert isinstance(model.fc, torch.nn.Identity)
+    assert not hasattr(model, "fc") and not hasattr(model, "avgpool")
     images = [Image.new("RGB", (80, 60), (200, 120, 90)), Image.new("RGB", (64, 64), (10, 20, 30))]
     batch = torch.stack([preprocess(im, 64) for im in images])
     with torch.inference_mode():
         out = model(batch)
     assert out.shape == (2, EMBED_DIM)
     assert out.dtype == torch.float32
+
+
+def _activations(random_weights, x):
+    """Outputs of each stage of the plain torchvision model (fp32), by hooks."""
+    plain = load_backbone(random_weights, keep_classifier=True)
+    seen = {}
+    for name in BLOCKS:
+        getattr(plain, name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o))
+    with torch.inference_mode():
+        logits = plain(x)
+    return plain, seen, logits
+
+
+def test_pooled_blocks_are_the_stages_outputs_pooled_and_concatenated(random_weights):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    plain, seen, _ = _activations(random_weights, x)
+    with torch.inference_mode():
+        classic = load_backbone(random_weights)(x)
+        both_avg = load_backbone(random_weights, blocks=("layer4", "layer3"))(x)
+        both_gem = load_backbone(random_weights, blocks="layer3,layer4", pooling="gem")(x)
+    # The classic embedding is torchvision's pooled layer4, exactly.
+    plain.fc = torch.nn.Identity()
+    with torch.inference_mode():
+        assert torch.equal(classic, plain(x))
+    # Forward order whatever order the blocks were named in: layer3's 1024 first.
+    assert both_avg.shape == (2, feature_dim(("layer3", "layer4"))) == (2, 3072)
+    torch.testing.assert_close(both_avg[:, :1024], seen["layer3"].mean(dim=(2, 3)))
+    torch.testing.assert_close(both_avg[:, 1024:], classic)
+    gem = torch.cat([a.clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3) for a in (seen["layer3"], seen["layer4"])], 1)
+    torch.testing.assert_close(both_gem, gem)
+    # GeM leans to the strongest responses: never below the average of a non-negative map.
+    assert bool((both_gem >= both_avg - 1e-5).all())
+
+
+def test_pooling_a_shallower_block_alone_skips_the_deeper_stages(random_weights):
+    model = load_backbone(random_weights, blocks=("layer3",))
+    assert model.stages == ("layer1", "layer2", "layer3") and not hasattr(model, "layer4")
+    with torch.inference_mode():
+        assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 1024)
+
+
+@pytest.mark.parametrize(
+    ("blocks", "pooling", "message"),
+    [
+        (("layer5",), "avg", r"^blocks: expected one or more distinct of \['layer1', 'layer2', 'layer3', 'layer4'\] \(e.g. 'layer3,layer4'\), got \['layer5'\]$"),
+        (("layer3", "layer3"), "avg", r"got \['layer3', 'layer3'\]$"),
+        ("", "avg", r"got \[\]$"),
+        (("layer4",), "max", r"^pooling: expected one of \['avg', 'gem'\], got 'max'$"),
+    ],
+)
+def test_unknown_blocks_or_pooling_are_refused_by_name(random_weights, blocks, pooling, message):
+    with pytest.raises(EmbedError, match=message):
+        load_backbone(random_weights, blocks=blocks, pooling=pooling)
 
 
 def test_keep_classifier_gives_imagenet_logits(random_weights):

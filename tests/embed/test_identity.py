@@ -7,7 +7,7 @@ from storetools import random_weights, tiny_config
 
 from embed.backbone import BACKBONE_NAME, EMBED_DIM, preprocessing_for
 from embed.errors import EmbedError, StoreMismatchError
-from embed.identity import IDENTITY_FIELDS, check_identity, embedding_identity
+from embed.identity import IDENTITY_FIELDS, check_identity, embedding_identity, identity_of
 
 HAVE = {
     "backbone": "resnet50-keras-imagenet",
@@ -30,9 +30,27 @@ def test_embedding_identity_is_built_from_weights_and_config(tmp_path):
         "preprocessing": preprocessing_for(weights),
         "image_size": 48,
         "views": 2,
+        "blocks": ["layer4"],
+        "pooling": "avg",
         "dtype": "float16",
         "dim": EMBED_DIM,
     }
+    several = embedding_identity(weights, tiny_config(blocks="layer4,layer2", pooling="gem"))
+    assert (several["blocks"], several["pooling"], several["dim"]) == (["layer2", "layer4"], "gem", 2560)
+
+
+def test_records_made_before_blocks_were_a_setting_read_as_the_layer4_average():
+    # HAVE is such a record: no blocks, no pooling.
+    assert identity_of(HAVE)["blocks"] == ["layer4"] and identity_of(HAVE)["pooling"] == "avg"
+    check_identity(HAVE, {**HAVE, "blocks": ("layer4",), "pooling": "avg"}, "old store", "the run")
+    check_identity({**HAVE, "blocks": ["layer4"], "pooling": "avg"}, HAVE, "new store", "an old run")
+    with pytest.raises(StoreMismatchError, match=r"^old store was built with blocks=\['layer4'\] but "
+                       r"a layer3 run blocks=\['layer3', 'layer4'\]; use a store"):
+        check_identity(HAVE, {**HAVE, "blocks": ["layer3", "layer4"], "dim": 3072}, "old store", "a layer3 run")
+    with pytest.raises(StoreMismatchError, match=r"pooling='gem' but b pooling='avg'"):
+        check_identity({**HAVE, "pooling": "gem"}, HAVE, "a", "b")
+    # A partial identity checks its own fields only: no blocks filled in.
+    check_identity({**HAVE, "blocks": ["layer3"], "dim": 1024}, {"image_size": 224}, "a", "b")
 
 
 def test_check_identity_names_the_first_differing_field_dotted_with_both_values():

@@ -275,7 +275,7 @@ def test_a_launched_batch_waits_for_its_copy_before_it_is_read():
     event = Event()
     vectors = torch.ones(2, 1, 2048, dtype=torch.float16)
     launched = model_loop._Launched(["a", "b"], {}, vectors, event)
-    assert launched.collect(1).shape == (2, 1, 2048) and event.waited
+    assert launched.collect(1, 2048).shape == (2, 1, 2048) and event.waited
 
 
 def test_views_embed_the_transformed_image(tmp_path, model):

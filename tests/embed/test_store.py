@@ -30,6 +30,8 @@ IDENTITY = {
     "preprocessing": {"resize": "whole image", "normalize_mean": [0.485, 0.456, 0.406]},
     "image_size": 64,
     "views": VIEWS,
+    "blocks": ["layer4"],
+    "pooling": "avg",
     "dtype": "float16",
     "dim": DIM,
 }
@@ -70,6 +72,9 @@ def test_store_name():
         store_name("ham10000-dev", "0123456789abcdef" * 4, 224, 1)
         == "ham10000-dev-0123456789ab-224px-1v"
     )
+    # Other pooled features than the classic layer4 average are named; the classic keeps the old name.
+    assert store_name("d", "ab" * 32, 224, 1, ("layer3", "layer4"), "avg") == "d-abababababab-224px-1v-l34-avg"
+    assert store_name("d", "ab" * 32, 96, 2, ("layer4",), "gem") == "d-abababababab-96px-2v-l4-gem"
 
 
 def test_round_trip_layout_and_order(tmp_path):
@@ -131,6 +136,8 @@ CHANGED = {
     "preprocessing": {"resize": "whole image", "normalize_mean": [0.5, 0.5, 0.5]},
     "image_size": 224,
     "views": 8,
+    "blocks": ["layer3", "layer4"],
+    "pooling": "gem",
     "dtype": "float32",
     "dim": 512,
 }

@@ -41,6 +41,20 @@ def test_embed_spec_builds_the_store_and_a_rerun_does_no_model_work(tiny):
     assert vectors.shape == (60, 2048) and vectors.std() > 0
 
 
+def test_a_store_of_several_pooled_blocks_has_its_own_name_and_width(tiny, tmp_path):
+    summary = embed_spec(tiny["data"], image_size=32, blocks="layer4,layer3", pooling="gem",
+                         weights_path=tiny["weights_path"], stores=tmp_path / "stores")
+    assert summary.store_dir.name.endswith("-32px-1v-l34-gem") and summary.embedded == 60
+    spec = load_spec(tiny["data"])
+    ids = read_metadata(spec)[spec.id].astype(str).tolist()
+    opened = open_for_training(spec, ids, summary.store_dir)
+    assert opened.mean_embeddings().shape == (60, 3072)
+    assert (opened.store.reference()["blocks"], opened.store.reference()["pooling"]) == (["layer3", "layer4"], "gem")
+    # LightGBM's image PCA reads the wider vectors as it reads the classic ones.
+    train_gbdt(tiny["data"], tmp_path / "run", image_pca=4, store=summary.store_dir, seeds=(0,))
+    assert '"blocks": [\n    "layer3",' in (tmp_path / "run" / "gbdt" / "store.json").read_text()
+
+
 def test_locate_store_names_the_command_that_makes_one(tiny, tmp_path):
     spec = load_spec(tiny["data"])
     with pytest.raises(RunError, match=r"no feature store for data set 'isic-tiny-train' .* `invoke embed --spec "):

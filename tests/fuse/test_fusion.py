@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,8 @@ def identity(sha: str = "a" * 64, image_size: int = 32, views: int = VIEWS) -> d
         "preprocessing": {"resize": "whole image", "normalize_mean": [0.5, 0.5, 0.5]},
         "image_size": image_size,
         "views": views,
+        "blocks": ["layer4"],
+        "pooling": "avg",
         "dtype": "float16",
         "dim": DIM,
     }
@@ -128,6 +131,36 @@ def test_saved_models_reproduce_the_out_of_fold_predictions(data, tmp_path):
     p_all = FusionModel.load(out).predict(frame, vectors.astype(np.float16), spec=spec,
                                           identity=FeatureStore.open(store).reference())
     assert p_all.shape == (N,) and np.isfinite(p_all).all()
+
+
+def test_a_seed_ensemble_averages_its_members_and_its_first_member_is_the_single_model(data, tmp_path):
+    spec, frame, vectors, store = data
+    train_fusion(spec, tmp_path / "one", store, TINY, baselines=False, n_folds=3)
+    train_fusion(spec, tmp_path / "three", store, replace(TINY, members=3), baselines=False, n_folds=3)
+    out = tmp_path / "three" / "fusion"
+    assert {f"fold{k}_member{m}.pt" for k in range(3) for m in (1, 2)} <= {p.name for p in out.iterdir()}
+    single = FusionModel.load(tmp_path / "one" / "fusion")
+    ensemble = FusionModel.load(out)
+    assert len(ensemble.folds) == 9 and len(single.folds) == 3
+    for k in range(3):  # member 0 of each fold was drawn exactly as the single model was
+        for a, b in zip(single.folds[k][0].state_dict().values(), ensemble.folds[3 * k][0].state_dict().values(),
+                        strict=True):
+            assert torch.equal(a, b)
+    # The fold's out-of-fold probability is the mean of its members' probabilities.
+    oof = pd.read_csv(out / "oof.csv")
+    source = Embeddings.from_array(FeatureStore.open(store).read(frame["image_id"].tolist()))
+    for k in range(3):
+        rows = np.flatnonzero(oof["fold"].to_numpy() == k)
+        members = ensemble.folds[3 * k: 3 * k + 3]
+        meta = torch.from_numpy(members[0][1].mlp_matrix(members[0][1].transform(frame)).to_numpy(np.float32))
+        p = np.mean([predict_rows(model, source, meta, rows, batch_size=TINY.batch_size * 4)
+                     for model, _ in members], axis=0)
+        np.testing.assert_allclose(p, oof["p"].to_numpy()[rows], rtol=1e-6)
+        assert not np.allclose(p, predict_rows(members[0][0], source, meta, rows))  # the members differ
+    # A missing member's file is named.
+    (out / "fold1_member2.pt").unlink()
+    with pytest.raises(RunError, match=r"fusion: .*fold1_member2\.pt is missing; retrain with `invoke train-fusion`"):
+        FusionModel.load(out)
 
 
 def test_a_store_made_with_other_weights_is_refused(data, tmp_path):

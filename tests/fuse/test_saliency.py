@@ -191,6 +191,33 @@ def test_known_readouts(tiny):
     assert (both == 0).all()
 
 
+def test_with_several_pooled_blocks_the_map_is_taken_at_the_shallowest(tiny):
+    # layer3 + layer4 pooled: the map lies on layer3's grid (twice layer4's) and equals the hook
+    # recipe there, whose gradient flows both through layer3's own pooled features and layer4.
+    from embed.backbone import load_backbone
+    from embed.reader import normalize_batch
+
+    backbone = load_backbone(tiny["info"], "cpu", blocks=("layer3", "layer4"), pooling="gem")
+    batch = _quadrant_batch()
+    maps = grad_cam(backbone, [(_Readout(1.0), None)], batch, [None], "cpu")
+    assert maps.shape == (2, SIZE // 16, SIZE // 16)
+    copied = copy.deepcopy(backbone).requires_grad_(True)
+    kept = {}
+
+    def hook(module, inputs, output):
+        output.retain_grad()
+        kept["a"] = output
+
+    handle = copied.layer3.register_forward_hook(hook)
+    _Readout(1.0)(copied(normalize_batch(batch, "cpu"))).sum().backward()
+    handle.remove()
+    activation, gradient = kept["a"].detach(), kept["a"].grad
+    cam = torch.relu((gradient.mean(dim=(2, 3), keepdim=True) * activation).sum(dim=1))
+    cam = cam - cam.amin(dim=(1, 2), keepdim=True)
+    cam = cam / cam.amax(dim=(1, 2), keepdim=True)
+    np.testing.assert_allclose(maps, cam.numpy(), atol=1e-4)
+
+
 def test_the_models_are_left_as_they_were(tiny):
     from fuse.fusion import FusionModel
 

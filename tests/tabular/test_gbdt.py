@@ -14,6 +14,7 @@ from tabular.errors import DataError
 from tabular.gbdt import (
     DEFAULT_NEG_RATIO,
     DEFAULT_PARAMS,
+    PATIENT_CONTEXT,
     FoldPCA,
     GBDTConfig,
     build_fold,
@@ -185,7 +186,8 @@ def test_pca_fitted_on_training_part_only(tmp_path):
     data, ensemble = fit(frame, spec, folds, extra=extra, config=config)
     d0 = data[0]
     np.testing.assert_allclose(d0.pca.mean, extra[d0.train_rows].mean(axis=0), rtol=1e-5, atol=1e-6)
-    assert d0.feature_names[-4:] == ["img_pca_0", "img_pca_1", "img_pca_2", "img_pca_3"]
+    # The spec names a patient: the image's patient context follows its PCA components.
+    assert d0.feature_names[-7:] == ["img_pca_0", "img_pca_1", "img_pca_2", "img_pca_3", *PATIENT_CONTEXT]
     # Changing the validation rows' embeddings leaves that fold's PCA unchanged.
     changed = extra.copy()
     changed[d0.valid_rows] += 100.0

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from tabular.errors import DataError
-from tabular.gbdt import GBDTConfig
+from tabular.gbdt import PATIENT_CONTEXT, GBDTConfig
 from tabular.gbdt_model import GBDTModel
 from tabular.metrics import roc_auc
 from tabular.spec import ISIC2024_NOT_FEATURES, ISIC2024_TRAIN_ONLY, load_spec
@@ -104,7 +104,8 @@ def test_fit_gbdt_with_extra_matrix(tmp_path):
     metrics = fit_gbdt(spec, tmp_path / "run", extra=extra, config=config)
     assert metrics["extra"] == {"dim": 16, "components": 5}
     features = json.loads((tmp_path / "run" / "gbdt" / "features.json").read_text())
-    assert features["folds"][0]["features"][-5:] == [f"img_pca_{i}" for i in range(5)]
+    # The PCA components, then the image's patient context (the spec names a patient column).
+    assert features["folds"][0]["features"][-8:] == [*(f"img_pca_{i}" for i in range(5)), *PATIENT_CONTEXT]
     assert GBDTModel.load(tmp_path / "run" / "gbdt").predict(frame, extra=extra).shape == (200,)
     with pytest.raises(DataError, match="extra: expected 200 rows"):
         fit_gbdt(spec, tmp_path / "run", extra=extra[:10], config=config)
