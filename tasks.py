@@ -116,11 +116,13 @@ def demo(c, rows=None, trials=None):
         "weights": "torchvision resnet50 state dict to use instead of the cached weights",
         "shard": "i/n: embed only part i of n (for n parallel workers on one store)",
         "workers": "decode worker processes (default: chosen for the device)",
+        "variant": "how the backbone is computed: auto (the measured default here), eager, folded, jit-frozen, "
+                   "compiled or int8; recorded in the store's identity",
         "retry_failed": "try again the images an earlier run could not read",
     }
 )
 def embed(c, spec=None, image_size=None, views=None, blocks=None, pooling=None, batch_size=None, device="auto",
-          weights=None, shard="0/1", workers=None, retry_failed=False):
+          weights=None, shard="0/1", workers=None, retry_failed=False, variant="auto"):
     """Embed a data set's images into its feature store (resumable)."""
     _require("embed", spec=spec)
     _logging()
@@ -129,7 +131,7 @@ def embed(c, spec=None, image_size=None, views=None, blocks=None, pooling=None, 
     _run(embed_spec, spec, image_size=_number("image_size", image_size, default=224), views=_number("views", views, default=1),
          blocks=blocks or DEFAULT_BLOCKS, pooling=pooling or DEFAULT_POOLING, batch_size=_number("batch_size", batch_size), device=device,
          weights_path=weights, shard=shard, retry_failed=bool(retry_failed),
-         num_workers=_number("workers", workers))
+         num_workers=_number("workers", workers), variant=variant)
 
 
 @_task(

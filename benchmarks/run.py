@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import ISIC2024_PATIENTS, ISIC2024_ROWS, machine
-from benchmarks.embedding import TARGETS as EMBED_TARGETS
+from benchmarks.embedding import QUICK_VARIANTS, embedding_rows
 from benchmarks.fusion import TARGET_PEAK_VS_STORE
 from benchmarks.gbdt import (
     TARGET_FIT_SECONDS,
@@ -139,7 +139,8 @@ def run_bench(
             embed_weights, images=None if images is None else Path(images),
             n_images=n_images or EMBED_IMAGES[quick], image_size=image_size, batch_size=batch_size,
             device=device, num_workers=num_workers, amp=amp, rounds=rounds,
-            store_rows=STORE_ROWS[quick] if store_rows is None else store_rows)
+            store_rows=STORE_ROWS[quick] if store_rows is None else store_rows,
+            variants=QUICK_VARIANTS if quick else None)
     if "gbdt" in chosen:
         result["parts"]["gbdt"] = [_gbdt_at(rows) for rows in sizes]
     if "fusion" in chosen:
@@ -248,21 +249,7 @@ def format_table(result: dict) -> str:
     parts = result["parts"]
     e = parts.get("embedding")
     if e:
-        rows.append(("embed pipeline images/s vs naive loop", f"{e['pipeline_images_per_s']:.1f}",
-                     f"{e['naive_images_per_s']:.1f}", f"{e['pipeline_over_naive']:.2f}",
-                     f">= {EMBED_TARGETS['pipeline_over_naive']}"))
-        rows.append(("embed pipeline images/s vs model-only ceiling", f"{e['pipeline_images_per_s']:.1f}",
-                     f"{e['ceiling_images_per_s']:.1f}", f"{e['pipeline_over_ceiling']:.2f}",
-                     f">= {EMBED_TARGETS['pipeline_over_ceiling']}"))
-        if "min_cosine_to_naive" in e:
-            rows.append((f"embed vectors vs naive fp32, min centred cosine ({e['images_checked']} images)",
-                         f"{e['min_cosine_to_naive']:.4f}", "", "", f">= {EMBED_TARGETS['min_cosine_to_naive']}"))
-        if "reader_images_per_s" in e:
-            rows.append(("embed pipeline images/s vs its reader (decode only)", f"{e['pipeline_images_per_s']:.1f}",
-                         f"{e['reader_images_per_s']:.1f}", f"{e['pipeline_over_reader']:.2f}", ""))
-        if "store_write_rows_per_s" in e:
-            rows.append((f"store write rows/s ({e['store_rows']} rows)", f"{e['store_write_rows_per_s']}", "", "", ""))
-            rows.append((f"store mmap read rows/s ({e['store_rows']} rows)", f"{e['store_read_rows_per_s']}", "", "", ""))
+        rows.extend(embedding_rows(e))
     for g in parts.get("gbdt", ()):
         rows.extend(_gbdt_rows(g))
     for f in parts.get("fusion", ()):

@@ -42,6 +42,9 @@ class EmbedConfig:
     blocks: the ResNet-50 stages whose output is pooled, concatenated in forward order
         (`embed.backbone.BLOCKS`; a comma-separated string is accepted).
     pooling: "avg" (global average) or "gem" (generalised mean, p=3) for every pooled block.
+    variant: how the backbone is computed (`embed.variants.VARIANTS`: eager, folded, jit-frozen,
+        compiled, int8), or "auto" (`embed.variants.default_variant` for the device); the
+        resolved name is part of the store's identity.
     batch_size: images per model call; None = `default_batch_size(device)` (256 on CUDA, 32 on CPU).
     device: "auto" (cuda when available, else cpu), "cpu", "cuda" or "cuda:N".
     num_workers: decoding processes; None = `default_num_workers(device)`.
@@ -61,6 +64,7 @@ class EmbedConfig:
     views: int = 1
     blocks: tuple[str, ...] = DEFAULT_BLOCKS
     pooling: str = DEFAULT_POOLING
+    variant: str = "auto"
     batch_size: int | None = None
     device: str = "auto"
     num_workers: int | None = None
@@ -77,6 +81,9 @@ class EmbedConfig:
     def __post_init__(self) -> None:
         # Normalised (forward order, a tuple) so equal settings give equal configs and identities.
         object.__setattr__(self, "blocks", check_features(self.blocks, self.pooling))
+        from embed.variants import check_variant
+
+        check_variant(self.variant)
 
         def positive(name: str, value) -> None:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -148,12 +155,13 @@ class EmbedSummary:
 
 
 def config_for_identity(identity: dict, **settings) -> EmbedConfig:
-    """An EmbedConfig that embeds as `identity` says (image size, views, blocks, pooling; an
-    older identity without blocks/pooling means layer4 average), plus `settings` (device,
-    batch size, ...)."""
+    """An EmbedConfig that embeds as `identity` says (image size, views, blocks, pooling,
+    variant; an older identity without blocks/pooling means layer4 average, without a variant
+    eager), plus `settings` (device, batch size, ...)."""
     from embed.identity import with_legacy_values
 
     identity = with_legacy_values(identity)
+    settings.setdefault("variant", str(identity.get("variant", "eager")))
     return EmbedConfig(image_size=int(identity["image_size"]), views=int(identity["views"]),
                        blocks=tuple(identity["blocks"]), pooling=str(identity["pooling"]), **settings)
 

@@ -1,7 +1,7 @@
 """What makes two embeddings comparable: the embedding identity, built and compared in one place.
 
 An embedding identity is the dict of `IDENTITY_FIELDS` (backbone, weights_sha256, preprocessing,
-image_size, views, blocks, pooling, dtype, dim). A feature store records it in its manifest; a model trained on a
+image_size, views, blocks, pooling, variant, dtype, dim). A feature store records it in its manifest; a model trained on a
 store records it too; anything that combines vectors with a store or a model compares the two
 with `check_identity`, which names the first field that differs (dotted for nested fields, e.g.
 `preprocessing.normalize_mean`) and both values.
@@ -29,12 +29,13 @@ IDENTITY_FIELDS: tuple[str, ...] = (
     "views",
     "blocks",
     "pooling",
+    "variant",
     "dtype",
     "dim",
 )
 # Fields added after stores and runs already existed, with the value every earlier store and
 # model had: an identity that lacks one is read with this value, so older stores stay usable.
-LEGACY_VALUES: dict = {"blocks": ["layer4"], "pooling": "avg"}
+LEGACY_VALUES: dict = {"blocks": ["layer4"], "pooling": "avg", "variant": "eager"}
 # Vectors are stored as float16: half the bytes of float32, and the frozen backbone's pooled
 # features lose nothing a downstream model can use at that precision.
 DTYPE = "float16"
@@ -47,9 +48,11 @@ MISMATCH_HINT = (
 
 def embedding_identity(weights: WeightsInfo, config: EmbedConfig) -> dict:
     """The identity of vectors embedded with `weights` and `config` (image size, views, the
-    pooled blocks and their pooling)."""
+    pooled blocks and their pooling, the inference variant)."""
     from embed.backbone import BACKBONE_NAME, preprocessing_for
+    from embed.config import resolve_device
     from embed.pooled import feature_dim
+    from embed.variants import resolve_variant
 
     return {
         "backbone": BACKBONE_NAME,
@@ -59,6 +62,8 @@ def embedding_identity(weights: WeightsInfo, config: EmbedConfig) -> dict:
         "views": config.views,
         "blocks": list(config.blocks),
         "pooling": config.pooling,
+        # The inference variant as resolved on this machine ("auto" is not an identity).
+        "variant": resolve_variant(config.variant, resolve_device(config.device), config.amp),
         "dtype": DTYPE,
         "dim": feature_dim(config.blocks),
     }

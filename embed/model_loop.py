@@ -1,7 +1,8 @@
 """The model loop: the frozen backbone over the reader's batches, without a store.
 
 As timm's `inference.py` does, the model runs under `torch.inference_mode()` with AMP and
-channels_last decided once before the loop. On CUDA up to `CUDA_BATCHES_IN_FLIGHT` batches stay
+channels_last decided once before the loop, and the backbone computed as the run's inference
+variant (`embed.variants`: eager, BatchNorm folded, TorchScript-frozen, compiled, int8). On CUDA up to `CUDA_BATCHES_IN_FLIGHT` batches stay
 queued on the GPU (their copy back to the host included) while the caller handles an earlier
 one, so the store's writes overlap the model. `embed_ids` yields the vectors batch by batch;
 `embed.pipeline.build_store` writes them to a store, `fuse.score` uses them directly.
@@ -13,17 +14,17 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from embed.backbone import autocast_context, prepare_model
 from embed.config import EmbedConfig, resolve_device, settle_config
 from embed.identity import DTYPE
 from embed.pooled import feature_dim
 from embed.reader import apply_view, make_loader, normalize_batch
 from embed.sources import ImageSource
+from embed.variants import CALIBRATION_IMAGES, make_variant, resolve_variant
 
 log = logging.getLogger(__name__)
 
@@ -90,21 +91,23 @@ def embed_ids(
         # Every batch but the last has one shape: let cuDNN time its convolution algorithms
         # once and keep the fastest.
         torch.backends.cudnn.benchmark = True
-    model = prepare_model(model, device)
-    model.eval()
-    amp = autocast_context(device) if config.amp else None
+    # The variant (embed.variants) brings its own precision: autocast where `config.amp` asks
+    # and the device has it natively, as `autocast_context` says.
+    model = _variant(model, config, device, source, ids)
+    amp = None
     loader = make_loader(source, ids, config, device)
     in_flight = batches_in_flight(device)
     timer = timer or _Timer()
     log.info(
-        "embedding %d images on %s: %d px, %d view(s), batch %d, %d worker(s), amp=%s",
+        "embedding %d images on %s: %d px, %d view(s), batch %d, %d worker(s), variant %s (%s)",
         len(ids),
         device,
         config.image_size,
         config.views,
         config.batch_size,
         loader.num_workers,
-        _amp_label(amp),
+        model.name,
+        model.precision,
     )
     progress = _Progress(config, timer, len(ids), loader)
     pending: deque[_Launched] = deque()
@@ -170,10 +173,17 @@ class _Progress:
             self.bar.close()
 
 
-def _amp_label(amp) -> str:
-    if isinstance(amp, torch.autocast):
-        return str(amp.fast_dtype).replace("torch.", "")
-    return "off"
+def _variant(model, config: EmbedConfig, device: torch.device, source: ImageSource, ids):
+    """`model` as the variant `config.variant` names on `device`. int8 calibrates on the first
+    `CALIBRATION_IMAGES` of `ids` in sorted order, read as the loop reads them."""
+    name = resolve_variant(config.variant, device, config.amp)
+    calibration = None
+    if name == "int8":
+        calib = sorted(ids)[:CALIBRATION_IMAGES]
+        loader = make_loader(source, calib, replace(config, num_workers=0, progress=False), device)
+        calibration = [normalize_batch(b, device) for _, b, _ in loader if b is not None]
+    example = torch.zeros(config.batch_size, 3, config.image_size, config.image_size)
+    return make_variant(model, name, device, amp=config.amp, example=example, calibration=calibration)
 
 
 def _launch(

@@ -288,6 +288,7 @@ def make_variant(
         # UserWarning on every call); they still work, and the figures decide their use.
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         return _make(model, name, device, amp, example, calibration)
 

@@ -37,12 +37,15 @@ DEFAULT_IMAGE_PCA = 64
 def embed_spec(spec, image_size: int = 224, views: int = 1, batch_size: int | None = None, device: str = "auto",
                weights_path: Path | str | None = None, shard: str = "0/1",
                num_workers: int | None = None, stores: Path | None = None,
-               retry_failed: bool = False, blocks=DEFAULT_BLOCKS, pooling: str = DEFAULT_POOLING) -> EmbedSummary:
+               retry_failed: bool = False, blocks=DEFAULT_BLOCKS, pooling: str = DEFAULT_POOLING,
+               variant: str = "auto") -> EmbedSummary:
     """`invoke embed`: every image a spec's metadata names into `artifacts/stores/<store>/`.
 
     `shard` "i/n" embeds only part i of n (0-based), so n workers can fill one store at once.
     `blocks` (e.g. "layer3,layer4") and `pooling` ("avg" or "gem") say which pooled backbone
-    features the store keeps; each setting has its own store.
+    features the store keeps; each setting has its own store. `variant` says how the backbone is
+    computed (`embed.variants`; "auto" = the measured default for this machine), recorded in the
+    store's identity.
     Rows without an image are refused before any model work (DataError naming them); images
     without a row are listed and skipped. Rerunning embeds only ids not yet stored, and ids whose
     image changed since it was stored.
@@ -52,7 +55,7 @@ def embed_spec(spec, image_size: int = 224, views: int = 1, batch_size: int | No
     """
     shard_index, shard_count = parse_shard(shard)
     # The settings are checked before any file is read: a typo fails at once.
-    config = EmbedConfig(image_size=image_size, views=views, blocks=blocks, pooling=pooling,
+    config = EmbedConfig(image_size=image_size, views=views, blocks=blocks, pooling=pooling, variant=variant,
                          batch_size=batch_size, device=device, num_workers=num_workers,
                          shard_index=shard_index, shard_count=shard_count, retry_failed=retry_failed)
     spec = spec if isinstance(spec, DatasetSpec) else load_spec(spec)

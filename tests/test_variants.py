@@ -153,7 +153,7 @@ def test_variants_of_the_project_backbone(tmp_path, images):
     model = load_backbone(WeightsInfo(path=path, sha256=sha256_file(path), source="test"))
     reference = embed_batches(model, images)
     out = embed_batches(
-        make_variant(model, "jit-frozen", "cpu", amp=False, example=images[0]), images
+        make_variant(model, "folded", "cpu", amp=False, example=images[0]), images
     )
     assert centred_cosine(reference, out)["min"] >= FP32_BAR
 
@@ -188,3 +188,91 @@ def test_centred_cosine_sees_vectors_handed_to_the_wrong_ids():
     assert raw > 0.9
     with pytest.raises(EmbedError, match="shape"):
         centred_cosine(ref, ref[:5])
+
+
+# ----------------------------------------------------------------------------- identity and store
+
+
+@pytest.fixture(scope="module")
+def tiny_store_inputs(tmp_path_factory):
+    """Random weights and a folder of 4 small JPEGs."""
+    from PIL import Image
+
+    from common.files import sha256_file
+    from embed.weights import WeightsInfo
+
+    root = tmp_path_factory.mktemp("variant-store")
+    torch.manual_seed(2)
+    path = root / "random-resnet50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
+    folder = root / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        pixels = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img_{i}.jpg")
+    return WeightsInfo(path=path, sha256=sha256_file(path), source="test"), folder
+
+
+def _config(**overrides):
+    from embed.config import EmbedConfig
+
+    settings = dict(image_size=32, batch_size=4, device="cpu", num_workers=0, progress=False)
+    return EmbedConfig(**{**settings, **overrides})
+
+
+def test_the_resolved_variant_is_in_the_identity_and_another_is_refused(
+    tmp_path, tiny_store_inputs
+):
+    from embed.errors import StoreMismatchError
+    from embed.identity import IDENTITY_FIELDS, check_identity, embedding_identity
+    from embed.pipeline import build_store
+    from embed.sources import FolderSource
+    from embed.store import FeatureStore
+
+    weights, folder = tiny_store_inputs
+    assert "variant" in IDENTITY_FIELDS
+    assert embedding_identity(weights, _config())["variant"] == default_variant("cpu")
+    assert embedding_identity(weights, _config(variant="folded"))["variant"] == "folded"
+    source = FolderSource(folder)
+    store = tmp_path / "store"
+    build_store(source, source.ids()[:2], store, "toy", weights, _config(variant="folded"))
+    opened = FeatureStore.open(store)
+    assert opened.manifest["variant"] == "folded"
+    with pytest.raises(
+        StoreMismatchError,
+        match=r"built with variant='folded' but this run asks for variant='eager'",
+    ):
+        build_store(source, None, store, "toy", weights, _config(variant="eager"))
+    # A store written before variants existed was computed eagerly, and reads so.
+    old = {
+        k: v
+        for k, v in embedding_identity(weights, _config(variant="eager")).items()
+        if k != "variant"
+    }
+    check_identity(
+        old, embedding_identity(weights, _config(variant="eager")), "old store", "this run asks for"
+    )
+    with pytest.raises(StoreMismatchError, match="variant='eager' but .* variant='int8'"):
+        check_identity(
+            old,
+            embedding_identity(weights, _config(variant="int8")),
+            "old store",
+            "this run asks for",
+        )
+
+
+def test_embed_config_refuses_an_unknown_variant():
+    with pytest.raises(EmbedError, match=r"variant: expected 'auto' or one of .*got 'turbo'"):
+        _config(variant="turbo")
+
+
+def test_scoring_embeds_with_the_variant_its_store_records():
+    from embed.config import config_for_identity
+
+    identity = {"image_size": 32, "views": 1, "blocks": ["layer4"], "pooling": "avg"}
+    assert config_for_identity(identity, device="cpu").variant == "eager"  # older record
+    assert (
+        config_for_identity({**identity, "variant": "jit-frozen"}, device="cpu").variant
+        == "jit-frozen"
+    )

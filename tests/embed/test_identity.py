@@ -8,6 +8,7 @@ from storetools import random_weights, tiny_config
 from embed.backbone import BACKBONE_NAME, EMBED_DIM, preprocessing_for
 from embed.errors import EmbedError, StoreMismatchError
 from embed.identity import IDENTITY_FIELDS, check_identity, embedding_identity, identity_of
+from embed.variants import default_variant
 
 HAVE = {
     "backbone": "resnet50-keras-imagenet",
@@ -32,6 +33,7 @@ def test_embedding_identity_is_built_from_weights_and_config(tmp_path):
         "views": 2,
         "blocks": ["layer4"],
         "pooling": "avg",
+        "variant": default_variant("cpu"),  # "auto", as this machine resolves it
         "dtype": "float16",
         "dim": EMBED_DIM,
     }
