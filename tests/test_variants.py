@@ -152,9 +152,7 @@ def test_variants_of_the_project_backbone(tmp_path, images):
     torch.save(_randomise_batchnorm(torchvision.models.resnet50(weights=None)).state_dict(), path)
     model = load_backbone(WeightsInfo(path=path, sha256=sha256_file(path), source="test"))
     reference = embed_batches(model, images)
-    out = embed_batches(
-        make_variant(model, "folded", "cpu", amp=False, example=images[0]), images
-    )
+    out = embed_batches(make_variant(model, "folded", "cpu", amp=False, example=images[0]), images)
     assert centred_cosine(reference, out)["min"] >= FP32_BAR
 
 
@@ -276,3 +274,52 @@ def test_scoring_embeds_with_the_variant_its_store_records():
         config_for_identity({**identity, "variant": "jit-frozen"}, device="cpu").variant
         == "jit-frozen"
     )
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+def test_bench_measures_variants_beside_eager_with_targets_for_this_hardware(
+    tmp_path, tiny_store_inputs
+):
+    from benchmarks.embedding import (
+        BEST_VARIANT_OVER_EAGER,
+        PIPELINE_OVER_NAIVE_FP32_CPU,
+        TARGETS,
+        bench_embedding,
+        embedding_rows,
+    )
+    from embed.backbone import cpu_bf16_supported
+
+    weights, _ = tiny_store_inputs
+    settings = dict(
+        n_images=4, image_size=32, batch_size=4, device="cpu", num_workers=0, rounds=1,
+        store_rows=0, work_dir=tmp_path,
+    )  # fmt: skip
+    result = bench_embedding(weights, amp=False, variants=("eager", "folded"), **settings)
+    folded = result["variants"]["folded"]
+    assert set(result["variants"]) == {"eager", "folded"}
+    assert folded["precision"] == "fp32" and folded["ceiling_images_per_s"] > 0
+    assert folded["over_eager"] == pytest.approx(
+        folded["ceiling_images_per_s"] / result["variants"]["eager"]["ceiling_images_per_s"],
+        rel=1e-2,
+    )
+    assert folded["centred_cosine_min"] >= FP32_BAR and folded["faithful"]
+    # fp32 on a CPU: the pipeline's bar is the fp32 one; the best-variant bar is judged only
+    # when every variant was measured.
+    assert result["targets"]["pipeline_over_naive"] == PIPELINE_OVER_NAIVE_FP32_CPU
+    assert "best_variant_over_eager" not in result["targets"]
+    assert not result["variants_all_measured"]
+    rows = embedding_rows(result)
+    assert any("variant folded" in row[0] for row in rows)
+    assert any(row[4] == f">= {PIPELINE_OVER_NAIVE_FP32_CPU}" for row in rows)
+
+    from benchmarks.embedding import targets_for
+
+    bf16 = targets_for(torch.device("cpu"), amp=True)
+    expected = (
+        TARGETS["pipeline_over_naive"] if cpu_bf16_supported() else PIPELINE_OVER_NAIVE_FP32_CPU
+    )
+    assert bf16["pipeline_over_naive"] == expected
+    assert bf16["best_variant_over_eager"] == BEST_VARIANT_OVER_EAGER
+    assert "best_variant_over_eager" not in targets_for(torch.device("cuda"), amp=True)
