@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import ISIC2024_ROWS, peak_rss_bytes, run_child
+from embed.pooled import DEFAULT_BLOCKS, feature_dim
 from fuse.errors import RunError
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ TARGET_PEAK_VS_STORE = 2.0
 
 def bench_fusion_epoch(
     n_rows: int = ISIC2024_ROWS,
-    dim: int = 2048,
+    dim: int = feature_dim(DEFAULT_BLOCKS),
     views: int = 1,
     n_meta: int = 64,
     batch_size: int = 256,
@@ -50,8 +51,8 @@ def bench_fusion_epoch(
     """Time one fusion-MLP epoch and one linear-model pass over a synthetic store.
 
     Args:
-        n_rows, dim, views: the store's shape (default: ISIC 2024's 401,059 rows, ResNet-50's 2048
-            dimensions, one view).
+        n_rows, dim, views: the store's shape (default: ISIC 2024's 401,059 rows, the default
+            store's width, one view).
         n_meta: width of the synthetic metadata matrix.
         batch_size: rows per mini-batch, for both learners.
         prevalence: share of positive rows.

@@ -12,7 +12,7 @@ from PIL import Image
 
 from common.files import sha256_file
 from embed.errors import EmbedError
-from embed.pooled import BLOCKS, GEM_P, check_features, feature_dim
+from embed.pooled import BLOCKS, DEFAULT_BLOCKS, DEFAULT_POOLING, GEM_P, check_features, feature_dim
 from embed.weights import (
     INPUT_MEAN,
     INPUT_STD,
@@ -84,6 +84,12 @@ def pool(activation: torch.Tensor, pooling: str) -> torch.Tensor:
     return x.pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
 
 
+# One leaf call in a traced graph (torch.fx): graph rewrites such as int8 quantization
+# (`embed.variants`) then leave the pooling whole and in float32 instead of quantizing its
+# clamp and cube, which destroyed GeM's vectors (centred cosine 0.32 to fp32).
+torch.fx.wrap("pool")
+
+
 class PooledResNet(torch.nn.Module):
     """A torchvision ResNet-50 run up to its deepest pooled block; forward gives the pooled
     features of `blocks`, concatenated in forward order: (N, feature_dim(blocks)) float32.
@@ -137,8 +143,8 @@ def load_backbone(
     device: torch.device | str = "cpu",
     keep_classifier: bool = False,
     *,
-    blocks=("layer4",),
-    pooling: str = "avg",
+    blocks=DEFAULT_BLOCKS,
+    pooling: str = DEFAULT_POOLING,
 ) -> torch.nn.Module:
     """Build the frozen ResNet-50 for ``weights``, pooling ``blocks`` by ``pooling``.
 

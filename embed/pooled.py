@@ -19,8 +19,8 @@ GEM_P = 3.0
 
 # What a store keeps unless told otherwise, chosen on HAM10000 development out-of-fold figures
 # (the README's table).
-DEFAULT_BLOCKS: tuple[str, ...] = ("layer4",)
-DEFAULT_POOLING = "avg"
+DEFAULT_BLOCKS: tuple[str, ...] = ("layer3",)
+DEFAULT_POOLING = "gem"
 
 
 def check_features(blocks, pooling: str) -> tuple[str, ...]:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -66,9 +67,24 @@ def embed_spec(spec, image_size: int = 224, views: int = 1, batch_size: int | No
     check_images(frame, spec, source.ids())
     weights = ensure_weights(Path(weights_path) if weights_path else None)
     store_dir = store_path(spec, weights, config, stores)
+    config = _variant_of_existing_store(store_dir, config)
     summary = build_store(source, frame[spec.id].astype(str).tolist(), store_dir, spec.name, weights, config)
     print(f"store: {store_dir}")
     return summary
+
+
+def _variant_of_existing_store(store_dir: Path, config: EmbedConfig) -> EmbedConfig:
+    """With variant "auto", a store that exists keeps the variant it was built with: rerunning
+    `invoke embed` to add images on another kind of CPU (whose default variant differs) then
+    appends instead of being refused. An explicit --variant is left as asked (and refused by the
+    store if it differs)."""
+    if config.variant != "auto" or not (store_dir / "manifest.json").is_file():
+        return config
+    try:
+        recorded = json.loads((store_dir / "manifest.json").read_text()).get("variant", "eager")
+    except (OSError, ValueError):
+        return config  # the store's own checks will say what is wrong with it
+    return replace(config, variant=str(recorded))
 
 
 def train_gbdt(spec, run, trials: int = 0, storage: str | None = None, image_pca: int | None = None,

@@ -1,7 +1,7 @@
 """The fusion MLP: an image branch on frozen embeddings, a metadata branch, one fused head.
 
 ```
-embedding (B, 2048) ─► standardise ─► Linear ─► BatchNorm ─► ReLU ─► Dropout ─┐
+embedding (B, d)    ─► standardise ─► Linear ─► BatchNorm ─► ReLU ─► Dropout ─┐
                                                                               ├─► concat ─► Linear ─► ReLU ─► Dropout ─► Linear ─► logit (B,)
 metadata  (B, m)    ─► Linear ─► BatchNorm ─► ReLU ─► Dropout ───────────────┘
 ```
@@ -118,7 +118,7 @@ class FusionMLP(nn.Module):
     """Image branch + metadata branch -> one logit per row.
 
     Args:
-        n_image: embedding width (2048 for ResNet-50).
+        n_image: embedding width (the store's `dim`: 1024 for the default layer3 average).
         n_meta: metadata input width (columns of the encoder's MLP matrix); 0 builds the image branch alone.
         config: layer widths and dropout.
 

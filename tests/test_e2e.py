@@ -96,7 +96,7 @@ def world(tmp_path_factory, shared_data):
 
 def _store(world, size: int) -> Path:
     stores = Path(world["env"]["LESIONFUSE_ARTIFACTS"]) / "stores"
-    return next(stores.glob(f"ham-e2e-*-{size}px-1v"))
+    return next(stores.glob(f"ham-e2e-*-{size}px-1v*"))
 
 
 @pytest.fixture(scope="module")
@@ -188,11 +188,11 @@ def test_changed_images_are_embedded_again(world, tmp_path):
     store = world["env"]["LESIONFUSE_ARTIFACTS"]
     invoke(env, "embed", "--spec", str(world["spec"]), "--image-size", "32", "--weights", weights,
            "--device", "cpu", "--workers", "0")  # the original store, complete
-    before = {p.name for p in Path(store).glob("stores/ham-e2e-*-32px-1v/shard-*.npy")}
+    before = {p.name for p in Path(store).glob("stores/ham-e2e-*-32px-1v*/shard-*.npy")}
     done = invoke(env, "embed", "--spec", str(spec), "--image-size", "32", "--weights", weights,
                   "--device", "cpu", "--workers", "0")
     assert "5 image(s) changed since they were embedded" in done.stderr
-    after = {p.name for p in Path(store).glob("stores/ham-e2e-*-32px-1v/shard-*.npy")}
+    after = {p.name for p in Path(store).glob("stores/ham-e2e-*-32px-1v*/shard-*.npy")}
     assert len(after - before) >= 1  # the new vectors went into a new shard
     stored = FeatureStore.open(_store(world, 32))
     ids = [p.stem for p in changed]

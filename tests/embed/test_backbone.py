@@ -18,7 +18,6 @@ from PIL import Image
 
 from common.files import sha256_file
 from embed.backbone import (
-    EMBED_DIM,
     PREPROCESSING,
     autocast_context,
     cpu_bf16_supported,
@@ -29,7 +28,7 @@ from embed.backbone import (
     set_stride_layout,
 )
 from embed.errors import EmbedError
-from embed.pooled import BLOCKS, feature_dim
+from embed.pooled import BLOCKS, DEFAULT_BLOCKS, feature_dim
 from embed.weights import (
     INPUT_MEAN,
     STRIDE_KERAS_V1,
@@ -49,7 +48,7 @@ def random_weights(tmp_path_factory) -> WeightsInfo:
     return WeightsInfo(path=path, sha256=sha256_file(path), source="test")
 
 
-def test_the_backbone_is_frozen_and_gives_2048_features(random_weights):
+def test_the_backbone_is_frozen_and_gives_the_default_pooled_features(random_weights):
     model = load_backbone(random_weights)
     assert not model.training
     assert all(not p.requires_grad for p in model.parameters())
@@ -58,7 +57,7 @@ def test_the_backbone_is_frozen_and_gives_2048_features(random_weights):
     batch = torch.stack([preprocess(im, 64) for im in images])
     with torch.inference_mode():
         out = model(batch)
-    assert out.shape == (2, EMBED_DIM)
+    assert out.shape == (2, feature_dim(DEFAULT_BLOCKS)) == (2, model.dim)
     assert out.dtype == torch.float32
 
 
@@ -78,8 +77,8 @@ def test_pooled_blocks_are_the_stages_outputs_pooled_and_concatenated(random_wei
     x = torch.randn(2, 3, 64, 64)
     plain, seen, _ = _activations(random_weights, x)
     with torch.inference_mode():
-        classic = load_backbone(random_weights)(x)
-        both_avg = load_backbone(random_weights, blocks=("layer4", "layer3"))(x)
+        classic = load_backbone(random_weights, blocks=("layer4",), pooling="avg")(x)
+        both_avg = load_backbone(random_weights, blocks=("layer4", "layer3"), pooling="avg")(x)
         both_gem = load_backbone(random_weights, blocks="layer3,layer4", pooling="gem")(x)
     # The classic embedding is torchvision's pooled layer4, exactly.
     plain.fc = torch.nn.Identity()
@@ -128,7 +127,7 @@ def test_keep_classifier_gives_imagenet_logits(random_weights):
 )
 def test_the_stride_layout_follows_the_weights(random_weights, layout, one_by_one, three_by_three):
     weights = WeightsInfo(random_weights.path, random_weights.sha256, "test", stride_layout=layout)
-    model = load_backbone(weights)
+    model = load_backbone(weights, blocks=("layer4",))
     for name in ("layer2", "layer3", "layer4"):
         block = getattr(model, name)[0]
         assert block.conv1.stride == one_by_one
@@ -263,5 +262,5 @@ def test_bf16_channels_last_features_match_fp32(real_weights, imagenet_check):
         fast = prepare_model(model, "cpu")
         with torch.autocast("cpu", dtype=torch.bfloat16):
             features = fast(x.contiguous(memory_format=torch.channels_last))
-    assert features.shape == (1, EMBED_DIM)
+    assert features.shape == (1, model.dim)
     assert F.cosine_similarity(features.float(), reference).item() > 0.99

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from storetools import random_weights, tiny_config
 
-from embed.backbone import BACKBONE_NAME, EMBED_DIM, preprocessing_for
+from embed.backbone import BACKBONE_NAME, preprocessing_for
 from embed.errors import EmbedError, StoreMismatchError
 from embed.identity import IDENTITY_FIELDS, check_identity, embedding_identity, identity_of
+from embed.pooled import DEFAULT_BLOCKS, DEFAULT_POOLING, feature_dim
 from embed.variants import default_variant
 
 HAVE = {
@@ -31,11 +32,11 @@ def test_embedding_identity_is_built_from_weights_and_config(tmp_path):
         "preprocessing": preprocessing_for(weights),
         "image_size": 48,
         "views": 2,
-        "blocks": ["layer4"],
-        "pooling": "avg",
+        "blocks": list(DEFAULT_BLOCKS),
+        "pooling": DEFAULT_POOLING,
         "variant": default_variant("cpu", amp=False),  # "auto" in fp32, as resolved here
         "dtype": "float16",
-        "dim": EMBED_DIM,
+        "dim": feature_dim(DEFAULT_BLOCKS),
     }
     several = embedding_identity(weights, tiny_config(blocks="layer4,layer2", pooling="gem"))
     assert (several["blocks"], several["pooling"], several["dim"]) == (["layer2", "layer4"], "gem", 2560)

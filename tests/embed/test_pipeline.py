@@ -43,6 +43,7 @@ from embed.errors import EmbedError, EmbedInterrupted, StoreMismatchError
 from embed.identity import embedding_identity
 from embed.model_loop import embed_ids
 from embed.pipeline import build_store
+from embed.pooled import DEFAULT_BLOCKS, feature_dim
 from embed.reader import apply_view, collate_drop_failed, normalize_batch, resize_uint8
 from embed.sources import FolderSource, HDF5Source, decode_image, open_source
 from embed.store import MANIFEST, FeatureStore
@@ -239,7 +240,7 @@ def test_embed_ids_order_failures_and_views(tmp_path, folder, model):
     assert set(failures) == {"zero", "absent"}
     assert "empty file" in failures["zero"] and "not found" in failures["absent"]
     vecs = np.concatenate([b[1] for b in batches])
-    assert vecs.shape == (3, 3, 2048) and vecs.dtype == np.float16 and np.isfinite(vecs).all()
+    assert vecs.shape == (3, 3, feature_dim(DEFAULT_BLOCKS)) and vecs.dtype == np.float16 and np.isfinite(vecs).all()
     assert [b[1].shape[0] for b in batches] == [1, 1, 1]  # each batch of 2 lost or kept one
     plain = np.concatenate([b[1] for b in embed_ids(src, ids, model, tiny_config(batch_size=2))])
     np.testing.assert_allclose(plain[:, 0], vecs[:, 0], rtol=1e-2, atol=2e-2)
@@ -260,7 +261,7 @@ def test_batches_left_in_flight_come_back_in_order_and_unchanged(
     for item in embed_ids(src, ids, model, config):
         queued.append(item)
     assert [(b[0], b[2]) for b in queued] == [(b[0], b[2]) for b in plain]
-    assert queued[0][0] == [] and queued[0][1].shape == (0, 1, 2048)
+    assert queued[0][0] == [] and queued[0][1].shape == (0, 1, feature_dim(DEFAULT_BLOCKS))
     for (_, a, _), (_, b, _) in zip(queued, plain, strict=True):
         np.testing.assert_array_equal(a, b)
 

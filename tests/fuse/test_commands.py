@@ -1,12 +1,15 @@
 """The command entry points: embedding a spec, finding its store, and the options they refuse."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
-from embed.errors import EmbedError
+from embed.errors import EmbedError, StoreMismatchError
+from embed.pooled import DEFAULT_BLOCKS, DEFAULT_POOLING, feature_dim
+from embed.store import store_name
 from embed.weights import ensure_weights
 from fuse.commands import embed_spec, stack_and_report, train_gbdt
 from fuse.demo.synthetic import make_isic2024_like
@@ -35,10 +38,10 @@ def test_embed_spec_builds_the_store_and_a_rerun_does_no_model_work(tiny):
     assert again.embedded == 0
     spec = load_spec(tiny["data"])
     store = locate_store(spec, tiny["weights"], stores=tiny["stores"])
-    assert store.name.endswith("-32px-1v")
+    assert store.name == store_name(spec.name, tiny["weights"].sha256, 32, 1, DEFAULT_BLOCKS, DEFAULT_POOLING)
     ids = read_metadata(spec)[spec.id].astype(str).tolist()
     vectors = open_for_training(spec, ids, store).mean_embeddings()
-    assert vectors.shape == (60, 2048) and vectors.std() > 0
+    assert vectors.shape == (60, feature_dim(DEFAULT_BLOCKS)) and vectors.std() > 0
 
 
 def test_a_store_of_several_pooled_blocks_has_its_own_name_and_width(tiny, tmp_path):
@@ -64,7 +67,7 @@ def test_locate_store_names_the_command_that_makes_one(tiny, tmp_path):
 def test_locate_store_asks_to_choose_among_several(tiny):
     embed_spec(tiny["data"], image_size=32, weights_path=tiny["weights_path"], stores=tiny["stores"])
     embed_spec(tiny["data"], image_size=40, weights_path=tiny["weights_path"], stores=tiny["stores"])
-    with pytest.raises(RunError, match="several feature stores for 'isic-tiny-train': .*32px-1v, .*40px-1v; choose one with --store"):
+    with pytest.raises(RunError, match="several feature stores for 'isic-tiny-train': .*32px-1v.*, .*40px-1v.*; choose one with --store"):
         locate_store(load_spec(tiny["data"]), tiny["weights"], stores=tiny["stores"])
 
 
@@ -91,8 +94,21 @@ def test_stack_refuses_a_sensitivity_outside_0_1(tmp_path):
 
 
 def test_gbdt_uses_image_pca_from_the_store(tiny, tmp_path):
-    path = next(p for p in tiny["stores"].iterdir() if p.name.endswith("-32px-1v"))
+    path = next(p for p in tiny["stores"].iterdir() if "-32px-1v" in p.name and "-l34-" not in p.name)
     metrics = train_gbdt(tiny["data"], tmp_path / "run", image_pca=4, store=path, seeds=(0,))
     features = (tmp_path / "run" / "gbdt" / "features.json").read_text()
     assert "pca" in features.lower()
     assert Path(tmp_path / "run" / "gbdt" / "oof.csv").exists() and "pauc80" in str(metrics)
+
+
+def test_rerunning_embed_with_auto_keeps_the_variant_the_store_was_built_with(tiny, tmp_path):
+    # A store built on another kind of CPU (whose default variant differs) still takes new
+    # images with the default --variant auto; an explicit other variant is refused by name.
+    stores = tmp_path / "stores"
+    first = embed_spec(tiny["data"], image_size=32, variant="folded", weights_path=tiny["weights_path"],
+                       stores=stores)
+    again = embed_spec(tiny["data"], image_size=32, weights_path=tiny["weights_path"], stores=stores)
+    assert first.embedded == 60 and again.embedded == 0
+    assert json.loads((first.store_dir / "manifest.json").read_text())["variant"] == "folded"
+    with pytest.raises(StoreMismatchError, match=r"was built with variant='folded' but this run asks for variant='jit-frozen'"):
+        embed_spec(tiny["data"], image_size=32, variant="jit-frozen", weights_path=tiny["weights_path"], stores=stores)

@@ -1,7 +1,7 @@
 """Grad-CAM saliency overlays of the fusion MLP through the frozen backbone.
 
 One module-scoped run on a synthetic ISIC 2024-layout data set with a random-initialised ResNet-50
-at 64 px (layer4 is then a 2 x 2 grid: 32 px would leave a single cell, and no map), one LightGBM
+at 64 px (layer3 is then a 4 x 4 grid, layer4 a 2 x 2 one: 32 px would leave layer4 a single cell), one LightGBM
 seed, two fusion epochs and a small stack: about half a minute.
 """
 
@@ -26,6 +26,8 @@ pytestmark = pytest.mark.slow
 FAST = {"device": "cpu", "num_workers": 0, "progress": False}
 PNG = b"\x89PNG\r\n\x1a\n"
 SIZE = 64
+# Pixels per cell of each block's output grid.
+STRIDE = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 
 
 @pytest.fixture(scope="module")
@@ -122,14 +124,15 @@ def test_the_map_follows_the_image_and_equals_a_hook_based_grad_cam(tiny):
     folds = tiny["models"].fusion.folds
     meta = _meta(tiny, len(batch))
     maps = grad_cam(tiny["backbone"], folds, batch, meta, "cpu")
-    assert maps.shape == (2, SIZE // 32, SIZE // 32) and maps.dtype == np.float32
+    grid = SIZE // STRIDE[tiny["backbone"].blocks[0]]
+    assert maps.shape == (2, grid, grid) and maps.dtype == np.float32
     assert (maps >= 0).all() and (maps <= 1).all()
     # the quadrant changes the map: not the plain image's, and not uniform
     patched = maps[1]
     assert patched.max() == pytest.approx(1.0) and patched.min() == 0.0
     assert np.abs(maps[1] - maps[0]).max() > 0.05
 
-    # The textbook recipe with hooks on copies: layer4's output kept by a forward hook, the
+    # The textbook recipe with hooks on copies: the block's output kept by a forward hook, the
     # backbone's own forward (its average pool) to the embedding, backward() to the activation.
     from embed.reader import normalize_batch
 
@@ -140,8 +143,8 @@ def test_the_map_follows_the_image_and_equals_a_hook_based_grad_cam(tiny):
         output.retain_grad()
         kept["a"] = output
 
-    backbone.requires_grad_(True)  # so that the graph reaches layer4's output
-    handle = backbone.layer4.register_forward_hook(hook)
+    backbone.requires_grad_(True)  # so that the graph reaches the block's output
+    handle = getattr(backbone, backbone.blocks[0]).register_forward_hook(hook)
     embedding = backbone(normalize_batch(batch, "cpu"))
     handle.remove()
     logits = [copy.deepcopy(m)(embedding, None if r is None else torch.from_numpy(r))
@@ -150,7 +153,8 @@ def test_the_map_follows_the_image_and_equals_a_hook_based_grad_cam(tiny):
     activation, gradient = kept["a"].detach(), kept["a"].grad
     cam = torch.relu((gradient.mean(dim=(2, 3), keepdim=True) * activation).sum(dim=1))
     cam = cam - cam.amin(dim=(1, 2), keepdim=True)
-    cam = cam / cam.amax(dim=(1, 2), keepdim=True)
+    peak = cam.amax(dim=(1, 2), keepdim=True)
+    cam = torch.where(peak > 0, cam / peak, torch.zeros_like(cam))  # no raising position: zeros
     np.testing.assert_allclose(maps, cam.numpy(), atol=1e-4)
 
 
@@ -168,25 +172,29 @@ class _Readout(torch.nn.Module):
 
 
 def test_known_readouts(tiny):
-    # logit = sum of the embedding: every channel's gradient is +1/(h w), so the map is the
-    # activation summed over channels (layer4 ends in a ReLU, so all >= 0), scaled to 0..1.
+    # logit = sum of the embedding (one block, average pooled): every channel's gradient is
+    # +1/(h w), so the map is the activation summed over channels (a block ends in a ReLU, so
+    # all >= 0), scaled to 0..1.
     # logit = minus that: every weight is negative, the ReLU leaves nothing, the map is zeros.
+    from embed.backbone import load_backbone
     from embed.reader import normalize_batch
 
     batch = _quadrant_batch()
     with torch.no_grad():
         x = normalize_batch(batch, "cpu")
-        b = tiny["backbone"]
-        a = b.layer4(b.layer3(b.layer2(b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x))))))))
+        b = load_backbone(tiny["info"], "cpu", blocks=("layer3",), pooling="avg")
+        a = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        for name in b.stages:
+            a = getattr(b, name)(a)
     total = a.sum(dim=1)
     total = total - total.amin(dim=(1, 2), keepdim=True)
     total = (total / total.amax(dim=(1, 2), keepdim=True)).numpy()
-    up = grad_cam(tiny["backbone"], [(_Readout(1.0), None)], batch, [None], "cpu")
+    up = grad_cam(b, [(_Readout(1.0), None)], batch, [None], "cpu")
     np.testing.assert_allclose(up, total, atol=1e-5)
-    down = grad_cam(tiny["backbone"], [(_Readout(-1.0), None)], batch, [None], "cpu")
+    down = grad_cam(b, [(_Readout(-1.0), None)], batch, [None], "cpu")
     assert (down == 0).all()
     # two folds pulling opposite ways at equal strength: the mean logit has no gradient
-    both = grad_cam(tiny["backbone"], [(_Readout(1.0), None), (_Readout(-1.0), None)], batch,
+    both = grad_cam(b, [(_Readout(1.0), None), (_Readout(-1.0), None)], batch,
                     [None, None], "cpu")
     assert (both == 0).all()
 
@@ -214,7 +222,8 @@ def test_with_several_pooled_blocks_the_map_is_taken_at_the_shallowest(tiny):
     activation, gradient = kept["a"].detach(), kept["a"].grad
     cam = torch.relu((gradient.mean(dim=(2, 3), keepdim=True) * activation).sum(dim=1))
     cam = cam - cam.amin(dim=(1, 2), keepdim=True)
-    cam = cam / cam.amax(dim=(1, 2), keepdim=True)
+    peak = cam.amax(dim=(1, 2), keepdim=True)
+    cam = torch.where(peak > 0, cam / peak, torch.zeros_like(cam))  # no raising position: zeros
     np.testing.assert_allclose(maps, cam.numpy(), atol=1e-4)
 
 
@@ -224,7 +233,7 @@ def test_the_models_are_left_as_they_were(tiny):
     backbone, models = tiny["backbone"], tiny["models"]
     x = torch.from_numpy(np.random.default_rng(2).normal(size=(2, 3, SIZE, SIZE)).astype(np.float32))
     frame = tiny["frame"]
-    block = np.random.default_rng(3).normal(size=(len(frame), 1, 2048)).astype(np.float16)
+    block = np.random.default_rng(3).normal(size=(len(frame), 1, backbone.dim)).astype(np.float16)
     with torch.no_grad():
         before = backbone(x).clone()
     p_before = models.fusion.predict(frame, block)
