@@ -32,8 +32,12 @@ from fuse.errors import RunError
 
 log = logging.getLogger(__name__)
 
-# The MLP child's whole peak resident memory, as a multiple of the store's size on disk.
-TARGET_PEAK_VS_STORE = 2.0
+# What training the MLP adds to its process's memory (peak minus the memory held before the
+# epoch), as a multiple of the store's size on disk. The whole peak is reported too, but it also
+# holds about 0.85 GB of Python, torch and the store reader that do not grow with the data: 1.0x
+# the default 1,024-d store at 401,059 rows, 0.5x a 2,048-d one, so a target on it would judge the
+# width of the store rather than the training.
+TARGET_GROWTH_VS_STORE = 2.0
 
 
 def bench_fusion_epoch(
@@ -64,8 +68,8 @@ def bench_fusion_epoch(
         rows_per_s, peak_rss_bytes and peak_vs_store: the child's whole peak, interpreter and
         torch included; growth_bytes and growth_vs_store: what the pass added to the memory held
         before it began), `mlp_vs_linear_time` (ratio of pass times), and `memory_target_met`
-        (the MLP child's whole peak under 2x the store's size; only meaningful for stores of a
-        few GB, as torch alone takes about 0.6 GB).
+        (what the MLP's pass added to its process under `TARGET_GROWTH_VS_STORE` x the store's
+        size).
 
     Raises:
         RunError: a shape below n_rows 2, dim 1, views 1; a child process failed.
@@ -99,7 +103,7 @@ def bench_fusion_epoch(
         "mlp": mlp,
         "linear": linear,
         "mlp_vs_linear_time": round(mlp["seconds"] / max(linear["seconds"], 1e-9), 3),
-        "memory_target_met": mlp["peak_rss_bytes"] < TARGET_PEAK_VS_STORE * store_bytes,
+        "memory_target_met": mlp["growth_bytes"] < TARGET_GROWTH_VS_STORE * store_bytes,
     }
     log.info(
         "fusion epoch: %d rows in %.1f s (%.0f rows/s, peak %.2f x store); linear pass %.1f s "

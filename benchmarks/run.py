@@ -26,7 +26,7 @@ from pathlib import Path
 
 from benchmarks.common import ISIC2024_PATIENTS, ISIC2024_ROWS, machine
 from benchmarks.embedding import QUICK_VARIANTS, embedding_rows
-from benchmarks.fusion import TARGET_PEAK_VS_STORE
+from benchmarks.fusion import TARGET_GROWTH_VS_STORE
 from benchmarks.gbdt import (
     TARGET_FIT_SECONDS,
     TARGET_FIT_VS_UNSAMPLED,
@@ -258,8 +258,10 @@ def format_table(result: dict) -> str:
         rows.append((f"fusion epoch s ({n} rows) vs linear pass", f"{mlp['seconds']:.1f}", f"{lin['seconds']:.1f}",
                      f"{f['mlp_vs_linear_time']:.2f}", ""))
         rows.append((f"fusion rows/s ({n} rows)", f"{mlp['rows_per_s']:.0f}", f"{lin['rows_per_s']:.0f}", "", ""))
-        rows.append((f"fusion peak / store size ({n} rows)", f"{mlp['peak_vs_store']:.2f}", "", "",
-                     f"< {TARGET_PEAK_VS_STORE:g}"))
+        rows.append((f"fusion memory added / store size ({n} rows)", f"{mlp['growth_vs_store']:.2f}", "", "",
+                     f"< {TARGET_GROWTH_VS_STORE:g}"))
+        rows.append((f"fusion whole peak / store size ({n} rows)", f"{mlp['peak_vs_store']:.2f}",
+                     f"{lin['peak_vs_store']:.2f}", "", ""))
     s = parts.get("scoring")
     if s:
         rows.append((f"score images/s ({s['n_images']} images) vs embedding alone", f"{s['score_images_per_s']:.1f}",
