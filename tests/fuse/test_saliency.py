@@ -119,6 +119,16 @@ def _meta(tiny, n: int) -> list[np.ndarray | None]:
             for model, encoder in tiny["models"].fusion.folds]
 
 
+def _textbook_cam(kept: torch.Tensor) -> np.ndarray:
+    """Grad-CAM from a hooked activation whose .grad the backward pass filled: channels weighted
+    by their mean gradient, ReLU, scaled to 0..1 (all zeros where no position raises the logit)."""
+    activation, gradient = kept.detach(), kept.grad
+    cam = torch.relu((gradient.mean(dim=(2, 3), keepdim=True) * activation).sum(dim=1))
+    cam = cam - cam.amin(dim=(1, 2), keepdim=True)
+    peak = cam.amax(dim=(1, 2), keepdim=True)
+    return torch.where(peak > 0, cam / peak, torch.zeros_like(cam)).numpy()
+
+
 def test_the_map_follows_the_image_and_equals_a_hook_based_grad_cam(tiny):
     batch = _quadrant_batch()
     folds = tiny["models"].fusion.folds
@@ -150,12 +160,7 @@ def test_the_map_follows_the_image_and_equals_a_hook_based_grad_cam(tiny):
     logits = [copy.deepcopy(m)(embedding, None if r is None else torch.from_numpy(r))
               for (m, _), r in zip(folds, meta, strict=True)]
     torch.stack(logits).mean(dim=0).sum().backward()
-    activation, gradient = kept["a"].detach(), kept["a"].grad
-    cam = torch.relu((gradient.mean(dim=(2, 3), keepdim=True) * activation).sum(dim=1))
-    cam = cam - cam.amin(dim=(1, 2), keepdim=True)
-    peak = cam.amax(dim=(1, 2), keepdim=True)
-    cam = torch.where(peak > 0, cam / peak, torch.zeros_like(cam))  # no raising position: zeros
-    np.testing.assert_allclose(maps, cam.numpy(), atol=1e-4)
+    np.testing.assert_allclose(maps, _textbook_cam(kept["a"]), atol=1e-4)
 
 
 class _Readout(torch.nn.Module):
@@ -219,12 +224,7 @@ def test_with_several_pooled_blocks_the_map_is_taken_at_the_shallowest(tiny):
     handle = copied.layer3.register_forward_hook(hook)
     _Readout(1.0)(copied(normalize_batch(batch, "cpu"))).sum().backward()
     handle.remove()
-    activation, gradient = kept["a"].detach(), kept["a"].grad
-    cam = torch.relu((gradient.mean(dim=(2, 3), keepdim=True) * activation).sum(dim=1))
-    cam = cam - cam.amin(dim=(1, 2), keepdim=True)
-    peak = cam.amax(dim=(1, 2), keepdim=True)
-    cam = torch.where(peak > 0, cam / peak, torch.zeros_like(cam))  # no raising position: zeros
-    np.testing.assert_allclose(maps, cam.numpy(), atol=1e-4)
+    np.testing.assert_allclose(maps, _textbook_cam(kept["a"]), atol=1e-4)
 
 
 def test_the_models_are_left_as_they_were(tiny):
