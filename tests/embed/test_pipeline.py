@@ -513,9 +513,11 @@ def test_changed_images_of_an_hdf5_file_are_embedded_again(tmp_path, weights, mo
     path = tmp_path / "images.hdf5"
     ids = write_hdf5(path, 12, size=(40, 40))
     store = tmp_path / "store"
-    first = build_store(HDF5Source(path), None, store, "toy", weights, tiny_config())
+    source = HDF5Source(path)
+    first = build_store(source, None, store, "toy", weights, tiny_config())
     assert first.embedded == 12
     rotated = ["img_002", "img_009"]
+    source.close()  # HDF5 refuses to open a file for writing while a read handle is open
     with h5py.File(path, "a") as f:
         for key in rotated:
             data = _rotated_jpeg(f[key][()])

@@ -32,6 +32,7 @@ IDENTITY = {
     "views": VIEWS,
     "blocks": ["layer4"],
     "pooling": "avg",
+    "variant": "eager",
     "dtype": "float16",
     "dim": DIM,
 }
@@ -138,6 +139,7 @@ CHANGED = {
     "views": 8,
     "blocks": ["layer3", "layer4"],
     "pooling": "gem",
+    "variant": "folded",
     "dtype": "float32",
     "dim": 512,
 }
