@@ -94,9 +94,10 @@ class PooledResNet(torch.nn.Module):
     """A torchvision ResNet-50 run up to its deepest pooled block; forward gives the pooled
     features of `blocks`, concatenated in forward order: (N, feature_dim(blocks)) float32.
 
-    Keeps torchvision's attribute names (conv1, bn1, relu, maxpool, layer1..), so code that walks
-    the stages (Grad-CAM) reads it as it reads a ResNet. Stages after the deepest pooled block
-    are dropped: pooling layer3 alone skips layer4's share of the work.
+    Keeps torchvision's attribute names (conv1, bn1, relu, maxpool, layer1..). Stages after the
+    deepest pooled block are dropped: pooling layer3 alone skips layer4's share of the work.
+    `forward` is `pooled_from(forward_to(x, blocks[0]))`; Grad-CAM (`fuse.saliency`) calls the two
+    halves itself, to take the gradient at the shallowest pooled block.
     """
 
     def __init__(self, resnet: torch.nn.Module, blocks, pooling: str):
@@ -112,9 +113,21 @@ class PooledResNet(torch.nn.Module):
         return feature_dim(self.blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pooled_from(self.forward_to(x, self.blocks[0]))
+
+    def forward_to(self, x: torch.Tensor, block: str) -> torch.Tensor:
+        """The stem and the stages up to and including `block`: (N, channels, h, w)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        pooled = []
-        for name in self.stages:
+        for name in self.stages[: self.stages.index(block) + 1]:
+            x = getattr(self, name)(x)
+        return x
+
+    def pooled_from(self, activation: torch.Tensor) -> torch.Tensor:
+        """The pooled features from `activation`, the output of the shallowest pooled block:
+        the later stages run on it and each pooled block's output is pooled."""
+        later = self.stages[self.stages.index(self.blocks[0]) + 1:]
+        x, pooled = activation, [pool(activation, self.pooling)]
+        for name in later:
             x = getattr(self, name)(x)
             if name in self.blocks:
                 pooled.append(pool(x, self.pooling))

@@ -11,9 +11,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from embed.config import EmbedConfig, EmbedSummary, parse_shard
+from embed.identity import identity_of
 from embed.pipeline import build_store
 from embed.pooled import DEFAULT_BLOCKS, DEFAULT_POOLING
 from embed.sources import open_source
+from embed.store import MANIFEST
 from embed.weights import ensure_weights
 from fuse.errors import RunError
 from fuse.paths import run_dir
@@ -78,10 +80,11 @@ def _variant_of_existing_store(store_dir: Path, config: EmbedConfig) -> EmbedCon
     `invoke embed` to add images on another kind of CPU (whose default variant differs) then
     appends instead of being refused. An explicit --variant is left as asked (and refused by the
     store if it differs)."""
-    if config.variant != "auto" or not (store_dir / "manifest.json").is_file():
+    manifest = store_dir / MANIFEST
+    if config.variant != "auto" or not manifest.is_file():
         return config
     try:
-        recorded = json.loads((store_dir / "manifest.json").read_text()).get("variant", "eager")
+        recorded = identity_of(json.loads(manifest.read_text()))["variant"]
     except (OSError, ValueError):
         return config  # the store's own checks will say what is wrong with it
     return replace(config, variant=str(recorded))

@@ -110,8 +110,9 @@ def saliency_overlays(models, frame: pd.DataFrame, ids: Sequence[str], source, w
 
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     if backbone is None:
-        blocks, pooling = models.identity.get("blocks", ["layer4"]), models.identity.get("pooling", "avg")
-        backbone = load_backbone(weights, device, blocks=blocks, pooling=pooling)
+        # The run's identity holds blocks and pooling (older runs read as the layer4 average).
+        backbone = load_backbone(weights, device, blocks=models.identity["blocks"],
+                                 pooling=models.identity["pooling"])
     meta = _encoded_meta(models, frame, rows)
 
     started = time.perf_counter()
@@ -145,9 +146,9 @@ def grad_cam(backbone: torch.nn.Module, folds, batch: torch.Tensor, meta: Sequen
 
     x = normalize_batch(batch, device)
     with torch.no_grad():
-        activation = _forward_to(backbone, x, backbone.blocks[0]).float()
+        activation = backbone.forward_to(x, backbone.blocks[0]).float()
     activation.requires_grad_(True)
-    embedding = _pooled_from(backbone, activation)
+    embedding = backbone.pooled_from(activation)
     logits = []
     for (model, _), rows in zip(folds, meta, strict=True):
         model.eval()
@@ -163,31 +164,6 @@ def grad_cam(backbone: torch.nn.Module, folds, batch: torch.Tensor, meta: Sequen
     peak = cam.amax(dim=(1, 2), keepdim=True)
     cam = torch.where(peak > 0, cam / peak.clamp_min(1e-12), torch.zeros_like(cam))
     return cam.cpu().numpy().astype(np.float32)
-
-
-def _forward_to(model: torch.nn.Module, x: torch.Tensor, block: str) -> torch.Tensor:
-    """The backbone's forward up to and including `block`: (n, channels, h, w)."""
-    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
-    for name in model.stages:
-        x = getattr(model, name)(x)
-        if name == block:
-            return x
-    raise ValueError(f"block {block!r} is not one of the backbone's stages {model.stages}")
-
-
-def _pooled_from(model: torch.nn.Module, activation: torch.Tensor) -> torch.Tensor:
-    """The embedding the backbone makes from `activation`, the output of its shallowest pooled
-    block: the later stages run on it and every pooled block is pooled, as in its forward."""
-    from embed.backbone import pool
-
-    stages = model.stages[model.stages.index(model.blocks[0]):]
-    x, pooled = activation, []
-    for name in stages:
-        if name != stages[0]:
-            x = getattr(model, name)(x)
-        if name in model.blocks:
-            pooled.append(pool(x, model.pooling))
-    return torch.cat(pooled, dim=1)
 
 
 def _encoded_meta(models, frame: pd.DataFrame, rows: list[int]) -> list[np.ndarray | None]:
