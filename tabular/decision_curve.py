@@ -37,7 +37,8 @@ def _thresholds(thresholds) -> np.ndarray:
         raise DataError("thresholds: got no threshold probability")
     bad = ~((pt > 0.0) & (pt < 1.0))
     if bad.any():
-        raise DataError(f"thresholds: expected probabilities in (0, 1), got {pt[bad][0]!r}; "
+        first = float(pt[bad][0])
+        raise DataError(f"thresholds: expected probabilities in (0, 1), got {first!r}; "
                         "net benefit is undefined at 0 and 1")
     return pt
 

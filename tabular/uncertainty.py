@@ -129,7 +129,7 @@ def _check_threshold(threshold, name: str = "threshold") -> float:
         raise DataError(f"{name}: expected a probability in (0, 1), got {threshold!r}") from error
     if not 0.0 < value < 1.0:
         raise DataError(
-            f"{name}: expected a probability in (0, 1), got {threshold!r}; the operating threshold "
+            f"{name}: expected a probability in (0, 1), got {value!r}; the operating threshold "
             "is chosen on calibrated out-of-fold probabilities (metrics.json 'threshold')"
         )
     return value
