@@ -61,9 +61,12 @@ def net_benefit(y_true, y_prob, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
     """
     pt = _thresholds(thresholds)
     y, checked, _ = check_inputs(y_true, {"y_prob": y_prob})
-    p = checked["y_prob"]
+    return _net_benefit(y, checked["y_prob"], pt, "y_prob")
+
+
+def _net_benefit(y: np.ndarray, p: np.ndarray, pt: np.ndarray, name: str) -> np.ndarray:
     if p.min() < 0.0 or p.max() > 1.0:
-        raise DataError(f"y_prob: expected probabilities in [0, 1], got values from {p.min()} to "
+        raise DataError(f"{name}: expected probabilities in [0, 1], got values from {p.min()} to "
                         f"{p.max()}; use the calibrated probability")
     n = len(y)
     # Rows flagged at pt are those with p >= pt: counts from one sort, for every pt at once.
@@ -97,7 +100,8 @@ def decision_curve(y_true, probabilities: Mapping,
         raise DataError(f"probabilities: model names {sorted(clash)} are reserved for the "
                         "reference strategies; rename the model")
     prevalence = float(y.mean())
-    curves = {name: net_benefit(y, p, pt).tolist() for name, p in checked.items()}
+    curves = {name: _net_benefit(y, p, pt, f"probabilities[{name!r}]").tolist()
+              for name, p in checked.items()}
     curves["treat all"] = (prevalence - (1.0 - prevalence) * pt / (1.0 - pt)).tolist()
     curves["treat none"] = [0.0] * len(pt)
     return {"thresholds": pt.tolist(), "n": int(len(y)), "prevalence": prevalence,

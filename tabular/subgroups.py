@@ -4,7 +4,8 @@ per skin type, with intervals, so that a subgroup the model serves worse stands 
 A subgroup is highlighted when even the upper end of its sensitivity's 95% interval
 (Clopper-Pearson) is below the target sensitivity: the shortfall is not chance. With fewer than
 `MIN_POSITIVES` positives the sensitivity cannot be judged either way: the row says "too few to
-tell", is never highlighted, and has no ROC AUC.
+tell", is never highlighted, and has no ROC AUC. The Clopper-Pearson intervals take rows as
+independent (exact for one row per lesion); ROC AUC's interval is the group bootstrap.
 """
 
 from __future__ import annotations

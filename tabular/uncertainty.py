@@ -29,6 +29,7 @@ import warnings
 from collections.abc import Mapping
 
 import numpy as np
+import pandas as pd
 from scipy import sparse
 from scipy.stats import beta, norm, rankdata
 
@@ -111,8 +112,8 @@ def check_inputs(y_true, scores: Mapping, groups=None) -> tuple[np.ndarray, dict
         g = np.asarray(groups, dtype=object)
         if g.shape != y.shape:
             raise DataError(f"groups: expected {len(y)} group ids, one per target, got shape {g.shape}")
-        missing = [i for i, v in enumerate(g) if v is None or (isinstance(v, float) and math.isnan(v))]
-        if missing:
+        missing = np.flatnonzero(pd.isna(g))
+        if len(missing):
             raise DataError(
                 f"groups: {len(missing)} rows have no group id (first at row {missing[0]}); "
                 "every row needs its lesion or patient"
@@ -261,7 +262,7 @@ def _thresholds(threshold, names) -> dict[str, float]:
     return dict.fromkeys(names, value)
 
 
-def resample_figures(y_true, scores: Mapping, groups=None, threshold=0.5, *,
+def resample_figures(y_true, scores: Mapping, groups, threshold, *,
                      n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
     """Every model's figures on each bootstrap resample of the groups, and on the data itself.
 
@@ -317,7 +318,7 @@ def _interval(point: float, draws: np.ndarray, confidence: float) -> dict:
     return {"estimate": _json(point), "low": _json(low), "high": _json(high)}
 
 
-def bootstrap_figures(y_true, scores: Mapping, groups=None, threshold=0.5, *,
+def bootstrap_figures(y_true, scores: Mapping, groups, threshold, *,
                       final: str | None = None, n_resamples: int = DEFAULT_RESAMPLES,
                       seed: int = 0, confidence: float = 0.95) -> dict:
     """Percentile bootstrap intervals of every model's figures and of its difference from `final`.

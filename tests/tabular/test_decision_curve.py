@@ -81,7 +81,8 @@ def test_plot_is_a_png():
     (lambda y, p: decision_curve(y, {"m": p}, thresholds=[0.5, 1.0]), "got 1.0"),
     (lambda y, p: decision_curve(y, {"m": p}, thresholds=[]), "thresholds: got no threshold"),
     (lambda y, p: decision_curve(y, {"m": p[:-1]}), r"scores\['m'\]: expected 1000 scores"),
-    (lambda y, p: decision_curve(y, {"m": p * 2}), "y_prob: expected probabilities in"),
+    (lambda y, p: decision_curve(y, {"m": p * 2}), r"probabilities\['m'\]: expected probabilities in"),
+    (lambda y, p: net_benefit(y, p - 1), r"y_prob: expected probabilities in \[0, 1\], got values from -"),
     (lambda y, p: decision_curve(y, {"treat all": p}), "reserved for the reference strategies"),
     (lambda y, p: net_benefit(y[:-1], p), r"expected 999 scores, one per target, got shape"),
 ])
