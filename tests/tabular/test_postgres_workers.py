@@ -41,6 +41,8 @@ STUDY = f"gbdt-{SPEC_NAME}"
 # loaded machine is not mistaken for a dead one.
 GRACE = 8
 ROWS = 2500
+# Trials of the two workers together, then how many more the next workers are asked for.
+BUDGET, MORE = 6, 3
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -150,11 +152,11 @@ def spec_file(shared_data, tmp_path_factory) -> Path:
 class Worker:
     """`invoke train-gbdt` as a user types it, in its own artifacts folder (its own machine)."""
 
-    def __init__(self, home: Path, spec: Path, url: str, trials: int, grace: str = str(GRACE)) -> None:
+    def __init__(self, home: Path, spec: Path, url: str, trials: int) -> None:
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
         self.log = home / "worker.log"
-        env = {**os.environ, "LESIONFUSE_ARTIFACTS": str(home), GRACE_ENV: grace,
+        env = {**os.environ, "LESIONFUSE_ARTIFACTS": str(home), GRACE_ENV: str(GRACE),
                "PYTHONPATH": str(REPO)}
         with self.log.open("w") as out:  # a file, not a pipe: tqdm writes a lot, nobody reads a pipe
             self.process = subprocess.Popen(
@@ -191,23 +193,23 @@ def test_workers_share_a_postgres_study_and_a_killed_workers_trial_is_run_again(
     workers: list[Worker] = []
     try:
         # Two workers at once on one study: exactly --trials finished, each number once.
-        workers = [Worker(tmp_path / f"machine{i}", spec_file, postgres_url, 8) for i in range(2)]
+        workers = [Worker(tmp_path / f"machine{i}", spec_file, postgres_url, BUDGET) for i in range(2)]
         for worker in workers:
             assert worker.wait() == 0, worker.text()[-3000:]
         trials = _trials(postgres_url)
         finished = [t for t in trials if t.state in FINISHED]
-        assert len(finished) == 8
+        assert len(finished) == BUDGET
         _check_numbers(trials)
-        assert len({json.dumps(t.params, sort_keys=True) for t in finished}) == 8
+        assert len({json.dumps(t.params, sort_keys=True) for t in finished}) == BUDGET
         # They ran at the same time: some trial of one started before a trial of the other ended.
         spans = sorted((t.datetime_start, t.datetime_complete) for t in finished)
         assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False)), spans
-        # Both read the whole study back: the same best trial, 8 finished.
+        # Both read the whole study back: the same best trial, the same count.
         assert workers[0].best()["trial"] == workers[1].best()["trial"]
-        assert workers[0].best()["trials_finished"] == workers[1].best()["trials_finished"] == 8
+        assert workers[0].best()["trials_finished"] == workers[1].best()["trials_finished"] == BUDGET
 
         # kill -9 of a worker mid-trial (its first fold reported, four to go) leaves it RUNNING.
-        killed = Worker(tmp_path / "machine2", spec_file, postgres_url, 12)
+        killed = Worker(tmp_path / "machine2", spec_file, postgres_url, BUDGET + MORE)
         workers.append(killed)
         study = optuna.load_study(study_name=STUDY, storage=postgres_url)
         deadline = time.monotonic() + 180
@@ -226,21 +228,15 @@ def test_workers_share_a_postgres_study_and_a_killed_workers_trial_is_run_again(
         assert state[victim] == TrialState.RUNNING
         # Its heartbeat goes stale; the next worker fails it and runs its place in the budget.
         time.sleep(GRACE)
-        following = Worker(tmp_path / "machine3", spec_file, postgres_url, 12)
+        following = Worker(tmp_path / "machine3", spec_file, postgres_url, BUDGET + MORE)
         workers.append(following)
-        # Meanwhile a worker with a bad grace period stops with the error, before touching the study.
-        wrong = Worker(tmp_path / "machine4", spec_file, postgres_url, 12, grace="2")
-        workers.append(wrong)
-        assert wrong.wait() == 2, wrong.text()[-3000:]
-        assert f"error: {GRACE_ENV}: expected whole seconds >= 4" in wrong.text()
-        assert "Traceback" not in wrong.text()
         assert following.wait() == 0, following.text()[-3000:]
 
         trials = _trials(postgres_url)
         assert {t.number: t.state for t in trials}[victim] == TrialState.FAIL
-        assert len([t for t in trials if t.state in FINISHED]) == 12
+        assert len([t for t in trials if t.state in FINISHED]) == BUDGET + MORE
         _check_numbers(trials)
-        assert following.best()["trials_finished"] == 12
+        assert following.best()["trials_finished"] == BUDGET + MORE
         assert (f"study {STUDY}: found 1 trial(s) left RUNNING by a worker that stopped (trial numbers "
                 f"{victim}): marked FAIL after {GRACE} s without a heartbeat") in following.text()
     finally:
