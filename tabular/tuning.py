@@ -15,6 +15,8 @@
   failed once its heartbeat is older than `STALE_AFTER_SECONDS`, so its place in the budget is
   run again: RDB storages keep that heartbeat themselves; for a journal file (which has none in
   Optuna) each trial writes a `HEARTBEAT_ATTR` user attribute every `HEARTBEAT_SECONDS`.
+  `LESIONFUSE_TRIAL_GRACE_SECONDS` (an integer >= 4) replaces that grace period, with a heartbeat
+  every quarter of it, for every worker it is set for (see `heartbeat_timing`).
 - A RUNNING trial with a fresh heartbeat may be another live worker's: it keeps its place, and
   when the missing places are all held by such trials the worker waits (polling every
   `WAIT_SECONDS`) until they finish or go stale, so that the study ends with `n_trials` finished
@@ -26,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import threading
 import time
@@ -51,6 +54,7 @@ HEARTBEAT_ATTR = "heartbeat_unix_time"
 HEARTBEAT_SECONDS = 30
 STALE_AFTER_SECONDS = 120
 WAIT_SECONDS = 5
+GRACE_ENV = "LESIONFUSE_TRIAL_GRACE_SECONDS"
 # lambda_l1 / lambda_l2 are searched on a log scale whose floor stands for "no regularisation".
 _LOG_FLOOR = 1e-8
 
@@ -117,11 +121,42 @@ class TrialSeededTPE(BaseSampler):
         self._tpe.after_trial(study, trial, state, values)
 
 
+def heartbeat_timing() -> tuple[float, float]:
+    """(heartbeat interval, grace period) in seconds for the trials of a study.
+
+    The grace period is how long a RUNNING trial may go without a heartbeat before it is taken as
+    the trial of a worker that died, failed, and its place in the budget run again. Default
+    (`HEARTBEAT_SECONDS`, `STALE_AFTER_SECONDS`). The environment variable `GRACE_ENV`
+    (`LESIONFUSE_TRIAL_GRACE_SECONDS`) sets the grace period, in whole seconds >= 4, and the
+    heartbeat to a quarter of it (rounded down): shorter where workers are often lost and trials
+    are short, longer where a loaded database may delay heartbeats. Every worker of a study should
+    run with the same value: a worker with a shorter one fails the live trials of the others.
+
+    Raises:
+        DataError: the variable is set but not an integer >= 4.
+    """
+    raw = os.environ.get(GRACE_ENV, "").strip()
+    if not raw:
+        return HEARTBEAT_SECONDS, STALE_AFTER_SECONDS
+    try:
+        grace = int(raw)
+    except ValueError:
+        grace = None
+    if grace is None or grace < 4:
+        raise DataError(
+            f"{GRACE_ENV}: expected whole seconds >= 4 (a trial's heartbeat comes every quarter of "
+            f"it), got {raw!r}; unset it for the default {STALE_AFTER_SECONDS} s"
+        )
+    return grace // 4, grace
+
+
 def open_storage(storage: str | Path | None, default_path: Path):
     """An Optuna storage from a URL, a journal file, or the default sqlite file.
 
+    An RDB storage gets the heartbeat and grace period of `heartbeat_timing`.
+
     Raises:
-        DataError: an empty storage string.
+        DataError: an empty storage string, or a bad `LESIONFUSE_TRIAL_GRACE_SECONDS`.
     """
     if storage is None:
         default_path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,6 +176,7 @@ def open_storage(storage: str | Path | None, default_path: Path):
             "postgresql://...) nor a journal file (journal:///path.log or a path ending in .log)"
         )
     engine_kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else None
+    heartbeat, grace = heartbeat_timing()
     # The heartbeat lets a later worker mark trials of a killed worker as failed, so they do not
     # hold a place in the trial budget forever.
     from sqlalchemy.exc import SQLAlchemyError
@@ -152,8 +188,8 @@ def open_storage(storage: str | Path | None, default_path: Path):
                 return optuna.storages.RDBStorage(
                     storage,
                     engine_kwargs=engine_kwargs,
-                    heartbeat_interval=HEARTBEAT_SECONDS,
-                    grace_period=STALE_AFTER_SECONDS,
+                    heartbeat_interval=heartbeat,
+                    grace_period=grace,
                 )
         except SQLAlchemyError:
             # Two workers creating the tables of a new database at once: one of them loses the
@@ -202,12 +238,12 @@ class RunningSweep:
 
 def fail_stale_trials(study: optuna.Study, storage, stale_after: float | None = None) -> RunningSweep:
     """Mark failed the RUNNING trials of `study` whose last heartbeat (or, lacking one, start) is
-    more than `stale_after` seconds (default `STALE_AFTER_SECONDS`) old.
+    more than `stale_after` seconds (default: the grace period of `heartbeat_timing`) old.
 
     An RDBStorage keeps the heartbeat itself and applies its own grace period (the storage is
-    opened with `STALE_AFTER_SECONDS`); a journal file relies on the trials' `HEARTBEAT_ATTR`.
+    opened with that of `heartbeat_timing`); a journal file relies on the trials' `HEARTBEAT_ATTR`.
     """
-    stale_after = STALE_AFTER_SECONDS if stale_after is None else stale_after
+    stale_after = heartbeat_timing()[1] if stale_after is None else stale_after
     if isinstance(storage, optuna.storages.RDBStorage):
         return _fail_stale_rdb(study)
     now = time.time()
@@ -303,10 +339,12 @@ def tune(
         TuneResult with the best parameters (full LightGBM parameters) and counts.
 
     Raises:
-        DataError: `n_trials` < 1, or the stored study was made from other data/features.
+        DataError: `n_trials` < 1, the stored study was made from other data/features, or a bad
+            `LESIONFUSE_TRIAL_GRACE_SECONDS` (see `heartbeat_timing`).
     """
     if not isinstance(n_trials, int | np.integer) or n_trials < 1:
         raise DataError(f"trials: expected a positive integer, got {n_trials!r}")
+    heartbeat, stale_after = heartbeat_timing()
     config = config or GBDTConfig()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     resolved = open_storage(storage, stage_dir / "optuna.db")
@@ -324,7 +362,7 @@ def tune(
     def objective(trial: optuna.Trial) -> float:
         if isinstance(resolved, optuna.storages.RDBStorage):
             return measured(trial)
-        with _Heartbeat(trial, HEARTBEAT_SECONDS):
+        with _Heartbeat(trial, heartbeat):
             return measured(trial)
 
     def measured(trial: optuna.Trial) -> float:
@@ -354,7 +392,7 @@ def tune(
     bar = tqdm(total=max(0, n_trials - done), desc=f"tuning {study_name}", unit="trial", leave=False)
     told: set[tuple] = set()  # (fresh RUNNING trials, waiting) already reported, not to repeat it
     while True:
-        sweep = fail_stale_trials(study, resolved)
+        sweep = fail_stale_trials(study, resolved, stale_after)
         finished = _count(study, FINISHED)
         fresh = sweep.fresh
         if sweep.failed:
@@ -362,7 +400,7 @@ def tune(
                 "study %s: found %d trial(s) left RUNNING by a worker that stopped (trial numbers %s): "
                 "marked FAIL after %.0f s without a heartbeat%s; %d more trial(s) will run to reach "
                 "--trials %d",
-                study_name, len(sweep.failed), _numbers(sweep.failed), STALE_AFTER_SECONDS,
+                study_name, len(sweep.failed), _numbers(sweep.failed), stale_after,
                 _ages(sweep.failed), max(0, n_trials - finished - len(fresh)), n_trials,
             )
         if finished >= n_trials:
@@ -374,9 +412,9 @@ def tune(
             log.info(
                 "study %s: trial(s) %s RUNNING with a heartbeat in the last %.0f s (another worker may "
                 "still be running them): counted toward --trials %d; %s",
-                study_name, _numbers(fresh), STALE_AFTER_SECONDS, n_trials,
+                study_name, _numbers(fresh), stale_after, n_trials,
                 "waiting for them to finish (a trial whose worker stopped is marked FAIL once it has "
-                f"had no heartbeat for {STALE_AFTER_SECONDS:.0f} s, and run again here)"
+                f"had no heartbeat for {stale_after:.0f} s, and run again here)"
                 if waiting else f"{n_trials - finished - len(fresh)} more trial(s) will run here",
             )
         if waiting:
