@@ -174,7 +174,9 @@ def _normalise(predictions: pd.DataFrame, id_column: str, threshold: float, pati
 def _text(frame: pd.DataFrame, column: str) -> np.ndarray:
     if column not in frame.columns:
         return np.full(len(frame), "", dtype=object)
-    return frame[column].fillna("").astype(str).to_numpy(dtype=object)
+    values = frame[column]
+    # as object first: a column read back from a CSV with every cell empty is float NaN
+    return values.astype(object).where(values.notna(), "").astype(str).to_numpy(dtype=object)
 
 
 def _truth(values: pd.Series) -> np.ndarray:
