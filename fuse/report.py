@@ -7,7 +7,8 @@ gives a rank score, not a probability), so one shared threshold would mean nothi
 
 Writes `<run>/report/`: `report.md` (the table, the final model, the plots), `index.html` (the
 same, as one self-contained page with the plots embedded, for a browser, offline), `metrics.json`
-(the same figures for machines) and the PNG plots.
+(the same figures for machines) and the PNG plots. The page is the template
+`fuse/templates/report.html` (and its parts under `report/`); `report.md` is written here.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import warnings
 from pathlib import Path
 
@@ -28,6 +28,8 @@ from fuse.errors import RunError
 from tabular.folds import read_folds
 from tabular.layout import RunLayout
 from tabular.metrics import MetricWarning, calibration, summarize
+
+__all__ = ["COLUMNS", "DESCRIPTIONS", "MODELS", "PLOT_TITLES", "PLOTS", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -310,98 +312,61 @@ def _data_figures(document: dict) -> str:
 
 
 def _html(document: dict, final: dict | None, out: Path) -> str:
-    """`index.html`: the figures of `report.md` as one self-contained page (plots embedded)."""
-    e = html.escape
+    """`index.html`: the figures of `report.md` as one self-contained page (plots embedded), from
+    the template `fuse/templates/report.html`."""
     sensitivity = document["sensitivity"]
     rows, positives = document["rows"], document["positives"]
-    facts = [
-        ("data set", e(document["dataset"])),
-        ("run", f'<span class="id">{e(document["run"])}</span>'),
-        ("rows", f"{rows:,}"),
-        ("positives (malignant)", f"{positives:,} ({positives / rows:.2%})" if rows else "0"),
-        (f"groups ({e(document['group_column'])})", f"{document['groups']:,}"),
-    ]
-    if document.get("patients") is not None:
-        facts.append((f"patients ({e(document['patient_column'])})", f"{document['patients']:,}"))
-    facts.append(("folds", f"{document['n_folds']} (grouped: a group never straddles folds)"))
-    body = [
-        f"<h1>Evaluation report: {e(document['dataset'])}</h1>",
-        '<p class="muted">Every figure is out of fold: each row was scored by a model that never '
-        "saw it.</p>",
-        '<dl class="facts">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>",
-        "<h2>Final model and operating point</h2>",
-    ]
-    if final:
-        name = final["final"]
-        figures = document["models"].get("calibrated", document["models"].get(name, {}))
-        body.append(
-            f'<p><span class="badge final">final</span> <strong>{e(name)}</strong>: '
-            f"{_code(DESCRIPTIONS.get(name, ''))} (the higher out-of-fold pAUC80 of stack and blend; "
-            "<code>stack/final.json</code>).</p>"
-        )
-        point = [
-            ("operating threshold", e(html.number(document["final_threshold"], ".6g"))
-             + _code(_on_probability(document))),
-            ("target sensitivity", f"{sensitivity:.0%}"),
-            ("sensitivity reached (recall)", e(html.number(figures.get("recall"), ".4f"))),
-            ("specificity", e(html.number(figures.get("specificity"), ".4f"))),
-            ("pAUC80", e(html.number(figures.get("pauc80"), ".4f"))),
-        ]
-        body.append('<dl class="facts">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in point)
-                    + "</dl>")
-        if abs(final["sensitivity"] - sensitivity) > 1e-12:
-            body.append(
-                f'<p class="note">Note: <code>stack/final.json</code> holds the threshold for '
-                f"{final['sensitivity']:.0%} sensitivity, which scoring uses; this report's "
-                f"thresholds are for {sensitivity:.0%}. Rerun <code>invoke stack --run R "
-                f"--sensitivity {e(sensitivity)}</code> to align them.</p>"
-            )
-    else:
-        body.append('<p class="note">No final model yet: run <code>invoke stack --run R</code> to '
-                    "stack and blend the base models.</p>")
-
-    head = '<th>model</th>' + "".join(
-        f'<th class="num">{e(heading)}</th>' for _, heading, _ in COLUMNS)
-    table_rows = []
+    models = []
     for name, figures in document["models"].items():
-        is_final = bool(final) and name == final["final"]
-        label = e(name) + (' <span class="badge final">final</span>' if is_final else "")
-        if name == "calibrated":
-            label = (f'calibrated <span class="muted">({e(document["final"])}, '
-                     f'{e(document["final_method"])})</span>')
-        cells = "".join(
-            f'<td class="num" data-sort="{_sort_key(figures[key])}">'
-            f"{e(html.number(figures[key], fmt))}</td>"
-            for key, _, fmt in COLUMNS
-        )
-        css = ' class="final"' if is_final else ""
-        table_rows.append(f"<tr{css}><td>{label}</td>{cells}</tr>")
-    body += [
-        "<h2>Models</h2>",
-        f"<p>Thresholds: each model's own, chosen on its out-of-fold predictions as the highest "
-        f"score that keeps recall at or above {sensitivity:.0%}. pAUC80 is the ISIC 2024 metric "
-        "(ROC area above 80% TPR, 0..0.2, random about 0.02). Click a heading to sort.</p>",
-        f'<table class="sortable" id="models"><thead><tr>{head}</tr></thead>'
-        f'<tbody>{"".join(table_rows)}</tbody></table>',
-        "<ul>" + "".join(f"<li><strong>{e(name)}</strong>: {_code(DESCRIPTIONS.get(name, ''))}</li>"
-                         for name in document["models"]) + "</ul>",
-        "<h2>Plots</h2>",
-        '<div class="plots">',
-    ]
-    for key, name in document["plots"].items():
-        uri = html.png_data_uri((out / name).read_bytes())
-        body.append(
-            f'<figure id="plot-{e(key)}"><img src="{uri}" alt="{e(PLOT_TITLES[key])}">'
-            f"<figcaption>{e(PLOT_TITLES[key])}</figcaption></figure>"
-        )
-    body.append("</div>")
-    title = f"Evaluation report: {document['dataset']}"
-    return html.page(title, "\n".join(body), sortable=True)
+        models.append({
+            "name": name,
+            "final": bool(final) and name == final["final"],
+            "calibrated": {"final": document["final"], "method": document["final_method"]}
+            if name == "calibrated" else None,
+            "cells": [{"sort": _sort_key(figures[key]), "text": html.number(figures[key], fmt)}
+                      for key, _, fmt in COLUMNS],
+            "description": html.code_segments(DESCRIPTIONS.get(name, "")),
+        })
+    return html.render(
+        "report.html",
+        dataset=document["dataset"],
+        run=document["run"],
+        data={
+            "rows": f"{rows:,}",
+            "positives": f"{positives:,} ({positives / rows:.2%})" if rows else "0",
+            "groups": f"{document['groups']:,}",
+            "group_column": document["group_column"],
+            "patients": None if document.get("patients") is None else f"{document['patients']:,}",
+            "patient_column": document.get("patient_column"),
+            "folds": document["n_folds"],
+        },
+        sensitivity=f"{sensitivity:.0%}",
+        final=_final_values(document, final) if final else None,
+        columns=[heading for _, heading, _ in COLUMNS],
+        models=models,
+        plots=[{"key": key, "title": PLOT_TITLES[key], "src": html.png_data_uri((out / name).read_bytes())}
+               for key, name in document["plots"].items()],
+    )
 
 
-def _code(text: str) -> str:
-    """Markdown-ish text as HTML: escaped, with `code` spans."""
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+def _final_values(document: dict, final: dict) -> dict:
+    """The final model's values for `report/final.html`."""
+    name = final["final"]
+    figures = document["models"].get("calibrated", document["models"].get(name, {}))
+    sensitivity = document["sensitivity"]
+    stale = None
+    if abs(final["sensitivity"] - sensitivity) > 1e-12:
+        stale = {"held": f"{final['sensitivity']:.0%}", "value": str(sensitivity)}
+    return {
+        "name": name,
+        "description": html.code_segments(DESCRIPTIONS.get(name, "")),
+        "threshold": html.number(document["final_threshold"], ".6g"),
+        "on_probability": html.code_segments(_on_probability(document)),
+        "recall": html.number(figures.get("recall"), ".4f"),
+        "specificity": html.number(figures.get("specificity"), ".4f"),
+        "pauc80": html.number(figures.get("pauc80"), ".4f"),
+        "stale": stale,
+    }
 
 
 def _sort_key(value) -> str:

@@ -6,7 +6,11 @@ id, the final probability, the base models' scores and the metadata reasons, and
 overlay where one is given. Rows that could not be scored are listed in their own section with
 the reason. With a patient column (ISIC 2024 total-body photography: hundreds of lesions per
 patient) the page is grouped by patient: patients by their highest probability, each with its
-flagged lesions and its top few others, and a count of the rest.
+flagged lesions and its top few others, and a count of the rest. Rows the run was trained on
+(`in_training`) carry a badge: their scores are in-sample.
+
+The page is the template `fuse/templates/triage.html` (and its parts under `triage/`); this module
+turns the predictions into the plain values it shows.
 
 The page stays small at any number of rows: it holds at most `max_rows` lesions (the flagged
 ones first, then the top of the list) and says how many more rows the predictions file holds.
@@ -25,9 +29,13 @@ import pandas as pd
 from common.files import atomic_write_text
 from fuse import html
 
+__all__ = ["IN_TRAINING", "NO_PATIENT", "write_triage_page"]
+
 log = logging.getLogger(__name__)
 
 NO_PATIENT = "(no patient id)"
+# The scoring output's column saying the row was in the run's training data (optional).
+IN_TRAINING = "in_training"
 _REASON = re.compile(r"\(([+-])")
 
 
@@ -53,8 +61,9 @@ def write_triage_page(
         predictions: the scoring output: `id_column` and `probability` (required; NaN where the row
             could not be scored), and where present `p_<stage>` (each base model's score),
             `flagged` (nullable boolean; computed as `probability >= threshold` when absent),
-            `reasons` (text such as "age = 71 (+0.80); anatom_site = back (+0.31)") and `error`
-            (empty, or why the row could not be scored).
+            `reasons` (text such as "age = 71 (+0.80); anatom_site = back (+0.31)"), `error`
+            (empty, or why the row could not be scored) and `in_training` (True where the id was
+            in the run's training data: such rows get a badge and the header counts them).
         out: the HTML file to write (its folder must exist); written atomically.
         id_column: the id column's name (ids are shown as text).
         threshold: the run's operating threshold, shown in the header.
@@ -98,25 +107,36 @@ def write_triage_page(
                         -scored["flagged"].to_numpy().astype(np.int8)))
     scored = scored.iloc[order]
 
-    render = _Renderer(thumbnail, overlays or {}, thumbnail_px,
-                       [c for c in predictions.columns if c.startswith("p_")],
-                       has_reasons="reasons" in predictions.columns)
+    render = _Renderer(thumbnail, overlays or {}, thumbnail_px)
+    p_columns = [c for c in predictions.columns if c.startswith("p_")]
     source = csv_name or "the predictions file"
     counts = {
         "rows": len(rows), "scored": len(scored), "flagged": int(scored["flagged"].sum()),
         "errors": len(unscored), "warnings": int((scored["error"] != "").sum()),
     }
     if patient is None:
-        shown = scored.iloc[:max_rows]
-        listing = _flat(shown, counts, render, source, max_rows)
+        listing = _flat(scored.iloc[:max_rows], counts, render, max_rows)
     else:
-        listing = _grouped(scored, counts, render, source, max_rows, per_patient)
-    body = [_header(run_name, threshold, counts, patient is not None, rows, render, prevalence), listing,
-            _errors(unscored, source, max_rows, patient is not None)]
+        listing = _grouped(scored, counts, render, max_rows, per_patient)
+    page = html.render(
+        "triage.html",
+        run_name=run_name,
+        threshold={"percent": _percent(threshold), "decimal": _decimal(threshold)},
+        prevalence=None if prevalence is None else _percent(prevalence),
+        patients=f"{rows['patient'].nunique():,}" if patient is not None else None,
+        counts={key: f"{value:,}" for key, value in counts.items()},
+        has_errors=bool(counts["errors"]),
+        in_training=_in_training(rows),
+        columns={"p": p_columns, "reasons": "reasons" in predictions.columns,
+                 "overlays": render.has_overlays, "image_px": thumbnail_px + 18},
+        source=source,
+        listing=listing,
+        errors=_errors(unscored, max_rows, patient is not None),
+    )
     if render.failed:
         log.warning("triage page: %d of the shown images could not be read (shown as placeholders)",
                     render.failed)
-    atomic_write_text(out, html.page(f"Triage: {run_name}", "\n".join(body), sortable=True))
+    atomic_write_text(out, page)
     log.info("triage page: %s (%d lesions shown of %d rows)", out, render.shown, len(rows))
     return Path(out)
 
@@ -140,6 +160,8 @@ def _normalise(predictions: pd.DataFrame, id_column: str, threshold: float, pati
         "error": _text(predictions, "error"),
         "position": np.arange(len(predictions)),
     })
+    if IN_TRAINING in predictions.columns:
+        frame[IN_TRAINING] = _truth(predictions[IN_TRAINING])
     for column in predictions.columns:
         if column.startswith("p_"):
             frame[column] = pd.to_numeric(predictions[column], errors="coerce").to_numpy(dtype=float)
@@ -152,109 +174,68 @@ def _normalise(predictions: pd.DataFrame, id_column: str, threshold: float, pati
 def _text(frame: pd.DataFrame, column: str) -> np.ndarray:
     if column not in frame.columns:
         return np.full(len(frame), "", dtype=object)
-    return frame[column].fillna("").astype(str).to_numpy(dtype=object)
+    values = frame[column]
+    # as object first: a column read back from a CSV with every cell empty is float NaN
+    return values.astype(object).where(values.notna(), "").astype(str).to_numpy(dtype=object)
+
+
+def _truth(values: pd.Series) -> np.ndarray:
+    """A yes/no column as booleans, whether it holds booleans or, read back from a CSV or
+    Parquet file, text ("True", "false", "1"); missing values are False."""
+    if pd.api.types.is_bool_dtype(values):
+        return values.fillna(False).to_numpy(dtype=bool)
+    text = values.astype("string").str.strip().str.lower()
+    return text.isin(["true", "1", "1.0", "yes"]).fillna(False).to_numpy(dtype=bool)
+
+
+def _in_training(rows: pd.DataFrame) -> dict | None:
+    """The header's sentence on rows the run was trained on; None when the predictions have no
+    `in_training` column or no such row."""
+    if IN_TRAINING not in rows.columns:
+        return None
+    count = int(rows[IN_TRAINING].sum())
+    return {"count": f"{count:,}", "one": count == 1} if count else None
 
 
 # --------------------------------------------------------------------------------- sections
 
 
-def _header(run_name: str, threshold: float, counts: dict, grouped: bool, rows: pd.DataFrame,
-            render: _Renderer, prevalence: float | None) -> str:
-    e = html.escape
-    point = f"{_percent(threshold)} (probability {_decimal(threshold)})"
-    facts = [
-        ("run", e(run_name)),
-        ("operating threshold", e(point)),
-        ("rows", f"{counts['rows']:,}"),
-        ("scored", f"{counts['scored']:,}"),
-        ("flagged", f"<strong>{counts['flagged']:,}</strong>"),
-        ("not scored (errors)", f"{counts['errors']:,}" + (' (<a href="#errors">list</a>)'
-                                                            if counts["errors"] else "")),
-    ]
-    if grouped:
-        facts.insert(2, ("patients", f"{rows['patient'].nunique():,}"))
-    if prevalence is not None:
-        facts.insert(2, ("probabilities at prevalence", e(_percent(prevalence))))
-    return "\n".join([
-        f"<h1>Triage: {e(run_name)}</h1>",
-        '<dl class="facts">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>",
-        f"<p>{_explanation(threshold, render, prevalence)}</p>",
-    ])
-
-
-def _explanation(threshold: float, render: _Renderer, prevalence: float | None) -> str:
-    e = html.escape
-    if prevalence is None:
-        where = ("at the prevalence of the data it was trained on (of lesions given 20%, about one "
-                 "in five was malignant there); where malignancy is rarer or commoner than there, "
-                 "it over- or understates the risk")
-    else:
-        where = (f"at a prevalence of {e(_percent(prevalence))}, set when scoring (of lesions given "
-                 "20%, about one in five would be malignant where that prevalence holds)")
-    text = [
-        f"<strong>probability</strong> is the model's estimate that the lesion is malignant, {where}.",
-        "<strong>flagged</strong> means at or above the run's operating threshold "
-        f"({e(_percent(threshold))}), chosen on the training data's out-of-fold predictions for "
-        "the run's target sensitivity.",
-    ]
-    if render.p_columns:
-        text.append(f"{', '.join(f'<code>{e(c)}</code>' for c in render.p_columns)}: each base "
-                    "model's own score.")
-    if render.has_reasons:
-        text.append("<strong>reasons</strong>: the metadata values that moved the LightGBM score "
-                    "most, with their contribution in log-odds (red raises the score, green "
-                    "lowers it).")
-    if render.has_overlays:
-        text.append("<strong>saliency</strong>: where in the image the fusion model's score "
-                    "looked (Grad-CAM), for the lesions that have one.")
-    text.append("The model's output is a second opinion, not a diagnosis.")
-    return " ".join(text)
-
-
-def _flat(shown: pd.DataFrame, counts: dict, render: _Renderer, source: str, max_rows: int) -> str:
+def _flat(shown: pd.DataFrame, counts: dict, render: _Renderer, max_rows: int) -> dict:
+    """The values of `triage/flat.html`: flagged lesions, then the others, as two tables."""
     flagged = shown[shown["flagged"]]
     others = shown[~shown["flagged"]]
-    sentence = _shown_sentence(len(shown), counts, len(flagged), max_rows, source)
-    parts = [f'<p class="muted" id="shown">{sentence}</p>']
-    if not len(shown):
-        parts.append("<p>No row could be scored.</p>")
-    parts.append(f"<h2>Flagged ({counts['flagged']:,})</h2>")
-    if len(flagged):
-        parts.append(render.table(flagged, table_id="flagged-lesions", start=1))
-    elif len(shown):
-        parts.append("<p>No lesion is at or above the operating threshold.</p>")
-    if len(others):
-        parts += [f"<h2>Not flagged: the {len(others):,} with the highest probability</h2>",
-                  render.table(others, table_id="other-lesions", start=len(flagged) + 1)]
-    return "\n".join(parts)
+    return {
+        "grouped": False,
+        "shown": _shown_sentence(len(shown), counts, len(flagged), max_rows),
+        "empty": not len(shown),
+        "flagged": render.table(flagged, table_id="flagged-lesions", start=1) if len(flagged) else None,
+        "others": dict(render.table(others, table_id="other-lesions", start=len(flagged) + 1),
+                       count=f"{len(others):,}") if len(others) else None,
+    }
 
 
-def _shown_sentence(n_shown: int, counts: dict, n_flagged_shown: int, max_rows: int, source: str,
+def _shown_sentence(n_shown: int, counts: dict, n_flagged_shown: int, max_rows: int,
                     which: str = "with the highest probability") -> str:
-    e = html.escape
+    """What the page shows of the scored rows (plain text; the page adds where the rest are)."""
     scored, flagged = counts["scored"], counts["flagged"]
     if n_shown >= scored:
-        text = f"Showing all {scored:,} scored row{_s(scored)}, flagged first, then by probability."
-    else:
-        text = (f"Showing {n_shown:,} of {scored:,} scored rows "
-                f"(this page holds at most {max_rows:,} lesions): ")
-        if n_flagged_shown < flagged:
-            text += (f"the {n_flagged_shown:,} flagged lesion{_s(n_flagged_shown)} {which}, of "
-                     f"{flagged:,} flagged. {scored - n_shown:,} more rows, "
-                     f"{flagged - n_flagged_shown:,} of them flagged, are not shown.")
-        else:
-            text += ((f"every flagged lesion ({flagged:,}), then " if flagged else "")
-                     + f"the {n_shown - n_flagged_shown:,} unflagged with the highest probability; "
-                     f"{scored - n_shown:,} more row{_s(scored - n_shown)} not shown.")
-    return e(text) + f" All rows are in <code>{e(source)}</code>."
+        return f"Showing all {scored:,} scored row{_s(scored)}, flagged first, then by probability."
+    text = (f"Showing {n_shown:,} of {scored:,} scored rows "
+            f"(this page holds at most {max_rows:,} lesions): ")
+    if n_flagged_shown < flagged:
+        return text + (f"the {n_flagged_shown:,} flagged lesion{_s(n_flagged_shown)} {which}, of "
+                       f"{flagged:,} flagged. {scored - n_shown:,} more rows, "
+                       f"{flagged - n_flagged_shown:,} of them flagged, are not shown.")
+    return text + ((f"every flagged lesion ({flagged:,}), then " if flagged else "")
+                   + f"the {n_shown - n_flagged_shown:,} unflagged with the highest probability; "
+                   f"{scored - n_shown:,} more row{_s(scored - n_shown)} not shown.")
 
 
-def _grouped(scored: pd.DataFrame, counts: dict, render: _Renderer, source: str, max_rows: int,
-             per_patient: int) -> str:
-    """Patients with flagged lesions first, then by highest probability; each with its flagged
-    lesions and its top `per_patient` others. Past `max_rows`, flagged lesions (of every patient,
-    in patient order) go before the others."""
-    e = html.escape
+def _grouped(scored: pd.DataFrame, counts: dict, render: _Renderer, max_rows: int,
+             per_patient: int) -> dict:
+    """The values of `triage/grouped.html`: patients with flagged lesions first, then by highest
+    probability; each with its flagged lesions and its top `per_patient` others. Past `max_rows`,
+    flagged lesions (of every patient, in patient order) go before the others."""
     scored = scored.assign(seq=np.arange(len(scored)))  # page order: flagged, then probability
     by = scored.groupby("patient", sort=False)
     # rank of each row among its patient's unflagged rows
@@ -274,56 +255,41 @@ def _grouped(scored: pd.DataFrame, counts: dict, render: _Renderer, source: str,
     for name, rows in chosen.groupby("patient", sort=False):
         row = stats.loc[name]
         lesions, flagged = int(row["lesions"]), int(row["flagged"])
-        badge = f' <span class="badge flag">{flagged:,} flagged</span>' if flagged else ""
-        more = ""
+        more = None
         rest = hidden_by.get(name)
         if rest is not None and len(rest):
             rest_flagged = int(rest["flagged"].sum())
-            also = f", {rest_flagged:,} of them flagged" if rest_flagged else ""
-            more = (f'<p class="muted more">{len(rest):,} more lesion{_s(len(rest))} of this '
-                    f"patient in <code>{e(source)}</code> (highest probability "
-                    f"{e(_percent(rest['probability'].max()))}{also}).</p>")
-        sections.append(
-            f'<section class="patient"><h3>Patient <span class="pid">{e(name)}</span>{badge}</h3>'
-            f'<p class="muted">{lesions:,} scored lesion{_s(lesions)}, highest probability '
-            f'{e(_percent(row["top"]))}.</p>'
-            f"{render.table(rows, table_id=None, start=1)}{more}</section>"
-        )
+            more = {"count": f"{len(rest):,}", "s": _s(len(rest)),
+                    "top": _percent(rest["probability"].max()),
+                    "flagged": f"{rest_flagged:,}" if rest_flagged else None}
+        sections.append({
+            "name": name, "flagged": f"{flagged:,}" if flagged else None,
+            "lesions": f"{lesions:,}", "lesions_s": _s(lesions), "top": _percent(row["top"]),
+            "table": render.table(rows, table_id=None, start=1), "more": more,
+        })
     n_shown, n_flagged_shown = len(chosen), int(chosen["flagged"].sum())
-    head = ["<h2>By patient: patients with flagged lesions first, then by highest probability</h2>"]
-    sentence = _shown_sentence(n_shown, counts, n_flagged_shown, max_rows, source,
-                               which="of the patients listed first")
-    if n_shown < counts["scored"]:
-        sentence = (f"Each patient shows its flagged lesions and its top {per_patient} "
-                    f"other{_s(per_patient)}. " + sentence)
-    head.append(f'<p class="muted" id="shown">{sentence} {len(sections):,} of {len(stats):,} '
-                f"patient{_s(len(stats))} shown.</p>")
-    if not sections:
-        head.append("<p>No row could be scored.</p>")
-    return "\n".join(head + sections)
+    return {
+        "grouped": True,
+        "per_patient": per_patient if n_shown < counts["scored"] else None,
+        "per_patient_s": _s(per_patient),
+        "shown": _shown_sentence(n_shown, counts, n_flagged_shown, max_rows,
+                                 which="of the patients listed first"),
+        "patients_shown": f"{len(sections):,}", "patients": f"{len(stats):,}",
+        "patients_s": _s(len(stats)),
+        "sections": sections,
+    }
 
 
-def _errors(unscored: pd.DataFrame, source: str, max_rows: int, grouped: bool) -> str:
+def _errors(unscored: pd.DataFrame, max_rows: int, grouped: bool) -> dict | None:
+    """The values of `triage/errors.html`, or None when every row was scored."""
     if unscored.empty:
-        return ""
-    e = html.escape
+        return None
     shown = unscored.iloc[:max_rows]
-    head = ('<th class="num">#</th><th>id</th>' + ("<th>patient</th>" if grouped else "")
-            + "<th>error</th>")
-    rows = []
-    for n, row in enumerate(shown.to_dict("records"), start=1):
-        reason = row["error"] or "no probability (no error given)"
-        patient = f'<td class="id">{e(row["patient"])}</td>' if grouped else ""
-        rows.append(f'<tr><td class="num" data-sort="{n}">{n}</td><td class="id">{e(row["id"])}</td>'
-                    f"{patient}<td>{e(reason)}</td></tr>")
-    note = (f"Showing {len(shown):,} of {len(unscored):,}; all are in <code>{e(source)}</code>."
-            if len(shown) < len(unscored) else "")
-    return "\n".join([
-        f'<h2 id="errors">Not scored ({len(unscored):,})</h2>',
-        f"<p>These rows have no probability; the reason is given for each. {note}</p>",
-        f'<table class="sortable" id="error-rows"><thead><tr>{head}</tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody></table>",
-    ])
+    rows = [{"n": n, "id": row["id"], "patient": row["patient"] if grouped else None,
+             "reason": row["error"] or "no probability (no error given)"}
+            for n, row in enumerate(shown.to_dict("records"), start=1)]
+    return {"count": f"{len(unscored):,}", "rows": rows, "grouped": grouped,
+            "shown": f"{len(shown):,}" if len(shown) < len(unscored) else None}
 
 
 # ------------------------------------------------------------------------------------ cells
@@ -358,67 +324,46 @@ def _s(n: int) -> str:
 
 
 class _Renderer:
-    """Table rows of lesions; calls `thumbnail` once per row shown."""
+    """The values of a table of lesions (`triage/lesions.html`); calls `thumbnail` once per row
+    shown and counts the images it could not read."""
 
-    def __init__(self, thumbnail, overlays: Mapping[str, bytes], px: int, p_columns: list[str],
-                 has_reasons: bool):
+    def __init__(self, thumbnail, overlays: Mapping[str, bytes], px: int):
         self.thumbnail = thumbnail
         self.overlays = overlays
         self.px = px
-        self.p_columns = p_columns
-        self.has_reasons = has_reasons
         self.has_overlays = bool(overlays)
         self.shown = 0
         self.failed = 0
 
-    def table(self, rows: pd.DataFrame, *, table_id: str | None, start: int) -> str:
-        e = html.escape
-        image = self.px + 18
-        cols = ['<col style="width:48px">', f'<col style="width:{image}px">']
-        head = ['<th class="num">#</th>', "<th>image</th>"]
-        if self.has_overlays:
-            cols.append(f'<col style="width:{image}px">')
-            head.append("<th>saliency</th>")
-        cols += ['<col style="width:190px">', '<col style="width:104px">', '<col style="width:84px">']
-        head += ["<th>id</th>", '<th class="num">probability</th>', "<th>flagged</th>"]
-        cols += ['<col style="width:84px">' for _ in self.p_columns]
-        head += [f'<th class="num">{e(c)}</th>' for c in self.p_columns]
-        if self.has_reasons:
-            cols.append("<col>")
-            head.append("<th>reasons</th>")
-        body = [self._row(row, n) for n, row in enumerate(rows.to_dict("records"), start=start)]
-        ident = f' id="{e(table_id)}"' if table_id else ""
-        wide = " wide" if self.has_reasons else ""  # the reasons column takes the rest
-        return (f'<table class="sortable lesions{wide}"{ident}><colgroup>{"".join(cols)}</colgroup>'
-                f'<thead><tr>{"".join(head)}</tr></thead><tbody>{"".join(body)}</tbody></table>')
+    def table(self, rows: pd.DataFrame, *, table_id: str | None, start: int) -> dict:
+        """{"id": `table_id`, "rows": one dict per row}; rows numbered from `start`."""
+        p_columns = [c for c in rows.columns if c.startswith("p_")]
+        return {"id": table_id,
+                "rows": [self._row(row, n, p_columns)
+                         for n, row in enumerate(rows.to_dict("records"), start=start)]}
 
-    def _row(self, row: dict, n: int) -> str:
-        e = html.escape
+    def _row(self, row: dict, n: int, p_columns: list[str]) -> dict:
         self.shown += 1
         ident = row["id"]
-        cells = [f'<td class="num" data-sort="{n}">{n}</td>', f"<td>{self._image(ident)}</td>"]
-        if self.has_overlays:
-            overlay = self.overlays.get(ident)
-            cells.append(f"<td>{self._picture(overlay, f'saliency of {ident}', 'no overlay')}</td>"
-                         if overlay is not None else '<td class="muted">-</td>')
-        note = f'<div class="muted">note: {e(row["error"])}</div>' if row["error"] else ""
-        cells.append(f'<td class="id">{e(ident)}{note}</td>')
+        overlay = None
+        if self.has_overlays and self.overlays.get(ident) is not None:
+            overlay = self._picture(self.overlays[ident], f"saliency of {ident}", "no overlay")
         p = row["probability"]
-        cells.append(f'<td class="num" data-sort="{p!r}" title="{e(repr(p))}">'
-                     f"<strong>{e(_percent(p))}</strong></td>")
-        flagged = row["flagged"]
-        cells.append(f'<td data-sort="{int(flagged)}">'
-                     + ('<span class="badge flag">flagged</span>' if flagged else "") + "</td>")
-        for column in self.p_columns:
-            value = row[column]
-            key = repr(float(value)) if np.isfinite(value) else ""
-            cells.append(f'<td class="num" data-sort="{key}">{e(_decimal(value))}</td>')
-        if self.has_reasons:
-            cells.append(f"<td>{_reasons(row['reasons'])}</td>")
-        css = ' class="flagged"' if flagged else ""
-        return f"<tr{css}>{''.join(cells)}</tr>"
+        return {
+            "n": n,
+            "id": ident,
+            "note": row["error"],
+            "image": self._image(ident),
+            "overlay": overlay,
+            "probability": {"sort": repr(p), "text": _percent(p)},
+            "flagged": bool(row["flagged"]),
+            "scores": [{"sort": repr(float(row[c])) if np.isfinite(row[c]) else "",
+                        "text": _decimal(row[c])} for c in p_columns],
+            "reasons": _reasons(row["reasons"]),
+            "in_training": bool(row.get(IN_TRAINING, False)),
+        }
 
-    def _image(self, ident: str) -> str:
+    def _image(self, ident: str) -> dict:
         data = None
         if self.thumbnail is not None:
             try:
@@ -429,7 +374,8 @@ class _Renderer:
                 return self._placeholder("image unreadable")
         return self._picture(data, f"lesion {ident}", "no image")
 
-    def _picture(self, data: bytes | None, alt: str, missing: str) -> str:
+    def _picture(self, data: bytes | None, alt: str, missing: str) -> dict:
+        """{"src": a JPEG data URI, "alt"}, or a placeholder's {"text", "width", "height"}."""
         if data is None:
             return self._placeholder(missing)
         try:
@@ -438,24 +384,19 @@ class _Renderer:
             log.debug("%s: not a readable image (%s)", alt, error)
             self.failed += 1
             return self._placeholder("image unreadable")
-        return (f'<img class="thumb" src="{html.data_uri(small, "image/jpeg")}" '
-                f'alt="{html.escape(alt)}">')
+        return {"src": html.data_uri(small, "image/jpeg"), "alt": alt}
 
-    def _placeholder(self, text: str) -> str:
-        size = f"width:{self.px}px;height:{self.px * 3 // 4}px"
-        return (f'<div class="noimg" style="{size}" role="img" aria-label="{html.escape(text)}">'
-                f"{html.escape(text)}</div>")
+    def _placeholder(self, text: str) -> dict:
+        return {"src": None, "text": text, "width": self.px, "height": self.px * 3 // 4}
 
 
-def _reasons(text: str) -> str:
-    """"age = 71 (+0.80); site = back (-0.31)" as a list, raising items red, lowering green."""
+def _reasons(text: str) -> list[dict]:
+    """"age = 71 (+0.80); site = back (-0.31)" as items, each with its direction ("up" raises
+    the score, "down" lowers it, None when it does not say)."""
     items = [item.strip() for item in text.split(";") if item.strip()]
-    if not items:
-        return ""
     out = []
     for item in items:
         sign = _REASON.search(item)
-        css = {"+": "up", "-": "down"}.get(sign.group(1)) if sign else None
-        attr = f' class="{css}"' if css else ""
-        out.append(f"<li{attr}>{html.escape(item)}</li>")
-    return f'<ul class="reasons">{"".join(out)}</ul>'
+        out.append({"text": item,
+                    "direction": {"+": "up", "-": "down"}.get(sign.group(1)) if sign else None})
+    return out

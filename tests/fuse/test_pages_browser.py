@@ -145,6 +145,7 @@ def test_triage_page_renders_in_chromium(browser, tmp_path, shared_data, grouped
                            "flagged": pd.array([None, None], dtype="boolean"), "reasons": "",
                            "error": ["image unreadable: truncated JPEG", "no image for this id"]})
     frame = pd.concat([frame, broken], ignore_index=True)
+    frame["in_training"] = frame["image_id"].isin(ids[2:4])  # two rows the run was trained on
     patient = pd.Series([f"P{i % 3}" for i in range(len(frame))]) if grouped else None
     overlays = {ids[1]: images[ids[1]].read_bytes()}
 
@@ -170,6 +171,8 @@ def test_triage_page_renders_in_chromium(browser, tmp_path, shared_data, grouped
         n_flagged = int(frame["flagged"].sum())
         assert page.locator("table#flagged-lesions tbody tr.flagged").count() == n_flagged
         assert page.locator("table#other-lesions tbody tr").count() == 13 - n_flagged
+        assert page.locator("table.lesions td .badge.train").count() == 2
+    assert page.locator("p#in-training").is_visible()
     assert page.locator("table#error-rows tbody tr").count() == 2
     assert "<script>alert(1)</script>" in page.locator("table#error-rows").inner_text()
     images_shown = page.locator("img.thumb").count()

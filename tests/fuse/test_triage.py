@@ -392,3 +392,41 @@ def test_predictions_read_back_from_the_csv_give_the_same_page(tmp_path):
     second = write(again, tmp_path / "b")
     assert first.rows == second.rows
     assert second.lesions() == ["L000", "L002"] and second.errors() == [["1", "L001", "unreadable"]]
+
+
+def _badges(page: Page) -> list[str]:
+    return [r["cells"][2].split(" ")[0] for r in page.rows if "in training data" in r["cells"][2]]
+
+
+def test_rows_in_the_training_data_carry_a_badge_and_are_counted(tmp_path):
+    frame = predictions([0.9, 0.2, 0.6, np.nan], error=["", "", "", "unreadable"])
+    frame["in_training"] = [True, False, True, True]
+    page = write(frame, tmp_path)
+    assert _badges(page) == ["L000", "L002"]  # the unscored L003 is in the error list, no badge
+    text = page.plain()
+    assert "in training data: score is in-sample" in text
+    assert ("3 of the 4 rows were in the run's training data (marked in training data): their "
+            "scores are in-sample, from models that saw those lesions and their labels") in text
+
+
+def test_in_training_read_back_from_a_csv_and_grouped(tmp_path):
+    frame = predictions([0.9, 0.2, 0.6])
+    frame["in_training"] = [False, True, None]
+    frame.to_csv(tmp_path / "preds.csv", index=False)
+    again = pd.read_csv(tmp_path / "preds.csv", dtype={"image_id": str})
+    assert again["in_training"].dtype == object  # "False", "True", NaN
+    page = write(again, tmp_path, patient=pd.Series(["a", "a", "b"]))
+    assert _badges(page) == ["L001"]
+    assert "1 of the 3 rows was in the run's training data" in page.plain()
+    assert "its score is in-sample, from models that saw that lesion and its label" in page.plain()
+
+
+def test_no_in_training_column_or_none_in_training_changes_nothing(tmp_path):
+    frame = predictions([0.9, 0.2])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    plain = (tmp_path / "a" / "triage.html")
+    write(frame, tmp_path / "a")
+    write(frame.assign(in_training=False), tmp_path / "b")
+    assert plain.read_text() == (tmp_path / "b" / "triage.html").read_text()
+    assert "in training data" not in plain.read_text() and 'id="in-training"' not in plain.read_text()
