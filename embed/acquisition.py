@@ -1,0 +1,239 @@
+"""Acquisition cues of an image: how it was taken, measured from the file itself.
+
+A model trained on dermoscopy (a lens pressed on the skin, dark circular corners, even light)
+can be handed crops of 3D total-body photographs (small, square, flat-lit, soft). The embedding
+may or may not say so; these cues say it plainly and cheaply, and name what differs in words a
+user understands ("size 140x140 vs training 200x150"). The image side knows nothing of labels
+or metadata, so the cues are plain measurements; `fuse.applicability` compares them with the
+training images'.
+
+Every cue is computed from the encoded bytes (size, bytes per pixel) or from one fixed-size
+RGB thumbnail (`THUMB` px square, so that a cue does not depend on the image's resolution):
+
+- width, height: the original size in pixels (after EXIF orientation); log_pixels = log(w*h);
+  log_aspect = log(w/h).
+- bytes_per_pixel: encoded bytes / pixels (JPEG quality and chroma subsampling, PNG vs JPEG).
+- L_mean, L_std, a_mean, a_std, b_mean, b_std: CIELAB (D65) statistics of the thumbnail.
+- saturation: mean HSV saturation.
+- sharpness: log(1 + variance of the 4-neighbour Laplacian of the greyscale thumbnail, 0..255).
+- vignetting: (mean L of the centre disc - mean L of the corners) / 100; dermoscopy's dark
+  circular rim makes it large, a crop of a photograph has it near 0.
+- dark_corners: share of corner pixels darker than L = 15.
+
+Reading goes through `embed.sources` (folder or HDF5), so training and scoring share the code.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from embed.errors import EmbedError
+from embed.sources import ImageSource, decode_image, safe_reason
+
+__all__ = [
+    "CUES_VERSION",
+    "CUE_NAMES",
+    "THUMB",
+    "CueTable",
+    "acquisition_cues",
+    "cues_of_bytes",
+    "cues_of_image",
+]
+
+log = logging.getLogger(__name__)
+
+# Bumped whenever a cue's definition changes: a detector fitted on cues of another version
+# refuses new ones (`fuse.applicability` checks it).
+CUES_VERSION = "acquisition-cues/1"
+THUMB = 128
+CUE_NAMES: tuple[str, ...] = (
+    "width",
+    "height",
+    "log_pixels",
+    "log_aspect",
+    "bytes_per_pixel",
+    "L_mean",
+    "L_std",
+    "a_mean",
+    "a_std",
+    "b_mean",
+    "b_std",
+    "saturation",
+    "sharpness",
+    "vignetting",
+    "dark_corners",
+)
+_DARK_L = 15.0
+_DEFAULT_MAX_PIXELS = 50_000_000
+
+
+def _regions(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks (size, size) of the centre disc (radius < 0.5 of the half side) and the
+    corners (outside the inscribed circle), in normalised coordinates."""
+    axis = (np.arange(size) + 0.5) / size * 2.0 - 1.0
+    radius = np.hypot(axis[None, :], axis[:, None])
+    return radius < 0.5, radius > 1.0
+
+
+_CENTRE, _CORNERS = _regions(THUMB)
+
+
+def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """uint8 RGB (..., 3) -> CIELAB (..., 3), D65 white, float32."""
+    c = rgb.astype(np.float32) / 255.0
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    m = np.array(
+        [[0.4124564, 0.3575761, 0.1804375],
+         [0.2126729, 0.7151522, 0.0721750],
+         [0.0193339, 0.1191920, 0.9503041]],
+        dtype=np.float32,
+    )
+    xyz = linear @ m.T / np.array([0.95047, 1.0, 1.08883], dtype=np.float32)
+    delta = 6.0 / 29.0
+    f = np.where(xyz > delta**3, np.cbrt(xyz), xyz / (3 * delta**2) + 4.0 / 29.0)
+    L = 116.0 * f[..., 1] - 16.0
+    a = 500.0 * (f[..., 0] - f[..., 1])
+    b = 200.0 * (f[..., 1] - f[..., 2])
+    return np.stack([L, a, b], axis=-1)
+
+
+def cues_of_image(image: Image.Image, width: int, height: int, n_bytes: int) -> np.ndarray:
+    """The cues (`CUE_NAMES` order, float64, shape (len(CUE_NAMES),)) of a decoded RGB image
+    whose original size is `width` x `height` and encoded size `n_bytes`.
+
+    `image` may be a reduced decode (JPEG draft) of the original: only its thumbnail is used.
+    """
+    thumb = np.asarray(
+        image.convert("RGB").resize((THUMB, THUMB), Image.Resampling.BILINEAR), dtype=np.uint8
+    )
+    lab = _srgb_to_lab(thumb)
+    L = lab[..., 0]
+    rgb = thumb.astype(np.float32)
+    high = rgb.max(axis=-1)
+    low = rgb.min(axis=-1)
+    saturation = np.where(high > 0, (high - low) / np.maximum(high, 1e-6), 0.0)
+    grey = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    laplacian = (
+        grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:] - 4 * grey[1:-1, 1:-1]
+    )
+    corners = L[_CORNERS]
+    pixels = float(width) * float(height)
+    return np.array(
+        [
+            width,
+            height,
+            math.log(pixels),
+            math.log(width / height),
+            n_bytes / pixels,
+            L.mean(),
+            L.std(),
+            lab[..., 1].mean(),
+            lab[..., 1].std(),
+            lab[..., 2].mean(),
+            lab[..., 2].std(),
+            saturation.mean(),
+            math.log1p(float(laplacian.var())),
+            (L[_CENTRE].mean() - corners.mean()) / 100.0,
+            float((corners < _DARK_L).mean()),
+        ],
+        dtype=np.float64,
+    )
+
+
+def _original_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header, as a viewer shows it (EXIF rotations swap the sides)."""
+    with Image.open(io.BytesIO(data)) as im:
+        width, height = im.size
+        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+            width, height = height, width
+    return width, height
+
+
+def cues_of_bytes(
+    data: bytes, image_id: str, *, max_pixels: int = _DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """The cues (`CUE_NAMES` order) of one encoded image.
+
+    The JPEG is decoded at a reduced scale (both sides still >= `THUMB`), which is all the
+    thumbnail needs. Raises EmbedError naming `image_id` for unreadable data or an image of
+    more than `max_pixels` pixels (`embed.sources.decode_image`).
+    """
+    image = decode_image(data, image_id, max_pixels, draft_size=THUMB)
+    try:
+        width, height = _original_size(data)
+    except Exception as exc:  # decoded above, so this is a header PIL reads differently
+        raise EmbedError(f"image {image_id!r}: cannot read its size ({safe_reason(exc)})") from exc
+    return cues_of_image(image, width, height, len(data))
+
+
+@dataclass(frozen=True)
+class CueTable:
+    """Cues of many images.
+
+    frame: DataFrame indexed by id (the ids asked for, in that order), columns `CUE_NAMES`,
+        float64; rows of images that could not be read are NaN.
+    failures: {id: reason} of those images.
+    seconds: wall time of the measurement.
+    version: `CUES_VERSION`.
+    """
+
+    frame: pd.DataFrame
+    failures: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    version: str = CUES_VERSION
+
+    @property
+    def images_per_s(self) -> float:
+        return len(self.frame) / self.seconds if self.seconds > 0 else float("nan")
+
+
+def acquisition_cues(
+    source: ImageSource,
+    ids: Sequence[str] | None = None,
+    *,
+    max_pixels: int = _DEFAULT_MAX_PIXELS,
+    progress: bool = False,
+) -> CueTable:
+    """Measure the acquisition cues of `ids` (None = every id of `source`), in that order.
+
+    An image that cannot be read or decoded never stops the run: its row is NaN and its reason
+    is in `failures` (the same reasons `embed` records). Raises EmbedError when `ids` repeats an
+    id (its rows would be ambiguous).
+    """
+    ids = list(source.ids() if ids is None else ids)
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        repeated = [i for i in ids if i in seen or seen.add(i)]
+        raise EmbedError(
+            f"acquisition_cues: ids repeat {repeated[:3]} ({len(repeated)} repeats); pass each id once"
+        )
+    values = np.full((len(ids), len(CUE_NAMES)), np.nan, dtype=np.float64)
+    failures: dict[str, str] = {}
+    started = time.perf_counter()
+    iterator = enumerate(ids)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, total=len(ids), desc="acquisition cues", unit="img")
+    for row, image_id in iterator:
+        try:
+            values[row] = cues_of_bytes(source.read_bytes(image_id), image_id, max_pixels=max_pixels)
+        except EmbedError as exc:
+            failures[image_id] = str(exc)
+    seconds = time.perf_counter() - started
+    if failures:
+        log.warning("acquisition cues: %d of %d images unreadable (first: %s)",
+                    len(failures), len(ids), next(iter(failures.values())))
+    log.info("acquisition cues of %d images in %.1f s (%.0f images/s)",
+             len(ids), seconds, len(ids) / seconds if seconds else float("nan"))
+    frame = pd.DataFrame(values, index=pd.Index(ids, name="id"), columns=list(CUE_NAMES))
+    return CueTable(frame=frame, failures=failures, seconds=seconds)
