@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,6 +46,8 @@ __all__ = [
     "acquisition_cues",
     "cues_of_bytes",
     "cues_of_image",
+    "cues_of_thumbnails",
+    "thumbnail",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,17 +88,26 @@ def _regions(size: int) -> tuple[np.ndarray, np.ndarray]:
 _CENTRE, _CORNERS = _regions(THUMB)
 
 
-def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """uint8 RGB (..., 3) -> CIELAB (..., 3), D65 white, float32."""
-    c = rgb.astype(np.float32) / 255.0
-    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    m = np.array(
+# sRGB -> linear light for each 8-bit value: a table lookup instead of a power per pixel.
+_code = np.arange(256, dtype=np.float64) / 255.0
+_LINEAR = np.where(_code <= 0.04045, _code / 12.92, ((_code + 0.055) / 1.055) ** 2.4).astype(
+    np.float32
+)
+# sRGB primaries to XYZ, each row divided by the D65 white's coordinate.
+_TO_XYZ = (
+    np.array(
         [[0.4124564, 0.3575761, 0.1804375],
          [0.2126729, 0.7151522, 0.0721750],
-         [0.0193339, 0.1191920, 0.9503041]],
-        dtype=np.float32,
+         [0.0193339, 0.1191920, 0.9503041]]
     )
-    xyz = linear @ m.T / np.array([0.95047, 1.0, 1.08883], dtype=np.float32)
+    / np.array([0.95047, 1.0, 1.08883])[:, None]
+).T.astype(np.float32)
+_GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """uint8 RGB (..., 3) -> CIELAB (..., 3), D65 white, float32."""
+    xyz = _LINEAR[rgb] @ _TO_XYZ
     delta = 6.0 / 29.0
     f = np.where(xyz > delta**3, np.cbrt(xyz), xyz / (3 * delta**2) + 4.0 / 29.0)
     L = 116.0 * f[..., 1] - 16.0
@@ -106,47 +116,67 @@ def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     return np.stack([L, a, b], axis=-1)
 
 
+def thumbnail(image: Image.Image) -> np.ndarray:
+    """The image as the cues see it: uint8 RGB (THUMB, THUMB, 3), bilinear."""
+    return np.asarray(
+        image.convert("RGB").resize((THUMB, THUMB), Image.Resampling.BILINEAR), dtype=np.uint8
+    )
+
+
+def cues_of_thumbnails(thumbs: np.ndarray, sizes: np.ndarray, n_bytes: np.ndarray) -> np.ndarray:
+    """The cues of a batch of images at once (`CUE_NAMES` order), float64 (B, len(CUE_NAMES)).
+
+    thumbs: uint8 (B, THUMB, THUMB, 3) from `thumbnail`; sizes: (B, 2) original width and
+    height; n_bytes: (B,) encoded sizes.
+    """
+    b = len(thumbs)
+    lab = _srgb_to_lab(thumbs).reshape(b, THUMB * THUMB, 3)
+    rgb = thumbs.reshape(b, THUMB * THUMB, 3)
+    high = rgb.max(axis=-1).astype(np.float32)
+    low = rgb.min(axis=-1).astype(np.float32)
+    saturation = ((high - low) / np.maximum(high, 1.0)).mean(axis=1)
+    grey = thumbs.astype(np.float32) @ _GREY
+    laplacian = (
+        grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1] + grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:]
+        - 4 * grey[:, 1:-1, 1:-1]
+    ).reshape(b, -1)
+    L = lab[..., 0]
+    corners = L[:, _CORNERS.ravel()]
+    width = sizes[:, 0].astype(np.float64)
+    height = sizes[:, 1].astype(np.float64)
+    pixels = width * height
+    mean = lab.mean(axis=1)
+    std = lab.std(axis=1)
+    return np.column_stack(
+        [
+            width,
+            height,
+            np.log(pixels),
+            np.log(width / height),
+            n_bytes / pixels,
+            mean[:, 0],
+            std[:, 0],
+            mean[:, 1],
+            std[:, 1],
+            mean[:, 2],
+            std[:, 2],
+            saturation,
+            np.log1p(laplacian.var(axis=1)),
+            (L[:, _CENTRE.ravel()].mean(axis=1) - corners.mean(axis=1)) / 100.0,
+            (corners < _DARK_L).mean(axis=1),
+        ]
+    ).astype(np.float64)
+
+
 def cues_of_image(image: Image.Image, width: int, height: int, n_bytes: int) -> np.ndarray:
     """The cues (`CUE_NAMES` order, float64, shape (len(CUE_NAMES),)) of a decoded RGB image
     whose original size is `width` x `height` and encoded size `n_bytes`.
 
     `image` may be a reduced decode (JPEG draft) of the original: only its thumbnail is used.
     """
-    thumb = np.asarray(
-        image.convert("RGB").resize((THUMB, THUMB), Image.Resampling.BILINEAR), dtype=np.uint8
-    )
-    lab = _srgb_to_lab(thumb)
-    L = lab[..., 0]
-    rgb = thumb.astype(np.float32)
-    high = rgb.max(axis=-1)
-    low = rgb.min(axis=-1)
-    saturation = np.where(high > 0, (high - low) / np.maximum(high, 1e-6), 0.0)
-    grey = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    laplacian = (
-        grey[:-2, 1:-1] + grey[2:, 1:-1] + grey[1:-1, :-2] + grey[1:-1, 2:] - 4 * grey[1:-1, 1:-1]
-    )
-    corners = L[_CORNERS]
-    pixels = float(width) * float(height)
-    return np.array(
-        [
-            width,
-            height,
-            math.log(pixels),
-            math.log(width / height),
-            n_bytes / pixels,
-            L.mean(),
-            L.std(),
-            lab[..., 1].mean(),
-            lab[..., 1].std(),
-            lab[..., 2].mean(),
-            lab[..., 2].std(),
-            saturation.mean(),
-            math.log1p(float(laplacian.var())),
-            (L[_CENTRE].mean() - corners.mean()) / 100.0,
-            float((corners < _DARK_L).mean()),
-        ],
-        dtype=np.float64,
-    )
+    return cues_of_thumbnails(
+        thumbnail(image)[None], np.array([[width, height]]), np.array([n_bytes], dtype=np.float64)
+    )[0]
 
 
 def _original_size(data: bytes) -> tuple[int, int]:
@@ -167,12 +197,18 @@ def cues_of_bytes(
     thumbnail needs. Raises EmbedError naming `image_id` for unreadable data or an image of
     more than `max_pixels` pixels (`embed.sources.decode_image`).
     """
+    thumb, size = _decode(data, image_id, max_pixels)
+    return cues_of_thumbnails(thumb[None], np.array([size]), np.array([len(data)], dtype=float))[0]
+
+
+def _decode(data: bytes, image_id: str, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """(thumbnail, (width, height)) of encoded bytes; EmbedError naming the id otherwise."""
     image = decode_image(data, image_id, max_pixels, draft_size=THUMB)
     try:
-        width, height = _original_size(data)
+        size = _original_size(data)
     except Exception as exc:  # decoded above, so this is a header PIL reads differently
         raise EmbedError(f"image {image_id!r}: cannot read its size ({safe_reason(exc)})") from exc
-    return cues_of_image(image, width, height, len(data))
+    return thumbnail(image), size
 
 
 @dataclass(frozen=True)
@@ -201,13 +237,15 @@ def acquisition_cues(
     ids: Sequence[str] | None = None,
     *,
     max_pixels: int = _DEFAULT_MAX_PIXELS,
+    batch_size: int = 64,
     progress: bool = False,
 ) -> CueTable:
     """Measure the acquisition cues of `ids` (None = every id of `source`), in that order.
 
     An image that cannot be read or decoded never stops the run: its row is NaN and its reason
-    is in `failures` (the same reasons `embed` records). Raises EmbedError when `ids` repeats an
-    id (its rows would be ambiguous).
+    is in `failures` (the same reasons `embed` records). Images are decoded one by one and
+    measured `batch_size` (64) at a time as arrays. Raises EmbedError when `ids` repeats an id
+    (its rows would be ambiguous).
     """
     ids = list(source.ids() if ids is None else ids)
     if len(set(ids)) != len(ids):
@@ -224,11 +262,33 @@ def acquisition_cues(
         from tqdm import tqdm
 
         iterator = tqdm(iterator, total=len(ids), desc="acquisition cues", unit="img")
+    rows: list[int] = []
+    thumbs: list[np.ndarray] = []
+    sizes: list[tuple[int, int]] = []
+    n_bytes: list[int] = []
+
+    def flush() -> None:
+        if rows:
+            values[rows] = cues_of_thumbnails(
+                np.stack(thumbs), np.array(sizes), np.array(n_bytes, dtype=np.float64)
+            )
+            for batch in (rows, thumbs, sizes, n_bytes):
+                batch.clear()
+
     for row, image_id in iterator:
         try:
-            values[row] = cues_of_bytes(source.read_bytes(image_id), image_id, max_pixels=max_pixels)
+            data = source.read_bytes(image_id)
+            thumb, size = _decode(data, image_id, max_pixels)
         except EmbedError as exc:
             failures[image_id] = str(exc)
+            continue
+        rows.append(row)
+        thumbs.append(thumb)
+        sizes.append(size)
+        n_bytes.append(len(data))
+        if len(rows) == batch_size:
+            flush()
+    flush()
     seconds = time.perf_counter() - started
     if failures:
         log.warning("acquisition cues: %d of %d images unreadable (first: %s)",
