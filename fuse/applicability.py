@@ -4,8 +4,9 @@ A probability learnt on dermoscopy need not hold for a crop of a total-body phot
 model cannot tell by itself. This module fits, from a run's training rows, a detector with up to
 three parts, each a raw "how unusual" score:
 
-- image: the embedding's cosine distance to its k nearest training embeddings (vectors centred
-  on the training mean, then l2-normalised; the mean of the k = 5 largest similarities). The
+- image: the embedding's cosine distance to its k nearest training embeddings (l2-normalised,
+  not centred: the pooled features are non-negative and their overall direction is part of what
+  an image of another kind changes; 1 - the mean of the k = 5 largest similarities). The
   reference set is a seeded subsample of at most `max_reference` training rows (20,000), so the
   saved detector is bounded (20,000 x 1,024 float16 = 41 MB whatever the training set) and a
   scored row costs one matrix product with it.
@@ -194,22 +195,24 @@ def _metadata_frame(metadata, columns: Sequence[str], n: int | None, where: str)
 
 
 class _ImagePart:
-    """Cosine distance to the k nearest reference embeddings (centred, l2-normalised)."""
+    """Cosine distance to the k nearest reference embeddings (l2-normalised, not centred)."""
 
     name = "image"
 
-    def __init__(self, mean: np.ndarray, reference: np.ndarray, neighbours: int):
-        self.mean = mean.astype(np.float32)
+    def __init__(self, reference: np.ndarray, neighbours: int):
         self.reference = reference.astype(np.float16)
         self.neighbours = neighbours
 
+    @property
+    def dim(self) -> int:
+        return self.reference.shape[1]
+
     @classmethod
     def fit(cls, x: np.ndarray, config: ApplicabilityConfig, rng: np.random.Generator) -> _ImagePart:
-        mean = x.mean(axis=0)
         keep = x
         if len(x) > config.max_reference:
             keep = x[np.sort(rng.choice(len(x), config.max_reference, replace=False))]
-        return cls(mean, _unit(keep - mean), config.neighbours)
+        return cls(_unit(keep), config.neighbours)
 
     def score(self, x: np.ndarray) -> np.ndarray:
         """(rows,) 1 - mean of the k largest cosine similarities; NaN for rows with NaN."""
@@ -220,7 +223,7 @@ class _ImagePart:
         rows = np.flatnonzero(ok)
         for start in range(0, len(rows), _CHUNK):
             chunk = rows[start : start + _CHUNK]
-            sims = _unit(x[chunk] - self.mean) @ reference.T
+            sims = _unit(x[chunk]) @ reference.T
             top = np.partition(sims, len(reference) - k, axis=1)[:, -k:]
             out[chunk] = 1.0 - top.mean(axis=1)
         return out
@@ -230,13 +233,12 @@ class _ImagePart:
 
     def state(self) -> tuple[dict, dict]:
         return {"neighbours": self.neighbours, "reference_rows": len(self.reference)}, {
-            "image_mean": self.mean,
             "image_reference": self.reference,
         }
 
     @classmethod
     def from_state(cls, record: dict, arrays: dict) -> _ImagePart:
-        return cls(arrays["image_mean"], arrays["image_reference"], int(record["neighbours"]))
+        return cls(arrays["image_reference"], int(record["neighbours"]))
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -520,7 +522,7 @@ class Applicability:
                 )
             self.check_identity(identity)
             x = _embedding_matrix(embeddings, n, "applicability.predict")
-            expected = self.parts["image"].mean.shape[0]
+            expected = self.parts["image"].dim
             if x.shape[1] != expected:
                 raise RunError(
                     f"applicability.predict: embeddings have dim {x.shape[1]}, the detector {expected}"

@@ -48,11 +48,13 @@ class World:
         self.basis = self.rng.normal(size=(8, DIM))
         self.offset = self.rng.normal(size=DIM) * 3
 
-    def embeddings(self, n: int, basis: np.ndarray | None = None) -> np.ndarray:
-        """Rows of the training kind; with another `basis`, rows of another kind of image
-        (same centre and spread, other directions)."""
-        basis = self.basis if basis is None else basis
-        x = self.offset + self.rng.normal(size=(n, 8)) @ basis + self.rng.normal(size=(n, DIM)) * 0.5
+    def embeddings(self, n: int, other_kind: np.random.Generator | None = None) -> np.ndarray:
+        """Rows of the training kind; with `other_kind`, rows of another kind of image: a
+        cluster with its own centre and directions, of the same spread and norm."""
+        basis, offset = self.basis, self.offset
+        if other_kind is not None:
+            basis, offset = other_kind.normal(size=(8, DIM)), other_kind.normal(size=DIM) * 3
+        x = offset + self.rng.normal(size=(n, 8)) @ basis + self.rng.normal(size=(n, DIM)) * 0.5
         return x.astype(np.float16)
 
     def cues(self, n: int, size=(200, 150)) -> pd.DataFrame:
@@ -114,8 +116,7 @@ def test_fresh_rows_of_the_training_distribution_are_marked_about_as_often(world
 def test_a_planted_cluster_of_unlike_images_is_marked_by_the_image_part(world, fitted):
     _, detector = fitted
     n = 60
-    other_kind = np.random.default_rng(5).normal(size=(8, DIM))
-    out = detector.predict(world.embeddings(n, other_kind), world.cues(n), world.metadata(n),
+    out = detector.predict(world.embeddings(n, np.random.default_rng(5)), world.cues(n), world.metadata(n),
                            identity=IDENTITY)
     assert out["unlike_training"].all()
     assert out["reason"].str.startswith("image unlike training (beyond every training row").all()
