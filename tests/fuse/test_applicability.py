@@ -6,7 +6,6 @@ and refuses embeddings of another store. The real-data check (a HAM10000 detecto
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -262,3 +261,119 @@ def test_load_refuses_missing_altered_or_foreign_files(world, tmp_path):
     (tmp_path / RECORD).write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(RunError, match="format 'something-else'"):
         load(tmp_path)
+
+
+# -- the real-data check ------------------------------------------------------------------------
+
+HAM_ROWS_MAX = 4000  # cues of every HAM10000 image take minutes on a loaded 2-core machine
+
+
+def _store_with_manifest(pattern: str) -> Path | None:
+    from fuse.paths import stores_root
+
+    found = sorted(p for p in stores_root().glob(pattern) if (p / "manifest.json").is_file())
+    return found[0] if found else None
+
+
+def _isic_crops_store(shared: Path, ham_identity: dict, tmp_path: Path) -> Path:
+    """The 51 ISIC 2024 crops embedded with the HAM10000 store's weights and settings: an
+    existing store under artifacts/stores, else built now (needs the cached weights)."""
+    from embed.config import config_for_identity
+    from embed.pipeline import build_store
+    from embed.sources import open_source
+    from embed.store import FeatureStore
+    from embed.weights import RECORD_FILENAME, default_cache_dir, ensure_weights
+
+    existing = _store_with_manifest("isic2024-mini-as-ham-*")
+    if existing is not None:
+        store = FeatureStore.open(existing)
+        if all(store.manifest.get(k) == ham_identity.get(k) for k in ("weights_sha256", "dim")):
+            return existing
+    if not (default_cache_dir() / RECORD_FILENAME).is_file():
+        pytest.skip("backbone weights are not cached (artifacts/weights): run `invoke weights`")
+    weights = ensure_weights()
+    config = config_for_identity(ham_identity, device="cpu", num_workers=0, progress=False)
+    target = tmp_path / "isic-crops-store"
+    source = open_source(shared / "isic2024-mini" / "train-image.hdf5")
+    build_store(source, None, target, "isic2024-mini-as-ham", weights, config)
+    return target
+
+
+@pytest.mark.slow
+def test_real_data_ham10000_detector_marks_isic2024_crops_and_few_held_out_lesions(
+    shared_data, tmp_path
+):
+    """A detector fitted on HAM10000 lesions (out of fold of the lesion-grouped folds) marks at
+    least 90% of the 51 ISIC 2024 total-body-photography crops and at most 5% of HAM10000
+    lesions it was not fitted on (each fold held out in turn; the detector fitted on the other
+    folds, with its own out-of-fold threshold inside them)."""
+    from embed.acquisition import acquisition_cues
+    from embed.sources import open_source
+    from embed.store import FeatureStore
+    from tabular.folds import make_folds, read_folds
+    from tabular.spec import load_spec
+
+    ham_dir = _store_with_manifest("ham10000-dev-*")
+    if ham_dir is None:
+        pytest.skip("no HAM10000 feature store under artifacts/stores: run "
+                    "`invoke embed --spec ../shared/data/ham10000/dataset.toml`")
+    ham = FeatureStore.open(ham_dir)
+    spec = load_spec(shared_data / "ham10000" / "dataset.toml")
+    meta = pd.read_csv(shared_data / "ham10000" / "metadata.csv", dtype={"image_id": str})
+    from fuse.paths import run_dir
+
+    run_folds = run_dir("ham") / "folds.csv"
+    folds = read_folds(run_folds) if run_folds.is_file() else make_folds(meta, spec)
+    folds = folds.set_index("id").loc[meta["image_id"], "fold"].to_numpy()
+    stored = meta["image_id"].isin(set(ham.ids)).to_numpy()
+    if stored.sum() < 1000:
+        pytest.skip(f"the HAM10000 store holds {int(stored.sum())} of {len(meta)} images; "
+                    "fill it with `invoke embed --spec ../shared/data/ham10000/dataset.toml`")
+    rows = np.flatnonzero(stored)
+    if len(rows) > HAM_ROWS_MAX:  # whole lesions kept: subsample by lesion, seeded
+        lesions = meta["lesion_id"].to_numpy()[rows]
+        chosen = np.random.default_rng(0).permutation(np.unique(lesions))
+        sizes = pd.Series(lesions).value_counts().loc[chosen].cumsum()
+        rows = rows[np.isin(lesions, sizes.index[sizes <= HAM_ROWS_MAX])]
+    meta, folds = meta.iloc[rows].reset_index(drop=True), folds[rows]
+    identity = ham.reference()
+    embeddings = ham.read(meta["image_id"])
+    cues = acquisition_cues(open_source(shared_data / "ham10000" / "images"), meta["image_id"])
+
+    isic_store = FeatureStore.open(_isic_crops_store(shared_data, identity, tmp_path))
+    raw = pd.read_csv(shared_data / "isic2024-mini" / "train-metadata.csv", dtype={"isic_id": str})
+    crops_meta = pd.DataFrame({"age": raw["age_approx"], "sex": raw["sex"],
+                               "localization": raw["anatom_site_general"]})
+    crops_emb = isic_store.read(raw["isic_id"])
+    crops_cues = acquisition_cues(
+        open_source(shared_data / "isic2024-mini" / "train-image.hdf5"), raw["isic_id"]
+    )
+
+    held_marked, crops_marked = [], []
+    per_part_held = {p: [] for p in ("image", "acquisition", "metadata")}
+    per_part_crops = {p: [] for p in ("image", "acquisition", "metadata")}
+    for fold in np.unique(folds):
+        held = folds == fold
+        detector = fit_applicability(
+            tmp_path / f"fold{fold}", folds[~held], embeddings=embeddings[~held],
+            identity=identity, cues=cues.frame.iloc[np.flatnonzero(~held)],
+            metadata=meta.iloc[np.flatnonzero(~held)], numeric=["age"],
+            categorical=["sex", "localization"],
+        )
+        a = detector.predict(embeddings[held], cues.frame.iloc[np.flatnonzero(held)],
+                             meta.iloc[np.flatnonzero(held)], identity=isic_store.reference())
+        b = detector.predict(crops_emb, crops_cues, crops_meta, identity=isic_store.reference())
+        held_marked.append(a["unlike_training"].to_numpy())
+        crops_marked.append(b["unlike_training"].mean())
+        for part in per_part_held:
+            per_part_held[part].append(a["reason"].str.contains(part).to_numpy())
+            per_part_crops[part].append(b["reason"].str.contains(part).mean())
+    held_share = float(np.concatenate(held_marked).mean())
+    crops_share = float(np.mean(crops_marked))
+    print(f"\nHAM10000 rows {len(meta)}; held-out HAM marked {held_share:.4f}; "
+          f"ISIC 2024 crops marked {crops_share:.4f}")
+    for part in per_part_held:
+        print(f"  {part}: held-out HAM {np.concatenate(per_part_held[part]).mean():.4f}, "
+              f"crops {np.mean(per_part_crops[part]):.4f}")
+    assert crops_share >= 0.90
+    assert held_share <= 0.05
