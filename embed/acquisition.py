@@ -13,7 +13,8 @@ RGB thumbnail (`THUMB` px square, so that a cue does not depend on the image's r
 - width, height: the original size in pixels (after EXIF orientation); log_pixels = log(w*h);
   log_aspect = log(w/h).
 - bytes_per_pixel: encoded bytes / pixels (JPEG quality and chroma subsampling, PNG vs JPEG).
-- L_mean, L_std, a_mean, a_std, b_mean, b_std: CIELAB (D65) statistics of the thumbnail.
+- L_mean, L_std, a_mean, a_std, b_mean, b_std: CIELAB (D65) statistics of the thumbnail
+  (every other pixel; vignetting and dark_corners too).
 - saturation: mean HSV saturation.
 - sharpness: log(1 + variance of the 4-neighbour Laplacian of the greyscale thumbnail, 0..255).
 - vignetting: (mean L of the centre disc - mean L of the corners) / 100; dermoscopy's dark
@@ -85,7 +86,7 @@ def _regions(size: int) -> tuple[np.ndarray, np.ndarray]:
     return radius < 0.5, radius > 1.0
 
 
-_CENTRE, _CORNERS = _regions(THUMB)
+_CENTRE, _CORNERS = _regions(THUMB // 2)  # on the every-other-pixel grid of the thumbnail
 
 
 # sRGB -> linear light for each 8-bit value: a table lookup instead of a power per pixel.
@@ -105,15 +106,13 @@ _TO_XYZ = (
 _GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """uint8 RGB (..., 3) -> CIELAB (..., 3), D65 white, float32."""
+def _srgb_to_lab(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uint8 RGB (..., 3) -> CIELAB L, a, b, each (...), D65 white, float32."""
     xyz = _LINEAR[rgb] @ _TO_XYZ
     delta = 6.0 / 29.0
     f = np.where(xyz > delta**3, np.cbrt(xyz), xyz / (3 * delta**2) + 4.0 / 29.0)
-    L = 116.0 * f[..., 1] - 16.0
-    a = 500.0 * (f[..., 0] - f[..., 1])
-    b = 200.0 * (f[..., 1] - f[..., 2])
-    return np.stack([L, a, b], axis=-1)
+    fx, fy, fz = f[..., 0], f[..., 1], f[..., 2]
+    return 116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)
 
 
 def thumbnail(image: Image.Image) -> np.ndarray:
@@ -130,23 +129,23 @@ def cues_of_thumbnails(thumbs: np.ndarray, sizes: np.ndarray, n_bytes: np.ndarra
     height; n_bytes: (B,) encoded sizes.
     """
     b = len(thumbs)
-    lab = _srgb_to_lab(thumbs).reshape(b, THUMB * THUMB, 3)
-    rgb = thumbs.reshape(b, THUMB * THUMB, 3)
-    high = rgb.max(axis=-1).astype(np.float32)
-    low = rgb.min(axis=-1).astype(np.float32)
+    # Colour statistics from every other pixel of the thumbnail: the same figures to a fraction
+    # of a Lab unit, at a quarter of the cost (sharpness below keeps every pixel).
+    sub = np.ascontiguousarray(thumbs[:, ::2, ::2]).reshape(b, -1, 3)
+    L, A, B = _srgb_to_lab(sub)
+    red, green, blue = (sub[..., c].astype(np.float32) for c in range(3))
+    high = np.maximum(np.maximum(red, green), blue)
+    low = np.minimum(np.minimum(red, green), blue)
     saturation = ((high - low) / np.maximum(high, 1.0)).mean(axis=1)
     grey = thumbs.astype(np.float32) @ _GREY
     laplacian = (
         grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1] + grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:]
         - 4 * grey[:, 1:-1, 1:-1]
     ).reshape(b, -1)
-    L = lab[..., 0]
     corners = L[:, _CORNERS.ravel()]
     width = sizes[:, 0].astype(np.float64)
     height = sizes[:, 1].astype(np.float64)
     pixels = width * height
-    mean = lab.mean(axis=1)
-    std = lab.std(axis=1)
     return np.column_stack(
         [
             width,
@@ -154,12 +153,12 @@ def cues_of_thumbnails(thumbs: np.ndarray, sizes: np.ndarray, n_bytes: np.ndarra
             np.log(pixels),
             np.log(width / height),
             n_bytes / pixels,
-            mean[:, 0],
-            std[:, 0],
-            mean[:, 1],
-            std[:, 1],
-            mean[:, 2],
-            std[:, 2],
+            L.mean(axis=1),
+            L.std(axis=1),
+            A.mean(axis=1),
+            A.std(axis=1),
+            B.mean(axis=1),
+            B.std(axis=1),
             saturation,
             np.log1p(laplacian.var(axis=1)),
             (L[:, _CENTRE.ravel()].mean(axis=1) - corners.mean(axis=1)) / 100.0,
