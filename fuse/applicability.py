@@ -497,7 +497,8 @@ class Applicability:
             fit's. cues: CueTable, DataFrame or (rows, len(CUE_NAMES)) array, required with an
             acquisition part. metadata: DataFrame holding the fitted columns, required with a
             metadata part. Rows whose embedding or cues are NaN (images that could not be read)
-            are scored by the other parts.
+            are scored by the other parts; a row no part could score has NaN novelty and is
+            not marked.
 
         Raises RunError naming the missing input or column, or a shape that does not fit;
         StoreMismatchError naming the identity field that differs.
