@@ -383,3 +383,16 @@ def test_real_data_ham10000_detector_marks_isic2024_crops_and_few_held_out_lesio
               f"HAM {np.concatenate(own_held[part]).mean():.4f}, crops {np.mean(own_crops[part]):.4f}")
     assert crops_share >= 0.90
     assert held_share <= 0.05
+
+
+def test_rows_without_a_vector_or_cues_are_scored_by_the_other_parts(world, fitted):
+    _, detector = fitted
+    emb, cues, meta = world.embeddings(3).astype(np.float32), world.cues(3), world.metadata(3)
+    emb[0] = np.nan  # an image that could not be embedded
+    cues.iloc[1] = np.nan  # nor measured
+    meta.loc[0, "site"] = "sole"
+    out = detector.predict(emb, cues, meta, identity=IDENTITY)
+    assert np.isnan(out["novelty_image"].iloc[0]) and np.isfinite(out["novelty_image"].iloc[1])
+    assert np.isnan(out["novelty_acquisition"].iloc[1])
+    assert out["novelty"].notna().all()
+    assert out["unlike_training"].iloc[0] and "site = 'sole'" in out["reason"].iloc[0]
