@@ -406,6 +406,8 @@ class _MetadataPart:
             if col in self.ranges:
                 low, high, _ = self.ranges[col]
                 words.append(f"{col} = {raw} outside training {low:.4g}..{high:.4g} (with margin)")
+            elif pd.isna(raw):
+                words.append(f"{col} missing, never missing in training")
             else:
                 words.append(f"{col} = {raw!r} never seen in training")
         return ", ".join(words)
@@ -679,7 +681,7 @@ def fit_applicability(
         ),
         "threshold": threshold,
         "marked_share": config.marked_share,
-        "marked_share_out_of_fold": marked,
+        "marked_share_out_of_fold": float(marked),
         "marked_by_part_out_of_fold": by_part,
         "fit_seconds": round(time.perf_counter() - started, 3),
     }

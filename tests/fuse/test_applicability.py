@@ -143,6 +143,9 @@ def test_metadata_out_of_range_and_unseen_categories_name_the_column(world, fitt
     meta.loc[2, "age"] = 79.0  # inside the range: not marked by metadata
     meta.loc[3, "site"] = "back"
     out = detector.predict(world.embeddings(n), world.cues(n), meta, identity=IDENTITY)
+    meta.loc[1, "site"] = None
+    missing = detector.predict(world.embeddings(n), world.cues(n), meta, identity=IDENTITY)
+    assert "site missing, never missing in training" in missing["reason"].iloc[1]
     assert out["unlike_training"].iloc[0] and out["unlike_training"].iloc[1]
     assert "metadata" in out["reason"].iloc[0] and "age = 130.0 outside training" in out["reason"].iloc[0]
     assert "site = 'sole' never seen in training" in out["reason"].iloc[1]
