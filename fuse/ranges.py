@@ -2,8 +2,8 @@
 
 `invoke stack` records, per numeric feature column of the spec, the smallest and largest value
 seen in the run's training rows (`stack/ranges.json`; this module writes and reads it). Scoring
-then marks a row whose value lies beyond that range by more than `MARGIN` of its width (age -5
-or 250 against training ages 15..85): LightGBM extends its outermost leaf to any value beyond the
+then marks a row whose value lies beyond that range by more than `MARGIN` of its width (age 250
+against training ages 0..85), or is negative where no training value was (age -5): LightGBM extends its outermost leaf to any value beyond the
 range, and the MLP extrapolates linearly, so such a score is a guess of another kind than the
 others. The check is one small function (`outside_training`) that the applicability work
 (`unlike_training`, `novelty`) can call as one of its signals.
@@ -27,10 +27,11 @@ __all__ = ["MARGIN", "RANGES_FILE", "load_ranges", "outside_training", "training
 
 RANGES_FILE = "ranges.json"
 # How far beyond the training range a value may lie before it is marked, as a share of the
-# range's width: a little beyond the oldest patient seen is still a plausible patient, twice the
-# span is a typo or another unit. A tenth keeps the check quiet on real new data (the ranges of
-# a few hundred training rows reach close to the population's).
-MARGIN = 0.1
+# range's width: a little beyond the oldest patient seen is still a plausible patient, far beyond
+# the span is a typo or another unit. A quarter keeps the check quiet on new rows of the same
+# population even when the training set is small (its extremes then fall short of the
+# population's); a sign no training value had (age -5) is marked whatever the margin.
+MARGIN = 0.25
 
 
 def training_ranges(frame: pd.DataFrame, columns) -> dict[str, dict[str, float]]:
@@ -88,7 +89,9 @@ def outside_training(frame: pd.DataFrame, ranges: dict[str, dict[str, float]],
         slack = margin * (high - low)
         values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
         with np.errstate(invalid="ignore"):
-            outside = np.isfinite(values) & ((values < low - slack) | (values > high + slack))
+            beyond = (values < low - slack) | (values > high + slack)
+            negative = (values < 0) & (low >= 0)
+            outside = np.isfinite(values) & (beyond | negative)
         if not outside.any():
             continue
         by_column[column] = outside

@@ -44,7 +44,7 @@ def scoring_rows(metadata, spec, image_ids: list[str], images: Path) -> tuple[pd
                         "these lesions? Those rows are reported with an error and only the %d with an image "
                         "are embedded and scored", len(no_image), len(frame), 100 * len(no_image) / len(frame),
                         images, len(frame) - len(no_image))
-            errors.update(dict.fromkeys(no_image, f"no image for this id in {images}"))
+        errors.update(dict.fromkeys(no_image, f"no image for this id in {images}"))
         listed = set(frame[spec.id])
         extra = [i for i in image_ids if i not in listed]
         if extra:
