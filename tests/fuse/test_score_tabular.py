@@ -16,7 +16,6 @@ import pytest
 from tinyrun import train_tiny_tabular_run
 
 from fuse.errors import RunError
-from fuse.predictions import escape_formulas
 from fuse.score import score
 from fuse.stack import TABULAR_FINAL, GBDTFinal, load_final
 
@@ -147,18 +146,3 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_escaped_and_parquet_keeps_th
     assert kaggle.loc[0, "isic_id"] == "'" + evil
     score(tabular["run"], None, tmp_path / "evil.csv", tmp_path / "p.parquet", page=None, **FAST)
     assert pd.read_parquet(tmp_path / "p.parquet").loc[0, "image_id"] == evil
-
-
-def test_escaping_leaves_numbers_booleans_and_missing_cells_alone():
-    table = pd.DataFrame({
-        "id": ["-12", "a-b", None, "@x"],
-        "p": [-0.5, 0.2, np.nan, 1.0],
-        "flagged": pd.array([True, None, False, True], dtype="boolean"),
-        "error": ["", "=bad", "ok", "+1"],
-    })
-    escaped = escape_formulas(table)
-    assert escaped["id"].tolist()[:2] == ["'-12", "a-b"] and pd.isna(escaped["id"][2]) and escaped["id"][3] == "'@x"
-    assert escaped["error"].tolist() == ["", "'=bad", "ok", "'+1"]
-    pd.testing.assert_series_equal(escaped["p"], table["p"])
-    pd.testing.assert_series_equal(escaped["flagged"], table["flagged"])
-    assert "-0.5" in escaped.to_csv(index=False)
