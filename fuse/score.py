@@ -48,7 +48,7 @@ __all__ = ["NO_METADATA", "chunk_rows", "patient_chunks", "read_scoring_metadata
 
 def score(
     run_dir: Path | str,
-    images: Path | str,
+    images: Path | str | None,
     metadata: Path | str | None,
     out: Path | str,
     output_format: str = "csv",
@@ -64,13 +64,17 @@ def score(
     page: Path | str | None = None,
     overlays: int = 20,
 ) -> pd.DataFrame:
-    """Score the images in `images` (with their metadata rows) and write the predictions.
+    """Score the images in `images` (with their metadata rows), or for a tabular-only run the
+    rows of `metadata` alone, and write the predictions.
 
     Args:
-        run_dir: a run with `gbdt/`, `fusion/` and `stack/` (see `invoke stack`).
-        images: a folder of `<id>.jpg|.jpeg|.png`, or an HDF5 file keyed by id.
+        run_dir: a run with `gbdt/`, `fusion/` and `stack/` (see `invoke stack`), or a
+            tabular-only run (a spec without images: `gbdt/` and `stack/`, LightGBM final).
+        images: a folder of `<id>.jpg|.jpeg|.png`, or an HDF5 file keyed by id. Optional for a
+            tabular-only run, where it only supplies the triage page's thumbnails.
         metadata: CSV with the run's id column and feature columns (no target needed; extra
-            columns, train-only ones included, are ignored). None = images only.
+            columns, train-only ones included, are ignored). None = images only; required for
+            a tabular-only run.
         out: the predictions file: `.csv`, or `.parquet` for Parquet (its folder is created).
             Checked before any work: never one of the inputs, never a folder.
         output_format: "csv" (id, probability, p_gbdt, p_fusion, flagged, error) or "kaggle"
@@ -101,12 +105,19 @@ def score(
     Returns:
         The predictions in the "csv" layout, one row per input row: metadata rows in file order,
         then images without a metadata row in the image source's order: the id, probability,
-        p_gbdt, p_fusion, flagged, reasons (with `explain`), error (and prevalence when given).
+        p_gbdt, p_fusion (not for a tabular-only run), flagged, reasons (with `explain`),
+        in_training (the id was a training row of the run: warned), out_of_range ("" or the
+        values far outside the training range, `fuse.ranges`; absent for runs stacked before the
+        ranges were recorded), error (and prevalence when given). Metadata rows without an
+        image are not passed to the models when no score could come of them (see
+        `_rows_worth_predicting`).
 
     Raises:
         RunError: `out` is an input or a folder or has an unknown extension; no run; a stage is
             missing (names the command); `output_format` unknown; `images` or `metadata`
-            missing; the metadata lacks the id column or a feature column, repeats an id, or holds
+            missing (`images` None for a run that reads images, `metadata` None for a
+            tabular-only one, which also refuses `store`); metadata rows and images that share
+            no id; `store` made by `invoke embed` for a data set (its provenance is kept); the metadata lacks the id column or a feature column, repeats an id, or holds
             text in a numeric column; the weights, preprocessing, image size or views differ from
             the run's (names the field); `store` was made with other settings (names the field).
         StoreMismatchError: two stages of the run were trained on different embeddings.
