@@ -192,8 +192,10 @@ def stack(c, run=None, sensitivity=None):
 @_task(
     help={
         "run": RUN_HELP,
-        "images": _REQUIRED["images"],
-        "metadata": "CSV with the spec's columns (no target needed); optional",
+        "images": "folder of <id>.jpg|.jpeg|.png, or an HDF5 file of encoded images; required unless the "
+                  "run is tabular-only (a spec without images), which scores --metadata rows alone",
+        "metadata": "CSV with the spec's columns (no target needed); optional with --images, required "
+                    "for a tabular-only run",
         "out": _REQUIRED["out"],
         "format": "csv (all columns) or kaggle (isic_id,target)",
         "batch_size": "images per forward pass (default: 256 on CUDA, 32 on CPU)",
@@ -209,8 +211,12 @@ def stack(c, run=None, sensitivity=None):
 )
 def score(c, run=None, images=None, out=None, metadata=None, format="csv", batch_size=None, device="auto",
           weights=None, store=None, prevalence=None, html=None, no_html=False, overlays=None):
-    """Score a folder or HDF5 of new images with a trained run."""
-    _require("score", run=run, images=images, out=out)
+    """Score new images (or, for a tabular-only run, metadata rows) with a trained run."""
+    _require("score", run=run, out=out)
+    if images is None and metadata is None:
+        print("error: invoke score needs --images (a folder or HDF5 of images) or, for a tabular-only run, "
+              "--metadata CSV; see `invoke score --help`", file=sys.stderr)
+        sys.exit(2)
     _logging()
     from fuse.commands import score_images
 

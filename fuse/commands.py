@@ -151,11 +151,12 @@ def stack_and_report(run, sensitivity: float = 0.95) -> Path:
     return write_report(run_dir(run), sensitivity=sensitivity)
 
 
-def score_images(run, images, out, metadata=None, output_format: str = "csv", batch_size: int | None = None,
+def score_images(run, images=None, out=None, metadata=None, output_format: str = "csv", batch_size: int | None = None,
                  device: str = "auto", weights: Path | str | None = None, store: Path | str | None = None,
                  prevalence: float | None = None, html: Path | str | None = None, page: bool = True,
                  overlays: int = 20):
-    """`invoke score`: score new images (and their metadata) with a trained run.
+    """`invoke score`: score new images (and their metadata) with a trained run, or, for a
+    tabular-only run (a spec without images), the rows of `metadata` alone (`images` optional).
 
     The triage page goes to `html`, by default beside `out` (`preds.csv` -> `preds.html`);
     `page=False` writes none. `overlays`: how many flagged lesions on it get a Grad-CAM saliency
@@ -163,8 +164,10 @@ def score_images(run, images, out, metadata=None, output_format: str = "csv", ba
     """
     from fuse.score import score
 
+    if out is None:
+        raise RunError("--out: where to write the predictions (.csv or .parquet) is required")
     out = Path(out)
     html = (Path(html) if html else out.with_suffix(".html")) if page else None
-    return score(run_dir(run), images=Path(images), metadata=Path(metadata) if metadata else None,
+    return score(run_dir(run), images=Path(images) if images else None, metadata=Path(metadata) if metadata else None,
                  out=out, output_format=output_format, batch_size=batch_size, device=device,
                  weights=weights, store=store, prevalence=prevalence, page=html, overlays=overlays)

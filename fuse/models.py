@@ -17,7 +17,8 @@ import pandas as pd
 from embed.errors import StoreMismatchError
 from fuse.errors import RunError
 from fuse.fusion import FusionModel
-from fuse.stack import FinalModel, load_final
+from fuse.ranges import load_ranges
+from fuse.stack import TABULAR_FINAL, FinalModel, load_final
 from fuse.stores import run_identity
 from tabular.errors import DataError
 from tabular.gbdt_model import GBDTModel, positional
@@ -50,14 +51,39 @@ class EncodingCache:
 
 
 class RunModels:
-    """The LightGBM stage, the fusion stage and the final model of one run."""
+    """The LightGBM stage, the fusion stage and the final model of one run.
 
-    def __init__(self, run: RunLayout, gbdt: GBDTModel, fusion: FusionModel, final: FinalModel,
-                 identity: dict):
+    A tabular-only run (`fuse.stack.tabular_only`) has no fusion stage (`fusion` and `identity`
+    are None) and scores metadata rows without images (`needs_images` is False).
+    """
+
+    def __init__(self, run: RunLayout, gbdt: GBDTModel, fusion: FusionModel | None, final: FinalModel,
+                 identity: dict | None):
         self.run, self.gbdt, self.fusion, self.final = run, gbdt, fusion, final
         self.identity = identity
         self.run_spec = spec_from_identity(run.read_record()["spec"])
+        # The numeric columns' training ranges (None for runs stacked before they were recorded).
+        self.ranges = load_ranges(run.stage("stack"))
         self._encode = EncodingCache()
+        self._training_ids: set[str] | None = None
+
+    @property
+    def needs_images(self) -> bool:
+        """False for a tabular-only run: its final model is LightGBM on metadata."""
+        return self.fusion is not None
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The base models whose scores appear as `p_<stage>` columns."""
+        return ("gbdt", "fusion") if self.needs_images else ("gbdt",)
+
+    def training_ids(self) -> set[str]:
+        """The ids of the run's training rows (its `folds.csv`), read once."""
+        if self._training_ids is None:
+            from tabular.folds import read_folds
+
+            self._training_ids = set(read_folds(self.run.folds)["id"].astype(str))
+        return self._training_ids
 
     @property
     def threshold(self) -> float:
@@ -81,6 +107,8 @@ class RunModels:
             gbdt = GBDTModel.load(gbdt_dir)
         except DataError as error:
             raise RunError(f"run {run.dir}: {error}") from error
+        if final.name == TABULAR_FINAL:
+            return cls(run, gbdt, None, final, None)
         run.require_file("fusion", "config.json")
         fusion = FusionModel.load(run.stage("fusion"), device)
         records = run.read_store_records()
@@ -128,6 +156,9 @@ class RunModels:
         return text
 
     def _predict(self, frame: pd.DataFrame, block: np.ndarray, embedded: np.ndarray):
+        if not self.needs_images:
+            p_gbdt = self.gbdt.predict(frame, None, encode=self._encode)
+            return p_gbdt, np.full(len(frame), np.nan), self.final.probability(p_gbdt)
         p_fusion = self.fusion.predict(frame, block, encode=self._encode)
         p_fusion[~embedded] = np.nan
         extra = block.astype(np.float32).mean(axis=1) if self.gbdt.uses_images else None

@@ -10,6 +10,12 @@ Layouts:
 - "csv": every column of the scoring output; written as CSV, or as Parquet when `--out` ends in
   `.parquet` (the extension chooses).
 - "kaggle": `isic_id,target` (target = probability), the ISIC 2024 submission format (CSV only).
+
+A CSV is opened in spreadsheets, which run a cell starting with `=`, `+`, `-` or `@` (or a tab or
+carriage return, which some strip before looking) as a formula: an id such as `=HYPERLINK(...)`
+in a metadata file would then act on the reader's machine. Text cells of a CSV are therefore
+written as OWASP recommends (a single quote before such a cell; `escape_formulas`); numbers stay
+numbers, and Parquet keeps every value as it is.
 """
 
 from __future__ import annotations
@@ -27,7 +33,12 @@ from fuse.errors import RunError
 
 log = logging.getLogger(__name__)
 
+__all__ = ["FORMULA_STARTS", "LAYOUTS", "check_out", "check_page", "escape_formulas", "file_kind",
+           "write_predictions"]
+
 LAYOUTS = ("csv", "kaggle")
+# What makes a spreadsheet read a cell as a formula (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 EXTENSIONS = {".csv": "csv", ".parquet": "parquet"}
 
 
@@ -110,7 +121,22 @@ def write_predictions(result: pd.DataFrame, out: Path, layout: str, id_column: s
     if file_kind(out) == "parquet":
         atomic_write(out, lambda f: table.to_parquet(f, index=False))
     else:
-        atomic_write(out, lambda f: table.to_csv(f, index=False))
+        escaped = escape_formulas(table)
+        atomic_write(out, lambda f: escaped.to_csv(f, index=False))
+
+
+def escape_formulas(table: pd.DataFrame) -> pd.DataFrame:
+    """A copy of `table` whose text cells starting with a formula character (`FORMULA_STARTS`)
+    have a single quote in front; numeric, boolean and missing cells are left as they are."""
+    escaped = table.copy()
+    for column in escaped.columns:
+        values = escaped[column]
+        if pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+            continue
+        text = values.map(lambda v: isinstance(v, str) and v.startswith(FORMULA_STARTS))
+        if text.any():
+            escaped[column] = values.where(~text, "'" + values[text].astype(str))
+    return escaped
 
 
 def _kaggle(result: pd.DataFrame, id_column: str, threshold: float) -> pd.DataFrame:

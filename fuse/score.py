@@ -28,22 +28,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.errors import preview
 from embed.errors import EmbedError, StoreMismatchError
 from embed.identity import check_identity, embedding_identity
 from fuse.calibration import shift_prevalence
 from fuse.errors import RunError
 from fuse.models import RunModels
 from fuse.predictions import check_out, check_page, write_predictions
-from fuse.score_rows import NO_METADATA, read_scoring_metadata, scoring_rows
+from fuse.ranges import outside_training
+from fuse.score_rows import NO_METADATA, metadata_rows, read_scoring_metadata, scoring_rows
 
 log = logging.getLogger(__name__)
+
+# The data set name a store made by scoring records (followed by the image folder or file).
+SCORED_DATASET = "scored images: "
 
 __all__ = ["NO_METADATA", "chunk_rows", "patient_chunks", "read_scoring_metadata", "score"]
 
 
 def score(
     run_dir: Path | str,
-    images: Path | str,
+    images: Path | str | None,
     metadata: Path | str | None,
     out: Path | str,
     output_format: str = "csv",
@@ -59,13 +64,17 @@ def score(
     page: Path | str | None = None,
     overlays: int = 20,
 ) -> pd.DataFrame:
-    """Score the images in `images` (with their metadata rows) and write the predictions.
+    """Score the images in `images` (with their metadata rows), or for a tabular-only run the
+    rows of `metadata` alone, and write the predictions.
 
     Args:
-        run_dir: a run with `gbdt/`, `fusion/` and `stack/` (see `invoke stack`).
-        images: a folder of `<id>.jpg|.jpeg|.png`, or an HDF5 file keyed by id.
+        run_dir: a run with `gbdt/`, `fusion/` and `stack/` (see `invoke stack`), or a
+            tabular-only run (a spec without images: `gbdt/` and `stack/`, LightGBM final).
+        images: a folder of `<id>.jpg|.jpeg|.png`, or an HDF5 file keyed by id. Optional for a
+            tabular-only run, where it only supplies the triage page's thumbnails.
         metadata: CSV with the run's id column and feature columns (no target needed; extra
-            columns, train-only ones included, are ignored). None = images only.
+            columns, train-only ones included, are ignored). None = images only; required for
+            a tabular-only run.
         out: the predictions file: `.csv`, or `.parquet` for Parquet (its folder is created).
             Checked before any work: never one of the inputs, never a folder.
         output_format: "csv" (id, probability, p_gbdt, p_fusion, flagged, error) or "kaggle"
@@ -96,12 +105,19 @@ def score(
     Returns:
         The predictions in the "csv" layout, one row per input row: metadata rows in file order,
         then images without a metadata row in the image source's order: the id, probability,
-        p_gbdt, p_fusion, flagged, reasons (with `explain`), error (and prevalence when given).
+        p_gbdt, p_fusion (not for a tabular-only run), flagged, reasons (with `explain`),
+        in_training (the id was a training row of the run: warned), out_of_range ("" or the
+        values far outside the training range, `fuse.ranges`; absent for runs stacked before the
+        ranges were recorded), error (and prevalence when given). Metadata rows without an
+        image are not passed to the models when no score could come of them (see
+        `_rows_worth_predicting`).
 
     Raises:
         RunError: `out` is an input or a folder or has an unknown extension; no run; a stage is
             missing (names the command); `output_format` unknown; `images` or `metadata`
-            missing; the metadata lacks the id column or a feature column, repeats an id, or holds
+            missing (`images` None for a run that reads images, `metadata` None for a
+            tabular-only one, which also refuses `store`); metadata rows and images that share
+            no id; `store` made by `invoke embed` for a data set (its provenance is kept); the metadata lacks the id column or a feature column, repeats an id, or holds
             text in a numeric column; the weights, preprocessing, image size or views differ from
             the run's (names the field); `store` was made with other settings (names the field).
         StoreMismatchError: two stages of the run were trained on different embeddings.
@@ -115,29 +131,26 @@ def score(
     out = check_out(out, output_format, inputs)
     if page is not None:
         page = check_page(page, {**inputs, "--out": out})
-    images = Path(images)
-    if not images.exists():
+    images = Path(images) if images is not None else None
+    if images is not None and not images.exists():
         raise RunError(f"images: {images} does not exist (expected a folder of <id>.jpg|.jpeg|.png or an .hdf5 file)")
 
     from embed.config import resolve_device
-    from embed.sources import open_source
 
     models = RunModels.load(run_dir, resolve_device(device))
     trained_at = _training_prevalence(models, prevalence)
     spec = models.run_spec
-    try:
-        source = open_source(images)
-    except EmbedError as error:
-        raise RunError(f"images: {error}") from error
-    image_ids = [str(i) for i in source.ids()]
-    frame, errors = scoring_rows(metadata, spec, image_ids, images)
-    if frame.empty:
-        raise RunError(f"images: {images} holds no image (<id>.jpg|.jpeg|.png files or HDF5 keys) and "
-                       "no metadata rows were given; nothing to score")
-    weights_info, config = _embedding_setup(models.identity, weights, batch_size, device, num_workers)
+    if models.needs_images:
+        source, frame, errors = _image_rows(models, images, metadata)
+        weights_info, config = _embedding_setup(models.identity, weights, batch_size, device, num_workers)
+    else:
+        source, frame, errors = _metadata_rows(models, images, metadata, store)
+        weights_info = config = None
     ids = frame[spec.id].tolist()
-    available = set(image_ids)
+    available = set(source.ids()) if source is not None and models.needs_images else set()
     has_image = np.array([i in available for i in ids], dtype=bool)
+    in_training = _in_training(models, ids)
+    unusual, unusual_text = _outside_training(models, frame, spec)
 
     p_gbdt, p_fusion, probability, reasons, embedded, failures, seconds = _score_rows(
         models, frame, spec, has_image, source, weights_info, config, progress,
@@ -150,14 +163,17 @@ def score(
         # A monotone map of both: the flagged lesions stay the same.
         probability = shift_prevalence(probability, trained_at, prevalence)
         threshold = float(shift_prevalence(np.array([threshold]), trained_at, prevalence)[0])
-    error = [_error_text(i, errors, embedded[n], p_gbdt[n]) for n, i in enumerate(ids)]
+    error = [_error_text(i, errors, embedded[n] or not models.needs_images, p_gbdt[n]) for n, i in enumerate(ids)]
     result = pd.DataFrame({
         spec.id: ids,
         "probability": probability,
         "p_gbdt": p_gbdt,
-        "p_fusion": p_fusion,
+        **({"p_fusion": p_fusion} if models.needs_images else {}),
         "flagged": flagged,
         **({"reasons": reasons} if reasons is not None else {}),
+        "in_training": in_training,
+        # Rows with a value far outside its column's training range (`fuse.ranges`): "" or which.
+        **({"out_of_range": unusual_text} if unusual is not None else {}),
         "error": error,
     })
     if prevalence is not None:
@@ -165,7 +181,7 @@ def score(
     write_predictions(result, out, output_format, spec.id, threshold)
     if page is not None:
         pictures = {}
-        if overlays:
+        if overlays and models.needs_images:
             from fuse.saliency import saliency_overlays
 
             flagged_rows = result[result["flagged"].fillna(False).to_numpy(dtype=bool)]
@@ -191,6 +207,107 @@ def score(
     return result
 
 
+def _image_rows(models: RunModels, images: Path | None, metadata):
+    """(source, rows, {id: error}) for a run whose final model reads images.
+
+    Raises:
+        RunError: no `images`; neither images nor metadata rows; metadata rows and images that
+            share no id.
+    """
+    from embed.sources import open_source
+
+    spec = models.run_spec
+    if images is None:
+        raise RunError(f"--images: run {models.run.dir} reads images (its final model needs the fusion MLP); "
+                       "pass --images DIR|FILE.hdf5. Only a tabular-only run (a spec without images) "
+                       "scores --metadata alone")
+    try:
+        source = open_source(images)
+    except EmbedError as error:
+        raise RunError(f"images: {error}") from error
+    image_ids = [str(i) for i in source.ids()]
+    frame, errors = scoring_rows(metadata, spec, image_ids, images)
+    if frame.empty:
+        raise RunError(f"images: {images} holds no image (<id>.jpg|.jpeg|.png files or HDF5 keys) and "
+                       "no metadata rows were given; nothing to score")
+    if metadata is not None:
+        _require_common_ids(frame, spec, errors, image_ids, images, Path(metadata))
+    return source, frame, errors
+
+
+def _require_common_ids(frame: pd.DataFrame, spec, errors: dict[str, str], image_ids: list[str],
+                        images: Path, metadata: Path) -> None:
+    """Refuse metadata rows none of which has an image: every row would end in an error (the
+    wrong folder, or another data set's ids), and the scoring would look like it succeeded."""
+    listed = [i for i in frame[spec.id] if errors.get(i) != NO_METADATA]
+    if not listed:
+        return
+    available = set(image_ids)
+    if any(i in available for i in listed):
+        return
+    raise RunError(
+        f"--metadata {metadata} and --images {images} have no id in common ({len(listed)} metadata "
+        f"row(s), e.g. {preview(listed, 3)}; {len(image_ids)} image(s), e.g. {preview(image_ids, 3)}): "
+        f"no row could be scored. Check that --images is the folder of these lesions and that the "
+        f"column '{spec.id}' holds the image file names without extension"
+    )
+
+
+def _metadata_rows(models: RunModels, images: Path | None, metadata, store):
+    """(source or None, rows, {id: error}) for a tabular-only run: the metadata rows alone.
+
+    Raises:
+        RunError: no `metadata`; a `store` given (a tabular-only run embeds nothing).
+    """
+    run = models.run.dir
+    if metadata is None:
+        raise RunError(f"--metadata: run {run} is tabular-only (its spec names no images; LightGBM on "
+                       "metadata is its final model); pass --metadata CSV with the rows to score")
+    if store is not None:
+        raise RunError(f"--store {store}: run {run} is tabular-only and embeds no image; omit --store")
+    source = None
+    if images is not None:
+        from embed.sources import open_source
+
+        log.warning("run %s is tabular-only: the images in %s are not scored, only shown on the triage page",
+                    run, images)
+        try:
+            source = open_source(images)
+        except EmbedError as error:
+            raise RunError(f"images: {error}") from error
+    frame = metadata_rows(Path(metadata), models.run_spec)
+    if frame.empty:
+        raise RunError(f"--metadata {metadata}: holds no row; nothing to score")
+    return source, frame, {}
+
+
+def _in_training(models: RunModels, ids: list[str]) -> np.ndarray:
+    """True where the id was one of the run's training rows (logged: those scores are in-sample)."""
+    training = models.training_ids()
+    mask = np.array([i in training for i in ids], dtype=bool)
+    if mask.any():
+        seen = [i for i, m in zip(ids, mask, strict=True) if m]
+        log.warning("%d of the %d scored id(s) were in run %s's training data: their scores are in-sample "
+                    "(better than the out-of-fold figures promise), marked in column in_training: %s",
+                    len(seen), len(ids), models.run.dir.name, preview(seen))
+    return mask
+
+
+def _outside_training(models: RunModels, frame: pd.DataFrame, spec):
+    """(mask, text per row) of rows with a value far outside the training range, or (None, None)
+    for a run that did not record its ranges. Logs each column with the ids."""
+    if models.ranges is None:
+        return None, None
+    mask, text, by_column = outside_training(frame, models.ranges)
+    ids = frame[spec.id].to_numpy()
+    for column, rows in by_column.items():
+        bounds = models.ranges[column]
+        log.warning("column '%s': %d row(s) hold values far outside the training range %s..%s, so their "
+                    "scores extrapolate (marked in column out_of_range): %s", column, int(rows.sum()),
+                    bounds["min"], bounds["max"], preview(ids[rows].tolist()))
+    return mask, text
+
+
 def _write_page(result: pd.DataFrame, page: Path, models: RunModels, frame: pd.DataFrame, spec, source,
                 out: Path, threshold: float, prevalence: float | None,
                 overlays: dict[str, bytes] | None = None) -> None:
@@ -198,6 +315,8 @@ def _write_page(result: pd.DataFrame, page: Path, models: RunModels, frame: pd.D
     from fuse.triage import write_triage_page
 
     def thumbnail(image_id: str) -> bytes | None:
+        if source is None:  # a tabular-only run scored without --images
+            return None
         try:
             return source.read_bytes(image_id)
         except Exception:  # noqa: BLE001 - a page shows a placeholder for any unreadable image
@@ -271,9 +390,14 @@ def _score_rows(models: RunModels, frame: pd.DataFrame, spec, has_image: np.ndar
     embedded = np.zeros(n, dtype=bool)
     vectors: dict[str, np.ndarray] = {}
     failures: dict[str, str] = {}
-    shape = (int(models.identity["views"]), int(models.identity["dim"]))
+    # A tabular-only run embeds nothing: its blocks are placeholders the models never read.
+    shape = (int(models.identity["views"]), int(models.identity["dim"])) if models.identity else (1, 1)
+    worth = _rows_worth_predicting(models, frame, spec, has_image)
 
     def predict(rows: np.ndarray) -> None:
+        rows = rows[worth[rows]]
+        if not len(rows):
+            return
         block = np.zeros((len(rows), *shape), dtype=np.float16)
         done = np.zeros(len(rows), dtype=bool)
         for j, row in enumerate(rows):
@@ -328,6 +452,25 @@ def _score_rows(models: RunModels, frame: pd.DataFrame, spec, has_image: np.ndar
     return p_gbdt, p_fusion, probability, reasons, embedded, failures, seconds
 
 
+def _rows_worth_predicting(models: RunModels, frame: pd.DataFrame, spec, has_image: np.ndarray) -> np.ndarray:
+    """Mask of the rows the models need to see, shape (n,).
+
+    When both base models need the image (the fusion MLP, and a LightGBM stage with image
+    features), a row without an image gets no score at all; it is still needed to encode the other
+    rows of its patient (per-patient features), but a patient none of whose rows has an image is
+    skipped whole. 100,000 metadata rows beside a folder of 10 images then cost the 10 images'
+    patients, not 100,000 rows of LightGBM, SHAP and MLP passes whose results would be dropped.
+    """
+    n = len(frame)
+    if not models.needs_images or not models.gbdt.uses_images or has_image.all():
+        return np.ones(n, dtype=bool)
+    if not spec.patient or spec.patient not in frame.columns:
+        return has_image.copy()
+    patients = frame[spec.patient]
+    with_image = set(patients[has_image].dropna())
+    return has_image | patients.isin(with_image).to_numpy()
+
+
 def _stored_batches(source, order: list[str], weights, config, store: Path, images: Path | None,
                     rows_per_read: int = 4096):
     """(ids, vectors, failures) in blocks, from `store` after embedding into it what it lacks.
@@ -339,8 +482,10 @@ def _stored_batches(source, order: list[str], weights, config, store: Path, imag
     from embed.pipeline import build_store
     from embed.store import FeatureStore
 
+    dataset = f"{SCORED_DATASET}{images}"
+    _keep_provenance(store, images)
     try:
-        summary = build_store(source, order, store, f"scored images: {images}", weights, config)
+        summary = build_store(source, order, store, dataset, weights, config)
     except StoreMismatchError as error:
         raise RunError(f"--store {store}: {error}. For this run, pass a new --store folder") from error
     log.info("store %s: %d embedded now, %d already there, %d unreadable", store, summary.embedded,
@@ -352,6 +497,35 @@ def _stored_batches(source, order: list[str], weights, config, store: Path, imag
         block = readable[start:start + rows_per_read]
         yield block, stored.read(block), {}
     yield [], np.empty((0, stored.views, stored.dim), dtype=np.float16), failures
+
+
+def _keep_provenance(store: Path, images) -> None:
+    """Refuse a `--store` that `invoke embed` built for a data set (a training store): embedding
+    scored images into it would rewrite its manifest's data set and source, and the store, which
+    stages record as what they were trained on, would then claim to be made of scored images.
+    Refusing keeps it as it was (recording additions beside its provenance would have its readers
+    tell training rows from scored ones: a second meaning for one store). A store that scoring
+    made (data set "scored images: <folder>") takes further images, as before.
+
+    Raises:
+        RunError: the store records a data set that scoring did not make (names it and its source).
+    """
+    from embed.store import FeatureStore
+
+    if not any(Path(store).glob("manifest*.json")):
+        return  # a new store, or one that never finished its first shard
+    try:
+        manifest = FeatureStore.open(store).manifest
+    except EmbedError as error:
+        raise RunError(f"--store {store}: {error}") from error
+    recorded = manifest.get("dataset")
+    if recorded is None or str(recorded).startswith(SCORED_DATASET):
+        return
+    raise RunError(
+        f"--store {store} is the feature store of data set {recorded!r} (from {manifest.get('source', '?')}), "
+        f"made by `invoke embed`; embedding {images} into it would rewrite what it records it was built "
+        "from. Pass a new --store folder for scored images"
+    )
 
 
 def chunk_rows(n: int) -> int:

@@ -19,6 +19,11 @@ from fuse.errors import RunError
 log = logging.getLogger(__name__)
 
 NO_METADATA = "no metadata row: scored with metadata treated as missing"
+# Above this share of metadata rows without an image, `--images` is more likely the wrong folder
+# than a folder with a few images missing: said before any image is embedded.
+WRONG_FOLDER_SHARE = 0.5
+
+__all__ = ["NO_METADATA", "WRONG_FOLDER_SHARE", "metadata_rows", "read_scoring_metadata", "scoring_rows"]
 
 
 def scoring_rows(metadata, spec, image_ids: list[str], images: Path) -> tuple[pd.DataFrame, dict[str, str]]:
@@ -34,7 +39,12 @@ def scoring_rows(metadata, spec, image_ids: list[str], images: Path) -> tuple[pd
         no_image = [i for i in frame[spec.id] if i not in available]
         if no_image:
             log.warning("%d metadata row(s) have no image in %s: %s", len(no_image), images, preview(no_image))
-            errors.update(dict.fromkeys(no_image, f"no image for this id in {images}"))
+        if len(frame) and len(no_image) > WRONG_FOLDER_SHARE * len(frame) and len(no_image) < len(frame):
+            log.warning("%d of the %d metadata rows (%.0f%%) have no image in %s: is --images the folder of "
+                        "these lesions? Those rows are reported with an error and only the %d with an image "
+                        "are embedded and scored", len(no_image), len(frame), 100 * len(no_image) / len(frame),
+                        images, len(frame) - len(no_image))
+        errors.update(dict.fromkeys(no_image, f"no image for this id in {images}"))
         listed = set(frame[spec.id])
         extra = [i for i in image_ids if i not in listed]
         if extra:
@@ -42,13 +52,23 @@ def scoring_rows(metadata, spec, image_ids: list[str], images: Path) -> tuple[pd
                         "missing: %s", len(extra), preview(extra))
             frame = pd.concat([frame, pd.DataFrame({spec.id: extra})], ignore_index=True)
             errors.update(dict.fromkeys(extra, NO_METADATA))
+    return _with_model_columns(frame, spec), errors
+
+
+def metadata_rows(metadata: Path, spec) -> pd.DataFrame:
+    """The metadata file's rows alone (a tabular-only run scores no image); see `read_scoring_metadata`."""
+    return _with_model_columns(read_scoring_metadata(Path(metadata), spec), spec)
+
+
+def _with_model_columns(frame: pd.DataFrame, spec) -> pd.DataFrame:
+    """`frame` with every column the models read (absent ones as missing values), text as object."""
     for column in _model_columns(spec):
         if column not in frame.columns:
             frame[column] = np.nan
     for column in _text_columns(spec):
         if column in frame.columns:
             frame[column] = frame[column].astype(object)
-    return frame.reset_index(drop=True), errors
+    return frame.reset_index(drop=True)
 
 
 def _model_columns(spec) -> list[str]:

@@ -50,6 +50,7 @@ import pandas as pd
 from common.files import atomic_write_json, sha256_file
 from fuse.calibration import Calibrator, choose_calibrator
 from fuse.errors import RunError
+from fuse.ranges import write_ranges
 from fuse.stores import run_identity
 from tabular.errors import DataError
 from tabular.gbdt_model import Encode, positional
@@ -59,6 +60,8 @@ from tabular.metrics import MetricWarning, pauc80, summarize
 log = logging.getLogger(__name__)
 
 BASE_STAGES = ("gbdt", "fusion")
+# The final model's name in `final.json` when the run is tabular-only (see `tabular_only`).
+TABULAR_FINAL = "gbdt"
 FUSION_FEATURE = "p_fusion"
 GBDT_FEATURE = "p_gbdt"
 # The base-model features the stack appends to the metadata features, in this column order.
@@ -329,7 +332,7 @@ def load_final(run_dir: Path | str) -> FinalModel:
     """
     layout = RunLayout(Path(run_dir))
     record = layout.read_final()
-    loaders = {"stack": StackModel.load, "blend": BlendModel.load}
+    loaders = {"stack": StackModel.load, "blend": BlendModel.load, TABULAR_FINAL: GBDTFinal.load}
     name = record["final"]
     if name not in loaders:
         raise RunError(f"{layout.final}: unknown final model {name!r}; rerun `invoke stack --run R`")
@@ -370,6 +373,8 @@ def stack(run_dir: Path | str, sensitivity: float = 0.95, config: StackConfig | 
         raise RunError(f"sensitivity: expected a value in (0, 1], got {sensitivity!r}")
     config = config or StackConfig()
     layout = RunLayout(Path(run_dir)).require()
+    if tabular_only(layout):
+        return _stack_tabular_only(layout, sensitivity)
     run, p_gbdt, p_fusion = _base_predictions(layout)
     made_from = {
         "folds.csv": sha256_file(layout.folds),
@@ -388,6 +393,7 @@ def stack(run_dir: Path | str, sensitivity: float = 0.95, config: StackConfig | 
     final = _choose_final(figures)
     record = _calibrate_final(layout, ids, y, folds, final, p_stack if final == "stack" else p_blend,
                               figures, sensitivity, made_from)
+    write_ranges(layout.stage("stack"), run.frame, run.spec.numeric)
     return record
 
 
@@ -446,6 +452,77 @@ def _choose_final(figures: dict) -> str:
         return -math.inf if value is None else value
 
     return max(("stack", "blend"), key=key)
+
+
+# ------------------------------------------------------------------ a tabular-only run (gbdt/ only)
+
+
+class GBDTFinal:
+    """The final model of a tabular-only run: the LightGBM stage's own fold-averaged score.
+
+    The signature is `StackModel.predict`'s; `frame`, `p_fusion` and `encode` are not used.
+    """
+
+    encoders: list = []
+
+    @classmethod
+    def load(cls, stage_dir: Path | str) -> GBDTFinal:
+        return cls()
+
+    def predict(self, frame: pd.DataFrame | None, p_gbdt: np.ndarray, p_fusion: np.ndarray | None = None,
+                encode: Encode | None = None) -> np.ndarray:
+        return np.asarray(p_gbdt, dtype=np.float64)
+
+
+def tabular_only(layout: RunLayout) -> bool:
+    """True for a run whose spec names no images and which has no fusion stage: LightGBM on
+    metadata is then its only model and becomes the final one."""
+    from tabular.spec import spec_from_identity
+
+    if layout.oof("fusion").is_file():
+        return False
+    return not spec_from_identity(layout.read_record()["spec"]).images
+
+
+def _stack_tabular_only(layout: RunLayout, sensitivity: float) -> dict:
+    """Make the LightGBM stage the final model of a tabular-only run: its out-of-fold scores
+    calibrated, the operating threshold chosen on them, `stack/final.json` and `stack/ranges.json`.
+
+    Nothing is stacked or blended (there is one base model); no `blend/` is written.
+    """
+    from tabular.run import load_run
+
+    layout.require_file("gbdt")
+    try:
+        run = load_run(layout.dir)
+    except DataError as error:
+        raise RunError(f"run {layout.dir}: cannot be reopened: {error}") from error
+    ids = run.frame[run.spec.id].astype(str).to_numpy()
+    y, folds = run.target, run.fold
+    p_gbdt = layout.read_oof("gbdt", ids, folds, y)
+    made_from = {"folds.csv": sha256_file(layout.folds), "gbdt/oof.csv": sha256_file(layout.oof("gbdt"))}
+    log.info("run %s has no images: LightGBM on metadata is its final model", layout.dir)
+    figures = evaluate(y, p_gbdt, folds, sensitivity)
+    calibrator, p_calibrated, calibration_figures = choose_calibrator(y, p_gbdt, folds)
+    layout.write_oof("stack", ids, folds, y, p_calibrated, name=CALIBRATED_OOF)
+    record = {
+        "final": TABULAR_FINAL,
+        "threshold": float(calibrator(np.array([figures["threshold"]]))[0]),
+        "score_threshold": figures["threshold"],
+        "sensitivity": sensitivity,
+        "pauc80": {TABULAR_FINAL: figures["pauc80"]},
+        "calibration": {**calibrator.to_json(), "out_of_fold": calibration_figures},
+        "note": "a tabular-only run (its spec names no images): the LightGBM stage is the final model; "
+                "its score is calibrated (the method with the lower out-of-fold Brier score), "
+                "score_threshold is chosen on its out-of-fold scores for the target sensitivity, "
+                "threshold is the same point on the probability scale",
+        "made_from": made_from,
+    }
+    atomic_write_json(layout.final, record)
+    write_ranges(layout.stage("stack"), run.frame, run.spec.numeric)
+    log.info("final model: gbdt (tabular-only run; out-of-fold pAUC80 %s), calibrated by %s, threshold %.4g",
+             figures["pauc80"], calibrator.method, record["threshold"])
+    return record
 
 
 def _calibrate_final(layout: RunLayout, ids, y, folds, final: str, p_final, figures: dict,

@@ -28,6 +28,12 @@ FEATURES_FILE = "features.json"
 # How the encoder names a one-hot column: "<column>__<category>".
 ONE_HOT_SEPARATOR = "__"
 ENCODER_FILE = "encoder.json"
+# The one-hot column that is 1 where a categorical value is missing: "<column>__missing".
+MISSING_LEVEL = "missing"
+# The smallest contribution (log-odds) worth naming as a reason: 0.05 moves the odds by 5%, e.g.
+# a probability of 0.20 to 0.21, below what changes a reading of the score; smaller ones are
+# noise of the fold and seed models, and were shown as "(+0.00)" at two decimals.
+REASON_FLOOR = 0.05
 
 # `encode(encoder, frame)`: a caller's stand-in for `encoder.transform(frame)`, so that stages
 # whose fold encoders are equal encode a batch of rows once (see `fuse.models.EncodingCache`).
@@ -163,9 +169,11 @@ class GBDTModel:
 
         Contributions are LightGBM's own SHAP values (`pred_contrib=True`, in log-odds), averaged
         over every fold x seed model; the image PCA features are left out (they are the image's
-        share, not a metadata reason). Only contributions that raise the score are named, largest
-        first, e.g. "age_approx = 71 (+0.80); anatom_site_general = back (+0.31)"; a row whose
-        metadata lowers its score gets "".
+        share, not a metadata reason). Only contributions that raise the score by at least
+        `REASON_FLOOR` are named, largest first, and only from values the row has (a missing
+        number, or any level of a missing category such as "sex != male", is never a reason),
+        e.g. "age_approx = 71 (+0.80); anatom_site_general = back (+0.31)"; a row whose metadata
+        lowers its score, or has none, gets "".
 
         Args: as `predict`; `top` is the most reasons per row.
         """
@@ -204,9 +212,23 @@ class GBDTModel:
         return extra
 
 
-def _reason_text(contributions: pd.Series, values: pd.Series, top: int) -> str:
-    largest = contributions[contributions > 0].sort_values(ascending=False).head(top)
-    return "; ".join(f"{_condition(name, values.get(name))} ({value:+.2f})" for name, value in largest.items())
+def _reason_text(contributions: pd.Series, values: pd.Series, top: int, floor: float = REASON_FLOOR) -> str:
+    largest = contributions[contributions >= floor].sort_values(ascending=False)
+    kept = [(name, value) for name, value in largest.items() if _present(name, values)][:top]
+    return "; ".join(f"{_condition(name, values.get(name))} ({value:+.2f})" for name, value in kept)
+
+
+def _present(name: str, values: pd.Series) -> bool:
+    """False when feature `name` stands for a value the row lacks: a missing number (NaN) or a
+    one-hot level of a categorical column whose "<column>__missing" indicator is set."""
+    value = values.get(name)
+    if value is None or (np.isscalar(value) and pd.isna(value)):
+        return False
+    column, _, category = name.partition(ONE_HOT_SEPARATOR)
+    if not category:
+        return True
+    missing = values.get(f"{column}{ONE_HOT_SEPARATOR}{MISSING_LEVEL}")
+    return not (missing is not None and np.isscalar(missing) and not pd.isna(missing) and float(missing) == 1.0)
 
 
 def _condition(name: str, value) -> str:

@@ -84,6 +84,10 @@ def world(tmp_path_factory, shared_data):
     rows.to_csv(isic / "metadata.csv", index=False)
     spec2020 = (shared_data / "isic2020" / "dataset.toml").read_text()
     (isic / "dataset.toml").write_text(spec2020)
+    # New patients to score with the tabular-only run: rows of the full file no training row shares a patient with.
+    everyone = pd.read_csv(shared_data / "isic2020" / "metadata.csv")
+    new_patients = everyone[~everyone.patient_id.isin(rows.patient_id)].head(20).drop(columns=["target"])
+    new_patients.to_csv(root / "isic2020-new.csv", index=False)
 
     torch.manual_seed(0)
     weights = root / "random-resnet50.pth"
@@ -91,6 +95,7 @@ def world(tmp_path_factory, shared_data):
     env = {**os.environ, "LESIONFUSE_ARTIFACTS": str(root / "artifacts"), "PYTHONUNBUFFERED": "1"}
     return {"root": root, "spec": data / "dataset.toml", "images": images, "new_images": new_images,
             "new_metadata": root / "new-metadata.csv", "isic2020": isic / "dataset.toml",
+            "isic2020_new": root / "isic2020-new.csv",
             "weights": weights, "env": env}
 
 
@@ -128,6 +133,10 @@ def test_the_image_pipeline_end_to_end(world, trained):
         table = pd.read_parquet(out) if name.endswith(".parquet") else pd.read_csv(out)
         assert len(table) == 6 and table["probability"].between(0, 1).all()
         assert list(table.columns[:5]) == ["image_id", "probability", "p_gbdt", "p_fusion", "flagged"]
+    refused = invoke(env, "score", "--run", "r", "--metadata", str(world["new_metadata"]), "--out",
+                     str(world["root"] / "no-images.csv"), check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "error: --images: run " in refused.stderr and "reads images" in refused.stderr
 
 
 def test_the_tabular_only_pipeline(world):
@@ -198,3 +207,31 @@ def test_changed_images_are_embedded_again(world, tmp_path):
     ids = [p.stem for p in changed]
     assert not stored.changed(open_source(images), ids)  # the stored vectors are the rotated images' now
     assert np.isfinite(stored.read(ids).astype(np.float32)).all()
+
+
+def test_the_tabular_only_run_is_stacked_and_scores_new_patients(world):
+    """`invoke stack --run R` on a run with only gbdt/, then `invoke score --run R --metadata CSV --out P`."""
+    env, spec = world["env"], str(world["isic2020"])
+    invoke(env, "train-gbdt", "--spec", spec, "--run", "tab-final")
+    out = invoke(env, "stack", "--run", "tab-final")
+    run = Path(env["LESIONFUSE_ARTIFACTS"]) / "runs" / "tab-final"
+    assert "report:" in out.stdout and (run / "report" / "index.html").is_file()
+    final = pd.read_json(run / "stack" / "final.json", typ="series")
+    assert final["final"] == "gbdt" and 0 < final["threshold"] < 1
+
+    new = pd.read_csv(world["isic2020_new"])
+    new.loc[0, "age_approx"] = 250  # far outside the training ages: scored, marked, warned
+    new.to_csv(world["root"] / "isic2020-new-odd.csv", index=False)
+    preds = world["root"] / "tab-preds.csv"
+    done = invoke(env, "score", "--run", "tab-final", "--metadata", str(world["root"] / "isic2020-new-odd.csv"),
+                  "--out", str(preds))
+    table = pd.read_csv(preds, keep_default_na=False)  # every row is scored: empty cells are empty texts
+    assert table["image_name"].tolist() == new["image_name"].tolist()
+    assert table["probability"].between(0, 1).all() and "p_fusion" not in table.columns
+    assert not table["in_training"].any() and table["error"].eq("").all()
+    assert table.loc[0, "out_of_range"].startswith("age_approx = 250") and table.loc[1:, "out_of_range"].eq("").all()
+    assert "column 'age_approx': 1 row(s) hold values far outside the training range" in done.stderr
+    assert (world["root"] / "tab-preds.html").is_file()
+
+    nothing = invoke(env, "score", "--run", "tab-final", "--out", str(world["root"] / "x.csv"), check=False)
+    assert nothing.returncode == 2 and "error: invoke score needs --images" in nothing.stderr

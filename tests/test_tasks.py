@@ -81,7 +81,8 @@ def test_help_prints_every_option_and_exits_0(name, flag, listed):
         (["train-fusion", "--run", "r"], "--spec"),
         (["stack"], "--run"),
         (["score", "--run", "r", "--images", "imgs"], "--out"),
-        (["score", "--out", "p.csv"], "--run and --images"),
+        (["score", "--out", "p.csv"], "--run"),
+        (["score", "--run", "r", "--out", "p.csv"], "--images"),  # or --metadata, for a tabular-only run
     ],
 )
 def test_a_missing_required_option_is_named(args, missing, tmp_path):

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from fuse.errors import RunError
-from fuse.predictions import check_out, write_predictions
+from fuse.predictions import check_out, escape_formulas, write_predictions
 
 
 def inputs(tmp_path):
@@ -62,3 +62,31 @@ def test_csv_and_parquet_by_extension(tmp_path):
     write_predictions(result, tmp_path / "k.csv", "kaggle", "image_id", 0.5)
     assert pd.read_csv(tmp_path / "k.csv")["target"].tolist() == [0.2, 0.5]  # unscored: the threshold
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k.csv", "p.csv", "p.parquet"]  # no temp file left
+
+
+def test_escaping_leaves_numbers_booleans_and_missing_cells_alone():
+    table = pd.DataFrame({
+        "id": ["-12", "a-b", None, "@x"],
+        "p": [-0.5, 0.2, np.nan, 1.0],
+        "flagged": pd.array([True, None, False, True], dtype="boolean"),
+        "error": ["", "=bad", "ok", "+1"],
+    })
+    escaped = escape_formulas(table)
+    assert escaped["id"].tolist()[:2] == ["'-12", "a-b"] and pd.isna(escaped["id"][2]) and escaped["id"][3] == "'@x"
+    assert escaped["error"].tolist() == ["", "'=bad", "ok", "'+1"]
+    pd.testing.assert_series_equal(escaped["p"], table["p"])
+    pd.testing.assert_series_equal(escaped["flagged"], table["flagged"])
+    assert "-0.5" in escaped.to_csv(index=False)
+
+
+def test_write_predictions_escapes_csv_text_and_keeps_parquet_values(tmp_path):
+    table = pd.DataFrame({"isic_id": ["=cmd|' /C calc'!A0", "ISIC_1"], "probability": [-0.0, 0.5],
+                          "error": ["@SUM(1)", ""]})
+    write_predictions(table, tmp_path / "p.csv", "csv", "isic_id", 0.5)
+    assert (tmp_path / "p.csv").read_text().splitlines()[1].startswith("'=cmd|")
+    assert "'@SUM(1)" in (tmp_path / "p.csv").read_text()
+    write_predictions(table, tmp_path / "k.csv", "kaggle", "isic_id", 0.5)
+    assert (tmp_path / "k.csv").read_text().splitlines()[1].startswith("'=cmd|")
+    write_predictions(table, tmp_path / "p.parquet", "csv", "isic_id", 0.5)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "p.parquet"), table)
+    assert table["isic_id"][0].startswith("=")  # the caller's frame is not changed

@@ -21,7 +21,8 @@ from tabular.spec import ISIC2024_TRAIN_ONLY
 
 pytestmark = pytest.mark.slow
 
-COLUMNS = ["isic_id", "probability", "p_gbdt", "p_fusion", "flagged", "reasons", "error"]
+COLUMNS = ["isic_id", "probability", "p_gbdt", "p_fusion", "flagged", "reasons", "in_training", "out_of_range",
+           "error"]
 FAST = {"device": "cpu", "num_workers": 0, "progress": False}
 
 
@@ -327,7 +328,7 @@ def test_a_scoring_store_made_with_other_weights_is_refused(tiny, tmp_path):
     other = tmp_path / "other-resnet50.pth"
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), other)
     images = tiny["data"] / "test-image.hdf5"
-    build_store(open_source(images), None, tmp_path / "store", "other", WeightsInfo(other, sha256_file(other), "test"),
+    build_store(open_source(images), None, tmp_path / "store", f"scored images: {images}", WeightsInfo(other, sha256_file(other), "test"),
                 EmbedConfig(image_size=32, device="cpu", num_workers=0, progress=False))
     with pytest.raises(RunError, match=r"--store .*store: .*weights_sha256.*pass a new --store folder"):
         score(tiny["run"], images, None, tmp_path / "o.csv", weights=tiny["weights"], store=tmp_path / "store", **FAST)
@@ -361,3 +362,97 @@ def test_reasons_and_the_triage_page(tiny, tmp_path):
     with pytest.raises(RunError, match=r"--html .* is, or lies inside, the --run input"):
         score(tiny["run"], images, metadata, tmp_path / "q.csv", weights=tiny["weights"],
               page=tiny["run"] / "report" / "triage.html", **FAST)
+
+
+def test_a_run_that_reads_images_refuses_metadata_alone(tiny, tmp_path):
+    with pytest.raises(RunError, match=r"--images: run .* reads images .*pass --images DIR\|FILE.hdf5"):
+        score(tiny["run"], None, tiny["data"] / "test-metadata.csv", tmp_path / "o.csv",
+              weights=tiny["weights"], **FAST)
+
+
+def test_metadata_and_images_without_a_common_id_are_refused(tiny, tmp_path):
+    metadata = pd.read_csv(tiny["data"] / "test-metadata.csv")
+    metadata.assign(isic_id="OTHER_" + metadata["isic_id"]).to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(RunError, match=r"--metadata .*m.csv and --images .*test-image.hdf5 have no id in common "
+                                       r"\(6 metadata row\(s\), e.g. 6: OTHER_.*no row could be scored"):
+        score(tiny["run"], tiny["data"] / "test-image.hdf5", tmp_path / "m.csv", tmp_path / "o.csv",
+              weights=tiny["weights"], **FAST)
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_most_rows_without_an_image_are_said_early_and_cost_only_their_patients(tiny, tmp_path, monkeypatch,
+                                                                               caplog):
+    """2,000 metadata rows beside 6 images: a warning before any image is embedded, and the models
+    see only the patients of the 6 (the other rows could get no score: both models need the image)."""
+    import logging
+
+    from fuse.models import RunModels
+
+    test = pd.read_csv(tiny["data"] / "test-metadata.csv", dtype={"isic_id": str, "patient_id": str})
+    n = 2000
+    rows = test.iloc[np.arange(n) % len(test)].reset_index(drop=True)
+    rows["isic_id"] = [*test["isic_id"], *(f"ISIC_X{i:06d}" for i in range(n - len(test)))]
+    rows["patient_id"] = [*test["patient_id"], *(f"PX{i // 10:05d}" for i in range(n - len(test)))]
+    rows.to_csv(tmp_path / "many.csv", index=False)
+    seen = []
+    predict = RunModels.predict
+
+    def counted(self, frame, block, embedded):
+        seen.append(len(frame))
+        return predict(self, frame, block, embedded)
+
+    monkeypatch.setattr(RunModels, "predict", counted)
+    order = []
+    import embed.model_loop as model_loop
+
+    embed_ids = model_loop.embed_ids
+
+    def noted(*args, **kwargs):
+        order.append("embedding")
+        yield from embed_ids(*args, **kwargs)
+
+    monkeypatch.setattr(model_loop, "embed_ids", noted)
+    with caplog.at_level(logging.WARNING):
+        caplog.handler.addFilter(lambda record: order.append(record.getMessage()) or True)
+        result = score(tiny["run"], tiny["data"] / "test-image.hdf5", tmp_path / "many.csv", tmp_path / "o.csv",
+                       weights=tiny["weights"], page=None, **FAST)
+
+    hint = [i for i, m in enumerate(order) if "is --images the folder of these lesions" in m]
+    assert hint and hint[0] < order.index("embedding"), order
+    assert "1994 of the 2000 metadata rows (100%) have no image" in order[hint[0]]
+    patients = set(test["patient_id"])
+    assert sum(seen) == int(rows["patient_id"].isin(patients).sum()) < 50
+    assert len(result) == n and result["probability"].notna().sum() == 6
+    no_image = result.iloc[6:]
+    assert no_image["error"].str.startswith("no image for this id").all()
+    assert no_image["p_gbdt"].isna().all() and (no_image["reasons"] == "").all()
+
+
+def test_a_training_store_keeps_its_provenance(tiny, tmp_path):
+    """`score --store <the store invoke embed made for training>` is refused, the store untouched."""
+    store = tiny["store"]
+    before = {p.name: p.read_bytes() for p in store.glob("*.json")}
+    folder = tmp_path / "images"
+    _folder_of_test_images(tiny, folder)
+    with pytest.raises(RunError, match=r"--store .* is the feature store of data set 'data-train' \(from .*\), "
+                                       r"made by `invoke embed`; .*Pass a new --store folder for scored images"):
+        score(tiny["run"], folder, None, tmp_path / "o.csv", weights=tiny["weights"], store=store, **FAST)
+    assert {p.name: p.read_bytes() for p in store.glob("*.json")} == before
+
+
+def test_training_images_are_marked_in_training(tiny, tmp_path):
+    train = pd.read_csv(tiny["data"] / "train-metadata.csv", dtype={"isic_id": str}).head(5)
+    train.to_csv(tmp_path / "train5.csv", index=False)
+    result = score(tiny["run"], tiny["data"] / "train-image.hdf5", tmp_path / "train5.csv", tmp_path / "o.csv",
+                   weights=tiny["weights"], page=None, **FAST)
+    assert len(result) == 60 and result["in_training"].all()  # every training image, with a row or not
+    new = score(tiny["run"], tiny["data"] / "test-image.hdf5", tiny["data"] / "test-metadata.csv",
+                tmp_path / "n.csv", weights=tiny["weights"], page=None, **FAST)
+    assert not new["in_training"].any()
+
+
+def test_scoring_without_metadata_gives_no_reason_from_absent_values(tiny, tmp_path):
+    result = score(tiny["run"], tiny["data"] / "test-image.hdf5", None, tmp_path / "o.csv",
+                   weights=tiny["weights"], page=None, **FAST)
+    for text in result["reasons"]:
+        assert "!=" not in text and "missing" not in text and "(+0.00)" not in text, text

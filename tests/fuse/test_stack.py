@@ -142,6 +142,10 @@ def test_missing_stage_names_the_command(run_factory, oof_writer):
     with pytest.raises(RunError, match=r"stage 'gbdt' is missing .*invoke train-gbdt"):
         stack(run.dir)
     oof_writer(run, "gbdt", np.full(len(run.frame), 0.5))
+    # A spec with images needs its fusion stage (a tabular-only one makes LightGBM final instead).
+    record = json.loads((run.dir / "run.json").read_text())
+    record["spec"]["images"] = str(run.dir.parent / "images")
+    (run.dir / "run.json").write_text(json.dumps(record))
     with pytest.raises(RunError, match=r"stage 'fusion' is missing .*invoke train-fusion"):
         stack(run.dir)
 

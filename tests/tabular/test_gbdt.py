@@ -276,3 +276,14 @@ def test_reasons_read_one_hot_columns_as_conditions():
     assert _reason_text(contributions, values, top=3) == "age = 71 (+0.80); site = back (+0.30); site != face (+0.10)"
     assert _reason_text(contributions, values, top=1) == "age = 71 (+0.80)"
     assert _reason_text(-contributions.abs(), values, top=3) == ""  # nothing raised the score
+
+
+def test_reasons_come_only_from_present_values_above_the_floor():
+    from tabular.gbdt_model import REASON_FLOOR, _reason_text
+
+    contributions = pd.Series({"age": 0.8, "sex__male": 0.3, "sex__missing": 0.2, "site__face": 0.6,
+                               "site__missing": -0.1, "size": 0.4, "tilt": REASON_FLOOR / 2})
+    values = pd.Series({"age": np.nan, "sex__male": 0.0, "sex__missing": 1.0, "site__face": 0.0,
+                        "site__missing": 0.0, "size": 3.0, "tilt": 2.0})
+    # age and sex are absent (no "age = missing", no "sex != male"); tilt's share is below the floor
+    assert _reason_text(contributions, values, top=3) == "site != face (+0.60); size = 3 (+0.40)"
