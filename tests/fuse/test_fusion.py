@@ -247,12 +247,16 @@ def test_an_interrupted_run_trains_only_the_folds_not_done(data, tmp_path, monke
     monkeypatch.setattr(fusion, "_train_fold", dies_in_the_third_fold)
     with pytest.raises(Killed):
         train_fusion(spec, tmp_path / "resumed", store, TINY, n_folds=3)
+    # The stage is not swapped in half done: the finished folds wait in fusion.new/ for the rerun.
+    partial = tmp_path / "resumed" / "fusion.new"
     out = tmp_path / "resumed" / "fusion"
-    assert sorted(p.name for p in out.glob("*.done.json")) == ["fold0.done.json", "fold1.done.json"]
+    assert not out.exists()
+    assert sorted(p.name for p in partial.glob("*.done.json")) == ["fold0.done.json", "fold1.done.json"]
 
     calls.clear()
     metrics = train_fusion(spec, tmp_path / "resumed", store, TINY, n_folds=3)
     assert calls == [2]
+    assert not partial.exists()
     for name in ("oof.csv", "baselines_oof.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(out / name),
                                       pd.read_csv(tmp_path / "whole" / "fusion" / name))
