@@ -10,6 +10,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+from common.files import reporting_write_errors
 from embed.config import EmbedConfig, EmbedSummary, parse_shard
 from embed.identity import identity_of
 from embed.pipeline import build_store
@@ -115,7 +116,8 @@ def train_gbdt(spec, run, trials: int = 0, storage: str | None = None, image_pca
     if image_pca:
         if not spec.images:
             raise RunError(f"--image-pca {image_pca}: spec '{spec.name}' has no images; use --image-pca 0")
-        ids = open_run(spec, layout.dir).frame[spec.id].astype(str).tolist()
+        with reporting_write_errors("train-gbdt", layout.dir):  # a new run writes its folds
+            ids = open_run(spec, layout.dir).frame[spec.id].astype(str).tolist()
         opened = open_for_training(spec, ids, store, run=layout)
         reference = opened.reference
         check_same_embeddings(layout, reference, f"feature store {str(opened.store.path)!r}", skip="gbdt")

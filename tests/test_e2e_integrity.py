@@ -241,7 +241,7 @@ def test_every_writing_command_on_a_read_only_run_names_the_path(tiny, tmp_path)
     assert stage_bytes(run, "gbdt", "fusion", "stack", "blend") == before
 
 
-def test_embed_and_score_store_on_a_read_only_folder_name_the_path(tiny, tmp_path):
+def test_embed_score_store_and_new_runs_on_a_read_only_folder_name_the_path(tiny, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
     prefix = read_only_prefix(locked)
@@ -255,3 +255,8 @@ def test_embed_and_score_store_on_a_read_only_folder_name_the_path(tiny, tmp_pat
                   "--out", str(tmp_path / "preds.csv"), "--store", str(locked / "store"), "--weights", weights,
                   "--device", "cpu", "--no-html", "--overlays", "0", prefix=prefix)
     assert_write_error(done, "feature store", locked / "store")
+
+    for command in ("train-gbdt", "train-fusion"):  # a new run: its folds are the first write
+        done = invoke(command, "--spec", str(tiny["data"]), "--run", str(locked / "new-run"),
+                      "--store", str(tiny["store"]), prefix=prefix)
+        assert_write_error(done, command, locked / "new-run")

@@ -95,7 +95,8 @@ def train_fusion(
     config = config or FusionConfig()
     if not isinstance(spec, DatasetSpec):
         spec = load_spec(spec)
-    run = open_run(spec, run_dir, n_folds=n_folds, seed=fold_seed)
+    with reporting_write_errors("train-fusion", run_dir):  # a new run writes its folds
+        run = open_run(spec, run_dir, n_folds=n_folds, seed=fold_seed)
     layout = RunLayout(run.dir)
     ids = run.frame[spec.id].astype(str).tolist()
     opened = open_for_training(spec, ids, store_dir, run=layout)
