@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from common.files import reporting_write_errors
 from embed.backbone import load_backbone
 from embed.config import EmbedConfig, EmbedSummary, part_of, resolve_device
 from embed.errors import EmbedError, EmbedInterrupted
@@ -54,7 +55,8 @@ def build_store(
     embedded so far is written, then EmbedInterrupted is raised (rerunning continues).
 
     Raises EmbedError for repeated ids, a bad config, or a store locked by another writer of the
-    same part; StoreMismatchError when the store was made with other weights, preprocessing,
+    same part; WriteError (common.files) when the store's folder cannot be written (read-only,
+    full), naming the path; StoreMismatchError when the store was made with other weights, preprocessing,
     image size or views; EmbedInterrupted as above.
     """
     started = time.perf_counter()
@@ -65,7 +67,10 @@ def build_store(
     info = {"dataset": dataset, "source": _describe(source), "decode": DECODE_INFO}
     mine = _ids_of_part(ids, config)
     run = _Run()
-    with _StopSignals() as stop, _writer(store_dir, identity, info, config) as writer:
+    # A read-only or full disk ends the run with one error naming the path (every shard written
+    # before it stays in the store), not an OSError traceback.
+    with (reporting_write_errors(f"feature store {str(store_dir)!r}", store_dir),
+          _StopSignals() as stop, _writer(store_dir, identity, info, config) as writer):
         _note_source(writer, info["source"])
         now = _fingerprints(source, mine)
         plan = _plan(writer, mine, now, source, config)

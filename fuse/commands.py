@@ -10,6 +10,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+from common.files import reporting_write_errors
 from embed.config import EmbedConfig, EmbedSummary, parse_shard
 from embed.identity import identity_of
 from embed.pipeline import build_store
@@ -22,7 +23,6 @@ from fuse.paths import run_dir
 from fuse.stores import (
     check_same_embeddings,
     open_for_training,
-    record_store,
     store_path,
 )
 from tabular.layout import RunLayout
@@ -108,18 +108,23 @@ def train_gbdt(spec, run, trials: int = 0, storage: str | None = None, image_pca
     if image_pca < 0:
         raise RunError(f"--image-pca must be >= 0, got: {image_pca}")
     layout = RunLayout(run_dir(run))
+    if trials:  # a storage that cannot be opened fails before the store is read
+        from tabular.tuning import check_storage
+
+        check_storage(storage, layout.stage("gbdt") / "optuna.db")
     extra, reference = None, None
     if image_pca:
         if not spec.images:
             raise RunError(f"--image-pca {image_pca}: spec '{spec.name}' has no images; use --image-pca 0")
-        ids = open_run(spec, layout.dir).frame[spec.id].astype(str).tolist()
+        with reporting_write_errors("train-gbdt", layout.dir):  # a new run writes its folds
+            ids = open_run(spec, layout.dir).frame[spec.id].astype(str).tolist()
         opened = open_for_training(spec, ids, store, run=layout)
         reference = opened.reference
         check_same_embeddings(layout, reference, f"feature store {str(opened.store.path)!r}", skip="gbdt")
         extra = opened.mean_embeddings()
     metrics = fit_gbdt(spec, layout.dir, trials=trials, storage=storage, extra=extra,
-                       extra_components=image_pca, neg_ratio=neg_ratio, seeds=tuple(seeds), config=config)
-    record_store(layout, "gbdt", reference)
+                       extra_components=image_pca, neg_ratio=neg_ratio, seeds=tuple(seeds), config=config,
+                       store_record=reference)
     return metrics
 
 

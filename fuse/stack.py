@@ -47,14 +47,14 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
-from common.files import atomic_write_json, sha256_file
+from common.files import atomic_write, atomic_write_json, reporting_write_errors, sha256_file
 from fuse.calibration import Calibrator, choose_calibrator
 from fuse.errors import RunError
 from fuse.ranges import write_ranges
 from fuse.stores import run_identity
 from tabular.errors import DataError
 from tabular.gbdt_model import Encode, positional
-from tabular.layout import RunLayout
+from tabular.layout import FINAL, RunLayout
 from tabular.metrics import MetricWarning, pauc80, summarize
 
 log = logging.getLogger(__name__)
@@ -172,8 +172,9 @@ def oof_stack(frame: pd.DataFrame, spec, y: np.ndarray, folds: np.ndarray, p_fus
         valid_frame = frame.iloc[valid].reset_index(drop=True)
         p[valid] = model.predict(stack_features(encoder, valid_frame, p_fusion[valid], p_gbdt[valid]))
         if out_dir is not None:
-            model.save_model(str(out_dir / f"fold{k}.txt"))
-            (out_dir / f"encoder_fold{k}.json").write_text(json.dumps(encoder.to_json()))
+            text = model.model_to_string()
+            atomic_write(out_dir / f"fold{k}.txt", lambda f, text=text: f.write(text.encode("utf-8")))
+            atomic_write_json(out_dir / f"encoder_fold{k}.json", encoder.to_json(), indent=None)
     return p
 
 
@@ -365,9 +366,16 @@ def stack(run_dir: Path | str, sensitivity: float = 0.95, config: StackConfig | 
         `stack/final.json`'s content: final model name, threshold, sensitivity, and the out-of-fold
         metrics of both candidates.
 
+    The two folders are written beside the old ones (`stack.new-<pid>/`, `blend.new-<pid>/`) and
+    swapped in only when both are complete (blend first, then stack, whose `final.json` names the
+    final model): a failed or killed restack leaves the previous `stack/` and `blend/` whole.
+
     Raises:
         RunError: no run at `run_dir`; a base stage is missing (names the command that makes it);
             an `oof.csv` does not match the run's folds; `sensitivity` out of range.
+        StoreMismatchError: the base stages read different embeddings, or different vectors of
+            the same store (names both stages and the one to retrain).
+        WriteError: the run folder cannot be written (read-only, full): names the path.
     """
     if not 0.0 < sensitivity <= 1.0:
         raise RunError(f"sensitivity: expected a value in (0, 1], got {sensitivity!r}")
@@ -383,17 +391,20 @@ def stack(run_dir: Path | str, sensitivity: float = 0.95, config: StackConfig | 
     }
     ids = run.frame[run.spec.id].astype(str).to_numpy()
     y, folds = run.target, run.fold
-    p_stack = _fit_stack(layout, run, p_gbdt, p_fusion, config, made_from)
-    p_blend = _fit_blend(layout, y, folds, p_gbdt, p_fusion, config, made_from)
-    figures = {}
-    for name, p in (("stack", p_stack), ("blend", p_blend)):
-        layout.write_oof(name, ids, folds, y, p)
-        figures[name] = {**evaluate(y, p, folds, sensitivity), "made_from": made_from}
-        atomic_write_json(layout.metrics(name), figures[name])
-    final = _choose_final(figures)
-    record = _calibrate_final(layout, ids, y, folds, final, p_stack if final == "stack" else p_blend,
-                              figures, sensitivity, made_from)
-    write_ranges(layout.stage("stack"), run.frame, run.spec.numeric)
+    with (reporting_write_errors("stack", layout.dir),
+          layout.rewriting("stack") as stack_dir, layout.rewriting("blend") as blend_dir):
+        written = {"stack": stack_dir, "blend": blend_dir}
+        p_stack = _fit_stack(stack_dir, run, p_gbdt, p_fusion, config, made_from)
+        p_blend = _fit_blend(blend_dir, y, folds, p_gbdt, p_fusion, config, made_from)
+        figures = {}
+        for name, p in (("stack", p_stack), ("blend", p_blend)):
+            layout.write_oof(written[name].name, ids, folds, y, p)
+            figures[name] = {**evaluate(y, p, folds, sensitivity), "made_from": made_from}
+            atomic_write_json(layout.metrics(written[name].name), figures[name])
+        final = _choose_final(figures)
+        record = _calibrate_final(layout, stack_dir, ids, y, folds, final,
+                                  p_stack if final == "stack" else p_blend, figures, sensitivity, made_from)
+        write_ranges(stack_dir, run.frame, run.spec.numeric)
     return record
 
 
@@ -414,11 +425,9 @@ def _base_predictions(layout: RunLayout):
     return run, p_gbdt, p_fusion
 
 
-def _fit_stack(layout: RunLayout, run, p_gbdt, p_fusion, config: StackConfig, made_from: dict) -> np.ndarray:
-    """The stack's out-of-fold predictions; its fold models and encoders saved in `stack/`."""
-    stack_dir = layout.make_stage("stack")
-    for old in stack_dir.glob("fold*.txt"):
-        old.unlink()
+def _fit_stack(stack_dir: Path, run, p_gbdt, p_fusion, config: StackConfig, made_from: dict) -> np.ndarray:
+    """The stack's out-of-fold predictions; its fold models and encoders saved in `stack_dir`
+    (the new `stack/` being written)."""
     log.info("stack: LightGBM on metadata + fusion and gbdt predictions, %d folds", len(np.unique(run.fold)))
     p_stack = oof_stack(run.frame, run.spec, run.target, run.fold, p_fusion, p_gbdt, config, out_dir=stack_dir)
     atomic_write_json(stack_dir / "stack.json", {
@@ -430,11 +439,12 @@ def _fit_stack(layout: RunLayout, run, p_gbdt, p_fusion, config: StackConfig, ma
     return p_stack
 
 
-def _fit_blend(layout: RunLayout, y, folds, p_gbdt, p_fusion, config: StackConfig, made_from: dict) -> np.ndarray:
-    """The blend's out-of-fold scores; its weight and rank references (from every row) in `blend/`."""
+def _fit_blend(blend_dir: Path, y, folds, p_gbdt, p_fusion, config: StackConfig, made_from: dict) -> np.ndarray:
+    """The blend's out-of-fold scores; its weight and rank references (from every row) in
+    `blend_dir` (the new `blend/` being written)."""
     p_blend, fold_weights = oof_blend(y, folds, p_gbdt, p_fusion, config)
     weight, references = choose_blend_weight(y, p_gbdt, p_fusion, config.blend_weights)
-    atomic_write_json(layout.make_stage("blend") / "blend.json", {
+    atomic_write_json(blend_dir / "blend.json", {
         "weight_gbdt": weight,
         "fold_weights": fold_weights,
         "references": {name: values.tolist() for name, values in references.items()},
@@ -504,7 +514,6 @@ def _stack_tabular_only(layout: RunLayout, sensitivity: float) -> dict:
     log.info("run %s has no images: LightGBM on metadata is its final model", layout.dir)
     figures = evaluate(y, p_gbdt, folds, sensitivity)
     calibrator, p_calibrated, calibration_figures = choose_calibrator(y, p_gbdt, folds)
-    layout.write_oof("stack", ids, folds, y, p_calibrated, name=CALIBRATED_OOF)
     record = {
         "final": TABULAR_FINAL,
         "threshold": float(calibrator(np.array([figures["threshold"]]))[0]),
@@ -518,18 +527,22 @@ def _stack_tabular_only(layout: RunLayout, sensitivity: float) -> dict:
                 "threshold is the same point on the probability scale",
         "made_from": made_from,
     }
-    atomic_write_json(layout.final, record)
-    write_ranges(layout.stage("stack"), run.frame, run.spec.numeric)
+    # Written beside the old stage and swapped in whole, as the stacked runs' stage is.
+    with reporting_write_errors("stack", layout.dir), layout.rewriting("stack") as stack_dir:
+        layout.write_oof(stack_dir.name, ids, folds, y, p_calibrated, name=CALIBRATED_OOF)
+        atomic_write_json(stack_dir / FINAL, record)
+        write_ranges(stack_dir, run.frame, run.spec.numeric)
     log.info("final model: gbdt (tabular-only run; out-of-fold pAUC80 %s), calibrated by %s, threshold %.4g",
              figures["pauc80"], calibrator.method, record["threshold"])
     return record
 
 
-def _calibrate_final(layout: RunLayout, ids, y, folds, final: str, p_final, figures: dict,
+def _calibrate_final(layout: RunLayout, stack_dir: Path, ids, y, folds, final: str, p_final, figures: dict,
                      sensitivity: float, made_from: dict) -> dict:
-    """Calibrate the final model's score, write `stack/final.json` and the calibrated out-of-fold file."""
+    """Calibrate the final model's score, write `final.json` and the calibrated out-of-fold file
+    into `stack_dir` (the new `stack/` being written)."""
     calibrator, p_calibrated, calibration_figures = choose_calibrator(y, p_final, folds)
-    layout.write_oof("stack", ids, folds, y, p_calibrated, name=CALIBRATED_OOF)
+    layout.write_oof(stack_dir.name, ids, folds, y, p_calibrated, name=CALIBRATED_OOF)
     # The threshold chosen on the final score, carried through the (monotone) calibrator: the
     # lesions at or above it are the same ones, now compared on the probability scale.
     score_threshold = figures[final]["threshold"]
@@ -546,7 +559,7 @@ def _calibrate_final(layout: RunLayout, ids, y, folds, final: str, p_final, figu
                 "sensitivity, threshold is the same point on the probability scale",
         "made_from": made_from,
     }
-    atomic_write_json(layout.final, record)
+    atomic_write_json(stack_dir / FINAL, record)
     log.info("final model: %s (pAUC80 stack %s, blend %s), calibrated by %s (out-of-fold Brier %.4f, "
              "ECE %.4f), threshold %.4g", final, record["pauc80"]["stack"], record["pauc80"]["blend"],
              calibrator.method, calibration_figures[calibrator.method]["brier"],

@@ -9,20 +9,33 @@ each of them refuses the same things with the same words:
 - a vector made from another version of its image (the image's size or modification time, or its
   HDF5 bytes, changed since it was embedded: "stale vectors");
 - a store whose embedding identity differs from the one another stage of the same run was
-  trained on (`<stage>/store.json`), naming the field.
+  trained on (`<stage>/store.json`), naming the field;
+- two stages of one run that read different vectors for its rows (`run_identity`): each stage
+  records in its `store.json`, under "read", a digest of what it read (`rows_digest`).
+
+The digest is taken over the vectors themselves (the run's ids in row order, then every view of
+every row's vector as the store holds it), not over the store's per-id image fingerprints:
+it names exactly what a model learnt from, whatever produced the vectors (a re-embed with new
+images, a `--retry-failed`, a store rebuilt under the same name, a fingerprint that missed a
+change), and costs one memory-mapped read of the rows (about half the time of the mean-embedding
+read a stage does anyway; measured figures live with the measurement). Fingerprints say
+whether an image changed since it was embedded; the digest says whether two stages saw the
+same numbers.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from common.errors import preview
-from common.files import atomic_write_json
+from common.files import atomic_write_json, reporting_write_errors
 from embed.config import EmbedConfig
 from embed.errors import StoreMismatchError
 from embed.identity import check_identity, identity_of
@@ -31,7 +44,7 @@ from embed.store import FeatureStore, store_name
 from embed.weights import WeightsInfo, ensure_weights
 from fuse.errors import RunError
 from fuse.paths import stores_root
-from tabular.layout import RunLayout
+from tabular.layout import MADE_BY, RunLayout
 from tabular.spec import DatasetSpec
 
 log = logging.getLogger(__name__)
@@ -85,10 +98,11 @@ class SpecStore:
     store: FeatureStore
     ids: list[str]
 
-    @property
+    @cached_property
     def reference(self) -> dict:
-        """What a stage records as the store it read (identity fields, folder, uid, rows)."""
-        return self.store.reference()
+        """What a stage records as the store it read: identity fields, folder, uid, rows, and
+        under "read" the digest of the vectors of `ids` (`rows_digest`; computed once)."""
+        return {**self.store.reference(), "read": rows_digest(self.store, self.ids)}
 
     def mean_embeddings(self) -> np.ndarray:
         """(n_rows, dim) float32: each row's embedding averaged over views, in the spec's row order."""
@@ -97,6 +111,19 @@ class SpecStore:
             block = self.store.read(self.ids[start:start + READ_ROWS])
             out[start:start + READ_ROWS] = block.astype(np.float32).mean(axis=1)
         return out
+
+
+def rows_digest(store: FeatureStore, ids: list[str]) -> dict:
+    """{"rows", "ids_sha256", "vectors_sha256"}: what a stage read from `store` for `ids`.
+
+    `ids_sha256` covers the ids in the given (row) order; `vectors_sha256` the stored vectors of
+    those rows in that order, every view, in the store's dtype, read `READ_ROWS` at a time.
+    """
+    vectors = hashlib.sha256()
+    for start in range(0, len(ids), READ_ROWS):
+        vectors.update(np.ascontiguousarray(store.read(ids[start:start + READ_ROWS])).tobytes())
+    return {"rows": len(ids), "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+            "vectors_sha256": vectors.hexdigest()}
 
 
 def open_for_training(spec: DatasetSpec, ids: list[str], store_dir: Path | str | None = None,
@@ -134,11 +161,12 @@ def _require_vectors(spec: DatasetSpec, ids: list[str], store: FeatureStore, run
     listing = ""
     if run is not None:
         path = run.dir / "unembedded-ids.csv"
-        run.dir.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow([spec.id, "reason"])
-            writer.writerows((i, failures.get(i, "not embedded yet")) for i in missing)
+        with reporting_write_errors("the list of unembedded ids", path):
+            run.dir.mkdir(parents=True, exist_ok=True)
+            with open(path, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow([spec.id, "reason"])
+                writer.writerows((i, failures.get(i, "not embedded yet")) for i in missing)
         listing = f" (all {len(missing)} are listed in {path})"
     what = f"store {store.path} lacks {len(missing)} of the run's {len(ids)} ids ({preview(missing)})"
     if failed:
@@ -172,13 +200,21 @@ def _require_current(spec: DatasetSpec, ids: list[str], store: FeatureStore) -> 
 
 
 def record_store(run: RunLayout, stage: str, reference: dict | None) -> None:
-    """Write `<stage>/store.json` (the store a stage read), or remove it when the stage read none."""
+    """Write `<stage>/store.json` (the store a stage read), or remove it when the stage read none.
+
+    `stage` may be a stage's folder being rewritten (`RunLayout.rewriting`), so that the record
+    is swapped in with the models it describes.
+
+    Raises:
+        WriteError: the stage's folder cannot be written (names the path).
+    """
     path = run.store_record(stage)
-    if reference is None:
-        path.unlink(missing_ok=True)
-        return
-    run.make_stage(stage)
-    atomic_write_json(path, reference)
+    with reporting_write_errors(f"stage '{stage}'", path):
+        if reference is None:
+            path.unlink(missing_ok=True)
+            return
+        run.make_stage(stage)
+        atomic_write_json(path, reference)
 
 
 def check_same_embeddings(run: RunLayout, identity: dict, what: str, *, skip: str | None = None) -> None:
@@ -201,9 +237,14 @@ def check_same_embeddings(run: RunLayout, identity: dict, what: str, *, skip: st
 def run_identity(run: RunLayout) -> dict | None:
     """The embedding identity every image-reading stage of `run` was trained on (None: none read images).
 
+    Also checks that those stages read the same vectors for the run's rows (the "read" digest of
+    their `store.json`); a stage recorded before digests existed is not compared (logged).
+
     Raises:
         StoreMismatchError: two stages were trained on different embeddings (names the field
-            and both stages): their models would need two embeddings of one image.
+            and both stages): their models would need two embeddings of one image; or they
+            read different vectors (or rows) from the same store: names both stages, what
+            differs, and the command that retrains the older one.
     """
     records = run.read_store_records()
     if not records:
@@ -213,10 +254,36 @@ def run_identity(run: RunLayout) -> dict | None:
         check_identity(identity_of(record), identity_of(first),
                        f"stage '{stage}' of run {run.dir}", f"stage '{first_stage}' was trained on",
                        hint="retrain one stage on the other's store (`--store`)")
+    _check_same_rows(run, records)
     return identity_of(first)
+
+
+def _check_same_rows(run: RunLayout, records: dict[str, dict]) -> None:
+    read = {stage: record["read"] for stage, record in records.items() if "read" in record}
+    unchecked = sorted(set(records) - set(read))
+    if unchecked and read:
+        log.warning("run %s: stage(s) %s record no digest of the vectors they read (made by an older "
+                    "version): they are not checked against %s", run.dir, unchecked, sorted(read))
+    if len(read) < 2:
+        return
+    (first_stage, first), *others = read.items()
+    for stage, digest in others:
+        if digest == first:
+            continue
+        what = ("their rows differ (ids or their order)" if digest.get("ids_sha256") != first.get("ids_sha256")
+                else f"the vectors of the run's {first.get('rows')} rows differ (an image was embedded "
+                     "again between them)")
+        # The stage trained first read the older vectors: it is the one to retrain.
+        older = min((first_stage, stage), key=lambda s: run.store_record(s).stat().st_mtime)
+        raise StoreMismatchError(
+            f"run {run.dir}: stages '{first_stage}' and '{stage}' were trained on different data from "
+            f"the same feature store: {what} (vectors sha256 {first.get('vectors_sha256', '?')[:12]} in "
+            f"'{first_stage}', {digest.get('vectors_sha256', '?')[:12]} in '{stage}'); retrain the older "
+            f"one, '{older}', on the store as it is now: `{MADE_BY.get(older, older)}`"
+        )
 
 
 __all__ = [
     "SpecStore", "StoreMismatchError", "check_same_embeddings", "locate_store", "open_for_training",
-    "record_store", "run_identity", "spec_argument", "store_path",
+    "record_store", "rows_digest", "run_identity", "spec_argument", "store_path",
 ]

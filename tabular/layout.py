@@ -9,14 +9,28 @@
     <run>/<stage>/store.json     the feature store a stage that reads embeddings was trained on
     <run>/stack/final.json       the final model's name and operating threshold
     <run>/report/                report.md, index.html, metrics.json and the plots
+    <run>/<stage>.new-<pid>/     a stage being rewritten (swapped in whole when complete)
+    <run>/fusion.new/            the fusion stage being trained: its finished folds, kept for a rerun
 
 Stages ask this module for paths and for "is it there" checks, which name the command that
 makes what is missing; the files inside a stage's folder belong to that stage alone.
+
+A stage is never rewritten in place: `RunLayout.rewriting(stage)` gives a new folder beside the
+old one, and only once everything is written there is it swapped in (`common.files.replace_dir`).
+A failed or killed retrain leaves the previous stage whole; a killed one also leaves its
+`<stage>.new-<pid>` folder, removed by the next rewrite of that stage. A resumable stage (the
+fusion MLP, hours at ISIC 2024 scale) is written into `<stage>.new/` instead, which a rerun finds
+and resumes from, and which is kept when training fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +38,12 @@ import numpy as np
 import pandas as pd
 
 from common.errors import RunError, preview
-from common.files import atomic_write
+from common.files import atomic_write, replace_dir, restore_dir
+
+__all__ = ["FINAL", "FOLDS", "MADE_BY", "METRICS", "OOF", "REPORT", "RUN_RECORD", "RunLayout", "SPEC_COPY",
+           "STORE_RECORD", "run_layout"]
+
+log = logging.getLogger(__name__)
 
 RUN_RECORD = "run.json"
 SPEC_COPY = "spec.toml"
@@ -83,6 +102,50 @@ class RunLayout:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    # -- a stage written beside the old one and swapped in whole
+
+    def in_progress(self, name: str, resumable: bool = False) -> Path:
+        """Where stage `name` is being rewritten: `<name>.new/` (resumable) or `<name>.new-<pid>/`."""
+        return self.dir / (f"{name}.new" if resumable else f"{name}.new-{os.getpid()}")
+
+    @contextlib.contextmanager
+    def rewriting(self, name: str, *, resumable: bool = False, carry: tuple[str, ...] = ()) -> Iterator[Path]:
+        """Yield a new, empty (or, when `resumable`, partly done) folder for stage `name`; swap it in
+        as `<run>/<name>/` when the block ends without an error.
+
+        `carry`: glob patterns of files of the old stage that live on in the new one (the
+        default Optuna study, `optuna.db*`) when the new folder has none of that name; they are
+        moved in just before the swap. When the block raises, the new folder is removed (kept
+        when `resumable`, for the next run to resume from) and the old stage is untouched.
+
+        Raises:
+            OSError: the folder cannot be made or swapped (the caller reports it as a WriteError).
+        """
+        live = restore_dir(self.stage(name))
+        self._sweep(name)
+        new = self.in_progress(name, resumable)
+        new.mkdir(parents=True, exist_ok=True)
+        try:
+            yield new
+        except BaseException:
+            if not resumable:
+                shutil.rmtree(new, ignore_errors=True)
+            raise
+        for pattern in carry:
+            for old in live.glob(pattern) if live.is_dir() else ():
+                if not (new / old.name).exists():
+                    os.replace(old, new / old.name)
+        replace_dir(new, live)
+        log.debug("run %s: stage '%s' swapped in", self.dir, name)
+
+    def _sweep(self, name: str) -> None:
+        """Remove `<name>.new-<pid>` folders of processes that no longer run (a killed rewrite)."""
+        for path in self.dir.glob(f"{name}.new-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                log.info("run %s: removing %s, left by an interrupted rewrite of stage '%s'", self.dir, path, name)
+                shutil.rmtree(path, ignore_errors=True)
+
     def oof(self, stage: str) -> Path:
         return self.stage(stage) / OOF
 
@@ -109,6 +172,8 @@ class RunLayout:
     def require_file(self, stage: str, filename: str = OOF) -> Path:
         """`<run>/<stage>/<filename>`; RunError naming the stage and the command that makes it."""
         path = self.stage(stage) / filename
+        if not path.is_file():
+            restore_dir(self.stage(stage))  # a swap killed between its two renames
         if not path.is_file():
             command = MADE_BY.get(stage, f"the {stage} stage")
             raise RunError(
@@ -179,10 +244,21 @@ class RunLayout:
         return p
 
     def read_store_records(self) -> dict[str, dict]:
-        """{stage: the store record it wrote} for every stage trained on embeddings."""
+        """{stage: the store record it wrote} for every stage trained on embeddings (stages being
+        rewritten, `<stage>.new*`, are not stages yet)."""
         return {path.parent.name: json.loads(path.read_text())
-                for path in sorted(self.dir.glob(f"*/{STORE_RECORD}"))}
+                for path in sorted(self.dir.glob(f"*/{STORE_RECORD}")) if "." not in path.parent.name}
 
 
 def run_layout(run_dir: Path | str) -> RunLayout:
     return RunLayout(Path(run_dir))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True

@@ -7,6 +7,7 @@ the built-in ISIC 2024 spec. Paths inside a TOML spec are relative to the file.
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,26 @@ _KNOWN_KEYS = {
 }
 _REQUIRED_KEYS = ("name", "metadata", "id", "group")
 
+# A spec's name becomes a folder name (its feature store, its study): a plain file name only, so
+# that "../../x" cannot leave the artifacts folder and "<i>x</i>" cannot nest folders.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+NAME_RULE = ("1 to 100 characters: letters A-Z a-z, digits 0-9, '.', '_' and '-', "
+             "beginning with a letter or digit")
+
+
+def check_name(name, where: str = "spec") -> str:
+    """`name` when it is a plain file name (see NAME_RULE).
+
+    Raises:
+        DataError: names `where`, the value and the characters allowed.
+    """
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise DataError(
+            f"{where}: key 'name' must be a plain file name ({NAME_RULE}), got {name!r}; "
+            "it names the feature store and the study, so e.g. 'ham10000-dev'"
+        )
+    return name
+
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -112,6 +133,9 @@ class DatasetSpec:
     exclude: tuple[str, ...] = ()
     builtin: str | None = None
     source: Path | None = None
+
+    def __post_init__(self) -> None:
+        check_name(self.name, f"spec {self.source or self.root}")
 
     @property
     def feature_columns(self) -> tuple[str, ...]:
@@ -152,7 +176,8 @@ def load_spec(path: Path | str) -> DatasetSpec:
 
     Raises:
         DataError: the path does not exist, the TOML is malformed, a required key is missing,
-            a key is unknown, or a value has the wrong type.
+            a key is unknown, a value has the wrong type, or the name is not a plain file name
+            (`NAME_RULE`).
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -180,6 +205,7 @@ def load_spec(path: Path | str) -> DatasetSpec:
     for key in ("name", "metadata", "images", "id", "target", "group", "patient"):
         if key in table and not isinstance(table[key], str):
             raise DataError(f"spec {path}: key '{key}' must be a string, got {table[key]!r}")
+    check_name(table["name"], f"spec {path}")
     for key in ("categorical", "numeric", "exclude"):
         value = table.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -217,7 +243,8 @@ def isic2024_spec(directory: Path | str, name: str | None = None) -> DatasetSpec
         if metadata.exists():
             images = directory / f"{part}-image.hdf5"
             return DatasetSpec(
-                name=name or f"{directory.name}-{part}",
+                # A folder name may hold what a spec name may not (spaces): those become '-'.
+                name=name or re.sub(r"[^A-Za-z0-9._-]", "-", f"{directory.name}-{part}").lstrip("._-"),
                 root=directory,
                 metadata=metadata,
                 images=images if images.exists() else None,

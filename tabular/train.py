@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from common.files import atomic_write_json, reporting_write_errors
 from tabular.errors import DataError, preview
 from tabular.gbdt import (
     DATASET_PARAMS,
@@ -32,7 +33,7 @@ from tabular.gbdt import (
     sampling_summary,
     save_ensemble,
 )
-from tabular.layout import RunLayout
+from tabular.layout import STORE_RECORD, RunLayout
 from tabular.metrics import summarize
 from tabular.spec import DatasetSpec
 
@@ -51,8 +52,13 @@ def fit_gbdt(
     seeds: tuple[int, ...] = (0, 1, 2),
     neg_ratio: float | None = None,
     config: GBDTConfig | None = None,
+    store_record: dict | None = None,
 ) -> dict:
     """Train the LightGBM stage of the run in `run_dir` and write `<run>/gbdt/`.
+
+    The stage is written into `<run>/gbdt.new-<pid>/` and swapped in whole once complete: a
+    failed or killed retrain leaves the previous `gbdt/` as it was. The default Optuna study
+    (`gbdt/optuna.db`) lives in the current stage folder and moves into the new one.
 
     Args:
         spec: the data set's spec (the run is created from it, or checked against it).
@@ -69,6 +75,8 @@ def fit_gbdt(
             sampled); None = the default (`tabular.gbdt.DEFAULT_NEG_RATIO`, 50: on only where a
             training part has more negatives per positive, e.g. ISIC 2024), 0 = every negative.
         config: full ensemble settings (overrides seeds / neg_ratio / extra_components).
+        store_record: what the stage records as the feature store (and vectors) `extra` came
+            from, written as `gbdt/store.json` inside the new stage (None: no file).
 
     Returns:
         The `metrics.json` content: `summarize()` of the out-of-fold predictions plus the data
@@ -78,17 +86,32 @@ def fit_gbdt(
 
     Raises:
         DataError: invalid metadata or run (see `tabular.run.open_run`), bad features (see
-            `FeatureEncoder`), a bad `extra` matrix, or bad options.
+            `FeatureEncoder`), a bad `extra` matrix, or bad options; a `storage` that cannot be
+            opened (checked before any work, see `tabular.tuning.open_storage`).
+        WriteError: the run folder cannot be written (read-only, full): names the path.
     """
     from tabular.run import open_run
+    from tabular.tuning import check_storage
 
     if config is None:
         config = GBDTConfig(seeds=tuple(int(s) for s in seeds), neg_ratio=neg_ratio, extra_components=extra_components)
-    run = open_run(spec, Path(run_dir))
-    return fit_gbdt_frame(
-        run.frame, run.folds["fold"].to_numpy(), spec, run.stage_dir(STAGE),
-        trials=trials, storage=storage, extra=extra, config=config,
-    )
+    if trials:
+        check_storage(storage, Path(run_dir) / STAGE / "optuna.db")
+    with reporting_write_errors("train-gbdt", run_dir):
+        run = open_run(spec, Path(run_dir))
+        layout = RunLayout(run.dir)
+        if trials and storage is None:
+            # The study outlives each fit: it stays in the current stage folder while tuning
+            # (a rerun resumes it) and moves into the new folder when that is swapped in.
+            storage = f"sqlite:///{(layout.make_stage(STAGE) / 'optuna.db').resolve()}"
+        with layout.rewriting(STAGE, carry=("optuna.db*",)) as new_dir:
+            metrics = fit_gbdt_frame(
+                run.frame, run.folds["fold"].to_numpy(), spec, new_dir,
+                trials=trials, storage=storage, extra=extra, config=config,
+            )
+            if store_record is not None:
+                atomic_write_json(new_dir / STORE_RECORD, store_record)
+    return metrics
 
 
 def fit_gbdt_frame(
@@ -109,6 +132,10 @@ def fit_gbdt_frame(
     config = config or GBDTConfig()
     if not isinstance(trials, int | np.integer) or trials < 0:
         raise DataError(f"trials: expected an integer >= 0, got {trials!r}")
+    if trials:
+        from tabular.tuning import check_storage
+
+        check_storage(storage, Path(stage_dir) / "optuna.db")
     if not spec.target or spec.target not in frame.columns:
         raise DataError(f"spec '{spec.name}': training needs the target column (spec key 'target')")
     frame = frame.reset_index(drop=True)

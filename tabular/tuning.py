@@ -150,36 +150,57 @@ def heartbeat_timing() -> tuple[float, float]:
     return grace // 4, grace
 
 
+# The SQLAlchemy dialects Optuna's RDB storage is used with (a driver may follow: postgresql+psycopg).
+RDB_SCHEMES = ("sqlite", "postgresql", "mysql", "mariadb", "oracle", "mssql")
+STORAGE_FORMS = ("sqlite:///path/study.db, postgresql://user:password@host/db, "
+                 "mysql://user:password@host/db, or journal:///path/study.log (a journal file; "
+                 "a path ending in .log also works)")
+
+
 def open_storage(storage: str | Path | None, default_path: Path):
     """An Optuna storage from a URL, a journal file, or the default sqlite file.
 
-    An RDB storage gets the heartbeat and grace period of `heartbeat_timing`.
+    An RDB storage gets the heartbeat and grace period of `heartbeat_timing`. Called before any
+    work by `check_storage`, so a wrong URL costs nothing.
 
     Raises:
-        DataError: an empty storage string, or a bad `LESIONFUSE_TRIAL_GRACE_SECONDS`.
+        DataError: an empty storage string; a scheme Optuna cannot store in (names the accepted
+            ones); a database URL that cannot be opened (missing driver, no server, bad
+            credentials: the reason, with any password hidden); a journal file whose folder
+            cannot be made; a bad `LESIONFUSE_TRIAL_GRACE_SECONDS`.
     """
     if storage is None:
         default_path.parent.mkdir(parents=True, exist_ok=True)
         storage = f"sqlite:///{default_path.resolve()}"
     storage = str(storage)
     if not storage.strip():
-        raise DataError("storage: got an empty string; pass a URL such as sqlite:///study.db")
+        raise DataError(f"storage: got an empty string; pass {STORAGE_FORMS}")
     if storage.startswith("journal://") or ("://" not in storage and storage.endswith(".log")):
         path = Path(storage[len("journal://"):] if storage.startswith("journal://") else storage)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise DataError(f"storage {storage!r}: cannot make the journal file's folder {path.parent}: "
+                            f"{error.strerror}") from error
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         return JournalStorage(JournalFileBackend(str(path)))
     if "://" not in storage:
         raise DataError(
             f"storage: {storage!r} is neither a database URL (sqlite:///path.db, "
-            "postgresql://...) nor a journal file (journal:///path.log or a path ending in .log)"
+            f"postgresql://...) nor a journal file (journal:///path.log or a path ending in .log); pass {STORAGE_FORMS}"
+        )
+    scheme = storage.split("://", 1)[0]
+    if scheme.split("+", 1)[0].lower() not in RDB_SCHEMES:
+        raise DataError(
+            f"storage {_masked(storage)!r}: unknown scheme {scheme + '://'!r}; Optuna stores studies in "
+            f"{', '.join(s + '://' for s in RDB_SCHEMES)} databases or a journal file: pass {STORAGE_FORMS}"
         )
     engine_kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else None
     heartbeat, grace = heartbeat_timing()
     # The heartbeat lets a later worker mark trials of a killed worker as failed, so they do not
     # hold a place in the trial budget forever.
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
     for attempt in range(6):
         try:
@@ -191,13 +212,43 @@ def open_storage(storage: str | Path | None, default_path: Path):
                     heartbeat_interval=heartbeat,
                     grace_period=grace,
                 )
-        except SQLAlchemyError:
+        except (ArgumentError, NoSuchModuleError, ImportError) as error:
+            # Retrying cannot help a malformed URL or a database driver that is not installed.
+            raise DataError(f"storage {_masked(storage)!r} cannot be opened: {_first_line(error)}; "
+                            f"pass {STORAGE_FORMS} (a server's driver must be installed, e.g. "
+                            "pip install 'psycopg[binary]' for postgresql://)") from error
+        except SQLAlchemyError as error:
             # Two workers creating the tables of a new database at once: one of them loses the
             # race on the schema version row; the tables exist a moment later.
             if attempt == 5:
-                raise
+                raise DataError(f"storage {_masked(storage)!r} cannot be opened: {_first_line(error)}; "
+                                "check that the database server is reachable, the database exists "
+                                "and the user may write to it") from error
             time.sleep(0.2 * 2**attempt + random.random() * 0.2)
     raise AssertionError("unreachable")
+
+
+def check_storage(storage: str | Path | None, default_path: Path) -> None:
+    """Open `storage` once (see `open_storage`) so that a bad URL fails before features are built.
+
+    Raises:
+        DataError: as `open_storage`.
+    """
+    if storage is not None:
+        open_storage(storage, default_path)
+
+
+def _masked(url: str) -> str:
+    """`url` with the password of `user:password@host` hidden."""
+    head, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    return f"{head}{sep}{credentials.split(':', 1)[0]}:***@{host}"
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 class _Heartbeat:

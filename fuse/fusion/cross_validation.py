@@ -12,9 +12,15 @@ It writes `<run>/fusion/`: `fold{k}.pt` (state dicts), `encoder_fold{k}.json`, `
 `metrics.json` (the out-of-fold figures, per fold and of the baselines) and, with baselines,
 `baselines_oof.csv`.
 
-A fold's model, encoder and validation predictions are on disk once `fold<k>.done.json` is: a
-rerun after an interruption (hours at ISIC 2024 scale) trains only the folds not done with the
-same code version, settings, data, folds and embeddings.
+The stage is written into `<run>/fusion.new/` and swapped in as `<run>/fusion/` only when every
+fold, the out-of-fold file and the metrics are there: a failed or killed retrain leaves the
+previous `fusion/` whole. A fold's model, encoder and validation predictions are on disk once
+`fold<k>.done.json` is: a rerun after an interruption (hours at ISIC 2024 scale) finds the folds
+done in `fusion.new/` (kept when training stops), and takes over those of the current `fusion/`
+(copied) when they were made with the same code version, settings, data, folds and the same
+vectors (the digest of what the stage read, `fuse.stores.rows_digest`); it trains the rest. A
+re-embedded image changes that digest, so every fold is trained again (a changed row is in the
+training part of every fold but one, and the validation part of that one).
 
 Note: the validation part of each fold both stops training (and picks C) and gives the
 out-of-fold figure, so the figures carry a small optimistic bias; it is the same for all three
@@ -26,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import warnings
 from pathlib import Path
 
@@ -33,7 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common.files import atomic_write_json
+from common.files import atomic_write, atomic_write_json, reporting_write_errors
 from common.version import lesionfuse_version
 from embed.config import resolve_device
 from embed.identity import identity_of
@@ -83,11 +90,13 @@ def train_fusion(
             (or an earlier fusion stage) was trained on (names the field and the stage).
         RunError: no store; the store lacks some of the run's ids (count, first few, and the
             command that embeds them); some images changed since they were embedded.
+        WriteError: the run folder cannot be written (read-only, full): names the path.
     """
     config = config or FusionConfig()
     if not isinstance(spec, DatasetSpec):
         spec = load_spec(spec)
-    run = open_run(spec, run_dir, n_folds=n_folds, seed=fold_seed)
+    with reporting_write_errors("train-fusion", run_dir):  # a new run writes its folds
+        run = open_run(spec, run_dir, n_folds=n_folds, seed=fold_seed)
     layout = RunLayout(run.dir)
     ids = run.frame[spec.id].astype(str).tolist()
     opened = open_for_training(spec, ids, store_dir, run=layout)
@@ -98,17 +107,20 @@ def train_fusion(
         "fusion: %d rows x %d view(s) x %d dims from %s; %d folds",
         embeddings.n, embeddings.views, embeddings.dim, opened.store.path, run.n_folds,
     )
-    metrics = _train_all(run, embeddings, reference, config, baselines)
-    record_store(layout, STAGE, reference)
+    with reporting_write_errors("train-fusion", layout.dir):
+        with layout.rewriting(STAGE, resumable=True) as out:
+            metrics = _train_all(run, embeddings, reference, config, baselines, out, layout.stage(STAGE))
+            record_store(layout, out.name, reference)
     return metrics
 
 
 def _train_all(run: Run, embeddings: Embeddings, identity: dict, config: FusionConfig,
-               baselines: bool) -> dict:
+               baselines: bool, out: Path, previous: Path) -> dict:
+    """Every fold into `out` (the stage being written), reusing finished folds of `out` and of
+    `previous` (the current stage) made with the same key."""
     spec = run.spec
     y = run.target
     fold = run.fold
-    out = RunLayout(run.dir).make_stage(STAGE)
     device = resolve_device(config.device)
     oof = np.full(len(y), np.nan)
     folds_info = []
@@ -121,12 +133,15 @@ def _train_all(run: Run, embeddings: Embeddings, identity: dict, config: FusionC
         valid_rows = np.flatnonzero(fold == k)
         key = _fold_key(data, identity, config, baselines, k)
         done = _finished_fold(out, k, key, len(valid_rows))
+        if done is None and _finished_fold(previous, k, key, len(valid_rows)) is not None:
+            _adopt_fold(previous, out, k, config.members)
+            done = _finished_fold(out, k, key, len(valid_rows))
         if done is None:
             done = _train_fold(run, embeddings, config, baselines, device, k, train_rows, valid_rows)
             _save_fold(out, k, key, done)
         else:
-            log.info("fusion fold %d: trained before with these settings, data and store; kept "
-                     "(delete %s to train it again)", k, out / f"fold{k}.done.json")
+            log.info("fusion fold %d: trained before with these settings, data and vectors; kept "
+                     "(delete %s to train it again)", k, previous / f"fold{k}.done.json")
         encoders[k] = done["encoder"]
         oof[valid_rows] = done["p_valid"]
         folds_info.append(done["info"])
@@ -142,9 +157,9 @@ def _train_all(run: Run, embeddings: Embeddings, identity: dict, config: FusionC
         "n_meta": {str(f["fold"]): f["n_meta"] for f in folds_info},
         "parameters": count_parameters(FusionMLP(embeddings.dim, folds_info[0]["n_meta"], config)),
     }
-    (out / "config.json").write_text(json.dumps(config_record, indent=2))
+    atomic_write_json(out / "config.json", config_record)
     ids = run.frame[spec.id].astype(str).to_numpy()
-    pd.DataFrame({"id": ids, "fold": fold, "target": y, "p": oof}).to_csv(out / "oof.csv", index=False)
+    RunLayout(run.dir).write_oof(out.name, ids, fold, y, oof)
 
     metrics = summarize(y, oof)
     metrics["folds"] = folds_info
@@ -155,10 +170,9 @@ def _train_all(run: Run, embeddings: Embeddings, identity: dict, config: FusionC
             "logreg": {**_figures(y, p_logreg), "folds": logreg_info},
             "image_only": {**_figures(y, oof_image), "folds": image_info},
         }
-        pd.DataFrame(
-            {"id": ids, "fold": fold, "target": y, "p_logreg": p_logreg, "p_image_only": oof_image}
-        ).to_csv(out / "baselines_oof.csv", index=False)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        frame = pd.DataFrame({"id": ids, "fold": fold, "target": y, "p_logreg": p_logreg, "p_image_only": oof_image})
+        atomic_write(out / "baselines_oof.csv", lambda f: frame.to_csv(f, index=False))
+    atomic_write_json(out / "metrics.json", metrics)
     line = f"fusion OOF: pauc80 {metrics['pauc80']:.4f}, ROC AUC {metrics['roc_auc']:.4f}"
     if baselines:
         for name, figures in metrics["baselines"].items():
@@ -207,13 +221,16 @@ def _data_digest(run: Run) -> str:
 
 
 def _fold_key(data: str, identity: dict, config: FusionConfig, baselines: bool, k: int) -> str:
-    """What fold k's result depends on: code version, settings, store, data and folds."""
+    """What fold k's result depends on: code version, settings, store, data, folds, and the
+    vectors read (the digest `identity["read"]`, recorded by `fuse.stores.SpecStore.reference`)."""
     payload = {"code": lesionfuse_version(), "config": config.to_dict(), "baselines": baselines, "fold": k,
-               "store": identity_of(identity), "data": data}
+               "store": identity_of(identity), "data": data, "read": identity.get("read")}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _save_fold(out: Path, k: int, key: str, done: dict) -> None:
+    # A record of an earlier try with other settings must not vouch for the files rewritten below.
+    (out / f"fold{k}.done.json").unlink(missing_ok=True)
     for member, state in enumerate(done["models"]):
         torch.save(state, out / member_file(k, member))
     (out / f"encoder_fold{k}.json").write_text(json.dumps(done["encoder"].to_json(), indent=1))
@@ -222,6 +239,16 @@ def _save_fold(out: Path, k: int, key: str, done: dict) -> None:
         record.update(p_image=np.asarray(done["p_image"]).tolist(), image_info=done["image_info"])
     # Written last and atomically: its presence means the fold's files above are complete.
     atomic_write_json(out / f"fold{k}.done.json", record, indent=None)
+
+
+def _adopt_fold(previous: Path, out: Path, k: int, members: int) -> None:
+    """Copy fold k's finished files from the current stage into the one being written."""
+    names = [member_file(k, m) for m in range(members)] + [f"encoder_fold{k}.json"]
+    for name in names:
+        shutil.copy2(previous / name, out / name)
+    # Last, as `_save_fold` writes it: its presence means the fold's files above are complete.
+    shutil.copy2(previous / f"fold{k}.done.json", out / f".tmp-fold{k}.done.json")
+    (out / f".tmp-fold{k}.done.json").replace(out / f"fold{k}.done.json")
 
 
 def _finished_fold(out: Path, k: int, key: str, n_valid: int) -> dict | None:

@@ -247,12 +247,16 @@ def test_an_interrupted_run_trains_only_the_folds_not_done(data, tmp_path, monke
     monkeypatch.setattr(fusion, "_train_fold", dies_in_the_third_fold)
     with pytest.raises(Killed):
         train_fusion(spec, tmp_path / "resumed", store, TINY, n_folds=3)
+    # The stage is not swapped in half done: the finished folds wait in fusion.new/ for the rerun.
+    partial = tmp_path / "resumed" / "fusion.new"
     out = tmp_path / "resumed" / "fusion"
-    assert sorted(p.name for p in out.glob("*.done.json")) == ["fold0.done.json", "fold1.done.json"]
+    assert not out.exists()
+    assert sorted(p.name for p in partial.glob("*.done.json")) == ["fold0.done.json", "fold1.done.json"]
 
     calls.clear()
     metrics = train_fusion(spec, tmp_path / "resumed", store, TINY, n_folds=3)
     assert calls == [2]
+    assert not partial.exists()
     for name in ("oof.csv", "baselines_oof.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(out / name),
                                       pd.read_csv(tmp_path / "whole" / "fusion" / name))
@@ -286,3 +290,33 @@ def test_ids_that_failed_to_embed_name_retry_failed_and_the_file_listing_them(tm
     listed = pd.read_csv(tmp_path / "run" / "unembedded-ids.csv")
     assert listed.to_dict("list") == {"image_id": ["IMG_000", "IMG_001"],
                                       "reason": ["image unreadable: truncated JPEG", "empty file"]}
+
+
+def test_folds_are_trained_again_when_a_vector_of_the_run_changed(data, tmp_path, monkeypatch):
+    """A re-embedded image changes what the folds read: none is kept, and the result is a fresh run's."""
+    from fuse.fusion import cross_validation as fusion
+
+    spec, frame, vectors, store = data
+    run = tmp_path / "run"
+    first = train_fusion(spec, run, store, QUICK, n_folds=3)
+    before = pd.read_csv(run / "fusion" / "oof.csv")
+    recorded = json.loads((run / "fusion" / "store.json").read_text())["read"]
+    assert recorded["rows"] == N and len(recorded["vectors_sha256"]) == 64
+
+    changed = vectors.copy()
+    changed[5] = -changed[5]  # one image replaced and embedded again: same ids, same identity
+    store2 = write_store(tmp_path / "store2", frame["image_id"], changed)
+    real = fusion._train_fold
+    calls = []
+    monkeypatch.setattr(fusion, "_train_fold", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
+
+    train_fusion(spec, run, store, QUICK, n_folds=3)  # same vectors: every fold kept
+    assert calls == []
+    second = train_fusion(spec, run, store2, QUICK, n_folds=3)
+    assert calls == [0, 1, 2]
+    after = pd.read_csv(run / "fusion" / "oof.csv")
+    assert not np.allclose(after["p"], before["p"])
+    assert json.loads((run / "fusion" / "store.json").read_text())["read"] != recorded
+    fresh = train_fusion(spec, tmp_path / "fresh", store2, QUICK, n_folds=3)
+    pd.testing.assert_frame_equal(after, pd.read_csv(tmp_path / "fresh" / "fusion" / "oof.csv"))
+    assert second["pauc80"] == fresh["pauc80"] and first["store"]["read"] != second["store"]["read"]

@@ -14,6 +14,7 @@ from fuse.stack import (
     StackConfig,
     StackModel,
     fit_stack_model,
+    load_final,
     oof_stack,
     stack,
     stack_features,
@@ -175,3 +176,83 @@ def test_oof_with_other_ids_is_refused(tabular_run):
 def test_bad_sensitivity(tabular_run):
     with pytest.raises(RunError, match=r"sensitivity: expected a value in \(0, 1\], got 1.5"):
         stack(tabular_run.dir, sensitivity=1.5)
+
+
+# ------------------------------------------------------------ stages that read other vectors
+
+
+def store_record(vectors_sha256: str, ids_sha256: str = "i" * 64) -> dict:
+    return {"backbone": "test-backbone", "weights_sha256": "a" * 64, "image_size": 32, "views": 1,
+            "dim": 16, "dtype": "float16", "store": "/stores/s", "store_uid": "u1", "count": 300,
+            "read": {"rows": 300, "ids_sha256": ids_sha256, "vectors_sha256": vectors_sha256}}
+
+
+def test_stages_that_read_other_vectors_of_the_same_store_are_refused(tabular_run):
+    import os
+
+    from embed.errors import StoreMismatchError
+
+    layout_dir = tabular_run.dir
+    (layout_dir / "gbdt" / "store.json").write_text(json.dumps(store_record("1" * 64)))
+    (layout_dir / "fusion" / "store.json").write_text(json.dumps(store_record("2" * 64)))
+    os.utime(layout_dir / "gbdt" / "store.json", (1_000_000, 1_000_000))  # gbdt trained first
+    with pytest.raises(StoreMismatchError,
+                       match=r"stages 'fusion' and 'gbdt' were trained on different data from the same "
+                             r"feature store: the vectors of the run's 300 rows differ .*vectors sha256 "
+                             r"222222222222 in 'fusion', 111111111111 in 'gbdt'\); retrain the older one, "
+                             r"'gbdt', on the store as it is now: `invoke train-gbdt --spec S --run R`"):
+        stack(layout_dir)
+    assert not (layout_dir / "stack").exists()
+    (layout_dir / "gbdt" / "store.json").write_text(json.dumps(store_record("2" * 64, "j" * 64)))
+    with pytest.raises(StoreMismatchError, match=r"their rows differ \(ids or their order\)"):
+        stack(layout_dir)
+    (layout_dir / "gbdt" / "store.json").write_text(json.dumps(store_record("2" * 64)))
+    assert stack(layout_dir)["final"] in ("stack", "blend")
+
+
+# ------------------------------------------------------------ a restack that fails or dies
+
+
+def stage_files(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_full_disk_during_a_restack_names_the_path_and_keeps_the_previous_stages(tabular_run, monkeypatch):
+    import errno
+
+    from common.files import WriteError
+    from fuse import stack as stacking
+
+    stack(tabular_run.dir)
+    before = {name: stage_files(tabular_run.dir / name) for name in ("stack", "blend")}
+    real = stacking.atomic_write_json
+
+    def full(path, obj, **kwargs):
+        if path.name == "final.json":  # the last file of the new stage
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, obj, **kwargs)
+
+    monkeypatch.setattr(stacking, "atomic_write_json", full)
+    with pytest.raises(WriteError, match=r"stack: cannot write .*/stack\.new-\d+/final\.json: No space left on "
+                                         r"device \(ENOSPC\); free some space there"):
+        stack(tabular_run.dir, sensitivity=0.9)
+    assert {name: stage_files(tabular_run.dir / name) for name in ("stack", "blend")} == before
+    assert sorted(p.name for p in tabular_run.dir.iterdir() if ".new" in p.name) == []
+    assert load_final(tabular_run.dir).threshold == json.loads((tabular_run.dir / "stack" / "final.json")
+                                                                .read_text())["threshold"]
+
+
+def test_the_old_fold_models_are_kept_until_the_new_stack_is_whole(tabular_run, monkeypatch):
+    """`stack` used to delete the fold models before fitting: a failure then left half a stage."""
+    from fuse import stack as stacking
+
+    stack(tabular_run.dir)
+    before = stage_files(tabular_run.dir / "stack")
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("killed while fitting")
+
+    monkeypatch.setattr(stacking, "fit_stack_model", fails)
+    with pytest.raises(RuntimeError):
+        stack(tabular_run.dir)
+    assert stage_files(tabular_run.dir / "stack") == before

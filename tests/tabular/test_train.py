@@ -199,3 +199,41 @@ def test_ham10000_metadata_only(shared_data, tmp_path):
     assert metrics["roc_auc"] > 0.74
     assert 0.05 < metrics["pauc80"] < 0.2
     assert metrics["recall"] >= 0.95
+
+
+def test_a_bad_storage_fails_before_any_work(tmp_path, monkeypatch):
+    import tabular.train as train
+
+    spec, _ = make(tmp_path)
+
+    def no_features(*args, **kwargs):
+        raise AssertionError("features were built before the storage was checked")
+
+    monkeypatch.setattr(train, "build_fold", no_features)
+    with pytest.raises(DataError, match=r"storage 'bogus://x': unknown scheme 'bogus://'; .*sqlite:///path/study.db, "
+                                        r"postgresql://.*mysql://.*journal:///path/study.log"):
+        fit_gbdt(spec, tmp_path / "run", trials=2, storage="bogus://x", config=FAST)
+    assert not (tmp_path / "run").exists()  # not even the run folder
+
+
+def test_a_failed_retrain_keeps_the_previous_stage_and_the_study(tmp_path, monkeypatch):
+    import tabular.train as train
+
+    spec, _ = make(tmp_path, n=120)
+    run = tmp_path / "run"
+    fit_gbdt(spec, run, trials=1, config=FAST)
+    before = {p.name: p.read_bytes() for p in (run / "gbdt").iterdir() if p.name != "optuna.db"}
+    assert "fold0_seed0.txt" in before and (run / "gbdt" / "optuna.db").exists()
+
+    def fails(*args, **kwargs):
+        raise DataError("stopped while fitting")
+
+    monkeypatch.setattr(train, "fit_ensemble", fails)
+    with pytest.raises(DataError, match="stopped while fitting"):
+        fit_gbdt(spec, run, trials=2, config=FAST)
+    after = {p.name: p.read_bytes() for p in (run / "gbdt").iterdir() if p.name != "optuna.db"}
+    assert after == before
+    assert sorted(p.name for p in run.iterdir() if ".new" in p.name) == []
+    monkeypatch.undo()
+    metrics = fit_gbdt(spec, run, trials=2, config=FAST)  # the study lived on in gbdt/optuna.db
+    assert metrics["trials"]["finished"] == 2 and metrics["trials"]["run_now"] == 1

@@ -287,3 +287,12 @@ def test_trials_on_a_journal_write_a_heartbeat(tmp_path, folds, monkeypatch):
     tune(folds, "gbdt-toy", 1, tmp_path, config=FAST)
     (trial,) = optuna.load_study(study_name="gbdt-toy", storage=f"sqlite:///{tmp_path}/optuna.db").trials
     assert "heartbeat_unix_time" not in trial.user_attrs
+
+
+def test_storages_that_cannot_be_opened_are_named_with_the_accepted_schemes(tmp_path):
+    with pytest.raises(DataError, match=r"storage 'bogus://x': unknown scheme 'bogus://'; Optuna stores studies "
+                                        r"in sqlite://, postgresql://.*journal:///path/study.log"):
+        open_storage("bogus://x", tmp_path / "x.db")
+    with pytest.raises(DataError, match=r"storage 'postgresql\+nosuchdriver://me:\*\*\*@host/db' cannot be "
+                                        r"opened: .*pip install psycopg2-binary"):
+        open_storage("postgresql+nosuchdriver://me:secret@host/db", tmp_path / "x.db")
