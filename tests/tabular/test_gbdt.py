@@ -276,3 +276,22 @@ def test_reasons_read_one_hot_columns_as_conditions():
     assert _reason_text(contributions, values, top=3) == "age = 71 (+0.80); site = back (+0.30); site != face (+0.10)"
     assert _reason_text(contributions, values, top=1) == "age = 71 (+0.80)"
     assert _reason_text(-contributions.abs(), values, top=3) == ""  # nothing raised the score
+
+
+def test_image_pca_cut_to_what_the_folds_allow_is_said_once(caplog):
+    """`--image-pca 100000` on 160 rows of 4 folds: each fold's PCA keeps 120 (its training rows)."""
+    frame, spec, folds = toy(n=160)
+    extra = np.random.default_rng(0).normal(size=(160, 200)).astype(np.float32)
+    config = GBDTConfig(seeds=(0,), extra_components=100_000, neg_ratio=0, num_threads=1)
+    y = frame["target"].to_numpy()
+    with caplog.at_level("WARNING", logger="tabular.gbdt"):
+        data = [build_fold(frame, spec, y, folds, k, extra=extra, config=config) for k in range(4)]
+    assert [len(d.pca.components) for d in data] == [120] * 4
+    said = [r.getMessage() for r in caplog.records if "--image-pca" in r.getMessage()]
+    assert len(said) == 1
+    assert re.search(r"--image-pca \(extra_components\) 100000: 120 components used", said[0])
+    assert "Pass --image-pca 120 or fewer" in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tabular.gbdt"):
+        build_fold(frame, spec, y, folds, 0, extra=extra, config=GBDTConfig(extra_components=8, num_threads=1))
+    assert not [r for r in caplog.records if "--image-pca" in r.getMessage()]
