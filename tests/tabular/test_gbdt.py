@@ -295,3 +295,23 @@ def test_image_pca_cut_to_what_the_folds_allow_is_said_once(caplog):
     with caplog.at_level("WARNING", logger="tabular.gbdt"):
         build_fold(frame, spec, y, folds, 0, extra=extra, config=GBDTConfig(extra_components=8, num_threads=1))
     assert not [r for r in caplog.records if "--image-pca" in r.getMessage()]
+
+
+def test_categories_not_seen_at_fit_are_said_once_per_column_for_every_fold(tmp_path, caplog):
+    """4 fold models each meeting the same unknown site: one warning, naming rows and encoders."""
+    frame, spec, folds = toy(n=200)
+    config = GBDTConfig(seeds=(0,), num_boost_round=20, early_stopping_rounds=5, num_threads=1)
+    data, ensemble = fit(frame, spec, folds, config=config)
+    save_ensemble(tmp_path, ensemble, data, config, extra_dim=None)
+    new = frame.drop(columns=["target"]).head(5).copy()
+    new["site"] = ["neck", "neck", "scalp", "arm", "leg"]
+    model = GBDTModel.load(tmp_path)
+    with caplog.at_level("WARNING", logger="tabular.features"):
+        model.predict(new)
+    said = [r.getMessage() for r in caplog.records if "not seen at fit" in r.getMessage()]
+    assert said == ["categorical column 'site': 3 row(s) hold categories not seen at fit (by 4 of 4 encoder "
+                    "calls, e.g. one per fold model), encoded as all-zero: 2: neck, scalp"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tabular.features"):
+        model.predict(frame.drop(columns=["target"]))
+    assert "not seen at fit" not in caplog.text
