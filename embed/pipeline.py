@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from embed.backbone import load_backbone
-from embed.config import EmbedConfig, EmbedSummary, part_of, resolve_device
+from embed.config import EmbedConfig, EmbedSummary, part_of, resolve_device, warn_if_small
 from embed.errors import EmbedError, EmbedInterrupted
 from embed.identity import embedding_identity
 from embed.model_loop import _Timer, embed_ids
@@ -60,6 +60,7 @@ def build_store(
     started = time.perf_counter()
     store_dir = Path(store_dir)
     ids = _unique_ids(source, ids)
+    warn_if_small(config)
     device = resolve_device(config.device)
     identity = embedding_identity(weights, config)
     info = {"dataset": dataset, "source": _describe(source), "decode": DECODE_INFO}

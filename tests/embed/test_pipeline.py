@@ -876,3 +876,62 @@ def test_cpu_count_takes_the_smaller_of_affinity_and_quota(monkeypatch):
     assert embed_config._cpu_count() == min(3, len(os.sched_getaffinity(0)))
     monkeypatch.setattr(embed_config, "cgroup_cpu_limit", lambda: None)
     assert embed_config._cpu_count() == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(
+    ("image_size", "blocks", "minimum"),
+    [(1, DEFAULT_BLOCKS, 16), (8, ("layer3",), 16), (15, ("layer3",), 16), (16, ("layer4",), 32),
+     (31, ("layer3", "layer4"), 32), (3, ("layer1",), 4)],
+)
+def test_image_sizes_the_backbone_cannot_use_are_refused(image_size, blocks, minimum):
+    with pytest.raises(EmbedError, match=rf"--image-size \(EmbedConfig.image_size\) {image_size}: the backbone needs "
+                                         rf"at least {minimum} px for blocks {','.join(blocks)}.*use --image-size "
+                                         rf"{minimum} or more"):
+        EmbedConfig(image_size=image_size, blocks=blocks)
+
+
+def test_the_smallest_usable_size_keeps_a_map_of_one_cell_at_the_deepest_block():
+    """The minimum is exact: at it the deepest block's map is 1 x 1 and no earlier stage has
+    collapsed to 1 x 1 before its last downsampling (that is what the size is refused for below it)."""
+    import torchvision
+
+    from embed.pooled import min_image_size
+
+    net = torchvision.models.resnet50(weights=None).eval()
+    for blocks in (("layer3",), ("layer4",), ("layer3", "layer4")):
+        size = min_image_size(blocks)
+        EmbedConfig(image_size=size, blocks=blocks)  # accepted
+        x = torch.zeros(1, 3, size, size)
+        sides = []
+        with torch.inference_mode():
+            x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+            for name in ("layer1", "layer2", "layer3", "layer4"):
+                x = getattr(net, name)(x)
+                sides.append(x.shape[-1])
+                if name == blocks[-1]:
+                    break
+        assert sides[-1] == 1 and all(s >= 2 for s in sides[:-1]), (blocks, sides)
+
+
+def test_a_size_far_below_training_is_embedded_with_a_warning(tmp_path, caplog):
+    weights = tmp_path / "w.pth"
+    import torchvision
+
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), weights)
+    from embed.weights import ensure_weights
+
+    info = ensure_weights(weights)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (40, 40), (200, 120, 90)).save(images / "a.png")
+    source = open_source(images)
+    for size, warned in ((32, True), (112, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="embed.config"):
+            build_store(source, ["a"], tmp_path / f"store{size}", "t", info,
+                        EmbedConfig(image_size=size, device="cpu", num_workers=0, progress=False))
+        said = [r.getMessage() for r in caplog.records if "--image-size" in r.getMessage()]
+        assert said == ([f"--image-size {size}: far below the 224 px the ImageNet weights were trained at (under "
+                         "112 px their features lose most of what they describe); the vectors will be of little use "
+                         "for lesions. Use --image-size 224 unless this is a test or a throughput run"]
+                        if warned else []), size
