@@ -29,6 +29,7 @@ from embed.model_loop import _Timer, embed_ids
 from embed.reader import DECODE_INFO
 from embed.sources import ImageSource
 from embed.store_writer import StoreWriter
+from embed.variants import warn_if_unfaithful
 from embed.weights import WeightsInfo
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def build_store(
     warn_if_small(config)
     device = resolve_device(config.device)
     identity = embedding_identity(weights, config)
+    warn_if_unfaithful(identity["variant"])
     info = {"dataset": dataset, "source": _describe(source), "decode": DECODE_INFO}
     mine = _ids_of_part(ids, config)
     run = _Run()

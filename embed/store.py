@@ -49,7 +49,7 @@ import numpy as np
 
 from common.files import sha256_file
 from embed.errors import EmbedError
-from embed.identity import IDENTITY_FIELDS, check_identity, identity_of
+from embed.identity import IDENTITY_FIELDS, UNFAITHFUL_VARIANTS, check_identity, identity_of
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +60,23 @@ _PART_MANIFEST_RE = re.compile(r"^manifest\.part-(\d+)-of-(\d+)\.json$")
 
 
 def store_name(dataset: str, weights_sha256: str, image_size: int, views: int,
-               blocks=("layer4",), pooling: str = "avg") -> str:
+               blocks=("layer4",), pooling: str = "avg", variant: str = "auto") -> str:
     """Directory name of a store: f"{dataset}-{sha[:12]}-{size}px-{views}v", followed by the
     pooled features when they are not the classic layer4 average, e.g. "-l34-gem" for layer3
-    and layer4 pooled by GeM (so stores made before blocks were a setting keep their names)."""
+    and layer4 pooled by GeM (so stores made before blocks were a setting keep their names),
+    and by the variant when it is one that computes another function ("-int8", `UNFAITHFUL_VARIANTS`).
+
+    The faithful variants (auto, eager, folded, jit-frozen, compiled) share one name: they compute
+    the same function (centred cosine to fp32 eager >= 0.998 per image, as close as eager bf16
+    is to eager fp32), "auto" resolves to eager or folded by the CPU, and their stores had that
+    name before the variant was a setting. Such a store keeps the variant it was built with
+    (`invoke embed` with auto appends with it; an explicit other one is refused, saying so).
+    """
     name = f"{dataset}-{weights_sha256[:12]}-{int(image_size)}px-{int(views)}v"
-    if list(blocks) == ["layer4"] and pooling == "avg":
-        return name
-    digits = "".join(block.removeprefix("layer") for block in blocks)
-    return f"{name}-l{digits}-{pooling}"
+    if not (list(blocks) == ["layer4"] and pooling == "avg"):
+        digits = "".join(block.removeprefix("layer") for block in blocks)
+        name = f"{name}-l{digits}-{pooling}"
+    return f"{name}-{variant}" if variant in UNFAITHFUL_VARIANTS else name
 
 
 def _first(items: Iterable, n: int = 5) -> str:
