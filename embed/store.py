@@ -196,9 +196,21 @@ def image_changed(stored: str | None, now: str | None) -> bool:
     """Whether an image differs from the one a vector was embedded from.
 
     Only two known fingerprints can tell: an id stored without one (a store made before
-    fingerprints) or no longer in the source is not called changed.
+    fingerprints) or no longer in the source is not called changed. A folder image's
+    fingerprint is "file:<size>:<mtime_ns>:<crc32>" and is compared by size and CRC (a copy
+    that changes only the time is the same image); one stored before the CRC was recorded,
+    "file:<size>:<mtime_ns>", is compared by size and time as it was then, so older stores keep
+    working unchanged (their ids get the content fingerprint when they are embedded again).
     """
-    return stored is not None and now is not None and stored != now
+    if stored is None or now is None:
+        return False
+    if stored.startswith("file:") and now.startswith("file:"):
+        old, new = stored.split(":"), now.split(":")
+        if len(old) == 3 and len(new) == 4:  # size and time, as stores before the CRC compared
+            return old[1:] != new[1:3]
+        if len(old) == 4 and len(new) == 4:
+            return (old[1], old[3]) != (new[1], new[3])
+    return stored != now
 
 
 class FeatureStore:
@@ -372,7 +384,7 @@ class FeatureStore:
         """The ids of `ids` whose image in `source` (an `embed.sources.ImageSource`) differs
         from the one their stored vector was embedded from, in the order given.
 
-        Compares cheap fingerprints (a folder: file size and modification time; HDF5: encoded
+        Compares cheap fingerprints (a folder: file size and CRC-32 of the bytes; HDF5: encoded
         length and CRC-32), not pixels. Ids without a vector, stored without a fingerprint, or
         absent from `source` are not listed: `missing` and the data set's own checks cover them.
         `build_store` embeds changed ids again.

@@ -492,7 +492,7 @@ def test_changed_images_are_embedded_again_and_read_back_new(
         N_IMAGES,
     )
     assert (
-        "3 image(s) changed since they were embedded (file size and modification time): "
+        "3 image(s) changed since they were embedded (file size and CRC-32 of its bytes): "
         "embedding them again: ids img_003, img_010, img_017" in caplog.text
     )
     fs = FeatureStore.open(store)
@@ -935,3 +935,22 @@ def test_a_size_far_below_training_is_embedded_with_a_warning(tmp_path, caplog):
                          "112 px their features lose most of what they describe); the vectors will be of little use "
                          "for lesions. Use --image-size 224 unless this is a test or a throughput run"]
                         if warned else []), size
+
+
+def test_an_image_replaced_with_the_same_size_and_time_is_embedded_again(tmp_path, folder, weights):
+    """`cp -p` of another image over one, same size and modification time: the content tells."""
+    root = _copy_folder(folder, tmp_path / "images")
+    src = FolderSource(root)
+    store = tmp_path / "store"
+    build_store(src, None, store, "toy", weights, tiny_config())
+    path = root / "img_003.jpg"
+    info = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte of the picture's data: another image, the same length
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert path.stat().st_size == info.st_size and path.stat().st_mtime_ns == info.st_mtime_ns
+    assert FeatureStore.open(store).changed(src, src.ids()) == ["img_003"]
+    again = build_store(src, None, store, "toy", weights, tiny_config())
+    assert again.changed == ["img_003"]
+    assert FeatureStore.open(store).changed(src, src.ids()) == []
