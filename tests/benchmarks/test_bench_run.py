@@ -151,6 +151,10 @@ def test_parts_are_named_and_kept_in_order():
         ({"store_rows": -1}, r"store_rows: expected an integer >= 0, got -1"),
         ({"weights": "w.pth", "random_weights": True}, r"weights: w.pth was given together with random_weights"),
         ({"parts": "gpu"}, r"parts: expected a comma-separated subset"),
+        ({"rows": 10}, r"rows: expected an integer >= 1000, got 10"),
+        ({"score_images": 0}, r"score_images: expected an integer >= 1, got 0"),
+        ({"parts": "scoring", "run": "/nowhere/run"}, r"run: /nowhere/run has no final model to score; make it "
+                                                       r"with `invoke stack --run /nowhere/run`"),
     ],
 )
 def test_bad_options_are_refused_before_any_work(tmp_path, options, message):
