@@ -156,13 +156,17 @@ class FolderSource:
         return real
 
     def read_bytes(self, image_id: str) -> bytes:
+        return self._read(image_id)[0]
+
+    def _read(self, image_id: str) -> tuple[bytes, os.stat_result]:
+        """The file's bytes and its stat, taken from the one open file (so they agree)."""
         path = self.path_of(image_id)
         real = self._inside(path, image_id)
         try:
             # O_NOFOLLOW: the checked file itself, not a link swapped in after the check.
             fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
             with os.fdopen(fd, "rb") as f:
-                return f.read()
+                return f.read(), os.fstat(f.fileno())
         except OSError as exc:
             raise EmbedError(f"image {image_id!r}: cannot read {str(path)!r}: {exc}") from exc
 
@@ -172,8 +176,7 @@ class FolderSource:
         out = {}
         for image_id in ids:
             try:
-                data = self.read_bytes(image_id)
-                _, info = self._find(image_id)
+                data, info = self._read(image_id)
             except EmbedError:
                 continue
             out[image_id] = f"file:{len(data)}:{info.st_mtime_ns}:{zlib.crc32(data):08x}"
