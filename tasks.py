@@ -243,9 +243,14 @@ def score(c, run=None, images=None, out=None, metadata=None, format="csv", batch
     "store_rows": "embedding part: rows of the store write/read figures, 0 skips them "
                   "(default 100000, 20000 with --quick)",
     "no_amp": "embedding part: fp32 instead of mixed precision",
+    "rows": "gbdt and fusion parts: one row count instead of 10000 (--quick) or 10000,50000,401059",
+    "score_images": "scoring part: images to score (default 2000, 200 with --quick)",
+    "run": "scoring part: the run to score (default: the demo run, made first if absent); "
+           "--weights then applies to it too",
 })
 def bench(c, quick=False, device="auto", parts=None, out=None, weights=None, random_weights=False, images=None,
-          n_images=None, image_size=None, batch_size=None, num_workers=None, rounds=None, store_rows=None, no_amp=False):
+          n_images=None, image_size=None, batch_size=None, num_workers=None, rounds=None, store_rows=None, no_amp=False,
+          rows=None, score_images=None, run=None):
     """Throughput and memory figures, each beside its in-run baseline."""
     _logging()
     from benchmarks.run import run_bench
@@ -254,7 +259,8 @@ def bench(c, quick=False, device="auto", parts=None, out=None, weights=None, ran
          random_weights=random_weights, images=images, n_images=_number("n_images", n_images), image_size=_number("image_size", image_size, default=224),
          batch_size=_number("batch_size", batch_size), num_workers=_number("num_workers", num_workers),
          rounds=_number("rounds", rounds, default=2),
-         store_rows=_number("store_rows", store_rows), amp=not no_amp)
+         store_rows=_number("store_rows", store_rows), amp=not no_amp, rows=_number("rows", rows),
+         score_images=_number("score_images", score_images), run=run)
 
 
 @_task(help={"k": "only tests matching this expression"})

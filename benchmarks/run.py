@@ -13,13 +13,16 @@ Parts (each measured by its own module, in this one run, on this machine):
   the reasons, the triage page and its saliency overlays beside scoring without them
   (`benchmarks.scoring`), on the demo run (made first if absent).
 
-Writes `artifacts/bench/bench.json` (`bench-quick.json` with `quick`) and prints a table.
+Writes `artifacts/bench/bench.json` (`bench-quick.json` with `quick`), or `--out`, atomically, and
+prints a table. `--out` is checked before any part runs (`check_bench_out`), so a bad path never
+costs the work nor replaces a file that is not an earlier benchmark.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -34,9 +37,14 @@ from benchmarks.gbdt import (
     TARGET_PEAK_BYTES,
 )
 from benchmarks.scoring import TARGET_RATIO as SCORE_TARGET_RATIO
+from common.files import atomic_write_text
 from embed.weights import ensure_weights
+from fuse.demo.run import DEMO_RUN, run_demo
 from fuse.errors import RunError
-from fuse.paths import artifacts_root
+from fuse.paths import artifacts_root, run_dir
+from tabular.layout import RunLayout
+
+__all__ = ["PARTS", "check_bench_out", "format_table", "parse_parts", "run_bench"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +74,39 @@ def parse_parts(parts: str | tuple[str, ...] | list[str] | None) -> tuple[str, .
     return tuple(p for p in PARTS if p in names)
 
 
+def check_bench_out(out: Path | str) -> Path:
+    """Refuse a figures path that cannot be written or would replace something that is not an
+    earlier benchmark: the rules of `score --out` (`fuse.predictions.check_out`) for a JSON file.
+
+    Returns:
+        `out` as a Path (its folder may not exist yet: `run_bench` makes it).
+
+    Raises:
+        RunError: `out` is a folder, does not end in .json, is an existing file that does not hold
+            JSON (e.g. a CSV renamed), or its folder (or the nearest existing one above it) cannot
+            be written.
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise RunError(f"--out {out}: is a folder; give a file path such as {out / 'bench.json'}")
+    if out.suffix.lower() != ".json":
+        raise RunError(f"--out {out}: expected a file ending in .json, got {out.suffix or 'no extension'!r}; "
+                       "the figures are written as JSON")
+    if out.exists():
+        try:
+            json.loads(out.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise RunError(f"--out {out}: exists and is not a JSON file ({type(error).__name__}); the benchmark "
+                           "would replace it. Give another path") from None
+        log.warning("--out %s exists; it will be replaced once the benchmark finishes", out)
+    folder = out.resolve().parent
+    while not folder.exists():  # the nearest folder that exists is the one mkdir writes into
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise RunError(f"--out {out}: cannot write in {folder}; give a path in a folder you can write")
+    return out
+
+
 def _check_count(name: str, value, minimum: int) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
         raise RunError(f"{name}: expected an integer >= {minimum}, got {value!r}")
@@ -87,6 +128,9 @@ def run_bench(
     rounds: int = 2,
     store_rows: int | None = None,
     amp: bool = True,
+    rows: int | None = None,
+    score_images: int | None = None,
+    run: Path | str | None = None,
 ) -> dict:
     """Run the chosen parts; `quick` uses small sizes (about a minute or two on 2 cores).
 
@@ -107,6 +151,11 @@ def run_bench(
             defaults for the device).
         store_rows: rows of the embedding part's store write and read figures, 0 skips them
             (default 100,000; 20,000 when quick).
+        rows: one row count for the gbdt and fusion parts instead of `QUICK_SIZES` / `FULL_SIZES`
+            (>= 1,000: the synthetic table needs positives in every fold).
+        score_images: images of the scoring part (default 2,000; 200 when quick).
+        run: the run the scoring part scores (default: the demo run, made first if absent); with
+            `weights`, the scoring part uses those weights too (they must be the run's).
 
     Returns:
         The JSON-ready figures: machine, quick, parts {name: figures}, seconds.
@@ -118,18 +167,23 @@ def run_bench(
     chosen = parse_parts(parts)
     for name, value, minimum in (("n_images", n_images, 1), ("image_size", image_size, 1),
                                  ("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-                                 ("rounds", rounds, 1), ("store_rows", store_rows, 0)):
+                                 ("rounds", rounds, 1), ("store_rows", store_rows, 0), ("rows", rows, 1000),
+                                 ("score_images", score_images, 1)):
         _check_count(name, value, minimum)
     if weights is not None and random_weights:
         raise RunError(f"weights: {weights} was given together with random_weights; choose one")
-    out = Path(out) if out else artifacts_root() / "bench" / ("bench-quick.json" if quick else "bench.json")
+    out = check_bench_out(out if out else
+                          artifacts_root() / "bench" / ("bench-quick.json" if quick else "bench.json"))
     # Weights are checked first, so that a missing file stops the run before the long parts.
     embed_weights = None
     if "embedding" in chosen and not random_weights:
         embed_weights = ensure_weights(None if weights is None else Path(weights))
     if "scoring" in chosen:
-        ensure_weights()  # the demo run's
-    sizes = QUICK_SIZES if quick else FULL_SIZES
+        if run is not None and not RunLayout(run_dir(run)).final.exists():
+            raise RunError(f"run: {run} has no final model to score; make it with `invoke stack --run {run}`")
+        if weights is None:
+            ensure_weights()  # the demo run's (or the given run's, when made with the cached weights)
+    sizes = (rows,) if rows else QUICK_SIZES if quick else FULL_SIZES
     result: dict = {"machine": machine(), "quick": quick, "parts": {}}
     started = time.perf_counter()
 
@@ -147,11 +201,18 @@ def run_bench(
         result["parts"]["fusion"] = [_fusion_at(rows, device) for rows in sizes]
     if "scoring" in chosen:
         log.info("bench: scoring")
-        result["parts"]["scoring"] = _scoring(SCORE_IMAGES[quick], device, batch_size, num_workers)
+        result["parts"]["scoring"] = _scoring(score_images or SCORE_IMAGES[quick], device, batch_size,
+                                              num_workers, run=run, weights=weights)
     result["seconds"] = round(time.perf_counter() - started, 1)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps(result, indent=1, default=str) + "\n")
+    except OSError as error:
+        # The figures are printed below either way: a failed write loses no measurement.
+        print(format_table(result))
+        raise RunError(f"--out {out}: could not be written ({error.strerror or error}); the figures are "
+                       "printed above") from None
     print(format_table(result))
     print(f"bench: {out}")
     return result
@@ -191,17 +252,15 @@ def _fusion_at(rows: int, device: str) -> dict:
     return bench_fusion_epoch(n_rows=rows, device="cpu" if device == "auto" and not torch.cuda.is_available() else device)
 
 
-def _scoring(n_images: int, device: str, batch_size: int | None, num_workers: int | None) -> dict:
-    """Scoring needs a trained run with images: the demo run, made first if absent."""
+def _scoring(n_images: int, device: str, batch_size: int | None, num_workers: int | None,
+             run: Path | str | None = None, weights: Path | str | None = None) -> dict:
+    """Scoring needs a trained run with images: `run`, or the demo run, made first if absent."""
     from benchmarks.scoring import bench_scoring
-    from fuse.demo import DEMO_RUN, run_demo
-    from fuse.paths import run_dir
-    from tabular.layout import RunLayout
 
-    run = RunLayout(run_dir(DEMO_RUN))
-    if not run.final.exists():
+    layout = RunLayout(run_dir(DEMO_RUN if run is None else run))
+    if run is None and not layout.final.exists():
         run_demo()
-    return bench_scoring(run.dir, n_images=n_images, device=device, batch_size=batch_size,
+    return bench_scoring(layout.dir, n_images=n_images, weights=weights, device=device, batch_size=batch_size,
                          num_workers=num_workers)
 
 

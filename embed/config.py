@@ -9,6 +9,7 @@ a sharded build splits the ids between its writers (`parse_shard`, `part_of`).
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -18,7 +19,16 @@ from pathlib import Path
 import torch
 
 from embed.errors import EmbedError
-from embed.pooled import DEFAULT_BLOCKS, DEFAULT_POOLING, check_features
+from embed.pooled import (
+    DEFAULT_BLOCKS,
+    DEFAULT_POOLING,
+    SMALL_IMAGE_SIZE,
+    TRAINED_IMAGE_SIZE,
+    check_features,
+    min_image_size,
+)
+
+log = logging.getLogger(__name__)
 
 # View k of an image; at most len(VIEWS) views. The order is part of a store's meaning.
 VIEWS: tuple[str, ...] = (
@@ -99,6 +109,14 @@ class EmbedConfig:
             "log_every",
         ):
             positive(name, getattr(self, name))
+        minimum = min_image_size(self.blocks)
+        if self.image_size < minimum:
+            raise EmbedError(
+                f"--image-size (EmbedConfig.image_size) {self.image_size}: the backbone needs at least {minimum} px "
+                f"for blocks {','.join(self.blocks)} (below it {self.blocks[-1]}'s map is no longer computed from "
+                f"image, only from padding); use --image-size {minimum} or more ({TRAINED_IMAGE_SIZE}, what the "
+                f"weights were trained at, is the default)"
+            )
         if not isinstance(self.views, int) or not 1 <= self.views <= len(VIEWS):
             raise EmbedError(f"EmbedConfig.views: expected 1..{len(VIEWS)}, got {self.views!r}")
         if not isinstance(self.shard_index, int) or not 0 <= self.shard_index < self.shard_count:
@@ -123,6 +141,17 @@ class EmbedConfig:
             raise EmbedError(
                 f"EmbedConfig.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
             )
+
+
+def warn_if_small(config: EmbedConfig) -> None:
+    """Log a warning when `config.image_size` is far below the size the weights were trained at
+    (< SMALL_IMAGE_SIZE): allowed (tests and throughput runs use 32 px), but the vectors then
+    describe the image much less well than at 224 px."""
+    if config.image_size < SMALL_IMAGE_SIZE:
+        log.warning("--image-size %d: far below the %d px the ImageNet weights were trained at (under %d px "
+                    "their features lose most of what they describe); the vectors will be of little use for "
+                    "lesions. Use --image-size %d unless this is a test or a throughput run",
+                    config.image_size, TRAINED_IMAGE_SIZE, SMALL_IMAGE_SIZE, TRAINED_IMAGE_SIZE)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,9 @@ IDENTITY_FIELDS: tuple[str, ...] = (
 # Fields added after stores and runs already existed, with the value every earlier store and
 # model had: an identity that lacks one is read with this value, so older stores stay usable.
 LEGACY_VALUES: dict = {"blocks": ["layer4"], "pooling": "avg", "variant": "eager"}
+# Inference variants that compute another function than the fp32 model (measured in
+# `embed.variants.MEASURED`): their vectors never share a store or a run with the others.
+UNFAITHFUL_VARIANTS: tuple[str, ...] = ("int8",)
 # Vectors are stored as float16: half the bytes of float32, and the frozen backbone's pooled
 # features lose nothing a downstream model can use at that precision.
 DTYPE = "float16"

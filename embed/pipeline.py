@@ -23,13 +23,14 @@ import torch
 
 from common.files import reporting_write_errors
 from embed.backbone import load_backbone
-from embed.config import EmbedConfig, EmbedSummary, part_of, resolve_device
+from embed.config import EmbedConfig, EmbedSummary, part_of, resolve_device, warn_if_small
 from embed.errors import EmbedError, EmbedInterrupted
 from embed.identity import embedding_identity
 from embed.model_loop import _Timer, embed_ids
 from embed.reader import DECODE_INFO
 from embed.sources import ImageSource
 from embed.store_writer import StoreWriter
+from embed.variants import warn_if_unfaithful
 from embed.weights import WeightsInfo
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,10 @@ def build_store(
     started = time.perf_counter()
     store_dir = Path(store_dir)
     ids = _unique_ids(source, ids)
+    warn_if_small(config)
     device = resolve_device(config.device)
     identity = embedding_identity(weights, config)
+    warn_if_unfaithful(identity["variant"])
     info = {"dataset": dataset, "source": _describe(source), "decode": DECODE_INFO}
     mine = _ids_of_part(ids, config)
     run = _Run()

@@ -11,6 +11,12 @@ from embed.errors import EmbedError
 # The residual stages a store can pool, in forward order, and their channels.
 BLOCK_DIMS: dict[str, int] = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
 BLOCKS: tuple[str, ...] = tuple(BLOCK_DIMS)
+# Each stage's output stride: one cell of its map stands for a stride x stride patch of the input.
+BLOCK_STRIDES: dict[str, int] = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
+# The input side the ImageNet weights were trained at, and the side below which their features
+# drift far from what they were trained to mean (objects 2x smaller than any seen in training).
+TRAINED_IMAGE_SIZE = 224
+SMALL_IMAGE_SIZE = 112
 # "avg": global average pool (torchvision's). "gem": generalised mean, (mean x^p)^(1/p) with
 # p = GEM_P, which leans towards the strongest responses of a channel (a small dark network or
 # a blue-white veil in one corner of a lesion counts for more than in a plain average).
@@ -21,6 +27,18 @@ GEM_P = 3.0
 # (the README's table).
 DEFAULT_BLOCKS: tuple[str, ...] = ("layer3",)
 DEFAULT_POOLING = "gem"
+
+
+def min_image_size(blocks) -> int:
+    """The smallest input side (px) the pooled `blocks` can use: the deepest one's stride.
+
+    Every stride-2 stage then halves a map of at least 2 x 2, so the deepest block's map is at
+    least 1 x 1 cell, each cell computed from a full stride x stride patch of image. Below it an
+    earlier stage already collapsed to 1 x 1 and the later stride-2 convolutions see mostly their
+    zero padding: the network still returns vectors, but not the features it was trained to
+    compute (layer3: 16 px, layer4: 32 px).
+    """
+    return max(BLOCK_STRIDES[b] for b in check_features(blocks, DEFAULT_POOLING))
 
 
 def check_features(blocks, pooling: str) -> tuple[str, ...]:

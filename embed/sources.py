@@ -65,10 +65,14 @@ class FolderSource:
     (a system file, another data set) is an EmbedError, so the run lists that id as failed.
     """
 
-    # What `fingerprints` looks at: one os.stat per file, the file is not read (401,059 files:
-    # 2.8 s of CPU). A rewrite that keeps both size and modification time would go unnoticed;
-    # a copy that does not keep times (`cp` without -p) counts every image as changed.
-    FINGERPRINT = "file size and modification time"
+    # What `fingerprints` looks at: the file's size and the CRC-32 of its bytes (the modification
+    # time is kept too, for stores written before, which are compared by size and time; see
+    # `embed.store.image_changed`). Size and time alone missed an image replaced by one of the
+    # same size and time (`cp -p`, `rsync -t`, a restore). Reading every file costs more than
+    # a stat: on the 8,034 HAM10000 images (43 MB, page cache warm, loaded 2-core EPYC) 0.44 s
+    # against 0.11 s (4.2x; blake2b 0.69 s, 6.5x), small beside the seconds embedding them takes.
+    # A copy that does not keep times (`cp` without -p) is no longer counted as a change.
+    FINGERPRINT = "file size and CRC-32 of its bytes"
 
     def __init__(self, root: Path | str):
         self.root = Path(root)
@@ -152,25 +156,30 @@ class FolderSource:
         return real
 
     def read_bytes(self, image_id: str) -> bytes:
+        return self._read(image_id)[0]
+
+    def _read(self, image_id: str) -> tuple[bytes, os.stat_result]:
+        """The file's bytes and its stat, taken from the one open file (so they agree)."""
         path = self.path_of(image_id)
         real = self._inside(path, image_id)
         try:
             # O_NOFOLLOW: the checked file itself, not a link swapped in after the check.
             fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
             with os.fdopen(fd, "rb") as f:
-                return f.read()
+                return f.read(), os.fstat(f.fileno())
         except OSError as exc:
             raise EmbedError(f"image {image_id!r}: cannot read {str(path)!r}: {exc}") from exc
 
     def fingerprints(self, ids: Iterable[str]) -> dict[str, str]:
-        """{id: "file:<size>:<mtime_ns>"} for the ids that have a file (others are left out)."""
+        """{id: "file:<size>:<mtime_ns>:<crc32>"} for the ids that have a readable file (others
+        are left out); the CRC-32 is of the bytes `read_bytes` returns."""
         out = {}
         for image_id in ids:
             try:
-                _, info = self._find(image_id)
+                data, info = self._read(image_id)
             except EmbedError:
                 continue
-            out[image_id] = f"file:{info.st_size}:{info.st_mtime_ns}"
+            out[image_id] = f"file:{len(data)}:{info.st_mtime_ns}:{zlib.crc32(data):08x}"
         return out
 
 

@@ -49,7 +49,7 @@ import numpy as np
 
 from common.files import sha256_file
 from embed.errors import EmbedError
-from embed.identity import IDENTITY_FIELDS, check_identity, identity_of
+from embed.identity import IDENTITY_FIELDS, UNFAITHFUL_VARIANTS, check_identity, identity_of
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +60,23 @@ _PART_MANIFEST_RE = re.compile(r"^manifest\.part-(\d+)-of-(\d+)\.json$")
 
 
 def store_name(dataset: str, weights_sha256: str, image_size: int, views: int,
-               blocks=("layer4",), pooling: str = "avg") -> str:
+               blocks=("layer4",), pooling: str = "avg", variant: str = "auto") -> str:
     """Directory name of a store: f"{dataset}-{sha[:12]}-{size}px-{views}v", followed by the
     pooled features when they are not the classic layer4 average, e.g. "-l34-gem" for layer3
-    and layer4 pooled by GeM (so stores made before blocks were a setting keep their names)."""
+    and layer4 pooled by GeM (so stores made before blocks were a setting keep their names),
+    and by the variant when it is one that computes another function ("-int8", `UNFAITHFUL_VARIANTS`).
+
+    The faithful variants (auto, eager, folded, jit-frozen, compiled) share one name: they compute
+    the same function (centred cosine to fp32 eager >= 0.998 per image, as close as eager bf16
+    is to eager fp32), "auto" resolves to eager or folded by the CPU, and their stores had that
+    name before the variant was a setting. Such a store keeps the variant it was built with
+    (`invoke embed` with auto appends with it; an explicit other one is refused, saying so).
+    """
     name = f"{dataset}-{weights_sha256[:12]}-{int(image_size)}px-{int(views)}v"
-    if list(blocks) == ["layer4"] and pooling == "avg":
-        return name
-    digits = "".join(block.removeprefix("layer") for block in blocks)
-    return f"{name}-l{digits}-{pooling}"
+    if not (list(blocks) == ["layer4"] and pooling == "avg"):
+        digits = "".join(block.removeprefix("layer") for block in blocks)
+        name = f"{name}-l{digits}-{pooling}"
+    return f"{name}-{variant}" if variant in UNFAITHFUL_VARIANTS else name
 
 
 def _first(items: Iterable, n: int = 5) -> str:
@@ -188,9 +196,21 @@ def image_changed(stored: str | None, now: str | None) -> bool:
     """Whether an image differs from the one a vector was embedded from.
 
     Only two known fingerprints can tell: an id stored without one (a store made before
-    fingerprints) or no longer in the source is not called changed.
+    fingerprints) or no longer in the source is not called changed. A folder image's
+    fingerprint is "file:<size>:<mtime_ns>:<crc32>" and is compared by size and CRC (a copy
+    that changes only the time is the same image); one stored before the CRC was recorded,
+    "file:<size>:<mtime_ns>", is compared by size and time as it was then, so older stores keep
+    working unchanged (their ids get the content fingerprint when they are embedded again).
     """
-    return stored is not None and now is not None and stored != now
+    if stored is None or now is None:
+        return False
+    if stored.startswith("file:") and now.startswith("file:"):
+        old, new = stored.split(":"), now.split(":")
+        if len(old) == 3 and len(new) == 4:  # size and time, as stores before the CRC compared
+            return old[1:] != new[1:3]
+        if len(old) == 4 and len(new) == 4:
+            return (old[1], old[3]) != (new[1], new[3])
+    return stored != now
 
 
 class FeatureStore:
@@ -364,7 +384,7 @@ class FeatureStore:
         """The ids of `ids` whose image in `source` (an `embed.sources.ImageSource`) differs
         from the one their stored vector was embedded from, in the order given.
 
-        Compares cheap fingerprints (a folder: file size and modification time; HDF5: encoded
+        Compares cheap fingerprints (a folder: file size and CRC-32 of the bytes; HDF5: encoded
         length and CRC-32), not pixels. Ids without a vector, stored without a fingerprint, or
         absent from `source` are not listed: `missing` and the data set's own checks cover them.
         `build_store` embeds changed ids again.

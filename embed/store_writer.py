@@ -27,7 +27,14 @@ from filelock import FileLock, Timeout
 from common.files import atomic_write, fsync_dir
 from common.version import lesionfuse_version
 from embed.errors import EmbedError
-from embed.identity import DTYPE, IDENTITY_FIELDS, as_json, check_identity, with_legacy_values
+from embed.identity import (
+    DTYPE,
+    IDENTITY_FIELDS,
+    as_json,
+    check_identity,
+    identity_of,
+    with_legacy_values,
+)
 from embed.store import (
     _PART_MANIFEST_RE,
     FINGERPRINTS_SUFFIX,
@@ -366,6 +373,17 @@ class StoreWriter:
             if lock is not None:
                 lock.release()
 
+    def _clash_hint(self, recorded: dict) -> str:
+        """What to do when this store was built with other settings than this run's: never
+        "build it with `invoke embed`", the command that was just run and refused."""
+        have = identity_of(recorded).get("variant")
+        want = self.identity.get("variant")
+        if want is not None and have != want:
+            return (f"the store keeps the variant it was built with: rerun with --variant {have} (or --variant "
+                    f"auto, which keeps it), or move the store {str(self.path)!r} away to rebuild it with {want}")
+        return (f"rerun with the settings it was built with, or move the store {str(self.path)!r} away to "
+                "rebuild it with these")
+
     def _load(self) -> None:
         if not self.sharded:
             # Fold finished parts of an earlier sharded build first, so this writer owns one
@@ -373,7 +391,8 @@ class StoreWriter:
             _merge_locked(self.path)
         combined, manifests = _collect(self.path)
         check_identity(
-            combined, self.identity, f"feature store {str(self.path)!r}", "this run asks for"
+            combined, self.identity, f"feature store {str(self.path)!r}", "this run asks for",
+            hint=self._clash_hint(combined),
         )
         self.recorded = combined
         own = dict(manifests)

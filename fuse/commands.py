@@ -25,6 +25,7 @@ from fuse.stores import (
     open_for_training,
     store_path,
 )
+from tabular.features import unknown_categories_said_once
 from tabular.layout import RunLayout
 from tabular.run import open_run
 from tabular.spec import DatasetSpec, load_spec
@@ -90,6 +91,7 @@ def _variant_of_existing_store(store_dir: Path, config: EmbedConfig) -> EmbedCon
     return replace(config, variant=str(recorded))
 
 
+@unknown_categories_said_once()
 def train_gbdt(spec, run, trials: int = 0, storage: str | None = None, image_pca: int | None = None,
                neg_ratio: float | None = None, store: Path | str | None = None, seeds=(0, 1, 2),
                config=None) -> dict:
@@ -128,6 +130,7 @@ def train_gbdt(spec, run, trials: int = 0, storage: str | None = None, image_pca
     return metrics
 
 
+@unknown_categories_said_once()
 def train_fusion(spec, run, store: Path | str | None = None, imbalance: str | None = None,
                  max_epochs: int | None = None, members: int | None = None, config=None) -> dict:
     """`invoke train-fusion`: the fusion MLP on the spec's feature store and metadata."""
@@ -145,6 +148,7 @@ def train_fusion(spec, run, store: Path | str | None = None, imbalance: str | No
     return fit(spec, run_dir(run), store, config)
 
 
+@unknown_categories_said_once()
 def stack_and_report(run, sensitivity: float = 0.95) -> Path:
     """`invoke stack`: stack and blend the base models, choose the final one, write the report."""
     from fuse.report import write_report
@@ -156,6 +160,7 @@ def stack_and_report(run, sensitivity: float = 0.95) -> Path:
     return write_report(run_dir(run), sensitivity=sensitivity)
 
 
+@unknown_categories_said_once()
 def score_images(run, images=None, out=None, metadata=None, output_format: str = "csv", batch_size: int | None = None,
                  device: str = "auto", weights: Path | str | None = None, store: Path | str | None = None,
                  prevalence: float | None = None, html: Path | str | None = None, page: bool = True,

@@ -55,8 +55,10 @@ READ_ROWS = 8192
 
 def store_path(spec: DatasetSpec, weights: WeightsInfo, config: EmbedConfig,
                stores: Path | None = None) -> Path:
-    """Where the store for (data set, weights, image size, views, pooled blocks) lives."""
-    name = store_name(spec.name, weights.sha256, config.image_size, config.views, config.blocks, config.pooling)
+    """Where the store for (data set, weights, image size, views, pooled blocks, and the variant
+    when it is not faithful) lives."""
+    name = store_name(spec.name, weights.sha256, config.image_size, config.views, config.blocks, config.pooling,
+                      config.variant)
     return (stores or stores_root()) / name
 
 

@@ -22,11 +22,13 @@ Feature blocks, in this column order:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -35,6 +37,55 @@ from tabular.errors import DataError, preview
 from tabular.spec import DatasetSpec
 
 log = logging.getLogger(__name__)
+
+# Categories not seen at fit, per column, while `unknown_categories_said_once` is open: every fold
+# model has its own encoder and scoring runs in batches, so a warning per `transform` call said
+# the same thing 5-10 times. A context variable, not a module global, so that threads and nested
+# calls each see their own collection.
+_UNKNOWN: contextvars.ContextVar[dict | None] = contextvars.ContextVar("unknown_categories", default=None)
+
+
+@contextlib.contextmanager
+def unknown_categories_said_once() -> Iterator[None]:
+    """Collect the categories `FeatureEncoder.transform` meets that its fit did not see, and log
+    them once per column when the outermost such block ends: the rows holding them (distinct ids,
+    over every batch), the encoder calls (e.g. one per fold model) that had not seen them, and the
+    values.
+
+    Usable as a decorator. Nested blocks add to the outermost one.
+    """
+    if _UNKNOWN.get() is not None:
+        yield
+        return
+    token = _UNKNOWN.set({})
+    try:
+        yield
+    finally:
+        collected = _UNKNOWN.get()
+        _UNKNOWN.reset(token)
+        for column, seen in collected.items():
+            if not seen["ids"]:
+                continue
+            log.warning(
+                "categorical column '%s': %d row(s) hold categories not seen at fit (by %d of %d encoder "
+                "calls, e.g. one per fold model), encoded as all-zero: %s",
+                column, len(seen["ids"]), seen["calls_unknown"], seen["calls"], preview(sorted(seen["values"])),
+            )
+
+
+def _note_unknown(column: str, values: list, ids: list[str]) -> bool:
+    """Count one transform of `column` (and the ids and values it did not know) in the open
+    collection; False when none is open and the caller logs itself."""
+    collected = _UNKNOWN.get()
+    if collected is None:
+        return False
+    seen = collected.setdefault(column, {"ids": set(), "calls": 0, "calls_unknown": 0, "values": set()})
+    seen["calls"] += 1
+    if ids:
+        seen["calls_unknown"] += 1
+        seen["ids"].update(ids)
+        seen["values"].update(values)
+    return True
 
 ENCODER_FORMAT = 1
 # A categorical column with more distinct values than this is almost surely an id or free text.
@@ -390,8 +441,12 @@ class FeatureEncoder:
             block[missing, len(levels)] = 1.0  # the last column of the block is `__missing`
             for j, column in enumerate(names):
                 out[:, position[column["name"]]] = block[:, j]
-            if unknown.any() and _warn_unknown:
-                examples = sorted(set(values[unknown].tolist()))
+            if not _warn_unknown:
+                continue
+            examples = sorted(set(values[unknown].tolist()))
+            if _note_unknown(source, examples, ids.to_numpy()[unknown].tolist()):
+                pass  # said once when the collection ends
+            elif unknown.any():
                 log.warning(
                     "categorical column '%s': %d row(s) hold categories not seen at fit, encoded "
                     "as all-zero: %s",

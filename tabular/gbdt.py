@@ -304,6 +304,26 @@ class FoldData:
     valid_set: lgb.Dataset | None = None
 
 
+def pca_components_used(n_components: int, extra_dim: int, fold_of_row: np.ndarray, max_rows: int) -> list[int]:
+    """Components `FoldPCA.fit` keeps in each fold (sorted fold order): a PCA of r rows in d
+    dimensions has at most min(r, d), so `n_components` is cut where it asks for more."""
+    fold_of_row = np.asarray(fold_of_row)
+    return [min(n_components, extra_dim, min(int(np.sum(fold_of_row != f)), max_rows))
+            for f in sorted(np.unique(fold_of_row).tolist())]
+
+
+def _warn_if_pca_cut(n_components: int, extra_dim: int, fold_of_row: np.ndarray, max_rows: int) -> None:
+    used = pca_components_used(n_components, extra_dim, fold_of_row, max_rows)
+    if min(used) >= n_components:
+        return
+    kept = f"{min(used)}" if min(used) == max(used) else f"{min(used)} to {max(used)} (by fold)"
+    log.warning("--image-pca (extra_components) %d: %s components used; a PCA keeps at most as many as the "
+                "embedding dimension (%d) and a fold's training rows (at most %d, the smallest fold's %d). "
+                "Pass --image-pca %d or fewer to ask for what is used",
+                n_components, kept, extra_dim, max_rows,
+                min(int(np.sum(np.asarray(fold_of_row) != f)) for f in np.unique(fold_of_row)), min(used))
+
+
 def build_fold(
     frame: pd.DataFrame,
     spec: DatasetSpec,
@@ -329,6 +349,8 @@ def build_fold(
     X_valid = encoder.transform(frame.iloc[valid_rows])
     pca = None
     if extra is not None:
+        if fold == np.min(fold_of_row):  # said once per fit, not once per fold
+            _warn_if_pca_cut(config.extra_components, extra.shape[1], fold_of_row, config.pca_fit_rows)
         pca = FoldPCA.fit(extra[train_rows], config.extra_components, seed=fold, max_rows=config.pca_fit_rows)
         # Each part's patient context comes from its own rows (a patient is in one part only
         # when folds are grouped by patient, as the ISIC 2024 spec's are).

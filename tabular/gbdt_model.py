@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from tabular.errors import DataError
-from tabular.features import FeatureEncoder
+from tabular.features import FeatureEncoder, unknown_categories_said_once
 from tabular.gbdt import EXTRA_PREFIX, PATIENT_CONTEXT, FoldPCA, check_extra, with_extra
 from tabular.spec import DatasetSpec
 
@@ -125,6 +125,8 @@ class GBDTModel:
         dataset = next(iter(encoders.values()), {}).get("dataset")
         return cls(stage_dir, folds, manifest.get("extra_dim"), dataset)
 
+    # One warning per column for every fold's encoder, not one per fold.
+    @unknown_categories_said_once()
     def predict(self, frame: pd.DataFrame, extra: np.ndarray | None = None, *,
                 spec: DatasetSpec | None = None, encode: Encode | None = None) -> np.ndarray:
         """Mean probability over every fold x seed model, shape (len(frame),) float64.
@@ -163,6 +165,7 @@ class GBDTModel:
                 count += 1
         return total / count
 
+    @unknown_categories_said_once()
     def reasons(self, frame: pd.DataFrame, extra: np.ndarray | None = None, *, top: int = 3,
                 encode: Encode | None = None) -> list[str]:
         """The largest metadata contributions to each row's score, as text.

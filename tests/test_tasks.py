@@ -159,3 +159,17 @@ def test_embed_refuses_an_unknown_block_by_name(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: blocks: expected one or more distinct of ['layer1', 'layer2', 'layer3', 'layer4']" \
            " (e.g. 'layer3,layer4'), got ['layer3', 'layer9']" in result.stderr, result.stderr
+
+
+def test_embed_refuses_an_image_size_the_backbone_cannot_use(tmp_path):
+    spec = tmp_path / "s.toml"
+    spec.write_text('[dataset]\nname = "s"\nmetadata = "m.csv"\nimages = "img"\nid = "id"\ntarget = "t"\n'
+                    'group = "id"\ncategorical = []\nnumeric = []\n')
+    (tmp_path / "m.csv").write_text("id,t\na,0\n")
+    (tmp_path / "img").mkdir()
+    result = invoke("embed", "--spec", str(spec), "--image-size", "8",
+                    env={"LESIONFUSE_ARTIFACTS": str(tmp_path)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: --image-size (EmbedConfig.image_size) 8: the backbone needs at least 16 px for blocks layer3" \
+           in result.stderr, result.stderr
+    assert not (tmp_path / "stores").exists()

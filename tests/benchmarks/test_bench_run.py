@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from benchmarks.common import machine
-from benchmarks.run import PARTS, format_table, parse_parts, run_bench
+from benchmarks.run import PARTS, check_bench_out, format_table, parse_parts, run_bench
 from fuse.errors import RunError
+
+REPO = Path(__file__).resolve().parents[2]
+INVOKE = Path(sys.executable).parent / "invoke"
 
 RESULT = {
     "machine": machine(),
@@ -144,6 +151,10 @@ def test_parts_are_named_and_kept_in_order():
         ({"store_rows": -1}, r"store_rows: expected an integer >= 0, got -1"),
         ({"weights": "w.pth", "random_weights": True}, r"weights: w.pth was given together with random_weights"),
         ({"parts": "gpu"}, r"parts: expected a comma-separated subset"),
+        ({"rows": 10}, r"rows: expected an integer >= 1000, got 10"),
+        ({"score_images": 0}, r"score_images: expected an integer >= 1, got 0"),
+        ({"parts": "scoring", "run": "/nowhere/run"}, r"run: /nowhere/run has no final model to score; make it "
+                                                       r"with `invoke stack --run /nowhere/run`"),
     ],
 )
 def test_bad_options_are_refused_before_any_work(tmp_path, options, message):
@@ -165,3 +176,68 @@ def test_embedding_part_alone_with_random_weights(tmp_path, capsys):
     assert json.loads(out.read_text())["parts"]["embedding"]["n_images"] == 4
     printed = capsys.readouterr().out
     assert "embed pipeline images/s vs model-only ceiling" in printed and f"bench: {out}" in printed
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("victim.csv", "id,p\na,0.5\n", r"--out .*victim.csv: expected a file ending in .json, got '.csv'"),
+        ("notes", None, r"--out .*notes: expected a file ending in .json, got 'no extension'"),
+        ("renamed.json", "id,p\na,0.5\n", r"--out .*renamed.json: exists and is not a JSON file"),
+    ],
+)
+def test_out_is_checked_before_any_work_and_never_replaces_other_files(tmp_path, name, content, message):
+    out = tmp_path / name
+    if content is not None:
+        out.write_text(content)
+    with pytest.raises(RunError, match=message):
+        run_bench(out=out, parts="gbdt")
+    assert content is None or out.read_text() == content
+
+
+def test_out_a_folder_or_an_unwritable_place_is_refused(tmp_path):
+    with pytest.raises(RunError, match=r"--out .*: is a folder; give a file path such as .*bench.json"):
+        check_bench_out(tmp_path)
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text('{"parts": {}}')
+    assert check_bench_out(earlier) == earlier  # an earlier benchmark may be replaced
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as root: a read-only folder is still writable")
+        with pytest.raises(RunError, match=r"--out .*bench.json: cannot write in .*locked"):
+            check_bench_out(locked / "sub" / "bench.json")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_cli_refuses_a_csv_out_with_exit_2_and_keeps_it(tmp_path):
+    victim = tmp_path / "victim.csv"
+    victim.write_text("id,p\na,0.5\n")
+    done = subprocess.run([str(INVOKE), "bench", "--quick", "--parts", "gbdt", "--out", str(victim)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "error: --out" in done.stderr and "expected a file ending in .json" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert victim.read_text() == "id,p\na,0.5\n"
+
+
+def test_figures_are_written_atomically(tmp_path, monkeypatch):
+    """A failed write leaves the earlier figures whole and no temporary file behind."""
+    import benchmarks.run as bench_run
+
+    out = tmp_path / "bench.json"
+    out.write_text('{"old": true}')
+    monkeypatch.setattr(bench_run, "_fusion_at", lambda rows, device: {"rows": rows})
+    monkeypatch.setattr(bench_run, "format_table", lambda result: "table")
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)  # the rename that publishes the new file
+    with pytest.raises(RunError, match=r"--out .*bench.json: could not be written \(No space left on device\)"):
+        run_bench(out=out, parts="fusion", rows=1000)
+    assert json.loads(out.read_text()) == {"old": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]

@@ -492,7 +492,7 @@ def test_changed_images_are_embedded_again_and_read_back_new(
         N_IMAGES,
     )
     assert (
-        "3 image(s) changed since they were embedded (file size and modification time): "
+        "3 image(s) changed since they were embedded (file size and CRC-32 of its bytes): "
         "embedding them again: ids img_003, img_010, img_017" in caplog.text
     )
     fs = FeatureStore.open(store)
@@ -876,3 +876,81 @@ def test_cpu_count_takes_the_smaller_of_affinity_and_quota(monkeypatch):
     assert embed_config._cpu_count() == min(3, len(os.sched_getaffinity(0)))
     monkeypatch.setattr(embed_config, "cgroup_cpu_limit", lambda: None)
     assert embed_config._cpu_count() == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(
+    ("image_size", "blocks", "minimum"),
+    [(1, DEFAULT_BLOCKS, 16), (8, ("layer3",), 16), (15, ("layer3",), 16), (16, ("layer4",), 32),
+     (31, ("layer3", "layer4"), 32), (3, ("layer1",), 4)],
+)
+def test_image_sizes_the_backbone_cannot_use_are_refused(image_size, blocks, minimum):
+    with pytest.raises(EmbedError, match=rf"--image-size \(EmbedConfig.image_size\) {image_size}: the backbone needs "
+                                         rf"at least {minimum} px for blocks {','.join(blocks)}.*use --image-size "
+                                         rf"{minimum} or more"):
+        EmbedConfig(image_size=image_size, blocks=blocks)
+
+
+def test_the_smallest_usable_size_keeps_a_map_of_one_cell_at_the_deepest_block():
+    """The minimum is exact: at it the deepest block's map is 1 x 1 and no earlier stage has
+    collapsed to 1 x 1 before its last downsampling (that is what the size is refused for below it)."""
+    import torchvision
+
+    from embed.pooled import min_image_size
+
+    net = torchvision.models.resnet50(weights=None).eval()
+    for blocks in (("layer3",), ("layer4",), ("layer3", "layer4")):
+        size = min_image_size(blocks)
+        EmbedConfig(image_size=size, blocks=blocks)  # accepted
+        x = torch.zeros(1, 3, size, size)
+        sides = []
+        with torch.inference_mode():
+            x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+            for name in ("layer1", "layer2", "layer3", "layer4"):
+                x = getattr(net, name)(x)
+                sides.append(x.shape[-1])
+                if name == blocks[-1]:
+                    break
+        assert sides[-1] == 1 and all(s >= 2 for s in sides[:-1]), (blocks, sides)
+
+
+def test_a_size_far_below_training_is_embedded_with_a_warning(tmp_path, caplog):
+    weights = tmp_path / "w.pth"
+    import torchvision
+
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), weights)
+    from embed.weights import ensure_weights
+
+    info = ensure_weights(weights)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (40, 40), (200, 120, 90)).save(images / "a.png")
+    source = open_source(images)
+    for size, warned in ((32, True), (112, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="embed.config"):
+            build_store(source, ["a"], tmp_path / f"store{size}", "t", info,
+                        EmbedConfig(image_size=size, device="cpu", num_workers=0, progress=False))
+        said = [r.getMessage() for r in caplog.records if "--image-size" in r.getMessage()]
+        assert said == ([f"--image-size {size}: far below the 224 px the ImageNet weights were trained at (under "
+                         "112 px their features lose most of what they describe); the vectors will be of little use "
+                         "for lesions. Use --image-size 224 unless this is a test or a throughput run"]
+                        if warned else []), size
+
+
+def test_an_image_replaced_with_the_same_size_and_time_is_embedded_again(tmp_path, folder, weights):
+    """`cp -p` of another image over one, same size and modification time: the content tells."""
+    root = _copy_folder(folder, tmp_path / "images")
+    src = FolderSource(root)
+    store = tmp_path / "store"
+    build_store(src, None, store, "toy", weights, tiny_config())
+    path = root / "img_003.jpg"
+    info = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte of the picture's data: another image, the same length
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert path.stat().st_size == info.st_size and path.stat().st_mtime_ns == info.st_mtime_ns
+    assert FeatureStore.open(store).changed(src, src.ids()) == ["img_003"]
+    again = build_store(src, None, store, "toy", weights, tiny_config())
+    assert again.changed == ["img_003"]
+    assert FeatureStore.open(store).changed(src, src.ids()) == []

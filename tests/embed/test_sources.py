@@ -22,6 +22,7 @@ from embed.sources import (
     open_source,
     safe_reason,
 )
+from embed.store import image_changed
 
 MAX = 50_000_000
 
@@ -113,21 +114,38 @@ def test_folder_missing_id_and_folder(tmp_path):
         FolderSource(tmp_path / "absent")
 
 
-def test_folder_fingerprints_follow_size_and_modification_time(tmp_path):
+def test_folder_fingerprints_follow_the_content_not_the_time(tmp_path):
     (tmp_path / "a.jpg").write_bytes(jpeg_bytes(0))
     (tmp_path / "b.png").write_bytes(_png(Image.new("RGB", (4, 4))))
     src = FolderSource(tmp_path)
     first = src.fingerprints(["a", "b", "gone", "../x"])
     assert set(first) == {"a", "b"}  # ids without a file (or outside the folder) are left out
     info = os.stat(tmp_path / "a.jpg")
-    assert first["a"] == f"file:{info.st_size}:{info.st_mtime_ns}"
-    assert src.fingerprints(["a", "b"]) == first
-    # Rewritten with the same size (a rotated square image often is): the time tells.
     data = (tmp_path / "a.jpg").read_bytes()
+    assert first["a"] == f"file:{info.st_size}:{info.st_mtime_ns}:{zlib.crc32(data):08x}"
+    assert src.fingerprints(["a", "b"]) == first
+    # Replaced by another image of the same size, with the old time put back (`cp -p`, a restore).
     (tmp_path / "a.jpg").write_bytes(data[::-1])
-    os.utime(tmp_path / "a.jpg", ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000))
-    assert src.fingerprints(["a"])["a"] != first["a"]
+    os.utime(tmp_path / "a.jpg", ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert image_changed(first["a"], src.fingerprints(["a"])["a"])
+    # The same bytes with a new time (a copy without -p): the same image.
+    (tmp_path / "a.jpg").write_bytes(data)
+    os.utime(tmp_path / "a.jpg", ns=(info.st_atime_ns, info.st_mtime_ns + 5_000_000_000))
+    assert not image_changed(first["a"], src.fingerprints(["a"])["a"])
     assert src.fingerprints(["b"]) == {"b": first["b"]}
+
+
+def test_fingerprints_stored_before_the_content_was_recorded_compare_as_they_did(tmp_path):
+    """A store written before: "file:<size>:<mtime_ns>", compared by size and time."""
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes(0))
+    info = os.stat(tmp_path / "a.jpg")
+    older = f"file:{info.st_size}:{info.st_mtime_ns}"
+    now = FolderSource(tmp_path).fingerprints(["a"])["a"]
+    assert not image_changed(older, now)
+    assert image_changed(f"file:{info.st_size}:{info.st_mtime_ns + 1}", now)
+    assert image_changed(f"file:{info.st_size + 1}:{info.st_mtime_ns}", now)
+    assert not image_changed(None, now) and not image_changed(older, None)
+    assert image_changed("h5:10:0000abcd", "h5:10:0000abce") and not image_changed("h5:1:ff", "h5:1:ff")
 
 
 def test_folder_reads_symlinks_inside_the_folder_only(tmp_path):

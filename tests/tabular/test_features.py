@@ -255,3 +255,24 @@ def test_missing_column_and_unfitted_and_bad_json():
         FeatureEncoder().fit(toy_frame().iloc[:0], make_spec())
     with pytest.raises(DataError, match="no feature column"):
         FeatureEncoder().fit(toy_frame(), make_spec(categorical=(), numeric=(), patient=None))
+
+
+def test_unknown_categories_over_batches_and_encoders_are_said_once_with_counts(caplog):
+    """Two encoders (fold models) and two batches: one warning per column, distinct rows counted."""
+    from tabular.features import unknown_categories_said_once
+
+    spec = make_spec(patient=None)
+    frame = toy_frame()
+    encoders = [FeatureEncoder().fit(frame, spec), FeatureEncoder().fit(frame[frame.site != "leg"], spec)]
+    batches = [pd.DataFrame({"id": ids, "site": sites, "age": 1.0, "size": 1.0, "patient": "p"})
+               for ids, sites in ((["n1", "n2"], ["neck", "leg"]), (["n3"], ["neck"]))]
+    with caplog.at_level(logging.WARNING, logger="tabular.features"):
+        with unknown_categories_said_once():
+            for batch in batches:
+                for encoder in encoders:
+                    with unknown_categories_said_once():  # nested blocks add to the outer one
+                        encoder.transform(batch)
+            assert "not seen at fit" not in caplog.text
+    (said,) = [r.getMessage() for r in caplog.records if "not seen at fit" in r.getMessage()]
+    assert said == ("categorical column 'site': 3 row(s) hold categories not seen at fit (by 4 of 4 encoder "
+                    "calls, e.g. one per fold model), encoded as all-zero: 2: leg, neck")

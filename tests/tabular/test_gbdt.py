@@ -287,3 +287,42 @@ def test_reasons_come_only_from_present_values_above_the_floor():
                         "site__missing": 0.0, "size": 3.0, "tilt": 2.0})
     # age and sex are absent (no "age = missing", no "sex != male"); tilt's share is below the floor
     assert _reason_text(contributions, values, top=3) == "site != face (+0.60); size = 3 (+0.40)"
+
+
+def test_image_pca_cut_to_what_the_folds_allow_is_said_once(caplog):
+    """`--image-pca 100000` on 160 rows of 4 folds: each fold's PCA keeps 120 (its training rows)."""
+    frame, spec, folds = toy(n=160)
+    extra = np.random.default_rng(0).normal(size=(160, 200)).astype(np.float32)
+    config = GBDTConfig(seeds=(0,), extra_components=100_000, neg_ratio=0, num_threads=1)
+    y = frame["target"].to_numpy()
+    with caplog.at_level("WARNING", logger="tabular.gbdt"):
+        data = [build_fold(frame, spec, y, folds, k, extra=extra, config=config) for k in range(4)]
+    assert [len(d.pca.components) for d in data] == [120] * 4
+    said = [r.getMessage() for r in caplog.records if "--image-pca" in r.getMessage()]
+    assert len(said) == 1
+    assert re.search(r"--image-pca \(extra_components\) 100000: 120 components used", said[0])
+    assert "Pass --image-pca 120 or fewer" in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tabular.gbdt"):
+        build_fold(frame, spec, y, folds, 0, extra=extra, config=GBDTConfig(extra_components=8, num_threads=1))
+    assert not [r for r in caplog.records if "--image-pca" in r.getMessage()]
+
+
+def test_categories_not_seen_at_fit_are_said_once_per_column_for_every_fold(tmp_path, caplog):
+    """4 fold models each meeting the same unknown site: one warning, naming rows and encoders."""
+    frame, spec, folds = toy(n=200)
+    config = GBDTConfig(seeds=(0,), num_boost_round=20, early_stopping_rounds=5, num_threads=1)
+    data, ensemble = fit(frame, spec, folds, config=config)
+    save_ensemble(tmp_path, ensemble, data, config, extra_dim=None)
+    new = frame.drop(columns=["target"]).head(5).copy()
+    new["site"] = ["neck", "neck", "scalp", "arm", "leg"]
+    model = GBDTModel.load(tmp_path)
+    with caplog.at_level("WARNING", logger="tabular.features"):
+        model.predict(new)
+    said = [r.getMessage() for r in caplog.records if "not seen at fit" in r.getMessage()]
+    assert said == ["categorical column 'site': 3 row(s) hold categories not seen at fit (by 4 of 4 encoder "
+                    "calls, e.g. one per fold model), encoded as all-zero: 2: neck, scalp"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tabular.features"):
+        model.predict(frame.drop(columns=["target"]))
+    assert "not seen at fit" not in caplog.text
