@@ -128,9 +128,8 @@ class Calibrator:
         if self.method == "platt":
             return _sigmoid(self.params["a"] * _logit(score) + self.params["b"])
         if self.method == "beta":
-            features = _beta_features(score)
-            return _sigmoid(self.params["a"] * features[..., 0] + self.params["b"] * features[..., 1]
-                            + self.params["c"])
+            s = _clip(score)
+            return _sigmoid(self.params["a"] * np.log(s) - self.params["b"] * np.log1p(-s) + self.params["c"])
         if self.method == "isotonic-interpolated":
             return _sigmoid(np.interp(score, self.params["x"], self.params["log_odds"]))
         if self.method == "isotonic":
