@@ -29,7 +29,14 @@ def stacked_run(tabular_run):
 
 
 def _table(markdown: str) -> pd.DataFrame:
-    rows = [line for line in markdown.splitlines() if line.startswith("| ")]
+    """The first table of a Markdown text (the model table of report.md)."""
+    lines = []
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            lines.append(line)
+        elif lines:
+            break
+    rows = [line for line in lines if line.startswith("| ")]
     header = [cell.strip() for cell in rows[0].strip("|").split("|")]
     body = [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]
     return pd.DataFrame(body, columns=header)
