@@ -310,7 +310,7 @@ def _versions(layout: RunLayout, spec: dict, stores: dict, final: dict | None) -
                                           f"{store.get('count', 'n/a')} rows, {store.get('dim', 'n/a')}-d "
                                           f"{store.get('dtype', '')}".rstrip()))
     if layout.spec_copy.is_file():
-        facts.append(("spec sha256 (`spec.toml`)", f"`{sha256_file(layout.spec_copy)}`"))
+        facts.append(("spec sha256 (spec.toml)", f"`{sha256_file(layout.spec_copy)}`"))
     else:
         canonical = json.dumps(spec, sort_keys=True).encode()
         facts.append(("spec sha256 (run.json's spec, canonical JSON)", f"`{hashlib.sha256(canonical).hexdigest()}`"))
