@@ -114,6 +114,10 @@ def _number(value, fmt: str) -> str:
     return html.number(value, fmt)
 
 
+def _count(value) -> str:
+    return f"{value:,}" if isinstance(value, int) else "n/a"
+
+
 # ----------------------------------------------------------------------------------- sections
 
 
@@ -165,7 +169,7 @@ def _training_data(document: dict, spec: dict, stores: dict) -> dict:
         ("folds", f"{document['n_folds']} grouped folds (a group never straddles folds)"),
     ]
     for stage, store in stores.items():
-        facts.append((f"feature store ({stage})", f"`{store.get('store')}` ({store.get('count', 'n/a')} vectors)"))
+        facts.append((f"feature store ({stage})", f"`{store.get('store')}` ({_count(store.get('count'))} vectors)"))
     return _section("training-data", "Training data", facts=facts)
 
 
@@ -281,8 +285,9 @@ def _limitations(document: dict, spec: dict, stores: dict) -> dict:
                           for b, size, blocks, pool in sorted(identities, key=str))
         image_text = (f"Image modality: trained only on {modality}"
                       + (f" (embedded by {embed})" if embed else "")
-                      + ". Images of another kind (another camera or modality, e.g. clinical photographs "
-                        "against dermoscopy, or 3D TBP crops) were never seen: its figures do not carry over to them.")
+                      + ". Images of another kind (another camera, lighting or modality: clinical "
+                        "photographs, dermoscopy, 3D TBP crops, whichever these are not) were never "
+                        "seen: its figures do not carry over to them.")
     else:
         image_text = "No images: the run was trained on metadata only; it says nothing about what a lesion looks like."
     paragraphs = [
@@ -307,7 +312,7 @@ def _versions(layout: RunLayout, spec: dict, stores: dict, final: dict | None) -
                   else "none: no stage read image embeddings"))
     for stage, store in stores.items():
         facts.append((f"store ({stage})", f"`{store.get('store')}`, uid `{store.get('store_uid')}`, "
-                                          f"{store.get('count', 'n/a')} rows, {store.get('dim', 'n/a')}-d "
+                                          f"{_count(store.get('count'))} rows, {store.get('dim', 'n/a')}-d "
                                           f"{store.get('dtype', '')}".rstrip()))
     if layout.spec_copy.is_file():
         facts.append(("spec sha256 (spec.toml)", f"`{sha256_file(layout.spec_copy)}`"))
