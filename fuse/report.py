@@ -487,8 +487,10 @@ def _markdown_intervals(document: dict) -> list[str]:
     lines = ["## Figures with 95% CI", "", values["note"], ""]
     lines += _md_table(["model", *values["headings"]], [[r["name"], *r["cells"]] for r in values["models"]])
     lines += ["", f"### Difference from the final model ({values['final']}), paired 95% CI", "",
-              values["difference_note"], ""]
-    lines += _md_table(["model", *values["headings"]], [[r["name"], *r["cells"]] for r in values["differences"]])
+              values["difference_note"]]
+    if values["differences"]:
+        lines += ["", *_md_table(["model", *values["headings"]],
+                                 [[r["name"], *r["cells"]] for r in values["differences"]])]
     return lines
 
 
@@ -548,7 +550,9 @@ def interval_values(document: dict) -> dict | None:
     if intervals.get("left_out"):
         note += f" No interval for {', '.join(intervals['left_out'])} (no operating threshold in (0, 1))."
     difference_note = (f"Each model minus {intervals['final']} on the same resamples: an interval that "
-                       "excludes 0 is a difference the data can tell apart from chance.")
+                       "excludes 0 is a difference the data can tell apart from chance."
+                       if intervals["differences"] else
+                       f"No other model to compare with {intervals['final']}.")
     return {"headings": headings, "note": note, "final": intervals["final"],
             "difference_note": difference_note,
             "models": rows(intervals["models"], False), "differences": rows(intervals["differences"], True)}

@@ -373,6 +373,8 @@ def test_report_of_a_tabular_only_run_with_lightgbm_final(run_factory, oof_write
     document = json.loads((path.parent / "metrics.json").read_text())
     assert list(document["models"]) == ["gbdt"] and document["shown"] == "gbdt"
     assert list(document["intervals"]["models"]) == ["gbdt"] and document["intervals"]["differences"] == {}
+    assert "No other model to compare with gbdt." in path.read_text()
+    assert 'id="model-differences"' not in (path.parent / "index.html").read_text()
     assert list(document["decision_curve"]["net_benefit"]) == ["final", "treat all", "treat none"]
     # what `invoke stack` makes of a tabular-only run: LightGBM as the final model
     threshold = document["models"]["gbdt"]["threshold"]
