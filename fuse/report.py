@@ -124,7 +124,18 @@ _SKIN_TYPE = re.compile(r"fitzpatrick|skin_?type|phototype")
 
 
 def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
-    """Write `<run>/report/report.md`, `index.html`, `metrics.json` and the PNG plots.
+    """Write `<run>/report/report.md`, `index.html`, `metrics.json`, `model-card.md` and the PNG plots.
+
+    `metrics.json` holds, beside every model's point figures ("models"): "intervals"
+    (`tabular.uncertainty.bootstrap_figures` over the groups of `folds.csv`, each model at its own
+    threshold, differences from the shown model; None when no model has a threshold in (0, 1)),
+    "operating_point" (the shown model at the run's threshold, Clopper-Pearson bounds), "subgroups"
+    ({"rows": `tabular.subgroups.subgroup_table` rows, "age_column", "skin_type_column", ...}, with
+    "unavailable" saying why when there are none), "decision_curve" (`decision_curve`'s dict plus
+    "models": curve label -> model; None when the shown score is not a probability) and "shown"
+    (the calibrated final model, else the final model, else the base model with the best pAUC80).
+    The bootstrap costs seconds, also at 401,059 rows (`benchmarks/uncertainty.py`); a part that
+    cannot be computed (metadata no longer readable, say) is logged and left out, never the report.
 
     Args:
         run_dir: the run folder.
