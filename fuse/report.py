@@ -134,8 +134,8 @@ def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
     "unavailable" saying why when there are none), "decision_curve" (`decision_curve`'s dict plus
     "models": curve label -> model; None when the shown score is not a probability) and "shown"
     (the calibrated final model, else the final model, else the base model with the best pAUC80).
-    The bootstrap costs seconds, also at 401,059 rows (`benchmarks/uncertainty.py`); a part that
-    cannot be computed (metadata no longer readable, say) is logged and left out, never the report.
+    (The bootstrap's cost is measured by `benchmarks/uncertainty.py`.) A part that cannot be
+    computed (metadata no longer readable, say) is logged and left out, never the whole report.
 
     Args:
         run_dir: the run folder.
