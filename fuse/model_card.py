@@ -298,7 +298,8 @@ def _limitations(document: dict, spec: dict, stores: dict) -> dict:
         f"Validation: every figure is out of fold ({document['n_folds']} folds of the same data set, "
         "grouped by the spec's group), not an external validation: another clinic, population or "
         "time may do worse. The intervals cover resampling of these groups, not that shift.",
-        "The operating threshold and the calibration were chosen on the same out-of-fold predictions "
+        "The operating threshold (and the calibration, where there is one) was chosen on the same "
+        "out-of-fold predictions "
         "they are reported on, so the sensitivity reached may be optimistic; its lower 95% bound "
         "is the safer figure.",
     ]

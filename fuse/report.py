@@ -539,6 +539,12 @@ def ci_text(cell: dict | None, fmt: str, signed: bool = False) -> str:
     return f"{format(cell['estimate'], f)} ({format(cell['low'], f)} to {format(cell['high'], f)})"
 
 
+def _split(text: str) -> dict:
+    """"0.91 (0.89 to 0.93)" as {"estimate": "0.91", "interval": "0.89 to 0.93"}."""
+    estimate, _, interval = text.partition(" (")
+    return {"estimate": estimate, "interval": interval.rstrip(")")}
+
+
 def interval_values(document: dict) -> dict | None:
     """The interval tables as plain text cells (for report.md, index.html and the model card)."""
     intervals = document.get("intervals")
@@ -548,7 +554,9 @@ def interval_values(document: dict) -> dict | None:
 
     def rows(table: dict, signed: bool) -> list[dict]:
         return [{"name": name, "final": name == intervals["final"],
-                 "cells": [ci_text(figs.get(key), fmt, signed) for key, _, fmt in INTERVAL_FIGURES]}
+                 "cells": [ci_text(figs.get(key), fmt, signed) for key, _, fmt in INTERVAL_FIGURES],
+                 # the page shows the interval under its estimate, to keep the table narrow
+                 "split": [_split(ci_text(figs.get(key), fmt, signed)) for key, _, fmt in INTERVAL_FIGURES]}
                 for name, figs in table.items()]
 
     groups = f"{intervals['n_groups']:,} groups ({document['group_column']})"
