@@ -7,8 +7,19 @@ gives a rank score, not a probability), so one shared threshold would mean nothi
 
 Writes `<run>/report/`: `report.md` (the table, the final model, the plots), `index.html` (the
 same, as one self-contained page with the plots embedded, for a browser, offline), `metrics.json`
-(the same figures for machines) and the PNG plots. The page is the template
-`fuse/templates/report.html` (and its parts under `report/`); `report.md` is written here.
+(the same figures for machines), `model-card.md` (see `fuse.model_card`) and the PNG plots. The
+page is the template `fuse/templates/report.html` (and its parts under `report/`); `report.md` is
+written here.
+
+Beside the point figures the report gives what the data can and cannot tell:
+- 95% confidence intervals of every model's ROC AUC, pAUC80, PR AUC, Brier, sensitivity and
+  specificity (a bootstrap over the spec's groups from `folds.csv`, `N_RESAMPLES` resamples,
+  seeded), and the paired interval of each model's difference from the final model
+  (`tabular.uncertainty`);
+- the final model's operating point with the exact (Clopper-Pearson) interval of its
+  sensitivity, which the triage page also states (`read_operating_point`);
+- a subgroup table per categorical column, age band and skin type (`tabular.subgroups`);
+- the decision curve: net benefit against threshold probability (`tabular.decision_curve`).
 """
 
 from __future__ import annotations
@@ -16,20 +27,28 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from common.files import atomic_write_text
-from fuse import html
+from common.files import atomic_write, atomic_write_json, atomic_write_text
+from fuse import html, model_card
 from fuse.errors import RunError
+from tabular.decision_curve import decision_curve, plot_decision_curve
+from tabular.errors import DataError
 from tabular.folds import read_folds
 from tabular.layout import RunLayout
 from tabular.metrics import MetricWarning, calibration, summarize
+from tabular.subgroups import MIN_POSITIVES, TOO_FEW, subgroup_table
+from tabular.uncertainty import bootstrap_figures, operating_point
 
-__all__ = ["COLUMNS", "DESCRIPTIONS", "MODELS", "PLOT_TITLES", "PLOTS", "write_report"]
+__all__ = ["COLUMNS", "DESCRIPTIONS", "INTERVAL_FIGURES", "MODELS", "N_RESAMPLES", "PLOT_TITLES",
+           "PLOTS", "SEED", "SUBGROUP_HEADINGS", "age_column", "ci_text", "decision_values",
+           "interval_values", "operating_sentence", "read_operating_point", "skin_type_column",
+           "subgroup_values", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +91,7 @@ PLOTS = {
     "calibration": "calibration.png",
     "histogram": "score_histogram.png",
     "importance": "feature_importance.png",
+    "decision": "decision_curve.png",
 }
 PLOT_TITLES = {
     "roc": "ROC curves (shaded: the pAUC80 region, TPR >= 80%)",
@@ -80,11 +100,42 @@ PLOT_TITLES = {
     "calibration": "Calibration (reliability) curves",
     "histogram": "Scores of the final model by class",
     "importance": "LightGBM feature importance (gbdt)",
+    "decision": "Decision curve: net benefit of acting on each model's probability, treat all "
+                "and treat none, at threshold probabilities 1-50%",
 }
+# The group bootstrap of the report's intervals: resamples and seed (fixed, so that a report
+# rewritten from the same run shows the same intervals).
+N_RESAMPLES = 1000
+SEED = 0
+# (key in tabular.uncertainty.FIGURES, heading, format) of the interval tables.
+INTERVAL_FIGURES = (
+    ("roc_auc", "ROC AUC", ".4f"),
+    ("pauc80", "pAUC80", ".4f"),
+    ("pr_auc", "PR AUC", ".4f"),
+    ("brier", "Brier", ".4f"),
+    ("sensitivity", "sensitivity", ".3f"),
+    ("specificity", "specificity", ".3f"),
+)
+# Names of the numeric age column, in order of preference (lower case; first match wins):
+# exactly "age", then one starting "age_" (ISIC's `age_approx`).
+_AGE = re.compile(r"^age(_.*)?$")
+# A skin type column: Fitzpatrick type by any of its usual names.
+_SKIN_TYPE = re.compile(r"fitzpatrick|skin_?type|phototype")
 
 
 def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
-    """Write `<run>/report/report.md`, `index.html`, `metrics.json` and the PNG plots.
+    """Write `<run>/report/report.md`, `index.html`, `metrics.json`, `model-card.md` and the PNG plots.
+
+    `metrics.json` holds, beside every model's point figures ("models"): "intervals"
+    (`tabular.uncertainty.bootstrap_figures` over the groups of `folds.csv`, each model at its own
+    threshold, differences from the shown model; None when no model has a threshold in (0, 1)),
+    "operating_point" (the shown model at the run's threshold, Clopper-Pearson bounds), "subgroups"
+    ({"rows": `tabular.subgroups.subgroup_table` rows, "age_column", "skin_type_column", ...}, with
+    "unavailable" saying why when there are none), "decision_curve" (`decision_curve`'s dict plus
+    "models": curve label -> model; None when the shown score is not a probability) and "shown"
+    (the calibrated final model, else the final model, else the base model with the best pAUC80).
+    (The bootstrap's cost is measured by `benchmarks/uncertainty.py`.) A part that cannot be
+    computed (metadata no longer readable, say) is logged and left out, never the whole report.
 
     Args:
         run_dir: the run folder.
@@ -125,32 +176,168 @@ def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
     else:
         shown = final["final"] if final and final["final"] in predictions else _best(figures)
     plots = _plots(out, y, predictions, figures, shown, run_dir / "gbdt" / "importance.csv")
+    groups = folds["group"].to_numpy()
+    spec = record.get("spec", {})
+    # the threshold scoring applies: on the calibrated probability where there is one
+    final_threshold = ((final["threshold"] if "calibrated" in figures else figures[shown]["threshold"])
+                       if final and final["final"] in figures else None)
+    threshold = final_threshold if final_threshold is not None else figures[shown]["threshold"]
+    curve = _decision_curve(y, predictions, shown)
+    if curve is not None:
+        atomic_write(out / PLOTS["decision"],
+                     lambda f: f.write(plot_decision_curve(curve, "Decision curve (net benefit)")))
+        plots["decision"] = PLOTS["decision"]
 
     document = {
         "run": str(run_dir),
-        "dataset": record.get("spec", {}).get("name"),
+        "dataset": spec.get("name"),
         "rows": int(len(y)),
         "positives": int(y.sum()),
         "groups": int(folds["group"].nunique()),
-        "group_column": record.get("spec", {}).get("group"),
+        "group_column": spec.get("group"),
         "patients": _patients(record, folds),
-        "patient_column": record.get("spec", {}).get("patient"),
+        "patient_column": spec.get("patient"),
         "n_folds": int(folds["fold"].nunique()),
         "sensitivity": sensitivity,
         "final": final["final"] if final else None,
-        # the threshold scoring applies: on the calibrated probability where there is one
-        "final_threshold": (final["threshold"] if "calibrated" in figures else figures[shown]["threshold"])
-        if final and final["final"] in figures else None,
+        "final_threshold": final_threshold,
         "final_method": final.get("calibration", {}).get("method") if final else None,
         "models": figures,
+        # the model whose operating point, subgroups and decision curve the report shows
+        "shown": shown,
+        "intervals": _intervals(y, predictions, figures, groups, shown),
+        "operating_point": _operating_point(y, predictions[shown], threshold, shown, sensitivity),
+        "subgroups": _subgroups(spec, folds, y, predictions[shown], groups, threshold, sensitivity),
+        "decision_curve": curve,
         "plots": {key: name for key, name in plots.items()},
     }
-    (out / "metrics.json").write_text(json.dumps(document, indent=2))
+    card = model_card.build(run_dir, record, document, final)
+    document["model_card"] = model_card.FILE
+    atomic_write_json(out / "metrics.json", document)
+    atomic_write_text(out / model_card.FILE, model_card.markdown(card))
     path = out / "report.md"
-    path.write_text(_markdown(document, final))
-    atomic_write_text(out / "index.html", _html(document, final, out))
+    atomic_write_text(path, _markdown(document, final))
+    atomic_write_text(out / "index.html", _html(document, final, out, card))
     log.info("report: %s (and index.html)", path)
     return path
+
+
+def read_operating_point(run_dir: Path | str) -> dict | None:
+    """The final model's operating point as the run's report states it (`report/metrics.json`),
+    for pages that repeat it (the triage page's header).
+
+    Returns:
+        None when the run has no report yet, or one written before operating points were
+        reported; else `tabular.uncertainty.operating_point`'s dict (threshold, tp, fn, tn, fp,
+        sensitivity with sensitivity_low/high, specificity with its bounds) plus "model" (the
+        model it belongs to) and "target_sensitivity".
+    """
+    path = RunLayout(Path(run_dir)).report / "metrics.json"
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    point = document.get("operating_point") if isinstance(document, dict) else None
+    return point if isinstance(point, dict) and point.get("sensitivity") is not None else None
+
+
+def age_column(spec: dict) -> str | None:
+    """The spec's numeric age column: a numeric column named exactly `age` (any case), else the
+    first numeric column whose name starts with `age_` (ISIC's `age_approx`); None when none."""
+    numeric = [str(c) for c in spec.get("numeric", ())]
+    exact = [c for c in numeric if c.lower() == "age"]
+    return (exact or [c for c in numeric if _AGE.match(c.lower())] or [None])[0]
+
+
+def skin_type_column(spec: dict) -> str | None:
+    """The spec's skin type column (a categorical or numeric column named like `fitzpatrick`,
+    `skin_type` or `phototype`); None when the spec has none."""
+    columns = [str(c) for c in (*spec.get("categorical", ()), *spec.get("numeric", ()))]
+    return next((c for c in columns if _SKIN_TYPE.search(c.lower())), None)
+
+
+def _intervals(y: np.ndarray, predictions: dict, figures: dict, groups: np.ndarray,
+               shown: str) -> dict | None:
+    """Bootstrap intervals of every model's figures and of its difference from `shown`, each
+    model at its own operating threshold; None (logged) when no model has a usable threshold."""
+    thresholds = {name: figures[name]["threshold"] for name in predictions}
+    usable = {name: p for name, p in predictions.items()
+              if thresholds[name] is not None and 0.0 < thresholds[name] < 1.0}
+    left_out = sorted(set(predictions) - set(usable))
+    if left_out:
+        log.warning("report: no interval for %s (operating threshold not in (0, 1): %s)", left_out,
+                    {name: thresholds[name] for name in left_out})
+    if shown not in usable:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MetricWarning)  # one-class resamples: counted in the result
+        result = bootstrap_figures(y, usable, groups, {n: thresholds[n] for n in usable},
+                                   final=shown, n_resamples=N_RESAMPLES, seed=SEED)
+    for name in RANK_SCORES:  # a rank has no Brier score (the point table says n/a too)
+        for table in ("models", "differences"):
+            if name in result[table]:
+                result[table][name]["brier"] = {"estimate": None, "low": None, "high": None}
+    result["left_out"] = left_out
+    return result
+
+
+def _operating_point(y: np.ndarray, p: np.ndarray, threshold, shown: str,
+                     sensitivity: float) -> dict | None:
+    """The shown model's sensitivity and specificity at `threshold`, with exact intervals."""
+    if threshold is None or not 0.0 < threshold < 1.0:
+        return None
+    point = operating_point(y, p, threshold)
+    return {"model": shown, "target_sensitivity": sensitivity, **point}
+
+
+def _subgroups(spec: dict, folds: pd.DataFrame, y: np.ndarray, p: np.ndarray, groups: np.ndarray,
+               threshold, sensitivity: float) -> dict:
+    """The subgroup table of the shown model, or {"unavailable": why} (logged)."""
+    age, skin = age_column(spec), skin_type_column(spec)
+    categorical = [str(c) for c in spec.get("categorical", ()) if c != skin]
+    base = {"age_column": age, "skin_type_column": skin, "categorical": categorical,
+            "threshold": threshold, "target_sensitivity": sensitivity,
+            "min_positives": MIN_POSITIVES, "too_few": TOO_FEW}
+    wanted = [*categorical, *([age] if age else []), *([skin] if skin else [])]
+    if not wanted:
+        return {**base, "rows": [], "unavailable": "the spec names no categorical, age or skin type column"}
+    if threshold is None or not 0.0 < threshold < 1.0:
+        return {**base, "rows": [], "unavailable": f"no operating threshold in (0, 1) (got {threshold!r})"}
+    try:
+        table = pd.read_csv(spec["metadata"], usecols=[spec["id"], *wanted], dtype={spec["id"]: str})
+        table = table.drop_duplicates(spec["id"]).set_index(spec["id"]).reindex(folds["id"].astype(str))
+        target = min(float(sensitivity), 1.0 - 1e-9)  # a 100% target: any shortfall is highlighted
+        rows = subgroup_table(y, p, groups, threshold, table.reset_index(drop=True),
+                              categorical=categorical, age=age, skin_type=skin,
+                              target_sensitivity=target, n_resamples=N_RESAMPLES, seed=SEED)
+    except (OSError, ValueError, KeyError) as error:
+        # DataError is a ValueError: a changed metadata file must not cost the whole report
+        log.warning("report: subgroups left out (%s)", error)
+        return {**base, "rows": [], "unavailable": f"metadata {spec.get('metadata')} could not be "
+                                                   f"tabulated: {error}"}
+    return {**base, "rows": rows}
+
+
+def _decision_curve(y: np.ndarray, predictions: dict, shown: str) -> dict | None:
+    """Net benefit of the shown model and each base model that outputs a probability (the rank
+    blend does not), treat-all and treat-none at 1-50%; None when the shown model is a rank."""
+    candidates = {"final": shown, **{name: name for name in predictions if name not in (shown, "calibrated")}}
+    probabilities, models = {}, {}
+    for label, name in candidates.items():
+        p = predictions[name]
+        if name in RANK_SCORES or p.min() < 0.0 or p.max() > 1.0:
+            continue
+        probabilities[label] = p
+        models[label] = name
+    if "final" not in probabilities:
+        log.warning("report: no decision curve (the final score %s is not a probability)", shown)
+        return None
+    try:
+        curve = decision_curve(y, probabilities)
+    except DataError as error:
+        log.warning("report: no decision curve (%s)", error)
+        return None
+    return {**curve, "models": models}
 
 
 def _read_predictions(run_dir: Path, folds: pd.DataFrame) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -285,10 +472,190 @@ def _markdown(document: dict, final: dict | None) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Models:"]
     lines += [f"- {name}: {DESCRIPTIONS[name]}" for name in document["models"]]
+    operating = operating_sentence(document)
+    if operating:
+        lines += ["", "## Operating point", "", operating]
+    lines += ["", *_markdown_intervals(document)]
+    lines += ["", *_markdown_subgroups(document)]
+    lines += ["", *_markdown_decision(document)]
     lines += ["", "## Plots", ""]
     for key, name in document["plots"].items():
         lines += [f"### {PLOT_TITLES[key]}", "", f"![{key}]({name})", ""]
+    lines += ["## Model card", "", f"The model card of this run: [{model_card.FILE}]({model_card.FILE}).", ""]
     return "\n".join(lines)
+
+
+def _md_table(headings: list[str], rows: list[list[str]], numeric_from: int = 1) -> list[str]:
+    return ["| " + " | ".join(headings) + " |",
+            "|" + "|".join("---" if i < numeric_from else "---:" for i in range(len(headings))) + "|",
+            *["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]]
+
+
+def _markdown_intervals(document: dict) -> list[str]:
+    values = interval_values(document)
+    if values is None:
+        return ["## Figures with 95% CI", "", "No intervals: no model has an operating threshold in (0, 1)."]
+    lines = ["## Figures with 95% CI", "", values["note"], ""]
+    lines += _md_table(["model", *values["headings"]], [[r["name"], *r["cells"]] for r in values["models"]])
+    lines += ["", f"### Difference from the final model ({values['final']}), paired 95% CI", "",
+              values["difference_note"]]
+    if values["differences"]:
+        lines += ["", *_md_table(["model", *values["headings"]],
+                                 [[r["name"], *r["cells"]] for r in values["differences"]])]
+    return lines
+
+
+def _markdown_subgroups(document: dict) -> list[str]:
+    values = subgroup_values(document)
+    lines = ["## Subgroup figures", "", values["note"]]
+    if values["unavailable"]:
+        return [*lines, "", f"Subgroup table not made: {values['unavailable']}."]
+    for table in values["tables"]:
+        rows = [[("**" + r["subgroup"] + "** (below target)") if r["highlight"] else r["subgroup"],
+                 *r["cells"], r["status"]] for r in table["rows"]]
+        lines += ["", f"### Subgroup: {table['title']}", ""]
+        lines += _md_table(["subgroup", *values["headings"], "status"], rows)
+    return lines
+
+
+def _markdown_decision(document: dict) -> list[str]:
+    values = decision_values(document)
+    lines = ["## Decision curve (net benefit)", ""]
+    if values is None:
+        return [*lines, "No decision curve: the final model's score is not a probability."]
+    lines += [values["note"], ""]
+    lines += _md_table(["threshold probability", *values["headings"]],
+                       [[r["threshold"], *r["cells"]] for r in values["rows"]])
+    return lines
+
+
+def ci_text(cell: dict | None, fmt: str, signed: bool = False) -> str:
+    """"0.9120 (0.8990 to 0.9250)" from {"estimate", "low", "high"}; "n/a" where undefined."""
+    if not cell or cell.get("estimate") is None:
+        return "n/a"
+    f = ("+" if signed else "") + fmt
+    if cell.get("low") is None or cell.get("high") is None:
+        return format(cell["estimate"], f)
+    return f"{format(cell['estimate'], f)} ({format(cell['low'], f)} to {format(cell['high'], f)})"
+
+
+def _split(text: str) -> dict:
+    """"0.91 (0.89 to 0.93)" as {"estimate": "0.91", "interval": "0.89 to 0.93"}."""
+    estimate, _, interval = text.partition(" (")
+    return {"estimate": estimate, "interval": interval.rstrip(")")}
+
+
+def interval_values(document: dict) -> dict | None:
+    """The interval tables as plain text cells (for report.md, index.html and the model card)."""
+    intervals = document.get("intervals")
+    if not intervals:
+        return None
+    headings = [f"{heading} (95% CI)" for _, heading, _ in INTERVAL_FIGURES]
+
+    def rows(table: dict, signed: bool) -> list[dict]:
+        return [{"name": name, "final": name == intervals["final"],
+                 "cells": [ci_text(figs.get(key), fmt, signed) for key, _, fmt in INTERVAL_FIGURES],
+                 # the page shows the interval under its estimate, to keep the table narrow
+                 "split": [_split(ci_text(figs.get(key), fmt, signed)) for key, _, fmt in INTERVAL_FIGURES]}
+                for name, figs in table.items()]
+
+    groups = f"{intervals['n_groups']:,} groups ({document['group_column']})"
+    note = (f"Estimate and 95% CI (percentile bootstrap over the {groups}: {intervals['n_resamples']:,} "
+            f"resamples, seed {intervals['seed']}; a group's rows are drawn together). Sensitivity and "
+            "specificity at each model's own operating threshold.")
+    if intervals.get("one_class"):
+        note += (f" {intervals['one_class']} resamples drew one class only and are left out of the "
+                 "ROC AUC, pAUC80 and PR AUC intervals.")
+    if intervals.get("left_out"):
+        note += f" No interval for {', '.join(intervals['left_out'])} (no operating threshold in (0, 1))."
+    difference_note = (f"Each model minus {intervals['final']} on the same resamples: an interval that "
+                       "excludes 0 is a difference the data can tell apart from chance."
+                       if intervals["differences"] else
+                       f"No other model to compare with {intervals['final']}.")
+    return {"headings": headings, "note": note, "final": intervals["final"],
+            "difference_note": difference_note,
+            "models": rows(intervals["models"], False), "differences": rows(intervals["differences"], True)}
+
+
+def operating_sentence(document: dict) -> str | None:
+    """"At threshold 0.0247 (calibrated) sensitivity is 0.950 (lower 95% bound 0.931, ...)"."""
+    point = document.get("operating_point")
+    if not point or point.get("sensitivity") is None:
+        return None
+    text = (f"At the operating threshold {point['threshold']:.6g} ({point['model']}), chosen for "
+            f"{point['target_sensitivity']:.0%} target sensitivity, the out-of-fold sensitivity is "
+            f"{point['sensitivity']:.3f} ({point['tp']:,} of {point['tp'] + point['fn']:,} malignant "
+            f"lesions flagged; lower 95% bound {point['sensitivity_low']:.3f}, 95% CI "
+            f"{point['sensitivity_low']:.3f} to {point['sensitivity_high']:.3f}, Clopper-Pearson)")
+    if point.get("specificity") is not None:
+        text += (f" and the specificity {point['specificity']:.3f} (95% CI {point['specificity_low']:.3f} "
+                 f"to {point['specificity_high']:.3f})")
+    return text + "."
+
+
+SUBGROUP_HEADINGS = ["rows", "positives", "ROC AUC (95% CI)", "sensitivity (95% CI)",
+                     "specificity (95% CI)", "mean predicted", "observed rate"]
+
+
+def subgroup_values(document: dict) -> dict:
+    """The subgroup tables as plain text cells, one table per column (for report.md, index.html)."""
+    sub = document.get("subgroups") or {}
+    target = sub.get("target_sensitivity", document["sensitivity"])
+    note = (f"Subgroup figures of the final model ({document.get('shown')}) at the run's operating threshold. "
+            f"Highlighted (below target): the upper end of the subgroup's sensitivity 95% CI "
+            f"(Clopper-Pearson) is below the target {target:.0%}, so the shortfall is not chance. "
+            f"Fewer than {sub.get('min_positives', MIN_POSITIVES)} positives: \"{TOO_FEW}\". "
+            f"Age bands from the column {sub.get('age_column') or '(none in the spec)'}"
+            f"{'' if not sub.get('age_column') else ' (the numeric column named age, else age_*)'}; "
+            f"skin type from {sub.get('skin_type_column') or '(none in the spec)'}.")
+    tables: dict[tuple, dict] = {}
+    for row in sub.get("rows", []):
+        key = (row["column"], row["kind"])
+        title = row["column"] if row["kind"] == "categorical" else f"{row['column']} ({row['kind']})"
+        table = tables.setdefault(key, {"title": title, "column": row["column"], "kind": row["kind"], "rows": []})
+        interval = {"estimate": row["sensitivity"], "low": row["sensitivity_low"], "high": row["sensitivity_high"]}
+        specificity = {"estimate": row["specificity"], "low": row["specificity_low"], "high": row["specificity_high"]}
+        table["rows"].append({
+            "subgroup": row["subgroup"], "highlight": bool(row["highlight"]), "status": row["status"],
+            "too_few": row["status"] == TOO_FEW,
+            "cells": [f"{row['rows']:,}", f"{row['positives']:,}",
+                      ci_text(row["roc_auc"], ".3f") if row["roc_auc"] else "n/a",
+                      ci_text(interval, ".3f"), ci_text(specificity, ".3f"),
+                      html.number(row["mean_predicted"], ".3f"), html.number(row["observed_rate"], ".3f")],
+        })
+    highlighted = [f"{r['column']} = {r['subgroup']}" for r in sub.get("rows", []) if r["highlight"]]
+    return {"note": note, "headings": SUBGROUP_HEADINGS, "tables": list(tables.values()),
+            "unavailable": sub.get("unavailable"), "highlighted": highlighted,
+            "too_few": sum(r["status"] == TOO_FEW for r in sub.get("rows", [])),
+            "count": len(sub.get("rows", []))}
+
+
+# Threshold probabilities the decision table lists (the plot shows every one, 1-50%).
+DECISION_ROWS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
+
+
+def decision_values(document: dict) -> dict | None:
+    """Net benefit at a few threshold probabilities, as plain text cells."""
+    curve = document.get("decision_curve")
+    if not curve:
+        return None
+    names = list(curve["net_benefit"])
+    models = curve.get("models", {})
+    headings = [f"{name} ({models[name]})" if name == "final" and name in models else name for name in names]
+    rows = []
+    for pt in DECISION_ROWS:
+        matches = [i for i, t in enumerate(curve["thresholds"]) if abs(t - pt) < 1e-9]
+        if matches:
+            i = matches[0]
+            rows.append({"threshold": f"{pt:.0%}",
+                         "cells": [format(curve["net_benefit"][name][i], ".4f") for name in names]})
+    note = ("Net benefit (Vickers & Elkin 2006) of treating (referring, excising) the lesions whose "
+            "out-of-fold probability is at or above the threshold probability pt: true positives / n "
+            "minus false positives / n x pt / (1 - pt). A model is worth using at pt where its net "
+            f"benefit is above both treat all and treat none (0). Prevalence {curve['prevalence']:.4f}, "
+            f"{curve['n']:,} rows; every threshold 1-50% is in metrics.json and the plot. Models whose "
+            "score is not a probability (the rank blend) have no curve.")
+    return {"headings": headings, "rows": rows, "note": note}
 
 
 def _on_probability(document: dict) -> str:
@@ -311,7 +678,7 @@ def _data_figures(document: dict) -> str:
 # ------------------------------------------------------------------------------------- html
 
 
-def _html(document: dict, final: dict | None, out: Path) -> str:
+def _html(document: dict, final: dict | None, out: Path, card: dict) -> str:
     """`index.html`: the figures of `report.md` as one self-contained page (plots embedded), from
     the template `fuse/templates/report.html`."""
     sensitivity = document["sensitivity"]
@@ -346,6 +713,12 @@ def _html(document: dict, final: dict | None, out: Path) -> str:
         models=models,
         plots=[{"key": key, "title": PLOT_TITLES[key], "src": html.png_data_uri((out / name).read_bytes())}
                for key, name in document["plots"].items()],
+        operating=operating_sentence(document),
+        intervals=interval_values(document),
+        subgroups=subgroup_values(document),
+        decision=decision_values(document),
+        card=model_card.page_values(card),
+        card_file=model_card.FILE,
     )
 
 

@@ -54,6 +54,7 @@ def write_triage_page(
     csv_name: str | None = None,
     thumbnail_px: int = 96,
     prevalence: float | None = None,
+    operating_point: Mapping | None = None,
 ) -> Path:
     """Write the triage page of scored lesions to `out` (one self-contained HTML file).
 
@@ -83,6 +84,11 @@ def write_triage_page(
         thumbnail_px: the thumbnails' longest side, in pixels.
         prevalence: the prevalence `probability` was moved to when scoring (a fraction), for the
             header's sentence; None: the probabilities hold at the training data's prevalence.
+        operating_point: the run's operating point as its report states it
+            (`fuse.report.read_operating_point(run_dir)`: threshold, target_sensitivity,
+            sensitivity, sensitivity_low, ...); the header then says the sensitivity reached out
+            of fold with its lower 95% bound. Left out (logged) when its threshold is not
+            `threshold` (a report written for another operating point). None: not stated.
 
     Returns:
         `out` as a Path.
@@ -123,6 +129,7 @@ def write_triage_page(
         run_name=run_name,
         threshold={"percent": _percent(threshold), "decimal": _decimal(threshold)},
         prevalence=None if prevalence is None else _percent(prevalence),
+        operating=_operating(operating_point, threshold),
         patients=f"{rows['patient'].nunique():,}" if patient is not None else None,
         counts={key: f"{value:,}" for key, value in counts.items()},
         has_errors=bool(counts["errors"]),
@@ -139,6 +146,21 @@ def write_triage_page(
     atomic_write_text(out, page)
     log.info("triage page: %s (%d lesions shown of %d rows)", out, render.shown, len(rows))
     return Path(out)
+
+
+def _operating(point: Mapping | None, threshold: float) -> dict | None:
+    """The header's operating-point values, when `point` belongs to `threshold`."""
+    if not point or point.get("sensitivity") is None or point.get("sensitivity_low") is None:
+        return None
+    if not np.isclose(float(point.get("threshold", np.nan)), float(threshold), rtol=1e-9, atol=1e-12):
+        log.warning("triage page: the report's operating point is for threshold %s, not %s; its "
+                    "sensitivity is not stated (rewrite the report: `invoke stack --run R`)",
+                    point.get("threshold"), threshold)
+        return None
+    target = point.get("target_sensitivity")
+    return {"sensitivity": f"{point['sensitivity']:.1%}", "low": f"{point['sensitivity_low']:.1%}",
+            "target": None if target is None else f"{target:.0%}",
+            "positives": f"{point['tp'] + point['fn']:,}" if "tp" in point and "fn" in point else None}
 
 
 # --------------------------------------------------------------------------------- the rows

@@ -111,8 +111,44 @@ def test_run_report_renders_in_chromium(browser, tmp_path, tabular_run):
     page.locator("table#models thead th", has_text="ROC AUC").click()
     cells = page.locator("table#models tbody tr td:nth-child(3)").all_inner_texts()
     assert [float(c) for c in cells] == sorted((float(c) for c in cells), reverse=True)
+    # the intervals, the operating point, the subgroups, the decision curve and the model card
+    assert page.locator("table#model-intervals tbody tr").count() == len(models)
+    assert "95% CI" in page.locator("table#model-intervals thead").inner_text()
+    assert page.locator("table#model-differences tbody tr").count() == len(models) - 1
+    assert "Clopper-Pearson" in page.locator("p#operating-point").inner_text()
+    assert page.locator("table.subgroups").count() == 3  # sex, site, age bands
+    assert page.locator("h3", has_text="Subgroup: site").is_visible()
+    assert page.locator("table#net-benefit tbody tr").count() >= 5
+    assert page.locator("figure#plot-decision img").is_visible()
+    for section in ("intended-use", "training-data", "figures", "calibration", "subgroups",
+                    "applicability", "limitations", "versions"):
+        assert page.locator(f"section#card-{section}").is_visible(), section
+    assert "Not measured for this run" in page.locator("section#card-applicability").inner_text()
     assert problems == []
     assert_screenshot(tmp_path / "report.png")
+
+
+def test_highlighted_subgroup_renders_in_chromium(browser, tmp_path, run_factory, oof_writer):
+    run = run_factory(n_rows=600)
+    rng = np.random.default_rng(5)
+    y = run.target.astype(bool)
+    leg = (run.frame["site"] == "leg").to_numpy()
+    p = np.where(y, rng.uniform(0.6, 0.95, len(y)), rng.uniform(0.02, 0.5, len(y)))
+    missed = y & leg & (rng.random(len(y)) < 0.6)
+    p[missed] = rng.uniform(0.05, 0.3, missed.sum())
+    oof_writer(run, "gbdt", p)
+    index = write_report(run.dir, sensitivity=0.8).parent / "index.html"
+    page, problems = open_page(browser, index, tmp_path / "report-subgroups.png")
+    marked = page.locator("table.subgroups tr.below-target")
+    assert marked.count() == 1 and marked.locator("td").first.inner_text().startswith("leg")
+    assert marked.locator(".badge.flag").is_visible()
+    # highlighted: another background than an ordinary row's
+    colours = [page.evaluate("r => getComputedStyle(r.querySelector('td')).backgroundColor", row)
+               for row in (marked.element_handle(),
+                           page.locator("table.subgroups tr:not(.below-target)").nth(1).element_handle())]
+    assert colours[0] != colours[1]
+    assert page.locator("table.subgroups td", has_text="too few to tell").count() >= 1
+    assert problems == []
 
 
 def _predictions(ids: list[str]) -> pd.DataFrame:
@@ -153,10 +189,12 @@ def test_triage_page_renders_in_chromium(browser, tmp_path, shared_data, grouped
         path = images.get(image_id)
         return path.read_bytes() if path else None
 
+    point = {"threshold": 0.3, "target_sensitivity": 0.95, "tp": 95, "fn": 5, "sensitivity": 0.95,
+             "sensitivity_low": 0.887}
     out = write_triage_page(frame, tmp_path / "triage.html", id_column="image_id",
                             thumbnail=thumbnail, patient=patient, threshold=0.3,
                             run_name="ham10000-dev", overlays=overlays, csv_name="preds.csv",
-                            per_patient=2)
+                            per_patient=2, operating_point=point)
     name = f"triage-{'by-patient' if grouped else 'list'}.png"
     page, problems = open_page(browser, out, tmp_path / name)
     lesions = page.locator("table.lesions tbody tr")
@@ -173,6 +211,7 @@ def test_triage_page_renders_in_chromium(browser, tmp_path, shared_data, grouped
         assert page.locator("table#other-lesions tbody tr").count() == 13 - n_flagged
         assert page.locator("table.lesions td .badge.train").count() == 2
     assert page.locator("p#in-training").is_visible()
+    assert "lower 95% bound 88.7% (Clopper-Pearson)" in page.locator("dd#operating-point").inner_text()
     assert page.locator("table#error-rows tbody tr").count() == 2
     assert "<script>alert(1)</script>" in page.locator("table#error-rows").inner_text()
     images_shown = page.locator("img.thumb").count()

@@ -6,14 +6,24 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 from html.parser import HTMLParser
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
 from fuse.errors import RunError
-from fuse.report import COLUMNS, PLOTS, write_report
+from fuse.report import (
+    COLUMNS,
+    N_RESAMPLES,
+    PLOTS,
+    age_column,
+    read_operating_point,
+    skin_type_column,
+    write_report,
+)
 from fuse.stack import StackConfig, stack
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -29,7 +39,14 @@ def stacked_run(tabular_run):
 
 
 def _table(markdown: str) -> pd.DataFrame:
-    rows = [line for line in markdown.splitlines() if line.startswith("| ")]
+    """The first table of a Markdown text (the model table of report.md)."""
+    lines = []
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            lines.append(line)
+        elif lines:
+            break
+    rows = [line for line in lines if line.startswith("| ")]
     header = [cell.strip() for cell in rows[0].strip("|").split("|")]
     body = [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]
     return pd.DataFrame(body, columns=header)
@@ -237,3 +254,161 @@ def test_patients_counted_when_the_spec_has_a_patient_column(tmp_path):
     assert _patients({"spec": {**spec, "patient": "pid"}}, folds) == 2  # x is not in the run
     assert _patients({"spec": {**spec, "patient": "lesion_id"}}, folds) == 3  # the group itself
     assert _patients({"spec": {**spec, "patient": "pid", "metadata": str(tmp_path / "gone.csv")}}, folds) is None
+
+
+# ------------------------------------------------ intervals, subgroups, decision curve
+
+
+def test_report_states_intervals_subgroups_and_net_benefit(stacked_run):
+    path = write_report(stacked_run.dir)
+    text = path.read_text()
+    page = " ".join(" ".join(_page(path.parent / "index.html").text).split())
+    for shown in (text, page):
+        for phrase in ("95% CI", "Subgroup", "net benefit", "Clopper-Pearson", "Model card"):
+            assert phrase in shown, phrase
+    document = json.loads((path.parent / "metrics.json").read_text())
+    assert document["intervals"]["n_resamples"] == N_RESAMPLES >= 1000
+    assert document["intervals"]["n_groups"] == 150  # resampled by lesion_id, the spec's group
+    assert "[model-card.md](model-card.md)" in text
+
+
+def test_intervals_contain_their_estimates_which_are_the_point_figures(stacked_run):
+    path = write_report(stacked_run.dir)
+    document = json.loads((path.parent / "metrics.json").read_text())
+    intervals = document["intervals"]
+    shown = document["shown"]
+    assert intervals["final"] == shown == ("calibrated" if "calibrated" in document["models"] else document["final"])
+    assert set(intervals["models"]) == set(document["models"])
+    assert set(intervals["differences"]) == set(document["models"]) - {shown}
+    point_key = {"roc_auc": "roc_auc", "pauc80": "pauc80", "pr_auc": "pr_auc", "brier": "brier",
+                 "sensitivity": "recall", "specificity": "specificity"}
+    checked = 0
+    for name, figures in intervals["models"].items():
+        for key, cell in figures.items():
+            if cell["estimate"] is None:
+                assert name == "blend" and key == "brier"  # a rank has no Brier score
+                continue
+            assert cell["low"] <= cell["estimate"] <= cell["high"], (name, key, cell)
+            assert cell["low"] < cell["high"], (name, key)  # 150 groups: no interval is a point
+            assert cell["estimate"] == pytest.approx(document["models"][name][point_key[key]], abs=1e-9)
+            checked += 1
+    assert checked == 6 * len(intervals["models"]) - 1
+    for name, figures in intervals["differences"].items():
+        for key, cell in figures.items():
+            if cell["estimate"] is not None:
+                assert cell["low"] <= cell["estimate"] <= cell["high"], (name, key, cell)
+                expected = intervals["models"][name][key]["estimate"] - intervals["models"][shown][key]["estimate"]
+                assert cell["estimate"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_operating_point_has_its_exact_lower_bound(stacked_run):
+    from tabular.uncertainty import clopper_pearson
+
+    path = write_report(stacked_run.dir)
+    document = json.loads((path.parent / "metrics.json").read_text())
+    point = document["operating_point"]
+    assert point["threshold"] == pytest.approx(document["final_threshold"])
+    assert point["tp"] + point["fn"] == document["positives"]
+    assert point["sensitivity"] == pytest.approx(document["models"][document["shown"]]["recall"])
+    low, high = clopper_pearson(point["tp"], point["tp"] + point["fn"])
+    assert point["sensitivity_low"] == pytest.approx(low) and point["sensitivity_high"] == pytest.approx(high)
+    assert point["sensitivity_low"] < point["sensitivity"]
+    assert f"lower 95% bound {low:.3f}" in path.read_text()
+    assert read_operating_point(stacked_run.dir) == point
+
+
+def test_decision_curve_of_every_probability_from_1_to_50_percent(stacked_run):
+    path = write_report(stacked_run.dir)
+    document = json.loads((path.parent / "metrics.json").read_text())
+    curve = document["decision_curve"]
+    assert curve["thresholds"] == pytest.approx([i / 100 for i in range(1, 51)])
+    # the rank blend is no probability: no curve of its own
+    assert list(curve["net_benefit"]) == ["final", "gbdt", "fusion", "stack", "treat all", "treat none"]
+    assert curve["models"]["final"] == document["shown"]
+    prevalence = document["positives"] / document["rows"]
+    assert curve["prevalence"] == pytest.approx(prevalence)
+    assert curve["net_benefit"]["treat all"][0] == pytest.approx(prevalence - (1 - prevalence) * 0.01 / 0.99)
+    assert set(curve["net_benefit"]["treat none"]) == {0.0}
+    assert document["plots"]["decision"] == "decision_curve.png"
+
+
+def _planted_run(run_factory, oof_writer):
+    """A run whose gbdt finds every malignant lesion but most of those on the leg."""
+    run = run_factory(n_rows=600)
+    rng = np.random.default_rng(5)
+    y = run.target.astype(bool)
+    leg = (run.frame["site"] == "leg").to_numpy()
+    p = np.where(y, rng.uniform(0.6, 0.95, len(y)), rng.uniform(0.02, 0.5, len(y)))
+    missed = y & leg & (rng.random(len(y)) < 0.6)
+    p[missed] = rng.uniform(0.05, 0.3, missed.sum())  # below any threshold that keeps 95% elsewhere
+    oof_writer(run, "gbdt", p)
+    return run
+
+
+def test_planted_low_sensitivity_subgroup_is_highlighted(run_factory, oof_writer):
+    run = _planted_run(run_factory, oof_writer)
+    path = write_report(run.dir, sensitivity=0.8)
+    document = json.loads((path.parent / "metrics.json").read_text())
+    rows = document["subgroups"]["rows"]
+    assert document["subgroups"]["age_column"] == "age"
+    assert {r["column"] for r in rows} == {"sex", "site", "age"}
+    highlighted = [(r["column"], r["subgroup"]) for r in rows if r["highlight"]]
+    assert highlighted == [("site", "leg")]
+    leg = next(r for r in rows if r["subgroup"] == "leg")
+    assert leg["sensitivity_high"] < 0.8 and leg["status"] == "below target"
+    raw = (path.parent / "index.html").read_text()
+    rows_html = re.findall(r'<tr( class="[^"]*")?>\s*<td>([^<]+)', raw)
+    marked = [label.strip() for cls, label in rows_html if "below-target" in cls]
+    assert marked == ["leg"]
+    assert "**leg** (below target)" in path.read_text()
+    too_few = [r for r in rows if r["positives"] < 10]
+    assert too_few and all(r["status"] == "too few to tell" and not r["highlight"] for r in too_few)
+    assert "too few to tell" in raw
+
+
+def test_report_of_a_tabular_only_run_with_lightgbm_final(run_factory, oof_writer):
+    """A run with only gbdt/ (no images, no fusion): intervals, subgroups, decision curve, card."""
+    run = _planted_run(run_factory, oof_writer)
+    path = write_report(run.dir)  # before stack: gbdt is the shown model
+    document = json.loads((path.parent / "metrics.json").read_text())
+    assert list(document["models"]) == ["gbdt"] and document["shown"] == "gbdt"
+    assert list(document["intervals"]["models"]) == ["gbdt"] and document["intervals"]["differences"] == {}
+    assert "No other model to compare with gbdt." in path.read_text()
+    assert 'id="model-differences"' not in (path.parent / "index.html").read_text()
+    assert list(document["decision_curve"]["net_benefit"]) == ["final", "treat all", "treat none"]
+    # what `invoke stack` makes of a tabular-only run: LightGBM as the final model
+    threshold = document["models"]["gbdt"]["threshold"]
+    (run.dir / "stack").mkdir()
+    (run.dir / "stack" / "final.json").write_text(json.dumps(
+        {"final": "gbdt", "threshold": threshold, "sensitivity": 0.95}))
+    path = write_report(run.dir)
+    document = json.loads((path.parent / "metrics.json").read_text())
+    assert document["final"] == document["shown"] == "gbdt"
+    assert document["operating_point"]["threshold"] == pytest.approx(threshold)
+    card = (path.parent / "model-card.md").read_text()
+    assert "images: none: metadata only" in card
+    assert "backbone weights sha256: none: no stage read image embeddings" in card
+    assert "95% CI" in path.read_text() and "net benefit" in path.read_text()
+
+
+def test_unreadable_metadata_leaves_out_subgroups_not_the_report(stacked_run, caplog):
+    (stacked_run.dir.parent / "metadata.csv").unlink()
+    path = write_report(stacked_run.dir)
+    document = json.loads((path.parent / "metrics.json").read_text())
+    assert document["subgroups"]["rows"] == []
+    assert "metadata.csv could not be tabulated" in document["subgroups"]["unavailable"]
+    assert "Subgroup table not made: metadata" in path.read_text()
+    assert "subgroups left out" in caplog.text
+    assert document["intervals"]["models"]  # the rest is there
+
+
+@pytest.mark.parametrize(("spec", "age", "skin"), [
+    ({"numeric": ["age"]}, "age", None),
+    ({"numeric": ["size", "age_approx"]}, "age_approx", None),
+    ({"numeric": ["age_approx", "Age"], "categorical": ["fitzpatrick"]}, "Age", "fitzpatrick"),
+    ({"numeric": ["agent_dose", "stage"], "categorical": ["Skin_Type"]}, None, "Skin_Type"),
+    ({}, None, None),
+])
+def test_age_and_skin_type_columns_are_picked_by_name(spec, age, skin):
+    assert age_column(spec) == age
+    assert skin_type_column(spec) == skin

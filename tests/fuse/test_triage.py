@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 from html.parser import HTMLParser
 
@@ -430,3 +431,30 @@ def test_no_in_training_column_or_none_in_training_changes_nothing(tmp_path):
     write(frame.assign(in_training=False), tmp_path / "b")
     assert plain.read_text() == (tmp_path / "b" / "triage.html").read_text()
     assert "in training data" not in plain.read_text() and 'id="in-training"' not in plain.read_text()
+
+
+def test_header_states_the_operating_point_with_its_lower_bound(tmp_path, tabular_run):
+    from fuse.report import read_operating_point, write_report
+    from fuse.stack import StackConfig, stack
+
+    assert read_operating_point(tabular_run.dir) is None  # no report yet
+    stack(tabular_run.dir, config=StackConfig(num_boost_round=30))
+    write_report(tabular_run.dir)
+    point = read_operating_point(tabular_run.dir)
+    final = json.loads((tabular_run.dir / "stack" / "final.json").read_text())
+    assert point["threshold"] == pytest.approx(final["threshold"])
+    page = write(predictions([0.9, 0.1]), tmp_path, threshold=final["threshold"], operating_point=point)
+    positives = point["tp"] + point["fn"]
+    assert (f"sensitivity at this threshold {point['sensitivity']:.1%} out of fold (of {positives} malignant "
+            f"training lesions); lower 95% bound {point['sensitivity_low']:.1%} (Clopper-Pearson); "
+            "target 95%") in page.plain()
+
+
+def test_operating_point_of_another_threshold_is_not_stated(tmp_path, caplog):
+    point = {"threshold": 0.3, "target_sensitivity": 0.95, "tp": 19, "fn": 1, "sensitivity": 0.95,
+             "sensitivity_low": 0.75}
+    page = write(predictions([0.9, 0.1]), tmp_path, threshold=0.5, operating_point=point)
+    assert "sensitivity at this threshold" not in page.plain()
+    assert "operating point is for threshold 0.3, not 0.5" in caplog.text
+    page = write(predictions([0.9, 0.1]), tmp_path, threshold=0.3, operating_point=point)
+    assert "95.0% out of fold (of 20 malignant training lesions); lower 95% bound 75.0%" in page.plain()
