@@ -62,6 +62,14 @@ def _label(value) -> str:
     return text if text else MISSING
 
 
+def _labels(values: np.ndarray) -> np.ndarray:
+    """`_label` of every value, computed once per distinct value (a 401,059-row column holds a few
+    dozen distinct values; calling `_label` per row cost seconds)."""
+    codes, uniques = pd.factorize(pd.Series(values, dtype=object), use_na_sentinel=True)
+    table = np.array([_label(v) for v in uniques] + [MISSING], dtype=object)
+    return table[codes]  # code -1 (missing) indexes the trailing MISSING
+
+
 def age_band_labels(ages, name: str = "age", bands=AGE_BANDS) -> np.ndarray:
     """Each row's age band label ("<30" ... "75+", "missing" for no age).
 
@@ -74,7 +82,7 @@ def age_band_labels(ages, name: str = "age", bands=AGE_BANDS) -> np.ndarray:
         DataError: a value that is not a number (naming the column and the first few).
     """
     values = pd.to_numeric(pd.Series(np.asarray(ages, dtype=object)), errors="coerce")
-    given = pd.Series(np.asarray(ages, dtype=object)).map(lambda v: _label(v) != MISSING)
+    given = pd.Series(_labels(np.asarray(ages, dtype=object)) != MISSING)
     text = values.isna() & given
     if text.any():
         shown = pd.Series(np.asarray(ages, dtype=object))[text].astype(str).unique()[:3].tolist()
@@ -180,13 +188,13 @@ def subgroup_table(y_true, y_score, groups, threshold: float, columns: Mapping, 
         categorical = [categorical]
     plan: list[tuple[str, str, np.ndarray, list[str]]] = []
     for name in categorical:
-        labels = np.array([_label(v) for v in _column(columns, name, len(y))], dtype=object)
+        labels = _labels(_column(columns, name, len(y)))
         plan.append((name, "categorical", labels, sorted(set(labels) - {MISSING})))
     if age is not None:
         labels = age_band_labels(_column(columns, age, len(y)), age)
         plan.append((age, "age band", labels, [band[2] for band in AGE_BANDS]))
     if skin_type is not None:
-        labels = np.array([_label(v) for v in _column(columns, skin_type, len(y))], dtype=object)
+        labels = _labels(_column(columns, skin_type, len(y)))
         plan.append((skin_type, "skin type", labels, sorted(set(labels) - {MISSING})))
     rows = []
     for name, kind, labels, order in plan:
