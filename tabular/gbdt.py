@@ -327,6 +327,16 @@ def build_fold(
     encoder = FeatureEncoder()
     X_train = encoder.fit_transform(frame.iloc[train_rows], spec)
     X_valid = encoder.transform(frame.iloc[valid_rows])
+    return _fold_from_features(frame, spec, y, fold_of_row, fold, encoder, X_train, X_valid, extra, config)
+
+
+def _fold_from_features(frame: pd.DataFrame, spec: DatasetSpec, y: np.ndarray, fold_of_row: np.ndarray, fold: int,
+                        encoder: FeatureEncoder, X_train: pd.DataFrame, X_valid: pd.DataFrame,
+                        extra: np.ndarray | None, config: GBDTConfig) -> FoldData:
+    """The rest of `build_fold` once the fold's metadata features are made: image PCA, the
+    negative sample, the binned Datasets."""
+    train_rows = np.flatnonzero(fold_of_row != fold)
+    valid_rows = np.flatnonzero(fold_of_row == fold)
     pca = None
     if extra is not None:
         pca = FoldPCA.fit(extra[train_rows], config.extra_components, seed=fold, max_rows=config.pca_fit_rows)
@@ -367,6 +377,96 @@ def build_fold(
         sampled=None if dataset_rows is None else (config.neg_ratio, tuple(int(s) for s in config.seeds)),
         valid_set=valid_set,
     )
+
+
+def build_folds(
+    frame: pd.DataFrame,
+    spec: DatasetSpec,
+    y: np.ndarray,
+    fold_of_row: np.ndarray,
+    extra: np.ndarray | None = None,
+    config: GBDTConfig | None = None,
+) -> list[FoldData]:
+    """Every fold of the run (sorted by fold number), its metadata features computed once.
+
+    The same folds as `build_fold` for each fold in turn, value for value (the models and their
+    predictions are identical), at the cost of one encoding of the frame instead of one per fold:
+    the frame is encoded once and each fold takes its rows, with the encoder `build_fold` would
+    fit on its training part (`FeatureEncoder.restrict`: that part's categories and MLP
+    standardisation). That holds when per-patient features depend only on the patient's own rows
+    and each patient lies in one part of every fold (the spec has no patient column, or the folds
+    are grouped by patient, as the ISIC 2024 spec's are); otherwise, or when the one encoding
+    cannot be made (a column fine in a part but not in the whole), every fold is built on its own
+    by `build_fold`, which also raises its errors. The image PCA (`extra`) stays per fold: it is
+    fitted on each training part.
+
+    Args:
+        frame: metadata, one row per `y` and `fold_of_row` entry (index ignored).
+        y: (n_rows,) 0/1 labels; fold_of_row: (n_rows,) fold number of each row.
+        extra, config: as `build_fold`.
+
+    Raises:
+        DataError: as `build_fold`.
+    """
+    config = config or GBDTConfig()
+    fold_of_row = np.asarray(fold_of_row)
+    numbers = sorted(np.unique(fold_of_row).tolist())
+    frame = frame.reset_index(drop=True)
+    shared = _encode_once(frame, spec, fold_of_row)
+    bar = tqdm(numbers, desc="features", unit="fold", leave=False)
+    if shared is None:
+        return [build_fold(frame, spec, y, fold_of_row, k, extra=extra, config=config) for k in bar]
+    encoder, features = shared
+    folds = []
+    for k in bar:
+        train_rows = np.flatnonzero(fold_of_row != k)
+        try:
+            fold_encoder, X_train, picks = encoder.restrict(features, train_rows)
+        except DataError:
+            # A training part the fold's own fit refuses: let it say why, as it always has.
+            folds.append(build_fold(frame, spec, y, fold_of_row, k, extra=extra, config=config))
+            continue
+        valid_rows = np.flatnonzero(fold_of_row == k)
+        block = features.to_numpy(copy=False)[valid_rows]
+        _warn_unseen(block, encoder, picks, k)
+        X_valid = pd.DataFrame(block[:, picks] if len(picks) < block.shape[1] else block,
+                               index=valid_rows, columns=fold_encoder.feature_names, copy=False)
+        folds.append(_fold_from_features(frame, spec, y, fold_of_row, k, fold_encoder, X_train, X_valid,
+                                         extra, config))
+    return folds
+
+
+def _encode_once(frame: pd.DataFrame, spec: DatasetSpec,
+                 fold_of_row: np.ndarray) -> tuple[FeatureEncoder, pd.DataFrame] | None:
+    """(encoder fitted on every row, its features of every row), or None where the folds' own
+    encodings could differ from slices of it (see `build_folds`)."""
+    if spec.patient and spec.patient in frame.columns:
+        patients = frame[spec.patient]
+        present = patients.notna().to_numpy()
+        # A row without a patient is its own patient: always within one part.
+        folds_per_patient = pd.Series(fold_of_row[present]).groupby(patients[present].astype(str).to_numpy()).nunique()
+        if (folds_per_patient > 1).any():
+            log.info("gbdt: patients in several folds (%d); features are built per fold",
+                     int((folds_per_patient > 1).sum()))
+            return None
+    encoder = FeatureEncoder()
+    try:
+        features = encoder.fit_transform(frame, spec)
+    except DataError:
+        return None
+    return encoder, features
+
+
+def _warn_unseen(block: np.ndarray, encoder: FeatureEncoder, picks: Sequence[int], fold: int) -> None:
+    """Log, as `FeatureEncoder.transform` does, validation rows (`block`: `encoder`'s features)
+    holding a category the fold's training part lacks (a one-hot column not in `picks`)."""
+    kept = set(picks)
+    for i, c in enumerate(encoder.to_json()["columns"]):
+        if c["kind"] == "onehot" and i not in kept:
+            rows = int(block[:, i].sum())
+            if rows:
+                log.warning("categorical column '%s': %d row(s) of fold %d hold category %r, absent from "
+                            "its training part: encoded as all-zero", c["source"], rows, fold, c["value"])
 
 
 # --------------------------------------------------------------------------------- training
