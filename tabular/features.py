@@ -386,8 +386,11 @@ class FeatureEncoder:
         """Mean and standard deviation of each continuous column of `features` (the fit rows')."""
         continuous = [c["name"] for c in self.state["columns"] if c["kind"] != "onehot"]
         means, stds, indicators = [], [], []
-        for name in continuous:
-            values = features[name].to_numpy()
+        # One column-major copy: reading column after column of a row-major matrix would touch
+        # every cache line of it once per column.
+        block = np.asfortranarray(features[continuous].to_numpy())
+        for j, name in enumerate(continuous):
+            values = block[:, j]
             present = values[~np.isnan(values)]
             mean = float(present.mean(dtype=np.float64)) if len(present) else 0.0
             std = float(present.std(dtype=np.float64)) if len(present) > 1 else 1.0

@@ -302,6 +302,11 @@ class FoldData:
     dataset_rows: np.ndarray | None = None
     sampled: tuple[float, tuple[int, ...]] | None = None  # (neg_ratio, seeds) behind dataset_rows
     valid_set: lgb.Dataset | None = None
+    # (neg_ratio, seed) -> (training Dataset of that seed's draw, validation offset), made at the
+    # first model of that seed and reused by every later one (the other trials, the final fit).
+    seed_sets: dict[tuple[float, int], tuple[lgb.Dataset, float]] = field(default_factory=dict, repr=False)
+    # X_valid as one float32 array, for predictions (a DataFrame is converted on every call).
+    valid_matrix: np.ndarray | None = field(default=None, repr=False)
 
 
 def build_fold(
@@ -568,27 +573,12 @@ def train_model(data: FoldData, params: Mapping, seed: int, config: GBDTConfig) 
         DataError: `data` was built for another negative sample (`build_fold` with another
             neg_ratio, or without this seed).
     """
-    keep = negative_sample(data.y_train, config.neg_ratio, sample_seed(seed, data.fold))
-    train_set = data.train_set
-    if data.dataset_rows is not None:
-        positions = None if keep is None else np.searchsorted(data.dataset_rows, keep)
-        if (positions is None or positions[-1] >= len(data.dataset_rows)
-                or not np.array_equal(data.dataset_rows[positions], keep)):
-            ratio, seeds = data.sampled
-            raise DataError(
-                f"fold {data.fold}: built for neg_ratio {ratio:g} and seeds {list(seeds)}, which does not "
-                f"hold the rows of neg_ratio {config.neg_ratio:g} seed {seed}; build the fold with the "
-                f"config it is trained with"
-            )
-        if len(positions) < len(data.dataset_rows):
-            train_set = data.train_set.subset(positions.tolist())
-    elif keep is not None:
-        train_set = data.train_set.subset(keep.tolist())
+    train_set, offset = seed_dataset(data, seed, config)
     valid_set = data.valid_set
     if valid_set is None:
         valid_set = lgb.Dataset(data.X_valid, label=data.y_valid, reference=data.train_set,
                                 params=dict(DATASET_PARAMS), free_raw_data=False).construct()
-    valid_set.set_init_score(np.full(len(data.y_valid), validation_offset(data.y_train, keep)))
+    valid_set.set_init_score(np.full(len(data.y_valid), offset))
     callbacks = [
         lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False),
         lgb.log_evaluation(config.log_period),
@@ -605,6 +595,47 @@ def train_model(data: FoldData, params: Mapping, seed: int, config: GBDTConfig) 
             callbacks=callbacks,
         )
     return booster
+
+
+def seed_dataset(data: FoldData, seed: int, config: GBDTConfig) -> tuple[lgb.Dataset, float]:
+    """The training Dataset of one seed's negative draw in `data` and its validation offset
+    (`validation_offset`), made once per fold, seed and ratio and kept in `data.seed_sets`.
+
+    The binned rows are the same whatever booster parameters a trial brings (binning parameters
+    are fixed, `DATASET_PARAMS`), so every trial and the final fit reuse it.
+
+    Raises:
+        DataError: as `train_model`.
+    """
+    key = (float(config.neg_ratio), int(seed))
+    if key in data.seed_sets:
+        return data.seed_sets[key]
+    keep = negative_sample(data.y_train, config.neg_ratio, sample_seed(seed, data.fold))
+    train_set = data.train_set
+    if data.dataset_rows is not None:
+        positions = None if keep is None else np.searchsorted(data.dataset_rows, keep)
+        if (positions is None or positions[-1] >= len(data.dataset_rows)
+                or not np.array_equal(data.dataset_rows[positions], keep)):
+            ratio, seeds = data.sampled
+            raise DataError(
+                f"fold {data.fold}: built for neg_ratio {ratio:g} and seeds {list(seeds)}, which does not "
+                f"hold the rows of neg_ratio {config.neg_ratio:g} seed {seed}; build the fold with the "
+                f"config it is trained with"
+            )
+        if len(positions) < len(data.dataset_rows):
+            train_set = data.train_set.subset(positions.tolist())
+    elif keep is not None:
+        train_set = data.train_set.subset(keep.tolist())
+    data.seed_sets[key] = (train_set, validation_offset(data.y_train, keep))
+    return data.seed_sets[key]
+
+
+def predict_valid(booster: lgb.Booster, data: FoldData) -> np.ndarray:
+    """`predict_best` on `data`'s validation part, from one array kept in `data` (n_valid,)."""
+    if data.valid_matrix is None:
+        data.valid_matrix = np.ascontiguousarray(data.X_valid.to_numpy(dtype=np.float32))
+    best = booster.best_iteration if booster.best_iteration > 0 else None
+    return booster.predict(data.valid_matrix, num_iteration=best)
 
 
 def predict_best(booster: lgb.Booster, X: pd.DataFrame) -> np.ndarray:
@@ -641,7 +672,7 @@ def fit_ensemble(
         for seed in config.seeds:
             booster = train_model(data, params, int(seed), config)
             boosters[(data.fold, int(seed))] = booster
-            predictions.append(predict_best(booster, data.X_valid))
+            predictions.append(predict_valid(booster, data))
             iterations.append(int(booster.best_iteration or booster.current_iteration()))
             bar.update(1)
         p = np.mean(predictions, axis=0)

@@ -41,7 +41,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from tabular.errors import DataError
-from tabular.gbdt import DEFAULT_PARAMS, FoldData, GBDTConfig, predict_best, train_model
+from tabular.gbdt import DEFAULT_PARAMS, FoldData, GBDTConfig, predict_valid, train_model
 from tabular.metrics import MetricWarning, pauc80
 
 log = logging.getLogger(__name__)
@@ -336,17 +336,19 @@ def tune(
         trial.set_user_attr("lgbm_params", json.loads(json.dumps(params)))
         scores, iterations = [], []
         for step, data in enumerate(folds):
+            # The fold's Datasets (and this seed's negative draw) were built once, before the
+            # study: a trial only trains and predicts.
             booster = train_model(data, params, int(trial_config.seeds[0]), trial_config)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", MetricWarning)
-                scores.append(pauc80(data.y_valid, predict_best(booster, data.X_valid)))
+                scores.append(pauc80(data.y_valid, predict_valid(booster, data)))
             iterations.append(int(booster.best_iteration))
-            trial.set_user_attr("fold_pauc80", [None if math.isnan(s) else s for s in scores])
-            trial.set_user_attr("best_iterations", iterations)
             running = _nanmean(scores)
             trial.report(running, step)
             if trial.should_prune():
+                _record_folds(trial, scores, iterations)
                 raise optuna.TrialPruned()
+        _record_folds(trial, scores, iterations)
         return _nanmean(scores)
 
     done = _count(study, FINISHED)
@@ -427,6 +429,13 @@ def tune(
     log.info("tuning %s: best mean fold pAUC80 %.4f (trial %d of %d finished)",
              study_name, result.best_value, best.number, result.trials_finished)
     return result
+
+
+def _record_folds(trial: optuna.Trial, scores: list[float], iterations: list[int]) -> None:
+    """Per-fold pAUC80 and best iterations as trial attributes, written once per trial (each
+    write is a storage transaction)."""
+    trial.set_user_attr("fold_pauc80", [None if math.isnan(s) else s for s in scores])
+    trial.set_user_attr("best_iterations", iterations)
 
 
 def _nanmean(values: list[float]) -> float:
