@@ -116,6 +116,10 @@ class GBDTConfig:
     log_period: LightGBM evaluation log every N rounds (0 = quiet).
     num_threads: LightGBM threads; 0 = half the logical CPUs (LightGBM runs best with one thread
         per physical core, and its OpenMP threads slow down sharply on an oversubscribed machine).
+    fold_workers: folds whose models train at the same time (each fold's own models one after
+        another: they share its validation Dataset); 0 = the logical CPUs over `num_threads`'s
+        threads (2 on a 2-CPU machine, where LightGBM gets 1 thread a model), at most the folds.
+        The models and their predictions are the same for any value.
     """
 
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -127,6 +131,7 @@ class GBDTConfig:
     early_stopping_rounds: int = 50
     log_period: int = 0
     num_threads: int = 0
+    fold_workers: int = 0
 
     def __post_init__(self) -> None:
         if not self.seeds or not all(isinstance(s, int | np.integer) for s in self.seeds):
@@ -146,6 +151,9 @@ class GBDTConfig:
         if (isinstance(self.extra_components, bool) or not isinstance(self.extra_components, int | np.integer)
                 or self.extra_components < 0):
             raise DataError(f"extra_components: expected an integer >= 0, got {self.extra_components!r}")
+        if (isinstance(self.fold_workers, bool) or not isinstance(self.fold_workers, int | np.integer)
+                or self.fold_workers < 0):
+            raise DataError(f"fold_workers: expected an integer >= 0 (0 = one per CPU left), got {self.fold_workers!r}")
         if self.num_boost_round < 1 or self.early_stopping_rounds < 1:
             raise DataError(
                 f"num_boost_round / early_stopping_rounds: expected >= 1, got "
@@ -565,6 +573,41 @@ def lightgbm_threads(config: GBDTConfig) -> int:
     return config.num_threads or max(1, (os.cpu_count() or 2) // 2)
 
 
+def fold_workers(config: GBDTConfig, n_folds: int) -> int:
+    """Folds trained at once: `config.fold_workers`, else the logical CPUs over each model's
+    LightGBM threads; between 1 and `n_folds`."""
+    workers = config.fold_workers or (os.cpu_count() or 1) // lightgbm_threads(config)
+    return max(1, min(int(workers), int(n_folds)))
+
+
+def map_folds(function, folds: Sequence[FoldData], config: GBDTConfig):
+    """`function(fold)` for each fold, up to `fold_workers` folds at once; yields the results in
+    the order of `folds`, each as soon as it and those before it are done.
+
+    LightGBM releases the GIL while it trains, so threads use the CPUs LightGBM's own threads
+    leave idle (a single-threaded model on a 2-CPU machine). One fold's work stays on one thread,
+    its models one after another: they share the fold's validation Dataset and its init score.
+    Closing the generator early (a pruned trial) cancels the folds not started and waits for those
+    running, so that no thread is left training on a fold the caller goes on to use.
+    """
+    workers = fold_workers(config, len(folds))
+    if workers == 1:
+        for data in folds:
+            yield function(data)
+        return
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gbdt-fold") as pool:
+        futures = [pool.submit(function, data) for data in folds]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+            wait(futures)
+
+
 def train_model(data: FoldData, params: Mapping, seed: int, config: GBDTConfig) -> lgb.Booster:
     """One booster on `data`'s training part (down-sampled: see `GBDTConfig.neg_ratio`),
     early-stopped on its whole validation part.
@@ -666,15 +709,26 @@ def fit_ensemble(
     boosters: dict[tuple[int, int], lgb.Booster] = {}
     per_fold = []
     bar = tqdm(total=len(folds) * len(config.seeds), desc=desc, unit="model", leave=False)
-    for data in folds:
-        predictions = []
-        iterations = []
+
+    def fold_models(data: FoldData) -> list[tuple[int, lgb.Booster, np.ndarray]]:
+        models = []
         for seed in config.seeds:
             booster = train_model(data, params, int(seed), config)
-            boosters[(data.fold, int(seed))] = booster
-            predictions.append(predict_valid(booster, data))
-            iterations.append(int(booster.best_iteration or booster.current_iteration()))
+            models.append((int(seed), booster, predict_valid(booster, data)))
             bar.update(1)
+        return models
+
+    with warnings.catch_warnings():
+        # Set once here: `catch_warnings` in each thread would restore the filters out of order.
+        warnings.simplefilter("ignore", UserWarning)
+        fitted = list(map_folds(fold_models, folds, config))
+    for data, models in zip(folds, fitted, strict=True):
+        predictions = []
+        iterations = []
+        for seed, booster, prediction in models:
+            boosters[(data.fold, seed)] = booster
+            predictions.append(prediction)
+            iterations.append(int(booster.best_iteration or booster.current_iteration()))
         p = np.mean(predictions, axis=0)
         oof[data.valid_rows] = p
         with warnings.catch_warnings():

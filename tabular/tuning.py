@@ -41,7 +41,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from tabular.errors import DataError
-from tabular.gbdt import DEFAULT_PARAMS, FoldData, GBDTConfig, predict_valid, train_model
+from tabular.gbdt import DEFAULT_PARAMS, FoldData, GBDTConfig, map_folds, predict_valid, train_model
 from tabular.metrics import MetricWarning, pauc80
 
 log = logging.getLogger(__name__)
@@ -335,19 +335,29 @@ def tune(
         params = suggest_params(trial)
         trial.set_user_attr("lgbm_params", json.loads(json.dumps(params)))
         scores, iterations = [], []
-        for step, data in enumerate(folds):
+
+        def fold_model(data: FoldData) -> tuple[float, int]:
             # The fold's Datasets (and this seed's negative draw) were built once, before the
             # study: a trial only trains and predicts.
             booster = train_model(data, params, int(trial_config.seeds[0]), trial_config)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", MetricWarning)
-                scores.append(pauc80(data.y_valid, predict_valid(booster, data)))
-            iterations.append(int(booster.best_iteration))
-            running = _nanmean(scores)
-            trial.report(running, step)
-            if trial.should_prune():
-                _record_folds(trial, scores, iterations)
-                raise optuna.TrialPruned()
+            return pauc80(data.y_valid, predict_valid(booster, data)), int(booster.best_iteration)
+
+        # Folds train side by side (`map_folds`) but are reported in order, as one after another
+        # would be, so the pruner sees the same steps; a pruned trial stops the folds not begun.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MetricWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            results = map_folds(fold_model, folds, trial_config)
+            try:
+                for step, (score, best_iteration) in enumerate(results):
+                    scores.append(score)
+                    iterations.append(best_iteration)
+                    trial.report(_nanmean(scores), step)
+                    if trial.should_prune():
+                        _record_folds(trial, scores, iterations)
+                        raise optuna.TrialPruned()
+            finally:
+                results.close()
         _record_folds(trial, scores, iterations)
         return _nanmean(scores)
 
