@@ -1,11 +1,15 @@
 """The LightGBM ensemble: one model per fold x seed, early-stopped on that fold's validation part.
 
-Building blocks used by `tabular.train.fit_gbdt` (which builds the features of each fold) and by
-`tabular.tuning` (which trains one seed per fold and trial):
+Building blocks used by `tabular.train.fit_gbdt` (which builds the folds once, `build_folds`) and
+by `tabular.tuning` (which trains one seed per fold and trial):
 
+- `build_folds`: every fold of a run from one encoding of the metadata (each fold's encoder and
+  features sliced from it, the same as encoding each training part on its own).
 - `FoldData`: one fold's training part as a binned LightGBM Dataset (built once, reused by every
-  seed and Optuna trial), its validation features, and the encoder / PCA fitted on its training
-  part.
+  seed and Optuna trial; each seed's down-sampled Dataset made once too, `seed_dataset`), its
+  validation features and Dataset, and the encoder / PCA fitted on its training part.
+- `map_folds`: folds trained side by side on the CPUs LightGBM's threads leave idle; the same
+  models as one after another.
 - `FoldPCA`: PCA of an optional extra matrix (image embeddings, rows aligned to the frame),
   fitted on the training part of the fold only, saved as `.npy` (never pickled).
 - `negative_sample` / `train_model`: one booster, on every positive of the training part and at
