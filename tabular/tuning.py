@@ -297,7 +297,7 @@ def tune(
     """Run the study until it holds `n_trials` finished trials; write `best_params.json`.
 
     Args:
-        folds: the run's folds (see `tabular.gbdt.build_fold`).
+        folds: the run's folds (see `tabular.gbdt.build_folds`), built once for every trial.
         study_name: e.g. f"gbdt-{spec.name}".
         n_trials: finished (complete + pruned) trials the study should hold in total.
         stage_dir: where `best_params.json` (and the default sqlite storage) go.
