@@ -114,6 +114,8 @@ def test_bench_judges_the_default_fit_against_one_plain_fit_on_every_row(tmp_pat
     assert plain["rounds"] == PLAIN_ROUNDS == 200 and plain["n_features"] == 2 and 0 <= plain["pauc80"] <= 0.2
     assert report["unsampled"] is None and report["baseline"] is None
     assert report["ratios"]["fit_vs_plain"] == pytest.approx(report["ours"]["fit_seconds"] / plain["fit_seconds"])
+    assert report["ratios"]["fit_cpu_vs_plain"] == pytest.approx(
+        report["ours"]["fit_cpu_seconds"] / plain["fit_cpu_seconds"])
     assert report["ratios"]["fit_vs_unsampled"] is None and report["ratios"]["peak_rss"] is None
     assert report["targets"]["fit_vs_plain"]["value"] == TARGET_FIT_VS_PLAIN == 0.6
     # Judged at 401,059 rows only (the features' share of the fit grows on fewer rows).
