@@ -368,10 +368,80 @@ class FeatureEncoder:
 
         # Standardisation for the MLP, from the features of the rows it is fitted on.
         features = self.transform(df, _warn_unknown=False)
+        self.state["mlp"] = self._mlp_state(features)
+        return features
+
+    def restrict(self, features: pd.DataFrame, rows: np.ndarray) -> tuple[FeatureEncoder, pd.DataFrame, list[int]]:
+        """The encoder `fit_transform` would make on a subset of the rows this one was fitted on,
+        from this encoder's features of that subset, without recomputing them.
+
+        For the folds of one run: encode every row once, then take each training part's encoder
+        and features from that matrix. Categories are those with a row in `features` (in the
+        order fit gives them), the MLP standardisation comes from those rows, and the returned
+        features are those rows of `features` restricted to the new encoder's columns, renamed as
+        it names them (other rows, e.g. a validation part, take the same column positions).
+        Values are exactly those of `fit_transform` on the subset provided the per-patient
+        features do not depend on the row set: no patient column, or every patient's rows all in
+        the subset or all outside it (the caller checks; folds grouped by patient are).
+
+        Args:
+            features: this encoder's features (its `fit_transform` output, or `transform` of rows
+                it was fitted on), shape (n, len(feature_names)).
+            rows: positions in `features` of the subset's rows, shape (n_rows,).
+
+        Returns:
+            (encoder, its features of the subset, shape (n_rows, len(encoder.feature_names)),
+            positions in `features` of its columns).
+
+        Raises:
+            DataError: no rows; `features` lacks this encoder's columns; a numeric column has no
+                value or a categorical column only missing values in these rows (as `fit` would).
+        """
+        state = self._fitted()
+        if len(rows) == 0:
+            raise DataError("fit: the frame has no rows")
+        if list(features.columns) != self.feature_names:
+            raise DataError(
+                f"restrict: expected the {len(self.feature_names)} columns of this encoder's transform, got "
+                f"{len(features.columns)} columns {preview(list(features.columns))}"
+            )
+        values = features.to_numpy(copy=False)[np.asarray(rows)]
+        position = {_column_key(c): i for i, c in enumerate(state["columns"])}
+        for c in state["columns"]:
+            if c["kind"] == "numeric" and np.isnan(values[:, position[_column_key(c)]]).all():
+                raise DataError(
+                    f"numeric column '{c['source']}' has no value in the {len(rows)} rows given; "
+                    "exclude it in the spec"
+                )
+        categories: dict[str, list[str]] = {}
+        for source, levels in state["categories"].items():
+            kept = [level for level in levels
+                    if values[:, position[("onehot", source, level)]].any()]
+            if not kept:
+                raise DataError(
+                    f"categorical column '{source}' has no value in the {len(rows)} rows given "
+                    "(all missing); exclude it in the spec"
+                )
+            categories[source] = kept
+        encoder = FeatureEncoder()
+        encoder.state = dict(_copy({k: v for k, v in state.items() if k not in ("categories", "columns", "mlp")}),
+                             categories=categories, columns=[], mlp={})
+        encoder.state["columns"] = encoder._layout()
+        picks = [position[_column_key(c)] for c in encoder.state["columns"]]
+        subset = pd.DataFrame(values[:, picks] if len(picks) < values.shape[1] else values,
+                              index=features.index[np.asarray(rows)], columns=encoder.feature_names, copy=False)
+        encoder.state["mlp"] = encoder._mlp_state(subset)
+        return encoder, subset, picks
+
+    def _mlp_state(self, features: pd.DataFrame) -> dict:
+        """Mean and standard deviation of each continuous column of `features` (the fit rows')."""
         continuous = [c["name"] for c in self.state["columns"] if c["kind"] != "onehot"]
         means, stds, indicators = [], [], []
-        for name in continuous:
-            values = features[name].to_numpy()
+        # One column-major copy: reading column after column of a row-major matrix would touch
+        # every cache line of it once per column.
+        block = np.asfortranarray(features[continuous].to_numpy())
+        for j, name in enumerate(continuous):
+            values = block[:, j]
             present = values[~np.isnan(values)]
             mean = float(present.mean(dtype=np.float64)) if len(present) else 0.0
             std = float(present.std(dtype=np.float64)) if len(present) > 1 else 1.0
@@ -380,8 +450,7 @@ class FeatureEncoder:
             if len(present) < len(values):
                 # Indicators only where values were missing at fit: the width stays fixed.
                 indicators.append(name)
-        self.state["mlp"] = {"columns": continuous, "mean": means, "std": stds, "indicators": indicators}
-        return features
+        return {"columns": continuous, "mean": means, "std": stds, "indicators": indicators}
 
     # ----------------------------------------------------------------------------- transform
     @property
@@ -606,6 +675,13 @@ class FeatureEncoder:
                 normalised = (block.to_numpy() - mean) / (std + PATIENT_EPS)
             for j, column in enumerate(chunk):
                 out[:, position[column["name"]]] = normalised[:, j]
+
+
+def _column_key(column: dict) -> tuple:
+    """What a feature column is, independent of its (deduplicated) name."""
+    if column["kind"] == "onehot":
+        return ("onehot", column["source"], column["value"])
+    return (column["kind"], column["source"])
 
 
 def _copy(data: dict) -> dict:

@@ -1,11 +1,15 @@
 """The LightGBM ensemble: one model per fold x seed, early-stopped on that fold's validation part.
 
-Building blocks used by `tabular.train.fit_gbdt` (which builds the features of each fold) and by
-`tabular.tuning` (which trains one seed per fold and trial):
+Building blocks used by `tabular.train.fit_gbdt` (which builds the folds once, `build_folds`) and
+by `tabular.tuning` (which trains one seed per fold and trial):
 
+- `build_folds`: every fold of a run from one encoding of the metadata (each fold's encoder and
+  features sliced from it, the same as encoding each training part on its own).
 - `FoldData`: one fold's training part as a binned LightGBM Dataset (built once, reused by every
-  seed and Optuna trial), its validation features, and the encoder / PCA fitted on its training
-  part.
+  seed and Optuna trial; each seed's down-sampled Dataset made once too, `seed_dataset`), its
+  validation features and Dataset, and the encoder / PCA fitted on its training part.
+- `map_folds`: folds trained side by side on the CPUs LightGBM's threads leave idle; the same
+  models as one after another.
 - `FoldPCA`: PCA of an optional extra matrix (image embeddings, rows aligned to the frame),
   fitted on the training part of the fold only, saved as `.npy` (never pickled).
 - `negative_sample` / `train_model`: one booster, on every positive of the training part and at
@@ -116,6 +120,10 @@ class GBDTConfig:
     log_period: LightGBM evaluation log every N rounds (0 = quiet).
     num_threads: LightGBM threads; 0 = half the logical CPUs (LightGBM runs best with one thread
         per physical core, and its OpenMP threads slow down sharply on an oversubscribed machine).
+    fold_workers: folds whose models train at the same time (each fold's own models one after
+        another: they share its validation Dataset); 0 = the logical CPUs over `num_threads`'s
+        threads (2 on a 2-CPU machine, where LightGBM gets 1 thread a model), at most the folds.
+        The models and their predictions are the same for any value.
     """
 
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -127,6 +135,7 @@ class GBDTConfig:
     early_stopping_rounds: int = 50
     log_period: int = 0
     num_threads: int = 0
+    fold_workers: int = 0
 
     def __post_init__(self) -> None:
         if not self.seeds or not all(isinstance(s, int | np.integer) for s in self.seeds):
@@ -146,6 +155,9 @@ class GBDTConfig:
         if (isinstance(self.extra_components, bool) or not isinstance(self.extra_components, int | np.integer)
                 or self.extra_components < 0):
             raise DataError(f"extra_components: expected an integer >= 0, got {self.extra_components!r}")
+        if (isinstance(self.fold_workers, bool) or not isinstance(self.fold_workers, int | np.integer)
+                or self.fold_workers < 0):
+            raise DataError(f"fold_workers: expected an integer >= 0 (0 = one per CPU left), got {self.fold_workers!r}")
         if self.num_boost_round < 1 or self.early_stopping_rounds < 1:
             raise DataError(
                 f"num_boost_round / early_stopping_rounds: expected >= 1, got "
@@ -302,6 +314,11 @@ class FoldData:
     dataset_rows: np.ndarray | None = None
     sampled: tuple[float, tuple[int, ...]] | None = None  # (neg_ratio, seeds) behind dataset_rows
     valid_set: lgb.Dataset | None = None
+    # (neg_ratio, seed) -> (training Dataset of that seed's draw, validation offset), made at the
+    # first model of that seed and reused by every later one (the other trials, the final fit).
+    seed_sets: dict[tuple[float, int], tuple[lgb.Dataset, float]] = field(default_factory=dict, repr=False)
+    # X_valid as one float32 array, for predictions (a DataFrame is converted on every call).
+    valid_matrix: np.ndarray | None = field(default=None, repr=False)
 
 
 def pca_components_used(n_components: int, extra_dim: int, fold_of_row: np.ndarray, max_rows: int) -> list[int]:
@@ -347,6 +364,16 @@ def build_fold(
     encoder = FeatureEncoder()
     X_train = encoder.fit_transform(frame.iloc[train_rows], spec)
     X_valid = encoder.transform(frame.iloc[valid_rows])
+    return _fold_from_features(frame, spec, y, fold_of_row, fold, encoder, X_train, X_valid, extra, config)
+
+
+def _fold_from_features(frame: pd.DataFrame, spec: DatasetSpec, y: np.ndarray, fold_of_row: np.ndarray, fold: int,
+                        encoder: FeatureEncoder, X_train: pd.DataFrame, X_valid: pd.DataFrame,
+                        extra: np.ndarray | None, config: GBDTConfig) -> FoldData:
+    """The rest of `build_fold` once the fold's metadata features are made: image PCA, the
+    negative sample, the binned Datasets."""
+    train_rows = np.flatnonzero(fold_of_row != fold)
+    valid_rows = np.flatnonzero(fold_of_row == fold)
     pca = None
     if extra is not None:
         if fold == np.min(fold_of_row):  # said once per fit, not once per fold
@@ -389,6 +416,96 @@ def build_fold(
         sampled=None if dataset_rows is None else (config.neg_ratio, tuple(int(s) for s in config.seeds)),
         valid_set=valid_set,
     )
+
+
+def build_folds(
+    frame: pd.DataFrame,
+    spec: DatasetSpec,
+    y: np.ndarray,
+    fold_of_row: np.ndarray,
+    extra: np.ndarray | None = None,
+    config: GBDTConfig | None = None,
+) -> list[FoldData]:
+    """Every fold of the run (sorted by fold number), its metadata features computed once.
+
+    The same folds as `build_fold` for each fold in turn, value for value (the models and their
+    predictions are identical), at the cost of one encoding of the frame instead of one per fold:
+    the frame is encoded once and each fold takes its rows, with the encoder `build_fold` would
+    fit on its training part (`FeatureEncoder.restrict`: that part's categories and MLP
+    standardisation). That holds when per-patient features depend only on the patient's own rows
+    and each patient lies in one part of every fold (the spec has no patient column, or the folds
+    are grouped by patient, as the ISIC 2024 spec's are); otherwise, or when the one encoding
+    cannot be made (a column fine in a part but not in the whole), every fold is built on its own
+    by `build_fold`, which also raises its errors. The image PCA (`extra`) stays per fold: it is
+    fitted on each training part.
+
+    Args:
+        frame: metadata, one row per `y` and `fold_of_row` entry (index ignored).
+        y: (n_rows,) 0/1 labels; fold_of_row: (n_rows,) fold number of each row.
+        extra, config: as `build_fold`.
+
+    Raises:
+        DataError: as `build_fold`.
+    """
+    config = config or GBDTConfig()
+    fold_of_row = np.asarray(fold_of_row)
+    numbers = sorted(np.unique(fold_of_row).tolist())
+    frame = frame.reset_index(drop=True)
+    shared = _encode_once(frame, spec, fold_of_row)
+    bar = tqdm(numbers, desc="features", unit="fold", leave=False)
+    if shared is None:
+        return [build_fold(frame, spec, y, fold_of_row, k, extra=extra, config=config) for k in bar]
+    encoder, features = shared
+    folds = []
+    for k in bar:
+        train_rows = np.flatnonzero(fold_of_row != k)
+        try:
+            fold_encoder, X_train, picks = encoder.restrict(features, train_rows)
+        except DataError:
+            # A training part the fold's own fit refuses: let it say why, as it always has.
+            folds.append(build_fold(frame, spec, y, fold_of_row, k, extra=extra, config=config))
+            continue
+        valid_rows = np.flatnonzero(fold_of_row == k)
+        block = features.to_numpy(copy=False)[valid_rows]
+        _warn_unseen(block, encoder, picks, k)
+        X_valid = pd.DataFrame(block[:, picks] if len(picks) < block.shape[1] else block,
+                               index=valid_rows, columns=fold_encoder.feature_names, copy=False)
+        folds.append(_fold_from_features(frame, spec, y, fold_of_row, k, fold_encoder, X_train, X_valid,
+                                         extra, config))
+    return folds
+
+
+def _encode_once(frame: pd.DataFrame, spec: DatasetSpec,
+                 fold_of_row: np.ndarray) -> tuple[FeatureEncoder, pd.DataFrame] | None:
+    """(encoder fitted on every row, its features of every row), or None where the folds' own
+    encodings could differ from slices of it (see `build_folds`)."""
+    if spec.patient and spec.patient in frame.columns:
+        patients = frame[spec.patient]
+        present = patients.notna().to_numpy()
+        # A row without a patient is its own patient: always within one part.
+        folds_per_patient = pd.Series(fold_of_row[present]).groupby(patients[present].astype(str).to_numpy()).nunique()
+        if (folds_per_patient > 1).any():
+            log.info("gbdt: patients in several folds (%d); features are built per fold",
+                     int((folds_per_patient > 1).sum()))
+            return None
+    encoder = FeatureEncoder()
+    try:
+        features = encoder.fit_transform(frame, spec)
+    except DataError:
+        return None
+    return encoder, features
+
+
+def _warn_unseen(block: np.ndarray, encoder: FeatureEncoder, picks: Sequence[int], fold: int) -> None:
+    """Log, as `FeatureEncoder.transform` does, validation rows (`block`: `encoder`'s features)
+    holding a category the fold's training part lacks (a one-hot column not in `picks`)."""
+    kept = set(picks)
+    for i, c in enumerate(encoder.to_json()["columns"]):
+        if c["kind"] == "onehot" and i not in kept:
+            rows = int(block[:, i].sum())
+            if rows:
+                log.warning("categorical column '%s': %d row(s) of fold %d hold category %r, absent from "
+                            "its training part: encoded as all-zero", c["source"], rows, fold, c["value"])
 
 
 # --------------------------------------------------------------------------------- training
@@ -482,6 +599,41 @@ def lightgbm_threads(config: GBDTConfig) -> int:
     return config.num_threads or max(1, (os.cpu_count() or 2) // 2)
 
 
+def fold_workers(config: GBDTConfig, n_folds: int) -> int:
+    """Folds trained at once: `config.fold_workers`, else the logical CPUs over each model's
+    LightGBM threads; between 1 and `n_folds`."""
+    workers = config.fold_workers or (os.cpu_count() or 1) // lightgbm_threads(config)
+    return max(1, min(int(workers), int(n_folds)))
+
+
+def map_folds(function, folds: Sequence[FoldData], config: GBDTConfig):
+    """`function(fold)` for each fold, up to `fold_workers` folds at once; yields the results in
+    the order of `folds`, each as soon as it and those before it are done.
+
+    LightGBM releases the GIL while it trains, so threads use the CPUs LightGBM's own threads
+    leave idle (a single-threaded model on a 2-CPU machine). One fold's work stays on one thread,
+    its models one after another: they share the fold's validation Dataset and its init score.
+    Closing the generator early (a pruned trial) cancels the folds not started and waits for those
+    running, so that no thread is left training on a fold the caller goes on to use.
+    """
+    workers = fold_workers(config, len(folds))
+    if workers == 1:
+        for data in folds:
+            yield function(data)
+        return
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gbdt-fold") as pool:
+        futures = [pool.submit(function, data) for data in folds]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+            wait(futures)
+
+
 def train_model(data: FoldData, params: Mapping, seed: int, config: GBDTConfig) -> lgb.Booster:
     """One booster on `data`'s training part (down-sampled: see `GBDTConfig.neg_ratio`),
     early-stopped on its whole validation part.
@@ -490,27 +642,12 @@ def train_model(data: FoldData, params: Mapping, seed: int, config: GBDTConfig) 
         DataError: `data` was built for another negative sample (`build_fold` with another
             neg_ratio, or without this seed).
     """
-    keep = negative_sample(data.y_train, config.neg_ratio, sample_seed(seed, data.fold))
-    train_set = data.train_set
-    if data.dataset_rows is not None:
-        positions = None if keep is None else np.searchsorted(data.dataset_rows, keep)
-        if (positions is None or positions[-1] >= len(data.dataset_rows)
-                or not np.array_equal(data.dataset_rows[positions], keep)):
-            ratio, seeds = data.sampled
-            raise DataError(
-                f"fold {data.fold}: built for neg_ratio {ratio:g} and seeds {list(seeds)}, which does not "
-                f"hold the rows of neg_ratio {config.neg_ratio:g} seed {seed}; build the fold with the "
-                f"config it is trained with"
-            )
-        if len(positions) < len(data.dataset_rows):
-            train_set = data.train_set.subset(positions.tolist())
-    elif keep is not None:
-        train_set = data.train_set.subset(keep.tolist())
+    train_set, offset = seed_dataset(data, seed, config)
     valid_set = data.valid_set
     if valid_set is None:
         valid_set = lgb.Dataset(data.X_valid, label=data.y_valid, reference=data.train_set,
                                 params=dict(DATASET_PARAMS), free_raw_data=False).construct()
-    valid_set.set_init_score(np.full(len(data.y_valid), validation_offset(data.y_train, keep)))
+    valid_set.set_init_score(np.full(len(data.y_valid), offset))
     callbacks = [
         lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False),
         lgb.log_evaluation(config.log_period),
@@ -527,6 +664,47 @@ def train_model(data: FoldData, params: Mapping, seed: int, config: GBDTConfig) 
             callbacks=callbacks,
         )
     return booster
+
+
+def seed_dataset(data: FoldData, seed: int, config: GBDTConfig) -> tuple[lgb.Dataset, float]:
+    """The training Dataset of one seed's negative draw in `data` and its validation offset
+    (`validation_offset`), made once per fold, seed and ratio and kept in `data.seed_sets`.
+
+    The binned rows are the same whatever booster parameters a trial brings (binning parameters
+    are fixed, `DATASET_PARAMS`), so every trial and the final fit reuse it.
+
+    Raises:
+        DataError: as `train_model`.
+    """
+    key = (float(config.neg_ratio), int(seed))
+    if key in data.seed_sets:
+        return data.seed_sets[key]
+    keep = negative_sample(data.y_train, config.neg_ratio, sample_seed(seed, data.fold))
+    train_set = data.train_set
+    if data.dataset_rows is not None:
+        positions = None if keep is None else np.searchsorted(data.dataset_rows, keep)
+        if (positions is None or positions[-1] >= len(data.dataset_rows)
+                or not np.array_equal(data.dataset_rows[positions], keep)):
+            ratio, seeds = data.sampled
+            raise DataError(
+                f"fold {data.fold}: built for neg_ratio {ratio:g} and seeds {list(seeds)}, which does not "
+                f"hold the rows of neg_ratio {config.neg_ratio:g} seed {seed}; build the fold with the "
+                f"config it is trained with"
+            )
+        if len(positions) < len(data.dataset_rows):
+            train_set = data.train_set.subset(positions.tolist())
+    elif keep is not None:
+        train_set = data.train_set.subset(keep.tolist())
+    data.seed_sets[key] = (train_set, validation_offset(data.y_train, keep))
+    return data.seed_sets[key]
+
+
+def predict_valid(booster: lgb.Booster, data: FoldData) -> np.ndarray:
+    """`predict_best` on `data`'s validation part, from one array kept in `data` (n_valid,)."""
+    if data.valid_matrix is None:
+        data.valid_matrix = np.ascontiguousarray(data.X_valid.to_numpy(dtype=np.float32))
+    best = booster.best_iteration if booster.best_iteration > 0 else None
+    return booster.predict(data.valid_matrix, num_iteration=best)
 
 
 def predict_best(booster: lgb.Booster, X: pd.DataFrame) -> np.ndarray:
@@ -557,15 +735,26 @@ def fit_ensemble(
     boosters: dict[tuple[int, int], lgb.Booster] = {}
     per_fold = []
     bar = tqdm(total=len(folds) * len(config.seeds), desc=desc, unit="model", leave=False)
-    for data in folds:
-        predictions = []
-        iterations = []
+
+    def fold_models(data: FoldData) -> list[tuple[int, lgb.Booster, np.ndarray]]:
+        models = []
         for seed in config.seeds:
             booster = train_model(data, params, int(seed), config)
-            boosters[(data.fold, int(seed))] = booster
-            predictions.append(predict_best(booster, data.X_valid))
-            iterations.append(int(booster.best_iteration or booster.current_iteration()))
+            models.append((int(seed), booster, predict_valid(booster, data)))
             bar.update(1)
+        return models
+
+    with warnings.catch_warnings():
+        # Set once here: `catch_warnings` in each thread would restore the filters out of order.
+        warnings.simplefilter("ignore", UserWarning)
+        fitted = list(map_folds(fold_models, folds, config))
+    for data, models in zip(folds, fitted, strict=True):
+        predictions = []
+        iterations = []
+        for seed, booster, prediction in models:
+            boosters[(data.fold, seed)] = booster
+            predictions.append(prediction)
+            iterations.append(int(booster.best_iteration or booster.current_iteration()))
         p = np.mean(predictions, axis=0)
         oof[data.valid_rows] = p
         with warnings.catch_warnings():

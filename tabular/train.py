@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from common.files import atomic_write_json, reporting_write_errors
 from tabular.errors import DataError, preview
@@ -26,7 +25,7 @@ from tabular.gbdt import (
     DATASET_PARAMS,
     DEFAULT_PARAMS,
     GBDTConfig,
-    build_fold,
+    build_folds,
     check_extra,
     fit_ensemble,
     importance_table,
@@ -156,9 +155,8 @@ def fit_gbdt_frame(
     timings: dict[str, float] = {}
 
     tick = time.perf_counter()
-    folds = []
-    for k in tqdm(sorted(np.unique(fold_of_row).tolist()), desc="features", unit="fold", leave=False):
-        folds.append(build_fold(frame, spec, y, fold_of_row, k, extra=extra, config=config))
+    # Each fold's features and Datasets once, for every seed, trial and the final fit.
+    folds = build_folds(frame, spec, y, fold_of_row, extra=extra, config=config)
     timings["features"] = time.perf_counter() - tick
     log.info("gbdt: %d rows, %d folds, %d features (fold 0)", len(frame), len(folds), len(folds[0].feature_names))
 

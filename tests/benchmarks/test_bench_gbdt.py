@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmarks.gbdt import bench_gbdt, main, sweep_neg_ratio
+from benchmarks.gbdt import PLAIN_ROUNDS, TARGET_FIT_VS_PLAIN, bench_gbdt, main, sweep_neg_ratio
+from tabular.errors import DataError
 from tabular.spec import load_spec
 
 SPEC = """
@@ -48,12 +49,13 @@ def make(tmp_path, n=300, seed=0, positives=None):
 def test_bench_gbdt_small(tmp_path):
     spec, frame = make(tmp_path, n=300)
     report = bench_gbdt(frame, spec, n_folds=3, seeds=(0,), num_threads=1)
-    for side in ("ours", "unsampled", "baseline"):
+    for side in ("ours", "unsampled", "baseline", "plain"):
         assert report[side]["fit_seconds"] > 0 and report[side]["peak_rss_bytes"] > 10 * 1024**2
         assert 0 <= report[side]["pauc80"] <= 0.2
     assert report["ours"]["n_features"] > report["baseline"]["n_features"]
     assert report["ratios"]["fit_seconds"] > 0 and report["ratios"]["peak_rss"] > 0
     assert report["ratios"]["fit_vs_unsampled"] > 0
+    assert report["ratios"]["fit_vs_plain"] == pytest.approx(report["ours"]["fit_seconds"] / report["plain"]["fit_seconds"])
     # 20% positives: the default ratio leaves every training part whole, so both fits are the same.
     assert report["neg_ratio"] == 50 and report["unsampled"]["neg_ratio"] == 0
     assert report["ours"]["negative_sampling"]["applied"] is False
@@ -103,3 +105,21 @@ def test_sweep_command_on_a_spec(tmp_path, capsys):
     assert json.loads(out.read_text())["dataset"] == "synthetic"
     with pytest.raises(SystemExit, match="--ratios: expected comma-separated numbers, got 'a,b'"):
         main(["--spec", str(tmp_path / "dataset.toml"), "--ratios", "a,b"])
+
+
+def test_bench_judges_the_default_fit_against_one_plain_fit_on_every_row(tmp_path):
+    spec, frame = make(tmp_path, n=300)
+    report = bench_gbdt(frame, spec, n_folds=3, seeds=(0,), num_threads=1, sides=("plain",))
+    plain = report["plain"]
+    assert plain["rounds"] == PLAIN_ROUNDS == 200 and plain["n_features"] == 2 and 0 <= plain["pauc80"] <= 0.2
+    assert report["unsampled"] is None and report["baseline"] is None
+    assert report["ratios"]["fit_vs_plain"] == pytest.approx(report["ours"]["fit_seconds"] / plain["fit_seconds"])
+    assert report["ratios"]["fit_cpu_vs_plain"] == pytest.approx(
+        report["ours"]["fit_cpu_seconds"] / plain["fit_cpu_seconds"])
+    assert report["ratios"]["fit_vs_unsampled"] is None and report["ratios"]["peak_rss"] is None
+    assert report["targets"]["fit_vs_plain"]["value"] == TARGET_FIT_VS_PLAIN == 0.6
+    # Judged at 401,059 rows only (the features' share of the fit grows on fewer rows).
+    assert report["targets"]["fit_vs_plain_met"] is None and report["targets"]["fit_vs_unsampled_met"] is None
+    json.dumps(report)
+    with pytest.raises(DataError, match=r"sides: unknown \['fast'\]; choose from \['baseline', 'plain'"):
+        bench_gbdt(frame, spec, sides=("fast",))

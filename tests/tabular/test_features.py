@@ -276,3 +276,39 @@ def test_unknown_categories_over_batches_and_encoders_are_said_once_with_counts(
     (said,) = [r.getMessage() for r in caplog.records if "not seen at fit" in r.getMessage()]
     assert said == ("categorical column 'site': 3 row(s) hold categories not seen at fit (by 4 of 4 encoder "
                     "calls, e.g. one per fold model), encoded as all-zero: 2: leg, neck")
+
+
+@pytest.mark.parametrize("rows", [[0, 1, 2, 5], [3, 4], [0, 1, 2, 3, 4, 5]])
+def test_restrict_gives_the_encoder_and_features_of_a_fit_on_those_rows(rows):
+    """Patients a (rows 0-2), b (3-4), c (5) whole in each subset: slices of one encoding equal a
+    fit on the subset, its categories (back only in row 4, missing only in row 2) included."""
+    spec = make_spec()
+    frame = toy_frame()
+    encoder = FeatureEncoder()
+    features = encoder.fit_transform(frame, spec)
+    restricted, subset, picks = encoder.restrict(features, np.array(rows))
+    own = FeatureEncoder()
+    expected = own.fit_transform(frame.iloc[rows], spec)
+    assert restricted.to_json() == own.to_json()
+    pd.testing.assert_frame_equal(subset, expected)
+    # Other rows (a validation part) take the same columns: unseen categories drop out, as in transform.
+    others = [i for i in range(len(frame)) if i not in rows]
+    if others:
+        np.testing.assert_array_equal(
+            features.to_numpy()[others][:, picks],
+            own.transform(frame.iloc[others], _warn_unknown=False).to_numpy())
+
+
+def test_restrict_refuses_rows_fit_would_refuse():
+    spec = make_spec(patient=None)
+    frame = toy_frame()
+    encoder = FeatureEncoder()
+    features = encoder.fit_transform(frame, spec)
+    with pytest.raises(DataError, match="numeric column 'age' has no value in the 1 rows given"):
+        encoder.restrict(features, np.array([3]))
+    with pytest.raises(DataError, match="categorical column 'site' has no value in the 1 rows given"):
+        encoder.restrict(features, np.array([2]))
+    with pytest.raises(DataError, match="fit: the frame has no rows"):
+        encoder.restrict(features, np.array([], dtype=int))
+    with pytest.raises(DataError, match=r"restrict: expected the 6 columns of this encoder's transform, got 5"):
+        encoder.restrict(features.iloc[:, :5], np.array([0, 1]))

@@ -18,13 +18,16 @@ from tabular.gbdt import (
     FoldPCA,
     GBDTConfig,
     build_fold,
+    build_folds,
     check_extra,
     fit_ensemble,
     importance_table,
     negative_sample,
+    predict_best,
     sample_seed,
     sampling_summary,
     save_ensemble,
+    seed_dataset,
     train_model,
 )
 from tabular.gbdt_model import GBDTModel
@@ -326,3 +329,112 @@ def test_categories_not_seen_at_fit_are_said_once_per_column_for_every_fold(tmp_
     with caplog.at_level("WARNING", logger="tabular.features"):
         model.predict(frame.drop(columns=["target"]))
     assert "not seen at fit" not in caplog.text
+
+
+# ------------------------------------------------------------------ features and Datasets built once
+
+
+def reference_oof(frame, spec, folds, config, extra=None):
+    """Out-of-fold predictions as the stage made them before features were shared: every fold
+    encoded on its own (`build_fold`), every model on a training Dataset made for it, predictions
+    from the validation DataFrame."""
+    y = frame["target"].to_numpy()
+    oof = np.full(len(frame), np.nan)
+    for k in sorted(set(folds.tolist())):
+        d = build_fold(frame, spec, y, folds, k, extra=extra, config=config)
+        predictions = []
+        for seed in config.seeds:
+            d.seed_sets.clear()
+            predictions.append(predict_best(train_model(d, DEFAULT_PARAMS, seed, config), d.X_valid))
+        oof[d.valid_rows] = np.mean(predictions, axis=0)
+    return oof
+
+
+def rare_site(frame, folds, fold=2):
+    """Give 'hand' to a few rows of one fold only: that fold's training part never sees it."""
+    frame = frame.copy()
+    rows = np.flatnonzero(folds == fold)[:3]
+    frame.loc[rows, "site"] = "hand"
+    return frame
+
+
+@pytest.mark.parametrize("neg_ratio", [1.0, 0])
+def test_folds_built_once_give_identical_out_of_fold_predictions(neg_ratio, caplog):
+    frame, spec, folds = toy()
+    frame = rare_site(frame, folds)
+    config = GBDTConfig(seeds=(0, 1, 2), neg_ratio=neg_ratio, num_boost_round=60, early_stopping_rounds=10,
+                        num_threads=1)
+    y = frame["target"].to_numpy()
+    with caplog.at_level("WARNING", logger="tabular.gbdt"):
+        shared = build_folds(frame, spec, y, folds, config=config)
+    # The rows of the category the training part lacks are named, as the encoder names them.
+    assert re.search(r"categorical column 'site': 3 row\(s\) of fold 2 hold category 'hand'", caplog.text)
+    for d in shared:
+        own = build_fold(frame, spec, y, folds, d.fold, config=config)
+        assert d.feature_names == own.feature_names
+        assert d.encoder.to_json() == own.encoder.to_json()
+        pd.testing.assert_frame_equal(d.X_valid.reset_index(drop=True), own.X_valid)
+        assert d.train_set.num_data() == own.train_set.num_data()
+    assert "site__hand" not in shared[2].feature_names and "site__hand" in shared[0].feature_names
+    oof = fit_ensemble(shared, len(frame), DEFAULT_PARAMS, config).oof
+    assert np.abs(oof - reference_oof(frame, spec, folds, config)).max() == 0
+
+
+def test_folds_built_once_with_image_pca_and_without_patients():
+    frame, spec, folds = toy(n=240)
+    extra = np.random.default_rng(3).normal(size=(len(frame), 6)).astype(np.float32)
+    extra[:, 0] += frame["target"].to_numpy()
+    config = GBDTConfig(seeds=(0, 1), neg_ratio=1.0, extra_components=3, num_boost_round=40,
+                        early_stopping_rounds=10, num_threads=1)
+    for s in (spec, replace_spec(spec, patient=None)):
+        shared = build_folds(frame, s, frame["target"].to_numpy(), folds, extra=extra, config=config)
+        oof = fit_ensemble(shared, len(frame), DEFAULT_PARAMS, config).oof
+        assert np.abs(oof - reference_oof(frame, s, folds, config, extra=extra)).max() == 0
+
+
+def test_patients_across_folds_are_encoded_per_fold(caplog):
+    """Per-patient features come from each part's own rows: where a patient straddles the parts,
+    slices of one encoding of every row would differ, so each fold is encoded on its own."""
+    frame, spec, _ = toy(n=200)
+    folds = np.arange(len(frame)) % 4  # each patient's 4 rows in 4 folds
+    config = GBDTConfig(seeds=(0,), neg_ratio=0, num_boost_round=20, early_stopping_rounds=5, num_threads=1)
+    y = frame["target"].to_numpy()
+    with caplog.at_level("INFO", logger="tabular.gbdt"):
+        shared = build_folds(frame, spec, y, folds, config=config)
+    assert "patients in several folds (50); features are built per fold" in caplog.text
+    for d in shared:
+        own = build_fold(frame, spec, y, folds, d.fold, config=config)
+        pd.testing.assert_frame_equal(d.X_valid, own.X_valid)
+        assert d.encoder.to_json() == own.encoder.to_json()
+
+
+def test_a_training_part_without_a_value_is_refused_as_before():
+    frame, spec, folds = toy(n=200)
+    frame["x"] = np.where(folds == 1, frame["x"], np.nan)  # x only in fold 1's rows
+    with pytest.raises(DataError, match=r"numeric column 'x' has no value in the 148 rows given \(e.g. "):
+        # fold 0's training part (148 rows), refused by its own fit with its own message:
+        build_folds(frame, spec, frame["target"].to_numpy(), folds, config=FAST)
+
+
+def test_each_seed_dataset_is_made_once_and_serves_any_booster_parameters():
+    frame, spec, folds = toy()
+    config = GBDTConfig(seeds=(0, 1), neg_ratio=1.0, num_boost_round=40, early_stopping_rounds=10, num_threads=1)
+    y = frame["target"].to_numpy()
+    d = build_folds(frame, spec, y, folds, config=config)[0]
+    first = seed_dataset(d, 1, config)
+    assert seed_dataset(d, 1, config) is first and first[0] is not seed_dataset(d, 0, config)[0]
+    # A trial's other booster parameters on the kept Dataset: the same model as on a fresh one.
+    other = {**DEFAULT_PARAMS, "num_leaves": 31, "min_child_samples": 5, "learning_rate": 0.1}
+    train_model(d, DEFAULT_PARAMS, 1, config)
+    kept = train_model(d, other, 1, config)
+    assert seed_dataset(d, 1, config) is first
+    fresh = build_fold(frame, spec, y, folds, 0, config=config)
+    again = train_model(fresh, other, 1, config)
+    assert kept.best_iteration == again.best_iteration
+    np.testing.assert_array_equal(predict_best(kept, d.X_valid), predict_best(again, fresh.X_valid))
+
+
+def replace_spec(spec, **changes):
+    from dataclasses import replace
+
+    return replace(spec, **changes)

@@ -296,3 +296,61 @@ def test_storages_that_cannot_be_opened_are_named_with_the_accepted_schemes(tmp_
     with pytest.raises(DataError, match=r"storage 'postgresql\+nosuchdriver://me:\*\*\*@host/db' cannot be "
                                         r"opened: .*pip install psycopg2-binary"):
         open_storage("postgresql+nosuchdriver://me:secret@host/db", tmp_path / "x.db")
+
+
+def test_the_search_space_leaves_binning_alone():
+    """Each fold's Datasets are binned once and reused by every trial; LightGBM refuses another
+    max_bin (or any binning parameter) on a constructed Dataset, so the study never tunes one."""
+    from tabular.gbdt import DATASET_PARAMS
+
+    study = optuna.create_study(direction="maximize")
+    params = suggest_params(study.ask())
+    binning = {"max_bin", "max_bin_by_feature", "min_data_in_bin", "bin_construct_sample_cnt", "data_random_seed",
+               "feature_pre_filter", "use_missing", "zero_as_missing", "linear_tree", "categorical_feature"}
+    assert not (set(params) & binning) and set(DATASET_PARAMS) - {"verbosity"} <= binning
+    # min_child_samples is tuned: the Datasets are built without the pre-filter that would fix it.
+    assert "min_child_samples" in params and DATASET_PARAMS["feature_pre_filter"] is False
+
+
+def test_trials_reuse_each_folds_datasets_and_do_not_depend_on_parallel_folds(tmp_path):
+    from dataclasses import replace
+
+    from tabular.gbdt import seed_dataset
+
+    results = {}
+    for workers in (1, 3):
+        data, config = make_folds()
+        config = replace(config, fold_workers=workers)
+        made = [seed_dataset(d, 0, config)[0] for d in data]
+        storage = f"sqlite:///{tmp_path}/w{workers}.db"
+        tune(data, "gbdt-toy", 4, tmp_path, storage=storage, config=config)
+        # Every trial trained on the Datasets made before the study: none was rebuilt.
+        assert [seed_dataset(d, 0, config)[0] for d in data] == made
+        assert all(len(d.seed_sets) == 1 for d in data)
+        results[workers] = [(t.number, t.state, t.value, t.user_attrs["fold_pauc80"], t.user_attrs["best_iterations"],
+                             t.intermediate_values) for t in finished(storage)]
+    assert results[1] == results[3] and len(results[1]) == 4
+
+
+def test_map_folds_yields_in_order_and_leaves_no_fold_running():
+    from tabular.gbdt import map_folds
+
+    lock = threading.Lock()
+    running: set[int] = set()
+
+    def work(k):
+        with lock:
+            running.add(k)
+        time.sleep(0.02 * (4 - k))
+        with lock:
+            running.discard(k)
+        return 10 * k
+
+    config = GBDTConfig(fold_workers=2)
+    assert list(map_folds(work, [0, 1, 2, 3], config)) == [0, 10, 20, 30]
+    results = map_folds(work, [0, 1, 2, 3], config)
+    assert next(results) == 0
+    results.close()  # a pruned trial: folds not begun are cancelled, running ones waited for
+    assert running == set()
+    with pytest.raises(DataError, match="fold_workers: expected an integer >= 0"):
+        GBDTConfig(fold_workers=-1)
