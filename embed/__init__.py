@@ -6,3 +6,7 @@ comparable (`identity`); an embedding run's settings and resources (`config`), i
 (`reader`) and model loop (`model_loop`); the feature store (`store` reads it, `store_writer`
 writes it); and `pipeline.build_store`, which runs them to fill a store.
 """
+
+# The package's names live in its modules (`from embed.store import FeatureStore`); importing
+# the package alone loads none of them.
+__all__: list[str] = []

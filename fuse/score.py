@@ -29,8 +29,9 @@ import numpy as np
 import pandas as pd
 
 from common.errors import preview
+from embed.config import embedding_identity
 from embed.errors import EmbedError, StoreMismatchError
-from embed.identity import check_identity, embedding_identity
+from embed.identity import check_identity
 from fuse.calibration import shift_prevalence
 from fuse.errors import RunError
 from fuse.models import RunModels
