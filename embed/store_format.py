@@ -2,7 +2,7 @@
 
 The one place that spells how a store is laid out on disk. `embed.store` reads stores and
 `embed.store_writer` writes them through these names; callers outside `embed` find a store
-(`store_name`, `store_candidates`) and read the identity it records (`recorded_identity`) here,
+(`store_name`, `store_candidates`, `store_folders`) and read the identity it records (`recorded_identity`) here,
 and never build a store's name or read its manifests themselves.
 
 Files of a store folder::
@@ -57,6 +57,7 @@ __all__ = [
     "shard_ids",
     "shard_prefix",
     "store_candidates",
+    "store_folders",
     "store_name",
 ]
 
@@ -118,20 +119,26 @@ def _name_pattern(dataset: str, weights_sha256: str | None) -> re.Pattern:
     )
 
 
-def store_candidates(root: Path | str, dataset: str, weights_sha256: str | None = None) -> list[Path]:
-    """The stores of data set `dataset` under `root`, sorted by name: folders named as
-    `store_name` names them (with weights `weights_sha256`, when given; any weights otherwise)
-    that hold at least one manifest (`manifest.json`, or only the part manifests of a sharded
-    build still in progress). Any image size, views, pooled blocks and variant.
+def store_folders(root: Path | str, dataset: str, weights_sha256: str | None = None) -> list[Path]:
+    """The folders under `root` named as `store_name` names the stores of data set `dataset`
+    (with weights `weights_sha256`, when given; any weights otherwise), sorted by name, whether
+    or not they hold a store yet. Any image size, views, pooled blocks and variant.
 
     A folder of another data set whose name merely starts with this one's (``ham-big-...`` for
-    ``ham``) is not a candidate. Returns [] when `root` does not exist.
+    ``ham``) is not one of them. Returns [] when `root` does not exist.
     """
     root = Path(root)
     if not root.is_dir():
         return []
     pattern = _name_pattern(dataset, weights_sha256)
-    return sorted(p for p in root.iterdir() if pattern.match(p.name) and is_store(p))
+    return sorted(p for p in root.iterdir() if pattern.match(p.name) and p.is_dir())
+
+
+def store_candidates(root: Path | str, dataset: str, weights_sha256: str | None = None) -> list[Path]:
+    """The stores of data set `dataset` under `root`, sorted by name: the `store_folders` that
+    hold at least one manifest (`manifest.json`, or only the part manifests of a sharded build
+    still in progress). Returns [] when `root` does not exist."""
+    return [p for p in store_folders(root, dataset, weights_sha256) if is_store(p)]
 
 
 def part_label(index: int, count: int) -> str:

@@ -18,6 +18,7 @@ from embed.store_format import (
     read_manifests,
     recorded_identity,
     store_candidates,
+    store_folders,
     store_name,
 )
 from embed.store_writer import StoreWriter
@@ -88,6 +89,7 @@ def test_store_candidates_keeps_this_data_set_and_weights_only(tmp_path):
     not_a_store.mkdir()
     (not_a_store / "shard-00000.npy").write_bytes(b"")
     assert store_candidates(tmp_path, "ham", SHA) == sorted(mine)
+    assert store_folders(tmp_path, "ham", SHA) == sorted([*mine, not_a_store])
     assert store_candidates(tmp_path, "ham") == sorted([*mine, other_weights])
     assert store_candidates(tmp_path, "ham-big", SHA) == [longer_name]
     assert store_candidates(tmp_path / "absent", "ham", SHA) == []
