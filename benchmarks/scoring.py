@@ -86,9 +86,9 @@ def bench_scoring(
     import torch
 
     from embed.backbone import load_backbone
-    from embed.config import config_for_identity, resolve_device, settle_config
+    from embed.config import config_for_identity, embedding_identity, resolve_device, settle_config
     from embed.errors import StoreMismatchError
-    from embed.identity import check_identity, embedding_identity
+    from embed.identity import check_identity
     from embed.model_loop import embed_ids
     from embed.sources import FolderSource, open_source
     from embed.weights import ensure_weights

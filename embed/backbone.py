@@ -13,9 +13,8 @@ from PIL import Image
 from common.files import sha256_file
 from embed.errors import EmbedError
 from embed.pooled import BLOCKS, DEFAULT_BLOCKS, DEFAULT_POOLING, GEM_P, check_features, feature_dim
+from embed.resnet50 import INPUT_MEAN, INPUT_STD
 from embed.weights import (
-    INPUT_MEAN,
-    INPUT_STD,
     STRIDE_KERAS_V1,
     STRIDE_LAYOUTS,
     STRIDE_TORCHVISION,

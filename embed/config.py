@@ -1,9 +1,11 @@
 """Settings of an embedding run and the resources it takes.
 
-`EmbedConfig` (what a run is asked to do) and `EmbedSummary` (what it did); the device, batch
-size and decoding workers chosen for the machine (`resolve_device`, `default_batch_size`,
-`default_num_workers`, which counts CPUs by affinity capped by a container's CPU quota), and how
-a sharded build splits the ids between its writers (`parse_shard`, `part_of`).
+`EmbedConfig` (what a run is asked to do) and `EmbedSummary` (what it did); the identity of the
+vectors a config makes (`embedding_identity`) and the config an identity asks for
+(`config_for_identity`); the device, batch size and decoding workers chosen for the machine
+(`resolve_device`, `default_batch_size`, `default_num_workers`, which counts CPUs by affinity
+capped by a container's CPU quota), and how a sharded build splits the ids between its writers
+(`parse_shard`, `part_of`).
 """
 
 from __future__ import annotations
@@ -18,15 +20,37 @@ from pathlib import Path
 
 import torch
 
+from embed.backbone import BACKBONE_NAME, preprocessing_for
 from embed.errors import EmbedError
+from embed.identity import DTYPE, with_legacy_values
 from embed.pooled import (
     DEFAULT_BLOCKS,
     DEFAULT_POOLING,
     SMALL_IMAGE_SIZE,
     TRAINED_IMAGE_SIZE,
     check_features,
+    feature_dim,
     min_image_size,
 )
+from embed.variants import resolve_variant
+from embed.weights import WeightsInfo
+
+__all__ = [
+    "CGROUP_CPU_LIMITS",
+    "VIEWS",
+    "EmbedConfig",
+    "EmbedSummary",
+    "cgroup_cpu_limit",
+    "config_for_identity",
+    "default_batch_size",
+    "default_num_workers",
+    "embedding_identity",
+    "parse_shard",
+    "part_of",
+    "resolve_device",
+    "settle_config",
+    "warn_if_small",
+]
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +207,29 @@ class EmbedSummary:
         return d
 
 
+def embedding_identity(weights: WeightsInfo, config: EmbedConfig) -> dict:
+    """The identity (`embed.identity.IDENTITY_FIELDS`) of vectors embedded with `weights` and
+    `config` (image size, views, the pooled blocks and their pooling, the inference variant as
+    resolved on this machine). Raises EmbedError for a device or variant this machine lacks."""
+    return {
+        "backbone": BACKBONE_NAME,
+        "weights_sha256": weights.sha256,
+        "preprocessing": preprocessing_for(weights),
+        "image_size": config.image_size,
+        "views": config.views,
+        "blocks": list(config.blocks),
+        "pooling": config.pooling,
+        # The inference variant as resolved on this machine ("auto" is not an identity).
+        "variant": resolve_variant(config.variant, resolve_device(config.device), config.amp),
+        "dtype": DTYPE,
+        "dim": feature_dim(config.blocks),
+    }
+
+
 def config_for_identity(identity: dict, **settings) -> EmbedConfig:
     """An EmbedConfig that embeds as `identity` says (image size, views, blocks, pooling,
     variant; an older identity without blocks/pooling means layer4 average, without a variant
-    eager), plus `settings` (device, batch size, ...)."""
-    from embed.identity import with_legacy_values
-
+    eager), plus `settings` (device, batch size, ...): the inverse of `embedding_identity`."""
     identity = with_legacy_values(identity)
     settings.setdefault("variant", str(identity.get("variant", "eager")))
     return EmbedConfig(image_size=int(identity["image_size"]), views=int(identity["views"]),

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from common.errors import LesionfuseError
 
+__all__ = [
+    "EmbedError",
+    "EmbedInterrupted",
+    "StoreMismatchError",
+]
+
+
 
 class EmbedError(LesionfuseError):
     """An input, file or setting the image side cannot use.

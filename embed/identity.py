@@ -1,25 +1,32 @@
-"""What makes two embeddings comparable: the embedding identity, built and compared in one place.
+"""What makes two embeddings comparable: the embedding identity, defined and compared in one place.
 
 An embedding identity is the dict of `IDENTITY_FIELDS` (backbone, weights_sha256, preprocessing,
-image_size, views, blocks, pooling, variant, dtype, dim). A feature store records it in its manifest; a model trained on a
-store records it too; anything that combines vectors with a store or a model compares the two
+image_size, views, blocks, pooling, variant, dtype, dim). A feature store records it in its
+manifest; a model trained on a store records it too; anything that combines vectors with a store or a model compares the two
 with `check_identity`, which names the first field that differs (dotted for nested fields, e.g.
 `preprocessing.normalize_mean`) and both values.
 
-This module imports no torch: `embedding_identity` loads the backbone's constants only when
-called, so reading a store's identity stays cheap.
+This module depends on nothing but the errors (no torch, no settings), so reading a store's
+identity stays cheap; the identity a run's settings give is `embed.config.embedding_identity`.
 """
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
 
 from embed.errors import EmbedError, StoreMismatchError
 
-if TYPE_CHECKING:  # pragma: no cover - type names only
-    from embed.config import EmbedConfig
-    from embed.weights import WeightsInfo
+__all__ = [
+    "DTYPE",
+    "IDENTITY_FIELDS",
+    "LEGACY_VALUES",
+    "MISMATCH_HINT",
+    "UNFAITHFUL_VARIANTS",
+    "as_json",
+    "check_identity",
+    "identity_of",
+    "with_legacy_values",
+]
 
 IDENTITY_FIELDS: tuple[str, ...] = (
     "backbone",
@@ -47,29 +54,6 @@ MISMATCH_HINT = (
     "use a store built with the same settings (a store's name carries the data set, weights sha, "
     "image size and views) or build a new one with `invoke embed`"
 )
-
-
-def embedding_identity(weights: WeightsInfo, config: EmbedConfig) -> dict:
-    """The identity of vectors embedded with `weights` and `config` (image size, views, the
-    pooled blocks and their pooling, the inference variant)."""
-    from embed.backbone import BACKBONE_NAME, preprocessing_for
-    from embed.config import resolve_device
-    from embed.pooled import feature_dim
-    from embed.variants import resolve_variant
-
-    return {
-        "backbone": BACKBONE_NAME,
-        "weights_sha256": weights.sha256,
-        "preprocessing": preprocessing_for(weights),
-        "image_size": config.image_size,
-        "views": config.views,
-        "blocks": list(config.blocks),
-        "pooling": config.pooling,
-        # The inference variant as resolved on this machine ("auto" is not an identity).
-        "variant": resolve_variant(config.variant, resolve_device(config.device), config.amp),
-        "dtype": DTYPE,
-        "dim": feature_dim(config.blocks),
-    }
 
 
 def with_legacy_values(identity: dict) -> dict:

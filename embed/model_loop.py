@@ -26,6 +26,14 @@ from embed.reader import apply_view, make_loader, normalize_batch
 from embed.sources import ImageSource
 from embed.variants import CALIBRATION_IMAGES, make_variant, resolve_variant
 
+__all__ = [
+    "CUDA_BATCHES_IN_FLIGHT",
+    "BatchTimer",
+    "batches_in_flight",
+    "embed_ids",
+]
+
+
 log = logging.getLogger(__name__)
 
 
@@ -40,7 +48,12 @@ def batches_in_flight(device: torch.device) -> int:
     return CUDA_BATCHES_IN_FLIGHT if device.type == "cuda" else 0
 
 
-class _Timer:
+class BatchTimer:
+    """Seconds an embedding loop spent per role, summed over its batches: `read` (waiting for
+    decoded images), `infer` (the model), `write` (the caller's handling of a yielded batch,
+    e.g. the store); `batches` and `images` (failures included) counted; `start` is
+    `time.perf_counter()` when the loop began. One is shared by `embed_ids` and its caller."""
+
     def __init__(self):
         self.read = self.infer = self.write = 0.0
         self.batches = 0
@@ -71,7 +84,7 @@ def embed_ids(
     model: torch.nn.Module,
     config: EmbedConfig,
     *,
-    timer: _Timer | None = None,
+    timer: BatchTimer | None = None,
 ) -> Iterator[tuple[list[str], np.ndarray, dict[str, str]]]:
     """Embed `ids` from `source` with `model`, without a store (scoring uses this).
 
@@ -97,7 +110,7 @@ def embed_ids(
     amp = None
     loader = make_loader(source, ids, config, device)
     in_flight = batches_in_flight(device)
-    timer = timer or _Timer()
+    timer = timer or BatchTimer()
     log.info(
         "embedding %d images on %s: %d px, %d view(s), batch %d, %d worker(s), variant %s (%s)",
         len(ids),
@@ -131,7 +144,7 @@ class _Progress:
     """Hands finished batches back: waits for their vectors, counts them in `timer`, moves the
     progress bar (`config.progress`) and logs a timing line every `config.log_every` batches."""
 
-    def __init__(self, config: EmbedConfig, timer: _Timer, total: int, loader):
+    def __init__(self, config: EmbedConfig, timer: BatchTimer, total: int, loader):
         self.config = config
         self.timer = timer
         self.loader = loader

@@ -23,15 +23,26 @@ import torch
 
 from common.files import reporting_write_errors
 from embed.backbone import load_backbone
-from embed.config import EmbedConfig, EmbedSummary, part_of, resolve_device, warn_if_small
+from embed.config import (
+    EmbedConfig,
+    EmbedSummary,
+    embedding_identity,
+    part_of,
+    resolve_device,
+    warn_if_small,
+)
 from embed.errors import EmbedError, EmbedInterrupted
-from embed.identity import embedding_identity
-from embed.model_loop import _Timer, embed_ids
+from embed.model_loop import BatchTimer, embed_ids
 from embed.reader import DECODE_INFO
 from embed.sources import ImageSource
 from embed.store_writer import StoreWriter
 from embed.variants import warn_if_unfaithful
 from embed.weights import WeightsInfo
+
+__all__ = [
+    "build_store",
+]
+
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +272,7 @@ def _log_plan(store_dir: Path, mine: list[str], plan: _Plan) -> None:
 class _Run:
     """What the embedding loop of one run did, filled in as it goes."""
 
-    timer: _Timer = field(default_factory=_Timer)
+    timer: BatchTimer = field(default_factory=BatchTimer)
     embedded: int = 0
     failed: dict[str, str] = field(default_factory=dict)
     loop_start: float | None = None  # when the loop began, after the model was loaded
@@ -322,7 +333,7 @@ def _summarise(
     )
 
 
-def _log_summary(summary: EmbedSummary, timer: _Timer) -> None:
+def _log_summary(summary: EmbedSummary, timer: BatchTimer) -> None:
     previously_failed = summary.previously_failed
     log.info(
         "store %s: embedded %d, skipped %d already stored, %d failed%s, in %.1f s (%.1f images/s)",

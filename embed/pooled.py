@@ -8,6 +8,22 @@ from __future__ import annotations
 
 from embed.errors import EmbedError
 
+__all__ = [
+    "BLOCKS",
+    "BLOCK_DIMS",
+    "BLOCK_STRIDES",
+    "DEFAULT_BLOCKS",
+    "DEFAULT_POOLING",
+    "GEM_P",
+    "POOLINGS",
+    "SMALL_IMAGE_SIZE",
+    "TRAINED_IMAGE_SIZE",
+    "check_features",
+    "feature_dim",
+    "min_image_size",
+]
+
+
 # The residual stages a store can pool, in forward order, and their channels.
 BLOCK_DIMS: dict[str, int] = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
 BLOCKS: tuple[str, ...] = tuple(BLOCK_DIMS)

@@ -19,8 +19,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from embed.config import VIEWS, EmbedConfig, settle_config
 from embed.errors import EmbedError
+from embed.resnet50 import INPUT_MEAN, INPUT_STD
 from embed.sources import ALPHA_BACKGROUND, ImageSource, decode_image, safe_reason
-from embed.weights import INPUT_MEAN, INPUT_STD
+
+__all__ = [
+    "DECODE_INFO",
+    "apply_view",
+    "collate_drop_failed",
+    "make_loader",
+    "normalize_batch",
+    "resize_uint8",
+]
+
 
 # How bytes become pixels, recorded in each store's manifest for the reader's information.
 DECODE_INFO: dict = {

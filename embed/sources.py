@@ -24,6 +24,19 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from embed.errors import EmbedError
 
+__all__ = [
+    "ALPHA_BACKGROUND",
+    "HDF5_SUFFIXES",
+    "IMAGE_SUFFIXES",
+    "FolderSource",
+    "HDF5Source",
+    "ImageSource",
+    "decode_image",
+    "open_source",
+    "safe_reason",
+]
+
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")

@@ -1,24 +1,17 @@
 """Feature store: image embeddings on disk, in shards, with a manifest saying what made them.
 
-This module owns the layout and reads it (`FeatureStore`); `embed.store_writer` writes it
-(`StoreWriter`, `merge_store`).
-
-Layout of a store directory::
-
-    manifest.json                       combined manifest (written by a single writer or by merge)
-    manifest.part-<i>-of-<n>.json       partial manifest of writer i of n (sharded build)
-    shard-00000.npy                     float16, shape (rows, views, dim)
-    shard-00000.ids.json                the ids of those rows, same order
-    shard-00000.fingerprints.json       the fingerprint of each row's image when it was embedded
-                                        (same order; null = unknown); absent in older stores
-    shard-<i>-of-<n>-00000.npy / .ids.json / .fingerprints.json    shards of writer i of n
-    .lock-*  .tmp-*                     lock files and files being written (never read)
+This module reads stores (`FeatureStore`); `embed.store_writer` writes them (`StoreWriter`,
+`merge_store`), and `embed.store_format` spells the layout both use: the file names, the
+manifest's fields, the folder name (`store_name`, `store_candidates`) and the identity a store
+records (`recorded_identity`), re-exported here.
 
 A manifest holds the store's identity (`embed.identity.IDENTITY_FIELDS`: backbone,
-weights_sha256, preprocessing, image_size, views, dtype, dim), a `store_uid` given once when the
-store is created (stores made before it have none), the shards it lists ({name, rows, sha256,
-ids_sha256, fingerprints_sha256}), the row count, the ids that could not be embedded
-({id: reason}), the data set and image source, creation time and lesionfuse version.
+weights_sha256, preprocessing, image_size, views, blocks (the pooled ResNet-50 stages), pooling
+("avg" or "gem"), variant (how the backbone was computed), dtype, dim), a `store_uid` given once
+when the store is created (stores made before it have none), the shards it lists ({name, rows,
+sha256, ids_sha256, fingerprints_sha256}), the row count, the ids that could not be embedded
+({id: reason}), the data set and image source, creation time and lesionfuse version
+(`embed.store_format.MANIFEST_FIELDS`).
 
 An id may be stored more than once: when its image changed it is embedded again and the new row
 is appended. Shards are listed oldest first, so readers take an id's row from the last shard
@@ -38,158 +31,44 @@ manifest; `FeatureStore.open` reads all manifests (no vectors are copied) and
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from common.files import sha256_file
 from embed.errors import EmbedError
-from embed.identity import IDENTITY_FIELDS, UNFAITHFUL_VARIANTS, check_identity, identity_of
+from embed.identity import IDENTITY_FIELDS, check_identity, identity_of
+from embed.store_format import (
+    FINGERPRINTS_SUFFIX,
+    FORMAT,
+    IDS_SUFFIX,
+    MANIFEST,
+    VECTORS_SUFFIX,
+    quote_first,
+    read_manifests,
+    recorded_identity,
+    shard_fingerprints,
+    shard_ids,
+    store_candidates,
+    store_name,
+)
+
+__all__ = [
+    # re-exported from embed.store_format, where they are defined
+    "FINGERPRINTS_SUFFIX",
+    "FORMAT",
+    "IDENTITY_FIELDS",
+    "MANIFEST",
+    "FeatureStore",
+    "image_changed",
+    "recorded_identity",
+    "store_candidates",
+    "store_name",
+]
 
 log = logging.getLogger(__name__)
-
-FORMAT = "lesionfuse-feature-store/1"
-MANIFEST = "manifest.json"
-FINGERPRINTS_SUFFIX = ".fingerprints.json"
-_PART_MANIFEST_RE = re.compile(r"^manifest\.part-(\d+)-of-(\d+)\.json$")
-
-
-def store_name(dataset: str, weights_sha256: str, image_size: int, views: int,
-               blocks=("layer4",), pooling: str = "avg", variant: str = "auto") -> str:
-    """Directory name of a store: f"{dataset}-{sha[:12]}-{size}px-{views}v", followed by the
-    pooled features when they are not the classic layer4 average, e.g. "-l34-gem" for layer3
-    and layer4 pooled by GeM (so stores made before blocks were a setting keep their names),
-    and by the variant when it is one that computes another function ("-int8", `UNFAITHFUL_VARIANTS`).
-
-    The faithful variants (auto, eager, folded, jit-frozen, compiled) share one name: they compute
-    the same function (centred cosine to fp32 eager >= 0.998 per image, as close as eager bf16
-    is to eager fp32), "auto" resolves to eager or folded by the CPU, and their stores had that
-    name before the variant was a setting. Such a store keeps the variant it was built with
-    (`invoke embed` with auto appends with it; an explicit other one is refused, saying so).
-    """
-    name = f"{dataset}-{weights_sha256[:12]}-{int(image_size)}px-{int(views)}v"
-    if not (list(blocks) == ["layer4"] and pooling == "avg"):
-        digits = "".join(block.removeprefix("layer") for block in blocks)
-        name = f"{name}-l{digits}-{pooling}"
-    return f"{name}-{variant}" if variant in UNFAITHFUL_VARIANTS else name
-
-
-def _first(items: Iterable, n: int = 5) -> str:
-    items = list(items)
-    shown = ", ".join(repr(i) for i in items[:n])
-    return shown + (", ..." if len(items) > n else "")
-
-
-def _part_label(index: int, count: int) -> str:
-    return f"{index}-of-{count}"
-
-
-def _part_manifest_name(index: int, count: int) -> str:
-    return f"manifest.part-{_part_label(index, count)}.json"
-
-
-def _shard_prefix(index: int, count: int) -> str:
-    return "shard-" if count == 1 else f"shard-{_part_label(index, count)}-"
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise EmbedError(f"feature store file {str(path)!r} cannot be read: {exc}") from exc
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def _collect(path: Path) -> tuple[dict, list[tuple[str, dict]]]:
-    """All manifests of a store: (combined view, [(file name, manifest)]).
-
-    Raises EmbedError when there is none, StoreMismatchError when two disagree on identity.
-    """
-    manifests: list[tuple[str, dict]] = []
-    main = path / MANIFEST
-    if main.is_file():
-        manifests.append((MANIFEST, _read_json(main)))
-    parts = []
-    if path.is_dir():
-        for entry in os.listdir(path):
-            m = _PART_MANIFEST_RE.match(entry)
-            if m:
-                parts.append((int(m.group(2)), int(m.group(1)), entry))
-    for _, _, entry in sorted(parts):
-        manifests.append((entry, _read_json(path / entry)))
-    if not manifests:
-        raise EmbedError(
-            f"no feature store at {str(path)!r} (no {MANIFEST}); build it with "
-            "`invoke embed --spec SPEC`"
-        )
-    first_name, first = manifests[0]
-    for name, m in manifests:
-        if m.get("format") != FORMAT:
-            raise EmbedError(
-                f"{str(path / name)!r} is not a lesionfuse feature store manifest "
-                f"(format {m.get('format')!r}, expected {FORMAT!r})"
-            )
-        check_identity(
-            m,
-            {k: first[k] for k in IDENTITY_FIELDS if k in first},
-            f"{str(path / name)!r}",
-            f"{first_name} of the same store has",
-        )
-    combined = {k: v for k, v in first.items() if k not in ("shards", "failures", "count")}
-    seen: set[str] = set()
-    shards: list[dict] = []
-    failures: dict[str, str] = {}
-    for _, m in manifests:
-        for shard in m.get("shards", []):
-            if shard["name"] not in seen:
-                seen.add(shard["name"])
-                shards.append(shard)
-        failures.update(m.get("failures", {}))
-    combined["shards"] = shards
-    combined["failures"] = failures
-    combined["created"] = min(m.get("created", "") for _, m in manifests) or None
-    combined["store_uid"] = next((m["store_uid"] for _, m in manifests if m.get("store_uid")), None)
-    return combined, manifests
-
-
-def _has_manifest(path: Path) -> bool:
-    if (path / MANIFEST).exists():
-        return True
-    return path.is_dir() and any(_PART_MANIFEST_RE.match(e) for e in os.listdir(path))
-
-
-def _shard_ids(path: Path, shard: dict) -> list[str]:
-    """The ids of a listed shard; raises EmbedError when they do not match its row count."""
-    ids_path = path / f"{shard['name']}.ids.json"
-    ids = _read_json(ids_path)
-    if not isinstance(ids, list) or len(ids) != int(shard["rows"]):
-        raise EmbedError(
-            f"feature store {str(path)!r}: {ids_path.name} holds "
-            f"{len(ids) if isinstance(ids, list) else 'no list of'} ids but the manifest "
-            f"says {shard['rows']} rows; the store is damaged, build it again"
-        )
-    return ids
-
-
-def _shard_fingerprints(path: Path, shard: dict) -> list[str | None]:
-    """The image fingerprints of a listed shard's rows; None where unknown (older stores)."""
-    if "fingerprints_sha256" not in shard:
-        return [None] * int(shard["rows"])
-    fp_path = path / f"{shard['name']}{FINGERPRINTS_SUFFIX}"
-    fingerprints = _read_json(fp_path)
-    if not isinstance(fingerprints, list) or len(fingerprints) != int(shard["rows"]):
-        raise EmbedError(
-            f"feature store {str(path)!r}: {fp_path.name} does not hold one fingerprint per row "
-            f"of the {shard['rows']} the manifest lists; the store is damaged, build it again"
-        )
-    return fingerprints
 
 
 def image_changed(stored: str | None, now: str | None) -> bool:
@@ -238,14 +117,14 @@ class FeatureStore:
         missing, StoreMismatchError if its manifests disagree (e.g. parts built with other weights).
         """
         path = Path(path)
-        combined, _ = _collect(path)
+        combined, _ = read_manifests(path)
         missing = [
-            s["name"] for s in combined["shards"] if not (path / f"{s['name']}.npy").is_file()
+            s["name"] for s in combined["shards"] if not (path / f"{s['name']}{VECTORS_SUFFIX}").is_file()
         ]
         if missing:
             raise EmbedError(
                 f"feature store {str(path)!r} lists {len(missing)} shard(s) whose files are "
-                f"missing ({_first(missing)}); delete the store folder and build it again"
+                f"missing ({quote_first(missing)}); delete the store folder and build it again"
             )
         store = cls(path, combined)
         return store
@@ -297,7 +176,7 @@ class FeatureStore:
         shard_of: list[np.ndarray] = []
         row_of: list[np.ndarray] = []
         for s, shard in enumerate(self.manifest["shards"]):
-            ids = _shard_ids(self.path, shard)
+            ids = shard_ids(self.path, shard)
             all_ids.extend(ids)
             shard_of.append(np.full(len(ids), s, dtype=np.int32))
             row_of.append(np.arange(len(ids), dtype=np.int64))
@@ -328,7 +207,7 @@ class FeatureStore:
             self._build_index()
             every_row: list = []
             for shard in self.manifest["shards"]:
-                every_row.extend(_shard_fingerprints(self.path, shard))
+                every_row.extend(shard_fingerprints(self.path, shard))
             values = np.empty(len(every_row), dtype=object)
             values[:] = every_row
             self._fingerprints = values[self._kept]
@@ -338,7 +217,7 @@ class FeatureStore:
         arr = self._maps.get(s)
         if arr is None:
             shard = self.manifest["shards"][s]
-            path = self.path / f"{shard['name']}.npy"
+            path = self.path / f"{shard['name']}{VECTORS_SUFFIX}"
             try:
                 arr = np.load(path, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as exc:
@@ -442,7 +321,7 @@ class FeatureStore:
         failed = [i for i in missing if i in failures]
         msg = (
             f"{len(missing)} of {asked} requested ids have no vector in feature store "
-            f"{str(self.path)!r} ({_first(missing)})"
+            f"{str(self.path)!r} ({quote_first(missing)})"
         )
         if failed:
             detail = "; ".join(f"{i!r}: {failures[i]}" for i in failed[:3])
@@ -474,7 +353,7 @@ class FeatureStore:
         """
         bad = []
         rows = 0
-        sidecars = ((".npy", "sha256"), (".ids.json", "ids_sha256"))
+        sidecars = ((VECTORS_SUFFIX, "sha256"), (IDS_SUFFIX, "ids_sha256"))
         for shard in self.manifest["shards"]:
             rows += int(shard["rows"])
             listed = sidecars

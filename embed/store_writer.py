@@ -1,7 +1,7 @@
 """Feature store writing: `StoreWriter` appends shards, `merge_store` folds a sharded build.
 
-The layout and its reader are in `embed.store`. Every file is written through
-`common.files.atomic_write(..., durable=True)` and hashed as it is written, so the manifest's
+The layout is spelt in `embed.store_format`, the reader is `embed.store`. Every file is written
+through `common.files.atomic_write(..., durable=True)` and hashed as it is written, so the manifest's
 per-shard sha256 values are those of the bytes on disk. One writer per part at a time: each
 holds a `filelock` lock (`.lock-part-<i>-of-<n>`, or `.lock-manifest` for the whole store),
 which the kernel releases if its process dies.
@@ -35,22 +35,26 @@ from embed.identity import (
     identity_of,
     with_legacy_values,
 )
-from embed.store import (
-    _PART_MANIFEST_RE,
+from embed.store import image_changed
+from embed.store_format import (
     FINGERPRINTS_SUFFIX,
     FORMAT,
+    IDS_SUFFIX,
     MANIFEST,
-    _collect,
-    _first,
-    _has_manifest,
-    _part_label,
-    _part_manifest_name,
-    _read_json,
-    _shard_fingerprints,
-    _shard_ids,
-    _shard_prefix,
-    image_changed,
+    PART_MANIFEST_RE,
+    VECTORS_SUFFIX,
+    is_store,
+    part_label,
+    part_manifest_name,
+    quote_first,
+    read_manifests,
+    read_store_json,
+    shard_fingerprints,
+    shard_ids,
+    shard_prefix,
 )
+
+__all__ = ["StoreWriter", "merge_store"]
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +107,7 @@ def _manifest_lock(path: Path) -> FileLock:
 
 
 def _part_lock(path: Path, index: int, count: int) -> FileLock:
-    return _lock(path / f".lock-part-{_part_label(index, count)}")
+    return _lock(path / f".lock-part-{part_label(index, count)}")
 
 
 def _acquire(lock: FileLock, timeout: float, what: str) -> None:
@@ -136,18 +140,16 @@ def _merge_locked(path: Path) -> dict | None:
     combined manifest, or None when the store has no manifest at all.
     """
     try:
-        combined, manifests = _collect(path)
+        combined, manifests = read_manifests(path)
     except EmbedError:
-        if not (path / MANIFEST).exists() and not any(
-            _PART_MANIFEST_RE.match(e) for e in os.listdir(path)
-        ):
+        if not is_store(path):
             return None
         raise
     main = dict(manifests[0][1]) if manifests[0][0] == MANIFEST else None
     folded: list[tuple[str, FileLock]] = []
     running: list[str] = []
     for name, _ in manifests:
-        m = _PART_MANIFEST_RE.match(name)
+        m = PART_MANIFEST_RE.match(name)
         if not m:
             continue
         lock = _part_lock(path, int(m.group(1)), int(m.group(2)))
@@ -201,7 +203,7 @@ def _merge_locked(path: Path) -> dict | None:
 def _stored_ids(path: Path, shards: list[dict]) -> set[str]:
     stored: set[str] = set()
     for shard in shards:
-        stored.update(_read_json(path / f"{shard['name']}.ids.json"))
+        stored.update(read_store_json(path / f"{shard['name']}{IDS_SUFFIX}"))
     return stored
 
 
@@ -299,7 +301,7 @@ class StoreWriter:
 
     @property
     def manifest_name(self) -> str:
-        return _part_manifest_name(self.shard_index, self.shard_count) if self.sharded else MANIFEST
+        return part_manifest_name(self.shard_index, self.shard_count) if self.sharded else MANIFEST
 
     @property
     def buffered(self) -> int:
@@ -358,16 +360,16 @@ class StoreWriter:
         Parts of a sharded build may start at once on an empty folder: the manifest lock lets
         one of them create the store, and the others find its manifest and share its store_uid.
         """
-        if _has_manifest(self.path):
+        if is_store(self.path):
             return
         lock = _manifest_lock(self.path) if self.sharded else None
         if lock is not None:
             _acquire(lock, self.lock_timeout, f"feature store {str(self.path)!r}")
         try:
-            if not _has_manifest(self.path):
+            if not is_store(self.path):
                 self._own = self._new_manifest(uuid.uuid4().hex)
                 if self.sharded:
-                    self._own["part"] = _part_label(self.shard_index, self.shard_count)
+                    self._own["part"] = part_label(self.shard_index, self.shard_count)
                 self._write_manifest()
         finally:
             if lock is not None:
@@ -389,7 +391,7 @@ class StoreWriter:
             # Fold finished parts of an earlier sharded build first, so this writer owns one
             # manifest listing everything.
             _merge_locked(self.path)
-        combined, manifests = _collect(self.path)
+        combined, manifests = read_manifests(self.path)
         check_identity(
             combined, self.identity, f"feature store {str(self.path)!r}", "this run asks for",
             hint=self._clash_hint(combined),
@@ -399,7 +401,7 @@ class StoreWriter:
         fresh = self.manifest_name not in own
         self._own = own.get(self.manifest_name) or self._new_manifest(combined.get("store_uid"))
         if self.sharded:
-            self._own["part"] = _part_label(self.shard_index, self.shard_count)
+            self._own["part"] = part_label(self.shard_index, self.shard_count)
         self._own.update(self.info)
         listed = set()
         for _, m in manifests:
@@ -408,9 +410,9 @@ class StoreWriter:
         self._load_stored(combined["shards"])
         self.failures = {k: v for k, v in combined["failures"].items() if k not in self.stored}
         # Next shard number after every file of this part, listed or not, ever seen.
-        prefix = _shard_prefix(self.shard_index, self.shard_count)
-        pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.npy$")
-        numbers = [int(m.group(1)) for n in listed if (m := pattern.match(n + ".npy"))]
+        prefix = shard_prefix(self.shard_index, self.shard_count)
+        pattern = re.compile(rf"^{re.escape(prefix)}(\d+)$")
+        numbers = [int(m.group(1)) for n in listed if (m := pattern.match(n))]
         self._next = max(numbers, default=-1) + 1
         if fresh:
             # The store exists (empty) from the start, so a run killed before its first shard
@@ -421,9 +423,9 @@ class StoreWriter:
         """Every stored id with the fingerprint of its newest row; the ids this part lists."""
         own_names = {s["name"] for s in self._own["shards"]}
         for shard in shards:  # oldest first: a later row of an id replaces an earlier one
-            ids = _shard_ids(self.path, shard)
+            ids = shard_ids(self.path, shard)
             self._stored_fingerprints.update(
-                zip(ids, _shard_fingerprints(self.path, shard), strict=True)
+                zip(ids, shard_fingerprints(self.path, shard), strict=True)
             )
             if shard["name"] in own_names:
                 self._own_ids.update(ids)
@@ -431,8 +433,9 @@ class StoreWriter:
 
     def _cleanup(self, listed: set[str]) -> None:
         """Delete this part's temp files and shard files no manifest lists (a killed run's)."""
-        prefix = _shard_prefix(self.shard_index, self.shard_count)
-        files = r"(\.npy|\.ids\.json|\.fingerprints\.json)"
+        prefix = shard_prefix(self.shard_index, self.shard_count)
+        suffixes = (VECTORS_SUFFIX, IDS_SUFFIX, FINGERPRINTS_SUFFIX)
+        files = "(" + "|".join(re.escape(suffix) for suffix in suffixes) + ")"
         own_shard = re.compile(rf"^{re.escape(prefix)}(\d+){files}$")
         own_tmp = re.compile(
             rf"^\.tmp-({re.escape(prefix)}\d+{files}|{re.escape(self.manifest_name)})-"
@@ -450,7 +453,7 @@ class StoreWriter:
                 "feature store %s: removed %d file(s) left by an interrupted run: %s",
                 self.path,
                 len(removed),
-                _first(sorted(removed)),
+                quote_first(sorted(removed)),
             )
 
     def _release(self) -> None:
@@ -520,7 +523,7 @@ class StoreWriter:
         dup = [i for i in ids if i in self.stored and i not in self._replacing]
         if dup or len(set(ids)) != len(ids):
             dup = dup or [i for i in ids if ids.count(i) > 1]
-            raise EmbedError(f"{len(dup)} ids are already in the store or repeated: {_first(dup)}")
+            raise EmbedError(f"{len(dup)} ids are already in the store or repeated: {quote_first(dup)}")
         if ids:
             self._buffer(ids, vectors, fingerprints)
         while self._buf_rows >= self.shard_rows:
@@ -557,14 +560,14 @@ class StoreWriter:
         self._buf_rows = len(rest)
         # The rows left over came with the latest append.
         self._buf_since = time.monotonic() if len(rest) else None
-        name = f"{_shard_prefix(self.shard_index, self.shard_count)}{self._next:05d}"
+        name = f"{shard_prefix(self.shard_index, self.shard_count)}{self._next:05d}"
         self._next += 1
         vecs = np.ascontiguousarray(vecs)
         entry = {"name": name, "rows": rows}
         entry["sha256"] = _write_hashed(
-            self.path, f"{name}.npy", lambda f: np.save(f, vecs, allow_pickle=False)
+            self.path, f"{name}{VECTORS_SUFFIX}", lambda f: np.save(f, vecs, allow_pickle=False)
         )
-        entry["ids_sha256"] = _write_json(self.path, f"{name}.ids.json", ids)
+        entry["ids_sha256"] = _write_json(self.path, f"{name}{IDS_SUFFIX}", ids)
         if any(fp is not None for fp in fingerprints):
             entry["fingerprints_sha256"] = _write_json(
                 self.path, f"{name}{FINGERPRINTS_SUFFIX}", fingerprints

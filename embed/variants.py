@@ -445,8 +445,11 @@ def embed_batches(model: Callable, batches: Sequence[torch.Tensor]) -> np.ndarra
 __all__ = [
     "AUTO",
     "CALIBRATION_IMAGES",
+    "CPU_ONLY",
     "MAX_ROC_AUC_DROP",
+    "MEASURED",
     "MIN_CENTRED_COSINE",
+    "UNFAITHFUL",
     "VARIANTS",
     "VariantModel",
     "centred_cosine",
@@ -456,7 +459,9 @@ __all__ = [
     "embed_batches",
     "fold_batchnorm",
     "has_compiler",
+    "lowest_measured_cosine",
     "make_variant",
     "quantize_int8",
     "resolve_variant",
+    "warn_if_unfaithful",
 ]

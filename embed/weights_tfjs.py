@@ -3,7 +3,7 @@
 Local, numpy + torch only: `read_tfjs_weights` reads the tensors of a TF.js layers model,
 `convert_tfjs_resnet50` maps them onto torchvision's keys with Keras' 'caffe' input, its conv
 biases and its BatchNorm epsilon folded in, so that the model takes torchvision-normalised RGB
-(`embed.weights.INPUT_MEAN` / `INPUT_STD`). `embed.weights` runs it once and caches the result.
+(`embed.resnet50.INPUT_MEAN` / `INPUT_STD`). `embed.weights` runs it once and caches the result.
 """
 
 from __future__ import annotations
@@ -16,7 +16,16 @@ import numpy as np
 import torch
 
 from embed.errors import EmbedError
-from embed.weights import INPUT_MEAN, INPUT_STD, _resnet50_reference
+from embed.resnet50 import INPUT_MEAN, INPUT_STD, resnet50_shapes
+
+__all__ = [
+    "CAFFE_MEAN_BGR",
+    "KERAS_BN_EPS",
+    "TORCH_BN_EPS",
+    "convert_tfjs_resnet50",
+    "read_tfjs_weights",
+]
+
 
 # Keras 'caffe' preprocessing: BGR, 0..255, minus these per-channel means (BGR order).
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -175,7 +184,7 @@ def convert_tfjs_resnet50(package_dir: Path) -> dict[str, torch.Tensor]:
 
     state["fc.weight"] = _tensor(w["fc1000/kernel"].T)
     state["fc.bias"] = _tensor(w["fc1000/bias"])
-    return {key: state[key] for key in _resnet50_reference() if key in state}
+    return {key: state[key] for key in resnet50_shapes() if key in state}
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:

@@ -5,18 +5,17 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import replace
 from pathlib import Path
 
 from common.files import reporting_write_errors
 from embed.config import EmbedConfig, EmbedSummary, parse_shard
-from embed.identity import identity_of
+from embed.errors import EmbedError
 from embed.pipeline import build_store
 from embed.pooled import DEFAULT_BLOCKS, DEFAULT_POOLING
 from embed.sources import open_source
-from embed.store import MANIFEST
+from embed.store_format import is_store, recorded_identity
 from embed.weights import ensure_weights
 from fuse.errors import RunError
 from fuse.paths import run_dir
@@ -80,13 +79,12 @@ def _variant_of_existing_store(store_dir: Path, config: EmbedConfig) -> EmbedCon
     """With variant "auto", a store that exists keeps the variant it was built with: rerunning
     `invoke embed` to add images on another kind of CPU (whose default variant differs) then
     appends instead of being refused. An explicit --variant is left as asked (and refused by the
-    store if it differs)."""
-    manifest = store_dir / MANIFEST
-    if config.variant != "auto" or not manifest.is_file():
+    store if it differs). A sharded build with only part manifests so far is a store too."""
+    if config.variant != "auto" or not is_store(store_dir):
         return config
     try:
-        recorded = identity_of(json.loads(manifest.read_text()))["variant"]
-    except (OSError, ValueError):
+        recorded = recorded_identity(store_dir)["variant"]
+    except EmbedError:
         return config  # the store's own checks will say what is wrong with it
     return replace(config, variant=str(recorded))
 

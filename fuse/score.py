@@ -29,8 +29,9 @@ import numpy as np
 import pandas as pd
 
 from common.errors import preview
+from embed.config import embedding_identity
 from embed.errors import EmbedError, StoreMismatchError
-from embed.identity import check_identity, embedding_identity
+from embed.identity import check_identity
 from fuse.calibration import shift_prevalence
 from fuse.errors import RunError
 from fuse.models import RunModels
@@ -511,8 +512,9 @@ def _keep_provenance(store: Path, images) -> None:
         RunError: the store records a data set that scoring did not make (names it and its source).
     """
     from embed.store import FeatureStore
+    from embed.store_format import is_store
 
-    if not any(Path(store).glob("manifest*.json")):
+    if not is_store(store):
         return  # a new store, or one that never finished its first shard
     try:
         manifest = FeatureStore.open(store).manifest

@@ -40,7 +40,8 @@ from embed.config import EmbedConfig
 from embed.errors import StoreMismatchError
 from embed.identity import check_identity, identity_of
 from embed.sources import open_source
-from embed.store import FeatureStore, store_name
+from embed.store import FeatureStore
+from embed.store_format import store_candidates, store_name
 from embed.weights import WeightsInfo, ensure_weights
 from fuse.errors import RunError
 from fuse.paths import stores_root
@@ -71,10 +72,8 @@ def locate_store(spec: DatasetSpec, weights: WeightsInfo | None = None, stores: 
     weights = weights or ensure_weights()
     root = stores or stores_root()
     preferred = store_path(spec, weights, EmbedConfig(), root)
-    # Same data set and weights, any image size, views or blocks; a store has at least one
-    # manifest (`manifest.json`, or the part manifests of a sharded build still in progress).
-    prefix = f"{spec.name}-{weights.sha256[:12]}-"
-    candidates = sorted(p for p in root.glob(prefix + "*") if any(p.glob("manifest*.json")))
+    # Same data set and weights, any image size, views, blocks or variant.
+    candidates = store_candidates(root, spec.name, weights.sha256)
     if not candidates:
         raise RunError(
             f"no feature store for data set '{spec.name}' with weights {weights.sha256[:12]} under {root}; "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from embed.store_format import store_folders
 from fuse import commands
 from fuse.demo.synthetic import make_isic2024_like
 from fuse.paths import artifacts_root, run_dir, stores_root
@@ -62,7 +63,8 @@ def _discard(data: Path, run: Path) -> None:
     from tabular.spec import isic2024_spec
 
     name = isic2024_spec(data).name
-    stale = [data, run, *stores_root().glob(f"{name}-*")]
+    # Its stores of any weights and settings, finished or not.
+    stale = [data, run, *store_folders(stores_root(), name)]
     log.info("demo: the data at %s has another row count; removing it, its store and run", data)
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)

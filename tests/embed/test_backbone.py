@@ -29,8 +29,8 @@ from embed.backbone import (
 )
 from embed.errors import EmbedError
 from embed.pooled import BLOCKS, DEFAULT_BLOCKS, feature_dim
+from embed.resnet50 import INPUT_MEAN
 from embed.weights import (
-    INPUT_MEAN,
     STRIDE_KERAS_V1,
     STRIDE_TORCHVISION,
     WeightsInfo,

@@ -6,8 +6,9 @@ import pytest
 from storetools import random_weights, tiny_config
 
 from embed.backbone import BACKBONE_NAME, preprocessing_for
+from embed.config import embedding_identity
 from embed.errors import EmbedError, StoreMismatchError
-from embed.identity import IDENTITY_FIELDS, check_identity, embedding_identity, identity_of
+from embed.identity import IDENTITY_FIELDS, check_identity, identity_of
 from embed.pooled import DEFAULT_BLOCKS, DEFAULT_POOLING, feature_dim
 from embed.variants import default_variant
 

@@ -38,9 +38,15 @@ import embed.config as embed_config
 import embed.model_loop as model_loop
 import embed.pipeline as pipeline
 from embed.backbone import load_backbone, preprocess
-from embed.config import VIEWS, EmbedConfig, parse_shard, part_of, resolve_device
+from embed.config import (
+    VIEWS,
+    EmbedConfig,
+    embedding_identity,
+    parse_shard,
+    part_of,
+    resolve_device,
+)
 from embed.errors import EmbedError, EmbedInterrupted, StoreMismatchError
-from embed.identity import embedding_identity
 from embed.model_loop import embed_ids
 from embed.pipeline import build_store
 from embed.pooled import DEFAULT_BLOCKS, feature_dim

@@ -19,6 +19,7 @@ from common.files import sha256_file
 from embed import weights as W
 from embed import weights_npm, weights_tfjs
 from embed.errors import EmbedError
+from embed.resnet50 import INPUT_MEAN, INPUT_STD
 from embed.weights import (
     RECORD_FILENAME,
     WEIGHTS_FILENAME,
@@ -235,8 +236,8 @@ def test_convert_folds_caffe_input_into_conv1(converted):
     raw, state = converted
     rng = np.random.default_rng(2)
     x = torch.from_numpy(rng.normal(size=(1, 3, 16, 16)).astype(np.float32))
-    mean = torch.tensor(W.INPUT_MEAN)[:, None, None]
-    std = torch.tensor(W.INPUT_STD)[:, None, None]
+    mean = torch.tensor(INPUT_MEAN)[:, None, None]
+    std = torch.tensor(INPUT_STD)[:, None, None]
     caffe = (255 * (x * std + mean)).flip(1) - torch.tensor(weights_tfjs.CAFFE_MEAN_BGR)[:, None, None]
     bn = [torch.from_numpy(raw[f"bn_conv1/{p}"]) for p in weights_tfjs._BN_PARAMS]
     keras_out = F.batch_norm(

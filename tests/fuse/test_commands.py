@@ -112,3 +112,27 @@ def test_rerunning_embed_with_auto_keeps_the_variant_the_store_was_built_with(ti
     assert json.loads((first.store_dir / "manifest.json").read_text())["variant"] == "folded"
     with pytest.raises(StoreMismatchError, match=r"was built with variant='folded' but this run asks for variant='jit-frozen'"):
         embed_spec(tiny["data"], image_size=32, variant="jit-frozen", weights_path=tiny["weights_path"], stores=stores)
+
+
+def test_a_sharded_store_with_only_part_manifests_is_located_and_keeps_its_variant(tiny, tmp_path):
+    # Part 1 of 2 is still being written with a variant this CPU would not choose for "auto": the
+    # store has no manifest.json yet. Part 0, run with the default --variant auto, joins it.
+    from embed.config import EmbedConfig, embedding_identity
+    from embed.store_format import MANIFEST, part_manifest_name
+    from embed.store_writer import StoreWriter
+    from embed.variants import default_variant
+    from fuse.stores import store_path
+
+    spec = load_spec(tiny["data"])
+    recorded = "folded" if default_variant("cpu") == "eager" else "eager"
+    config = EmbedConfig(image_size=32, variant=recorded, device="cpu")
+    stores = tmp_path / "stores"
+    store_dir = store_path(spec, tiny["weights"], config, stores)
+    identity = embedding_identity(tiny["weights"], config)
+    with StoreWriter(store_dir, identity, shard_index=1, shard_count=2, info={"dataset": spec.name}):
+        assert not (store_dir / MANIFEST).exists() and (store_dir / part_manifest_name(1, 2)).is_file()
+        assert locate_store(spec, tiny["weights"], stores=stores) == store_dir
+        part = embed_spec(tiny["data"], image_size=32, shard="0/2", device="cpu",
+                          weights_path=tiny["weights_path"], stores=stores)
+    assert part.store_dir == store_dir and part.embedded > 0
+    assert json.loads((store_dir / MANIFEST).read_text())["variant"] == recorded

@@ -224,8 +224,9 @@ def _config(**overrides):
 def test_the_resolved_variant_is_in_the_identity_and_another_is_refused(
     tmp_path, tiny_store_inputs
 ):
+    from embed.config import embedding_identity
     from embed.errors import StoreMismatchError
-    from embed.identity import IDENTITY_FIELDS, check_identity, embedding_identity
+    from embed.identity import IDENTITY_FIELDS, check_identity
     from embed.pipeline import build_store
     from embed.sources import FolderSource
     from embed.store import FeatureStore
