@@ -209,7 +209,7 @@ def test_a_bad_storage_fails_before_any_work(tmp_path, monkeypatch):
     def no_features(*args, **kwargs):
         raise AssertionError("features were built before the storage was checked")
 
-    monkeypatch.setattr(train, "build_fold", no_features)
+    monkeypatch.setattr(train, "build_folds", no_features)
     with pytest.raises(DataError, match=r"storage 'bogus://x': unknown scheme 'bogus://'; .*sqlite:///path/study.db, "
                                         r"postgresql://.*mysql://.*journal:///path/study.log"):
         fit_gbdt(spec, tmp_path / "run", trials=2, storage="bogus://x", config=FAST)
