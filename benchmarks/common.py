@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common.errors import RunError
+from runfolder.errors import RunError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -25,8 +25,8 @@ import pandas as pd
 from common.files import atomic_write_text
 from fuse import html
 from fuse.errors import RunError
+from runfolder.layout import METRICS, REPORT, RunLayout
 from tabular.folds import read_folds
-from tabular.layout import RunLayout
 from tabular.metrics import MetricWarning, calibration, summarize
 
 __all__ = ["COLUMNS", "DESCRIPTIONS", "MODELS", "PLOT_TITLES", "PLOTS", "write_report"]
@@ -99,9 +99,10 @@ def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
     """
     if not 0.0 < sensitivity <= 1.0:
         raise RunError(f"sensitivity: expected a value in (0, 1], got {sensitivity!r}")
-    run_dir = RunLayout(Path(run_dir)).require().dir
-    record = json.loads((run_dir / "run.json").read_text())
-    folds = read_folds(run_dir / "folds.csv")
+    layout = RunLayout(Path(run_dir)).require()
+    run_dir = layout.dir
+    record = layout.read_record()
+    folds = read_folds(layout.folds)
     predictions, y = _read_predictions(run_dir, folds)
     final = _final(run_dir)
     calibrated = _read_calibrated(run_dir, folds, final)
@@ -118,13 +119,13 @@ def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
             # Brier and ECE only mean something for a score that claims to be a probability:
             # the blend is a rank.
             figures[name].update(calibration(y, p) if name not in RANK_SCORES else {"brier": None, "ece": None})
-    out = run_dir / "report"
+    out = layout.report
     out.mkdir(parents=True, exist_ok=True)
     if "calibrated" in predictions:
         shown = "calibrated"
     else:
         shown = final["final"] if final and final["final"] in predictions else _best(figures)
-    plots = _plots(out, y, predictions, figures, shown, run_dir / "gbdt" / "importance.csv")
+    plots = _plots(out, y, predictions, figures, shown, layout.stage("gbdt") / "importance.csv")
 
     document = {
         "run": str(run_dir),
@@ -145,9 +146,8 @@ def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
         "models": figures,
         "plots": {key: name for key, name in plots.items()},
     }
-    (out / "metrics.json").write_text(json.dumps(document, indent=2))
-    path = out / "report.md"
-    path.write_text(_markdown(document, final))
+    layout.write_json(REPORT, METRICS, document)
+    path = atomic_write_text(out / "report.md", _markdown(document, final))
     atomic_write_text(out / "index.html", _html(document, final, out))
     log.info("report: %s (and index.html)", path)
     return path
@@ -156,20 +156,13 @@ def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
 def _read_predictions(run_dir: Path, folds: pd.DataFrame) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Out-of-fold predictions of every stage present, aligned with `folds.csv`, and the target."""
     layout = RunLayout(run_dir)
-    if hasattr(layout, "read_oof"):
-        read_oof = layout.read_oof
-    else:  # the reader's earlier home
-        from fuse.stack import read_oof as read_stage
-
-        def read_oof(stage, ids, folds, target):
-            return read_stage(run_dir, stage, ids, folds, target)
-
+    read_oof = layout.read_oof
     ids = folds["id"].to_numpy()
     fold = folds["fold"].to_numpy()
     predictions = {}
     y = None
     for name in MODELS:
-        path = run_dir / name / "oof.csv"
+        path = layout.oof(name)
         if not path.is_file():
             continue
         if y is None:
@@ -212,7 +205,7 @@ def _patients(record: dict, folds: pd.DataFrame) -> int | None:
 def _read_calibrated(run_dir: Path, folds: pd.DataFrame, final: dict | None) -> np.ndarray | None:
     """The final model's calibrated out-of-fold probabilities aligned with `folds.csv`, or None
     (no calibration yet, or a file that does not match the run: logged)."""
-    path = run_dir / "stack" / CALIBRATED_OOF
+    path = RunLayout(run_dir).stage("stack") / CALIBRATED_OOF
     if not final or "calibration" not in final or not path.is_file():
         return None
     oof = pd.read_csv(path, dtype={"id": str})
@@ -227,7 +220,7 @@ def _read_calibrated(run_dir: Path, folds: pd.DataFrame, final: dict | None) -> 
 
 
 def _final(run_dir: Path) -> dict | None:
-    path = run_dir / "stack" / "final.json"
+    path = RunLayout(run_dir).final
     return json.loads(path.read_text()) if path.is_file() else None
 
 

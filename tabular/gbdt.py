@@ -11,7 +11,7 @@ Building blocks used by `tabular.train.fit_gbdt` (which builds the features of e
 - `negative_sample` / `train_model`: one booster, on every positive of the training part and at
   most `neg_ratio` negatives per positive (a different draw per seed and fold); validation parts
   are never sampled.
-- `fit_ensemble` / `save_ensemble` (read back by `tabular.gbdt_model.load`).
+- `fit_ensemble` / `save_ensemble` (read back by `tabular.gbdt_model.GBDTModel.load`).
 
 Models are saved as LightGBM text truncated at the best iteration; encoders as JSON; PCA as npy.
 Nothing is pickled, and `tabular.gbdt_model` reads only those files.

@@ -10,7 +10,7 @@ import pandas as pd
 
 from fuse import commands
 from fuse.demo.synthetic import make_isic2024_like
-from fuse.paths import artifacts_root, run_dir, stores_root
+from runfolder.paths import artifacts_root, run_dir, stores_root
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tabular.layout import RunLayout
+from runfolder.layout import RunLayout
 
 
 class Failed(Exception):
