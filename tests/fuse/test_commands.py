@@ -112,3 +112,18 @@ def test_rerunning_embed_with_auto_keeps_the_variant_the_store_was_built_with(ti
     assert json.loads((first.store_dir / "manifest.json").read_text())["variant"] == "folded"
     with pytest.raises(StoreMismatchError, match=r"was built with variant='folded' but this run asks for variant='jit-frozen'"):
         embed_spec(tiny["data"], image_size=32, variant="jit-frozen", weights_path=tiny["weights_path"], stores=stores)
+
+
+def test_train_gbdt_reads_and_validates_the_metadata_once(tiny, tmp_path, monkeypatch):
+    import tabular.validate
+
+    summary = embed_spec(tiny["data"], image_size=32, weights_path=tiny["weights_path"], stores=tiny["stores"])
+    validations = []
+    check = tabular.validate.check_metadata
+    monkeypatch.setattr(tabular.validate, "check_metadata",
+                        lambda *args, **kwargs: validations.append(args[1].name) or check(*args, **kwargs))
+    train_gbdt(tiny["data"], tmp_path / "run", image_pca=4, store=summary.store_dir, seeds=(0,))
+    assert validations == ["isic-tiny-train"]  # once for the store's ids and the fit together
+    validations.clear()
+    train_gbdt(tiny["data"], tmp_path / "run", image_pca=4, store=summary.store_dir, seeds=(0,))
+    assert validations == ["isic-tiny-train"]  # a rerun reopens the run once too
