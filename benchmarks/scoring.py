@@ -39,6 +39,8 @@ from fuse.stores import run_identity
 from runfolder.layout import RunLayout
 from tabular.spec import DatasetSpec, spec_from_identity
 
+__all__ = ["OVERLAYS", "PNG_MAGIC", "TARGET_RATIO", "bench_scoring"]
+
 log = logging.getLogger(__name__)
 
 TARGET_RATIO = 0.8

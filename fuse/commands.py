@@ -31,6 +31,10 @@ from tabular.run import open_run
 from tabular.spec import DatasetSpec, load_spec
 from tabular.validate import check_images, read_metadata
 
+__all__ = [
+    "DEFAULT_IMAGE_PCA", "embed_spec", "score_images", "stack_and_report", "train_fusion", "train_gbdt"
+]
+
 log = logging.getLogger(__name__)
 
 # LightGBM on 64 PCA components of the embeddings + metadata beat the fusion MLP on HAM10000 lesions

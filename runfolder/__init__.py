@@ -8,3 +8,5 @@ Below the stages: it imports `common` only, and `embed`, `tabular` and `fuse` al
 - `stage`: the `Stage` protocol every trained stage implements, and `load_stage`.
 - `errors`: `RunError`.
 """
+
+__all__: list[str] = []  # the modules are the interface: `runfolder.layout`, `runfolder.records`, ...

@@ -39,6 +39,14 @@ from tabular.features import FeatureEncoder
 from tabular.metrics import MetricWarning, pauc80, roc_auc
 from tabular.spec import DatasetSpec
 
+__all__ = [
+    "DATASET_PARAMS", "DEFAULT_NEG_RATIO", "DEFAULT_PARAMS", "EXTRA_PREFIX", "PATIENT_CONTEXT",
+    "STAGE_FORMAT", "Ensemble", "FoldData", "FoldPCA", "GBDTConfig", "booster_params", "build_fold",
+    "check_extra", "fit_ensemble", "importance_table", "lightgbm_threads", "negative_sample",
+    "patient_context", "pca_components_used", "predict_best", "sample_seed", "sampled_rows",
+    "sampling_summary", "save_ensemble", "train_model", "validation_offset", "with_extra"
+]
+
 log = logging.getLogger(__name__)
 
 STAGE_FORMAT = 1

@@ -20,6 +20,8 @@ from tabular.folds import make_folds, read_folds, write_folds
 from tabular.spec import DatasetSpec, spec_from_identity, spec_to_toml
 from tabular.validate import read_metadata
 
+__all__ = ["RUN_FORMAT", "Run", "load_run", "open_run"]
+
 log = logging.getLogger(__name__)
 
 RUN_FORMAT = 1

@@ -12,6 +12,8 @@ from fuse import commands
 from fuse.demo.synthetic import make_isic2024_like
 from runfolder.paths import artifacts_root, run_dir, stores_root
 
+__all__ = ["DEMO_RUN", "run_demo"]
+
 log = logging.getLogger(__name__)
 
 DEMO_RUN = "demo"

@@ -57,6 +57,8 @@ from tabular.metrics import MetricWarning, pauc80, roc_auc, summarize
 from tabular.run import Run, open_run
 from tabular.spec import DatasetSpec, load_spec
 
+__all__ = ["STAGE", "train_fusion"]
+
 log = logging.getLogger(__name__)
 
 STAGE = "fusion"
