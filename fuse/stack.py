@@ -350,7 +350,7 @@ def load_final(run_dir: Path | str) -> FinalModel:
     """
     layout = RunLayout(Path(run_dir))
     record = layout.read_final()
-    loaders = {"stack": StackModel.load, "blend": BlendModel.load, TABULAR_FINAL: GBDTFinal.load}
+    loaders = {"stack": StackModel, "blend": BlendModel, TABULAR_FINAL: GBDTFinal}
     name = record["final"]
     if name not in loaders:
         raise RunError(f"{layout.final}: unknown final model {name!r}; rerun `invoke stack --run R`")
