@@ -79,8 +79,8 @@ class RunModels:
 
     @property
     def stages(self) -> tuple[str, ...]:
-        """The base models whose scores appear as `p_<stage>` columns."""
-        return ("gbdt", "fusion") if self.needs_images else ("gbdt",)
+        """The base models whose scores appear as `p_<stage>` columns, by their `Stage.STAGE` name."""
+        return tuple(model.STAGE for model in (self.gbdt, self.fusion) if model is not None)
 
     def training_ids(self) -> set[str]:
         """The ids of the run's training rows (its `folds.csv`), read once."""
