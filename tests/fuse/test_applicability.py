@@ -323,9 +323,10 @@ def test_real_data_ham10000_detector_marks_isic2024_crops_and_few_held_out_lesio
     ham = FeatureStore.open(ham_dir)
     spec = load_spec(shared_data / "ham10000" / "dataset.toml")
     meta = pd.read_csv(shared_data / "ham10000" / "metadata.csv", dtype={"image_id": str})
+    from runfolder.layout import RunLayout
     from runfolder.paths import run_dir
 
-    run_folds = run_dir("ham") / "folds.csv"
+    run_folds = RunLayout(run_dir("ham")).folds
     folds = read_folds(run_folds) if run_folds.is_file() else make_folds(meta, spec)
     folds = folds.set_index("id").loc[meta["image_id"], "fold"].to_numpy()
     stored = meta["image_id"].isin(set(ham.ids)).to_numpy()
