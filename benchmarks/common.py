@@ -21,7 +21,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common.errors import RunError
+from runfolder.errors import RunError
+
+__all__ = [
+    "CHILD_STDERR_CHARS", "ISIC2024_PATIENTS", "ISIC2024_ROWS", "REPO", "child_main", "cpu_count",
+    "cpu_name", "machine", "peak_rss_bytes", "ru_maxrss_bytes", "run_child", "synchronize"
+]
 
 REPO = Path(__file__).resolve().parents[1]
 

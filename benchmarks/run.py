@@ -41,8 +41,8 @@ from common.files import atomic_write_text
 from embed.weights import ensure_weights
 from fuse.demo.run import DEMO_RUN, run_demo
 from fuse.errors import RunError
-from fuse.paths import artifacts_root, run_dir
-from tabular.layout import RunLayout
+from runfolder.layout import RunLayout
+from runfolder.paths import artifacts_root, run_dir
 
 __all__ = ["PARTS", "check_bench_out", "format_table", "parse_parts", "run_bench"]
 

@@ -36,8 +36,10 @@ from benchmarks.common import synchronize
 from fuse.errors import RunError
 from fuse.score import read_scoring_metadata, score
 from fuse.stores import run_identity
-from tabular.layout import RunLayout
+from runfolder.layout import RunLayout
 from tabular.spec import DatasetSpec, spec_from_identity
+
+__all__ = ["OVERLAYS", "PNG_MAGIC", "TARGET_RATIO", "bench_scoring"]
 
 log = logging.getLogger(__name__)
 

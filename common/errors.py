@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+__all__ = ["LesionfuseError", "preview"]
+
 
 class LesionfuseError(ValueError):
     """An input, file, artifact or setting lesionfuse cannot use.
 
     Each side subclasses it (`embed.errors.EmbedError`, `tabular.errors.DataError`,
-    `fuse.errors.RunError`); the commands catch this one type and print the message without a
+    `runfolder.errors.RunError`); the commands catch this one type and print the message without a
     traceback. Messages name the parameter, column or path, the value received and, where it
     helps, the command that fixes it.
     """
@@ -20,6 +22,3 @@ def preview(values, limit: int = 5) -> str:
     more = f", ... ({len(values) - limit} more)" if len(values) > limit else ""
     return f"{len(values)}: {shown}{more}"
 
-
-class RunError(LesionfuseError):
-    """A run folder, one of its stages' artifacts, or a command's option is not usable."""

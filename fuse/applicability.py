@@ -45,10 +45,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.errors import RunError
 from common.files import atomic_write, atomic_write_json, sha256_file
 from embed.acquisition import CUE_NAMES, CUES_VERSION, CueTable
 from embed.identity import IDENTITY_FIELDS, check_identity, identity_of
+from runfolder.errors import RunError
 
 __all__ = [
     "ARRAYS",

@@ -18,17 +18,21 @@ from embed.sources import open_source
 from embed.store_format import is_store, recorded_identity
 from embed.weights import ensure_weights
 from fuse.errors import RunError
-from fuse.paths import run_dir
 from fuse.stores import (
     check_same_embeddings,
     open_for_training,
     store_path,
 )
+from runfolder.layout import RunLayout
+from runfolder.paths import run_dir
 from tabular.features import unknown_categories_said_once
-from tabular.layout import RunLayout
 from tabular.run import open_run
 from tabular.spec import DatasetSpec, load_spec
 from tabular.validate import check_images, read_metadata
+
+__all__ = [
+    "DEFAULT_IMAGE_PCA", "embed_spec", "score_images", "stack_and_report", "train_fusion", "train_gbdt"
+]
 
 log = logging.getLogger(__name__)
 
@@ -113,18 +117,20 @@ def train_gbdt(spec, run, trials: int = 0, storage: str | None = None, image_pca
 
         check_storage(storage, layout.stage("gbdt") / "optuna.db")
     extra, reference = None, None
+    if image_pca and not spec.images:
+        raise RunError(f"--image-pca {image_pca}: spec '{spec.name}' has no images; use --image-pca 0")
+    # Opened once: its metadata is read and validated here, and fit_gbdt is handed the result.
+    with reporting_write_errors("train-gbdt", layout.dir):  # a new run writes its folds
+        opened_run = open_run(spec, layout.dir)
     if image_pca:
-        if not spec.images:
-            raise RunError(f"--image-pca {image_pca}: spec '{spec.name}' has no images; use --image-pca 0")
-        with reporting_write_errors("train-gbdt", layout.dir):  # a new run writes its folds
-            ids = open_run(spec, layout.dir).frame[spec.id].astype(str).tolist()
+        ids = opened_run.frame[spec.id].astype(str).tolist()
         opened = open_for_training(spec, ids, store, run=layout)
         reference = opened.reference
         check_same_embeddings(layout, reference, f"feature store {str(opened.store.path)!r}", skip="gbdt")
         extra = opened.mean_embeddings()
     metrics = fit_gbdt(spec, layout.dir, trials=trials, storage=storage, extra=extra,
                        extra_components=image_pca, neg_ratio=neg_ratio, seeds=tuple(seeds), config=config,
-                       store_record=reference)
+                       store_record=reference, run=opened_run)
     return metrics
 
 

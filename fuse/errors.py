@@ -1,5 +1,6 @@
-"""The fusion side's exception: a run, its artifacts or its options are not usable."""
+"""The fusion side's exception: `RunError` (its home is `runfolder.errors`), a run, its artifacts or its
+options not usable."""
 
-from common.errors import RunError
+from runfolder.errors import RunError
 
 __all__ = ["RunError"]

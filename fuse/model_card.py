@@ -24,7 +24,7 @@ from pathlib import Path
 from common.files import sha256_file
 from common.version import lesionfuse_version
 from fuse import html
-from tabular.layout import RunLayout
+from runfolder.layout import RunLayout
 
 __all__ = ["APPLICABILITY_STAGE", "FILE", "NOT_MEASURED", "build", "markdown", "page_values"]
 

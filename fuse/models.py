@@ -1,7 +1,8 @@
 """A trained run's models, loaded once through each stage's own `load`, predicting batch after batch.
 
-`RunModels.load(run_dir)` asks each stage for its model (`tabular.gbdt_model.load`,
-`fuse.fusion.load`, `fuse.stack.load_final`) and checks, before any image is embedded, that every
+`RunModels.load(run_dir)` asks each stage for its model through `runfolder.stage.load_stage`
+(`GBDTModel`, `FusionModel`; the final model through `fuse.stack.load_final`), whose missing-stage
+message is the run package's, and checks, before any image is embedded, that every
 stage that reads embeddings was trained on the same ones (`<stage>/store.json`): its `identity`
 is what new images must be embedded with. Nothing here reads a stage's files.
 """
@@ -15,15 +16,19 @@ import numpy as np
 import pandas as pd
 
 from embed.errors import StoreMismatchError
-from fuse.errors import RunError
 from fuse.fusion import FusionModel
 from fuse.ranges import load_ranges
-from fuse.stack import TABULAR_FINAL, FinalModel, load_final
+from fuse.stack import FinalModel, load_final
 from fuse.stores import run_identity
+from runfolder.errors import RunError
+from runfolder.layout import RunLayout
+from runfolder.records import store_records
+from runfolder.stage import load_stage
 from tabular.errors import DataError
 from tabular.gbdt_model import GBDTModel, positional
-from tabular.layout import RunLayout
 from tabular.spec import spec_from_identity
+
+__all__ = ["EncodingCache", "RunModels"]
 
 
 class EncodingCache:
@@ -74,8 +79,8 @@ class RunModels:
 
     @property
     def stages(self) -> tuple[str, ...]:
-        """The base models whose scores appear as `p_<stage>` columns."""
-        return ("gbdt", "fusion") if self.needs_images else ("gbdt",)
+        """The base models whose scores appear as `p_<stage>` columns, by their `Stage.STAGE` name."""
+        return tuple(model.STAGE for model in (self.gbdt, self.fusion) if model is not None)
 
     def training_ids(self) -> set[str]:
         """The ids of the run's training rows (its `folds.csv`), read once."""
@@ -101,17 +106,14 @@ class RunModels:
         """
         run = RunLayout(Path(run_dir)).require()
         final = load_final(run.dir)
-        gbdt_dir = run.stage("gbdt")
-        run.require_file("gbdt", "features.json")
         try:
-            gbdt = GBDTModel.load(gbdt_dir)
+            gbdt = load_stage(run, GBDTModel)
         except DataError as error:
             raise RunError(f"run {run.dir}: {error}") from error
-        if final.name == TABULAR_FINAL:
+        if not final.model.NEEDS_FUSION:
             return cls(run, gbdt, None, final, None)
-        run.require_file("fusion", "config.json")
-        fusion = FusionModel.load(run.stage("fusion"), device)
-        records = run.read_store_records()
+        fusion = load_stage(run, FusionModel, device=device)
+        records = store_records(run)
         if gbdt.uses_images and "gbdt" not in records:
             raise RunError(
                 f"run {run.dir}: stage 'gbdt' uses image features but does not record the feature "
@@ -167,7 +169,7 @@ class RunModels:
             p_gbdt[~embedded] = np.nan
 
         probability = np.full(len(frame), np.nan)
-        if self.final.name == "stack":
+        if self.final.model.READS_METADATA:
             if embedded.any():
                 # Rows without an image need a placeholder fusion feature; their output is dropped.
                 # A NaN p_gbdt (its stage needs the image too) is left to LightGBM as missing.

@@ -34,13 +34,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.files import atomic_write, atomic_write_json, atomic_write_text
+from common.files import atomic_write, atomic_write_text
 from fuse import html, model_card
 from fuse.errors import RunError
+from runfolder.layout import METRICS, REPORT, RunLayout
 from tabular.decision_curve import decision_curve, plot_decision_curve
 from tabular.errors import DataError
 from tabular.folds import read_folds
-from tabular.layout import RunLayout
 from tabular.metrics import MetricWarning, calibration, summarize
 from tabular.subgroups import MIN_POSITIVES, TOO_FEW, subgroup_table
 from tabular.uncertainty import bootstrap_figures, operating_point
@@ -150,9 +150,10 @@ def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
     """
     if not 0.0 < sensitivity <= 1.0:
         raise RunError(f"sensitivity: expected a value in (0, 1], got {sensitivity!r}")
-    run_dir = RunLayout(Path(run_dir)).require().dir
-    record = json.loads((run_dir / "run.json").read_text())
-    folds = read_folds(run_dir / "folds.csv")
+    layout = RunLayout(Path(run_dir)).require()
+    run_dir = layout.dir
+    record = layout.read_record()
+    folds = read_folds(layout.folds)
     predictions, y = _read_predictions(run_dir, folds)
     final = _final(run_dir)
     calibrated = _read_calibrated(run_dir, folds, final)
@@ -169,13 +170,13 @@ def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
             # Brier and ECE only mean something for a score that claims to be a probability:
             # the blend is a rank.
             figures[name].update(calibration(y, p) if name not in RANK_SCORES else {"brier": None, "ece": None})
-    out = run_dir / "report"
+    out = layout.report
     out.mkdir(parents=True, exist_ok=True)
     if "calibrated" in predictions:
         shown = "calibrated"
     else:
         shown = final["final"] if final and final["final"] in predictions else _best(figures)
-    plots = _plots(out, y, predictions, figures, shown, run_dir / "gbdt" / "importance.csv")
+    plots = _plots(out, y, predictions, figures, shown, layout.stage("gbdt") / "importance.csv")
     groups = folds["group"].to_numpy()
     spec = record.get("spec", {})
     # the threshold scoring applies: on the calibrated probability where there is one
@@ -213,10 +214,9 @@ def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
     }
     card = model_card.build(run_dir, record, document, final)
     document["model_card"] = model_card.FILE
-    atomic_write_json(out / "metrics.json", document)
+    layout.write_json(REPORT, METRICS, document)
     atomic_write_text(out / model_card.FILE, model_card.markdown(card))
-    path = out / "report.md"
-    atomic_write_text(path, _markdown(document, final))
+    path = atomic_write_text(out / "report.md", _markdown(document, final))
     atomic_write_text(out / "index.html", _html(document, final, out, card))
     log.info("report: %s (and index.html)", path)
     return path
@@ -232,7 +232,7 @@ def read_operating_point(run_dir: Path | str) -> dict | None:
         sensitivity with sensitivity_low/high, specificity with its bounds) plus "model" (the
         model it belongs to) and "target_sensitivity".
     """
-    path = RunLayout(Path(run_dir)).report / "metrics.json"
+    path = RunLayout(Path(run_dir)).report / METRICS
     try:
         document = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -343,20 +343,13 @@ def _decision_curve(y: np.ndarray, predictions: dict, shown: str) -> dict | None
 def _read_predictions(run_dir: Path, folds: pd.DataFrame) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Out-of-fold predictions of every stage present, aligned with `folds.csv`, and the target."""
     layout = RunLayout(run_dir)
-    if hasattr(layout, "read_oof"):
-        read_oof = layout.read_oof
-    else:  # the reader's earlier home
-        from fuse.stack import read_oof as read_stage
-
-        def read_oof(stage, ids, folds, target):
-            return read_stage(run_dir, stage, ids, folds, target)
-
+    read_oof = layout.read_oof
     ids = folds["id"].to_numpy()
     fold = folds["fold"].to_numpy()
     predictions = {}
     y = None
     for name in MODELS:
-        path = run_dir / name / "oof.csv"
+        path = layout.oof(name)
         if not path.is_file():
             continue
         if y is None:
@@ -399,7 +392,7 @@ def _patients(record: dict, folds: pd.DataFrame) -> int | None:
 def _read_calibrated(run_dir: Path, folds: pd.DataFrame, final: dict | None) -> np.ndarray | None:
     """The final model's calibrated out-of-fold probabilities aligned with `folds.csv`, or None
     (no calibration yet, or a file that does not match the run: logged)."""
-    path = run_dir / "stack" / CALIBRATED_OOF
+    path = RunLayout(run_dir).stage("stack") / CALIBRATED_OOF
     if not final or "calibration" not in final or not path.is_file():
         return None
     oof = pd.read_csv(path, dtype={"id": str})
@@ -414,7 +407,7 @@ def _read_calibrated(run_dir: Path, folds: pd.DataFrame, final: dict | None) -> 
 
 
 def _final(run_dir: Path) -> dict | None:
-    path = run_dir / "stack" / "final.json"
+    path = RunLayout(run_dir).final
     return json.loads(path.read_text()) if path.is_file() else None
 
 

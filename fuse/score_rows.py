@@ -14,7 +14,9 @@ import numpy as np
 import pandas as pd
 
 from common.errors import preview
-from fuse.errors import RunError
+from runfolder.errors import RunError
+from tabular.errors import DataError
+from tabular.validate import check_rows
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,8 @@ def read_scoring_metadata(path: Path, spec) -> pd.DataFrame:
 
     Raises:
         RunError: the file is missing; the id column, the patient column or a feature column is
-            missing; an id is empty or repeated; a numeric column holds text.
+            missing; an id is empty or repeated, or a numeric column holds text (the checks of
+            `tabular.validate.check_rows`, shared with training, in its words).
     """
     if not path.is_file():
         raise RunError(f"metadata: no such file {path}")
@@ -120,24 +123,10 @@ def read_scoring_metadata(path: Path, spec) -> pd.DataFrame:
     text = [c for c in dict.fromkeys(_text_columns(spec)) if c in (spec.id, *needed)]
     frame = pd.read_csv(path, usecols=[spec.id, *needed], dtype={c: "string" for c in text}, low_memory=False)
     frame = frame[[spec.id, *dict.fromkeys(needed)]]
-    ids = frame[spec.id]
-    empty = ids.isna() | (ids.str.strip() == "")
-    if empty.any():
-        raise RunError(f"metadata {path}: column '{spec.id}' is empty in rows {preview((np.flatnonzero(empty) + 2).tolist())} (file lines)")
-    repeated = ids[ids.duplicated(keep=False)].unique().tolist()
-    if repeated:
-        raise RunError(f"metadata {path}: repeated ids in column '{spec.id}', {preview(repeated)}")
-    for column in spec.numeric:
-        if column not in frame.columns or pd.api.types.is_numeric_dtype(frame[column]):
-            continue
-        parsed = pd.to_numeric(frame[column], errors="coerce")
-        bad = frame[column].notna() & parsed.isna()
-        if bad.any():
-            raise RunError(
-                f"metadata {path}: numeric column '{column}' holds text, e.g. "
-                f"{frame.loc[bad, column].iloc[0]!r} (ids {preview(ids[bad].tolist())})"
-            )
-        frame[column] = parsed
+    try:
+        check_rows(frame, spec, f"metadata {path}")
+    except DataError as error:
+        raise RunError(str(error)) from error
     for column in text:
         frame[column] = frame[column].astype(object).where(frame[column].notna(), np.nan)
     return frame

@@ -52,10 +52,16 @@ from fuse.calibration import Calibrator, choose_calibrator
 from fuse.errors import RunError
 from fuse.ranges import write_ranges
 from fuse.stores import run_identity
+from runfolder.layout import FINAL, RunLayout, require_stage_file
+from runfolder.stage import load_stage
 from tabular.errors import DataError
 from tabular.gbdt_model import Encode, positional
-from tabular.layout import FINAL, RunLayout
 from tabular.metrics import MetricWarning, pauc80, summarize
+
+__all__ = ["BASE_FEATURES", "BASE_STAGES", "CALIBRATED_OOF", "FUSION_FEATURE", "GBDT_FEATURE", "REFERENCE_POINTS",
+           "TABULAR_FINAL", "BlendModel", "FinalModel", "GBDTFinal", "StackConfig", "StackModel", "blend_scores",
+           "choose_blend_weight", "evaluate", "fit_stack_model", "load_encoder", "load_final", "oof_blend",
+           "oof_stack", "rank_reference", "stack", "stack_features", "tabular_only", "to_rank"]
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +185,13 @@ def oof_stack(frame: pd.DataFrame, spec, y: np.ndarray, folds: np.ndarray, p_fus
 
 
 class StackModel:
-    """The stack's fold models and encoders, loaded once to score many batches of rows."""
+    """The stack's fold models and encoders, loaded once to score many batches of rows (a
+    `runfolder.stage.Stage`)."""
+
+    STAGE = "stack"
+    MARKER = "stack.json"
+    READS_METADATA = True
+    NEEDS_FUSION = True
 
     def __init__(self, folds: list[tuple[object, lgb.Booster]], uses_gbdt: bool = True):
         self.folds = folds
@@ -224,7 +236,7 @@ class StackModel:
 
 
 def _stage_file(stage_dir: Path, name: str) -> Path:
-    return RunLayout(stage_dir.parent).require_file(stage_dir.name, name)
+    return require_stage_file(stage_dir, name)
 
 
 # ----------------------------------------------------------------------------------- the blend
@@ -287,8 +299,13 @@ def oof_blend(y: np.ndarray, folds: np.ndarray, p_gbdt: np.ndarray, p_fusion: np
 
 
 class BlendModel:
-    """The blend's weight and rank references, loaded once (`blend/blend.json`)."""
+    """The blend's weight and rank references, loaded once (`blend/blend.json`; a
+    `runfolder.stage.Stage`)."""
 
+    STAGE = "blend"
+    MARKER = "blend.json"
+    READS_METADATA = False
+    NEEDS_FUSION = True
     encoders: list = []
 
     def __init__(self, weight_gbdt: float, references: dict[str, np.ndarray]):
@@ -333,7 +350,7 @@ def load_final(run_dir: Path | str) -> FinalModel:
     """
     layout = RunLayout(Path(run_dir))
     record = layout.read_final()
-    loaders = {"stack": StackModel.load, "blend": BlendModel.load, TABULAR_FINAL: GBDTFinal.load}
+    loaders = {"stack": StackModel, "blend": BlendModel, TABULAR_FINAL: GBDTFinal}
     name = record["final"]
     if name not in loaders:
         raise RunError(f"{layout.final}: unknown final model {name!r}; rerun `invoke stack --run R`")
@@ -343,7 +360,7 @@ def load_final(run_dir: Path | str) -> FinalModel:
                     "score; rerun `invoke stack --run R` to calibrate it", layout.dir)
     return FinalModel(name=name, threshold=float(record["threshold"]),
                       sensitivity=float(record.get("sensitivity", math.nan)),
-                      model=loaders[name](layout.stage(name)),
+                      model=load_stage(layout, loaders[name]),
                       calibrator=Calibrator.from_json(calibration) if calibration else None)
 
 
@@ -400,7 +417,7 @@ def stack(run_dir: Path | str, sensitivity: float = 0.95, config: StackConfig | 
         for name, p in (("stack", p_stack), ("blend", p_blend)):
             layout.write_oof(written[name].name, ids, folds, y, p)
             figures[name] = {**evaluate(y, p, folds, sensitivity), "made_from": made_from}
-            atomic_write_json(layout.metrics(written[name].name), figures[name])
+            layout.write_metrics(written[name].name, figures[name])
         final = _choose_final(figures)
         record = _calibrate_final(layout, stack_dir, ids, y, folds, final,
                                   p_stack if final == "stack" else p_blend, figures, sensitivity, made_from)
@@ -471,8 +488,13 @@ class GBDTFinal:
     """The final model of a tabular-only run: the LightGBM stage's own fold-averaged score.
 
     The signature is `StackModel.predict`'s; `frame`, `p_fusion` and `encode` are not used.
+    A `runfolder.stage.Stage` with no file of its own (the LightGBM stage is loaded as `gbdt`).
     """
 
+    STAGE = TABULAR_FINAL
+    MARKER = ""
+    READS_METADATA = False
+    NEEDS_FUSION = False
     encoders: list = []
 
     @classmethod
@@ -530,7 +552,7 @@ def _stack_tabular_only(layout: RunLayout, sensitivity: float) -> dict:
     # Written beside the old stage and swapped in whole, as the stacked runs' stage is.
     with reporting_write_errors("stack", layout.dir), layout.rewriting("stack") as stack_dir:
         layout.write_oof(stack_dir.name, ids, folds, y, p_calibrated, name=CALIBRATED_OOF)
-        atomic_write_json(stack_dir / FINAL, record)
+        layout.write_json(stack_dir.name, FINAL, record)
         write_ranges(stack_dir, run.frame, run.spec.numeric)
     log.info("final model: gbdt (tabular-only run; out-of-fold pAUC80 %s), calibrated by %s, threshold %.4g",
              figures["pauc80"], calibrator.method, record["threshold"])
@@ -559,7 +581,7 @@ def _calibrate_final(layout: RunLayout, stack_dir: Path, ids, y, folds, final: s
                 "sensitivity, threshold is the same point on the probability scale",
         "made_from": made_from,
     }
-    atomic_write_json(stack_dir / FINAL, record)
+    layout.write_json(stack_dir.name, FINAL, record)
     log.info("final model: %s (pAUC80 stack %s, blend %s), calibrated by %s (out-of-fold Brier %.4f, "
              "ECE %.4f), threshold %.4g", final, record["pauc80"]["stack"], record["pauc80"]["blend"],
              calibrator.method, calibration_figures[calibrator.method]["brier"],

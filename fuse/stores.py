@@ -25,7 +25,6 @@ same numbers.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -35,7 +34,6 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import preview
-from common.files import atomic_write_json, reporting_write_errors
 from embed.config import EmbedConfig
 from embed.errors import StoreMismatchError
 from embed.identity import check_identity, identity_of
@@ -43,9 +41,10 @@ from embed.sources import open_source
 from embed.store import FeatureStore
 from embed.store_format import store_candidates, store_name
 from embed.weights import WeightsInfo, ensure_weights
-from fuse.errors import RunError
-from fuse.paths import stores_root
-from tabular.layout import MADE_BY, RunLayout
+from runfolder.errors import RunError
+from runfolder.layout import RunLayout
+from runfolder.paths import stores_root
+from runfolder.records import different_rows, store_records, write_unembedded
 from tabular.spec import DatasetSpec
 
 log = logging.getLogger(__name__)
@@ -135,7 +134,7 @@ def open_for_training(spec: DatasetSpec, ids: list[str], store_dir: Path | str |
         spec: the data set (its image source is checked for changed images).
         ids: the rows' ids, in the order the stage will read them.
         store_dir: the store folder (default: `locate_store(spec)`).
-        run: when given, unembedded ids are written to `<run>/unembedded-ids.csv`.
+        run: when given, unembedded ids are written to `<run>/unembedded-ids.csv` (`runfolder.records`).
 
     Raises:
         RunError: no store there; ids without a vector (names how many, the first few, the reason
@@ -161,14 +160,8 @@ def _require_vectors(spec: DatasetSpec, ids: list[str], store: FeatureStore, run
     failed = [i for i in missing if i in failures]
     listing = ""
     if run is not None:
-        path = run.dir / "unembedded-ids.csv"
-        with reporting_write_errors("the list of unembedded ids", path):
-            run.dir.mkdir(parents=True, exist_ok=True)
-            with open(path, "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow([spec.id, "reason"])
-                writer.writerows((i, failures.get(i, "not embedded yet")) for i in missing)
-        listing = f" (all {len(missing)} are listed in {path})"
+        write_unembedded(run, spec.id, ((i, failures.get(i, "not embedded yet")) for i in missing))
+        listing = f" (all {len(missing)} are listed in {run.unembedded_ids})"
     what = f"store {store.path} lacks {len(missing)} of the run's {len(ids)} ids ({preview(missing)})"
     if failed:
         raise RunError(
@@ -198,24 +191,8 @@ def _require_current(spec: DatasetSpec, ids: list[str], store: FeatureStore) -> 
 
 
 # ------------------------------------------------------------------ what each stage was trained on
-
-
-def record_store(run: RunLayout, stage: str, reference: dict | None) -> None:
-    """Write `<stage>/store.json` (the store a stage read), or remove it when the stage read none.
-
-    `stage` may be a stage's folder being rewritten (`RunLayout.rewriting`), so that the record
-    is swapped in with the models it describes.
-
-    Raises:
-        WriteError: the stage's folder cannot be written (names the path).
-    """
-    path = run.store_record(stage)
-    with reporting_write_errors(f"stage '{stage}'", path):
-        if reference is None:
-            path.unlink(missing_ok=True)
-            return
-        run.make_stage(stage)
-        atomic_write_json(path, reference)
+# The records themselves (`<stage>/store.json`: writing, listing, the digest comparison) belong to
+# `runfolder.records`; comparing their identity fields is the image side's (`embed.identity`).
 
 
 def check_same_embeddings(run: RunLayout, identity: dict, what: str, *, skip: str | None = None) -> None:
@@ -226,7 +203,7 @@ def check_same_embeddings(run: RunLayout, identity: dict, what: str, *, skip: st
     Raises:
         StoreMismatchError: names the field, the stage and both values.
     """
-    for stage, record in run.read_store_records().items():
+    for stage, record in store_records(run).items():
         if stage == skip:
             continue
         check_identity(identity, identity_of(record), what,
@@ -247,7 +224,7 @@ def run_identity(run: RunLayout) -> dict | None:
             read different vectors (or rows) from the same store: names both stages, what
             differs, and the command that retrains the older one.
     """
-    records = run.read_store_records()
+    records = store_records(run)
     if not records:
         return None
     (first_stage, first), *others = records.items()
@@ -255,36 +232,13 @@ def run_identity(run: RunLayout) -> dict | None:
         check_identity(identity_of(record), identity_of(first),
                        f"stage '{stage}' of run {run.dir}", f"stage '{first_stage}' was trained on",
                        hint="retrain one stage on the other's store (`--store`)")
-    _check_same_rows(run, records)
+    mismatch = different_rows(run, records)
+    if mismatch:
+        raise StoreMismatchError(mismatch)
     return identity_of(first)
-
-
-def _check_same_rows(run: RunLayout, records: dict[str, dict]) -> None:
-    read = {stage: record["read"] for stage, record in records.items() if "read" in record}
-    unchecked = sorted(set(records) - set(read))
-    if unchecked and read:
-        log.warning("run %s: stage(s) %s record no digest of the vectors they read (made by an older "
-                    "version): they are not checked against %s", run.dir, unchecked, sorted(read))
-    if len(read) < 2:
-        return
-    (first_stage, first), *others = read.items()
-    for stage, digest in others:
-        if digest == first:
-            continue
-        what = ("their rows differ (ids or their order)" if digest.get("ids_sha256") != first.get("ids_sha256")
-                else f"the vectors of the run's {first.get('rows')} rows differ (an image was embedded "
-                     "again between them)")
-        # The stage trained first read the older vectors: it is the one to retrain.
-        older = min((first_stage, stage), key=lambda s: run.store_record(s).stat().st_mtime)
-        raise StoreMismatchError(
-            f"run {run.dir}: stages '{first_stage}' and '{stage}' were trained on different data from "
-            f"the same feature store: {what} (vectors sha256 {first.get('vectors_sha256', '?')[:12]} in "
-            f"'{first_stage}', {digest.get('vectors_sha256', '?')[:12]} in '{stage}'); retrain the older "
-            f"one, '{older}', on the store as it is now: `{MADE_BY.get(older, older)}`"
-        )
 
 
 __all__ = [
     "SpecStore", "StoreMismatchError", "check_same_embeddings", "locate_store", "open_for_training",
-    "record_store", "rows_digest", "run_identity", "spec_argument", "store_path",
+    "rows_digest", "run_identity", "spec_argument", "store_path",
 ]

@@ -15,7 +15,7 @@ by `tabular.tuning` (which trains one seed per fold and trial):
 - `negative_sample` / `train_model`: one booster, on every positive of the training part and at
   most `neg_ratio` negatives per positive (a different draw per seed and fold); validation parts
   are never sampled.
-- `fit_ensemble` / `save_ensemble` (read back by `tabular.gbdt_model.load`).
+- `fit_ensemble` / `save_ensemble` (read back by `tabular.gbdt_model.GBDTModel.load`).
 
 Models are saved as LightGBM text truncated at the best iteration; encoders as JSON; PCA as npy.
 Nothing is pickled, and `tabular.gbdt_model` reads only those files.
@@ -42,6 +42,14 @@ from tabular.errors import DataError, preview
 from tabular.features import FeatureEncoder
 from tabular.metrics import MetricWarning, pauc80, roc_auc
 from tabular.spec import DatasetSpec
+
+__all__ = [
+    "DATASET_PARAMS", "DEFAULT_NEG_RATIO", "DEFAULT_PARAMS", "EXTRA_PREFIX", "PATIENT_CONTEXT",
+    "STAGE_FORMAT", "Ensemble", "FoldData", "FoldPCA", "GBDTConfig", "booster_params", "build_fold",
+    "check_extra", "fit_ensemble", "importance_table", "lightgbm_threads", "negative_sample",
+    "patient_context", "pca_components_used", "predict_best", "sample_seed", "sampled_rows",
+    "sampling_summary", "save_ensemble", "train_model", "validation_offset", "with_extra"
+]
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""A trained LightGBM stage, loaded once: `load(stage_dir).predict(frame, extra)`.
+"""A trained LightGBM stage, loaded once: `GBDTModel.load(stage_dir).predict(frame, extra)` (a
+`runfolder.stage.Stage`).
 
 The one reader of the files `tabular.gbdt.save_ensemble` writes (`features.json`,
 `encoder.json`, `fold{k}_seed{s}.txt`, the PCA `.npy` files); scoring, stacking and reports go
@@ -17,10 +18,14 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
+from runfolder.layout import require_stage_file
 from tabular.errors import DataError
 from tabular.features import FeatureEncoder, unknown_categories_said_once
 from tabular.gbdt import EXTRA_PREFIX, PATIENT_CONTEXT, FoldPCA, check_extra, with_extra
 from tabular.spec import DatasetSpec
+
+__all__ = ["ENCODER_FILE", "FEATURES_FILE", "MISSING_LEVEL", "ONE_HOT_SEPARATOR", "REASON_FLOOR", "Encode",
+           "GBDTModel", "positional"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +83,11 @@ class GBDTModel:
     `extra_dim`: the width of the image embeddings the models use (None: metadata only).
     """
 
+    STAGE = "gbdt"
+    MARKER = FEATURES_FILE
+    READS_METADATA = True
+    NEEDS_FUSION = False
+
     def __init__(self, stage_dir: Path, folds: list[_Fold], extra_dim: int | None, dataset: str | None):
         self.stage_dir = stage_dir
         self.folds = folds
@@ -97,17 +107,12 @@ class GBDTModel:
         """Read a trained `gbdt/` folder.
 
         Raises:
-            DataError: the folder holds no trained stage (names the command that makes one), or a
-                model file it lists is missing.
+            RunError: the folder holds no trained stage (`runfolder`'s "stage missing" message,
+                naming the command that makes one).
+            DataError: a model file it lists is missing.
         """
         stage_dir = Path(stage_dir)
-        manifest_path = stage_dir / FEATURES_FILE
-        if not manifest_path.exists():
-            raise DataError(
-                f"gbdt: {stage_dir} holds no trained LightGBM stage (no {FEATURES_FILE}); "
-                "train one with `invoke train-gbdt --spec S --run R`"
-            )
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(require_stage_file(stage_dir, FEATURES_FILE).read_text())
         encoders = json.loads((stage_dir / ENCODER_FILE).read_text())["folds"]
         folds = []
         for entry in manifest["folds"]:
@@ -250,7 +255,3 @@ def _shown(value) -> str:
         return f"{value:.0f}" if float(value).is_integer() else f"{value:.3g}"
     return str(value)
 
-
-def load(stage_dir: Path | str) -> GBDTModel:
-    """`GBDTModel.load`: the stage's one entry for prediction."""
-    return GBDTModel.load(stage_dir)

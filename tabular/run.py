@@ -14,11 +14,13 @@ from pathlib import Path
 import pandas as pd
 
 from common.files import atomic_write_json, atomic_write_text
+from runfolder.layout import RunLayout
 from tabular.errors import DataError, preview
 from tabular.folds import make_folds, read_folds, write_folds
-from tabular.layout import RunLayout
 from tabular.spec import DatasetSpec, spec_from_identity, spec_to_toml
 from tabular.validate import read_metadata
+
+__all__ = ["RUN_FORMAT", "Run", "load_run", "open_run"]
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,14 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from common.files import atomic_write_json, reporting_write_errors
+from common.files import atomic_write, reporting_write_errors
+from runfolder.layout import RunLayout
+from runfolder.records import record_store
 from tabular.errors import DataError, preview
 from tabular.gbdt import (
     DATASET_PARAMS,
@@ -32,9 +35,13 @@ from tabular.gbdt import (
     sampling_summary,
     save_ensemble,
 )
-from tabular.layout import STORE_RECORD, RunLayout
 from tabular.metrics import summarize
 from tabular.spec import DatasetSpec
+
+if TYPE_CHECKING:
+    from tabular.run import Run
+
+__all__ = ["STAGE", "fit_gbdt", "fit_gbdt_frame"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +59,7 @@ def fit_gbdt(
     neg_ratio: float | None = None,
     config: GBDTConfig | None = None,
     store_record: dict | None = None,
+    run: Run | None = None,
 ) -> dict:
     """Train the LightGBM stage of the run in `run_dir` and write `<run>/gbdt/`.
 
@@ -76,6 +84,8 @@ def fit_gbdt(
         config: full ensemble settings (overrides seeds / neg_ratio / extra_components).
         store_record: what the stage records as the feature store (and vectors) `extra` came
             from, written as `gbdt/store.json` inside the new stage (None: no file).
+        run: the run in `run_dir` as the caller opened it (`tabular.run.open_run` with this
+            spec), so that its metadata is read and validated once; None: opened here.
 
     Returns:
         The `metrics.json` content: `summarize()` of the out-of-fold predictions plus the data
@@ -97,7 +107,11 @@ def fit_gbdt(
     if trials:
         check_storage(storage, Path(run_dir) / STAGE / "optuna.db")
     with reporting_write_errors("train-gbdt", run_dir):
-        run = open_run(spec, Path(run_dir))
+        if run is None:
+            run = open_run(spec, Path(run_dir))
+        elif Path(run.dir) != Path(run_dir) or run.spec != spec:
+            raise DataError(f"fit_gbdt: run= is {run.dir} opened with spec '{run.spec.name}', but "
+                            f"run_dir is {run_dir} and spec '{spec.name}'; pass the run opened for them")
         layout = RunLayout(run.dir)
         if trials and storage is None:
             # The study outlives each fit: it stays in the current stage folder while tuning
@@ -109,7 +123,7 @@ def fit_gbdt(
                 trials=trials, storage=storage, extra=extra, config=config,
             )
             if store_record is not None:
-                atomic_write_json(new_dir / STORE_RECORD, store_record)
+                record_store(layout, new_dir.name, store_record)
     return metrics
 
 
@@ -196,17 +210,15 @@ def fit_gbdt_frame(
     layout.write_oof(stage_dir.name, ids, fold_of_row, y, final.oof)
     if tuning is not None:
         layout.write_oof(stage_dir.name, ids, fold_of_row, y, untuned.oof, name="oof_untuned.csv")
-    importance_table(final).to_csv(stage_dir / "importance.csv", index=False)
-    (stage_dir / "params.json").write_text(json.dumps(
-        {
+    importance = importance_table(final)
+    atomic_write(stage_dir / "importance.csv", lambda f: importance.to_csv(f, index=False))
+    layout.write_params(stage_dir.name, {
             "params": final.params,
             "tuned": final is not untuned,
             "dataset_params": DATASET_PARAMS,
             "config": _jsonable(asdict(config)),
             "best_iterations": {str(f["fold"]): f["best_iterations"] for f in final.per_fold},
-        },
-        indent=2,
-    ))
+    })
 
     timings["total"] = time.perf_counter() - started
     metrics = {
@@ -236,7 +248,7 @@ def fit_gbdt_frame(
             "storage": tuning.storage,
             "note": "tuned on these folds: the tuned out-of-fold figures are slightly optimistic",
         }
-    (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    layout.write_metrics(stage_dir.name, metrics)
     log.info(
         "gbdt %s: OOF pAUC80 %.4f, ROC AUC %.4f%s (%.0f s)",
         spec.name, metrics["pauc80"] or float("nan"), metrics["roc_auc"] or float("nan"),

@@ -15,6 +15,9 @@ import pandas as pd
 from tabular.errors import DataError, preview
 from tabular.spec import DatasetSpec
 
+__all__ = ["check_ids", "check_images", "check_metadata", "check_numeric", "check_rows", "check_target",
+           "read_metadata"]
+
 log = logging.getLogger(__name__)
 
 
@@ -91,13 +94,8 @@ def check_metadata(frame: pd.DataFrame, spec: DatasetSpec, require_target: bool 
 
     if frame.empty:
         raise DataError(f"{where}: has no rows")
+    check_ids(frame, spec, where)
     ids = frame[spec.id]
-    empty = frame.index[ids.isna() | (ids.astype(str).str.strip() == "")]
-    if len(empty):
-        raise DataError(f"{where}: column '{spec.id}' (spec key 'id') is empty in rows {preview(list(empty))}")
-    duplicated = ids[ids.duplicated(keep=False)].unique()
-    if len(duplicated):
-        raise DataError(f"{where}: duplicate ids in column '{spec.id}', {preview(list(duplicated))}")
 
     group_missing = ids[frame[spec.group].isna()]
     if len(group_missing):
@@ -106,20 +104,63 @@ def check_metadata(frame: pd.DataFrame, spec: DatasetSpec, require_target: bool 
             f"ids {preview(list(group_missing))}"
         )
 
-    for column in spec.numeric:
-        values = frame[column]
-        if not pd.api.types.is_numeric_dtype(values):
-            parsed = pd.to_numeric(values, errors="coerce")
-            bad = values.notna() & parsed.isna()
-            if bad.any():
-                raise DataError(
-                    f"{where}: numeric column '{column}' holds text, e.g. "
-                    f"{values[bad].iloc[0]!r} (ids {preview(list(ids[bad]))})"
-                )
-            frame[column] = parsed
+    check_numeric(frame, spec, where)
 
     if require_target:
         check_target(frame, spec)
+
+
+def check_rows(frame: pd.DataFrame, spec: DatasetSpec, where: str) -> None:
+    """The checks every metadata row meets, for training (`check_metadata`) and for scoring
+    (`fuse.score_rows.read_scoring_metadata`): `check_ids`, then `check_numeric`.
+
+    `where` begins each message (e.g. "metadata train.csv"). The frame's rows are the file's rows
+    in order (a fresh `read_csv`), so that row i is file line i + 2.
+
+    Raises:
+        DataError: see `check_ids` and `check_numeric`.
+    """
+    check_ids(frame, spec, where)
+    check_numeric(frame, spec, where)
+
+
+def check_ids(frame: pd.DataFrame, spec: DatasetSpec, where: str) -> None:
+    """Every id is present and unique.
+
+    Raises:
+        DataError: an id is empty (names the file lines, counted with the header as line 1), or
+            repeated (names the ids).
+    """
+    ids = frame[spec.id]
+    empty = np.flatnonzero((ids.isna() | (ids.astype(str).str.strip() == "")).to_numpy())
+    if len(empty):
+        raise DataError(f"{where}: column '{spec.id}' (spec key 'id') is empty in rows "
+                        f"{preview((empty + 2).tolist())} (file lines)")
+    duplicated = ids[ids.duplicated(keep=False)].unique()
+    if len(duplicated):
+        raise DataError(f"{where}: duplicate ids in column '{spec.id}', {preview(list(duplicated))}")
+
+
+def check_numeric(frame: pd.DataFrame, spec: DatasetSpec, where: str) -> None:
+    """The spec's numeric columns hold numbers (empty cells allowed); a column read as text is
+    replaced in `frame` by its parsed values. Columns absent from `frame` are left to the caller.
+
+    Raises:
+        DataError: a numeric column holds text (names the column, the first value and the ids).
+    """
+    ids = frame[spec.id]
+    for column in spec.numeric:
+        if column not in frame.columns or pd.api.types.is_numeric_dtype(frame[column]):
+            continue
+        values = frame[column]
+        parsed = pd.to_numeric(values, errors="coerce")
+        bad = values.notna() & parsed.isna()
+        if bad.any():
+            raise DataError(
+                f"{where}: numeric column '{column}' holds text, e.g. "
+                f"{values[bad].iloc[0]!r} (ids {preview(list(ids[bad]))})"
+            )
+        frame[column] = parsed
 
 
 def check_target(frame: pd.DataFrame, spec: DatasetSpec) -> None:

@@ -183,18 +183,18 @@ def test_a_full_disk_while_embedding_names_the_store_path(tiny, monkeypatch):
 
 
 def test_a_full_disk_while_training_fusion_keeps_the_previous_stage(tiny, monkeypatch):
+    import runfolder.layout
     from common.files import WriteError
-    from fuse.fusion import cross_validation
 
     before = stage_bytes(tiny["run"], "fusion")
-    real = cross_validation.atomic_write_json
+    real = runfolder.layout.atomic_write_json  # metrics.json is written through the run's layout
 
     def full(path, obj, **kwargs):
         if Path(path).name == "metrics.json":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(path, obj, **kwargs)
 
-    monkeypatch.setattr(cross_validation, "atomic_write_json", full)
+    monkeypatch.setattr(runfolder.layout, "atomic_write_json", full)
     with pytest.raises(WriteError, match=r"train-fusion: cannot write .*/fusion\.new/metrics\.json: No space"):
         retrain_tiny_fusion(tiny)
     assert stage_bytes(tiny["run"], "fusion") == before

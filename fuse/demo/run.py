@@ -11,7 +11,9 @@ import pandas as pd
 from embed.store_format import store_folders
 from fuse import commands
 from fuse.demo.synthetic import make_isic2024_like
-from fuse.paths import artifacts_root, run_dir, stores_root
+from runfolder.paths import artifacts_root, run_dir, stores_root
+
+__all__ = ["DEMO_RUN", "run_demo"]
 
 log = logging.getLogger(__name__)
 

@@ -46,15 +46,18 @@ from embed.config import resolve_device
 from embed.identity import identity_of
 from fuse.fusion.baselines import logistic_baseline
 from fuse.fusion.embeddings import Embeddings
-from fuse.fusion.predict import member_file
+from fuse.fusion.predict import CONFIG_FILE, member_file
 from fuse.fusion.training import cpu_state, finite_or_none, train_one
 from fuse.model import FusionConfig, FusionMLP, count_parameters, encode_meta
-from fuse.stores import check_same_embeddings, open_for_training, record_store
+from fuse.stores import check_same_embeddings, open_for_training
+from runfolder.layout import RunLayout
+from runfolder.records import record_store
 from tabular.features import FeatureEncoder
-from tabular.layout import RunLayout
 from tabular.metrics import MetricWarning, pauc80, roc_auc, summarize
 from tabular.run import Run, open_run
 from tabular.spec import DatasetSpec, load_spec
+
+__all__ = ["STAGE", "train_fusion"]
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +160,10 @@ def _train_all(run: Run, embeddings: Embeddings, identity: dict, config: FusionC
         "n_meta": {str(f["fold"]): f["n_meta"] for f in folds_info},
         "parameters": count_parameters(FusionMLP(embeddings.dim, folds_info[0]["n_meta"], config)),
     }
-    atomic_write_json(out / "config.json", config_record)
+    layout = RunLayout(run.dir)
+    layout.write_json(out.name, CONFIG_FILE, config_record)
     ids = run.frame[spec.id].astype(str).to_numpy()
-    RunLayout(run.dir).write_oof(out.name, ids, fold, y, oof)
+    layout.write_oof(out.name, ids, fold, y, oof)
 
     metrics = summarize(y, oof)
     metrics["folds"] = folds_info
@@ -172,7 +176,7 @@ def _train_all(run: Run, embeddings: Embeddings, identity: dict, config: FusionC
         }
         frame = pd.DataFrame({"id": ids, "fold": fold, "target": y, "p_logreg": p_logreg, "p_image_only": oof_image})
         atomic_write(out / "baselines_oof.csv", lambda f: frame.to_csv(f, index=False))
-    atomic_write_json(out / "metrics.json", metrics)
+    layout.write_metrics(out.name, metrics)
     line = f"fusion OOF: pauc80 {metrics['pauc80']:.4f}, ROC AUC {metrics['roc_auc']:.4f}"
     if baselines:
         for name, figures in metrics["baselines"].items():
@@ -233,7 +237,7 @@ def _save_fold(out: Path, k: int, key: str, done: dict) -> None:
     (out / f"fold{k}.done.json").unlink(missing_ok=True)
     for member, state in enumerate(done["models"]):
         torch.save(state, out / member_file(k, member))
-    (out / f"encoder_fold{k}.json").write_text(json.dumps(done["encoder"].to_json(), indent=1))
+    atomic_write_json(out / f"encoder_fold{k}.json", done["encoder"].to_json(), indent=1)
     record = {"key": key, "info": done["info"], "p_valid": np.asarray(done["p_valid"]).tolist()}
     if "p_image" in done:
         record.update(p_image=np.asarray(done["p_image"]).tolist(), image_info=done["image_info"])

@@ -1,4 +1,5 @@
-"""A trained fusion stage, loaded once: `load(stage_dir).predict(frame, embeddings)`.
+"""A trained fusion stage, loaded once: `FusionModel.load(stage_dir).predict(frame, embeddings)`
+(a `runfolder.stage.Stage`).
 
 The one reader of the files `fuse.fusion.cross_validation` writes (`config.json`, `store.json`,
 `fold{k}.pt` loaded with `weights_only=True`, `encoder_fold{k}.json`).
@@ -16,13 +17,19 @@ import torch
 from common.errors import preview
 from embed.errors import StoreMismatchError
 from embed.identity import check_identity, identity_of
-from fuse.errors import RunError
 from fuse.fusion.embeddings import Embeddings
 from fuse.fusion.training import predict_rows
 from fuse.model import FusionConfig, FusionMLP, encode_meta
+from runfolder.errors import RunError
+from runfolder.layout import STORE_RECORD, require_stage_file
 from tabular.features import FeatureEncoder
 from tabular.gbdt_model import Encode, positional
 from tabular.spec import DatasetSpec
+
+__all__ = ["CONFIG_FILE", "FusionModel", "member_file"]
+
+# Written by `fuse.fusion.cross_validation` once every fold is trained: marks a complete stage.
+CONFIG_FILE = "config.json"
 
 
 def member_file(k: int, member: int) -> str:
@@ -39,6 +46,11 @@ class FusionModel:
     Attributes: `store` (the record of the store the models were trained on), `dim` (embedding
     width), `device` (where the MLPs run).
     """
+
+    STAGE = "fusion"
+    MARKER = CONFIG_FILE
+    READS_METADATA = True
+    NEEDS_FUSION = True
 
     def __init__(self, record: dict, store: dict, folds: list[tuple[FusionMLP, FeatureEncoder]],
                  device: torch.device | str = "cpu"):
@@ -61,20 +73,12 @@ class FusionModel:
         """Read `config.json`, `store.json` and each fold's state dict and encoder.
 
         Raises:
-            RunError: the folder holds no trained fusion models, or a file is missing.
+            RunError: the folder holds no trained fusion models (`config.json` or `store.json`
+                missing: `runfolder`'s "stage missing" message), or a fold's file is missing.
         """
         stage_dir = Path(stage_dir)
-        config_path = stage_dir / "config.json"
-        if not config_path.exists():
-            raise RunError(
-                f"fusion: {stage_dir} holds no trained fusion models (no config.json); "
-                "train them with `invoke train-fusion --spec S --run R`"
-            )
-        record = json.loads(config_path.read_text())
-        store_path = stage_dir / "store.json"
-        if not store_path.exists():
-            raise RunError(f"fusion: {store_path} is missing; retrain with `invoke train-fusion`")
-        store = json.loads(store_path.read_text())
+        record = json.loads(require_stage_file(stage_dir, CONFIG_FILE).read_text())
+        store = json.loads(require_stage_file(stage_dir, STORE_RECORD).read_text())
         config = FusionConfig.from_dict({k: v for k, v in record.items() if k in FusionConfig.__dataclass_fields__})
         folds = []
         for k in range(int(record["n_folds"])):
@@ -141,7 +145,3 @@ class FusionModel:
             total += predict_rows(model, source, meta, rows, batch_size, self.device)
         return total / len(self.folds)
 
-
-def load(stage_dir: Path | str, device: torch.device | str = "cpu") -> FusionModel:
-    """`FusionModel.load`: the stage's one entry for prediction."""
-    return FusionModel.load(stage_dir, device)

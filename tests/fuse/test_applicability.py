@@ -272,7 +272,7 @@ HAM_ROWS_MAX = 4000  # cues of every HAM10000 image take minutes on a loaded 2-c
 
 
 def _store_with_manifest(pattern: str) -> Path | None:
-    from fuse.paths import stores_root
+    from runfolder.paths import stores_root
 
     found = sorted(p for p in stores_root().glob(pattern) if (p / "manifest.json").is_file())
     return found[0] if found else None
@@ -323,9 +323,10 @@ def test_real_data_ham10000_detector_marks_isic2024_crops_and_few_held_out_lesio
     ham = FeatureStore.open(ham_dir)
     spec = load_spec(shared_data / "ham10000" / "dataset.toml")
     meta = pd.read_csv(shared_data / "ham10000" / "metadata.csv", dtype={"image_id": str})
-    from fuse.paths import run_dir
+    from runfolder.layout import RunLayout
+    from runfolder.paths import run_dir
 
-    run_folds = run_dir("ham") / "folds.csv"
+    run_folds = RunLayout(run_dir("ham")).folds
     folds = read_folds(run_folds) if run_folds.is_file() else make_folds(meta, spec)
     folds = folds.set_index("id").loc[meta["image_id"], "fold"].to_numpy()
     stored = meta["image_id"].isin(set(ham.ids)).to_numpy()

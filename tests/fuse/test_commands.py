@@ -136,3 +136,18 @@ def test_a_sharded_store_with_only_part_manifests_is_located_and_keeps_its_varia
                           weights_path=tiny["weights_path"], stores=stores)
     assert part.store_dir == store_dir and part.embedded > 0
     assert json.loads((store_dir / MANIFEST).read_text())["variant"] == recorded
+
+
+def test_train_gbdt_reads_and_validates_the_metadata_once(tiny, tmp_path, monkeypatch):
+    import tabular.validate
+
+    summary = embed_spec(tiny["data"], image_size=32, weights_path=tiny["weights_path"], stores=tiny["stores"])
+    validations = []
+    check = tabular.validate.check_metadata
+    monkeypatch.setattr(tabular.validate, "check_metadata",
+                        lambda *args, **kwargs: validations.append(args[1].name) or check(*args, **kwargs))
+    train_gbdt(tiny["data"], tmp_path / "run", image_pca=4, store=summary.store_dir, seeds=(0,))
+    assert validations == ["isic-tiny-train"]  # once for the store's ids and the fit together
+    validations.clear()
+    train_gbdt(tiny["data"], tmp_path / "run", image_pca=4, store=summary.store_dir, seeds=(0,))
+    assert validations == ["isic-tiny-train"]  # a rerun reopens the run once too

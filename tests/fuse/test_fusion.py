@@ -218,8 +218,9 @@ def test_prediction_refuses_embeddings_of_another_store(data, tmp_path):
         FusionModel.load(out).predict(frame, vectors, identity=other)
     with pytest.raises(StoreMismatchError, match="field 'dim' differs: the model was trained on 16, got 8"):
         FusionModel.load(out).predict(frame, vectors[:, :, :8])
-    with pytest.raises(RunError, match=r"holds no trained fusion models"):
-        FusionModel.load(tmp_path).predict(frame, vectors)
+    with pytest.raises(RunError, match=r"stage 'fusion' is missing \(.*config.json not found\); make it with "
+                                       r"`invoke train-fusion --spec S --run R`"):
+        FusionModel.load(tmp_path / "fusion").predict(frame, vectors)
     assert set(IDENTITY_FIELDS) <= set(json.loads((out / "store.json").read_text()))
 
 

@@ -241,7 +241,7 @@ def test_metadata_without_a_feature_column(tiny, tmp_path):
 def test_metadata_with_repeated_ids_or_text_in_numbers(tiny, tmp_path):
     metadata = pd.read_csv(tiny["data"] / "test-metadata.csv")
     pd.concat([metadata, metadata.iloc[[1]]]).to_csv(tmp_path / "m.csv", index=False)
-    with pytest.raises(RunError, match=r"repeated ids in column 'isic_id', 1: ISIC_"):
+    with pytest.raises(RunError, match=r"duplicate ids in column 'isic_id', 1: ISIC_"):
         score(tiny["run"], tiny["data"] / "test-image.hdf5", tmp_path / "m.csv", tmp_path / "o.csv",
               weights=tiny["weights"], **FAST)
     metadata.assign(age_approx="forty").to_csv(tmp_path / "m.csv", index=False)

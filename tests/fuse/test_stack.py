@@ -220,19 +220,19 @@ def stage_files(folder) -> dict:
 def test_a_full_disk_during_a_restack_names_the_path_and_keeps_the_previous_stages(tabular_run, monkeypatch):
     import errno
 
+    import runfolder.layout
     from common.files import WriteError
-    from fuse import stack as stacking
 
     stack(tabular_run.dir)
     before = {name: stage_files(tabular_run.dir / name) for name in ("stack", "blend")}
-    real = stacking.atomic_write_json
+    real = runfolder.layout.atomic_write_json  # final.json is written through the run's layout
 
     def full(path, obj, **kwargs):
         if path.name == "final.json":  # the last file of the new stage
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, obj, **kwargs)
 
-    monkeypatch.setattr(stacking, "atomic_write_json", full)
+    monkeypatch.setattr(runfolder.layout, "atomic_write_json", full)
     with pytest.raises(WriteError, match=r"stack: cannot write .*/stack\.new-\d+/final\.json: No space left on "
                                          r"device \(ENOSPC\); free some space there"):
         stack(tabular_run.dir, sensitivity=0.9)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from runfolder.errors import RunError
 from tabular.errors import DataError
 from tabular.gbdt import (
     DEFAULT_NEG_RATIO,
@@ -216,8 +217,9 @@ def test_pca_transform_chunks_match_full():
 
 def test_predict_refuses_missing_stage_and_unexpected_extra(tmp_path):
     frame, spec, folds = toy(n=200)
-    with pytest.raises(DataError, match="holds no trained LightGBM stage"):
-        GBDTModel.load(tmp_path).predict(frame)
+    with pytest.raises(RunError, match=r"stage 'gbdt' is missing \(.*features.json not found\); make it "
+                                       r"with `invoke train-gbdt --spec S --run R`"):
+        GBDTModel.load(tmp_path / "gbdt").predict(frame)
     config = GBDTConfig(seeds=(0,), num_boost_round=20, early_stopping_rounds=5, num_threads=1)
     data, ensemble = fit(frame, spec, folds, config=config)
     save_ensemble(tmp_path / "gbdt", ensemble, data, config, extra_dim=None)

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from common.errors import RunError
+from runfolder.errors import RunError
 from tabular.errors import DataError
 from tabular.run import load_run, open_run
 from tabular.spec import load_spec

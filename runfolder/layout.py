@@ -6,14 +6,18 @@
     <run>/<stage>/               one folder per stage: gbdt, fusion, stack, blend
     <run>/<stage>/oof.csv        its out-of-fold predictions (id, fold, target, p)
     <run>/<stage>/metrics.json   their figures
+    <run>/<stage>/params.json    the parameters it was trained with
     <run>/<stage>/store.json     the feature store a stage that reads embeddings was trained on
+                                 (written and compared by `runfolder.records`)
     <run>/stack/final.json       the final model's name and operating threshold
     <run>/report/                report.md, index.html, metrics.json and the plots
     <run>/<stage>.new-<pid>/     a stage being rewritten (swapped in whole when complete)
     <run>/fusion.new/            the fusion stage being trained: its finished folds, kept for a rerun
+    <run>/unembedded-ids.csv     ids a stage wanted but the feature store lacks, with the reason
 
 Stages ask this module for paths and for "is it there" checks, which name the command that
-makes what is missing; the files inside a stage's folder belong to that stage alone.
+makes what is missing (`require_file`, `require_stage_file`: the one wording of "stage missing");
+the other files inside a stage's folder belong to that stage alone.
 
 A stage is never rewritten in place: `RunLayout.rewriting(stage)` gives a new folder beside the
 old one, and only once everything is written there is it swapped in (`common.files.replace_dir`).
@@ -37,11 +41,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.errors import RunError, preview
-from common.files import atomic_write, replace_dir, restore_dir
+from common.errors import preview
+from common.files import atomic_write, atomic_write_json, replace_dir, restore_dir
+from runfolder.errors import RunError
 
-__all__ = ["FINAL", "FOLDS", "MADE_BY", "METRICS", "OOF", "REPORT", "RUN_RECORD", "RunLayout", "SPEC_COPY",
-           "STORE_RECORD", "run_layout"]
+__all__ = ["FINAL", "FOLDS", "MADE_BY", "METRICS", "OOF", "PARAMS", "REPORT", "RUN_RECORD", "RunLayout",
+           "SPEC_COPY", "STORE_RECORD", "UNEMBEDDED", "require_stage_file", "run_layout"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,8 @@ OOF = "oof.csv"
 METRICS = "metrics.json"
 STORE_RECORD = "store.json"
 FINAL = "final.json"
+PARAMS = "params.json"
+UNEMBEDDED = "unembedded-ids.csv"
 REPORT = "report"
 
 # The command that makes each stage's folder, for messages about a missing one.
@@ -91,6 +98,11 @@ class RunLayout:
     @property
     def final(self) -> Path:
         return self.stage("stack") / FINAL
+
+    @property
+    def unembedded_ids(self) -> Path:
+        """`<run>/unembedded-ids.csv`: the ids a stage wanted that the feature store lacks."""
+        return self.dir / UNEMBEDDED
 
     def stage(self, name: str) -> Path:
         """`<run>/<name>/` (not created)."""
@@ -155,6 +167,25 @@ class RunLayout:
     def store_record(self, stage: str) -> Path:
         return self.stage(stage) / STORE_RECORD
 
+    def params(self, stage: str) -> Path:
+        return self.stage(stage) / PARAMS
+
+    def write_json(self, stage: str, name: str, document: dict, indent: int | None = 2) -> Path:
+        """Write `<stage>/<name>` atomically (`metrics.json`, `params.json`, `final.json`): a
+        half-written file is never read as the stage's record. `stage` may be a folder being
+        rewritten (`rewriting`). Raises OSError when it cannot be written."""
+        path = self.make_stage(stage) / name
+        atomic_write_json(path, document, indent=indent)
+        return path
+
+    def write_metrics(self, stage: str, document: dict) -> Path:
+        """`<stage>/metrics.json`, atomically (see `write_json`)."""
+        return self.write_json(stage, METRICS, document)
+
+    def write_params(self, stage: str, document: dict) -> Path:
+        """`<stage>/params.json`, atomically (see `write_json`)."""
+        return self.write_json(stage, PARAMS, document)
+
     def exists(self) -> bool:
         return self.record.is_file()
 
@@ -180,6 +211,10 @@ class RunLayout:
                 f"run {self.dir}: stage '{stage}' is missing ({path} not found); make it with `{command}`"
             )
         return path
+
+    def read_json(self, stage: str, name: str) -> dict:
+        """`<stage>/<name>`'s content; RunError naming the command that makes the stage when absent."""
+        return json.loads(self.require_file(stage, name).read_text())
 
     def read_record(self) -> dict:
         """`run.json`'s content (RunError when there is no run)."""
@@ -243,15 +278,17 @@ class RunLayout:
             raise RunError(f"{path}: column 'p' is not a finite number for ids {preview(list(wanted[bad]))}")
         return p
 
-    def read_store_records(self) -> dict[str, dict]:
-        """{stage: the store record it wrote} for every stage trained on embeddings (stages being
-        rewritten, `<stage>.new*`, are not stages yet)."""
-        return {path.parent.name: json.loads(path.read_text())
-                for path in sorted(self.dir.glob(f"*/{STORE_RECORD}")) if "." not in path.parent.name}
 
 
 def run_layout(run_dir: Path | str) -> RunLayout:
     return RunLayout(Path(run_dir))
+
+
+def require_stage_file(stage_dir: Path | str, name: str) -> Path:
+    """`<stage_dir>/<name>` for a stage's own loader (`stage_dir` is `<run>/<stage>/`); RunError
+    in `RunLayout.require_file`'s words (the stage, the path, the command that makes it)."""
+    stage_dir = Path(stage_dir)
+    return RunLayout(stage_dir.parent).require_file(stage_dir.name, name)
 
 
 def _alive(pid: int) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+__all__ = ["REPO", "artifacts_root", "run_dir", "stores_root"]
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -22,4 +24,5 @@ def run_dir(run: str | Path) -> Path:
 
 
 def stores_root() -> Path:
+    """`artifacts/stores`: where feature stores go."""
     return artifacts_root() / "stores"

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from tabular.layout import RunLayout
+from runfolder.layout import RunLayout
+from runfolder.records import store_records
 
 
 class Failed(Exception):
@@ -75,7 +76,7 @@ def test_a_folder_left_by_a_killed_rewrite_is_removed_by_the_next(tmp_path):
     left = tmp_path / f"gbdt.new-{dead}"
     left.mkdir()
     (left / "store.json").write_text(json.dumps({"dim": 1}))
-    assert layout.read_store_records() == {}  # a stage being written is not a stage yet
+    assert store_records(layout) == {}  # a stage being written is not a stage yet
     with layout.rewriting("gbdt"):
         pass
     assert not left.exists()
