@@ -25,6 +25,7 @@ from common.files import sha256_file
 from common.version import lesionfuse_version
 from fuse import html
 from runfolder.layout import RunLayout
+from runfolder.records import store_records
 
 __all__ = ["APPLICABILITY_STAGE", "FILE", "NOT_MEASURED", "build", "markdown", "page_values"]
 
@@ -334,7 +335,7 @@ def _versions(layout: RunLayout, spec: dict, stores: dict, final: dict | None) -
 def _store_records(layout: RunLayout) -> dict[str, dict]:
     """{stage: store record} of the stages that read embeddings; {} when unreadable (logged)."""
     try:
-        return layout.read_store_records()
+        return store_records(layout)
     except (OSError, ValueError) as error:
         log.warning("model card: store records not read (%s)", error)
         return {}
