@@ -512,7 +512,8 @@ def _applicability_columns(models: RunModels, novelty: dict | None, probability:
     reason = [str(r) for r in novelty["reason"]]
     if outside is not None:
         for row in np.flatnonzero(outside):
-            if outside_text[row] and outside_text[row] not in reason[row]:
+            # The detector's metadata part already names values beyond its own (narrower) range.
+            if outside_text[row] and "metadata" not in reason[row]:
                 extra = f"metadata far outside the training range: {outside_text[row]}"
                 reason[row] = f"{reason[row]}; {extra}" if reason[row] else extra
         unlike |= outside
