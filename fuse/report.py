@@ -25,6 +25,7 @@ import pandas as pd
 from common.files import atomic_write_text
 from fuse import html
 from fuse.errors import RunError
+from fuse.report_applicability import applicability_section, applicability_values
 from tabular.folds import read_folds
 from tabular.layout import RunLayout
 from tabular.metrics import MetricWarning, calibration, summarize
@@ -144,6 +145,8 @@ def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
         "final_method": final.get("calibration", {}).get("method") if final else None,
         "models": figures,
         "plots": {key: name for key, name in plots.items()},
+        # the training lesions' out-of-fold novelty and the threshold (None: no applicability stage)
+        "applicability": applicability_section(run_dir, out),
     }
     (out / "metrics.json").write_text(json.dumps(document, indent=2))
     path = out / "report.md"
@@ -346,6 +349,7 @@ def _html(document: dict, final: dict | None, out: Path) -> str:
         models=models,
         plots=[{"key": key, "title": PLOT_TITLES[key], "src": html.png_data_uri((out / name).read_bytes())}
                for key, name in document["plots"].items()],
+        applicability=applicability_values(document.get("applicability"), out),
     )
 
 

@@ -103,7 +103,10 @@ def test_run_report_renders_in_chromium(browser, tmp_path, tabular_run):
     assert page.title().startswith("Evaluation report: tiny")
     assert page.locator("table#models tbody tr").count() == len(models) >= 4
     assert page.locator("table#models thead th").count() == len(COLUMNS) + 1  # the model name, then each figure
-    assert page.locator("img").count() == len(PLOTS)
+    assert page.locator("img").count() == len(PLOTS) + 1  # and the applicability histogram
+    assert page.locator("#plot-applicability img").count() == 1
+    facts = page.locator("dl#applicability-facts").inner_text()
+    assert "threshold (novelty)" in facts and "training lesions marked, out of fold" in facts
     assert broken_images(page) == []
     sizes = page.evaluate("Array.from(document.images).map(i => i.naturalWidth)")
     assert min(sizes) > 300  # real plots, not icons
