@@ -108,7 +108,10 @@ def score(
         p_gbdt, p_fusion (not for a tabular-only run), flagged, reasons (with `explain`),
         in_training (the id was a training row of the run: warned), out_of_range ("" or the
         values far outside the training range, `fuse.ranges`; absent for runs stacked before the
-        ranges were recorded), error (and prevalence when given). Metadata rows without an
+        ranges were recorded), unlike_training / novelty / novelty_reason (the run's
+        applicability detector, `fuse.applicability_stage`, joined with the range check: empty
+        for rows not scored and for runs stacked before the detector existed; the count is
+        warned), error (and prevalence when given). Metadata rows without an
         image are not passed to the models when no score could come of them (see
         `_rows_worth_predicting`).
 
