@@ -33,6 +33,7 @@ import pandas as pd
 
 from common.files import atomic_write
 from embed.acquisition import CUE_NAMES, CUES_VERSION, CueTable, acquisition_cues
+from embed.errors import EmbedError
 from embed.sources import ImageSource
 
 __all__ = ["CUE_CACHE", "cached_cues"]
@@ -102,6 +103,9 @@ def cached_cues(store_dir: Path | str, source: ImageSource | None, ids: Sequence
         EmbedError: `ids` repeats an id (from `acquisition_cues`).
     """
     ids = [str(i) for i in ids]
+    if len(set(ids)) != len(ids):  # checked here too: cached rows never reach acquisition_cues
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        raise EmbedError(f"cached_cues: ids repeat {repeated[:3]} ({len(repeated)} ids); pass each id once")
     path = Path(store_dir) / CUE_CACHE
     cache = _read_cache(path)
     values = np.full((len(ids), len(CUE_NAMES)), np.nan)

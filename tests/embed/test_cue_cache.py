@@ -86,3 +86,6 @@ def test_repeated_ids_are_refused(tmp_path):
     source = FolderSource(_folder(tmp_path))
     with pytest.raises(EmbedError, match=r"ids repeat \['img0'\]"):
         cached_cues(tmp_path, source, ["img0", "img0"], {})
+    cached_cues(tmp_path, source, ["img0"], {})
+    with pytest.raises(EmbedError, match=r"ids repeat \['img0'\]"):  # cached ones too
+        cached_cues(tmp_path, source, ["img0", "img0"], {})
