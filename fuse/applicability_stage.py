@@ -84,7 +84,11 @@ def _image_inputs(record: dict, spec, ids: list[str], progress: bool) -> dict:
         store = FeatureStore.open(record["store"])
         embeddings = store.read(ids)  # float16, (rows, views, dim): widened chunk by chunk later
     except EmbedError as error:
-        raise RunError(f"applicability: the run's feature store {record['store']}: {error}") from error
+        raise RunError(
+            f"applicability: cannot read the feature store the run was trained on ({record['store']}, "
+            f"recorded in its stages' store.json): {error}; put the store back there, or make it again "
+            "with `invoke embed --spec S`"
+        ) from error
     source = None
     if spec.images and Path(spec.images).exists():
         source = open_source(spec.images)

@@ -535,3 +535,18 @@ def test_stack_writes_the_applicability_stage(tiny):
 
     with np.load(tiny["store"] / CUE_CACHE, allow_pickle=False) as cache:
         assert len(cache["ids"]) == 60 and np.isfinite(cache["values"]).all()
+
+
+def test_stack_names_a_missing_store_and_leaves_the_old_detector(tiny, tmp_path):
+    from fuse.stack import StackConfig, stack
+
+    run = tmp_path / "moved-store-run"
+    shutil.copytree(tiny["run"], run)
+    for stage in ("gbdt", "fusion"):
+        record = json.loads((run / stage / "store.json").read_text())
+        record["store"] = str(tmp_path / "gone")
+        (run / stage / "store.json").write_text(json.dumps(record))
+    before = (run / "applicability" / "applicability.json").read_bytes()
+    with pytest.raises(RunError, match=r"cannot read the feature store the run was trained on \(.*gone.*invoke embed"):
+        stack(run, config=StackConfig(num_boost_round=30))
+    assert (run / "applicability" / "applicability.json").read_bytes() == before
