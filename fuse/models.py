@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from embed.errors import StoreMismatchError
+from fuse.applicability_stage import load_detector
 from fuse.fusion import FusionModel
 from fuse.ranges import load_ranges
 from fuse.stack import FinalModel, load_final
@@ -69,6 +70,8 @@ class RunModels:
         self.run_spec = spec_from_identity(run.read_record()["spec"])
         # The numeric columns' training ranges (None for runs stacked before they were recorded).
         self.ranges = load_ranges(run.stage("stack"))
+        # How unlike the training rows a scored row is (None for runs stacked before it existed).
+        self.applicability = load_detector(run)
         self._encode = EncodingCache()
         self._training_ids: set[str] | None = None
 
@@ -156,6 +159,25 @@ class RunModels:
         if self.gbdt.uses_images:
             text = [t if done else "" for t, done in zip(text, embedded, strict=True)]
         return text
+
+    def novelty(self, frame: pd.DataFrame, block: np.ndarray, embedded: np.ndarray, cues) -> pd.DataFrame | None:
+        """The applicability detector's view of `frame`'s rows (`Applicability.predict`: novelty,
+        unlike_training, reason, novelty_<part>), or None for a run without that stage.
+
+        `block` (n, views, dim) is ignored where `embedded` is False (those rows are scored by the
+        other parts); `cues` is a CueTable or DataFrame of the same rows (NaN where unreadable).
+        """
+        if self.applicability is None:
+            return None
+        parts = self.applicability.parts
+        embeddings = None
+        if "image" in parts:
+            embeddings = block.astype(np.float32).mean(axis=1)
+            embeddings[~embedded] = np.nan
+        return self.applicability.predict(
+            embeddings, cues if "acquisition" in parts else None,
+            positional(frame) if "metadata" in parts else None,
+            identity=self.identity if "image" in parts else None)
 
     def _predict(self, frame: pd.DataFrame, block: np.ndarray, embedded: np.ndarray):
         if not self.needs_images:

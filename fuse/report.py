@@ -37,6 +37,7 @@ import pandas as pd
 from common.files import atomic_write, atomic_write_text
 from fuse import html, model_card
 from fuse.errors import RunError
+from fuse.report_applicability import applicability_section, applicability_values
 from runfolder.layout import METRICS, REPORT, RunLayout
 from tabular.decision_curve import decision_curve, plot_decision_curve
 from tabular.errors import DataError
@@ -211,6 +212,8 @@ def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
         "subgroups": _subgroups(spec, folds, y, predictions[shown], groups, threshold, sensitivity),
         "decision_curve": curve,
         "plots": {key: name for key, name in plots.items()},
+        # the training lesions' out-of-fold novelty and the threshold (None: no applicability stage)
+        "applicability": applicability_section(run_dir, out),
     }
     card = model_card.build(run_dir, record, document, final)
     document["model_card"] = model_card.FILE
@@ -712,6 +715,7 @@ def _html(document: dict, final: dict | None, out: Path, card: dict) -> str:
         decision=decision_values(document),
         card=model_card.page_values(card),
         card_file=model_card.FILE,
+        applicability=applicability_values(document.get("applicability"), out),
     )
 
 

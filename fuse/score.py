@@ -109,7 +109,10 @@ def score(
         p_gbdt, p_fusion (not for a tabular-only run), flagged, reasons (with `explain`),
         in_training (the id was a training row of the run: warned), out_of_range ("" or the
         values far outside the training range, `fuse.ranges`; absent for runs stacked before the
-        ranges were recorded), error (and prevalence when given). Metadata rows without an
+        ranges were recorded), unlike_training / novelty / novelty_reason (the run's
+        applicability detector, `fuse.applicability_stage`, joined with the range check: empty
+        for rows not scored and for runs stacked before the detector existed; the count is
+        warned), error (and prevalence when given). Metadata rows without an
         image are not passed to the models when no score could come of them (see
         `_rows_worth_predicting`).
 
@@ -153,7 +156,7 @@ def score(
     in_training = _in_training(models, ids)
     unusual, unusual_text = _outside_training(models, frame, spec)
 
-    p_gbdt, p_fusion, probability, reasons, embedded, failures, seconds = _score_rows(
+    p_gbdt, p_fusion, probability, reasons, embedded, failures, seconds, novelty = _score_rows(
         models, frame, spec, has_image, source, weights_info, config, progress,
         store=Path(store) if store is not None else None, images=images, explain=explain)
     for image_id, reason in failures.items():
@@ -165,6 +168,7 @@ def score(
         probability = shift_prevalence(probability, trained_at, prevalence)
         threshold = float(shift_prevalence(np.array([threshold]), trained_at, prevalence)[0])
     error = [_error_text(i, errors, embedded[n] or not models.needs_images, p_gbdt[n]) for n, i in enumerate(ids)]
+    applicability = _applicability_columns(models, novelty, probability, unusual, unusual_text)
     result = pd.DataFrame({
         spec.id: ids,
         "probability": probability,
@@ -175,6 +179,7 @@ def score(
         "in_training": in_training,
         # Rows with a value far outside its column's training range (`fuse.ranges`): "" or which.
         **({"out_of_range": unusual_text} if unusual is not None else {}),
+        **applicability,
         "error": error,
     })
     if prevalence is not None:
@@ -373,8 +378,9 @@ def _score_rows(models: RunModels, frame: pd.DataFrame, spec, has_image: np.ndar
     scored rows, and nothing else) and images are embedded chunk after chunk; as soon as a
     chunk's images are done, a worker thread predicts it while the accelerator embeds the next.
 
-    Returns (p_gbdt, p_fusion, probability, embedded mask, {id: reason} of unreadable images,
-    seconds of the embedding loop), arrays in `frame` row order.
+    Returns (p_gbdt, p_fusion, probability, reasons, embedded mask, {id: reason} of unreadable
+    images, seconds of the embedding loop, {column: array} of the applicability detector or
+    None), arrays in `frame` row order.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -387,6 +393,8 @@ def _score_rows(models: RunModels, frame: pd.DataFrame, spec, has_image: np.ndar
     ids = frame[spec.id].tolist()
     chunks = patient_chunks(frame, spec, chunk_rows(n))
     p_gbdt, p_fusion, probability = (np.full(n, np.nan) for _ in range(3))
+    # The applicability detector's output per row (None: the run has no such stage).
+    novelty = _empty_novelty(n) if models.applicability is not None else None
     reasons = np.full(n, "", dtype=object) if explain else None
     embedded = np.zeros(n, dtype=bool)
     vectors: dict[str, np.ndarray] = {}
@@ -410,6 +418,11 @@ def _score_rows(models: RunModels, frame: pd.DataFrame, spec, has_image: np.ndar
         p_gbdt[rows], p_fusion[rows], probability[rows] = models.predict(batch, block, done)
         if reasons is not None:
             reasons[rows] = models.reasons(batch, block, done)
+        if novelty is not None:
+            cues = _chunk_cues(models, source, [ids[row] for row in rows], done, store)
+            found = models.novelty(batch, block, done, cues)
+            for column in novelty:
+                novelty[column][rows] = found[column].to_numpy()
 
     order = [ids[row] for rows in chunks for row in rows if has_image[row]]
     # Image rows up to and including chunk c, to know when a chunk's images are all through.
@@ -450,7 +463,74 @@ def _score_rows(models: RunModels, frame: pd.DataFrame, spec, has_image: np.ndar
     if order:
         log.info("embedded %d images (%d unreadable) in %.1f s (%.1f images/s, predictions overlapped)",
                  len(order) - len(failures), len(failures), seconds, len(order) / max(seconds, 1e-9))
-    return p_gbdt, p_fusion, probability, reasons, embedded, failures, seconds
+    return p_gbdt, p_fusion, probability, reasons, embedded, failures, seconds, novelty
+
+
+def _empty_novelty(n: int) -> dict[str, np.ndarray]:
+    return {"novelty": np.full(n, np.nan), "unlike_training": np.zeros(n, dtype=bool),
+            "reason": np.full(n, "", dtype=object)}
+
+
+def _chunk_cues(models: RunModels, source, chunk_ids: list[str], done: np.ndarray, store: Path | None):
+    """Acquisition cues of a chunk's embedded images (NaN rows for the others), or None when the
+    detector has no acquisition part. With `--store` they are cached beside it
+    (`embed.cue_cache`), so rescoring the same images measures none."""
+    from embed.acquisition import CUE_NAMES, acquisition_cues
+
+    if "acquisition" not in models.applicability.parts or source is None:
+        return None if "acquisition" not in models.applicability.parts else _nan_cues(chunk_ids)
+    measured = [i for i, d in zip(chunk_ids, done, strict=True) if d]
+    frame = pd.DataFrame(np.nan, index=pd.Index(chunk_ids), columns=list(CUE_NAMES))
+    if measured:
+        if store is not None:
+            from embed.cue_cache import cached_cues
+            from embed.store import FeatureStore
+
+            table = cached_cues(store, source, measured, FeatureStore.open(store).fingerprints(measured))
+        else:
+            table = acquisition_cues(source, measured)
+        frame.loc[measured] = table.frame.to_numpy()
+    return frame.reset_index(drop=True)
+
+
+def _nan_cues(chunk_ids: list[str]) -> pd.DataFrame:
+    from embed.acquisition import CUE_NAMES
+
+    return pd.DataFrame(np.nan, index=pd.RangeIndex(len(chunk_ids)), columns=list(CUE_NAMES))
+
+
+def _applicability_columns(models: RunModels, novelty: dict | None, probability: np.ndarray,
+                           outside: np.ndarray | None, outside_text: list[str] | None) -> dict:
+    """The columns `unlike_training`, `novelty` and `novelty_reason`, one notion of "unlike
+    training": the detector's (image, acquisition, metadata) joined with the range check of
+    `fuse.ranges` (a value far outside the training range marks the row too, its text in the
+    reason). Rows without a probability (not scored) get empty values; a run without the
+    applicability stage gets the three columns empty (logged once by `RunModels`).
+    """
+    n = len(probability)
+    scored = np.isfinite(probability)
+    if novelty is None:
+        return {"unlike_training": pd.array([None] * n, dtype="boolean"),
+                "novelty": np.full(n, np.nan), "novelty_reason": [""] * n}
+    unlike = novelty["unlike_training"].astype(bool).copy()
+    reason = [str(r) for r in novelty["reason"]]
+    if outside is not None:
+        for row in np.flatnonzero(outside):
+            # The detector's metadata part already names values beyond its own (narrower) range.
+            if outside_text[row] and "metadata" not in reason[row]:
+                extra = f"metadata far outside the training range: {outside_text[row]}"
+                reason[row] = f"{reason[row]}; {extra}" if reason[row] else extra
+        unlike |= outside
+    values = np.where(scored, novelty["novelty"], np.nan)
+    flags = pd.array([bool(u) if s else None for u, s in zip(unlike, scored, strict=True)], dtype="boolean")
+    reason = [r if s and u else "" for r, u, s in zip(reason, unlike, scored, strict=True)]
+    marked = int((unlike & scored).sum())
+    if marked:
+        what = "images" if models.needs_images else "rows"
+        log.warning("%d of %d %s look unlike the %s this run was trained on: their probabilities may not "
+                    "hold (marked in columns unlike_training and novelty_reason)", marked, int(scored.sum()),
+                    what, what)
+    return {"unlike_training": flags, "novelty": values, "novelty_reason": reason}
 
 
 def _rows_worth_predicting(models: RunModels, frame: pd.DataFrame, spec, has_image: np.ndarray) -> np.ndarray:

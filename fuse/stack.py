@@ -372,7 +372,8 @@ def stack(run_dir: Path | str, sensitivity: float = 0.95, config: StackConfig | 
 
     Reads `gbdt/oof.csv` and `fusion/oof.csv` (checked against the run's `folds.csv`), writes
     `stack/` (fold models `fold{k}.txt`, encoders, `stack.json`, `oof.csv`, `metrics.json`,
-    `final.json`) and `blend/` (`blend.json`, `oof.csv`, `metrics.json`).
+    `final.json`), `blend/` (`blend.json`, `oof.csv`, `metrics.json`) and `applicability/` (the
+    detector of rows unlike the training rows, `fuse.applicability_stage`).
 
     Args:
         run_dir: the run folder.
@@ -422,7 +423,16 @@ def stack(run_dir: Path | str, sensitivity: float = 0.95, config: StackConfig | 
         record = _calibrate_final(layout, stack_dir, ids, y, folds, final,
                                   p_stack if final == "stack" else p_blend, figures, sensitivity, made_from)
         write_ranges(stack_dir, run.frame, run.spec.numeric)
+    _fit_applicability(layout, run)
     return record
+
+
+def _fit_applicability(layout: RunLayout, run) -> None:
+    """`<run>/applicability/`: how unlike the training rows a scored row is (image, acquisition,
+    metadata; `fuse.applicability_stage`), fitted on the same rows and folds."""
+    from fuse.applicability_stage import fit_stage
+
+    fit_stage(layout, run)
 
 
 def _base_predictions(layout: RunLayout):
@@ -554,6 +564,7 @@ def _stack_tabular_only(layout: RunLayout, sensitivity: float) -> dict:
         layout.write_oof(stack_dir.name, ids, folds, y, p_calibrated, name=CALIBRATED_OOF)
         layout.write_json(stack_dir.name, FINAL, record)
         write_ranges(stack_dir, run.frame, run.spec.numeric)
+    _fit_applicability(layout, run)
     log.info("final model: gbdt (tabular-only run; out-of-fold pAUC80 %s), calibrated by %s, threshold %.4g",
              figures["pauc80"], calibrator.method, record["threshold"])
     return record

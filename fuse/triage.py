@@ -7,7 +7,9 @@ overlay where one is given. Rows that could not be scored are listed in their ow
 the reason. With a patient column (ISIC 2024 total-body photography: hundreds of lesions per
 patient) the page is grouped by patient: patients by their highest probability, each with its
 flagged lesions and its top few others, and a count of the rest. Rows the run was trained on
-(`in_training`) carry a badge: their scores are in-sample.
+(`in_training`) carry a badge: their scores are in-sample. Rows unlike the lesions the run was
+trained on (`unlike_training`) carry a badge with the reason, and a banner over the lists counts
+them: their probabilities may not hold.
 
 The page is the template `fuse/templates/triage.html` (and its parts under `triage/`); this module
 turns the predictions into the plain values it shows.
@@ -36,6 +38,10 @@ log = logging.getLogger(__name__)
 NO_PATIENT = "(no patient id)"
 # The scoring output's column saying the row was in the run's training data (optional).
 IN_TRAINING = "in_training"
+# The applicability columns of the scoring output (`fuse.score`): a banner counts the rows
+# unlike the training lesions, and each such row carries a badge with its reason.
+UNLIKE = "unlike_training"
+NOVELTY_REASON = "novelty_reason"
 _REASON = re.compile(r"\(([+-])")
 
 
@@ -64,7 +70,9 @@ def write_triage_page(
             `flagged` (nullable boolean; computed as `probability >= threshold` when absent),
             `reasons` (text such as "age = 71 (+0.80); anatom_site = back (+0.31)"), `error`
             (empty, or why the row could not be scored) and `in_training` (True where the id was
-            in the run's training data: such rows get a badge and the header counts them).
+            in the run's training data: such rows get a badge and the header counts them),
+            `unlike_training` with `novelty_reason` (rows unlike the training lesions: a badge
+            with the reason each, and a banner counting them among the scored rows).
         out: the HTML file to write (its folder must exist); written atomically.
         id_column: the id column's name (ids are shown as text).
         threshold: the run's operating threshold, shown in the header.
@@ -134,6 +142,7 @@ def write_triage_page(
         counts={key: f"{value:,}" for key, value in counts.items()},
         has_errors=bool(counts["errors"]),
         in_training=_in_training(rows),
+        unlike=_unlike(scored, "images" if "p_fusion" in predictions.columns else "rows"),
         columns={"p": p_columns, "reasons": "reasons" in predictions.columns,
                  "overlays": render.has_overlays, "image_px": thumbnail_px + 18},
         source=source,
@@ -184,6 +193,9 @@ def _normalise(predictions: pd.DataFrame, id_column: str, threshold: float, pati
     })
     if IN_TRAINING in predictions.columns:
         frame[IN_TRAINING] = _truth(predictions[IN_TRAINING])
+    if UNLIKE in predictions.columns:
+        frame[UNLIKE] = _truth(predictions[UNLIKE])
+        frame[NOVELTY_REASON] = _text(predictions, NOVELTY_REASON)
     for column in predictions.columns:
         if column.startswith("p_"):
             frame[column] = pd.to_numeric(predictions[column], errors="coerce").to_numpy(dtype=float)
@@ -217,6 +229,17 @@ def _in_training(rows: pd.DataFrame) -> dict | None:
         return None
     count = int(rows[IN_TRAINING].sum())
     return {"count": f"{count:,}", "one": count == 1} if count else None
+
+
+def _unlike(scored: pd.DataFrame, what: str) -> dict | None:
+    """The banner's values: how many scored rows look unlike the training lesions (None when the
+    predictions have no `unlike_training` column or no such row). `what`: "images" or "rows"."""
+    if UNLIKE not in scored.columns:
+        return None
+    count = int(scored[UNLIKE].sum())
+    if not count:
+        return None
+    return {"count": f"{count:,}", "of": f"{len(scored):,}", "what": what, "one": count == 1}
 
 
 # --------------------------------------------------------------------------------- sections
@@ -383,6 +406,8 @@ class _Renderer:
                         "text": _decimal(row[c])} for c in p_columns],
             "reasons": _reasons(row["reasons"]),
             "in_training": bool(row.get(IN_TRAINING, False)),
+            "unlike_training": bool(row.get(UNLIKE, False)),
+            "novelty_reason": row.get(NOVELTY_REASON, ""),
         }
 
     def _image(self, ident: str) -> dict:

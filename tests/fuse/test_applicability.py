@@ -163,8 +163,24 @@ def test_saved_detector_reads_back_and_predicts_the_same(world, fitted):
     b = again.predict(emb, cues, meta, identity=IDENTITY)
     pd.testing.assert_frame_equal(a, b)
     assert again.summary()["threshold"] == detector.summary()["threshold"]
-    with np.load(stage / ARRAYS, allow_pickle=False) as data:
-        assert data["image_reference"].dtype == np.float16
+    with np.load(stage / ARRAYS, allow_pickle=False) as data:  # the residual part: mean and 16 directions
+        assert data["image_components"].shape == (16, DIM) and data["image_mean"].shape == (DIM,)
+
+
+@pytest.mark.parametrize("method", ["knn", "pca-residual"])
+def test_both_image_methods_mark_the_planted_cluster_and_read_back(world, tmp_path, method):
+    from fuse.applicability import ApplicabilityConfig
+
+    n = 800
+    detector = fit_applicability(tmp_path, world.folds(n), embeddings=world.embeddings(n), identity=IDENTITY,
+                                 config=ApplicabilityConfig(image_method=method))
+    assert detector.record["part_states"]["image"].get("method", "knn") == method
+    other = world.embeddings(40, np.random.default_rng(7))
+    same = world.embeddings(400)
+    again = load(tmp_path)
+    assert again.predict(other, identity=IDENTITY)["unlike_training"].mean() >= 0.95
+    assert again.predict(same, identity=IDENTITY)["unlike_training"].mean() <= 0.06
+    pd.testing.assert_frame_equal(detector.predict(other, identity=IDENTITY), again.predict(other, identity=IDENTITY))
 
 
 def test_embeddings_of_another_store_are_refused_naming_the_field(world, fitted):
@@ -228,6 +244,8 @@ def test_fit_errors_name_the_input(tmp_path, kwargs, message):
         ("marked_share", 0.0, "marked_share: expected a share in"),
         ("marked_share", 0.7, "marked_share: expected a share in"),
         ("neighbours", 0, "neighbours: expected a positive integer, got 0"),
+        ("image_method", "lof", "image_method: expected 'pca-residual' or 'knn', got 'lof'"),
+        ("image_components", 0, "image_components: expected a positive integer, got 0"),
         ("max_reference", 2.5, "max_reference: expected a positive integer"),
         ("numeric_margin", -1, "numeric_margin: expected a number >= 0"),
     ],

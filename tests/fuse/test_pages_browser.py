@@ -103,7 +103,10 @@ def test_run_report_renders_in_chromium(browser, tmp_path, tabular_run):
     assert page.title().startswith("Evaluation report: tiny")
     assert page.locator("table#models tbody tr").count() == len(models) >= 4
     assert page.locator("table#models thead th").count() == len(COLUMNS) + 1  # the model name, then each figure
-    assert page.locator("img").count() == len(PLOTS)
+    assert page.locator("img").count() == len(PLOTS) + 1  # and the applicability histogram
+    assert page.locator("#plot-applicability img").count() == 1
+    facts = page.locator("dl#applicability-facts").inner_text()
+    assert "threshold (novelty)" in facts and "training lesions marked, out of fold" in facts
     assert broken_images(page) == []
     sizes = page.evaluate("Array.from(document.images).map(i => i.naturalWidth)")
     assert min(sizes) > 300  # real plots, not icons
@@ -182,6 +185,12 @@ def test_triage_page_renders_in_chromium(browser, tmp_path, shared_data, grouped
                            "error": ["image unreadable: truncated JPEG", "no image for this id"]})
     frame = pd.concat([frame, broken], ignore_index=True)
     frame["in_training"] = frame["image_id"].isin(ids[2:4])  # two rows the run was trained on
+    # three scored rows unlike the training lesions, each with its reason; unscored rows empty
+    unlike = frame["image_id"].isin(ids[5:8])
+    frame["unlike_training"] = pd.array([u if np.isfinite(p) else None for u, p in
+                                         zip(unlike, frame["probability"], strict=True)], dtype="boolean")
+    frame["novelty"] = np.where(unlike, 0.999, 0.4)
+    frame["novelty_reason"] = np.where(unlike, "acquisition (99.9th pct): size 140x140 vs training 600x450", "")
     patient = pd.Series([f"P{i % 3}" for i in range(len(frame))]) if grouped else None
     overlays = {ids[1]: images[ids[1]].read_bytes()}
 
@@ -212,6 +221,13 @@ def test_triage_page_renders_in_chromium(browser, tmp_path, shared_data, grouped
         assert page.locator("table.lesions td .badge.train").count() == 2
     assert page.locator("p#in-training").is_visible()
     assert "lower 95% bound 88.7% (Clopper-Pearson)" in page.locator("dd#operating-point").inner_text()
+    banner = page.locator("p#unlike-training")
+    assert banner.is_visible()
+    assert " ".join(banner.inner_text().split()).startswith(
+        "3 of 13 images look unlike the images this run was trained on: their probabilities may not hold")
+    badges = page.locator("table.lesions td .badge.unlike")
+    assert badges.count() == (3 if not grouped else badges.count()) and badges.count() >= 1
+    assert all("size 140x140 vs training 600x450" in text for text in badges.all_inner_texts())
     assert page.locator("table#error-rows tbody tr").count() == 2
     assert "<script>alert(1)</script>" in page.locator("table#error-rows").inner_text()
     images_shown = page.locator("img.thumb").count()

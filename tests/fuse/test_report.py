@@ -196,7 +196,10 @@ def test_index_html_has_the_table_final_model_plots_and_data_figures(stacked_run
 
     # every plot of report.md, embedded byte for byte
     shown = [image["src"] for image in page.images]
-    assert len(shown) == len(document["plots"]) == len(PLOTS)
+    # ... and the applicability histogram (the stack fitted the run's detector)
+    assert len(shown) == len(document["plots"]) + 1 == len(PLOTS) + 1
+    histogram = base64.b64encode((path.parent / document["applicability"]["plot"]).read_bytes()).decode()
+    assert f"data:image/png;base64,{histogram}" in shown
     for name in document["plots"].values():
         encoded = base64.b64encode((path.parent / name).read_bytes()).decode()
         assert f"data:image/png;base64,{encoded}" in shown
@@ -412,3 +415,29 @@ def test_unreadable_metadata_leaves_out_subgroups_not_the_report(stacked_run, ca
 def test_age_and_skin_type_columns_are_picked_by_name(spec, age, skin):
     assert age_column(spec) == age
     assert skin_type_column(spec) == skin
+def test_the_report_shows_the_training_novelty_and_the_threshold(stacked_run):
+    from fuse.applicability import load
+
+    path = write_report(stacked_run.dir)
+    document = json.loads((path.parent / "metrics.json").read_text())
+    detector = load(stacked_run.dir / "applicability")
+    section = document["applicability"]
+    assert section["threshold"] == detector.threshold
+    marked = float(np.mean(detector.training_novelty >= detector.threshold))
+    assert section["marked_share_out_of_fold"] == pytest.approx(marked) and marked <= 0.025
+    assert section["parts"] == ["metadata"]  # a tabular-only run: no image, no acquisition
+    text = " ".join(" ".join(_page(path.parent / "index.html").text).split())
+    assert "Applicability: when a score does not apply" in text
+    assert f"threshold (novelty) {detector.threshold:.4f}" in text
+    assert f"training lesions marked, out of fold {marked:.2%}" in text
+
+
+def test_a_run_without_the_applicability_stage_has_no_such_section(stacked_run):
+    import shutil
+
+    shutil.rmtree(stacked_run.dir / "applicability")
+    path = write_report(stacked_run.dir)
+    assert json.loads((path.parent / "metrics.json").read_text())["applicability"] is None
+    page = " ".join((path.parent / "index.html").read_text().split())
+    assert "Applicability: when a score does not apply" not in page
+    assert "Not measured for this run" in page  # the model card says so instead

@@ -22,7 +22,7 @@ from tabular.spec import ISIC2024_TRAIN_ONLY
 pytestmark = pytest.mark.slow
 
 COLUMNS = ["isic_id", "probability", "p_gbdt", "p_fusion", "flagged", "reasons", "in_training", "out_of_range",
-           "error"]
+           "unlike_training", "novelty", "novelty_reason", "error"]
 FAST = {"device": "cpu", "num_workers": 0, "progress": False}
 
 
@@ -80,6 +80,11 @@ def test_every_column_every_row_with_broken_images_and_partial_metadata(tiny, tm
         assert "not scored: the final model needs the image" in row["error"]
         assert np.isnan(row["probability"]) and np.isnan(row["p_fusion"]) and pd.isna(row["flagged"])
     assert "empty file" in by_id.loc["ISIC_zero", "error"]
+    # every scored row says how unlike training it is; the rows not scored say nothing
+    assert by_id.loc[scored, "novelty"].between(0, 1).all() and by_id.loc[scored, "unlike_training"].notna().all()
+    for unscored in ("ISIC_zero", "ISIC_text", "ISIC_ghost"):
+        assert np.isnan(by_id.loc[unscored, "novelty"]) and pd.isna(by_id.loc[unscored, "unlike_training"])
+        assert by_id.loc[unscored, "novelty_reason"] == ""
 
     ghost_row = by_id.loc["ISIC_ghost"]
     assert ghost_row["error"].startswith("no image for this id in")
@@ -456,3 +461,92 @@ def test_scoring_without_metadata_gives_no_reason_from_absent_values(tiny, tmp_p
                    weights=tiny["weights"], page=None, **FAST)
     for text in result["reasons"]:
         assert "!=" not in text and "missing" not in text and "(+0.00)" not in text, text
+
+
+def _planted_images(tiny, folder, n_like: int = 4):
+    """`n_like` training-like test images plus one planted image of another kind (a flat grey
+    square four times the training images' size), with metadata; returns (metadata, planted id)."""
+    from PIL import Image
+
+    ids = _folder_of_test_images(tiny, folder)[:n_like]
+    for extra in folder.glob("*.jpg"):
+        if extra.stem not in ids:
+            extra.unlink()
+    Image.new("RGB", (160, 160), (128, 128, 128)).save(folder / "ISIC_planted.jpg", quality=95)
+    metadata = pd.read_csv(tiny["data"] / "test-metadata.csv", dtype={"isic_id": str})
+    metadata = metadata[metadata["isic_id"].isin(ids)]
+    planted = metadata.iloc[[0]].assign(isic_id="ISIC_planted")
+    return pd.concat([metadata, planted], ignore_index=True), "ISIC_planted"
+
+
+def test_a_planted_image_of_another_kind_is_marked_through_invoke_score(tiny, tmp_path):
+    """End to end through the invoke task: the planted image is unlike training (acquisition
+    named in its reason), the count is warned, and the triage page carries the banner."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    metadata, planted = _planted_images(tiny, tmp_path / "images")
+    metadata.to_csv(tmp_path / "meta.csv", index=False)
+    out = tmp_path / "preds.csv"
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-m", "invoke", "score", "--run", str(tiny["run"]), "--images", str(tmp_path / "images"),
+         "--metadata", str(tmp_path / "meta.csv"), "--out", str(out), "--weights", str(tiny["weights"]),
+         "--device", "cpu", "--overlays", "0"],
+        cwd=root, capture_output=True, text=True, timeout=600,
+        env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = pd.read_csv(out, dtype={"isic_id": str}, keep_default_na=False, na_values=[""]).set_index("isic_id")
+    row = table.loc[planted]
+    assert bool(row["unlike_training"]) and row["novelty"] >= 0.97, row
+    assert "acquisition (" in row["novelty_reason"] and "saturation 0 vs training" in row["novelty_reason"], row
+    assert row["novelty_reason"].count("metadata") <= 1  # one notion of "unlike training", said once
+    marked = int(table["unlike_training"].astype(str).eq("True").sum())
+    assert f"{marked} of {len(table)} images look unlike the images this run was trained on" in done.stderr
+    page = " ".join(out.with_suffix(".html").read_text().split())
+    assert f"{marked} of {len(table)} images look unlike the images this run was trained on" in page
+
+
+def test_a_run_without_the_applicability_stage_still_scores(tiny, tmp_path, caplog):
+    run = tmp_path / "old-run"
+    shutil.copytree(tiny["run"], run)
+    shutil.rmtree(run / "applicability")
+    with caplog.at_level("INFO"):
+        result = score(run, tiny["data"] / "test-image.hdf5", tiny["data"] / "test-metadata.csv",
+                       tmp_path / "o.csv", weights=tiny["weights"], page=None, **FAST)
+    assert result["probability"].notna().all()
+    assert result["unlike_training"].isna().all() and result["novelty"].isna().all()
+    assert result["novelty_reason"].eq("").all()
+    said = [r.getMessage() for r in caplog.records if "no applicability stage" in r.getMessage()]
+    assert len(said) == 1 and "invoke stack --run" in said[0]
+
+
+def test_stack_writes_the_applicability_stage(tiny):
+    from fuse.applicability import load
+
+    stage = tiny["run"] / "applicability"
+    detector = load(stage)
+    assert detector.record["parts"] == ["image", "acquisition", "metadata"]
+    assert detector.record["rows"] == 60 and not (tiny["run"] / "applicability.new").exists()
+    assert detector.identity["dim"] == json.loads((tiny["run"] / "fusion" / "store.json").read_text())["dim"]
+    # the training images' cues are cached beside the store, keyed by id and fingerprint
+    from embed.cue_cache import CUE_CACHE
+
+    with np.load(tiny["store"] / CUE_CACHE, allow_pickle=False) as cache:
+        assert len(cache["ids"]) == 60 and np.isfinite(cache["values"]).all()
+
+
+def test_stack_names_a_missing_store_and_leaves_the_old_detector(tiny, tmp_path):
+    from fuse.stack import StackConfig, stack
+
+    run = tmp_path / "moved-store-run"
+    shutil.copytree(tiny["run"], run)
+    for stage in ("gbdt", "fusion"):
+        record = json.loads((run / stage / "store.json").read_text())
+        record["store"] = str(tmp_path / "gone")
+        (run / stage / "store.json").write_text(json.dumps(record))
+    before = (run / "applicability" / "applicability.json").read_bytes()
+    with pytest.raises(RunError, match=r"cannot read the feature store the run was trained on \(.*gone.*invoke embed"):
+        stack(run, config=StackConfig(num_boost_round=30))
+    assert (run / "applicability" / "applicability.json").read_bytes() == before

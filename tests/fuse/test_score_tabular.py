@@ -58,7 +58,8 @@ def test_a_tabular_only_run_scores_metadata_rows_without_images(tabular, tmp_pat
     result = score(tabular["run"], None, tmp_path / "new.csv", out, page=tmp_path / "preds.html", **FAST)
 
     assert list(result.columns) == ["image_id", "probability", "p_gbdt", "flagged", "reasons", "in_training",
-                                    "out_of_range", "error"]
+                                    "out_of_range", "unlike_training", "novelty", "novelty_reason", "error"]
+    assert result["novelty"].between(0, 1).all() and result["unlike_training"].notna().all()
     assert result["image_id"].tolist() == rows["image_id"].tolist()
     assert result["probability"].between(0, 1).all() and result["p_gbdt"].between(0, 1).all()
     assert result["error"].eq("").all() and not result["in_training"].any()
@@ -107,6 +108,12 @@ def test_values_far_outside_the_training_range_are_named_and_marked(tabular, tmp
     assert marks[1].startswith("age = -5 (training ") and marks[2].startswith("age = 250 (training ")
     assert marks[3].startswith("size = 1000000 (training 0.23..")
     assert result["error"].eq("").all() and result["probability"].notna().all()  # still scored
+    # one notion of "unlike training": a value far outside the range marks the row, said once
+    assert result["unlike_training"].tolist()[1:4] == [True] * 3
+    for n in (1, 2, 3):
+        reason = result.loc[n, "novelty_reason"]
+        assert reason.startswith("metadata (") and reason.count("metadata") == 1, reason
+    assert "age = 250" in result.loc[2, "novelty_reason"]
     warnings = {r.getMessage().split("'")[1]: r.getMessage() for r in caplog.records
                 if "far outside the training range" in r.getMessage()}
     assert set(warnings) == {"age", "size"}
