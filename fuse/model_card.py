@@ -15,7 +15,6 @@ None}]}; text may hold `code` spans between backticks (Markdown; the page shows 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import subprocess
@@ -257,21 +256,20 @@ def _applicability(layout: RunLayout) -> dict:
 
 
 def _applicability_facts(stage: Path) -> list[tuple[str, str]] | None:
-    """The detector's threshold and the share of training rows it marks, read through the
-    applicability stage's own `load`; None (logged) when there is no loader or it refuses."""
+    """The detector's threshold and the share of training rows it marks out of fold, from its
+    own loader (`fuse.applicability.load`); None (logged) when it refuses the folder."""
+    from fuse.applicability import load
+
     try:
-        module = importlib.import_module("fuse.applicability")
-        detector = module.load(stage)
-    except (ImportError, AttributeError, ValueError, OSError) as error:
+        summary = load(stage).summary()
+    except (ValueError, OSError) as error:
         log.warning("model card: applicability stage %s not read (%s)", stage, error)
         return None
-    record = getattr(detector, "record", None)
-    if not isinstance(record, dict):
-        return None
-    wanted = {"threshold": "novelty threshold", "marked_share": "training rows marked (out of fold)",
-              "parts": "parts"}
-    facts = [(label, json.dumps(record[key]) if isinstance(record[key], (list, dict)) else str(record[key]))
-             for key, label in wanted.items() if key in record]
+    facts = [("novelty threshold", f"{summary['threshold']:.4f}")] if "threshold" in summary else []
+    if "marked_share_out_of_fold" in summary:
+        facts.append(("training rows marked, out of fold", f"{summary['marked_share_out_of_fold']:.2%}"))
+    if summary.get("parts"):
+        facts.append(("parts", ", ".join(summary["parts"])))
     return facts or None
 
 

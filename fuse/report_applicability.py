@@ -16,6 +16,7 @@ import numpy as np
 
 from fuse import html
 from fuse.applicability_stage import load_detector
+from runfolder.errors import RunError
 from runfolder.layout import RunLayout
 
 __all__ = ["PLOT", "applicability_section", "applicability_values"]
@@ -28,7 +29,11 @@ PLOT = "applicability.png"
 def applicability_section(run_dir: Path, out: Path) -> dict | None:
     """Plain values for `metrics.json` (None when the run has no applicability stage); writes
     the histogram `out/applicability.png`."""
-    detector = load_detector(RunLayout(Path(run_dir)))
+    try:
+        detector = load_detector(RunLayout(Path(run_dir)))
+    except RunError as error:  # a broken stage costs its section, not the report
+        log.warning("report: the applicability stage is left out: %s", error)
+        return None
     if detector is None:
         return None
     summary = detector.summary()

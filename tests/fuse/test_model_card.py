@@ -130,7 +130,21 @@ def test_image_modality_from_the_spec_and_store(stacked_run):
     assert "3D total-body photography (TBP) tile crops" in limits
 
 
+def test_applicability_threshold_of_the_fitted_stage(stacked_run):
+    from fuse.applicability import load
+
+    summary = load(stacked_run.dir / "applicability").summary()
+    card, _, page = _card(stacked_run)
+    section = _section(card, "Applicability threshold")
+    assert f"{summary['threshold']:.4f}" in section
+    assert f"{summary['marked_share_out_of_fold']:.2%}" in section
+    assert NOT_MEASURED not in section
+
+
 def test_applicability_not_measured_without_its_stage(stacked_run):
+    import shutil
+
+    shutil.rmtree(stacked_run.dir / "applicability")
     card, _, page = _card(stacked_run)
     section = _section(card, "Applicability threshold")
     assert f"> **{NOT_MEASURED}.**" in section
@@ -139,6 +153,9 @@ def test_applicability_not_measured_without_its_stage(stacked_run):
 
 
 def test_applicability_stage_that_cannot_be_read_is_said_so(stacked_run, caplog):
+    import shutil
+
+    shutil.rmtree(stacked_run.dir / "applicability")
     (stacked_run.dir / "applicability").mkdir()  # a folder without a detector in it
     card, _, _ = _card(stacked_run)
     section = _section(card, "Applicability threshold")

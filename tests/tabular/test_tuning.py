@@ -294,7 +294,7 @@ def test_storages_that_cannot_be_opened_are_named_with_the_accepted_schemes(tmp_
                                         r"in sqlite://, postgresql://.*journal:///path/study.log"):
         open_storage("bogus://x", tmp_path / "x.db")
     with pytest.raises(DataError, match=r"storage 'postgresql\+nosuchdriver://me:\*\*\*@host/db' cannot be "
-                                        r"opened: .*pip install psycopg2-binary"):
+                                        r"opened: .*pip install 'psycopg\[binary\]'"):
         open_storage("postgresql+nosuchdriver://me:secret@host/db", tmp_path / "x.db")
 
 
