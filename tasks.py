@@ -263,10 +263,12 @@ def bench(c, quick=False, device="auto", parts=None, out=None, weights=None, ran
          score_images=_number("score_images", score_images), run=run)
 
 
-@_task(help={"k": "only tests matching this expression"})
-def test(c, k=None):
-    """Run the test suite."""
+@_task(help={"k": "only tests matching this expression", "quick": "skip the tests marked slow"})
+def test(c, k=None, quick=False):
+    """Run the test suite (`--quick`: without the tests marked slow)."""
     selection = f" -k {k!r}" if k else ""
+    if quick:
+        selection += " -m 'not slow'"
     c.run(f"{sys.executable} -m pytest{selection}", pty=False)
 
 
