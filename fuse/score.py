@@ -19,6 +19,7 @@ Rows that cannot be fully scored are kept, never dropped:
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import time
@@ -435,7 +436,9 @@ def _score_rows(models: RunModels, frame: pd.DataFrame, spec, has_image: np.ndar
         def release() -> None:
             nonlocal next_chunk
             while next_chunk < len(chunks) and ready_at[next_chunk] <= seen:
-                pending.append(worker.submit(predict, chunks[next_chunk]))
+                # The worker runs in this thread's context, so what it collects (categories not
+                # seen at fit, said once per column at the end) reaches the same collection.
+                pending.append(worker.submit(contextvars.copy_context().run, predict, chunks[next_chunk]))
                 next_chunk += 1
 
         release()  # chunks without any image

@@ -550,3 +550,20 @@ def test_stack_names_a_missing_store_and_leaves_the_old_detector(tiny, tmp_path)
     with pytest.raises(RunError, match=r"cannot read the feature store the run was trained on \(.*gone.*invoke embed"):
         stack(run, config=StackConfig(num_boost_round=30))
     assert (run / "applicability" / "applicability.json").read_bytes() == before
+
+
+def test_categories_not_seen_at_fit_are_said_once_though_chunks_are_predicted_in_a_worker(tiny, tmp_path,
+                                                                                          caplog):
+    """Scoring predicts each chunk in a worker thread: what its encoders meet still reaches the one
+    collection of the command, so every fold model's unseen site is one warning, not one each."""
+    from tabular.features import unknown_categories_said_once
+
+    metadata = pd.read_csv(tiny["data"] / "test-metadata.csv", dtype={"isic_id": str})
+    metadata["anatom_site_general"] = "elbow"
+    metadata.to_csv(tmp_path / "meta.csv", index=False)
+    with caplog.at_level("WARNING", logger="tabular.features"), unknown_categories_said_once():
+        score(tiny["run"], tiny["data"] / "test-image.hdf5", tmp_path / "meta.csv", tmp_path / "o.csv",
+              weights=tiny["weights"], **FAST)
+    said = [r.getMessage() for r in caplog.records
+            if r.getMessage().startswith("categorical column 'anatom_site_general':")]
+    assert len(said) == 1 and "elbow" in said[0] and "by 5 of 5 encoder calls" in said[0]
