@@ -319,6 +319,7 @@ def _write_page(result: pd.DataFrame, page: Path, models: RunModels, frame: pd.D
                 out: Path, threshold: float, prevalence: float | None,
                 overlays: dict[str, bytes] | None = None) -> None:
     """The triage page of `result`: thumbnails read from the image source for the rows shown."""
+    from fuse.report import read_operating_point
     from fuse.triage import write_triage_page
 
     def thumbnail(image_id: str) -> bytes | None:
@@ -333,7 +334,7 @@ def _write_page(result: pd.DataFrame, page: Path, models: RunModels, frame: pd.D
     page.parent.mkdir(parents=True, exist_ok=True)
     write_triage_page(result, page, id_column=spec.id, threshold=threshold, run_name=models.run.dir.name,
                       thumbnail=thumbnail, patient=patient, csv_name=out.name, prevalence=prevalence,
-                      overlays=overlays)
+                      overlays=overlays, operating_point=read_operating_point(models.run.dir))
     log.info("triage page: %s", page)
 
 

@@ -567,3 +567,18 @@ def test_categories_not_seen_at_fit_are_said_once_though_chunks_are_predicted_in
     said = [r.getMessage() for r in caplog.records
             if r.getMessage().startswith("categorical column 'anatom_site_general':")]
     assert len(said) == 1 and "elbow" in said[0] and "by 5 of 5 encoder calls" in said[0]
+
+
+def test_the_triage_page_states_the_operating_points_lower_bound_from_the_report(tiny, tmp_path):
+    from fuse.report import read_operating_point, write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny["run"], run)
+    images, metadata = tiny["data"] / "test-image.hdf5", tiny["data"] / "test-metadata.csv"
+    score(run, images, metadata, tmp_path / "a.csv", weights=tiny["weights"], page=tmp_path / "a.html", **FAST)
+    assert "lower 95% bound" not in (tmp_path / "a.html").read_text()  # no report yet: nothing to repeat
+    write_report(run)
+    point = read_operating_point(run)
+    score(run, images, metadata, tmp_path / "b.csv", weights=tiny["weights"], page=tmp_path / "b.html", **FAST)
+    page = " ".join((tmp_path / "b.html").read_text().split())
+    assert f"lower 95% bound {point['sensitivity_low']:.1%}" in page
