@@ -131,7 +131,10 @@ class GBDTConfig:
     fold_workers: folds whose models train at the same time (each fold's own models one after
         another: they share its validation Dataset); 0 = the logical CPUs over `num_threads`'s
         threads (2 on a 2-CPU machine, where LightGBM gets 1 thread a model), at most the folds.
-        The models and their predictions are the same for any value.
+        The models and their predictions are the same for any value. Default 1 (one fold after
+        another): LightGBM trained from several Python threads in a process that has also loaded
+        torch (two OpenMP runtimes) crashed with a segmentation fault in one of two `invoke demo`
+        runs, so concurrent folds are an opt-in.
     """
 
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -143,7 +146,7 @@ class GBDTConfig:
     early_stopping_rounds: int = 50
     log_period: int = 0
     num_threads: int = 0
-    fold_workers: int = 0
+    fold_workers: int = 1
 
     def __post_init__(self) -> None:
         if not self.seeds or not all(isinstance(s, int | np.integer) for s in self.seeds):
