@@ -150,8 +150,8 @@ def measure_pass(kind: str, store_dir: str, labels: str, n_meta: int, batch_size
     from embed.config import resolve_device
     from embed.store import FeatureStore
     from fuse.fusion import Embeddings, minibatches
+    from fuse.fusion.model import FusionConfig, FusionMLP
     from fuse.fusion.training import run_epoch
-    from fuse.model import FusionConfig, FusionMLP
 
     y = np.load(labels, allow_pickle=False).astype(np.int64)
     store = FeatureStore.open(store_dir)

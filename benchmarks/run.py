@@ -76,7 +76,7 @@ def parse_parts(parts: str | tuple[str, ...] | list[str] | None) -> tuple[str, .
 
 def check_bench_out(out: Path | str) -> Path:
     """Refuse a figures path that cannot be written or would replace something that is not an
-    earlier benchmark: the rules of `score --out` (`fuse.predictions.check_out`) for a JSON file.
+    earlier benchmark: the rules of `score --out` (`fuse.scoring.predictions.check_out`) for a JSON file.
 
     Returns:
         `out` as a Path (its folder may not exist yet: `run_bench` makes it).

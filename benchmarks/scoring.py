@@ -7,13 +7,13 @@ ids) with a metadata CSV (their rows, target dropped), then times, in the same p
 1. the baseline, the embedding pipeline alone: weights check (`ensure_weights`), backbone load and
    `embed.model_loop.embed_ids` over the folder with the run's image size and views, vectors kept
    in memory (what `invoke embed` does, less writing a store);
-2. `fuse.score.score` on the same folder and CSV, end to end, without explanations
+2. `fuse.scoring.score.score` on the same folder and CSV, end to end, without explanations
    (`explain=False`, no page): the same, plus reading the metadata, loading every stage's fold
    models, metadata features, predictions, the final model and writing the CSV;
-3. `fuse.score.score` as `invoke score` runs it by default: 2. plus the `reasons` column
+3. `fuse.scoring.score.score` as `invoke score` runs it by default: 2. plus the `reasons` column
    (LightGBM's SHAP values, every row), the triage page (thumbnails of the rows shown) and a
    Grad-CAM saliency overlay for up to `overlays` flagged lesions (a backbone pass and a backward
-   pass through the fusion MLPs each, `fuse.saliency`).
+   pass through the fusion MLPs each, `fuse.scoring.saliency`).
 
 The embedding baseline runs once untimed first (page cache, CUDA context, kernel choice), then
 the three run `repeats` times each, in turn; the fastest of each counts. The ratio of 2.'s rate to
@@ -34,7 +34,7 @@ import pandas as pd
 
 from benchmarks.common import synchronize
 from fuse.errors import RunError
-from fuse.score import read_scoring_metadata, score
+from fuse.scoring.score import read_scoring_metadata, score
 from fuse.stores import run_identity
 from runfolder.layout import RunLayout
 from tabular.spec import DatasetSpec, spec_from_identity
@@ -66,7 +66,7 @@ def bench_scoring(
     Args:
         run_dir: a run ready to score (`invoke stack` done) whose spec has images.
         n_images: images in the benchmark folder (the run's images, cycled), >= 1.
-        weights, batch_size, device, num_workers: as in `fuse.score.score`.
+        weights, batch_size, device, num_workers: as in `fuse.scoring.score.score`.
         workdir: where the folder and outputs go (default: a temporary folder, removed after):
             `predictions.csv` of the plain run, `predictions-explained.csv` and `triage.html` of
             the explained one.

@@ -5,7 +5,7 @@ channels_last decided once before the loop, and the backbone computed as the run
 variant (`embed.variants`: eager, BatchNorm folded, TorchScript-frozen, compiled, int8). On CUDA up to `CUDA_BATCHES_IN_FLIGHT` batches stay
 queued on the GPU (their copy back to the host included) while the caller handles an earlier
 one, so the store's writes overlap the model. `embed_ids` yields the vectors batch by batch;
-`embed.pipeline.build_store` writes them to a store, `fuse.score` uses them directly.
+`embed.pipeline.build_store` writes them to a store, `fuse.scoring.score` uses them directly.
 """
 
 from __future__ import annotations

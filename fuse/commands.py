@@ -37,7 +37,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # LightGBM on 64 PCA components of the embeddings + metadata beat the fusion MLP on HAM10000 lesions
-# no model saw (DESIGN.md): the two then see the same information.
+# no model saw (measured when the default was set): the two then see the same information.
 DEFAULT_IMAGE_PCA = 64
 
 
@@ -139,7 +139,7 @@ def train_fusion(spec, run, store: Path | str | None = None, imbalance: str | No
                  max_epochs: int | None = None, members: int | None = None, config=None) -> dict:
     """`invoke train-fusion`: the fusion MLP on the spec's feature store and metadata."""
     from fuse.fusion import train_fusion as fit
-    from fuse.model import FusionConfig
+    from fuse.fusion.model import FusionConfig
 
     spec = load_spec(spec)
     config = config or FusionConfig()
@@ -155,8 +155,8 @@ def train_fusion(spec, run, store: Path | str | None = None, imbalance: str | No
 @unknown_categories_said_once()
 def stack_and_report(run, sensitivity: float = 0.95) -> Path:
     """`invoke stack`: stack and blend the base models, choose the final one, write the report."""
-    from fuse.report import write_report
-    from fuse.stack import stack
+    from fuse.pages.report import write_report
+    from fuse.stacking.stack import stack
 
     if not 0 < sensitivity < 1:
         raise RunError(f"--sensitivity must be in (0, 1), got: {sensitivity}")
@@ -176,7 +176,7 @@ def score_images(run, images=None, out=None, metadata=None, output_format: str =
     `page=False` writes none. `overlays`: how many flagged lesions on it get a Grad-CAM saliency
     overlay (0 = none).
     """
-    from fuse.score import score
+    from fuse.scoring.score import score
 
     if out is None:
         raise RunError("--out: where to write the predictions (.csv or .parquet) is required")

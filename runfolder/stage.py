@@ -1,7 +1,7 @@
 """One shape for a stage: a class that loads a trained stage folder and predicts rows.
 
 Every model a run keeps implements `Stage`: the LightGBM ensemble (`tabular.gbdt_model.GBDTModel`),
-the fusion MLP (`fuse.fusion.FusionModel`), and the final models (`fuse.stack.StackModel`,
+the fusion MLP (`fuse.fusion.FusionModel`), and the final models (`fuse.stacking.stack.StackModel`,
 `BlendModel`, `GBDTFinal`). Scoring, stacking and the report load a stage through `load_stage`,
 which checks the stage's marker file first, so that a missing stage is reported in one wording
 only (`RunLayout.require_file`: the stage, the path and the command that makes it).

@@ -41,7 +41,7 @@ MISSING_LEVEL = "missing"
 REASON_FLOOR = 0.05
 
 # `encode(encoder, frame)`: a caller's stand-in for `encoder.transform(frame)`, so that stages
-# whose fold encoders are equal encode a batch of rows once (see `fuse.models.EncodingCache`).
+# whose fold encoders are equal encode a batch of rows once (see `fuse.scoring.run_models.EncodingCache`).
 Encode = Callable[[FeatureEncoder, pd.DataFrame], pd.DataFrame]
 
 

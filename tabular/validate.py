@@ -112,7 +112,7 @@ def check_metadata(frame: pd.DataFrame, spec: DatasetSpec, require_target: bool 
 
 def check_rows(frame: pd.DataFrame, spec: DatasetSpec, where: str) -> None:
     """The checks every metadata row meets, for training (`check_metadata`) and for scoring
-    (`fuse.score_rows.read_scoring_metadata`): `check_ids`, then `check_numeric`.
+    (`fuse.scoring.rows.read_scoring_metadata`): `check_ids`, then `check_numeric`.
 
     `where` begins each message (e.g. "metadata train.csv"). The frame's rows are the file's rows
     in order (a fresh `read_csv`), so that row i is file line i + 2.

@@ -63,7 +63,7 @@ def stage_bytes(run: Path, *stages: str) -> dict:
 
 def retrain_tiny_fusion(tiny: dict, run: Path | None = None) -> dict:
     from fuse.fusion import train_fusion
-    from fuse.model import FusionConfig
+    from fuse.fusion.model import FusionConfig
 
     return train_fusion(tiny["spec"], run or tiny["run"], tiny["store"],
                         FusionConfig(max_epochs=2, image_hidden=16, meta_hidden=8, fused_hidden=8,
@@ -134,7 +134,7 @@ def test_a_restack_killed_with_sigkill_leaves_the_previous_stages_usable(tiny, t
     script = (
         "import pathlib, sys, time\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
-        "import fuse.stack as s\n"
+        "import fuse.stacking.stack as s\n"
         "def stall(*a, **k):\n"  # the new folders hold fitted fold models by now
         f"    pathlib.Path({str(marker)!r}).write_text('x'); time.sleep(600)\n"
         "s.evaluate = stall\n"

@@ -20,8 +20,8 @@ def train_tiny_run(root: Path, image_size: int = 32) -> dict:
     from fuse.commands import embed_spec, train_gbdt
     from fuse.demo.synthetic import make_isic2024_like
     from fuse.fusion import train_fusion
-    from fuse.model import FusionConfig
-    from fuse.stack import StackConfig, stack
+    from fuse.fusion.model import FusionConfig
+    from fuse.stacking.stack import StackConfig, stack
     from tabular.gbdt import GBDTConfig
     from tabular.spec import load_spec
 

@@ -26,8 +26,8 @@ def run_demo(rows: int = 1500, trials: int = 3, root: Path | None = None, run: s
 
     About 40 lesions per patient at 8% prevalence: enough positives for five grouped folds and
     about 24 per fold, small enough to run in a minute or two on two CPU cores. At 600 rows the
-    fusion MLP stayed near chance (0.53 ROC AUC out of fold: 480 training rows for a 2048-d
-    input); at 1,500 it reaches 0.76.
+    fusion MLP stayed near chance (0.53 ROC AUC out of fold: 480 training rows for the 2,048-d
+    layer4 vectors of the time); at 1,500 it reaches 0.76.
 
     Demo data made earlier with another row count is made again, and the demo's store and run
     with it (a store keyed by id would otherwise keep vectors of the old images).

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from fuse.fusion.embeddings import Embeddings
+from fuse.fusion.model import encode_meta
 from fuse.fusion.training import finite_or_none, stop_score
-from fuse.model import encode_meta
 from tabular.features import FeatureEncoder
 from tabular.run import Run
 

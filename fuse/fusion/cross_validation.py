@@ -46,9 +46,9 @@ from embed.config import resolve_device
 from embed.identity import identity_of
 from fuse.fusion.baselines import logistic_baseline
 from fuse.fusion.embeddings import Embeddings
+from fuse.fusion.model import FusionConfig, FusionMLP, count_parameters, encode_meta
 from fuse.fusion.predict import CONFIG_FILE, member_file
 from fuse.fusion.training import cpu_state, finite_or_none, train_one
-from fuse.model import FusionConfig, FusionMLP, count_parameters, encode_meta
 from fuse.stores import check_same_embeddings, open_for_training
 from runfolder.layout import RunLayout
 from runfolder.records import record_store

@@ -18,8 +18,8 @@ from common.errors import preview
 from embed.errors import StoreMismatchError
 from embed.identity import check_identity, identity_of
 from fuse.fusion.embeddings import Embeddings
+from fuse.fusion.model import FusionConfig, FusionMLP, encode_meta
 from fuse.fusion.training import predict_rows
-from fuse.model import FusionConfig, FusionMLP, encode_meta
 from runfolder.errors import RunError
 from runfolder.layout import STORE_RECORD, require_stage_file
 from tabular.features import FeatureEncoder

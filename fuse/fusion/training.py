@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from fuse.errors import RunError
 from fuse.fusion.embeddings import Embeddings
-from fuse.model import FusionConfig, FusionMLP
+from fuse.fusion.model import FusionConfig, FusionMLP
 from tabular.metrics import MetricWarning, pauc80
 
 log = logging.getLogger(__name__)

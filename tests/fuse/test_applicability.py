@@ -14,7 +14,7 @@ import pytest
 
 from embed.acquisition import CUE_NAMES
 from embed.errors import StoreMismatchError
-from fuse.applicability import (
+from fuse.applicability.detector import (
     ARRAYS,
     RECORD,
     ApplicabilityConfig,
@@ -169,7 +169,7 @@ def test_saved_detector_reads_back_and_predicts_the_same(world, fitted):
 
 @pytest.mark.parametrize("method", ["knn", "pca-residual"])
 def test_both_image_methods_mark_the_planted_cluster_and_read_back(world, tmp_path, method):
-    from fuse.applicability import ApplicabilityConfig
+    from fuse.applicability.detector import ApplicabilityConfig
 
     n = 800
     detector = fit_applicability(tmp_path, world.folds(n), embeddings=world.embeddings(n), identity=IDENTITY,

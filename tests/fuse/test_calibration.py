@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fuse.calibration import (
+from fuse.errors import RunError
+from fuse.stacking.calibration import (
     METHODS,
     RANKING_TOLERANCE,
     Calibrator,
@@ -20,8 +21,7 @@ from fuse.calibration import (
     out_of_fold,
     shift_prevalence,
 )
-from fuse.errors import RunError
-from fuse.stack import StackConfig, load_final, stack
+from fuse.stacking.stack import StackConfig, load_final, stack
 from tabular.metrics import (
     calibration,
     expected_calibration_error,

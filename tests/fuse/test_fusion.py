@@ -16,7 +16,7 @@ from embed.store import IDENTITY_FIELDS, FeatureStore
 from embed.store_writer import StoreWriter
 from fuse.errors import RunError
 from fuse.fusion import Embeddings, FusionModel, predict_rows, train_fusion
-from fuse.model import FusionConfig
+from fuse.fusion.model import FusionConfig
 from tabular.errors import DataError
 from tabular.spec import load_spec
 

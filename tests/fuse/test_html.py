@@ -9,7 +9,7 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from fuse import html
+from fuse.pages import html
 
 TEMPLATES = Path(html.__file__).parent / "templates"
 
@@ -45,11 +45,11 @@ def test_code_segments():
 
 
 def test_every_template_is_package_data():
-    """pyproject's package-data globs cover every file under fuse/templates, so an installed
+    """pyproject's package-data globs cover every file under fuse/pages/templates, so an installed
     copy (not only a checkout or `pip install -e .`) finds them."""
     root = Path(__file__).resolve().parents[2]
     patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "package-data"]["fuse"]
+        "package-data"]["fuse.pages"]
     files = [p.relative_to(TEMPLATES.parent).as_posix() for p in TEMPLATES.rglob("*") if p.is_file()]
     assert len(files) >= 10
     # setuptools expands the patterns as glob.glob(..., recursive=True) does

@@ -8,7 +8,7 @@ import torch
 
 from fuse.errors import RunError
 from fuse.fusion import Embeddings, epoch_rows, minibatches, predict_rows, train_one
-from fuse.model import FusionConfig, FusionMLP
+from fuse.fusion.model import FusionConfig, FusionMLP
 
 TINY = FusionConfig(image_hidden=16, meta_hidden=4, fused_hidden=8, batch_size=8, max_epochs=6,
                     dropout=0.1, input_dropout=0.0, lr=1e-3,

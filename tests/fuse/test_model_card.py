@@ -11,9 +11,9 @@ import pytest
 
 from common.files import sha256_file
 from common.version import lesionfuse_version
-from fuse.model_card import FILE, NOT_MEASURED
-from fuse.report import write_report
-from fuse.stack import StackConfig, stack
+from fuse.pages.model_card import FILE, NOT_MEASURED
+from fuse.pages.report import write_report
+from fuse.stacking.stack import StackConfig, stack
 
 SECTIONS = {
     "intended-use": "Intended use",
@@ -131,7 +131,7 @@ def test_image_modality_from_the_spec_and_store(stacked_run):
 
 
 def test_applicability_threshold_of_the_fitted_stage(stacked_run):
-    from fuse.applicability import load
+    from fuse.applicability.detector import load
 
     summary = load(stacked_run.dir / "applicability").summary()
     card, _, page = _card(stacked_run)

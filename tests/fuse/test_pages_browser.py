@@ -22,9 +22,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fuse.report import COLUMNS, PLOTS, write_report
-from fuse.stack import StackConfig, stack
-from fuse.triage import write_triage_page
+from fuse.pages.report import COLUMNS, PLOTS, write_report
+from fuse.pages.triage import write_triage_page
+from fuse.stacking.stack import StackConfig, stack
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from fuse.errors import RunError
-from fuse.predictions import check_out, escape_formulas, write_predictions
+from fuse.scoring.predictions import check_out, escape_formulas, write_predictions
 
 
 def inputs(tmp_path):

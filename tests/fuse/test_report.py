@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from fuse.errors import RunError
-from fuse.report import (
+from fuse.pages.report import (
     COLUMNS,
     N_RESAMPLES,
     PLOTS,
@@ -24,7 +24,7 @@ from fuse.report import (
     skin_type_column,
     write_report,
 )
-from fuse.stack import StackConfig, stack
+from fuse.stacking.stack import StackConfig, stack
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -246,7 +246,7 @@ def test_index_html_without_final_model_says_so(tabular_run):
 
 
 def test_patients_counted_when_the_spec_has_a_patient_column(tmp_path):
-    from fuse.report import _patients
+    from fuse.pages.report import _patients
 
     folds = pd.DataFrame({"id": ["a", "b", "c", "d"], "group": ["g1", "g1", "g2", "g3"], "fold": [0, 0, 1, 1]})
     pd.DataFrame({"image_id": ["a", "b", "c", "d", "x"], "pid": ["p1", "p1", "p1", "p2", "p9"]}).to_csv(
@@ -416,7 +416,7 @@ def test_age_and_skin_type_columns_are_picked_by_name(spec, age, skin):
     assert age_column(spec) == age
     assert skin_type_column(spec) == skin
 def test_the_report_shows_the_training_novelty_and_the_threshold(stacked_run):
-    from fuse.applicability import load
+    from fuse.applicability.detector import load
 
     path = write_report(stacked_run.dir)
     document = json.loads((path.parent / "metrics.json").read_text())

@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 from tinyrun import train_tiny_run
 
-from fuse import saliency as saliency_module
-from fuse.saliency import grad_cam, saliency_overlays
-from fuse.score import read_scoring_metadata, score
+from fuse.scoring import saliency as saliency_module
+from fuse.scoring.saliency import grad_cam, saliency_overlays
+from fuse.scoring.score import read_scoring_metadata, score
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def tiny(tmp_path_factory):
     from embed.backbone import load_backbone
     from embed.sources import open_source
     from embed.weights import ensure_weights
-    from fuse.models import RunModels
+    from fuse.scoring.run_models import RunModels
 
     made = train_tiny_run(tmp_path_factory.mktemp("saliency"), image_size=SIZE)
     data, spec = made["data"], made["spec"]
@@ -112,7 +112,7 @@ def _quadrant_batch() -> torch.Tensor:
 
 
 def _meta(tiny, n: int) -> list[np.ndarray | None]:
-    from fuse.model import encode_meta
+    from fuse.fusion.model import encode_meta
 
     rows = tiny["frame"].iloc[[0] * n].reset_index(drop=True)
     return [None if model.image_only else encode_meta(encoder, rows)
@@ -266,7 +266,7 @@ def test_unreadable_images_and_ids_without_a_row_get_no_overlay(tiny, caplog):
                 raise OSError("disk gone")
             return super().read_bytes(image_id)
 
-    with caplog.at_level("WARNING", logger="fuse.saliency"):
+    with caplog.at_level("WARNING", logger="fuse.scoring.saliency"):
         got = saliency_overlays(tiny["models"], tiny["frame"], [ids[0], ids[1], ids[2], ids[3], "ISIC_norow"],
                                 Failing(source.images), tiny["info"], "cpu", backbone=tiny["backbone"])
     assert list(got) == [ids[0]]

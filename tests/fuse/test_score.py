@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 from tinyrun import train_tiny_run
 
-from fuse import score as score_module
 from fuse.errors import RunError
-from fuse.score import NO_METADATA, patient_chunks, read_scoring_metadata, score
+from fuse.scoring import score as score_module
+from fuse.scoring.score import NO_METADATA, patient_chunks, read_scoring_metadata, score
 from tabular.spec import ISIC2024_TRAIN_ONLY
 
 pytestmark = pytest.mark.slow
@@ -121,7 +121,7 @@ def test_chunked_streaming_equals_the_stages_own_predictions(tiny, tmp_path, mon
     # Scoring predicts chunk by chunk (whole patients each) while embedding; the figures must be
     # those of each stage's own predict function on the whole frame.
     from fuse.fusion import FusionModel
-    from fuse.stack import BlendModel, StackModel, load_final
+    from fuse.stacking.stack import BlendModel, StackModel, load_final
     from tabular.gbdt_model import GBDTModel
 
     images, metadata = tiny["data"] / "test-image.hdf5", tiny["data"] / "test-metadata.csv"
@@ -391,7 +391,7 @@ def test_most_rows_without_an_image_are_said_early_and_cost_only_their_patients(
     see only the patients of the 6 (the other rows could get no score: both models need the image)."""
     import logging
 
-    from fuse.models import RunModels
+    from fuse.scoring.run_models import RunModels
 
     test = pd.read_csv(tiny["data"] / "test-metadata.csv", dtype={"isic_id": str, "patient_id": str})
     n = 2000
@@ -523,7 +523,7 @@ def test_a_run_without_the_applicability_stage_still_scores(tiny, tmp_path, capl
 
 
 def test_stack_writes_the_applicability_stage(tiny):
-    from fuse.applicability import load
+    from fuse.applicability.detector import load
 
     stage = tiny["run"] / "applicability"
     detector = load(stage)
@@ -538,7 +538,7 @@ def test_stack_writes_the_applicability_stage(tiny):
 
 
 def test_stack_names_a_missing_store_and_leaves_the_old_detector(tiny, tmp_path):
-    from fuse.stack import StackConfig, stack
+    from fuse.stacking.stack import StackConfig, stack
 
     run = tmp_path / "moved-store-run"
     shutil.copytree(tiny["run"], run)
@@ -570,7 +570,7 @@ def test_categories_not_seen_at_fit_are_said_once_though_chunks_are_predicted_in
 
 
 def test_the_triage_page_states_the_operating_points_lower_bound_from_the_report(tiny, tmp_path):
-    from fuse.report import read_operating_point, write_report
+    from fuse.pages.report import read_operating_point, write_report
 
     run = tmp_path / "run"
     shutil.copytree(tiny["run"], run)

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from fuse.errors import RunError
-from fuse.score_rows import NO_METADATA, metadata_rows, read_scoring_metadata, scoring_rows
+from fuse.scoring.rows import NO_METADATA, metadata_rows, read_scoring_metadata, scoring_rows
 from tabular.errors import DataError
 from tabular.spec import load_spec
 from tabular.validate import read_metadata

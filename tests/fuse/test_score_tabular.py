@@ -16,8 +16,8 @@ import pytest
 from tinyrun import train_tiny_tabular_run
 
 from fuse.errors import RunError
-from fuse.score import score
-from fuse.stack import TABULAR_FINAL, GBDTFinal, load_final
+from fuse.scoring.score import score
+from fuse.stacking.stack import TABULAR_FINAL, GBDTFinal, load_final
 
 FAST = {"device": "cpu", "progress": False}
 
@@ -82,7 +82,7 @@ def test_training_ids_are_named_and_marked_in_training(tabular, tmp_path, caplog
     rows = _new_rows(tabular, 4)
     seen = tabular["frame"].iloc[10:13].drop(columns=["target"])
     pd.concat([rows, seen]).to_csv(tmp_path / "mixed.csv", index=False)
-    with caplog.at_level(logging.WARNING, logger="fuse.score"):
+    with caplog.at_level(logging.WARNING, logger="fuse.scoring.score"):
         result = score(tabular["run"], None, tmp_path / "mixed.csv", tmp_path / "p.csv", page=None, **FAST)
     assert result["in_training"].tolist() == [False] * 4 + [True] * 3
     warned = [r.getMessage() for r in caplog.records if "training data" in r.getMessage()]
@@ -100,7 +100,7 @@ def test_values_far_outside_the_training_range_are_named_and_marked(tabular, tmp
     ages = tabular["frame"]["age"]
     rows.loc[4, "age"] = ages.max() + 0.2 * (ages.max() - ages.min())  # within the margin
     rows.to_csv(tmp_path / "odd.csv", index=False)
-    with caplog.at_level(logging.WARNING, logger="fuse.score"):
+    with caplog.at_level(logging.WARNING, logger="fuse.scoring.score"):
         result = score(tabular["run"], None, tmp_path / "odd.csv", tmp_path / "p.csv", page=None, **FAST)
 
     marks = result["out_of_range"].tolist()

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from fuse.errors import RunError
-from fuse.stack import (
+from fuse.stacking.stack import (
     BlendModel,
     StackConfig,
     StackModel,
@@ -190,12 +190,12 @@ def store_record(vectors_sha256: str, ids_sha256: str = "i" * 64) -> dict:
 def test_stages_that_read_other_vectors_of_the_same_store_are_refused(tabular_run, monkeypatch):
     import os
 
-    import fuse.stack
+    import fuse.stacking.stack
     from embed.errors import StoreMismatchError
 
     # The records below name a store that is not there; the applicability detector, which reads it,
     # has tests of its own (test_applicability.py, test_score.py).
-    monkeypatch.setattr(fuse.stack, "_fit_applicability", lambda layout, run: None)
+    monkeypatch.setattr(fuse.stacking.stack, "_fit_applicability", lambda layout, run: None)
 
     layout_dir = tabular_run.dir
     (layout_dir / "gbdt" / "store.json").write_text(json.dumps(store_record("1" * 64)))
@@ -249,7 +249,7 @@ def test_a_full_disk_during_a_restack_names_the_path_and_keeps_the_previous_stag
 
 def test_the_old_fold_models_are_kept_until_the_new_stack_is_whole(tabular_run, monkeypatch):
     """`stack` used to delete the fold models before fitting: a failure then left half a stage."""
-    from fuse import stack as stacking
+    from fuse.stacking import stack as stacking
 
     stack(tabular_run.dir)
     before = stage_files(tabular_run.dir / "stack")

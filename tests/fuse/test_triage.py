@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fuse.triage import NO_PATIENT, write_triage_page
+from fuse.pages.triage import NO_PATIENT, write_triage_page
 
 
 def jpeg(width: int = 200, height: int = 150, seed: int = 0) -> bytes:
@@ -434,8 +434,8 @@ def test_no_in_training_column_or_none_in_training_changes_nothing(tmp_path):
 
 
 def test_header_states_the_operating_point_with_its_lower_bound(tmp_path, tabular_run):
-    from fuse.report import read_operating_point, write_report
-    from fuse.stack import StackConfig, stack
+    from fuse.pages.report import read_operating_point, write_report
+    from fuse.stacking.stack import StackConfig, stack
 
     assert read_operating_point(tabular_run.dir) is None  # no report yet
     stack(tabular_run.dir, config=StackConfig(num_boost_round=30))

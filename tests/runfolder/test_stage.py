@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fuse.fusion import FusionModel
-from fuse.stack import BlendModel, GBDTFinal, StackModel
+from fuse.stacking.stack import BlendModel, GBDTFinal, StackModel
 from runfolder.errors import RunError
 from runfolder.layout import MADE_BY, RunLayout
 from runfolder.stage import Stage, load_stage

@@ -1,7 +1,7 @@
 """A trained run's models, loaded once through each stage's own `load`, predicting batch after batch.
 
 `RunModels.load(run_dir)` asks each stage for its model through `runfolder.stage.load_stage`
-(`GBDTModel`, `FusionModel`; the final model through `fuse.stack.load_final`), whose missing-stage
+(`GBDTModel`, `FusionModel`; the final model through `fuse.stacking.stack.load_final`), whose missing-stage
 message is the run package's, and checks, before any image is embedded, that every
 stage that reads embeddings was trained on the same ones (`<stage>/store.json`): its `identity`
 is what new images must be embedded with. Nothing here reads a stage's files.
@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 
 from embed.errors import StoreMismatchError
-from fuse.applicability_stage import load_detector
+from fuse.applicability.ranges import load_ranges
+from fuse.applicability.stage import load_detector
 from fuse.fusion import FusionModel
-from fuse.ranges import load_ranges
-from fuse.stack import FinalModel, load_final
+from fuse.stacking.stack import FinalModel, load_final
 from fuse.stores import run_identity
 from runfolder.errors import RunError
 from runfolder.layout import RunLayout
@@ -59,7 +59,7 @@ class EncodingCache:
 class RunModels:
     """The LightGBM stage, the fusion stage and the final model of one run.
 
-    A tabular-only run (`fuse.stack.tabular_only`) has no fusion stage (`fusion` and `identity`
+    A tabular-only run (`fuse.stacking.stack.tabular_only`) has no fusion stage (`fusion` and `identity`
     are None) and scores metadata rows without images (`needs_images` is False).
     """
 

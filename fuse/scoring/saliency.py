@@ -51,7 +51,7 @@ def saliency_overlays(models, frame: pd.DataFrame, ids: Sequence[str], source, w
     """Grad-CAM overlays (PNG bytes, longest side `size`) of the fusion MLP's score, by id.
 
     Args:
-        models: the run's loaded models (`fuse.models.RunModels`): its fusion folds, spec and
+        models: the run's loaded models (`fuse.scoring.run_models.RunModels`): its fusion folds, spec and
             embedding identity (image size) are used.
         frame: the scored metadata rows (the run spec's id column and features). Each id's
             metadata is encoded with the other rows of its patient, as scoring encodes it.
@@ -169,7 +169,7 @@ def grad_cam(backbone: torch.nn.Module, folds, batch: torch.Tensor, meta: Sequen
 def _encoded_meta(models, frame: pd.DataFrame, rows: list[int]) -> list[np.ndarray | None]:
     """Per fold, the metadata input of `frame`'s `rows`, encoded with their patients' other rows
     (per-patient features come from the scored rows of the patient, as in scoring)."""
-    from fuse.model import encode_meta
+    from fuse.fusion.model import encode_meta
     from tabular.gbdt_model import positional
 
     spec = models.run_spec

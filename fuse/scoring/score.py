@@ -1,9 +1,9 @@
 """Scoring new lesions with a trained run: images (and their metadata) in, one row per lesion out.
 
 One loop, as timm's `inference.py`: check the output path, load the run's models once
-(`fuse.models.RunModels`, which also says which embeddings the run needs), read the rows
-(`fuse.score_rows`), embed the images chunk by chunk and predict each chunk in a worker thread
-while the next one embeds, then write the predictions (`fuse.predictions`).
+(`fuse.scoring.run_models.RunModels`, which also says which embeddings the run needs), read the rows
+(`fuse.scoring.rows`), embed the images chunk by chunk and predict each chunk in a worker thread
+while the next one embeds, then write the predictions (`fuse.scoring.predictions`).
 
 Rows that cannot be fully scored are kept, never dropped:
 
@@ -33,12 +33,12 @@ from common.errors import preview
 from embed.config import embedding_identity
 from embed.errors import EmbedError, StoreMismatchError
 from embed.identity import check_identity
-from fuse.calibration import shift_prevalence
+from fuse.applicability.ranges import outside_training
 from fuse.errors import RunError
-from fuse.models import RunModels
-from fuse.predictions import check_out, check_page, write_predictions
-from fuse.ranges import outside_training
-from fuse.score_rows import NO_METADATA, metadata_rows, read_scoring_metadata, scoring_rows
+from fuse.scoring.predictions import check_out, check_page, write_predictions
+from fuse.scoring.rows import NO_METADATA, metadata_rows, read_scoring_metadata, scoring_rows
+from fuse.scoring.run_models import RunModels
+from fuse.stacking.calibration import shift_prevalence
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def score(
         page: also write the triage page (one self-contained HTML file) there: flagged lesions
             first, with thumbnails, scores and reasons. Checked like `out`.
         overlays: with `page`, how many flagged lesions (highest probability first) get a Grad-CAM
-            saliency overlay of the fusion MLP on the page (`fuse.saliency`; a backward pass
+            saliency overlay of the fusion MLP on the page (`fuse.scoring.saliency`; a backward pass
             each); 0 = none.
 
     Returns:
@@ -109,9 +109,9 @@ def score(
         then images without a metadata row in the image source's order: the id, probability,
         p_gbdt, p_fusion (not for a tabular-only run), flagged, reasons (with `explain`),
         in_training (the id was a training row of the run: warned), out_of_range ("" or the
-        values far outside the training range, `fuse.ranges`; absent for runs stacked before the
+        values far outside the training range, `fuse.applicability.ranges`; absent for runs stacked before the
         ranges were recorded), unlike_training / novelty / novelty_reason (the run's
-        applicability detector, `fuse.applicability_stage`, joined with the range check: empty
+        applicability detector, `fuse.applicability.stage`, joined with the range check: empty
         for rows not scored and for runs stacked before the detector existed; the count is
         warned), error (and prevalence when given). Metadata rows without an
         image are not passed to the models when no score could come of them (see
@@ -178,7 +178,7 @@ def score(
         "flagged": flagged,
         **({"reasons": reasons} if reasons is not None else {}),
         "in_training": in_training,
-        # Rows with a value far outside its column's training range (`fuse.ranges`): "" or which.
+        # Rows with a value far outside its column's training range (`fuse.applicability.ranges`): "" or which.
         **({"out_of_range": unusual_text} if unusual is not None else {}),
         **applicability,
         "error": error,
@@ -189,7 +189,7 @@ def score(
     if page is not None:
         pictures = {}
         if overlays and models.needs_images:
-            from fuse.saliency import saliency_overlays
+            from fuse.scoring.saliency import saliency_overlays
 
             flagged_rows = result[result["flagged"].fillna(False).to_numpy(dtype=bool)]
             shown = flagged_rows.sort_values("probability", ascending=False, kind="stable")[spec.id]
@@ -319,8 +319,8 @@ def _write_page(result: pd.DataFrame, page: Path, models: RunModels, frame: pd.D
                 out: Path, threshold: float, prevalence: float | None,
                 overlays: dict[str, bytes] | None = None) -> None:
     """The triage page of `result`: thumbnails read from the image source for the rows shown."""
-    from fuse.report import read_operating_point
-    from fuse.triage import write_triage_page
+    from fuse.pages.report import read_operating_point
+    from fuse.pages.triage import write_triage_page
 
     def thumbnail(image_id: str) -> bytes | None:
         if source is None:  # a tabular-only run scored without --images
@@ -507,7 +507,7 @@ def _applicability_columns(models: RunModels, novelty: dict | None, probability:
                            outside: np.ndarray | None, outside_text: list[str] | None) -> dict:
     """The columns `unlike_training`, `novelty` and `novelty_reason`, one notion of "unlike
     training": the detector's (image, acquisition, metadata) joined with the range check of
-    `fuse.ranges` (a value far outside the training range marks the row too, its text in the
+    `fuse.applicability.ranges` (a value far outside the training range marks the row too, its text in the
     reason). Rows without a probability (not scored) get empty values; a run without the
     applicability stage gets the three columns empty (logged once by `RunModels`).
     """

@@ -48,9 +48,9 @@ import numpy as np
 import pandas as pd
 
 from common.files import atomic_write, atomic_write_json, reporting_write_errors, sha256_file
-from fuse.calibration import Calibrator, choose_calibrator
+from fuse.applicability.ranges import write_ranges
 from fuse.errors import RunError
-from fuse.ranges import write_ranges
+from fuse.stacking.calibration import Calibrator, choose_calibrator
 from fuse.stores import run_identity
 from runfolder.layout import FINAL, RunLayout, require_stage_file
 from runfolder.stage import load_stage
@@ -373,7 +373,7 @@ def stack(run_dir: Path | str, sensitivity: float = 0.95, config: StackConfig | 
     Reads `gbdt/oof.csv` and `fusion/oof.csv` (checked against the run's `folds.csv`), writes
     `stack/` (fold models `fold{k}.txt`, encoders, `stack.json`, `oof.csv`, `metrics.json`,
     `final.json`), `blend/` (`blend.json`, `oof.csv`, `metrics.json`) and `applicability/` (the
-    detector of rows unlike the training rows, `fuse.applicability_stage`).
+    detector of rows unlike the training rows, `fuse.applicability.stage`).
 
     Args:
         run_dir: the run folder.
@@ -429,8 +429,8 @@ def stack(run_dir: Path | str, sensitivity: float = 0.95, config: StackConfig | 
 
 def _fit_applicability(layout: RunLayout, run) -> None:
     """`<run>/applicability/`: how unlike the training rows a scored row is (image, acquisition,
-    metadata; `fuse.applicability_stage`), fitted on the same rows and folds."""
-    from fuse.applicability_stage import fit_stage
+    metadata; `fuse.applicability.stage`), fitted on the same rows and folds."""
+    from fuse.applicability.stage import fit_stage
 
     fit_stage(layout, run)
 

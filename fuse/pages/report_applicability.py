@@ -1,6 +1,6 @@
 """The report's applicability section: how unusual the training lesions themselves are, out of fold.
 
-Reads the run's detector through its own loader (`fuse.applicability_stage.load_detector`) and
+Reads the run's detector through its own loader (`fuse.applicability.stage.load_detector`) and
 gives the report plain values: the threshold, the share of training lesions it marks out of fold
 (overall and per part), the parts and the fit time, plus a histogram of the training lesions'
 out-of-fold novelty with the threshold line (`applicability.png`). The page shows them through
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fuse import html
-from fuse.applicability_stage import load_detector
+from fuse.applicability.stage import load_detector
+from fuse.pages import html
 from runfolder.errors import RunError
 from runfolder.layout import RunLayout
 

@@ -1,6 +1,6 @@
 """The run's applicability stage, `<run>/applicability/`: fitted by `invoke stack`, read by scoring.
 
-`fit_stage` gathers a run's training rows as the detector (`fuse.applicability`) needs them, in
+`fit_stage` gathers a run's training rows as the detector (`fuse.applicability.detector`) needs them, in
 the run's `folds.csv` order: the embeddings from the feature store the run's image stages
 recorded (`<stage>/store.json`; the fusion stage's first), the acquisition cues of the training
 images (cached beside that store, `embed.cue_cache`, so a second `invoke stack` measures none),
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from common.files import reporting_write_errors
-from fuse.applicability import Applicability, fit_applicability, load
+from fuse.applicability.detector import Applicability, fit_applicability, load
 from runfolder.layout import RunLayout
 from runfolder.records import store_records
 

@@ -7,8 +7,8 @@ gives a rank score, not a probability), so one shared threshold would mean nothi
 
 Writes `<run>/report/`: `report.md` (the table, the final model, the plots), `index.html` (the
 same, as one self-contained page with the plots embedded, for a browser, offline), `metrics.json`
-(the same figures for machines), `model-card.md` (see `fuse.model_card`) and the PNG plots. The
-page is the template `fuse/templates/report.html` (and its parts under `report/`); `report.md` is
+(the same figures for machines), `model-card.md` (see `fuse.pages.model_card`) and the PNG plots. The
+page is the template `fuse/pages/templates/report.html` (and its parts under `report/`); `report.md` is
 written here.
 
 Beside the point figures the report gives what the data can and cannot tell:
@@ -35,9 +35,9 @@ import numpy as np
 import pandas as pd
 
 from common.files import atomic_write, atomic_write_text
-from fuse import html, model_card
 from fuse.errors import RunError
-from fuse.report_applicability import applicability_section, applicability_values
+from fuse.pages import html, model_card
+from fuse.pages.report_applicability import applicability_section, applicability_values
 from runfolder.layout import METRICS, REPORT, RunLayout
 from tabular.decision_curve import decision_curve, plot_decision_curve
 from tabular.errors import DataError
@@ -676,7 +676,7 @@ def _data_figures(document: dict) -> str:
 
 def _html(document: dict, final: dict | None, out: Path, card: dict) -> str:
     """`index.html`: the figures of `report.md` as one self-contained page (plots embedded), from
-    the template `fuse/templates/report.html`."""
+    the template `fuse/pages/templates/report.html`."""
     sensitivity = document["sensitivity"]
     rows, positives = document["rows"], document["positives"]
     models = []

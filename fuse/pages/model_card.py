@@ -2,7 +2,7 @@
 (with 95% CIs), how it is calibrated, where it is weaker, when it does not apply, and exactly which
 code, weights, store and spec made it.
 
-Written by `fuse.report.write_report` beside the report, as `report/model-card.md` and as the
+Written by `fuse.pages.report.write_report` beside the report, as `report/model-card.md` and as the
 model card section of `report/index.html` (the template `report/model_card.html`). Everything in
 it comes from the run folder and the report's own figures: nothing about a particular run is
 typed by hand.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common.files import sha256_file
 from common.version import lesionfuse_version
-from fuse import html
+from fuse.pages import html
 from runfolder.layout import RunLayout
 from runfolder.records import store_records
 
@@ -122,7 +122,7 @@ def _count(value) -> str:
 
 
 def _intended_use(document: dict, final: dict | None) -> dict:
-    from fuse.report import operating_sentence  # the report owns the sentence (one wording)
+    from fuse.pages.report import operating_sentence  # the report owns the sentence (one wording)
 
     point = document.get("operating_point")
     paragraphs = [
@@ -174,7 +174,7 @@ def _training_data(document: dict, spec: dict, stores: dict) -> dict:
 
 
 def _figures(document: dict) -> dict:
-    from fuse.report import interval_values
+    from fuse.pages.report import interval_values
 
     values = interval_values(document)
     if values is None:
@@ -196,7 +196,7 @@ def _calibration(document: dict, final: dict | None) -> dict:
             f"of {shown} is shown as it is."
         ], facts=[("Brier", _number(model.get("brier"), ".4f")), ("ECE", _number(model.get("ece"), ".4f"))])
     interval = ((document.get("intervals") or {}).get("models") or {}).get("calibrated", {}).get("brier")
-    from fuse.report import ci_text  # the report's interval wording
+    from fuse.pages.report import ci_text  # the report's interval wording
 
     facts = [
         ("method", f"{calibration['method']} (the lower out-of-fold Brier score of the methods tried, "
@@ -217,7 +217,7 @@ def _calibration(document: dict, final: dict | None) -> dict:
 
 
 def _subgroups(document: dict) -> dict:
-    from fuse.report import subgroup_values
+    from fuse.pages.report import subgroup_values
 
     values = subgroup_values(document)
     if values["unavailable"]:
@@ -258,7 +258,7 @@ def _applicability(layout: RunLayout) -> dict:
 def _applicability_facts(stage: Path) -> list[tuple[str, str]] | None:
     """The detector's threshold and the share of training rows it marks out of fold, from its
     own loader (`fuse.applicability.load`); None (logged) when it refuses the folder."""
-    from fuse.applicability import load
+    from fuse.applicability.detector import load
 
     try:
         summary = load(stage).summary()

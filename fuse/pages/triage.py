@@ -11,7 +11,7 @@ flagged lesions and its top few others, and a count of the rest. Rows the run wa
 trained on (`unlike_training`) carry a badge with the reason, and a banner over the lists counts
 them: their probabilities may not hold.
 
-The page is the template `fuse/templates/triage.html` (and its parts under `triage/`); this module
+The page is the template `fuse/pages/templates/triage.html` (and its parts under `triage/`); this module
 turns the predictions into the plain values it shows.
 
 The page stays small at any number of rows: it holds at most `max_rows` lesions (the flagged
@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from common.files import atomic_write_text
-from fuse import html
+from fuse.pages import html
 
 __all__ = ["IN_TRAINING", "NO_PATIENT", "write_triage_page"]
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 NO_PATIENT = "(no patient id)"
 # The scoring output's column saying the row was in the run's training data (optional).
 IN_TRAINING = "in_training"
-# The applicability columns of the scoring output (`fuse.score`): a banner counts the rows
+# The applicability columns of the scoring output (`fuse.scoring.score`): a banner counts the rows
 # unlike the training lesions, and each such row carries a badge with its reason.
 UNLIKE = "unlike_training"
 NOVELTY_REASON = "novelty_reason"
@@ -93,7 +93,7 @@ def write_triage_page(
         prevalence: the prevalence `probability` was moved to when scoring (a fraction), for the
             header's sentence; None: the probabilities hold at the training data's prevalence.
         operating_point: the run's operating point as its report states it
-            (`fuse.report.read_operating_point(run_dir)`: threshold, target_sensitivity,
+            (`fuse.pages.report.read_operating_point(run_dir)`: threshold, target_sensitivity,
             sensitivity, sensitivity_low, ...); the header then says the sensitivity reached out
             of fold with its lower 95% bound. Left out (logged) when its threshold is not
             `threshold` (a report written for another operating point). None: not stated.

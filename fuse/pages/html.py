@@ -2,7 +2,7 @@
 
 Every page is one file that opens offline: images are embedded as base64 data URIs, the style
 sheet and the little sorting script are inline, and a Content-Security-Policy forbids any network
-request. The pages are Jinja2 templates in `fuse/templates/` (`base.html` holds the shared head:
+request. The pages are Jinja2 templates in `fuse/pages/templates/` (`base.html` holds the shared head:
 CSP, style, sorting script); `render` fills one with plain values. Autoescaping is on for every
 `.html` template, so text from user data (ids, column names, reasons) is escaped by the engine,
 never by hand.
@@ -32,7 +32,7 @@ def environment() -> jinja2.Environment:
     `templates/` folder (package data, so an installed copy finds them too), autoescaping for
     `.html`, and an error for any name a template uses that was not handed to it."""
     return jinja2.Environment(
-        loader=jinja2.PackageLoader("fuse", "templates"),
+        loader=jinja2.PackageLoader("fuse.pages", "templates"),
         autoescape=jinja2.select_autoescape(["html"]),
         undefined=jinja2.StrictUndefined,
         # block tags on their own line leave no blank line behind
@@ -43,7 +43,7 @@ def environment() -> jinja2.Environment:
 
 
 def render(template: str, **values) -> str:
-    """The template `template` (a name under `fuse/templates/`, e.g. "triage.html") rendered
+    """The template `template` (a name under `fuse/pages/templates/`, e.g. "triage.html") rendered
     with `values` (plain strings, numbers, lists and dicts; never pre-built HTML) and `csp`.
 
     Raises:
