@@ -278,6 +278,12 @@ def lint(c):
     c.run(f"{sys.executable} -m ruff check .")
 
 
-@_task(pre=[lint, test])
+@_task()
+def typecheck(c):
+    """Check the packages' types with mypy (settings in pyproject.toml)."""
+    c.run(f"{sys.executable} -m mypy")
+
+
+@_task(pre=[lint, typecheck, test])
 def check(c):
-    """Lint, then test."""
+    """Lint, type-check, then test."""
