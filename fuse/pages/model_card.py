@@ -22,7 +22,10 @@ from pathlib import Path
 
 from common.files import sha256_file
 from common.version import lesionfuse_version
+from fuse.applicability.detector import load
 from fuse.pages import html
+# the report's own wording of its figures (one wording for the report and the card)
+from fuse.pages.report_text import ci_text, interval_values, operating_sentence, subgroup_values
 from runfolder.layout import RunLayout
 from runfolder.records import store_records
 
@@ -122,8 +125,6 @@ def _count(value) -> str:
 
 
 def _intended_use(document: dict, final: dict | None) -> dict:
-    from fuse.pages.report import operating_sentence  # the report owns the sentence (one wording)
-
     point = document.get("operating_point")
     paragraphs = [
         "A second opinion on whether a skin lesion is malignant, for a clinician who decides "
@@ -174,8 +175,6 @@ def _training_data(document: dict, spec: dict, stores: dict) -> dict:
 
 
 def _figures(document: dict) -> dict:
-    from fuse.pages.report import interval_values
-
     values = interval_values(document)
     if values is None:
         return _section("figures", "Figures with 95% CI",
@@ -196,8 +195,6 @@ def _calibration(document: dict, final: dict | None) -> dict:
             f"of {shown} is shown as it is."
         ], facts=[("Brier", _number(model.get("brier"), ".4f")), ("ECE", _number(model.get("ece"), ".4f"))])
     interval = ((document.get("intervals") or {}).get("models") or {}).get("calibrated", {}).get("brier")
-    from fuse.pages.report import ci_text  # the report's interval wording
-
     facts = [
         ("method", f"{calibration['method']} (the lower out-of-fold Brier score of the methods tried, "
                    "fitted on the out-of-fold scores)"),
@@ -217,8 +214,6 @@ def _calibration(document: dict, final: dict | None) -> dict:
 
 
 def _subgroups(document: dict) -> dict:
-    from fuse.pages.report import subgroup_values
-
     values = subgroup_values(document)
     if values["unavailable"]:
         return _section("subgroups", "Subgroups", [f"Subgroup table not made: {values['unavailable']}."])
@@ -258,8 +253,6 @@ def _applicability(layout: RunLayout) -> dict:
 def _applicability_facts(stage: Path) -> list[tuple[str, str]] | None:
     """The detector's threshold and the share of training rows it marks out of fold, from its
     own loader (`fuse.applicability.load`); None (logged) when it refuses the folder."""
-    from fuse.applicability.detector import load
-
     try:
         summary = load(stage).summary()
     except (ValueError, OSError) as error:

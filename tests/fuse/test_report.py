@@ -246,17 +246,17 @@ def test_index_html_without_final_model_says_so(tabular_run):
 
 
 def test_patients_counted_when_the_spec_has_a_patient_column(tmp_path):
-    from fuse.pages.report import _patients
+    from fuse.pages.report_figures import patients
 
     folds = pd.DataFrame({"id": ["a", "b", "c", "d"], "group": ["g1", "g1", "g2", "g3"], "fold": [0, 0, 1, 1]})
     pd.DataFrame({"image_id": ["a", "b", "c", "d", "x"], "pid": ["p1", "p1", "p1", "p2", "p9"]}).to_csv(
         tmp_path / "metadata.csv", index=False
     )
     spec = {"id": "image_id", "group": "lesion_id", "metadata": str(tmp_path / "metadata.csv")}
-    assert _patients({"spec": {**spec, "patient": None}}, folds) is None
-    assert _patients({"spec": {**spec, "patient": "pid"}}, folds) == 2  # x is not in the run
-    assert _patients({"spec": {**spec, "patient": "lesion_id"}}, folds) == 3  # the group itself
-    assert _patients({"spec": {**spec, "patient": "pid", "metadata": str(tmp_path / "gone.csv")}}, folds) is None
+    assert patients({"spec": {**spec, "patient": None}}, folds) is None
+    assert patients({"spec": {**spec, "patient": "pid"}}, folds) == 2  # x is not in the run
+    assert patients({"spec": {**spec, "patient": "lesion_id"}}, folds) == 3  # the group itself
+    assert patients({"spec": {**spec, "patient": "pid", "metadata": str(tmp_path / "gone.csv")}}, folds) is None
 
 
 # ------------------------------------------------ intervals, subgroups, decision curve
