@@ -11,8 +11,8 @@ flagged lesions and its top few others, and a count of the rest. Rows the run wa
 trained on (`unlike_training`) carry a badge with the reason, and a banner over the lists counts
 them: their probabilities may not hold.
 
-The page is the template `fuse/pages/templates/triage.html` (and its parts under `triage/`); this module
-turns the predictions into the plain values it shows.
+The page is the template `fuse/pages/templates/triage.html` (and its parts under `triage/`);
+this module turns the predictions into the plain values it shows.
 
 The page stays small at any number of rows: it holds at most `max_rows` lesions (the flagged
 ones first, then the top of the list) and says how many more rows the predictions file holds.
@@ -105,22 +105,9 @@ def write_triage_page(
         ValueError: a required column is missing, `patient` has another length than
             `predictions`, or `max_rows` / `per_patient` / `thumbnail_px` is out of range.
     """
-    missing = [c for c in (id_column, "probability") if c not in predictions.columns]
-    if missing:
-        raise ValueError(f"predictions: missing column(s) {missing} (columns: {list(predictions.columns)})")
-    if max_rows < 1 or per_patient < 0 or thumbnail_px < 8:
-        raise ValueError(f"max_rows >= 1, per_patient >= 0 and thumbnail_px >= 8 expected, got "
-                         f"{max_rows}, {per_patient}, {thumbnail_px}")
-    if patient is not None and len(patient) != len(predictions):
-        raise ValueError(f"patient: {len(patient)} values for {len(predictions)} prediction rows")
-
+    _check_arguments(predictions, id_column, patient, max_rows, per_patient, thumbnail_px)
     rows = _normalise(predictions, id_column, threshold, patient)
-    scored = rows[rows["probability"].notna()]
-    unscored = rows[rows["probability"].isna()]
-    order = np.lexsort((scored["position"].to_numpy(), -scored["probability"].to_numpy(),
-                        -scored["flagged"].to_numpy().astype(np.int8)))
-    scored = scored.iloc[order]
-
+    scored, unscored = _ordered(rows)
     render = _Renderer(thumbnail, overlays or {}, thumbnail_px)
     p_columns = [c for c in predictions.columns if c.startswith("p_")]
     source = csv_name or "the predictions file"
@@ -155,6 +142,30 @@ def write_triage_page(
     atomic_write_text(out, page)
     log.info("triage page: %s (%d lesions shown of %d rows)", out, render.shown, len(rows))
     return Path(out)
+
+
+def _check_arguments(predictions: pd.DataFrame, id_column: str, patient, max_rows: int,
+                     per_patient: int, thumbnail_px: int) -> None:
+    """Raise ValueError for a missing required column, a `patient` of another length or an
+    option out of range."""
+    missing = [c for c in (id_column, "probability") if c not in predictions.columns]
+    if missing:
+        raise ValueError(f"predictions: missing column(s) {missing} (columns: {list(predictions.columns)})")
+    if max_rows < 1 or per_patient < 0 or thumbnail_px < 8:
+        raise ValueError(f"max_rows >= 1, per_patient >= 0 and thumbnail_px >= 8 expected, got "
+                         f"{max_rows}, {per_patient}, {thumbnail_px}")
+    if patient is not None and len(patient) != len(predictions):
+        raise ValueError(f"patient: {len(patient)} values for {len(predictions)} prediction rows")
+
+
+def _ordered(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(scored rows flagged first, then by descending probability, ties in input order; the
+    rows that could not be scored, in input order)."""
+    scored = rows[rows["probability"].notna()]
+    unscored = rows[rows["probability"].isna()]
+    order = np.lexsort((scored["position"].to_numpy(), -scored["probability"].to_numpy(),
+                        -scored["flagged"].to_numpy().astype(np.int8)))
+    return scored.iloc[order], unscored
 
 
 def _operating(point: Mapping | None, threshold: float) -> dict | None:
