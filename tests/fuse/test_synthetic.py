@@ -17,7 +17,8 @@ from sklearn.model_selection import GroupKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from fuse.demo.synthetic import TEST_COLUMNS, TRAIN_COLUMNS, draw_lesion, make_isic2024_like
+from fuse.demo.lesion_images import draw_lesion
+from fuse.demo.synthetic import TEST_COLUMNS, TRAIN_COLUMNS, make_isic2024_like
 from fuse.errors import RunError
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
