@@ -50,7 +50,7 @@ from tabular.spec import DatasetSpec
 log = logging.getLogger(__name__)
 
 # Rows read from a store at once when a whole data set is averaged over views (bounded memory).
-READ_ROWS = 8192
+_READ_ROWS = 8192
 
 
 def store_path(spec: DatasetSpec, weights: WeightsInfo, config: EmbedConfig,
@@ -76,7 +76,7 @@ def locate_store(spec: DatasetSpec, weights: WeightsInfo | None = None, stores: 
     if not candidates:
         raise RunError(
             f"no feature store for data set '{spec.name}' with weights {weights.sha256[:12]} under {root}; "
-            f"make it with `invoke embed --spec {spec_argument(spec)}`"
+            f"make it with `invoke embed --spec {_spec_argument(spec)}`"
         )
     if preferred in candidates:
         return preferred
@@ -86,7 +86,7 @@ def locate_store(spec: DatasetSpec, weights: WeightsInfo | None = None, stores: 
     return candidates[0]
 
 
-def spec_argument(spec: DatasetSpec) -> str:
+def _spec_argument(spec: DatasetSpec) -> str:
     """What to pass as `--spec` to mean this spec again."""
     return str(spec.source or spec.root)
 
@@ -107,9 +107,9 @@ class SpecStore:
     def mean_embeddings(self) -> np.ndarray:
         """(n_rows, dim) float32: each row's embedding averaged over views, in the spec's row order."""
         out = np.empty((len(self.ids), self.store.dim), dtype=np.float32)
-        for start in range(0, len(self.ids), READ_ROWS):
-            block = self.store.read(self.ids[start:start + READ_ROWS])
-            out[start:start + READ_ROWS] = block.astype(np.float32).mean(axis=1)
+        for start in range(0, len(self.ids), _READ_ROWS):
+            block = self.store.read(self.ids[start:start + _READ_ROWS])
+            out[start:start + _READ_ROWS] = block.astype(np.float32).mean(axis=1)
         return out
 
 
@@ -117,11 +117,11 @@ def rows_digest(store: FeatureStore, ids: list[str]) -> dict:
     """{"rows", "ids_sha256", "vectors_sha256"}: what a stage read from `store` for `ids`.
 
     `ids_sha256` covers the ids in the given (row) order; `vectors_sha256` the stored vectors of
-    those rows in that order, every view, in the store's dtype, read `READ_ROWS` at a time.
+    those rows in that order, every view, in the store's dtype, read `_READ_ROWS` at a time.
     """
     vectors = hashlib.sha256()
-    for start in range(0, len(ids), READ_ROWS):
-        vectors.update(np.ascontiguousarray(store.read(ids[start:start + READ_ROWS])).tobytes())
+    for start in range(0, len(ids), _READ_ROWS):
+        vectors.update(np.ascontiguousarray(store.read(ids[start:start + _READ_ROWS])).tobytes())
     return {"rows": len(ids), "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
             "vectors_sha256": vectors.hexdigest()}
 
@@ -145,7 +145,7 @@ def open_for_training(spec: DatasetSpec, ids: list[str], store_dir: Path | str |
     store_dir = Path(store_dir) if store_dir is not None else locate_store(spec)
     if not store_dir.is_dir():
         raise RunError(f"store: no feature store at {store_dir}; make it with "
-                       f"`invoke embed --spec {spec_argument(spec)}`")
+                       f"`invoke embed --spec {_spec_argument(spec)}`")
     store = FeatureStore.open(store_dir)
     _require_vectors(spec, ids, store, run)
     _require_current(spec, ids, store)
@@ -167,10 +167,10 @@ def _require_vectors(spec: DatasetSpec, ids: list[str], store: FeatureStore, run
         raise RunError(
             f"{what}; {len(failed)} of them could not be embedded, e.g. {failed[0]}: "
             f"{failures[failed[0]]}{listing}; try them again with "
-            f"`invoke embed --spec {spec_argument(spec)} --retry-failed`; to train without them, "
+            f"`invoke embed --spec {_spec_argument(spec)} --retry-failed`; to train without them, "
             f"remove their rows from {spec.metadata} (a new --run, since a run's rows are fixed)"
         )
-    raise RunError(f"{what}; embed them with `invoke embed --spec {spec_argument(spec)}`{listing}")
+    raise RunError(f"{what}; embed them with `invoke embed --spec {_spec_argument(spec)}`{listing}")
 
 
 def _require_current(spec: DatasetSpec, ids: list[str], store: FeatureStore) -> None:
@@ -186,7 +186,7 @@ def _require_current(spec: DatasetSpec, ids: list[str], store: FeatureStore) -> 
     if changed:
         raise RunError(
             f"store {store.path}: {len(changed)} image(s) changed since they were embedded "
-            f"({preview(changed)}); embed them again with `invoke embed --spec {spec_argument(spec)}`"
+            f"({preview(changed)}); embed them again with `invoke embed --spec {_spec_argument(spec)}`"
         )
 
 
@@ -240,5 +240,5 @@ def run_identity(run: RunLayout) -> dict | None:
 
 __all__ = [
     "SpecStore", "StoreMismatchError", "check_same_embeddings", "locate_store", "open_for_training",
-    "rows_digest", "run_identity", "spec_argument", "store_path",
+    "rows_digest", "run_identity", "store_path",
 ]

@@ -14,3 +14,5 @@
   by scoring;
 - `fuse.applicability.ranges`: numeric values far outside what training saw.
 """
+
+__all__: list[str] = []

@@ -23,7 +23,7 @@ from common.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MARGIN", "RANGES_FILE", "load_ranges", "outside_training", "training_ranges", "write_ranges"]
+__all__ = ["MARGIN", "RANGES_FILE", "load_ranges", "outside_training", "write_ranges"]
 
 RANGES_FILE = "ranges.json"
 # How far beyond the training range a value may lie before it is marked, as a share of the
@@ -34,7 +34,7 @@ RANGES_FILE = "ranges.json"
 MARGIN = 0.25
 
 
-def training_ranges(frame: pd.DataFrame, columns) -> dict[str, dict[str, float]]:
+def _training_ranges(frame: pd.DataFrame, columns) -> dict[str, dict[str, float]]:
     """{column: {"min", "max", "rows"}} over the non-missing values of `frame`'s numeric `columns`
     (columns absent, or without any value, are left out)."""
     ranges = {}
@@ -51,7 +51,7 @@ def training_ranges(frame: pd.DataFrame, columns) -> dict[str, dict[str, float]]
 def write_ranges(stage_dir: Path, frame: pd.DataFrame, columns) -> Path:
     """Write `<stage_dir>/ranges.json` (atomically) from the training rows; returns its path."""
     path = Path(stage_dir) / RANGES_FILE
-    atomic_write_json(path, {"margin": MARGIN, "columns": training_ranges(frame, columns)})
+    atomic_write_json(path, {"margin": MARGIN, "columns": _training_ranges(frame, columns)})
     return path
 
 
@@ -71,7 +71,7 @@ def outside_training(frame: pd.DataFrame, ranges: dict[str, dict[str, float]],
 
     Args:
         frame: the rows to score, shape (n, ...); missing values are never outside.
-        ranges: as `training_ranges`.
+        ranges: {column: {"min", "max", "rows"}}, as `load_ranges` returns them.
         margin: share of a range's width a value may lie beyond it.
 
     Returns:

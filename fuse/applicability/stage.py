@@ -25,7 +25,7 @@ from fuse.applicability.detector import Applicability, fit_applicability, load
 from runfolder.layout import RunLayout
 from runfolder.records import store_records
 
-__all__ = ["STAGE", "fit_stage", "load_detector", "store_of_run"]
+__all__ = ["STAGE", "fit_stage", "load_detector"]
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ STAGE = "applicability"
 _IMAGE_STAGES = ("fusion", "gbdt")
 
 
-def store_of_run(layout: RunLayout) -> dict | None:
+def _store_of_run(layout: RunLayout) -> dict | None:
     """The store record (`FeatureStore.reference()`) of the run's image stages, or None."""
     records = store_records(layout)
     for stage in _IMAGE_STAGES:
@@ -63,7 +63,7 @@ def fit_stage(layout: RunLayout, run, *, progress: bool = True) -> Applicability
         "numeric": [c for c in spec.numeric if c in features],
         "categorical": [c for c in spec.categorical if c in features],
     }
-    record = store_of_run(layout)
+    record = _store_of_run(layout)
     if record is not None:
         inputs.update(_image_inputs(record, spec, ids, progress))
     with reporting_write_errors(STAGE, layout.dir), layout.rewriting(STAGE) as new:

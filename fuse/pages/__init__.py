@@ -6,3 +6,5 @@
 - `fuse.pages.model_card`: the model card the report carries;
 - `fuse.pages.triage`: the triage page of a scored folder.
 """
+
+__all__: list[str] = []

@@ -4,8 +4,8 @@ code, weights, store and spec made it.
 
 Written by `fuse.pages.report.write_report` beside the report, as `report/model-card.md` and as the
 model card section of `report/index.html` (the template `report/model_card.html`). Everything in
-it comes from the run folder and the report's own figures: nothing about a particular run is
-typed by hand.
+it comes from the run folder and the report's own figures, stated in the report's own words
+(`fuse.pages.report_text`): nothing about a particular run is typed by hand.
 
 A card is a plain dict: {"title", "sections": [{"id", "heading", "marked" (a warning line or
 None), "paragraphs": [text], "facts": [{"label", "value"}], "table": {"headings", "rows"} or
@@ -24,7 +24,6 @@ from common.files import sha256_file
 from common.version import lesionfuse_version
 from fuse.applicability.detector import load
 from fuse.pages import html
-# the report's own wording of its figures (one wording for the report and the card)
 from fuse.pages.report_text import ci_text, interval_values, operating_sentence, subgroup_values
 from runfolder.layout import RunLayout
 from runfolder.records import store_records

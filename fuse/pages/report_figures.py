@@ -30,7 +30,6 @@ __all__ = [
     "CALIBRATED_OOF",
     "MODELS",
     "N_RESAMPLES",
-    "RANK_SCORES",
     "SEED",
     "age_column",
     "intervals",
@@ -53,7 +52,7 @@ MODELS = ("gbdt", "fusion", "blend", "stack")
 # oof.csv), shown as the model "calibrated"; absent for runs stacked before calibration.
 CALIBRATED_OOF = "final_oof.csv"
 # Models whose output is a rank, not a probability (no Brier score or ECE for them).
-RANK_SCORES = ("blend",)
+_RANK_SCORES = ("blend",)
 # The group bootstrap of the report's intervals: resamples and seed (fixed, so that a report
 # rewritten from the same run shows the same intervals).
 N_RESAMPLES = 1000
@@ -97,7 +96,7 @@ def intervals(y: np.ndarray, predictions: dict, figures: dict, groups: np.ndarra
         warnings.simplefilter("ignore", MetricWarning)  # one-class resamples: counted in the result
         result = bootstrap_figures(y, usable, groups, {n: thresholds[n] for n in usable},
                                    final=shown, n_resamples=N_RESAMPLES, seed=SEED)
-    for name in RANK_SCORES:  # a rank has no Brier score (the point table says n/a too)
+    for name in _RANK_SCORES:  # a rank has no Brier score (the point table says n/a too)
         for table in ("models", "differences"):
             if name in result[table]:
                 result[table][name]["brier"] = {"estimate": None, "low": None, "high": None}
@@ -149,7 +148,7 @@ def net_benefit(y: np.ndarray, predictions: dict, shown: str) -> dict | None:
     probabilities, models = {}, {}
     for label, name in candidates.items():
         p = predictions[name]
-        if name in RANK_SCORES or p.min() < 0.0 or p.max() > 1.0:
+        if name in _RANK_SCORES or p.min() < 0.0 or p.max() > 1.0:
             continue
         probabilities[label] = p
         models[label] = name
@@ -260,7 +259,7 @@ def model_figures(y: np.ndarray, predictions: dict[str, np.ndarray], final: dict
             figures[name] = summarize(y, p, threshold=threshold, sensitivity=sensitivity)
             # Brier and ECE only mean something for a score that claims to be a probability:
             # the blend is a rank.
-            figures[name].update(calibration(y, p) if name not in RANK_SCORES else {"brier": None, "ece": None})
+            figures[name].update(calibration(y, p) if name not in _RANK_SCORES else {"brier": None, "ece": None})
     return figures
 
 

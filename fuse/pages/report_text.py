@@ -12,7 +12,6 @@ from tabular.subgroups import MIN_POSITIVES, TOO_FEW
 
 __all__ = [
     "COLUMNS",
-    "DECISION_ROWS",
     "DESCRIPTIONS",
     "INTERVAL_FIGURES",
     "SUBGROUP_HEADINGS",
@@ -175,7 +174,7 @@ def subgroup_values(document: dict) -> dict:
 
 
 # Threshold probabilities the decision table lists (the plot shows every one, 1-50%).
-DECISION_ROWS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
+_DECISION_ROWS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
 
 
 def decision_values(document: dict) -> dict | None:
@@ -187,7 +186,7 @@ def decision_values(document: dict) -> dict | None:
     models = curve.get("models", {})
     headings = [f"{name} ({models[name]})" if name == "final" and name in models else name for name in names]
     rows = []
-    for pt in DECISION_ROWS:
+    for pt in _DECISION_ROWS:
         matches = [i for i, t in enumerate(curve["thresholds"]) if abs(t - pt) < 1e-9]
         if matches:
             i = matches[0]

@@ -40,8 +40,8 @@ NO_PATIENT = "(no patient id)"
 IN_TRAINING = "in_training"
 # The applicability columns of the scoring output (`fuse.scoring.score`): a banner counts the rows
 # unlike the training lesions, and each such row carries a badge with its reason.
-UNLIKE = "unlike_training"
-NOVELTY_REASON = "novelty_reason"
+_UNLIKE = "unlike_training"
+_NOVELTY_REASON = "novelty_reason"
 _REASON = re.compile(r"\(([+-])")
 
 
@@ -204,9 +204,9 @@ def _normalise(predictions: pd.DataFrame, id_column: str, threshold: float, pati
     })
     if IN_TRAINING in predictions.columns:
         frame[IN_TRAINING] = _truth(predictions[IN_TRAINING])
-    if UNLIKE in predictions.columns:
-        frame[UNLIKE] = _truth(predictions[UNLIKE])
-        frame[NOVELTY_REASON] = _text(predictions, NOVELTY_REASON)
+    if _UNLIKE in predictions.columns:
+        frame[_UNLIKE] = _truth(predictions[_UNLIKE])
+        frame[_NOVELTY_REASON] = _text(predictions, _NOVELTY_REASON)
     for column in predictions.columns:
         if column.startswith("p_"):
             frame[column] = pd.to_numeric(predictions[column], errors="coerce").to_numpy(dtype=float)
@@ -245,9 +245,9 @@ def _in_training(rows: pd.DataFrame) -> dict | None:
 def _unlike(scored: pd.DataFrame, what: str) -> dict | None:
     """The banner's values: how many scored rows look unlike the training lesions (None when the
     predictions have no `unlike_training` column or no such row). `what`: "images" or "rows"."""
-    if UNLIKE not in scored.columns:
+    if _UNLIKE not in scored.columns:
         return None
-    count = int(scored[UNLIKE].sum())
+    count = int(scored[_UNLIKE].sum())
     if not count:
         return None
     return {"count": f"{count:,}", "of": f"{len(scored):,}", "what": what, "one": count == 1}
@@ -417,8 +417,8 @@ class _Renderer:
                         "text": _decimal(row[c])} for c in p_columns],
             "reasons": _reasons(row["reasons"]),
             "in_training": bool(row.get(IN_TRAINING, False)),
-            "unlike_training": bool(row.get(UNLIKE, False)),
-            "novelty_reason": row.get(NOVELTY_REASON, ""),
+            "unlike_training": bool(row.get(_UNLIKE, False)),
+            "novelty_reason": row.get(_NOVELTY_REASON, ""),
         }
 
     def _image(self, ident: str) -> dict:
