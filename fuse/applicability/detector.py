@@ -49,6 +49,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -112,9 +113,17 @@ class Applicability:
 
     def check_identity(self, identity: dict) -> None:
         """Raise StoreMismatchError naming the first field where `identity` (a store's
-        `reference()` or identity) differs from the store the detector was fitted on."""
+        `reference()` or identity) differs from the store the detector was fitted on; RunError
+        when the detector was fitted without embeddings (it has no store to compare with)."""
+        fitted = self.identity
+        if fitted is None:
+            raise RunError(
+                "applicability detector: fitted without embeddings (parts "
+                f"{list(self.parts)}), so it has no feature store to check identity against; "
+                "score this run's rows without embeddings"
+            )
         check_identity(
-            identity_of(identity), self.identity, "the embeddings to score (feature store)",
+            identity_of(identity), fitted, "the embeddings to score (feature store)",
             "the applicability detector was fitted on",
         )
 
@@ -174,7 +183,7 @@ class Applicability:
         unlike = np.nan_to_num(novelty, nan=0.0) >= self.threshold
         reasons = [""] * len(novelty)
         for i in np.flatnonzero(unlike):
-            reasons[i] = self._reason(i, percentiles, matrices)
+            reasons[i] = self._reason(int(i), percentiles, matrices)
         index = metadata.index if isinstance(metadata, pd.DataFrame) else pd.RangeIndex(len(novelty))
         out = pd.DataFrame({"novelty": novelty, "unlike_training": unlike, "reason": reasons},
                            index=index)
@@ -201,7 +210,8 @@ class Applicability:
 
 
 def _fit_parts(rows: np.ndarray, inputs: dict, numeric, categorical, config, rng) -> dict:
-    parts = {}
+    # Each part reads its own kind of input (a matrix, a frame), so they share no one type.
+    parts: dict[str, Any] = {}
     if inputs.get("image") is not None:
         parts["image"] = image_part_class(config.image_method).fit(inputs["image"][rows], config, rng)
     if inputs.get("acquisition") is not None:
@@ -295,7 +305,7 @@ def fit_applicability(
         "folds": [int(f) if np.issubdtype(type(f), np.integer) else str(f) for f in unique_folds],
         "identity": (
             {k: v for k, v in identity_of(identity).items() if k in IDENTITY_FIELDS}
-            if "image" in inputs else None
+            if "image" in inputs and identity is not None else None  # checked above: both or neither
         ),
         "threshold": threshold,
         "marked_share": config.marked_share,
@@ -323,7 +333,9 @@ def _save(stage_dir: Path, detector: Applicability) -> None:
 
     def write(f) -> None:
         buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
+        # numpy's stub types **kwds against savez's keyword `allow_pickle: bool` too; the
+        # values are arrays, as savez takes them
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]
         f.write(buffer.getvalue())
 
     atomic_write(stage_dir / ARRAYS, write)
@@ -333,7 +345,10 @@ def _save(stage_dir: Path, detector: Applicability) -> None:
     atomic_write_json(stage_dir / RECORD, record)
 
 
-_PART_CLASSES = {"acquisition": AcquisitionPart, "metadata": MetadataPart}
+_PART_CLASSES: dict[str, type[AcquisitionPart] | type[MetadataPart]] = {
+    "acquisition": AcquisitionPart,
+    "metadata": MetadataPart,
+}
 
 
 def load(stage_dir: Path | str) -> Applicability:

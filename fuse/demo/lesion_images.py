@@ -82,7 +82,7 @@ def draw_lesion(row: dict, size: int, rng: np.random.Generator) -> np.ndarray:
     # Border: asymmetry as a first harmonic, roughness (how far area_perim_ratio exceeds the
     # ellipse's) as higher harmonics.
     e = math.sqrt(max(1.0 - (b / a) ** 2, 0.0))
-    ideal = float(ellipse_perimeter(np.float64(1.0), np.float64(b / a)) ** 2 / (np.pi * b / a))
+    ideal = float(ellipse_perimeter(np.array([1.0]), np.array([b / a]))[0] ** 2 / (np.pi * b / a))
     rough = max(math.sqrt(row["tbp_lv_area_perim_ratio"] / ideal) - 1.0, 0.0)
     radius = np.ones_like(theta)
     asym = max(row["tbp_lv_symm_2axis"] - 0.15, 0.0) * 0.8

@@ -141,6 +141,8 @@ _BENIGN_DX = (
     "Benign::Benign soft tissue proliferations - Vascular::Hemangioma",
     "Indeterminate::Indeterminate epidermal proliferations::Solar or actinic keratosis",
 )
+# A missing cell of an object column, as an array: numpy's `where` takes arrays, not a bare None.
+_NONE = np.array(None, dtype=object)
 _MITOTIC = ("0/mm^2", "<1/mm^2", "1/mm^2", "2/mm^2", "3/mm^2", "4/mm^2", ">4/mm^2")
 
 
@@ -331,7 +333,7 @@ def _diagnosis(
     mel_mitotic_index, mel_thick_mm and tbp_lv_dnn_lesion_confidence."""
     n = len(target)
     has_lesion_id = target | (rng.random(n) < np.where(mimic, 0.5, 0.04))
-    lesion_id = np.where(has_lesion_id, lesion_ids, None).astype(object)
+    lesion_id = np.where(has_lesion_id, lesion_ids, _NONE).astype(object)
     iddx_full = np.full(n, "Benign", dtype=object)
     iddx_full[target] = np.array([d[2] for d in _MALIGNANT_DX], dtype=object)[dx[target]]
     detailed = has_lesion_id & ~target & (rng.random(n) < np.where(mimic, 0.8, 0.2))
@@ -347,7 +349,7 @@ def _diagnosis(
     mel_thick = np.where(invasive_mel, thick, np.nan)
     mitotic_idx = np.minimum(rng.geometric(0.55, n) - 1, len(_MITOTIC) - 1)
     mitotic = np.array(_MITOTIC, dtype=object)[mitotic_idx]
-    mel_mitotic = np.where(invasive_mel & (rng.random(n) < 0.85), mitotic, None).astype(object)
+    mel_mitotic = np.where(invasive_mel & (rng.random(n) < 0.85), mitotic, _NONE).astype(object)
     dnn_logit = rng.normal(8.5, 3.5, n) - 2.0 * target
     dnn = 100.0 / (1.0 + np.exp(-dnn_logit))
     return {
@@ -362,7 +364,7 @@ def _diagnosis(
 
 def _nullable(values: np.ndarray) -> np.ndarray:
     """An object array with None where `values` is missing (as the real CSV's empty cells)."""
-    return np.where(pd.isna(values), None, values).astype(object)
+    return np.where(pd.isna(values), _NONE, values).astype(object)
 
 
 _MEASURED = (

@@ -131,7 +131,9 @@ def make_isic2024_like(
     lo, hi = int(image_size_range[0]), int(image_size_range[1])
 
     t0 = time.perf_counter()
-    train, test, csvs = _write_tables(out_dir, seed, n_rows, n_patients, prevalence, test_rows)
+    train, test, train_csv, test_csvs = _write_tables(
+        out_dir, seed, n_rows, n_patients, prevalence, test_rows
+    )
     total_rows = n_rows + test_rows
     seconds_metadata = time.perf_counter() - t0
     rows_per_s = total_rows / max(seconds_metadata, 1e-9)
@@ -150,11 +152,11 @@ def make_isic2024_like(
     n_positive = int(train["target"].sum())
     return SyntheticSummary(
         out_dir=out_dir,
-        train_metadata=csvs["train"],
+        train_metadata=train_csv,
         train_images=train_h5,
-        test_metadata=csvs["test"],
+        test_metadata=test_csvs[0] if test_csvs else None,
         test_images=test_h5,
-        test_truth=csvs["truth"],
+        test_truth=test_csvs[1] if test_csvs else None,
         n_rows=n_rows,
         n_patients=n_patients,
         n_positive=n_positive,
@@ -171,10 +173,11 @@ def make_isic2024_like(
 
 def _write_tables(
     out_dir: Path, seed: int, n_rows: int, n_patients: int, prevalence: float, test_rows: int
-) -> tuple[pd.DataFrame, pd.DataFrame | None, dict[str, Path | None]]:
+) -> tuple[pd.DataFrame, pd.DataFrame | None, Path, tuple[Path, Path] | None]:
     """Draw and write the training table (and the test pair's, with `test_rows`) into `out_dir`.
 
-    Returns (training table, test table or None, {"train", "test", "truth": CSV path or None}).
+    Returns (training table, test table or None, `train-metadata.csv`, (`test-metadata.csv`,
+    `test-truth.csv`) or None).
     """
     test_patients = 0
     if test_rows:
@@ -189,10 +192,9 @@ def _write_tables(
         lesion_ids[:n_rows],
         prevalence,
     )
-    csvs: dict[str, Path | None] = {"train": out_dir / "train-metadata.csv", "test": None,
-                                    "truth": None}
-    _write_csv(train.loc[:, list(TRAIN_COLUMNS)], out_dir / "train-metadata.csv")
-    test = None
+    train_csv = out_dir / "train-metadata.csv"
+    _write_csv(train.loc[:, list(TRAIN_COLUMNS)], train_csv)
+    test = test_csvs = None
     if test_rows:
         test = make_table(
             np.random.default_rng(seeds[2]),
@@ -201,8 +203,8 @@ def _write_tables(
             lesion_ids[n_rows:],
             prevalence,
         )
-        csvs["test"], csvs["truth"] = _write_test_tables(test, out_dir)
-    return train, test, csvs
+        test_csvs = _write_test_tables(test, out_dir)
+    return train, test, train_csv, test_csvs
 
 
 def _write_image_files(

@@ -78,9 +78,9 @@ def image_thumbnail(data: bytes, size: int, quality: int = 82) -> bytes:
     """
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as image:
-        image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster
-        image = image.convert("RGB")
+    with Image.open(io.BytesIO(data)) as opened:
+        opened.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, much faster
+        image = opened.convert("RGB")
         image.thumbnail((size, size), Image.Resampling.LANCZOS)
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=quality, optimize=True)

@@ -147,7 +147,9 @@ def _intended_use(document: dict, final: dict | None) -> dict:
             ("specificity", f"{_number(point['specificity'], '.3f')} (95% CI {_number(point['specificity_low'], '.3f')} "
                             f"to {_number(point['specificity_high'], '.3f')})"),
         ]
-        paragraphs.append(operating_sentence(document))
+        sentence = operating_sentence(document)
+        if sentence is not None:  # None: a point without a sensitivity (one class out of fold)
+            paragraphs.append(sentence)
     else:
         paragraphs.append("No operating point: the run has no operating threshold in (0, 1).")
     return _section("intended-use", "Intended use", paragraphs, facts)

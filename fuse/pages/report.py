@@ -204,11 +204,12 @@ def _html(document: dict, final: dict | None, out: Path, card: dict) -> str:
     the template `fuse/pages/templates/report.html`."""
     sensitivity = document["sensitivity"]
     rows, positives = document["rows"], document["positives"]
+    final_name = final["final"] if final else None
     models = []
     for name, figures in document["models"].items():
         models.append({
             "name": name,
-            "final": bool(final) and name == final["final"],
+            "final": final_name is not None and name == final_name,
             "calibrated": {"final": document["final"], "method": document["final_method"]}
             if name == "calibrated" else None,
             "cells": [{"sort": _sort_key(figures[key]), "text": html.number(figures[key], fmt)}

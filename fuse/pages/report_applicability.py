@@ -75,7 +75,7 @@ def _histogram(novelty: np.ndarray, threshold: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    ax.hist(novelty, bins=np.linspace(0, 1, 41), color="tab:blue", alpha=0.75,
+    ax.hist(novelty, bins=np.linspace(0, 1, 41).tolist(), color="tab:blue", alpha=0.75,
             label=f"training lesions, out of fold ({len(novelty):,})")
     marked = float(np.mean(novelty >= threshold)) if len(novelty) else 0.0
     ax.axvline(threshold, color="tab:red", ls="--", lw=1.2,

@@ -68,8 +68,9 @@ def age_column(spec: dict) -> str | None:
     """The spec's numeric age column: a numeric column named exactly `age` (any case), else the
     first numeric column whose name starts with `age_` (ISIC's `age_approx`); None when none."""
     numeric = [str(c) for c in spec.get("numeric", ())]
-    exact = [c for c in numeric if c.lower() == "age"]
-    return (exact or [c for c in numeric if _AGE.match(c.lower())] or [None])[0]
+    matches = [c for c in numeric if c.lower() == "age"]
+    matches = matches or [c for c in numeric if _AGE.match(c.lower())]
+    return matches[0] if matches else None
 
 
 def skin_type_column(spec: dict) -> str | None:
@@ -190,6 +191,12 @@ def read_predictions(run_dir: Path, folds: pd.DataFrame) -> tuple[dict[str, np.n
             f"run {run_dir}: no model has out-of-fold predictions yet (no gbdt/, fusion/, blend/ or "
             "stack/ oof.csv); train one with `invoke train-gbdt --spec S --run R` or "
             "`invoke train-fusion --spec S --run R`"
+        )
+    if y is None:
+        raise RunError(
+            f"run {run_dir}: no out-of-fold file holds a target for every row of the run (an "
+            f"empty `target` cell in {', '.join(f'{name}/oof.csv' for name in predictions)}); "
+            "retrain the stage that wrote it"
         )
     return predictions, y
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -111,8 +112,8 @@ def write_plots(out: Path, y: np.ndarray, predictions: dict, figures: dict, show
     p = predictions[shown]
     fig, ax = plt.subplots(figsize=(5.5, 4))
     edges = np.linspace(float(p.min()), float(p.max()) + 1e-12, 41)
-    ax.hist(p[y == 0], bins=edges, alpha=0.6, density=True, label=f"benign ({int((y == 0).sum())})")
-    ax.hist(p[y == 1], bins=edges, alpha=0.6, density=True, label=f"malignant ({int(y.sum())})")
+    ax.hist(p[y == 0], bins=edges.tolist(), alpha=0.6, density=True, label=f"benign ({int((y == 0).sum())})")
+    ax.hist(p[y == 1], bins=edges.tolist(), alpha=0.6, density=True, label=f"malignant ({int(y.sum())})")
     if f["threshold"] is not None:
         ax.axvline(f["threshold"], color="black", ls="--", lw=1, label="operating threshold")
     ax.set(xlabel=f"{shown} score", ylabel="density", title=f"Scores by class ({shown})")
@@ -146,6 +147,10 @@ def _importance(path: Path, top: int = 25) -> pd.Series | None:
 
 def write_decision_plot(out: Path, curve: dict) -> str:
     """Write the decision curve's plot into `out`; returns its file name."""
-    atomic_write(out / PLOTS["decision"],
-                 lambda f: f.write(plot_decision_curve(curve, "Decision curve (net benefit)")))
+    png = plot_decision_curve(curve, "Decision curve (net benefit)")
+
+    def write(f: BinaryIO) -> None:
+        f.write(png)
+
+    atomic_write(out / PLOTS["decision"], write)
     return PLOTS["decision"]

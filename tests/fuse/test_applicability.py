@@ -206,6 +206,8 @@ def test_tabular_only_run_uses_metadata_alone(world, tmp_path):
     assert out["unlike_training"].tolist() == [True, False, False]
     assert out["reason"].iloc[0].startswith("metadata")
     assert out.index.equals(meta.index)
+    with pytest.raises(RunError, match=r"fitted without embeddings \(parts \['metadata'\]\)"):
+        detector.check_identity(IDENTITY)
 
 
 def test_rows_that_tie_are_marked_together_or_not_at_all(tmp_path):

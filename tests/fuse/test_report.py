@@ -245,6 +245,16 @@ def test_index_html_without_final_model_says_so(tabular_run):
     assert len(page.images) == len(json.loads((path.parent / "metrics.json").read_text())["plots"])
 
 
+def test_out_of_fold_files_without_targets_are_refused_naming_them(tabular_run):
+    for stage in ("gbdt", "fusion"):
+        path = tabular_run.dir / stage / "oof.csv"
+        oof = pd.read_csv(path)
+        oof.loc[3, "target"] = np.nan
+        oof.to_csv(path, index=False)
+    with pytest.raises(RunError, match=r"empty `target` cell in gbdt/oof.csv, fusion/oof.csv"):
+        write_report(tabular_run.dir)
+
+
 def test_patients_counted_when_the_spec_has_a_patient_column(tmp_path):
     from fuse.pages.report_figures import patients
 
