@@ -53,16 +53,26 @@ log = logging.getLogger(__name__)
 _READ_ROWS = 8192
 
 
-def store_path(spec: DatasetSpec, weights: WeightsInfo, config: EmbedConfig,
-               stores: Path | None = None) -> Path:
+def store_path(
+    spec: DatasetSpec, weights: WeightsInfo, config: EmbedConfig, stores: Path | None = None
+) -> Path:
     """Where the store for (data set, weights, image size, views, pooled blocks, and the variant
     when it is not faithful) lives."""
-    name = store_name(spec.name, weights.sha256, config.image_size, config.views, config.blocks, config.pooling,
-                      config.variant)
+    name = store_name(
+        spec.name,
+        weights.sha256,
+        config.image_size,
+        config.views,
+        config.blocks,
+        config.pooling,
+        config.variant,
+    )
     return (stores or stores_root()) / name
 
 
-def locate_store(spec: DatasetSpec, weights: WeightsInfo | None = None, stores: Path | None = None) -> Path:
+def locate_store(
+    spec: DatasetSpec, weights: WeightsInfo | None = None, stores: Path | None = None
+) -> Path:
     """The spec's feature store for the current weights.
 
     Prefers the store of the default settings (224 px, one view, the default blocks and pooling)
@@ -82,7 +92,9 @@ def locate_store(spec: DatasetSpec, weights: WeightsInfo | None = None, stores: 
         return preferred
     if len(candidates) > 1:
         names = ", ".join(p.name for p in candidates)
-        raise RunError(f"several feature stores for '{spec.name}': {names}; choose one with --store")
+        raise RunError(
+            f"several feature stores for '{spec.name}': {names}; choose one with --store"
+        )
     return candidates[0]
 
 
@@ -108,8 +120,8 @@ class SpecStore:
         """(n_rows, dim) float32: each row's embedding averaged over views, in the spec's row order."""
         out = np.empty((len(self.ids), self.store.dim), dtype=np.float32)
         for start in range(0, len(self.ids), _READ_ROWS):
-            block = self.store.read(self.ids[start:start + _READ_ROWS])
-            out[start:start + _READ_ROWS] = block.astype(np.float32).mean(axis=1)
+            block = self.store.read(self.ids[start : start + _READ_ROWS])
+            out[start : start + _READ_ROWS] = block.astype(np.float32).mean(axis=1)
         return out
 
 
@@ -121,13 +133,20 @@ def rows_digest(store: FeatureStore, ids: list[str]) -> dict:
     """
     vectors = hashlib.sha256()
     for start in range(0, len(ids), _READ_ROWS):
-        vectors.update(np.ascontiguousarray(store.read(ids[start:start + _READ_ROWS])).tobytes())
-    return {"rows": len(ids), "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
-            "vectors_sha256": vectors.hexdigest()}
+        vectors.update(np.ascontiguousarray(store.read(ids[start : start + _READ_ROWS])).tobytes())
+    return {
+        "rows": len(ids),
+        "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+        "vectors_sha256": vectors.hexdigest(),
+    }
 
 
-def open_for_training(spec: DatasetSpec, ids: list[str], store_dir: Path | str | None = None,
-                      run: RunLayout | None = None) -> SpecStore:
+def open_for_training(
+    spec: DatasetSpec,
+    ids: list[str],
+    store_dir: Path | str | None = None,
+    run: RunLayout | None = None,
+) -> SpecStore:
     """Open the store holding `ids` (the spec's rows) and check that training may use it.
 
     Args:
@@ -144,15 +163,19 @@ def open_for_training(spec: DatasetSpec, ids: list[str], store_dir: Path | str |
     """
     store_dir = Path(store_dir) if store_dir is not None else locate_store(spec)
     if not store_dir.is_dir():
-        raise RunError(f"store: no feature store at {store_dir}; make it with "
-                       f"`invoke embed --spec {_spec_argument(spec)}`")
+        raise RunError(
+            f"store: no feature store at {store_dir}; make it with "
+            f"`invoke embed --spec {_spec_argument(spec)}`"
+        )
     store = FeatureStore.open(store_dir)
     _require_vectors(spec, ids, store, run)
     _require_current(spec, ids, store)
     return SpecStore(store=store, ids=list(ids))
 
 
-def _require_vectors(spec: DatasetSpec, ids: list[str], store: FeatureStore, run: RunLayout | None) -> None:
+def _require_vectors(
+    spec: DatasetSpec, ids: list[str], store: FeatureStore, run: RunLayout | None
+) -> None:
     missing = store.missing(ids)
     if not missing:
         return
@@ -162,7 +185,9 @@ def _require_vectors(spec: DatasetSpec, ids: list[str], store: FeatureStore, run
     if run is not None:
         write_unembedded(run, spec.id, ((i, failures.get(i, "not embedded yet")) for i in missing))
         listing = f" (all {len(missing)} are listed in {run.unembedded_ids})"
-    what = f"store {store.path} lacks {len(missing)} of the run's {len(ids)} ids ({preview(missing)})"
+    what = (
+        f"store {store.path} lacks {len(missing)} of the run's {len(ids)} ids ({preview(missing)})"
+    )
     if failed:
         raise RunError(
             f"{what}; {len(failed)} of them could not be embedded, e.g. {failed[0]}: "
@@ -179,8 +204,11 @@ def _require_current(spec: DatasetSpec, ids: list[str], store: FeatureStore) -> 
         return
     if not Path(spec.images).exists():
         # The vectors are what training needs; without the images there is nothing to compare.
-        log.warning("the spec's images (%s) are not there: the store's vectors are used without "
-                    "checking that they match the current images", spec.images)
+        log.warning(
+            "the spec's images (%s) are not there: the store's vectors are used without "
+            "checking that they match the current images",
+            spec.images,
+        )
         return
     changed = store.changed(open_source(spec.images), ids)
     if changed:
@@ -195,7 +223,9 @@ def _require_current(spec: DatasetSpec, ids: list[str], store: FeatureStore) -> 
 # `runfolder.records`; comparing their identity fields is the image side's (`embed.identity`).
 
 
-def check_same_embeddings(run: RunLayout, identity: dict, what: str, *, skip: str | None = None) -> None:
+def check_same_embeddings(
+    run: RunLayout, identity: dict, what: str, *, skip: str | None = None
+) -> None:
     """Refuse `identity` when a stage of `run` (other than `skip`) was trained on other embeddings.
 
     `what` names the embeddings being checked in the message (e.g. "feature store '/s'").
@@ -206,10 +236,14 @@ def check_same_embeddings(run: RunLayout, identity: dict, what: str, *, skip: st
     for stage, record in store_records(run).items():
         if stage == skip:
             continue
-        check_identity(identity, identity_of(record), what,
-                       f"stage '{stage}' of run {run.dir} was trained on",
-                       hint="use the store that stage was trained on (its store.json names it), "
-                            "or retrain that stage on this one")
+        check_identity(
+            identity,
+            identity_of(record),
+            what,
+            f"stage '{stage}' of run {run.dir} was trained on",
+            hint="use the store that stage was trained on (its store.json names it), "
+            "or retrain that stage on this one",
+        )
 
 
 def run_identity(run: RunLayout) -> dict | None:
@@ -229,9 +263,13 @@ def run_identity(run: RunLayout) -> dict | None:
         return None
     (first_stage, first), *others = records.items()
     for stage, record in others:
-        check_identity(identity_of(record), identity_of(first),
-                       f"stage '{stage}' of run {run.dir}", f"stage '{first_stage}' was trained on",
-                       hint="retrain one stage on the other's store (`--store`)")
+        check_identity(
+            identity_of(record),
+            identity_of(first),
+            f"stage '{stage}' of run {run.dir}",
+            f"stage '{first_stage}' was trained on",
+            hint="retrain one stage on the other's store (`--store`)",
+        )
     mismatch = different_rows(run, records)
     if mismatch:
         raise StoreMismatchError(mismatch)
@@ -239,6 +277,12 @@ def run_identity(run: RunLayout) -> dict | None:
 
 
 __all__ = [
-    "SpecStore", "StoreMismatchError", "check_same_embeddings", "locate_store", "open_for_training",
-    "rows_digest", "run_identity", "store_path",
+    "SpecStore",
+    "StoreMismatchError",
+    "check_same_embeddings",
+    "locate_store",
+    "open_for_training",
+    "rows_digest",
+    "run_identity",
+    "store_path",
 ]

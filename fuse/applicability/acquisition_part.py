@@ -113,7 +113,10 @@ class AcquisitionPart:
                     continue
                 size_said = True
                 w, h = raw[CUE_NAMES.index("width")], raw[CUE_NAMES.index("height")]
-                mw, mh = self.median_raw[CUE_NAMES.index("width")], self.median_raw[CUE_NAMES.index("height")]
+                mw, mh = (
+                    self.median_raw[CUE_NAMES.index("width")],
+                    self.median_raw[CUE_NAMES.index("height")],
+                )
                 words.append(f"size {w:.0f}x{h:.0f} vs training {mw:.0f}x{mh:.0f}")
             else:
                 words.append(f"{name} {raw[j]:.3g} vs training {self.median_raw[j]:.3g}")

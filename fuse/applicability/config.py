@@ -61,4 +61,3 @@ class ApplicabilityConfig:
             raise RunError(
                 f"ApplicabilityConfig.numeric_margin: expected a number >= 0, got {margin!r}"
             )
-

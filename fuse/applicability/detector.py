@@ -107,8 +107,18 @@ class Applicability:
 
     def summary(self) -> dict:
         """Plain values: parts, rows, threshold, the share marked out of fold (all and per part)."""
-        keep = ("parts", "rows", "folds", "threshold", "marked_share", "marked_share_out_of_fold",
-                "marked_by_part_out_of_fold", "fit_seconds", "identity", "config")
+        keep = (
+            "parts",
+            "rows",
+            "folds",
+            "threshold",
+            "marked_share",
+            "marked_share_out_of_fold",
+            "marked_by_part_out_of_fold",
+            "fit_seconds",
+            "identity",
+            "config",
+        )
         return {k: self.record[k] for k in keep if k in self.record}
 
     def check_identity(self, identity: dict) -> None:
@@ -123,12 +133,20 @@ class Applicability:
                 "score this run's rows without embeddings"
             )
         check_identity(
-            identity_of(identity), fitted, "the embeddings to score (feature store)",
+            identity_of(identity),
+            fitted,
+            "the embeddings to score (feature store)",
             "the applicability detector was fitted on",
         )
 
-    def predict(self, embeddings=None, cues=None, metadata: pd.DataFrame | None = None, *,
-                identity: dict | None = None) -> pd.DataFrame:
+    def predict(
+        self,
+        embeddings=None,
+        cues=None,
+        metadata: pd.DataFrame | None = None,
+        *,
+        identity: dict | None = None,
+    ) -> pd.DataFrame:
         """Score rows: DataFrame with `novelty` (0..1), `unlike_training` (bool), `reason`
         (empty unless unlike training) and `novelty_<part>` per fitted part, one row per input
         row (the metadata's index when given).
@@ -148,8 +166,11 @@ class Applicability:
         inputs = {"image": embeddings, "acquisition": cues, "metadata": metadata}
         for name in self.parts:
             if inputs[name] is None:
-                what = {"image": "embeddings (and identity)", "acquisition": "cues",
-                        "metadata": "metadata"}[name]
+                what = {
+                    "image": "embeddings (and identity)",
+                    "acquisition": "cues",
+                    "metadata": "metadata",
+                }[name]
                 raise RunError(
                     f"applicability.predict: the detector has a {name} part; pass {what}"
                 )
@@ -184,9 +205,12 @@ class Applicability:
         reasons = [""] * len(novelty)
         for i in np.flatnonzero(unlike):
             reasons[i] = self._reason(int(i), percentiles, matrices)
-        index = metadata.index if isinstance(metadata, pd.DataFrame) else pd.RangeIndex(len(novelty))
-        out = pd.DataFrame({"novelty": novelty, "unlike_training": unlike, "reason": reasons},
-                           index=index)
+        index = (
+            metadata.index if isinstance(metadata, pd.DataFrame) else pd.RangeIndex(len(novelty))
+        )
+        out = pd.DataFrame(
+            {"novelty": novelty, "unlike_training": unlike, "reason": reasons}, index=index
+        )
         for name, p in percentiles.items():
             out[f"novelty_{name}"] = p
         return out
@@ -195,7 +219,10 @@ class Applicability:
         words = []
         for name, part in self.parts.items():
             p = percentiles[name][i]
-            if not np.isfinite(p) or percentile(self.oof["combined"], np.array([p]))[0] < self.threshold:
+            if (
+                not np.isfinite(p)
+                or percentile(self.oof["combined"], np.array([p]))[0] < self.threshold
+            ):
                 continue
             matrix = matrices[name]
             row = matrix.iloc[[i]] if isinstance(matrix, pd.DataFrame) else matrix[i]
@@ -208,16 +235,19 @@ class Applicability:
         return "; ".join(words)
 
 
-
 def _fit_parts(rows: np.ndarray, inputs: dict, numeric, categorical, config, rng) -> dict:
     # Each part reads its own kind of input (a matrix, a frame), so they share no one type.
     parts: dict[str, Any] = {}
     if inputs.get("image") is not None:
-        parts["image"] = image_part_class(config.image_method).fit(inputs["image"][rows], config, rng)
+        parts["image"] = image_part_class(config.image_method).fit(
+            inputs["image"][rows], config, rng
+        )
     if inputs.get("acquisition") is not None:
         parts["acquisition"] = AcquisitionPart.fit(inputs["acquisition"].iloc[rows], config, rng)
     if inputs.get("metadata") is not None:
-        parts["metadata"] = MetadataPart.fit(inputs["metadata"].iloc[rows], numeric, categorical, config)
+        parts["metadata"] = MetadataPart.fit(
+            inputs["metadata"].iloc[rows], numeric, categorical, config
+        )
     return parts
 
 
@@ -282,7 +312,11 @@ def fit_applicability(
         parts = _fit_parts(np.flatnonzero(~held), inputs, numeric, categorical, config, rng)
         for name, part in parts.items():
             matrix = inputs[name]
-            rows = matrix.iloc[np.flatnonzero(held)] if isinstance(matrix, pd.DataFrame) else matrix[held]
+            rows = (
+                matrix.iloc[np.flatnonzero(held)]
+                if isinstance(matrix, pd.DataFrame)
+                else matrix[held]
+            )
             oof_raw[name][held] = part.score(rows)
     oof = {name: np.sort(v[np.isfinite(v)]) for name, v in oof_raw.items()}
     oof_pct = {name: percentile(oof[name], v) for name, v in oof_raw.items()}
@@ -292,8 +326,11 @@ def fit_applicability(
     oof["novelty"] = np.sort(novelty[np.isfinite(novelty)])
     threshold, marked = marking_threshold(novelty, config.marked_share)
     by_part = {
-        name: float(np.mean(percentile(oof["combined"], oof_pct[name][np.isfinite(oof_pct[name])])
-                            >= threshold))
+        name: float(
+            np.mean(
+                percentile(oof["combined"], oof_pct[name][np.isfinite(oof_pct[name])]) >= threshold
+            )
+        )
         for name in inputs
     }
     parts = _fit_parts(np.arange(n), inputs, numeric, categorical, config, rng)
@@ -305,7 +342,8 @@ def fit_applicability(
         "folds": [int(f) if np.issubdtype(type(f), np.integer) else str(f) for f in unique_folds],
         "identity": (
             {k: v for k, v in identity_of(identity).items() if k in IDENTITY_FIELDS}
-            if "image" in inputs and identity is not None else None  # checked above: both or neither
+            if "image" in inputs and identity is not None
+            else None  # checked above: both or neither
         ),
         "threshold": threshold,
         "marked_share": config.marked_share,
@@ -315,8 +353,14 @@ def fit_applicability(
     }
     detector = Applicability(record, parts, oof)
     _save(Path(stage_dir), detector)
-    log.info("applicability: fitted %s on %d rows in %.1f s; threshold %.4f marks %.2f%% out of fold",
-             "+".join(parts), n, record["fit_seconds"], threshold, 100 * marked)
+    log.info(
+        "applicability: fitted %s on %d rows in %.1f s; threshold %.4f marks %.2f%% out of fold",
+        "+".join(parts),
+        n,
+        record["fit_seconds"],
+        threshold,
+        100 * marked,
+    )
     return detector
 
 
@@ -339,8 +383,11 @@ def _save(stage_dir: Path, detector: Applicability) -> None:
         f.write(buffer.getvalue())
 
     atomic_write(stage_dir / ARRAYS, write)
-    record = {**detector.record, "part_states": states,
-              "arrays_sha256": sha256_file(stage_dir / ARRAYS)}
+    record = {
+        **detector.record,
+        "part_states": states,
+        "arrays_sha256": sha256_file(stage_dir / ARRAYS),
+    }
     detector.record = record
     atomic_write_json(stage_dir / RECORD, record)
 
@@ -385,7 +432,9 @@ def load(stage_dir: Path | str) -> Applicability:
     parts = {}
     for name in record["parts"]:
         state = record["part_states"][name]
-        cls = image_part_class(state.get("method", "knn")) if name == "image" else _PART_CLASSES[name]
+        cls = (
+            image_part_class(state.get("method", "knn")) if name == "image" else _PART_CLASSES[name]
+        )
         parts[name] = cls.from_state(state, arrays)
-    oof = {k[len("oof_"):]: v for k, v in arrays.items() if k.startswith("oof_")}
+    oof = {k[len("oof_") :]: v for k, v in arrays.items() if k.startswith("oof_")}
     return Applicability(record, parts, oof)

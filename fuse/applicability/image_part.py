@@ -37,7 +37,9 @@ class KnnImagePart:
         return self.reference.shape[1]
 
     @classmethod
-    def fit(cls, x: np.ndarray, config: ApplicabilityConfig, rng: np.random.Generator) -> KnnImagePart:
+    def fit(
+        cls, x: np.ndarray, config: ApplicabilityConfig, rng: np.random.Generator
+    ) -> KnnImagePart:
         keep = x
         if len(x) > config.max_reference:
             keep = x[np.sort(rng.choice(len(x), config.max_reference, replace=False))]
@@ -94,7 +96,9 @@ class ResidualImagePart:
         return self.components.shape[1]
 
     @classmethod
-    def fit(cls, x: np.ndarray, config: ApplicabilityConfig, rng: np.random.Generator) -> ResidualImagePart:
+    def fit(
+        cls, x: np.ndarray, config: ApplicabilityConfig, rng: np.random.Generator
+    ) -> ResidualImagePart:
         keep = x
         if len(x) > config.max_reference:
             keep = x[np.sort(rng.choice(len(x), config.max_reference, replace=False))]
@@ -104,11 +108,11 @@ class ResidualImagePart:
         # subspace as an SVD of the rows, at a fraction of the cost for many rows.
         mean = np.zeros(dim, dtype=np.float64)
         for start in range(0, len(keep), _CHUNK):
-            mean += _unit(keep[start:start + _CHUNK].astype(np.float32)).sum(axis=0)
+            mean += _unit(keep[start : start + _CHUNK].astype(np.float32)).sum(axis=0)
         mean /= max(len(keep), 1)
         scatter = np.zeros((dim, dim), dtype=np.float64)
         for start in range(0, len(keep), _CHUNK):
-            block = _unit(keep[start:start + _CHUNK].astype(np.float32)) - mean
+            block = _unit(keep[start : start + _CHUNK].astype(np.float32)) - mean
             scatter += block.T.astype(np.float64) @ block
         k = max(1, min(config.image_components, len(keep) - 1, dim))
         return cls(mean.astype(np.float32), _top_eigenvectors(scatter, k, rng).astype(np.float32))
@@ -129,7 +133,8 @@ class ResidualImagePart:
 
     def state(self) -> tuple[dict, dict]:
         return {"method": "pca-residual", "components": int(len(self.components))}, {
-            "image_mean": self.mean, "image_components": self.components,
+            "image_mean": self.mean,
+            "image_components": self.components,
         }
 
     @classmethod
@@ -137,7 +142,9 @@ class ResidualImagePart:
         return cls(arrays["image_mean"], arrays["image_components"])
 
 
-def _top_eigenvectors(matrix: np.ndarray, k: int, rng: np.random.Generator, iterations: int = 30) -> np.ndarray:
+def _top_eigenvectors(
+    matrix: np.ndarray, k: int, rng: np.random.Generator, iterations: int = 30
+) -> np.ndarray:
     """(k, dim) leading eigenvectors of a symmetric positive semi-definite matrix by subspace
     iteration: a full `eigh` of 1,024 x 1,024 took 17 s on the loaded 2-core machine, this well
     under one, and the leading directions (well separated here) agree."""
@@ -166,4 +173,3 @@ def image_part_class(method: str) -> type[ResidualImagePart] | type[KnnImagePart
 def _unit(x: np.ndarray) -> np.ndarray:
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     return (x / np.maximum(norm, 1e-12)).astype(np.float32)
-

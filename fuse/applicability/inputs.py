@@ -70,7 +70,9 @@ def cue_frame(cues, n: int | None, where: str) -> pd.DataFrame:
 def metadata_frame(metadata, columns: Sequence[str], n: int | None, where: str) -> pd.DataFrame:
     """`metadata` itself, once it is a DataFrame holding `columns` (and `n` rows when given)."""
     if not isinstance(metadata, pd.DataFrame):
-        raise RunError(f"{where}: metadata must be a pandas DataFrame, got {type(metadata).__name__}")
+        raise RunError(
+            f"{where}: metadata must be a pandas DataFrame, got {type(metadata).__name__}"
+        )
     missing = [c for c in columns if c not in metadata.columns]
     if missing:
         raise RunError(

@@ -34,8 +34,13 @@ class MetadataPart:
         return list(self.ranges) + list(self.seen)
 
     @classmethod
-    def fit(cls, frame: pd.DataFrame, numeric: Sequence[str], categorical: Sequence[str],
-            config: ApplicabilityConfig) -> MetadataPart:
+    def fit(
+        cls,
+        frame: pd.DataFrame,
+        numeric: Sequence[str],
+        categorical: Sequence[str],
+        config: ApplicabilityConfig,
+    ) -> MetadataPart:
         ranges = {}
         for col in numeric:
             values = pd.to_numeric(frame[col], errors="coerce").to_numpy(dtype=np.float64)
@@ -94,4 +99,3 @@ class MetadataPart:
 def _categories(series: pd.Series) -> list[str]:
     """The values as text, a missing one as `_MISSING`."""
     return [_MISSING if pd.isna(v) else str(v) for v in series.tolist()]
-

@@ -42,7 +42,6 @@ def marking_threshold(novelty: np.ndarray, share: float) -> tuple[float, float]:
     return 1.0, 0.0
 
 
-
 def pct_label(p: float) -> str:
     """0.9993 -> '99.9th pct'; 1.0 (beyond every training row's out-of-fold score) -> 'beyond
     every training row'."""
@@ -50,4 +49,3 @@ def pct_label(p: float) -> str:
         return "beyond every training row"
     value = math.floor(p * 1000) / 10
     return f"{value:g}th pct"
-

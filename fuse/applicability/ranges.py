@@ -44,7 +44,11 @@ def _training_ranges(frame: pd.DataFrame, columns) -> dict[str, dict[str, float]
         values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
         values = values[np.isfinite(values)]
         if len(values):
-            ranges[str(column)] = {"min": float(values.min()), "max": float(values.max()), "rows": int(len(values))}
+            ranges[str(column)] = {
+                "min": float(values.min()),
+                "max": float(values.max()),
+                "rows": int(len(values)),
+            }
     return ranges
 
 
@@ -59,14 +63,18 @@ def load_ranges(stage_dir: Path) -> dict[str, dict[str, float]] | None:
     """The ranges `write_ranges` recorded, or None for a run stacked before they were (logged)."""
     path = Path(stage_dir) / RANGES_FILE
     if not path.is_file():
-        log.info("%s is absent (run stacked by an older version): values far outside the training "
-                 "range are not marked; rerun `invoke stack --run R` to record the ranges", path)
+        log.info(
+            "%s is absent (run stacked by an older version): values far outside the training "
+            "range are not marked; rerun `invoke stack --run R` to record the ranges",
+            path,
+        )
         return None
     return json.loads(path.read_text())["columns"]
 
 
-def outside_training(frame: pd.DataFrame, ranges: dict[str, dict[str, float]],
-                     margin: float = MARGIN) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
+def outside_training(
+    frame: pd.DataFrame, ranges: dict[str, dict[str, float]], margin: float = MARGIN
+) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
     """Which rows of `frame` hold a value far outside its column's training range.
 
     Args:
@@ -97,7 +105,9 @@ def outside_training(frame: pd.DataFrame, ranges: dict[str, dict[str, float]],
         by_column[column] = outside
         mask |= outside
         for row in np.flatnonzero(outside):
-            notes[row].append(f"{column} = {_number(values[row])} (training {_number(low)}..{_number(high)})")
+            notes[row].append(
+                f"{column} = {_number(values[row])} (training {_number(low)}..{_number(high)})"
+            )
     return mask, ["; ".join(note) for note in notes], by_column
 
 

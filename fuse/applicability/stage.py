@@ -91,16 +91,22 @@ def _image_inputs(record: dict, spec, ids: list[str], progress: bool) -> dict:
     if spec.images and Path(spec.images).exists():
         source = open_source(spec.images)
     else:
-        log.warning("applicability: the spec's images (%s) are not there: only acquisition cues "
-                    "cached beside the store are used", spec.images)
+        log.warning(
+            "applicability: the spec's images (%s) are not there: only acquisition cues "
+            "cached beside the store are used",
+            spec.images,
+        )
     cues = cached_cues(store.path, source, ids, store.fingerprints(ids), progress=progress)
     readable = np.isfinite(cues.frame.to_numpy()).all(axis=1).sum()
     out = {"embeddings": embeddings, "identity": store.reference()}
     if readable >= 10:
         out["cues"] = cues
     else:
-        log.warning("applicability: only %d training images have acquisition cues; the detector is "
-                    "fitted without its acquisition part", readable)
+        log.warning(
+            "applicability: only %d training images have acquisition cues; the detector is "
+            "fitted without its acquisition part",
+            readable,
+        )
     return out
 
 
@@ -112,8 +118,11 @@ def load_detector(layout: RunLayout) -> Applicability | None:
     """
     stage = layout.stage(STAGE)
     if not stage.is_dir():
-        log.info("run %s has no applicability stage (stacked by an older version): columns "
-                 "unlike_training and novelty are left empty; add it with `invoke stack --run %s`",
-                 layout.dir, layout.dir)
+        log.info(
+            "run %s has no applicability stage (stacked by an older version): columns "
+            "unlike_training and novelty are left empty; add it with `invoke stack --run %s`",
+            layout.dir,
+            layout.dir,
+        )
         return None
     return load(stage)

@@ -202,8 +202,13 @@ def make_table(
     target, dx, mimic = _malignant(rng, patients["risk"][pat], where["general"], prevalence)
     t = _traits(rng, patients["phenotype"][pat], target, dx, mimic)
     m = _measurements(
-        rng, t, patients["skin_l"][pat], patients["skin_a"][pat], patients["skin_b"][pat],
-        patients["texture"][pat], target,
+        rng,
+        t,
+        patients["skin_l"][pat],
+        patients["skin_a"][pat],
+        patients["skin_b"][pat],
+        patients["texture"][pat],
+        target,
     )
     diagnosis = _diagnosis(rng, target, dx, mimic, lesion_ids)
     frame = pd.DataFrame(
@@ -261,7 +266,9 @@ def _patients(rng: np.random.Generator, n_pat: int) -> dict[str, np.ndarray]:
     chol = _trait_cholesky()
     patients["phenotype"] = _SIGMA_PATIENT * rng.standard_normal((n_pat, len(_TRAITS))) @ chol.T
     age_filled = np.where(np.isnan(age), 58.0, age)
-    patients["risk"] = 0.045 * (age_filled - 58.0) + 0.3 * (sex == "male") + rng.normal(0, 0.5, n_pat)
+    patients["risk"] = (
+        0.045 * (age_filled - 58.0) + 0.3 * (sex == "male") + rng.normal(0, 0.5, n_pat)
+    )
     return patients
 
 
@@ -453,5 +460,3 @@ def _measurements(rng, t, skin_l, skin_a, skin_b, texture, target) -> dict[str, 
         "tbp_lv_symm_2axis": symm,
         "tbp_lv_symm_2axis_angle": angle.astype(np.int64),
     }
-
-

@@ -20,8 +20,13 @@ log = logging.getLogger(__name__)
 DEMO_RUN = "demo"
 
 
-def run_demo(rows: int = 1500, trials: int = 3, root: Path | None = None, run: str | Path = DEMO_RUN,
-             max_epochs: int = 15) -> Path:
+def run_demo(
+    rows: int = 1500,
+    trials: int = 3,
+    root: Path | None = None,
+    run: str | Path = DEMO_RUN,
+    max_epochs: int = 15,
+) -> Path:
     """Make the demo data (once), then embed, train-gbdt, train-fusion, stack and score.
 
     About 40 lesions per patient at 8% prevalence: enough positives for five grouped folds and
@@ -40,15 +45,22 @@ def run_demo(rows: int = 1500, trials: int = 3, root: Path | None = None, run: s
     if _rows_of(data) not in (None, rows):
         _discard(data, run_dir(run))
     if not (data / "train-metadata.csv").exists() or not (data / "test-image.hdf5").exists():
-        make_isic2024_like(data, n_rows=rows, n_patients=max(rows // 40, 10), prevalence=0.08, seed=0,
-                           test_rows=max(rows // 10, 10))
+        make_isic2024_like(
+            data,
+            n_rows=rows,
+            n_patients=max(rows // 40, 10),
+            prevalence=0.08,
+            seed=0,
+            test_rows=max(rows // 10, 10),
+        )
     commands.embed_spec(data)
     commands.train_gbdt(data, run, trials=trials)
     commands.train_fusion(data, run, max_epochs=max_epochs)
     report = commands.stack_and_report(run)
     predictions = root / "predictions.csv"
-    commands.score_images(run, images=data / "test-image.hdf5", metadata=data / "test-metadata.csv",
-                        out=predictions)
+    commands.score_images(
+        run, images=data / "test-image.hdf5", metadata=data / "test-metadata.csv", out=predictions
+    )
     print(f"predictions: {predictions}")
     return report
 

@@ -18,12 +18,22 @@ import re
 
 import jinja2
 
-__all__ = ["CSP", "code_segments", "data_uri", "environment", "image_thumbnail", "number", "png_data_uri",
-           "render"]
+__all__ = [
+    "CSP",
+    "code_segments",
+    "data_uri",
+    "environment",
+    "image_thumbnail",
+    "number",
+    "png_data_uri",
+    "render",
+]
 
 # Inline style and script only; images from data: URIs only; nothing is fetched.
-CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
-       "script-src 'unsafe-inline'; base-uri 'none'; form-action 'none'")
+CSP = (
+    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+    "script-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+)
 
 
 @functools.cache

@@ -72,10 +72,26 @@ from fuse.pages.report_text import (
 from runfolder.layout import METRICS, REPORT, RunLayout
 from tabular.folds import read_folds
 
-__all__ = ["COLUMNS", "DESCRIPTIONS", "INTERVAL_FIGURES", "MODELS", "N_RESAMPLES", "PLOT_TITLES",
-           "PLOTS", "SEED", "SUBGROUP_HEADINGS", "age_column", "ci_text", "decision_values",
-           "interval_values", "operating_sentence", "read_operating_point", "skin_type_column",
-           "subgroup_values", "write_report"]
+__all__ = [
+    "COLUMNS",
+    "DESCRIPTIONS",
+    "INTERVAL_FIGURES",
+    "MODELS",
+    "N_RESAMPLES",
+    "PLOT_TITLES",
+    "PLOTS",
+    "SEED",
+    "SUBGROUP_HEADINGS",
+    "age_column",
+    "ci_text",
+    "decision_values",
+    "interval_values",
+    "operating_sentence",
+    "read_operating_point",
+    "skin_type_column",
+    "subgroup_values",
+    "write_report",
+]
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +136,12 @@ def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
     out = layout.report
     out.mkdir(parents=True, exist_ok=True)
     shown = shown_model(predictions, figures, final)
-    plots = write_plots(out, y, predictions, figures, shown, layout.stage("gbdt") / "importance.csv")
-    document = _document(run_dir, record, folds, y, predictions, figures, final, shown, plots,
-                         sensitivity)
+    plots = write_plots(
+        out, y, predictions, figures, shown, layout.stage("gbdt") / "importance.csv"
+    )
+    document = _document(
+        run_dir, record, folds, y, predictions, figures, final, shown, plots, sensitivity
+    )
     card = model_card.build(run_dir, record, document, final)
     document["model_card"] = model_card.FILE
     layout.write_json(REPORT, METRICS, document)
@@ -133,9 +152,18 @@ def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
     return path
 
 
-def _document(run_dir: Path, record: dict, folds: pd.DataFrame, y: np.ndarray,
-              predictions: dict[str, np.ndarray], figures: dict, final: dict | None, shown: str,
-              plots: dict[str, str], sensitivity: float) -> dict:
+def _document(
+    run_dir: Path,
+    record: dict,
+    folds: pd.DataFrame,
+    y: np.ndarray,
+    predictions: dict[str, np.ndarray],
+    figures: dict,
+    final: dict | None,
+    shown: str,
+    plots: dict[str, str],
+    sensitivity: float,
+) -> dict:
     """The report's `metrics.json` (less "model_card"): the data set's figures, every model's,
     and the shown model's intervals, operating point, subgroups and decision curve (whose plot
     it writes into `report/`)."""
@@ -143,8 +171,11 @@ def _document(run_dir: Path, record: dict, folds: pd.DataFrame, y: np.ndarray,
     groups = folds["group"].to_numpy()
     spec = record.get("spec", {})
     # the threshold scoring applies: on the calibrated probability where there is one
-    final_threshold = ((final["threshold"] if "calibrated" in figures else figures[shown]["threshold"])
-                       if final and final["final"] in figures else None)
+    final_threshold = (
+        (final["threshold"] if "calibrated" in figures else figures[shown]["threshold"])
+        if final and final["final"] in figures
+        else None
+    )
     threshold = final_threshold if final_threshold is not None else figures[shown]["threshold"]
     curve = net_benefit(y, predictions, shown)
     if curve is not None:
@@ -167,8 +198,9 @@ def _document(run_dir: Path, record: dict, folds: pd.DataFrame, y: np.ndarray,
         # the model whose operating point, subgroups and decision curve the report shows
         "shown": shown,
         "intervals": intervals(y, predictions, figures, groups, shown),
-        "operating_point": shown_operating_point(y, predictions[shown], threshold, shown,
-                                                 sensitivity),
+        "operating_point": shown_operating_point(
+            y, predictions[shown], threshold, shown, sensitivity
+        ),
         "subgroups": subgroups(spec, folds, y, predictions[shown], groups, threshold, sensitivity),
         "decision_curve": curve,
         "plots": {key: name for key, name in plots.items()},
@@ -207,15 +239,20 @@ def _html(document: dict, final: dict | None, out: Path, card: dict) -> str:
     final_name = final["final"] if final else None
     models = []
     for name, figures in document["models"].items():
-        models.append({
-            "name": name,
-            "final": final_name is not None and name == final_name,
-            "calibrated": {"final": document["final"], "method": document["final_method"]}
-            if name == "calibrated" else None,
-            "cells": [{"sort": _sort_key(figures[key]), "text": html.number(figures[key], fmt)}
-                      for key, _, fmt in COLUMNS],
-            "description": html.code_segments(DESCRIPTIONS.get(name, "")),
-        })
+        models.append(
+            {
+                "name": name,
+                "final": final_name is not None and name == final_name,
+                "calibrated": {"final": document["final"], "method": document["final_method"]}
+                if name == "calibrated"
+                else None,
+                "cells": [
+                    {"sort": _sort_key(figures[key]), "text": html.number(figures[key], fmt)}
+                    for key, _, fmt in COLUMNS
+                ],
+                "description": html.code_segments(DESCRIPTIONS.get(name, "")),
+            }
+        )
     return html.render(
         "report.html",
         dataset=document["dataset"],
@@ -233,8 +270,14 @@ def _html(document: dict, final: dict | None, out: Path, card: dict) -> str:
         final=_final_values(document, final) if final else None,
         columns=[heading for _, heading, _ in COLUMNS],
         models=models,
-        plots=[{"key": key, "title": PLOT_TITLES[key], "src": html.png_data_uri((out / name).read_bytes())}
-               for key, name in document["plots"].items()],
+        plots=[
+            {
+                "key": key,
+                "title": PLOT_TITLES[key],
+                "src": html.png_data_uri((out / name).read_bytes()),
+            }
+            for key, name in document["plots"].items()
+        ],
         operating=operating_sentence(document),
         intervals=interval_values(document),
         subgroups=subgroup_values(document),

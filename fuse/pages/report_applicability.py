@@ -59,10 +59,14 @@ def applicability_values(section: dict | None, out: Path) -> dict | None:
         "parts": ", ".join(section["parts"]),
         "rows": f"{section['rows']:,}" if section.get("rows") is not None else "",
         "threshold": html.number(section["threshold"], ".4f"),
-        "target": f"{section['target_share']:.1%}" if section.get("target_share") is not None else "",
+        "target": f"{section['target_share']:.1%}"
+        if section.get("target_share") is not None
+        else "",
         "marked": f"{section['marked_share_out_of_fold']:.2%}",
-        "by_part": [{"part": part, "share": f"{share:.2%}"}
-                    for part, share in section["marked_by_part_out_of_fold"].items()],
+        "by_part": [
+            {"part": part, "share": f"{share:.2%}"}
+            for part, share in section["marked_by_part_out_of_fold"].items()
+        ],
         "fit_seconds": html.number(section.get("fit_seconds"), ".1f"),
         "src": html.png_data_uri((out / section["plot"]).read_bytes()),
     }
@@ -75,13 +79,26 @@ def _histogram(novelty: np.ndarray, threshold: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    ax.hist(novelty, bins=np.linspace(0, 1, 41).tolist(), color="tab:blue", alpha=0.75,
-            label=f"training lesions, out of fold ({len(novelty):,})")
+    ax.hist(
+        novelty,
+        bins=np.linspace(0, 1, 41).tolist(),
+        color="tab:blue",
+        alpha=0.75,
+        label=f"training lesions, out of fold ({len(novelty):,})",
+    )
     marked = float(np.mean(novelty >= threshold)) if len(novelty) else 0.0
-    ax.axvline(threshold, color="tab:red", ls="--", lw=1.2,
-               label=f"threshold {threshold:.4f} (marks {marked:.2%})")
-    ax.set(xlabel="novelty (share of training lesions less unusual)", ylabel="training lesions",
-           title="Applicability: novelty of the training lesions")
+    ax.axvline(
+        threshold,
+        color="tab:red",
+        ls="--",
+        lw=1.2,
+        label=f"threshold {threshold:.4f} (marks {marked:.2%})",
+    )
+    ax.set(
+        xlabel="novelty (share of training lesions less unusual)",
+        ylabel="training lesions",
+        title="Applicability: novelty of the training lesions",
+    )
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

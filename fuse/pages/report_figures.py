@@ -80,23 +80,37 @@ def skin_type_column(spec: dict) -> str | None:
     return next((c for c in columns if _SKIN_TYPE.search(c.lower())), None)
 
 
-def intervals(y: np.ndarray, predictions: dict, figures: dict, groups: np.ndarray,
-               shown: str) -> dict | None:
+def intervals(
+    y: np.ndarray, predictions: dict, figures: dict, groups: np.ndarray, shown: str
+) -> dict | None:
     """Bootstrap intervals of every model's figures and of its difference from `shown`, each
     model at its own operating threshold; None (logged) when no model has a usable threshold."""
     thresholds = {name: figures[name]["threshold"] for name in predictions}
-    usable = {name: p for name, p in predictions.items()
-              if thresholds[name] is not None and 0.0 < thresholds[name] < 1.0}
+    usable = {
+        name: p
+        for name, p in predictions.items()
+        if thresholds[name] is not None and 0.0 < thresholds[name] < 1.0
+    }
     left_out = sorted(set(predictions) - set(usable))
     if left_out:
-        log.warning("report: no interval for %s (operating threshold not in (0, 1): %s)", left_out,
-                    {name: thresholds[name] for name in left_out})
+        log.warning(
+            "report: no interval for %s (operating threshold not in (0, 1): %s)",
+            left_out,
+            {name: thresholds[name] for name in left_out},
+        )
     if shown not in usable:
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MetricWarning)  # one-class resamples: counted in the result
-        result = bootstrap_figures(y, usable, groups, {n: thresholds[n] for n in usable},
-                                   final=shown, n_resamples=N_RESAMPLES, seed=SEED)
+        result = bootstrap_figures(
+            y,
+            usable,
+            groups,
+            {n: thresholds[n] for n in usable},
+            final=shown,
+            n_resamples=N_RESAMPLES,
+            seed=SEED,
+        )
     for name in _RANK_SCORES:  # a rank has no Brier score (the point table says n/a too)
         for table in ("models", "differences"):
             if name in result[table]:
@@ -105,8 +119,9 @@ def intervals(y: np.ndarray, predictions: dict, figures: dict, groups: np.ndarra
     return result
 
 
-def shown_operating_point(y: np.ndarray, p: np.ndarray, threshold, shown: str,
-                     sensitivity: float) -> dict | None:
+def shown_operating_point(
+    y: np.ndarray, p: np.ndarray, threshold, shown: str, sensitivity: float
+) -> dict | None:
     """The shown model's sensitivity and specificity at `threshold`, with exact intervals."""
     if threshold is None or not 0.0 < threshold < 1.0:
         return None
@@ -114,38 +129,79 @@ def shown_operating_point(y: np.ndarray, p: np.ndarray, threshold, shown: str,
     return {"model": shown, "target_sensitivity": sensitivity, **point}
 
 
-def subgroups(spec: dict, folds: pd.DataFrame, y: np.ndarray, p: np.ndarray, groups: np.ndarray,
-               threshold, sensitivity: float) -> dict:
+def subgroups(
+    spec: dict,
+    folds: pd.DataFrame,
+    y: np.ndarray,
+    p: np.ndarray,
+    groups: np.ndarray,
+    threshold,
+    sensitivity: float,
+) -> dict:
     """The subgroup table of the shown model, or {"unavailable": why} (logged)."""
     age, skin = age_column(spec), skin_type_column(spec)
     categorical = [str(c) for c in spec.get("categorical", ()) if c != skin]
-    base = {"age_column": age, "skin_type_column": skin, "categorical": categorical,
-            "threshold": threshold, "target_sensitivity": sensitivity,
-            "min_positives": MIN_POSITIVES, "too_few": TOO_FEW}
+    base = {
+        "age_column": age,
+        "skin_type_column": skin,
+        "categorical": categorical,
+        "threshold": threshold,
+        "target_sensitivity": sensitivity,
+        "min_positives": MIN_POSITIVES,
+        "too_few": TOO_FEW,
+    }
     wanted = [*categorical, *([age] if age else []), *([skin] if skin else [])]
     if not wanted:
-        return {**base, "rows": [], "unavailable": "the spec names no categorical, age or skin type column"}
+        return {
+            **base,
+            "rows": [],
+            "unavailable": "the spec names no categorical, age or skin type column",
+        }
     if threshold is None or not 0.0 < threshold < 1.0:
-        return {**base, "rows": [], "unavailable": f"no operating threshold in (0, 1) (got {threshold!r})"}
+        return {
+            **base,
+            "rows": [],
+            "unavailable": f"no operating threshold in (0, 1) (got {threshold!r})",
+        }
     try:
-        table = pd.read_csv(spec["metadata"], usecols=[spec["id"], *wanted], dtype={spec["id"]: str})
-        table = table.drop_duplicates(spec["id"]).set_index(spec["id"]).reindex(folds["id"].astype(str))
+        table = pd.read_csv(
+            spec["metadata"], usecols=[spec["id"], *wanted], dtype={spec["id"]: str}
+        )
+        table = (
+            table.drop_duplicates(spec["id"]).set_index(spec["id"]).reindex(folds["id"].astype(str))
+        )
         target = min(float(sensitivity), 1.0 - 1e-9)  # a 100% target: any shortfall is highlighted
-        rows = subgroup_table(y, p, groups, threshold, table.reset_index(drop=True),
-                              categorical=categorical, age=age, skin_type=skin,
-                              target_sensitivity=target, n_resamples=N_RESAMPLES, seed=SEED)
+        rows = subgroup_table(
+            y,
+            p,
+            groups,
+            threshold,
+            table.reset_index(drop=True),
+            categorical=categorical,
+            age=age,
+            skin_type=skin,
+            target_sensitivity=target,
+            n_resamples=N_RESAMPLES,
+            seed=SEED,
+        )
     except (OSError, ValueError, KeyError) as error:
         # DataError is a ValueError: a changed metadata file must not cost the whole report
         log.warning("report: subgroups left out (%s)", error)
-        return {**base, "rows": [], "unavailable": f"metadata {spec.get('metadata')} could not be "
-                                                   f"tabulated: {error}"}
+        return {
+            **base,
+            "rows": [],
+            "unavailable": f"metadata {spec.get('metadata')} could not be tabulated: {error}",
+        }
     return {**base, "rows": rows}
 
 
 def net_benefit(y: np.ndarray, predictions: dict, shown: str) -> dict | None:
     """Net benefit of the shown model and each base model that outputs a probability (the rank
     blend does not), treat-all and treat-none at 1-50%; None when the shown model is a rank."""
-    candidates = {"final": shown, **{name: name for name in predictions if name not in (shown, "calibrated")}}
+    candidates = {
+        "final": shown,
+        **{name: name for name in predictions if name not in (shown, "calibrated")},
+    }
     probabilities, models = {}, {}
     for label, name in candidates.items():
         p = predictions[name]
@@ -164,7 +220,9 @@ def net_benefit(y: np.ndarray, predictions: dict, shown: str) -> dict | None:
     return {**curve, "models": models}
 
 
-def read_predictions(run_dir: Path, folds: pd.DataFrame) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def read_predictions(
+    run_dir: Path, folds: pd.DataFrame
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Out-of-fold predictions of every stage present, aligned with `folds.csv`, and the target."""
     layout = RunLayout(run_dir)
     read_oof = layout.read_oof
@@ -229,7 +287,9 @@ def read_calibrated(run_dir: Path, folds: pd.DataFrame, final: dict | None) -> n
     if not {"id", "p"} <= set(oof.columns) or oof["id"].duplicated().any():
         log.warning("%s: not an out-of-fold file of this run; calibrated figures left out", path)
         return None
-    p = pd.to_numeric(oof.set_index("id")["p"].reindex(folds["id"]), errors="coerce").to_numpy(dtype=float)
+    p = pd.to_numeric(oof.set_index("id")["p"].reindex(folds["id"]), errors="coerce").to_numpy(
+        dtype=float
+    )
     if not np.isfinite(p).all():
         log.warning("%s: ids differ from the run's folds.csv; calibrated figures left out", path)
         return None
@@ -244,6 +304,7 @@ def read_final(run_dir: Path) -> dict | None:
 
 def _best(figures: dict) -> str:
     """The model with the highest pAUC80 (a model without one counts as lowest)."""
+
     def key(name):
         value = figures[name]["pauc80"]
         return -math.inf if value is None else value
@@ -251,10 +312,9 @@ def _best(figures: dict) -> str:
     return max(figures, key=key)
 
 
-
-
-def model_figures(y: np.ndarray, predictions: dict[str, np.ndarray], final: dict | None,
-                  sensitivity: float) -> dict[str, dict]:
+def model_figures(
+    y: np.ndarray, predictions: dict[str, np.ndarray], final: dict | None, sensitivity: float
+) -> dict[str, dict]:
     """Each model's point figures (`tabular.metrics.summarize` at its own threshold for
     `sensitivity`, with Brier and ECE), keyed like `predictions`."""
     figures = {}
@@ -266,7 +326,9 @@ def model_figures(y: np.ndarray, predictions: dict[str, np.ndarray], final: dict
             figures[name] = summarize(y, p, threshold=threshold, sensitivity=sensitivity)
             # Brier and ECE only mean something for a score that claims to be a probability:
             # the blend is a rank.
-            figures[name].update(calibration(y, p) if name not in _RANK_SCORES else {"brier": None, "ece": None})
+            figures[name].update(
+                calibration(y, p) if name not in _RANK_SCORES else {"brier": None, "ece": None}
+            )
     return figures
 
 

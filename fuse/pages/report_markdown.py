@@ -47,7 +47,9 @@ def markdown(document: dict, final: dict | None) -> str:
                 f"{sensitivity:.0%}. Rerun `invoke stack --run R --sensitivity {sensitivity}` to align them."
             )
     else:
-        lines.append("No final model yet: run `invoke stack --run R` to stack and blend the base models.")
+        lines.append(
+            "No final model yet: run `invoke stack --run R` to stack and blend the base models."
+        )
     lines += [
         "",
         f"Thresholds: each model's own, chosen on its out-of-fold predictions as the highest "
@@ -74,27 +76,49 @@ def markdown(document: dict, final: dict | None) -> str:
     lines += ["", "## Plots", ""]
     for key, name in document["plots"].items():
         lines += [f"### {PLOT_TITLES[key]}", "", f"![{key}]({name})", ""]
-    lines += ["## Model card", "", f"The model card of this run: [{model_card.FILE}]({model_card.FILE}).", ""]
+    lines += [
+        "## Model card",
+        "",
+        f"The model card of this run: [{model_card.FILE}]({model_card.FILE}).",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def _md_table(headings: list[str], rows: list[list[str]], numeric_from: int = 1) -> list[str]:
-    return ["| " + " | ".join(headings) + " |",
-            "|" + "|".join("---" if i < numeric_from else "---:" for i in range(len(headings))) + "|",
-            *["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]]
+    return [
+        "| " + " | ".join(headings) + " |",
+        "|" + "|".join("---" if i < numeric_from else "---:" for i in range(len(headings))) + "|",
+        *["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows],
+    ]
 
 
 def _markdown_intervals(document: dict) -> list[str]:
     values = interval_values(document)
     if values is None:
-        return ["## Figures with 95% CI", "", "No intervals: no model has an operating threshold in (0, 1)."]
+        return [
+            "## Figures with 95% CI",
+            "",
+            "No intervals: no model has an operating threshold in (0, 1).",
+        ]
     lines = ["## Figures with 95% CI", "", values["note"], ""]
-    lines += _md_table(["model", *values["headings"]], [[r["name"], *r["cells"]] for r in values["models"]])
-    lines += ["", f"### Difference from the final model ({values['final']}), paired 95% CI", "",
-              values["difference_note"]]
+    lines += _md_table(
+        ["model", *values["headings"]], [[r["name"], *r["cells"]] for r in values["models"]]
+    )
+    lines += [
+        "",
+        f"### Difference from the final model ({values['final']}), paired 95% CI",
+        "",
+        values["difference_note"],
+    ]
     if values["differences"]:
-        lines += ["", *_md_table(["model", *values["headings"]],
-                                 [[r["name"], *r["cells"]] for r in values["differences"]])]
+        lines += [
+            "",
+            *_md_table(
+                ["model", *values["headings"]],
+                [[r["name"], *r["cells"]] for r in values["differences"]],
+            ),
+        ]
     return lines
 
 
@@ -104,8 +128,14 @@ def _markdown_subgroups(document: dict) -> list[str]:
     if values["unavailable"]:
         return [*lines, "", f"Subgroup table not made: {values['unavailable']}."]
     for table in values["tables"]:
-        rows = [[("**" + r["subgroup"] + "** (below target)") if r["highlight"] else r["subgroup"],
-                 *r["cells"], r["status"]] for r in table["rows"]]
+        rows = [
+            [
+                ("**" + r["subgroup"] + "** (below target)") if r["highlight"] else r["subgroup"],
+                *r["cells"],
+                r["status"],
+            ]
+            for r in table["rows"]
+        ]
         lines += ["", f"### Subgroup: {table['title']}", ""]
         lines += _md_table(["subgroup", *values["headings"], "status"], rows)
     return lines
@@ -117,6 +147,8 @@ def _markdown_decision(document: dict) -> list[str]:
     if values is None:
         return [*lines, "No decision curve: the final model's score is not a probability."]
     lines += [values["note"], ""]
-    lines += _md_table(["threshold probability", *values["headings"]],
-                       [[r["threshold"], *r["cells"]] for r in values["rows"]])
+    lines += _md_table(
+        ["threshold probability", *values["headings"]],
+        [[r["threshold"], *r["cells"]] for r in values["rows"]],
+    )
     return lines

@@ -35,12 +35,13 @@ PLOT_TITLES = {
     "histogram": "Scores of the final model by class",
     "importance": "LightGBM feature importance (gbdt)",
     "decision": "Decision curve: net benefit of acting on each model's probability, treat all "
-                "and treat none, at threshold probabilities 1-50%",
+    "and treat none, at threshold probabilities 1-50%",
 }
 
 
-def write_plots(out: Path, y: np.ndarray, predictions: dict, figures: dict, shown: str,
-                importance_csv: Path) -> dict[str, str]:
+def write_plots(
+    out: Path, y: np.ndarray, predictions: dict, figures: dict, shown: str, importance_csv: Path
+) -> dict[str, str]:
     """Write the plots into `out`; returns {key in PLOTS: file name} of those written (the
     importance plot only where `importance_csv` has feature names and values)."""
     import matplotlib
@@ -66,10 +67,20 @@ def write_plots(out: Path, y: np.ndarray, predictions: dict, figures: dict, show
     if not one_class:
         for name, p in ranked.items():
             fpr, tpr, _ = roc_curve(y, p)
-            ax.plot(fpr, tpr, label=f"{name} (AUC {cell(figures[name]['roc_auc'], '.3f')}, "
-                                    f"pAUC80 {cell(figures[name]['pauc80'], '.3f')})")
+            ax.plot(
+                fpr,
+                tpr,
+                label=f"{name} (AUC {cell(figures[name]['roc_auc'], '.3f')}, "
+                f"pAUC80 {cell(figures[name]['pauc80'], '.3f')})",
+            )
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-    ax.set(xlabel="false-positive rate", ylabel="true-positive rate (sensitivity)", title="ROC", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(
+        xlabel="false-positive rate",
+        ylabel="true-positive rate (sensitivity)",
+        title="ROC",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
     ax.legend(loc="lower right", fontsize=7)
     save(fig, "roc")
 
@@ -79,7 +90,13 @@ def write_plots(out: Path, y: np.ndarray, predictions: dict, figures: dict, show
             precision, recall, _ = precision_recall_curve(y, p)
             ax.plot(recall, precision, label=f"{name} (AP {cell(figures[name]['pr_auc'], '.3f')})")
     ax.axhline(y.mean(), color="grey", lw=0.8, ls="--", label=f"prevalence {y.mean():.3f}")
-    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(
+        xlabel="recall (sensitivity)",
+        ylabel="precision",
+        title="Precision-recall",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
     ax.legend(loc="upper right", fontsize=7)
     save(fig, "pr")
 
@@ -89,12 +106,22 @@ def write_plots(out: Path, y: np.ndarray, predictions: dict, figures: dict, show
     ax.imshow(counts, cmap="Blues")
     for i in range(2):
         for j in range(2):
-            ax.text(j, i, str(counts[i, j]), ha="center", va="center",
-                    color="white" if counts[i, j] > counts.max() / 2 else "black", fontsize=12)
+            ax.text(
+                j,
+                i,
+                str(counts[i, j]),
+                ha="center",
+                va="center",
+                color="white" if counts[i, j] > counts.max() / 2 else "black",
+                fontsize=12,
+            )
     ax.set_xticks([0, 1], ["benign", "malignant"])
     ax.set_yticks([0, 1], ["benign", "malignant"])
-    ax.set(xlabel="predicted", ylabel="true",
-           title=f"{shown} at threshold {cell(f['threshold'], '.4g')}")
+    ax.set(
+        xlabel="predicted",
+        ylabel="true",
+        title=f"{shown} at threshold {cell(f['threshold'], '.4g')}",
+    )
     save(fig, "confusion")
 
     fig, ax = plt.subplots(figsize=(5.5, 5))
@@ -105,15 +132,29 @@ def write_plots(out: Path, y: np.ndarray, predictions: dict, figures: dict, show
             true, mean = calibration_curve(y, np.clip(p, 0, 1), n_bins=bins, strategy="quantile")
             suffix = {"blend": " (rank score)", "calibrated": " (probability)"}.get(name, "")
             ax.plot(mean, true, marker="o", ms=3, label=name + suffix)
-    ax.set(xlabel="mean predicted score", ylabel="observed share malignant", title="Calibration", xlim=(0, 1), ylim=(0, 1))
+    ax.set(
+        xlabel="mean predicted score",
+        ylabel="observed share malignant",
+        title="Calibration",
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
     ax.legend(loc="upper left", fontsize=7)
     save(fig, "calibration")
 
     p = predictions[shown]
     fig, ax = plt.subplots(figsize=(5.5, 4))
     edges = np.linspace(float(p.min()), float(p.max()) + 1e-12, 41)
-    ax.hist(p[y == 0], bins=edges.tolist(), alpha=0.6, density=True, label=f"benign ({int((y == 0).sum())})")
-    ax.hist(p[y == 1], bins=edges.tolist(), alpha=0.6, density=True, label=f"malignant ({int(y.sum())})")
+    ax.hist(
+        p[y == 0],
+        bins=edges.tolist(),
+        alpha=0.6,
+        density=True,
+        label=f"benign ({int((y == 0).sum())})",
+    )
+    ax.hist(
+        p[y == 1], bins=edges.tolist(), alpha=0.6, density=True, label=f"malignant ({int(y.sum())})"
+    )
     if f["threshold"] is not None:
         ax.axvline(f["threshold"], color="black", ls="--", lw=1, label="operating threshold")
     ax.set(xlabel=f"{shown} score", ylabel="density", title=f"Scores by class ({shown})")

@@ -112,8 +112,11 @@ def write_triage_page(
     p_columns = [c for c in predictions.columns if c.startswith("p_")]
     source = csv_name or "the predictions file"
     counts = {
-        "rows": len(rows), "scored": len(scored), "flagged": int(scored["flagged"].sum()),
-        "errors": len(unscored), "warnings": int((scored["error"] != "").sum()),
+        "rows": len(rows),
+        "scored": len(scored),
+        "flagged": int(scored["flagged"].sum()),
+        "errors": len(unscored),
+        "warnings": int((scored["error"] != "").sum()),
     }
     if patient is None:
         listing = _flat(scored.iloc[:max_rows], counts, render, max_rows)
@@ -130,30 +133,46 @@ def write_triage_page(
         has_errors=bool(counts["errors"]),
         in_training=_in_training(rows),
         unlike=_unlike(scored, "images" if "p_fusion" in predictions.columns else "rows"),
-        columns={"p": p_columns, "reasons": "reasons" in predictions.columns,
-                 "overlays": render.has_overlays, "image_px": thumbnail_px + 18},
+        columns={
+            "p": p_columns,
+            "reasons": "reasons" in predictions.columns,
+            "overlays": render.has_overlays,
+            "image_px": thumbnail_px + 18,
+        },
         source=source,
         listing=listing,
         errors=_errors(unscored, max_rows, patient is not None),
     )
     if render.failed:
-        log.warning("triage page: %d of the shown images could not be read (shown as placeholders)",
-                    render.failed)
+        log.warning(
+            "triage page: %d of the shown images could not be read (shown as placeholders)",
+            render.failed,
+        )
     atomic_write_text(out, page)
     log.info("triage page: %s (%d lesions shown of %d rows)", out, render.shown, len(rows))
     return Path(out)
 
 
-def _check_arguments(predictions: pd.DataFrame, id_column: str, patient, max_rows: int,
-                     per_patient: int, thumbnail_px: int) -> None:
+def _check_arguments(
+    predictions: pd.DataFrame,
+    id_column: str,
+    patient,
+    max_rows: int,
+    per_patient: int,
+    thumbnail_px: int,
+) -> None:
     """Raise ValueError for a missing required column, a `patient` of another length or an
     option out of range."""
     missing = [c for c in (id_column, "probability") if c not in predictions.columns]
     if missing:
-        raise ValueError(f"predictions: missing column(s) {missing} (columns: {list(predictions.columns)})")
+        raise ValueError(
+            f"predictions: missing column(s) {missing} (columns: {list(predictions.columns)})"
+        )
     if max_rows < 1 or per_patient < 0 or thumbnail_px < 8:
-        raise ValueError(f"max_rows >= 1, per_patient >= 0 and thumbnail_px >= 8 expected, got "
-                         f"{max_rows}, {per_patient}, {thumbnail_px}")
+        raise ValueError(
+            f"max_rows >= 1, per_patient >= 0 and thumbnail_px >= 8 expected, got "
+            f"{max_rows}, {per_patient}, {thumbnail_px}"
+        )
     if patient is not None and len(patient) != len(predictions):
         raise ValueError(f"patient: {len(patient)} values for {len(predictions)} prediction rows")
 
@@ -163,8 +182,13 @@ def _ordered(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     rows that could not be scored, in input order)."""
     scored = rows[rows["probability"].notna()]
     unscored = rows[rows["probability"].isna()]
-    order = np.lexsort((scored["position"].to_numpy(), -scored["probability"].to_numpy(),
-                        -scored["flagged"].to_numpy().astype(np.int8)))
+    order = np.lexsort(
+        (
+            scored["position"].to_numpy(),
+            -scored["probability"].to_numpy(),
+            -scored["flagged"].to_numpy().astype(np.int8),
+        )
+    )
     return scored.iloc[order], unscored
 
 
@@ -172,21 +196,31 @@ def _operating(point: Mapping | None, threshold: float) -> dict | None:
     """The header's operating-point values, when `point` belongs to `threshold`."""
     if not point or point.get("sensitivity") is None or point.get("sensitivity_low") is None:
         return None
-    if not np.isclose(float(point.get("threshold", np.nan)), float(threshold), rtol=1e-9, atol=1e-12):
-        log.warning("triage page: the report's operating point is for threshold %s, not %s; its "
-                    "sensitivity is not stated (rewrite the report: `invoke stack --run R`)",
-                    point.get("threshold"), threshold)
+    if not np.isclose(
+        float(point.get("threshold", np.nan)), float(threshold), rtol=1e-9, atol=1e-12
+    ):
+        log.warning(
+            "triage page: the report's operating point is for threshold %s, not %s; its "
+            "sensitivity is not stated (rewrite the report: `invoke stack --run R`)",
+            point.get("threshold"),
+            threshold,
+        )
         return None
     target = point.get("target_sensitivity")
-    return {"sensitivity": f"{point['sensitivity']:.1%}", "low": f"{point['sensitivity_low']:.1%}",
-            "target": None if target is None else f"{target:.0%}",
-            "positives": f"{point['tp'] + point['fn']:,}" if "tp" in point and "fn" in point else None}
+    return {
+        "sensitivity": f"{point['sensitivity']:.1%}",
+        "low": f"{point['sensitivity_low']:.1%}",
+        "target": None if target is None else f"{target:.0%}",
+        "positives": f"{point['tp'] + point['fn']:,}" if "tp" in point and "fn" in point else None,
+    }
 
 
 # --------------------------------------------------------------------------------- the rows
 
 
-def _normalise(predictions: pd.DataFrame, id_column: str, threshold: float, patient) -> pd.DataFrame:
+def _normalise(
+    predictions: pd.DataFrame, id_column: str, threshold: float, patient
+) -> pd.DataFrame:
     """One frame with the columns the page uses, in the input's order."""
     probability = pd.to_numeric(predictions["probability"], errors="coerce").to_numpy(dtype=float)
     if "flagged" in predictions.columns:
@@ -194,14 +228,16 @@ def _normalise(predictions: pd.DataFrame, id_column: str, threshold: float, pati
     else:
         flagged = np.nan_to_num(probability, nan=-np.inf) >= threshold
     flagged &= ~np.isnan(probability)
-    frame = pd.DataFrame({
-        "id": predictions[id_column].astype(str).to_numpy(),
-        "probability": probability,
-        "flagged": flagged,
-        "reasons": _text(predictions, "reasons"),
-        "error": _text(predictions, "error"),
-        "position": np.arange(len(predictions)),
-    })
+    frame = pd.DataFrame(
+        {
+            "id": predictions[id_column].astype(str).to_numpy(),
+            "probability": probability,
+            "flagged": flagged,
+            "reasons": _text(predictions, "reasons"),
+            "error": _text(predictions, "error"),
+            "position": np.arange(len(predictions)),
+        }
+    )
     if IN_TRAINING in predictions.columns:
         frame[IN_TRAINING] = _truth(predictions[IN_TRAINING])
     if _UNLIKE in predictions.columns:
@@ -209,7 +245,9 @@ def _normalise(predictions: pd.DataFrame, id_column: str, threshold: float, pati
         frame[_NOVELTY_REASON] = _text(predictions, _NOVELTY_REASON)
     for column in predictions.columns:
         if column.startswith("p_"):
-            frame[column] = pd.to_numeric(predictions[column], errors="coerce").to_numpy(dtype=float)
+            frame[column] = pd.to_numeric(predictions[column], errors="coerce").to_numpy(
+                dtype=float
+            )
     if patient is not None:
         values = pd.Series(np.asarray(patient, dtype=object))
         frame["patient"] = values.where(values.notna(), NO_PATIENT).astype(str).to_numpy()
@@ -264,31 +302,49 @@ def _flat(shown: pd.DataFrame, counts: dict, render: _Renderer, max_rows: int) -
         "grouped": False,
         "shown": _shown_sentence(len(shown), counts, len(flagged), max_rows),
         "empty": not len(shown),
-        "flagged": render.table(flagged, table_id="flagged-lesions", start=1) if len(flagged) else None,
-        "others": dict(render.table(others, table_id="other-lesions", start=len(flagged) + 1),
-                       count=f"{len(others):,}") if len(others) else None,
+        "flagged": render.table(flagged, table_id="flagged-lesions", start=1)
+        if len(flagged)
+        else None,
+        "others": dict(
+            render.table(others, table_id="other-lesions", start=len(flagged) + 1),
+            count=f"{len(others):,}",
+        )
+        if len(others)
+        else None,
     }
 
 
-def _shown_sentence(n_shown: int, counts: dict, n_flagged_shown: int, max_rows: int,
-                    which: str = "with the highest probability") -> str:
+def _shown_sentence(
+    n_shown: int,
+    counts: dict,
+    n_flagged_shown: int,
+    max_rows: int,
+    which: str = "with the highest probability",
+) -> str:
     """What the page shows of the scored rows (plain text; the page adds where the rest are)."""
     scored, flagged = counts["scored"], counts["flagged"]
     if n_shown >= scored:
         return f"Showing all {scored:,} scored row{_s(scored)}, flagged first, then by probability."
-    text = (f"Showing {n_shown:,} of {scored:,} scored rows "
-            f"(this page holds at most {max_rows:,} lesions): ")
+    text = (
+        f"Showing {n_shown:,} of {scored:,} scored rows "
+        f"(this page holds at most {max_rows:,} lesions): "
+    )
     if n_flagged_shown < flagged:
-        return text + (f"the {n_flagged_shown:,} flagged lesion{_s(n_flagged_shown)} {which}, of "
-                       f"{flagged:,} flagged. {scored - n_shown:,} more rows, "
-                       f"{flagged - n_flagged_shown:,} of them flagged, are not shown.")
-    return text + ((f"every flagged lesion ({flagged:,}), then " if flagged else "")
-                   + f"the {n_shown - n_flagged_shown:,} unflagged with the highest probability; "
-                   f"{scored - n_shown:,} more row{_s(scored - n_shown)} not shown.")
+        return text + (
+            f"the {n_flagged_shown:,} flagged lesion{_s(n_flagged_shown)} {which}, of "
+            f"{flagged:,} flagged. {scored - n_shown:,} more rows, "
+            f"{flagged - n_flagged_shown:,} of them flagged, are not shown."
+        )
+    return text + (
+        (f"every flagged lesion ({flagged:,}), then " if flagged else "")
+        + f"the {n_shown - n_flagged_shown:,} unflagged with the highest probability; "
+        f"{scored - n_shown:,} more row{_s(scored - n_shown)} not shown."
+    )
 
 
-def _grouped(scored: pd.DataFrame, counts: dict, render: _Renderer, max_rows: int,
-             per_patient: int) -> dict:
+def _grouped(
+    scored: pd.DataFrame, counts: dict, render: _Renderer, max_rows: int, per_patient: int
+) -> dict:
     """The values of `triage/grouped.html`: patients with flagged lesions first, then by highest
     probability; each with its flagged lesions and its top `per_patient` others. Past `max_rows`,
     flagged lesions (of every patient, in patient order) go before the others."""
@@ -298,11 +354,13 @@ def _grouped(scored: pd.DataFrame, counts: dict, render: _Renderer, max_rows: in
     scored["rank"] = by.cumcount() - by["flagged"].cumsum() + scored["flagged"]
     stats = by.agg(top=("probability", "max"), flagged=("flagged", "sum"), lesions=("id", "size"))
     stats = stats.assign(name=stats.index).sort_values(
-        ["flagged", "top", "name"], ascending=[False, False, True], kind="mergesort")
+        ["flagged", "top", "name"], ascending=[False, False, True], kind="mergesort"
+    )
     scored["order"] = scored["patient"].map(pd.Series(np.arange(len(stats)), index=stats.index))
     picked = scored[scored["flagged"] | (scored["rank"] < per_patient)]
-    priority = np.lexsort((picked["seq"].to_numpy(), picked["order"].to_numpy(),
-                           ~picked["flagged"].to_numpy()))
+    priority = np.lexsort(
+        (picked["seq"].to_numpy(), picked["order"].to_numpy(), ~picked["flagged"].to_numpy())
+    )
     chosen = picked.iloc[priority[:max_rows]].sort_values(["order", "seq"])
     hidden = scored[~scored["seq"].isin(chosen["seq"])]
     hidden_by = {name: rows for name, rows in hidden.groupby("patient", sort=False)}
@@ -315,22 +373,33 @@ def _grouped(scored: pd.DataFrame, counts: dict, render: _Renderer, max_rows: in
         rest = hidden_by.get(name)
         if rest is not None and len(rest):
             rest_flagged = int(rest["flagged"].sum())
-            more = {"count": f"{len(rest):,}", "s": _s(len(rest)),
-                    "top": _percent(rest["probability"].max()),
-                    "flagged": f"{rest_flagged:,}" if rest_flagged else None}
-        sections.append({
-            "name": name, "flagged": f"{flagged:,}" if flagged else None,
-            "lesions": f"{lesions:,}", "lesions_s": _s(lesions), "top": _percent(row["top"]),
-            "table": render.table(rows, table_id=None, start=1), "more": more,
-        })
+            more = {
+                "count": f"{len(rest):,}",
+                "s": _s(len(rest)),
+                "top": _percent(rest["probability"].max()),
+                "flagged": f"{rest_flagged:,}" if rest_flagged else None,
+            }
+        sections.append(
+            {
+                "name": name,
+                "flagged": f"{flagged:,}" if flagged else None,
+                "lesions": f"{lesions:,}",
+                "lesions_s": _s(lesions),
+                "top": _percent(row["top"]),
+                "table": render.table(rows, table_id=None, start=1),
+                "more": more,
+            }
+        )
     n_shown, n_flagged_shown = len(chosen), int(chosen["flagged"].sum())
     return {
         "grouped": True,
         "per_patient": per_patient if n_shown < counts["scored"] else None,
         "per_patient_s": _s(per_patient),
-        "shown": _shown_sentence(n_shown, counts, n_flagged_shown, max_rows,
-                                 which="of the patients listed first"),
-        "patients_shown": f"{len(sections):,}", "patients": f"{len(stats):,}",
+        "shown": _shown_sentence(
+            n_shown, counts, n_flagged_shown, max_rows, which="of the patients listed first"
+        ),
+        "patients_shown": f"{len(sections):,}",
+        "patients": f"{len(stats):,}",
         "patients_s": _s(len(stats)),
         "sections": sections,
     }
@@ -341,11 +410,21 @@ def _errors(unscored: pd.DataFrame, max_rows: int, grouped: bool) -> dict | None
     if unscored.empty:
         return None
     shown = unscored.iloc[:max_rows]
-    rows = [{"n": n, "id": row["id"], "patient": row["patient"] if grouped else None,
-             "reason": row["error"] or "no probability (no error given)"}
-            for n, row in enumerate(shown.to_dict("records"), start=1)]
-    return {"count": f"{len(unscored):,}", "rows": rows, "grouped": grouped,
-            "shown": f"{len(shown):,}" if len(shown) < len(unscored) else None}
+    rows = [
+        {
+            "n": n,
+            "id": row["id"],
+            "patient": row["patient"] if grouped else None,
+            "reason": row["error"] or "no probability (no error given)",
+        }
+        for n, row in enumerate(shown.to_dict("records"), start=1)
+    ]
+    return {
+        "count": f"{len(unscored):,}",
+        "rows": rows,
+        "grouped": grouped,
+        "shown": f"{len(shown):,}" if len(shown) < len(unscored) else None,
+    }
 
 
 # ------------------------------------------------------------------------------------ cells
@@ -372,7 +451,9 @@ def _percent(value: float) -> str:
         return f"{pct:.1f}%"
     if pct == 0:
         return "0%"
-    return np.format_float_positional(pct, precision=2, unique=False, fractional=False, trim="-") + "%"
+    return (
+        np.format_float_positional(pct, precision=2, unique=False, fractional=False, trim="-") + "%"
+    )
 
 
 def _s(n: int) -> str:
@@ -394,9 +475,13 @@ class _Renderer:
     def table(self, rows: pd.DataFrame, *, table_id: str | None, start: int) -> dict:
         """{"id": `table_id`, "rows": one dict per row}; rows numbered from `start`."""
         p_columns = [c for c in rows.columns if c.startswith("p_")]
-        return {"id": table_id,
-                "rows": [self._row(row, n, p_columns)
-                         for n, row in enumerate(rows.to_dict("records"), start=start)]}
+        return {
+            "id": table_id,
+            "rows": [
+                self._row(row, n, p_columns)
+                for n, row in enumerate(rows.to_dict("records"), start=start)
+            ],
+        }
 
     def _row(self, row: dict, n: int, p_columns: list[str]) -> dict:
         self.shown += 1
@@ -413,8 +498,13 @@ class _Renderer:
             "overlay": overlay,
             "probability": {"sort": repr(p), "text": _percent(p)},
             "flagged": bool(row["flagged"]),
-            "scores": [{"sort": repr(float(row[c])) if np.isfinite(row[c]) else "",
-                        "text": _decimal(row[c])} for c in p_columns],
+            "scores": [
+                {
+                    "sort": repr(float(row[c])) if np.isfinite(row[c]) else "",
+                    "text": _decimal(row[c]),
+                }
+                for c in p_columns
+            ],
             "reasons": _reasons(row["reasons"]),
             "in_training": bool(row.get(IN_TRAINING, False)),
             "unlike_training": bool(row.get(_UNLIKE, False)),
@@ -449,12 +539,16 @@ class _Renderer:
 
 
 def _reasons(text: str) -> list[dict]:
-    """"age = 71 (+0.80); site = back (-0.31)" as items, each with its direction ("up" raises
+    """ "age = 71 (+0.80); site = back (-0.31)" as items, each with its direction ("up" raises
     the score, "down" lowers it, None when it does not say)."""
     items = [item.strip() for item in text.split(";") if item.strip()]
     out = []
     for item in items:
         sign = _REASON.search(item)
-        out.append({"text": item,
-                    "direction": {"+": "up", "-": "down"}.get(sign.group(1)) if sign else None})
+        out.append(
+            {
+                "text": item,
+                "direction": {"+": "up", "-": "down"}.get(sign.group(1)) if sign else None,
+            }
+        )
     return out

@@ -25,8 +25,9 @@ numeric = ["age", "size"]
 """
 
 
-def make_tabular_run(root: Path, n_rows: int = 300, seed: int = 0, n_folds: int = 5,
-                     signal: float = 1.0) -> Run:
+def make_tabular_run(
+    root: Path, n_rows: int = 300, seed: int = 0, n_folds: int = 5, signal: float = 1.0
+) -> Run:
     """A run on a small metadata-only data set whose target depends on age and size.
 
     Two rows per lesion (the group), about 30% positives; `signal=0` makes the target independent
@@ -40,15 +41,17 @@ def make_tabular_run(root: Path, n_rows: int = 300, seed: int = 0, n_folds: int 
     size = rng.gamma(2.0, 2.0, n_rows)
     signal = signal * (0.06 * (age - 55) + 0.3 * (size - 4)) + rng.normal(0, 1, n_rows)
     target = (signal > np.quantile(signal, 0.7)).astype(int)
-    frame = pd.DataFrame({
-        "image_id": [f"IMG_{i:05d}" for i in range(n_rows)],
-        "lesion_id": [f"L{g:04d}" for g in group],
-        "age": age,
-        "sex": rng.choice(["male", "female"], n_rows),
-        "site": rng.choice(["back", "face", "leg", "arm"], n_rows),
-        "size": size.round(2),
-        "target": target,
-    })
+    frame = pd.DataFrame(
+        {
+            "image_id": [f"IMG_{i:05d}" for i in range(n_rows)],
+            "lesion_id": [f"L{g:04d}" for g in group],
+            "age": age,
+            "sex": rng.choice(["male", "female"], n_rows),
+            "site": rng.choice(["back", "face", "leg", "arm"], n_rows),
+            "size": size.round(2),
+            "target": target,
+        }
+    )
     frame.to_csv(root / "metadata.csv", index=False)
     (root / "spec.toml").write_text(SPEC_TOML)
     return open_run(load_spec(root / "spec.toml"), root / "run", n_folds=n_folds, seed=seed)
@@ -57,12 +60,14 @@ def make_tabular_run(root: Path, n_rows: int = 300, seed: int = 0, n_folds: int 
 def write_oof(run: Run, stage: str, p: np.ndarray) -> Path:
     """Write `<run>/<stage>/oof.csv` (id, fold, target, p) aligned with the run's rows."""
     path = run.stage_dir(stage) / "oof.csv"
-    pd.DataFrame({
-        "id": run.frame[run.spec.id].astype(str),
-        "fold": run.fold,
-        "target": run.target,
-        "p": p,
-    }).to_csv(path, index=False)
+    pd.DataFrame(
+        {
+            "id": run.frame[run.spec.id].astype(str),
+            "fold": run.fold,
+            "target": run.target,
+            "p": p,
+        }
+    ).to_csv(path, index=False)
     return path
 
 

@@ -67,10 +67,12 @@ class World:
         return frame
 
     def metadata(self, n: int) -> pd.DataFrame:
-        return pd.DataFrame({
-            "age": self.rng.integers(20, 80, size=n).astype(float),
-            "site": self.rng.choice(["back", "face", "leg"], size=n),
-        })
+        return pd.DataFrame(
+            {
+                "age": self.rng.integers(20, 80, size=n).astype(float),
+                "site": self.rng.choice(["back", "face", "leg"], size=n),
+            }
+        )
 
     def folds(self, n: int, k: int = 5) -> np.ndarray:
         return np.arange(n) % k
@@ -86,8 +88,14 @@ def fitted(world, tmp_path_factory):
     n = 1500
     stage = tmp_path_factory.mktemp("applicability")
     detector = fit_applicability(
-        stage, world.folds(n), embeddings=world.embeddings(n), identity=IDENTITY,
-        cues=world.cues(n), metadata=world.metadata(n), numeric=["age"], categorical=["site"],
+        stage,
+        world.folds(n),
+        embeddings=world.embeddings(n),
+        identity=IDENTITY,
+        cues=world.cues(n),
+        metadata=world.metadata(n),
+        numeric=["age"],
+        categorical=["site"],
     )
     return stage, detector
 
@@ -115,8 +123,12 @@ def test_fresh_rows_of_the_training_distribution_are_marked_about_as_often(world
 def test_a_planted_cluster_of_unlike_images_is_marked_by_the_image_part(world, fitted):
     _, detector = fitted
     n = 60
-    out = detector.predict(world.embeddings(n, np.random.default_rng(5)), world.cues(n), world.metadata(n),
-                           identity=IDENTITY)
+    out = detector.predict(
+        world.embeddings(n, np.random.default_rng(5)),
+        world.cues(n),
+        world.metadata(n),
+        identity=IDENTITY,
+    )
     assert out["unlike_training"].all()
     assert out["reason"].str.startswith("image unlike training (beyond every training row").all()
     # their cues and metadata are ordinary: those parts speak about as often as for any row
@@ -127,8 +139,9 @@ def test_a_planted_cluster_of_unlike_images_is_marked_by_the_image_part(world, f
 def test_other_acquisition_is_marked_and_the_size_named(world, fitted):
     _, detector = fitted
     n = 40
-    out = detector.predict(world.embeddings(n), world.cues(n, size=(140, 140)), world.metadata(n),
-                           identity=IDENTITY)
+    out = detector.predict(
+        world.embeddings(n), world.cues(n, size=(140, 140)), world.metadata(n), identity=IDENTITY
+    )
     assert out["unlike_training"].all()
     assert out["reason"].str.contains("acquisition").all()
     assert out["reason"].str.contains("size 140x140 vs training 200x150").all()
@@ -147,7 +160,10 @@ def test_metadata_out_of_range_and_unseen_categories_name_the_column(world, fitt
     missing = detector.predict(world.embeddings(n), world.cues(n), meta, identity=IDENTITY)
     assert "site missing, never missing in training" in missing["reason"].iloc[1]
     assert out["unlike_training"].iloc[0] and out["unlike_training"].iloc[1]
-    assert "metadata" in out["reason"].iloc[0] and "age = 130.0 outside training" in out["reason"].iloc[0]
+    assert (
+        "metadata" in out["reason"].iloc[0]
+        and "age = 130.0 outside training" in out["reason"].iloc[0]
+    )
     assert "site = 'sole' never seen in training" in out["reason"].iloc[1]
     assert out["novelty_metadata"].iloc[2] < 0.5 and out["novelty_metadata"].iloc[3] < 0.5
 
@@ -163,7 +179,9 @@ def test_saved_detector_reads_back_and_predicts_the_same(world, fitted):
     b = again.predict(emb, cues, meta, identity=IDENTITY)
     pd.testing.assert_frame_equal(a, b)
     assert again.summary()["threshold"] == detector.summary()["threshold"]
-    with np.load(stage / ARRAYS, allow_pickle=False) as data:  # the residual part: mean and 16 directions
+    with np.load(
+        stage / ARRAYS, allow_pickle=False
+    ) as data:  # the residual part: mean and 16 directions
         assert data["image_components"].shape == (16, DIM) and data["image_mean"].shape == (DIM,)
 
 
@@ -172,15 +190,22 @@ def test_both_image_methods_mark_the_planted_cluster_and_read_back(world, tmp_pa
     from fuse.applicability.detector import ApplicabilityConfig
 
     n = 800
-    detector = fit_applicability(tmp_path, world.folds(n), embeddings=world.embeddings(n), identity=IDENTITY,
-                                 config=ApplicabilityConfig(image_method=method))
+    detector = fit_applicability(
+        tmp_path,
+        world.folds(n),
+        embeddings=world.embeddings(n),
+        identity=IDENTITY,
+        config=ApplicabilityConfig(image_method=method),
+    )
     assert detector.record["part_states"]["image"].get("method", "knn") == method
     other = world.embeddings(40, np.random.default_rng(7))
     same = world.embeddings(400)
     again = load(tmp_path)
     assert again.predict(other, identity=IDENTITY)["unlike_training"].mean() >= 0.95
     assert again.predict(same, identity=IDENTITY)["unlike_training"].mean() <= 0.06
-    pd.testing.assert_frame_equal(detector.predict(other, identity=IDENTITY), again.predict(other, identity=IDENTITY))
+    pd.testing.assert_frame_equal(
+        detector.predict(other, identity=IDENTITY), again.predict(other, identity=IDENTITY)
+    )
 
 
 def test_embeddings_of_another_store_are_refused_naming_the_field(world, fitted):
@@ -196,8 +221,9 @@ def test_embeddings_of_another_store_are_refused_naming_the_field(world, fitted)
 
 def test_tabular_only_run_uses_metadata_alone(world, tmp_path):
     n = 400
-    detector = fit_applicability(tmp_path, world.folds(n), metadata=world.metadata(n),
-                                 numeric=["age"], categorical=["site"])
+    detector = fit_applicability(
+        tmp_path, world.folds(n), metadata=world.metadata(n), numeric=["age"], categorical=["site"]
+    )
     assert detector.summary()["parts"] == ["metadata"]
     assert detector.identity is None
     meta = world.metadata(3)
@@ -234,8 +260,12 @@ def test_rows_that_tie_are_marked_together_or_not_at_all(tmp_path):
     ],
 )
 def test_fit_errors_name_the_input(tmp_path, kwargs, message):
-    args = {"folds": np.arange(20) % 2, "metadata": pd.DataFrame({"site": ["a"] * 20}),
-            "categorical": ["site"], **kwargs}
+    args = {
+        "folds": np.arange(20) % 2,
+        "metadata": pd.DataFrame({"site": ["a"] * 20}),
+        "categorical": ["site"],
+        **kwargs,
+    }
     with pytest.raises(RunError, match=message):
         fit_applicability(tmp_path, **args)
 
@@ -338,8 +368,10 @@ def test_real_data_ham10000_detector_marks_isic2024_crops_and_few_held_out_lesio
 
     ham_dir = _store_with_manifest("ham10000-dev-*")
     if ham_dir is None:
-        pytest.skip("no HAM10000 feature store under artifacts/stores: run "
-                    "`invoke embed --spec ../shared/data/ham10000/dataset.toml`")
+        pytest.skip(
+            "no HAM10000 feature store under artifacts/stores: run "
+            "`invoke embed --spec ../shared/data/ham10000/dataset.toml`"
+        )
     ham = FeatureStore.open(ham_dir)
     spec = load_spec(shared_data / "ham10000" / "dataset.toml")
     meta = pd.read_csv(shared_data / "ham10000" / "metadata.csv", dtype={"image_id": str})
@@ -351,8 +383,10 @@ def test_real_data_ham10000_detector_marks_isic2024_crops_and_few_held_out_lesio
     folds = folds.set_index("id").loc[meta["image_id"], "fold"].to_numpy()
     stored = meta["image_id"].isin(set(ham.ids)).to_numpy()
     if stored.sum() < 1000:
-        pytest.skip(f"the HAM10000 store holds {int(stored.sum())} of {len(meta)} images; "
-                    "fill it with `invoke embed --spec ../shared/data/ham10000/dataset.toml`")
+        pytest.skip(
+            f"the HAM10000 store holds {int(stored.sum())} of {len(meta)} images; "
+            "fill it with `invoke embed --spec ../shared/data/ham10000/dataset.toml`"
+        )
     rows = np.flatnonzero(stored)
     if len(rows) > HAM_ROWS_MAX:  # whole lesions kept: subsample by lesion, seeded
         lesions = meta["lesion_id"].to_numpy()[rows]
@@ -366,8 +400,9 @@ def test_real_data_ham10000_detector_marks_isic2024_crops_and_few_held_out_lesio
 
     isic_store = FeatureStore.open(_isic_crops_store(shared_data, identity, tmp_path))
     raw = pd.read_csv(shared_data / "isic2024-mini" / "train-metadata.csv", dtype={"isic_id": str})
-    crops_meta = pd.DataFrame({"age": raw["age_approx"], "sex": raw["sex"],
-                               "localization": raw["anatom_site_general"]})
+    crops_meta = pd.DataFrame(
+        {"age": raw["age_approx"], "sex": raw["sex"], "localization": raw["anatom_site_general"]}
+    )
     crops_emb = isic_store.read(raw["isic_id"])
     crops_cues = acquisition_cues(
         open_source(shared_data / "isic2024-mini" / "train-image.hdf5"), raw["isic_id"]
@@ -381,13 +416,21 @@ def test_real_data_ham10000_detector_marks_isic2024_crops_and_few_held_out_lesio
     for fold in np.unique(folds):
         held = folds == fold
         detector = fit_applicability(
-            tmp_path / f"fold{fold}", folds[~held], embeddings=embeddings[~held],
-            identity=identity, cues=cues.frame.iloc[np.flatnonzero(~held)],
-            metadata=meta.iloc[np.flatnonzero(~held)], numeric=["age"],
+            tmp_path / f"fold{fold}",
+            folds[~held],
+            embeddings=embeddings[~held],
+            identity=identity,
+            cues=cues.frame.iloc[np.flatnonzero(~held)],
+            metadata=meta.iloc[np.flatnonzero(~held)],
+            numeric=["age"],
             categorical=["sex", "localization"],
         )
-        a = detector.predict(embeddings[held], cues.frame.iloc[np.flatnonzero(held)],
-                             meta.iloc[np.flatnonzero(held)], identity=isic_store.reference())
+        a = detector.predict(
+            embeddings[held],
+            cues.frame.iloc[np.flatnonzero(held)],
+            meta.iloc[np.flatnonzero(held)],
+            identity=isic_store.reference(),
+        )
         b = detector.predict(crops_emb, crops_cues, crops_meta, identity=isic_store.reference())
         held_marked.append(a["unlike_training"].to_numpy())
         crops_marked.append(b["unlike_training"].mean())
@@ -399,12 +442,16 @@ def test_real_data_ham10000_detector_marks_isic2024_crops_and_few_held_out_lesio
             own_crops[part].append((b[f"novelty_{part}"] >= 0.975).mean())
     held_share = float(np.concatenate(held_marked).mean())
     crops_share = float(np.mean(crops_marked))
-    print(f"\nHAM10000 rows {len(meta)}; held-out HAM marked {held_share:.4f}; "
-          f"ISIC 2024 crops marked {crops_share:.4f}")
+    print(
+        f"\nHAM10000 rows {len(meta)}; held-out HAM marked {held_share:.4f}; "
+        f"ISIC 2024 crops marked {crops_share:.4f}"
+    )
     for part in per_part_held:
-        print(f"  {part} among the reasons: held-out HAM {np.concatenate(per_part_held[part]).mean():.4f}, "
-              f"crops {np.mean(per_part_crops[part]):.4f}; alone at its own 97.5th pct: held-out "
-              f"HAM {np.concatenate(own_held[part]).mean():.4f}, crops {np.mean(own_crops[part]):.4f}")
+        print(
+            f"  {part} among the reasons: held-out HAM {np.concatenate(per_part_held[part]).mean():.4f}, "
+            f"crops {np.mean(per_part_crops[part]):.4f}; alone at its own 97.5th pct: held-out "
+            f"HAM {np.concatenate(own_held[part]).mean():.4f}, crops {np.mean(own_crops[part]):.4f}"
+        )
     assert crops_share >= 0.90
     assert held_share <= 0.05
 

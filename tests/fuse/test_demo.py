@@ -21,7 +21,9 @@ def test_demo_data_of_another_size_is_made_again_with_its_store_and_run(tmp_path
     own = stores / "isic2024-synthetic-train-5c8fb4883a44-224px-1v"
     for folder in (data, run, other, own):
         folder.mkdir(parents=True)
-    pd.DataFrame({"isic_id": ["ISIC_1", "ISIC_2", "ISIC_3"]}).to_csv(data / "train-metadata.csv", index=False)
+    pd.DataFrame({"isic_id": ["ISIC_1", "ISIC_2", "ISIC_3"]}).to_csv(
+        data / "train-metadata.csv", index=False
+    )
     (data / "test-image.hdf5").touch()
     made = []
 

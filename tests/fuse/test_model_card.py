@@ -27,9 +27,17 @@ SECTIONS = {
 }
 
 STORE = {
-    "backbone": "resnet50-keras-imagenet", "weights_sha256": "ab" * 32, "image_size": 224,
-    "blocks": ["layer3"], "pooling": "gem", "views": 1, "dtype": "float16", "dim": 1024,
-    "store": "/stores/tiny-abababababab-224px-1v-l3-gem", "store_uid": "feca6363", "count": 300,
+    "backbone": "resnet50-keras-imagenet",
+    "weights_sha256": "ab" * 32,
+    "image_size": 224,
+    "blocks": ["layer3"],
+    "pooling": "gem",
+    "views": 1,
+    "dtype": "float16",
+    "dim": 1024,
+    "store": "/stores/tiny-abababababab-224px-1v-l3-gem",
+    "store_uid": "feca6363",
+    "count": 300,
 }
 
 
@@ -41,8 +49,11 @@ def stacked_run(tabular_run):
 
 def _card(run) -> tuple[str, dict, str]:
     path = write_report(run.dir)
-    return ((path.parent / FILE).read_text(), json.loads((path.parent / "metrics.json").read_text()),
-            (path.parent / "index.html").read_text())
+    return (
+        (path.parent / FILE).read_text(),
+        json.loads((path.parent / "metrics.json").read_text()),
+        (path.parent / "index.html").read_text(),
+    )
 
 
 def _section(card: str, heading: str) -> str:
@@ -55,7 +66,9 @@ def _section(card: str, heading: str) -> str:
 def test_card_has_every_section_in_markdown_and_html(stacked_run):
     card, document, page = _card(stacked_run)
     assert document["model_card"] == FILE
-    assert [line[3:] for line in card.splitlines() if line.startswith("## ")] == list(SECTIONS.values())
+    assert [line[3:] for line in card.splitlines() if line.startswith("## ")] == list(
+        SECTIONS.values()
+    )
     assert '<section id="model-card">' in page
     for section_id, heading in SECTIONS.items():
         assert f'id="card-{section_id}"' in page and f"<h3>{heading}</h3>" in page
@@ -82,13 +95,17 @@ def test_card_figures_come_from_the_run(stacked_run):
     figures = _section(card, "Figures with 95% CI")
     shown = document["shown"]
     roc = document["intervals"]["models"][shown]["roc_auc"]
-    assert (f"| {shown} (final) | {roc['estimate']:.4f} ({roc['low']:.4f} to {roc['high']:.4f}) |"
-            in figures)
+    assert (
+        f"| {shown} (final) | {roc['estimate']:.4f} ({roc['low']:.4f} to {roc['high']:.4f}) |"
+        in figures
+    )
 
     calibration = _section(card, "Calibration")
     method = final["calibration"]["method"]
     assert f"- method: {method}" in calibration
-    assert f"ECE (10 equal-count bins): {document['models']['calibrated']['ece']:.4f}" in calibration
+    assert (
+        f"ECE (10 equal-count bins): {document['models']['calibrated']['ece']:.4f}" in calibration
+    )
 
     subgroups = _section(card, "Subgroups")
     rows = document["subgroups"]["rows"]
@@ -122,8 +139,10 @@ def test_image_modality_from_the_spec_and_store(stacked_run):
     record_path.write_text(json.dumps(record))
     (stacked_run.dir / "fusion" / "store.json").write_text(json.dumps(STORE))
     limits = _section(_card(stacked_run)[0], "Limitations")
-    assert ("Image modality: trained only on the images of `/data/ham/images` (embedded by "
-            "resnet50-keras-imagenet 224 px, layer3 gem)") in limits
+    assert (
+        "Image modality: trained only on the images of `/data/ham/images` (embedded by "
+        "resnet50-keras-imagenet 224 px, layer3 gem)"
+    ) in limits
     record["spec"]["builtin"] = "isic2024"
     record_path.write_text(json.dumps(record))
     limits = _section(_card(stacked_run)[0], "Limitations")
@@ -166,8 +185,13 @@ def test_applicability_stage_that_cannot_be_read_is_said_so(stacked_run, caplog)
 def test_card_of_base_models_only_says_there_is_no_final_model(tabular_run):
     card, document, _ = _card(tabular_run)
     use = _section(card, "Intended use")
-    assert f"- final model: none yet (`invoke stack --run R`); figures below are of {document['shown']}" in use
-    assert "Not calibrated: the run has no calibrated final model yet" in _section(card, "Calibration")
+    assert (
+        f"- final model: none yet (`invoke stack --run R`); figures below are of {document['shown']}"
+        in use
+    )
+    assert "Not calibrated: the run has no calibrated final model yet" in _section(
+        card, "Calibration"
+    )
 
 
 def test_card_text_from_the_data_is_escaped_in_html(stacked_run):

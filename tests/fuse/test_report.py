@@ -32,9 +32,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture
 def stacked_run(tabular_run):
     stack(tabular_run.dir, config=StackConfig(num_boost_round=60))
-    pd.DataFrame({"feature": ["age", "size", "sex__male"], "gain": [5.0, 9.0, 1.0], "split": [3, 4, 1]}).to_csv(
-        tabular_run.dir / "gbdt" / "importance.csv", index=False
-    )
+    pd.DataFrame(
+        {"feature": ["age", "size", "sex__male"], "gain": [5.0, 9.0, 1.0], "split": [3, 4, 1]}
+    ).to_csv(tabular_run.dir / "gbdt" / "importance.csv", index=False)
     return tabular_run
 
 
@@ -57,7 +57,9 @@ def test_table_has_every_model_and_column_and_matches_metrics_json(stacked_run):
     assert path == stacked_run.dir / "report" / "report.md"
     table = _table(path.read_text())
     assert list(table.columns) == ["model"] + [heading for _, heading, _ in COLUMNS]
-    names = [cell.replace("**", "").replace(" (final)", "").split(" (")[0] for cell in table["model"]]
+    names = [
+        cell.replace("**", "").replace(" (final)", "").split(" (")[0] for cell in table["model"]
+    ]
     document = json.loads((stacked_run.dir / "report" / "metrics.json").read_text())
     final = json.loads((stacked_run.dir / "stack" / "final.json").read_text())
     calibrated = "calibration" in final  # runs stacked since calibration have the calibrated row
@@ -68,7 +70,10 @@ def test_table_has_every_model_and_column_and_matches_metrics_json(stacked_run):
         figures = document["models"][name]
         for (key, heading, fmt), cell in zip(COLUMNS, row[1:], strict=True):
             if figures[key] is None:  # Brier and ECE of the rank blend, which is no probability
-                assert cell == "n/a" and name == "blend" and key in ("brier", "ece"), (name, heading)
+                assert cell == "n/a" and name == "blend" and key in ("brier", "ece"), (
+                    name,
+                    heading,
+                )
                 continue
             assert cell == format(figures[key], fmt), (name, heading)
             if fmt == "d":
@@ -82,7 +87,10 @@ def test_table_has_every_model_and_column_and_matches_metrics_json(stacked_run):
     assert document["final_threshold"] == pytest.approx(final["threshold"])
     if calibrated:
         method = final["calibration"]["method"]
-        assert table["model"][names.index("calibrated")] == f"**calibrated** ({final['final']}, {method})"
+        assert (
+            table["model"][names.index("calibrated")]
+            == f"**calibrated** ({final['final']}, {method})"
+        )
         assert "on the calibrated probability (row `calibrated`" in path.read_text()
 
 
@@ -198,7 +206,9 @@ def test_index_html_has_the_table_final_model_plots_and_data_figures(stacked_run
     shown = [image["src"] for image in page.images]
     # ... and the applicability histogram (the stack fitted the run's detector)
     assert len(shown) == len(document["plots"]) + 1 == len(PLOTS) + 1
-    histogram = base64.b64encode((path.parent / document["applicability"]["plot"]).read_bytes()).decode()
+    histogram = base64.b64encode(
+        (path.parent / document["applicability"]["plot"]).read_bytes()
+    ).decode()
     assert f"data:image/png;base64,{histogram}" in shown
     for name in document["plots"].values():
         encoded = base64.b64encode((path.parent / name).read_bytes()).decode()
@@ -216,7 +226,7 @@ def test_index_html_has_the_table_final_model_plots_and_data_figures(stacked_run
     assert "target sensitivity 95%" in text
     # self-contained: no address to fetch anything from
     raw = index.read_text()
-    assert "http://" not in raw and "https://" not in raw and " src=\"data:" in raw
+    assert "http://" not in raw and "https://" not in raw and ' src="data:' in raw
     assert page.scripts == 1  # the table sorter, inline
 
 
@@ -258,15 +268,22 @@ def test_out_of_fold_files_without_targets_are_refused_naming_them(tabular_run):
 def test_patients_counted_when_the_spec_has_a_patient_column(tmp_path):
     from fuse.pages.report_figures import patients
 
-    folds = pd.DataFrame({"id": ["a", "b", "c", "d"], "group": ["g1", "g1", "g2", "g3"], "fold": [0, 0, 1, 1]})
-    pd.DataFrame({"image_id": ["a", "b", "c", "d", "x"], "pid": ["p1", "p1", "p1", "p2", "p9"]}).to_csv(
-        tmp_path / "metadata.csv", index=False
+    folds = pd.DataFrame(
+        {"id": ["a", "b", "c", "d"], "group": ["g1", "g1", "g2", "g3"], "fold": [0, 0, 1, 1]}
     )
+    pd.DataFrame(
+        {"image_id": ["a", "b", "c", "d", "x"], "pid": ["p1", "p1", "p1", "p2", "p9"]}
+    ).to_csv(tmp_path / "metadata.csv", index=False)
     spec = {"id": "image_id", "group": "lesion_id", "metadata": str(tmp_path / "metadata.csv")}
     assert patients({"spec": {**spec, "patient": None}}, folds) is None
     assert patients({"spec": {**spec, "patient": "pid"}}, folds) == 2  # x is not in the run
     assert patients({"spec": {**spec, "patient": "lesion_id"}}, folds) == 3  # the group itself
-    assert patients({"spec": {**spec, "patient": "pid", "metadata": str(tmp_path / "gone.csv")}}, folds) is None
+    assert (
+        patients(
+            {"spec": {**spec, "patient": "pid", "metadata": str(tmp_path / "gone.csv")}}, folds
+        )
+        is None
+    )
 
 
 # ------------------------------------------------ intervals, subgroups, decision curve
@@ -290,11 +307,21 @@ def test_intervals_contain_their_estimates_which_are_the_point_figures(stacked_r
     document = json.loads((path.parent / "metrics.json").read_text())
     intervals = document["intervals"]
     shown = document["shown"]
-    assert intervals["final"] == shown == ("calibrated" if "calibrated" in document["models"] else document["final"])
+    assert (
+        intervals["final"]
+        == shown
+        == ("calibrated" if "calibrated" in document["models"] else document["final"])
+    )
     assert set(intervals["models"]) == set(document["models"])
     assert set(intervals["differences"]) == set(document["models"]) - {shown}
-    point_key = {"roc_auc": "roc_auc", "pauc80": "pauc80", "pr_auc": "pr_auc", "brier": "brier",
-                 "sensitivity": "recall", "specificity": "specificity"}
+    point_key = {
+        "roc_auc": "roc_auc",
+        "pauc80": "pauc80",
+        "pr_auc": "pr_auc",
+        "brier": "brier",
+        "sensitivity": "recall",
+        "specificity": "specificity",
+    }
     checked = 0
     for name, figures in intervals["models"].items():
         for key, cell in figures.items():
@@ -303,14 +330,19 @@ def test_intervals_contain_their_estimates_which_are_the_point_figures(stacked_r
                 continue
             assert cell["low"] <= cell["estimate"] <= cell["high"], (name, key, cell)
             assert cell["low"] < cell["high"], (name, key)  # 150 groups: no interval is a point
-            assert cell["estimate"] == pytest.approx(document["models"][name][point_key[key]], abs=1e-9)
+            assert cell["estimate"] == pytest.approx(
+                document["models"][name][point_key[key]], abs=1e-9
+            )
             checked += 1
     assert checked == 6 * len(intervals["models"]) - 1
     for name, figures in intervals["differences"].items():
         for key, cell in figures.items():
             if cell["estimate"] is not None:
                 assert cell["low"] <= cell["estimate"] <= cell["high"], (name, key, cell)
-                expected = intervals["models"][name][key]["estimate"] - intervals["models"][shown][key]["estimate"]
+                expected = (
+                    intervals["models"][name][key]["estimate"]
+                    - intervals["models"][shown][key]["estimate"]
+                )
                 assert cell["estimate"] == pytest.approx(expected, abs=1e-12)
 
 
@@ -324,7 +356,9 @@ def test_operating_point_has_its_exact_lower_bound(stacked_run):
     assert point["tp"] + point["fn"] == document["positives"]
     assert point["sensitivity"] == pytest.approx(document["models"][document["shown"]]["recall"])
     low, high = clopper_pearson(point["tp"], point["tp"] + point["fn"])
-    assert point["sensitivity_low"] == pytest.approx(low) and point["sensitivity_high"] == pytest.approx(high)
+    assert point["sensitivity_low"] == pytest.approx(low) and point[
+        "sensitivity_high"
+    ] == pytest.approx(high)
     assert point["sensitivity_low"] < point["sensitivity"]
     assert f"lower 95% bound {low:.3f}" in path.read_text()
     assert read_operating_point(stacked_run.dir) == point
@@ -336,11 +370,20 @@ def test_decision_curve_of_every_probability_from_1_to_50_percent(stacked_run):
     curve = document["decision_curve"]
     assert curve["thresholds"] == pytest.approx([i / 100 for i in range(1, 51)])
     # the rank blend is no probability: no curve of its own
-    assert list(curve["net_benefit"]) == ["final", "gbdt", "fusion", "stack", "treat all", "treat none"]
+    assert list(curve["net_benefit"]) == [
+        "final",
+        "gbdt",
+        "fusion",
+        "stack",
+        "treat all",
+        "treat none",
+    ]
     assert curve["models"]["final"] == document["shown"]
     prevalence = document["positives"] / document["rows"]
     assert curve["prevalence"] == pytest.approx(prevalence)
-    assert curve["net_benefit"]["treat all"][0] == pytest.approx(prevalence - (1 - prevalence) * 0.01 / 0.99)
+    assert curve["net_benefit"]["treat all"][0] == pytest.approx(
+        prevalence - (1 - prevalence) * 0.01 / 0.99
+    )
     assert set(curve["net_benefit"]["treat none"]) == {0.0}
     assert document["plots"]["decision"] == "decision_curve.png"
 
@@ -385,15 +428,19 @@ def test_report_of_a_tabular_only_run_with_lightgbm_final(run_factory, oof_write
     path = write_report(run.dir)  # before stack: gbdt is the shown model
     document = json.loads((path.parent / "metrics.json").read_text())
     assert list(document["models"]) == ["gbdt"] and document["shown"] == "gbdt"
-    assert list(document["intervals"]["models"]) == ["gbdt"] and document["intervals"]["differences"] == {}
+    assert (
+        list(document["intervals"]["models"]) == ["gbdt"]
+        and document["intervals"]["differences"] == {}
+    )
     assert "No other model to compare with gbdt." in path.read_text()
     assert 'id="model-differences"' not in (path.parent / "index.html").read_text()
     assert list(document["decision_curve"]["net_benefit"]) == ["final", "treat all", "treat none"]
     # what `invoke stack` makes of a tabular-only run: LightGBM as the final model
     threshold = document["models"]["gbdt"]["threshold"]
     (run.dir / "stack").mkdir()
-    (run.dir / "stack" / "final.json").write_text(json.dumps(
-        {"final": "gbdt", "threshold": threshold, "sensitivity": 0.95}))
+    (run.dir / "stack" / "final.json").write_text(
+        json.dumps({"final": "gbdt", "threshold": threshold, "sensitivity": 0.95})
+    )
     path = write_report(run.dir)
     document = json.loads((path.parent / "metrics.json").read_text())
     assert document["final"] == document["shown"] == "gbdt"
@@ -415,16 +462,21 @@ def test_unreadable_metadata_leaves_out_subgroups_not_the_report(stacked_run, ca
     assert document["intervals"]["models"]  # the rest is there
 
 
-@pytest.mark.parametrize(("spec", "age", "skin"), [
-    ({"numeric": ["age"]}, "age", None),
-    ({"numeric": ["size", "age_approx"]}, "age_approx", None),
-    ({"numeric": ["age_approx", "Age"], "categorical": ["fitzpatrick"]}, "Age", "fitzpatrick"),
-    ({"numeric": ["agent_dose", "stage"], "categorical": ["Skin_Type"]}, None, "Skin_Type"),
-    ({}, None, None),
-])
+@pytest.mark.parametrize(
+    ("spec", "age", "skin"),
+    [
+        ({"numeric": ["age"]}, "age", None),
+        ({"numeric": ["size", "age_approx"]}, "age_approx", None),
+        ({"numeric": ["age_approx", "Age"], "categorical": ["fitzpatrick"]}, "Age", "fitzpatrick"),
+        ({"numeric": ["agent_dose", "stage"], "categorical": ["Skin_Type"]}, None, "Skin_Type"),
+        ({}, None, None),
+    ],
+)
 def test_age_and_skin_type_columns_are_picked_by_name(spec, age, skin):
     assert age_column(spec) == age
     assert skin_type_column(spec) == skin
+
+
 def test_the_report_shows_the_training_novelty_and_the_threshold(stacked_run):
     from fuse.applicability.detector import load
 

@@ -54,14 +54,22 @@ class Page(HTMLParser):
             self._space()
         if tag == "table":
             # "lesions" for the tables of one patient's lesions (no id)
-            self._table = attrs.get("id") or ("lesions" if "lesions" in attrs.get("class", "") else None)
+            self._table = attrs.get("id") or (
+                "lesions" if "lesions" in attrs.get("class", "") else None
+            )
         elif tag == "thead":
             self._in_head = True
         elif tag == "tbody":
             self._in_head = False
         elif tag == "tr" and not self._in_head:
-            self.rows.append({"table": self._table, "cells": [], "class": attrs.get("class"),
-                              "patient": self.patients[-1] if self.patients else None})
+            self.rows.append(
+                {
+                    "table": self._table,
+                    "cells": [],
+                    "class": attrs.get("class"),
+                    "patient": self.patients[-1] if self.patients else None,
+                }
+            )
         elif tag == "td" and not self._in_head:
             self._cell = []
         elif tag == "img":
@@ -99,8 +107,11 @@ class Page(HTMLParser):
 
     def lesions(self, column: int = 2) -> list[str]:
         """The id column of every lesion row, in page order (the 3rd cell, without overlays)."""
-        return [r["cells"][column].split(" note:")[0] for r in self.rows
-                if r["table"] in ("flagged-lesions", "other-lesions", "lesions")]
+        return [
+            r["cells"][column].split(" note:")[0]
+            for r in self.rows
+            if r["table"] in ("flagged-lesions", "other-lesions", "lesions")
+        ]
 
     def errors(self) -> list[list[str]]:
         return [r["cells"] for r in self.rows if r["table"] == "error-rows"]
@@ -118,21 +129,32 @@ def read(path) -> Page:
 def predictions(p, flagged=None, ids=None, error=None, reasons=None) -> pd.DataFrame:
     p = np.asarray(p, dtype=float)
     n = len(p)
-    return pd.DataFrame({
-        "image_id": ids if ids is not None else [f"L{i:03d}" for i in range(n)],
-        "probability": p,
-        "p_gbdt": p,
-        "p_fusion": p,
-        "flagged": pd.array(flagged if flagged is not None else
-                            [None if np.isnan(x) else bool(x >= 0.5) for x in p], dtype="boolean"),
-        "reasons": reasons if reasons is not None else [""] * n,
-        "error": error if error is not None else [""] * n,
-    })
+    return pd.DataFrame(
+        {
+            "image_id": ids if ids is not None else [f"L{i:03d}" for i in range(n)],
+            "probability": p,
+            "p_gbdt": p,
+            "p_fusion": p,
+            "flagged": pd.array(
+                flagged
+                if flagged is not None
+                else [None if np.isnan(x) else bool(x >= 0.5) for x in p],
+                dtype="boolean",
+            ),
+            "reasons": reasons if reasons is not None else [""] * n,
+            "error": error if error is not None else [""] * n,
+        }
+    )
 
 
 def write(frame, tmp_path, **kwargs):
-    options = dict(id_column="image_id", threshold=0.5, run_name="r1", csv_name="preds.csv",
-                   thumbnail=lambda image_id: None)
+    options = dict(
+        id_column="image_id",
+        threshold=0.5,
+        run_name="r1",
+        csv_name="preds.csv",
+        thumbnail=lambda image_id: None,
+    )
     options.update(kwargs)
     return read(write_triage_page(frame, tmp_path / "triage.html", **options))
 
@@ -169,13 +191,16 @@ def test_small_probabilities_are_written_without_exponents(tmp_path):
 
 
 def test_errors_have_their_own_section(tmp_path):
-    frame = predictions([0.9, np.nan, 0.1, np.nan],
-                        error=["", "image unreadable: truncated", "no metadata row: scored on the image",
-                               ""])
+    frame = predictions(
+        [0.9, np.nan, 0.1, np.nan],
+        error=["", "image unreadable: truncated", "no metadata row: scored on the image", ""],
+    )
     page = write(frame, tmp_path)
     assert page.lesions() == ["L000", "L002"]
-    assert page.errors() == [["1", "L001", "image unreadable: truncated"],
-                             ["2", "L003", "no probability (no error given)"]]
+    assert page.errors() == [
+        ["1", "L001", "image unreadable: truncated"],
+        ["2", "L003", "no probability (no error given)"],
+    ]
     text = page.plain()
     assert "Not scored (2)" in text and "not scored (errors) 2" in text
     # a row scored despite a problem stays in the list, with its note
@@ -191,8 +216,9 @@ def test_no_error_section_when_every_row_is_scored(tmp_path):
 def test_grouped_by_patient(tmp_path):
     rng = np.random.default_rng(0)
     # A: 2 flagged + 10 others; B: top 0.45, 8 lesions; C: top 0.48, 2 lesions; one row without patient
-    p = np.concatenate([[0.8, 0.6], rng.uniform(0, 0.4, 10), [0.45], rng.uniform(0, 0.3, 7),
-                        [0.48, 0.1], [0.47]])
+    p = np.concatenate(
+        [[0.8, 0.6], rng.uniform(0, 0.4, 10), [0.45], rng.uniform(0, 0.3, 7), [0.48, 0.1], [0.47]]
+    )
     patient = pd.Series(["A"] * 12 + ["B"] * 8 + ["C"] * 2 + [None])
     frame = predictions(p)
     page = write(frame, tmp_path, patient=patient, per_patient=3)
@@ -224,9 +250,11 @@ def test_grouped_cap_stops_within_the_list_of_patients(tmp_path):
     assert len(page.lesions()) == 15
     assert all(r["class"] == "flagged" for r in page.rows)
     assert page.patients == [f"P{i:02d}" for i in range(8)]  # P00..P06 have 2 flagged, P07 one
-    assert ("Showing 15 of 60 scored rows (this page holds at most 15 lesions): the 15 flagged "
-            "lesions of the patients listed first, of 27 flagged. 45 more rows, 12 of them flagged, "
-            "are not shown.") in page.plain()
+    assert (
+        "Showing 15 of 60 scored rows (this page holds at most 15 lesions): the 15 flagged "
+        "lesions of the patients listed first, of 27 flagged. 45 more rows, 12 of them flagged, "
+        "are not shown."
+    ) in page.plain()
     assert "8 of 20 patients shown." in page.plain()
 
 
@@ -245,9 +273,11 @@ def test_cap_keeps_flagged_and_top_rows_and_says_where_the_rest_are(tmp_path):
     assert len(page.lesions()) == 50 and len(calls) == 50
     assert page.lesions() == list(frame["image_id"][:50])
     text = page.plain()
-    assert (f"Showing 50 of 2,000 scored rows (this page holds at most 50 lesions): every flagged "
-            f"lesion ({n_flagged}), then the {50 - n_flagged} unflagged with the highest probability; "
-            "1,950 more rows not shown. All rows are in preds.csv.") in text
+    assert (
+        f"Showing 50 of 2,000 scored rows (this page holds at most 50 lesions): every flagged "
+        f"lesion ({n_flagged}), then the {50 - n_flagged} unflagged with the highest probability; "
+        "1,950 more rows not shown. All rows are in preds.csv."
+    ) in text
 
 
 def test_cap_below_the_number_flagged(tmp_path):
@@ -255,9 +285,11 @@ def test_cap_below_the_number_flagged(tmp_path):
     page = write(predictions(p), tmp_path, max_rows=40)
     assert len(page.lesions()) == 40
     assert all(r["table"] == "flagged-lesions" for r in page.rows if r["table"] != "error-rows")
-    assert ("Showing 40 of 120 scored rows (this page holds at most 40 lesions): the 40 flagged "
-            "lesions with the highest probability, of 120 flagged. 80 more rows, 80 of them "
-            "flagged, are not shown. All rows are in preds.csv.") in page.plain()
+    assert (
+        "Showing 40 of 120 scored rows (this page holds at most 40 lesions): the 40 flagged "
+        "lesions with the highest probability, of 120 flagged. 80 more rows, 80 of them "
+        "flagged, are not shown. All rows are in preds.csv."
+    ) in page.plain()
 
 
 def test_error_rows_are_capped_too(tmp_path):
@@ -270,13 +302,23 @@ def test_error_rows_are_capped_too(tmp_path):
 
 def test_text_from_the_data_is_escaped(tmp_path):
     evil = "<script>alert(1)</script>"
-    frame = predictions([0.9, 0.2, np.nan], ids=[evil, 'x" onerror="alert(2)', "<b>e</b>"],
-                        reasons=['site = <img src=x onerror=alert(3)> (+0.5)', "", ""],
-                        error=["", "", "<i>bad</i>"])
+    frame = predictions(
+        [0.9, 0.2, np.nan],
+        ids=[evil, 'x" onerror="alert(2)', "<b>e</b>"],
+        reasons=["site = <img src=x onerror=alert(3)> (+0.5)", "", ""],
+        error=["", "", "<i>bad</i>"],
+    )
     patient = pd.Series(["<u>p</u>", "<u>p</u>", "q&r"])
-    out = write_triage_page(frame, tmp_path / "t.html", id_column="image_id", threshold=0.5,
-                            run_name="<em>run</em>", patient=patient,
-                            thumbnail=lambda i: None, overlays={evil: jpeg()})
+    out = write_triage_page(
+        frame,
+        tmp_path / "t.html",
+        id_column="image_id",
+        threshold=0.5,
+        run_name="<em>run</em>",
+        patient=patient,
+        thumbnail=lambda i: None,
+        overlays={evil: jpeg()},
+    )
     raw = out.read_text()
     for bad in ("<script>alert", "<img src=x", "<b>e", "<i>bad", "<u>p", "<em>run", '" onerror="'):
         assert bad not in raw, bad
@@ -297,8 +339,12 @@ def test_thumbnails_downscaled_and_placeholders_never_broken(tmp_path):
             raise OSError("disk gone")
         return images.get(image_id)
 
-    page = write(predictions([0.9, 0.8, 0.7, 0.6]), tmp_path, thumbnail=thumbnail,
-                 overlays={"L000": jpeg(300, 300, seed=1), "L002": b"junk"})
+    page = write(
+        predictions([0.9, 0.8, 0.7, 0.6]),
+        tmp_path,
+        thumbnail=thumbnail,
+        overlays={"L000": jpeg(300, 300, seed=1), "L002": b"junk"},
+    )
     assert [i["alt"] for i in page.images] == ["lesion L000", "saliency of L000"]
     sizes = []
     for image in page.images:
@@ -308,19 +354,29 @@ def test_thumbnails_downscaled_and_placeholders_never_broken(tmp_path):
             sizes.append(picture.size)
     assert sizes == [(96, 72), (96, 96)]
     # unreadable bytes, a failing reader, no image, an unreadable overlay
-    assert page.placeholders == ["image unreadable", "no image", "image unreadable",
-                                 "image unreadable"]
+    assert page.placeholders == [
+        "image unreadable",
+        "no image",
+        "image unreadable",
+        "image unreadable",
+    ]
 
 
 def test_header_says_what_probability_and_flagged_mean(tmp_path):
-    page = write(predictions([0.9, 0.1, np.nan], error=["", "", "x"]), tmp_path, threshold=0.0123,
-                 run_name="isic-r1")
+    page = write(
+        predictions([0.9, 0.1, np.nan], error=["", "", "x"]),
+        tmp_path,
+        threshold=0.0123,
+        run_name="isic-r1",
+    )
     text = page.plain()
     assert "Triage: isic-r1" in text
     assert "operating threshold 1.2% (probability 0.012)" in text
     assert "rows 3 scored 2 flagged 1 not scored (errors) 1" in text
-    assert "probability is the model's estimate that the lesion is malignant, at the prevalence of " \
-           "the data it was trained on" in text
+    assert (
+        "probability is the model's estimate that the lesion is malignant, at the prevalence of "
+        "the data it was trained on" in text
+    )
     assert "flagged means at or above the run's operating threshold (1.2%)" in text
     assert "p_gbdt, p_fusion: each base model's own score." in text
     assert "reasons" in text and "saliency" not in text
@@ -340,22 +396,39 @@ def test_header_follows_the_columns_and_the_prevalence_given(tmp_path):
 
 def test_reasons_are_listed_with_their_direction(tmp_path):
     frame = predictions([0.9], reasons=["age = 71 (+0.80); anatom_site = back (-0.31); size = 3"])
-    raw = write_triage_page(frame, tmp_path / "t.html", id_column="image_id", threshold=0.5,
-                            run_name="r").read_text()
-    assert ('<ul class="reasons"><li class="up">age = 71 (+0.80)</li><li class="down">anatom_site '
-            "= back (-0.31)</li><li>size = 3</li></ul>") in raw
+    raw = write_triage_page(
+        frame, tmp_path / "t.html", id_column="image_id", threshold=0.5, run_name="r"
+    ).read_text()
+    assert (
+        '<ul class="reasons"><li class="up">age = 71 (+0.80)</li><li class="down">anatom_site '
+        "= back (-0.31)</li><li>size = 3</li></ul>"
+    ) in raw
 
 
 def test_bad_arguments(tmp_path):
     frame = predictions([0.5])
     with pytest.raises(ValueError, match=r"missing column\(s\) \['isic_id'\]"):
-        write_triage_page(frame, tmp_path / "t.html", id_column="isic_id", threshold=0.5, run_name="r")
+        write_triage_page(
+            frame, tmp_path / "t.html", id_column="isic_id", threshold=0.5, run_name="r"
+        )
     with pytest.raises(ValueError, match=r"patient: 2 values for 1 prediction rows"):
-        write_triage_page(frame, tmp_path / "t.html", id_column="image_id", threshold=0.5,
-                          run_name="r", patient=pd.Series(["a", "b"]))
+        write_triage_page(
+            frame,
+            tmp_path / "t.html",
+            id_column="image_id",
+            threshold=0.5,
+            run_name="r",
+            patient=pd.Series(["a", "b"]),
+        )
     with pytest.raises(ValueError, match=r"max_rows >= 1"):
-        write_triage_page(frame, tmp_path / "t.html", id_column="image_id", threshold=0.5,
-                          run_name="r", max_rows=0)
+        write_triage_page(
+            frame,
+            tmp_path / "t.html",
+            id_column="image_id",
+            threshold=0.5,
+            run_name="r",
+            max_rows=0,
+        )
 
 
 @pytest.mark.slow
@@ -364,14 +437,22 @@ def test_100000_rows_stay_small_and_quick(tmp_path, grouped):
     n = 100_000
     rng = np.random.default_rng(0)
     p = rng.beta(0.3, 30, n)
-    frame = predictions(p, flagged=p >= 0.03,
-                        reasons=["age = 71 (+0.80); anatom_site = back (+0.31)"] * n)
+    frame = predictions(
+        p, flagged=p >= 0.03, reasons=["age = 71 (+0.80); anatom_site = back (+0.31)"] * n
+    )
     patient = pd.Series(rng.integers(0, 1000, n).astype(str)) if grouped else None
     image = jpeg(133, 133)
     start = time.perf_counter()
-    out = write_triage_page(frame, tmp_path / "t.html", id_column="image_id", threshold=0.03,
-                            run_name="big", thumbnail=lambda i: image, patient=patient,
-                            csv_name="preds.csv")
+    out = write_triage_page(
+        frame,
+        tmp_path / "t.html",
+        id_column="image_id",
+        threshold=0.03,
+        run_name="big",
+        thumbnail=lambda i: image,
+        patient=patient,
+        csv_name="preds.csv",
+    )
     seconds = time.perf_counter() - start
     size = out.stat().st_size
     page = read(out)
@@ -383,8 +464,9 @@ def test_100000_rows_stay_small_and_quick(tmp_path, grouped):
 
 
 def test_predictions_read_back_from_the_csv_give_the_same_page(tmp_path):
-    frame = predictions([0.9, np.nan, 0.2], error=["", "unreadable", ""],
-                        reasons=["age = 71 (+0.80)", "", ""])
+    frame = predictions(
+        [0.9, np.nan, 0.2], error=["", "unreadable", ""], reasons=["age = 71 (+0.80)", "", ""]
+    )
     frame.to_csv(tmp_path / "preds.csv", index=False)
     again = pd.read_csv(tmp_path / "preds.csv", dtype={"image_id": str}, keep_default_na=True)
     (tmp_path / "a").mkdir()
@@ -406,8 +488,10 @@ def test_rows_in_the_training_data_carry_a_badge_and_are_counted(tmp_path):
     assert _badges(page) == ["L000", "L002"]  # the unscored L003 is in the error list, no badge
     text = page.plain()
     assert "in training data: score is in-sample" in text
-    assert ("3 of the 4 rows were in the run's training data (marked in training data): their "
-            "scores are in-sample, from models that saw those lesions and their labels") in text
+    assert (
+        "3 of the 4 rows were in the run's training data (marked in training data): their "
+        "scores are in-sample, from models that saw those lesions and their labels"
+    ) in text
 
 
 def test_in_training_read_back_from_a_csv_and_grouped(tmp_path):
@@ -426,11 +510,13 @@ def test_no_in_training_column_or_none_in_training_changes_nothing(tmp_path):
     frame = predictions([0.9, 0.2])
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    plain = (tmp_path / "a" / "triage.html")
+    plain = tmp_path / "a" / "triage.html"
     write(frame, tmp_path / "a")
     write(frame.assign(in_training=False), tmp_path / "b")
     assert plain.read_text() == (tmp_path / "b" / "triage.html").read_text()
-    assert "in training data" not in plain.read_text() and 'id="in-training"' not in plain.read_text()
+    assert (
+        "in training data" not in plain.read_text() and 'id="in-training"' not in plain.read_text()
+    )
 
 
 def test_header_states_the_operating_point_with_its_lower_bound(tmp_path, tabular_run):
@@ -443,18 +529,31 @@ def test_header_states_the_operating_point_with_its_lower_bound(tmp_path, tabula
     point = read_operating_point(tabular_run.dir)
     final = json.loads((tabular_run.dir / "stack" / "final.json").read_text())
     assert point["threshold"] == pytest.approx(final["threshold"])
-    page = write(predictions([0.9, 0.1]), tmp_path, threshold=final["threshold"], operating_point=point)
+    page = write(
+        predictions([0.9, 0.1]), tmp_path, threshold=final["threshold"], operating_point=point
+    )
     positives = point["tp"] + point["fn"]
-    assert (f"sensitivity at this threshold {point['sensitivity']:.1%} out of fold (of {positives} malignant "
-            f"training lesions); lower 95% bound {point['sensitivity_low']:.1%} (Clopper-Pearson); "
-            "target 95%") in page.plain()
+    assert (
+        f"sensitivity at this threshold {point['sensitivity']:.1%} out of fold (of {positives} malignant "
+        f"training lesions); lower 95% bound {point['sensitivity_low']:.1%} (Clopper-Pearson); "
+        "target 95%"
+    ) in page.plain()
 
 
 def test_operating_point_of_another_threshold_is_not_stated(tmp_path, caplog):
-    point = {"threshold": 0.3, "target_sensitivity": 0.95, "tp": 19, "fn": 1, "sensitivity": 0.95,
-             "sensitivity_low": 0.75}
+    point = {
+        "threshold": 0.3,
+        "target_sensitivity": 0.95,
+        "tp": 19,
+        "fn": 1,
+        "sensitivity": 0.95,
+        "sensitivity_low": 0.75,
+    }
     page = write(predictions([0.9, 0.1]), tmp_path, threshold=0.5, operating_point=point)
     assert "sensitivity at this threshold" not in page.plain()
     assert "operating point is for threshold 0.3, not 0.5" in caplog.text
     page = write(predictions([0.9, 0.1]), tmp_path, threshold=0.3, operating_point=point)
-    assert "95.0% out of fold (of 20 malignant training lesions); lower 95% bound 75.0%" in page.plain()
+    assert (
+        "95.0% out of fold (of 20 malignant training lesions); lower 95% bound 75.0%"
+        in page.plain()
+    )
