@@ -1,4 +1,5 @@
-"""A spec's feature store: where it lives, opening it for training, and recording which one a stage read.
+"""A spec's feature store: where it lives, opening it for training, and recording which one a
+stage read.
 
 The spec (tabular) says which ids a data set has and where its images are; the store (embed)
 knows nothing of specs. This module joins the two for every stage that reads embeddings, so that
@@ -76,7 +77,8 @@ def locate_store(
     """The spec's feature store for the current weights.
 
     Prefers the store of the default settings (224 px, one view, the default blocks and pooling)
-    when several exist; otherwise there must be exactly one. Raises RunError naming the command that makes one, or the candidates to choose from.
+    when several exist; otherwise there must be exactly one. Raises RunError naming the command
+    that makes one, or the candidates to choose from.
     """
     weights = weights or ensure_weights()
     root = stores or stores_root()
@@ -85,7 +87,8 @@ def locate_store(
     candidates = store_candidates(root, spec.name, weights.sha256)
     if not candidates:
         raise RunError(
-            f"no feature store for data set '{spec.name}' with weights {weights.sha256[:12]} under {root}; "
+            f"no feature store for data set '{spec.name}' with weights {weights.sha256[:12]} "
+            f"under {root}; "
             f"make it with `invoke embed --spec {_spec_argument(spec)}`"
         )
     if preferred in candidates:
@@ -117,7 +120,8 @@ class SpecStore:
         return {**self.store.reference(), "read": rows_digest(self.store, self.ids)}
 
     def mean_embeddings(self) -> np.ndarray:
-        """(n_rows, dim) float32: each row's embedding averaged over views, in the spec's row order."""
+        """(n_rows, dim) float32: each row's embedding averaged over views, in the spec's row
+        order."""
         out = np.empty((len(self.ids), self.store.dim), dtype=np.float32)
         for start in range(0, len(self.ids), _READ_ROWS):
             block = self.store.read(self.ids[start : start + _READ_ROWS])
@@ -153,7 +157,8 @@ def open_for_training(
         spec: the data set (its image source is checked for changed images).
         ids: the rows' ids, in the order the stage will read them.
         store_dir: the store folder (default: `locate_store(spec)`).
-        run: when given, unembedded ids are written to `<run>/unembedded-ids.csv` (`runfolder.records`).
+        run: when given, unembedded ids are written to `<run>/unembedded-ids.csv`
+            (`runfolder.records`).
 
     Raises:
         RunError: no store there; ids without a vector (names how many, the first few, the reason
@@ -214,7 +219,8 @@ def _require_current(spec: DatasetSpec, ids: list[str], store: FeatureStore) -> 
     if changed:
         raise RunError(
             f"store {store.path}: {len(changed)} image(s) changed since they were embedded "
-            f"({preview(changed)}); embed them again with `invoke embed --spec {_spec_argument(spec)}`"
+            f"({preview(changed)}); embed them again with `invoke embed --spec "
+            f"{_spec_argument(spec)}`"
         )
 
 
@@ -247,7 +253,8 @@ def check_same_embeddings(
 
 
 def run_identity(run: RunLayout) -> dict | None:
-    """The embedding identity every image-reading stage of `run` was trained on (None: none read images).
+    """The embedding identity every image-reading stage of `run` was trained on (None: none read
+    images).
 
     Also checks that those stages read the same vectors for the run's rows (the "read" digest of
     their `store.json`); a stage recorded before digests existed is not compared (logged).

@@ -188,7 +188,8 @@ class Applicability:
             expected = self.parts["image"].dim
             if x.shape[1] != expected:
                 raise RunError(
-                    f"applicability.predict: embeddings have dim {x.shape[1]}, the detector {expected}"
+                    f"applicability.predict: embeddings have dim {x.shape[1]}, the detector "
+                    f"{expected}"
                 )
             matrices["image"] = x
         if "acquisition" in self.parts:

@@ -59,7 +59,8 @@ def cue_frame(cues, n: int | None, where: str) -> pd.DataFrame:
         array = np.asarray(cues, dtype=np.float64)
         if array.ndim != 2 or array.shape[1] != len(CUE_NAMES):
             raise RunError(
-                f"{where}: cues must have shape (rows, {len(CUE_NAMES)}) (CUE_NAMES), got {array.shape}"
+                f"{where}: cues must have shape (rows, {len(CUE_NAMES)}) (CUE_NAMES), got "
+                f"{array.shape}"
             )
         frame = pd.DataFrame(array, columns=list(CUE_NAMES))
     if n is not None and len(frame) != n:

@@ -47,7 +47,8 @@ class MetadataPart:
             values = values[np.isfinite(values)]
             if len(values) == 0:
                 raise RunError(
-                    f"applicability: numeric column {col!r} has no numeric value in the training rows"
+                    f"applicability: numeric column {col!r} has no numeric value in the training "
+                    "rows"
                 )
             low, high = float(values.min()), float(values.max())
             span = max(high - low, 1e-9)

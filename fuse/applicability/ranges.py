@@ -3,10 +3,11 @@
 `invoke stack` records, per numeric feature column of the spec, the smallest and largest value
 seen in the run's training rows (`stack/ranges.json`; this module writes and reads it). Scoring
 then marks a row whose value lies beyond that range by more than `MARGIN` of its width (age 250
-against training ages 0..85), or is negative where no training value was (age -5): LightGBM extends its outermost leaf to any value beyond the
-range, and the MLP extrapolates linearly, so such a score is a guess of another kind than the
-others. The check is one small function (`outside_training`) that the applicability work
-(`unlike_training`, `novelty`) can call as one of its signals.
+against training ages 0..85), or is negative where no training value was (age -5): LightGBM
+extends its outermost leaf to any value beyond the range, and the MLP extrapolates linearly, so
+such a score is a guess of another kind than the others. The check is one small function
+(`outside_training`) that the applicability work (`unlike_training`, `novelty`) can call as one
+of its signals.
 """
 
 from __future__ import annotations

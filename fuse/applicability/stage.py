@@ -1,7 +1,7 @@
 """The run's applicability stage, `<run>/applicability/`: fitted by `invoke stack`, read by scoring.
 
-`fit_stage` gathers a run's training rows as the detector (`fuse.applicability.detector`) needs them, in
-the run's `folds.csv` order: the embeddings from the feature store the run's image stages
+`fit_stage` gathers a run's training rows as the detector (`fuse.applicability.detector`) needs
+them, in the run's `folds.csv` order: the embeddings from the feature store the run's image stages
 recorded (`<stage>/store.json`; the fusion stage's first), the acquisition cues of the training
 images (cached beside that store, `embed.cue_cache`, so a second `invoke stack` measures none),
 and the metadata feature columns. A tabular-only run fits the metadata part alone.
@@ -83,9 +83,9 @@ def _image_inputs(record: dict, spec, ids: list[str], progress: bool) -> dict:
         embeddings = store.read(ids)  # float16, (rows, views, dim): widened chunk by chunk later
     except EmbedError as error:
         raise RunError(
-            f"applicability: cannot read the feature store the run was trained on ({record['store']}, "
-            f"recorded in its stages' store.json): {error}; put the store back there, or make it again "
-            "with `invoke embed --spec S`"
+            "applicability: cannot read the feature store the run was trained on "
+            f"({record['store']}, recorded in its stages' store.json): {error}; put the store "
+            "back there, or make it again with `invoke embed --spec S`"
         ) from error
     source = None
     if spec.images and Path(spec.images).exists():

@@ -64,16 +64,18 @@ _ATTRIBUTIONS = (
     ),
 )
 
+# The torso's anatom_site_general values, named so that the table below keeps to one line a row.
+_BACK, _FRONT = "posterior torso", "anterior torso"
 # tbp_lv_location: share of rows, simple location, anatom_site_general, 3D box
 # (x, y, z ranges in mm; x < 0 is the patient's left, y is height, z > 0 the back).
 _LOCATIONS = (
-    ("Torso Back Top Third", 71, "Torso Back", "posterior torso", (-180, 180), (1200, 1540), (90, 230)),
-    ("Torso Back Middle Third", 46, "Torso Back", "posterior torso", (-170, 170), (980, 1200), (80, 210)),
-    ("Torso Back Bottom Third", 8, "Torso Back", "posterior torso", (-160, 160), (820, 980), (70, 190)),
-    ("Torso Back", 1, "Torso Back", "posterior torso", (-170, 170), (820, 1540), (70, 230)),
-    ("Torso Front Top Half", 63, "Torso Front", "anterior torso", (-180, 180), (1150, 1450), (-90, 60)),
-    ("Torso Front Bottom Half", 17, "Torso Front", "anterior torso", (-170, 170), (850, 1150), (-100, 80)),
-    ("Torso Front", 1, "Torso Front", "anterior torso", (-170, 170), (850, 1450), (-100, 80)),
+    ("Torso Back Top Third", 71, "Torso Back", _BACK, (-180, 180), (1200, 1540), (90, 230)),
+    ("Torso Back Middle Third", 46, "Torso Back", _BACK, (-170, 170), (980, 1200), (80, 210)),
+    ("Torso Back Bottom Third", 8, "Torso Back", _BACK, (-160, 160), (820, 980), (70, 190)),
+    ("Torso Back", 1, "Torso Back", _BACK, (-170, 170), (820, 1540), (70, 230)),
+    ("Torso Front Top Half", 63, "Torso Front", _FRONT, (-180, 180), (1150, 1450), (-90, 60)),
+    ("Torso Front Bottom Half", 17, "Torso Front", _FRONT, (-170, 170), (850, 1150), (-100, 80)),
+    ("Torso Front", 1, "Torso Front", _FRONT, (-170, 170), (850, 1450), (-100, 80)),
     ("Head & Neck", 12, "Head & Neck", "head/neck", (-100, 100), (1450, 1750), (-110, 90)),
     ("Left Arm - Upper", 23, "Left Arm", "upper extremity", (-380, -190), (1150, 1450), (-20, 90)),
     ("Left Arm - Lower", 17, "Left Arm", "upper extremity", (-470, -260), (850, 1250), (-20, 90)),

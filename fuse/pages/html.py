@@ -2,10 +2,10 @@
 
 Every page is one file that opens offline: images are embedded as base64 data URIs, the style
 sheet and the little sorting script are inline, and a Content-Security-Policy forbids any network
-request. The pages are Jinja2 templates in `fuse/pages/templates/` (`base.html` holds the shared head:
-CSP, style, sorting script); `render` fills one with plain values. Autoescaping is on for every
-`.html` template, so text from user data (ids, column names, reasons) is escaped by the engine,
-never by hand.
+request. The pages are Jinja2 templates in `fuse/pages/templates/` (`base.html` holds the shared
+head: CSP, style, sorting script); `render` fills one with plain values. Autoescaping is on for
+every `.html` template, so text from user data (ids, column names, reasons) is escaped by the
+engine, never by hand.
 """
 
 from __future__ import annotations

@@ -38,7 +38,9 @@ APPLICABILITY_STAGE = "applicability"
 NOT_MEASURED = "Not measured for this run"
 # What the built-in specs' images are (a fact about the built-in spec, not about a run).
 _BUILTIN_MODALITY = {
-    "isic2024": "3D total-body photography (TBP) tile crops in the ISIC 2024 layout, not dermoscopy",
+    "isic2024": (
+        "3D total-body photography (TBP) tile crops in the ISIC 2024 layout, not dermoscopy"
+    ),
 }
 
 
@@ -77,7 +79,8 @@ def markdown(card: dict) -> str:
     lines = [
         f"# {card['title']}",
         "",
-        "Generated from the run by `invoke stack` (with the report); nothing in it is typed by hand.",
+        "Generated from the run by `invoke stack` (with the report); nothing in it is typed "
+        "by hand.",
         "",
     ]
     for section in card["sections"]:
@@ -102,7 +105,8 @@ def markdown(card: dict) -> str:
 
 
 def page_values(card: dict) -> dict:
-    """The card with its text split into `code` segments, for the template `report/model_card.html`."""
+    """The card with its text split into `code` segments, for the template
+    `report/model_card.html`."""
     return {
         "title": card["title"],
         "sections": [
@@ -174,16 +178,19 @@ def _intended_use(document: dict, final: dict | None) -> dict:
         facts += [
             (
                 "operating threshold",
-                f"{point['threshold']:.6g} on `{'probability' if point['model'] == 'calibrated' else point['model']}`",
+                f"{point['threshold']:.6g} on "
+                f"`{'probability' if point['model'] == 'calibrated' else point['model']}`",
             ),
             ("target sensitivity", f"{point['target_sensitivity']:.0%}"),
             (
                 "sensitivity reached (out of fold)",
-                f"{_number(point['sensitivity'], '.3f')}, lower 95% bound {_number(point['sensitivity_low'], '.3f')} (Clopper-Pearson)",
+                f"{_number(point['sensitivity'], '.3f')}, lower 95% bound "
+                f"{_number(point['sensitivity_low'], '.3f')} (Clopper-Pearson)",
             ),
             (
                 "specificity",
-                f"{_number(point['specificity'], '.3f')} (95% CI {_number(point['specificity_low'], '.3f')} "
+                f"{_number(point['specificity'], '.3f')} (95% CI "
+                f"{_number(point['specificity_low'], '.3f')} "
                 f"to {_number(point['specificity_high'], '.3f')})",
             ),
         ]
@@ -252,8 +259,8 @@ def _calibration(document: dict, final: dict | None) -> dict:
             "calibration",
             "Calibration",
             [
-                f"Not calibrated: the run has no calibrated final model yet (`invoke stack`). The score "
-                f"of {shown} is shown as it is."
+                "Not calibrated: the run has no calibrated final model yet (`invoke stack`). "
+                f"The score of {shown} is shown as it is."
             ],
             facts=[
                 ("Brier", _number(model.get("brier"), ".4f")),
@@ -320,9 +327,10 @@ def _applicability(layout: RunLayout) -> dict:
             "applicability",
             heading,
             [
-                "This run has no applicability detector (no `applicability/` stage folder), so nothing "
-                "says when a scored image or row is unlike the training data: probabilities for images "
-                "of another kind (another camera, another modality) may not hold.",
+                "This run has no applicability detector (no `applicability/` stage folder), so "
+                "nothing says when a scored image or row is unlike the training data: "
+                "probabilities for images of another kind (another camera, another modality) "
+                "may not hold.",
             ],
             marked=f"{NOT_MEASURED}.",
         )
@@ -389,19 +397,23 @@ def _limitations(document: dict, spec: dict, stores: dict) -> dict:
             "seen: its figures do not carry over to them."
         )
     else:
-        image_text = "No images: the run was trained on metadata only; it says nothing about what a lesion looks like."
+        image_text = (
+            "No images: the run was trained on metadata only; it says nothing about what a "
+            "lesion looks like."
+        )
     paragraphs = [
-        f"Prevalence: {prevalence:.2%} of the training rows are malignant. Where malignancy is rarer "
-        "(screening) the same threshold flags more benign lesions per malignant one and the precision "
-        "falls; `probability` holds at the training prevalence unless moved with `--prevalence`.",
+        f"Prevalence: {prevalence:.2%} of the training rows are malignant. Where malignancy is "
+        "rarer (screening) the same threshold flags more benign lesions per malignant one and "
+        "the precision falls; `probability` holds at the training prevalence unless moved with "
+        "`--prevalence`.",
         image_text,
-        f"Validation: every figure is out of fold ({document['n_folds']} folds of the same data set, "
-        "grouped by the spec's group), not an external validation: another clinic, population or "
-        "time may do worse. The intervals cover resampling of these groups, not that shift.",
+        f"Validation: every figure is out of fold ({document['n_folds']} folds of the same data "
+        "set, grouped by the spec's group), not an external validation: another clinic, "
+        "population or time may do worse. The intervals cover resampling of these groups, not "
+        "that shift.",
         "The operating threshold (and the calibration, where there is one) was chosen on the same "
-        "out-of-fold predictions "
-        "they are reported on, so the sensitivity reached may be optimistic; its lower 95% bound "
-        "is the safer figure.",
+        "out-of-fold predictions they are reported on, so the sensitivity reached may be "
+        "optimistic; its lower 95% bound is the safer figure.",
     ]
     return _section("limitations", "Limitations", paragraphs)
 

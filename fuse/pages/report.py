@@ -97,7 +97,8 @@ log = logging.getLogger(__name__)
 
 
 def write_report(run_dir: Path | str, sensitivity: float = 0.95) -> Path:
-    """Write `<run>/report/report.md`, `index.html`, `metrics.json`, `model-card.md` and the PNG plots.
+    """Write `<run>/report/report.md`, `index.html`, `metrics.json`, `model-card.md` and the PNG
+    plots.
 
     `metrics.json` holds, beside every model's point figures ("models"): "intervals"
     (`tabular.uncertainty.bootstrap_figures` over the groups of `folds.csv`, each model at its own

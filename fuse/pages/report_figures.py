@@ -246,8 +246,8 @@ def read_predictions(
         predictions[name] = read_oof(name, ids, fold, y)
     if not predictions:
         raise RunError(
-            f"run {run_dir}: no model has out-of-fold predictions yet (no gbdt/, fusion/, blend/ or "
-            "stack/ oof.csv); train one with `invoke train-gbdt --spec S --run R` or "
+            f"run {run_dir}: no model has out-of-fold predictions yet (no gbdt/, fusion/, blend/ "
+            "or stack/ oof.csv); train one with `invoke train-gbdt --spec S --run R` or "
             "`invoke train-fusion --spec S --run R`"
         )
     if y is None:

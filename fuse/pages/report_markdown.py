@@ -44,7 +44,8 @@ def markdown(document: dict, final: dict | None) -> str:
             lines.append(
                 f"Note: `stack/final.json` holds the threshold for {final['sensitivity']:.0%} "
                 "sensitivity, which scoring uses; this report's thresholds are for "
-                f"{sensitivity:.0%}. Rerun `invoke stack --run R --sensitivity {sensitivity}` to align them."
+                f"{sensitivity:.0%}. Rerun `invoke stack --run R --sensitivity {sensitivity}` to "
+                "align them."
             )
     else:
         lines.append(

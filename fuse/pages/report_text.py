@@ -110,9 +110,9 @@ def interval_values(document: dict) -> dict | None:
 
     groups = f"{intervals['n_groups']:,} groups ({document['group_column']})"
     note = (
-        f"Estimate and 95% CI (percentile bootstrap over the {groups}: {intervals['n_resamples']:,} "
-        f"resamples, seed {intervals['seed']}; a group's rows are drawn together). Sensitivity and "
-        "specificity at each model's own operating threshold."
+        f"Estimate and 95% CI (percentile bootstrap over the {groups}: "
+        f"{intervals['n_resamples']:,} resamples, seed {intervals['seed']}; a group's rows are "
+        "drawn together). Sensitivity and specificity at each model's own operating threshold."
     )
     if intervals.get("one_class"):
         note += (
@@ -120,7 +120,10 @@ def interval_values(document: dict) -> dict | None:
             "ROC AUC, pAUC80 and PR AUC intervals."
         )
     if intervals.get("left_out"):
-        note += f" No interval for {', '.join(intervals['left_out'])} (no operating threshold in (0, 1))."
+        note += (
+            f" No interval for {', '.join(intervals['left_out'])} (no operating threshold in "
+            "(0, 1))."
+        )
     difference_note = (
         f"Each model minus {intervals['final']} on the same resamples: an interval that "
         "excludes 0 is a difference the data can tell apart from chance."
@@ -151,7 +154,8 @@ def operating_sentence(document: dict) -> str | None:
     )
     if point.get("specificity") is not None:
         text += (
-            f" and the specificity {point['specificity']:.3f} (95% CI {point['specificity_low']:.3f} "
+            f" and the specificity {point['specificity']:.3f} (95% CI "
+            f"{point['specificity_low']:.3f} "
             f"to {point['specificity_high']:.3f})"
         )
     return text + "."
@@ -173,8 +177,8 @@ def subgroup_values(document: dict) -> dict:
     sub = document.get("subgroups") or {}
     target = sub.get("target_sensitivity", document["sensitivity"])
     note = (
-        f"Subgroup figures of the final model ({document.get('shown')}) at the run's operating threshold. "
-        f"Highlighted (below target): the upper end of the subgroup's sensitivity 95% CI "
+        f"Subgroup figures of the final model ({document.get('shown')}) at the run's operating "
+        "threshold. Highlighted (below target): the upper end of the subgroup's sensitivity 95% CI "
         f"(Clopper-Pearson) is below the target {target:.0%}, so the shortfall is not chance. "
         f'Fewer than {sub.get("min_positives", MIN_POSITIVES)} positives: "{TOO_FEW}". '
         f"Age bands from the column {sub.get('age_column') or '(none in the spec)'}"
@@ -260,7 +264,8 @@ def decision_values(document: dict) -> dict | None:
         "Net benefit (Vickers & Elkin 2006) of treating (referring, excising) the lesions whose "
         "out-of-fold probability is at or above the threshold probability pt: true positives / n "
         "minus false positives / n x pt / (1 - pt). A model is worth using at pt where its net "
-        f"benefit is above both treat all and treat none (0). Prevalence {curve['prevalence']:.4f}, "
+        "benefit is above both treat all and treat none (0). Prevalence "
+        f"{curve['prevalence']:.4f}, "
         f"{curve['n']:,} rows; every threshold 1-50% is in metrics.json and the plot. Models whose "
         "score is not a probability (the rank blend) have no curve."
     )

@@ -448,7 +448,8 @@ def test_real_data_ham10000_detector_marks_isic2024_crops_and_few_held_out_lesio
     )
     for part in per_part_held:
         print(
-            f"  {part} among the reasons: held-out HAM {np.concatenate(per_part_held[part]).mean():.4f}, "
+            f"  {part} among the reasons: held-out HAM "
+            f"{np.concatenate(per_part_held[part]).mean():.4f}, "
             f"crops {np.mean(per_part_crops[part]):.4f}; alone at its own 97.5th pct: held-out "
             f"HAM {np.concatenate(own_held[part]).mean():.4f}, crops {np.mean(own_crops[part]):.4f}"
         )

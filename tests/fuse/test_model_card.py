@@ -186,8 +186,8 @@ def test_card_of_base_models_only_says_there_is_no_final_model(tabular_run):
     card, document, _ = _card(tabular_run)
     use = _section(card, "Intended use")
     assert (
-        f"- final model: none yet (`invoke stack --run R`); figures below are of {document['shown']}"
-        in use
+        "- final model: none yet (`invoke stack --run R`); figures below are of "
+        f"{document['shown']}" in use
     )
     assert "Not calibrated: the run has no calibrated final model yet" in _section(
         card, "Calibration"

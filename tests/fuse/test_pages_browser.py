@@ -285,7 +285,8 @@ def test_triage_page_renders_in_chromium(browser, tmp_path, shared_data, grouped
     banner = page.locator("p#unlike-training")
     assert banner.is_visible()
     assert " ".join(banner.inner_text().split()).startswith(
-        "3 of 13 images look unlike the images this run was trained on: their probabilities may not hold"
+        "3 of 13 images look unlike the images this run was trained on: their probabilities may "
+        "not hold"
     )
     badges = page.locator("table.lesions td .badge.unlike")
     assert badges.count() == (3 if not grouped else badges.count()) and badges.count() >= 1

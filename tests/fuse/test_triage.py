@@ -215,7 +215,8 @@ def test_no_error_section_when_every_row_is_scored(tmp_path):
 
 def test_grouped_by_patient(tmp_path):
     rng = np.random.default_rng(0)
-    # A: 2 flagged + 10 others; B: top 0.45, 8 lesions; C: top 0.48, 2 lesions; one row without patient
+    # A: 2 flagged + 10 others; B: top 0.45, 8 lesions; C: top 0.48, 2 lesions; one row without
+    # a patient
     p = np.concatenate(
         [[0.8, 0.6], rng.uniform(0, 0.4, 10), [0.45], rng.uniform(0, 0.3, 7), [0.48, 0.1], [0.47]]
     )
@@ -534,7 +535,8 @@ def test_header_states_the_operating_point_with_its_lower_bound(tmp_path, tabula
     )
     positives = point["tp"] + point["fn"]
     assert (
-        f"sensitivity at this threshold {point['sensitivity']:.1%} out of fold (of {positives} malignant "
+        f"sensitivity at this threshold {point['sensitivity']:.1%} out of fold (of {positives} "
+        "malignant "
         f"training lesions); lower 95% bound {point['sensitivity_low']:.1%} (Clopper-Pearson); "
         "target 95%"
     ) in page.plain()
