@@ -288,37 +288,9 @@ def fit_applicability(
             f"fit_applicability: folds must hold at least 2 distinct folds (out-of-fold scores "
             f"set the threshold), got {list(unique_folds)}"
         )
-    inputs: dict = {}
-    if embeddings is not None:
-        if identity is None:
-            raise RunError(
-                "fit_applicability: identity is required with embeddings (the feature store's "
-                "reference()), so that the detector refuses vectors of other weights"
-            )
-        inputs["image"] = embedding_matrix(embeddings, n, "fit_applicability")
-    if cues is not None:
-        inputs["acquisition"] = cue_frame(cues, n, "fit_applicability")
-    columns = list(numeric) + list(categorical)
-    if metadata is not None and columns:
-        inputs["metadata"] = metadata_frame(metadata, columns, n, "fit_applicability")
-    if not inputs:
-        raise RunError(
-            "fit_applicability: nothing to fit on; pass embeddings, cues, or metadata with "
-            "numeric/categorical columns"
-        )
+    inputs = _fit_inputs(n, embeddings, identity, cues, metadata, list(numeric) + list(categorical))
     rng = np.random.default_rng(config.seed)
-    oof_raw = {name: np.full(n, np.nan) for name in inputs}
-    for fold in unique_folds:
-        held = folds == fold
-        parts = _fit_parts(np.flatnonzero(~held), inputs, numeric, categorical, config, rng)
-        for name, part in parts.items():
-            matrix = inputs[name]
-            rows = (
-                matrix.iloc[np.flatnonzero(held)]
-                if isinstance(matrix, pd.DataFrame)
-                else matrix[held]
-            )
-            oof_raw[name][held] = part.score(rows)
+    oof_raw = _out_of_fold_scores(inputs, folds, numeric, categorical, config, rng)
     oof = {name: np.sort(v[np.isfinite(v)]) for name, v in oof_raw.items()}
     oof_pct = {name: percentile(oof[name], v) for name, v in oof_raw.items()}
     combined = combine(oof_pct)
@@ -363,6 +335,58 @@ def fit_applicability(
         100 * marked,
     )
     return detector
+
+
+def _fit_inputs(
+    n: int, embeddings, identity: dict | None, cues, metadata, columns: list[str]
+) -> dict:
+    """{part name: its input, checked and shaped} for the parts there is something to fit on.
+
+    Raises RunError for embeddings without an identity, a misshapen input, or nothing to fit.
+    """
+    inputs: dict = {}
+    if embeddings is not None:
+        if identity is None:
+            raise RunError(
+                "fit_applicability: identity is required with embeddings (the feature store's "
+                "reference()), so that the detector refuses vectors of other weights"
+            )
+        inputs["image"] = embedding_matrix(embeddings, n, "fit_applicability")
+    if cues is not None:
+        inputs["acquisition"] = cue_frame(cues, n, "fit_applicability")
+    if metadata is not None and columns:
+        inputs["metadata"] = metadata_frame(metadata, columns, n, "fit_applicability")
+    if not inputs:
+        raise RunError(
+            "fit_applicability: nothing to fit on; pass embeddings, cues, or metadata with "
+            "numeric/categorical columns"
+        )
+    return inputs
+
+
+def _out_of_fold_scores(
+    inputs: dict,
+    folds: np.ndarray,
+    numeric: Sequence[str],
+    categorical: Sequence[str],
+    config: ApplicabilityConfig,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """{part name: (rows,) raw score of each row by the part fitted on the other folds}; NaN
+    where the part could not score the row."""
+    oof_raw = {name: np.full(len(folds), np.nan) for name in inputs}
+    for fold in np.unique(folds):
+        held = folds == fold
+        parts = _fit_parts(np.flatnonzero(~held), inputs, numeric, categorical, config, rng)
+        for name, part in parts.items():
+            matrix = inputs[name]
+            rows = (
+                matrix.iloc[np.flatnonzero(held)]
+                if isinstance(matrix, pd.DataFrame)
+                else matrix[held]
+            )
+            oof_raw[name][held] = part.score(rows)
+    return oof_raw
 
 
 def _save(stage_dir: Path, detector: Applicability) -> None:

@@ -48,8 +48,6 @@ def write_plots(
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-    from sklearn.calibration import calibration_curve
-    from sklearn.metrics import precision_recall_curve, roc_curve
 
     written = {}
     one_class = y.min() == y.max()
@@ -63,16 +61,44 @@ def write_plots(
         written[key] = PLOTS[key]
 
     fig, ax = plt.subplots(figsize=(5.5, 5))
+    _draw_roc(ax, y, {} if one_class else ranked, figures)
+    save(fig, "roc")
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    _draw_precision_recall(ax, y, {} if one_class else ranked, figures)
+    save(fig, "pr")
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    _draw_confusion(ax, figures[shown], shown)
+    save(fig, "confusion")
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    _draw_calibration(ax, y, {} if one_class else predictions)
+    save(fig, "calibration")
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    _draw_histogram(ax, y, predictions[shown], figures[shown]["threshold"], shown)
+    save(fig, "histogram")
+    if importance_csv.is_file():
+        top = _importance(importance_csv)
+        if top is not None:
+            fig, ax = plt.subplots(figsize=(6, max(2.5, 0.22 * len(top) + 1)))
+            ax.barh(top.index[::-1], top.to_numpy()[::-1], color="tab:blue")
+            ax.set(xlabel=top.name, title="LightGBM feature importance (gbdt)")
+            ax.tick_params(axis="y", labelsize=7)
+            save(fig, "importance")
+    return written
+
+
+def _draw_roc(ax, y: np.ndarray, ranked: dict, figures: dict) -> None:
+    """ROC curves of the `ranked` models (none for one class), the pAUC80 region shaded."""
+    from sklearn.metrics import roc_curve
+
     ax.axhspan(0.8, 1.0, color="tab:green", alpha=0.12, label="pAUC80 region (TPR >= 0.8)")
-    if not one_class:
-        for name, p in ranked.items():
-            fpr, tpr, _ = roc_curve(y, p)
-            ax.plot(
-                fpr,
-                tpr,
-                label=f"{name} (AUC {cell(figures[name]['roc_auc'], '.3f')}, "
-                f"pAUC80 {cell(figures[name]['pauc80'], '.3f')})",
-            )
+    for name, p in ranked.items():
+        fpr, tpr, _ = roc_curve(y, p)
+        ax.plot(
+            fpr,
+            tpr,
+            label=f"{name} (AUC {cell(figures[name]['roc_auc'], '.3f')}, "
+            f"pAUC80 {cell(figures[name]['pauc80'], '.3f')})",
+        )
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
     ax.set(
         xlabel="false-positive rate",
@@ -82,13 +108,15 @@ def write_plots(
         ylim=(0, 1.01),
     )
     ax.legend(loc="lower right", fontsize=7)
-    save(fig, "roc")
 
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    if not one_class:
-        for name, p in ranked.items():
-            precision, recall, _ = precision_recall_curve(y, p)
-            ax.plot(recall, precision, label=f"{name} (AP {cell(figures[name]['pr_auc'], '.3f')})")
+
+def _draw_precision_recall(ax, y: np.ndarray, ranked: dict, figures: dict) -> None:
+    """Precision-recall curves of the `ranked` models, with the prevalence as the baseline."""
+    from sklearn.metrics import precision_recall_curve
+
+    for name, p in ranked.items():
+        precision, recall, _ = precision_recall_curve(y, p)
+        ax.plot(recall, precision, label=f"{name} (AP {cell(figures[name]['pr_auc'], '.3f')})")
     ax.axhline(y.mean(), color="grey", lw=0.8, ls="--", label=f"prevalence {y.mean():.3f}")
     ax.set(
         xlabel="recall (sensitivity)",
@@ -98,11 +126,11 @@ def write_plots(
         ylim=(0, 1.01),
     )
     ax.legend(loc="upper right", fontsize=7)
-    save(fig, "pr")
 
-    f = figures[shown]
+
+def _draw_confusion(ax, f: dict, shown: str) -> None:
+    """The confusion matrix of the shown model's figures `f` at its threshold."""
     counts = np.array([[f["tn"] or 0, f["fp"] or 0], [f["fn"] or 0, f["tp"] or 0]])
-    fig, ax = plt.subplots(figsize=(4.5, 4))
     ax.imshow(counts, cmap="Blues")
     for i in range(2):
         for j in range(2):
@@ -122,16 +150,18 @@ def write_plots(
         ylabel="true",
         title=f"{shown} at threshold {cell(f['threshold'], '.4g')}",
     )
-    save(fig, "confusion")
 
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+
+def _draw_calibration(ax, y: np.ndarray, predictions: dict) -> None:
+    """Reliability curves (equal-count bins) of the `predictions`, against the diagonal."""
+    from sklearn.calibration import calibration_curve
+
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="perfectly calibrated")
-    if not one_class:
-        for name, p in predictions.items():
-            bins = max(2, min(10, int(y.sum()) // 2))
-            true, mean = calibration_curve(y, np.clip(p, 0, 1), n_bins=bins, strategy="quantile")
-            suffix = {"blend": " (rank score)", "calibrated": " (probability)"}.get(name, "")
-            ax.plot(mean, true, marker="o", ms=3, label=name + suffix)
+    for name, p in predictions.items():
+        bins = max(2, min(10, int(y.sum()) // 2))
+        true, mean = calibration_curve(y, np.clip(p, 0, 1), n_bins=bins, strategy="quantile")
+        suffix = {"blend": " (rank score)", "calibrated": " (probability)"}.get(name, "")
+        ax.plot(mean, true, marker="o", ms=3, label=name + suffix)
     ax.set(
         xlabel="mean predicted score",
         ylabel="observed share malignant",
@@ -140,10 +170,10 @@ def write_plots(
         ylim=(0, 1),
     )
     ax.legend(loc="upper left", fontsize=7)
-    save(fig, "calibration")
 
-    p = predictions[shown]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+
+def _draw_histogram(ax, y: np.ndarray, p: np.ndarray, threshold: float | None, shown: str) -> None:
+    """The shown model's scores `p` by class, with its operating threshold."""
     edges = np.linspace(float(p.min()), float(p.max()) + 1e-12, 41)
     ax.hist(
         p[y == 0],
@@ -155,21 +185,10 @@ def write_plots(
     ax.hist(
         p[y == 1], bins=edges.tolist(), alpha=0.6, density=True, label=f"malignant ({int(y.sum())})"
     )
-    if f["threshold"] is not None:
-        ax.axvline(f["threshold"], color="black", ls="--", lw=1, label="operating threshold")
+    if threshold is not None:
+        ax.axvline(threshold, color="black", ls="--", lw=1, label="operating threshold")
     ax.set(xlabel=f"{shown} score", ylabel="density", title=f"Scores by class ({shown})")
     ax.legend(fontsize=7)
-    save(fig, "histogram")
-
-    if importance_csv.is_file():
-        top = _importance(importance_csv)
-        if top is not None:
-            fig, ax = plt.subplots(figsize=(6, max(2.5, 0.22 * len(top) + 1)))
-            ax.barh(top.index[::-1], top.to_numpy()[::-1], color="tab:blue")
-            ax.set(xlabel=top.name, title="LightGBM feature importance (gbdt)")
-            ax.tick_params(axis="y", labelsize=7)
-            save(fig, "importance")
-    return written
 
 
 def _importance(path: Path, top: int = 25) -> pd.Series | None:

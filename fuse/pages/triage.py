@@ -109,15 +109,7 @@ def write_triage_page(
     rows = _normalise(predictions, id_column, threshold, patient)
     scored, unscored = _ordered(rows)
     render = _Renderer(thumbnail, overlays or {}, thumbnail_px)
-    p_columns = [c for c in predictions.columns if c.startswith("p_")]
-    source = csv_name or "the predictions file"
-    counts = {
-        "rows": len(rows),
-        "scored": len(scored),
-        "flagged": int(scored["flagged"].sum()),
-        "errors": len(unscored),
-        "warnings": int((scored["error"] != "").sum()),
-    }
+    counts = _counts(rows, scored, unscored)
     if patient is None:
         listing = _flat(scored.iloc[:max_rows], counts, render, max_rows)
     else:
@@ -133,13 +125,8 @@ def write_triage_page(
         has_errors=bool(counts["errors"]),
         in_training=_in_training(rows),
         unlike=_unlike(scored, "images" if "p_fusion" in predictions.columns else "rows"),
-        columns={
-            "p": p_columns,
-            "reasons": "reasons" in predictions.columns,
-            "overlays": render.has_overlays,
-            "image_px": thumbnail_px + 18,
-        },
-        source=source,
+        columns=_columns(predictions, render.has_overlays, thumbnail_px),
+        source=csv_name or "the predictions file",
         listing=listing,
         errors=_errors(unscored, max_rows, patient is not None),
     )
@@ -175,6 +162,29 @@ def _check_arguments(
         )
     if patient is not None and len(patient) != len(predictions):
         raise ValueError(f"patient: {len(patient)} values for {len(predictions)} prediction rows")
+
+
+def _columns(predictions: pd.DataFrame, overlays: bool, thumbnail_px: int) -> dict:
+    """Which columns the lesion tables show: each base model's score, reasons where the
+    predictions have them, an overlay column where there are overlays, the image column's width."""
+    return {
+        "p": [c for c in predictions.columns if c.startswith("p_")],
+        "reasons": "reasons" in predictions.columns,
+        "overlays": overlays,
+        "image_px": thumbnail_px + 18,
+    }
+
+
+def _counts(rows: pd.DataFrame, scored: pd.DataFrame, unscored: pd.DataFrame) -> dict[str, int]:
+    """The header's counts: rows, scored, flagged, errors (not scored), warnings (scored with a
+    message)."""
+    return {
+        "rows": len(rows),
+        "scored": len(scored),
+        "flagged": int(scored["flagged"].sum()),
+        "errors": len(unscored),
+        "warnings": int((scored["error"] != "").sum()),
+    }
 
 
 def _ordered(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
