@@ -99,7 +99,7 @@ def measure_fit(kind: str, work: str) -> dict:
     """
     import warnings
 
-    from tabular.gbdt import DEFAULT_PARAMS, GBDTConfig
+    from tabular.gbdt_config import DEFAULT_PARAMS, GBDTConfig
     from tabular.metrics import MetricWarning, pauc80, roc_auc
     from tabular.spec import spec_from_identity
 
@@ -138,7 +138,7 @@ def measure_fit(kind: str, work: str) -> dict:
     elif kind == "plain":
         import lightgbm as lgb
 
-        from tabular.gbdt import booster_params
+        from tabular.gbdt_config import booster_params
 
         columns = list(spec.numeric)
         tick, cpu = time.perf_counter(), time.process_time()
@@ -162,7 +162,8 @@ def measure_fit(kind: str, work: str) -> dict:
     else:
         import lightgbm as lgb
 
-        from tabular.gbdt import booster_params, negative_sample, sample_seed, validation_offset
+        from tabular.gbdt_config import booster_params
+        from tabular.gbdt_sampling import negative_sample, sample_seed, validation_offset
 
         columns = list(spec.numeric)
         tick, cpu = time.perf_counter(), time.process_time()
@@ -232,7 +233,7 @@ def bench_gbdt(
         DataError: no target column, an unknown side, or a child process failed.
     """
     from tabular.folds import make_folds
-    from tabular.gbdt import GBDTConfig, lightgbm_threads
+    from tabular.gbdt_config import GBDTConfig, lightgbm_threads
 
     if not spec.target or spec.target not in frame.columns:
         raise DataError(f"bench: the frame lacks the target column '{spec.target}'")
@@ -367,7 +368,7 @@ def sweep_neg_ratio(
     import warnings
 
     from tabular.folds import make_folds
-    from tabular.gbdt import GBDTConfig
+    from tabular.gbdt_config import GBDTConfig
     from tabular.train import fit_gbdt_frame
 
     if not spec.target or spec.target not in frame.columns:

@@ -1,7 +1,7 @@
 """A trained LightGBM stage, loaded once: `GBDTModel.load(stage_dir).predict(frame, extra)` (a
 `runfolder.stage.Stage`).
 
-The one reader of the files `tabular.gbdt.save_ensemble` writes (`features.json`,
+The one reader of the files `tabular.gbdt_ensemble.save_ensemble` writes (`features.json`,
 `encoder.json`, `fold{k}_seed{s}.txt`, the PCA `.npy` files); scoring, stacking and reports go
 through it, so a change to the GBDT features is made in `tabular/` alone.
 """
@@ -21,7 +21,7 @@ import pandas as pd
 from runfolder.layout import require_stage_file
 from tabular.errors import DataError
 from tabular.features import FeatureEncoder, unknown_categories_said_once
-from tabular.gbdt import EXTRA_PREFIX, PATIENT_CONTEXT, FoldPCA, check_extra, with_extra
+from tabular.gbdt_image import EXTRA_PREFIX, PATIENT_CONTEXT, FoldPCA, check_extra, with_extra
 from tabular.spec import DatasetSpec
 
 __all__ = ["ENCODER_FILE", "FEATURES_FILE", "MISSING_LEVEL", "ONE_HOT_SEPARATOR", "REASON_FLOOR", "Encode",

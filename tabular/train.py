@@ -24,17 +24,11 @@ from common.files import atomic_write, reporting_write_errors
 from runfolder.layout import RunLayout
 from runfolder.records import record_store
 from tabular.errors import DataError, preview
-from tabular.gbdt import (
-    DATASET_PARAMS,
-    DEFAULT_PARAMS,
-    GBDTConfig,
-    build_folds,
-    check_extra,
-    fit_ensemble,
-    importance_table,
-    sampling_summary,
-    save_ensemble,
-)
+from tabular.gbdt_config import DATASET_PARAMS, DEFAULT_PARAMS, GBDTConfig
+from tabular.gbdt_ensemble import fit_ensemble, importance_table, save_ensemble
+from tabular.gbdt_folds import build_folds
+from tabular.gbdt_image import check_extra
+from tabular.gbdt_sampling import sampling_summary
 from tabular.metrics import summarize
 from tabular.spec import DatasetSpec
 
@@ -79,7 +73,7 @@ def fit_gbdt(
         seeds: one model per fold and seed.
         neg_ratio: keep every positive and at most this many negatives per positive in each
             training part, a different draw per seed and fold (validation parts are never
-            sampled); None = the default (`tabular.gbdt.DEFAULT_NEG_RATIO`, 50: on only where a
+            sampled); None = the default (`tabular.gbdt_config.DEFAULT_NEG_RATIO`, 50: on only where a
             training part has more negatives per positive, e.g. ISIC 2024), 0 = every negative.
         config: full ensemble settings (overrides seeds / neg_ratio / extra_components).
         store_record: what the stage records as the feature store (and vectors) `extra` came

@@ -6,7 +6,7 @@
 - `n_trials` is the number of finished (complete or pruned) trials the study should hold: a rerun
   after an interruption, or a second worker on the same storage, runs only the missing ones.
 - Each trial trains one model per fold (one seed, for speed) on the fold's Datasets built before
-  the study, folds side by side where CPUs allow (`tabular.gbdt.map_folds`), and reports the
+  the study, folds side by side where CPUs allow (`tabular.gbdt_ensemble.map_folds`), and reports the
   running mean pAUC80 after each fold in fold order, so that the MedianPruner can stop a hopeless
   trial early.
 - The sampler is a seeded TPESampler, re-seeded from the trial number: reproducible in one
@@ -46,7 +46,9 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from tabular.errors import DataError
-from tabular.gbdt import DEFAULT_PARAMS, FoldData, GBDTConfig, map_folds, predict_valid, train_model
+from tabular.gbdt_config import DEFAULT_PARAMS, GBDTConfig
+from tabular.gbdt_ensemble import map_folds, predict_valid, train_model
+from tabular.gbdt_folds import FoldData
 from tabular.metrics import MetricWarning, pauc80
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ _LOG_FLOOR = 1e-8
 def suggest_params(trial: optuna.Trial) -> dict:
     """LightGBM booster parameters for one trial (the search space).
 
-    Booster parameters only: each fold's Datasets are binned once (`tabular.gbdt.DATASET_PARAMS`)
+    Booster parameters only: each fold's Datasets are binned once (`tabular.gbdt_config.DATASET_PARAMS`)
     and every trial trains on them, and LightGBM cannot change a constructed Dataset's binning
     (max_bin, min_data_in_bin, ...). Binning is also the least rewarding thing to tune here: the
     trees' own parameters move pAUC80 far more than 255 bins versus another count.
@@ -384,7 +386,7 @@ def tune(
     """Run the study until it holds `n_trials` finished trials; write `best_params.json`.
 
     Args:
-        folds: the run's folds (see `tabular.gbdt.build_folds`), built once for every trial.
+        folds: the run's folds (see `tabular.gbdt_folds.build_folds`), built once for every trial.
         study_name: e.g. f"gbdt-{spec.name}".
         n_trials: finished (complete + pruned) trials the study should hold in total.
         stage_dir: where `best_params.json` (and the default sqlite storage) go.

@@ -12,25 +12,17 @@ import pytest
 
 from runfolder.errors import RunError
 from tabular.errors import DataError
-from tabular.gbdt import (
-    DEFAULT_NEG_RATIO,
-    DEFAULT_PARAMS,
-    PATIENT_CONTEXT,
-    FoldPCA,
-    GBDTConfig,
-    build_fold,
-    build_folds,
-    check_extra,
+from tabular.gbdt_config import DEFAULT_NEG_RATIO, DEFAULT_PARAMS, GBDTConfig
+from tabular.gbdt_ensemble import (
     fit_ensemble,
     importance_table,
-    negative_sample,
     predict_best,
-    sample_seed,
-    sampling_summary,
     save_ensemble,
-    seed_dataset,
     train_model,
 )
+from tabular.gbdt_folds import build_fold, build_folds, seed_dataset
+from tabular.gbdt_image import PATIENT_CONTEXT, FoldPCA, check_extra
+from tabular.gbdt_sampling import negative_sample, sample_seed, sampling_summary
 from tabular.gbdt_model import GBDTModel
 from tabular.metrics import roc_auc
 from tabular.spec import DatasetSpec
@@ -300,7 +292,7 @@ def test_image_pca_cut_to_what_the_folds_allow_is_said_once(caplog):
     extra = np.random.default_rng(0).normal(size=(160, 200)).astype(np.float32)
     config = GBDTConfig(seeds=(0,), extra_components=100_000, neg_ratio=0, num_threads=1)
     y = frame["target"].to_numpy()
-    with caplog.at_level("WARNING", logger="tabular.gbdt"):
+    with caplog.at_level("WARNING", logger="tabular.gbdt_folds"):
         data = [build_fold(frame, spec, y, folds, k, extra=extra, config=config) for k in range(4)]
     assert [len(d.pca.components) for d in data] == [120] * 4
     said = [r.getMessage() for r in caplog.records if "--image-pca" in r.getMessage()]
@@ -308,7 +300,7 @@ def test_image_pca_cut_to_what_the_folds_allow_is_said_once(caplog):
     assert re.search(r"--image-pca \(extra_components\) 100000: 120 components used", said[0])
     assert "Pass --image-pca 120 or fewer" in said[0]
     caplog.clear()
-    with caplog.at_level("WARNING", logger="tabular.gbdt"):
+    with caplog.at_level("WARNING", logger="tabular.gbdt_folds"):
         build_fold(frame, spec, y, folds, 0, extra=extra, config=GBDTConfig(extra_components=8, num_threads=1))
     assert not [r for r in caplog.records if "--image-pca" in r.getMessage()]
 
@@ -367,7 +359,7 @@ def test_folds_built_once_give_identical_out_of_fold_predictions(neg_ratio, capl
     config = GBDTConfig(seeds=(0, 1, 2), neg_ratio=neg_ratio, num_boost_round=60, early_stopping_rounds=10,
                         num_threads=1)
     y = frame["target"].to_numpy()
-    with caplog.at_level("WARNING", logger="tabular.gbdt"):
+    with caplog.at_level("WARNING", logger="tabular.gbdt_folds"):
         shared = build_folds(frame, spec, y, folds, config=config)
     # The rows of the category the training part lacks are named, as the encoder names them.
     assert re.search(r"categorical column 'site': 3 row\(s\) of fold 2 hold category 'hand'", caplog.text)
@@ -401,7 +393,7 @@ def test_patients_across_folds_are_encoded_per_fold(caplog):
     folds = np.arange(len(frame)) % 4  # each patient's 4 rows in 4 folds
     config = GBDTConfig(seeds=(0,), neg_ratio=0, num_boost_round=20, early_stopping_rounds=5, num_threads=1)
     y = frame["target"].to_numpy()
-    with caplog.at_level("INFO", logger="tabular.gbdt"):
+    with caplog.at_level("INFO", logger="tabular.gbdt_folds"):
         shared = build_folds(frame, spec, y, folds, config=config)
     assert "patients in several folds (50); features are built per fold" in caplog.text
     for d in shared:

@@ -11,15 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tabular.gbdt import (
-    DEFAULT_PARAMS,
-    PATIENT_CONTEXT,
-    GBDTConfig,
-    build_fold,
-    fit_ensemble,
-    patient_context,
-    save_ensemble,
-)
+from tabular.gbdt_config import DEFAULT_PARAMS, GBDTConfig
+from tabular.gbdt_ensemble import fit_ensemble, save_ensemble
+from tabular.gbdt_folds import build_fold
+from tabular.gbdt_image import PATIENT_CONTEXT, patient_context
 from tabular.gbdt_model import GBDTModel
 from tabular.metrics import roc_auc
 from tabular.spec import DatasetSpec

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from tabular.errors import DataError
-from tabular.gbdt import PATIENT_CONTEXT, GBDTConfig
+from tabular.gbdt_config import GBDTConfig
+from tabular.gbdt_image import PATIENT_CONTEXT
 from tabular.gbdt_model import GBDTModel
 from tabular.metrics import roc_auc
 from tabular.spec import ISIC2024_NOT_FEATURES, ISIC2024_TRAIN_ONLY, load_spec

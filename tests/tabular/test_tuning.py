@@ -21,7 +21,8 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.trial import TrialState
 
 from tabular.errors import DataError
-from tabular.gbdt import GBDTConfig, build_fold
+from tabular.gbdt_config import GBDTConfig
+from tabular.gbdt_folds import build_fold
 from tabular.spec import DatasetSpec
 from tabular.tuning import TrialSeededTPE, default_trial_params, open_storage, suggest_params, tune
 
@@ -34,7 +35,8 @@ def make_folds(n=240, seed=0):
     import numpy as np
     import pandas as pd
     from pathlib import Path
-    from tabular.gbdt import GBDTConfig, build_fold
+    from tabular.gbdt_config import GBDTConfig
+    from tabular.gbdt_folds import build_fold
     from tabular.spec import DatasetSpec
 
     rng = np.random.default_rng(seed)
@@ -301,7 +303,7 @@ def test_storages_that_cannot_be_opened_are_named_with_the_accepted_schemes(tmp_
 def test_the_search_space_leaves_binning_alone():
     """Each fold's Datasets are binned once and reused by every trial; LightGBM refuses another
     max_bin (or any binning parameter) on a constructed Dataset, so the study never tunes one."""
-    from tabular.gbdt import DATASET_PARAMS
+    from tabular.gbdt_config import DATASET_PARAMS
 
     study = optuna.create_study(direction="maximize")
     params = suggest_params(study.ask())
@@ -315,7 +317,7 @@ def test_the_search_space_leaves_binning_alone():
 def test_trials_reuse_each_folds_datasets_and_do_not_depend_on_parallel_folds(tmp_path):
     from dataclasses import replace
 
-    from tabular.gbdt import seed_dataset
+    from tabular.gbdt_folds import seed_dataset
 
     results = {}
     for workers in (1, 3):
@@ -333,7 +335,7 @@ def test_trials_reuse_each_folds_datasets_and_do_not_depend_on_parallel_folds(tm
 
 
 def test_map_folds_yields_in_order_and_leaves_no_fold_running():
-    from tabular.gbdt import map_folds
+    from tabular.gbdt_ensemble import map_folds
 
     lock = threading.Lock()
     running: set[int] = set()
