@@ -20,6 +20,7 @@ import pandas as pd
 from sklearn.decomposition import PCA
 
 from tabular.errors import DataError, preview
+from tabular.features_patient import patient_codes
 
 __all__ = ["EXTRA_PREFIX", "PATIENT_CONTEXT", "FoldPCA", "check_extra", "patient_context", "with_extra"]
 
@@ -111,12 +112,8 @@ def patient_context(reduced: np.ndarray, patients) -> np.ndarray:
     row of its patient, has distance 0, ratio 1 and rank 1 (nothing to compare with).
     """
     reduced = np.asarray(reduced, dtype=np.float64)
-    keys = pd.Series(patients, dtype=object).reset_index(drop=True)
-    codes, _ = pd.factorize(keys, use_na_sentinel=True)
-    lone = codes < 0
     # A row without a patient is its own patient, never pooled with other such rows.
-    codes = codes.copy()
-    codes[lone] = codes.max(initial=-1) + 1 + np.arange(int(lone.sum()))
+    codes = patient_codes(pd.Series(patients, dtype=object).reset_index(drop=True))
     counts = np.bincount(codes)
     sums = np.zeros((len(counts), reduced.shape[1]))
     np.add.at(sums, codes, reduced)

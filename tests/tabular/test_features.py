@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from tabular.errors import DataError
-from tabular.features import MAX_CATEGORIES, FeatureEncoder, engineered_feature_names
+from tabular.features import MAX_CATEGORIES, FeatureEncoder
+from tabular.features_engineered import engineered_feature_names
 from tabular.spec import ISIC2024_NOT_FEATURES, ISIC2024_TRAIN_ONLY, DatasetSpec, load_spec
 from tabular.validate import read_metadata
 
