@@ -28,7 +28,8 @@ import pytest
 from optuna.trial import TrialState
 
 from tabular.errors import DataError
-from tabular.tuning import GRACE_ENV, open_storage, tune
+from tabular.tuning import tune
+from tabular.tuning_storage import GRACE_ENV, open_storage
 
 REPO = Path(__file__).resolve().parents[2]
 INVOKE = Path(sys.executable).parent / "invoke"

@@ -24,7 +24,8 @@ from tabular.errors import DataError
 from tabular.gbdt_config import GBDTConfig
 from tabular.gbdt_folds import build_fold
 from tabular.spec import DatasetSpec
-from tabular.tuning import TrialSeededTPE, default_trial_params, open_storage, suggest_params, tune
+from tabular.tuning import TrialSeededTPE, default_trial_params, suggest_params, tune
+from tabular.tuning_storage import open_storage
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = GBDTConfig(seeds=(0,), num_boost_round=30, early_stopping_rounds=5, num_threads=1)
@@ -259,9 +260,10 @@ def test_a_fresh_running_trial_whose_worker_died_is_waited_for_then_run_again(tm
     """Killed a moment ago: its heartbeat is still fresh, so it may be another live worker's; the
     rerun waits until it finishes or goes stale, and then runs its place."""
     import tabular.tuning as tuning
+    import tabular.tuning_storage as tuning_storage
 
     monkeypatch.setattr(tuning, "WAIT_SECONDS", 0.05)
-    monkeypatch.setattr(tuning, "STALE_AFTER_SECONDS", 1.0)
+    monkeypatch.setattr(tuning_storage, "STALE_AFTER_SECONDS", 1.0)
     caplog.set_level(logging.INFO, logger="tabular.tuning")
     storage = f"journal://{tmp_path}/study.log"
     tune(folds, "gbdt-toy", 2, tmp_path, storage=storage, config=FAST)
@@ -279,9 +281,9 @@ def test_a_fresh_running_trial_whose_worker_died_is_waited_for_then_run_again(tm
 
 
 def test_trials_on_a_journal_write_a_heartbeat(tmp_path, folds, monkeypatch):
-    import tabular.tuning as tuning
+    import tabular.tuning_storage as tuning_storage
 
-    monkeypatch.setattr(tuning, "HEARTBEAT_SECONDS", 0.001)
+    monkeypatch.setattr(tuning_storage, "HEARTBEAT_SECONDS", 0.001)
     tune(folds, "gbdt-toy", 2, tmp_path, storage=f"journal://{tmp_path}/study.log", config=FAST)
     trials = optuna.load_study(study_name="gbdt-toy", storage=_journal(tmp_path / "study.log")).trials
     assert all(t.user_attrs["heartbeat_unix_time"] >= t.datetime_start.timestamp() - 1 for t in trials)
