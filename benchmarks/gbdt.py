@@ -50,6 +50,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -57,6 +58,15 @@ import pandas as pd
 from benchmarks.common import ISIC2024_ROWS, cpu_count, peak_rss_bytes, ru_maxrss_bytes, run_child
 from tabular.errors import DataError
 from tabular.spec import DatasetSpec
+
+if TYPE_CHECKING:
+    from tabular.gbdt_config import GBDTConfig
+
+__all__ = [
+    "PLAIN_ROUNDS", "SIDES", "TARGETS", "TARGET_FIT_SECONDS", "TARGET_FIT_VS_PLAIN",
+    "TARGET_FIT_VS_UNSAMPLED", "TARGET_PAUC80_DELTA", "TARGET_PEAK_BYTES", "bench_gbdt", "main",
+    "measure_fit", "sweep_neg_ratio",
+]
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +107,7 @@ def measure_fit(kind: str, work: str) -> dict:
     negative), "baseline" (plain LightGBM, raw columns, ours' negative draws) or "plain" (plain
     LightGBM on every row, raw columns, one seed, `PLAIN_ROUNDS` rounds).
     """
-    import warnings
-
     from tabular.gbdt_config import DEFAULT_PARAMS, GBDTConfig
-    from tabular.metrics import MetricWarning, pauc80, roc_auc
     from tabular.spec import spec_from_identity
 
     work_dir = Path(work)
@@ -115,84 +122,115 @@ def measure_fit(kind: str, work: str) -> dict:
                         num_threads=options["num_threads"])
     result: dict = {"rss_after_loading_bytes": peak_rss_bytes(), "neg_ratio": config.neg_ratio}
     if kind in ("ours", "unsampled"):
-        from tabular.train import fit_gbdt_frame
-
-        if kind == "ours":
-            from tabular.features import FeatureEncoder
-
-            tick = time.perf_counter()
-            features = FeatureEncoder().fit_transform(frame, spec)
-            result["features_seconds"] = time.perf_counter() - tick
-            result["n_features"] = int(features.shape[1])
-            del features
-        tick, cpu = time.perf_counter(), time.process_time()
-        metrics = fit_gbdt_frame(frame, folds, spec, work_dir / f"gbdt-{kind}", config=config)
-        result["fit_seconds"] = time.perf_counter() - tick
-        result["fit_cpu_seconds"] = time.process_time() - cpu
-        result["fit_breakdown_seconds"] = metrics["seconds"]
-        result["pauc80"] = metrics["pauc80"]
-        result["roc_auc"] = metrics["roc_auc"]
-        result["negative_sampling"] = metrics["negative_sampling"]
-        result["best_iterations"] = [f["best_iterations"] for f in metrics["per_fold"]]
-        result.setdefault("n_features", metrics["features"])
+        result.update(_fit_stage(kind, frame, folds, spec, config, work_dir))
     elif kind == "plain":
-        import lightgbm as lgb
-
-        from tabular.gbdt_config import booster_params
-
-        columns = list(spec.numeric)
-        tick, cpu = time.perf_counter(), time.process_time()
-        X = frame[columns].apply(pd.to_numeric, errors="coerce").astype(np.float32)
-        oof = np.zeros(len(frame))
-        for k in np.unique(folds):
-            train, valid = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
-            plain = booster_params(params, 0, config)
-            plain.pop("num_threads")  # LightGBM's own default: every logical CPU, as a user's first fit gets
-            booster = lgb.train(plain, lgb.Dataset(X.iloc[train], label=y[train]), num_boost_round=PLAIN_ROUNDS)
-            oof[valid] = booster.predict(X.iloc[valid])
-        result["fit_seconds"] = time.perf_counter() - tick
-        result["fit_cpu_seconds"] = time.process_time() - cpu
-        result["n_features"] = len(columns)
-        result["rounds"] = PLAIN_ROUNDS
-        result["lightgbm_threads"] = "LightGBM default (every logical CPU)"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", MetricWarning)
-            result["pauc80"] = pauc80(y, oof)
-            result["roc_auc"] = roc_auc(y, oof)
+        result.update(_fit_plain(frame, folds, spec, y, params, config))
     else:
-        import lightgbm as lgb
-
-        from tabular.gbdt_config import booster_params
-        from tabular.gbdt_sampling import negative_sample, sample_seed, validation_offset
-
-        columns = list(spec.numeric)
-        tick, cpu = time.perf_counter(), time.process_time()
-        X = frame[columns].apply(pd.to_numeric, errors="coerce").astype(np.float32)
-        oof = np.zeros(len(frame))
-        for k in np.unique(folds):
-            train, valid = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
-            train_set = lgb.Dataset(X.iloc[train], label=y[train], free_raw_data=True)
-            for seed in config.seeds:
-                keep = negative_sample(y[train], config.neg_ratio, sample_seed(int(seed), int(k)))
-                valid_set = lgb.Dataset(X.iloc[valid], label=y[valid], reference=train_set,
-                                        init_score=np.full(len(valid), validation_offset(y[train], keep)))
-                booster = lgb.train(
-                    booster_params(params, int(seed), config),
-                    train_set if keep is None else train_set.subset(keep.tolist()),
-                    num_boost_round=config.num_boost_round, valid_sets=[valid_set],
-                    callbacks=[lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False)],
-                )
-                oof[valid] += booster.predict(X.iloc[valid], num_iteration=booster.best_iteration) / len(config.seeds)
-        result["fit_seconds"] = time.perf_counter() - tick
-        result["fit_cpu_seconds"] = time.process_time() - cpu
-        result["n_features"] = len(columns)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", MetricWarning)
-            result["pauc80"] = pauc80(y, oof)
-            result["roc_auc"] = roc_auc(y, oof)
+        result.update(_fit_baseline(frame, folds, spec, y, params, config))
     result["peak_rss_bytes"] = peak_rss_bytes()
     result["ru_maxrss_bytes"] = ru_maxrss_bytes()
     return result
+
+
+def _fit_stage(kind: str, frame: pd.DataFrame, folds: np.ndarray, spec: DatasetSpec, config: GBDTConfig,
+               work_dir: Path) -> dict:
+    """Ours (features alone first, then the stage) or the unsampled stage: `fit_gbdt_frame`."""
+    from tabular.train import fit_gbdt_frame
+
+    result: dict = {}
+    if kind == "ours":
+        from tabular.features import FeatureEncoder
+
+        tick = time.perf_counter()
+        features = FeatureEncoder().fit_transform(frame, spec)
+        result["features_seconds"] = time.perf_counter() - tick
+        result["n_features"] = int(features.shape[1])
+        del features
+    tick, cpu = time.perf_counter(), time.process_time()
+    metrics = fit_gbdt_frame(frame, folds, spec, work_dir / f"gbdt-{kind}", config=config)
+    result["fit_seconds"] = time.perf_counter() - tick
+    result["fit_cpu_seconds"] = time.process_time() - cpu
+    result["fit_breakdown_seconds"] = metrics["seconds"]
+    result["pauc80"] = metrics["pauc80"]
+    result["roc_auc"] = metrics["roc_auc"]
+    result["negative_sampling"] = metrics["negative_sampling"]
+    result["best_iterations"] = [f["best_iterations"] for f in metrics["per_fold"]]
+    result.setdefault("n_features", metrics["features"])
+    return result
+
+
+def _fit_plain(frame: pd.DataFrame, folds: np.ndarray, spec: DatasetSpec, y: np.ndarray, params: dict,
+               config: GBDTConfig) -> dict:
+    """Plain LightGBM on every row: raw numeric columns, seed 0, `PLAIN_ROUNDS` rounds, no early
+    stopping, LightGBM's default threads."""
+    import lightgbm as lgb
+
+    from tabular.gbdt_config import booster_params
+
+    columns = list(spec.numeric)
+    tick, cpu = time.perf_counter(), time.process_time()
+    X = frame[columns].apply(pd.to_numeric, errors="coerce").astype(np.float32)
+    oof = np.zeros(len(frame))
+    for k in np.unique(folds):
+        train, valid = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
+        plain = booster_params(params, 0, config)
+        plain.pop("num_threads")  # LightGBM's own default: every logical CPU, as a user's first fit gets
+        booster = lgb.train(plain, lgb.Dataset(X.iloc[train], label=y[train]), num_boost_round=PLAIN_ROUNDS)
+        oof[valid] = booster.predict(X.iloc[valid])
+    result = {
+        "fit_seconds": time.perf_counter() - tick,
+        "fit_cpu_seconds": time.process_time() - cpu,
+        "n_features": len(columns),
+        "rounds": PLAIN_ROUNDS,
+        "lightgbm_threads": "LightGBM default (every logical CPU)",
+    }
+    return {**result, **_scores(y, oof)}
+
+
+def _fit_baseline(frame: pd.DataFrame, folds: np.ndarray, spec: DatasetSpec, y: np.ndarray, params: dict,
+                  config: GBDTConfig) -> dict:
+    """Plain LightGBM on the raw numeric columns with ours' folds, parameters, seeds, negative
+    draws and early stopping: what the features cost."""
+    import lightgbm as lgb
+
+    from tabular.gbdt_config import booster_params
+    from tabular.gbdt_sampling import negative_sample, sample_seed, validation_offset
+
+    columns = list(spec.numeric)
+    tick, cpu = time.perf_counter(), time.process_time()
+    X = frame[columns].apply(pd.to_numeric, errors="coerce").astype(np.float32)
+    oof = np.zeros(len(frame))
+    for k in np.unique(folds):
+        train, valid = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
+        train_set = lgb.Dataset(X.iloc[train], label=y[train], free_raw_data=True)
+        for seed in config.seeds:
+            keep = negative_sample(y[train], config.neg_ratio, sample_seed(int(seed), int(k)))
+            valid_set = lgb.Dataset(X.iloc[valid], label=y[valid], reference=train_set,
+                                    init_score=np.full(len(valid), validation_offset(y[train], keep)))
+            booster = lgb.train(
+                booster_params(params, int(seed), config),
+                train_set if keep is None else train_set.subset(keep.tolist()),
+                num_boost_round=config.num_boost_round, valid_sets=[valid_set],
+                callbacks=[lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False)],
+            )
+            oof[valid] += booster.predict(X.iloc[valid], num_iteration=booster.best_iteration) / len(config.seeds)
+    result = {
+        "fit_seconds": time.perf_counter() - tick,
+        "fit_cpu_seconds": time.process_time() - cpu,
+        "n_features": len(columns),
+    }
+    return {**result, **_scores(y, oof)}
+
+
+def _scores(y: np.ndarray, oof: np.ndarray) -> dict:
+    """Out-of-fold pAUC80 and ROC AUC (NaN, quietly, where a metric is undefined)."""
+    import warnings
+
+    from tabular.metrics import MetricWarning, pauc80, roc_auc
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MetricWarning)
+        return {"pauc80": pauc80(y, oof), "roc_auc": roc_auc(y, oof)}
 
 
 def bench_gbdt(
@@ -247,31 +285,10 @@ def bench_gbdt(
     folds = make_folds(frame, spec, n_folds=n_folds, seed=42)["fold"].to_numpy()
     options = {"seeds": [int(s) for s in config.seeds], "neg_ratio": config.neg_ratio,
                "params": dict(params or {}), "num_threads": int(num_threads)}
-    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-        work = Path(tmp)
-        frame.reset_index(drop=True).to_parquet(work / "frame.parquet", index=False)
-        np.save(work / "folds.npy", folds, allow_pickle=False)
-        (work / "job.json").write_text(json.dumps({"spec": spec.identity(), "options": options}))
-        results = dict.fromkeys(SIDES)
-        for kind in run:
-            log.info("bench: %s fit on %d rows", kind, len(frame))
-            tick = time.perf_counter()
-            results[kind] = run_child("benchmarks.gbdt:measure_fit", {"kind": kind, "work": str(work)},
-                                      label=kind, error=DataError)
-            results[kind]["process_seconds"] = time.perf_counter() - tick
-    ours, unsampled, baseline, plain = (results[k] for k in ("ours", "unsampled", "baseline", "plain"))
-    full = len(frame) == ISIC2024_ROWS
-    ratios = {
-        "fit_seconds": _ratio(ours["fit_seconds"], baseline and baseline["fit_seconds"]),
-        "peak_rss": _ratio(ours["peak_rss_bytes"], baseline and baseline["peak_rss_bytes"]),
-        "fit_vs_plain": _ratio(ours["fit_seconds"], plain and plain["fit_seconds"]),
-        # Process CPU seconds: on a busy machine the plain fit's OpenMP threads spin while they wait
-        # for a core, which inflates its wall time; read this ratio beside the one above.
-        "fit_cpu_vs_plain": _ratio(ours["fit_cpu_seconds"], plain and plain["fit_cpu_seconds"]),
-        "fit_vs_unsampled": _ratio(ours["fit_seconds"], unsampled and unsampled["fit_seconds"]),
-        "pauc80_vs_unsampled": _ratio(ours["pauc80"], unsampled and unsampled["pauc80"]),
-        "pauc80_delta": _delta(ours["pauc80"], unsampled and unsampled["pauc80"]),
-    }
+    results = _run_sides(frame, spec, folds, options, run, work_dir)
+    ours = results["ours"]
+    unsampled, baseline, plain = (results.get(k) for k in ("unsampled", "baseline", "plain"))
+    ratios = _ratios(ours, unsampled, baseline, plain)
     report = {
         "rows": len(frame),
         "positives": int(frame[spec.target].sum()),
@@ -287,17 +304,7 @@ def bench_gbdt(
         "baseline": baseline,
         "plain": plain,
         "ratios": ratios,
-        "targets": {
-            **TARGETS,
-            "fit_met": ours["fit_seconds"] <= TARGET_FIT_SECONDS if full else None,
-            "fit_vs_plain_met": (None if not full or ratios["fit_vs_plain"] is None
-                                 else ratios["fit_vs_plain"] <= TARGET_FIT_VS_PLAIN),
-            "fit_vs_unsampled_met": (ratios["fit_vs_unsampled"] <= TARGET_FIT_VS_UNSAMPLED
-                                     if full and threads == 1 and ratios["fit_vs_unsampled"] is not None else None),
-            "pauc80_met": (None if not full or ratios["pauc80_delta"] is None
-                           else ratios["pauc80_delta"] >= TARGET_PAUC80_DELTA),
-            "memory_met": ours["peak_rss_bytes"] <= TARGET_PEAK_BYTES,
-        },
+        "targets": _targets(ours, ratios, full=len(frame) == ISIC2024_ROWS, threads=threads),
     }
     log.info(
         "bench: features %.1f s; default fit %.1f s (plain LightGBM on every row %s s, x%s; unsampled %s s, "
@@ -308,6 +315,57 @@ def bench_gbdt(
         "n/a" if baseline is None else f"{baseline['peak_rss_bytes'] / 1e9:.2f}",
     )
     return report
+
+
+def _run_sides(frame: pd.DataFrame, spec: DatasetSpec, folds: np.ndarray, options: dict,
+               run: list[str], work_dir: Path | None) -> dict[str, dict]:
+    """Each side of `run` in its own child (`measure_fit`), on files written once to a temporary
+    folder in `work_dir`: side -> its result."""
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        work = Path(tmp)
+        frame.reset_index(drop=True).to_parquet(work / "frame.parquet", index=False)
+        np.save(work / "folds.npy", folds, allow_pickle=False)
+        (work / "job.json").write_text(json.dumps({"spec": spec.identity(), "options": options}))
+        for kind in run:
+            log.info("bench: %s fit on %d rows", kind, len(frame))
+            tick = time.perf_counter()
+            result = run_child("benchmarks.gbdt:measure_fit", {"kind": kind, "work": str(work)},
+                               label=kind, error=DataError)
+            result["process_seconds"] = time.perf_counter() - tick
+            results[kind] = result
+    return results
+
+
+def _ratios(ours: dict, unsampled: dict | None, baseline: dict | None, plain: dict | None) -> dict:
+    """Ours beside each other side: fit time, CPU time, peak memory, pAUC80 (None where not run)."""
+    return {
+        "fit_seconds": _ratio(ours["fit_seconds"], baseline and baseline["fit_seconds"]),
+        "peak_rss": _ratio(ours["peak_rss_bytes"], baseline and baseline["peak_rss_bytes"]),
+        "fit_vs_plain": _ratio(ours["fit_seconds"], plain and plain["fit_seconds"]),
+        # Process CPU seconds: on a busy machine the plain fit's OpenMP threads spin while they wait
+        # for a core, which inflates its wall time; read this ratio beside the one above.
+        "fit_cpu_vs_plain": _ratio(ours["fit_cpu_seconds"], plain and plain["fit_cpu_seconds"]),
+        "fit_vs_unsampled": _ratio(ours["fit_seconds"], unsampled and unsampled["fit_seconds"]),
+        "pauc80_vs_unsampled": _ratio(ours["pauc80"], unsampled and unsampled["pauc80"]),
+        "pauc80_delta": _delta(ours["pauc80"], unsampled and unsampled["pauc80"]),
+    }
+
+
+def _targets(ours: dict, ratios: dict, full: bool, threads: int) -> dict:
+    """`TARGETS` and whether each is met: None where it does not apply (`full`: the run has
+    401,059 rows; `threads`: LightGBM threads per model) or its other side did not run."""
+    return {
+        **TARGETS,
+        "fit_met": ours["fit_seconds"] <= TARGET_FIT_SECONDS if full else None,
+        "fit_vs_plain_met": (None if not full or ratios["fit_vs_plain"] is None
+                             else ratios["fit_vs_plain"] <= TARGET_FIT_VS_PLAIN),
+        "fit_vs_unsampled_met": (ratios["fit_vs_unsampled"] <= TARGET_FIT_VS_UNSAMPLED
+                                 if full and threads == 1 and ratios["fit_vs_unsampled"] is not None else None),
+        "pauc80_met": (None if not full or ratios["pauc80_delta"] is None
+                       else ratios["pauc80_delta"] >= TARGET_PAUC80_DELTA),
+        "memory_met": ours["peak_rss_bytes"] <= TARGET_PEAK_BYTES,
+    }
 
 
 def _side(result: dict | None, key: str) -> str:
@@ -365,11 +423,8 @@ def sweep_neg_ratio(
         pooled_set_sd (the pooled within-ratio standard deviation of a set's pAUC80) and
         noise_delta (2 x sqrt(2) x pooled_set_sd: how far two sets' pAUC80 may differ by seeds).
     """
-    import warnings
-
     from tabular.folds import make_folds
     from tabular.gbdt_config import GBDTConfig
-    from tabular.train import fit_gbdt_frame
 
     if not spec.target or spec.target not in frame.columns:
         raise DataError(f"sweep: the frame lacks the target column '{spec.target}'")
@@ -380,6 +435,35 @@ def sweep_neg_ratio(
     configs = {float(r): GBDTConfig(neg_ratio=r, num_threads=int(num_threads)) for r in ratios}
     frame = frame.reset_index(drop=True)
     folds = make_folds(frame, spec, n_folds=n_folds, seed=42)["fold"].to_numpy()
+    fits = _sweep_fits(frame, spec, folds, configs, seed_sets, set_size, work_dir)
+    summary = _sweep_summary(fits, list(configs))
+    squares, dof = 0.0, 0
+    for ratio in configs:
+        pauc = np.array([f["pauc80"] for f in fits if f["neg_ratio"] == ratio], dtype=float)
+        squares += float(((pauc - pauc.mean()) ** 2).sum())
+        dof += len(pauc) - 1
+    pooled = math.sqrt(squares / dof) if dof else None
+    return {
+        "rows": len(frame),
+        "positives": int(frame[spec.target].sum()),
+        "n_folds": n_folds,
+        "set_size": set_size,
+        "cpus": cpu_count(),
+        "fits": fits,
+        "ratios": summary,
+        "pooled_set_sd": pooled,
+        "noise_delta": None if pooled is None else 2 * math.sqrt(2) * pooled,
+    }
+
+
+def _sweep_fits(frame: pd.DataFrame, spec: DatasetSpec, folds: np.ndarray, configs: dict[float, GBDTConfig],
+                seed_sets: int, set_size: int, work_dir: Path | None) -> list[dict]:
+    """One stage fit per seed set and ratio: the sets in turn, within a set every ratio back to
+    back, so that a change of machine load falls on all ratios alike."""
+    import warnings
+
+    from tabular.train import fit_gbdt_frame
+
     fits = []
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -402,13 +486,16 @@ def sweep_neg_ratio(
                 log.info("sweep: neg_ratio %g seeds %s: pAUC80 %.4f, ROC AUC %.4f, %.1f s (CPU %.1f s, load %s)",
                          ratio, list(seeds), fit["pauc80"], fit["roc_auc"], fit["seconds"], fit["cpu_seconds"],
                          fit["load_average"])
+    return fits
+
+
+def _sweep_summary(fits: list[dict], ratios: list[float]) -> dict[str, dict]:
+    """Per ratio (keyed "%g"): its sets' pAUC80 mean and sd, ROC AUC and seconds means, and
+    pAUC80 and seconds against ratio 0's (None when 0 was not measured)."""
     summary: dict[str, dict] = {}
-    squares, dof = 0.0, 0
-    for ratio in configs:
+    for ratio in ratios:
         mine = [f for f in fits if f["neg_ratio"] == ratio]
         pauc = np.array([f["pauc80"] for f in mine], dtype=float)
-        squares += float(((pauc - pauc.mean()) ** 2).sum())
-        dof += len(pauc) - 1
         summary[f"{ratio:g}"] = {
             "neg_ratio": ratio,
             "sets": len(mine),
@@ -424,21 +511,10 @@ def sweep_neg_ratio(
     for row in summary.values():
         row["pauc80_minus_unsampled"] = None if base is None else row["pauc80_mean"] - base["pauc80_mean"]
         row["seconds_vs_unsampled"] = None if base is None else row["seconds_mean"] / base["seconds_mean"]
-    pooled = math.sqrt(squares / dof) if dof else None
-    return {
-        "rows": len(frame),
-        "positives": int(frame[spec.target].sum()),
-        "n_folds": n_folds,
-        "set_size": set_size,
-        "cpus": cpu_count(),
-        "fits": fits,
-        "ratios": summary,
-        "pooled_set_sd": pooled,
-        "noise_delta": None if pooled is None else 2 * math.sqrt(2) * pooled,
-    }
+    return summary
 
 
-def format_sweep(result: dict) -> str:
+def _format_sweep(result: dict) -> str:
     """The sweep as a table: one line per ratio."""
     lines = [f"{result['rows']} rows, {result['positives']} positives, {result['n_folds']} folds, "
              f"{result['set_size']} seeds a set; pooled set-to-set sd of pAUC80 "
@@ -501,7 +577,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["dataset"] = spec.name
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(format_sweep(result))
+    print(_format_sweep(result))
     return result
 
 

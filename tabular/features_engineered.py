@@ -16,7 +16,7 @@ import numpy as np
 __all__ = ["COMBINED_SITE", "engineered_feature_names", "engineered_for", "engineered_values"]
 
 # Numeric inputs by column name, each of shape (n_rows,).
-Arrays = Mapping[str, np.ndarray]
+_Arrays = Mapping[str, np.ndarray]
 
 
 def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -26,19 +26,19 @@ def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def _delta_norm(c: Arrays) -> np.ndarray:
+def _delta_norm(c: _Arrays) -> np.ndarray:
     return np.sqrt(c["tbp_lv_deltaA"] ** 2 + c["tbp_lv_deltaB"] ** 2 + c["tbp_lv_deltaL"] ** 2)
 
 
-def _distance_3d(c: Arrays) -> np.ndarray:
+def _distance_3d(c: _Arrays) -> np.ndarray:
     return np.sqrt(c["tbp_lv_x"] ** 2 + c["tbp_lv_y"] ** 2 + c["tbp_lv_z"] ** 2)
 
 
-def _border_complexity(c: Arrays) -> np.ndarray:
+def _border_complexity(c: _Arrays) -> np.ndarray:
     return c["tbp_lv_norm_border"] + c["tbp_lv_symm_2axis"]
 
 
-def _shape_index(c: Arrays) -> np.ndarray:
+def _shape_index(c: _Arrays) -> np.ndarray:
     return _div(c["tbp_lv_areaMM2"], c["tbp_lv_perimeterMM"] ** 2)
 
 
@@ -57,7 +57,7 @@ def _sqrt(x: np.ndarray) -> np.ndarray:
 # Engineered ISIC 2024 features: (name, input columns, function). Written from the descriptions in
 # the public notebook "ISIC 2024 | Only Tabular Data" and the 1st/2nd place write-ups. A feature is
 # built only when all its inputs are features of the spec (an excluded input drops it).
-_ENGINEERED: tuple[tuple[str, tuple[str, ...], Callable[[Arrays], np.ndarray]], ...] = (
+_ENGINEERED: tuple[tuple[str, tuple[str, ...], Callable[[_Arrays], np.ndarray]], ...] = (
     # Short axis over longest diameter: 1 for a round lesion, small for an elongated one.
     ("lesion_size_ratio", ("tbp_lv_minorAxisMM", "clin_size_long_diam_mm"),
      lambda c: _div(c["tbp_lv_minorAxisMM"], c["clin_size_long_diam_mm"])),
@@ -187,7 +187,7 @@ def engineered_for(numeric: Sequence[str]) -> list[str]:
 _FUNCTIONS = {name: function for name, _, function in _ENGINEERED}
 
 
-def engineered_values(name: str, numeric: Arrays) -> np.ndarray:
+def engineered_values(name: str, numeric: _Arrays) -> np.ndarray:
     """Engineered feature `name` from the numeric columns (each (n_rows,) float64): (n_rows,)
     float64, NaN where an input is missing or the result is not finite (a division by zero)."""
     with np.errstate(all="ignore"):

@@ -13,11 +13,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["PATIENT_EPS", "patient_codes", "patient_features"]
+__all__ = ["patient_codes", "patient_features"]
 
 # Added to a patient's standard deviation, as in the public ISIC 2024 notebooks, so that a feature
 # constant within a patient gives 0 rather than a division by zero.
-PATIENT_EPS = 1e-5
+_PATIENT_EPS = 1e-5
 # Per-patient statistics are computed this many columns at a time to bound temporary memory.
 _PATIENT_CHUNK = 16
 
@@ -48,7 +48,7 @@ def patient_features(
         patients: each row's patient as text (NaN for none), shape (n_rows,).
         continuous: the continuous features by name, each (n_rows,).
         norm_columns: encoder columns of kind `patient_norm`; each `source` names a key of
-            `continuous`; written `(x - patient mean) / (patient std + PATIENT_EPS)`.
+            `continuous`; written `(x - patient mean) / (patient std + _PATIENT_EPS)`.
         count_column: position in `out` of the lesions-per-patient column.
         position: column name -> position in `out`.
     """
@@ -63,6 +63,6 @@ def patient_features(
         mean = grouped.transform("mean").to_numpy()
         std = grouped.transform("std").to_numpy()
         with np.errstate(all="ignore"):
-            normalised = (block.to_numpy() - mean) / (std + PATIENT_EPS)
+            normalised = (block.to_numpy() - mean) / (std + _PATIENT_EPS)
         for j, column in enumerate(chunk):
             out[:, position[column["name"]]] = normalised[:, j]

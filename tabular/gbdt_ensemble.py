@@ -32,8 +32,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from common.files import atomic_write_text
 from tabular.gbdt_config import DATASET_PARAMS, GBDTConfig, booster_params, lightgbm_threads
 from tabular.gbdt_folds import FoldData, seed_dataset
+from tabular.gbdt_model import ENCODER_FILE, FEATURES_FILE
 from tabular.metrics import MetricWarning, pauc80, roc_auc
 
 __all__ = [
@@ -199,7 +201,8 @@ def fit_ensemble(
 
 def save_ensemble(stage_dir: Path, ensemble: Ensemble, folds: Sequence[FoldData], config: GBDTConfig,
                   extra_dim: int | None) -> None:
-    """Write models (`fold{k}_seed{s}.txt`), `encoder.json`, `features.json`, PCA `.npy`."""
+    """Write models (`fold{k}_seed{s}.txt`), `encoder.json`, `features.json` (the file names
+    `tabular.gbdt_model`, their one reader, declares), PCA `.npy`."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     manifest = {"format": _STAGE_FORMAT, "extra_dim": extra_dim, "folds": []}
     encoders = {}
@@ -220,8 +223,8 @@ def save_ensemble(stage_dir: Path, ensemble: Ensemble, folds: Sequence[FoldData]
                 "pca": data.pca.save(stage_dir, data.fold) if data.pca is not None else None,
             }
         )
-    (stage_dir / "encoder.json").write_text(json.dumps({"format": _STAGE_FORMAT, "folds": encoders}))
-    (stage_dir / "features.json").write_text(json.dumps(manifest, indent=1))
+    atomic_write_text(stage_dir / ENCODER_FILE, json.dumps({"format": _STAGE_FORMAT, "folds": encoders}))
+    atomic_write_text(stage_dir / FEATURES_FILE, json.dumps(manifest, indent=1))
 
 
 def importance_table(ensemble: Ensemble) -> pd.DataFrame:

@@ -24,17 +24,17 @@ from tabular.features import FeatureEncoder, unknown_categories_said_once
 from tabular.gbdt_image import EXTRA_PREFIX, PATIENT_CONTEXT, FoldPCA, check_extra, with_extra
 from tabular.spec import DatasetSpec
 
-__all__ = ["ENCODER_FILE", "FEATURES_FILE", "MISSING_LEVEL", "ONE_HOT_SEPARATOR", "REASON_FLOOR", "Encode",
+__all__ = ["ENCODER_FILE", "FEATURES_FILE", "REASON_FLOOR", "Encode",
            "GBDTModel", "positional"]
 
 log = logging.getLogger(__name__)
 
 FEATURES_FILE = "features.json"
 # How the encoder names a one-hot column: "<column>__<category>".
-ONE_HOT_SEPARATOR = "__"
+_ONE_HOT_SEPARATOR = "__"
 ENCODER_FILE = "encoder.json"
 # The one-hot column that is 1 where a categorical value is missing: "<column>__missing".
-MISSING_LEVEL = "missing"
+_MISSING_LEVEL = "missing"
 # The smallest contribution (log-odds) worth naming as a reason: 0.05 moves the odds by 5%, e.g.
 # a probability of 0.20 to 0.21, below what changes a reading of the score; smaller ones are
 # noise of the fold and seed models, and were shown as "(+0.00)" at two decimals.
@@ -232,16 +232,16 @@ def _present(name: str, values: pd.Series) -> bool:
     value = values.get(name)
     if value is None or (np.isscalar(value) and pd.isna(value)):
         return False
-    column, _, category = name.partition(ONE_HOT_SEPARATOR)
+    column, _, category = name.partition(_ONE_HOT_SEPARATOR)
     if not category:
         return True
-    missing = values.get(f"{column}{ONE_HOT_SEPARATOR}{MISSING_LEVEL}")
+    missing = values.get(f"{column}{_ONE_HOT_SEPARATOR}{_MISSING_LEVEL}")
     return not (missing is not None and np.isscalar(missing) and not pd.isna(missing) and float(missing) == 1.0)
 
 
 def _condition(name: str, value) -> str:
     """"age = 71"; a one-hot column `site__back` reads "site = back" (1) or "site != back" (0)."""
-    column, _, category = name.partition(ONE_HOT_SEPARATOR)
+    column, _, category = name.partition(_ONE_HOT_SEPARATOR)
     if category and not (np.isscalar(value) and pd.isna(value)) and float(value) in (0.0, 1.0):
         return f"{column} {'=' if float(value) == 1.0 else '!='} {category}"
     return f"{name} = {_shown(value)}"

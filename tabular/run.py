@@ -20,11 +20,11 @@ from tabular.folds import make_folds, read_folds, write_folds
 from tabular.spec import DatasetSpec, spec_from_identity, spec_to_toml
 from tabular.validate import read_metadata
 
-__all__ = ["RUN_FORMAT", "Run", "load_run", "open_run"]
+__all__ = ["Run", "load_run", "open_run"]
 
 log = logging.getLogger(__name__)
 
-RUN_FORMAT = 1
+_RUN_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def open_run(spec: DatasetSpec, run_dir: Path | str, n_folds: int = 5, seed: int
         run_dir.mkdir(parents=True, exist_ok=True)
         folds = make_folds(frame, spec, n_folds=n_folds, seed=seed)
         record = {
-            "format": RUN_FORMAT,
+            "format": _RUN_FORMAT,
             "spec": spec.identity(),
             "metadata_columns": list(frame.columns),
             "rows": len(frame),

@@ -37,7 +37,7 @@ AGE_BANDS = ((None, 30, "<30"), (30, 45, "30-44"), (45, 60, "45-59"), (60, 75, "
 # Below this many positives (or negatives, for ROC AUC) a subgroup's figures are noise.
 MIN_POSITIVES = 10
 TOO_FEW = "too few to tell"
-MISSING = "missing"
+_MISSING = "missing"
 
 
 def _column(columns: Mapping, name: str, n: int) -> np.ndarray:
@@ -55,19 +55,19 @@ def _column(columns: Mapping, name: str, n: int) -> np.ndarray:
 
 def _label(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
-        return MISSING
+        return _MISSING
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
         return str(int(value))  # Fitzpatrick type 2.0 read from a CSV is "2"
     text = str(value).strip()
-    return text if text else MISSING
+    return text if text else _MISSING
 
 
 def _labels(values: np.ndarray) -> np.ndarray:
     """`_label` of every value, computed once per distinct value (a 401,059-row column holds a few
     dozen distinct values; calling `_label` per row cost seconds)."""
     codes, uniques = pd.factorize(pd.Series(values, dtype=object), use_na_sentinel=True)
-    table = np.array([_label(v) for v in uniques] + [MISSING], dtype=object)
-    return table[codes]  # code -1 (missing) indexes the trailing MISSING
+    table = np.array([_label(v) for v in uniques] + [_MISSING], dtype=object)
+    return table[codes]  # code -1 (missing) indexes the trailing _MISSING
 
 
 def age_band_labels(ages, name: str = "age", bands=AGE_BANDS) -> np.ndarray:
@@ -82,13 +82,13 @@ def age_band_labels(ages, name: str = "age", bands=AGE_BANDS) -> np.ndarray:
         DataError: a value that is not a number (naming the column and the first few).
     """
     values = pd.to_numeric(pd.Series(np.asarray(ages, dtype=object)), errors="coerce")
-    given = pd.Series(_labels(np.asarray(ages, dtype=object)) != MISSING)
+    given = pd.Series(_labels(np.asarray(ages, dtype=object)) != _MISSING)
     text = values.isna() & given
     if text.any():
         shown = pd.Series(np.asarray(ages, dtype=object))[text].astype(str).unique()[:3].tolist()
         raise DataError(f"columns[{name!r}]: the age column must hold numbers, got {shown}; "
                         "name the numeric age column (e.g. 'age' or 'age_approx')")
-    labels = np.full(len(values), MISSING, dtype=object)
+    labels = np.full(len(values), _MISSING, dtype=object)
     v = values.to_numpy(dtype=float)
     for low, high, label in bands:
         inside = ~np.isnan(v)
@@ -189,16 +189,16 @@ def subgroup_table(y_true, y_score, groups, threshold: float, columns: Mapping, 
     plan: list[tuple[str, str, np.ndarray, list[str]]] = []
     for name in categorical:
         labels = _labels(_column(columns, name, len(y)))
-        plan.append((name, "categorical", labels, sorted(set(labels) - {MISSING})))
+        plan.append((name, "categorical", labels, sorted(set(labels) - {_MISSING})))
     if age is not None:
         labels = age_band_labels(_column(columns, age, len(y)), age)
         plan.append((age, "age band", labels, [band[2] for band in AGE_BANDS]))
     if skin_type is not None:
         labels = _labels(_column(columns, skin_type, len(y)))
-        plan.append((skin_type, "skin type", labels, sorted(set(labels) - {MISSING})))
+        plan.append((skin_type, "skin type", labels, sorted(set(labels) - {_MISSING})))
     rows = []
     for name, kind, labels, order in plan:
-        for label in [*order, MISSING]:
+        for label in [*order, _MISSING]:
             inside = labels == label
             if not inside.any():
                 continue

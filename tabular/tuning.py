@@ -40,6 +40,7 @@ from optuna.samplers import BaseSampler, TPESampler
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
+from common.files import atomic_write_text
 from tabular.errors import DataError
 from tabular.gbdt_config import DEFAULT_PARAMS, GBDTConfig
 from tabular.gbdt_ensemble import map_folds, predict_valid, train_model
@@ -355,7 +356,8 @@ def _write_best(study: optuna.Study, storage, stage_dir: Path, run: int) -> Tune
         storage=_describe(storage, stage_dir / "optuna.db"),
     )
     stage_dir.mkdir(parents=True, exist_ok=True)
-    (stage_dir / "best_params.json").write_text(
+    atomic_write_text(
+        stage_dir / "best_params.json",
         json.dumps(
             {
                 "params": best_params,

@@ -53,12 +53,12 @@ log = logging.getLogger(__name__)
 
 FIGURES = ("roc_auc", "pauc80", "pr_auc", "brier", "sensitivity", "specificity")
 # The figures undefined on a resample with one class (the ranking figures).
-RANKING = ("roc_auc", "pauc80", "pr_auc")
+_RANKING = ("roc_auc", "pauc80", "pr_auc")
 MIN_RESAMPLES = 1000
 DEFAULT_RESAMPLES = 1000
 # Elements of one dense block (groups x resamples, or columns x resamples): about 32 MB of float64
 # each, so that 401,059 rows with every row its own group still fit in memory.
-BLOCK_ELEMENTS = 4_000_000
+_BLOCK_ELEMENTS = 4_000_000
 
 
 def check_inputs(y_true, scores: Mapping, groups=None) -> tuple[np.ndarray, dict, np.ndarray]:
@@ -290,7 +290,7 @@ def resample_figures(y_true, scores: Mapping, groups, threshold, *,
     n_groups = int(group.max()) + 1
     models = {name: _Columns(y, p, group, n_groups, thresholds[name]) for name, p in checked.items()}
     widest = max([n_groups] + [3 * m.k + 4 for m in models.values()])
-    block = max(1, min(n_resamples, BLOCK_ELEMENTS // widest))
+    block = max(1, min(n_resamples, _BLOCK_ELEMENTS // widest))
     ones = np.ones((n_groups, 1))
     point = {name: m.figures(ones)[0] for name, m in models.items()}
     parts: dict[str, list] = {name: [] for name in models}

@@ -15,8 +15,7 @@ import pandas as pd
 from tabular.errors import DataError, preview
 from tabular.spec import DatasetSpec
 
-__all__ = ["check_ids", "check_images", "check_metadata", "check_numeric", "check_rows", "check_target",
-           "read_metadata"]
+__all__ = ["check_images", "check_metadata", "check_rows", "read_metadata"]
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +93,7 @@ def check_metadata(frame: pd.DataFrame, spec: DatasetSpec, require_target: bool 
 
     if frame.empty:
         raise DataError(f"{where}: has no rows")
-    check_ids(frame, spec, where)
+    _check_ids(frame, spec, where)
     ids = frame[spec.id]
 
     group_missing = ids[frame[spec.group].isna()]
@@ -104,27 +103,27 @@ def check_metadata(frame: pd.DataFrame, spec: DatasetSpec, require_target: bool 
             f"ids {preview(list(group_missing))}"
         )
 
-    check_numeric(frame, spec, where)
+    _check_numeric(frame, spec, where)
 
     if require_target:
-        check_target(frame, spec)
+        _check_target(frame, spec)
 
 
 def check_rows(frame: pd.DataFrame, spec: DatasetSpec, where: str) -> None:
     """The checks every metadata row meets, for training (`check_metadata`) and for scoring
-    (`fuse.scoring.rows.read_scoring_metadata`): `check_ids`, then `check_numeric`.
+    (`fuse.scoring.rows.read_scoring_metadata`): `_check_ids`, then `_check_numeric`.
 
     `where` begins each message (e.g. "metadata train.csv"). The frame's rows are the file's rows
     in order (a fresh `read_csv`), so that row i is file line i + 2.
 
     Raises:
-        DataError: see `check_ids` and `check_numeric`.
+        DataError: see `_check_ids` and `_check_numeric`.
     """
-    check_ids(frame, spec, where)
-    check_numeric(frame, spec, where)
+    _check_ids(frame, spec, where)
+    _check_numeric(frame, spec, where)
 
 
-def check_ids(frame: pd.DataFrame, spec: DatasetSpec, where: str) -> None:
+def _check_ids(frame: pd.DataFrame, spec: DatasetSpec, where: str) -> None:
     """Every id is present and unique.
 
     Raises:
@@ -141,7 +140,7 @@ def check_ids(frame: pd.DataFrame, spec: DatasetSpec, where: str) -> None:
         raise DataError(f"{where}: duplicate ids in column '{spec.id}', {preview(list(duplicated))}")
 
 
-def check_numeric(frame: pd.DataFrame, spec: DatasetSpec, where: str) -> None:
+def _check_numeric(frame: pd.DataFrame, spec: DatasetSpec, where: str) -> None:
     """The spec's numeric columns hold numbers (empty cells allowed); a column read as text is
     replaced in `frame` by its parsed values. Columns absent from `frame` are left to the caller.
 
@@ -163,7 +162,7 @@ def check_numeric(frame: pd.DataFrame, spec: DatasetSpec, where: str) -> None:
         frame[column] = parsed
 
 
-def check_target(frame: pd.DataFrame, spec: DatasetSpec) -> None:
+def _check_target(frame: pd.DataFrame, spec: DatasetSpec) -> None:
     """The target must be 0/1 in every row, with both classes present."""
     where = f"metadata {spec.metadata.name}"
     target = pd.to_numeric(frame[spec.target], errors="coerce")
