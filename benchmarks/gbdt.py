@@ -50,7 +50,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -213,7 +213,8 @@ def _fit_baseline(frame: pd.DataFrame, folds: np.ndarray, spec: DatasetSpec, y: 
                 num_boost_round=config.num_boost_round, valid_sets=[valid_set],
                 callbacks=[lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False)],
             )
-            oof[valid] += booster.predict(X.iloc[valid], num_iteration=booster.best_iteration) / len(config.seeds)
+            prediction = np.asarray(booster.predict(X.iloc[valid], num_iteration=booster.best_iteration))
+            oof[valid] += prediction / len(config.seeds)
     result = {
         "fit_seconds": time.perf_counter() - tick,
         "fit_cpu_seconds": time.process_time() - cpu,
@@ -283,7 +284,7 @@ def bench_gbdt(
                         num_threads=int(num_threads))
     threads = lightgbm_threads(config)
     folds = make_folds(frame, spec, n_folds=n_folds, seed=42)["fold"].to_numpy()
-    options = {"seeds": [int(s) for s in config.seeds], "neg_ratio": config.neg_ratio,
+    options: dict[str, Any] = {"seeds": [int(s) for s in config.seeds], "neg_ratio": config.neg_ratio,
                "params": dict(params or {}), "num_threads": int(num_threads)}
     results = _run_sides(frame, spec, folds, options, run, work_dir)
     ours = results["ours"]
@@ -340,16 +341,21 @@ def _run_sides(frame: pd.DataFrame, spec: DatasetSpec, folds: np.ndarray, option
 def _ratios(ours: dict, unsampled: dict | None, baseline: dict | None, plain: dict | None) -> dict:
     """Ours beside each other side: fit time, CPU time, peak memory, pAUC80 (None where not run)."""
     return {
-        "fit_seconds": _ratio(ours["fit_seconds"], baseline and baseline["fit_seconds"]),
-        "peak_rss": _ratio(ours["peak_rss_bytes"], baseline and baseline["peak_rss_bytes"]),
-        "fit_vs_plain": _ratio(ours["fit_seconds"], plain and plain["fit_seconds"]),
+        "fit_seconds": _ratio(ours["fit_seconds"], _figure(baseline, "fit_seconds")),
+        "peak_rss": _ratio(ours["peak_rss_bytes"], _figure(baseline, "peak_rss_bytes")),
+        "fit_vs_plain": _ratio(ours["fit_seconds"], _figure(plain, "fit_seconds")),
         # Process CPU seconds: on a busy machine the plain fit's OpenMP threads spin while they wait
         # for a core, which inflates its wall time; read this ratio beside the one above.
-        "fit_cpu_vs_plain": _ratio(ours["fit_cpu_seconds"], plain and plain["fit_cpu_seconds"]),
-        "fit_vs_unsampled": _ratio(ours["fit_seconds"], unsampled and unsampled["fit_seconds"]),
-        "pauc80_vs_unsampled": _ratio(ours["pauc80"], unsampled and unsampled["pauc80"]),
-        "pauc80_delta": _delta(ours["pauc80"], unsampled and unsampled["pauc80"]),
+        "fit_cpu_vs_plain": _ratio(ours["fit_cpu_seconds"], _figure(plain, "fit_cpu_seconds")),
+        "fit_vs_unsampled": _ratio(ours["fit_seconds"], _figure(unsampled, "fit_seconds")),
+        "pauc80_vs_unsampled": _ratio(ours["pauc80"], _figure(unsampled, "pauc80")),
+        "pauc80_delta": _delta(ours["pauc80"], _figure(unsampled, "pauc80")),
     }
+
+
+def _figure(side: dict | None, key: str) -> float | None:
+    """`side[key]`, None where the side did not run."""
+    return None if side is None else side[key]
 
 
 def _targets(ours: dict, ratios: dict, full: bool, threads: int) -> dict:
@@ -471,14 +477,15 @@ def _sweep_fits(frame: pd.DataFrame, spec: DatasetSpec, folds: np.ndarray, confi
             seeds = tuple(range(i * set_size, (i + 1) * set_size))
             for ratio, config in configs.items():
                 config = replace(config, seeds=seeds)
-                load = _load_average()
+                before = _load_average()
                 tick, cpu = time.perf_counter(), time.process_time()
                 metrics = fit_gbdt_frame(frame, folds, spec, Path(tmp) / "gbdt", config=config)
+                after = _load_average()
                 fit = {
                     "neg_ratio": ratio, "seeds": list(seeds), "pauc80": metrics["pauc80"],
                     "roc_auc": metrics["roc_auc"], "seconds": time.perf_counter() - tick,
                     "cpu_seconds": time.process_time() - cpu,
-                    "load_average": [load[0] if load else None, *(_load_average() or [None])[:1]],
+                    "load_average": [before[0] if before else None, after[0] if after else None],
                     "applied": metrics["negative_sampling"]["applied"],
                     "rows_per_model": [f["rows_per_model"] for f in metrics["negative_sampling"]["folds"]],
                 }

@@ -66,7 +66,7 @@ def unknown_categories_said_once() -> Iterator[None]:
     try:
         yield
     finally:
-        collected = _UNKNOWN.get()
+        collected = _UNKNOWN.get() or {}
         _UNKNOWN.reset(token)
         for column, seen in collected.items():
             if not seen["ids"]:
@@ -276,7 +276,7 @@ class FeatureEncoder:
 
     def _mlp_state(self, features: pd.DataFrame) -> dict:
         """Mean and standard deviation of each continuous column of `features` (the fit rows')."""
-        continuous = [c["name"] for c in self.state["columns"] if c["kind"] != "onehot"]
+        continuous = [c["name"] for c in self._state["columns"] if c["kind"] != "onehot"]
         means, stds, indicators = [], [], []
         # One column-major copy: reading column after column of a row-major matrix would touch
         # every cache line of it once per column.
@@ -426,40 +426,52 @@ class FeatureEncoder:
         return encoder
 
     @property
+    def patient_column(self) -> str | None:
+        """The column per-patient features are computed over (the spec's `patient`), or None."""
+        return self._fitted()["patient"]
+
+    @property
     def source_columns(self) -> list[str]:
         """Metadata columns the encoder reads (features, plus the patient column as a key)."""
         return self._source_columns()
 
     # ------------------------------------------------------------------------------- private
+    @property
+    def _state(self) -> dict:
+        """The state, fitted or being fitted (`_fitted` requires a finished fit)."""
+        if self.state is None:
+            raise DataError("encoder: not fitted; call fit(df, spec) or from_json(...) first")
+        return self.state
+
     def _fitted(self) -> dict:
         if self.state is None or not self.state.get("columns"):
             raise DataError("encoder: not fitted; call fit(df, spec) or from_json(...) first")
         return self.state
 
     def _source_columns(self) -> list[str]:
-        state = self.state
+        state = self._state
         columns = [*state["numeric"], *state["categorical"]]
         if state["patient"]:
             columns.append(state["patient"])
         return columns
 
     def _ids(self, df: pd.DataFrame) -> pd.Series:
-        column = self.state["id"]
+        column = self._state["id"]
         if column in df.columns:
             return df[column].astype(str)
         return pd.Series([f"row {i}" for i in range(len(df))], index=df.index)
 
     def _categorical_values(self, df: pd.DataFrame) -> dict[str, pd.Series]:
         """Each categorical source as object strings (NaN kept), engineered ones included."""
-        values = {c: _as_text(df[c]) for c in self.state["categorical"]}
-        for combined in self.state["engineered_categorical"]:
+        values = {c: _as_text(df[c]) for c in self._state["categorical"]}
+        for combined in self._state["engineered_categorical"]:
             a, b = (values[c] for c in combined["inputs"])
             joined = a.str.cat(b, sep="_")
             values[combined["name"]] = joined.where(a.notna() & b.notna(), np.nan).astype(object)
         return values
 
     def _layout(self) -> list[dict]:
-        state = self.state
+        state = self._state
         columns: list[dict] = []
         for column in state["numeric"]:
             columns.append({"name": _safe(column), "kind": "numeric", "source": column})

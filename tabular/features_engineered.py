@@ -19,7 +19,7 @@ __all__ = ["COMBINED_SITE", "engineered_feature_names", "engineered_for", "engin
 _Arrays = Mapping[str, np.ndarray]
 
 
-def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _div(a: np.ndarray, b: np.ndarray | float) -> np.ndarray:
     """a / b, NaN where b is zero or missing (a zero-size lesion is a measurement failure)."""
     out = np.full(np.broadcast(a, b).shape, np.nan)
     np.divide(a, b, out=out, where=np.isfinite(b) & (b != 0))

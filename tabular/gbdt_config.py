@@ -116,6 +116,11 @@ class GBDTConfig:
     num_threads: int = 0
     fold_workers: int = 1
 
+    @property
+    def negatives_per_positive(self) -> float:
+        """`neg_ratio` as construction set it: a float, the default where None was given; 0 = off."""
+        return DEFAULT_NEG_RATIO if self.neg_ratio is None else float(self.neg_ratio)
+
     def __post_init__(self) -> None:
         if not self.seeds or not all(isinstance(s, int | np.integer) for s in self.seeds):
             raise DataError(f"seeds: expected a non-empty sequence of integers, got {self.seeds!r}")

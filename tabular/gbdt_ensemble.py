@@ -100,7 +100,7 @@ def train_model(data: FoldData, params: Mapping, seed: int, config: GBDTConfig) 
         valid_set = lgb.Dataset(data.X_valid, label=data.y_valid, reference=data.train_set,
                                 params=dict(DATASET_PARAMS), free_raw_data=False).construct()
     valid_set.set_init_score(np.full(len(data.y_valid), offset))
-    callbacks = [
+    callbacks: list[Callable[..., object]] = [
         lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False),
         lgb.log_evaluation(config.log_period),
     ]
@@ -123,13 +123,13 @@ def predict_valid(booster: lgb.Booster, data: FoldData) -> np.ndarray:
     if data.valid_matrix is None:
         data.valid_matrix = np.ascontiguousarray(data.X_valid.to_numpy(dtype=np.float32))
     best = booster.best_iteration if booster.best_iteration > 0 else None
-    return booster.predict(data.valid_matrix, num_iteration=best)
+    return np.asarray(booster.predict(data.valid_matrix, num_iteration=best))
 
 
 def predict_best(booster: lgb.Booster, X: pd.DataFrame) -> np.ndarray:
     """Predictions at the booster's best iteration (all of them for a loaded model)."""
     best = booster.best_iteration if booster.best_iteration > 0 else None
-    return booster.predict(X, num_iteration=best)
+    return np.asarray(booster.predict(X, num_iteration=best))
 
 
 @dataclass
@@ -204,7 +204,8 @@ def save_ensemble(stage_dir: Path, ensemble: Ensemble, folds: Sequence[FoldData]
     """Write models (`fold{k}_seed{s}.txt`), `encoder.json`, `features.json` (the file names
     `tabular.gbdt_model`, their one reader, declares), PCA `.npy`."""
     stage_dir.mkdir(parents=True, exist_ok=True)
-    manifest = {"format": _STAGE_FORMAT, "extra_dim": extra_dim, "folds": []}
+    manifest_folds: list[dict] = []
+    manifest = {"format": _STAGE_FORMAT, "extra_dim": extra_dim, "folds": manifest_folds}
     encoders = {}
     for data in folds:
         models = []
@@ -215,7 +216,7 @@ def save_ensemble(stage_dir: Path, ensemble: Ensemble, folds: Sequence[FoldData]
             booster.save_model(str(stage_dir / name), num_iteration=best)
             models.append(name)
         encoders[str(data.fold)] = data.encoder.to_json()
-        manifest["folds"].append(
+        manifest_folds.append(
             {
                 "fold": data.fold,
                 "models": models,

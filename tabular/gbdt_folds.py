@@ -156,7 +156,7 @@ def _fold_from_features(frame: pd.DataFrame, spec: DatasetSpec, y: np.ndarray, f
         pca=pca,
         feature_names=names,
         dataset_rows=dataset_rows,
-        sampled=None if dataset_rows is None else (config.neg_ratio, tuple(int(s) for s in config.seeds)),
+        sampled=None if dataset_rows is None else (config.negatives_per_positive, tuple(int(s) for s in config.seeds)),
         valid_set=valid_set,
     )
 
@@ -262,18 +262,19 @@ def seed_dataset(data: FoldData, seed: int, config: GBDTConfig) -> tuple[lgb.Dat
     Raises:
         DataError: as `train_model`.
     """
-    key = (float(config.neg_ratio), int(seed))
+    key = (config.negatives_per_positive, int(seed))
     if key in data.seed_sets:
         return data.seed_sets[key]
     keep = negative_sample(data.y_train, config.neg_ratio, sample_seed(seed, data.fold))
     train_set = data.train_set
     if data.dataset_rows is not None:
         positions = None if keep is None else np.searchsorted(data.dataset_rows, keep)
-        if (positions is None or positions[-1] >= len(data.dataset_rows)
+        if (keep is None or positions is None or positions[-1] >= len(data.dataset_rows)
                 or not np.array_equal(data.dataset_rows[positions], keep)):
-            ratio, seeds = data.sampled
+            built = "another sample" if data.sampled is None else (
+                f"neg_ratio {data.sampled[0]:g} and seeds {list(data.sampled[1])}")
             raise DataError(
-                f"fold {data.fold}: built for neg_ratio {ratio:g} and seeds {list(seeds)}, which does not "
+                f"fold {data.fold}: built for {built}, which does not "
                 f"hold the rows of neg_ratio {config.neg_ratio:g} seed {seed}; build the fold with the "
                 f"config it is trained with"
             )

@@ -90,7 +90,7 @@ def check_extra(extra, n_rows: int, ids: Sequence[str] | None = None) -> np.ndar
     bad = ~np.isfinite(array).all(axis=1)
     if bad.any():
         rows = np.flatnonzero(bad)
-        named = [ids[i] for i in rows] if ids is not None else rows.tolist()
+        named = [ids[int(i)] for i in rows] if ids is not None else rows.tolist()
         raise DataError(f"extra: rows with NaN or infinite values, ids {preview(named)}")
     return array
 
@@ -131,6 +131,9 @@ def with_extra(features: pd.DataFrame, extra: np.ndarray | None, pca: FoldPCA | 
     (`patient_context`)."""
     if pca is None:
         return features
+    if extra is None:
+        raise DataError(f"extra: the features include {len(pca.names)} image PCA components; pass the "
+                        "image embeddings (one row per metadata row)")
     reduced = pca.transform(extra)
     names = list(pca.names)
     if patients is not None:

@@ -71,7 +71,7 @@ class _Fold:
         features say so; stages trained before it existed do not), else None."""
         if not set(PATIENT_CONTEXT) <= set(self.features):
             return None
-        column = self.encoder.state["patient"]
+        column = self.encoder.patient_column
         if column not in frame.columns:
             raise DataError(f"gbdt: column '{column}' (the patient) is missing from the rows to score")
         return frame[column].to_numpy()
@@ -127,7 +127,8 @@ class GBDTModel:
                 features=list(entry["features"]),
                 boosters=[lgb.Booster(model_file=str(p)) for p in paths],
             ))
-        dataset = next(iter(encoders.values()), {}).get("dataset")
+        first: dict = next(iter(encoders.values()), {})
+        dataset = first.get("dataset")
         return cls(stage_dir, folds, manifest.get("extra_dim"), dataset)
 
     # One warning per column for every fold's encoder, not one per fold.
@@ -196,10 +197,12 @@ class GBDTModel:
             if values is None:
                 values = features
             for booster in fold.boosters:
-                contrib = booster.predict(features, pred_contrib=True)[:, :-1]  # last: the bias
+                contrib = np.asarray(booster.predict(features, pred_contrib=True))[:, :-1]  # last: the bias
                 block = pd.DataFrame(contrib, columns=features.columns)
                 total = block if total is None else total.add(block, fill_value=0.0)
                 count += 1
+        if total is None or values is None:  # no fold: `load` found no model
+            raise DataError(f"gbdt: no models in {self.stage_dir}; retrain the stage (invoke train-gbdt)")
         mean = (total / count).drop(columns=[c for c in total.columns if c.startswith(EXTRA_PREFIX)])
         return [_reason_text(mean.iloc[i], values.iloc[i], top) for i in range(len(frame))]
 
@@ -236,7 +239,12 @@ def _present(name: str, values: pd.Series) -> bool:
     if not category:
         return True
     missing = values.get(f"{column}{_ONE_HOT_SEPARATOR}{_MISSING_LEVEL}")
-    return not (missing is not None and np.isscalar(missing) and not pd.isna(missing) and float(missing) == 1.0)
+    return not _is_one(missing)
+
+
+def _is_one(value) -> bool:
+    """True for a number equal to 1 (a set one-hot indicator); False for None, NaN or text."""
+    return isinstance(value, int | float | np.number | np.bool_) and not pd.isna(value) and float(value) == 1.0
 
 
 def _condition(name: str, value) -> str:

@@ -64,7 +64,7 @@ def sampled_rows(y_train: np.ndarray, config: GBDTConfig, fold: int) -> np.ndarr
     draws = [negative_sample(y_train, config.neg_ratio, sample_seed(s, fold)) for s in config.seeds]
     if any(d is None for d in draws):
         return None
-    rows = np.unique(np.concatenate(draws))
+    rows = np.unique(np.concatenate([d for d in draws if d is not None]))
     return None if len(rows) == len(y_train) else rows
 
 

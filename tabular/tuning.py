@@ -349,7 +349,7 @@ def _write_best(study: optuna.Study, storage, stage_dir: Path, run: int) -> Tune
     best_params = best.user_attrs.get("lgbm_params") or {**DEFAULT_PARAMS, **best.params}
     result = TuneResult(
         best_params=best_params,
-        best_value=float(best.value),
+        best_value=float(study.best_value),
         trials_finished=_count(study, _FINISHED),
         trials_run=run,
         study_name=study_name,

@@ -42,7 +42,7 @@ STALE_AFTER_SECONDS = 120
 GRACE_ENV = "LESIONFUSE_TRIAL_GRACE_SECONDS"
 
 
-def heartbeat_timing() -> tuple[float, float]:
+def heartbeat_timing() -> tuple[int, int]:
     """(heartbeat interval, grace period) in seconds for the trials of a study.
 
     The grace period is how long a RUNNING trial may go without a heartbeat before it is taken as

@@ -21,7 +21,7 @@ from tabular.gbdt_ensemble import (
     train_model,
 )
 from tabular.gbdt_folds import build_fold, build_folds, seed_dataset
-from tabular.gbdt_image import PATIENT_CONTEXT, FoldPCA, check_extra
+from tabular.gbdt_image import PATIENT_CONTEXT, FoldPCA, check_extra, with_extra
 from tabular.gbdt_sampling import negative_sample, sample_seed, sampling_summary
 from tabular.gbdt_model import GBDTModel
 from tabular.metrics import roc_auc
@@ -232,6 +232,18 @@ def test_check_extra():
     bad[1, 1] = np.nan
     with pytest.raises(DataError, match="extra: rows with NaN or infinite values, ids 1: b"):
         check_extra(bad, 3, ["a", "b", "c"])
+
+
+def test_image_features_without_the_embeddings_are_refused():
+    """A fold whose PCA was fitted needs the embeddings it projects; metadata alone passes."""
+    pca = FoldPCA.fit(np.random.default_rng(0).normal(size=(20, 6)), n_components=3)
+    features = pd.DataFrame({"age": np.arange(4.0)})
+    with pytest.raises(DataError, match=r"extra: the features include 3 image PCA components; pass the "
+                                        r"image embeddings"):
+        with_extra(features, None, pca)
+    assert with_extra(features, None, None) is features
+    joined = with_extra(features, np.ones((4, 6)), pca)
+    assert list(joined.columns) == ["age", *pca.names] and joined.shape == (4, 4)
 
 
 def test_importance_table():
