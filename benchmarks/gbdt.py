@@ -64,8 +64,16 @@ if TYPE_CHECKING:
     from tabular.gbdt_config import GBDTConfig
 
 __all__ = [
-    "PLAIN_ROUNDS", "SIDES", "TARGETS", "TARGET_FIT_SECONDS", "TARGET_FIT_VS_PLAIN",
-    "TARGET_FIT_VS_UNSAMPLED", "TARGET_PAUC80_DELTA", "TARGET_PEAK_BYTES", "bench_gbdt", "main",
+    "PLAIN_ROUNDS",
+    "SIDES",
+    "TARGETS",
+    "TARGET_FIT_SECONDS",
+    "TARGET_FIT_VS_PLAIN",
+    "TARGET_FIT_VS_UNSAMPLED",
+    "TARGET_PAUC80_DELTA",
+    "TARGET_PEAK_BYTES",
+    "bench_gbdt",
+    "main",
     "sweep_neg_ratio",
 ]
 
@@ -88,12 +96,23 @@ TARGET_PEAK_BYTES = 4 * 1024**3
 TARGET_FIT_VS_PLAIN = 0.6
 PLAIN_ROUNDS = 200
 TARGETS = {
-    "fit_vs_plain": {"value": TARGET_FIT_VS_PLAIN, "rows": ISIC2024_ROWS, "plain_rounds": PLAIN_ROUNDS,
-                     "applies_to": "any CPU"},
-    "fit_seconds": {"value": TARGET_FIT_SECONDS, "rows": ISIC2024_ROWS,
-                    "applies_to": "2-core AMD EPYC development machine, idle (or a faster CPU)"},
-    "fit_vs_unsampled": {"value": TARGET_FIT_VS_UNSAMPLED, "rows": ISIC2024_ROWS, "lightgbm_threads": 1,
-                         "applies_to": "any CPU where LightGBM runs 1 thread per model (2 logical CPUs)"},
+    "fit_vs_plain": {
+        "value": TARGET_FIT_VS_PLAIN,
+        "rows": ISIC2024_ROWS,
+        "plain_rounds": PLAIN_ROUNDS,
+        "applies_to": "any CPU",
+    },
+    "fit_seconds": {
+        "value": TARGET_FIT_SECONDS,
+        "rows": ISIC2024_ROWS,
+        "applies_to": "2-core AMD EPYC development machine, idle (or a faster CPU)",
+    },
+    "fit_vs_unsampled": {
+        "value": TARGET_FIT_VS_UNSAMPLED,
+        "rows": ISIC2024_ROWS,
+        "lightgbm_threads": 1,
+        "applies_to": "any CPU where LightGBM runs 1 thread per model (2 logical CPUs)",
+    },
     "pauc80_delta": {"value": TARGET_PAUC80_DELTA, "rows": ISIC2024_ROWS, "applies_to": "any CPU"},
     "peak_rss_bytes": {"value": TARGET_PEAK_BYTES, "applies_to": "any machine"},
 }
@@ -147,12 +166,19 @@ def bench_gbdt(
     if unknown:
         raise DataError(f"sides: unknown {unknown}; choose from {list(SIDES)}")
     run = [kind for kind in SIDES if kind in sides or kind == "ours"]
-    config = GBDTConfig(seeds=tuple(GBDTConfig().seeds if seeds is None else seeds), neg_ratio=neg_ratio,
-                        num_threads=int(num_threads))
+    config = GBDTConfig(
+        seeds=tuple(GBDTConfig().seeds if seeds is None else seeds),
+        neg_ratio=neg_ratio,
+        num_threads=int(num_threads),
+    )
     threads = lightgbm_threads(config)
     folds = make_folds(frame, spec, n_folds=n_folds, seed=42)["fold"].to_numpy()
-    options: dict[str, Any] = {"seeds": [int(s) for s in config.seeds], "neg_ratio": config.neg_ratio,
-               "params": dict(params or {}), "num_threads": int(num_threads)}
+    options: dict[str, Any] = {
+        "seeds": [int(s) for s in config.seeds],
+        "neg_ratio": config.neg_ratio,
+        "params": dict(params or {}),
+        "num_threads": int(num_threads),
+    }
     results = _run_sides(frame, spec, folds, options, run, work_dir)
     ours = results["ours"]
     unsampled, baseline, plain = (results.get(k) for k in ("unsampled", "baseline", "plain"))
@@ -175,20 +201,35 @@ def bench_gbdt(
         "targets": _targets(ours, ratios, full=len(frame) == ISIC2024_ROWS, threads=threads),
     }
     log.info(
-        "bench: features %.1f s; default fit %.1f s (plain LightGBM on every row %s s, x%s; unsampled %s s, "
+        "bench: features %.1f s; default fit %.1f s (plain LightGBM on every row %s s, x%s; "
+        "unsampled %s s, "
         "x%s; raw LightGBM %s s, x%s); pAUC80 %s (unsampled %s); peak %.2f GB (raw LightGBM %s GB)",
-        ours["features_seconds"], ours["fit_seconds"], _side(plain, "fit_seconds"), _num(ratios["fit_vs_plain"]),
-        _side(unsampled, "fit_seconds"), _num(ratios["fit_vs_unsampled"]), _side(baseline, "fit_seconds"),
-        _num(ratios["fit_seconds"]), ours["pauc80"], _side(unsampled, "pauc80"), ours["peak_rss_bytes"] / 1e9,
+        ours["features_seconds"],
+        ours["fit_seconds"],
+        _side(plain, "fit_seconds"),
+        _num(ratios["fit_vs_plain"]),
+        _side(unsampled, "fit_seconds"),
+        _num(ratios["fit_vs_unsampled"]),
+        _side(baseline, "fit_seconds"),
+        _num(ratios["fit_seconds"]),
+        ours["pauc80"],
+        _side(unsampled, "pauc80"),
+        ours["peak_rss_bytes"] / 1e9,
         "n/a" if baseline is None else f"{baseline['peak_rss_bytes'] / 1e9:.2f}",
     )
     return report
 
 
-def _run_sides(frame: pd.DataFrame, spec: DatasetSpec, folds: np.ndarray, options: dict,
-               run: list[str], work_dir: Path | None) -> dict[str, dict]:
-    """Each side of `run` in its own child (`benchmarks.gbdt_sides.measure_fit`), on files written once to a temporary
-    folder in `work_dir`: side -> its result."""
+def _run_sides(
+    frame: pd.DataFrame,
+    spec: DatasetSpec,
+    folds: np.ndarray,
+    options: dict,
+    run: list[str],
+    work_dir: Path | None,
+) -> dict[str, dict]:
+    """Each side of `run` in its own child (`benchmarks.gbdt_sides.measure_fit`), on files
+    written once to a temporary folder in `work_dir`: side -> its result."""
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         work = Path(tmp)
@@ -198,8 +239,12 @@ def _run_sides(frame: pd.DataFrame, spec: DatasetSpec, folds: np.ndarray, option
         for kind in run:
             log.info("bench: %s fit on %d rows", kind, len(frame))
             tick = time.perf_counter()
-            result = run_child("benchmarks.gbdt_sides:measure_fit", {"kind": kind, "work": str(work)},
-                               label=kind, error=DataError)
+            result = run_child(
+                "benchmarks.gbdt_sides:measure_fit",
+                {"kind": kind, "work": str(work)},
+                label=kind,
+                error=DataError,
+            )
             result["process_seconds"] = time.perf_counter() - tick
             results[kind] = result
     return results
@@ -231,12 +276,21 @@ def _targets(ours: dict, ratios: dict, full: bool, threads: int) -> dict:
     return {
         **TARGETS,
         "fit_met": ours["fit_seconds"] <= TARGET_FIT_SECONDS if full else None,
-        "fit_vs_plain_met": (None if not full or ratios["fit_vs_plain"] is None
-                             else ratios["fit_vs_plain"] <= TARGET_FIT_VS_PLAIN),
-        "fit_vs_unsampled_met": (ratios["fit_vs_unsampled"] <= TARGET_FIT_VS_UNSAMPLED
-                                 if full and threads == 1 and ratios["fit_vs_unsampled"] is not None else None),
-        "pauc80_met": (None if not full or ratios["pauc80_delta"] is None
-                       else ratios["pauc80_delta"] >= TARGET_PAUC80_DELTA),
+        "fit_vs_plain_met": (
+            None
+            if not full or ratios["fit_vs_plain"] is None
+            else ratios["fit_vs_plain"] <= TARGET_FIT_VS_PLAIN
+        ),
+        "fit_vs_unsampled_met": (
+            ratios["fit_vs_unsampled"] <= TARGET_FIT_VS_UNSAMPLED
+            if full and threads == 1 and ratios["fit_vs_unsampled"] is not None
+            else None
+        ),
+        "pauc80_met": (
+            None
+            if not full or ratios["pauc80_delta"] is None
+            else ratios["pauc80_delta"] >= TARGET_PAUC80_DELTA
+        ),
         "memory_met": ours["peak_rss_bytes"] <= TARGET_PEAK_BYTES,
     }
 
@@ -329,8 +383,15 @@ def sweep_neg_ratio(
     }
 
 
-def _sweep_fits(frame: pd.DataFrame, spec: DatasetSpec, folds: np.ndarray, configs: dict[float, GBDTConfig],
-                seed_sets: int, set_size: int, work_dir: Path | None) -> list[dict]:
+def _sweep_fits(
+    frame: pd.DataFrame,
+    spec: DatasetSpec,
+    folds: np.ndarray,
+    configs: dict[float, GBDTConfig],
+    seed_sets: int,
+    set_size: int,
+    work_dir: Path | None,
+) -> list[dict]:
     """One stage fit per seed set and ratio: the sets in turn, within a set every ratio back to
     back, so that a change of machine load falls on all ratios alike."""
     import warnings
@@ -349,17 +410,30 @@ def _sweep_fits(frame: pd.DataFrame, spec: DatasetSpec, folds: np.ndarray, confi
                 metrics = fit_gbdt_frame(frame, folds, spec, Path(tmp) / "gbdt", config=config)
                 after = _load_average()
                 fit = {
-                    "neg_ratio": ratio, "seeds": list(seeds), "pauc80": metrics["pauc80"],
-                    "roc_auc": metrics["roc_auc"], "seconds": time.perf_counter() - tick,
+                    "neg_ratio": ratio,
+                    "seeds": list(seeds),
+                    "pauc80": metrics["pauc80"],
+                    "roc_auc": metrics["roc_auc"],
+                    "seconds": time.perf_counter() - tick,
                     "cpu_seconds": time.process_time() - cpu,
                     "load_average": [before[0] if before else None, after[0] if after else None],
                     "applied": metrics["negative_sampling"]["applied"],
-                    "rows_per_model": [f["rows_per_model"] for f in metrics["negative_sampling"]["folds"]],
+                    "rows_per_model": [
+                        f["rows_per_model"] for f in metrics["negative_sampling"]["folds"]
+                    ],
                 }
                 fits.append(fit)
-                log.info("sweep: neg_ratio %g seeds %s: pAUC80 %.4f, ROC AUC %.4f, %.1f s (CPU %.1f s, load %s)",
-                         ratio, list(seeds), fit["pauc80"], fit["roc_auc"], fit["seconds"], fit["cpu_seconds"],
-                         fit["load_average"])
+                log.info(
+                    "sweep: neg_ratio %g seeds %s: pAUC80 %.4f, ROC AUC %.4f, %.1f s (CPU %.1f s, "
+                    "load %s)",
+                    ratio,
+                    list(seeds),
+                    fit["pauc80"],
+                    fit["roc_auc"],
+                    fit["seconds"],
+                    fit["cpu_seconds"],
+                    fit["load_average"],
+                )
     return fits
 
 
@@ -383,26 +457,35 @@ def _sweep_summary(fits: list[dict], ratios: list[float]) -> dict[str, dict]:
         }
     base = summary.get("0")
     for row in summary.values():
-        row["pauc80_minus_unsampled"] = None if base is None else row["pauc80_mean"] - base["pauc80_mean"]
-        row["seconds_vs_unsampled"] = None if base is None else row["seconds_mean"] / base["seconds_mean"]
+        row["pauc80_minus_unsampled"] = (
+            None if base is None else row["pauc80_mean"] - base["pauc80_mean"]
+        )
+        row["seconds_vs_unsampled"] = (
+            None if base is None else row["seconds_mean"] / base["seconds_mean"]
+        )
     return summary
 
 
 def _format_sweep(result: dict) -> str:
     """The sweep as a table: one line per ratio."""
-    lines = [f"{result['rows']} rows, {result['positives']} positives, {result['n_folds']} folds, "
-             f"{result['set_size']} seeds a set; pooled set-to-set sd of pAUC80 "
-             f"{_num(result['pooled_set_sd'])}, noise on a difference (2 x sqrt 2 x sd) {_num(result['noise_delta'])}",
-             "neg/pos  applied  rows/model  sets  pAUC80 mean +- sd  vs every negative  ROC AUC  fit s  "
-             "x every negative  CPU s"]
+    lines = [
+        f"{result['rows']} rows, {result['positives']} positives, {result['n_folds']} folds, "
+        f"{result['set_size']} seeds a set; pooled set-to-set sd of pAUC80 "
+        f"{_num(result['pooled_set_sd'])}, noise on a difference (2 x sqrt 2 x sd) "
+        f"{_num(result['noise_delta'])}",
+        "neg/pos  applied  rows/model  sets  pAUC80 mean +- sd  vs every negative  ROC AUC  fit s  "
+        "x every negative  CPU s",
+    ]
     for row in result["ratios"].values():
-        delta = row["pauc80_minus_unsampled"]
+        delta, times = row["pauc80_minus_unsampled"], row["seconds_vs_unsampled"]
         lines.append(
-            f"{row['neg_ratio']:>7g}  {str(row['applied']):>7}  {row['rows_per_model']:>10}  {row['sets']:>4}  "
-            f"{row['pauc80_mean']:.4f} +- {_num(row['pauc80_sd'])}  {'' if delta is None else f'{delta:+.4f}':>17}  "
+            f"{row['neg_ratio']:>7g}  {str(row['applied']):>7}  {row['rows_per_model']:>10}  "
+            f"{row['sets']:>4}  {row['pauc80_mean']:.4f} +- {_num(row['pauc80_sd'])}  "
+            f"{'' if delta is None else f'{delta:+.4f}':>17}  "
             f"{row['roc_auc_mean']:.4f}  {row['seconds_mean']:5.1f}  "
-            f"{'' if row['seconds_vs_unsampled'] is None else format(row['seconds_vs_unsampled'], '.2f'):>16}  "
-            f"{row['cpu_seconds_mean']:5.1f}")
+            f"{'' if times is None else format(times, '.2f'):>16}  "
+            f"{row['cpu_seconds_mean']:5.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -416,25 +499,36 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.gbdt",
-        description="Out-of-fold pAUC80, ROC AUC and fit time of the LightGBM stage at several negatives per "
-                    "positive, each with several seed sets (the seed-to-seed spread).")
+        description="Out-of-fold pAUC80, ROC AUC and fit time of the LightGBM stage at several "
+        "negatives per positive, each with several seed sets (the seed-to-seed spread).",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--spec", help="dataset spec TOML (or ISIC 2024 Kaggle-layout directory)")
-    source.add_argument("--synthetic", type=int, metavar="ROWS",
-                        help="the synthetic ISIC 2024-like table of this many rows (401059: the bench's)")
-    parser.add_argument("--ratios", default="0,20,50,100,200", help="comma-separated negatives per positive")
+    source.add_argument(
+        "--synthetic",
+        type=int,
+        metavar="ROWS",
+        help="the synthetic ISIC 2024-like table of this many rows (401059: the bench's)",
+    )
+    parser.add_argument(
+        "--ratios", default="0,20,50,100,200", help="comma-separated negatives per positive"
+    )
     parser.add_argument("--seed-sets", type=int, default=3)
     parser.add_argument("--set-size", type=int, default=3)
     parser.add_argument("--out", help="write the JSON here")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from tabular.spec import isic2024_spec, load_spec
     from tabular.validate import read_metadata
 
     try:
         ratios = tuple(float(r) for r in args.ratios.split(","))
     except ValueError as error:
-        raise SystemExit(f"--ratios: expected comma-separated numbers, got {args.ratios!r}") from error
+        raise SystemExit(
+            f"--ratios: expected comma-separated numbers, got {args.ratios!r}"
+        ) from error
     with tempfile.TemporaryDirectory(prefix="sweep-gbdt-") as tmp:
         if args.spec:
             spec = load_spec(args.spec)
@@ -443,11 +537,22 @@ def main(argv: list[str] | None = None) -> dict:
             from fuse.demo.synthetic import make_isic2024_like
 
             rows = args.synthetic
-            make_isic2024_like(Path(tmp), n_rows=rows, n_patients=max(10, round(ISIC2024_PATIENTS * rows / ISIC2024_ROWS)),
-                               prevalence=0.001 if rows >= 50_000 else 0.005, seed=0, write_images=False)
+            make_isic2024_like(
+                Path(tmp),
+                n_rows=rows,
+                n_patients=max(10, round(ISIC2024_PATIENTS * rows / ISIC2024_ROWS)),
+                prevalence=0.001 if rows >= 50_000 else 0.005,
+                seed=0,
+                write_images=False,
+            )
             spec = isic2024_spec(Path(tmp))
-        result = sweep_neg_ratio(read_metadata(spec), spec, ratios=ratios, seed_sets=args.seed_sets,
-                                 set_size=args.set_size)
+        result = sweep_neg_ratio(
+            read_metadata(spec),
+            spec,
+            ratios=ratios,
+            seed_sets=args.seed_sets,
+            set_size=args.set_size,
+        )
     result["dataset"] = spec.name
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

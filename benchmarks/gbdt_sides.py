@@ -46,8 +46,11 @@ def measure_fit(kind: str, work: str) -> dict:
     spec = replace(spec_from_identity(job["spec"]), images=None)
     y = frame[spec.target].to_numpy().astype(np.int8)
     params = {**DEFAULT_PARAMS, **options["params"]}
-    config = GBDTConfig(seeds=tuple(options["seeds"]), neg_ratio=0 if kind == "unsampled" else options["neg_ratio"],
-                        num_threads=options["num_threads"])
+    config = GBDTConfig(
+        seeds=tuple(options["seeds"]),
+        neg_ratio=0 if kind == "unsampled" else options["neg_ratio"],
+        num_threads=options["num_threads"],
+    )
     result: dict = {"rss_after_loading_bytes": peak_rss_bytes(), "neg_ratio": config.neg_ratio}
     if kind in ("ours", "unsampled"):
         result.update(_fit_stage(kind, frame, folds, spec, config, work_dir))
@@ -60,8 +63,14 @@ def measure_fit(kind: str, work: str) -> dict:
     return result
 
 
-def _fit_stage(kind: str, frame: pd.DataFrame, folds: np.ndarray, spec: DatasetSpec, config: GBDTConfig,
-               work_dir: Path) -> dict:
+def _fit_stage(
+    kind: str,
+    frame: pd.DataFrame,
+    folds: np.ndarray,
+    spec: DatasetSpec,
+    config: GBDTConfig,
+    work_dir: Path,
+) -> dict:
     """Ours (features alone first, then the stage) or the unsampled stage: `fit_gbdt_frame`."""
     from tabular.train import fit_gbdt_frame
 
@@ -87,8 +96,14 @@ def _fit_stage(kind: str, frame: pd.DataFrame, folds: np.ndarray, spec: DatasetS
     return result
 
 
-def _fit_plain(frame: pd.DataFrame, folds: np.ndarray, spec: DatasetSpec, y: np.ndarray, params: dict,
-               config: GBDTConfig) -> dict:
+def _fit_plain(
+    frame: pd.DataFrame,
+    folds: np.ndarray,
+    spec: DatasetSpec,
+    y: np.ndarray,
+    params: dict,
+    config: GBDTConfig,
+) -> dict:
     """Plain LightGBM on every row: raw numeric columns, seed 0, `PLAIN_ROUNDS` rounds, no early
     stopping, LightGBM's default threads."""
     import lightgbm as lgb
@@ -102,8 +117,12 @@ def _fit_plain(frame: pd.DataFrame, folds: np.ndarray, spec: DatasetSpec, y: np.
     for k in np.unique(folds):
         train, valid = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
         plain = booster_params(params, 0, config)
-        plain.pop("num_threads")  # LightGBM's own default: every logical CPU, as a user's first fit gets
-        booster = lgb.train(plain, lgb.Dataset(X.iloc[train], label=y[train]), num_boost_round=PLAIN_ROUNDS)
+        plain.pop(
+            "num_threads"
+        )  # LightGBM's own default: every logical CPU, as a user's first fit gets
+        booster = lgb.train(
+            plain, lgb.Dataset(X.iloc[train], label=y[train]), num_boost_round=PLAIN_ROUNDS
+        )
         oof[valid] = booster.predict(X.iloc[valid])
     result = {
         "fit_seconds": time.perf_counter() - tick,
@@ -115,8 +134,14 @@ def _fit_plain(frame: pd.DataFrame, folds: np.ndarray, spec: DatasetSpec, y: np.
     return {**result, **_scores(y, oof)}
 
 
-def _fit_baseline(frame: pd.DataFrame, folds: np.ndarray, spec: DatasetSpec, y: np.ndarray, params: dict,
-                  config: GBDTConfig) -> dict:
+def _fit_baseline(
+    frame: pd.DataFrame,
+    folds: np.ndarray,
+    spec: DatasetSpec,
+    y: np.ndarray,
+    params: dict,
+    config: GBDTConfig,
+) -> dict:
     """Plain LightGBM on the raw numeric columns with ours' folds, parameters, seeds, negative
     draws and early stopping: what the features cost."""
     import lightgbm as lgb
@@ -133,15 +158,26 @@ def _fit_baseline(frame: pd.DataFrame, folds: np.ndarray, spec: DatasetSpec, y: 
         train_set = lgb.Dataset(X.iloc[train], label=y[train], free_raw_data=True)
         for seed in config.seeds:
             keep = negative_sample(y[train], config.neg_ratio, sample_seed(int(seed), int(k)))
-            valid_set = lgb.Dataset(X.iloc[valid], label=y[valid], reference=train_set,
-                                    init_score=np.full(len(valid), validation_offset(y[train], keep)))
+            valid_set = lgb.Dataset(
+                X.iloc[valid],
+                label=y[valid],
+                reference=train_set,
+                init_score=np.full(len(valid), validation_offset(y[train], keep)),
+            )
             booster = lgb.train(
                 booster_params(params, int(seed), config),
                 train_set if keep is None else train_set.subset(keep.tolist()),
-                num_boost_round=config.num_boost_round, valid_sets=[valid_set],
-                callbacks=[lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False)],
+                num_boost_round=config.num_boost_round,
+                valid_sets=[valid_set],
+                callbacks=[
+                    lgb.early_stopping(
+                        config.early_stopping_rounds, first_metric_only=True, verbose=False
+                    )
+                ],
             )
-            prediction = np.asarray(booster.predict(X.iloc[valid], num_iteration=booster.best_iteration))
+            prediction = np.asarray(
+                booster.predict(X.iloc[valid], num_iteration=booster.best_iteration)
+            )
             oof[valid] += prediction / len(config.seeds)
     result = {
         "fit_seconds": time.perf_counter() - tick,

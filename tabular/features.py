@@ -47,7 +47,9 @@ log = logging.getLogger(__name__)
 # model has its own encoder and scoring runs in batches, so a warning per `transform` call said
 # the same thing 5-10 times. A context variable, not a module global, so that threads and nested
 # calls each see their own collection.
-_UNKNOWN: contextvars.ContextVar[dict | None] = contextvars.ContextVar("unknown_categories", default=None)
+_UNKNOWN: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "unknown_categories", default=None
+)
 
 
 @contextlib.contextmanager
@@ -72,9 +74,14 @@ def unknown_categories_said_once() -> Iterator[None]:
             if not seen["ids"]:
                 continue
             log.warning(
-                "categorical column '%s': %d row(s) hold categories not seen at fit (by %d of %d encoder "
+                "categorical column '%s': %d row(s) hold categories not seen at fit (by %d of %d "
+                "encoder "
                 "calls, e.g. one per fold model), encoded as all-zero: %s",
-                column, len(seen["ids"]), seen["calls_unknown"], seen["calls"], preview(sorted(seen["values"])),
+                column,
+                len(seen["ids"]),
+                seen["calls_unknown"],
+                seen["calls"],
+                preview(sorted(seen["values"])),
             )
 
 
@@ -84,7 +91,9 @@ def _note_unknown(column: str, values: list, ids: list[str]) -> bool:
     collected = _UNKNOWN.get()
     if collected is None:
         return False
-    seen = collected.setdefault(column, {"ids": set(), "calls": 0, "calls_unknown": 0, "values": set()})
+    seen = collected.setdefault(
+        column, {"ids": set(), "calls": 0, "calls_unknown": 0, "values": set()}
+    )
     seen["calls"] += 1
     if ids:
         seen["calls_unknown"] += 1
@@ -212,7 +221,9 @@ class FeatureEncoder:
         self.state["mlp"] = self._mlp_state(features)
         return features
 
-    def restrict(self, features: pd.DataFrame, rows: np.ndarray) -> tuple[FeatureEncoder, pd.DataFrame, list[int]]:
+    def restrict(
+        self, features: pd.DataFrame, rows: np.ndarray
+    ) -> tuple[FeatureEncoder, pd.DataFrame, list[int]]:
         """The encoder `fit_transform` would make on a subset of the rows this one was fitted on,
         from this encoder's features of that subset, without recomputing them.
 
@@ -243,7 +254,8 @@ class FeatureEncoder:
             raise DataError("fit: the frame has no rows")
         if list(features.columns) != self.feature_names:
             raise DataError(
-                f"restrict: expected the {len(self.feature_names)} columns of this encoder's transform, got "
+                f"restrict: expected the {len(self.feature_names)} columns of this encoder's "
+                "transform, got "
                 f"{len(features.columns)} columns {preview(list(features.columns))}"
             )
         values = features.to_numpy(copy=False)[np.asarray(rows)]
@@ -256,8 +268,9 @@ class FeatureEncoder:
                 )
         categories: dict[str, list[str]] = {}
         for source, levels in state["categories"].items():
-            kept = [level for level in levels
-                    if values[:, position[("onehot", source, level)]].any()]
+            kept = [
+                level for level in levels if values[:, position[("onehot", source, level)]].any()
+            ]
             if not kept:
                 raise DataError(
                     f"categorical column '{source}' has no value in the {len(rows)} rows given "
@@ -265,12 +278,20 @@ class FeatureEncoder:
                 )
             categories[source] = kept
         encoder = FeatureEncoder()
-        encoder.state = dict(_copy({k: v for k, v in state.items() if k not in ("categories", "columns", "mlp")}),
-                             categories=categories, columns=[], mlp={})
+        encoder.state = dict(
+            _copy({k: v for k, v in state.items() if k not in ("categories", "columns", "mlp")}),
+            categories=categories,
+            columns=[],
+            mlp={},
+        )
         encoder.state["columns"] = encoder._layout()
         picks = [position[_column_key(c)] for c in encoder.state["columns"]]
-        subset = pd.DataFrame(values[:, picks] if len(picks) < values.shape[1] else values,
-                              index=features.index[np.asarray(rows)], columns=encoder.feature_names, copy=False)
+        subset = pd.DataFrame(
+            values[:, picks] if len(picks) < values.shape[1] else values,
+            index=features.index[np.asarray(rows)],
+            columns=encoder.feature_names,
+            copy=False,
+        )
         encoder.state["mlp"] = encoder._mlp_state(subset)
         return encoder, subset, picks
 
@@ -333,8 +354,14 @@ class FeatureEncoder:
         patient_columns = [c for c in columns if c["kind"] == "patient_norm"]
         if patient_columns:
             count = next(c["name"] for c in columns if c["kind"] == "patient_count")
-            patient_features(_as_text(df[state["patient"]]), continuous, patient_columns,
-                             position[count], position, out)
+            patient_features(
+                _as_text(df[state["patient"]]),
+                continuous,
+                patient_columns,
+                position[count],
+                position,
+                out,
+            )
 
         categorical = self._categorical_values(df)
         for source, levels in state["categories"].items():
@@ -364,7 +391,9 @@ class FeatureEncoder:
                 )
         return pd.DataFrame(out, index=df.index, columns=self.feature_names, copy=False)
 
-    def mlp_matrix(self, features: pd.DataFrame, standardise: bool = True, indicators: bool = True) -> pd.DataFrame:
+    def mlp_matrix(
+        self, features: pd.DataFrame, standardise: bool = True, indicators: bool = True
+    ) -> pd.DataFrame:
         """Features for a neural network: no NaN, continuous columns standardised.
 
         Args:
@@ -418,9 +447,14 @@ class FeatureEncoder:
             DataError: not an encoder document, or another format version.
         """
         if not isinstance(data, dict) or "columns" not in data or "categories" not in data:
-            raise DataError("encoder: not a FeatureEncoder JSON document (no 'columns'/'categories')")
+            raise DataError(
+                "encoder: not a FeatureEncoder JSON document (no 'columns'/'categories')"
+            )
         if data.get("format") != _ENCODER_FORMAT:
-            raise DataError(f"encoder: format {data.get('format')!r} is not supported (expected {_ENCODER_FORMAT})")
+            raise DataError(
+                f"encoder: format {data.get('format')!r} is not supported (expected "
+                f"{_ENCODER_FORMAT})"
+            )
         encoder = cls()
         encoder.state = _copy(data)
         return encoder
@@ -482,20 +516,37 @@ class FeatureEncoder:
         if state["patient"]:
             for column in list(columns):
                 columns.append(
-                    {"name": f"{column['name']}_patient_norm", "kind": "patient_norm", "source": column["name"]}
+                    {
+                        "name": f"{column['name']}_patient_norm",
+                        "kind": "patient_norm",
+                        "source": column["name"],
+                    }
                 )
-            columns.append({"name": "lesions_per_patient", "kind": "patient_count", "source": state["patient"]})
+            columns.append(
+                {"name": "lesions_per_patient", "kind": "patient_count", "source": state["patient"]}
+            )
         for source, levels in state["categories"].items():
             for level in levels:
                 columns.append(
-                    {"name": f"{_safe(source)}__{_safe(level)}", "kind": "onehot", "source": source, "value": level}
+                    {
+                        "name": f"{_safe(source)}__{_safe(level)}",
+                        "kind": "onehot",
+                        "source": source,
+                        "value": level,
+                    }
                 )
-            columns.append({"name": f"{_safe(source)}__missing", "kind": "onehot", "source": source, "value": None})
+            columns.append(
+                {
+                    "name": f"{_safe(source)}__missing",
+                    "kind": "onehot",
+                    "source": source,
+                    "value": None,
+                }
+            )
         # Earlier names are kept, so the patient columns' sources above stay valid.
         for column, name in zip(columns, _unique([c["name"] for c in columns]), strict=True):
             column["name"] = name
         return columns
-
 
 
 def _column_key(column: dict) -> tuple:

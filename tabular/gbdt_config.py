@@ -20,7 +20,11 @@ import numpy as np
 from tabular.errors import DataError
 
 __all__ = [
-    "DATASET_PARAMS", "DEFAULT_NEG_RATIO", "DEFAULT_PARAMS", "GBDTConfig", "booster_params",
+    "DATASET_PARAMS",
+    "DEFAULT_NEG_RATIO",
+    "DEFAULT_PARAMS",
+    "GBDTConfig",
+    "booster_params",
     "lightgbm_threads",
 ]
 
@@ -118,7 +122,8 @@ class GBDTConfig:
 
     @property
     def negatives_per_positive(self) -> float:
-        """`neg_ratio` as construction set it: a float, the default where None was given; 0 = off."""
+        """`neg_ratio` as construction set it: a float, the default where None was given;
+        0 = off."""
         return DEFAULT_NEG_RATIO if self.neg_ratio is None else float(self.neg_ratio)
 
     def __post_init__(self) -> None:
@@ -127,8 +132,11 @@ class GBDTConfig:
         ratio = self.neg_ratio
         if ratio is None:
             object.__setattr__(self, "neg_ratio", DEFAULT_NEG_RATIO)
-        elif (isinstance(ratio, bool) or not isinstance(ratio, int | float | np.integer | np.floating)
-                or not (math.isfinite(ratio) and ratio >= 0)):
+        elif (
+            isinstance(ratio, bool)
+            or not isinstance(ratio, int | float | np.integer | np.floating)
+            or not (math.isfinite(ratio) and ratio >= 0)
+        ):
             raise DataError(
                 f"neg_ratio: expected a number >= 0 (negatives kept per positive; 0 keeps every "
                 f"negative, None the default {DEFAULT_NEG_RATIO:g}), got {ratio!r}"
@@ -136,12 +144,23 @@ class GBDTConfig:
         else:
             object.__setattr__(self, "neg_ratio", float(ratio))
         # 0 = metadata only: a tabular-only spec, or `invoke train-gbdt --image-pca 0`.
-        if (isinstance(self.extra_components, bool) or not isinstance(self.extra_components, int | np.integer)
-                or self.extra_components < 0):
-            raise DataError(f"extra_components: expected an integer >= 0, got {self.extra_components!r}")
-        if (isinstance(self.fold_workers, bool) or not isinstance(self.fold_workers, int | np.integer)
-                or self.fold_workers < 0):
-            raise DataError(f"fold_workers: expected an integer >= 0 (0 = one per CPU left), got {self.fold_workers!r}")
+        if (
+            isinstance(self.extra_components, bool)
+            or not isinstance(self.extra_components, int | np.integer)
+            or self.extra_components < 0
+        ):
+            raise DataError(
+                f"extra_components: expected an integer >= 0, got {self.extra_components!r}"
+            )
+        if (
+            isinstance(self.fold_workers, bool)
+            or not isinstance(self.fold_workers, int | np.integer)
+            or self.fold_workers < 0
+        ):
+            raise DataError(
+                "fold_workers: expected an integer >= 0 (0 = one per CPU left), got "
+                f"{self.fold_workers!r}"
+            )
         if self.num_boost_round < 1 or self.early_stopping_rounds < 1:
             raise DataError(
                 f"num_boost_round / early_stopping_rounds: expected >= 1, got "
@@ -153,7 +172,13 @@ def booster_params(params: Mapping, seed: int, config: GBDTConfig) -> dict:
     """Full LightGBM parameters for one model of the ensemble."""
     full = {**DEFAULT_PARAMS, **params}
     # Per-seed randomness without `seed`, which would also reset the Dataset's binning seed.
-    for key in ("bagging_seed", "feature_fraction_seed", "extra_seed", "drop_seed", "objective_seed"):
+    for key in (
+        "bagging_seed",
+        "feature_fraction_seed",
+        "extra_seed",
+        "drop_seed",
+        "objective_seed",
+    ):
         full[key] = int(seed)
     full["num_threads"] = lightgbm_threads(config)
     full["verbosity"] = -1
@@ -163,4 +188,3 @@ def booster_params(params: Mapping, seed: int, config: GBDTConfig) -> dict:
 def lightgbm_threads(config: GBDTConfig) -> int:
     """LightGBM threads of each model: `config.num_threads`, else half the logical CPUs."""
     return config.num_threads or max(1, (os.cpu_count() or 2) // 2)
-

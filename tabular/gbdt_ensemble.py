@@ -39,8 +39,14 @@ from tabular.gbdt_model import ENCODER_FILE, FEATURES_FILE
 from tabular.metrics import MetricWarning, pauc80, roc_auc
 
 __all__ = [
-    "Ensemble", "fit_ensemble", "importance_table", "map_folds", "predict_best", "predict_valid",
-    "save_ensemble", "train_model",
+    "Ensemble",
+    "fit_ensemble",
+    "importance_table",
+    "map_folds",
+    "predict_best",
+    "predict_valid",
+    "save_ensemble",
+    "train_model",
 ]
 
 log = logging.getLogger(__name__)
@@ -97,8 +103,13 @@ def train_model(data: FoldData, params: Mapping, seed: int, config: GBDTConfig) 
     train_set, offset = seed_dataset(data, seed, config)
     valid_set = data.valid_set
     if valid_set is None:
-        valid_set = lgb.Dataset(data.X_valid, label=data.y_valid, reference=data.train_set,
-                                params=dict(DATASET_PARAMS), free_raw_data=False).construct()
+        valid_set = lgb.Dataset(
+            data.X_valid,
+            label=data.y_valid,
+            reference=data.train_set,
+            params=dict(DATASET_PARAMS),
+            free_raw_data=False,
+        ).construct()
     valid_set.set_init_score(np.full(len(data.y_valid), offset))
     callbacks: list[Callable[..., object]] = [
         lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False),
@@ -190,8 +201,14 @@ def fit_ensemble(
                 "best_iterations": iterations,
             }
         )
-        log.info("%s fold %d: pauc80 %.4f, ROC AUC %.4f, best iterations %s",
-                 desc, data.fold, fold_pauc, fold_auc, iterations)
+        log.info(
+            "%s fold %d: pauc80 %.4f, ROC AUC %.4f, best iterations %s",
+            desc,
+            data.fold,
+            fold_pauc,
+            fold_auc,
+            iterations,
+        )
     bar.close()
     return Ensemble(oof=oof, boosters=boosters, per_fold=per_fold, params=dict(params))
 
@@ -199,8 +216,13 @@ def fit_ensemble(
 # ---------------------------------------------------------------------------------- saving
 
 
-def save_ensemble(stage_dir: Path, ensemble: Ensemble, folds: Sequence[FoldData], config: GBDTConfig,
-                  extra_dim: int | None) -> None:
+def save_ensemble(
+    stage_dir: Path,
+    ensemble: Ensemble,
+    folds: Sequence[FoldData],
+    config: GBDTConfig,
+    extra_dim: int | None,
+) -> None:
     """Write models (`fold{k}_seed{s}.txt`), `encoder.json`, `features.json` (the file names
     `tabular.gbdt_model`, their one reader, declares), PCA `.npy`."""
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -224,7 +246,9 @@ def save_ensemble(stage_dir: Path, ensemble: Ensemble, folds: Sequence[FoldData]
                 "pca": data.pca.save(stage_dir, data.fold) if data.pca is not None else None,
             }
         )
-    atomic_write_text(stage_dir / ENCODER_FILE, json.dumps({"format": _STAGE_FORMAT, "folds": encoders}))
+    atomic_write_text(
+        stage_dir / ENCODER_FILE, json.dumps({"format": _STAGE_FORMAT, "folds": encoders})
+    )
     atomic_write_text(stage_dir / FEATURES_FILE, json.dumps(manifest, indent=1))
 
 
@@ -239,15 +263,25 @@ def importance_table(ensemble: Ensemble) -> pd.DataFrame:
     n = len(ensemble.boosters)
     for booster in ensemble.boosters.values():
         names = booster.feature_name()
-        for name, g, s in zip(names, booster.feature_importance("gain"),
-                              booster.feature_importance("split"), strict=True):
+        for name, g, s in zip(
+            names,
+            booster.feature_importance("gain"),
+            booster.feature_importance("split"),
+            strict=True,
+        ):
             gains.setdefault(name, []).append(float(g))
             splits.setdefault(name, []).append(float(s))
     rows = []
     for name, values in gains.items():
         padded = np.array(values + [0.0] * (n - len(values)))
-        rows.append({"feature": name, "gain": padded.mean(), "gain_std": padded.std(),
-                     "splits": float(np.sum(splits[name])) / n})
+        rows.append(
+            {
+                "feature": name,
+                "gain": padded.mean(),
+                "gain_std": padded.std(),
+                "splits": float(np.sum(splits[name])) / n,
+            }
+        )
     table = pd.DataFrame(rows, columns=["feature", "gain", "gain_std", "splits"])
     total = table["gain"].sum()
     table.insert(3, "gain_share", table["gain"] / total if total > 0 else 0.0)

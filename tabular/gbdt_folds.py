@@ -59,29 +59,43 @@ class FoldData:
     valid_set: lgb.Dataset | None = None
     # (neg_ratio, seed) -> (training Dataset of that seed's draw, validation offset), made at the
     # first model of that seed and reused by every later one (the other trials, the final fit).
-    seed_sets: dict[tuple[float, int], tuple[lgb.Dataset, float]] = field(default_factory=dict, repr=False)
+    seed_sets: dict[tuple[float, int], tuple[lgb.Dataset, float]] = field(
+        default_factory=dict, repr=False
+    )
     # X_valid as one float32 array, for predictions (a DataFrame is converted on every call).
     valid_matrix: np.ndarray | None = field(default=None, repr=False)
 
 
-def _pca_components_used(n_components: int, extra_dim: int, fold_of_row: np.ndarray, max_rows: int) -> list[int]:
+def _pca_components_used(
+    n_components: int, extra_dim: int, fold_of_row: np.ndarray, max_rows: int
+) -> list[int]:
     """Components `FoldPCA.fit` keeps in each fold (sorted fold order): a PCA of r rows in d
     dimensions has at most min(r, d), so `n_components` is cut where it asks for more."""
     fold_of_row = np.asarray(fold_of_row)
-    return [min(n_components, extra_dim, min(int(np.sum(fold_of_row != f)), max_rows))
-            for f in sorted(np.unique(fold_of_row).tolist())]
+    return [
+        min(n_components, extra_dim, min(int(np.sum(fold_of_row != f)), max_rows))
+        for f in sorted(np.unique(fold_of_row).tolist())
+    ]
 
 
-def _warn_if_pca_cut(n_components: int, extra_dim: int, fold_of_row: np.ndarray, max_rows: int) -> None:
+def _warn_if_pca_cut(
+    n_components: int, extra_dim: int, fold_of_row: np.ndarray, max_rows: int
+) -> None:
     used = _pca_components_used(n_components, extra_dim, fold_of_row, max_rows)
     if min(used) >= n_components:
         return
     kept = f"{min(used)}" if min(used) == max(used) else f"{min(used)} to {max(used)} (by fold)"
-    log.warning("--image-pca (extra_components) %d: %s components used; a PCA keeps at most as many as the "
-                "embedding dimension (%d) and a fold's training rows (at most %d, the smallest fold's %d). "
-                "Pass --image-pca %d or fewer to ask for what is used",
-                n_components, kept, extra_dim, max_rows,
-                min(int(np.sum(np.asarray(fold_of_row) != f)) for f in np.unique(fold_of_row)), min(used))
+    log.warning(
+        "--image-pca (extra_components) %d: %s components used; a PCA keeps at most as many as the "
+        "embedding dimension (%d) and a fold's training rows (at most %d, the smallest fold's %d). "
+        "Pass --image-pca %d or fewer to ask for what is used",
+        n_components,
+        kept,
+        extra_dim,
+        max_rows,
+        min(int(np.sum(np.asarray(fold_of_row) != f)) for f in np.unique(fold_of_row)),
+        min(used),
+    )
 
 
 def build_fold(
@@ -107,12 +121,23 @@ def build_fold(
     encoder = FeatureEncoder()
     X_train = encoder.fit_transform(frame.iloc[train_rows], spec)
     X_valid = encoder.transform(frame.iloc[valid_rows])
-    return _fold_from_features(frame, spec, y, fold_of_row, fold, encoder, X_train, X_valid, extra, config)
+    return _fold_from_features(
+        frame, spec, y, fold_of_row, fold, encoder, X_train, X_valid, extra, config
+    )
 
 
-def _fold_from_features(frame: pd.DataFrame, spec: DatasetSpec, y: np.ndarray, fold_of_row: np.ndarray, fold: int,
-                        encoder: FeatureEncoder, X_train: pd.DataFrame, X_valid: pd.DataFrame,
-                        extra: np.ndarray | None, config: GBDTConfig) -> FoldData:
+def _fold_from_features(
+    frame: pd.DataFrame,
+    spec: DatasetSpec,
+    y: np.ndarray,
+    fold_of_row: np.ndarray,
+    fold: int,
+    encoder: FeatureEncoder,
+    X_train: pd.DataFrame,
+    X_valid: pd.DataFrame,
+    extra: np.ndarray | None,
+    config: GBDTConfig,
+) -> FoldData:
     """The rest of `build_fold` once the fold's metadata features are made: image PCA, the
     negative sample, the binned Datasets."""
     train_rows = np.flatnonzero(fold_of_row != fold)
@@ -120,15 +145,27 @@ def _fold_from_features(frame: pd.DataFrame, spec: DatasetSpec, y: np.ndarray, f
     pca = None
     if extra is not None:
         if fold == np.min(fold_of_row):  # said once per fit, not once per fold
-            _warn_if_pca_cut(config.extra_components, extra.shape[1], fold_of_row, config.pca_fit_rows)
-        pca = FoldPCA.fit(extra[train_rows], config.extra_components, seed=fold, max_rows=config.pca_fit_rows)
+            _warn_if_pca_cut(
+                config.extra_components, extra.shape[1], fold_of_row, config.pca_fit_rows
+            )
+        pca = FoldPCA.fit(
+            extra[train_rows], config.extra_components, seed=fold, max_rows=config.pca_fit_rows
+        )
         # Each part's patient context comes from its own rows (a patient is in one part only
         # when folds are grouped by patient, as the ISIC 2024 spec's are).
         patients = spec.patient if config.patient_context and spec.patient else None
-        X_train = with_extra(X_train, extra[train_rows], pca,
-                             None if patients is None else frame[patients].iloc[train_rows].to_numpy())
-        X_valid = with_extra(X_valid, extra[valid_rows], pca,
-                             None if patients is None else frame[patients].iloc[valid_rows].to_numpy())
+        X_train = with_extra(
+            X_train,
+            extra[train_rows],
+            pca,
+            None if patients is None else frame[patients].iloc[train_rows].to_numpy(),
+        )
+        X_valid = with_extra(
+            X_valid,
+            extra[valid_rows],
+            pca,
+            None if patients is None else frame[patients].iloc[valid_rows].to_numpy(),
+        )
     names = list(X_train.columns)
     y_train = y[train_rows]
     dataset_rows = sampled_rows(y_train, config, fold)
@@ -141,8 +178,13 @@ def _fold_from_features(frame: pd.DataFrame, spec: DatasetSpec, y: np.ndarray, f
     train_set.construct()
     del X_train
     # Raw data kept (it is X_valid itself): LightGBM may rebuild it for other booster parameters.
-    valid_set = lgb.Dataset(X_valid, label=y[valid_rows], reference=train_set, params=dict(DATASET_PARAMS),
-                            free_raw_data=False)
+    valid_set = lgb.Dataset(
+        X_valid,
+        label=y[valid_rows],
+        reference=train_set,
+        params=dict(DATASET_PARAMS),
+        free_raw_data=False,
+    )
     valid_set.construct()
     return FoldData(
         fold=fold,
@@ -156,7 +198,9 @@ def _fold_from_features(frame: pd.DataFrame, spec: DatasetSpec, y: np.ndarray, f
         pca=pca,
         feature_names=names,
         dataset_rows=dataset_rows,
-        sampled=None if dataset_rows is None else (config.negatives_per_positive, tuple(int(s) for s in config.seeds)),
+        sampled=None
+        if dataset_rows is None
+        else (config.negatives_per_positive, tuple(int(s) for s in config.seeds)),
         valid_set=valid_set,
     )
 
@@ -211,25 +255,39 @@ def build_folds(
         valid_rows = np.flatnonzero(fold_of_row == k)
         block = features.to_numpy(copy=False)[valid_rows]
         _warn_unseen(block, encoder, picks, k)
-        X_valid = pd.DataFrame(block[:, picks] if len(picks) < block.shape[1] else block,
-                               index=valid_rows, columns=fold_encoder.feature_names, copy=False)
-        folds.append(_fold_from_features(frame, spec, y, fold_of_row, k, fold_encoder, X_train, X_valid,
-                                         extra, config))
+        X_valid = pd.DataFrame(
+            block[:, picks] if len(picks) < block.shape[1] else block,
+            index=valid_rows,
+            columns=fold_encoder.feature_names,
+            copy=False,
+        )
+        folds.append(
+            _fold_from_features(
+                frame, spec, y, fold_of_row, k, fold_encoder, X_train, X_valid, extra, config
+            )
+        )
     return folds
 
 
-def _encode_once(frame: pd.DataFrame, spec: DatasetSpec,
-                 fold_of_row: np.ndarray) -> tuple[FeatureEncoder, pd.DataFrame] | None:
+def _encode_once(
+    frame: pd.DataFrame, spec: DatasetSpec, fold_of_row: np.ndarray
+) -> tuple[FeatureEncoder, pd.DataFrame] | None:
     """(encoder fitted on every row, its features of every row), or None where the folds' own
     encodings could differ from slices of it (see `build_folds`)."""
     if spec.patient and spec.patient in frame.columns:
         patients = frame[spec.patient]
         present = patients.notna().to_numpy()
         # A row without a patient is its own patient: always within one part.
-        folds_per_patient = pd.Series(fold_of_row[present]).groupby(patients[present].astype(str).to_numpy()).nunique()
+        folds_per_patient = (
+            pd.Series(fold_of_row[present])
+            .groupby(patients[present].astype(str).to_numpy())
+            .nunique()
+        )
         if (folds_per_patient > 1).any():
-            log.info("gbdt: patients in several folds (%d); features are built per fold",
-                     int((folds_per_patient > 1).sum()))
+            log.info(
+                "gbdt: patients in several folds (%d); features are built per fold",
+                int((folds_per_patient > 1).sum()),
+            )
             return None
     encoder = FeatureEncoder()
     try:
@@ -239,7 +297,9 @@ def _encode_once(frame: pd.DataFrame, spec: DatasetSpec,
     return encoder, features
 
 
-def _warn_unseen(block: np.ndarray, encoder: FeatureEncoder, picks: Sequence[int], fold: int) -> None:
+def _warn_unseen(
+    block: np.ndarray, encoder: FeatureEncoder, picks: Sequence[int], fold: int
+) -> None:
     """Log, as `FeatureEncoder.transform` does, validation rows (`block`: `encoder`'s features)
     holding a category the fold's training part lacks (a one-hot column not in `picks`)."""
     kept = set(picks)
@@ -247,9 +307,14 @@ def _warn_unseen(block: np.ndarray, encoder: FeatureEncoder, picks: Sequence[int
         if c["kind"] == "onehot" and i not in kept:
             rows = int(block[:, i].sum())
             if rows:
-                log.warning("categorical column '%s': %d row(s) of fold %d hold category %r, absent from "
-                            "its training part: encoded as all-zero", c["source"], rows, fold, c["value"])
-
+                log.warning(
+                    "categorical column '%s': %d row(s) of fold %d hold category %r, absent from "
+                    "its training part: encoded as all-zero",
+                    c["source"],
+                    rows,
+                    fold,
+                    c["value"],
+                )
 
 
 def seed_dataset(data: FoldData, seed: int, config: GBDTConfig) -> tuple[lgb.Dataset, float]:
@@ -269,13 +334,21 @@ def seed_dataset(data: FoldData, seed: int, config: GBDTConfig) -> tuple[lgb.Dat
     train_set = data.train_set
     if data.dataset_rows is not None:
         positions = None if keep is None else np.searchsorted(data.dataset_rows, keep)
-        if (keep is None or positions is None or positions[-1] >= len(data.dataset_rows)
-                or not np.array_equal(data.dataset_rows[positions], keep)):
-            built = "another sample" if data.sampled is None else (
-                f"neg_ratio {data.sampled[0]:g} and seeds {list(data.sampled[1])}")
+        if (
+            keep is None
+            or positions is None
+            or positions[-1] >= len(data.dataset_rows)
+            or not np.array_equal(data.dataset_rows[positions], keep)
+        ):
+            built = (
+                "another sample"
+                if data.sampled is None
+                else (f"neg_ratio {data.sampled[0]:g} and seeds {list(data.sampled[1])}")
+            )
             raise DataError(
                 f"fold {data.fold}: built for {built}, which does not "
-                f"hold the rows of neg_ratio {config.neg_ratio:g} seed {seed}; build the fold with the "
+                f"hold the rows of neg_ratio {config.neg_ratio:g} seed {seed}; build the fold with "
+                "the "
                 f"config it is trained with"
             )
         if len(positions) < len(data.dataset_rows):
@@ -284,4 +357,3 @@ def seed_dataset(data: FoldData, seed: int, config: GBDTConfig) -> tuple[lgb.Dat
         train_set = data.train_set.subset(keep.tolist())
     data.seed_sets[key] = (train_set, validation_offset(data.y_train, keep))
     return data.seed_sets[key]
-

@@ -22,7 +22,14 @@ from sklearn.decomposition import PCA
 from tabular.errors import DataError, preview
 from tabular.features_patient import patient_codes
 
-__all__ = ["EXTRA_PREFIX", "PATIENT_CONTEXT", "FoldPCA", "check_extra", "patient_context", "with_extra"]
+__all__ = [
+    "EXTRA_PREFIX",
+    "PATIENT_CONTEXT",
+    "FoldPCA",
+    "check_extra",
+    "patient_context",
+    "with_extra",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +44,9 @@ class FoldPCA:
     components: np.ndarray
 
     @classmethod
-    def fit(cls, extra: np.ndarray, n_components: int, seed: int = 0, max_rows: int = 50_000) -> FoldPCA:
+    def fit(
+        cls, extra: np.ndarray, n_components: int, seed: int = 0, max_rows: int = 50_000
+    ) -> FoldPCA:
         """Fit on `extra` (n, d) rows; at most `max_rows` of them, sampled with `seed`."""
         rows = extra
         if len(extra) > max_rows:
@@ -96,7 +105,9 @@ def check_extra(extra, n_rows: int, ids: Sequence[str] | None = None) -> np.ndar
 
 
 # The image relative to the patient's other lesions ("ugly duckling"), from the PCA projection.
-PATIENT_CONTEXT = tuple(f"{EXTRA_PREFIX}{name}" for name in ("patient_dist", "patient_dist_ratio", "patient_dist_rank"))
+PATIENT_CONTEXT = tuple(
+    f"{EXTRA_PREFIX}{name}" for name in ("patient_dist", "patient_dist_ratio", "patient_dist_rank")
+)
 
 
 def patient_context(reduced: np.ndarray, patients) -> np.ndarray:
@@ -119,21 +130,26 @@ def patient_context(reduced: np.ndarray, patients) -> np.ndarray:
     np.add.at(sums, codes, reduced)
     distance = np.linalg.norm(reduced - (sums / counts[:, None])[codes], axis=1)
     mean_distance = np.bincount(codes, weights=distance) / counts
-    ratio = np.where(mean_distance[codes] > 0, distance / np.maximum(mean_distance[codes], 1e-12), 1.0)
+    ratio = np.where(
+        mean_distance[codes] > 0, distance / np.maximum(mean_distance[codes], 1e-12), 1.0
+    )
     rank = pd.Series(distance).groupby(codes).rank(method="average", pct=True).to_numpy()
     return np.column_stack([distance, ratio, rank]).astype(np.float32)
 
 
-def with_extra(features: pd.DataFrame, extra: np.ndarray | None, pca: FoldPCA | None,
-               patients=None) -> pd.DataFrame:
+def with_extra(
+    features: pd.DataFrame, extra: np.ndarray | None, pca: FoldPCA | None, patients=None
+) -> pd.DataFrame:
     """Append the PCA projection of `extra` to `features` (same rows, same order), and, when
     `patients` (each row's patient, None for none) is given, the image's patient context
     (`patient_context`)."""
     if pca is None:
         return features
     if extra is None:
-        raise DataError(f"extra: the features include {len(pca.names)} image PCA components; pass the "
-                        "image embeddings (one row per metadata row)")
+        raise DataError(
+            f"extra: the features include {len(pca.names)} image PCA components; pass the "
+            "image embeddings (one row per metadata row)"
+        )
     reduced = pca.transform(extra)
     names = list(pca.names)
     if patients is not None:
@@ -144,4 +160,3 @@ def with_extra(features: pd.DataFrame, extra: np.ndarray | None, pca: FoldPCA | 
         raise DataError(f"extra: feature name(s) {sorted(clash)} clash with metadata features")
     block = pd.DataFrame(reduced, index=features.index, columns=names)
     return pd.concat([features, block], axis=1)
-

@@ -18,7 +18,13 @@ from tabular.gbdt_config import GBDTConfig
 if TYPE_CHECKING:
     from tabular.gbdt_folds import FoldData
 
-__all__ = ["negative_sample", "sample_seed", "sampled_rows", "sampling_summary", "validation_offset"]
+__all__ = [
+    "negative_sample",
+    "sample_seed",
+    "sampled_rows",
+    "sampling_summary",
+    "validation_offset",
+]
 
 
 def negative_sample(y: np.ndarray, neg_ratio: float | None, seed: int) -> np.ndarray | None:
@@ -80,15 +86,23 @@ def sampling_summary(folds: Sequence[FoldData], config: GBDTConfig) -> dict:
     for data in folds:
         positives = int((data.y_train == 1).sum())
         negatives = int(len(data.y_train) - positives)
-        keep = negative_sample(data.y_train, config.neg_ratio, sample_seed(config.seeds[0], data.fold))
+        keep = negative_sample(
+            data.y_train, config.neg_ratio, sample_seed(config.seeds[0], data.fold)
+        )
         kept = negatives if keep is None else int(len(keep) - positives)
-        per_fold.append({"fold": data.fold, "positives": positives, "negatives": negatives,
-                         "negatives_kept": kept, "rows_per_model": positives + kept})
+        per_fold.append(
+            {
+                "fold": data.fold,
+                "positives": positives,
+                "negatives": negatives,
+                "negatives_kept": kept,
+                "rows_per_model": positives + kept,
+            }
+        )
     return {
         "neg_ratio": config.neg_ratio,
         "applied": any(f["negatives_kept"] < f["negatives"] for f in per_fold),
-        "draw": "every positive and at most neg_ratio negatives per positive of each training part, "
-                "a different draw per seed and fold; validation parts are never sampled; 0 = off",
+        "draw": "every positive and at most neg_ratio negatives per positive of each training "
+        "part, a different draw per seed and fold; validation parts are never sampled; 0 = off",
         "folds": per_fold,
     }
-

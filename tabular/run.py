@@ -113,7 +113,8 @@ def _check_same_data(record: dict, spec: DatasetSpec, frame: pd.DataFrame, run_d
         if began.get(key) != now.get(key):
             raise DataError(
                 f"run {run_dir}: spec key '{key}' changed since the run began "
-                f"(was {began.get(key)!r}, now {now.get(key)!r}); start a new run with another --run"
+                f"(was {began.get(key)!r}, now {now.get(key)!r}); start a new run with another "
+                "--run"
             )
     before, after = record["metadata_columns"], list(frame.columns)
     if before != after:
@@ -125,7 +126,9 @@ def _check_same_data(record: dict, spec: DatasetSpec, frame: pd.DataFrame, run_d
         )
 
 
-def _align(folds: pd.DataFrame, frame: pd.DataFrame, spec: DatasetSpec, run_dir: Path) -> pd.DataFrame:
+def _align(
+    folds: pd.DataFrame, frame: pd.DataFrame, spec: DatasetSpec, run_dir: Path
+) -> pd.DataFrame:
     """Folds in the frame's row order; refuses rows that are in one but not the other."""
     ids = frame[spec.id].astype(str)
     by_id = folds.set_index("id")

@@ -15,8 +15,13 @@ from pathlib import Path
 from tabular.errors import DataError
 
 __all__ = [
-    "ISIC2024_NOT_FEATURES", "ISIC2024_TRAIN_ONLY", "DatasetSpec", "isic2024_spec", "load_spec",
-    "spec_from_identity", "spec_to_toml",
+    "ISIC2024_NOT_FEATURES",
+    "ISIC2024_TRAIN_ONLY",
+    "DatasetSpec",
+    "isic2024_spec",
+    "load_spec",
+    "spec_from_identity",
+    "spec_to_toml",
 ]
 
 # Columns of the ISIC 2024 training file that are absent at inference, several of which give the
@@ -98,8 +103,10 @@ _REQUIRED_KEYS = ("name", "metadata", "id", "group")
 # A spec's name becomes a folder name (its feature store, its study): a plain file name only, so
 # that "../../x" cannot leave the artifacts folder and "<i>x</i>" cannot nest folders.
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-_NAME_RULE = ("1 to 100 characters: letters A-Z a-z, digits 0-9, '.', '_' and '-', "
-             "beginning with a letter or digit")
+_NAME_RULE = (
+    "1 to 100 characters: letters A-Z a-z, digits 0-9, '.', '_' and '-', "
+    "beginning with a letter or digit"
+)
 
 
 def _check_name(name, where: str = "spec") -> str:
@@ -249,7 +256,8 @@ def isic2024_spec(directory: Path | str, name: str | None = None) -> DatasetSpec
             images = directory / f"{part}-image.hdf5"
             return DatasetSpec(
                 # A folder name may hold what a spec name may not (spaces): those become '-'.
-                name=name or re.sub(r"[^A-Za-z0-9._-]", "-", f"{directory.name}-{part}").lstrip("._-"),
+                name=name
+                or re.sub(r"[^A-Za-z0-9._-]", "-", f"{directory.name}-{part}").lstrip("._-"),
                 root=directory,
                 metadata=metadata,
                 images=images if images.exists() else None,
@@ -293,7 +301,11 @@ def spec_to_toml(spec: DatasetSpec) -> str:
         f"numeric = {strings(spec.numeric)}",
         f"exclude = {strings(spec.exclude)}",
     ]
-    header = f"# Copy of the spec this run was made with (built-in: {spec.builtin})\n" if spec.builtin else ""
+    header = (
+        f"# Copy of the spec this run was made with (built-in: {spec.builtin})\n"
+        if spec.builtin
+        else ""
+    )
     return header + "\n".join(lines) + "\n"
 
 

@@ -6,9 +6,9 @@
 - `n_trials` is the number of finished (complete or pruned) trials the study should hold: a rerun
   after an interruption, or a second worker on the same storage, runs only the missing ones.
 - Each trial trains one model per fold (one seed, for speed) on the fold's Datasets built before
-  the study, folds side by side where CPUs allow (`tabular.gbdt_ensemble.map_folds`), and reports the
-  running mean pAUC80 after each fold in fold order, so that the MedianPruner can stop a hopeless
-  trial early.
+  the study, folds side by side where CPUs allow (`tabular.gbdt_ensemble.map_folds`), and reports
+  the running mean pAUC80 after each fold in fold order, so that the MedianPruner can stop a
+  hopeless trial early.
 - The sampler is a seeded TPESampler, re-seeded from the trial number: reproducible in one
   process, and two workers on one study do not propose the same parameters.
 - The full LightGBM parameters of each trial are kept as JSON in its user attributes; the best are
@@ -48,7 +48,14 @@ from tabular.gbdt_folds import FoldData
 from tabular.metrics import MetricWarning, pauc80
 from tabular.tuning_storage import Heartbeat, fail_stale_trials, heartbeat_timing, open_storage
 
-__all__ = ["WAIT_SECONDS", "TrialSeededTPE", "TuneResult", "default_trial_params", "suggest_params", "tune"]
+__all__ = [
+    "WAIT_SECONDS",
+    "TrialSeededTPE",
+    "TuneResult",
+    "default_trial_params",
+    "suggest_params",
+    "tune",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +68,11 @@ _LOG_FLOOR = 1e-8
 def suggest_params(trial: optuna.Trial) -> dict:
     """LightGBM booster parameters for one trial (the search space).
 
-    Booster parameters only: each fold's Datasets are binned once (`tabular.gbdt_config.DATASET_PARAMS`)
-    and every trial trains on them, and LightGBM cannot change a constructed Dataset's binning
-    (max_bin, min_data_in_bin, ...). Binning is also the least rewarding thing to tune here: the
-    trees' own parameters move pAUC80 far more than 255 bins versus another count.
+    Booster parameters only: each fold's Datasets are binned once
+    (`tabular.gbdt_config.DATASET_PARAMS`) and every trial trains on them, and LightGBM cannot
+    change a constructed Dataset's binning (max_bin, min_data_in_bin, ...). Binning is also the
+    least rewarding thing to tune here: the trees' own parameters move pAUC80 far more than 255
+    bins versus another count.
     """
     params = {
         "learning_rate": trial.suggest_float("learning_rate", 0.01, 0.2, log=True),
@@ -83,8 +91,18 @@ def suggest_params(trial: optuna.Trial) -> dict:
 
 def default_trial_params() -> dict:
     """DEFAULT_PARAMS expressed in the search space (enqueued as the study's first trial)."""
-    names = ("learning_rate", "num_leaves", "max_depth", "min_child_samples", "feature_fraction",
-             "bagging_fraction", "bagging_freq", "lambda_l1", "lambda_l2", "scale_pos_weight")
+    names = (
+        "learning_rate",
+        "num_leaves",
+        "max_depth",
+        "min_child_samples",
+        "feature_fraction",
+        "bagging_fraction",
+        "bagging_freq",
+        "lambda_l1",
+        "lambda_l2",
+        "scale_pos_weight",
+    )
     values = {name: DEFAULT_PARAMS[name] for name in names}
     for name in ("lambda_l1", "lambda_l2"):
         values[name] = max(values[name], _LOG_FLOOR)
@@ -99,7 +117,9 @@ class TrialSeededTPE(BaseSampler):
     than enqueueing a trial, keeps two workers starting together from both running the defaults.
     """
 
-    def __init__(self, seed: int = 0, n_startup_trials: int = 10, first_params: Mapping | None = None) -> None:
+    def __init__(
+        self, seed: int = 0, n_startup_trials: int = 10, first_params: Mapping | None = None
+    ) -> None:
         self._seed = seed
         self._n_startup = n_startup_trials
         self._first = dict(first_params or {})
@@ -135,7 +155,11 @@ def _ages(trials) -> str:
     if not ages:
         return ""
     low, high = min(ages), max(ages)
-    return f" (last {low:.0f} s ago)" if round(low) == round(high) else f" (last {low:.0f} to {high:.0f} s ago)"
+    return (
+        f" (last {low:.0f} s ago)"
+        if round(low) == round(high)
+        else f" (last {low:.0f} to {high:.0f} s ago)"
+    )
 
 
 @dataclass(frozen=True)
@@ -204,8 +228,12 @@ def tune(
         load_if_exists=True,
     )
     _check_attrs(study, dict(study_attrs or {}), storage)
-    objective = _Objective(folds, n_trials, replace(config, seeds=(config.seeds[0],)),
-                           heartbeat=None if isinstance(resolved, optuna.storages.RDBStorage) else heartbeat)
+    objective = _Objective(
+        folds,
+        n_trials,
+        replace(config, seeds=(config.seeds[0],)),
+        heartbeat=None if isinstance(resolved, optuna.storages.RDBStorage) else heartbeat,
+    )
     run = _run_missing_trials(study, resolved, objective, n_trials, stale_after)
     return _write_best(study, storage, stage_dir, run)
 
@@ -222,8 +250,13 @@ class _Objective:
         optuna.TrialPruned: the pruner stopped the trial.
     """
 
-    def __init__(self, folds: Sequence[FoldData], n_trials: int, trial_config: GBDTConfig,
-                 heartbeat: float | None) -> None:
+    def __init__(
+        self,
+        folds: Sequence[FoldData],
+        n_trials: int,
+        trial_config: GBDTConfig,
+        heartbeat: float | None,
+    ) -> None:
         self._folds = folds
         self._n_trials = n_trials
         self._config = trial_config
@@ -236,8 +269,11 @@ class _Objective:
             return self._measured(trial)
 
     def _measured(self, trial: optuna.Trial) -> float:
-        ahead = [t for t in trial.study.get_trials(deepcopy=False, states=(*_FINISHED, TrialState.RUNNING))
-                 if t.state != TrialState.RUNNING or t.number < trial.number]
+        ahead = [
+            t
+            for t in trial.study.get_trials(deepcopy=False, states=(*_FINISHED, TrialState.RUNNING))
+            if t.state != TrialState.RUNNING or t.number < trial.number
+        ]
         if len(ahead) >= self._n_trials:
             raise _BudgetReached
         params = suggest_params(trial)
@@ -249,7 +285,9 @@ class _Objective:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", MetricWarning)
             warnings.simplefilter("ignore", UserWarning)
-            results = map_folds(functools.partial(self._fold_model, params), self._folds, self._config)
+            results = map_folds(
+                functools.partial(self._fold_model, params), self._folds, self._config
+            )
             try:
                 for step, (score, best_iteration) in enumerate(results):
                     scores.append(score)
@@ -271,16 +309,21 @@ class _Objective:
         return pauc80(data.y_valid, predict_valid(booster, data)), int(booster.best_iteration)
 
 
-def _run_missing_trials(study: optuna.Study, storage, objective: _Objective, n_trials: int,
-                        stale_after: float) -> int:
+def _run_missing_trials(
+    study: optuna.Study, storage, objective: _Objective, n_trials: int, stale_after: float
+) -> int:
     """Run trials until the study holds `n_trials` finished ones; returns how many ran here.
 
     Each round fails the trials of dead workers (`fail_stale_trials`), then runs one trial, or
     waits (`WAIT_SECONDS`) while the missing places are held by other workers' live trials.
     """
     run = 0
-    bar = tqdm(total=max(0, n_trials - _count(study, _FINISHED)), desc=f"tuning {study.study_name}",
-               unit="trial", leave=False)
+    bar = tqdm(
+        total=max(0, n_trials - _count(study, _FINISHED)),
+        desc=f"tuning {study.study_name}",
+        unit="trial",
+        leave=False,
+    )
     told: set[tuple] = set()  # (fresh RUNNING trials, waiting) already reported, not to repeat it
     while True:
         sweep = fail_stale_trials(study, storage, stale_after)
@@ -288,11 +331,18 @@ def _run_missing_trials(study: optuna.Study, storage, objective: _Objective, n_t
         fresh = sweep.fresh
         if sweep.failed:
             log.warning(
-                "study %s: found %d trial(s) left RUNNING by a worker that stopped (trial numbers %s): "
-                "marked FAIL after %.0f s without a heartbeat%s; %d more trial(s) will run to reach "
+                "study %s: found %d trial(s) left RUNNING by a worker that stopped (trial numbers "
+                "%s): "
+                "marked FAIL after %.0f s without a heartbeat%s; %d more trial(s) will run to "
+                "reach "
                 "--trials %d",
-                study.study_name, len(sweep.failed), _numbers(sweep.failed), stale_after,
-                _ages(sweep.failed), max(0, n_trials - finished - len(fresh)), n_trials,
+                study.study_name,
+                len(sweep.failed),
+                _numbers(sweep.failed),
+                stale_after,
+                _ages(sweep.failed),
+                max(0, n_trials - finished - len(fresh)),
+                n_trials,
             )
         if finished >= n_trials:
             break
@@ -322,16 +372,21 @@ def _run_missing_trials(study: optuna.Study, storage, objective: _Objective, n_t
     return run
 
 
-def _say_running(study_name: str, fresh, waiting: bool, finished: int, n_trials: int,
-                 stale_after: float) -> None:
+def _say_running(
+    study_name: str, fresh, waiting: bool, finished: int, n_trials: int, stale_after: float
+) -> None:
     """Log the RUNNING trials with a fresh heartbeat, and whether this worker waits for them."""
     log.info(
         "study %s: trial(s) %s RUNNING with a heartbeat in the last %.0f s (another worker may "
         "still be running them): counted toward --trials %d; %s",
-        study_name, _numbers(fresh), stale_after, n_trials,
+        study_name,
+        _numbers(fresh),
+        stale_after,
+        n_trials,
         "waiting for them to finish (a trial whose worker stopped is marked FAIL once it has "
         f"had no heartbeat for {stale_after:.0f} s, and run again here)"
-        if waiting else f"{n_trials - finished - len(fresh)} more trial(s) will run here",
+        if waiting
+        else f"{n_trials - finished - len(fresh)} more trial(s) will run here",
     )
 
 
@@ -345,7 +400,9 @@ def _write_best(study: optuna.Study, storage, stage_dir: Path, run: int) -> Tune
     try:
         best = study.best_trial
     except ValueError as error:
-        raise DataError(f"tuning: study {study_name} has no complete trial (all pruned or failed)") from error
+        raise DataError(
+            f"tuning: study {study_name} has no complete trial (all pruned or failed)"
+        ) from error
     best_params = best.user_attrs.get("lgbm_params") or {**DEFAULT_PARAMS, **best.params}
     result = TuneResult(
         best_params=best_params,
@@ -368,10 +425,15 @@ def _write_best(study: optuna.Study, storage, stage_dir: Path, run: int) -> Tune
                 "storage": result.storage,
             },
             indent=2,
-        )
+        ),
     )
-    log.info("tuning %s: best mean fold pAUC80 %.4f (trial %d of %d finished)",
-             study_name, result.best_value, best.number, result.trials_finished)
+    log.info(
+        "tuning %s: best mean fold pAUC80 %.4f (trial %d of %d finished)",
+        study_name,
+        result.best_value,
+        best.number,
+        result.trials_finished,
+    )
     return result
 
 

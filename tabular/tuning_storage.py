@@ -30,8 +30,16 @@ from optuna.trial import TrialState
 from tabular.errors import DataError
 
 __all__ = [
-    "GRACE_ENV", "HEARTBEAT_ATTR", "HEARTBEAT_SECONDS", "STALE_AFTER_SECONDS", "Heartbeat", "RunningSweep", "check_storage", "fail_stale_trials",
-    "heartbeat_timing", "open_storage",
+    "GRACE_ENV",
+    "HEARTBEAT_ATTR",
+    "HEARTBEAT_SECONDS",
+    "STALE_AFTER_SECONDS",
+    "Heartbeat",
+    "RunningSweep",
+    "check_storage",
+    "fail_stale_trials",
+    "heartbeat_timing",
+    "open_storage",
 ]
 
 log = logging.getLogger(__name__)
@@ -71,11 +79,14 @@ def heartbeat_timing() -> tuple[int, int]:
     return grace // 4, grace
 
 
-# The SQLAlchemy dialects Optuna's RDB storage is used with (a driver may follow: postgresql+psycopg).
+# The SQLAlchemy dialects Optuna's RDB storage is used with (a driver may follow:
+# postgresql+psycopg).
 _RDB_SCHEMES = ("sqlite", "postgresql", "mysql", "mariadb", "oracle", "mssql")
-_STORAGE_FORMS = ("sqlite:///path/study.db, postgresql://user:password@host/db, "
-                 "mysql://user:password@host/db, or journal:///path/study.log (a journal file; "
-                 "a path ending in .log also works)")
+_STORAGE_FORMS = (
+    "sqlite:///path/study.db, postgresql://user:password@host/db, "
+    "mysql://user:password@host/db, or journal:///path/study.log (a journal file; "
+    "a path ending in .log also works)"
+)
 
 
 def open_storage(storage: str | Path | None, default_path: Path):
@@ -97,25 +108,30 @@ def open_storage(storage: str | Path | None, default_path: Path):
     if not storage.strip():
         raise DataError(f"storage: got an empty string; pass {_STORAGE_FORMS}")
     if storage.startswith("journal://") or ("://" not in storage and storage.endswith(".log")):
-        path = Path(storage[len("journal://"):] if storage.startswith("journal://") else storage)
+        path = Path(storage[len("journal://") :] if storage.startswith("journal://") else storage)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise DataError(f"storage {storage!r}: cannot make the journal file's folder {path.parent}: "
-                            f"{error.strerror}") from error
+            raise DataError(
+                f"storage {storage!r}: cannot make the journal file's folder {path.parent}: "
+                f"{error.strerror}"
+            ) from error
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         return JournalStorage(JournalFileBackend(str(path)))
     if "://" not in storage:
         raise DataError(
             f"storage: {storage!r} is neither a database URL (sqlite:///path.db, "
-            f"postgresql://...) nor a journal file (journal:///path.log or a path ending in .log); pass {_STORAGE_FORMS}"
+            "postgresql://...) nor a journal file (journal:///path.log or a path ending in .log); "
+            f"pass {_STORAGE_FORMS}"
         )
     scheme = storage.split("://", 1)[0]
     if scheme.split("+", 1)[0].lower() not in _RDB_SCHEMES:
         raise DataError(
-            f"storage {_masked(storage)!r}: unknown scheme {scheme + '://'!r}; Optuna stores studies in "
-            f"{', '.join(s + '://' for s in _RDB_SCHEMES)} databases or a journal file: pass {_STORAGE_FORMS}"
+            f"storage {_masked(storage)!r}: unknown scheme {scheme + '://'!r}; Optuna stores "
+            "studies in "
+            f"{', '.join(s + '://' for s in _RDB_SCHEMES)} databases or a journal file: pass "
+            f"{_STORAGE_FORMS}"
         )
     engine_kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else None
     heartbeat, grace = heartbeat_timing()
@@ -135,16 +151,20 @@ def open_storage(storage: str | Path | None, default_path: Path):
                 )
         except (ArgumentError, NoSuchModuleError, ImportError) as error:
             # Retrying cannot help a malformed URL or a database driver that is not installed.
-            raise DataError(f"storage {_masked(storage)!r} cannot be opened: {_first_line(error)}; "
-                            f"pass {_STORAGE_FORMS} (a server's driver must be installed, e.g. "
-                            "pip install 'psycopg[binary]' for postgresql://)") from error
+            raise DataError(
+                f"storage {_masked(storage)!r} cannot be opened: {_first_line(error)}; "
+                f"pass {_STORAGE_FORMS} (a server's driver must be installed, e.g. "
+                "pip install 'psycopg[binary]' for postgresql://)"
+            ) from error
         except SQLAlchemyError as error:
             # Two workers creating the tables of a new database at once: one of them loses the
             # race on the schema version row; the tables exist a moment later.
             if attempt == 5:
-                raise DataError(f"storage {_masked(storage)!r} cannot be opened: {_first_line(error)}; "
-                                "check that the database server is reachable, the database exists "
-                                "and the user may write to it") from error
+                raise DataError(
+                    f"storage {_masked(storage)!r} cannot be opened: {_first_line(error)}; "
+                    "check that the database server is reachable, the database exists "
+                    "and the user may write to it"
+                ) from error
             time.sleep(0.2 * 2**attempt + random.random() * 0.2)
     raise AssertionError("unreachable")
 
@@ -208,7 +228,9 @@ class RunningSweep:
     fresh: tuple[tuple[int, float | None], ...] = ()
 
 
-def fail_stale_trials(study: optuna.Study, storage, stale_after: float | None = None) -> RunningSweep:
+def fail_stale_trials(
+    study: optuna.Study, storage, stale_after: float | None = None
+) -> RunningSweep:
     """Mark failed the RUNNING trials of `study` whose last heartbeat (or, lacking one, start) is
     more than `stale_after` seconds (default: the grace period of `heartbeat_timing`) old.
 
@@ -252,5 +274,3 @@ def _fail_stale_rdb(study: optuna.Study) -> RunningSweep:
     failed = tuple((n, None) for n in sorted(before) if after.get(n) == TrialState.FAIL)
     fresh = tuple((n, None) for n in sorted(before) if after.get(n) == TrialState.RUNNING)
     return RunningSweep(failed=failed, fresh=fresh)
-
-

@@ -34,9 +34,9 @@ def read_metadata(spec: DatasetSpec, require_target: bool = True) -> pd.DataFram
         The table, one row per id, in file order.
 
     Raises:
-        DataError: the file is missing, empty, or has a header but no rows; a column the spec names is missing; an id is duplicated
-            or empty; the target is missing, not 0/1, or of one class only; the group has
-            missing values; a numeric column holds text.
+        DataError: the file is missing, empty, or has a header but no rows; a column the spec
+            names is missing; an id is duplicated or empty; the target is missing, not 0/1, or of
+            one class only; the group has missing values; a numeric column holds text.
     """
     if not spec.metadata.exists():
         raise DataError(f"spec '{spec.name}': metadata file not found: {spec.metadata}")
@@ -44,7 +44,9 @@ def read_metadata(spec: DatasetSpec, require_target: bool = True) -> pd.DataFram
     size = spec.metadata.stat().st_size
     if size == 0:
         # A truncated copy or an interrupted export: pandas would only say "No columns to parse".
-        raise DataError(f"{where} is empty (0 bytes); expected a CSV with a header line and one row per image")
+        raise DataError(
+            f"{where} is empty (0 bytes); expected a CSV with a header line and one row per image"
+        )
     text_columns = {spec.id, spec.group, *spec.categorical}
     if spec.patient:
         text_columns.add(spec.patient)
@@ -62,7 +64,9 @@ def read_metadata(spec: DatasetSpec, require_target: bool = True) -> pd.DataFram
     if frame.empty:
         # Checked before the columns: with no rows, the header is all there is to show.
         columns = [str(c) for c in frame.columns]
-        shown = ", ".join(columns[:10]) + (f", ... ({len(columns) - 10} more)" if len(columns) > 10 else "")
+        shown = ", ".join(columns[:10]) + (
+            f", ... ({len(columns) - 10} more)" if len(columns) > 10 else ""
+        )
         raise DataError(f"{where} has a header but no rows (columns: {shown})")
     check_metadata(frame, spec, require_target=require_target)
     for column in spec.numeric:
@@ -133,11 +137,15 @@ def _check_ids(frame: pd.DataFrame, spec: DatasetSpec, where: str) -> None:
     ids = frame[spec.id]
     empty = np.flatnonzero((ids.isna() | (ids.astype(str).str.strip() == "")).to_numpy())
     if len(empty):
-        raise DataError(f"{where}: column '{spec.id}' (spec key 'id') is empty in rows "
-                        f"{preview((empty + 2).tolist())} (file lines)")
+        raise DataError(
+            f"{where}: column '{spec.id}' (spec key 'id') is empty in rows "
+            f"{preview((empty + 2).tolist())} (file lines)"
+        )
     duplicated = ids[ids.duplicated(keep=False)].unique()
     if len(duplicated):
-        raise DataError(f"{where}: duplicate ids in column '{spec.id}', {preview(list(duplicated))}")
+        raise DataError(
+            f"{where}: duplicate ids in column '{spec.id}', {preview(list(duplicated))}"
+        )
 
 
 def _check_numeric(frame: pd.DataFrame, spec: DatasetSpec, where: str) -> None:
@@ -200,5 +208,7 @@ def check_images(frame: pd.DataFrame, spec: DatasetSpec, available_ids: Iterable
         )
     extra = sorted(available - set(rows))
     if extra:
-        log.warning("%d image(s) have no metadata row and are ignored: %s", len(extra), preview(extra))
+        log.warning(
+            "%d image(s) have no metadata row and are ignored: %s", len(extra), preview(extra)
+        )
     return extra
