@@ -2,7 +2,8 @@
 
 `bench_gbdt(frame, spec)` takes a metadata table (the caller builds it, e.g. the synthetic
 ISIC 2024-like table of `fuse.demo.synthetic` with 401,059 rows) and measures, each in a fresh child
-interpreter so that peak memory is that run's own (`benchmarks.common.run_child`):
+interpreter so that peak memory is that run's own (`benchmarks.common.run_child` calling
+`benchmarks.gbdt_sides.measure_fit`):
 
 - ours: feature building alone (encoder fit + transform of all rows), then one whole 5-fold fit
   of the stage as `invoke train-gbdt` runs it by default (`fit_gbdt_frame` with the default
@@ -50,13 +51,31 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from benchmarks.common import ISIC2024_ROWS, cpu_count, peak_rss_bytes, ru_maxrss_bytes, run_child
+from benchmarks.common import ISIC2024_ROWS, cpu_count, run_child
 from tabular.errors import DataError
 from tabular.spec import DatasetSpec
+
+if TYPE_CHECKING:
+    from tabular.gbdt_config import GBDTConfig
+
+__all__ = [
+    "PLAIN_ROUNDS",
+    "SIDES",
+    "TARGETS",
+    "TARGET_FIT_SECONDS",
+    "TARGET_FIT_VS_PLAIN",
+    "TARGET_FIT_VS_UNSAMPLED",
+    "TARGET_PAUC80_DELTA",
+    "TARGET_PEAK_BYTES",
+    "bench_gbdt",
+    "main",
+    "sweep_neg_ratio",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,121 +96,28 @@ TARGET_PEAK_BYTES = 4 * 1024**3
 TARGET_FIT_VS_PLAIN = 0.6
 PLAIN_ROUNDS = 200
 TARGETS = {
-    "fit_vs_plain": {"value": TARGET_FIT_VS_PLAIN, "rows": ISIC2024_ROWS, "plain_rounds": PLAIN_ROUNDS,
-                     "applies_to": "any CPU"},
-    "fit_seconds": {"value": TARGET_FIT_SECONDS, "rows": ISIC2024_ROWS,
-                    "applies_to": "2-core AMD EPYC development machine, idle (or a faster CPU)"},
-    "fit_vs_unsampled": {"value": TARGET_FIT_VS_UNSAMPLED, "rows": ISIC2024_ROWS, "lightgbm_threads": 1,
-                         "applies_to": "any CPU where LightGBM runs 1 thread per model (2 logical CPUs)"},
+    "fit_vs_plain": {
+        "value": TARGET_FIT_VS_PLAIN,
+        "rows": ISIC2024_ROWS,
+        "plain_rounds": PLAIN_ROUNDS,
+        "applies_to": "any CPU",
+    },
+    "fit_seconds": {
+        "value": TARGET_FIT_SECONDS,
+        "rows": ISIC2024_ROWS,
+        "applies_to": "2-core AMD EPYC development machine, idle (or a faster CPU)",
+    },
+    "fit_vs_unsampled": {
+        "value": TARGET_FIT_VS_UNSAMPLED,
+        "rows": ISIC2024_ROWS,
+        "lightgbm_threads": 1,
+        "applies_to": "any CPU where LightGBM runs 1 thread per model (2 logical CPUs)",
+    },
     "pauc80_delta": {"value": TARGET_PAUC80_DELTA, "rows": ISIC2024_ROWS, "applies_to": "any CPU"},
     "peak_rss_bytes": {"value": TARGET_PEAK_BYTES, "applies_to": "any machine"},
 }
 
 SIDES = ("baseline", "plain", "unsampled", "ours")
-
-
-def measure_fit(kind: str, work: str) -> dict:
-    """One side's fit, in a child process: reads `<work>/job.json`, `frame.parquet`, `folds.npy`.
-
-    kind: "ours" (features, then `fit_gbdt_frame`), "unsampled" (`fit_gbdt_frame` with every
-    negative), "baseline" (plain LightGBM, raw columns, ours' negative draws) or "plain" (plain
-    LightGBM on every row, raw columns, one seed, `PLAIN_ROUNDS` rounds).
-    """
-    import warnings
-
-    from tabular.gbdt import DEFAULT_PARAMS, GBDTConfig
-    from tabular.metrics import MetricWarning, pauc80, roc_auc
-    from tabular.spec import spec_from_identity
-
-    work_dir = Path(work)
-    job = json.loads((work_dir / "job.json").read_text())
-    options = job["options"]
-    frame = pd.read_parquet(work_dir / "frame.parquet")
-    folds = np.load(work_dir / "folds.npy", allow_pickle=False)
-    spec = replace(spec_from_identity(job["spec"]), images=None)
-    y = frame[spec.target].to_numpy().astype(np.int8)
-    params = {**DEFAULT_PARAMS, **options["params"]}
-    config = GBDTConfig(seeds=tuple(options["seeds"]), neg_ratio=0 if kind == "unsampled" else options["neg_ratio"],
-                        num_threads=options["num_threads"])
-    result: dict = {"rss_after_loading_bytes": peak_rss_bytes(), "neg_ratio": config.neg_ratio}
-    if kind in ("ours", "unsampled"):
-        from tabular.train import fit_gbdt_frame
-
-        if kind == "ours":
-            from tabular.features import FeatureEncoder
-
-            tick = time.perf_counter()
-            features = FeatureEncoder().fit_transform(frame, spec)
-            result["features_seconds"] = time.perf_counter() - tick
-            result["n_features"] = int(features.shape[1])
-            del features
-        tick, cpu = time.perf_counter(), time.process_time()
-        metrics = fit_gbdt_frame(frame, folds, spec, work_dir / f"gbdt-{kind}", config=config)
-        result["fit_seconds"] = time.perf_counter() - tick
-        result["fit_cpu_seconds"] = time.process_time() - cpu
-        result["fit_breakdown_seconds"] = metrics["seconds"]
-        result["pauc80"] = metrics["pauc80"]
-        result["roc_auc"] = metrics["roc_auc"]
-        result["negative_sampling"] = metrics["negative_sampling"]
-        result["best_iterations"] = [f["best_iterations"] for f in metrics["per_fold"]]
-        result.setdefault("n_features", metrics["features"])
-    elif kind == "plain":
-        import lightgbm as lgb
-
-        from tabular.gbdt import booster_params
-
-        columns = list(spec.numeric)
-        tick, cpu = time.perf_counter(), time.process_time()
-        X = frame[columns].apply(pd.to_numeric, errors="coerce").astype(np.float32)
-        oof = np.zeros(len(frame))
-        for k in np.unique(folds):
-            train, valid = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
-            plain = booster_params(params, 0, config)
-            plain.pop("num_threads")  # LightGBM's own default: every logical CPU, as a user's first fit gets
-            booster = lgb.train(plain, lgb.Dataset(X.iloc[train], label=y[train]), num_boost_round=PLAIN_ROUNDS)
-            oof[valid] = booster.predict(X.iloc[valid])
-        result["fit_seconds"] = time.perf_counter() - tick
-        result["fit_cpu_seconds"] = time.process_time() - cpu
-        result["n_features"] = len(columns)
-        result["rounds"] = PLAIN_ROUNDS
-        result["lightgbm_threads"] = "LightGBM default (every logical CPU)"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", MetricWarning)
-            result["pauc80"] = pauc80(y, oof)
-            result["roc_auc"] = roc_auc(y, oof)
-    else:
-        import lightgbm as lgb
-
-        from tabular.gbdt import booster_params, negative_sample, sample_seed, validation_offset
-
-        columns = list(spec.numeric)
-        tick, cpu = time.perf_counter(), time.process_time()
-        X = frame[columns].apply(pd.to_numeric, errors="coerce").astype(np.float32)
-        oof = np.zeros(len(frame))
-        for k in np.unique(folds):
-            train, valid = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
-            train_set = lgb.Dataset(X.iloc[train], label=y[train], free_raw_data=True)
-            for seed in config.seeds:
-                keep = negative_sample(y[train], config.neg_ratio, sample_seed(int(seed), int(k)))
-                valid_set = lgb.Dataset(X.iloc[valid], label=y[valid], reference=train_set,
-                                        init_score=np.full(len(valid), validation_offset(y[train], keep)))
-                booster = lgb.train(
-                    booster_params(params, int(seed), config),
-                    train_set if keep is None else train_set.subset(keep.tolist()),
-                    num_boost_round=config.num_boost_round, valid_sets=[valid_set],
-                    callbacks=[lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False)],
-                )
-                oof[valid] += booster.predict(X.iloc[valid], num_iteration=booster.best_iteration) / len(config.seeds)
-        result["fit_seconds"] = time.perf_counter() - tick
-        result["fit_cpu_seconds"] = time.process_time() - cpu
-        result["n_features"] = len(columns)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", MetricWarning)
-            result["pauc80"] = pauc80(y, oof)
-            result["roc_auc"] = roc_auc(y, oof)
-    result["peak_rss_bytes"] = peak_rss_bytes()
-    result["ru_maxrss_bytes"] = ru_maxrss_bytes()
-    return result
 
 
 def bench_gbdt(
@@ -232,7 +158,7 @@ def bench_gbdt(
         DataError: no target column, an unknown side, or a child process failed.
     """
     from tabular.folds import make_folds
-    from tabular.gbdt import GBDTConfig, lightgbm_threads
+    from tabular.gbdt_config import GBDTConfig, lightgbm_threads
 
     if not spec.target or spec.target not in frame.columns:
         raise DataError(f"bench: the frame lacks the target column '{spec.target}'")
@@ -240,37 +166,23 @@ def bench_gbdt(
     if unknown:
         raise DataError(f"sides: unknown {unknown}; choose from {list(SIDES)}")
     run = [kind for kind in SIDES if kind in sides or kind == "ours"]
-    config = GBDTConfig(seeds=tuple(GBDTConfig().seeds if seeds is None else seeds), neg_ratio=neg_ratio,
-                        num_threads=int(num_threads))
+    config = GBDTConfig(
+        seeds=tuple(GBDTConfig().seeds if seeds is None else seeds),
+        neg_ratio=neg_ratio,
+        num_threads=int(num_threads),
+    )
     threads = lightgbm_threads(config)
     folds = make_folds(frame, spec, n_folds=n_folds, seed=42)["fold"].to_numpy()
-    options = {"seeds": [int(s) for s in config.seeds], "neg_ratio": config.neg_ratio,
-               "params": dict(params or {}), "num_threads": int(num_threads)}
-    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-        work = Path(tmp)
-        frame.reset_index(drop=True).to_parquet(work / "frame.parquet", index=False)
-        np.save(work / "folds.npy", folds, allow_pickle=False)
-        (work / "job.json").write_text(json.dumps({"spec": spec.identity(), "options": options}))
-        results = dict.fromkeys(SIDES)
-        for kind in run:
-            log.info("bench: %s fit on %d rows", kind, len(frame))
-            tick = time.perf_counter()
-            results[kind] = run_child("benchmarks.gbdt:measure_fit", {"kind": kind, "work": str(work)},
-                                      label=kind, error=DataError)
-            results[kind]["process_seconds"] = time.perf_counter() - tick
-    ours, unsampled, baseline, plain = (results[k] for k in ("ours", "unsampled", "baseline", "plain"))
-    full = len(frame) == ISIC2024_ROWS
-    ratios = {
-        "fit_seconds": _ratio(ours["fit_seconds"], baseline and baseline["fit_seconds"]),
-        "peak_rss": _ratio(ours["peak_rss_bytes"], baseline and baseline["peak_rss_bytes"]),
-        "fit_vs_plain": _ratio(ours["fit_seconds"], plain and plain["fit_seconds"]),
-        # Process CPU seconds: on a busy machine the plain fit's OpenMP threads spin while they wait
-        # for a core, which inflates its wall time; read this ratio beside the one above.
-        "fit_cpu_vs_plain": _ratio(ours["fit_cpu_seconds"], plain and plain["fit_cpu_seconds"]),
-        "fit_vs_unsampled": _ratio(ours["fit_seconds"], unsampled and unsampled["fit_seconds"]),
-        "pauc80_vs_unsampled": _ratio(ours["pauc80"], unsampled and unsampled["pauc80"]),
-        "pauc80_delta": _delta(ours["pauc80"], unsampled and unsampled["pauc80"]),
+    options: dict[str, Any] = {
+        "seeds": [int(s) for s in config.seeds],
+        "neg_ratio": config.neg_ratio,
+        "params": dict(params or {}),
+        "num_threads": int(num_threads),
     }
+    results = _run_sides(frame, spec, folds, options, run, work_dir)
+    ours = results["ours"]
+    unsampled, baseline, plain = (results.get(k) for k in ("unsampled", "baseline", "plain"))
+    ratios = _ratios(ours, unsampled, baseline, plain)
     report = {
         "rows": len(frame),
         "positives": int(frame[spec.target].sum()),
@@ -286,27 +198,101 @@ def bench_gbdt(
         "baseline": baseline,
         "plain": plain,
         "ratios": ratios,
-        "targets": {
-            **TARGETS,
-            "fit_met": ours["fit_seconds"] <= TARGET_FIT_SECONDS if full else None,
-            "fit_vs_plain_met": (None if not full or ratios["fit_vs_plain"] is None
-                                 else ratios["fit_vs_plain"] <= TARGET_FIT_VS_PLAIN),
-            "fit_vs_unsampled_met": (ratios["fit_vs_unsampled"] <= TARGET_FIT_VS_UNSAMPLED
-                                     if full and threads == 1 and ratios["fit_vs_unsampled"] is not None else None),
-            "pauc80_met": (None if not full or ratios["pauc80_delta"] is None
-                           else ratios["pauc80_delta"] >= TARGET_PAUC80_DELTA),
-            "memory_met": ours["peak_rss_bytes"] <= TARGET_PEAK_BYTES,
-        },
+        "targets": _targets(ours, ratios, full=len(frame) == ISIC2024_ROWS, threads=threads),
     }
     log.info(
-        "bench: features %.1f s; default fit %.1f s (plain LightGBM on every row %s s, x%s; unsampled %s s, "
+        "bench: features %.1f s; default fit %.1f s (plain LightGBM on every row %s s, x%s; "
+        "unsampled %s s, "
         "x%s; raw LightGBM %s s, x%s); pAUC80 %s (unsampled %s); peak %.2f GB (raw LightGBM %s GB)",
-        ours["features_seconds"], ours["fit_seconds"], _side(plain, "fit_seconds"), _num(ratios["fit_vs_plain"]),
-        _side(unsampled, "fit_seconds"), _num(ratios["fit_vs_unsampled"]), _side(baseline, "fit_seconds"),
-        _num(ratios["fit_seconds"]), ours["pauc80"], _side(unsampled, "pauc80"), ours["peak_rss_bytes"] / 1e9,
+        ours["features_seconds"],
+        ours["fit_seconds"],
+        _side(plain, "fit_seconds"),
+        _num(ratios["fit_vs_plain"]),
+        _side(unsampled, "fit_seconds"),
+        _num(ratios["fit_vs_unsampled"]),
+        _side(baseline, "fit_seconds"),
+        _num(ratios["fit_seconds"]),
+        ours["pauc80"],
+        _side(unsampled, "pauc80"),
+        ours["peak_rss_bytes"] / 1e9,
         "n/a" if baseline is None else f"{baseline['peak_rss_bytes'] / 1e9:.2f}",
     )
     return report
+
+
+def _run_sides(
+    frame: pd.DataFrame,
+    spec: DatasetSpec,
+    folds: np.ndarray,
+    options: dict,
+    run: list[str],
+    work_dir: Path | None,
+) -> dict[str, dict]:
+    """Each side of `run` in its own child (`benchmarks.gbdt_sides.measure_fit`), on files
+    written once to a temporary folder in `work_dir`: side -> its result."""
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        work = Path(tmp)
+        frame.reset_index(drop=True).to_parquet(work / "frame.parquet", index=False)
+        np.save(work / "folds.npy", folds, allow_pickle=False)
+        (work / "job.json").write_text(json.dumps({"spec": spec.identity(), "options": options}))
+        for kind in run:
+            log.info("bench: %s fit on %d rows", kind, len(frame))
+            tick = time.perf_counter()
+            result = run_child(
+                "benchmarks.gbdt_sides:measure_fit",
+                {"kind": kind, "work": str(work)},
+                label=kind,
+                error=DataError,
+            )
+            result["process_seconds"] = time.perf_counter() - tick
+            results[kind] = result
+    return results
+
+
+def _ratios(ours: dict, unsampled: dict | None, baseline: dict | None, plain: dict | None) -> dict:
+    """Ours beside each other side: fit time, CPU time, peak memory, pAUC80 (None where not run)."""
+    return {
+        "fit_seconds": _ratio(ours["fit_seconds"], _figure(baseline, "fit_seconds")),
+        "peak_rss": _ratio(ours["peak_rss_bytes"], _figure(baseline, "peak_rss_bytes")),
+        "fit_vs_plain": _ratio(ours["fit_seconds"], _figure(plain, "fit_seconds")),
+        # Process CPU seconds: on a busy machine the plain fit's OpenMP threads spin while they wait
+        # for a core, which inflates its wall time; read this ratio beside the one above.
+        "fit_cpu_vs_plain": _ratio(ours["fit_cpu_seconds"], _figure(plain, "fit_cpu_seconds")),
+        "fit_vs_unsampled": _ratio(ours["fit_seconds"], _figure(unsampled, "fit_seconds")),
+        "pauc80_vs_unsampled": _ratio(ours["pauc80"], _figure(unsampled, "pauc80")),
+        "pauc80_delta": _delta(ours["pauc80"], _figure(unsampled, "pauc80")),
+    }
+
+
+def _figure(side: dict | None, key: str) -> float | None:
+    """`side[key]`, None where the side did not run."""
+    return None if side is None else side[key]
+
+
+def _targets(ours: dict, ratios: dict, full: bool, threads: int) -> dict:
+    """`TARGETS` and whether each is met: None where it does not apply (`full`: the run has
+    401,059 rows; `threads`: LightGBM threads per model) or its other side did not run."""
+    return {
+        **TARGETS,
+        "fit_met": ours["fit_seconds"] <= TARGET_FIT_SECONDS if full else None,
+        "fit_vs_plain_met": (
+            None
+            if not full or ratios["fit_vs_plain"] is None
+            else ratios["fit_vs_plain"] <= TARGET_FIT_VS_PLAIN
+        ),
+        "fit_vs_unsampled_met": (
+            ratios["fit_vs_unsampled"] <= TARGET_FIT_VS_UNSAMPLED
+            if full and threads == 1 and ratios["fit_vs_unsampled"] is not None
+            else None
+        ),
+        "pauc80_met": (
+            None
+            if not full or ratios["pauc80_delta"] is None
+            else ratios["pauc80_delta"] >= TARGET_PAUC80_DELTA
+        ),
+        "memory_met": ours["peak_rss_bytes"] <= TARGET_PEAK_BYTES,
+    }
 
 
 def _side(result: dict | None, key: str) -> str:
@@ -364,11 +350,8 @@ def sweep_neg_ratio(
         pooled_set_sd (the pooled within-ratio standard deviation of a set's pAUC80) and
         noise_delta (2 x sqrt(2) x pooled_set_sd: how far two sets' pAUC80 may differ by seeds).
     """
-    import warnings
-
     from tabular.folds import make_folds
-    from tabular.gbdt import GBDTConfig
-    from tabular.train import fit_gbdt_frame
+    from tabular.gbdt_config import GBDTConfig
 
     if not spec.target or spec.target not in frame.columns:
         raise DataError(f"sweep: the frame lacks the target column '{spec.target}'")
@@ -379,50 +362,13 @@ def sweep_neg_ratio(
     configs = {float(r): GBDTConfig(neg_ratio=r, num_threads=int(num_threads)) for r in ratios}
     frame = frame.reset_index(drop=True)
     folds = make_folds(frame, spec, n_folds=n_folds, seed=42)["fold"].to_numpy()
-    fits = []
-    with tempfile.TemporaryDirectory(dir=work_dir) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for i in range(seed_sets):
-            seeds = tuple(range(i * set_size, (i + 1) * set_size))
-            for ratio, config in configs.items():
-                config = replace(config, seeds=seeds)
-                load = _load_average()
-                tick, cpu = time.perf_counter(), time.process_time()
-                metrics = fit_gbdt_frame(frame, folds, spec, Path(tmp) / "gbdt", config=config)
-                fit = {
-                    "neg_ratio": ratio, "seeds": list(seeds), "pauc80": metrics["pauc80"],
-                    "roc_auc": metrics["roc_auc"], "seconds": time.perf_counter() - tick,
-                    "cpu_seconds": time.process_time() - cpu,
-                    "load_average": [load[0] if load else None, *(_load_average() or [None])[:1]],
-                    "applied": metrics["negative_sampling"]["applied"],
-                    "rows_per_model": [f["rows_per_model"] for f in metrics["negative_sampling"]["folds"]],
-                }
-                fits.append(fit)
-                log.info("sweep: neg_ratio %g seeds %s: pAUC80 %.4f, ROC AUC %.4f, %.1f s (CPU %.1f s, load %s)",
-                         ratio, list(seeds), fit["pauc80"], fit["roc_auc"], fit["seconds"], fit["cpu_seconds"],
-                         fit["load_average"])
-    summary: dict[str, dict] = {}
+    fits = _sweep_fits(frame, spec, folds, configs, seed_sets, set_size, work_dir)
+    summary = _sweep_summary(fits, list(configs))
     squares, dof = 0.0, 0
     for ratio in configs:
-        mine = [f for f in fits if f["neg_ratio"] == ratio]
-        pauc = np.array([f["pauc80"] for f in mine], dtype=float)
+        pauc = np.array([f["pauc80"] for f in fits if f["neg_ratio"] == ratio], dtype=float)
         squares += float(((pauc - pauc.mean()) ** 2).sum())
         dof += len(pauc) - 1
-        summary[f"{ratio:g}"] = {
-            "neg_ratio": ratio,
-            "sets": len(mine),
-            "applied": mine[0]["applied"],
-            "rows_per_model": mine[0]["rows_per_model"][0],
-            "pauc80_mean": float(pauc.mean()),
-            "pauc80_sd": float(pauc.std(ddof=1)) if len(pauc) > 1 else None,
-            "roc_auc_mean": float(np.mean([f["roc_auc"] for f in mine])),
-            "seconds_mean": float(np.mean([f["seconds"] for f in mine])),
-            "cpu_seconds_mean": float(np.mean([f["cpu_seconds"] for f in mine])),
-        }
-    base = summary.get("0")
-    for row in summary.values():
-        row["pauc80_minus_unsampled"] = None if base is None else row["pauc80_mean"] - base["pauc80_mean"]
-        row["seconds_vs_unsampled"] = None if base is None else row["seconds_mean"] / base["seconds_mean"]
     pooled = math.sqrt(squares / dof) if dof else None
     return {
         "rows": len(frame),
@@ -437,21 +383,109 @@ def sweep_neg_ratio(
     }
 
 
-def format_sweep(result: dict) -> str:
+def _sweep_fits(
+    frame: pd.DataFrame,
+    spec: DatasetSpec,
+    folds: np.ndarray,
+    configs: dict[float, GBDTConfig],
+    seed_sets: int,
+    set_size: int,
+    work_dir: Path | None,
+) -> list[dict]:
+    """One stage fit per seed set and ratio: the sets in turn, within a set every ratio back to
+    back, so that a change of machine load falls on all ratios alike."""
+    import warnings
+
+    from tabular.train import fit_gbdt_frame
+
+    fits = []
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(seed_sets):
+            seeds = tuple(range(i * set_size, (i + 1) * set_size))
+            for ratio, config in configs.items():
+                config = replace(config, seeds=seeds)
+                before = _load_average()
+                tick, cpu = time.perf_counter(), time.process_time()
+                metrics = fit_gbdt_frame(frame, folds, spec, Path(tmp) / "gbdt", config=config)
+                after = _load_average()
+                fit = {
+                    "neg_ratio": ratio,
+                    "seeds": list(seeds),
+                    "pauc80": metrics["pauc80"],
+                    "roc_auc": metrics["roc_auc"],
+                    "seconds": time.perf_counter() - tick,
+                    "cpu_seconds": time.process_time() - cpu,
+                    "load_average": [before[0] if before else None, after[0] if after else None],
+                    "applied": metrics["negative_sampling"]["applied"],
+                    "rows_per_model": [
+                        f["rows_per_model"] for f in metrics["negative_sampling"]["folds"]
+                    ],
+                }
+                fits.append(fit)
+                log.info(
+                    "sweep: neg_ratio %g seeds %s: pAUC80 %.4f, ROC AUC %.4f, %.1f s (CPU %.1f s, "
+                    "load %s)",
+                    ratio,
+                    list(seeds),
+                    fit["pauc80"],
+                    fit["roc_auc"],
+                    fit["seconds"],
+                    fit["cpu_seconds"],
+                    fit["load_average"],
+                )
+    return fits
+
+
+def _sweep_summary(fits: list[dict], ratios: list[float]) -> dict[str, dict]:
+    """Per ratio (keyed "%g"): its sets' pAUC80 mean and sd, ROC AUC and seconds means, and
+    pAUC80 and seconds against ratio 0's (None when 0 was not measured)."""
+    summary: dict[str, dict] = {}
+    for ratio in ratios:
+        mine = [f for f in fits if f["neg_ratio"] == ratio]
+        pauc = np.array([f["pauc80"] for f in mine], dtype=float)
+        summary[f"{ratio:g}"] = {
+            "neg_ratio": ratio,
+            "sets": len(mine),
+            "applied": mine[0]["applied"],
+            "rows_per_model": mine[0]["rows_per_model"][0],
+            "pauc80_mean": float(pauc.mean()),
+            "pauc80_sd": float(pauc.std(ddof=1)) if len(pauc) > 1 else None,
+            "roc_auc_mean": float(np.mean([f["roc_auc"] for f in mine])),
+            "seconds_mean": float(np.mean([f["seconds"] for f in mine])),
+            "cpu_seconds_mean": float(np.mean([f["cpu_seconds"] for f in mine])),
+        }
+    base = summary.get("0")
+    for row in summary.values():
+        row["pauc80_minus_unsampled"] = (
+            None if base is None else row["pauc80_mean"] - base["pauc80_mean"]
+        )
+        row["seconds_vs_unsampled"] = (
+            None if base is None else row["seconds_mean"] / base["seconds_mean"]
+        )
+    return summary
+
+
+def _format_sweep(result: dict) -> str:
     """The sweep as a table: one line per ratio."""
-    lines = [f"{result['rows']} rows, {result['positives']} positives, {result['n_folds']} folds, "
-             f"{result['set_size']} seeds a set; pooled set-to-set sd of pAUC80 "
-             f"{_num(result['pooled_set_sd'])}, noise on a difference (2 x sqrt 2 x sd) {_num(result['noise_delta'])}",
-             "neg/pos  applied  rows/model  sets  pAUC80 mean +- sd  vs every negative  ROC AUC  fit s  "
-             "x every negative  CPU s"]
+    lines = [
+        f"{result['rows']} rows, {result['positives']} positives, {result['n_folds']} folds, "
+        f"{result['set_size']} seeds a set; pooled set-to-set sd of pAUC80 "
+        f"{_num(result['pooled_set_sd'])}, noise on a difference (2 x sqrt 2 x sd) "
+        f"{_num(result['noise_delta'])}",
+        "neg/pos  applied  rows/model  sets  pAUC80 mean +- sd  vs every negative  ROC AUC  fit s  "
+        "x every negative  CPU s",
+    ]
     for row in result["ratios"].values():
-        delta = row["pauc80_minus_unsampled"]
+        delta, times = row["pauc80_minus_unsampled"], row["seconds_vs_unsampled"]
         lines.append(
-            f"{row['neg_ratio']:>7g}  {str(row['applied']):>7}  {row['rows_per_model']:>10}  {row['sets']:>4}  "
-            f"{row['pauc80_mean']:.4f} +- {_num(row['pauc80_sd'])}  {'' if delta is None else f'{delta:+.4f}':>17}  "
+            f"{row['neg_ratio']:>7g}  {str(row['applied']):>7}  {row['rows_per_model']:>10}  "
+            f"{row['sets']:>4}  {row['pauc80_mean']:.4f} +- {_num(row['pauc80_sd'])}  "
+            f"{'' if delta is None else f'{delta:+.4f}':>17}  "
             f"{row['roc_auc_mean']:.4f}  {row['seconds_mean']:5.1f}  "
-            f"{'' if row['seconds_vs_unsampled'] is None else format(row['seconds_vs_unsampled'], '.2f'):>16}  "
-            f"{row['cpu_seconds_mean']:5.1f}")
+            f"{'' if times is None else format(times, '.2f'):>16}  "
+            f"{row['cpu_seconds_mean']:5.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -465,25 +499,36 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.gbdt",
-        description="Out-of-fold pAUC80, ROC AUC and fit time of the LightGBM stage at several negatives per "
-                    "positive, each with several seed sets (the seed-to-seed spread).")
+        description="Out-of-fold pAUC80, ROC AUC and fit time of the LightGBM stage at several "
+        "negatives per positive, each with several seed sets (the seed-to-seed spread).",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--spec", help="dataset spec TOML (or ISIC 2024 Kaggle-layout directory)")
-    source.add_argument("--synthetic", type=int, metavar="ROWS",
-                        help="the synthetic ISIC 2024-like table of this many rows (401059: the bench's)")
-    parser.add_argument("--ratios", default="0,20,50,100,200", help="comma-separated negatives per positive")
+    source.add_argument(
+        "--synthetic",
+        type=int,
+        metavar="ROWS",
+        help="the synthetic ISIC 2024-like table of this many rows (401059: the bench's)",
+    )
+    parser.add_argument(
+        "--ratios", default="0,20,50,100,200", help="comma-separated negatives per positive"
+    )
     parser.add_argument("--seed-sets", type=int, default=3)
     parser.add_argument("--set-size", type=int, default=3)
     parser.add_argument("--out", help="write the JSON here")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from tabular.spec import isic2024_spec, load_spec
     from tabular.validate import read_metadata
 
     try:
         ratios = tuple(float(r) for r in args.ratios.split(","))
     except ValueError as error:
-        raise SystemExit(f"--ratios: expected comma-separated numbers, got {args.ratios!r}") from error
+        raise SystemExit(
+            f"--ratios: expected comma-separated numbers, got {args.ratios!r}"
+        ) from error
     with tempfile.TemporaryDirectory(prefix="sweep-gbdt-") as tmp:
         if args.spec:
             spec = load_spec(args.spec)
@@ -492,15 +537,26 @@ def main(argv: list[str] | None = None) -> dict:
             from fuse.demo.synthetic import make_isic2024_like
 
             rows = args.synthetic
-            make_isic2024_like(Path(tmp), n_rows=rows, n_patients=max(10, round(ISIC2024_PATIENTS * rows / ISIC2024_ROWS)),
-                               prevalence=0.001 if rows >= 50_000 else 0.005, seed=0, write_images=False)
+            make_isic2024_like(
+                Path(tmp),
+                n_rows=rows,
+                n_patients=max(10, round(ISIC2024_PATIENTS * rows / ISIC2024_ROWS)),
+                prevalence=0.001 if rows >= 50_000 else 0.005,
+                seed=0,
+                write_images=False,
+            )
             spec = isic2024_spec(Path(tmp))
-        result = sweep_neg_ratio(read_metadata(spec), spec, ratios=ratios, seed_sets=args.seed_sets,
-                                 set_size=args.set_size)
+        result = sweep_neg_ratio(
+            read_metadata(spec),
+            spec,
+            ratios=ratios,
+            seed_sets=args.seed_sets,
+            set_size=args.set_size,
+        )
     result["dataset"] = spec.name
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(format_sweep(result))
+    print(_format_sweep(result))
     return result
 
 

@@ -113,7 +113,7 @@ def train_gbdt(spec, run, trials: int = 0, storage: str | None = None, image_pca
         raise RunError(f"--image-pca must be >= 0, got: {image_pca}")
     layout = RunLayout(run_dir(run))
     if trials:  # a storage that cannot be opened fails before the store is read
-        from tabular.tuning import check_storage
+        from tabular.tuning_storage import check_storage
 
         check_storage(storage, layout.stage("gbdt") / "optuna.db")
     extra, reference = None, None

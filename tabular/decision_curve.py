@@ -31,15 +31,18 @@ def _thresholds(thresholds) -> np.ndarray:
     try:
         pt = np.asarray(thresholds, dtype=float).ravel()
     except (TypeError, ValueError) as error:
-        raise DataError(f"thresholds: expected probabilities in (0, 1), got {thresholds!r:.80}") \
-            from error
+        raise DataError(
+            f"thresholds: expected probabilities in (0, 1), got {thresholds!r:.80}"
+        ) from error
     if len(pt) == 0:
         raise DataError("thresholds: got no threshold probability")
     bad = ~((pt > 0.0) & (pt < 1.0))
     if bad.any():
         first = float(pt[bad][0])
-        raise DataError(f"thresholds: expected probabilities in (0, 1), got {first!r}; "
-                        "net benefit is undefined at 0 and 1")
+        raise DataError(
+            f"thresholds: expected probabilities in (0, 1), got {first!r}; "
+            "net benefit is undefined at 0 and 1"
+        )
     return pt
 
 
@@ -66,8 +69,10 @@ def net_benefit(y_true, y_prob, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
 
 def _net_benefit(y: np.ndarray, p: np.ndarray, pt: np.ndarray, name: str) -> np.ndarray:
     if p.min() < 0.0 or p.max() > 1.0:
-        raise DataError(f"{name}: expected probabilities in [0, 1], got values from {p.min()} to "
-                        f"{p.max()}; use the calibrated probability")
+        raise DataError(
+            f"{name}: expected probabilities in [0, 1], got values from {p.min()} to "
+            f"{p.max()}; use the calibrated probability"
+        )
     n = len(y)
     # Rows flagged at pt are those with p >= pt: counts from one sort, for every pt at once.
     pos, neg = np.sort(p[y == 1]), np.sort(p[y == 0])
@@ -76,8 +81,9 @@ def _net_benefit(y: np.ndarray, p: np.ndarray, pt: np.ndarray, name: str) -> np.
     return tp / n - fp / n * pt / (1.0 - pt)
 
 
-def decision_curve(y_true, probabilities: Mapping,
-                   thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> dict:
+def decision_curve(
+    y_true, probabilities: Mapping, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
+) -> dict:
     """Net benefit of each model, treat-all and treat-none, JSON-ready.
 
     Args:
@@ -97,15 +103,23 @@ def decision_curve(y_true, probabilities: Mapping,
     y, checked, _ = check_inputs(y_true, probabilities)
     clash = {"treat all", "treat none"} & set(checked)
     if clash:
-        raise DataError(f"probabilities: model names {sorted(clash)} are reserved for the "
-                        "reference strategies; rename the model")
+        raise DataError(
+            f"probabilities: model names {sorted(clash)} are reserved for the "
+            "reference strategies; rename the model"
+        )
     prevalence = float(y.mean())
-    curves = {name: _net_benefit(y, p, pt, f"probabilities[{name!r}]").tolist()
-              for name, p in checked.items()}
+    curves = {
+        name: _net_benefit(y, p, pt, f"probabilities[{name!r}]").tolist()
+        for name, p in checked.items()
+    }
     curves["treat all"] = (prevalence - (1.0 - prevalence) * pt / (1.0 - pt)).tolist()
     curves["treat none"] = [0.0] * len(pt)
-    return {"thresholds": pt.tolist(), "n": int(len(y)), "prevalence": prevalence,
-            "net_benefit": curves}
+    return {
+        "thresholds": pt.tolist(),
+        "n": int(len(y)),
+        "prevalence": prevalence,
+        "net_benefit": curves,
+    }
 
 
 def plot_decision_curve(curve: Mapping, title: str = "Decision curve") -> bytes:
@@ -119,7 +133,9 @@ def plot_decision_curve(curve: Mapping, title: str = "Decision curve") -> bytes:
     """
     missing = {"thresholds", "prevalence", "net_benefit"} - set(curve)
     if missing:
-        raise DataError(f"curve: expected the dict decision_curve returns, missing {sorted(missing)}")
+        raise DataError(
+            f"curve: expected the dict decision_curve returns, missing {sorted(missing)}"
+        )
     # The Agg canvas directly, not pyplot: no display, no global backend switch (servers, CI).
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -130,8 +146,10 @@ def plot_decision_curve(curve: Mapping, title: str = "Decision curve") -> bytes:
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     for name, values in curve["net_benefit"].items():
-        style = {"treat all": {"color": "0.45", "linestyle": "--"},
-                 "treat none": {"color": "0.2", "linestyle": ":"}}.get(name, {"linewidth": 1.8})
+        style = {
+            "treat all": {"color": "0.45", "linestyle": "--"},
+            "treat none": {"color": "0.2", "linestyle": ":"},
+        }.get(name, {"linewidth": 1.8})
         ax.plot(pt, np.asarray(values, dtype=float), label=name, **style)
     top = prevalence * 1.15 if prevalence > 0 else 0.01
     ax.set_ylim(-0.25 * top, top)

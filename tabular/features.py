@@ -10,12 +10,13 @@ Feature blocks, in this column order:
 1. the spec's numeric columns (NaN kept: LightGBM routes missing values itself);
 2. for the built-in ISIC 2024 spec, engineered lesion features from the `tbp_lv_*` columns, as
    the public solutions of the ISIC 2024 Challenge computed them (ratios of size, shape, colour
-   and border measurements of the 3D total-body-photography lesion segmentation);
+   and border measurements of the 3D total-body-photography lesion segmentation;
+   `tabular.features_engineered`);
 3. only when `spec.patient` is set: each numeric and engineered feature normalised within its
    patient, `(x - patient mean) / (patient std + eps)`, and the number of the patient's lesions in
    the rows given. A malignant lesion tends to look unlike the patient's other lesions (the
    "ugly duckling" sign); these figures come from the rows given to `transform` only, so at
-   scoring time they come from the scored rows of that patient;
+   scoring time they come from the scored rows of that patient (`tabular.features_patient`);
 4. one-hot columns of each categorical column (plus a `<column>__missing` indicator); a
    category not seen at fit becomes all-zero and is counted in a warning.
 """
@@ -28,13 +29,17 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
 
 from tabular.errors import DataError, preview
+from tabular.features_engineered import COMBINED_SITE, engineered_for, engineered_values
+from tabular.features_patient import patient_features
 from tabular.spec import DatasetSpec
+
+__all__ = ["MAX_CATEGORIES", "FeatureEncoder", "unknown_categories_said_once"]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +47,9 @@ log = logging.getLogger(__name__)
 # model has its own encoder and scoring runs in batches, so a warning per `transform` call said
 # the same thing 5-10 times. A context variable, not a module global, so that threads and nested
 # calls each see their own collection.
-_UNKNOWN: contextvars.ContextVar[dict | None] = contextvars.ContextVar("unknown_categories", default=None)
+_UNKNOWN: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "unknown_categories", default=None
+)
 
 
 @contextlib.contextmanager
@@ -61,15 +68,20 @@ def unknown_categories_said_once() -> Iterator[None]:
     try:
         yield
     finally:
-        collected = _UNKNOWN.get()
+        collected = _UNKNOWN.get() or {}
         _UNKNOWN.reset(token)
         for column, seen in collected.items():
             if not seen["ids"]:
                 continue
             log.warning(
-                "categorical column '%s': %d row(s) hold categories not seen at fit (by %d of %d encoder "
+                "categorical column '%s': %d row(s) hold categories not seen at fit (by %d of %d "
+                "encoder "
                 "calls, e.g. one per fold model), encoded as all-zero: %s",
-                column, len(seen["ids"]), seen["calls_unknown"], seen["calls"], preview(sorted(seen["values"])),
+                column,
+                len(seen["ids"]),
+                seen["calls_unknown"],
+                seen["calls"],
+                preview(sorted(seen["values"])),
             )
 
 
@@ -79,7 +91,9 @@ def _note_unknown(column: str, values: list, ids: list[str]) -> bool:
     collected = _UNKNOWN.get()
     if collected is None:
         return False
-    seen = collected.setdefault(column, {"ids": set(), "calls": 0, "calls_unknown": 0, "values": set()})
+    seen = collected.setdefault(
+        column, {"ids": set(), "calls": 0, "calls_unknown": 0, "values": set()}
+    )
     seen["calls"] += 1
     if ids:
         seen["calls_unknown"] += 1
@@ -87,174 +101,10 @@ def _note_unknown(column: str, values: list, ids: list[str]) -> bool:
         seen["values"].update(values)
     return True
 
-ENCODER_FORMAT = 1
+
+_ENCODER_FORMAT = 1
 # A categorical column with more distinct values than this is almost surely an id or free text.
 MAX_CATEGORIES = 1000
-# Added to a patient's standard deviation, as in the public ISIC 2024 notebooks, so that a feature
-# constant within a patient gives 0 rather than a division by zero.
-PATIENT_EPS = 1e-5
-# Per-patient statistics are computed this many columns at a time to bound temporary memory.
-_PATIENT_CHUNK = 16
-
-Arrays = Mapping[str, np.ndarray]
-
-
-def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a / b, NaN where b is zero or missing (a zero-size lesion is a measurement failure)."""
-    out = np.full(np.broadcast(a, b).shape, np.nan)
-    np.divide(a, b, out=out, where=np.isfinite(b) & (b != 0))
-    return out
-
-
-def _delta_norm(c: Arrays) -> np.ndarray:
-    return np.sqrt(c["tbp_lv_deltaA"] ** 2 + c["tbp_lv_deltaB"] ** 2 + c["tbp_lv_deltaL"] ** 2)
-
-
-def _distance_3d(c: Arrays) -> np.ndarray:
-    return np.sqrt(c["tbp_lv_x"] ** 2 + c["tbp_lv_y"] ** 2 + c["tbp_lv_z"] ** 2)
-
-
-def _border_complexity(c: Arrays) -> np.ndarray:
-    return c["tbp_lv_norm_border"] + c["tbp_lv_symm_2axis"]
-
-
-def _shape_index(c: Arrays) -> np.ndarray:
-    return _div(c["tbp_lv_areaMM2"], c["tbp_lv_perimeterMM"] ** 2)
-
-
-def _log1p(x: np.ndarray) -> np.ndarray:
-    out = np.full(x.shape, np.nan)
-    np.log1p(x, out=out, where=x > -1)
-    return out
-
-
-def _sqrt(x: np.ndarray) -> np.ndarray:
-    out = np.full(x.shape, np.nan)
-    np.sqrt(x, out=out, where=x >= 0)
-    return out
-
-
-# Engineered ISIC 2024 features: (name, input columns, function). Written from the descriptions in
-# the public notebook "ISIC 2024 | Only Tabular Data" and the 1st/2nd place write-ups. A feature is
-# built only when all its inputs are features of the spec (an excluded input drops it).
-_ENGINEERED: tuple[tuple[str, tuple[str, ...], Callable[[Arrays], np.ndarray]], ...] = (
-    # Short axis over longest diameter: 1 for a round lesion, small for an elongated one.
-    ("lesion_size_ratio", ("tbp_lv_minorAxisMM", "clin_size_long_diam_mm"),
-     lambda c: _div(c["tbp_lv_minorAxisMM"], c["clin_size_long_diam_mm"])),
-    # Area over squared perimeter: compactness, largest (1 / 4 pi) for a disc, small for a ragged outline.
-    ("lesion_shape_index", ("tbp_lv_areaMM2", "tbp_lv_perimeterMM"), _shape_index),
-    # How much the lesion's hue differs from the skin around it.
-    ("hue_contrast", ("tbp_lv_H", "tbp_lv_Hext"), lambda c: np.abs(c["tbp_lv_H"] - c["tbp_lv_Hext"])),
-    # How much darker or lighter the lesion is than the skin around it.
-    ("luminance_contrast", ("tbp_lv_L", "tbp_lv_Lext"),
-     lambda c: np.abs(c["tbp_lv_L"] - c["tbp_lv_Lext"])),
-    # Saturation (chroma) difference between lesion and surrounding skin.
-    ("chroma_contrast", ("tbp_lv_C", "tbp_lv_Cext"), lambda c: np.abs(c["tbp_lv_C"] - c["tbp_lv_Cext"])),
-    # Euclidean colour distance (CIELAB) between lesion and surrounding skin.
-    ("lesion_color_difference", ("tbp_lv_deltaA", "tbp_lv_deltaB", "tbp_lv_deltaL"), _delta_norm),
-    # Border irregularity plus asymmetry: the "B" and "A" of the ABCD rule together.
-    ("border_complexity", ("tbp_lv_norm_border", "tbp_lv_symm_2axis"), _border_complexity),
-    # Mean colour variation inside the lesion relative to its largest radial variation.
-    ("color_uniformity", ("tbp_lv_color_std_mean", "tbp_lv_radial_color_std_max"),
-     lambda c: _div(c["tbp_lv_color_std_mean"], c["tbp_lv_radial_color_std_max"])),
-    # Distance of the lesion from the origin of the 3D body model (roughly: where on the body).
-    ("3d_position_distance", ("tbp_lv_x", "tbp_lv_y", "tbp_lv_z"), _distance_3d),
-    # Outline length per unit area: high for small or ragged lesions.
-    ("perimeter_to_area_ratio", ("tbp_lv_perimeterMM", "tbp_lv_areaMM2"),
-     lambda c: _div(c["tbp_lv_perimeterMM"], c["tbp_lv_areaMM2"])),
-    # Area per unit outline length: grows with size for a given shape.
-    ("area_to_perimeter_ratio", ("tbp_lv_areaMM2", "tbp_lv_perimeterMM"),
-     lambda c: _div(c["tbp_lv_areaMM2"], c["tbp_lv_perimeterMM"])),
-    # Contrast with the surrounding skin plus colour irregularity: how much the lesion stands out.
-    ("lesion_visibility_score", ("tbp_lv_deltaLBnorm", "tbp_lv_norm_color"),
-     lambda c: c["tbp_lv_deltaLBnorm"] + c["tbp_lv_norm_color"]),
-    # Asymmetry and border irregularity that occur together.
-    ("symmetry_border_consistency", ("tbp_lv_symm_2axis", "tbp_lv_norm_border"),
-     lambda c: c["tbp_lv_symm_2axis"] * c["tbp_lv_norm_border"]),
-    # Their product over their sum: large only when both are large (a harmonic-mean-like blend).
-    ("consistency_symmetry_border", ("tbp_lv_symm_2axis", "tbp_lv_norm_border"),
-     lambda c: _div(c["tbp_lv_symm_2axis"] * c["tbp_lv_norm_border"],
-                    c["tbp_lv_symm_2axis"] + c["tbp_lv_norm_border"])),
-    # Luminance spread inside the lesion relative to the surrounding skin's luminance.
-    ("color_consistency", ("tbp_lv_stdL", "tbp_lv_Lext"), lambda c: _div(c["tbp_lv_stdL"], c["tbp_lv_Lext"])),
-    # Product over sum of the same two.
-    ("consistency_color", ("tbp_lv_stdL", "tbp_lv_Lext"),
-     lambda c: _div(c["tbp_lv_stdL"] * c["tbp_lv_Lext"], c["tbp_lv_stdL"] + c["tbp_lv_Lext"])),
-    # Luminance spread inside the lesion relative to that of the skin around it.
-    ("stdl_ratio", ("tbp_lv_stdL", "tbp_lv_stdLExt"), lambda c: _div(c["tbp_lv_stdL"], c["tbp_lv_stdLExt"])),
-    # Large lesions in older patients are the riskier ones.
-    ("size_age_interaction", ("clin_size_long_diam_mm", "age_approx"),
-     lambda c: c["clin_size_long_diam_mm"] * c["age_approx"]),
-    # Hue weighted by colour variation inside the lesion.
-    ("hue_color_std_interaction", ("tbp_lv_H", "tbp_lv_color_std_mean"),
-     lambda c: c["tbp_lv_H"] * c["tbp_lv_color_std_mean"]),
-    # Mean of border irregularity, colour irregularity and eccentricity.
-    ("lesion_severity_index", ("tbp_lv_norm_border", "tbp_lv_norm_color", "tbp_lv_eccentricity"),
-     lambda c: (c["tbp_lv_norm_border"] + c["tbp_lv_norm_color"] + c["tbp_lv_eccentricity"]) / 3),
-    # Border complexity plus compactness.
-    ("shape_complexity_index",
-     ("tbp_lv_norm_border", "tbp_lv_symm_2axis", "tbp_lv_areaMM2", "tbp_lv_perimeterMM"),
-     lambda c: _border_complexity(c) + _shape_index(c)),
-    # Diameter per year of age: a large lesion in a young patient stands out.
-    ("normalized_lesion_size", ("clin_size_long_diam_mm", "age_approx"),
-     lambda c: _div(c["clin_size_long_diam_mm"], c["age_approx"])),
-    # Named "difference" in the public notebook, but it is the mean hue of lesion and surroundings.
-    ("mean_hue_difference", ("tbp_lv_H", "tbp_lv_Hext"), lambda c: (c["tbp_lv_H"] + c["tbp_lv_Hext"]) / 2),
-    # Root-mean-square of the three CIELAB differences to the surrounding skin.
-    ("std_dev_contrast", ("tbp_lv_deltaA", "tbp_lv_deltaB", "tbp_lv_deltaL"),
-     lambda c: _delta_norm(c) / math.sqrt(3)),
-    # Mean of colour variation, area/perimeter ratio and asymmetry.
-    ("color_shape_composite_index", ("tbp_lv_color_std_mean", "tbp_lv_area_perim_ratio", "tbp_lv_symm_2axis"),
-     lambda c: (c["tbp_lv_color_std_mean"] + c["tbp_lv_area_perim_ratio"] + c["tbp_lv_symm_2axis"]) / 3),
-    # Area on a log scale (areas span orders of magnitude).
-    ("log_lesion_area", ("tbp_lv_areaMM2",), lambda c: _log1p(c["tbp_lv_areaMM2"])),
-    # Irregular border and irregular colour together.
-    ("border_color_interaction", ("tbp_lv_norm_border", "tbp_lv_norm_color"),
-     lambda c: c["tbp_lv_norm_border"] * c["tbp_lv_norm_color"]),
-    # Their product over their sum.
-    ("border_color_interaction_2", ("tbp_lv_norm_border", "tbp_lv_norm_color"),
-     lambda c: _div(c["tbp_lv_norm_border"] * c["tbp_lv_norm_color"],
-                    c["tbp_lv_norm_border"] + c["tbp_lv_norm_color"])),
-    # Diameter per unit of contrast with the surrounding skin.
-    ("size_color_contrast_ratio", ("clin_size_long_diam_mm", "tbp_lv_deltaLBnorm"),
-     lambda c: _div(c["clin_size_long_diam_mm"], c["tbp_lv_deltaLBnorm"])),
-    # The TBP software's "looks like a nevus" confidence per year of age.
-    ("age_normalized_nevi_confidence", ("tbp_lv_nevi_confidence", "age_approx"),
-     lambda c: _div(c["tbp_lv_nevi_confidence"], c["age_approx"])),
-    # Named after the previous one in the public notebook; it is the length of (diameter, age).
-    ("age_normalized_nevi_confidence_2", ("clin_size_long_diam_mm", "age_approx"),
-     lambda c: np.sqrt(c["clin_size_long_diam_mm"] ** 2 + c["age_approx"] ** 2)),
-    # Radial colour variation weighted by asymmetry.
-    ("color_asymmetry_index", ("tbp_lv_radial_color_std_max", "tbp_lv_symm_2axis"),
-     lambda c: c["tbp_lv_radial_color_std_max"] * c["tbp_lv_symm_2axis"]),
-    # Area times distance from the body model's origin.
-    ("volume_approximation_3d", ("tbp_lv_areaMM2", "tbp_lv_x", "tbp_lv_y", "tbp_lv_z"),
-     lambda c: c["tbp_lv_areaMM2"] * _distance_3d(c)),
-    # Summed absolute L, A, B differences between lesion and surrounding skin.
-    ("color_range", ("tbp_lv_L", "tbp_lv_Lext", "tbp_lv_A", "tbp_lv_Aext", "tbp_lv_B", "tbp_lv_Bext"),
-     lambda c: np.abs(c["tbp_lv_L"] - c["tbp_lv_Lext"]) + np.abs(c["tbp_lv_A"] - c["tbp_lv_Aext"])
-     + np.abs(c["tbp_lv_B"] - c["tbp_lv_Bext"])),
-    # Elongation weighted by colour variation.
-    ("shape_color_consistency", ("tbp_lv_eccentricity", "tbp_lv_color_std_mean"),
-     lambda c: c["tbp_lv_eccentricity"] * c["tbp_lv_color_std_mean"]),
-    # Perimeter over the circumference of the disc of equal area: 1 for a circle, more if ragged.
-    ("border_length_ratio", ("tbp_lv_perimeterMM", "tbp_lv_areaMM2"),
-     lambda c: _div(c["tbp_lv_perimeterMM"], 2 * np.pi * _sqrt(_div(c["tbp_lv_areaMM2"], np.pi)))),
-    # Age x diameter x asymmetry: large asymmetric lesions in older patients.
-    ("age_size_symmetry_index", ("age_approx", "clin_size_long_diam_mm", "tbp_lv_symm_2axis"),
-     lambda c: c["age_approx"] * c["clin_size_long_diam_mm"] * c["tbp_lv_symm_2axis"]),
-    # The same with area instead of diameter.
-    ("index_age_size_symmetry", ("age_approx", "tbp_lv_areaMM2", "tbp_lv_symm_2axis"),
-     lambda c: c["age_approx"] * c["tbp_lv_areaMM2"] * c["tbp_lv_symm_2axis"]),
-)
-
-# Engineered categorical: the coarse site and the TBP software's finer location in one value.
-_COMBINED_SITE = ("combined_anatomical_site", ("anatom_site_general", "tbp_lv_location"))
-
-
-def engineered_feature_names() -> tuple[str, ...]:
-    """Names of all engineered numeric ISIC 2024 features (before any is dropped for inputs)."""
-    return tuple(name for name, _, _ in _ENGINEERED)
 
 
 def _safe(name: str) -> str:
@@ -315,12 +165,12 @@ class FeatureEncoder:
         engineered: list[str] = []
         engineered_categorical: list[dict] = []
         if spec.builtin == "isic2024":
-            engineered = [name for name, inputs, _ in _ENGINEERED if set(inputs) <= set(numeric)]
-            name, inputs = _COMBINED_SITE
+            engineered = engineered_for(numeric)
+            name, inputs = COMBINED_SITE
             if set(inputs) <= set(categorical):
                 engineered_categorical.append({"name": name, "inputs": list(inputs)})
         base = {
-            "format": ENCODER_FORMAT,
+            "format": _ENCODER_FORMAT,
             "dataset": spec.name,
             "id": spec.id,
             "patient": spec.patient,
@@ -371,7 +221,9 @@ class FeatureEncoder:
         self.state["mlp"] = self._mlp_state(features)
         return features
 
-    def restrict(self, features: pd.DataFrame, rows: np.ndarray) -> tuple[FeatureEncoder, pd.DataFrame, list[int]]:
+    def restrict(
+        self, features: pd.DataFrame, rows: np.ndarray
+    ) -> tuple[FeatureEncoder, pd.DataFrame, list[int]]:
         """The encoder `fit_transform` would make on a subset of the rows this one was fitted on,
         from this encoder's features of that subset, without recomputing them.
 
@@ -402,7 +254,8 @@ class FeatureEncoder:
             raise DataError("fit: the frame has no rows")
         if list(features.columns) != self.feature_names:
             raise DataError(
-                f"restrict: expected the {len(self.feature_names)} columns of this encoder's transform, got "
+                f"restrict: expected the {len(self.feature_names)} columns of this encoder's "
+                "transform, got "
                 f"{len(features.columns)} columns {preview(list(features.columns))}"
             )
         values = features.to_numpy(copy=False)[np.asarray(rows)]
@@ -415,8 +268,9 @@ class FeatureEncoder:
                 )
         categories: dict[str, list[str]] = {}
         for source, levels in state["categories"].items():
-            kept = [level for level in levels
-                    if values[:, position[("onehot", source, level)]].any()]
+            kept = [
+                level for level in levels if values[:, position[("onehot", source, level)]].any()
+            ]
             if not kept:
                 raise DataError(
                     f"categorical column '{source}' has no value in the {len(rows)} rows given "
@@ -424,18 +278,26 @@ class FeatureEncoder:
                 )
             categories[source] = kept
         encoder = FeatureEncoder()
-        encoder.state = dict(_copy({k: v for k, v in state.items() if k not in ("categories", "columns", "mlp")}),
-                             categories=categories, columns=[], mlp={})
+        encoder.state = dict(
+            _copy({k: v for k, v in state.items() if k not in ("categories", "columns", "mlp")}),
+            categories=categories,
+            columns=[],
+            mlp={},
+        )
         encoder.state["columns"] = encoder._layout()
         picks = [position[_column_key(c)] for c in encoder.state["columns"]]
-        subset = pd.DataFrame(values[:, picks] if len(picks) < values.shape[1] else values,
-                              index=features.index[np.asarray(rows)], columns=encoder.feature_names, copy=False)
+        subset = pd.DataFrame(
+            values[:, picks] if len(picks) < values.shape[1] else values,
+            index=features.index[np.asarray(rows)],
+            columns=encoder.feature_names,
+            copy=False,
+        )
         encoder.state["mlp"] = encoder._mlp_state(subset)
         return encoder, subset, picks
 
     def _mlp_state(self, features: pd.DataFrame) -> dict:
         """Mean and standard deviation of each continuous column of `features` (the fit rows')."""
-        continuous = [c["name"] for c in self.state["columns"] if c["kind"] != "onehot"]
+        continuous = [c["name"] for c in self._state["columns"] if c["kind"] != "onehot"]
         means, stds, indicators = [], [], []
         # One column-major copy: reading column after column of a row-major matrix would touch
         # every cache line of it once per column.
@@ -483,19 +345,23 @@ class FeatureEncoder:
         for column in columns:
             if column["kind"] == "numeric":
                 continuous[column["name"]] = numeric[column["source"]]
-        with np.errstate(all="ignore"):
-            functions = {name: fn for name, _, fn in _ENGINEERED}
-            for column in columns:
-                if column["kind"] == "engineered":
-                    values = np.asarray(functions[column["source"]](numeric), dtype=np.float64)
-                    values[~np.isfinite(values)] = np.nan
-                    continuous[column["name"]] = values
+        for column in columns:
+            if column["kind"] == "engineered":
+                continuous[column["name"]] = engineered_values(column["source"], numeric)
         for name, values in continuous.items():
             out[:, position[name]] = values
 
         patient_columns = [c for c in columns if c["kind"] == "patient_norm"]
         if patient_columns:
-            self._patient_features(df, continuous, patient_columns, position, out)
+            count = next(c["name"] for c in columns if c["kind"] == "patient_count")
+            patient_features(
+                _as_text(df[state["patient"]]),
+                continuous,
+                patient_columns,
+                position[count],
+                position,
+                out,
+            )
 
         categorical = self._categorical_values(df)
         for source, levels in state["categories"].items():
@@ -525,7 +391,9 @@ class FeatureEncoder:
                 )
         return pd.DataFrame(out, index=df.index, columns=self.feature_names, copy=False)
 
-    def mlp_matrix(self, features: pd.DataFrame, standardise: bool = True, indicators: bool = True) -> pd.DataFrame:
+    def mlp_matrix(
+        self, features: pd.DataFrame, standardise: bool = True, indicators: bool = True
+    ) -> pd.DataFrame:
         """Features for a neural network: no NaN, continuous columns standardised.
 
         Args:
@@ -579,12 +447,22 @@ class FeatureEncoder:
             DataError: not an encoder document, or another format version.
         """
         if not isinstance(data, dict) or "columns" not in data or "categories" not in data:
-            raise DataError("encoder: not a FeatureEncoder JSON document (no 'columns'/'categories')")
-        if data.get("format") != ENCODER_FORMAT:
-            raise DataError(f"encoder: format {data.get('format')!r} is not supported (expected {ENCODER_FORMAT})")
+            raise DataError(
+                "encoder: not a FeatureEncoder JSON document (no 'columns'/'categories')"
+            )
+        if data.get("format") != _ENCODER_FORMAT:
+            raise DataError(
+                f"encoder: format {data.get('format')!r} is not supported (expected "
+                f"{_ENCODER_FORMAT})"
+            )
         encoder = cls()
         encoder.state = _copy(data)
         return encoder
+
+    @property
+    def patient_column(self) -> str | None:
+        """The column per-patient features are computed over (the spec's `patient`), or None."""
+        return self._fitted()["patient"]
 
     @property
     def source_columns(self) -> list[str]:
@@ -592,35 +470,42 @@ class FeatureEncoder:
         return self._source_columns()
 
     # ------------------------------------------------------------------------------- private
+    @property
+    def _state(self) -> dict:
+        """The state, fitted or being fitted (`_fitted` requires a finished fit)."""
+        if self.state is None:
+            raise DataError("encoder: not fitted; call fit(df, spec) or from_json(...) first")
+        return self.state
+
     def _fitted(self) -> dict:
         if self.state is None or not self.state.get("columns"):
             raise DataError("encoder: not fitted; call fit(df, spec) or from_json(...) first")
         return self.state
 
     def _source_columns(self) -> list[str]:
-        state = self.state
+        state = self._state
         columns = [*state["numeric"], *state["categorical"]]
         if state["patient"]:
             columns.append(state["patient"])
         return columns
 
     def _ids(self, df: pd.DataFrame) -> pd.Series:
-        column = self.state["id"]
+        column = self._state["id"]
         if column in df.columns:
             return df[column].astype(str)
         return pd.Series([f"row {i}" for i in range(len(df))], index=df.index)
 
     def _categorical_values(self, df: pd.DataFrame) -> dict[str, pd.Series]:
         """Each categorical source as object strings (NaN kept), engineered ones included."""
-        values = {c: _as_text(df[c]) for c in self.state["categorical"]}
-        for combined in self.state["engineered_categorical"]:
+        values = {c: _as_text(df[c]) for c in self._state["categorical"]}
+        for combined in self._state["engineered_categorical"]:
             a, b = (values[c] for c in combined["inputs"])
             joined = a.str.cat(b, sep="_")
             values[combined["name"]] = joined.where(a.notna() & b.notna(), np.nan).astype(object)
         return values
 
     def _layout(self) -> list[dict]:
-        state = self.state
+        state = self._state
         columns: list[dict] = []
         for column in state["numeric"]:
             columns.append({"name": _safe(column), "kind": "numeric", "source": column})
@@ -631,50 +516,37 @@ class FeatureEncoder:
         if state["patient"]:
             for column in list(columns):
                 columns.append(
-                    {"name": f"{column['name']}_patient_norm", "kind": "patient_norm", "source": column["name"]}
+                    {
+                        "name": f"{column['name']}_patient_norm",
+                        "kind": "patient_norm",
+                        "source": column["name"],
+                    }
                 )
-            columns.append({"name": "lesions_per_patient", "kind": "patient_count", "source": state["patient"]})
+            columns.append(
+                {"name": "lesions_per_patient", "kind": "patient_count", "source": state["patient"]}
+            )
         for source, levels in state["categories"].items():
             for level in levels:
                 columns.append(
-                    {"name": f"{_safe(source)}__{_safe(level)}", "kind": "onehot", "source": source, "value": level}
+                    {
+                        "name": f"{_safe(source)}__{_safe(level)}",
+                        "kind": "onehot",
+                        "source": source,
+                        "value": level,
+                    }
                 )
-            columns.append({"name": f"{_safe(source)}__missing", "kind": "onehot", "source": source, "value": None})
+            columns.append(
+                {
+                    "name": f"{_safe(source)}__missing",
+                    "kind": "onehot",
+                    "source": source,
+                    "value": None,
+                }
+            )
         # Earlier names are kept, so the patient columns' sources above stay valid.
         for column, name in zip(columns, _unique([c["name"] for c in columns]), strict=True):
             column["name"] = name
         return columns
-
-    def _patient_features(
-        self,
-        df: pd.DataFrame,
-        continuous: dict[str, np.ndarray],
-        patient_columns: list[dict],
-        position: dict[str, int],
-        out: np.ndarray,
-    ) -> None:
-        """Per-patient normalised copies and lesion counts, from these rows only, vectorised."""
-        patient = _as_text(df[self.state["patient"]])
-        # A row without a patient is its own patient: it must not be pooled with other such rows.
-        lone = patient.isna().to_numpy()
-        codes, _ = pd.factorize(patient, use_na_sentinel=True)
-        if lone.any():
-            codes = codes.copy()
-            codes[lone] = codes.max(initial=-1) + 1 + np.arange(int(lone.sum()))
-        counts = np.bincount(codes)
-        count_name = next(c["name"] for c in self.state["columns"] if c["kind"] == "patient_count")
-        out[:, position[count_name]] = counts[codes]
-        keys = pd.Series(codes, copy=False)
-        for start in range(0, len(patient_columns), _PATIENT_CHUNK):
-            chunk = patient_columns[start : start + _PATIENT_CHUNK]
-            block = pd.DataFrame({c["source"]: continuous[c["source"]] for c in chunk})
-            grouped = block.groupby(keys, sort=False)
-            mean = grouped.transform("mean").to_numpy()
-            std = grouped.transform("std").to_numpy()
-            with np.errstate(all="ignore"):
-                normalised = (block.to_numpy() - mean) / (std + PATIENT_EPS)
-            for j, column in enumerate(chunk):
-                out[:, position[column["name"]]] = normalised[:, j]
 
 
 def _column_key(column: dict) -> tuple:

@@ -19,6 +19,8 @@ from tabular.spec import DatasetSpec
 
 log = logging.getLogger(__name__)
 
+__all__ = ["make_folds", "read_folds", "write_folds"]
+
 
 def make_folds(frame: pd.DataFrame, spec: DatasetSpec, n_folds: int = 5, seed: int = 42) -> pd.DataFrame:
     """Assign each row a fold so that no group straddles two folds.

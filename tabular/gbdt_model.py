@@ -1,7 +1,7 @@
 """A trained LightGBM stage, loaded once: `GBDTModel.load(stage_dir).predict(frame, extra)` (a
 `runfolder.stage.Stage`).
 
-The one reader of the files `tabular.gbdt.save_ensemble` writes (`features.json`,
+The one reader of the files `tabular.gbdt_ensemble.save_ensemble` writes (`features.json`,
 `encoder.json`, `fold{k}_seed{s}.txt`, the PCA `.npy` files); scoring, stacking and reports go
 through it, so a change to the GBDT features is made in `tabular/` alone.
 """
@@ -21,27 +21,27 @@ import pandas as pd
 from runfolder.layout import require_stage_file
 from tabular.errors import DataError
 from tabular.features import FeatureEncoder, unknown_categories_said_once
-from tabular.gbdt import EXTRA_PREFIX, PATIENT_CONTEXT, FoldPCA, check_extra, with_extra
+from tabular.gbdt_image import EXTRA_PREFIX, PATIENT_CONTEXT, FoldPCA, check_extra, with_extra
 from tabular.spec import DatasetSpec
 
-__all__ = ["ENCODER_FILE", "FEATURES_FILE", "MISSING_LEVEL", "ONE_HOT_SEPARATOR", "REASON_FLOOR", "Encode",
-           "GBDTModel", "positional"]
+__all__ = ["ENCODER_FILE", "FEATURES_FILE", "REASON_FLOOR", "Encode", "GBDTModel", "positional"]
 
 log = logging.getLogger(__name__)
 
 FEATURES_FILE = "features.json"
 # How the encoder names a one-hot column: "<column>__<category>".
-ONE_HOT_SEPARATOR = "__"
+_ONE_HOT_SEPARATOR = "__"
 ENCODER_FILE = "encoder.json"
 # The one-hot column that is 1 where a categorical value is missing: "<column>__missing".
-MISSING_LEVEL = "missing"
+_MISSING_LEVEL = "missing"
 # The smallest contribution (log-odds) worth naming as a reason: 0.05 moves the odds by 5%, e.g.
 # a probability of 0.20 to 0.21, below what changes a reading of the score; smaller ones are
 # noise of the fold and seed models, and were shown as "(+0.00)" at two decimals.
 REASON_FLOOR = 0.05
 
 # `encode(encoder, frame)`: a caller's stand-in for `encoder.transform(frame)`, so that stages
-# whose fold encoders are equal encode a batch of rows once (see `fuse.scoring.run_models.EncodingCache`).
+# whose fold encoders are equal encode a batch of rows once (see
+# `fuse.scoring.run_models.EncodingCache`).
 Encode = Callable[[FeatureEncoder, pd.DataFrame], pd.DataFrame]
 
 
@@ -71,9 +71,11 @@ class _Fold:
         features say so; stages trained before it existed do not), else None."""
         if not set(PATIENT_CONTEXT) <= set(self.features):
             return None
-        column = self.encoder.state["patient"]
+        column = self.encoder.patient_column
         if column not in frame.columns:
-            raise DataError(f"gbdt: column '{column}' (the patient) is missing from the rows to score")
+            raise DataError(
+                f"gbdt: column '{column}' (the patient) is missing from the rows to score"
+            )
         return frame[column].to_numpy()
 
 
@@ -88,7 +90,9 @@ class GBDTModel:
     READS_METADATA = True
     NEEDS_FUSION = False
 
-    def __init__(self, stage_dir: Path, folds: list[_Fold], extra_dim: int | None, dataset: str | None):
+    def __init__(
+        self, stage_dir: Path, folds: list[_Fold], extra_dim: int | None, dataset: str | None
+    ):
         self.stage_dir = stage_dir
         self.folds = folds
         self.extra_dim = extra_dim
@@ -119,21 +123,32 @@ class GBDTModel:
             paths = [stage_dir / name for name in entry["models"]]
             absent = [str(p) for p in paths if not p.is_file()]
             if absent:
-                raise DataError(f"gbdt: model file(s) {absent} missing; retrain with `invoke train-gbdt`")
-            folds.append(_Fold(
-                fold=int(entry["fold"]),
-                encoder=FeatureEncoder.from_json(encoders[str(entry["fold"])]),
-                pca=FoldPCA.load(stage_dir, entry["pca"]) if entry.get("pca") else None,
-                features=list(entry["features"]),
-                boosters=[lgb.Booster(model_file=str(p)) for p in paths],
-            ))
-        dataset = next(iter(encoders.values()), {}).get("dataset")
+                raise DataError(
+                    f"gbdt: model file(s) {absent} missing; retrain with `invoke train-gbdt`"
+                )
+            folds.append(
+                _Fold(
+                    fold=int(entry["fold"]),
+                    encoder=FeatureEncoder.from_json(encoders[str(entry["fold"])]),
+                    pca=FoldPCA.load(stage_dir, entry["pca"]) if entry.get("pca") else None,
+                    features=list(entry["features"]),
+                    boosters=[lgb.Booster(model_file=str(p)) for p in paths],
+                )
+            )
+        first: dict = next(iter(encoders.values()), {})
+        dataset = first.get("dataset")
         return cls(stage_dir, folds, manifest.get("extra_dim"), dataset)
 
     # One warning per column for every fold's encoder, not one per fold.
     @unknown_categories_said_once()
-    def predict(self, frame: pd.DataFrame, extra: np.ndarray | None = None, *,
-                spec: DatasetSpec | None = None, encode: Encode | None = None) -> np.ndarray:
+    def predict(
+        self,
+        frame: pd.DataFrame,
+        extra: np.ndarray | None = None,
+        *,
+        spec: DatasetSpec | None = None,
+        encode: Encode | None = None,
+    ) -> np.ndarray:
         """Mean probability over every fold x seed model, shape (len(frame),) float64.
 
         Each fold's models see that fold's encoding of `frame` (per-patient features computed
@@ -153,16 +168,23 @@ class GBDTModel:
         """
         encode = encode or _transform
         if spec is not None and self.dataset is not None and self.dataset != spec.name:
-            log.warning("gbdt: models were trained on data set %r, scoring rows of %r", self.dataset, spec.name)
+            log.warning(
+                "gbdt: models were trained on data set %r, scoring rows of %r",
+                self.dataset,
+                spec.name,
+            )
         extra = self._checked_extra(extra, len(frame))
         frame = positional(frame)
         total = np.zeros(len(frame))
         count = 0
         for fold in self.folds:
-            features = with_extra(encode(fold.encoder, frame), extra, fold.pca, fold.patients(frame))
+            features = with_extra(
+                encode(fold.encoder, frame), extra, fold.pca, fold.patients(frame)
+            )
             if list(features.columns) != fold.features:
                 raise DataError(
-                    f"gbdt: fold {fold.fold} features differ from {self.stage_dir / FEATURES_FILE}; "
+                    f"gbdt: fold {fold.fold} features differ from "
+                    f"{self.stage_dir / FEATURES_FILE}; "
                     "retrain the stage with `invoke train-gbdt`"
                 )
             for booster in fold.boosters:
@@ -171,8 +193,14 @@ class GBDTModel:
         return total / count
 
     @unknown_categories_said_once()
-    def reasons(self, frame: pd.DataFrame, extra: np.ndarray | None = None, *, top: int = 3,
-                encode: Encode | None = None) -> list[str]:
+    def reasons(
+        self,
+        frame: pd.DataFrame,
+        extra: np.ndarray | None = None,
+        *,
+        top: int = 3,
+        encode: Encode | None = None,
+    ) -> list[str]:
         """The largest metadata contributions to each row's score, as text.
 
         Contributions are LightGBM's own SHAP values (`pred_contrib=True`, in log-odds), averaged
@@ -192,35 +220,52 @@ class GBDTModel:
         count = 0
         values = None
         for fold in self.folds:
-            features = with_extra(encode(fold.encoder, frame), extra, fold.pca, fold.patients(frame))
+            features = with_extra(
+                encode(fold.encoder, frame), extra, fold.pca, fold.patients(frame)
+            )
             if values is None:
                 values = features
             for booster in fold.boosters:
-                contrib = booster.predict(features, pred_contrib=True)[:, :-1]  # last: the bias
+                contrib = np.asarray(booster.predict(features, pred_contrib=True))[
+                    :, :-1
+                ]  # last: the bias
                 block = pd.DataFrame(contrib, columns=features.columns)
                 total = block if total is None else total.add(block, fill_value=0.0)
                 count += 1
-        mean = (total / count).drop(columns=[c for c in total.columns if c.startswith(EXTRA_PREFIX)])
+        if total is None or values is None:  # no fold: `load` found no model
+            raise DataError(
+                f"gbdt: no models in {self.stage_dir}; retrain the stage (invoke train-gbdt)"
+            )
+        mean = (total / count).drop(
+            columns=[c for c in total.columns if c.startswith(EXTRA_PREFIX)]
+        )
         return [_reason_text(mean.iloc[i], values.iloc[i], top) for i in range(len(frame))]
 
     def _checked_extra(self, extra, n_rows: int) -> np.ndarray | None:
         if self.extra_dim and extra is None:
             raise DataError(
-                f"extra: the models in {self.stage_dir} use image features ({self.extra_dim}-dimensional "
+                f"extra: the models in {self.stage_dir} use image features "
+                f"({self.extra_dim}-dimensional "
                 "embeddings); pass extra with one row per frame row"
             )
         if extra is None:
             return None
         if not self.extra_dim:
-            raise DataError(f"extra: the models in {self.stage_dir} were trained without image features; "
-                            "pass extra=None")
+            raise DataError(
+                f"extra: the models in {self.stage_dir} were trained without image features; "
+                "pass extra=None"
+            )
         extra = check_extra(extra, n_rows)
         if extra.shape[1] != self.extra_dim:
-            raise DataError(f"extra: expected {self.extra_dim} columns (as in training), got {extra.shape[1]}")
+            raise DataError(
+                f"extra: expected {self.extra_dim} columns (as in training), got {extra.shape[1]}"
+            )
         return extra
 
 
-def _reason_text(contributions: pd.Series, values: pd.Series, top: int, floor: float = REASON_FLOOR) -> str:
+def _reason_text(
+    contributions: pd.Series, values: pd.Series, top: int, floor: float = REASON_FLOOR
+) -> str:
     largest = contributions[contributions >= floor].sort_values(ascending=False)
     kept = [(name, value) for name, value in largest.items() if _present(name, values)][:top]
     return "; ".join(f"{_condition(name, values.get(name))} ({value:+.2f})" for name, value in kept)
@@ -232,16 +277,25 @@ def _present(name: str, values: pd.Series) -> bool:
     value = values.get(name)
     if value is None or (np.isscalar(value) and pd.isna(value)):
         return False
-    column, _, category = name.partition(ONE_HOT_SEPARATOR)
+    column, _, category = name.partition(_ONE_HOT_SEPARATOR)
     if not category:
         return True
-    missing = values.get(f"{column}{ONE_HOT_SEPARATOR}{MISSING_LEVEL}")
-    return not (missing is not None and np.isscalar(missing) and not pd.isna(missing) and float(missing) == 1.0)
+    missing = values.get(f"{column}{_ONE_HOT_SEPARATOR}{_MISSING_LEVEL}")
+    return not _is_one(missing)
+
+
+def _is_one(value) -> bool:
+    """True for a number equal to 1 (a set one-hot indicator); False for None, NaN or text."""
+    return (
+        isinstance(value, int | float | np.number | np.bool_)
+        and not pd.isna(value)
+        and float(value) == 1.0
+    )
 
 
 def _condition(name: str, value) -> str:
-    """"age = 71"; a one-hot column `site__back` reads "site = back" (1) or "site != back" (0)."""
-    column, _, category = name.partition(ONE_HOT_SEPARATOR)
+    """ "age = 71"; a one-hot column `site__back` reads "site = back" (1) or "site != back" (0)."""
+    column, _, category = name.partition(_ONE_HOT_SEPARATOR)
     if category and not (np.isscalar(value) and pd.isna(value)) and float(value) in (0.0, 1.0):
         return f"{column} {'=' if float(value) == 1.0 else '!='} {category}"
     return f"{name} = {_shown(value)}"
@@ -254,4 +308,3 @@ def _shown(value) -> str:
     if isinstance(value, float | np.floating):
         return f"{value:.0f}" if float(value).is_integer() else f"{value:.3g}"
     return str(value)
-

@@ -35,6 +35,12 @@ MIN_TPR = 0.80
 # Equal-count bins of the expected calibration error and the reliability curve (DESIGN.md).
 CALIBRATION_BINS = 10
 
+__all__ = [
+    "CALIBRATION_BINS", "MIN_TPR", "MetricWarning", "brier", "calibration", "calibration_bins",
+    "expected_calibration_error", "metrics_at_threshold", "pauc80", "pr_auc", "roc_auc",
+    "summarize", "threshold_for_sensitivity",
+]
+
 
 class MetricWarning(UserWarning):
     """A metric is undefined on its input (for instance a fold with one class) and is NaN."""

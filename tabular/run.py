@@ -20,11 +20,11 @@ from tabular.folds import make_folds, read_folds, write_folds
 from tabular.spec import DatasetSpec, spec_from_identity, spec_to_toml
 from tabular.validate import read_metadata
 
-__all__ = ["RUN_FORMAT", "Run", "load_run", "open_run"]
+__all__ = ["Run", "load_run", "open_run"]
 
 log = logging.getLogger(__name__)
 
-RUN_FORMAT = 1
+_RUN_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def open_run(spec: DatasetSpec, run_dir: Path | str, n_folds: int = 5, seed: int
         run_dir.mkdir(parents=True, exist_ok=True)
         folds = make_folds(frame, spec, n_folds=n_folds, seed=seed)
         record = {
-            "format": RUN_FORMAT,
+            "format": _RUN_FORMAT,
             "spec": spec.identity(),
             "metadata_columns": list(frame.columns),
             "rows": len(frame),
@@ -113,7 +113,8 @@ def _check_same_data(record: dict, spec: DatasetSpec, frame: pd.DataFrame, run_d
         if began.get(key) != now.get(key):
             raise DataError(
                 f"run {run_dir}: spec key '{key}' changed since the run began "
-                f"(was {began.get(key)!r}, now {now.get(key)!r}); start a new run with another --run"
+                f"(was {began.get(key)!r}, now {now.get(key)!r}); start a new run with another "
+                "--run"
             )
     before, after = record["metadata_columns"], list(frame.columns)
     if before != after:
@@ -125,7 +126,9 @@ def _check_same_data(record: dict, spec: DatasetSpec, frame: pd.DataFrame, run_d
         )
 
 
-def _align(folds: pd.DataFrame, frame: pd.DataFrame, spec: DatasetSpec, run_dir: Path) -> pd.DataFrame:
+def _align(
+    folds: pd.DataFrame, frame: pd.DataFrame, spec: DatasetSpec, run_dir: Path
+) -> pd.DataFrame:
     """Folds in the frame's row order; refuses rows that are in one but not the other."""
     ids = frame[spec.id].astype(str)
     by_id = folds.set_index("id")

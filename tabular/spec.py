@@ -14,6 +14,16 @@ from pathlib import Path
 
 from tabular.errors import DataError
 
+__all__ = [
+    "ISIC2024_NOT_FEATURES",
+    "ISIC2024_TRAIN_ONLY",
+    "DatasetSpec",
+    "isic2024_spec",
+    "load_spec",
+    "spec_from_identity",
+    "spec_to_toml",
+]
+
 # Columns of the ISIC 2024 training file that are absent at inference, several of which give the
 # answer away (the diagnosis, the histology, the lesion id that only biopsied lesions have).
 ISIC2024_TRAIN_ONLY = (
@@ -32,14 +42,14 @@ ISIC2024_TRAIN_ONLY = (
 # Present at inference but describe who took the picture and its licence, not the lesion.
 ISIC2024_NOT_FEATURES = ("attribution", "copyright_license", "image_type")
 
-ISIC2024_CATEGORICAL = (
+_ISIC2024_CATEGORICAL = (
     "sex",
     "anatom_site_general",
     "tbp_tile_type",
     "tbp_lv_location",
     "tbp_lv_location_simple",
 )
-ISIC2024_NUMERIC = (
+_ISIC2024_NUMERIC = (
     "age_approx",
     "clin_size_long_diam_mm",
     "tbp_lv_A",
@@ -92,20 +102,22 @@ _REQUIRED_KEYS = ("name", "metadata", "id", "group")
 
 # A spec's name becomes a folder name (its feature store, its study): a plain file name only, so
 # that "../../x" cannot leave the artifacts folder and "<i>x</i>" cannot nest folders.
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-NAME_RULE = ("1 to 100 characters: letters A-Z a-z, digits 0-9, '.', '_' and '-', "
-             "beginning with a letter or digit")
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_NAME_RULE = (
+    "1 to 100 characters: letters A-Z a-z, digits 0-9, '.', '_' and '-', "
+    "beginning with a letter or digit"
+)
 
 
-def check_name(name, where: str = "spec") -> str:
-    """`name` when it is a plain file name (see NAME_RULE).
+def _check_name(name, where: str = "spec") -> str:
+    """`name` when it is a plain file name (see _NAME_RULE).
 
     Raises:
         DataError: names `where`, the value and the characters allowed.
     """
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+    if not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name):
         raise DataError(
-            f"{where}: key 'name' must be a plain file name ({NAME_RULE}), got {name!r}; "
+            f"{where}: key 'name' must be a plain file name ({_NAME_RULE}), got {name!r}; "
             "it names the feature store and the study, so e.g. 'ham10000-dev'"
         )
     return name
@@ -135,7 +147,7 @@ class DatasetSpec:
     source: Path | None = None
 
     def __post_init__(self) -> None:
-        check_name(self.name, f"spec {self.source or self.root}")
+        _check_name(self.name, f"spec {self.source or self.root}")
 
     @property
     def feature_columns(self) -> tuple[str, ...]:
@@ -177,7 +189,7 @@ def load_spec(path: Path | str) -> DatasetSpec:
     Raises:
         DataError: the path does not exist, the TOML is malformed, a required key is missing,
             a key is unknown, a value has the wrong type, or the name is not a plain file name
-            (`NAME_RULE`).
+            (`_NAME_RULE`).
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -205,7 +217,7 @@ def load_spec(path: Path | str) -> DatasetSpec:
     for key in ("name", "metadata", "images", "id", "target", "group", "patient"):
         if key in table and not isinstance(table[key], str):
             raise DataError(f"spec {path}: key '{key}' must be a string, got {table[key]!r}")
-    check_name(table["name"], f"spec {path}")
+    _check_name(table["name"], f"spec {path}")
     for key in ("categorical", "numeric", "exclude"):
         value = table.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -244,7 +256,8 @@ def isic2024_spec(directory: Path | str, name: str | None = None) -> DatasetSpec
             images = directory / f"{part}-image.hdf5"
             return DatasetSpec(
                 # A folder name may hold what a spec name may not (spaces): those become '-'.
-                name=name or re.sub(r"[^A-Za-z0-9._-]", "-", f"{directory.name}-{part}").lstrip("._-"),
+                name=name
+                or re.sub(r"[^A-Za-z0-9._-]", "-", f"{directory.name}-{part}").lstrip("._-"),
                 root=directory,
                 metadata=metadata,
                 images=images if images.exists() else None,
@@ -252,8 +265,8 @@ def isic2024_spec(directory: Path | str, name: str | None = None) -> DatasetSpec
                 target=target,
                 group="patient_id",
                 patient="patient_id",
-                categorical=ISIC2024_CATEGORICAL,
-                numeric=ISIC2024_NUMERIC,
+                categorical=_ISIC2024_CATEGORICAL,
+                numeric=_ISIC2024_NUMERIC,
                 exclude=(),
                 builtin="isic2024",
                 source=directory,
@@ -288,7 +301,11 @@ def spec_to_toml(spec: DatasetSpec) -> str:
         f"numeric = {strings(spec.numeric)}",
         f"exclude = {strings(spec.exclude)}",
     ]
-    header = f"# Copy of the spec this run was made with (built-in: {spec.builtin})\n" if spec.builtin else ""
+    header = (
+        f"# Copy of the spec this run was made with (built-in: {spec.builtin})\n"
+        if spec.builtin
+        else ""
+    )
     return header + "\n".join(lines) + "\n"
 
 

@@ -32,12 +32,17 @@ __all__ = ["AGE_BANDS", "MIN_POSITIVES", "TOO_FEW", "age_band_labels", "subgroup
 log = logging.getLogger(__name__)
 
 # (lowest age included, first age excluded, label); None = unbounded.
-AGE_BANDS = ((None, 30, "<30"), (30, 45, "30-44"), (45, 60, "45-59"), (60, 75, "60-74"),
-             (75, None, "75+"))
+AGE_BANDS = (
+    (None, 30, "<30"),
+    (30, 45, "30-44"),
+    (45, 60, "45-59"),
+    (60, 75, "60-74"),
+    (75, None, "75+"),
+)
 # Below this many positives (or negatives, for ROC AUC) a subgroup's figures are noise.
 MIN_POSITIVES = 10
 TOO_FEW = "too few to tell"
-MISSING = "missing"
+_MISSING = "missing"
 
 
 def _column(columns: Mapping, name: str, n: int) -> np.ndarray:
@@ -48,26 +53,27 @@ def _column(columns: Mapping, name: str, n: int) -> np.ndarray:
         raise DataError(f"columns: no column {name!r}; columns given: {known}") from error
     values = np.asarray(values, dtype=object)
     if values.shape != (n,):
-        raise DataError(f"columns[{name!r}]: expected {n} values, one per row, got shape "
-                        f"{values.shape}")
+        raise DataError(
+            f"columns[{name!r}]: expected {n} values, one per row, got shape {values.shape}"
+        )
     return values
 
 
 def _label(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
-        return MISSING
+        return _MISSING
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
         return str(int(value))  # Fitzpatrick type 2.0 read from a CSV is "2"
     text = str(value).strip()
-    return text if text else MISSING
+    return text if text else _MISSING
 
 
 def _labels(values: np.ndarray) -> np.ndarray:
     """`_label` of every value, computed once per distinct value (a 401,059-row column holds a few
     dozen distinct values; calling `_label` per row cost seconds)."""
     codes, uniques = pd.factorize(pd.Series(values, dtype=object), use_na_sentinel=True)
-    table = np.array([_label(v) for v in uniques] + [MISSING], dtype=object)
-    return table[codes]  # code -1 (missing) indexes the trailing MISSING
+    table = np.array([_label(v) for v in uniques] + [_MISSING], dtype=object)
+    return table[codes]  # code -1 (missing) indexes the trailing _MISSING
 
 
 def age_band_labels(ages, name: str = "age", bands=AGE_BANDS) -> np.ndarray:
@@ -82,13 +88,15 @@ def age_band_labels(ages, name: str = "age", bands=AGE_BANDS) -> np.ndarray:
         DataError: a value that is not a number (naming the column and the first few).
     """
     values = pd.to_numeric(pd.Series(np.asarray(ages, dtype=object)), errors="coerce")
-    given = pd.Series(_labels(np.asarray(ages, dtype=object)) != MISSING)
+    given = pd.Series(_labels(np.asarray(ages, dtype=object)) != _MISSING)
     text = values.isna() & given
     if text.any():
         shown = pd.Series(np.asarray(ages, dtype=object))[text].astype(str).unique()[:3].tolist()
-        raise DataError(f"columns[{name!r}]: the age column must hold numbers, got {shown}; "
-                        "name the numeric age column (e.g. 'age' or 'age_approx')")
-    labels = np.full(len(values), MISSING, dtype=object)
+        raise DataError(
+            f"columns[{name!r}]: the age column must hold numbers, got {shown}; "
+            "name the numeric age column (e.g. 'age' or 'age_approx')"
+        )
+    labels = np.full(len(values), _MISSING, dtype=object)
     v = values.to_numpy(dtype=float)
     for low, high, label in bands:
         inside = ~np.isnan(v)
@@ -107,8 +115,19 @@ def _json(value):
     return value if math.isfinite(value) else None
 
 
-def _row(column: str, kind: str, label: str, y, p, g, threshold: float, target: float,
-         n_resamples: int, seed: int, confidence: float) -> dict:
+def _row(
+    column: str,
+    kind: str,
+    label: str,
+    y,
+    p,
+    g,
+    threshold: float,
+    target: float,
+    n_resamples: int,
+    seed: int,
+    confidence: float,
+) -> dict:
     positives, negatives = int(y.sum()), int(len(y) - y.sum())
     flagged = p >= threshold
     tp, tn = int((flagged & (y == 1)).sum()), int((~flagged & (y == 0)).sum())
@@ -120,30 +139,56 @@ def _row(column: str, kind: str, label: str, y, p, g, threshold: float, target: 
         with warnings.catch_warnings():
             # A rare resample of a small subgroup with one class: counted in the row instead.
             warnings.simplefilter("ignore", MetricWarning)
-            boot = bootstrap_figures(y, {"final": p}, g, threshold, n_resamples=n_resamples,
-                                     seed=seed, confidence=confidence)
+            boot = bootstrap_figures(
+                y,
+                {"final": p},
+                g,
+                threshold,
+                n_resamples=n_resamples,
+                seed=seed,
+                confidence=confidence,
+            )
         roc = boot["models"]["final"]["roc_auc"]
         one_class = boot["one_class"]
     too_few = positives < MIN_POSITIVES
     highlight = bool(not too_few and sens_high < target)
     status = TOO_FEW if too_few else ("below target" if highlight else "ok")
     return {
-        "column": column, "kind": kind, "subgroup": label, "rows": int(len(y)),
-        "positives": positives, "roc_auc": roc, "one_class_resamples": one_class,
+        "column": column,
+        "kind": kind,
+        "subgroup": label,
+        "rows": int(len(y)),
+        "positives": positives,
+        "roc_auc": roc,
+        "one_class_resamples": one_class,
         "sensitivity": _json(tp / positives) if positives else None,
-        "sensitivity_low": _json(sens_low), "sensitivity_high": _json(sens_high),
+        "sensitivity_low": _json(sens_low),
+        "sensitivity_high": _json(sens_high),
         "specificity": _json(tn / negatives) if negatives else None,
-        "specificity_low": _json(spec_low), "specificity_high": _json(spec_high),
-        "mean_predicted": _json(p.mean()), "observed_rate": _json(y.mean()),
-        "status": status, "highlight": highlight,
+        "specificity_low": _json(spec_low),
+        "specificity_high": _json(spec_high),
+        "mean_predicted": _json(p.mean()),
+        "observed_rate": _json(y.mean()),
+        "status": status,
+        "highlight": highlight,
     }
 
 
-def subgroup_table(y_true, y_score, groups, threshold: float, columns: Mapping, *,
-                   categorical: Sequence[str] = (), age: str | None = None,
-                   skin_type: str | None = None, target_sensitivity: float = 0.95,
-                   n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
-                   confidence: float = 0.95) -> list[dict]:
+def subgroup_table(
+    y_true,
+    y_score,
+    groups,
+    threshold: float,
+    columns: Mapping,
+    *,
+    categorical: Sequence[str] = (),
+    age: str | None = None,
+    skin_type: str | None = None,
+    target_sensitivity: float = 0.95,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> list[dict]:
     """One row per subgroup of each categorical column, age band and skin type.
 
     Args:
@@ -178,34 +223,51 @@ def subgroup_table(y_true, y_score, groups, threshold: float, columns: Mapping, 
     try:
         threshold = float(threshold)
     except (TypeError, ValueError) as error:
-        raise DataError(f"threshold: expected a probability in (0, 1), got {threshold!r}") from error
+        raise DataError(
+            f"threshold: expected a probability in (0, 1), got {threshold!r}"
+        ) from error
     if not 0.0 < threshold < 1.0:
         raise DataError(f"threshold: expected a probability in (0, 1), got {threshold!r}")
     if not 0.0 < float(target_sensitivity) < 1.0:
-        raise DataError(f"target_sensitivity: expected a value in (0, 1), e.g. 0.95, got "
-                        f"{target_sensitivity!r}")
+        raise DataError(
+            f"target_sensitivity: expected a value in (0, 1), e.g. 0.95, got {target_sensitivity!r}"
+        )
     if isinstance(categorical, str):
         categorical = [categorical]
     plan: list[tuple[str, str, np.ndarray, list[str]]] = []
     for name in categorical:
         labels = _labels(_column(columns, name, len(y)))
-        plan.append((name, "categorical", labels, sorted(set(labels) - {MISSING})))
+        plan.append((name, "categorical", labels, sorted(set(labels) - {_MISSING})))
     if age is not None:
         labels = age_band_labels(_column(columns, age, len(y)), age)
         plan.append((age, "age band", labels, [band[2] for band in AGE_BANDS]))
     if skin_type is not None:
         labels = _labels(_column(columns, skin_type, len(y)))
-        plan.append((skin_type, "skin type", labels, sorted(set(labels) - {MISSING})))
+        plan.append((skin_type, "skin type", labels, sorted(set(labels) - {_MISSING})))
     rows = []
     for name, kind, labels, order in plan:
-        for label in [*order, MISSING]:
+        for label in [*order, _MISSING]:
             inside = labels == label
             if not inside.any():
                 continue
-            rows.append(_row(name, kind, label, y[inside], p[inside], g[inside], threshold,
-                             float(target_sensitivity), n_resamples, seed, confidence))
+            rows.append(
+                _row(
+                    name,
+                    kind,
+                    label,
+                    y[inside],
+                    p[inside],
+                    g[inside],
+                    threshold,
+                    float(target_sensitivity),
+                    n_resamples,
+                    seed,
+                    confidence,
+                )
+            )
     flagged = [f"{r['column']} = {r['subgroup']}" for r in rows if r["highlight"]]
     if flagged:
-        log.info("subgroups below the target sensitivity %s: %s", target_sensitivity,
-                 "; ".join(flagged))
+        log.info(
+            "subgroups below the target sensitivity %s: %s", target_sensitivity, "; ".join(flagged)
+        )
     return rows

@@ -53,12 +53,12 @@ log = logging.getLogger(__name__)
 
 FIGURES = ("roc_auc", "pauc80", "pr_auc", "brier", "sensitivity", "specificity")
 # The figures undefined on a resample with one class (the ranking figures).
-RANKING = ("roc_auc", "pauc80", "pr_auc")
+_RANKING = ("roc_auc", "pauc80", "pr_auc")
 MIN_RESAMPLES = 1000
 DEFAULT_RESAMPLES = 1000
 # Elements of one dense block (groups x resamples, or columns x resamples): about 32 MB of float64
 # each, so that 401,059 rows with every row its own group still fit in memory.
-BLOCK_ELEMENTS = 4_000_000
+_BLOCK_ELEMENTS = 4_000_000
 
 
 def check_inputs(y_true, scores: Mapping, groups=None) -> tuple[np.ndarray, dict, np.ndarray]:
@@ -85,7 +85,9 @@ def check_inputs(y_true, scores: Mapping, groups=None) -> tuple[np.ndarray, dict
     try:
         yf = y.astype(float)
     except (TypeError, ValueError) as error:
-        raise DataError(f"y_true: expected 0/1 targets, got values such as {y[:3].tolist()!r}") from error
+        raise DataError(
+            f"y_true: expected 0/1 targets, got values such as {y[:3].tolist()!r}"
+        ) from error
     if not np.isin(yf, (0.0, 1.0)).all():
         bad = sorted({str(v) for v in y[~np.isin(yf, (0.0, 1.0))].tolist()})[:3]
         raise DataError(f"y_true: expected 0/1 targets, got other values such as {bad}")
@@ -101,7 +103,9 @@ def check_inputs(y_true, scores: Mapping, groups=None) -> tuple[np.ndarray, dict
         try:
             p = p.astype(float)
         except (TypeError, ValueError) as error:
-            raise DataError(f"scores[{name!r}]: expected numbers, got {p[:3].tolist()!r}") from error
+            raise DataError(
+                f"scores[{name!r}]: expected numbers, got {p[:3].tolist()!r}"
+            ) from error
         if not np.isfinite(p).all():
             row = int(np.flatnonzero(~np.isfinite(p))[0])
             raise DataError(f"scores[{name!r}]: expected finite scores, got {p[row]} at row {row}")
@@ -111,7 +115,9 @@ def check_inputs(y_true, scores: Mapping, groups=None) -> tuple[np.ndarray, dict
     else:
         g = np.asarray(groups, dtype=object)
         if g.shape != y.shape:
-            raise DataError(f"groups: expected {len(y)} group ids, one per target, got shape {g.shape}")
+            raise DataError(
+                f"groups: expected {len(y)} group ids, one per target, got shape {g.shape}"
+            )
         missing = np.flatnonzero(pd.isna(g))
         if len(missing):
             raise DataError(
@@ -160,8 +166,9 @@ class _Columns:
     3K+2 unflagged negatives; 3K+3 squared error of the score (0 where it is not a probability).
     """
 
-    def __init__(self, y: np.ndarray, p: np.ndarray, group: np.ndarray, n_groups: int,
-                 threshold: float):
+    def __init__(
+        self, y: np.ndarray, p: np.ndarray, group: np.ndarray, n_groups: int, threshold: float
+    ):
         pos_scores = np.unique(p[y == 1])
         k = len(pos_scores)
         at = np.searchsorted(pos_scores, p, side="left")
@@ -169,8 +176,12 @@ class _Columns:
         column = np.where(y == 1, 2 * k + at, np.where(tied, k + at, np.where(at == k, 3 * k, at)))
         flagged = p >= threshold
         self.probability = bool(p.min() >= 0.0 and p.max() <= 1.0)
-        rows = [column, np.full(int(((y == 1) & flagged).sum()), 3 * k + 1),
-                np.full(int(((y == 0) & ~flagged).sum()), 3 * k + 2), np.full(len(y), 3 * k + 3)]
+        rows = [
+            column,
+            np.full(int(((y == 1) & flagged).sum()), 3 * k + 1),
+            np.full(int(((y == 0) & ~flagged).sum()), 3 * k + 2),
+            np.full(len(y), 3 * k + 3),
+        ]
         cols = [group, group[(y == 1) & flagged], group[(y == 0) & ~flagged], group]
         sq = (y - p) ** 2 if self.probability else np.zeros(len(y))
         data = np.concatenate([np.ones(len(y) + len(rows[1]) + len(rows[2])), sq])
@@ -181,10 +192,11 @@ class _Columns:
         self.matrix.sum_duplicates()
 
     def figures(self, counts: np.ndarray) -> np.ndarray:
-        """Figures for each resample: counts (n_groups, b) -> (b, len(FIGURES)), NaN where undefined."""
+        """Figures for each resample: counts (n_groups, b) -> (b, len(FIGURES)), NaN where
+        undefined."""
         k = self.k
         r = np.asarray(self.matrix @ counts)
-        nrun, ntie, pos = r[:k], r[k:2 * k], r[2 * k:3 * k]
+        nrun, ntie, pos = r[:k], r[k : 2 * k], r[2 * k : 3 * k]
         ntop, flag_pos, unflag_neg, sq = r[3 * k], r[3 * k + 1], r[3 * k + 2], r[3 * k + 3]
         out = np.full((r.shape[1], len(FIGURES)), np.nan)
         n_pos = pos.sum(axis=0)
@@ -206,14 +218,19 @@ class _Columns:
             # Average precision: precision at each positive score (rows at or above it) weighted
             # by the positives there; where none was drawn the weight is 0 and so is the term.
             flagged = (n_pos - p_below) + (n_neg - n_below)
-            precision = np.divide(n_pos - p_below, flagged, out=np.zeros_like(flagged),
-                                  where=flagged > 0)
+            precision = np.divide(
+                n_pos - p_below, flagged, out=np.zeros_like(flagged), where=flagged > 0
+            )
             ap = np.einsum("kb,kb->b", pos, precision) / n_pos
             # Only positive scores that start below x' = max_fpr in some resample add area; the
             # cumulative shares only grow, so they form a prefix.
             cut = int((p_below < abs(1.0 - MIN_TPR) * n_pos).any(axis=1).sum())
-            pauc = self._pauc(p_below[:cut] / n_pos, (p_below[:cut] + pos[:cut]) / n_pos,
-                              n_below[:cut] / n_neg, (n_below[:cut] + ntie[:cut]) / n_neg)
+            pauc = self._pauc(
+                p_below[:cut] / n_pos,
+                (p_below[:cut] + pos[:cut]) / n_pos,
+                n_below[:cut] / n_neg,
+                (n_below[:cut] + ntie[:cut]) / n_neg,
+            )
             out[:, 0] = np.where(ranked, auc, np.nan)
             out[:, 1] = np.where(ranked, pauc, np.nan)
             out[:, 2] = np.where(ranked, ap, np.nan)
@@ -255,15 +272,24 @@ def _thresholds(threshold, names) -> dict[str, float]:
     if isinstance(threshold, Mapping):
         missing = [name for name in names if name not in threshold]
         if missing:
-            raise DataError(f"threshold: no operating threshold for models {missing}; "
-                            "give one per model, or a single number for all")
+            raise DataError(
+                f"threshold: no operating threshold for models {missing}; "
+                "give one per model, or a single number for all"
+            )
         return {name: _check_threshold(threshold[name], f"threshold[{name!r}]") for name in names}
     value = _check_threshold(threshold)
     return dict.fromkeys(names, value)
 
 
-def resample_figures(y_true, scores: Mapping, groups, threshold, *,
-                     n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
+def resample_figures(
+    y_true,
+    scores: Mapping,
+    groups,
+    threshold,
+    *,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> dict:
     """Every model's figures on each bootstrap resample of the groups, and on the data itself.
 
     Args:
@@ -288,9 +314,11 @@ def resample_figures(y_true, scores: Mapping, groups, threshold, *,
     y, checked, group = check_inputs(y_true, scores, groups)
     thresholds = _thresholds(threshold, list(checked))
     n_groups = int(group.max()) + 1
-    models = {name: _Columns(y, p, group, n_groups, thresholds[name]) for name, p in checked.items()}
+    models = {
+        name: _Columns(y, p, group, n_groups, thresholds[name]) for name, p in checked.items()
+    }
     widest = max([n_groups] + [3 * m.k + 4 for m in models.values()])
-    block = max(1, min(n_resamples, BLOCK_ELEMENTS // widest))
+    block = max(1, min(n_resamples, _BLOCK_ELEMENTS // widest))
     ones = np.ones((n_groups, 1))
     point = {name: m.figures(ones)[0] for name, m in models.items()}
     parts: dict[str, list] = {name: [] for name in models}
@@ -318,9 +346,17 @@ def _interval(point: float, draws: np.ndarray, confidence: float) -> dict:
     return {"estimate": _json(point), "low": _json(low), "high": _json(high)}
 
 
-def bootstrap_figures(y_true, scores: Mapping, groups, threshold, *,
-                      final: str | None = None, n_resamples: int = DEFAULT_RESAMPLES,
-                      seed: int = 0, confidence: float = 0.95) -> dict:
+def bootstrap_figures(
+    y_true,
+    scores: Mapping,
+    groups,
+    threshold,
+    *,
+    final: str | None = None,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict:
     """Percentile bootstrap intervals of every model's figures and of its difference from `final`.
 
     Args:
@@ -345,25 +381,40 @@ def bootstrap_figures(y_true, scores: Mapping, groups, threshold, *,
         raise DataError(f"final: expected one of the models {names}, got {final!r}")
     raw = resample_figures(y_true, scores, groups, threshold, n_resamples=n_resamples, seed=seed)
     if raw["one_class"]:
-        message = (f"bootstrap: {raw['one_class']} of {n_resamples} resamples drew one class only; "
-                   "their ROC AUC, pAUC80 and PR AUC are NaN and left out of the percentiles")
+        message = (
+            f"bootstrap: {raw['one_class']} of {n_resamples} resamples drew one class only; "
+            "their ROC AUC, pAUC80 and PR AUC are NaN and left out of the percentiles"
+        )
         warnings.warn(message, MetricWarning, stacklevel=2)
         log.warning(message)
     point, draws = raw["point"], raw["resamples"]
     models = {
-        name: {fig: _interval(point[name][j], draws[name][:, j], confidence)
-               for j, fig in enumerate(FIGURES)}
+        name: {
+            fig: _interval(point[name][j], draws[name][:, j], confidence)
+            for j, fig in enumerate(FIGURES)
+        }
         for name in point
     }
     differences = {
-        name: {fig: _interval(point[name][j] - point[final][j],
-                              draws[name][:, j] - draws[final][:, j], confidence)
-               for j, fig in enumerate(FIGURES)}
-        for name in point if name != final
+        name: {
+            fig: _interval(
+                point[name][j] - point[final][j], draws[name][:, j] - draws[final][:, j], confidence
+            )
+            for j, fig in enumerate(FIGURES)
+        }
+        for name in point
+        if name != final
     }
-    return {"confidence": confidence, "n_resamples": n_resamples, "seed": seed,
-            "n_groups": raw["n_groups"], "one_class": raw["one_class"], "final": final,
-            "models": models, "differences": differences}
+    return {
+        "confidence": confidence,
+        "n_resamples": n_resamples,
+        "seed": seed,
+        "n_groups": raw["n_groups"],
+        "one_class": raw["one_class"],
+        "final": final,
+        "models": models,
+        "differences": differences,
+    }
 
 
 def clopper_pearson(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -386,8 +437,11 @@ def clopper_pearson(successes: int, trials: int, confidence: float = 0.95) -> tu
         return math.nan, math.nan
     alpha = 1.0 - confidence
     low = 0.0 if successes == 0 else float(beta.ppf(alpha / 2, successes, trials - successes + 1))
-    high = 1.0 if successes == trials else float(
-        beta.ppf(1 - alpha / 2, successes + 1, trials - successes))
+    high = (
+        1.0
+        if successes == trials
+        else float(beta.ppf(1 - alpha / 2, successes + 1, trials - successes))
+    )
     return low, high
 
 
@@ -413,11 +467,19 @@ def operating_point(y_true, y_score, threshold: float, confidence: float = 0.95)
     tn, fp = int((~flagged & (y == 0)).sum()), int((flagged & (y == 0)).sum())
     sens_low, sens_high = clopper_pearson(tp, tp + fn, confidence)
     spec_low, spec_high = clopper_pearson(tn, tn + fp, confidence)
-    return {"threshold": threshold, "tp": tp, "fn": fn, "tn": tn, "fp": fp,
-            "sensitivity": _json(tp / (tp + fn)) if tp + fn else None,
-            "sensitivity_low": _json(sens_low), "sensitivity_high": _json(sens_high),
-            "specificity": _json(tn / (tn + fp)) if tn + fp else None,
-            "specificity_low": _json(spec_low), "specificity_high": _json(spec_high)}
+    return {
+        "threshold": threshold,
+        "tp": tp,
+        "fn": fn,
+        "tn": tn,
+        "fp": fp,
+        "sensitivity": _json(tp / (tp + fn)) if tp + fn else None,
+        "sensitivity_low": _json(sens_low),
+        "sensitivity_high": _json(sens_high),
+        "specificity": _json(tn / (tn + fp)) if tn + fp else None,
+        "specificity_low": _json(spec_low),
+        "specificity_high": _json(spec_high),
+    }
 
 
 def delong_roc_variance(y_true, y_score) -> tuple[float, float]:
@@ -437,8 +499,9 @@ def delong_roc_variance(y_true, y_score) -> tuple[float, float]:
     x, z = p[y == 1], p[y == 0]
     m, n = len(x), len(z)
     if m < 2 or n < 2:
-        raise DataError(f"y_true: DeLong's variance needs two positives and two negatives, "
-                        f"got {m} and {n}")
+        raise DataError(
+            f"y_true: DeLong's variance needs two positives and two negatives, got {m} and {n}"
+        )
     tx, tz = rankdata(x), rankdata(z)
     t = rankdata(np.concatenate([x, z]))
     auc = (t[:m].sum() - m * (m + 1) / 2.0) / (m * n)

@@ -15,8 +15,7 @@ import pandas as pd
 from tabular.errors import DataError, preview
 from tabular.spec import DatasetSpec
 
-__all__ = ["check_ids", "check_images", "check_metadata", "check_numeric", "check_rows", "check_target",
-           "read_metadata"]
+__all__ = ["check_images", "check_metadata", "check_rows", "read_metadata"]
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +34,9 @@ def read_metadata(spec: DatasetSpec, require_target: bool = True) -> pd.DataFram
         The table, one row per id, in file order.
 
     Raises:
-        DataError: the file is missing, empty, or has a header but no rows; a column the spec names is missing; an id is duplicated
-            or empty; the target is missing, not 0/1, or of one class only; the group has
-            missing values; a numeric column holds text.
+        DataError: the file is missing, empty, or has a header but no rows; a column the spec
+            names is missing; an id is duplicated or empty; the target is missing, not 0/1, or of
+            one class only; the group has missing values; a numeric column holds text.
     """
     if not spec.metadata.exists():
         raise DataError(f"spec '{spec.name}': metadata file not found: {spec.metadata}")
@@ -45,7 +44,9 @@ def read_metadata(spec: DatasetSpec, require_target: bool = True) -> pd.DataFram
     size = spec.metadata.stat().st_size
     if size == 0:
         # A truncated copy or an interrupted export: pandas would only say "No columns to parse".
-        raise DataError(f"{where} is empty (0 bytes); expected a CSV with a header line and one row per image")
+        raise DataError(
+            f"{where} is empty (0 bytes); expected a CSV with a header line and one row per image"
+        )
     text_columns = {spec.id, spec.group, *spec.categorical}
     if spec.patient:
         text_columns.add(spec.patient)
@@ -63,7 +64,9 @@ def read_metadata(spec: DatasetSpec, require_target: bool = True) -> pd.DataFram
     if frame.empty:
         # Checked before the columns: with no rows, the header is all there is to show.
         columns = [str(c) for c in frame.columns]
-        shown = ", ".join(columns[:10]) + (f", ... ({len(columns) - 10} more)" if len(columns) > 10 else "")
+        shown = ", ".join(columns[:10]) + (
+            f", ... ({len(columns) - 10} more)" if len(columns) > 10 else ""
+        )
         raise DataError(f"{where} has a header but no rows (columns: {shown})")
     check_metadata(frame, spec, require_target=require_target)
     for column in spec.numeric:
@@ -94,7 +97,7 @@ def check_metadata(frame: pd.DataFrame, spec: DatasetSpec, require_target: bool 
 
     if frame.empty:
         raise DataError(f"{where}: has no rows")
-    check_ids(frame, spec, where)
+    _check_ids(frame, spec, where)
     ids = frame[spec.id]
 
     group_missing = ids[frame[spec.group].isna()]
@@ -104,27 +107,27 @@ def check_metadata(frame: pd.DataFrame, spec: DatasetSpec, require_target: bool 
             f"ids {preview(list(group_missing))}"
         )
 
-    check_numeric(frame, spec, where)
+    _check_numeric(frame, spec, where)
 
     if require_target:
-        check_target(frame, spec)
+        _check_target(frame, spec)
 
 
 def check_rows(frame: pd.DataFrame, spec: DatasetSpec, where: str) -> None:
     """The checks every metadata row meets, for training (`check_metadata`) and for scoring
-    (`fuse.scoring.rows.read_scoring_metadata`): `check_ids`, then `check_numeric`.
+    (`fuse.scoring.rows.read_scoring_metadata`): `_check_ids`, then `_check_numeric`.
 
     `where` begins each message (e.g. "metadata train.csv"). The frame's rows are the file's rows
     in order (a fresh `read_csv`), so that row i is file line i + 2.
 
     Raises:
-        DataError: see `check_ids` and `check_numeric`.
+        DataError: see `_check_ids` and `_check_numeric`.
     """
-    check_ids(frame, spec, where)
-    check_numeric(frame, spec, where)
+    _check_ids(frame, spec, where)
+    _check_numeric(frame, spec, where)
 
 
-def check_ids(frame: pd.DataFrame, spec: DatasetSpec, where: str) -> None:
+def _check_ids(frame: pd.DataFrame, spec: DatasetSpec, where: str) -> None:
     """Every id is present and unique.
 
     Raises:
@@ -134,14 +137,18 @@ def check_ids(frame: pd.DataFrame, spec: DatasetSpec, where: str) -> None:
     ids = frame[spec.id]
     empty = np.flatnonzero((ids.isna() | (ids.astype(str).str.strip() == "")).to_numpy())
     if len(empty):
-        raise DataError(f"{where}: column '{spec.id}' (spec key 'id') is empty in rows "
-                        f"{preview((empty + 2).tolist())} (file lines)")
+        raise DataError(
+            f"{where}: column '{spec.id}' (spec key 'id') is empty in rows "
+            f"{preview((empty + 2).tolist())} (file lines)"
+        )
     duplicated = ids[ids.duplicated(keep=False)].unique()
     if len(duplicated):
-        raise DataError(f"{where}: duplicate ids in column '{spec.id}', {preview(list(duplicated))}")
+        raise DataError(
+            f"{where}: duplicate ids in column '{spec.id}', {preview(list(duplicated))}"
+        )
 
 
-def check_numeric(frame: pd.DataFrame, spec: DatasetSpec, where: str) -> None:
+def _check_numeric(frame: pd.DataFrame, spec: DatasetSpec, where: str) -> None:
     """The spec's numeric columns hold numbers (empty cells allowed); a column read as text is
     replaced in `frame` by its parsed values. Columns absent from `frame` are left to the caller.
 
@@ -163,7 +170,7 @@ def check_numeric(frame: pd.DataFrame, spec: DatasetSpec, where: str) -> None:
         frame[column] = parsed
 
 
-def check_target(frame: pd.DataFrame, spec: DatasetSpec) -> None:
+def _check_target(frame: pd.DataFrame, spec: DatasetSpec) -> None:
     """The target must be 0/1 in every row, with both classes present."""
     where = f"metadata {spec.metadata.name}"
     target = pd.to_numeric(frame[spec.target], errors="coerce")
@@ -201,5 +208,7 @@ def check_images(frame: pd.DataFrame, spec: DatasetSpec, available_ids: Iterable
         )
     extra = sorted(available - set(rows))
     if extra:
-        log.warning("%d image(s) have no metadata row and are ignored: %s", len(extra), preview(extra))
+        log.warning(
+            "%d image(s) have no metadata row and are ignored: %s", len(extra), preview(extra)
+        )
     return extra

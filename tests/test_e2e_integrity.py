@@ -76,7 +76,7 @@ def retrain_tiny_fusion(tiny: dict, run: Path | None = None) -> dict:
 def test_a_reembedded_image_retrains_fusion_and_stack_refuses_the_older_gbdt(tiny):
     from fuse.commands import embed_spec, train_gbdt
     from fuse.fusion import cross_validation
-    from tabular.gbdt import GBDTConfig
+    from tabular.gbdt_config import GBDTConfig
 
     run = tiny["run"]
     before = pd.read_csv(run / "fusion" / "oof.csv")

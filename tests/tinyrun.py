@@ -22,7 +22,7 @@ def train_tiny_run(root: Path, image_size: int = 32) -> dict:
     from fuse.fusion import train_fusion
     from fuse.fusion.model import FusionConfig
     from fuse.stacking.stack import StackConfig, stack
-    from tabular.gbdt import GBDTConfig
+    from tabular.gbdt_config import GBDTConfig
     from tabular.spec import load_spec
 
     data = root / "data"
@@ -68,7 +68,7 @@ def train_tiny_tabular_run(root: Path, n_rows: int = 300) -> dict:
     import pandas as pd
 
     from fuse.commands import stack_and_report, train_gbdt
-    from tabular.gbdt import GBDTConfig
+    from tabular.gbdt_config import GBDTConfig
 
     rng = np.random.default_rng(0)
     data = root / "data"

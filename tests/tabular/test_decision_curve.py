@@ -55,14 +55,16 @@ def test_constant_scores_reduce_to_the_reference_strategies():
 
 def test_default_thresholds_and_json_ready():
     y, p = _data()
-    curve = decision_curve(y, {"final": p, "gbdt": p ** 2})
+    curve = decision_curve(y, {"final": p, "gbdt": p**2})
     assert curve["thresholds"] == list(DEFAULT_THRESHOLDS)
     assert len(curve["thresholds"]) == 50
     assert curve["thresholds"][0] == 0.01 and curve["thresholds"][-1] == 0.5
     assert set(curve["net_benefit"]) == {"final", "gbdt", "treat all", "treat none"}
     assert json.loads(json.dumps(curve)) == curve
     # A model with skill beats both references somewhere below the prevalence.
-    gain = np.array(curve["net_benefit"]["final"]) - np.maximum(curve["net_benefit"]["treat all"], 0)
+    gain = np.array(curve["net_benefit"]["final"]) - np.maximum(
+        curve["net_benefit"]["treat all"], 0
+    )
     assert gain.max() > 0
 
 
@@ -70,22 +72,36 @@ def test_plot_is_a_png():
     y, p = _data()
     png = plot_decision_curve(decision_curve(y, {"final": p}))
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    with pytest.raises(DataError, match=r"curve: expected the dict decision_curve returns, "
-                                        r"missing \['net_benefit'"):
+    with pytest.raises(
+        DataError,
+        match=r"curve: expected the dict decision_curve returns, "
+        r"missing \['net_benefit'",
+    ):
         plot_decision_curve({"thresholds": [0.1], "prevalence": 0.2})
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda y, p: decision_curve(y, {"m": p}, thresholds=[0.0, 0.1]),
-     r"thresholds: expected probabilities in \(0, 1\), got 0.0"),
-    (lambda y, p: decision_curve(y, {"m": p}, thresholds=[0.5, 1.0]), "got 1.0"),
-    (lambda y, p: decision_curve(y, {"m": p}, thresholds=[]), "thresholds: got no threshold"),
-    (lambda y, p: decision_curve(y, {"m": p[:-1]}), r"scores\['m'\]: expected 1000 scores"),
-    (lambda y, p: decision_curve(y, {"m": p * 2}), r"probabilities\['m'\]: expected probabilities in"),
-    (lambda y, p: net_benefit(y, p - 1), r"y_prob: expected probabilities in \[0, 1\], got values from -"),
-    (lambda y, p: decision_curve(y, {"treat all": p}), "reserved for the reference strategies"),
-    (lambda y, p: net_benefit(y[:-1], p), r"expected 999 scores, one per target, got shape"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (
+            lambda y, p: decision_curve(y, {"m": p}, thresholds=[0.0, 0.1]),
+            r"thresholds: expected probabilities in \(0, 1\), got 0.0",
+        ),
+        (lambda y, p: decision_curve(y, {"m": p}, thresholds=[0.5, 1.0]), "got 1.0"),
+        (lambda y, p: decision_curve(y, {"m": p}, thresholds=[]), "thresholds: got no threshold"),
+        (lambda y, p: decision_curve(y, {"m": p[:-1]}), r"scores\['m'\]: expected 1000 scores"),
+        (
+            lambda y, p: decision_curve(y, {"m": p * 2}),
+            r"probabilities\['m'\]: expected probabilities in",
+        ),
+        (
+            lambda y, p: net_benefit(y, p - 1),
+            r"y_prob: expected probabilities in \[0, 1\], got values from -",
+        ),
+        (lambda y, p: decision_curve(y, {"treat all": p}), "reserved for the reference strategies"),
+        (lambda y, p: net_benefit(y[:-1], p), r"expected 999 scores, one per target, got shape"),
+    ],
+)
 def test_errors_name_the_parameter(call, match):
     y, p = _data()
     with pytest.raises(DataError, match=match):

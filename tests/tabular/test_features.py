@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from tabular.errors import DataError
-from tabular.features import MAX_CATEGORIES, FeatureEncoder, engineered_feature_names
+from tabular.features import MAX_CATEGORIES, FeatureEncoder
+from tabular.features_engineered import engineered_feature_names
 from tabular.spec import ISIC2024_NOT_FEATURES, ISIC2024_TRAIN_ONLY, DatasetSpec, load_spec
 from tabular.validate import read_metadata
 
@@ -86,9 +87,16 @@ def test_isic2024_engineered_and_patient_features(isic_mini):
     spec, frame = isic_mini
     features = FeatureEncoder().fit_transform(frame, spec)
     assert features.dtypes.unique().tolist() == [np.dtype("float32")]
-    for name in ("lesion_size_ratio", "lesion_shape_index", "hue_contrast", "3d_position_distance",
-                 "border_length_ratio", "lesions_per_patient", "lesion_size_ratio_patient_norm",
-                 "combined_anatomical_site__head_neck_Head_Neck"):
+    for name in (
+        "lesion_size_ratio",
+        "lesion_shape_index",
+        "hue_contrast",
+        "3d_position_distance",
+        "border_length_ratio",
+        "lesions_per_patient",
+        "lesion_size_ratio_patient_norm",
+        "combined_anatomical_site__head_neck_Head_Neck",
+    ):
         assert name in features.columns
     assert set(engineered_feature_names()) <= set(features.columns)
     expected = frame["tbp_lv_minorAxisMM"] / frame["clin_size_long_diam_mm"]
@@ -125,10 +133,22 @@ def test_one_hot_missing_and_unknown_categories(caplog):
     spec = make_spec(patient=None)
     encoder = FeatureEncoder().fit(toy_frame(), spec)
     assert encoder.feature_names == [
-        "age", "size", "site__arm", "site__back", "site__leg", "site__missing",
+        "age",
+        "size",
+        "site__arm",
+        "site__back",
+        "site__leg",
+        "site__missing",
     ]
-    new = pd.DataFrame({"id": ["n1", "n2", "n3"], "site": ["neck", np.nan, "leg"], "age": [1.0, 2.0, 3.0],
-                        "size": [1.0, 1.0, 1.0], "patient": ["p", "p", "q"]})
+    new = pd.DataFrame(
+        {
+            "id": ["n1", "n2", "n3"],
+            "site": ["neck", np.nan, "leg"],
+            "age": [1.0, 2.0, 3.0],
+            "size": [1.0, 1.0, 1.0],
+            "patient": ["p", "p", "q"],
+        }
+    )
     with caplog.at_level(logging.WARNING, logger="tabular.features"):
         out = encoder.transform(new)
     assert "site" in caplog.text and "neck" in caplog.text and "1 row(s)" in caplog.text
@@ -160,10 +180,16 @@ def test_per_patient_features_from_the_rows_given():
     # Scoring two of patient a's rows alone: figures come from those rows only.
     part = encoder.transform(frame.iloc[:2])
     np.testing.assert_array_equal(part["lesions_per_patient"], [2, 2])
-    np.testing.assert_allclose(part["size_patient_norm"], [-0.5 / (np.sqrt(0.5) + 1e-5), 0.5 / (np.sqrt(0.5) + 1e-5)], rtol=1e-5)
+    np.testing.assert_allclose(
+        part["size_patient_norm"],
+        [-0.5 / (np.sqrt(0.5) + 1e-5), 0.5 / (np.sqrt(0.5) + 1e-5)],
+        rtol=1e-5,
+    )
     # A row without a patient is its own patient.
     lone = frame.assign(patient=[np.nan, np.nan, "a", "b", "b", "c"])
-    np.testing.assert_array_equal(encoder.transform(lone)["lesions_per_patient"], [1, 1, 1, 2, 2, 1])
+    np.testing.assert_array_equal(
+        encoder.transform(lone)["lesions_per_patient"], [1, 1, 1, 2, 2, 1]
+    )
 
 
 def test_no_patient_features_without_patient():
@@ -174,15 +200,19 @@ def test_no_patient_features_without_patient():
 def test_per_patient_features_scale_vectorised():
     rng = np.random.default_rng(0)
     n = 60_000
-    frame = pd.DataFrame({
-        "id": np.arange(n).astype(str),
-        "patient": rng.integers(0, 500, n).astype(str),
-        "site": rng.choice(["a", "b"], n),
-        "age": rng.normal(50, 10, n),
-        "size": rng.normal(5, 1, n),
-    })
+    frame = pd.DataFrame(
+        {
+            "id": np.arange(n).astype(str),
+            "patient": rng.integers(0, 500, n).astype(str),
+            "site": rng.choice(["a", "b"], n),
+            "age": rng.normal(50, 10, n),
+            "size": rng.normal(5, 1, n),
+        }
+    )
     out = FeatureEncoder().fit_transform(frame, make_spec())
-    expected = frame.groupby("patient")["size"].transform(lambda s: (s - s.mean()) / (s.std() + 1e-5))
+    expected = frame.groupby("patient")["size"].transform(
+        lambda s: (s - s.mean()) / (s.std() + 1e-5)
+    )
     np.testing.assert_allclose(out["size_patient_norm"], expected, rtol=1e-4, atol=1e-5)
 
 
@@ -210,7 +240,9 @@ def test_json_round_trip_and_mlp_matrix():
 def test_numeric_text_refused():
     frame = toy_frame().astype({"age": object})
     frame.loc[2, "age"] = "fifty"
-    with pytest.raises(DataError, match=r"numeric column 'age' holds text, e.g. 'fifty' \(ids 1: r2\)"):
+    with pytest.raises(
+        DataError, match=r"numeric column 'age' holds text, e.g. 'fifty' \(ids 1: r2\)"
+    ):
         FeatureEncoder().fit(frame, make_spec())
     encoder = FeatureEncoder().fit(toy_frame(), make_spec())
     with pytest.raises(DataError, match="numeric column 'age' holds text"):
@@ -220,7 +252,9 @@ def test_numeric_text_refused():
 def test_numeric_infinite_refused():
     frame = toy_frame()
     frame.loc[1, "size"] = np.inf
-    with pytest.raises(DataError, match=r"numeric column 'size' holds infinite values, e.g. inf \(ids 1: r1\)"):
+    with pytest.raises(
+        DataError, match=r"numeric column 'size' holds infinite values, e.g. inf \(ids 1: r1\)"
+    ):
         FeatureEncoder().fit(frame, make_spec())
 
 
@@ -235,8 +269,15 @@ def test_all_missing_columns_refused():
 
 def test_too_many_categories_refused():
     n = MAX_CATEGORIES + 1
-    frame = pd.DataFrame({"id": np.arange(n).astype(str), "patient": "p", "site": np.arange(n).astype(str),
-                          "age": 1.0, "size": 1.0})
+    frame = pd.DataFrame(
+        {
+            "id": np.arange(n).astype(str),
+            "patient": "p",
+            "site": np.arange(n).astype(str),
+            "age": 1.0,
+            "size": 1.0,
+        }
+    )
     with pytest.raises(DataError, match=f"categorical column 'site' has {n} distinct values"):
         FeatureEncoder().fit(frame, make_spec())
 
@@ -263,9 +304,14 @@ def test_unknown_categories_over_batches_and_encoders_are_said_once_with_counts(
 
     spec = make_spec(patient=None)
     frame = toy_frame()
-    encoders = [FeatureEncoder().fit(frame, spec), FeatureEncoder().fit(frame[frame.site != "leg"], spec)]
-    batches = [pd.DataFrame({"id": ids, "site": sites, "age": 1.0, "size": 1.0, "patient": "p"})
-               for ids, sites in ((["n1", "n2"], ["neck", "leg"]), (["n3"], ["neck"]))]
+    encoders = [
+        FeatureEncoder().fit(frame, spec),
+        FeatureEncoder().fit(frame[frame.site != "leg"], spec),
+    ]
+    batches = [
+        pd.DataFrame({"id": ids, "site": sites, "age": 1.0, "size": 1.0, "patient": "p"})
+        for ids, sites in ((["n1", "n2"], ["neck", "leg"]), (["n3"], ["neck"]))
+    ]
     with caplog.at_level(logging.WARNING, logger="tabular.features"):
         with unknown_categories_said_once():
             for batch in batches:
@@ -274,8 +320,10 @@ def test_unknown_categories_over_batches_and_encoders_are_said_once_with_counts(
                         encoder.transform(batch)
             assert "not seen at fit" not in caplog.text
     (said,) = [r.getMessage() for r in caplog.records if "not seen at fit" in r.getMessage()]
-    assert said == ("categorical column 'site': 3 row(s) hold categories not seen at fit (by 4 of 4 encoder "
-                    "calls, e.g. one per fold model), encoded as all-zero: 2: leg, neck")
+    assert said == (
+        "categorical column 'site': 3 row(s) hold categories not seen at fit (by 4 of 4 encoder "
+        "calls, e.g. one per fold model), encoded as all-zero: 2: leg, neck"
+    )
 
 
 @pytest.mark.parametrize("rows", [[0, 1, 2, 5], [3, 4], [0, 1, 2, 3, 4, 5]])
@@ -291,12 +339,14 @@ def test_restrict_gives_the_encoder_and_features_of_a_fit_on_those_rows(rows):
     expected = own.fit_transform(frame.iloc[rows], spec)
     assert restricted.to_json() == own.to_json()
     pd.testing.assert_frame_equal(subset, expected)
-    # Other rows (a validation part) take the same columns: unseen categories drop out, as in transform.
+    # Other rows (a validation part) take the same columns: unseen categories drop out, as in
+    # transform.
     others = [i for i in range(len(frame)) if i not in rows]
     if others:
         np.testing.assert_array_equal(
             features.to_numpy()[others][:, picks],
-            own.transform(frame.iloc[others], _warn_unknown=False).to_numpy())
+            own.transform(frame.iloc[others], _warn_unknown=False).to_numpy(),
+        )
 
 
 def test_restrict_refuses_rows_fit_would_refuse():
@@ -306,9 +356,13 @@ def test_restrict_refuses_rows_fit_would_refuse():
     features = encoder.fit_transform(frame, spec)
     with pytest.raises(DataError, match="numeric column 'age' has no value in the 1 rows given"):
         encoder.restrict(features, np.array([3]))
-    with pytest.raises(DataError, match="categorical column 'site' has no value in the 1 rows given"):
+    with pytest.raises(
+        DataError, match="categorical column 'site' has no value in the 1 rows given"
+    ):
         encoder.restrict(features, np.array([2]))
     with pytest.raises(DataError, match="fit: the frame has no rows"):
         encoder.restrict(features, np.array([], dtype=int))
-    with pytest.raises(DataError, match=r"restrict: expected the 6 columns of this encoder's transform, got 5"):
+    with pytest.raises(
+        DataError, match=r"restrict: expected the 6 columns of this encoder's transform, got 5"
+    ):
         encoder.restrict(features.iloc[:, :5], np.array([0, 1]))

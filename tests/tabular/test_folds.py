@@ -12,7 +12,9 @@ from tabular.spec import load_spec
 from tabular.validate import read_metadata
 
 
-@pytest.fixture(scope="module", params=["ham10000/dataset.toml", "isic2020/dataset.toml", "isic2024-mini"])
+@pytest.fixture(
+    scope="module", params=["ham10000/dataset.toml", "isic2020/dataset.toml", "isic2024-mini"]
+)
 def real(request, shared_data):
     spec = load_spec(shared_data / request.param)
     return spec, read_metadata(spec)
@@ -46,11 +48,20 @@ def tiny(n_pos: int) -> tuple:
 
     from tabular.spec import DatasetSpec
 
-    spec = DatasetSpec(name="t", root=Path("."), metadata=Path("m.csv"), images=None, id="id",
-                       target="y", group="g")
+    spec = DatasetSpec(
+        name="t",
+        root=Path("."),
+        metadata=Path("m.csv"),
+        images=None,
+        id="id",
+        target="y",
+        group="g",
+    )
     y = np.zeros(20, dtype=int)
     y[:n_pos] = 1
-    frame = pd.DataFrame({"id": [f"i{i}" for i in range(20)], "g": [f"g{i}" for i in range(20)], "y": y})
+    frame = pd.DataFrame(
+        {"id": [f"i{i}" for i in range(20)], "g": [f"g{i}" for i in range(20)], "y": y}
+    )
     return spec, frame
 
 

@@ -12,26 +12,18 @@ import pytest
 
 from runfolder.errors import RunError
 from tabular.errors import DataError
-from tabular.gbdt import (
-    DEFAULT_NEG_RATIO,
-    DEFAULT_PARAMS,
-    PATIENT_CONTEXT,
-    FoldPCA,
-    GBDTConfig,
-    build_fold,
-    build_folds,
-    check_extra,
+from tabular.gbdt_config import DEFAULT_NEG_RATIO, DEFAULT_PARAMS, GBDTConfig
+from tabular.gbdt_ensemble import (
     fit_ensemble,
     importance_table,
-    negative_sample,
     predict_best,
-    sample_seed,
-    sampling_summary,
     save_ensemble,
-    seed_dataset,
     train_model,
 )
+from tabular.gbdt_folds import build_fold, build_folds, seed_dataset
+from tabular.gbdt_image import PATIENT_CONTEXT, FoldPCA, check_extra, with_extra
 from tabular.gbdt_model import GBDTModel
+from tabular.gbdt_sampling import negative_sample, sample_seed, sampling_summary
 from tabular.metrics import roc_auc
 from tabular.spec import DatasetSpec
 
@@ -41,17 +33,28 @@ FAST = GBDTConfig(seeds=(0, 1), num_boost_round=80, early_stopping_rounds=10, nu
 def toy(n=400, seed=0):
     rng = np.random.default_rng(seed)
     signal = rng.normal(size=n)
-    frame = pd.DataFrame({
-        "id": [f"r{i}" for i in range(n)],
-        "patient": [f"p{i // 4}" for i in range(n)],
-        "site": rng.choice(["arm", "leg", "back"], n),
-        "x": signal + rng.normal(scale=0.5, size=n),
-        "noise": rng.normal(size=n),
-        "target": (signal > 0.8).astype(int),
-    })
-    spec = DatasetSpec(name="toy", root=Path("."), metadata=Path("toy.csv"), images=None, id="id",
-                       target="target", group="patient", patient="patient", categorical=("site",),
-                       numeric=("x", "noise"))
+    frame = pd.DataFrame(
+        {
+            "id": [f"r{i}" for i in range(n)],
+            "patient": [f"p{i // 4}" for i in range(n)],
+            "site": rng.choice(["arm", "leg", "back"], n),
+            "x": signal + rng.normal(scale=0.5, size=n),
+            "noise": rng.normal(size=n),
+            "target": (signal > 0.8).astype(int),
+        }
+    )
+    spec = DatasetSpec(
+        name="toy",
+        root=Path("."),
+        metadata=Path("toy.csv"),
+        images=None,
+        id="id",
+        target="target",
+        group="patient",
+        patient="patient",
+        categorical=("site",),
+        numeric=("x", "noise"),
+    )
     folds = (np.arange(n) // 4) % 4  # patients never straddle folds
     return frame, spec, folds
 
@@ -84,14 +87,18 @@ def test_negative_sampling_is_on_by_default_and_off_with_zero():
 
 @pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "100", True])
 def test_config_refuses_bad_neg_ratio(bad):
-    message = (r"neg_ratio: expected a number >= 0 \(negatives kept per positive; 0 keeps every negative, "
-               rf"None the default 50\), got {re.escape(repr(bad))}")
+    message = (
+        r"neg_ratio: expected a number >= 0 \(negatives kept per positive; 0 keeps every negative, "
+        rf"None the default 50\), got {re.escape(repr(bad))}"
+    )
     with pytest.raises(DataError, match=message):
         GBDTConfig(neg_ratio=bad)
 
 
 def test_config_refuses_bad_options():
-    with pytest.raises(DataError, match=r"seeds: expected a non-empty sequence of integers, got \(\)"):
+    with pytest.raises(
+        DataError, match=r"seeds: expected a non-empty sequence of integers, got \(\)"
+    ):
         GBDTConfig(seeds=())
     with pytest.raises(DataError, match="extra_components: expected an integer >= 0, got -1"):
         GBDTConfig(extra_components=-1)
@@ -110,7 +117,9 @@ def test_ensemble_learns_and_saved_models_reproduce_oof(tmp_path):
     save_ensemble(tmp_path, ensemble, data, FAST, extra_dim=None)
     # Each fold's text models, at their best iteration, give back that fold's OOF predictions.
     for d in data:
-        boosters = [lgb.Booster(model_file=str(tmp_path / f"fold{d.fold}_seed{s}.txt")) for s in (0, 1)]
+        boosters = [
+            lgb.Booster(model_file=str(tmp_path / f"fold{d.fold}_seed{s}.txt")) for s in (0, 1)
+        ]
         p = np.mean([b.predict(d.X_valid) for b in boosters], axis=0)
         np.testing.assert_allclose(p, ensemble.oof[d.valid_rows], rtol=1e-9)
     # Only text, JSON and npy: nothing is pickled.
@@ -122,7 +131,9 @@ def test_ensemble_learns_and_saved_models_reproduce_oof(tmp_path):
 
 def test_neg_ratio_trains_on_fewer_negatives_but_predicts_every_row():
     frame, spec, folds = toy()
-    config = GBDTConfig(seeds=(0, 1), neg_ratio=1.0, num_boost_round=40, early_stopping_rounds=10, num_threads=1)
+    config = GBDTConfig(
+        seeds=(0, 1), neg_ratio=1.0, num_boost_round=40, early_stopping_rounds=10, num_threads=1
+    )
     data, ensemble = fit(frame, spec, folds, config=config)
     assert not np.isnan(ensemble.oof).any()
     for d in data:
@@ -141,14 +152,18 @@ def test_neg_ratio_trains_on_fewer_negatives_but_predicts_every_row():
     assert summary["neg_ratio"] == 1.0 and summary["applied"] is True
     for f, d in zip(summary["folds"], data, strict=True):
         assert f["negatives_kept"] == f["positives"] == (d.y_train == 1).sum()
-        assert f["rows_per_model"] == 2 * f["positives"] and f["negatives"] == (d.y_train == 0).sum()
+        assert (
+            f["rows_per_model"] == 2 * f["positives"] and f["negatives"] == (d.y_train == 0).sum()
+        )
 
 
 def test_sampled_models_stop_on_the_validation_loss_at_its_own_prevalence():
     """Early stopping scores the validation part with the log-odds moved back by log(kept share
     of negatives); the saved model's own predictions are not moved."""
     frame, spec, folds = toy()
-    config = GBDTConfig(seeds=(0,), neg_ratio=1.0, num_boost_round=60, early_stopping_rounds=10, num_threads=1)
+    config = GBDTConfig(
+        seeds=(0,), neg_ratio=1.0, num_boost_round=60, early_stopping_rounds=10, num_threads=1
+    )
     y = frame["target"].to_numpy()
     d = build_fold(frame, spec, y, folds, 0, config=config)
     booster = train_model(d, DEFAULT_PARAMS, 0, config)
@@ -162,10 +177,15 @@ def test_sampled_models_stop_on_the_validation_loss_at_its_own_prevalence():
 
 def test_a_fold_refuses_a_seed_or_ratio_it_was_not_built_for():
     frame, spec, folds = toy()
-    config = GBDTConfig(seeds=(0,), neg_ratio=1.0, num_boost_round=10, early_stopping_rounds=5, num_threads=1)
+    config = GBDTConfig(
+        seeds=(0,), neg_ratio=1.0, num_boost_round=10, early_stopping_rounds=5, num_threads=1
+    )
     d = build_fold(frame, spec, frame["target"].to_numpy(), folds, 0, config=config)
-    with pytest.raises(DataError, match=r"fold 0: built for neg_ratio 1 and seeds \[0\], which does not hold "
-                                        r"the rows of neg_ratio 1 seed 5"):
+    with pytest.raises(
+        DataError,
+        match=r"fold 0: built for neg_ratio 1 and seeds \[0\], which does not hold "
+        r"the rows of neg_ratio 1 seed 5",
+    ):
         train_model(d, DEFAULT_PARAMS, 5, config)
     with pytest.raises(DataError, match="which does not hold the rows of neg_ratio 0 seed 0"):
         train_model(d, DEFAULT_PARAMS, 0, GBDTConfig(seeds=(0,), neg_ratio=0))
@@ -173,7 +193,9 @@ def test_a_fold_refuses_a_seed_or_ratio_it_was_not_built_for():
 
 def test_sampling_off_trains_on_every_row():
     frame, spec, folds = toy(n=200)
-    config = GBDTConfig(seeds=(0,), neg_ratio=0, num_boost_round=10, early_stopping_rounds=5, num_threads=1)
+    config = GBDTConfig(
+        seeds=(0,), neg_ratio=0, num_boost_round=10, early_stopping_rounds=5, num_threads=1
+    )
     data, _ = fit(frame, spec, folds, config=config)
     assert all(d.dataset_rows is None and d.train_set.num_data() == len(d.train_rows) for d in data)
     summary = sampling_summary(data, config)
@@ -186,20 +208,33 @@ def test_pca_fitted_on_training_part_only(tmp_path):
     rng = np.random.default_rng(1)
     extra = rng.normal(size=(len(frame), 12)).astype(np.float32)
     extra[:, 0] += 2 * frame["target"].to_numpy()
-    config = GBDTConfig(seeds=(0,), extra_components=4, num_boost_round=40, early_stopping_rounds=10, num_threads=1)
+    config = GBDTConfig(
+        seeds=(0,), extra_components=4, num_boost_round=40, early_stopping_rounds=10, num_threads=1
+    )
     data, ensemble = fit(frame, spec, folds, extra=extra, config=config)
     d0 = data[0]
     np.testing.assert_allclose(d0.pca.mean, extra[d0.train_rows].mean(axis=0), rtol=1e-5, atol=1e-6)
     # The spec names a patient: the image's patient context follows its PCA components.
-    assert d0.feature_names[-7:] == ["img_pca_0", "img_pca_1", "img_pca_2", "img_pca_3", *PATIENT_CONTEXT]
+    assert d0.feature_names[-7:] == [
+        "img_pca_0",
+        "img_pca_1",
+        "img_pca_2",
+        "img_pca_3",
+        *PATIENT_CONTEXT,
+    ]
     # Changing the validation rows' embeddings leaves that fold's PCA unchanged.
     changed = extra.copy()
     changed[d0.valid_rows] += 100.0
-    again = build_fold(frame, spec, frame["target"].to_numpy(), folds, 0, extra=changed, config=config)
+    again = build_fold(
+        frame, spec, frame["target"].to_numpy(), folds, 0, extra=changed, config=config
+    )
     np.testing.assert_allclose(again.pca.components, d0.pca.components, atol=1e-5)
     save_ensemble(tmp_path, ensemble, data, config, extra_dim=12)
     for k in range(4):
-        assert np.load(tmp_path / f"pca_fold{k}_components.npy", allow_pickle=False).shape == (4, 12)
+        assert np.load(tmp_path / f"pca_fold{k}_components.npy", allow_pickle=False).shape == (
+            4,
+            12,
+        )
     p = GBDTModel.load(tmp_path).predict(frame, extra=extra)
     assert p.shape == (len(frame),)
     with pytest.raises(DataError, match="extra: the models in .* use image features"):
@@ -212,13 +247,18 @@ def test_pca_transform_chunks_match_full():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 8))
     pca = FoldPCA.fit(x, 3, max_rows=100)
-    np.testing.assert_allclose(pca.transform(x, chunk=7), (x - pca.mean) @ pca.components.T, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        pca.transform(x, chunk=7), (x - pca.mean) @ pca.components.T, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_predict_refuses_missing_stage_and_unexpected_extra(tmp_path):
     frame, spec, folds = toy(n=200)
-    with pytest.raises(RunError, match=r"stage 'gbdt' is missing \(.*features.json not found\); make it "
-                                       r"with `invoke train-gbdt --spec S --run R`"):
+    with pytest.raises(
+        RunError,
+        match=r"stage 'gbdt' is missing \(.*features.json not found\); make it "
+        r"with `invoke train-gbdt --spec S --run R`",
+    ):
         GBDTModel.load(tmp_path / "gbdt").predict(frame)
     config = GBDTConfig(seeds=(0,), num_boost_round=20, early_stopping_rounds=5, num_threads=1)
     data, ensemble = fit(frame, spec, folds, config=config)
@@ -232,7 +272,9 @@ def test_predict_refuses_missing_stage_and_unexpected_extra(tmp_path):
 
 
 def test_check_extra():
-    with pytest.raises(DataError, match=r"extra: expected a 2-D array \(n_rows, d\), got shape \(3,\)"):
+    with pytest.raises(
+        DataError, match=r"extra: expected a 2-D array \(n_rows, d\), got shape \(3,\)"
+    ):
         check_extra(np.zeros(3), 3)
     with pytest.raises(DataError, match="extra: expected 4 rows .* got 3"):
         check_extra(np.zeros((3, 2)), 4)
@@ -240,6 +282,21 @@ def test_check_extra():
     bad[1, 1] = np.nan
     with pytest.raises(DataError, match="extra: rows with NaN or infinite values, ids 1: b"):
         check_extra(bad, 3, ["a", "b", "c"])
+
+
+def test_image_features_without_the_embeddings_are_refused():
+    """A fold whose PCA was fitted needs the embeddings it projects; metadata alone passes."""
+    pca = FoldPCA.fit(np.random.default_rng(0).normal(size=(20, 6)), n_components=3)
+    features = pd.DataFrame({"age": np.arange(4.0)})
+    with pytest.raises(
+        DataError,
+        match=r"extra: the features include 3 image PCA components; pass the "
+        r"image embeddings",
+    ):
+        with_extra(features, None, pca)
+    assert with_extra(features, None, None) is features
+    joined = with_extra(features, np.ones((4, 6)), pca)
+    assert list(joined.columns) == ["age", *pca.names] and joined.shape == (4, 4)
 
 
 def test_importance_table():
@@ -257,8 +314,9 @@ def test_reasons_name_the_metadata_that_raises_the_score(tmp_path):
     a positive contribution; image PCA features never appear among the reasons."""
     frame, spec, folds = toy()
     extra = np.random.default_rng(1).normal(size=(len(frame), 6)).astype(np.float32)
-    config = GBDTConfig(seeds=(0,), num_boost_round=60, early_stopping_rounds=20, num_threads=1,
-                        extra_components=2)
+    config = GBDTConfig(
+        seeds=(0,), num_boost_round=60, early_stopping_rounds=20, num_threads=1, extra_components=2
+    )
     data, ensemble = fit(frame, spec, folds, extra=extra, config=config)
     save_ensemble(tmp_path, ensemble, data, config, extra_dim=6)
     model = GBDTModel.load(tmp_path)
@@ -278,7 +336,10 @@ def test_reasons_read_one_hot_columns_as_conditions():
 
     contributions = pd.Series({"age": 0.8, "site__back": 0.3, "site__face": 0.1, "size": -0.5})
     values = pd.Series({"age": 71.0, "site__back": 1.0, "site__face": 0.0, "size": 3.25})
-    assert _reason_text(contributions, values, top=3) == "age = 71 (+0.80); site = back (+0.30); site != face (+0.10)"
+    assert (
+        _reason_text(contributions, values, top=3)
+        == "age = 71 (+0.80); site = back (+0.30); site != face (+0.10)"
+    )
     assert _reason_text(contributions, values, top=1) == "age = 71 (+0.80)"
     assert _reason_text(-contributions.abs(), values, top=3) == ""  # nothing raised the score
 
@@ -286,21 +347,40 @@ def test_reasons_read_one_hot_columns_as_conditions():
 def test_reasons_come_only_from_present_values_above_the_floor():
     from tabular.gbdt_model import REASON_FLOOR, _reason_text
 
-    contributions = pd.Series({"age": 0.8, "sex__male": 0.3, "sex__missing": 0.2, "site__face": 0.6,
-                               "site__missing": -0.1, "size": 0.4, "tilt": REASON_FLOOR / 2})
-    values = pd.Series({"age": np.nan, "sex__male": 0.0, "sex__missing": 1.0, "site__face": 0.0,
-                        "site__missing": 0.0, "size": 3.0, "tilt": 2.0})
+    contributions = pd.Series(
+        {
+            "age": 0.8,
+            "sex__male": 0.3,
+            "sex__missing": 0.2,
+            "site__face": 0.6,
+            "site__missing": -0.1,
+            "size": 0.4,
+            "tilt": REASON_FLOOR / 2,
+        }
+    )
+    values = pd.Series(
+        {
+            "age": np.nan,
+            "sex__male": 0.0,
+            "sex__missing": 1.0,
+            "site__face": 0.0,
+            "site__missing": 0.0,
+            "size": 3.0,
+            "tilt": 2.0,
+        }
+    )
     # age and sex are absent (no "age = missing", no "sex != male"); tilt's share is below the floor
     assert _reason_text(contributions, values, top=3) == "site != face (+0.60); size = 3 (+0.40)"
 
 
 def test_image_pca_cut_to_what_the_folds_allow_is_said_once(caplog):
-    """`--image-pca 100000` on 160 rows of 4 folds: each fold's PCA keeps 120 (its training rows)."""
+    """`--image-pca 100000` on 160 rows of 4 folds: each fold's PCA keeps 120 (its training
+    rows)."""
     frame, spec, folds = toy(n=160)
     extra = np.random.default_rng(0).normal(size=(160, 200)).astype(np.float32)
     config = GBDTConfig(seeds=(0,), extra_components=100_000, neg_ratio=0, num_threads=1)
     y = frame["target"].to_numpy()
-    with caplog.at_level("WARNING", logger="tabular.gbdt"):
+    with caplog.at_level("WARNING", logger="tabular.gbdt_folds"):
         data = [build_fold(frame, spec, y, folds, k, extra=extra, config=config) for k in range(4)]
     assert [len(d.pca.components) for d in data] == [120] * 4
     said = [r.getMessage() for r in caplog.records if "--image-pca" in r.getMessage()]
@@ -308,8 +388,16 @@ def test_image_pca_cut_to_what_the_folds_allow_is_said_once(caplog):
     assert re.search(r"--image-pca \(extra_components\) 100000: 120 components used", said[0])
     assert "Pass --image-pca 120 or fewer" in said[0]
     caplog.clear()
-    with caplog.at_level("WARNING", logger="tabular.gbdt"):
-        build_fold(frame, spec, y, folds, 0, extra=extra, config=GBDTConfig(extra_components=8, num_threads=1))
+    with caplog.at_level("WARNING", logger="tabular.gbdt_folds"):
+        build_fold(
+            frame,
+            spec,
+            y,
+            folds,
+            0,
+            extra=extra,
+            config=GBDTConfig(extra_components=8, num_threads=1),
+        )
     assert not [r for r in caplog.records if "--image-pca" in r.getMessage()]
 
 
@@ -325,15 +413,17 @@ def test_categories_not_seen_at_fit_are_said_once_per_column_for_every_fold(tmp_
     with caplog.at_level("WARNING", logger="tabular.features"):
         model.predict(new)
     said = [r.getMessage() for r in caplog.records if "not seen at fit" in r.getMessage()]
-    assert said == ["categorical column 'site': 3 row(s) hold categories not seen at fit (by 4 of 4 encoder "
-                    "calls, e.g. one per fold model), encoded as all-zero: 2: neck, scalp"]
+    assert said == [
+        "categorical column 'site': 3 row(s) hold categories not seen at fit (by 4 of 4 encoder "
+        "calls, e.g. one per fold model), encoded as all-zero: 2: neck, scalp"
+    ]
     caplog.clear()
     with caplog.at_level("WARNING", logger="tabular.features"):
         model.predict(frame.drop(columns=["target"]))
     assert "not seen at fit" not in caplog.text
 
 
-# ------------------------------------------------------------------ features and Datasets built once
+# ------------------------------------------------------------ features and Datasets built once
 
 
 def reference_oof(frame, spec, folds, config, extra=None):
@@ -347,7 +437,9 @@ def reference_oof(frame, spec, folds, config, extra=None):
         predictions = []
         for seed in config.seeds:
             d.seed_sets.clear()
-            predictions.append(predict_best(train_model(d, DEFAULT_PARAMS, seed, config), d.X_valid))
+            predictions.append(
+                predict_best(train_model(d, DEFAULT_PARAMS, seed, config), d.X_valid)
+            )
         oof[d.valid_rows] = np.mean(predictions, axis=0)
     return oof
 
@@ -364,13 +456,20 @@ def rare_site(frame, folds, fold=2):
 def test_folds_built_once_give_identical_out_of_fold_predictions(neg_ratio, caplog):
     frame, spec, folds = toy()
     frame = rare_site(frame, folds)
-    config = GBDTConfig(seeds=(0, 1, 2), neg_ratio=neg_ratio, num_boost_round=60, early_stopping_rounds=10,
-                        num_threads=1)
+    config = GBDTConfig(
+        seeds=(0, 1, 2),
+        neg_ratio=neg_ratio,
+        num_boost_round=60,
+        early_stopping_rounds=10,
+        num_threads=1,
+    )
     y = frame["target"].to_numpy()
-    with caplog.at_level("WARNING", logger="tabular.gbdt"):
+    with caplog.at_level("WARNING", logger="tabular.gbdt_folds"):
         shared = build_folds(frame, spec, y, folds, config=config)
     # The rows of the category the training part lacks are named, as the encoder names them.
-    assert re.search(r"categorical column 'site': 3 row\(s\) of fold 2 hold category 'hand'", caplog.text)
+    assert re.search(
+        r"categorical column 'site': 3 row\(s\) of fold 2 hold category 'hand'", caplog.text
+    )
     for d in shared:
         own = build_fold(frame, spec, y, folds, d.fold, config=config)
         assert d.feature_names == own.feature_names
@@ -386,10 +485,18 @@ def test_folds_built_once_with_image_pca_and_without_patients():
     frame, spec, folds = toy(n=240)
     extra = np.random.default_rng(3).normal(size=(len(frame), 6)).astype(np.float32)
     extra[:, 0] += frame["target"].to_numpy()
-    config = GBDTConfig(seeds=(0, 1), neg_ratio=1.0, extra_components=3, num_boost_round=40,
-                        early_stopping_rounds=10, num_threads=1)
+    config = GBDTConfig(
+        seeds=(0, 1),
+        neg_ratio=1.0,
+        extra_components=3,
+        num_boost_round=40,
+        early_stopping_rounds=10,
+        num_threads=1,
+    )
     for s in (spec, replace_spec(spec, patient=None)):
-        shared = build_folds(frame, s, frame["target"].to_numpy(), folds, extra=extra, config=config)
+        shared = build_folds(
+            frame, s, frame["target"].to_numpy(), folds, extra=extra, config=config
+        )
         oof = fit_ensemble(shared, len(frame), DEFAULT_PARAMS, config).oof
         assert np.abs(oof - reference_oof(frame, s, folds, config, extra=extra)).max() == 0
 
@@ -399,9 +506,11 @@ def test_patients_across_folds_are_encoded_per_fold(caplog):
     slices of one encoding of every row would differ, so each fold is encoded on its own."""
     frame, spec, _ = toy(n=200)
     folds = np.arange(len(frame)) % 4  # each patient's 4 rows in 4 folds
-    config = GBDTConfig(seeds=(0,), neg_ratio=0, num_boost_round=20, early_stopping_rounds=5, num_threads=1)
+    config = GBDTConfig(
+        seeds=(0,), neg_ratio=0, num_boost_round=20, early_stopping_rounds=5, num_threads=1
+    )
     y = frame["target"].to_numpy()
-    with caplog.at_level("INFO", logger="tabular.gbdt"):
+    with caplog.at_level("INFO", logger="tabular.gbdt_folds"):
         shared = build_folds(frame, spec, y, folds, config=config)
     assert "patients in several folds (50); features are built per fold" in caplog.text
     for d in shared:
@@ -413,14 +522,18 @@ def test_patients_across_folds_are_encoded_per_fold(caplog):
 def test_a_training_part_without_a_value_is_refused_as_before():
     frame, spec, folds = toy(n=200)
     frame["x"] = np.where(folds == 1, frame["x"], np.nan)  # x only in fold 1's rows
-    with pytest.raises(DataError, match=r"numeric column 'x' has no value in the 148 rows given \(e.g. "):
+    with pytest.raises(
+        DataError, match=r"numeric column 'x' has no value in the 148 rows given \(e.g. "
+    ):
         # fold 0's training part (148 rows), refused by its own fit with its own message:
         build_folds(frame, spec, frame["target"].to_numpy(), folds, config=FAST)
 
 
 def test_each_seed_dataset_is_made_once_and_serves_any_booster_parameters():
     frame, spec, folds = toy()
-    config = GBDTConfig(seeds=(0, 1), neg_ratio=1.0, num_boost_round=40, early_stopping_rounds=10, num_threads=1)
+    config = GBDTConfig(
+        seeds=(0, 1), neg_ratio=1.0, num_boost_round=40, early_stopping_rounds=10, num_threads=1
+    )
     y = frame["target"].to_numpy()
     d = build_folds(frame, spec, y, folds, config=config)[0]
     first = seed_dataset(d, 1, config)

@@ -29,7 +29,8 @@ def test_pauc80_hand_worked_step():
 
 def test_pauc80_hand_worked_tie_interpolated():
     # y = [1, 1, 0, 0], p = [0.9, 0.5, 0.5, 0.1]. 2 benign, 2 malignant.
-    # 0.1 b -> (0, 1/2); the tie at 0.5 (one b, one m) moves diagonally to (1/2, 1); 0.9 m -> (1, 1).
+    # 0.1 b -> (0, 1/2); the tie at 0.5 (one b, one m) moves diagonally to (1/2, 1);
+    # 0.9 m -> (1, 1).
     # At fpr 0.2 on the diagonal: tpr = 1/2 + (0.2 / 0.5) * 1/2 = 0.7.
     # Trapezoid from 0 to 0.2: (0.5 + 0.7) / 2 * 0.2 = 0.12.
     assert pauc80([1, 1, 0, 0], [0.9, 0.5, 0.5, 0.1]) == pytest.approx(0.12)
@@ -139,8 +140,22 @@ def test_summarize_json_ready():
     y = (rng.random(100) < 0.3).astype(int)
     p = rng.random(100) + 0.5 * y
     s = summarize(y, p)
-    for key in ("pauc80", "roc_auc", "pr_auc", "threshold", "target_sensitivity", "accuracy",
-                "precision", "recall", "specificity", "f1", "tp", "fp", "tn", "fn"):
+    for key in (
+        "pauc80",
+        "roc_auc",
+        "pr_auc",
+        "threshold",
+        "target_sensitivity",
+        "accuracy",
+        "precision",
+        "recall",
+        "specificity",
+        "f1",
+        "tp",
+        "fp",
+        "tn",
+        "fn",
+    ):
         assert key in s
     assert s["target_sensitivity"] == 0.95
     assert s["recall"] >= 0.95

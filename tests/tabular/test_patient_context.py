@@ -11,21 +11,22 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tabular.gbdt import (
-    DEFAULT_PARAMS,
-    PATIENT_CONTEXT,
-    GBDTConfig,
-    build_fold,
-    fit_ensemble,
-    patient_context,
-    save_ensemble,
-)
+from tabular.gbdt_config import DEFAULT_PARAMS, GBDTConfig
+from tabular.gbdt_ensemble import fit_ensemble, save_ensemble
+from tabular.gbdt_folds import build_fold
+from tabular.gbdt_image import PATIENT_CONTEXT, patient_context
 from tabular.gbdt_model import GBDTModel
 from tabular.metrics import roc_auc
 from tabular.spec import DatasetSpec
 
-CONFIG = GBDTConfig(seeds=(0,), extra_components=8, num_boost_round=200, early_stopping_rounds=20,
-                    num_threads=1, neg_ratio=0)
+CONFIG = GBDTConfig(
+    seeds=(0,),
+    extra_components=8,
+    num_boost_round=200,
+    early_stopping_rounds=20,
+    num_threads=1,
+    neg_ratio=0,
+)
 N_PATIENTS, PER_PATIENT, DIM = 120, 8, 24
 
 
@@ -45,15 +46,26 @@ def planted(seed: int = 0):
     direction = rng.normal(size=(n, DIM))
     direction /= np.linalg.norm(direction, axis=1, keepdims=True)
     extra = typical + rng.normal(0, 0.5, (n, DIM)) + 4.0 * target[:, None] * direction
-    frame = pd.DataFrame({
-        "id": [f"r{i}" for i in range(n)],
-        "patient": [f"p{i}" for i in patient],
-        "noise": rng.normal(size=n),
-        "target": target,
-    })
-    spec = DatasetSpec(name="planted", root=Path("."), metadata=Path("m.csv"), images=None, id="id",
-                       target="target", group="patient", patient="patient", categorical=(),
-                       numeric=("noise",))
+    frame = pd.DataFrame(
+        {
+            "id": [f"r{i}" for i in range(n)],
+            "patient": [f"p{i}" for i in patient],
+            "noise": rng.normal(size=n),
+            "target": target,
+        }
+    )
+    spec = DatasetSpec(
+        name="planted",
+        root=Path("."),
+        metadata=Path("m.csv"),
+        images=None,
+        id="id",
+        target="target",
+        group="patient",
+        patient="patient",
+        categorical=(),
+        numeric=("noise",),
+    )
     folds = patient % 4  # grouped by patient, as ISIC 2024's folds are
     return frame, spec, folds, extra.astype(np.float32)
 
@@ -94,13 +106,21 @@ def test_nothing_crosses_folds_and_no_label_is_read():
     # part, so the comparison is made with that fold's own PCA).
     moved = extra.copy()
     moved[fold0.train_rows] += np.random.default_rng(2).normal(0, 5, (len(fold0.train_rows), DIM))
-    again = build_fold(frame.assign(target=1 - y), spec, 1 - y, folds, 0, extra=moved, config=CONFIG)
+    again = build_fold(
+        frame.assign(target=1 - y), spec, 1 - y, folds, 0, extra=moved, config=CONFIG
+    )
     reduced = again.pca.transform(extra[fold0.valid_rows])
     expected = patient_context(reduced, frame["patient"].to_numpy()[fold0.valid_rows])
-    np.testing.assert_allclose(again.X_valid[list(PATIENT_CONTEXT)].to_numpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        again.X_valid[list(PATIENT_CONTEXT)].to_numpy(), expected, rtol=1e-5, atol=1e-5
+    )
     # A fold's validation context equals what scoring its rows alone computes.
-    alone = patient_context(fold0.pca.transform(extra[fold0.valid_rows]), frame["patient"].to_numpy()[fold0.valid_rows])
-    np.testing.assert_allclose(fold0.X_valid[list(PATIENT_CONTEXT)].to_numpy(), alone, rtol=1e-5, atol=1e-5)
+    alone = patient_context(
+        fold0.pca.transform(extra[fold0.valid_rows]), frame["patient"].to_numpy()[fold0.valid_rows]
+    )
+    np.testing.assert_allclose(
+        fold0.X_valid[list(PATIENT_CONTEXT)].to_numpy(), alone, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_shuffled_labels_leave_nothing_to_find():

@@ -28,7 +28,8 @@ import pytest
 from optuna.trial import TrialState
 
 from tabular.errors import DataError
-from tabular.tuning import GRACE_ENV, open_storage, tune
+from tabular.tuning import tune
+from tabular.tuning_storage import GRACE_ENV, open_storage
 
 REPO = Path(__file__).resolve().parents[2]
 INVOKE = Path(sys.executable).parent / "invoke"
@@ -47,12 +48,15 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def _postgres_bin() -> Path | None:
-    """The folder of `initdb` and `pg_ctl`: on PATH, else Debian's /usr/lib/postgresql/<version>/bin."""
+    """The folder of `initdb` and `pg_ctl`: on PATH, else Debian's
+    /usr/lib/postgresql/<version>/bin."""
     found = shutil.which("initdb")
     if found and shutil.which("pg_ctl"):
         return Path(found).resolve().parent
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
-                      key=lambda p: [int(x) for x in re.findall(r"\d+", p.parent.parent.name)] or [0])
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+        key=lambda p: [int(x) for x in re.findall(r"\d+", p.parent.parent.name)] or [0],
+    )
     return versions[-1].parent if versions else None
 
 
@@ -66,13 +70,30 @@ def _server_user() -> pwd.struct_passwd | None:
     try:
         user = pwd.getpwnam(SERVER_USER)
     except KeyError:
-        made = subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-                               "--shell", "/usr/sbin/nologin", SERVER_USER], capture_output=True, text=True)
+        made = subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                SERVER_USER,
+            ],
+            capture_output=True,
+            text=True,
+        )
         if made.returncode != 0:
-            pytest.skip(f"PostgreSQL refuses to run as root, and user {SERVER_USER!r} could not be "
-                        f"created: {made.stderr.strip()}")
+            pytest.skip(
+                f"PostgreSQL refuses to run as root, and user {SERVER_USER!r} could not be "
+                f"created: {made.stderr.strip()}"
+            )
         user = pwd.getpwnam(SERVER_USER)
-    if subprocess.run(["runuser", "-u", SERVER_USER, "--", "true"], capture_output=True).returncode != 0:
+    if (
+        subprocess.run(["runuser", "-u", SERVER_USER, "--", "true"], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip(f"cannot switch to user {SERVER_USER!r} with runuser to start PostgreSQL")
     return user
 
@@ -88,10 +109,13 @@ def _tail(path: Path, chars: int = 1500) -> str:
 
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
-    """`postgresql://lesionfuse@/optuna?host=<socket folder>` of a server that lives for the module."""
+    """`postgresql://lesionfuse@/optuna?host=<socket folder>` of a server that lives for the
+    module."""
     bindir = _postgres_bin()
     if bindir is None:
-        pytest.skip("PostgreSQL server binaries are absent (apt-get install postgresql; .ci/run does)")
+        pytest.skip(
+            "PostgreSQL server binaries are absent (apt-get install postgresql; .ci/run does)"
+        )
     url = f"postgresql://{ROLE}@/{DATABASE}?host={{folder}}"
     from sqlalchemy.engine import make_url
 
@@ -99,8 +123,10 @@ def postgres_url() -> Iterator[str]:
     try:
         __import__(driver)
     except ImportError:
-        pytest.skip(f"the PostgreSQL driver SQLAlchemy uses for postgresql:// URLs ({driver}) is not "
-                    "installed: pip install -e '.[dev]'")
+        pytest.skip(
+            f"the PostgreSQL driver SQLAlchemy uses for postgresql:// URLs ({driver}) is not "
+            "installed: pip install -e '.[dev]'"
+        )
     user = _server_user()
     # Short and private (0700): the socket's path must stay under ~100 bytes, and only this user
     # (and root) may connect, so the server can trust local connections without a password.
@@ -110,26 +136,72 @@ def postgres_url() -> Iterator[str]:
         if user:
             os.chown(folder, user.pw_uid, user.pw_gid)
         data, log = folder / "data", folder / "server.log"
-        init = subprocess.run(_as(user, [bindir / "initdb", "-D", data, "-U", ROLE, "--auth=trust",
-                                         "--encoding=UTF8", "--no-sync"]),
-                              capture_output=True, text=True, timeout=120)
+        init = subprocess.run(
+            _as(
+                user,
+                [
+                    bindir / "initdb",
+                    "-D",
+                    data,
+                    "-U",
+                    ROLE,
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--no-sync",
+                ],
+            ),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if init.returncode != 0:
             pytest.skip(f"initdb failed: {(init.stdout + init.stderr)[-1500:]}")
-        options = (f"-c listen_addresses='' -c unix_socket_directories='{folder}' -c fsync=off "
-                   "-c shared_buffers=16MB -c max_connections=40")
-        start = subprocess.run(_as(user, [bindir / "pg_ctl", "-D", data, "-l", log, "-o", options, "-w",
-                                          "-t", "60", "start"]), capture_output=True, text=True, timeout=90)
+        options = (
+            f"-c listen_addresses='' -c unix_socket_directories='{folder}' -c fsync=off "
+            "-c shared_buffers=16MB -c max_connections=40"
+        )
+        start = subprocess.run(
+            _as(
+                user,
+                [
+                    bindir / "pg_ctl",
+                    "-D",
+                    data,
+                    "-l",
+                    log,
+                    "-o",
+                    options,
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ],
+            ),
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
         started = start.returncode == 0
         if not started:
             pytest.skip(f"PostgreSQL did not start: {start.stderr.strip()} {_tail(log)}")
-        made = subprocess.run([bindir / "createdb", "-h", folder, "-U", ROLE, DATABASE],
-                              capture_output=True, text=True, timeout=60)
+        made = subprocess.run(
+            [bindir / "createdb", "-h", folder, "-U", ROLE, DATABASE],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert made.returncode == 0, made.stderr
         yield url.format(folder=folder)
     finally:
         if started:
-            subprocess.run(_as(user, [bindir / "pg_ctl", "-D", folder / "data", "-m", "immediate", "-w",
-                                      "stop"]), capture_output=True, timeout=60)
+            subprocess.run(
+                _as(
+                    user,
+                    [bindir / "pg_ctl", "-D", folder / "data", "-m", "immediate", "-w", "stop"],
+                ),
+                capture_output=True,
+                timeout=60,
+            )
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -156,12 +228,34 @@ class Worker:
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
         self.log = home / "worker.log"
-        env = {**os.environ, "LESIONFUSE_ARTIFACTS": str(home), GRACE_ENV: str(GRACE),
-               "PYTHONPATH": str(REPO)}
-        with self.log.open("w") as out:  # a file, not a pipe: tqdm writes a lot, nobody reads a pipe
+        env = {
+            **os.environ,
+            "LESIONFUSE_ARTIFACTS": str(home),
+            GRACE_ENV: str(GRACE),
+            "PYTHONPATH": str(REPO),
+        }
+        with self.log.open(
+            "w"
+        ) as out:  # a file, not a pipe: tqdm writes a lot, nobody reads a pipe
             self.process = subprocess.Popen(
-                [str(INVOKE), "train-gbdt", "--spec", str(spec), "--run", "r1", "--trials", str(trials),
-                 "--storage", url], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+                [
+                    str(INVOKE),
+                    "train-gbdt",
+                    "--spec",
+                    str(spec),
+                    "--run",
+                    "r1",
+                    "--trials",
+                    str(trials),
+                    "--storage",
+                    url,
+                ],
+                cwd=REPO,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=env,
+            )
 
     def wait(self, timeout: float = 240) -> int:
         return self.process.wait(timeout=timeout)
@@ -189,11 +283,14 @@ def _check_numbers(trials) -> None:
 
 @pytest.mark.slow
 def test_workers_share_a_postgres_study_and_a_killed_workers_trial_is_run_again(
-        postgres_url, spec_file, tmp_path):
+    postgres_url, spec_file, tmp_path
+):
     workers: list[Worker] = []
     try:
         # Two workers at once on one study: exactly --trials finished, each number once.
-        workers = [Worker(tmp_path / f"machine{i}", spec_file, postgres_url, BUDGET) for i in range(2)]
+        workers = [
+            Worker(tmp_path / f"machine{i}", spec_file, postgres_url, BUDGET) for i in range(2)
+        ]
         for worker in workers:
             assert worker.wait() == 0, worker.text()[-3000:]
         trials = _trials(postgres_url)
@@ -203,10 +300,14 @@ def test_workers_share_a_postgres_study_and_a_killed_workers_trial_is_run_again(
         assert len({json.dumps(t.params, sort_keys=True) for t in finished}) == BUDGET
         # They ran at the same time: some trial of one started before a trial of the other ended.
         spans = sorted((t.datetime_start, t.datetime_complete) for t in finished)
-        assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False)), spans
+        assert any(
+            later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False)
+        ), spans
         # Both read the whole study back: the same best trial, the same count.
         assert workers[0].best()["trial"] == workers[1].best()["trial"]
-        assert workers[0].best()["trials_finished"] == workers[1].best()["trials_finished"] == BUDGET
+        assert (
+            workers[0].best()["trials_finished"] == workers[1].best()["trials_finished"] == BUDGET
+        )
 
         # kill -9 of a worker mid-trial (its first fold reported, four to go) leaves it RUNNING.
         killed = Worker(tmp_path / "machine2", spec_file, postgres_url, BUDGET + MORE)
@@ -215,8 +316,11 @@ def test_workers_share_a_postgres_study_and_a_killed_workers_trial_is_run_again(
         deadline = time.monotonic() + 180
         victim = None
         while victim is None and killed.process.poll() is None and time.monotonic() < deadline:
-            running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                       if len(t.intermediate_values) == 1]
+            running = [
+                t
+                for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if len(t.intermediate_values) == 1
+            ]
             if running:
                 os.kill(killed.process.pid, signal.SIGKILL)
                 victim = running[0].number
@@ -237,8 +341,10 @@ def test_workers_share_a_postgres_study_and_a_killed_workers_trial_is_run_again(
         assert len([t for t in trials if t.state in FINISHED]) == BUDGET + MORE
         _check_numbers(trials)
         assert following.best()["trials_finished"] == BUDGET + MORE
-        assert (f"study {STUDY}: found 1 trial(s) left RUNNING by a worker that stopped (trial numbers "
-                f"{victim}): marked FAIL after {GRACE} s without a heartbeat") in following.text()
+        assert (
+            f"study {STUDY}: found 1 trial(s) left RUNNING by a worker that stopped (trial numbers "
+            f"{victim}): marked FAIL after {GRACE} s without a heartbeat"
+        ) in following.text()
     finally:
         for worker in workers:
             worker.stop()

@@ -23,13 +23,15 @@ numeric = ["age"]
 
 
 def make(tmp_path, n=40, extra_column=False, spec_text=SPEC):
-    frame = pd.DataFrame({
-        "image_id": [f"img{i}" for i in range(n)],
-        "lesion_id": [f"L{i // 2}" for i in range(n)],
-        "sex": ["male", "female"] * (n // 2),
-        "age": [30.0 + i for i in range(n)],
-        "target": [1 if i % 4 == 0 else 0 for i in range(n)],
-    })
+    frame = pd.DataFrame(
+        {
+            "image_id": [f"img{i}" for i in range(n)],
+            "lesion_id": [f"L{i // 2}" for i in range(n)],
+            "sex": ["male", "female"] * (n // 2),
+            "age": [30.0 + i for i in range(n)],
+            "target": [1 if i % 4 == 0 else 0 for i in range(n)],
+        }
+    )
     if extra_column:
         frame["site"] = "back"
     frame.to_csv(tmp_path / "metadata.csv", index=False)
@@ -49,7 +51,10 @@ def test_run_writes_spec_copy_folds_and_record_once(tmp_path):
 
 def test_changed_metadata_columns_are_refused(tmp_path):
     open_run(make(tmp_path), tmp_path / "run")
-    with pytest.raises(DataError, match=r"metadata columns changed since the run began \(removed \[\], added \['site'\]\)"):
+    with pytest.raises(
+        DataError,
+        match=r"metadata columns changed since the run began \(removed \[\], added \['site'\]\)",
+    ):
         open_run(make(tmp_path, extra_column=True), tmp_path / "run")
 
 
@@ -62,7 +67,9 @@ def test_changed_spec_is_refused(tmp_path):
 
 def test_changed_rows_are_refused(tmp_path):
     open_run(make(tmp_path), tmp_path / "run")
-    with pytest.raises(DataError, match=r"metadata rows changed .* removed ids 4: img36, img37, img38, img39"):
+    with pytest.raises(
+        DataError, match=r"metadata rows changed .* removed ids 4: img36, img37, img38, img39"
+    ):
         open_run(make(tmp_path, n=36), tmp_path / "run")
 
 

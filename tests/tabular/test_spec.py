@@ -102,16 +102,23 @@ def test_directory_not_in_kaggle_layout(tmp_path):
         load_spec(tmp_path)
 
 
-@pytest.mark.parametrize("name", ["../../escaped", "<i>ham</i>", "a/b", ".hidden", "", "ham 10000", "x" * 101])
+@pytest.mark.parametrize(
+    "name", ["../../escaped", "<i>ham</i>", "a/b", ".hidden", "", "ham 10000", "x" * 101]
+)
 def test_a_name_that_is_not_a_plain_file_name_is_refused(tmp_path, name):
     body = BASIC.replace('name = "tiny"', f"name = {json.dumps(name)}")
-    with pytest.raises(DataError, match=r"key 'name' must be a plain file name \(.*letters A-Z a-z, digits 0-9"):
+    with pytest.raises(
+        DataError, match=r"key 'name' must be a plain file name \(.*letters A-Z a-z, digits 0-9"
+    ):
         load_spec(write_spec(tmp_path, body))
 
 
 @pytest.mark.parametrize("name", ["ham10000-dev", "isic_2024.v2", "A"])
 def test_plain_names_are_accepted(tmp_path, name):
-    assert load_spec(write_spec(tmp_path, BASIC.replace('name = "tiny"', f'name = "{name}"'))).name == name
+    assert (
+        load_spec(write_spec(tmp_path, BASIC.replace('name = "tiny"', f'name = "{name}"'))).name
+        == name
+    )
 
 
 def test_an_isic_folder_with_a_space_gets_a_plain_name(tmp_path):

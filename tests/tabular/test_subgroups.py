@@ -10,11 +10,16 @@ def _planted(seed: int = 0):
     """Sites A and B: 97% of positives above 0.5; site C: 70%; site D: 5 positives only."""
     rng = np.random.default_rng(seed)
     sites, ys, ps = [], [], []
-    for site, positives, negatives, caught in (("A", 300, 1500, 0.97), ("B", 300, 1500, 0.97),
-                                               ("C", 300, 1500, 0.70), ("D", 5, 200, 0.97)):
+    for site, positives, negatives, caught in (
+        ("A", 300, 1500, 0.97),
+        ("B", 300, 1500, 0.97),
+        ("C", 300, 1500, 0.70),
+        ("D", 5, 200, 0.97),
+    ):
         hit = rng.random(positives) < caught
-        ps.append(np.where(hit, rng.uniform(0.55, 0.99, positives), rng.uniform(0.05, 0.45,
-                                                                                positives)))
+        ps.append(
+            np.where(hit, rng.uniform(0.55, 0.99, positives), rng.uniform(0.05, 0.45, positives))
+        )
         ps.append(rng.uniform(0.01, 0.6, negatives))
         ys.append(np.r_[np.ones(positives, int), np.zeros(negatives, int)])
         sites += [site] * (positives + negatives)
@@ -57,12 +62,22 @@ def test_age_bands_skin_type_and_missing_values():
     skin = rng.choice([1.0, 2.0, 3.0, np.nan], n)
     sex = rng.choice(["female", "male", None], n)
     columns = {"age_approx": ages, "fitzpatrick": skin, "sex": sex}
-    table = subgroup_table(y, p, None, 0.4, columns, categorical=["sex"], age="age_approx",
-                           skin_type="fitzpatrick")
-    assert [r["subgroup"] for r in table if r["kind"] == "categorical"] == ["female", "male",
-                                                                           "missing"]
-    assert ([r["subgroup"] for r in table if r["kind"] == "age band"]
-            == ["<30", "30-44", "45-59", "60-74", "75+", "missing"])
+    table = subgroup_table(
+        y, p, None, 0.4, columns, categorical=["sex"], age="age_approx", skin_type="fitzpatrick"
+    )
+    assert [r["subgroup"] for r in table if r["kind"] == "categorical"] == [
+        "female",
+        "male",
+        "missing",
+    ]
+    assert [r["subgroup"] for r in table if r["kind"] == "age band"] == [
+        "<30",
+        "30-44",
+        "45-59",
+        "60-74",
+        "75+",
+        "missing",
+    ]
     assert [r["subgroup"] for r in table if r["kind"] == "skin type"] == ["1", "2", "3", "missing"]
     bands = _rows(table, "age_approx")
     assert bands["75+"]["rows"] == int((ages == 80.0).sum())
@@ -72,16 +87,21 @@ def test_age_bands_skin_type_and_missing_values():
 
 def test_age_band_edges():
     labels = age_band_labels([29.9, 30, 44.5, 45, 74.9, 75, None, "60"], "age")
-    assert labels.tolist() == ["<30", "30-44", "30-44", "45-59", "60-74", "75+", "missing",
-                               "60-74"]
+    assert labels.tolist() == ["<30", "30-44", "30-44", "45-59", "60-74", "75+", "missing", "60-74"]
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"categorical": ["site"]}, r"columns: no column 'site'; columns given: \['sex', 'age'\]"),
-    ({"age": "sex"}, r"columns\['sex'\]: the age column must hold numbers, got \['f', 'm'\]"),
-    ({"skin_type": "age", "threshold": 1.2}, r"threshold: expected a probability in \(0, 1\), got 1.2"),
-    ({"target_sensitivity": 95}, "target_sensitivity: expected a value in"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"categorical": ["site"]}, r"columns: no column 'site'; columns given: \['sex', 'age'\]"),
+        ({"age": "sex"}, r"columns\['sex'\]: the age column must hold numbers, got \['f', 'm'\]"),
+        (
+            {"skin_type": "age", "threshold": 1.2},
+            r"threshold: expected a probability in \(0, 1\), got 1.2",
+        ),
+        ({"target_sensitivity": 95}, "target_sensitivity: expected a value in"),
+    ],
+)
 def test_errors_name_the_column_or_parameter(kwargs, match):
     y = np.array([0, 1] * 10)
     p = np.linspace(0.1, 0.9, 20)
@@ -93,5 +113,6 @@ def test_errors_name_the_column_or_parameter(kwargs, match):
 
 def test_column_of_another_length_is_refused():
     with pytest.raises(DataError, match=r"columns\['sex'\]: expected 4 values, one per row"):
-        subgroup_table([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8], None, 0.5, {"sex": ["f", "m"]},
-                       categorical="sex")
+        subgroup_table(
+            [0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8], None, 0.5, {"sex": ["f", "m"]}, categorical="sex"
+        )

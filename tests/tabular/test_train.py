@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from tabular.errors import DataError
-from tabular.gbdt import PATIENT_CONTEXT, GBDTConfig
+from tabular.gbdt_config import GBDTConfig
+from tabular.gbdt_image import PATIENT_CONTEXT
 from tabular.gbdt_model import GBDTModel
 from tabular.metrics import roc_auc
 from tabular.spec import ISIC2024_NOT_FEATURES, ISIC2024_TRAIN_ONLY, load_spec
@@ -31,14 +32,16 @@ numeric = ["size", "age"]
 def make(tmp_path, n=300, seed=0, spec_text=SPEC, edit=None):
     rng = np.random.default_rng(seed)
     size = rng.gamma(2.0, 2.0, n)
-    frame = pd.DataFrame({
-        "image_id": [f"img{i}" for i in range(n)],
-        "patient_id": [f"P{i // 5}" for i in range(n)],
-        "site": rng.choice(["arm", "leg", "back"], n),
-        "size": size,
-        "age": rng.normal(55, 10, n).round(),
-        "target": (size + rng.normal(scale=1.0, size=n) > 7).astype(int),
-    })
+    frame = pd.DataFrame(
+        {
+            "image_id": [f"img{i}" for i in range(n)],
+            "patient_id": [f"P{i // 5}" for i in range(n)],
+            "site": rng.choice(["arm", "leg", "back"], n),
+            "size": size,
+            "age": rng.normal(55, 10, n).round(),
+            "target": (size + rng.normal(scale=1.0, size=n) > 7).astype(int),
+        }
+    )
     if edit:
         frame = edit(frame)
     frame.to_csv(tmp_path / "metadata.csv", index=False)
@@ -51,8 +54,16 @@ def test_fit_gbdt_writes_the_stage(tmp_path):
     run = tmp_path / "run"
     metrics = fit_gbdt(spec, run, config=FAST)
     stage = run / "gbdt"
-    for name in ("encoder.json", "features.json", "params.json", "oof.csv", "metrics.json",
-                 "importance.csv", "fold0_seed0.txt", "fold4_seed1.txt"):
+    for name in (
+        "encoder.json",
+        "features.json",
+        "params.json",
+        "oof.csv",
+        "metrics.json",
+        "importance.csv",
+        "fold0_seed0.txt",
+        "fold4_seed1.txt",
+    ):
         assert (stage / name).exists(), name
     oof = pd.read_csv(stage / "oof.csv", dtype={"id": str})
     assert list(oof.columns) == ["id", "fold", "target", "p"]
@@ -63,8 +74,20 @@ def test_fit_gbdt_writes_the_stage(tmp_path):
     stored = json.loads((stage / "metrics.json").read_text())
     assert stored == json.loads(json.dumps(metrics))
     assert stored["dataset"] == "synthetic" and stored["rows"] == 300
-    for key in ("pauc80", "roc_auc", "pr_auc", "threshold", "target_sensitivity", "recall", "specificity",
-                "tp", "fp", "tn", "fn", "per_fold"):
+    for key in (
+        "pauc80",
+        "roc_auc",
+        "pr_auc",
+        "threshold",
+        "target_sensitivity",
+        "recall",
+        "specificity",
+        "tp",
+        "fp",
+        "tn",
+        "fn",
+        "per_fold",
+    ):
         assert key in stored
     assert stored["tuned"] is False and "untuned" not in stored
     assert stored["roc_auc"] > 0.8
@@ -100,12 +123,17 @@ def test_fit_gbdt_with_extra_matrix(tmp_path):
     rng = np.random.default_rng(0)
     extra = rng.normal(size=(200, 16)).astype(np.float32)
     extra[:, 3] += 2.0 * frame["target"].to_numpy()
-    config = GBDTConfig(seeds=(0,), extra_components=5, num_boost_round=40, early_stopping_rounds=5, num_threads=1)
+    config = GBDTConfig(
+        seeds=(0,), extra_components=5, num_boost_round=40, early_stopping_rounds=5, num_threads=1
+    )
     metrics = fit_gbdt(spec, tmp_path / "run", extra=extra, config=config)
     assert metrics["extra"] == {"dim": 16, "components": 5}
     features = json.loads((tmp_path / "run" / "gbdt" / "features.json").read_text())
     # The PCA components, then the image's patient context (the spec names a patient column).
-    assert features["folds"][0]["features"][-8:] == [*(f"img_pca_{i}" for i in range(5)), *PATIENT_CONTEXT]
+    assert features["folds"][0]["features"][-8:] == [
+        *(f"img_pca_{i}" for i in range(5)),
+        *PATIENT_CONTEXT,
+    ]
     assert GBDTModel.load(tmp_path / "run" / "gbdt").predict(frame, extra=extra).shape == (200,)
     with pytest.raises(DataError, match="extra: expected 200 rows"):
         fit_gbdt(spec, tmp_path / "run", extra=extra[:10], config=config)
@@ -123,8 +151,11 @@ def test_fit_gbdt_metadata_only_with_zero_extra_components(tmp_path):
 def test_fit_gbdt_refuses_an_extra_matrix_with_zero_components(tmp_path):
     spec, _ = make(tmp_path, n=200)
     extra = np.zeros((200, 8), dtype=np.float32)
-    with pytest.raises(DataError, match=r"extra_components: 0 keeps no image features, but an extra "
-                                        r"matrix of shape \(200, 8\) was given"):
+    with pytest.raises(
+        DataError,
+        match=r"extra_components: 0 keeps no image features, but an extra "
+        r"matrix of shape \(200, 8\) was given",
+    ):
         fit_gbdt(spec, tmp_path / "run", extra=extra, extra_components=0, seeds=(0,))
 
 
@@ -146,7 +177,9 @@ def _rare(frame):
 
 def test_fit_gbdt_samples_negatives_by_default_below_one_percent_and_records_it(tmp_path):
     spec, _ = make(tmp_path, n=300, edit=_rare)
-    config = GBDTConfig(seeds=(0, 1), neg_ratio=10, num_boost_round=30, early_stopping_rounds=5, num_threads=1)
+    config = GBDTConfig(
+        seeds=(0, 1), neg_ratio=10, num_boost_round=30, early_stopping_rounds=5, num_threads=1
+    )
     metrics = fit_gbdt(spec, tmp_path / "run", config=config)
     stored = json.loads((tmp_path / "run" / "gbdt" / "metrics.json").read_text())
     sampling = stored["negative_sampling"]
@@ -170,8 +203,11 @@ def test_fit_gbdt_default_neg_ratio_and_zero_turns_it_off(tmp_path):
     metrics = fit_gbdt(spec, tmp_path / "run2", seeds=(0,), extra_components=0, neg_ratio=0)
     assert metrics["neg_ratio"] == 0 and metrics["negative_sampling"]["applied"] is False
     assert all(f["negatives_kept"] == f["negatives"] for f in metrics["negative_sampling"]["folds"])
-    with pytest.raises(DataError, match=r"neg_ratio: expected a number >= 0 \(negatives kept per positive; "
-                                        r"0 keeps every negative, None the default 50\), got -5"):
+    with pytest.raises(
+        DataError,
+        match=r"neg_ratio: expected a number >= 0 \(negatives kept per positive; "
+        r"0 keeps every negative, None the default 50\), got -5",
+    ):
         fit_gbdt(spec, tmp_path / "run3", seeds=(0,), extra_components=0, neg_ratio=-5)
 
 
@@ -181,7 +217,9 @@ def test_isic2024_mini_end_to_end_without_train_only_columns(shared_data, tmp_pa
     metrics = fit_gbdt(spec, tmp_path / "run", config=config)
     assert metrics["rows"] == 51
     features = json.loads((tmp_path / "run" / "gbdt" / "features.json").read_text())
-    banned = [c.lower() for c in (*ISIC2024_TRAIN_ONLY, *ISIC2024_NOT_FEATURES, "isic_id", "patient_id")]
+    banned = [
+        c.lower() for c in (*ISIC2024_TRAIN_ONLY, *ISIC2024_NOT_FEATURES, "isic_id", "patient_id")
+    ]
     for fold in features["folds"]:
         assert "lesion_size_ratio" in fold["features"] and "lesions_per_patient" in fold["features"]
         for name in fold["features"]:
@@ -210,8 +248,11 @@ def test_a_bad_storage_fails_before_any_work(tmp_path, monkeypatch):
         raise AssertionError("features were built before the storage was checked")
 
     monkeypatch.setattr(train, "build_folds", no_features)
-    with pytest.raises(DataError, match=r"storage 'bogus://x': unknown scheme 'bogus://'; .*sqlite:///path/study.db, "
-                                        r"postgresql://.*mysql://.*journal:///path/study.log"):
+    with pytest.raises(
+        DataError,
+        match=r"storage 'bogus://x': unknown scheme 'bogus://'; .*sqlite:///path/study.db, "
+        r"postgresql://.*mysql://.*journal:///path/study.log",
+    ):
         fit_gbdt(spec, tmp_path / "run", trials=2, storage="bogus://x", config=FAST)
     assert not (tmp_path / "run").exists()  # not even the run folder
 

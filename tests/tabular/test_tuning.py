@@ -21,20 +21,23 @@ from optuna.storages import JournalStorage, RDBStorage
 from optuna.trial import TrialState
 
 from tabular.errors import DataError
-from tabular.gbdt import GBDTConfig, build_fold
+from tabular.gbdt_config import GBDTConfig
+from tabular.gbdt_folds import build_fold
 from tabular.spec import DatasetSpec
-from tabular.tuning import TrialSeededTPE, default_trial_params, open_storage, suggest_params, tune
+from tabular.tuning import TrialSeededTPE, default_trial_params, suggest_params, tune
+from tabular.tuning_storage import open_storage
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = GBDTConfig(seeds=(0,), num_boost_round=30, early_stopping_rounds=5, num_threads=1)
 
 # Shared by the tests and the worker processes, so that both build identical folds.
-MAKE_FOLDS = '''
+MAKE_FOLDS = """
 def make_folds(n=240, seed=0):
     import numpy as np
     import pandas as pd
     from pathlib import Path
-    from tabular.gbdt import GBDTConfig, build_fold
+    from tabular.gbdt_config import GBDTConfig
+    from tabular.gbdt_folds import build_fold
     from tabular.spec import DatasetSpec
 
     rng = np.random.default_rng(seed)
@@ -51,7 +54,7 @@ def make_folds(n=240, seed=0):
     y = frame["target"].to_numpy()
     config = GBDTConfig(seeds=(0,), num_boost_round=30, early_stopping_rounds=5, num_threads=1)
     return [build_fold(frame, spec, y, folds, k, config=config) for k in range(3)], config
-'''
+"""
 namespace: dict = {}
 exec(MAKE_FOLDS, namespace)
 make_folds = namespace["make_folds"]
@@ -64,13 +67,19 @@ def folds():
 
 def finished(storage, name="gbdt-toy"):
     study = optuna.load_study(study_name=name, storage=storage)
-    return [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    return [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    ]
 
 
 def test_open_storage_kinds(tmp_path):
     assert isinstance(open_storage(None, tmp_path / "gbdt" / "optuna.db"), RDBStorage)
     assert (tmp_path / "gbdt" / "optuna.db").exists()
-    assert isinstance(open_storage(f"journal://{tmp_path}/a.log", tmp_path / "x.db"), JournalStorage)
+    assert isinstance(
+        open_storage(f"journal://{tmp_path}/a.log", tmp_path / "x.db"), JournalStorage
+    )
     assert isinstance(open_storage(str(tmp_path / "b.log"), tmp_path / "x.db"), JournalStorage)
     assert isinstance(open_storage(f"sqlite:///{tmp_path}/c.db", tmp_path / "x.db"), RDBStorage)
     with pytest.raises(DataError, match="storage: 'study.txt' is neither a database URL"):
@@ -120,14 +129,20 @@ def test_default_storage_and_journal(tmp_path, folds):
     assert (tmp_path / "optuna.db").exists() and result.storage.startswith("sqlite:///")
     journal = tmp_path / "study.log"
     tune(folds, "gbdt-toy", 2, tmp_path, storage=str(journal), config=FAST)
-    assert len(finished(JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal))))) == 2
+    assert (
+        len(finished(JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal))))) == 2
+    )
 
 
 def test_study_made_from_other_data_is_refused(tmp_path, folds):
     storage = f"sqlite:///{tmp_path}/study.db"
     tune(folds, "gbdt-toy", 1, tmp_path, storage=storage, config=FAST, study_attrs={"rows": 240})
-    with pytest.raises(DataError, match="study 'gbdt-toy' was made with rows=240, this run has 999"):
-        tune(folds, "gbdt-toy", 2, tmp_path, storage=storage, config=FAST, study_attrs={"rows": 999})
+    with pytest.raises(
+        DataError, match="study 'gbdt-toy' was made with rows=240, this run has 999"
+    ):
+        tune(
+            folds, "gbdt-toy", 2, tmp_path, storage=storage, config=FAST, study_attrs={"rows": 999}
+        )
 
 
 def test_bad_trial_count(tmp_path, folds):
@@ -138,9 +153,13 @@ def test_bad_trial_count(tmp_path, folds):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_two_processes_share_one_study(tmp_path, kind):
-    storage = f"sqlite:///{tmp_path}/study.db" if kind == "sqlite" else f"journal://{tmp_path}/study.log"
+    storage = (
+        f"sqlite:///{tmp_path}/study.db" if kind == "sqlite" else f"journal://{tmp_path}/study.log"
+    )
     script = tmp_path / "worker.py"
-    script.write_text(MAKE_FOLDS + textwrap.dedent(f'''
+    script.write_text(
+        MAKE_FOLDS
+        + textwrap.dedent(f"""
         import json, sys
         from pathlib import Path
         from tabular.tuning import tune
@@ -148,11 +167,18 @@ def test_two_processes_share_one_study(tmp_path, kind):
         out = Path(sys.argv[1])
         result = tune(folds, "gbdt-toy", 5, out, storage={storage!r}, config=config)
         print(json.dumps({{"run": result.trials_run, "finished": result.trials_finished}}))
-    '''))
+    """)
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     workers = [
-        subprocess.Popen([sys.executable, str(script), str(tmp_path / f"w{i}")], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / f"w{i}")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
         for i in range(2)
     ]
     results = []
@@ -163,7 +189,9 @@ def test_two_processes_share_one_study(tmp_path, kind):
     if kind == "sqlite":
         total = finished(storage)
     else:
-        total = finished(JournalStorage(optuna.storages.journal.JournalFileBackend(f"{tmp_path}/study.log")))
+        total = finished(
+            JournalStorage(optuna.storages.journal.JournalFileBackend(f"{tmp_path}/study.log"))
+        )
     assert len(total) == 5
     assert sum(r["run"] for r in results) == 5
     # Different trial numbers give different proposals, even with one sampler seed.
@@ -183,6 +211,7 @@ def _journal(path):
 
 def _finish_later(storage, number: int, seconds: float) -> threading.Timer:
     """Another worker finishing its trial `number` in `seconds`."""
+
     def finish():
         optuna.load_study(study_name="gbdt-toy", storage=storage).tell(number, 0.0)
 
@@ -191,7 +220,9 @@ def _finish_later(storage, number: int, seconds: float) -> threading.Timer:
     return timer
 
 
-def test_a_dead_workers_trial_is_failed_and_its_place_run_again(tmp_path, folds, monkeypatch, caplog):
+def test_a_dead_workers_trial_is_failed_and_its_place_run_again(
+    tmp_path, folds, monkeypatch, caplog
+):
     """A journal file has no heartbeat of its own: a trial left RUNNING by a killed worker
     would hold a place in the budget forever."""
     import tabular.tuning as tuning
@@ -211,21 +242,34 @@ def test_a_dead_workers_trial_is_failed_and_its_place_run_again(tmp_path, folds,
     result = tune(folds, "gbdt-toy", 4, tmp_path, storage=storage, config=FAST)
     timer.join()
 
-    states = {t.number: t.state for t in optuna.load_study(
-        study_name="gbdt-toy", storage=_journal(tmp_path / "study.log")).trials}
+    states = {
+        t.number: t.state
+        for t in optuna.load_study(
+            study_name="gbdt-toy", storage=_journal(tmp_path / "study.log")
+        ).trials
+    }
     assert states[dead.number] == TrialState.FAIL
     assert states[alive.number] == TrialState.COMPLETE  # run by the other worker, not again here
     assert result.trials_finished == 4 and result.trials_run == 2
     assert re.search(
-        r"study gbdt-toy: found 1 trial\(s\) left RUNNING by a worker that stopped \(trial numbers 1\): "
-        r"marked FAIL after 120 s without a heartbeat \(last 1\d{3} s ago\); 2 more trial\(s\) will run "
-        r"to reach --trials 4", caplog.text)
+        r"study gbdt-toy: found 1 trial\(s\) left RUNNING by a worker that stopped \(trial numbers "
+        r"1\): "
+        r"marked FAIL after 120 s without a heartbeat \(last 1\d{3} s ago\); 2 more trial\(s\) "
+        r"will run "
+        r"to reach --trials 4",
+        caplog.text,
+    )
     assert re.search(
-        r"study gbdt-toy: trial\(s\) 2 RUNNING with a heartbeat in the last 120 s \(another worker may "
-        r"still be running them\): counted toward --trials 4; waiting for them to finish", caplog.text)
+        r"study gbdt-toy: trial\(s\) 2 RUNNING with a heartbeat in the last 120 s \(another worker "
+        r"may "
+        r"still be running them\): counted toward --trials 4; waiting for them to finish",
+        caplog.text,
+    )
 
 
-def test_resume_after_kill_on_sqlite_fails_the_stale_trial_and_meets_the_budget(tmp_path, folds, caplog):
+def test_resume_after_kill_on_sqlite_fails_the_stale_trial_and_meets_the_budget(
+    tmp_path, folds, caplog
+):
     """The default storage: a worker killed (kill -9) mid-trial leaves it RUNNING with an old
     heartbeat; a rerun asking for the same budget must run its place, not stop one short."""
     caplog.set_level(logging.INFO, logger="tabular.tuning")
@@ -234,7 +278,9 @@ def test_resume_after_kill_on_sqlite_fails_the_stale_trial_and_meets_the_budget(
     tune(folds, "gbdt-toy", 3, tmp_path, storage=storage, config=FAST)
     rdb = open_storage(storage, path)  # with the heartbeat, as the killed worker had it
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # a heartbeat outside Study.optimize, on purpose
+        warnings.simplefilter(
+            "ignore", UserWarning
+        )  # a heartbeat outside Study.optimize, on purpose
         killed = optuna.load_study(study_name="gbdt-toy", storage=rdb).ask()
     rdb.record_heartbeat(killed._trial_id)
     with sqlite3.connect(path) as db:  # its last heartbeat, 1000 s before the rerun
@@ -247,19 +293,24 @@ def test_resume_after_kill_on_sqlite_fails_the_stale_trial_and_meets_the_budget(
     assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 4
     assert result.trials_finished == 4 and result.trials_run == 1
     assert re.search(
-        r"study gbdt-toy: found 1 trial\(s\) left RUNNING by a worker that stopped \(trial numbers 3\): "
-        r"marked FAIL after 120 s without a heartbeat; 1 more trial\(s\) will run to reach --trials 4",
-        caplog.text)
+        r"study gbdt-toy: found 1 trial\(s\) left RUNNING by a worker that stopped \(trial numbers "
+        r"3\): "
+        r"marked FAIL after 120 s without a heartbeat; 1 more trial\(s\) will run to reach "
+        r"--trials 4",
+        caplog.text,
+    )
 
 
-def test_a_fresh_running_trial_whose_worker_died_is_waited_for_then_run_again(tmp_path, folds, monkeypatch,
-                                                                             caplog):
+def test_a_fresh_running_trial_whose_worker_died_is_waited_for_then_run_again(
+    tmp_path, folds, monkeypatch, caplog
+):
     """Killed a moment ago: its heartbeat is still fresh, so it may be another live worker's; the
     rerun waits until it finishes or goes stale, and then runs its place."""
     import tabular.tuning as tuning
+    import tabular.tuning_storage as tuning_storage
 
     monkeypatch.setattr(tuning, "WAIT_SECONDS", 0.05)
-    monkeypatch.setattr(tuning, "STALE_AFTER_SECONDS", 1.0)
+    monkeypatch.setattr(tuning_storage, "STALE_AFTER_SECONDS", 1.0)
     caplog.set_level(logging.INFO, logger="tabular.tuning")
     storage = f"journal://{tmp_path}/study.log"
     tune(folds, "gbdt-toy", 2, tmp_path, storage=storage, config=FAST)
@@ -272,41 +323,65 @@ def test_a_fresh_running_trial_whose_worker_died_is_waited_for_then_run_again(tm
     assert result.trials_finished == 3 and result.trials_run == 1
     text = caplog.text
     waiting = text.index("study gbdt-toy: trial(s) 2 RUNNING with a heartbeat in the last 1 s")
-    failed = text.index("study gbdt-toy: found 1 trial(s) left RUNNING by a worker that stopped (trial numbers 2)")
+    failed = text.index(
+        "study gbdt-toy: found 1 trial(s) left RUNNING by a worker that stopped (trial numbers 2)"
+    )
     assert waiting < failed
 
 
 def test_trials_on_a_journal_write_a_heartbeat(tmp_path, folds, monkeypatch):
-    import tabular.tuning as tuning
+    import tabular.tuning_storage as tuning_storage
 
-    monkeypatch.setattr(tuning, "HEARTBEAT_SECONDS", 0.001)
+    monkeypatch.setattr(tuning_storage, "HEARTBEAT_SECONDS", 0.001)
     tune(folds, "gbdt-toy", 2, tmp_path, storage=f"journal://{tmp_path}/study.log", config=FAST)
-    trials = optuna.load_study(study_name="gbdt-toy", storage=_journal(tmp_path / "study.log")).trials
-    assert all(t.user_attrs["heartbeat_unix_time"] >= t.datetime_start.timestamp() - 1 for t in trials)
+    trials = optuna.load_study(
+        study_name="gbdt-toy", storage=_journal(tmp_path / "study.log")
+    ).trials
+    assert all(
+        t.user_attrs["heartbeat_unix_time"] >= t.datetime_start.timestamp() - 1 for t in trials
+    )
     # An RDB storage keeps its own heartbeat; nothing is written into the trials there.
     tune(folds, "gbdt-toy", 1, tmp_path, config=FAST)
-    (trial,) = optuna.load_study(study_name="gbdt-toy", storage=f"sqlite:///{tmp_path}/optuna.db").trials
+    (trial,) = optuna.load_study(
+        study_name="gbdt-toy", storage=f"sqlite:///{tmp_path}/optuna.db"
+    ).trials
     assert "heartbeat_unix_time" not in trial.user_attrs
 
 
 def test_storages_that_cannot_be_opened_are_named_with_the_accepted_schemes(tmp_path):
-    with pytest.raises(DataError, match=r"storage 'bogus://x': unknown scheme 'bogus://'; Optuna stores studies "
-                                        r"in sqlite://, postgresql://.*journal:///path/study.log"):
+    with pytest.raises(
+        DataError,
+        match=r"storage 'bogus://x': unknown scheme 'bogus://'; Optuna stores studies "
+        r"in sqlite://, postgresql://.*journal:///path/study.log",
+    ):
         open_storage("bogus://x", tmp_path / "x.db")
-    with pytest.raises(DataError, match=r"storage 'postgresql\+nosuchdriver://me:\*\*\*@host/db' cannot be "
-                                        r"opened: .*pip install 'psycopg\[binary\]'"):
+    with pytest.raises(
+        DataError,
+        match=r"storage 'postgresql\+nosuchdriver://me:\*\*\*@host/db' cannot be "
+        r"opened: .*pip install 'psycopg\[binary\]'",
+    ):
         open_storage("postgresql+nosuchdriver://me:secret@host/db", tmp_path / "x.db")
 
 
 def test_the_search_space_leaves_binning_alone():
     """Each fold's Datasets are binned once and reused by every trial; LightGBM refuses another
     max_bin (or any binning parameter) on a constructed Dataset, so the study never tunes one."""
-    from tabular.gbdt import DATASET_PARAMS
+    from tabular.gbdt_config import DATASET_PARAMS
 
     study = optuna.create_study(direction="maximize")
     params = suggest_params(study.ask())
-    binning = {"max_bin", "max_bin_by_feature", "min_data_in_bin", "bin_construct_sample_cnt", "data_random_seed",
-               "feature_pre_filter", "use_missing", "zero_as_missing", "linear_tree", "categorical_feature"}
+    binning = {
+        "max_bin",
+        "max_bin_by_feature",
+        "min_data_in_bin",
+        "bin_construct_sample_cnt",
+        "data_random_seed",
+        "feature_pre_filter",
+        "use_missing",
+        "zero_as_missing",
+        "linear_tree",
+        "categorical_feature",
+    }
     assert not (set(params) & binning) and set(DATASET_PARAMS) - {"verbosity"} <= binning
     # min_child_samples is tuned: the Datasets are built without the pre-filter that would fix it.
     assert "min_child_samples" in params and DATASET_PARAMS["feature_pre_filter"] is False
@@ -315,7 +390,7 @@ def test_the_search_space_leaves_binning_alone():
 def test_trials_reuse_each_folds_datasets_and_do_not_depend_on_parallel_folds(tmp_path):
     from dataclasses import replace
 
-    from tabular.gbdt import seed_dataset
+    from tabular.gbdt_folds import seed_dataset
 
     results = {}
     for workers in (1, 3):
@@ -327,13 +402,22 @@ def test_trials_reuse_each_folds_datasets_and_do_not_depend_on_parallel_folds(tm
         # Every trial trained on the Datasets made before the study: none was rebuilt.
         assert [seed_dataset(d, 0, config)[0] for d in data] == made
         assert all(len(d.seed_sets) == 1 for d in data)
-        results[workers] = [(t.number, t.state, t.value, t.user_attrs["fold_pauc80"], t.user_attrs["best_iterations"],
-                             t.intermediate_values) for t in finished(storage)]
+        results[workers] = [
+            (
+                t.number,
+                t.state,
+                t.value,
+                t.user_attrs["fold_pauc80"],
+                t.user_attrs["best_iterations"],
+                t.intermediate_values,
+            )
+            for t in finished(storage)
+        ]
     assert results[1] == results[3] and len(results[1]) == 4
 
 
 def test_map_folds_yields_in_order_and_leaves_no_fold_running():
-    from tabular.gbdt import map_folds
+    from tabular.gbdt_ensemble import map_folds
 
     lock = threading.Lock()
     running: set[int] = set()

@@ -20,8 +20,9 @@ from tabular.uncertainty import (
 )
 
 
-def _data(n: int, seed: int = 0, prevalence: float = 0.2, signal: float = 1.2,
-          decimals: int | None = None):
+def _data(
+    n: int, seed: int = 0, prevalence: float = 0.2, signal: float = 1.2, decimals: int | None = None
+):
     """Targets and a probability-like score with some skill; `decimals` rounds to plant ties."""
     rng = np.random.default_rng(seed)
     y = (rng.random(n) < prevalence).astype(int)
@@ -41,8 +42,14 @@ def test_point_figures_match_tabular_metrics(decimals):
     groups = np.arange(len(y)) // 3
     point = resample_figures(y, {"m": p}, groups, 0.3)["point"]["m"]
     at = metrics.metrics_at_threshold(y, p, 0.3)
-    expected = [metrics.roc_auc(y, p), metrics.pauc80(y, p), metrics.pr_auc(y, p),
-                metrics.brier(y, p), at["recall"], at["specificity"]]
+    expected = [
+        metrics.roc_auc(y, p),
+        metrics.pauc80(y, p),
+        metrics.pr_auc(y, p),
+        metrics.brier(y, p),
+        at["recall"],
+        at["specificity"],
+    ]
     assert point == pytest.approx(expected, abs=1e-12)
 
 
@@ -84,7 +91,8 @@ def test_groups_are_resampled_whole():
     grouped = bootstrap_figures(y4, {"m": p4}, g4, 0.3)
     rows = bootstrap_figures(y4, {"m": p4}, None, 0.3)
     assert grouped["models"]["m"]["roc_auc"]["estimate"] == pytest.approx(
-        once["models"]["m"]["roc_auc"]["estimate"])
+        once["models"]["m"]["roc_auc"]["estimate"]
+    )
     assert _width(grouped) == pytest.approx(_width(once), rel=0.15)
     assert _width(rows) < 0.65 * _width(once)
 
@@ -124,28 +132,45 @@ def test_brier_is_none_for_a_score_that_is_not_a_probability():
 def test_thresholds_per_model():
     y, p = _data(500, seed=9)
     result = bootstrap_figures(y, {"a": p, "b": p}, None, {"a": 0.2, "b": 0.6})
-    assert (result["models"]["a"]["sensitivity"]["estimate"]
-            > result["models"]["b"]["sensitivity"]["estimate"])
+    assert (
+        result["models"]["a"]["sensitivity"]["estimate"]
+        > result["models"]["b"]["sensitivity"]["estimate"]
+    )
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda y, p: bootstrap_figures(y, {"m": p[:-1]}, None, 0.5), r"scores\['m'\]: expected 200"),
-    (lambda y, p: bootstrap_figures(y, {"m": p}, np.arange(199), 0.5), "groups: expected 200"),
-    (lambda y, p: bootstrap_figures(y, {"m": p}, None, 1.5), r"threshold: .*\(0, 1\), got 1.5"),
-    (lambda y, p: bootstrap_figures(y, {"m": p}, None, 0.0), r"threshold: .*got 0.0"),
-    (lambda y, p: bootstrap_figures(y, {"m": p}, None, {"x": 0.5}), r"no operating threshold.*'m'"),
-    (lambda y, p: bootstrap_figures(y, {"m": p}, None, 0.5, n_resamples=999),
-     "n_resamples: expected at least 1000 .*got 999"),
-    (lambda y, p: bootstrap_figures(y, {"m": p}, None, 0.5, final="x"), "final: .*got 'x'"),
-    (lambda y, p: bootstrap_figures(y, {}, None, 0.5), "scores: expected a mapping"),
-    (lambda y, p: bootstrap_figures(y * 2, {"m": p}, None, 0.5), "y_true: expected 0/1"),
-    (lambda y, p: bootstrap_figures(y, {"m": np.where(p > 0.5, np.nan, p)}, None, 0.5),
-     r"scores\['m'\]: expected finite scores, got nan"),
-    (lambda y, p: bootstrap_figures(y, {"m": p}, [None] + ["a"] * 199, 0.5),
-     "groups: 1 rows have no group id"),
-    (lambda y, p: bootstrap_figures(y, {"m": p}, None, 0.5, confidence=95), "confidence:"),
-    (lambda y, p: operating_point(y, p, 1.0), r"threshold: .*got 1.0"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (
+            lambda y, p: bootstrap_figures(y, {"m": p[:-1]}, None, 0.5),
+            r"scores\['m'\]: expected 200",
+        ),
+        (lambda y, p: bootstrap_figures(y, {"m": p}, np.arange(199), 0.5), "groups: expected 200"),
+        (lambda y, p: bootstrap_figures(y, {"m": p}, None, 1.5), r"threshold: .*\(0, 1\), got 1.5"),
+        (lambda y, p: bootstrap_figures(y, {"m": p}, None, 0.0), r"threshold: .*got 0.0"),
+        (
+            lambda y, p: bootstrap_figures(y, {"m": p}, None, {"x": 0.5}),
+            r"no operating threshold.*'m'",
+        ),
+        (
+            lambda y, p: bootstrap_figures(y, {"m": p}, None, 0.5, n_resamples=999),
+            "n_resamples: expected at least 1000 .*got 999",
+        ),
+        (lambda y, p: bootstrap_figures(y, {"m": p}, None, 0.5, final="x"), "final: .*got 'x'"),
+        (lambda y, p: bootstrap_figures(y, {}, None, 0.5), "scores: expected a mapping"),
+        (lambda y, p: bootstrap_figures(y * 2, {"m": p}, None, 0.5), "y_true: expected 0/1"),
+        (
+            lambda y, p: bootstrap_figures(y, {"m": np.where(p > 0.5, np.nan, p)}, None, 0.5),
+            r"scores\['m'\]: expected finite scores, got nan",
+        ),
+        (
+            lambda y, p: bootstrap_figures(y, {"m": p}, [None] + ["a"] * 199, 0.5),
+            "groups: 1 rows have no group id",
+        ),
+        (lambda y, p: bootstrap_figures(y, {"m": p}, None, 0.5, confidence=95), "confidence:"),
+        (lambda y, p: operating_point(y, p, 1.0), r"threshold: .*got 1.0"),
+    ],
+)
 def test_errors_name_the_parameter(call, match):
     y, p = _data(200, seed=10)
     with pytest.raises(DataError, match=match):
@@ -154,8 +179,8 @@ def test_errors_name_the_parameter(call, match):
 
 def test_clopper_pearson_known_values():
     # Exact values: 0/10 -> upper 1 - 0.025**(1/10); 10/10 -> lower 0.025**(1/10).
-    assert clopper_pearson(0, 10) == pytest.approx((0.0, 1 - 0.025 ** 0.1))
-    assert clopper_pearson(10, 10) == pytest.approx((0.025 ** 0.1, 1.0))
+    assert clopper_pearson(0, 10) == pytest.approx((0.0, 1 - 0.025**0.1))
+    assert clopper_pearson(10, 10) == pytest.approx((0.025**0.1, 1.0))
     low, high = clopper_pearson(5, 10)
     assert low == pytest.approx(0.18709, abs=1e-5) and high == pytest.approx(0.81291, abs=1e-5)
     assert all(math.isnan(v) for v in clopper_pearson(0, 0))
@@ -197,8 +222,13 @@ def test_bootstrap_interval_agrees_with_delong_on_ham10000(shared_data):
     features = pd.get_dummies(lesions[["sex", "localization"]].fillna("unknown")).astype(float)
     features["age"] = lesions["age"].fillna(lesions["age"].median()) / 100.0
     y = lesions["target"].to_numpy()
-    p = cross_val_predict(LogisticRegression(max_iter=1000), features, y, method="predict_proba",
-                          cv=StratifiedKFold(5, shuffle=True, random_state=0))[:, 1]
+    p = cross_val_predict(
+        LogisticRegression(max_iter=1000),
+        features,
+        y,
+        method="predict_proba",
+        cv=StratifiedKFold(5, shuffle=True, random_state=0),
+    )[:, 1]
     boot = bootstrap_figures(y, {"lr": p}, lesions["lesion_id"], 0.5, n_resamples=2000, seed=0)
     auc, low, high = delong_interval(y, p)
     interval = boot["models"]["lr"]["roc_auc"]

@@ -31,8 +31,13 @@ def make(tmp_path: Path, rows: list[dict], spec_text: str = SPEC):
 
 def rows(n: int = 6) -> list[dict]:
     return [
-        {"image_id": f"img{i}", "lesion_id": f"L{i // 2}", "sex": "male" if i % 2 else "female",
-         "age": 40.0 + i, "target": i % 2}
+        {
+            "image_id": f"img{i}",
+            "lesion_id": f"L{i // 2}",
+            "sex": "male" if i % 2 else "female",
+            "age": 40.0 + i,
+            "target": i % 2,
+        }
         for i in range(n)
     ]
 
@@ -92,14 +97,18 @@ def test_target_is_not_needed_for_scoring(tmp_path):
 def test_group_with_missing_values_is_refused(tmp_path):
     data = rows()
     data[4]["lesion_id"] = None
-    with pytest.raises(DataError, match=r"column 'lesion_id' \(spec key 'group'\) has missing values, ids 1: img4"):
+    with pytest.raises(
+        DataError, match=r"column 'lesion_id' \(spec key 'group'\) has missing values, ids 1: img4"
+    ):
         read_metadata(make(tmp_path, data))
 
 
 def test_numeric_column_holding_text_is_refused_with_an_example(tmp_path):
     data = rows()
     data[1]["age"] = "forty"
-    with pytest.raises(DataError, match=r"numeric column 'age' holds text, e.g. 'forty' \(ids 1: img1\)"):
+    with pytest.raises(
+        DataError, match=r"numeric column 'age' holds text, e.g. 'forty' \(ids 1: img1\)"
+    ):
         read_metadata(make(tmp_path, data))
 
 
@@ -120,7 +129,9 @@ def test_empty_metadata_file_is_named(tmp_path):
     (tmp_path / "dataset.toml").write_text(SPEC)
     (tmp_path / "metadata.csv").write_bytes(b"")
     spec = load_spec(tmp_path / "dataset.toml")
-    with pytest.raises(DataError, match=r"spec 'tiny': metadata file .*metadata\.csv is empty \(0 bytes\)"):
+    with pytest.raises(
+        DataError, match=r"spec 'tiny': metadata file .*metadata\.csv is empty \(0 bytes\)"
+    ):
         read_metadata(spec)
     with pytest.raises(DataError, match=r"metadata\.csv is empty \(0 bytes\)"):
         read_metadata(spec, require_target=False)
@@ -129,7 +140,9 @@ def test_empty_metadata_file_is_named(tmp_path):
 def test_metadata_file_of_blank_lines_is_refused(tmp_path):
     (tmp_path / "dataset.toml").write_text(SPEC)
     (tmp_path / "metadata.csv").write_text("\n\n  \n")
-    with pytest.raises(DataError, match=r"metadata\.csv has no header line \(only blank lines, 5 bytes\)"):
+    with pytest.raises(
+        DataError, match=r"metadata\.csv has no header line \(only blank lines, 5 bytes\)"
+    ):
         read_metadata(load_spec(tmp_path / "dataset.toml"))
 
 
@@ -137,15 +150,20 @@ def test_metadata_file_of_blank_lines_is_refused(tmp_path):
 def test_header_only_metadata_file_is_named(tmp_path, require_target):
     (tmp_path / "dataset.toml").write_text(SPEC)
     (tmp_path / "metadata.csv").write_text("image_id,lesion_id,sex,age,target\n\n")
-    with pytest.raises(DataError, match=r"spec 'tiny': metadata file .*metadata\.csv has a header but no rows "
-                                        r"\(columns: image_id, lesion_id, sex, age, target\)"):
+    with pytest.raises(
+        DataError,
+        match=r"spec 'tiny': metadata file .*metadata\.csv has a header but no rows "
+        r"\(columns: image_id, lesion_id, sex, age, target\)",
+    ):
         read_metadata(load_spec(tmp_path / "dataset.toml"), require_target=require_target)
 
 
 def test_long_header_without_rows_shows_the_first_columns(tmp_path):
     (tmp_path / "dataset.toml").write_text(SPEC)
     (tmp_path / "metadata.csv").write_text(",".join(f"c{i}" for i in range(12)) + "\n")
-    with pytest.raises(DataError, match=r"has a header but no rows \(columns: c0, c1, .*, c9, \.\.\. \(2 more\)\)"):
+    with pytest.raises(
+        DataError, match=r"has a header but no rows \(columns: c0, c1, .*, c9, \.\.\. \(2 more\)\)"
+    ):
         read_metadata(load_spec(tmp_path / "dataset.toml"))
 
 

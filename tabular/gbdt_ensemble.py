@@ -1,0 +1,288 @@
+"""The LightGBM ensemble: one model per fold x seed, early-stopped on that fold's validation part.
+
+Building blocks used by `tabular.train.fit_gbdt` (on folds built once, `tabular.gbdt_folds`) and
+by `tabular.tuning` (which trains one seed per fold and trial):
+
+- `map_folds`: folds trained side by side on the CPUs LightGBM's threads leave idle; the same
+  models as one after another;
+- `train_model`: one booster on every positive of the training part and at most `neg_ratio`
+  negatives per positive (a different draw per seed and fold); validation parts are never
+  sampled;
+- `fit_ensemble` / `save_ensemble` (read back by `tabular.gbdt_model.GBDTModel.load`),
+  `importance_table`.
+
+Models are saved as LightGBM text truncated at the best iteration; encoders as JSON; PCA as npy.
+Nothing is pickled, and `tabular.gbdt_model` reads only those files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import warnings
+from collections.abc import Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from common.files import atomic_write_text
+from tabular.gbdt_config import DATASET_PARAMS, GBDTConfig, booster_params, lightgbm_threads
+from tabular.gbdt_folds import FoldData, seed_dataset
+from tabular.gbdt_model import ENCODER_FILE, FEATURES_FILE
+from tabular.metrics import MetricWarning, pauc80, roc_auc
+
+__all__ = [
+    "Ensemble",
+    "fit_ensemble",
+    "importance_table",
+    "map_folds",
+    "predict_best",
+    "predict_valid",
+    "save_ensemble",
+    "train_model",
+]
+
+log = logging.getLogger(__name__)
+
+_STAGE_FORMAT = 1
+_T = TypeVar("_T")
+
+
+def _fold_workers(config: GBDTConfig, n_folds: int) -> int:
+    """Folds trained at once: `config.fold_workers`, else the logical CPUs over each model's
+    LightGBM threads; between 1 and `n_folds`."""
+    workers = config.fold_workers or (os.cpu_count() or 1) // lightgbm_threads(config)
+    return max(1, min(int(workers), int(n_folds)))
+
+
+def map_folds(
+    function: Callable[[FoldData], _T], folds: Sequence[FoldData], config: GBDTConfig
+) -> Generator[_T, None, None]:
+    """`function(fold)` for each fold, up to `fold_workers` folds at once; yields the results in
+    the order of `folds`, each as soon as it and those before it are done.
+
+    LightGBM releases the GIL while it trains, so threads use the CPUs LightGBM's own threads
+    leave idle (a single-threaded model on a 2-CPU machine). One fold's work stays on one thread,
+    its models one after another: they share the fold's validation Dataset and its init score.
+    Closing the generator early (a pruned trial) cancels the folds not started and waits for those
+    running, so that no thread is left training on a fold the caller goes on to use.
+    """
+    workers = _fold_workers(config, len(folds))
+    if workers == 1:
+        for data in folds:
+            yield function(data)
+        return
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gbdt-fold") as pool:
+        futures = [pool.submit(function, data) for data in folds]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+            wait(futures)
+
+
+def train_model(data: FoldData, params: Mapping, seed: int, config: GBDTConfig) -> lgb.Booster:
+    """One booster on `data`'s training part (down-sampled: see `GBDTConfig.neg_ratio`),
+    early-stopped on its whole validation part.
+
+    Raises:
+        DataError: `data` was built for another negative sample (`build_fold` with another
+            neg_ratio, or without this seed).
+    """
+    train_set, offset = seed_dataset(data, seed, config)
+    valid_set = data.valid_set
+    if valid_set is None:
+        valid_set = lgb.Dataset(
+            data.X_valid,
+            label=data.y_valid,
+            reference=data.train_set,
+            params=dict(DATASET_PARAMS),
+            free_raw_data=False,
+        ).construct()
+    valid_set.set_init_score(np.full(len(data.y_valid), offset))
+    callbacks: list[Callable[..., object]] = [
+        lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False),
+        lgb.log_evaluation(config.log_period),
+    ]
+    with warnings.catch_warnings():
+        # One-class validation folds (tiny data) make LightGBM's AUC warn; metrics report NaN.
+        warnings.simplefilter("ignore", UserWarning)
+        booster = lgb.train(
+            booster_params(params, seed, config),
+            train_set,
+            num_boost_round=config.num_boost_round,
+            valid_sets=[valid_set],
+            valid_names=["valid"],
+            callbacks=callbacks,
+        )
+    return booster
+
+
+def predict_valid(booster: lgb.Booster, data: FoldData) -> np.ndarray:
+    """`predict_best` on `data`'s validation part, from one array kept in `data` (n_valid,)."""
+    if data.valid_matrix is None:
+        data.valid_matrix = np.ascontiguousarray(data.X_valid.to_numpy(dtype=np.float32))
+    best = booster.best_iteration if booster.best_iteration > 0 else None
+    return np.asarray(booster.predict(data.valid_matrix, num_iteration=best))
+
+
+def predict_best(booster: lgb.Booster, X: pd.DataFrame) -> np.ndarray:
+    """Predictions at the booster's best iteration (all of them for a loaded model)."""
+    best = booster.best_iteration if booster.best_iteration > 0 else None
+    return np.asarray(booster.predict(X, num_iteration=best))
+
+
+@dataclass
+class Ensemble:
+    """The result of `fit_ensemble`: OOF predictions (n,) and one booster per (fold, seed)."""
+
+    oof: np.ndarray
+    boosters: dict[tuple[int, int], lgb.Booster]
+    per_fold: list[dict]
+    params: dict
+
+
+def fit_ensemble(
+    folds: Sequence[FoldData], n_rows: int, params: Mapping, config: GBDTConfig, desc: str = "gbdt"
+) -> Ensemble:
+    """Train fold x seed boosters; OOF predictions average the seeds of each row's fold.
+
+    Returns:
+        Ensemble with `oof` of shape (n_rows,) (NaN for rows in no validation part).
+    """
+    oof = np.full(n_rows, np.nan)
+    boosters: dict[tuple[int, int], lgb.Booster] = {}
+    per_fold = []
+    bar = tqdm(total=len(folds) * len(config.seeds), desc=desc, unit="model", leave=False)
+
+    def fold_models(data: FoldData) -> list[tuple[int, lgb.Booster, np.ndarray]]:
+        models = []
+        for seed in config.seeds:
+            booster = train_model(data, params, int(seed), config)
+            models.append((int(seed), booster, predict_valid(booster, data)))
+            bar.update(1)
+        return models
+
+    with warnings.catch_warnings():
+        # Set once here: `catch_warnings` in each thread would restore the filters out of order.
+        warnings.simplefilter("ignore", UserWarning)
+        fitted = list(map_folds(fold_models, folds, config))
+    for data, models in zip(folds, fitted, strict=True):
+        predictions = []
+        iterations = []
+        for seed, booster, prediction in models:
+            boosters[(data.fold, seed)] = booster
+            predictions.append(prediction)
+            iterations.append(int(booster.best_iteration or booster.current_iteration()))
+        p = np.mean(predictions, axis=0)
+        oof[data.valid_rows] = p
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", MetricWarning)
+            fold_pauc, fold_auc = pauc80(data.y_valid, p), roc_auc(data.y_valid, p)
+        bar.set_postfix(fold=data.fold, pauc80=f"{fold_pauc:.4f}")
+        per_fold.append(
+            {
+                "fold": data.fold,
+                "rows": int(len(data.valid_rows)),
+                "positives": int(data.y_valid.sum()),
+                "pauc80": None if math.isnan(fold_pauc) else fold_pauc,
+                "roc_auc": None if math.isnan(fold_auc) else fold_auc,
+                "best_iterations": iterations,
+            }
+        )
+        log.info(
+            "%s fold %d: pauc80 %.4f, ROC AUC %.4f, best iterations %s",
+            desc,
+            data.fold,
+            fold_pauc,
+            fold_auc,
+            iterations,
+        )
+    bar.close()
+    return Ensemble(oof=oof, boosters=boosters, per_fold=per_fold, params=dict(params))
+
+
+# ---------------------------------------------------------------------------------- saving
+
+
+def save_ensemble(
+    stage_dir: Path,
+    ensemble: Ensemble,
+    folds: Sequence[FoldData],
+    config: GBDTConfig,
+    extra_dim: int | None,
+) -> None:
+    """Write models (`fold{k}_seed{s}.txt`), `encoder.json`, `features.json` (the file names
+    `tabular.gbdt_model`, their one reader, declares), PCA `.npy`."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    manifest_folds: list[dict] = []
+    manifest = {"format": _STAGE_FORMAT, "extra_dim": extra_dim, "folds": manifest_folds}
+    encoders = {}
+    for data in folds:
+        models = []
+        for seed in config.seeds:
+            name = f"fold{data.fold}_seed{int(seed)}.txt"
+            booster = ensemble.boosters[(data.fold, int(seed))]
+            best = booster.best_iteration if booster.best_iteration > 0 else None
+            booster.save_model(str(stage_dir / name), num_iteration=best)
+            models.append(name)
+        encoders[str(data.fold)] = data.encoder.to_json()
+        manifest_folds.append(
+            {
+                "fold": data.fold,
+                "models": models,
+                "features": data.feature_names,
+                "pca": data.pca.save(stage_dir, data.fold) if data.pca is not None else None,
+            }
+        )
+    atomic_write_text(
+        stage_dir / ENCODER_FILE, json.dumps({"format": _STAGE_FORMAT, "folds": encoders})
+    )
+    atomic_write_text(stage_dir / FEATURES_FILE, json.dumps(manifest, indent=1))
+
+
+def importance_table(ensemble: Ensemble) -> pd.DataFrame:
+    """Gain (and split count) importance per feature, averaged over all models.
+
+    Columns: feature, gain (mean over models; 0 where a model lacks the feature), gain_std,
+    gain_share (of the total), splits; sorted by gain, largest first.
+    """
+    gains: dict[str, list[float]] = {}
+    splits: dict[str, list[float]] = {}
+    n = len(ensemble.boosters)
+    for booster in ensemble.boosters.values():
+        names = booster.feature_name()
+        for name, g, s in zip(
+            names,
+            booster.feature_importance("gain"),
+            booster.feature_importance("split"),
+            strict=True,
+        ):
+            gains.setdefault(name, []).append(float(g))
+            splits.setdefault(name, []).append(float(s))
+    rows = []
+    for name, values in gains.items():
+        padded = np.array(values + [0.0] * (n - len(values)))
+        rows.append(
+            {
+                "feature": name,
+                "gain": padded.mean(),
+                "gain_std": padded.std(),
+                "splits": float(np.sum(splits[name])) / n,
+            }
+        )
+    table = pd.DataFrame(rows, columns=["feature", "gain", "gain_std", "splits"])
+    total = table["gain"].sum()
+    table.insert(3, "gain_share", table["gain"] / total if total > 0 else 0.0)
+    return table.sort_values("gain", ascending=False, kind="stable").reset_index(drop=True)
