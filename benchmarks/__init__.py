@@ -11,3 +11,5 @@
 They call only the public functions of `embed`, `tabular` and `fuse`, so they also show that the
 public API is enough to drive every stage. Nothing in the product imports them.
 """
+
+__all__: list[str] = []  # the parts are imported by name: benchmarks.run, benchmarks.gbdt...

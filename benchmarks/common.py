@@ -24,7 +24,7 @@ from pathlib import Path
 from runfolder.errors import RunError
 
 __all__ = [
-    "CHILD_STDERR_CHARS", "ISIC2024_PATIENTS", "ISIC2024_ROWS", "REPO", "child_main", "cpu_count",
+    "ISIC2024_PATIENTS", "ISIC2024_ROWS", "REPO", "child_main", "cpu_count",
     "cpu_name", "machine", "peak_rss_bytes", "ru_maxrss_bytes", "run_child", "synchronize"
 ]
 
@@ -34,7 +34,7 @@ ISIC2024_ROWS = 401_059
 ISIC2024_PATIENTS = 1_042
 
 # The last characters of a failed child's stderr kept in the error message.
-CHILD_STDERR_CHARS = 1500
+_CHILD_STDERR_CHARS = 1500
 
 
 def cpu_name() -> str:
@@ -122,7 +122,7 @@ def run_child(target: str, kwargs: dict, *, label: str, error: type[Exception] =
         if done.returncode != 0 or not result_path.is_file():
             raise error(
                 f"bench: the {label} child process failed (exit code {done.returncode}): "
-                f"{done.stderr.strip()[-CHILD_STDERR_CHARS:]}"
+                f"{done.stderr.strip()[-_CHILD_STDERR_CHARS:]}"
             )
         return json.loads(result_path.read_text())
 

@@ -32,6 +32,7 @@ import io
 import logging
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ import torch
 
 from benchmarks.common import cpu_count, cpu_name, synchronize
 from embed.backbone import autocast_context, load_backbone, prepare_model, preprocess
-from embed.config import EmbedConfig, resolve_device, settle_config
+from embed.config import EmbedConfig, resolve_device, settle_config, settled_sizes
 from embed.errors import EmbedError
 from embed.pipeline import build_store
 from embed.reader import make_loader
@@ -57,6 +58,18 @@ from embed.variants import (
     make_variant,
 )
 from embed.weights import WeightsInfo
+
+__all__ = [
+    "BEST_VARIANT_OVER_EAGER",
+    "PIPELINE_OVER_NAIVE_FP32_CPU",
+    "QUICK_VARIANTS",
+    "TARGETS",
+    "TARGET_HARDWARE",
+    "bench_embedding",
+    "embedding_rows",
+    "random_weights",
+    "targets_for",
+]
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +93,10 @@ TARGET_HARDWARE = {
 # take a minute each on 2 cores).
 QUICK_VARIANTS = ("eager", "auto")
 # The pipeline's own limit (EmbedConfig.max_pixels), so that the naive loop decodes what it does.
-MAX_PIXELS = EmbedConfig().max_pixels
+_MAX_PIXELS = EmbedConfig().max_pixels
 
 
-def write_synthetic_hdf5(path: Path, n_images: int, seed: int = 0) -> list[str]:
+def _write_synthetic_hdf5(path: Path, n_images: int, seed: int = 0) -> list[str]:
     """ISIC 2024-like crops: n JPEGs of 96-160 px squares (skin with a darker blotch) in HDF5."""
     import h5py
     from PIL import Image
@@ -121,7 +134,7 @@ def random_weights(path: Path) -> WeightsInfo:
 def _decoded_batch(source: ImageSource, ids, image_size: int) -> torch.Tensor:
     """The plain way: decode and preprocess each image in this process, fp32, NCHW."""
     return torch.stack(
-        [preprocess(decode_image(source.read_bytes(i), i, MAX_PIXELS), image_size) for i in ids]
+        [preprocess(decode_image(source.read_bytes(i), i, _MAX_PIXELS), image_size) for i in ids]
     )
 
 
@@ -279,7 +292,7 @@ def _pipeline(source, ids, weights, config, work: Path, tag: str) -> float:
     return summary.images_per_s
 
 
-def bench_store(
+def _bench_store(
     rows: int, work: Path, views: int = 1, dim: int = 2048, shard_rows: int = 4096
 ) -> dict:
     """Write `rows` random float16 rows to a store, then read them back memory-mapped.
@@ -331,7 +344,7 @@ def _open_images(images: Path | None, n_images: int, work: Path) -> tuple[ImageS
     """The bench's images: the first `n_images` of `images`, or synthetic crops in `work`."""
     if images is None:
         src_path = work / "images.hdf5"
-        ids = write_synthetic_hdf5(src_path, n_images)
+        ids = _write_synthetic_hdf5(src_path, n_images)
         return HDF5Source(src_path), ids, f"synthetic ISIC-like JPEG crops, 96-160 px, {n_images} in HDF5"
     source = open_source(images)
     ids = source.ids()[:n_images]
@@ -385,98 +398,177 @@ def bench_embedding(
             ),
             dev,
         )
-        batch_size = config.batch_size
-        naive_model = load_backbone(weights, dev)  # fp32, NCHW: as a first attempt would be
-        fast_model = prepare_model(load_backbone(weights, dev), dev)
-        # Warm up each path once (oneDNN / cuDNN pick and cache their kernels on first use).
-        warm = ids[:batch_size]
-        _naive(src, warm, naive_model, dev, image_size, batch_size)
-        _ceiling(fast_model, dev, batch_size, image_size, batch_size, amp)
-        _pipeline(src, warm, weights, config, work, "warm")
-        _reader(src, warm, config, dev)
-        names = _variant_names(variants, dev, amp)
-        prepared = _prepare_variants(weights, names, dev, amp, src, ids, image_size, batch_size)
-        runs = {"naive": [], "pipeline": [], "ceiling": [], "reader": []}
-        variant_runs = {name: [] for name in prepared}
-        for r in range(rounds):
-            runs["naive"].append(_naive(src, ids, naive_model, dev, image_size, batch_size))
-            runs["pipeline"].append(_pipeline(src, ids, weights, config, work, f"r{r}"))
-            runs["ceiling"].append(_ceiling(fast_model, dev, n_images, image_size, batch_size, amp))
-            runs["reader"].append(_reader(src, ids, config, dev))
-            for name, variant in prepared.items():
-                variant_runs[name].append(
-                    _variant_ceiling(variant, dev, n_images, image_size, batch_size)
-                )
-            log.info(
-                "bench round %d: naive %.1f, pipeline %.1f, ceiling %.1f, reader %.1f images/s",
-                r,
-                runs["naive"][-1],
-                runs["pipeline"][-1],
-                runs["ceiling"][-1],
-                runs["reader"][-1],
-            )
-        best = {k: max(v) for k, v in runs.items()}
-        checked = ids[: min(len(ids), 2 * batch_size + 1)]  # spans queued batches and a last one
-        agreement = _min_cosine_to_naive(
-            work / "store-r0", src, checked, naive_model, dev, image_size
+        bench = _Bench(
+            source=src,
+            ids=ids,
+            weights=weights,
+            config=config,
+            device=dev,
+            work=work,
+            n_images=n_images,
+            image_size=image_size,
+            batch_size=settled_sizes(config, dev)[0],
+            amp=amp,
+            naive_model=load_backbone(weights, dev),  # fp32, NCHW: as a first attempt would be
+            fast_model=prepare_model(load_backbone(weights, dev), dev),
         )
-        checked_batches = [
-            _decoded_batch(src, checked[k : k + batch_size], image_size)
-            for k in range(0, len(checked), batch_size)
-        ]
-        with torch.inference_mode():
-            reference = np.concatenate(
-                [naive_model(b.to(dev)).double().cpu().numpy() for b in checked_batches]
-            )
-        fidelity = {
-            name: _variant_fidelity(v, reference, checked_batches) for name, v in prepared.items()
-        }
-        per_variant = _variants_result(prepared, variant_runs, fidelity)
-        faithful = [n for n, v in per_variant.items() if v["faithful"] and n != "eager"]
-        best_variant = max(faithful, key=lambda n: per_variant[n]["ceiling_images_per_s"], default="eager")
-        targets = targets_for(dev, amp)
-        # The best-variant target is judged only when every variant that runs here was measured
-        # (a quick run measures eager and "auto" only).
-        judged = set(_variant_names(None, dev, amp)) <= set(prepared)
-        if not judged:
-            targets.pop("best_variant_over_eager", None)
+        _warm_up(bench)
+        names = _variant_names(variants, dev, amp)
+        prepared = _prepare_variants(
+            weights, names, dev, amp, src, ids, image_size, bench.batch_size
+        )
+        runs, variant_runs = _measure_rounds(bench, prepared, rounds)
+        checked = ids[: min(len(ids), 2 * bench.batch_size + 1)]  # spans queued batches and a last one
+        agreement = _min_cosine_to_naive(
+            work / "store-r0", src, checked, bench.naive_model, dev, image_size
+        )
+        per_variant = _variants_result(prepared, variant_runs, _fidelity(bench, prepared, checked))
         result = {
-            "device": str(dev),
-            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
-            "cpu_count": cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "images": described,
-            "n_images": len(ids),
-            "image_size": image_size,
-            "batch_size": batch_size,
-            "num_workers": config.num_workers,
-            "amp": amp,
-            "weights_sha256": weights.sha256,
-            "weights_source": weights.source,
-            "naive_images_per_s": round(best["naive"], 2),
-            "pipeline_images_per_s": round(best["pipeline"], 2),
-            "ceiling_images_per_s": round(best["ceiling"], 2),
-            "reader_images_per_s": round(best["reader"], 2),
-            "bound_by": "reader (decoding)" if best["reader"] < best["ceiling"] else "model",
-            "pipeline_over_ceiling": round(best["pipeline"] / best["ceiling"], 3),
-            "pipeline_over_reader": round(best["pipeline"] / best["reader"], 3),
-            "pipeline_over_naive": round(best["pipeline"] / best["naive"], 3),
-            "rounds": {k: [round(x, 2) for x in v] for k, v in runs.items()},
-            "min_cosine_to_naive": round(agreement, 5),
-            "images_checked": len(checked),
-            "variants": per_variant,
-            "default_variant": default_variant(dev, amp),
-            "best_variant": best_variant,
-            "best_variant_over_eager": per_variant[best_variant]["over_eager"],
-            "variants_all_measured": judged,
-            "targets": targets,
-            "target_hardware": {k: TARGET_HARDWARE[k] for k in targets},
+            **_setting(bench, described),
+            **_pipeline_figures(runs, agreement, len(checked)),
+            **_variant_figures(per_variant, prepared, dev, amp),
         }
-        result["meets_targets"] = all(result[k] >= v for k, v in targets.items())
+        result["meets_targets"] = all(result[k] >= v for k, v in result["targets"].items())
         if store_rows:
-            result.update(bench_store(store_rows, work))
+            result.update(_bench_store(store_rows, work))
     return result
+
+
+@dataclass(frozen=True)
+class _Bench:
+    """What every measurement of one `bench_embedding` call shares."""
+
+    source: ImageSource
+    ids: list[str]
+    weights: WeightsInfo
+    config: EmbedConfig  # settled: batch size and workers chosen for the device
+    device: torch.device
+    work: Path  # the temporary folder of the pipeline's stores
+    n_images: int
+    image_size: int
+    batch_size: int
+    amp: bool
+    naive_model: torch.nn.Module
+    fast_model: torch.nn.Module
+
+
+def _warm_up(bench: _Bench) -> None:
+    """Run each path once (oneDNN / cuDNN pick and cache their kernels on first use)."""
+    b = bench
+    warm = b.ids[: b.batch_size]
+    _naive(b.source, warm, b.naive_model, b.device, b.image_size, b.batch_size)
+    _ceiling(b.fast_model, b.device, b.batch_size, b.image_size, b.batch_size, b.amp)
+    _pipeline(b.source, warm, b.weights, b.config, b.work, "warm")
+    _reader(b.source, warm, b.config, b.device)
+
+
+def _measure_rounds(
+    bench: _Bench, prepared: dict, rounds: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Images/s of naive, pipeline, ceiling and reader, and each variant's ceiling, per round
+    (interleaved, so that a busy moment of the machine slows all of one round)."""
+    b = bench
+    runs: dict[str, list[float]] = {"naive": [], "pipeline": [], "ceiling": [], "reader": []}
+    variant_runs: dict[str, list[float]] = {name: [] for name in prepared}
+    for r in range(rounds):
+        runs["naive"].append(
+            _naive(b.source, b.ids, b.naive_model, b.device, b.image_size, b.batch_size)
+        )
+        runs["pipeline"].append(_pipeline(b.source, b.ids, b.weights, b.config, b.work, f"r{r}"))
+        runs["ceiling"].append(
+            _ceiling(b.fast_model, b.device, b.n_images, b.image_size, b.batch_size, b.amp)
+        )
+        runs["reader"].append(_reader(b.source, b.ids, b.config, b.device))
+        for name, variant in prepared.items():
+            variant_runs[name].append(
+                _variant_ceiling(variant, b.device, b.n_images, b.image_size, b.batch_size)
+            )
+        log.info(
+            "bench round %d: naive %.1f, pipeline %.1f, ceiling %.1f, reader %.1f images/s",
+            r,
+            runs["naive"][-1],
+            runs["pipeline"][-1],
+            runs["ceiling"][-1],
+            runs["reader"][-1],
+        )
+    return runs, variant_runs
+
+
+def _fidelity(bench: _Bench, prepared: dict, checked: list[str]) -> dict:
+    """Per variant, the centred cosine of its vectors of `checked` to the naive fp32 loop's."""
+    b = bench
+    checked_batches = [
+        _decoded_batch(b.source, checked[k : k + b.batch_size], b.image_size)
+        for k in range(0, len(checked), b.batch_size)
+    ]
+    with torch.inference_mode():
+        reference = np.concatenate(
+            [b.naive_model(x.to(b.device)).double().cpu().numpy() for x in checked_batches]
+        )
+    return {name: _variant_fidelity(v, reference, checked_batches) for name, v in prepared.items()}
+
+
+def _setting(bench: _Bench, described: str) -> dict:
+    """What the figures were measured on and with."""
+    b = bench
+    return {
+        "device": str(b.device),
+        "device_name": (
+            torch.cuda.get_device_name(b.device) if b.device.type == "cuda" else cpu_name()
+        ),
+        "cpu_count": cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "images": described,
+        "n_images": len(b.ids),
+        "image_size": b.image_size,
+        "batch_size": b.batch_size,
+        "num_workers": b.config.num_workers,
+        "amp": b.amp,
+        "weights_sha256": b.weights.sha256,
+        "weights_source": b.weights.source,
+    }
+
+
+def _pipeline_figures(runs: dict[str, list[float]], agreement: float, checked: int) -> dict:
+    """The best round of each path, their ratios, and the pipeline's agreement with naive."""
+    best = {k: max(v) for k, v in runs.items()}
+    return {
+        "naive_images_per_s": round(best["naive"], 2),
+        "pipeline_images_per_s": round(best["pipeline"], 2),
+        "ceiling_images_per_s": round(best["ceiling"], 2),
+        "reader_images_per_s": round(best["reader"], 2),
+        "bound_by": "reader (decoding)" if best["reader"] < best["ceiling"] else "model",
+        "pipeline_over_ceiling": round(best["pipeline"] / best["ceiling"], 3),
+        "pipeline_over_reader": round(best["pipeline"] / best["reader"], 3),
+        "pipeline_over_naive": round(best["pipeline"] / best["naive"], 3),
+        "rounds": {k: [round(x, 2) for x in v] for k, v in runs.items()},
+        "min_cosine_to_naive": round(agreement, 5),
+        "images_checked": checked,
+    }
+
+
+def _variant_figures(per_variant: dict, prepared: dict, device: torch.device, amp: bool) -> dict:
+    """The variants' figures, the best faithful one, and the targets that apply here."""
+    faithful = [n for n, v in per_variant.items() if v["faithful"] and n != "eager"]
+    best_variant = max(
+        faithful, key=lambda n: per_variant[n]["ceiling_images_per_s"], default="eager"
+    )
+    targets = targets_for(device, amp)
+    # The best-variant target is judged only when every variant that runs here was measured
+    # (a quick run measures eager and "auto" only).
+    judged = set(_variant_names(None, device, amp)) <= set(prepared)
+    if not judged:
+        targets.pop("best_variant_over_eager", None)
+    return {
+        "variants": per_variant,
+        "default_variant": default_variant(device, amp),
+        "best_variant": best_variant,
+        "best_variant_over_eager": per_variant[best_variant]["over_eager"],
+        "variants_all_measured": judged,
+        "targets": targets,
+        "target_hardware": {k: TARGET_HARDWARE[k] for k in targets},
+    }
 
 
 def embedding_rows(e: dict) -> list[tuple[str, str, str, str, str]]:

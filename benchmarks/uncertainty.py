@@ -25,10 +25,10 @@ from benchmarks.common import ISIC2024_PATIENTS, ISIC2024_ROWS, cpu_count, peak_
 
 __all__ = ["bench_bootstrap", "measure_bootstrap"]
 
-ISIC2024_PREVALENCE = 0.00098
-HAM10000_PREVALENCE = 1552 / 8034
-HAM10000_GROUPS_PER_ROW = 6000 / 8034
-LARGE = 100_000
+_ISIC2024_PREVALENCE = 0.00098
+_HAM10000_PREVALENCE = 1552 / 8034
+_HAM10000_GROUPS_PER_ROW = 6000 / 8034
+_LARGE = 100_000
 
 
 def _table(rows: int, positives: int, groups: int, models: int, seed: int):
@@ -99,11 +99,11 @@ def bench_bootstrap(rows: int = ISIC2024_ROWS, *, positives: int | None = None,
         peak_rss_bytes, baseline_seconds_per_resample, baseline_seconds_scaled,
         roc_auc_interval, cores, load_average.
     """
-    large = rows >= LARGE
+    large = rows >= _LARGE
     if positives is None:
-        positives = max(2, round(rows * (ISIC2024_PREVALENCE if large else HAM10000_PREVALENCE)))
+        positives = max(2, round(rows * (_ISIC2024_PREVALENCE if large else _HAM10000_PREVALENCE)))
     if groups is None:
-        groups = ISIC2024_PATIENTS if large else max(2, round(rows * HAM10000_GROUPS_PER_ROW))
+        groups = ISIC2024_PATIENTS if large else max(2, round(rows * _HAM10000_GROUPS_PER_ROW))
     kwargs = {"rows": rows, "positives": positives, "groups": groups, "models": models,
               "n_resamples": n_resamples, "seed": seed, "baseline_resamples": baseline_resamples}
     measured = run_child("benchmarks.uncertainty:measure_bootstrap", kwargs, label="bootstrap")

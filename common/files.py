@@ -28,8 +28,7 @@ from common.errors import LesionfuseError
 
 __all__ = [
     "WriteError", "atomic_write", "atomic_write_json", "atomic_write_text", "fsync_dir", "replace_dir",
-    "reporting_write_errors", "restore_dir", "sha256_file", "write_error_message",
-]
+    "reporting_write_errors", "restore_dir", "sha256_file", ]
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +49,15 @@ _ADVICE = {
     errno.EPERM: "make the folder writable for this user, or move the artifacts with "
                  "LESIONFUSE_ARTIFACTS=/writable/folder",
 }
+_GENERAL_ADVICE = "check that the folder exists and can be written, then run the command again"
 
 
-def write_error_message(what: str, error: OSError, path: Path | str | None = None) -> str:
+def _write_error_message(what: str, error: OSError, path: Path | str | None = None) -> str:
     """'<what>: cannot write <path>: <reason> (<ERRNO>); <what to do>' for an OSError."""
     where = error.filename if error.filename is not None else path
     code = errno.errorcode.get(error.errno, "") if error.errno is not None else ""
     reason = error.strerror or str(error) or type(error).__name__
-    advice = _ADVICE.get(error.errno, "check that the folder exists and can be written, then run the command again")
+    advice = _ADVICE.get(error.errno, _GENERAL_ADVICE) if error.errno is not None else _GENERAL_ADVICE
     return f"{what}: cannot write {where}: {reason}{f' ({code})' if code else ''}; {advice}"
 
 
@@ -74,11 +74,13 @@ def reporting_write_errors(what: str, path: Path | str | None = None) -> Iterato
     try:
         yield
     except OSError as error:
-        raise WriteError(write_error_message(what, error, path)) from error
+        raise WriteError(_write_error_message(what, error, path)) from error
 
 
-def atomic_write(path: Path | str, write: Callable[[BinaryIO], None], *, durable: bool = False) -> Path:
+def atomic_write(path: Path | str, write: Callable[[BinaryIO], object], *, durable: bool = False) -> Path:
     """Call `write(f)` on a temporary file beside `path`, then rename it to `path`.
+
+    What `write` returns is ignored (`f.write` returns the byte count).
 
     `durable=True` also fsyncs the file and its folder (for stores that must survive a power
     loss, not only a killed process). The temporary file is removed when `write` raises.

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from PIL import Image
 
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+__all__ = ["main", "screenshot"]
+
+_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
@@ -24,7 +26,7 @@ def screenshot(page_path: Path, out: Path, width: int, height: int, scale: float
 
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=FLAGS)
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=_FLAGS)
         page = browser.new_page(viewport={"width": width, "height": height})
         page.goto(page_path.resolve().as_uri(), wait_until="load")
         png = page.screenshot(full_page=False)

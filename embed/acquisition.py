@@ -37,7 +37,7 @@ import pandas as pd
 from PIL import Image
 
 from embed.errors import EmbedError
-from embed.sources import ImageSource, decode_image, safe_reason
+from embed.sources import ImageSource, decode_image, repeated_ids, safe_reason
 
 __all__ = [
     "CUES_VERSION",
@@ -46,8 +46,6 @@ __all__ = [
     "CueTable",
     "acquisition_cues",
     "cues_of_bytes",
-    "cues_of_image",
-    "cues_of_thumbnails",
     "thumbnail",
 ]
 
@@ -122,7 +120,7 @@ def thumbnail(image: Image.Image) -> np.ndarray:
     )
 
 
-def cues_of_thumbnails(thumbs: np.ndarray, sizes: np.ndarray, n_bytes: np.ndarray) -> np.ndarray:
+def _cues_of_thumbnails(thumbs: np.ndarray, sizes: np.ndarray, n_bytes: np.ndarray) -> np.ndarray:
     """The cues of a batch of images at once (`CUE_NAMES` order), float64 (B, len(CUE_NAMES)).
 
     thumbs: uint8 (B, THUMB, THUMB, 3) from `thumbnail`; sizes: (B, 2) original width and
@@ -167,13 +165,13 @@ def cues_of_thumbnails(thumbs: np.ndarray, sizes: np.ndarray, n_bytes: np.ndarra
     ).astype(np.float64)
 
 
-def cues_of_image(image: Image.Image, width: int, height: int, n_bytes: int) -> np.ndarray:
+def _cues_of_image(image: Image.Image, width: int, height: int, n_bytes: int) -> np.ndarray:
     """The cues (`CUE_NAMES` order, float64, shape (len(CUE_NAMES),)) of a decoded RGB image
     whose original size is `width` x `height` and encoded size `n_bytes`.
 
     `image` may be a reduced decode (JPEG draft) of the original: only its thumbnail is used.
     """
-    return cues_of_thumbnails(
+    return _cues_of_thumbnails(
         thumbnail(image)[None], np.array([[width, height]]), np.array([n_bytes], dtype=np.float64)
     )[0]
 
@@ -197,7 +195,7 @@ def cues_of_bytes(
     more than `max_pixels` pixels (`embed.sources.decode_image`).
     """
     thumb, size = _decode(data, image_id, max_pixels)
-    return cues_of_thumbnails(thumb[None], np.array([size]), np.array([len(data)], dtype=float))[0]
+    return _cues_of_thumbnails(thumb[None], np.array([size]), np.array([len(data)], dtype=float))[0]
 
 
 def _decode(data: bytes, image_id: str, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -248,8 +246,7 @@ def acquisition_cues(
     """
     ids = list(source.ids() if ids is None else ids)
     if len(set(ids)) != len(ids):
-        seen: set[str] = set()
-        repeated = [i for i in ids if i in seen or seen.add(i)]
+        repeated = repeated_ids(ids)
         raise EmbedError(
             f"acquisition_cues: ids repeat {repeated[:3]} ({len(repeated)} repeats); pass each id once"
         )
@@ -268,7 +265,7 @@ def acquisition_cues(
 
     def flush() -> None:
         if rows:
-            values[rows] = cues_of_thumbnails(
+            values[rows] = _cues_of_thumbnails(
                 np.stack(thumbs), np.array(sizes), np.array(n_bytes, dtype=np.float64)
             )
             for batch in (rows, thumbs, sizes, n_bytes):

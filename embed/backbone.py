@@ -23,7 +23,6 @@ from embed.weights import (
 
 log = logging.getLogger(__name__)
 
-EMBED_DIM = 2048  # layer4's channels: the classic pooled ResNet-50 embedding
 BACKBONE_NAME = "resnet50-keras-imagenet"
 
 
@@ -98,6 +97,12 @@ class PooledResNet(torch.nn.Module):
     `forward` is `pooled_from(forward_to(x, blocks[0]))`; Grad-CAM (`fuse.scoring.saliency`) calls the two
     halves itself, to take the gradient at the shallowest pooled block.
     """
+
+    # Taken from the torchvision model in __init__ (by name, with the stages).
+    conv1: torch.nn.Module
+    bn1: torch.nn.Module
+    relu: torch.nn.Module
+    maxpool: torch.nn.Module
 
     def __init__(self, resnet: torch.nn.Module, blocks, pooling: str):
         super().__init__()
@@ -207,7 +212,8 @@ def prepare_model(model: torch.nn.Module, device: torch.device | str) -> torch.n
 
     Inputs should then be converted with ``x.to(device, memory_format=torch.channels_last)``.
     """
-    return model.to(device=device, memory_format=torch.channels_last)
+    # torch accepts device and memory_format together; its typing overloads list them apart.
+    return model.to(device=device, memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
 @functools.cache
@@ -238,7 +244,6 @@ def autocast_context(device: torch.device | str) -> contextlib.AbstractContextMa
 
 __all__ = [
     "BACKBONE_NAME",
-    "EMBED_DIM",
     "PooledResNet",
     "pool",
     "PREPROCESSING",

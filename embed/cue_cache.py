@@ -122,7 +122,7 @@ def cached_cues(store_dir: Path | str, source: ImageSource | None, ids: Sequence
         failures = dict.fromkeys(todo, "image source not available and cues not cached")
         log.warning("acquisition cues: %d of %d images are neither cached in %s nor readable (no image "
                     "source): their acquisition part is left out", len(todo), len(ids), path)
-    elif todo:
+    elif todo and source is not None:  # a None source was handled above
         log.info("acquisition cues: %d of %d images cached in %s; measuring %d", len(ids) - len(todo),
                  len(ids), path, len(todo))
         measured = acquisition_cues(source, todo, progress=progress)

@@ -20,7 +20,6 @@ __all__ = [
     "DTYPE",
     "IDENTITY_FIELDS",
     "LEGACY_VALUES",
-    "MISMATCH_HINT",
     "UNFAITHFUL_VARIANTS",
     "as_json",
     "check_identity",
@@ -50,7 +49,7 @@ UNFAITHFUL_VARIANTS: tuple[str, ...] = ("int8",)
 # features lose nothing a downstream model can use at that precision.
 DTYPE = "float16"
 
-MISMATCH_HINT = (
+_MISMATCH_HINT = (
     "use a store built with the same settings (a store's name carries the data set, weights sha, "
     "image size and views) or build a new one with `invoke embed`"
 )
@@ -96,7 +95,7 @@ def _lookup(value, dotted: str):
 
 
 def check_identity(
-    have: dict, want: dict, have_label: str, want_label: str, *, hint: str = MISMATCH_HINT
+    have: dict, want: dict, have_label: str, want_label: str, *, hint: str = _MISMATCH_HINT
 ) -> None:
     """Raise StoreMismatchError naming the first identity field where `have` differs from `want`.
 

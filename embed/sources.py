@@ -1,7 +1,8 @@
 """Image sources (a folder of files, or an HDF5 file of encoded images) and safe decoding.
 
 A source maps an image id to the encoded bytes of that image; `decode_image` turns the bytes
-into an RGB PIL image or raises `EmbedError` naming the id and the reason. Sources are picklable
+into an RGB PIL image or raises `EmbedError` naming the id and the reason; `repeated_ids` lists
+the ids a caller passed more than once. Sources are picklable
 so that DataLoader worker processes can each hold their own copy: `HDF5Source` opens its file
 lazily in the process that reads it, because an h5py handle must not cross a fork.
 """
@@ -33,6 +34,7 @@ __all__ = [
     "ImageSource",
     "decode_image",
     "open_source",
+    "repeated_ids",
     "safe_reason",
 ]
 
@@ -336,6 +338,18 @@ def _raw_bytes(dsid, raw) -> bytes | None:
     return data if len(data) == size else None
 
 
+def repeated_ids(ids: Iterable[str]) -> list[str]:
+    """Each id of `ids` that was seen before, in the order given (an id there three times is
+    listed twice); [] when every id is there once."""
+    seen: set[str] = set()
+    repeats = []
+    for image_id in ids:
+        if image_id in seen:
+            repeats.append(image_id)
+        seen.add(image_id)
+    return repeats
+
+
 def open_source(path: Path | str) -> ImageSource:
     """A FolderSource for a folder, an HDF5Source for a `.h5/.hdf5/.hdf` file.
 
@@ -422,7 +436,7 @@ def decode_image(
         # be noise and its error is turned into ours.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            im = Image.open(io.BytesIO(data))
+            im: Image.Image = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
             raise EmbedError(
                 f"image {image_id!r}: refused as a possible decompression bomb ({exc})"

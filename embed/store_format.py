@@ -202,9 +202,9 @@ def read_manifests(path: Path | str) -> tuple[dict, list[tuple[str, dict]]]:
     parts = []
     if path.is_dir():
         for entry in os.listdir(path):
-            m = PART_MANIFEST_RE.match(entry)
-            if m:
-                parts.append((int(m.group(2)), int(m.group(1)), entry))
+            match = PART_MANIFEST_RE.match(entry)
+            if match:
+                parts.append((int(match.group(2)), int(match.group(1)), entry))
     for _, _, entry in sorted(parts):
         manifests.append((entry, read_store_json(path / entry)))
     if not manifests:
@@ -258,17 +258,25 @@ def recorded_identity(path: Path | str) -> dict:
 # ----------------------------------------------------------------------------- shard sidecars
 
 
+def _per_row(path: Path, shard: dict, suffix: str, what: str) -> list:
+    """The JSON list `<shard name><suffix>` beside a listed shard, one `what` per row.
+
+    Raises EmbedError naming the file, what it holds and the manifest's row count otherwise."""
+    sidecar = Path(path) / f"{shard['name']}{suffix}"
+    values = read_store_json(sidecar)
+    if not isinstance(values, list) or len(values) != int(shard["rows"]):
+        held = f"{len(values)} {what}s" if isinstance(values, list) else "no list"
+        raise EmbedError(
+            f"feature store {str(path)!r}: {sidecar.name} does not hold one {what} per row "
+            f"of the {shard['rows']} the manifest lists ({held}); the store is damaged, "
+            "build it again"
+        )
+    return values
+
+
 def shard_ids(path: Path, shard: dict) -> list[str]:
     """The ids of a listed shard; raises EmbedError when they do not match its row count."""
-    ids_path = Path(path) / f"{shard['name']}{IDS_SUFFIX}"
-    ids = read_store_json(ids_path)
-    if not isinstance(ids, list) or len(ids) != int(shard["rows"]):
-        raise EmbedError(
-            f"feature store {str(path)!r}: {ids_path.name} holds "
-            f"{len(ids) if isinstance(ids, list) else 'no list of'} ids but the manifest "
-            f"says {shard['rows']} rows; the store is damaged, build it again"
-        )
-    return ids
+    return _per_row(path, shard, IDS_SUFFIX, "id")
 
 
 def shard_fingerprints(path: Path, shard: dict) -> list[str | None]:
@@ -277,11 +285,4 @@ def shard_fingerprints(path: Path, shard: dict) -> list[str | None]:
     Raises EmbedError when the file does not hold one fingerprint per row."""
     if "fingerprints_sha256" not in shard:
         return [None] * int(shard["rows"])
-    fp_path = Path(path) / f"{shard['name']}{FINGERPRINTS_SUFFIX}"
-    fingerprints = read_store_json(fp_path)
-    if not isinstance(fingerprints, list) or len(fingerprints) != int(shard["rows"]):
-        raise EmbedError(
-            f"feature store {str(path)!r}: {fp_path.name} does not hold one fingerprint per row "
-            f"of the {shard['rows']} the manifest lists; the store is damaged, build it again"
-        )
-    return fingerprints
+    return _per_row(path, shard, FINGERPRINTS_SUFFIX, "fingerprint")

@@ -280,7 +280,7 @@ class StoreWriter:
         self.lock_timeout = lock_timeout
         self._version = lesionfuse_version()  # recorded in every manifest this writer writes
         self._lock: FileLock | None = None
-        self._own: dict | None = None  # the manifest this writer rewrites
+        self._own: dict = {}  # the manifest this writer rewrites (read by `open`)
         self._own_ids: set[str] = set()  # ids listed in that manifest's shards
         self.recorded: dict = {}  # the store's manifest as found on entry ({} for a new store)
         self.stored: set[str] = set()  # ids with a vector anywhere in the store
@@ -403,7 +403,7 @@ class StoreWriter:
         if self.sharded:
             self._own["part"] = part_label(self.shard_index, self.shard_count)
         self._own.update(self.info)
-        listed = set()
+        listed: set[str] = set()
         for _, m in manifests:
             listed.update(s["name"] for s in m.get("shards", []))
         self._cleanup(listed)
@@ -412,7 +412,7 @@ class StoreWriter:
         # Next shard number after every file of this part, listed or not, ever seen.
         prefix = shard_prefix(self.shard_index, self.shard_count)
         pattern = re.compile(rf"^{re.escape(prefix)}(\d+)$")
-        numbers = [int(m.group(1)) for n in listed if (m := pattern.match(n))]
+        numbers = [int(match.group(1)) for n in listed if (match := pattern.match(n))]
         self._next = max(numbers, default=-1) + 1
         if fresh:
             # The store exists (empty) from the start, so a run killed before its first shard
@@ -528,7 +528,8 @@ class StoreWriter:
             self._buffer(ids, vectors, fingerprints)
         while self._buf_rows >= self.shard_rows:
             self._write_shard(self.shard_rows)
-        if self._buf_rows and time.monotonic() - self._buf_since >= self.max_shard_seconds:
+        since = self._buf_since  # set whenever rows are buffered
+        if self._buf_rows and since is not None and time.monotonic() - since >= self.max_shard_seconds:
             self.flush()
 
     def _buffer(self, ids: list[str], vectors: np.ndarray, fingerprints: list) -> None:

@@ -44,18 +44,18 @@ log = logging.getLogger(__name__)
 VARIANTS: tuple[str, ...] = ("eager", "folded", "jit-frozen", "compiled", "int8")
 AUTO = "auto"
 # Variants that run only on a CPU.
-CPU_ONLY: tuple[str, ...] = ("int8",)
+_CPU_ONLY: tuple[str, ...] = ("int8",)
 # The bars a variant must clear to be used in place of fp32 eager (issue 14): centred cosine to
 # the fp32 vectors of the same images, image by image, and the HAM10000 development out-of-fold
 # ROC AUC of the fusion MLP within this much of fp32's.
 MIN_CENTRED_COSINE = 0.99
-MAX_ROC_AUC_DROP = 0.003
+_MAX_ROC_AUC_DROP = 0.003
 # Images the int8 variant calibrates its activation ranges on, when the caller gives none.
 CALIBRATION_IMAGES = 64
 
 
 @functools.cache
-def cpu_vnni_supported() -> bool:
+def _cpu_vnni_supported() -> bool:
     """True when this CPU has AVX512-VNNI or AVX-VNNI (int8 dot products)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
@@ -139,7 +139,7 @@ MEASURED: dict = {
 
 
 # Variants whose vectors fall short of MIN_CENTRED_COSINE in `MEASURED`: not the same function.
-UNFAITHFUL: tuple[str, ...] = UNFAITHFUL_VARIANTS
+_UNFAITHFUL: tuple[str, ...] = UNFAITHFUL_VARIANTS
 
 
 def lowest_measured_cosine(variant: str) -> float:
@@ -149,8 +149,8 @@ def lowest_measured_cosine(variant: str) -> float:
 
 def warn_if_unfaithful(variant: str) -> None:
     """Log a warning when the resolved `variant` is one whose vectors are not the fp32 model's
-    (`UNFAITHFUL`), with the measured figure: a user choosing it for speed should know."""
-    if variant in UNFAITHFUL:
+    (`_UNFAITHFUL`), with the measured figure: a user choosing it for speed should know."""
+    if variant in _UNFAITHFUL:
         log.warning("--variant %s: not faithful to the model: its vectors' centred cosine to fp32 eager was as "
                     "low as %.2f per image (measured on 65 HAM10000 images; the other variants >= %.2f), so models "
                     "trained on them differ from the fp32 backbone's. Its store is kept apart (its name ends in "
@@ -166,7 +166,7 @@ def resolve_variant(name: str, device: torch.device | str, amp: bool = True) -> 
     if name == AUTO:
         return default_variant(device, amp)
     kind = torch.device(device).type
-    if name in CPU_ONLY and kind != "cpu":
+    if name in _CPU_ONLY and kind != "cpu":
         raise EmbedError(f"variant {name!r} runs on CPU only, not on {device}")
     if name == "compiled" and kind == "cpu" and not has_compiler():
         raise EmbedError(
@@ -270,7 +270,7 @@ def _calibration_batches(calibration, example: torch.Tensor) -> list[torch.Tenso
     return list(calibration)
 
 
-def quantize_int8(
+def _quantize_int8(
     model: torch.nn.Module,
     example: torch.Tensor,
     calibration: Iterable[torch.Tensor] | torch.Tensor | None,
@@ -369,7 +369,7 @@ def _make(model, name, device, amp, example, calibration) -> VariantModel:
         pad = True
     else:  # int8
         precision = "int8"
-        quantized = quantize_int8(model.cpu().float(), example.cpu(), calibration)
+        quantized = _quantize_int8(model.cpu().float(), example.cpu(), calibration)
         fn = _jit_frozen(quantized, example.cpu(), "fp32")
     return VariantModel(name, fn, device, precision, time.perf_counter() - start, pad)
 
@@ -378,7 +378,8 @@ def _folded(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     # fx's fuser works on contiguous weights; restore channels_last afterwards.
     folded = fold_batchnorm(model.to(memory_format=torch.contiguous_format))
     model.to(memory_format=torch.channels_last)
-    return folded.to(device=device, memory_format=torch.channels_last)
+    # torch accepts device and memory_format together; its typing overloads list them apart.
+    return folded.to(device=device, memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
 def _jit_frozen(module: torch.nn.Module, example: torch.Tensor, precision: str) -> Callable:
@@ -445,23 +446,18 @@ def embed_batches(model: Callable, batches: Sequence[torch.Tensor]) -> np.ndarra
 __all__ = [
     "AUTO",
     "CALIBRATION_IMAGES",
-    "CPU_ONLY",
-    "MAX_ROC_AUC_DROP",
     "MEASURED",
     "MIN_CENTRED_COSINE",
-    "UNFAITHFUL",
     "VARIANTS",
     "VariantModel",
     "centred_cosine",
     "check_variant",
-    "cpu_vnni_supported",
     "default_variant",
     "embed_batches",
     "fold_batchnorm",
     "has_compiler",
     "lowest_measured_cosine",
     "make_variant",
-    "quantize_int8",
     "resolve_variant",
     "warn_if_unfaithful",
 ]

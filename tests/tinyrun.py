@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+__all__ = ["train_tiny_run", "train_tiny_tabular_run"]
+
 
 def train_tiny_run(root: Path, image_size: int = 32) -> dict:
     """Make the data under `root`, embed it at `image_size` px, train every stage and stack.
@@ -46,7 +48,7 @@ def train_tiny_run(root: Path, image_size: int = 32) -> dict:
             "store": summary.store_dir}
 
 
-TABULAR_SPEC = """[dataset]
+_TABULAR_SPEC = """[dataset]
 name = "tiny-tabular"
 metadata = "metadata.csv"
 id = "image_id"
@@ -87,7 +89,7 @@ def train_tiny_tabular_run(root: Path, n_rows: int = 300) -> dict:
         "target": (signal > np.quantile(signal, 0.7)).astype(int),
     })
     frame.to_csv(data / "metadata.csv", index=False)
-    (data / "spec.toml").write_text(TABULAR_SPEC)
+    (data / "spec.toml").write_text(_TABULAR_SPEC)
     run = root / "run"
     train_gbdt(data / "spec.toml", run,
                config=GBDTConfig(seeds=(0,), num_boost_round=40, early_stopping_rounds=10, num_threads=1))

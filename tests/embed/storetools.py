@@ -11,8 +11,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[2]
-DATA = REPO / ".." / "shared" / "data"
+__all__ = [
+    "DATA",
+    "HAM_IMAGES",
+    "ISIC_MINI",
+    "jpeg_bytes",
+    "random_weights",
+    "tiny_config",
+    "write_folder",
+    "write_hdf5",
+]
+
+_REPO = Path(__file__).resolve().parents[2]
+DATA = _REPO / ".." / "shared" / "data"
 ISIC_MINI = DATA / "isic2024-mini" / "train-image.hdf5"
 HAM_IMAGES = DATA / "ham10000" / "images"
 
