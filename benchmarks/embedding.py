@@ -23,7 +23,7 @@ workers, normalised on the device, channels_last, AMP, batches queued on the GPU
 with the naive loop's fp32 vectors of the same images, row by row (`min_cosine_to_naive`).
 
 Also the store's write rate and memory-mapped read rate (rows/s) at a larger row count, for the
-scale of ISIC 2024 (401,059 images). Run: `invoke bench --parts embedding`.
+scale of ISIC 2024 (401,059 images): `benchmarks.store`. Run: `invoke bench --parts embedding`.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import cpu_count, cpu_name, synchronize
+from benchmarks.store import bench_store
 from embed.backbone import autocast_context, load_backbone, prepare_model, preprocess
 from embed.config import EmbedConfig, resolve_device, settle_config, settled_sizes
 from embed.errors import EmbedError
@@ -46,7 +47,6 @@ from embed.pipeline import build_store
 from embed.reader import make_loader
 from embed.sources import HDF5Source, ImageSource, decode_image, open_source
 from embed.store import FeatureStore
-from embed.store_writer import StoreWriter
 from embed.variants import (
     AUTO,
     CALIBRATION_IMAGES,
@@ -292,54 +292,6 @@ def _pipeline(source, ids, weights, config, work: Path, tag: str) -> float:
     return summary.images_per_s
 
 
-def _bench_store(
-    rows: int, work: Path, views: int = 1, dim: int = 2048, shard_rows: int = 4096
-) -> dict:
-    """Write `rows` random float16 rows to a store, then read them back memory-mapped.
-
-    Returns rows/s for writing (with fsync and checksums), for opening the store and
-    building its id index, and for reading all rows in a random order (warm page cache).
-    """
-    identity = {
-        "backbone": "bench",
-        "weights_sha256": "0" * 64,
-        "preprocessing": {},
-        "image_size": 0,
-        "views": views,
-        "dtype": "float16",
-        "dim": dim,
-    }
-    rng = np.random.default_rng(0)
-    block = rng.standard_normal((shard_rows, views, dim)).astype(np.float16)
-    ids = [f"ISIC_{i:07d}" for i in range(rows)]
-    path = work / "scale-store"
-    start = time.perf_counter()
-    with StoreWriter(path, identity, shard_rows=shard_rows) as writer:
-        for k in range(0, rows, shard_rows):
-            chunk = ids[k : k + shard_rows]
-            writer.append(chunk, block[: len(chunk)])
-    write_s = time.perf_counter() - start
-    start = time.perf_counter()
-    store = FeatureStore.open(path)
-    if store.count != rows:
-        raise EmbedError(f"bench: store holds {store.count} rows, wrote {rows}")
-    open_s = time.perf_counter() - start
-    order = [ids[i] for i in rng.permutation(rows)]
-    start = time.perf_counter()
-    out = store.read(order)
-    read_s = time.perf_counter() - start
-    nbytes = out.nbytes
-    return {
-        "store_rows": rows,
-        "store_mb": round(nbytes / 2**20, 1),
-        "store_write_rows_per_s": round(rows / write_s),
-        "store_write_mb_per_s": round(nbytes / 2**20 / write_s, 1),
-        "store_open_index_s": round(open_s, 3),
-        "store_read_rows_per_s": round(rows / read_s),
-        "store_read_mb_per_s": round(nbytes / 2**20 / read_s, 1),
-    }
-
-
 def _open_images(images: Path | None, n_images: int, work: Path) -> tuple[ImageSource, list[str], str]:
     """The bench's images: the first `n_images` of `images`, or synthetic crops in `work`."""
     if images is None:
@@ -430,7 +382,7 @@ def bench_embedding(
         }
         result["meets_targets"] = all(result[k] >= v for k, v in result["targets"].items())
         if store_rows:
-            result.update(_bench_store(store_rows, work))
+            result.update(bench_store(store_rows, work))
     return result
 
 
