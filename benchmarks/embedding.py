@@ -127,8 +127,12 @@ def random_weights(path: Path) -> WeightsInfo:
     from embed.weights import STRIDE_KERAS_V1
 
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
-    return WeightsInfo(path=Path(path), sha256=sha256_file(path), source="random init (throughput only)",
-                       stride_layout=STRIDE_KERAS_V1)
+    return WeightsInfo(
+        path=Path(path),
+        sha256=sha256_file(path),
+        source="random init (throughput only)",
+        stride_layout=STRIDE_KERAS_V1,
+    )
 
 
 def _decoded_batch(source: ImageSource, ids, image_size: int) -> torch.Tensor:
@@ -208,7 +212,12 @@ def _prepare_variants(weights, names, dev, amp, source, ids, image_size, batch_s
     prepared = {}
     for name in names:
         variant = make_variant(
-            load_backbone(weights, dev), name, dev, amp=amp, example=example, calibration=calibration
+            load_backbone(weights, dev),
+            name,
+            dev,
+            amp=amp,
+            example=example,
+            calibration=calibration,
         )
         variant(example)  # compiles (compiled) or runs the profiling passes (jit-frozen)
         prepared[name] = variant
@@ -236,7 +245,10 @@ def _variant_ceiling(variant, device, n_images, image_size, batch_size) -> float
 def _variant_fidelity(variant, reference: np.ndarray, checked_batches) -> dict:
     with torch.inference_mode():
         out = np.concatenate([variant(b).float().cpu().numpy() for b in checked_batches])
-    return {k: round(v, 5) if isinstance(v, float) else v for k, v in centred_cosine(reference, out).items()}
+    return {
+        k: round(v, 5) if isinstance(v, float) else v
+        for k, v in centred_cosine(reference, out).items()
+    }
 
 
 def _variants_result(prepared, runs, fidelity) -> dict:
@@ -292,12 +304,18 @@ def _pipeline(source, ids, weights, config, work: Path, tag: str) -> float:
     return summary.images_per_s
 
 
-def _open_images(images: Path | None, n_images: int, work: Path) -> tuple[ImageSource, list[str], str]:
+def _open_images(
+    images: Path | None, n_images: int, work: Path
+) -> tuple[ImageSource, list[str], str]:
     """The bench's images: the first `n_images` of `images`, or synthetic crops in `work`."""
     if images is None:
         src_path = work / "images.hdf5"
         ids = _write_synthetic_hdf5(src_path, n_images)
-        return HDF5Source(src_path), ids, f"synthetic ISIC-like JPEG crops, 96-160 px, {n_images} in HDF5"
+        return (
+            HDF5Source(src_path),
+            ids,
+            f"synthetic ISIC-like JPEG crops, 96-160 px, {n_images} in HDF5",
+        )
     source = open_source(images)
     ids = source.ids()[:n_images]
     if len(ids) < n_images:
@@ -370,7 +388,9 @@ def bench_embedding(
             weights, names, dev, amp, src, ids, image_size, bench.batch_size
         )
         runs, variant_runs = _measure_rounds(bench, prepared, rounds)
-        checked = ids[: min(len(ids), 2 * bench.batch_size + 1)]  # spans queued batches and a last one
+        checked = ids[
+            : min(len(ids), 2 * bench.batch_size + 1)
+        ]  # spans queued batches and a last one
         agreement = _min_cosine_to_naive(
             work / "store-r0", src, checked, bench.naive_model, dev, image_size
         )
@@ -553,7 +573,11 @@ def embedding_rows(e: dict) -> list[tuple[str, str, str, str, str]]:
             f"embed variant {name} vs fp32, centred cosine min / p1",
             f"{v['centred_cosine_min']:.4f}", f"{v['centred_cosine_p1']:.4f}", "", f">= {MIN_CENTRED_COSINE}",
         ))  # fmt: skip
-    if eager is not None and "best_variant_over_eager" in targets and e.get("best_variant") == "eager":
+    if (
+        eager is not None
+        and "best_variant_over_eager" in targets
+        and e.get("best_variant") == "eager"
+    ):
         rows.append(("embed best faithful variant ceiling vs eager (none faster)", "eager", "", "1.00",
                      f">= {targets['best_variant_over_eager']}"))  # fmt: skip
     if "reader_images_per_s" in e:

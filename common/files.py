@@ -27,8 +27,16 @@ from typing import BinaryIO
 from common.errors import LesionfuseError
 
 __all__ = [
-    "WriteError", "atomic_write", "atomic_write_json", "atomic_write_text", "fsync_dir", "replace_dir",
-    "reporting_write_errors", "restore_dir", "sha256_file", ]
+    "WriteError",
+    "atomic_write",
+    "atomic_write_json",
+    "atomic_write_text",
+    "fsync_dir",
+    "replace_dir",
+    "reporting_write_errors",
+    "restore_dir",
+    "sha256_file",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +49,13 @@ class WriteError(LesionfuseError):
 _ADVICE = {
     errno.ENOSPC: "free some space there, or move the artifacts with LESIONFUSE_ARTIFACTS=/other/disk",
     errno.EDQUOT: "free some space there (the disk quota is full), or move the artifacts with "
-                  "LESIONFUSE_ARTIFACTS=/other/disk",
+    "LESIONFUSE_ARTIFACTS=/other/disk",
     errno.EROFS: "the file system is mounted read-only: move the artifacts with "
-                 "LESIONFUSE_ARTIFACTS=/writable/folder (or --run / --store / --out elsewhere)",
+    "LESIONFUSE_ARTIFACTS=/writable/folder (or --run / --store / --out elsewhere)",
     errno.EACCES: "make the folder writable for this user, or move the artifacts with "
-                  "LESIONFUSE_ARTIFACTS=/writable/folder",
+    "LESIONFUSE_ARTIFACTS=/writable/folder",
     errno.EPERM: "make the folder writable for this user, or move the artifacts with "
-                 "LESIONFUSE_ARTIFACTS=/writable/folder",
+    "LESIONFUSE_ARTIFACTS=/writable/folder",
 }
 _GENERAL_ADVICE = "check that the folder exists and can be written, then run the command again"
 
@@ -57,7 +65,9 @@ def _write_error_message(what: str, error: OSError, path: Path | str | None = No
     where = error.filename if error.filename is not None else path
     code = errno.errorcode.get(error.errno, "") if error.errno is not None else ""
     reason = error.strerror or str(error) or type(error).__name__
-    advice = _ADVICE.get(error.errno, _GENERAL_ADVICE) if error.errno is not None else _GENERAL_ADVICE
+    advice = (
+        _ADVICE.get(error.errno, _GENERAL_ADVICE) if error.errno is not None else _GENERAL_ADVICE
+    )
     return f"{what}: cannot write {where}: {reason}{f' ({code})' if code else ''}; {advice}"
 
 
@@ -77,7 +87,9 @@ def reporting_write_errors(what: str, path: Path | str | None = None) -> Iterato
         raise WriteError(_write_error_message(what, error, path)) from error
 
 
-def atomic_write(path: Path | str, write: Callable[[BinaryIO], object], *, durable: bool = False) -> Path:
+def atomic_write(
+    path: Path | str, write: Callable[[BinaryIO], object], *, durable: bool = False
+) -> Path:
     """Call `write(f)` on a temporary file beside `path`, then rename it to `path`.
 
     What `write` returns is ignored (`f.write` returns the byte count).
@@ -108,7 +120,9 @@ def atomic_write_text(path: Path | str, text: str, *, durable: bool = False) -> 
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")), durable=durable)
 
 
-def atomic_write_json(path: Path | str, obj, *, indent: int | None = 2, durable: bool = False) -> Path:
+def atomic_write_json(
+    path: Path | str, obj, *, indent: int | None = 2, durable: bool = False
+) -> Path:
     """`obj` as JSON to `path`, atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=indent), durable=durable)
 
@@ -139,7 +153,13 @@ def _exchange(a: Path, b: Path) -> bool:
         renameat2 = libc.renameat2
     except (OSError, AttributeError):
         return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
     code = ctypes.get_errno()

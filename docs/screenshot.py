@@ -17,11 +17,20 @@ from PIL import Image
 
 __all__ = ["main", "screenshot"]
 
-_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
-def screenshot(page_path: Path, out: Path, width: int, height: int, scale: float, colors: int) -> int:
+def screenshot(
+    page_path: Path, out: Path, width: int, height: int, scale: float, colors: int
+) -> int:
     from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
@@ -34,10 +43,12 @@ def screenshot(page_path: Path, out: Path, width: int, height: int, scale: float
     with Image.open(io.BytesIO(png)) as image:
         image = image.convert("RGB")
         if scale != 1:
-            image = image.resize((round(image.width * scale), round(image.height * scale)),
-                                 Image.Resampling.LANCZOS)
-        image.quantize(colors=colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
-            out, optimize=True)
+            image = image.resize(
+                (round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS
+            )
+        image.quantize(
+            colors=colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE
+        ).save(out, optimize=True)
     return out.stat().st_size
 
 

@@ -95,9 +95,11 @@ _LINEAR = np.where(_code <= 0.04045, _code / 12.92, ((_code + 0.055) / 1.055) **
 # sRGB primaries to XYZ, each row divided by the D65 white's coordinate.
 _TO_XYZ = (
     np.array(
-        [[0.4124564, 0.3575761, 0.1804375],
-         [0.2126729, 0.7151522, 0.0721750],
-         [0.0193339, 0.1191920, 0.9503041]]
+        [
+            [0.4124564, 0.3575761, 0.1804375],
+            [0.2126729, 0.7151522, 0.0721750],
+            [0.0193339, 0.1191920, 0.9503041],
+        ]
     )
     / np.array([0.95047, 1.0, 1.08883])[:, None]
 ).T.astype(np.float32)
@@ -137,7 +139,10 @@ def _cues_of_thumbnails(thumbs: np.ndarray, sizes: np.ndarray, n_bytes: np.ndarr
     saturation = ((high - low) / np.maximum(high, 1.0)).mean(axis=1)
     grey = thumbs.astype(np.float32) @ _GREY
     laplacian = (
-        grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1] + grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:]
+        grey[:, :-2, 1:-1]
+        + grey[:, 2:, 1:-1]
+        + grey[:, 1:-1, :-2]
+        + grey[:, 1:-1, 2:]
         - 4 * grey[:, 1:-1, 1:-1]
     ).reshape(b, -1)
     corners = L[:, _CORNERS.ravel()]
@@ -287,9 +292,17 @@ def acquisition_cues(
     flush()
     seconds = time.perf_counter() - started
     if failures:
-        log.warning("acquisition cues: %d of %d images unreadable (first: %s)",
-                    len(failures), len(ids), next(iter(failures.values())))
-    log.info("acquisition cues of %d images in %.1f s (%.0f images/s)",
-             len(ids), seconds, len(ids) / seconds if seconds else float("nan"))
+        log.warning(
+            "acquisition cues: %d of %d images unreadable (first: %s)",
+            len(failures),
+            len(ids),
+            next(iter(failures.values())),
+        )
+    log.info(
+        "acquisition cues of %d images in %.1f s (%.0f images/s)",
+        len(ids),
+        seconds,
+        len(ids) / seconds if seconds else float("nan"),
+    )
     frame = pd.DataFrame(values, index=pd.Index(ids, name="id"), columns=list(CUE_NAMES))
     return CueTable(frame=frame, failures=failures, seconds=seconds)

@@ -129,7 +129,7 @@ class PooledResNet(torch.nn.Module):
     def pooled_from(self, activation: torch.Tensor) -> torch.Tensor:
         """The pooled features from `activation`, the output of the shallowest pooled block:
         the later stages run on it and each pooled block's output is pooled."""
-        later = self.stages[self.stages.index(self.blocks[0]) + 1:]
+        later = self.stages[self.stages.index(self.blocks[0]) + 1 :]
         x, pooled = activation, [pool(activation, self.pooling)]
         for name in later:
             x = getattr(self, name)(x)

@@ -172,10 +172,15 @@ def warn_if_small(config: EmbedConfig) -> None:
     (< SMALL_IMAGE_SIZE): allowed (tests and throughput runs use 32 px), but the vectors then
     describe the image much less well than at 224 px."""
     if config.image_size < SMALL_IMAGE_SIZE:
-        log.warning("--image-size %d: far below the %d px the ImageNet weights were trained at (under %d px "
-                    "their features lose most of what they describe); the vectors will be of little use for "
-                    "lesions. Use --image-size %d unless this is a test or a throughput run",
-                    config.image_size, TRAINED_IMAGE_SIZE, SMALL_IMAGE_SIZE, TRAINED_IMAGE_SIZE)
+        log.warning(
+            "--image-size %d: far below the %d px the ImageNet weights were trained at (under %d px "
+            "their features lose most of what they describe); the vectors will be of little use for "
+            "lesions. Use --image-size %d unless this is a test or a throughput run",
+            config.image_size,
+            TRAINED_IMAGE_SIZE,
+            SMALL_IMAGE_SIZE,
+            TRAINED_IMAGE_SIZE,
+        )
 
 
 @dataclass(frozen=True)
@@ -232,8 +237,13 @@ def config_for_identity(identity: dict, **settings) -> EmbedConfig:
     eager), plus `settings` (device, batch size, ...): the inverse of `embedding_identity`."""
     identity = with_legacy_values(identity)
     settings.setdefault("variant", str(identity.get("variant", "eager")))
-    return EmbedConfig(image_size=int(identity["image_size"]), views=int(identity["views"]),
-                       blocks=tuple(identity["blocks"]), pooling=str(identity["pooling"]), **settings)
+    return EmbedConfig(
+        image_size=int(identity["image_size"]),
+        views=int(identity["views"]),
+        blocks=tuple(identity["blocks"]),
+        pooling=str(identity["pooling"]),
+        **settings,
+    )
 
 
 # ----------------------------------------------------------------------------- resources

@@ -196,7 +196,9 @@ def _variant(model, config: EmbedConfig, device: torch.device, source: ImageSour
         calibration = [normalize_batch(b, device) for _, b, _ in loader if b is not None]
     batch_size, _ = settled_sizes(config, device)
     example = torch.zeros(batch_size, 3, config.image_size, config.image_size)
-    return make_variant(model, name, device, amp=config.amp, example=example, calibration=calibration)
+    return make_variant(
+        model, name, device, amp=config.amp, example=example, calibration=calibration
+    )
 
 
 def _launch(

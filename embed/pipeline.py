@@ -84,8 +84,11 @@ def build_store(
     run = _Run()
     # A read-only or full disk ends the run with one error naming the path (every shard written
     # before it stays in the store), not an OSError traceback.
-    with (reporting_write_errors(f"feature store {str(store_dir)!r}", store_dir),
-          _StopSignals() as stop, _writer(store_dir, identity, info, config) as writer):
+    with (
+        reporting_write_errors(f"feature store {str(store_dir)!r}", store_dir),
+        _StopSignals() as stop,
+        _writer(store_dir, identity, info, config) as writer,
+    ):
         _note_source(writer, source_path)
         now = _fingerprints(source, mine)
         plan = _plan(writer, mine, now, source, config)

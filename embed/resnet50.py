@@ -69,5 +69,3 @@ def check_resnet50_state_dict(state: Mapping[str, object], where: str) -> None:
         problems.append(f"NaN or inf in ({len(non_finite)}): {', '.join(non_finite[:5])}")
     if problems:
         raise EmbedError(f"{where}: not a torchvision ResNet-50 state dict: " + "; ".join(problems))
-
-

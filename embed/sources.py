@@ -278,7 +278,6 @@ class HDF5Source:
                 f"image {image_id!r}: cannot read from {str(self.path)!r}: {exc}"
             ) from exc
 
-
     def fingerprints(self, ids: Iterable[str]) -> dict[str, str]:
         """{id: "h5:<length>:<crc32>"} of the encoded bytes `read_bytes` returns, for the ids
         the file holds (others are left out)."""
@@ -448,7 +447,9 @@ def decode_image(
                 f"{len(data)} bytes)"
             ) from exc
         except Exception as exc:  # PIL raises many types for bad data
-            raise EmbedError(f"image {image_id!r}: not a readable image ({safe_reason(exc)})") from exc
+            raise EmbedError(
+                f"image {image_id!r}: not a readable image ({safe_reason(exc)})"
+            ) from exc
         width, height = im.size
         if width * height > max_pixels:
             raise EmbedError(

@@ -131,7 +131,9 @@ class FeatureStore:
         path = Path(path)
         combined, _ = read_manifests(path)
         missing = [
-            s["name"] for s in combined["shards"] if not (path / f"{s['name']}{VECTORS_SUFFIX}").is_file()
+            s["name"]
+            for s in combined["shards"]
+            if not (path / f"{s['name']}{VECTORS_SUFFIX}").is_file()
         ]
         if missing:
             raise EmbedError(

@@ -75,7 +75,7 @@ MANIFEST_FIELDS: dict[str, str] = {
     **{field: "identity field (`embed.identity`)" for field in IDENTITY_FIELDS},
     "store_uid": "given once when the store is created (absent in stores made before)",
     "shards": "[{name, rows, sha256, ids_sha256, fingerprints_sha256 (absent in older stores)}], "
-              "oldest first",
+    "oldest first",
     "count": "ids with a vector in the shards this manifest lists",
     "failures": "{id: reason} for ids that could not be embedded",
     "dataset": "the data set's name",
@@ -90,8 +90,15 @@ MANIFEST_FIELDS: dict[str, str] = {
 # ----------------------------------------------------------------------------- names
 
 
-def store_name(dataset: str, weights_sha256: str, image_size: int, views: int,
-               blocks=("layer4",), pooling: str = "avg", variant: str = "auto") -> str:
+def store_name(
+    dataset: str,
+    weights_sha256: str,
+    image_size: int,
+    views: int,
+    blocks=("layer4",),
+    pooling: str = "avg",
+    variant: str = "auto",
+) -> str:
     """Directory name of a store: f"{dataset}-{sha[:12]}-{size}px-{views}v", followed by the
     pooled features when they are not the classic layer4 average, e.g. "-l34-gem" for layer3
     and layer4 pooled by GeM (so stores made before blocks were a setting keep their names),
@@ -134,7 +141,9 @@ def store_folders(root: Path | str, dataset: str, weights_sha256: str | None = N
     return sorted(p for p in root.iterdir() if pattern.match(p.name) and p.is_dir())
 
 
-def store_candidates(root: Path | str, dataset: str, weights_sha256: str | None = None) -> list[Path]:
+def store_candidates(
+    root: Path | str, dataset: str, weights_sha256: str | None = None
+) -> list[Path]:
     """The stores of data set `dataset` under `root`, sorted by name: the `store_folders` that
     hold at least one manifest (`manifest.json`, or only the part manifests of a sharded build
     still in progress). Returns [] when `root` does not exist."""

@@ -93,7 +93,6 @@ def _write_hashed(directory: Path, name: str, write: Callable[[_HashingWriter], 
     return digest.hexdigest()
 
 
-
 class StoreWriter:
     """Appends vectors to a store as part `shard_index` of `shard_count` writers.
 
@@ -246,10 +245,14 @@ class StoreWriter:
         have = identity_of(recorded).get("variant")
         want = self.identity.get("variant")
         if want is not None and have != want:
-            return (f"the store keeps the variant it was built with: rerun with --variant {have} (or --variant "
-                    f"auto, which keeps it), or move the store {str(self.path)!r} away to rebuild it with {want}")
-        return (f"rerun with the settings it was built with, or move the store {str(self.path)!r} away to "
-                "rebuild it with these")
+            return (
+                f"the store keeps the variant it was built with: rerun with --variant {have} (or --variant "
+                f"auto, which keeps it), or move the store {str(self.path)!r} away to rebuild it with {want}"
+            )
+        return (
+            f"rerun with the settings it was built with, or move the store {str(self.path)!r} away to "
+            "rebuild it with these"
+        )
 
     def _load(self) -> None:
         if not self.sharded:
@@ -258,7 +261,10 @@ class StoreWriter:
             merge_locked(self.path)
         combined, manifests = read_manifests(self.path)
         check_identity(
-            combined, self.identity, f"feature store {str(self.path)!r}", "this run asks for",
+            combined,
+            self.identity,
+            f"feature store {str(self.path)!r}",
+            "this run asks for",
             hint=self._clash_hint(combined),
         )
         self.recorded = combined
@@ -388,13 +394,19 @@ class StoreWriter:
         dup = [i for i in ids if i in self.stored and i not in self._replacing]
         if dup or len(set(ids)) != len(ids):
             dup = dup or [i for i in ids if ids.count(i) > 1]
-            raise EmbedError(f"{len(dup)} ids are already in the store or repeated: {quote_first(dup)}")
+            raise EmbedError(
+                f"{len(dup)} ids are already in the store or repeated: {quote_first(dup)}"
+            )
         if ids:
             self._buffer(ids, vectors, fingerprints)
         while self._buf_rows >= self.shard_rows:
             self._write_shard(self.shard_rows)
         since = self._buf_since  # set whenever rows are buffered
-        if self._buf_rows and since is not None and time.monotonic() - since >= self.max_shard_seconds:
+        if (
+            self._buf_rows
+            and since is not None
+            and time.monotonic() - since >= self.max_shard_seconds
+        ):
             self.flush()
 
     def _buffer(self, ids: list[str], vectors: np.ndarray, fingerprints: list) -> None:

@@ -144,18 +144,25 @@ _UNFAITHFUL: tuple[str, ...] = UNFAITHFUL_VARIANTS
 
 def lowest_measured_cosine(variant: str) -> float:
     """The lowest centred cosine to fp32 eager measured for `variant` over `MEASURED`'s precisions."""
-    return min(figures[variant]["cosine_min"] for figures in MEASURED.values() if variant in figures)
+    return min(
+        figures[variant]["cosine_min"] for figures in MEASURED.values() if variant in figures
+    )
 
 
 def warn_if_unfaithful(variant: str) -> None:
     """Log a warning when the resolved `variant` is one whose vectors are not the fp32 model's
     (`_UNFAITHFUL`), with the measured figure: a user choosing it for speed should know."""
     if variant in _UNFAITHFUL:
-        log.warning("--variant %s: not faithful to the model: its vectors' centred cosine to fp32 eager was as "
-                    "low as %.2f per image (measured on 65 HAM10000 images; the other variants >= %.2f), so models "
-                    "trained on them differ from the fp32 backbone's. Its store is kept apart (its name ends in "
-                    "-%s); use --variant auto for the faithful default",
-                    variant, lowest_measured_cosine(variant), MIN_CENTRED_COSINE, variant)
+        log.warning(
+            "--variant %s: not faithful to the model: its vectors' centred cosine to fp32 eager was as "
+            "low as %.2f per image (measured on 65 HAM10000 images; the other variants >= %.2f), so models "
+            "trained on them differ from the fp32 backbone's. Its store is kept apart (its name ends in "
+            "-%s); use --variant auto for the faithful default",
+            variant,
+            lowest_measured_cosine(variant),
+            MIN_CENTRED_COSINE,
+            variant,
+        )
 
 
 def resolve_variant(name: str, device: torch.device | str, amp: bool = True) -> str:

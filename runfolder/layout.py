@@ -45,8 +45,22 @@ from common.errors import preview
 from common.files import atomic_write, atomic_write_json, replace_dir, restore_dir
 from runfolder.errors import RunError
 
-__all__ = ["FINAL", "FOLDS", "MADE_BY", "METRICS", "OOF", "PARAMS", "REPORT", "RUN_RECORD", "RunLayout",
-           "SPEC_COPY", "STORE_RECORD", "UNEMBEDDED", "require_stage_file", "run_layout"]
+__all__ = [
+    "FINAL",
+    "FOLDS",
+    "MADE_BY",
+    "METRICS",
+    "OOF",
+    "PARAMS",
+    "REPORT",
+    "RUN_RECORD",
+    "RunLayout",
+    "SPEC_COPY",
+    "STORE_RECORD",
+    "UNEMBEDDED",
+    "require_stage_file",
+    "run_layout",
+]
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +135,9 @@ class RunLayout:
         return self.dir / (f"{name}.new" if resumable else f"{name}.new-{os.getpid()}")
 
     @contextlib.contextmanager
-    def rewriting(self, name: str, *, resumable: bool = False, carry: tuple[str, ...] = ()) -> Iterator[Path]:
+    def rewriting(
+        self, name: str, *, resumable: bool = False, carry: tuple[str, ...] = ()
+    ) -> Iterator[Path]:
         """Yield a new, empty (or, when `resumable`, partly done) folder for stage `name`; swap it in
         as `<run>/<name>/` when the block ends without an error.
 
@@ -155,7 +171,12 @@ class RunLayout:
         for path in self.dir.glob(f"{name}.new-*"):
             pid = path.name.rsplit("-", 1)[-1]
             if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-                log.info("run %s: removing %s, left by an interrupted rewrite of stage '%s'", self.dir, path, name)
+                log.info(
+                    "run %s: removing %s, left by an interrupted rewrite of stage '%s'",
+                    self.dir,
+                    path,
+                    name,
+                )
                 shutil.rmtree(path, ignore_errors=True)
 
     def oof(self, stage: str) -> Path:
@@ -228,13 +249,16 @@ class RunLayout:
 
     def write_oof(self, stage: str, ids, folds, target, p, name: str = OOF) -> Path:
         """Write `<stage>/<name>` (atomically: a half-written file would misalign the stack)."""
-        frame = pd.DataFrame({"id": ids, "fold": folds, "target": np.asarray(target).astype(int), "p": p})
+        frame = pd.DataFrame(
+            {"id": ids, "fold": folds, "target": np.asarray(target).astype(int), "p": p}
+        )
         path = self.make_stage(stage) / name
         atomic_write(path, lambda f: frame.to_csv(f, index=False))
         return path
 
-    def read_oof(self, stage: str, ids: np.ndarray, folds: np.ndarray,
-                 target: np.ndarray | None = None) -> np.ndarray:
+    def read_oof(
+        self, stage: str, ids: np.ndarray, folds: np.ndarray, target: np.ndarray | None = None
+    ) -> np.ndarray:
         """A stage's out-of-fold predictions aligned to `ids` (shape (n,), float64).
 
         Raises:
@@ -249,7 +273,9 @@ class RunLayout:
         if missing:
             raise RunError(f"{path}: not an out-of-fold file, missing column(s) {sorted(missing)}")
         if oof["id"].duplicated().any():
-            raise RunError(f"{path}: duplicate ids {preview(oof.loc[oof['id'].duplicated(), 'id'].tolist())}")
+            raise RunError(
+                f"{path}: duplicate ids {preview(oof.loc[oof['id'].duplicated(), 'id'].tolist())}"
+            )
         by_id = oof.set_index("id")
         wanted = pd.Index(np.asarray(ids).astype(str))
         absent = wanted.difference(by_id.index)
@@ -270,14 +296,17 @@ class RunLayout:
         if target is not None and "target" in aligned.columns:
             wrong_target = aligned["target"].to_numpy() != target
             if wrong_target.any():
-                raise RunError(f"{path}: targets differ from the run's metadata for ids "
-                               f"{preview(list(wanted[wrong_target]))}")
+                raise RunError(
+                    f"{path}: targets differ from the run's metadata for ids "
+                    f"{preview(list(wanted[wrong_target]))}"
+                )
         p = pd.to_numeric(aligned["p"], errors="coerce").to_numpy(dtype=np.float64)
         bad = ~np.isfinite(p)
         if bad.any():
-            raise RunError(f"{path}: column 'p' is not a finite number for ids {preview(list(wanted[bad]))}")
+            raise RunError(
+                f"{path}: column 'p' is not a finite number for ids {preview(list(wanted[bad]))}"
+            )
         return p
-
 
 
 def run_layout(run_dir: Path | str) -> RunLayout:

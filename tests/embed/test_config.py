@@ -154,11 +154,20 @@ def test_cpu_count_takes_the_smaller_of_affinity_and_quota(monkeypatch):
 
 @pytest.mark.parametrize(
     ("image_size", "blocks", "minimum"),
-    [(1, DEFAULT_BLOCKS, 16), (8, ("layer3",), 16), (15, ("layer3",), 16), (16, ("layer4",), 32),
-     (31, ("layer3", "layer4"), 32), (3, ("layer1",), 4)],
+    [
+        (1, DEFAULT_BLOCKS, 16),
+        (8, ("layer3",), 16),
+        (15, ("layer3",), 16),
+        (16, ("layer4",), 32),
+        (31, ("layer3", "layer4"), 32),
+        (3, ("layer1",), 4),
+    ],
 )
 def test_image_sizes_the_backbone_cannot_use_are_refused(image_size, blocks, minimum):
-    with pytest.raises(EmbedError, match=rf"--image-size \(EmbedConfig.image_size\) {image_size}: the backbone needs "
-                                         rf"at least {minimum} px for blocks {','.join(blocks)}.*use --image-size "
-                                         rf"{minimum} or more"):
+    with pytest.raises(
+        EmbedError,
+        match=rf"--image-size \(EmbedConfig.image_size\) {image_size}: the backbone needs "
+        rf"at least {minimum} px for blocks {','.join(blocks)}.*use --image-size "
+        rf"{minimum} or more",
+    ):
         EmbedConfig(image_size=image_size, blocks=blocks)

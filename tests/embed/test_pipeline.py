@@ -105,7 +105,11 @@ def test_embed_ids_order_failures_and_views(tmp_path, folder, model):
     assert set(failures) == {"zero", "absent"}
     assert "empty file" in failures["zero"] and "not found" in failures["absent"]
     vecs = np.concatenate([b[1] for b in batches])
-    assert vecs.shape == (3, 3, feature_dim(DEFAULT_BLOCKS)) and vecs.dtype == np.float16 and np.isfinite(vecs).all()
+    assert (
+        vecs.shape == (3, 3, feature_dim(DEFAULT_BLOCKS))
+        and vecs.dtype == np.float16
+        and np.isfinite(vecs).all()
+    )
     assert [b[1].shape[0] for b in batches] == [1, 1, 1]  # each batch of 2 lost or kept one
     plain = np.concatenate([b[1] for b in embed_ids(src, ids, model, tiny_config(batch_size=2))])
     np.testing.assert_allclose(plain[:, 0], vecs[:, 0], rtol=1e-2, atol=2e-2)
@@ -477,13 +481,24 @@ def test_a_size_far_below_training_is_embedded_with_a_warning(tmp_path, caplog):
     for size, warned in ((32, True), (112, False)):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="embed.config"):
-            build_store(source, ["a"], tmp_path / f"store{size}", "t", info,
-                        EmbedConfig(image_size=size, device="cpu", num_workers=0, progress=False))
+            build_store(
+                source,
+                ["a"],
+                tmp_path / f"store{size}",
+                "t",
+                info,
+                EmbedConfig(image_size=size, device="cpu", num_workers=0, progress=False),
+            )
         said = [r.getMessage() for r in caplog.records if "--image-size" in r.getMessage()]
-        assert said == ([f"--image-size {size}: far below the 224 px the ImageNet weights were trained at (under "
-                         "112 px their features lose most of what they describe); the vectors will be of little use "
-                         "for lesions. Use --image-size 224 unless this is a test or a throughput run"]
-                        if warned else []), size
+        assert said == (
+            [
+                f"--image-size {size}: far below the 224 px the ImageNet weights were trained at (under "
+                "112 px their features lose most of what they describe); the vectors will be of little use "
+                "for lesions. Use --image-size 224 unless this is a test or a throughput run"
+            ]
+            if warned
+            else []
+        ), size
 
 
 def test_an_image_replaced_with_the_same_size_and_time_is_embedded_again(tmp_path, folder, weights):

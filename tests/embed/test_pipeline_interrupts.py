@@ -301,5 +301,3 @@ def test_two_processes_build_one_sharded_store(tmp_path, folder, weights, refere
     assert (
         build_store(FolderSource(folder), None, store, "toy", weights, tiny_config()).embedded == 0
     )
-
-

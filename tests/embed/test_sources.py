@@ -145,7 +145,9 @@ def test_fingerprints_stored_before_the_content_was_recorded_compare_as_they_did
     assert image_changed(f"file:{info.st_size}:{info.st_mtime_ns + 1}", now)
     assert image_changed(f"file:{info.st_size + 1}:{info.st_mtime_ns}", now)
     assert not image_changed(None, now) and not image_changed(older, None)
-    assert image_changed("h5:10:0000abcd", "h5:10:0000abce") and not image_changed("h5:1:ff", "h5:1:ff")
+    assert image_changed("h5:10:0000abcd", "h5:10:0000abce") and not image_changed(
+        "h5:1:ff", "h5:1:ff"
+    )
 
 
 def test_folder_reads_symlinks_inside_the_folder_only(tmp_path):

@@ -74,7 +74,10 @@ def test_store_name():
         == "ham10000-dev-0123456789ab-224px-1v"
     )
     # Other pooled features than the classic layer4 average are named; the classic keeps the old name.
-    assert store_name("d", "ab" * 32, 224, 1, ("layer3", "layer4"), "avg") == "d-abababababab-224px-1v-l34-avg"
+    assert (
+        store_name("d", "ab" * 32, 224, 1, ("layer3", "layer4"), "avg")
+        == "d-abababababab-224px-1v-l34-avg"
+    )
     assert store_name("d", "ab" * 32, 96, 2, ("layer4",), "gem") == "d-abababababab-96px-2v-l4-gem"
 
 
