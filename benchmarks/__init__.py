@@ -2,6 +2,7 @@
 
 - `benchmarks.common`: what the figures were measured on, peak memory, the child-process runner;
 - `benchmarks.embedding`: naive loop / pipeline / model-only ceiling / reader;
+- `benchmarks.images`: the embedding part's images (synthetic or real) and random weights;
 - `benchmarks.store`: the feature store's write and read rates (reported with the embedding part);
 - `benchmarks.gbdt`: features and one 5-fold LightGBM fit beside plain LightGBM on raw columns;
 - `benchmarks.fusion`: one fusion-MLP epoch beside a linear model's pass over the same store;

@@ -28,7 +28,6 @@ scale of ISIC 2024 (401,059 images): `benchmarks.store`. Run: `invoke bench --pa
 
 from __future__ import annotations
 
-import io
 import logging
 import tempfile
 import time
@@ -39,13 +38,14 @@ import numpy as np
 import torch
 
 from benchmarks.common import cpu_count, cpu_name, synchronize
+from benchmarks.images import open_images, random_weights
 from benchmarks.store import bench_store
 from embed.backbone import autocast_context, load_backbone, prepare_model, preprocess
 from embed.config import EmbedConfig, resolve_device, settle_config, settled_sizes
 from embed.errors import EmbedError
 from embed.pipeline import build_store
 from embed.reader import make_loader
-from embed.sources import HDF5Source, ImageSource, decode_image, open_source
+from embed.sources import ImageSource, decode_image
 from embed.store import FeatureStore
 from embed.variants import (
     AUTO,
@@ -67,6 +67,7 @@ __all__ = [
     "TARGET_HARDWARE",
     "bench_embedding",
     "embedding_rows",
+    # re-exported from benchmarks.images, where it is defined
     "random_weights",
     "targets_for",
 ]
@@ -94,45 +95,6 @@ TARGET_HARDWARE = {
 QUICK_VARIANTS = ("eager", "auto")
 # The pipeline's own limit (EmbedConfig.max_pixels), so that the naive loop decodes what it does.
 _MAX_PIXELS = EmbedConfig().max_pixels
-
-
-def _write_synthetic_hdf5(path: Path, n_images: int, seed: int = 0) -> list[str]:
-    """ISIC 2024-like crops: n JPEGs of 96-160 px squares (skin with a darker blotch) in HDF5."""
-    import h5py
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    ids = [f"ISIC_{i:07d}" for i in range(n_images)]
-    with h5py.File(path, "w") as f:
-        for image_id in ids:
-            side = int(rng.integers(96, 161))
-            yy, xx = np.mgrid[0:side, 0:side]
-            cx, cy = rng.uniform(0.35, 0.65, 2) * side
-            r = np.hypot(xx - cx, yy - cy) / side
-            blend = np.clip((r - rng.uniform(0.1, 0.25)) * 8, 0, 1)[..., None]
-            arr = rng.uniform(40, 120, 3) * (1 - blend) + rng.uniform(150, 230, 3) * blend
-            arr = arr + rng.normal(0, 5, (side, side, 3))
-            buf = io.BytesIO()
-            Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
-            f.create_dataset(image_id, data=np.bytes_(buf.getvalue()))
-    return ids
-
-
-def random_weights(path: Path) -> WeightsInfo:
-    """A random-init ResNet-50 state dict in the Keras v1 stride layout (throughput figures only):
-    the same work per image as the real weights, on machines the real weights file cannot reach."""
-    import torchvision
-
-    from common.files import sha256_file
-    from embed.weights import STRIDE_KERAS_V1
-
-    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
-    return WeightsInfo(
-        path=Path(path),
-        sha256=sha256_file(path),
-        source="random init (throughput only)",
-        stride_layout=STRIDE_KERAS_V1,
-    )
 
 
 def _decoded_batch(source: ImageSource, ids, image_size: int) -> torch.Tensor:
@@ -304,25 +266,6 @@ def _pipeline(source, ids, weights, config, work: Path, tag: str) -> float:
     return summary.images_per_s
 
 
-def _open_images(
-    images: Path | None, n_images: int, work: Path
-) -> tuple[ImageSource, list[str], str]:
-    """The bench's images: the first `n_images` of `images`, or synthetic crops in `work`."""
-    if images is None:
-        src_path = work / "images.hdf5"
-        ids = _write_synthetic_hdf5(src_path, n_images)
-        return (
-            HDF5Source(src_path),
-            ids,
-            f"synthetic ISIC-like JPEG crops, 96-160 px, {n_images} in HDF5",
-        )
-    source = open_source(images)
-    ids = source.ids()[:n_images]
-    if len(ids) < n_images:
-        raise EmbedError(f"bench: {images} holds {len(ids)} images, n_images={n_images}")
-    return source, ids, str(images)
-
-
 def bench_embedding(
     weights: WeightsInfo,
     n_images: int = 192,
@@ -355,7 +298,7 @@ def bench_embedding(
     dev = resolve_device(device)
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="lesionfuse-bench-") as tmp:
         work = Path(tmp)
-        src, ids, described = _open_images(images, n_images, work)
+        src, ids, described = open_images(images, n_images, work)
         config = settle_config(
             EmbedConfig(
                 image_size=image_size,
@@ -548,42 +491,97 @@ def embedding_rows(e: dict) -> list[tuple[str, str, str, str, str]]:
     target as it applies on the measured hardware."""
     targets = e.get("targets", TARGETS)
     rows = [
-        ("embed pipeline images/s vs naive loop", f"{e['pipeline_images_per_s']:.1f}",
-         f"{e['naive_images_per_s']:.1f}", f"{e['pipeline_over_naive']:.2f}",
-         f">= {targets['pipeline_over_naive']}"),
-        ("embed pipeline images/s vs model-only ceiling", f"{e['pipeline_images_per_s']:.1f}",
-         f"{e['ceiling_images_per_s']:.1f}", f"{e['pipeline_over_ceiling']:.2f}",
-         f">= {targets['pipeline_over_ceiling']}"),
-    ]  # fmt: skip
+        (
+            "embed pipeline images/s vs naive loop",
+            f"{e['pipeline_images_per_s']:.1f}",
+            f"{e['naive_images_per_s']:.1f}",
+            f"{e['pipeline_over_naive']:.2f}",
+            f">= {targets['pipeline_over_naive']}",
+        ),
+        (
+            "embed pipeline images/s vs model-only ceiling",
+            f"{e['pipeline_images_per_s']:.1f}",
+            f"{e['ceiling_images_per_s']:.1f}",
+            f"{e['pipeline_over_ceiling']:.2f}",
+            f">= {targets['pipeline_over_ceiling']}",
+        ),
+    ]
     if "min_cosine_to_naive" in e:
-        rows.append((f"embed vectors vs naive fp32, min centred cosine ({e['images_checked']} images)",
-                     f"{e['min_cosine_to_naive']:.4f}", "", "", f">= {targets['min_cosine_to_naive']}"))  # fmt: skip
+        rows.append(
+            (
+                f"embed vectors vs naive fp32, min centred cosine ({e['images_checked']} images)",
+                f"{e['min_cosine_to_naive']:.4f}",
+                "",
+                "",
+                f">= {targets['min_cosine_to_naive']}",
+            )
+        )
     variants = e.get("variants", {})
     eager = variants.get("eager")
     for name, v in variants.items():
         if name == "eager":
             continue
         best = name == e.get("best_variant") and "best_variant_over_eager" in targets
-        rows.append((
-            f"embed ceiling images/s, variant {name} ({v['precision']}; setup {v['setup_s'] + v['first_call_s']:.0f} s) vs eager",
-            f"{v['ceiling_images_per_s']:.1f}", f"{eager['ceiling_images_per_s']:.1f}", f"{v['over_eager']:.2f}",
-            f">= {targets['best_variant_over_eager']} (best faithful)" if best else "",
-        ))  # fmt: skip
-        rows.append((
-            f"embed variant {name} vs fp32, centred cosine min / p1",
-            f"{v['centred_cosine_min']:.4f}", f"{v['centred_cosine_p1']:.4f}", "", f">= {MIN_CENTRED_COSINE}",
-        ))  # fmt: skip
+        rows.append(
+            (
+                f"embed ceiling images/s, variant {name} ({v['precision']}; setup "
+                f"{v['setup_s'] + v['first_call_s']:.0f} s) vs eager",
+                f"{v['ceiling_images_per_s']:.1f}",
+                f"{eager['ceiling_images_per_s']:.1f}",
+                f"{v['over_eager']:.2f}",
+                f">= {targets['best_variant_over_eager']} (best faithful)" if best else "",
+            )
+        )
+        rows.append(
+            (
+                f"embed variant {name} vs fp32, centred cosine min / p1",
+                f"{v['centred_cosine_min']:.4f}",
+                f"{v['centred_cosine_p1']:.4f}",
+                "",
+                f">= {MIN_CENTRED_COSINE}",
+            )
+        )
     if (
         eager is not None
         and "best_variant_over_eager" in targets
         and e.get("best_variant") == "eager"
     ):
-        rows.append(("embed best faithful variant ceiling vs eager (none faster)", "eager", "", "1.00",
-                     f">= {targets['best_variant_over_eager']}"))  # fmt: skip
+        rows.append(
+            (
+                "embed best faithful variant ceiling vs eager (none faster)",
+                "eager",
+                "",
+                "1.00",
+                f">= {targets['best_variant_over_eager']}",
+            )
+        )
     if "reader_images_per_s" in e:
-        rows.append(("embed pipeline images/s vs its reader (decode only)", f"{e['pipeline_images_per_s']:.1f}",
-                     f"{e['reader_images_per_s']:.1f}", f"{e['pipeline_over_reader']:.2f}", ""))  # fmt: skip
+        rows.append(
+            (
+                "embed pipeline images/s vs its reader (decode only)",
+                f"{e['pipeline_images_per_s']:.1f}",
+                f"{e['reader_images_per_s']:.1f}",
+                f"{e['pipeline_over_reader']:.2f}",
+                "",
+            )
+        )
     if "store_write_rows_per_s" in e:
-        rows.append((f"store write rows/s ({e['store_rows']} rows)", f"{e['store_write_rows_per_s']}", "", "", ""))  # fmt: skip
-        rows.append((f"store mmap read rows/s ({e['store_rows']} rows)", f"{e['store_read_rows_per_s']}", "", "", ""))  # fmt: skip
+        rows.append(
+            (
+                f"store write rows/s ({e['store_rows']} rows)",
+                f"{e['store_write_rows_per_s']}",
+                "",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                f"store mmap read rows/s ({e['store_rows']} rows)",
+                f"{e['store_read_rows_per_s']}",
+                "",
+                "",
+                "",
+            )
+        )
     return rows

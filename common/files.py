@@ -47,7 +47,8 @@ class WriteError(LesionfuseError):
 
 # What to do about the usual reasons a write fails, by errno.
 _ADVICE = {
-    errno.ENOSPC: "free some space there, or move the artifacts with LESIONFUSE_ARTIFACTS=/other/disk",
+    errno.ENOSPC: "free some space there, or move the artifacts with "
+    "LESIONFUSE_ARTIFACTS=/other/disk",
     errno.EDQUOT: "free some space there (the disk quota is full), or move the artifacts with "
     "LESIONFUSE_ARTIFACTS=/other/disk",
     errno.EROFS: "the file system is mounted read-only: move the artifacts with "
@@ -147,7 +148,8 @@ _AT_FDCWD = -100
 
 
 def _exchange(a: Path, b: Path) -> bool:
-    """Swap `a` and `b` atomically; False where the system or file system cannot (then nothing moved)."""
+    """Swap `a` and `b` atomically; False where the system or file system cannot (then nothing
+    moved)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         renameat2 = libc.renameat2

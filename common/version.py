@@ -8,7 +8,8 @@ __all__ = ["lesionfuse_version"]
 
 
 def lesionfuse_version() -> str:
-    """The installed lesionfuse version, else the one in the checkout's pyproject, else "unknown"."""
+    """The installed lesionfuse version, else the one in the checkout's pyproject, else
+    "unknown"."""
     from importlib import metadata
 
     try:

@@ -4,8 +4,8 @@ A model trained on dermoscopy (a lens pressed on the skin, dark circular corners
 can be handed crops of 3D total-body photographs (small, square, flat-lit, soft). The embedding
 may or may not say so; these cues say it plainly and cheaply, and name what differs in words a
 user understands ("size 140x140 vs training 200x150"). The image side knows nothing of labels
-or metadata, so the cues are plain measurements; `fuse.applicability.detector` compares them with the
-training images'.
+or metadata, so the cues are plain measurements; `fuse.applicability.detector` compares them
+with the training images'.
 
 Every cue is computed from the encoded bytes (size, bytes per pixel) or from one fixed-size
 RGB thumbnail (`THUMB` px square, so that a cue does not depend on the image's resolution):
@@ -253,7 +253,8 @@ def acquisition_cues(
     if len(set(ids)) != len(ids):
         repeated = repeated_ids(ids)
         raise EmbedError(
-            f"acquisition_cues: ids repeat {repeated[:3]} ({len(repeated)} repeats); pass each id once"
+            f"acquisition_cues: ids repeat {repeated[:3]} ({len(repeated)} repeats); pass each id "
+            "once"
         )
     values = np.full((len(ids), len(CUE_NAMES)), np.nan, dtype=np.float64)
     failures: dict[str, str] = {}

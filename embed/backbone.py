@@ -94,8 +94,8 @@ class PooledResNet(torch.nn.Module):
 
     Keeps torchvision's attribute names (conv1, bn1, relu, maxpool, layer1..). Stages after the
     deepest pooled block are dropped: pooling layer3 alone skips layer4's share of the work.
-    `forward` is `pooled_from(forward_to(x, blocks[0]))`; Grad-CAM (`fuse.scoring.saliency`) calls the two
-    halves itself, to take the gradient at the shallowest pooled block.
+    `forward` is `pooled_from(forward_to(x, blocks[0]))`; Grad-CAM (`fuse.scoring.saliency`) calls
+    the two halves itself, to take the gradient at the shallowest pooled block.
     """
 
     # Taken from the torchvision model in __init__ (by name, with the stages).

@@ -136,10 +136,11 @@ class EmbedConfig:
         minimum = min_image_size(self.blocks)
         if self.image_size < minimum:
             raise EmbedError(
-                f"--image-size (EmbedConfig.image_size) {self.image_size}: the backbone needs at least {minimum} px "
-                f"for blocks {','.join(self.blocks)} (below it {self.blocks[-1]}'s map is no longer computed from "
-                f"image, only from padding); use --image-size {minimum} or more ({TRAINED_IMAGE_SIZE}, what the "
-                f"weights were trained at, is the default)"
+                f"--image-size (EmbedConfig.image_size) {self.image_size}: the backbone needs at "
+                f"least {minimum} px for blocks {','.join(self.blocks)} (below it "
+                f"{self.blocks[-1]}'s map is no longer computed from image, only from padding); "
+                f"use --image-size {minimum} or more ({TRAINED_IMAGE_SIZE}, what the weights were "
+                "trained at, is the default)"
             )
         if not isinstance(self.views, int) or not 1 <= self.views <= len(VIEWS):
             raise EmbedError(f"EmbedConfig.views: expected 1..{len(VIEWS)}, got {self.views!r}")
@@ -157,13 +158,15 @@ class EmbedConfig:
             not isinstance(self.num_workers, int) or self.num_workers < 0
         ):
             raise EmbedError(
-                f"EmbedConfig.num_workers: expected None or an integer >= 0, got {self.num_workers!r}"
+                "EmbedConfig.num_workers: expected None or an integer >= 0, got "
+                f"{self.num_workers!r}"
             )
         if not isinstance(self.device, str) or not (
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
         ):
             raise EmbedError(
-                f"EmbedConfig.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
+                "EmbedConfig.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got "
+                f"{self.device!r}"
             )
 
 
@@ -173,9 +176,9 @@ def warn_if_small(config: EmbedConfig) -> None:
     describe the image much less well than at 224 px."""
     if config.image_size < SMALL_IMAGE_SIZE:
         log.warning(
-            "--image-size %d: far below the %d px the ImageNet weights were trained at (under %d px "
-            "their features lose most of what they describe); the vectors will be of little use for "
-            "lesions. Use --image-size %d unless this is a test or a throughput run",
+            "--image-size %d: far below the %d px the ImageNet weights were trained at (under %d "
+            "px their features lose most of what they describe); the vectors will be of little "
+            "use for lesions. Use --image-size %d unless this is a test or a throughput run",
             config.image_size,
             TRAINED_IMAGE_SIZE,
             SMALL_IMAGE_SIZE,

@@ -2,9 +2,9 @@
 
 An embedding identity is the dict of `IDENTITY_FIELDS` (backbone, weights_sha256, preprocessing,
 image_size, views, blocks, pooling, variant, dtype, dim). A feature store records it in its
-manifest; a model trained on a store records it too; anything that combines vectors with a store or a model compares the two
-with `check_identity`, which names the first field that differs (dotted for nested fields, e.g.
-`preprocessing.normalize_mean`) and both values.
+manifest; a model trained on a store records it too; anything that combines vectors with a store or
+a model compares the two with `check_identity`, which names the first field that differs (dotted for
+nested fields, e.g. `preprocessing.normalize_mean`) and both values.
 
 This module depends on nothing but the errors (no torch, no settings), so reading a store's
 identity stays cheap; the identity a run's settings give is `embed.config.embedding_identity`.

@@ -1,11 +1,12 @@
 """The model loop: the frozen backbone over the reader's batches, without a store.
 
 As timm's `inference.py` does, the model runs under `torch.inference_mode()` with AMP and
-channels_last decided once before the loop, and the backbone computed as the run's inference
-variant (`embed.variants`: eager, BatchNorm folded, TorchScript-frozen, compiled, int8). On CUDA up to `_CUDA_BATCHES_IN_FLIGHT` batches stay
-queued on the GPU (their copy back to the host included) while the caller handles an earlier
-one, so the store's writes overlap the model. `embed_ids` yields the vectors batch by batch;
-`embed.pipeline.build_store` writes them to a store, `fuse.scoring.score` uses them directly.
+channels_last decided once before the loop, and the backbone computed as the run's inference variant
+(`embed.variants`: eager, BatchNorm folded, TorchScript-frozen, compiled, int8). On CUDA up to
+`_CUDA_BATCHES_IN_FLIGHT` batches stay queued on the GPU (their copy back to the host included)
+while the caller handles an earlier one, so the store's writes overlap the model. `embed_ids` yields
+the vectors batch by batch; `embed.pipeline.build_store` writes them to a store,
+`fuse.scoring.score` uses them directly.
 """
 
 from __future__ import annotations

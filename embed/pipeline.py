@@ -68,8 +68,8 @@ def build_store(
 
     Raises EmbedError for repeated ids, a bad config, or a store locked by another writer of the
     same part; WriteError (common.files) when the store's folder cannot be written (read-only,
-    full), naming the path; StoreMismatchError when the store was made with other weights, preprocessing,
-    image size or views; EmbedInterrupted as above.
+    full), naming the path; StoreMismatchError when the store was made with other weights,
+    preprocessing, image size or views; EmbedInterrupted as above.
     """
     started = time.perf_counter()
     store_dir = Path(store_dir)

@@ -344,8 +344,9 @@ class FeatureStore:
             )
         m = self.manifest
         msg += (
-            f"; fill the store with `invoke embed --spec <spec of data set "
-            f"{m.get('dataset', '?')!r}> --image-size {m.get('image_size')} --views {m.get('views')}`"
+            "; fill the store with `invoke embed --spec <spec of data set "
+            f"{m.get('dataset', '?')!r}> --image-size {m.get('image_size')} --views "
+            f"{m.get('views')}`"
         )
         return msg
 

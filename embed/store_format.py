@@ -2,8 +2,8 @@
 
 The one place that spells how a store is laid out on disk. `embed.store` reads stores and
 `embed.store_writer` writes them through these names; callers outside `embed` find a store
-(`store_name`, `store_candidates`, `store_folders`) and read the identity it records (`recorded_identity`) here,
-and never build a store's name or read its manifests themselves.
+(`store_name`, `store_candidates`, `store_folders`) and read the identity it records
+(`recorded_identity`) here, and never build a store's name or read its manifests themselves.
 
 Files of a store folder::
 
@@ -102,7 +102,8 @@ def store_name(
     """Directory name of a store: f"{dataset}-{sha[:12]}-{size}px-{views}v", followed by the
     pooled features when they are not the classic layer4 average, e.g. "-l34-gem" for layer3
     and layer4 pooled by GeM (so stores made before blocks were a setting keep their names),
-    and by the variant when it is one that computes another function ("-int8", `UNFAITHFUL_VARIANTS`).
+    and by the variant when it is one that computes another function ("-int8",
+    `UNFAITHFUL_VARIANTS`).
 
     The faithful variants (auto, eager, folded, jit-frozen, compiled) share one name: they compute
     the same function (centred cosine to fp32 eager >= 0.998 per image, as close as eager bf16

@@ -55,7 +55,7 @@ def utc_now() -> str:
 
 
 def write_store_json(directory: Path, name: str, obj) -> str:
-    """`obj` as JSON to `directory/name`, durably and atomically; returns the sha256 of the bytes."""
+    """`obj` as JSON to `directory/name`, durably and atomically; returns the bytes' sha256."""
     data = (json.dumps(obj, indent=1) + "\n").encode()
     atomic_write(directory / name, lambda f: f.write(data), durable=True)
     return hashlib.sha256(data).hexdigest()

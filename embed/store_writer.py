@@ -2,9 +2,9 @@
 re-exported here) folds a sharded build.
 
 The layout is spelt in `embed.store_format`, the reader is `embed.store`. Every file is written
-through `common.files.atomic_write(..., durable=True)` and hashed as it is written, so the manifest's
-per-shard sha256 values are those of the bytes on disk. One writer per part at a time: each
-holds a `filelock` lock (`.lock-part-<i>-of-<n>`, or `.lock-manifest` for the whole store),
+through `common.files.atomic_write(..., durable=True)` and hashed as it is written, so the
+manifest's per-shard sha256 values are those of the bytes on disk. One writer per part at a time:
+each holds a `filelock` lock (`.lock-part-<i>-of-<n>`, or `.lock-manifest` for the whole store),
 which the kernel releases if its process dies.
 """
 
@@ -246,12 +246,13 @@ class StoreWriter:
         want = self.identity.get("variant")
         if want is not None and have != want:
             return (
-                f"the store keeps the variant it was built with: rerun with --variant {have} (or --variant "
-                f"auto, which keeps it), or move the store {str(self.path)!r} away to rebuild it with {want}"
+                f"the store keeps the variant it was built with: rerun with --variant {have} (or "
+                f"--variant auto, which keeps it), or move the store {str(self.path)!r} away to "
+                f"rebuild it with {want}"
             )
         return (
-            f"rerun with the settings it was built with, or move the store {str(self.path)!r} away to "
-            "rebuild it with these"
+            f"rerun with the settings it was built with, or move the store {str(self.path)!r} away "
+            "to rebuild it with these"
         )
 
     def _load(self) -> None:

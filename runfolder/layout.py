@@ -12,7 +12,8 @@
     <run>/stack/final.json       the final model's name and operating threshold
     <run>/report/                report.md, index.html, metrics.json and the plots
     <run>/<stage>.new-<pid>/     a stage being rewritten (swapped in whole when complete)
-    <run>/fusion.new/            the fusion stage being trained: its finished folds, kept for a rerun
+    <run>/fusion.new/            the fusion stage being trained: its finished folds, kept for a
+                                 rerun
     <run>/unembedded-ids.csv     ids a stage wanted but the feature store lacks, with the reason
 
 Stages ask this module for paths and for "is it there" checks, which name the command that
@@ -131,15 +132,16 @@ class RunLayout:
     # -- a stage written beside the old one and swapped in whole
 
     def in_progress(self, name: str, resumable: bool = False) -> Path:
-        """Where stage `name` is being rewritten: `<name>.new/` (resumable) or `<name>.new-<pid>/`."""
+        """Where stage `name` is being rewritten: `<name>.new/` (resumable) or
+        `<name>.new-<pid>/`."""
         return self.dir / (f"{name}.new" if resumable else f"{name}.new-{os.getpid()}")
 
     @contextlib.contextmanager
     def rewriting(
         self, name: str, *, resumable: bool = False, carry: tuple[str, ...] = ()
     ) -> Iterator[Path]:
-        """Yield a new, empty (or, when `resumable`, partly done) folder for stage `name`; swap it in
-        as `<run>/<name>/` when the block ends without an error.
+        """Yield a new, empty (or, when `resumable`, partly done) folder for stage `name`; swap it
+        in as `<run>/<name>/` when the block ends without an error.
 
         `carry`: glob patterns of files of the old stage that live on in the new one (the
         default Optuna study, `optuna.db*`) when the new folder has none of that name; they are
@@ -229,12 +231,14 @@ class RunLayout:
         if not path.is_file():
             command = MADE_BY.get(stage, f"the {stage} stage")
             raise RunError(
-                f"run {self.dir}: stage '{stage}' is missing ({path} not found); make it with `{command}`"
+                f"run {self.dir}: stage '{stage}' is missing ({path} not found); make it with "
+                f"`{command}`"
             )
         return path
 
     def read_json(self, stage: str, name: str) -> dict:
-        """`<stage>/<name>`'s content; RunError naming the command that makes the stage when absent."""
+        """`<stage>/<name>`'s content; RunError naming the command that makes the stage when
+        absent."""
         return json.loads(self.require_file(stage, name).read_text())
 
     def read_record(self) -> dict:
@@ -290,8 +294,8 @@ class RunLayout:
         if wrong_fold.any():
             raise RunError(
                 f"{path}: folds differ from the run's folds.csv for ids "
-                f"{preview(list(wanted[wrong_fold]))}; its predictions are not out of fold for this "
-                f"run; {retrain}"
+                f"{preview(list(wanted[wrong_fold]))}; its predictions are not out of fold for "
+                f"this run; {retrain}"
             )
         if target is not None and "target" in aligned.columns:
             wrong_target = aligned["target"].to_numpy() != target

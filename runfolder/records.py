@@ -83,10 +83,11 @@ def different_rows(run: RunLayout, records: dict[str, dict]) -> str | None:
         # The stage trained first read the older vectors: it is the one to retrain.
         older = min((first_stage, stage), key=lambda s: run.store_record(s).stat().st_mtime)
         return (
-            f"run {run.dir}: stages '{first_stage}' and '{stage}' were trained on different data from "
-            f"the same feature store: {what} (vectors sha256 {first.get('vectors_sha256', '?')[:12]} in "
-            f"'{first_stage}', {digest.get('vectors_sha256', '?')[:12]} in '{stage}'); retrain the older "
-            f"one, '{older}', on the store as it is now: `{MADE_BY.get(older, older)}`"
+            f"run {run.dir}: stages '{first_stage}' and '{stage}' were trained on different data "
+            f"from the same feature store: {what} (vectors sha256 "
+            f"{first.get('vectors_sha256', '?')[:12]} in '{first_stage}', "
+            f"{digest.get('vectors_sha256', '?')[:12]} in '{stage}'); retrain the older one, "
+            f"'{older}', on the store as it is now: `{MADE_BY.get(older, older)}`"
         )
     return None
 

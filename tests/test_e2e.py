@@ -92,7 +92,8 @@ def world(tmp_path_factory, shared_data):
     rows.to_csv(isic / "metadata.csv", index=False)
     spec2020 = (shared_data / "isic2020" / "dataset.toml").read_text()
     (isic / "dataset.toml").write_text(spec2020)
-    # New patients to score with the tabular-only run: rows of the full file no training row shares a patient with.
+    # New patients to score with the tabular-only run: rows of the full file no training row
+    # shares a patient with.
     everyone = pd.read_csv(shared_data / "isic2020" / "metadata.csv")
     new_patients = (
         everyone[~everyone.patient_id.isin(rows.patient_id)].head(20).drop(columns=["target"])
@@ -360,7 +361,8 @@ def test_changed_images_are_embedded_again(world, tmp_path):
 
 
 def test_the_tabular_only_run_is_stacked_and_scores_new_patients(world):
-    """`invoke stack --run R` on a run with only gbdt/, then `invoke score --run R --metadata CSV --out P`."""
+    """`invoke stack --run R` on a run with only gbdt/, then `invoke score --run R --metadata CSV
+    --out P`."""
     env, spec = world["env"], str(world["isic2020"])
     invoke(env, "train-gbdt", "--spec", spec, "--run", "tab-final")
     out = invoke(env, "stack", "--run", "tab-final")

@@ -137,8 +137,8 @@ def test_a_reembedded_image_retrains_fusion_and_stack_refuses_the_older_gbdt(tin
         in done.stderr
     )
     assert (
-        "retrain the older one, 'gbdt', on the store as it is now: `invoke train-gbdt --spec S --run R`"
-        in done.stderr
+        "retrain the older one, 'gbdt', on the store as it is now: `invoke train-gbdt --spec S "
+        "--run R`" in done.stderr
     )
 
     train_gbdt(

@@ -1,4 +1,5 @@
-"""`invoke bench --quick`, the README's command, run as a user types it: every part, in a subprocess.
+"""`invoke bench --quick`, the README's command, run as a user types it: every part, in a
+subprocess.
 
 Sized to run in about a minute or two on a loaded 2-core machine while going through the same code
 as the plain command: a random-initialised ResNet-50 saved as a state dict (`--weights`), 4 images

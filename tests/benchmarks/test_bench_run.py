@@ -1,4 +1,5 @@
-"""`invoke bench`: its options, the JSON it writes and the printed table (figure, baseline, ratio)."""
+"""`invoke bench`: its options, the JSON it writes and the printed table (figure, baseline,
+ratio)."""
 
 from __future__ import annotations
 
@@ -133,8 +134,8 @@ def test_table_shows_each_target():
 
 
 def test_gbdt_targets_name_the_hardware_and_the_row_count_they_hold_for():
-    """At 401,059 rows: the seconds target holds on the idle 2-core EPYC, the time ratio where LightGBM
-    runs one thread, the pAUC80 target (its noise measured there) on any CPU."""
+    """At 401,059 rows: the seconds target holds on the idle 2-core EPYC, the time ratio where
+    LightGBM runs one thread, the pAUC80 target (its noise measured there) on any CPU."""
     full = {**RESULT["parts"]["gbdt"][0], "rows": 401059}
     table = format_table({"machine": RESULT["machine"], "parts": {"gbdt": [full]}})
     fit = " ".join(
@@ -221,7 +222,8 @@ def test_bad_options_are_refused_before_any_work(tmp_path, options, message):
 
 
 def test_embedding_part_alone_with_random_weights(tmp_path, capsys):
-    """`invoke bench --parts embedding --random-weights ...`: no weights file, one part, its JSON."""
+    """`invoke bench --parts embedding --random-weights ...`: no weights file, one part, its
+    JSON."""
     out = tmp_path / "out" / "gpu-bench.json"
     result = run_bench(
         out=out,

@@ -1,4 +1,5 @@
-"""Backbone: frozen model, stride layout, preprocessing, precision; the real-weights ImageNet check."""
+"""Backbone: frozen model, stride layout, preprocessing, precision; the real-weights ImageNet
+check."""
 
 from __future__ import annotations
 
@@ -115,7 +116,8 @@ def test_pooling_a_shallower_block_alone_skips_the_deeper_stages(random_weights)
         (
             ("layer5",),
             "avg",
-            r"^blocks: expected one or more distinct of \['layer1', 'layer2', 'layer3', 'layer4'\] \(e.g. 'layer3,layer4'\), got \['layer5'\]$",
+            r"^blocks: expected one or more distinct of \['layer1', 'layer2', 'layer3', "
+            r"'layer4'\] \(e.g. 'layer3,layer4'\), got \['layer5'\]$",
         ),
         (("layer3", "layer3"), "avg", r"got \['layer3', 'layer3'\]$"),
         ("", "avg", r"got \[\]$"),

@@ -445,7 +445,8 @@ def test_a_symlink_out_of_the_image_folder_is_a_failure_and_the_run_goes_on(
 
 def test_the_smallest_usable_size_keeps_a_map_of_one_cell_at_the_deepest_block():
     """The minimum is exact: at it the deepest block's map is 1 x 1 and no earlier stage has
-    collapsed to 1 x 1 before its last downsampling (that is what the size is refused for below it)."""
+    collapsed to 1 x 1 before its last downsampling (that is what the size is refused for below
+    it)."""
     import torchvision
 
     from embed.pooled import min_image_size
@@ -492,9 +493,10 @@ def test_a_size_far_below_training_is_embedded_with_a_warning(tmp_path, caplog):
         said = [r.getMessage() for r in caplog.records if "--image-size" in r.getMessage()]
         assert said == (
             [
-                f"--image-size {size}: far below the 224 px the ImageNet weights were trained at (under "
-                "112 px their features lose most of what they describe); the vectors will be of little use "
-                "for lesions. Use --image-size 224 unless this is a test or a throughput run"
+                f"--image-size {size}: far below the 224 px the ImageNet weights were trained at "
+                "(under 112 px their features lose most of what they describe); the vectors will "
+                "be of little use for lesions. Use --image-size 224 unless this is a test or a "
+                "throughput run"
             ]
             if warned
             else []

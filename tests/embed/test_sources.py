@@ -289,7 +289,8 @@ def test_too_many_pixels_is_refused_before_decoding():
     data = _png(Image.new("RGB", (100, 80)))
     with pytest.raises(
         EmbedError,
-        match=r"image 'big': 100x80 = 8000 pixels exceeds max_pixels=5000; refused as a possible decompression bomb",
+        match=r"image 'big': 100x80 = 8000 pixels exceeds max_pixels=5000; refused as a possible "
+        r"decompression bomb",
     ):
         decode_image(data, "big", 5000)
     assert decode_image(data, "big", 8000).size == (100, 80)

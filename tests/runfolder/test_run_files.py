@@ -1,4 +1,5 @@
-"""The run's shared files: paths, the one "stage missing" message, atomic writes, out-of-fold files."""
+"""The run's shared files: paths, the one "stage missing" message, atomic writes, out-of-fold
+files."""
 
 import json
 
