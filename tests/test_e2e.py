@@ -53,6 +53,16 @@ def invoke(env: dict, *args: str, check: bool = True) -> subprocess.CompletedPro
     return done
 
 
+def _embed(env: dict, spec: str, weights: str, image_size: int = 32) -> subprocess.CompletedProcess:
+    """`invoke embed` of `spec` at `image_size` px on the CPU, decoding in the main process."""
+    return invoke(
+        env,
+        "embed",
+        *("--spec", spec, "--image-size", str(image_size), "--weights", weights),
+        *("--device", "cpu", "--workers", "0"),
+    )
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, shared_data):
     """Data sets, weights and an artifacts folder of its own."""
@@ -127,20 +137,7 @@ def trained(world):
     """embed -> train-gbdt -> train-fusion -> stack, through invoke."""
     env, spec, weights = world["env"], str(world["spec"]), str(world["weights"])
     invoke(env, "weights", "--weights", weights)
-    out = invoke(
-        env,
-        "embed",
-        "--spec",
-        spec,
-        "--image-size",
-        "32",
-        "--weights",
-        weights,
-        "--device",
-        "cpu",
-        "--workers",
-        "0",
-    )
+    out = _embed(env, spec, weights)
     assert "store:" in out.stdout
     store = str(_store(world, 32))
     invoke(env, "train-gbdt", "--spec", spec, "--run", "r", "--store", store, "--image-pca", "4")
@@ -263,20 +260,7 @@ def test_stages_trained_on_stores_of_other_sizes_are_refused(world, trained):
     """The LightGBM stage read a 32 px store; a fusion stage on a 40 px store would need another
     embedding of every scored image: refused, naming the field and the stage."""
     env, spec, weights = world["env"], str(world["spec"]), str(world["weights"])
-    invoke(
-        env,
-        "embed",
-        "--spec",
-        spec,
-        "--image-size",
-        "40",
-        "--weights",
-        weights,
-        "--device",
-        "cpu",
-        "--workers",
-        "0",
-    )
+    _embed(env, spec, weights, image_size=40)
     invoke(
         env,
         "train-gbdt",
@@ -320,35 +304,9 @@ def test_changed_images_are_embedded_again(world, tmp_path):
     spec.write_text(SPEC.format(images=images))
     shutil.copy(world["spec"].parent / "metadata.csv", tmp_path / "metadata.csv")
     store = world["env"]["LESIONFUSE_ARTIFACTS"]
-    invoke(
-        env,
-        "embed",
-        "--spec",
-        str(world["spec"]),
-        "--image-size",
-        "32",
-        "--weights",
-        weights,
-        "--device",
-        "cpu",
-        "--workers",
-        "0",
-    )  # the original store, complete
+    _embed(env, str(world["spec"]), weights)  # the original store, complete
     before = {p.name for p in Path(store).glob("stores/ham-e2e-*-32px-1v*/shard-*.npy")}
-    done = invoke(
-        env,
-        "embed",
-        "--spec",
-        str(spec),
-        "--image-size",
-        "32",
-        "--weights",
-        weights,
-        "--device",
-        "cpu",
-        "--workers",
-        "0",
-    )
+    done = _embed(env, str(spec), weights)
     assert "5 image(s) changed since they were embedded" in done.stderr
     after = {p.name for p in Path(store).glob("stores/ham-e2e-*-32px-1v*/shard-*.npy")}
     assert len(after - before) >= 1  # the new vectors went into a new shard

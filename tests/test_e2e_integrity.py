@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
-from tinyrun import train_tiny_run
+from tinyrun import tiny_fusion_config, tiny_gbdt_config, train_tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 INVOKE = Path(sys.executable).parent / "invoke"
@@ -77,20 +77,12 @@ def stage_bytes(run: Path, *stages: str) -> dict:
 
 def retrain_tiny_fusion(tiny: dict, run: Path | None = None) -> dict:
     from fuse.fusion import train_fusion
-    from fuse.fusion.model import FusionConfig
 
     return train_fusion(
         tiny["spec"],
         run or tiny["run"],
         tiny["store"],
-        FusionConfig(
-            max_epochs=2,
-            image_hidden=16,
-            meta_hidden=8,
-            fused_hidden=8,
-            batch_size=32,
-            device="cpu",
-        ),
+        tiny_fusion_config(),
         baselines=False,
     )
 
@@ -101,7 +93,6 @@ def retrain_tiny_fusion(tiny: dict, run: Path | None = None) -> dict:
 def test_a_reembedded_image_retrains_fusion_and_stack_refuses_the_older_gbdt(tiny):
     from fuse.commands import embed_spec, train_gbdt
     from fuse.fusion import cross_validation
-    from tabular.gbdt import GBDTConfig
 
     run = tiny["run"]
     before = pd.read_csv(run / "fusion" / "oof.csv")
@@ -146,13 +137,7 @@ def test_a_reembedded_image_retrains_fusion_and_stack_refuses_the_older_gbdt(tin
         run,
         image_pca=4,
         store=tiny["store"],
-        config=GBDTConfig(
-            seeds=(0,),
-            extra_components=4,
-            num_boost_round=40,
-            early_stopping_rounds=10,
-            num_threads=1,
-        ),
+        config=tiny_gbdt_config(),
     )
     done = invoke("stack", "--run", str(run))
     assert done.returncode == 0, done.stderr

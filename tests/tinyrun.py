@@ -8,7 +8,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["train_tiny_run", "train_tiny_tabular_run"]
+__all__ = ["tiny_fusion_config", "tiny_gbdt_config", "train_tiny_run", "train_tiny_tabular_run"]
+
+
+def tiny_gbdt_config():
+    """The LightGBM settings of the tiny run: one seed, 40 rounds, 4 image components, 1 thread."""
+    from tabular.gbdt import GBDTConfig
+
+    return GBDTConfig(
+        seeds=(0,),
+        extra_components=4,
+        num_boost_round=40,
+        early_stopping_rounds=10,
+        num_threads=1,
+    )
+
+
+def tiny_fusion_config():
+    """The fusion settings of the tiny run: two epochs of a small MLP on the CPU."""
+    from fuse.fusion.model import FusionConfig
+
+    return FusionConfig(
+        max_epochs=2,
+        image_hidden=16,
+        meta_hidden=8,
+        fused_hidden=8,
+        batch_size=32,
+        device="cpu",
+    )
 
 
 def train_tiny_run(root: Path, image_size: int = 32) -> dict:
@@ -22,9 +49,7 @@ def train_tiny_run(root: Path, image_size: int = 32) -> dict:
     from fuse.commands import embed_spec, train_gbdt
     from fuse.demo.synthetic import make_isic2024_like
     from fuse.fusion import train_fusion
-    from fuse.fusion.model import FusionConfig
     from fuse.stacking.stack import StackConfig, stack
-    from tabular.gbdt import GBDTConfig
     from tabular.spec import load_spec
 
     data = root / "data"
@@ -55,26 +80,13 @@ def train_tiny_run(root: Path, image_size: int = 32) -> dict:
         run,
         image_pca=4,
         store=summary.store_dir,
-        config=GBDTConfig(
-            seeds=(0,),
-            extra_components=4,
-            num_boost_round=40,
-            early_stopping_rounds=10,
-            num_threads=1,
-        ),
+        config=tiny_gbdt_config(),
     )
     train_fusion(
         spec,
         run,
         summary.store_dir,
-        FusionConfig(
-            max_epochs=2,
-            image_hidden=16,
-            meta_hidden=8,
-            fused_hidden=8,
-            batch_size=32,
-            device="cpu",
-        ),
+        tiny_fusion_config(),
         baselines=False,
     )
     stack(run, config=StackConfig(num_boost_round=30))
