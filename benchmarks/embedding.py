@@ -331,9 +331,8 @@ def bench_embedding(
             weights, names, dev, amp, src, ids, image_size, bench.batch_size
         )
         runs, variant_runs = _measure_rounds(bench, prepared, rounds)
-        checked = ids[
-            : min(len(ids), 2 * bench.batch_size + 1)
-        ]  # spans queued batches and a last one
+        # The images checked against naive span queued batches and a last one.
+        checked = ids[: min(len(ids), 2 * bench.batch_size + 1)]
         agreement = _min_cosine_to_naive(
             work / "store-r0", src, checked, bench.naive_model, dev, image_size
         )
