@@ -24,8 +24,17 @@ from pathlib import Path
 from runfolder.errors import RunError
 
 __all__ = [
-    "CHILD_STDERR_CHARS", "ISIC2024_PATIENTS", "ISIC2024_ROWS", "REPO", "child_main", "cpu_count",
-    "cpu_name", "machine", "peak_rss_bytes", "ru_maxrss_bytes", "run_child", "synchronize"
+    "ISIC2024_PATIENTS",
+    "ISIC2024_ROWS",
+    "REPO",
+    "child_main",
+    "cpu_count",
+    "cpu_name",
+    "machine",
+    "peak_rss_bytes",
+    "ru_maxrss_bytes",
+    "run_child",
+    "synchronize",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +43,7 @@ ISIC2024_ROWS = 401_059
 ISIC2024_PATIENTS = 1_042
 
 # The last characters of a failed child's stderr kept in the error message.
-CHILD_STDERR_CHARS = 1500
+_CHILD_STDERR_CHARS = 1500
 
 
 def cpu_name() -> str:
@@ -60,8 +69,13 @@ def machine() -> dict:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu_name(), "cores": cpu_count(), "gpu": gpu, "torch": torch.__version__,
-            "python": platform.python_version()}
+    return {
+        "cpu": cpu_name(),
+        "cores": cpu_count(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def ru_maxrss_bytes() -> int:
@@ -117,12 +131,15 @@ def run_child(target: str, kwargs: dict, *, label: str, error: type[Exception] =
         result_path = Path(tmp) / "result.json"
         done = subprocess.run(
             [sys.executable, "-c", code, target, json.dumps(kwargs), str(result_path)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         if done.returncode != 0 or not result_path.is_file():
             raise error(
                 f"bench: the {label} child process failed (exit code {done.returncode}): "
-                f"{done.stderr.strip()[-CHILD_STDERR_CHARS:]}"
+                f"{done.stderr.strip()[-_CHILD_STDERR_CHARS:]}"
             )
         return json.loads(result_path.read_text())
 

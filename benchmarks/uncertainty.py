@@ -25,10 +25,10 @@ from benchmarks.common import ISIC2024_PATIENTS, ISIC2024_ROWS, cpu_count, peak_
 
 __all__ = ["bench_bootstrap", "measure_bootstrap"]
 
-ISIC2024_PREVALENCE = 0.00098
-HAM10000_PREVALENCE = 1552 / 8034
-HAM10000_GROUPS_PER_ROW = 6000 / 8034
-LARGE = 100_000
+_ISIC2024_PREVALENCE = 0.00098
+_HAM10000_PREVALENCE = 1552 / 8034
+_HAM10000_GROUPS_PER_ROW = 6000 / 8034
+_LARGE = 100_000
 
 
 def _table(rows: int, positives: int, groups: int, models: int, seed: int):
@@ -36,8 +36,10 @@ def _table(rows: int, positives: int, groups: int, models: int, seed: int):
     y = np.zeros(rows, np.int8)
     y[rng.choice(rows, positives, replace=False)] = 1
     group = rng.integers(0, groups, rows)
-    scores = {f"model{i}": 1.0 / (1.0 + np.exp(-(1.5 * y + rng.normal(size=rows) - 4.0)))
-              for i in range(models)}
+    scores = {
+        f"model{i}": 1.0 / (1.0 + np.exp(-(1.5 * y + rng.normal(size=rows) - 4.0)))
+        for i in range(models)
+    }
     return y, scores, group
 
 
@@ -47,8 +49,9 @@ def _naive(y, scores, group, threshold: float, resamples: int, seed: int) -> flo
 
     rng = np.random.default_rng(seed)
     n_groups = int(group.max()) + 1
-    rows_of = np.split(np.argsort(group, kind="stable"),
-                       np.cumsum(np.bincount(group, minlength=n_groups))[:-1])
+    rows_of = np.split(
+        np.argsort(group, kind="stable"), np.cumsum(np.bincount(group, minlength=n_groups))[:-1]
+    )
     start = time.perf_counter()
     for _ in range(resamples):
         take = np.concatenate([rows_of[g] for g in rng.integers(0, n_groups, n_groups)])
@@ -60,8 +63,15 @@ def _naive(y, scores, group, threshold: float, resamples: int, seed: int) -> flo
     return (time.perf_counter() - start) / resamples
 
 
-def measure_bootstrap(rows: int, positives: int, groups: int, models: int, n_resamples: int,
-                      seed: int, baseline_resamples: int) -> dict:
+def measure_bootstrap(
+    rows: int,
+    positives: int,
+    groups: int,
+    models: int,
+    n_resamples: int,
+    seed: int,
+    baseline_resamples: int,
+) -> dict:
     """In this process: time `bootstrap_figures` once and the naive loop on a few resamples."""
     from tabular.uncertainty import bootstrap_figures
 
@@ -70,10 +80,14 @@ def measure_bootstrap(rows: int, positives: int, groups: int, models: int, n_res
     cpu0, start = time.process_time(), time.perf_counter()
     result = bootstrap_figures(y, scores, group, threshold, n_resamples=n_resamples, seed=seed)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
-    naive = _naive(y, scores, group, threshold, baseline_resamples, seed) \
-        if baseline_resamples else None
+    naive = (
+        _naive(y, scores, group, threshold, baseline_resamples, seed)
+        if baseline_resamples
+        else None
+    )
     return {
-        "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3),
+        "seconds": round(seconds, 3),
+        "cpu_seconds": round(cpu, 3),
         "peak_rss_bytes": peak_rss_bytes(),
         "baseline_seconds_per_resample": None if naive is None else round(naive, 4),
         "baseline_seconds_scaled": None if naive is None else round(naive * n_resamples, 1),
@@ -81,9 +95,16 @@ def measure_bootstrap(rows: int, positives: int, groups: int, models: int, n_res
     }
 
 
-def bench_bootstrap(rows: int = ISIC2024_ROWS, *, positives: int | None = None,
-                    groups: int | None = None, models: int = 3, n_resamples: int = 1000,
-                    seed: int = 0, baseline_resamples: int = 2) -> dict:
+def bench_bootstrap(
+    rows: int = ISIC2024_ROWS,
+    *,
+    positives: int | None = None,
+    groups: int | None = None,
+    models: int = 3,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    baseline_resamples: int = 2,
+) -> dict:
     """Seconds and peak memory of the report's bootstrap (models x 6 figures x n_resamples).
 
     Args:
@@ -99,16 +120,28 @@ def bench_bootstrap(rows: int = ISIC2024_ROWS, *, positives: int | None = None,
         peak_rss_bytes, baseline_seconds_per_resample, baseline_seconds_scaled,
         roc_auc_interval, cores, load_average.
     """
-    large = rows >= LARGE
+    large = rows >= _LARGE
     if positives is None:
-        positives = max(2, round(rows * (ISIC2024_PREVALENCE if large else HAM10000_PREVALENCE)))
+        positives = max(2, round(rows * (_ISIC2024_PREVALENCE if large else _HAM10000_PREVALENCE)))
     if groups is None:
-        groups = ISIC2024_PATIENTS if large else max(2, round(rows * HAM10000_GROUPS_PER_ROW))
-    kwargs = {"rows": rows, "positives": positives, "groups": groups, "models": models,
-              "n_resamples": n_resamples, "seed": seed, "baseline_resamples": baseline_resamples}
+        groups = ISIC2024_PATIENTS if large else max(2, round(rows * _HAM10000_GROUPS_PER_ROW))
+    kwargs = {
+        "rows": rows,
+        "positives": positives,
+        "groups": groups,
+        "models": models,
+        "n_resamples": n_resamples,
+        "seed": seed,
+        "baseline_resamples": baseline_resamples,
+    }
     measured = run_child("benchmarks.uncertainty:measure_bootstrap", kwargs, label="bootstrap")
-    return {**kwargs, "figures": 6, **measured, "cores": cpu_count(),
-            "load_average": round(os.getloadavg()[0], 2)}
+    return {
+        **kwargs,
+        "figures": 6,
+        **measured,
+        "cores": cpu_count(),
+        "load_average": round(os.getloadavg()[0], 2),
+    }
 
 
 if __name__ == "__main__":

@@ -1,1 +1,3 @@
 """Helpers every side of lesionfuse shares: the base error, atomic files, hashes, the version."""
+
+__all__: list[str] = []  # the modules are imported by name: common.files, common.errors...

@@ -21,4 +21,3 @@ def preview(values, limit: int = 5) -> str:
     shown = ", ".join(values[:limit])
     more = f", ... ({len(values) - limit} more)" if len(values) > limit else ""
     return f"{len(values)}: {shown}{more}"
-

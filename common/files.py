@@ -27,8 +27,15 @@ from typing import BinaryIO
 from common.errors import LesionfuseError
 
 __all__ = [
-    "WriteError", "atomic_write", "atomic_write_json", "atomic_write_text", "fsync_dir", "replace_dir",
-    "reporting_write_errors", "restore_dir", "sha256_file", "write_error_message",
+    "WriteError",
+    "atomic_write",
+    "atomic_write_json",
+    "atomic_write_text",
+    "fsync_dir",
+    "replace_dir",
+    "reporting_write_errors",
+    "restore_dir",
+    "sha256_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -40,24 +47,28 @@ class WriteError(LesionfuseError):
 
 # What to do about the usual reasons a write fails, by errno.
 _ADVICE = {
-    errno.ENOSPC: "free some space there, or move the artifacts with LESIONFUSE_ARTIFACTS=/other/disk",
+    errno.ENOSPC: "free some space there, or move the artifacts with "
+    "LESIONFUSE_ARTIFACTS=/other/disk",
     errno.EDQUOT: "free some space there (the disk quota is full), or move the artifacts with "
-                  "LESIONFUSE_ARTIFACTS=/other/disk",
+    "LESIONFUSE_ARTIFACTS=/other/disk",
     errno.EROFS: "the file system is mounted read-only: move the artifacts with "
-                 "LESIONFUSE_ARTIFACTS=/writable/folder (or --run / --store / --out elsewhere)",
+    "LESIONFUSE_ARTIFACTS=/writable/folder (or --run / --store / --out elsewhere)",
     errno.EACCES: "make the folder writable for this user, or move the artifacts with "
-                  "LESIONFUSE_ARTIFACTS=/writable/folder",
+    "LESIONFUSE_ARTIFACTS=/writable/folder",
     errno.EPERM: "make the folder writable for this user, or move the artifacts with "
-                 "LESIONFUSE_ARTIFACTS=/writable/folder",
+    "LESIONFUSE_ARTIFACTS=/writable/folder",
 }
+_GENERAL_ADVICE = "check that the folder exists and can be written, then run the command again"
 
 
-def write_error_message(what: str, error: OSError, path: Path | str | None = None) -> str:
+def _write_error_message(what: str, error: OSError, path: Path | str | None = None) -> str:
     """'<what>: cannot write <path>: <reason> (<ERRNO>); <what to do>' for an OSError."""
     where = error.filename if error.filename is not None else path
     code = errno.errorcode.get(error.errno, "") if error.errno is not None else ""
     reason = error.strerror or str(error) or type(error).__name__
-    advice = _ADVICE.get(error.errno, "check that the folder exists and can be written, then run the command again")
+    advice = (
+        _ADVICE.get(error.errno, _GENERAL_ADVICE) if error.errno is not None else _GENERAL_ADVICE
+    )
     return f"{what}: cannot write {where}: {reason}{f' ({code})' if code else ''}; {advice}"
 
 
@@ -74,11 +85,15 @@ def reporting_write_errors(what: str, path: Path | str | None = None) -> Iterato
     try:
         yield
     except OSError as error:
-        raise WriteError(write_error_message(what, error, path)) from error
+        raise WriteError(_write_error_message(what, error, path)) from error
 
 
-def atomic_write(path: Path | str, write: Callable[[BinaryIO], None], *, durable: bool = False) -> Path:
+def atomic_write(
+    path: Path | str, write: Callable[[BinaryIO], object], *, durable: bool = False
+) -> Path:
     """Call `write(f)` on a temporary file beside `path`, then rename it to `path`.
+
+    What `write` returns is ignored (`f.write` returns the byte count).
 
     `durable=True` also fsyncs the file and its folder (for stores that must survive a power
     loss, not only a killed process). The temporary file is removed when `write` raises.
@@ -106,7 +121,9 @@ def atomic_write_text(path: Path | str, text: str, *, durable: bool = False) -> 
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")), durable=durable)
 
 
-def atomic_write_json(path: Path | str, obj, *, indent: int | None = 2, durable: bool = False) -> Path:
+def atomic_write_json(
+    path: Path | str, obj, *, indent: int | None = 2, durable: bool = False
+) -> Path:
     """`obj` as JSON to `path`, atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=indent), durable=durable)
 
@@ -131,13 +148,20 @@ _AT_FDCWD = -100
 
 
 def _exchange(a: Path, b: Path) -> bool:
-    """Swap `a` and `b` atomically; False where the system or file system cannot (then nothing moved)."""
+    """Swap `a` and `b` atomically; False where the system or file system cannot (then nothing
+    moved)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         renameat2 = libc.renameat2
     except (OSError, AttributeError):
         return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
     code = ctypes.get_errno()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+__all__ = ["lesionfuse_version"]
+
 
 def lesionfuse_version() -> str:
-    """The installed lesionfuse version, else the one in the checkout's pyproject, else "unknown"."""
+    """The installed lesionfuse version, else the one in the checkout's pyproject, else
+    "unknown"."""
     from importlib import metadata
 
     try:

@@ -15,16 +15,27 @@ from pathlib import Path
 
 from PIL import Image
 
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+__all__ = ["main", "screenshot"]
+
+_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
-def screenshot(page_path: Path, out: Path, width: int, height: int, scale: float, colors: int) -> int:
+def screenshot(
+    page_path: Path, out: Path, width: int, height: int, scale: float, colors: int
+) -> int:
     from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=FLAGS)
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=_FLAGS)
         page = browser.new_page(viewport={"width": width, "height": height})
         page.goto(page_path.resolve().as_uri(), wait_until="load")
         png = page.screenshot(full_page=False)
@@ -32,10 +43,12 @@ def screenshot(page_path: Path, out: Path, width: int, height: int, scale: float
     with Image.open(io.BytesIO(png)) as image:
         image = image.convert("RGB")
         if scale != 1:
-            image = image.resize((round(image.width * scale), round(image.height * scale)),
-                                 Image.Resampling.LANCZOS)
-        image.quantize(colors=colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
-            out, optimize=True)
+            image = image.resize(
+                (round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS
+            )
+        image.quantize(
+            colors=colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE
+        ).save(out, optimize=True)
     return out.stat().st_size
 
 

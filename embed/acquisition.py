@@ -4,8 +4,8 @@ A model trained on dermoscopy (a lens pressed on the skin, dark circular corners
 can be handed crops of 3D total-body photographs (small, square, flat-lit, soft). The embedding
 may or may not say so; these cues say it plainly and cheaply, and name what differs in words a
 user understands ("size 140x140 vs training 200x150"). The image side knows nothing of labels
-or metadata, so the cues are plain measurements; `fuse.applicability.detector` compares them with the
-training images'.
+or metadata, so the cues are plain measurements; `fuse.applicability.detector` compares them
+with the training images'.
 
 Every cue is computed from the encoded bytes (size, bytes per pixel) or from one fixed-size
 RGB thumbnail (`THUMB` px square, so that a cue does not depend on the image's resolution):
@@ -37,7 +37,7 @@ import pandas as pd
 from PIL import Image
 
 from embed.errors import EmbedError
-from embed.sources import ImageSource, decode_image, safe_reason
+from embed.sources import ImageSource, decode_image, repeated_ids, safe_reason
 
 __all__ = [
     "CUES_VERSION",
@@ -46,8 +46,6 @@ __all__ = [
     "CueTable",
     "acquisition_cues",
     "cues_of_bytes",
-    "cues_of_image",
-    "cues_of_thumbnails",
     "thumbnail",
 ]
 
@@ -97,9 +95,11 @@ _LINEAR = np.where(_code <= 0.04045, _code / 12.92, ((_code + 0.055) / 1.055) **
 # sRGB primaries to XYZ, each row divided by the D65 white's coordinate.
 _TO_XYZ = (
     np.array(
-        [[0.4124564, 0.3575761, 0.1804375],
-         [0.2126729, 0.7151522, 0.0721750],
-         [0.0193339, 0.1191920, 0.9503041]]
+        [
+            [0.4124564, 0.3575761, 0.1804375],
+            [0.2126729, 0.7151522, 0.0721750],
+            [0.0193339, 0.1191920, 0.9503041],
+        ]
     )
     / np.array([0.95047, 1.0, 1.08883])[:, None]
 ).T.astype(np.float32)
@@ -122,7 +122,7 @@ def thumbnail(image: Image.Image) -> np.ndarray:
     )
 
 
-def cues_of_thumbnails(thumbs: np.ndarray, sizes: np.ndarray, n_bytes: np.ndarray) -> np.ndarray:
+def _cues_of_thumbnails(thumbs: np.ndarray, sizes: np.ndarray, n_bytes: np.ndarray) -> np.ndarray:
     """The cues of a batch of images at once (`CUE_NAMES` order), float64 (B, len(CUE_NAMES)).
 
     thumbs: uint8 (B, THUMB, THUMB, 3) from `thumbnail`; sizes: (B, 2) original width and
@@ -139,7 +139,10 @@ def cues_of_thumbnails(thumbs: np.ndarray, sizes: np.ndarray, n_bytes: np.ndarra
     saturation = ((high - low) / np.maximum(high, 1.0)).mean(axis=1)
     grey = thumbs.astype(np.float32) @ _GREY
     laplacian = (
-        grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1] + grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:]
+        grey[:, :-2, 1:-1]
+        + grey[:, 2:, 1:-1]
+        + grey[:, 1:-1, :-2]
+        + grey[:, 1:-1, 2:]
         - 4 * grey[:, 1:-1, 1:-1]
     ).reshape(b, -1)
     corners = L[:, _CORNERS.ravel()]
@@ -167,13 +170,13 @@ def cues_of_thumbnails(thumbs: np.ndarray, sizes: np.ndarray, n_bytes: np.ndarra
     ).astype(np.float64)
 
 
-def cues_of_image(image: Image.Image, width: int, height: int, n_bytes: int) -> np.ndarray:
+def _cues_of_image(image: Image.Image, width: int, height: int, n_bytes: int) -> np.ndarray:
     """The cues (`CUE_NAMES` order, float64, shape (len(CUE_NAMES),)) of a decoded RGB image
     whose original size is `width` x `height` and encoded size `n_bytes`.
 
     `image` may be a reduced decode (JPEG draft) of the original: only its thumbnail is used.
     """
-    return cues_of_thumbnails(
+    return _cues_of_thumbnails(
         thumbnail(image)[None], np.array([[width, height]]), np.array([n_bytes], dtype=np.float64)
     )[0]
 
@@ -197,7 +200,7 @@ def cues_of_bytes(
     more than `max_pixels` pixels (`embed.sources.decode_image`).
     """
     thumb, size = _decode(data, image_id, max_pixels)
-    return cues_of_thumbnails(thumb[None], np.array([size]), np.array([len(data)], dtype=float))[0]
+    return _cues_of_thumbnails(thumb[None], np.array([size]), np.array([len(data)], dtype=float))[0]
 
 
 def _decode(data: bytes, image_id: str, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -248,10 +251,10 @@ def acquisition_cues(
     """
     ids = list(source.ids() if ids is None else ids)
     if len(set(ids)) != len(ids):
-        seen: set[str] = set()
-        repeated = [i for i in ids if i in seen or seen.add(i)]
+        repeated = repeated_ids(ids)
         raise EmbedError(
-            f"acquisition_cues: ids repeat {repeated[:3]} ({len(repeated)} repeats); pass each id once"
+            f"acquisition_cues: ids repeat {repeated[:3]} ({len(repeated)} repeats); pass each id "
+            "once"
         )
     values = np.full((len(ids), len(CUE_NAMES)), np.nan, dtype=np.float64)
     failures: dict[str, str] = {}
@@ -268,7 +271,7 @@ def acquisition_cues(
 
     def flush() -> None:
         if rows:
-            values[rows] = cues_of_thumbnails(
+            values[rows] = _cues_of_thumbnails(
                 np.stack(thumbs), np.array(sizes), np.array(n_bytes, dtype=np.float64)
             )
             for batch in (rows, thumbs, sizes, n_bytes):
@@ -290,9 +293,17 @@ def acquisition_cues(
     flush()
     seconds = time.perf_counter() - started
     if failures:
-        log.warning("acquisition cues: %d of %d images unreadable (first: %s)",
-                    len(failures), len(ids), next(iter(failures.values())))
-    log.info("acquisition cues of %d images in %.1f s (%.0f images/s)",
-             len(ids), seconds, len(ids) / seconds if seconds else float("nan"))
+        log.warning(
+            "acquisition cues: %d of %d images unreadable (first: %s)",
+            len(failures),
+            len(ids),
+            next(iter(failures.values())),
+        )
+    log.info(
+        "acquisition cues of %d images in %.1f s (%.0f images/s)",
+        len(ids),
+        seconds,
+        len(ids) / seconds if seconds else float("nan"),
+    )
     frame = pd.DataFrame(values, index=pd.Index(ids, name="id"), columns=list(CUE_NAMES))
     return CueTable(frame=frame, failures=failures, seconds=seconds)

@@ -23,7 +23,6 @@ from embed.weights import (
 
 log = logging.getLogger(__name__)
 
-EMBED_DIM = 2048  # layer4's channels: the classic pooled ResNet-50 embedding
 BACKBONE_NAME = "resnet50-keras-imagenet"
 
 
@@ -95,9 +94,15 @@ class PooledResNet(torch.nn.Module):
 
     Keeps torchvision's attribute names (conv1, bn1, relu, maxpool, layer1..). Stages after the
     deepest pooled block are dropped: pooling layer3 alone skips layer4's share of the work.
-    `forward` is `pooled_from(forward_to(x, blocks[0]))`; Grad-CAM (`fuse.scoring.saliency`) calls the two
-    halves itself, to take the gradient at the shallowest pooled block.
+    `forward` is `pooled_from(forward_to(x, blocks[0]))`; Grad-CAM (`fuse.scoring.saliency`) calls
+    the two halves itself, to take the gradient at the shallowest pooled block.
     """
+
+    # Taken from the torchvision model in __init__ (by name, with the stages).
+    conv1: torch.nn.Module
+    bn1: torch.nn.Module
+    relu: torch.nn.Module
+    maxpool: torch.nn.Module
 
     def __init__(self, resnet: torch.nn.Module, blocks, pooling: str):
         super().__init__()
@@ -124,7 +129,7 @@ class PooledResNet(torch.nn.Module):
     def pooled_from(self, activation: torch.Tensor) -> torch.Tensor:
         """The pooled features from `activation`, the output of the shallowest pooled block:
         the later stages run on it and each pooled block's output is pooled."""
-        later = self.stages[self.stages.index(self.blocks[0]) + 1:]
+        later = self.stages[self.stages.index(self.blocks[0]) + 1 :]
         x, pooled = activation, [pool(activation, self.pooling)]
         for name in later:
             x = getattr(self, name)(x)
@@ -207,7 +212,8 @@ def prepare_model(model: torch.nn.Module, device: torch.device | str) -> torch.n
 
     Inputs should then be converted with ``x.to(device, memory_format=torch.channels_last)``.
     """
-    return model.to(device=device, memory_format=torch.channels_last)
+    # torch accepts device and memory_format together; its typing overloads list them apart.
+    return model.to(device=device, memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
 @functools.cache
@@ -238,7 +244,6 @@ def autocast_context(device: torch.device | str) -> contextlib.AbstractContextMa
 
 __all__ = [
     "BACKBONE_NAME",
-    "EMBED_DIM",
     "PooledResNet",
     "pool",
     "PREPROCESSING",

@@ -3,9 +3,9 @@
 `EmbedConfig` (what a run is asked to do) and `EmbedSummary` (what it did); the identity of the
 vectors a config makes (`embedding_identity`) and the config an identity asks for
 (`config_for_identity`); the device, batch size and decoding workers chosen for the machine
-(`resolve_device`, `default_batch_size`, `default_num_workers`, which counts CPUs by affinity
-capped by a container's CPU quota), and how a sharded build splits the ids between its writers
-(`parse_shard`, `part_of`).
+(`resolve_device`, `default_batch_size`, `default_num_workers` (which counts CPUs by affinity
+capped by a container's CPU quota), `settle_config` and `settled_sizes`), and how a sharded build
+splits the ids between its writers (`parse_shard`, `part_of`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from embed.variants import resolve_variant
 from embed.weights import WeightsInfo
 
 __all__ = [
-    "CGROUP_CPU_LIMITS",
     "VIEWS",
     "EmbedConfig",
     "EmbedSummary",
@@ -49,6 +48,7 @@ __all__ = [
     "part_of",
     "resolve_device",
     "settle_config",
+    "settled_sizes",
     "warn_if_small",
 ]
 
@@ -136,10 +136,11 @@ class EmbedConfig:
         minimum = min_image_size(self.blocks)
         if self.image_size < minimum:
             raise EmbedError(
-                f"--image-size (EmbedConfig.image_size) {self.image_size}: the backbone needs at least {minimum} px "
-                f"for blocks {','.join(self.blocks)} (below it {self.blocks[-1]}'s map is no longer computed from "
-                f"image, only from padding); use --image-size {minimum} or more ({TRAINED_IMAGE_SIZE}, what the "
-                f"weights were trained at, is the default)"
+                f"--image-size (EmbedConfig.image_size) {self.image_size}: the backbone needs at "
+                f"least {minimum} px for blocks {','.join(self.blocks)} (below it "
+                f"{self.blocks[-1]}'s map is no longer computed from image, only from padding); "
+                f"use --image-size {minimum} or more ({TRAINED_IMAGE_SIZE}, what the weights were "
+                "trained at, is the default)"
             )
         if not isinstance(self.views, int) or not 1 <= self.views <= len(VIEWS):
             raise EmbedError(f"EmbedConfig.views: expected 1..{len(VIEWS)}, got {self.views!r}")
@@ -157,13 +158,15 @@ class EmbedConfig:
             not isinstance(self.num_workers, int) or self.num_workers < 0
         ):
             raise EmbedError(
-                f"EmbedConfig.num_workers: expected None or an integer >= 0, got {self.num_workers!r}"
+                "EmbedConfig.num_workers: expected None or an integer >= 0, got "
+                f"{self.num_workers!r}"
             )
         if not isinstance(self.device, str) or not (
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
         ):
             raise EmbedError(
-                f"EmbedConfig.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
+                "EmbedConfig.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got "
+                f"{self.device!r}"
             )
 
 
@@ -172,10 +175,15 @@ def warn_if_small(config: EmbedConfig) -> None:
     (< SMALL_IMAGE_SIZE): allowed (tests and throughput runs use 32 px), but the vectors then
     describe the image much less well than at 224 px."""
     if config.image_size < SMALL_IMAGE_SIZE:
-        log.warning("--image-size %d: far below the %d px the ImageNet weights were trained at (under %d px "
-                    "their features lose most of what they describe); the vectors will be of little use for "
-                    "lesions. Use --image-size %d unless this is a test or a throughput run",
-                    config.image_size, TRAINED_IMAGE_SIZE, SMALL_IMAGE_SIZE, TRAINED_IMAGE_SIZE)
+        log.warning(
+            "--image-size %d: far below the %d px the ImageNet weights were trained at (under %d "
+            "px their features lose most of what they describe); the vectors will be of little "
+            "use for lesions. Use --image-size %d unless this is a test or a throughput run",
+            config.image_size,
+            TRAINED_IMAGE_SIZE,
+            SMALL_IMAGE_SIZE,
+            TRAINED_IMAGE_SIZE,
+        )
 
 
 @dataclass(frozen=True)
@@ -232,8 +240,13 @@ def config_for_identity(identity: dict, **settings) -> EmbedConfig:
     eager), plus `settings` (device, batch size, ...): the inverse of `embedding_identity`."""
     identity = with_legacy_values(identity)
     settings.setdefault("variant", str(identity.get("variant", "eager")))
-    return EmbedConfig(image_size=int(identity["image_size"]), views=int(identity["views"]),
-                       blocks=tuple(identity["blocks"]), pooling=str(identity["pooling"]), **settings)
+    return EmbedConfig(
+        image_size=int(identity["image_size"]),
+        views=int(identity["views"]),
+        blocks=tuple(identity["blocks"]),
+        pooling=str(identity["pooling"]),
+        **settings,
+    )
 
 
 # ----------------------------------------------------------------------------- resources
@@ -251,13 +264,13 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-CGROUP_CPU_LIMITS = (
+_CGROUP_CPU_LIMITS = (
     Path("/sys/fs/cgroup/cpu.max"),  # cgroup v2: "<quota> <period>" or "max <period>"
     Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),  # cgroup v1: quota, -1 = none (period beside it)
 )
 
 
-def cgroup_cpu_limit(paths: Sequence[Path] = CGROUP_CPU_LIMITS) -> int | None:
+def cgroup_cpu_limit(paths: Sequence[Path] = _CGROUP_CPU_LIMITS) -> int | None:
     """CPUs a container's CPU quota allows (rounded up), or None without a quota.
 
     `docker run --cpus 4` and Kubernetes CPU limits set a quota but leave every host CPU in the
@@ -269,9 +282,9 @@ def cgroup_cpu_limit(paths: Sequence[Path] = CGROUP_CPU_LIMITS) -> int | None:
             quota, period = v2.read_text().split()[:2]
             return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
         if v1.exists():
-            quota = int(v1.read_text().strip())
-            period = int((v1.parent / "cpu.cfs_period_us").read_text().strip())
-            return None if quota <= 0 else max(1, math.ceil(quota / period))
+            quota_us = int(v1.read_text().strip())
+            period_us = int((v1.parent / "cpu.cfs_period_us").read_text().strip())
+            return None if quota_us <= 0 else max(1, math.ceil(quota_us / period_us))
     except (OSError, ValueError):
         return None
     return None
@@ -322,13 +335,15 @@ def default_num_workers(device: torch.device | str) -> int:
 
 def settle_config(config: EmbedConfig, device: torch.device) -> EmbedConfig:
     """`config` with batch_size and num_workers chosen for `device` where they are None."""
-    return replace(
-        config,
-        batch_size=config.batch_size or default_batch_size(device),
-        num_workers=default_num_workers(device)
-        if config.num_workers is None
-        else config.num_workers,
-    )
+    batch_size, num_workers = settled_sizes(config, device)
+    return replace(config, batch_size=batch_size, num_workers=num_workers)
+
+
+def settled_sizes(config: EmbedConfig, device: torch.device) -> tuple[int, int]:
+    """(batch_size, num_workers) of `config`, each chosen for `device` where it is None."""
+    batch_size = config.batch_size or default_batch_size(device)
+    num_workers = default_num_workers(device) if config.num_workers is None else config.num_workers
+    return batch_size, num_workers
 
 
 # ----------------------------------------------------------------------------- parts

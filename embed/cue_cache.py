@@ -53,11 +53,17 @@ def _read_cache(path: Path) -> dict[str, tuple[str, np.ndarray]]:
             version = str(data["version"])
             ids, fingerprints, values = data["ids"], data["fingerprints"], data["values"]
     except (OSError, ValueError, KeyError) as error:
-        log.warning("acquisition cue cache %s is unreadable (%s): measuring the cues again", path, error)
+        log.warning(
+            "acquisition cue cache %s is unreadable (%s): measuring the cues again", path, error
+        )
         return {}
     if version != CUES_VERSION or values.shape != (len(ids), len(CUE_NAMES)):
-        log.info("acquisition cue cache %s holds cues of version %s (now %s): measuring again",
-                 path, version, CUES_VERSION)
+        log.info(
+            "acquisition cue cache %s holds cues of version %s (now %s): measuring again",
+            path,
+            version,
+            CUES_VERSION,
+        )
         return {}
     return {str(i): (str(f), v) for i, f, v in zip(ids, fingerprints, values, strict=True)}
 
@@ -65,24 +71,40 @@ def _read_cache(path: Path) -> dict[str, tuple[str, np.ndarray]]:
 def _write_cache(path: Path, entries: dict[str, tuple[str, np.ndarray]]) -> None:
     ids = np.array(list(entries), dtype=str)
     fingerprints = np.array([f for f, _ in entries.values()], dtype=str)
-    values = (np.stack([v for _, v in entries.values()]) if entries
-              else np.empty((0, len(CUE_NAMES))))
+    values = (
+        np.stack([v for _, v in entries.values()]) if entries else np.empty((0, len(CUE_NAMES)))
+    )
 
     def write(f) -> None:
         buffer = io.BytesIO()
-        np.savez(buffer, version=np.array(CUES_VERSION), ids=ids, fingerprints=fingerprints,
-                 values=values.astype(np.float64))
+        np.savez(
+            buffer,
+            version=np.array(CUES_VERSION),
+            ids=ids,
+            fingerprints=fingerprints,
+            values=values.astype(np.float64),
+        )
         f.write(buffer.getvalue())
 
     try:
         atomic_write(path, write)
     except OSError as error:
-        log.warning("acquisition cues: cannot write the cache %s (%s); they will be measured again "
-                    "next time", path, error)
+        log.warning(
+            "acquisition cues: cannot write the cache %s (%s); they will be measured again "
+            "next time",
+            path,
+            error,
+        )
 
 
-def cached_cues(store_dir: Path | str, source: ImageSource | None, ids: Sequence[str],
-                fingerprints: dict[str, str], *, progress: bool = False) -> CueTable:
+def cached_cues(
+    store_dir: Path | str,
+    source: ImageSource | None,
+    ids: Sequence[str],
+    fingerprints: dict[str, str],
+    *,
+    progress: bool = False,
+) -> CueTable:
     """The acquisition cues of `ids` (in that order), from the cache in `store_dir` where the
     fingerprint matches, measured from `source` (and added to the cache) otherwise.
 
@@ -105,7 +127,9 @@ def cached_cues(store_dir: Path | str, source: ImageSource | None, ids: Sequence
     ids = [str(i) for i in ids]
     if len(set(ids)) != len(ids):  # checked here too: cached rows never reach acquisition_cues
         repeated = sorted({i for i in ids if ids.count(i) > 1})
-        raise EmbedError(f"cached_cues: ids repeat {repeated[:3]} ({len(repeated)} ids); pass each id once")
+        raise EmbedError(
+            f"cached_cues: ids repeat {repeated[:3]} ({len(repeated)} ids); pass each id once"
+        )
     path = Path(store_dir) / CUE_CACHE
     cache = _read_cache(path)
     values = np.full((len(ids), len(CUE_NAMES)), np.nan)
@@ -120,11 +144,21 @@ def cached_cues(store_dir: Path | str, source: ImageSource | None, ids: Sequence
     seconds = 0.0
     if todo and source is None:
         failures = dict.fromkeys(todo, "image source not available and cues not cached")
-        log.warning("acquisition cues: %d of %d images are neither cached in %s nor readable (no image "
-                    "source): their acquisition part is left out", len(todo), len(ids), path)
-    elif todo:
-        log.info("acquisition cues: %d of %d images cached in %s; measuring %d", len(ids) - len(todo),
-                 len(ids), path, len(todo))
+        log.warning(
+            "acquisition cues: %d of %d images are neither cached in %s nor readable (no image "
+            "source): their acquisition part is left out",
+            len(todo),
+            len(ids),
+            path,
+        )
+    elif todo and source is not None:  # a None source was handled above
+        log.info(
+            "acquisition cues: %d of %d images cached in %s; measuring %d",
+            len(ids) - len(todo),
+            len(ids),
+            path,
+            len(todo),
+        )
         measured = acquisition_cues(source, todo, progress=progress)
         seconds, failures = measured.seconds, dict(measured.failures)
         position = {image_id: row for row, image_id in enumerate(ids)}

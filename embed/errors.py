@@ -11,7 +11,6 @@ __all__ = [
 ]
 
 
-
 class EmbedError(LesionfuseError):
     """An input, file or setting the image side cannot use.
 

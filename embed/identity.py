@@ -2,9 +2,9 @@
 
 An embedding identity is the dict of `IDENTITY_FIELDS` (backbone, weights_sha256, preprocessing,
 image_size, views, blocks, pooling, variant, dtype, dim). A feature store records it in its
-manifest; a model trained on a store records it too; anything that combines vectors with a store or a model compares the two
-with `check_identity`, which names the first field that differs (dotted for nested fields, e.g.
-`preprocessing.normalize_mean`) and both values.
+manifest; a model trained on a store records it too; anything that combines vectors with a store or
+a model compares the two with `check_identity`, which names the first field that differs (dotted for
+nested fields, e.g. `preprocessing.normalize_mean`) and both values.
 
 This module depends on nothing but the errors (no torch, no settings), so reading a store's
 identity stays cheap; the identity a run's settings give is `embed.config.embedding_identity`.
@@ -20,7 +20,6 @@ __all__ = [
     "DTYPE",
     "IDENTITY_FIELDS",
     "LEGACY_VALUES",
-    "MISMATCH_HINT",
     "UNFAITHFUL_VARIANTS",
     "as_json",
     "check_identity",
@@ -50,7 +49,7 @@ UNFAITHFUL_VARIANTS: tuple[str, ...] = ("int8",)
 # features lose nothing a downstream model can use at that precision.
 DTYPE = "float16"
 
-MISMATCH_HINT = (
+_MISMATCH_HINT = (
     "use a store built with the same settings (a store's name carries the data set, weights sha, "
     "image size and views) or build a new one with `invoke embed`"
 )
@@ -96,7 +95,7 @@ def _lookup(value, dotted: str):
 
 
 def check_identity(
-    have: dict, want: dict, have_label: str, want_label: str, *, hint: str = MISMATCH_HINT
+    have: dict, want: dict, have_label: str, want_label: str, *, hint: str = _MISMATCH_HINT
 ) -> None:
     """Raise StoreMismatchError naming the first identity field where `have` differs from `want`.
 

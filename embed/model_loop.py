@@ -1,11 +1,12 @@
 """The model loop: the frozen backbone over the reader's batches, without a store.
 
 As timm's `inference.py` does, the model runs under `torch.inference_mode()` with AMP and
-channels_last decided once before the loop, and the backbone computed as the run's inference
-variant (`embed.variants`: eager, BatchNorm folded, TorchScript-frozen, compiled, int8). On CUDA up to `CUDA_BATCHES_IN_FLIGHT` batches stay
-queued on the GPU (their copy back to the host included) while the caller handles an earlier
-one, so the store's writes overlap the model. `embed_ids` yields the vectors batch by batch;
-`embed.pipeline.build_store` writes them to a store, `fuse.scoring.score` uses them directly.
+channels_last decided once before the loop, and the backbone computed as the run's inference variant
+(`embed.variants`: eager, BatchNorm folded, TorchScript-frozen, compiled, int8). On CUDA up to
+`_CUDA_BATCHES_IN_FLIGHT` batches stay queued on the GPU (their copy back to the host included)
+while the caller handles an earlier one, so the store's writes overlap the model. `embed_ids` yields
+the vectors batch by batch; `embed.pipeline.build_store` writes them to a store,
+`fuse.scoring.score` uses them directly.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from embed.config import EmbedConfig, resolve_device, settle_config
+from embed.config import EmbedConfig, resolve_device, settle_config, settled_sizes
 from embed.identity import DTYPE
 from embed.pooled import feature_dim
 from embed.reader import apply_view, make_loader, normalize_batch
@@ -27,7 +28,6 @@ from embed.sources import ImageSource
 from embed.variants import CALIBRATION_IMAGES, make_variant, resolve_variant
 
 __all__ = [
-    "CUDA_BATCHES_IN_FLIGHT",
     "BatchTimer",
     "batches_in_flight",
     "embed_ids",
@@ -40,12 +40,12 @@ log = logging.getLogger(__name__)
 # Batches left running on a GPU while the caller writes the previous results: the store's
 # writes (and a shard's fsync every `shard_rows` rows) then overlap the model instead of
 # leaving the GPU idle. On CPU the model call returns finished results, so nothing is queued.
-CUDA_BATCHES_IN_FLIGHT = 2
+_CUDA_BATCHES_IN_FLIGHT = 2
 
 
 def batches_in_flight(device: torch.device) -> int:
     """Batches `embed_ids` leaves queued on `device` before handing back the oldest."""
-    return CUDA_BATCHES_IN_FLIGHT if device.type == "cuda" else 0
+    return _CUDA_BATCHES_IN_FLIGHT if device.type == "cuda" else 0
 
 
 class BatchTimer:
@@ -85,13 +85,13 @@ def embed_ids(
     config: EmbedConfig,
     *,
     timer: BatchTimer | None = None,
-) -> Iterator[tuple[list[str], np.ndarray, dict[str, str]]]:
+) -> Generator[tuple[list[str], np.ndarray, dict[str, str]], None, None]:
     """Embed `ids` from `source` with `model`, without a store (scoring uses this).
 
     Yields per batch, in the order of `ids`: (ids embedded, float16 array of shape
     (len(those ids), config.views, dim), {id: reason} for the batch's unreadable images).
     The model is moved to `config.device` in channels_last; runs under inference_mode with
-    autocast when `config.amp`. On CUDA up to `CUDA_BATCHES_IN_FLIGHT` later batches are
+    autocast when `config.amp`. On CUDA up to `_CUDA_BATCHES_IN_FLIGHT` later batches are
     already queued on the GPU while the caller handles a yielded one.
     Raises EmbedError for an unusable config or device.
     """
@@ -195,8 +195,11 @@ def _variant(model, config: EmbedConfig, device: torch.device, source: ImageSour
         calib = sorted(ids)[:CALIBRATION_IMAGES]
         loader = make_loader(source, calib, replace(config, num_workers=0, progress=False), device)
         calibration = [normalize_batch(b, device) for _, b, _ in loader if b is not None]
-    example = torch.zeros(config.batch_size, 3, config.image_size, config.image_size)
-    return make_variant(model, name, device, amp=config.amp, example=example, calibration=calibration)
+    batch_size, _ = settled_sizes(config, device)
+    example = torch.zeros(batch_size, 3, config.image_size, config.image_size)
+    return make_variant(
+        model, name, device, amp=config.amp, example=example, calibration=calibration
+    )
 
 
 def _launch(

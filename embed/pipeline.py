@@ -34,7 +34,7 @@ from embed.config import (
 from embed.errors import EmbedError, EmbedInterrupted
 from embed.model_loop import BatchTimer, embed_ids
 from embed.reader import DECODE_INFO
-from embed.sources import ImageSource
+from embed.sources import ImageSource, repeated_ids
 from embed.store_writer import StoreWriter
 from embed.variants import warn_if_unfaithful
 from embed.weights import WeightsInfo
@@ -68,8 +68,8 @@ def build_store(
 
     Raises EmbedError for repeated ids, a bad config, or a store locked by another writer of the
     same part; WriteError (common.files) when the store's folder cannot be written (read-only,
-    full), naming the path; StoreMismatchError when the store was made with other weights, preprocessing,
-    image size or views; EmbedInterrupted as above.
+    full), naming the path; StoreMismatchError when the store was made with other weights,
+    preprocessing, image size or views; EmbedInterrupted as above.
     """
     started = time.perf_counter()
     store_dir = Path(store_dir)
@@ -78,14 +78,18 @@ def build_store(
     device = resolve_device(config.device)
     identity = embedding_identity(weights, config)
     warn_if_unfaithful(identity["variant"])
-    info = {"dataset": dataset, "source": _describe(source), "decode": DECODE_INFO}
+    source_path = _describe(source)
+    info = {"dataset": dataset, "source": source_path, "decode": DECODE_INFO}
     mine = _ids_of_part(ids, config)
     run = _Run()
     # A read-only or full disk ends the run with one error naming the path (every shard written
     # before it stays in the store), not an OSError traceback.
-    with (reporting_write_errors(f"feature store {str(store_dir)!r}", store_dir),
-          _StopSignals() as stop, _writer(store_dir, identity, info, config) as writer):
-        _note_source(writer, info["source"])
+    with (
+        reporting_write_errors(f"feature store {str(store_dir)!r}", store_dir),
+        _StopSignals() as stop,
+        _writer(store_dir, identity, info, config) as writer,
+    ):
+        _note_source(writer, source_path)
         now = _fingerprints(source, mine)
         plan = _plan(writer, mine, now, source, config)
         _log_plan(store_dir, mine, plan)
@@ -109,8 +113,7 @@ def _unique_ids(source: ImageSource, ids: Sequence[str] | None) -> list[str]:
     """`ids` as strings (None = all of `source.ids()`); raises EmbedError for a repeated id."""
     ids = source.ids() if ids is None else [str(i) for i in ids]
     if len(set(ids)) != len(ids):
-        seen: set[str] = set()
-        dup = [i for i in ids if i in seen or seen.add(i)]
+        dup = repeated_ids(ids)
         raise EmbedError(
             f"ids: {len(dup)} repeated id(s) ({', '.join(repr(i) for i in dup[:5])}); "
             "each image must appear once"
@@ -147,7 +150,7 @@ class _StopSignals:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict = {}
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from embed.config import VIEWS, EmbedConfig, settle_config
+from embed.config import VIEWS, EmbedConfig, settle_config, settled_sizes
 from embed.errors import EmbedError
 from embed.resnet50 import INPUT_MEAN, INPUT_STD
 from embed.sources import ALPHA_BACKGROUND, ImageSource, decode_image, safe_reason
@@ -129,7 +129,8 @@ def make_loader(
 ) -> DataLoader:
     """The reader: a DataLoader over `ids` yielding (ids, batch or None, failures) in order."""
     config = settle_config(config, device)
-    workers = min(config.num_workers, max(1, -(-len(ids) // config.batch_size)))
+    batch_size, num_workers = settled_sizes(config, device)
+    workers = min(num_workers, max(1, -(-len(ids) // batch_size)))
     return DataLoader(
         _DecodeDataset(source, ids, config.image_size, config.max_pixels),
         batch_size=config.batch_size,

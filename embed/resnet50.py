@@ -42,18 +42,19 @@ def check_resnet50_state_dict(state: Mapping[str, object], where: str) -> None:
     reference = resnet50_shapes()
     missing = [k for k in reference if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in reference]
-    not_tensor = [k for k in state if k in reference and not isinstance(state[k], torch.Tensor)]
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    not_tensor = [k for k in state if k in reference and k not in tensors]
     mismatched = [
-        f"{k} expected {tuple(reference[k])} got {tuple(state[k].shape)}"
+        f"{k} expected {tuple(reference[k])} got {tuple(tensors[k].shape)}"
         for k in reference
-        if isinstance(state.get(k), torch.Tensor) and state[k].shape != reference[k]
+        if k in tensors and tensors[k].shape != reference[k]
     ]
     non_finite = [
         k
         for k in reference
-        if isinstance(state.get(k), torch.Tensor)
-        and state[k].is_floating_point()
-        and not bool(torch.isfinite(state[k]).all())
+        if k in tensors
+        and tensors[k].is_floating_point()
+        and not bool(torch.isfinite(tensors[k]).all())
     ]
     problems = []
     if missing:
@@ -68,5 +69,3 @@ def check_resnet50_state_dict(state: Mapping[str, object], where: str) -> None:
         problems.append(f"NaN or inf in ({len(non_finite)}): {', '.join(non_finite[:5])}")
     if problems:
         raise EmbedError(f"{where}: not a torchvision ResNet-50 state dict: " + "; ".join(problems))
-
-

@@ -1,7 +1,8 @@
 """Image sources (a folder of files, or an HDF5 file of encoded images) and safe decoding.
 
 A source maps an image id to the encoded bytes of that image; `decode_image` turns the bytes
-into an RGB PIL image or raises `EmbedError` naming the id and the reason. Sources are picklable
+into an RGB PIL image or raises `EmbedError` naming the id and the reason; `repeated_ids` lists
+the ids a caller passed more than once. Sources are picklable
 so that DataLoader worker processes can each hold their own copy: `HDF5Source` opens its file
 lazily in the process that reads it, because an h5py handle must not cross a fork.
 """
@@ -33,6 +34,7 @@ __all__ = [
     "ImageSource",
     "decode_image",
     "open_source",
+    "repeated_ids",
     "safe_reason",
 ]
 
@@ -276,7 +278,6 @@ class HDF5Source:
                 f"image {image_id!r}: cannot read from {str(self.path)!r}: {exc}"
             ) from exc
 
-
     def fingerprints(self, ids: Iterable[str]) -> dict[str, str]:
         """{id: "h5:<length>:<crc32>"} of the encoded bytes `read_bytes` returns, for the ids
         the file holds (others are left out)."""
@@ -334,6 +335,18 @@ def _raw_bytes(dsid, raw) -> bytes | None:
     size = dsid.get_storage_size()
     data = os.pread(raw.fileno(), size, offset)
     return data if len(data) == size else None
+
+
+def repeated_ids(ids: Iterable[str]) -> list[str]:
+    """Each id of `ids` that was seen before, in the order given (an id there three times is
+    listed twice); [] when every id is there once."""
+    seen: set[str] = set()
+    repeats = []
+    for image_id in ids:
+        if image_id in seen:
+            repeats.append(image_id)
+        seen.add(image_id)
+    return repeats
 
 
 def open_source(path: Path | str) -> ImageSource:
@@ -422,7 +435,7 @@ def decode_image(
         # be noise and its error is turned into ours.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            im = Image.open(io.BytesIO(data))
+            im: Image.Image = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
             raise EmbedError(
                 f"image {image_id!r}: refused as a possible decompression bomb ({exc})"
@@ -434,7 +447,9 @@ def decode_image(
                 f"{len(data)} bytes)"
             ) from exc
         except Exception as exc:  # PIL raises many types for bad data
-            raise EmbedError(f"image {image_id!r}: not a readable image ({safe_reason(exc)})") from exc
+            raise EmbedError(
+                f"image {image_id!r}: not a readable image ({safe_reason(exc)})"
+            ) from exc
         width, height = im.size
         if width * height > max_pixels:
             raise EmbedError(

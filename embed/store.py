@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -92,6 +94,20 @@ def image_changed(stored: str | None, now: str | None) -> bool:
     return stored != now
 
 
+@dataclass(frozen=True)
+class _RowIndex:
+    """Where each stored id's row lies: built once per store from the shards' id lists.
+
+    `index` (a pandas Index of the ids, newest row of each), `kept` (positions of those rows
+    among all listed rows), `shard_of` / `row_of` (the shard and the row within it, per id).
+    """
+
+    index: Any  # pandas.Index; pandas ships no type stubs here
+    kept: np.ndarray
+    shard_of: np.ndarray
+    row_of: np.ndarray
+
+
 class FeatureStore:
     """A read-only view of a feature store directory (all its manifests, merged in memory).
 
@@ -103,11 +119,7 @@ class FeatureStore:
     def __init__(self, path: Path, manifest: dict):
         self.path = Path(path)
         self.manifest = manifest
-        self._ids: list[str] | None = None
-        self._index = None
-        self._kept: np.ndarray | None = None  # positions of indexed rows among all listed rows
-        self._shard_of: np.ndarray | None = None
-        self._row_of: np.ndarray | None = None
+        self._rows: _RowIndex | None = None
         self._fingerprints: np.ndarray | None = None
         self._maps: dict[int, np.ndarray] = {}
 
@@ -119,7 +131,9 @@ class FeatureStore:
         path = Path(path)
         combined, _ = read_manifests(path)
         missing = [
-            s["name"] for s in combined["shards"] if not (path / f"{s['name']}{VECTORS_SUFFIX}").is_file()
+            s["name"]
+            for s in combined["shards"]
+            if not (path / f"{s['name']}{VECTORS_SUFFIX}").is_file()
         ]
         if missing:
             raise EmbedError(
@@ -144,13 +158,11 @@ class FeatureStore:
 
     @property
     def ids(self) -> list[str]:
-        self._build_index()
-        return list(self._ids)
+        return list(self._row_index().index)
 
     @property
     def count(self) -> int:
-        self._build_index()
-        return len(self._ids)
+        return len(self._row_index().index)
 
     def __len__(self) -> int:
         return self.count
@@ -167,9 +179,12 @@ class FeatureStore:
         return f"FeatureStore({str(self.path)!r}, shards={len(self.manifest['shards'])})"
 
     # -- index
-    def _build_index(self) -> None:
-        if self._ids is not None:
-            return
+    def _row_index(self) -> _RowIndex:
+        if self._rows is None:
+            self._rows = self._build_index()
+        return self._rows
+
+    def _build_index(self) -> _RowIndex:
         import pandas as pd
 
         all_ids: list[str] = []
@@ -192,11 +207,9 @@ class FeatureStore:
             )
         shard_arr = np.concatenate(shard_of) if shard_of else np.empty(0, np.int32)
         row_arr = np.concatenate(row_of) if row_of else np.empty(0, np.int64)
-        self._index = index[kept]
-        self._ids = list(self._index)
-        self._kept = kept
-        self._shard_of = shard_arr[kept]
-        self._row_of = row_arr[kept]
+        return _RowIndex(
+            index=index[kept], kept=kept, shard_of=shard_arr[kept], row_of=row_arr[kept]
+        )
 
     def _fingerprint_array(self) -> np.ndarray:
         """Each indexed id's stored image fingerprint (None where unknown), index order.
@@ -204,13 +217,13 @@ class FeatureStore:
         Loaded on first use: reading vectors needs no fingerprints.
         """
         if self._fingerprints is None:
-            self._build_index()
+            kept = self._row_index().kept
             every_row: list = []
             for shard in self.manifest["shards"]:
                 every_row.extend(shard_fingerprints(self.path, shard))
             values = np.empty(len(every_row), dtype=object)
             values[:] = every_row
-            self._fingerprints = values[self._kept]
+            self._fingerprints = values[kept]
         return self._fingerprints
 
     def _map(self, s: int) -> np.ndarray:
@@ -235,11 +248,11 @@ class FeatureStore:
 
     def missing(self, ids: Sequence[str]) -> list[str]:
         """The ids of `ids` that have no vector in the store, in the order given."""
-        self._build_index()
+        rows = self._row_index()
         ids = list(ids)
         if not ids:
             return []
-        pos = self._index.get_indexer(ids)
+        pos = rows.index.get_indexer(ids)
         return [ids[i] for i in np.flatnonzero(pos < 0)]
 
     def __contains__(self, image_id: str) -> bool:
@@ -248,11 +261,11 @@ class FeatureStore:
     def fingerprints(self, ids: Sequence[str]) -> dict[str, str]:
         """{id: fingerprint of the image its vector was embedded from} for the ids of `ids` that
         are stored with a known fingerprint (stores made before fingerprints have none)."""
-        self._build_index()
+        rows = self._row_index()
         ids = list(ids)
         if not ids:
             return {}
-        pos = self._index.get_indexer(ids)
+        pos = rows.index.get_indexer(ids)
         found = np.flatnonzero(pos >= 0)
         values = self._fingerprint_array()[pos[found]]
         return {
@@ -294,18 +307,18 @@ class FeatureStore:
         Raises EmbedError naming how many ids are missing, the first few, the reasons recorded
         for those that failed to embed, and the command that fills them.
         """
-        self._build_index()
+        rows = self._row_index()
         ids = list(ids)
         out = np.empty((len(ids), self.views, self.dim), dtype=np.dtype(self.manifest["dtype"]))
         if not ids:
             return out
-        pos = self._index.get_indexer(ids)
+        pos = rows.index.get_indexer(ids)
         if (pos < 0).any():
             raise EmbedError(
                 self._missing_message([ids[i] for i in np.flatnonzero(pos < 0)], len(ids))
             )
-        shard = self._shard_of[pos]
-        row = self._row_of[pos]
+        shard = rows.shard_of[pos]
+        row = rows.row_of[pos]
         # Group the requests by shard, rows ascending within a shard, so each memory-mapped
         # shard is read once and sequentially.
         order = np.lexsort((row, shard))
@@ -331,8 +344,9 @@ class FeatureStore:
             )
         m = self.manifest
         msg += (
-            f"; fill the store with `invoke embed --spec <spec of data set "
-            f"{m.get('dataset', '?')!r}> --image-size {m.get('image_size')} --views {m.get('views')}`"
+            "; fill the store with `invoke embed --spec <spec of data set "
+            f"{m.get('dataset', '?')!r}> --image-size {m.get('image_size')} --views "
+            f"{m.get('views')}`"
         )
         return msg
 
@@ -353,12 +367,12 @@ class FeatureStore:
         """
         bad = []
         rows = 0
-        sidecars = ((VECTORS_SUFFIX, "sha256"), (IDS_SUFFIX, "ids_sha256"))
+        sidecars = [(VECTORS_SUFFIX, "sha256"), (IDS_SUFFIX, "ids_sha256")]
         for shard in self.manifest["shards"]:
             rows += int(shard["rows"])
-            listed = sidecars
+            listed = list(sidecars)
             if "fingerprints_sha256" in shard:
-                listed += ((FINGERPRINTS_SUFFIX, "fingerprints_sha256"),)
+                listed.append((FINGERPRINTS_SUFFIX, "fingerprints_sha256"))
             for suffix, key in listed:
                 p = self.path / f"{shard['name']}{suffix}"
                 if not p.is_file():

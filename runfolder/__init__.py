@@ -9,4 +9,6 @@ Below the stages: it imports `common` only, and `embed`, `tabular` and `fuse` al
 - `errors`: `RunError`.
 """
 
-__all__: list[str] = []  # the modules are the interface: `runfolder.layout`, `runfolder.records`, ...
+__all__: list[
+    str
+] = []  # the modules are the interface: `runfolder.layout`, `runfolder.records`, ...

@@ -1,4 +1,5 @@
-"""The run folder's exception: a run, one of its stages' files, or a command's option is not usable."""
+"""The run folder's exception: a run, one of its stages' files, or a command's option is not
+usable."""
 
 from __future__ import annotations
 

@@ -12,7 +12,8 @@
     <run>/stack/final.json       the final model's name and operating threshold
     <run>/report/                report.md, index.html, metrics.json and the plots
     <run>/<stage>.new-<pid>/     a stage being rewritten (swapped in whole when complete)
-    <run>/fusion.new/            the fusion stage being trained: its finished folds, kept for a rerun
+    <run>/fusion.new/            the fusion stage being trained: its finished folds, kept for a
+                                 rerun
     <run>/unembedded-ids.csv     ids a stage wanted but the feature store lacks, with the reason
 
 Stages ask this module for paths and for "is it there" checks, which name the command that
@@ -45,8 +46,22 @@ from common.errors import preview
 from common.files import atomic_write, atomic_write_json, replace_dir, restore_dir
 from runfolder.errors import RunError
 
-__all__ = ["FINAL", "FOLDS", "MADE_BY", "METRICS", "OOF", "PARAMS", "REPORT", "RUN_RECORD", "RunLayout",
-           "SPEC_COPY", "STORE_RECORD", "UNEMBEDDED", "require_stage_file", "run_layout"]
+__all__ = [
+    "FINAL",
+    "FOLDS",
+    "MADE_BY",
+    "METRICS",
+    "OOF",
+    "PARAMS",
+    "REPORT",
+    "RUN_RECORD",
+    "RunLayout",
+    "SPEC_COPY",
+    "STORE_RECORD",
+    "UNEMBEDDED",
+    "require_stage_file",
+    "run_layout",
+]
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +132,16 @@ class RunLayout:
     # -- a stage written beside the old one and swapped in whole
 
     def in_progress(self, name: str, resumable: bool = False) -> Path:
-        """Where stage `name` is being rewritten: `<name>.new/` (resumable) or `<name>.new-<pid>/`."""
+        """Where stage `name` is being rewritten: `<name>.new/` (resumable) or
+        `<name>.new-<pid>/`."""
         return self.dir / (f"{name}.new" if resumable else f"{name}.new-{os.getpid()}")
 
     @contextlib.contextmanager
-    def rewriting(self, name: str, *, resumable: bool = False, carry: tuple[str, ...] = ()) -> Iterator[Path]:
-        """Yield a new, empty (or, when `resumable`, partly done) folder for stage `name`; swap it in
-        as `<run>/<name>/` when the block ends without an error.
+    def rewriting(
+        self, name: str, *, resumable: bool = False, carry: tuple[str, ...] = ()
+    ) -> Iterator[Path]:
+        """Yield a new, empty (or, when `resumable`, partly done) folder for stage `name`; swap it
+        in as `<run>/<name>/` when the block ends without an error.
 
         `carry`: glob patterns of files of the old stage that live on in the new one (the
         default Optuna study, `optuna.db*`) when the new folder has none of that name; they are
@@ -155,7 +173,12 @@ class RunLayout:
         for path in self.dir.glob(f"{name}.new-*"):
             pid = path.name.rsplit("-", 1)[-1]
             if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-                log.info("run %s: removing %s, left by an interrupted rewrite of stage '%s'", self.dir, path, name)
+                log.info(
+                    "run %s: removing %s, left by an interrupted rewrite of stage '%s'",
+                    self.dir,
+                    path,
+                    name,
+                )
                 shutil.rmtree(path, ignore_errors=True)
 
     def oof(self, stage: str) -> Path:
@@ -208,12 +231,14 @@ class RunLayout:
         if not path.is_file():
             command = MADE_BY.get(stage, f"the {stage} stage")
             raise RunError(
-                f"run {self.dir}: stage '{stage}' is missing ({path} not found); make it with `{command}`"
+                f"run {self.dir}: stage '{stage}' is missing ({path} not found); make it with "
+                f"`{command}`"
             )
         return path
 
     def read_json(self, stage: str, name: str) -> dict:
-        """`<stage>/<name>`'s content; RunError naming the command that makes the stage when absent."""
+        """`<stage>/<name>`'s content; RunError naming the command that makes the stage when
+        absent."""
         return json.loads(self.require_file(stage, name).read_text())
 
     def read_record(self) -> dict:
@@ -228,13 +253,16 @@ class RunLayout:
 
     def write_oof(self, stage: str, ids, folds, target, p, name: str = OOF) -> Path:
         """Write `<stage>/<name>` (atomically: a half-written file would misalign the stack)."""
-        frame = pd.DataFrame({"id": ids, "fold": folds, "target": np.asarray(target).astype(int), "p": p})
+        frame = pd.DataFrame(
+            {"id": ids, "fold": folds, "target": np.asarray(target).astype(int), "p": p}
+        )
         path = self.make_stage(stage) / name
         atomic_write(path, lambda f: frame.to_csv(f, index=False))
         return path
 
-    def read_oof(self, stage: str, ids: np.ndarray, folds: np.ndarray,
-                 target: np.ndarray | None = None) -> np.ndarray:
+    def read_oof(
+        self, stage: str, ids: np.ndarray, folds: np.ndarray, target: np.ndarray | None = None
+    ) -> np.ndarray:
         """A stage's out-of-fold predictions aligned to `ids` (shape (n,), float64).
 
         Raises:
@@ -249,7 +277,9 @@ class RunLayout:
         if missing:
             raise RunError(f"{path}: not an out-of-fold file, missing column(s) {sorted(missing)}")
         if oof["id"].duplicated().any():
-            raise RunError(f"{path}: duplicate ids {preview(oof.loc[oof['id'].duplicated(), 'id'].tolist())}")
+            raise RunError(
+                f"{path}: duplicate ids {preview(oof.loc[oof['id'].duplicated(), 'id'].tolist())}"
+            )
         by_id = oof.set_index("id")
         wanted = pd.Index(np.asarray(ids).astype(str))
         absent = wanted.difference(by_id.index)
@@ -264,20 +294,23 @@ class RunLayout:
         if wrong_fold.any():
             raise RunError(
                 f"{path}: folds differ from the run's folds.csv for ids "
-                f"{preview(list(wanted[wrong_fold]))}; its predictions are not out of fold for this "
-                f"run; {retrain}"
+                f"{preview(list(wanted[wrong_fold]))}; its predictions are not out of fold for "
+                f"this run; {retrain}"
             )
         if target is not None and "target" in aligned.columns:
             wrong_target = aligned["target"].to_numpy() != target
             if wrong_target.any():
-                raise RunError(f"{path}: targets differ from the run's metadata for ids "
-                               f"{preview(list(wanted[wrong_target]))}")
+                raise RunError(
+                    f"{path}: targets differ from the run's metadata for ids "
+                    f"{preview(list(wanted[wrong_target]))}"
+                )
         p = pd.to_numeric(aligned["p"], errors="coerce").to_numpy(dtype=np.float64)
         bad = ~np.isfinite(p)
         if bad.any():
-            raise RunError(f"{path}: column 'p' is not a finite number for ids {preview(list(wanted[bad]))}")
+            raise RunError(
+                f"{path}: column 'p' is not a finite number for ids {preview(list(wanted[bad]))}"
+            )
         return p
-
 
 
 def run_layout(run_dir: Path | str) -> RunLayout:

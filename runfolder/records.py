@@ -45,8 +45,11 @@ def record_store(run: RunLayout, stage: str, reference: dict | None) -> None:
 def store_records(run: RunLayout) -> dict[str, dict]:
     """{stage: the store record it wrote} for every stage trained on embeddings, by stage name
     (stages being rewritten, `<stage>.new*`, are not stages yet)."""
-    return {path.parent.name: json.loads(path.read_text())
-            for path in sorted(run.dir.glob(f"*/{STORE_RECORD}")) if "." not in path.parent.name}
+    return {
+        path.parent.name: json.loads(path.read_text())
+        for path in sorted(run.dir.glob(f"*/{STORE_RECORD}"))
+        if "." not in path.parent.name
+    }
 
 
 def different_rows(run: RunLayout, records: dict[str, dict]) -> str | None:
@@ -58,24 +61,33 @@ def different_rows(run: RunLayout, records: dict[str, dict]) -> str | None:
     read = {stage: record["read"] for stage, record in records.items() if "read" in record}
     unchecked = sorted(set(records) - set(read))
     if unchecked and read:
-        log.warning("run %s: stage(s) %s record no digest of the vectors they read (made by an older "
-                    "version): they are not checked against %s", run.dir, unchecked, sorted(read))
+        log.warning(
+            "run %s: stage(s) %s record no digest of the vectors they read (made by an older "
+            "version): they are not checked against %s",
+            run.dir,
+            unchecked,
+            sorted(read),
+        )
     if len(read) < 2:
         return None
     (first_stage, first), *others = read.items()
     for stage, digest in others:
         if digest == first:
             continue
-        what = ("their rows differ (ids or their order)" if digest.get("ids_sha256") != first.get("ids_sha256")
-                else f"the vectors of the run's {first.get('rows')} rows differ (an image was embedded "
-                     "again between them)")
+        what = (
+            "their rows differ (ids or their order)"
+            if digest.get("ids_sha256") != first.get("ids_sha256")
+            else f"the vectors of the run's {first.get('rows')} rows differ (an image was embedded "
+            "again between them)"
+        )
         # The stage trained first read the older vectors: it is the one to retrain.
         older = min((first_stage, stage), key=lambda s: run.store_record(s).stat().st_mtime)
         return (
-            f"run {run.dir}: stages '{first_stage}' and '{stage}' were trained on different data from "
-            f"the same feature store: {what} (vectors sha256 {first.get('vectors_sha256', '?')[:12]} in "
-            f"'{first_stage}', {digest.get('vectors_sha256', '?')[:12]} in '{stage}'); retrain the older "
-            f"one, '{older}', on the store as it is now: `{MADE_BY.get(older, older)}`"
+            f"run {run.dir}: stages '{first_stage}' and '{stage}' were trained on different data "
+            f"from the same feature store: {what} (vectors sha256 "
+            f"{first.get('vectors_sha256', '?')[:12]} in '{first_stage}', "
+            f"{digest.get('vectors_sha256', '?')[:12]} in '{stage}'); retrain the older one, "
+            f"'{older}', on the store as it is now: `{MADE_BY.get(older, older)}`"
         )
     return None
 

@@ -10,7 +10,7 @@ only (`RunLayout.require_file`: the stage, the path and the command that makes i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+from typing import Any, ClassVar, Protocol, Self, TypeVar, runtime_checkable
 
 from runfolder.layout import RunLayout
 
@@ -38,15 +38,15 @@ class Stage(Protocol):
     NEEDS_FUSION: ClassVar[bool]
 
     @classmethod
-    def load(cls, stage_dir: Path | str, **options: Any) -> Stage: ...
+    def load(cls, stage_dir: Path | str, **options: Any) -> Self: ...
 
     def predict(self, frame: Any, *inputs: Any, encode: Any = None) -> Any: ...
 
 
-S = TypeVar("S", bound=Stage)
+_S = TypeVar("_S", bound=Stage)
 
 
-def load_stage(run: RunLayout, kind: type[S], **options: Any) -> S:
+def load_stage(run: RunLayout, kind: type[_S], **options: Any) -> _S:
     """`kind.load(<run>/<kind.STAGE>/, **options)` after checking that the stage is there.
 
     Raises:

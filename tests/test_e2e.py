@@ -43,10 +43,24 @@ numeric = ["age"]
 
 def invoke(env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """`invoke <args>` from the repository root, as a user runs it."""
-    done = subprocess.run([str(INVOKE), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [str(INVOKE), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     if check and done.returncode != 0:
-        raise AssertionError(f"invoke {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+        raise AssertionError(
+            f"invoke {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+        )
     return done
+
+
+def _embed(env: dict, spec: str, weights: str, image_size: int = 32) -> subprocess.CompletedProcess:
+    """`invoke embed` of `spec` at `image_size` px on the CPU, decoding in the main process."""
+    return invoke(
+        env,
+        "embed",
+        *("--spec", spec, "--image-size", str(image_size), "--weights", weights),
+        *("--device", "cpu", "--workers", "0"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +73,12 @@ def world(tmp_path_factory, shared_data):
     ham = shared_data / "ham10000"
     meta = pd.read_csv(ham / "metadata.csv")
     lesions = meta.drop_duplicates("lesion_id")
-    chosen = pd.concat([lesions[lesions.target == 1].head(20), lesions[lesions.target == 0].head(60)])
-    train = meta[meta.image_id.isin(chosen.image_id)]  # one image per lesion: 20 malignant, 60 benign
+    chosen = pd.concat(
+        [lesions[lesions.target == 1].head(20), lesions[lesions.target == 0].head(60)]
+    )
+    train = meta[
+        meta.image_id.isin(chosen.image_id)
+    ]  # one image per lesion: 20 malignant, 60 benign
     images = root / "ham-images"
     images.mkdir()
     for image_id in train.image_id:
@@ -84,19 +102,29 @@ def world(tmp_path_factory, shared_data):
     rows.to_csv(isic / "metadata.csv", index=False)
     spec2020 = (shared_data / "isic2020" / "dataset.toml").read_text()
     (isic / "dataset.toml").write_text(spec2020)
-    # New patients to score with the tabular-only run: rows of the full file no training row shares a patient with.
+    # New patients to score with the tabular-only run: rows of the full file no training row
+    # shares a patient with.
     everyone = pd.read_csv(shared_data / "isic2020" / "metadata.csv")
-    new_patients = everyone[~everyone.patient_id.isin(rows.patient_id)].head(20).drop(columns=["target"])
+    new_patients = (
+        everyone[~everyone.patient_id.isin(rows.patient_id)].head(20).drop(columns=["target"])
+    )
     new_patients.to_csv(root / "isic2020-new.csv", index=False)
 
     torch.manual_seed(0)
     weights = root / "random-resnet50.pth"
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), weights)
     env = {**os.environ, "LESIONFUSE_ARTIFACTS": str(root / "artifacts"), "PYTHONUNBUFFERED": "1"}
-    return {"root": root, "spec": data / "dataset.toml", "images": images, "new_images": new_images,
-            "new_metadata": root / "new-metadata.csv", "isic2020": isic / "dataset.toml",
-            "isic2020_new": root / "isic2020-new.csv",
-            "weights": weights, "env": env}
+    return {
+        "root": root,
+        "spec": data / "dataset.toml",
+        "images": images,
+        "new_images": new_images,
+        "new_metadata": root / "new-metadata.csv",
+        "isic2020": isic / "dataset.toml",
+        "isic2020_new": root / "isic2020-new.csv",
+        "weights": weights,
+        "env": env,
+    }
 
 
 def _store(world, size: int) -> Path:
@@ -109,8 +137,7 @@ def trained(world):
     """embed -> train-gbdt -> train-fusion -> stack, through invoke."""
     env, spec, weights = world["env"], str(world["spec"]), str(world["weights"])
     invoke(env, "weights", "--weights", weights)
-    out = invoke(env, "embed", "--spec", spec, "--image-size", "32", "--weights", weights,
-                 "--device", "cpu", "--workers", "0")
+    out = _embed(env, spec, weights)
     assert "store:" in out.stdout
     store = str(_store(world, 32))
     invoke(env, "train-gbdt", "--spec", spec, "--run", "r", "--store", store, "--image-pca", "4")
@@ -122,19 +149,55 @@ def trained(world):
 
 def test_the_image_pipeline_end_to_end(world, trained):
     run = trained
-    for path in ("gbdt/oof.csv", "gbdt/store.json", "fusion/oof.csv", "fusion/store.json",
-                 "stack/final.json", "report/report.md", "report/index.html"):
+    for path in (
+        "gbdt/oof.csv",
+        "gbdt/store.json",
+        "fusion/oof.csv",
+        "fusion/store.json",
+        "stack/final.json",
+        "report/report.md",
+        "report/index.html",
+    ):
         assert (run / path).is_file(), path
     env, weights = world["env"], str(world["weights"])
     for name in ("preds.csv", "preds.parquet"):
         out = world["root"] / name
-        invoke(env, "score", "--run", "r", "--images", str(world["new_images"]), "--metadata",
-               str(world["new_metadata"]), "--out", str(out), "--weights", weights, "--device", "cpu")
+        invoke(
+            env,
+            "score",
+            "--run",
+            "r",
+            "--images",
+            str(world["new_images"]),
+            "--metadata",
+            str(world["new_metadata"]),
+            "--out",
+            str(out),
+            "--weights",
+            weights,
+            "--device",
+            "cpu",
+        )
         table = pd.read_parquet(out) if name.endswith(".parquet") else pd.read_csv(out)
         assert len(table) == 6 and table["probability"].between(0, 1).all()
-        assert list(table.columns[:5]) == ["image_id", "probability", "p_gbdt", "p_fusion", "flagged"]
-    refused = invoke(env, "score", "--run", "r", "--metadata", str(world["new_metadata"]), "--out",
-                     str(world["root"] / "no-images.csv"), check=False)
+        assert list(table.columns[:5]) == [
+            "image_id",
+            "probability",
+            "p_gbdt",
+            "p_fusion",
+            "flagged",
+        ]
+    refused = invoke(
+        env,
+        "score",
+        "--run",
+        "r",
+        "--metadata",
+        str(world["new_metadata"]),
+        "--out",
+        str(world["root"] / "no-images.csv"),
+        check=False,
+    )
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "error: --images: run " in refused.stderr and "reads images" in refused.stderr
 
@@ -147,21 +210,47 @@ def test_the_tabular_only_pipeline(world):
     for run in ("tab", "tab0"):
         oof = pd.read_csv(Path(env["LESIONFUSE_ARTIFACTS"]) / "runs" / run / "gbdt" / "oof.csv")
         assert len(oof) == 3000 and oof["p"].between(0, 1).all()
-        assert not (Path(env["LESIONFUSE_ARTIFACTS"]) / "runs" / run / "gbdt" / "store.json").exists()
+        assert not (
+            Path(env["LESIONFUSE_ARTIFACTS"]) / "runs" / run / "gbdt" / "store.json"
+        ).exists()
 
 
 def test_score_refuses_to_overwrite_its_metadata_and_a_folder_as_out(world, trained):
     env, weights = world["env"], str(world["weights"])
     metadata = world["new_metadata"]
     before = metadata.read_bytes()
-    done = invoke(env, "score", "--run", "r", "--images", str(world["new_images"]), "--metadata",
-                  str(metadata), "--out", str(metadata), "--weights", weights, check=False)
+    done = invoke(
+        env,
+        "score",
+        "--run",
+        "r",
+        "--images",
+        str(world["new_images"]),
+        "--metadata",
+        str(metadata),
+        "--out",
+        str(metadata),
+        "--weights",
+        weights,
+        check=False,
+    )
     assert done.returncode == 2 and "is the --metadata input" in done.stderr
     assert "Traceback" not in done.stderr and metadata.read_bytes() == before
     folder = world["root"] / "a-folder"
     folder.mkdir()
-    done = invoke(env, "score", "--run", "r", "--images", str(world["new_images"]), "--out", str(folder),
-                  "--weights", weights, check=False)
+    done = invoke(
+        env,
+        "score",
+        "--run",
+        "r",
+        "--images",
+        str(world["new_images"]),
+        "--out",
+        str(folder),
+        "--weights",
+        weights,
+        check=False,
+    )
     assert done.returncode == 2 and "is a folder" in done.stderr
     assert "embedded" not in done.stderr  # refused before any image was embedded
     assert not list(world["root"].glob("a-folder*.tmp")) and list(folder.iterdir()) == []
@@ -171,12 +260,32 @@ def test_stages_trained_on_stores_of_other_sizes_are_refused(world, trained):
     """The LightGBM stage read a 32 px store; a fusion stage on a 40 px store would need another
     embedding of every scored image: refused, naming the field and the stage."""
     env, spec, weights = world["env"], str(world["spec"]), str(world["weights"])
-    invoke(env, "embed", "--spec", spec, "--image-size", "40", "--weights", weights, "--device", "cpu",
-           "--workers", "0")
-    invoke(env, "train-gbdt", "--spec", spec, "--run", "sizes", "--store", str(_store(world, 32)),
-           "--image-pca", "4")
-    done = invoke(env, "train-fusion", "--spec", spec, "--run", "sizes", "--store", str(_store(world, 40)),
-                  "--epochs", "1", check=False)
+    _embed(env, spec, weights, image_size=40)
+    invoke(
+        env,
+        "train-gbdt",
+        "--spec",
+        spec,
+        "--run",
+        "sizes",
+        "--store",
+        str(_store(world, 32)),
+        "--image-pca",
+        "4",
+    )
+    done = invoke(
+        env,
+        "train-fusion",
+        "--spec",
+        spec,
+        "--run",
+        "sizes",
+        "--store",
+        str(_store(world, 40)),
+        "--epochs",
+        "1",
+        check=False,
+    )
     assert done.returncode == 2
     assert "image_size=40 but stage 'gbdt'" in done.stderr and "image_size=32" in done.stderr
 
@@ -195,22 +304,23 @@ def test_changed_images_are_embedded_again(world, tmp_path):
     spec.write_text(SPEC.format(images=images))
     shutil.copy(world["spec"].parent / "metadata.csv", tmp_path / "metadata.csv")
     store = world["env"]["LESIONFUSE_ARTIFACTS"]
-    invoke(env, "embed", "--spec", str(world["spec"]), "--image-size", "32", "--weights", weights,
-           "--device", "cpu", "--workers", "0")  # the original store, complete
+    _embed(env, str(world["spec"]), weights)  # the original store, complete
     before = {p.name for p in Path(store).glob("stores/ham-e2e-*-32px-1v*/shard-*.npy")}
-    done = invoke(env, "embed", "--spec", str(spec), "--image-size", "32", "--weights", weights,
-                  "--device", "cpu", "--workers", "0")
+    done = _embed(env, str(spec), weights)
     assert "5 image(s) changed since they were embedded" in done.stderr
     after = {p.name for p in Path(store).glob("stores/ham-e2e-*-32px-1v*/shard-*.npy")}
     assert len(after - before) >= 1  # the new vectors went into a new shard
     stored = FeatureStore.open(_store(world, 32))
     ids = [p.stem for p in changed]
-    assert not stored.changed(open_source(images), ids)  # the stored vectors are the rotated images' now
+    assert not stored.changed(
+        open_source(images), ids
+    )  # the stored vectors are the rotated images' now
     assert np.isfinite(stored.read(ids).astype(np.float32)).all()
 
 
 def test_the_tabular_only_run_is_stacked_and_scores_new_patients(world):
-    """`invoke stack --run R` on a run with only gbdt/, then `invoke score --run R --metadata CSV --out P`."""
+    """`invoke stack --run R` on a run with only gbdt/, then `invoke score --run R --metadata CSV
+    --out P`."""
     env, spec = world["env"], str(world["isic2020"])
     invoke(env, "train-gbdt", "--spec", spec, "--run", "tab-final")
     out = invoke(env, "stack", "--run", "tab-final")
@@ -223,15 +333,30 @@ def test_the_tabular_only_run_is_stacked_and_scores_new_patients(world):
     new.loc[0, "age_approx"] = 250  # far outside the training ages: scored, marked, warned
     new.to_csv(world["root"] / "isic2020-new-odd.csv", index=False)
     preds = world["root"] / "tab-preds.csv"
-    done = invoke(env, "score", "--run", "tab-final", "--metadata", str(world["root"] / "isic2020-new-odd.csv"),
-                  "--out", str(preds))
-    table = pd.read_csv(preds, keep_default_na=False)  # every row is scored: empty cells are empty texts
+    done = invoke(
+        env,
+        "score",
+        "--run",
+        "tab-final",
+        "--metadata",
+        str(world["root"] / "isic2020-new-odd.csv"),
+        "--out",
+        str(preds),
+    )
+    table = pd.read_csv(
+        preds, keep_default_na=False
+    )  # every row is scored: empty cells are empty texts
     assert table["image_name"].tolist() == new["image_name"].tolist()
     assert table["probability"].between(0, 1).all() and "p_fusion" not in table.columns
     assert not table["in_training"].any() and table["error"].eq("").all()
-    assert table.loc[0, "out_of_range"].startswith("age_approx = 250") and table.loc[1:, "out_of_range"].eq("").all()
+    assert (
+        table.loc[0, "out_of_range"].startswith("age_approx = 250")
+        and table.loc[1:, "out_of_range"].eq("").all()
+    )
     assert "column 'age_approx': 1 row(s) hold values far outside the training range" in done.stderr
     assert (world["root"] / "tab-preds.html").is_file()
 
-    nothing = invoke(env, "score", "--run", "tab-final", "--out", str(world["root"] / "x.csv"), check=False)
+    nothing = invoke(
+        env, "score", "--run", "tab-final", "--out", str(world["root"] / "x.csv"), check=False
+    )
     assert nothing.returncode == 2 and "error: invoke score needs --images" in nothing.stderr

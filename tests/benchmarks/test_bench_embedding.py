@@ -34,7 +34,9 @@ def folder(tmp_path_factory) -> Path:
         blend = np.clip((np.hypot(xx - cx, yy - cy) / 40 - 0.15) * 6, 0, 1)[..., None]
         arr = rng.uniform(40, 120, 3) * (1 - blend) + rng.uniform(150, 230, 3) * blend
         buf = io.BytesIO()
-        Image.fromarray(np.clip(arr + rng.normal(0, 6, arr.shape), 0, 255).astype(np.uint8)).save(buf, "JPEG")
+        Image.fromarray(np.clip(arr + rng.normal(0, 6, arr.shape), 0, 255).astype(np.uint8)).save(
+            buf, "JPEG"
+        )
         (root / f"img_{i:03d}.jpg").write_bytes(buf.getvalue())
     return root
 

@@ -9,7 +9,9 @@ from benchmarks.fusion import bench_fusion_epoch
 
 @pytest.mark.slow
 def test_epoch_benchmark_reports_both_learners_and_memory(tmp_path):
-    report = bench_fusion_epoch(n_rows=300, dim=32, views=2, n_meta=4, batch_size=64, workdir=tmp_path)
+    report = bench_fusion_epoch(
+        n_rows=300, dim=32, views=2, n_meta=4, batch_size=64, workdir=tmp_path
+    )
     assert report["store"]["bytes"] >= 300 * 2 * 32 * 2
     for kind in ("mlp", "linear"):
         assert report[kind]["rows"] == 300 and report[kind]["rows_per_s"] > 0

@@ -29,14 +29,16 @@ numeric = ["size", "age"]
 def make(tmp_path, n=300, seed=0, positives=None):
     rng = np.random.default_rng(seed)
     size = rng.gamma(2.0, 2.0, n)
-    frame = pd.DataFrame({
-        "image_id": [f"img{i}" for i in range(n)],
-        "patient_id": [f"P{i // 5}" for i in range(n)],
-        "site": rng.choice(["arm", "leg", "back"], n),
-        "size": size,
-        "age": rng.normal(55, 10, n).round(),
-        "target": (size + rng.normal(scale=1.0, size=n) > 7).astype(int),
-    })
+    frame = pd.DataFrame(
+        {
+            "image_id": [f"img{i}" for i in range(n)],
+            "patient_id": [f"P{i // 5}" for i in range(n)],
+            "site": rng.choice(["arm", "leg", "back"], n),
+            "size": size,
+            "age": rng.normal(55, 10, n).round(),
+            "target": (size + rng.normal(scale=1.0, size=n) > 7).astype(int),
+        }
+    )
     if positives is not None:
         frame["target"] = 0
         frame.loc[frame["size"].nlargest(positives).index, "target"] = 1
@@ -55,14 +57,18 @@ def test_bench_gbdt_small(tmp_path):
     assert report["ours"]["n_features"] > report["baseline"]["n_features"]
     assert report["ratios"]["fit_seconds"] > 0 and report["ratios"]["peak_rss"] > 0
     assert report["ratios"]["fit_vs_unsampled"] > 0
-    assert report["ratios"]["fit_vs_plain"] == pytest.approx(report["ours"]["fit_seconds"] / report["plain"]["fit_seconds"])
+    assert report["ratios"]["fit_vs_plain"] == pytest.approx(
+        report["ours"]["fit_seconds"] / report["plain"]["fit_seconds"]
+    )
     # 20% positives: the default ratio leaves every training part whole, so both fits are the same.
     assert report["neg_ratio"] == 50 and report["unsampled"]["neg_ratio"] == 0
     assert report["ours"]["negative_sampling"]["applied"] is False
     assert report["ours"]["pauc80"] == pytest.approx(report["unsampled"]["pauc80"])
     # Targets: each says where it holds; seconds and pAUC80 only at 401,059 rows.
     assert report["targets"]["fit_seconds"]["applies_to"].startswith("2-core AMD EPYC")
-    assert report["targets"]["fit_vs_unsampled"]["applies_to"].startswith("any CPU where LightGBM runs 1 thread")
+    assert report["targets"]["fit_vs_unsampled"]["applies_to"].startswith(
+        "any CPU where LightGBM runs 1 thread"
+    )
     assert report["lightgbm_threads"] == 1 and report["targets"]["fit_vs_unsampled_met"] is None
     assert report["ours"]["fit_cpu_seconds"] > 0 and report["unsampled"]["fit_cpu_seconds"] > 0
     assert report["targets"]["fit_met"] is None and report["targets"]["pauc80_met"] is None
@@ -78,18 +84,26 @@ def test_bench_gbdt_samples_rare_positives(tmp_path):
     assert sampling["applied"] is True and report["neg_ratio"] == 5
     assert all(f["negatives_kept"] == 5 * f["positives"] for f in sampling["folds"])
     assert report["unsampled"]["negative_sampling"]["applied"] is False
-    assert report["ratios"]["pauc80_delta"] == pytest.approx(report["ours"]["pauc80"] - report["unsampled"]["pauc80"])
+    assert report["ratios"]["pauc80_delta"] == pytest.approx(
+        report["ours"]["pauc80"] - report["unsampled"]["pauc80"]
+    )
 
 
 def test_sweep_measures_each_ratio_with_its_seed_spread(tmp_path):
     spec, frame = make(tmp_path, n=600, positives=12)
-    result = sweep_neg_ratio(frame, spec, ratios=(0, 5), seed_sets=2, set_size=1, n_folds=3, num_threads=1)
+    result = sweep_neg_ratio(
+        frame, spec, ratios=(0, 5), seed_sets=2, set_size=1, n_folds=3, num_threads=1
+    )
     assert len(result["fits"]) == 4 and [f["seeds"] for f in result["fits"]] == [[0], [0], [1], [1]]
     every, sampled = result["ratios"]["0"], result["ratios"]["5"]
     assert every["applied"] is False and sampled["applied"] is True
-    assert sampled["rows_per_model"] == 6 * 8 < every["rows_per_model"]  # 8 positives a training part
+    assert (
+        sampled["rows_per_model"] == 6 * 8 < every["rows_per_model"]
+    )  # 8 positives a training part
     assert every["pauc80_minus_unsampled"] == 0.0 and every["seconds_vs_unsampled"] == 1.0
-    assert sampled["pauc80_minus_unsampled"] == pytest.approx(sampled["pauc80_mean"] - every["pauc80_mean"])
+    assert sampled["pauc80_minus_unsampled"] == pytest.approx(
+        sampled["pauc80_mean"] - every["pauc80_mean"]
+    )
     assert every["sets"] == 2 and every["pauc80_sd"] is not None
     assert result["noise_delta"] == pytest.approx(2 * 2**0.5 * result["pooled_set_sd"])
     json.dumps(result)
@@ -98,8 +112,20 @@ def test_sweep_measures_each_ratio_with_its_seed_spread(tmp_path):
 def test_sweep_command_on_a_spec(tmp_path, capsys):
     make(tmp_path, n=600, positives=12)
     out = tmp_path / "sweep.json"
-    main(["--spec", str(tmp_path / "dataset.toml"), "--ratios", "0,5", "--seed-sets", "2", "--set-size", "1",
-          "--out", str(out)])
+    main(
+        [
+            "--spec",
+            str(tmp_path / "dataset.toml"),
+            "--ratios",
+            "0,5",
+            "--seed-sets",
+            "2",
+            "--set-size",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "600 rows, 12 positives" in printed and "pooled set-to-set sd" in printed
     assert json.loads(out.read_text())["dataset"] == "synthetic"
@@ -111,15 +137,27 @@ def test_bench_judges_the_default_fit_against_one_plain_fit_on_every_row(tmp_pat
     spec, frame = make(tmp_path, n=300)
     report = bench_gbdt(frame, spec, n_folds=3, seeds=(0,), num_threads=1, sides=("plain",))
     plain = report["plain"]
-    assert plain["rounds"] == PLAIN_ROUNDS == 200 and plain["n_features"] == 2 and 0 <= plain["pauc80"] <= 0.2
+    assert (
+        plain["rounds"] == PLAIN_ROUNDS == 200
+        and plain["n_features"] == 2
+        and 0 <= plain["pauc80"] <= 0.2
+    )
     assert report["unsampled"] is None and report["baseline"] is None
-    assert report["ratios"]["fit_vs_plain"] == pytest.approx(report["ours"]["fit_seconds"] / plain["fit_seconds"])
+    assert report["ratios"]["fit_vs_plain"] == pytest.approx(
+        report["ours"]["fit_seconds"] / plain["fit_seconds"]
+    )
     assert report["ratios"]["fit_cpu_vs_plain"] == pytest.approx(
-        report["ours"]["fit_cpu_seconds"] / plain["fit_cpu_seconds"])
+        report["ours"]["fit_cpu_seconds"] / plain["fit_cpu_seconds"]
+    )
     assert report["ratios"]["fit_vs_unsampled"] is None and report["ratios"]["peak_rss"] is None
     assert report["targets"]["fit_vs_plain"]["value"] == TARGET_FIT_VS_PLAIN == 0.6
     # Judged at 401,059 rows only (the features' share of the fit grows on fewer rows).
-    assert report["targets"]["fit_vs_plain_met"] is None and report["targets"]["fit_vs_unsampled_met"] is None
+    assert (
+        report["targets"]["fit_vs_plain_met"] is None
+        and report["targets"]["fit_vs_unsampled_met"] is None
+    )
     json.dumps(report)
-    with pytest.raises(DataError, match=r"sides: unknown \['fast'\]; choose from \['baseline', 'plain'"):
+    with pytest.raises(
+        DataError, match=r"sides: unknown \['fast'\]; choose from \['baseline', 'plain'"
+    ):
         bench_gbdt(frame, spec, sides=("fast",))

@@ -11,7 +11,8 @@ def test_bench_bootstrap_small_table_uses_ham10000_like_defaults():
     assert result["n_resamples"] == 1000 and result["figures"] == 6 and result["models"] == 2
     assert result["seconds"] > 0 and result["peak_rss_bytes"] > 0
     assert result["baseline_seconds_scaled"] == pytest.approx(
-        result["baseline_seconds_per_resample"] * 1000, rel=0.01)
+        result["baseline_seconds_per_resample"] * 1000, rel=0.01
+    )
     interval = result["roc_auc_interval"]
     assert interval["low"] < interval["estimate"] < interval["high"]
 

@@ -42,11 +42,14 @@ def test_restore_dir_puts_back_a_folder_left_between_two_renames(tmp_path):
     assert not (tmp_path / "stage.old-123").exists()
 
 
-@pytest.mark.parametrize("code, advice", [
-    (errno.ENOSPC, r"No space left on device \(ENOSPC\); free some space there"),
-    (errno.EROFS, r"Read-only file system \(EROFS\); the file system is mounted read-only"),
-    (errno.EACCES, r"Permission denied \(EACCES\); make the folder writable"),
-])
+@pytest.mark.parametrize(
+    "code, advice",
+    [
+        (errno.ENOSPC, r"No space left on device \(ENOSPC\); free some space there"),
+        (errno.EROFS, r"Read-only file system \(EROFS\); the file system is mounted read-only"),
+        (errno.EACCES, r"Permission denied \(EACCES\); make the folder writable"),
+    ],
+)
 def test_an_oserror_becomes_a_write_error_naming_the_path_and_the_fix(tmp_path, code, advice):
     import os
 

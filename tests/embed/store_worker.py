@@ -24,8 +24,10 @@ from embed.pipeline import build_store  # noqa: E402
 from embed.sources import FolderSource  # noqa: E402
 from embed.weights import WeightsInfo  # noqa: E402
 
+__all__ = ["main"]
 
-class SlowFolder(FolderSource):
+
+class _SlowFolder(FolderSource):
     def __init__(self, root, delay: float):
         super().__init__(root)
         self.delay = delay
@@ -66,7 +68,7 @@ def main() -> None:
     )
     try:
         summary = build_store(
-            SlowFolder(args.images, args.delay), None, args.store, "toy", weights, config
+            _SlowFolder(args.images, args.delay), None, args.store, "toy", weights, config
         )
     except EmbedError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)

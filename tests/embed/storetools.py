@@ -11,10 +11,24 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[2]
-DATA = REPO / ".." / "shared" / "data"
+__all__ = [
+    "DATA",
+    "HAM_IMAGES",
+    "ISIC_MINI",
+    "N_IMAGES",
+    "assert_same_vectors",
+    "jpeg_bytes",
+    "random_weights",
+    "tiny_config",
+    "write_folder",
+    "write_hdf5",
+]
+
+_REPO = Path(__file__).resolve().parents[2]
+DATA = _REPO / ".." / "shared" / "data"
 ISIC_MINI = DATA / "isic2024-mini" / "train-image.hdf5"
 HAM_IMAGES = DATA / "ham10000" / "images"
+N_IMAGES = 24  # images in the pipeline tests' folder (tests/embed/conftest.py)
 
 
 def random_weights(path: Path, seed: int = 0):
@@ -84,3 +98,12 @@ def tiny_config(**overrides):
     )
     settings.update(overrides)
     return EmbedConfig(**settings)
+
+
+def assert_same_vectors(a, b) -> None:
+    """Two feature stores hold the same ids with the same vectors (up to fp16 rounding)."""
+    assert sorted(a.ids) == sorted(b.ids)
+    ids = sorted(a.ids)
+    va, vb = a.read(ids).astype(np.float32), b.read(ids).astype(np.float32)
+    # fp32 on CPU; batches may be composed differently, so allow fp16 rounding.
+    np.testing.assert_allclose(va, vb, rtol=1e-2, atol=2e-2)

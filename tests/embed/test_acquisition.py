@@ -96,12 +96,15 @@ def test_folder_and_hdf5_give_the_same_cues_and_unreadable_images_are_listed(tmp
     from_hdf5 = acquisition_cues(source, list(images), batch_size=16)
     source.close()
     assert from_folder.version == CUES_VERSION
-    assert list(from_folder.frame.index) == ids and list(from_folder.frame.columns) == list(CUE_NAMES)
+    assert list(from_folder.frame.index) == ids and list(from_folder.frame.columns) == list(
+        CUE_NAMES
+    )
     assert set(from_folder.failures) == {"broken"}
     assert "broken" in from_folder.failures["broken"]
     assert from_folder.frame.loc["broken"].isna().all()
-    np.testing.assert_allclose(from_folder.frame.loc[list(images)].to_numpy(),
-                               from_hdf5.frame.to_numpy())
+    np.testing.assert_allclose(
+        from_folder.frame.loc[list(images)].to_numpy(), from_hdf5.frame.to_numpy()
+    )
     assert from_hdf5.frame["width"].tolist() == [120 + 10 * i for i in range(70)]
     assert from_hdf5.images_per_s > 0
 
@@ -117,8 +120,10 @@ def test_errors_name_the_image_and_repeated_ids_are_refused(tmp_path):
 
 
 def test_real_ham10000_and_isic2024_crops_differ_in_size_and_vignetting(shared_data):
-    ham = acquisition_cues(FolderSource(shared_data / "ham10000" / "images"),
-                           FolderSource(shared_data / "ham10000" / "images").ids()[:40])
+    ham = acquisition_cues(
+        FolderSource(shared_data / "ham10000" / "images"),
+        FolderSource(shared_data / "ham10000" / "images").ids()[:40],
+    )
     source = HDF5Source(shared_data / "isic2024-mini" / "train-image.hdf5")
     crops = acquisition_cues(source)
     source.close()

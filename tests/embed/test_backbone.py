@@ -1,4 +1,5 @@
-"""Backbone: frozen model, stride layout, preprocessing, precision; the real-weights ImageNet check."""
+"""Backbone: frozen model, stride layout, preprocessing, precision; the real-weights ImageNet
+check."""
 
 from __future__ import annotations
 
@@ -66,7 +67,9 @@ def _activations(random_weights, x):
     plain = load_backbone(random_weights, keep_classifier=True)
     seen = {}
     for name in BLOCKS:
-        getattr(plain, name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o))
+        getattr(plain, name).register_forward_hook(
+            lambda m, i, o, name=name: seen.__setitem__(name, o)
+        )
     with torch.inference_mode():
         logits = plain(x)
     return plain, seen, logits
@@ -88,7 +91,13 @@ def test_pooled_blocks_are_the_stages_outputs_pooled_and_concatenated(random_wei
     assert both_avg.shape == (2, feature_dim(("layer3", "layer4"))) == (2, 3072)
     torch.testing.assert_close(both_avg[:, :1024], seen["layer3"].mean(dim=(2, 3)))
     torch.testing.assert_close(both_avg[:, 1024:], classic)
-    gem = torch.cat([a.clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3) for a in (seen["layer3"], seen["layer4"])], 1)
+    gem = torch.cat(
+        [
+            a.clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3)
+            for a in (seen["layer3"], seen["layer4"])
+        ],
+        1,
+    )
     torch.testing.assert_close(both_gem, gem)
     # GeM leans to the strongest responses: never below the average of a non-negative map.
     assert bool((both_gem >= both_avg - 1e-5).all())
@@ -104,7 +113,12 @@ def test_pooling_a_shallower_block_alone_skips_the_deeper_stages(random_weights)
 @pytest.mark.parametrize(
     ("blocks", "pooling", "message"),
     [
-        (("layer5",), "avg", r"^blocks: expected one or more distinct of \['layer1', 'layer2', 'layer3', 'layer4'\] \(e.g. 'layer3,layer4'\), got \['layer5'\]$"),
+        (
+            ("layer5",),
+            "avg",
+            r"^blocks: expected one or more distinct of \['layer1', 'layer2', 'layer3', "
+            r"'layer4'\] \(e.g. 'layer3,layer4'\), got \['layer5'\]$",
+        ),
         (("layer3", "layer3"), "avg", r"got \['layer3', 'layer3'\]$"),
         ("", "avg", r"got \[\]$"),
         (("layer4",), "max", r"^pooling: expected one of \['avg', 'gem'\], got 'max'$"),

@@ -69,7 +69,9 @@ def test_unreadable_images_are_not_cached_and_a_missing_source_gives_nan(tmp_pat
     cached_cues(tmp_path, source, ["img0", "broken"], {})
     assert asked == [["broken"]]  # tried again, the readable one reused
     without = cached_cues(tmp_path, None, ["img0", "img1"], {})
-    assert np.isfinite(without.frame.loc["img0"]).all() and np.isnan(without.frame.loc["img1"]).all()
+    assert (
+        np.isfinite(without.frame.loc["img0"]).all() and np.isnan(without.frame.loc["img1"]).all()
+    )
     assert "not cached" in without.failures["img1"]
 
 

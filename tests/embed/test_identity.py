@@ -40,17 +40,28 @@ def test_embedding_identity_is_built_from_weights_and_config(tmp_path):
         "dim": feature_dim(DEFAULT_BLOCKS),
     }
     several = embedding_identity(weights, tiny_config(blocks="layer4,layer2", pooling="gem"))
-    assert (several["blocks"], several["pooling"], several["dim"]) == (["layer2", "layer4"], "gem", 2560)
+    assert (several["blocks"], several["pooling"], several["dim"]) == (
+        ["layer2", "layer4"],
+        "gem",
+        2560,
+    )
 
 
 def test_records_made_before_blocks_were_a_setting_read_as_the_layer4_average():
     # HAVE is such a record: no blocks, no pooling.
     assert identity_of(HAVE)["blocks"] == ["layer4"] and identity_of(HAVE)["pooling"] == "avg"
     check_identity(HAVE, {**HAVE, "blocks": ("layer4",), "pooling": "avg"}, "old store", "the run")
-    check_identity({**HAVE, "blocks": ["layer4"], "pooling": "avg"}, HAVE, "new store", "an old run")
-    with pytest.raises(StoreMismatchError, match=r"^old store was built with blocks=\['layer4'\] but "
-                       r"a layer3 run blocks=\['layer3', 'layer4'\]; use a store"):
-        check_identity(HAVE, {**HAVE, "blocks": ["layer3", "layer4"], "dim": 3072}, "old store", "a layer3 run")
+    check_identity(
+        {**HAVE, "blocks": ["layer4"], "pooling": "avg"}, HAVE, "new store", "an old run"
+    )
+    with pytest.raises(
+        StoreMismatchError,
+        match=r"^old store was built with blocks=\['layer4'\] but "
+        r"a layer3 run blocks=\['layer3', 'layer4'\]; use a store",
+    ):
+        check_identity(
+            HAVE, {**HAVE, "blocks": ["layer3", "layer4"], "dim": 3072}, "old store", "a layer3 run"
+        )
     with pytest.raises(StoreMismatchError, match=r"pooling='gem' but b pooling='avg'"):
         check_identity({**HAVE, "pooling": "gem"}, HAVE, "a", "b")
     # A partial identity checks its own fields only: no blocks filled in.

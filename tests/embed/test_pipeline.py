@@ -13,11 +13,6 @@ import logging
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,69 +23,30 @@ from storetools import (
     DATA,
     HAM_IMAGES,
     ISIC_MINI,
+    N_IMAGES,
+    assert_same_vectors,
     random_weights,
     tiny_config,
-    write_folder,
     write_hdf5,
 )
 
-import embed.config as embed_config
 import embed.model_loop as model_loop
 import embed.pipeline as pipeline
-from embed.backbone import load_backbone, preprocess
+from embed.backbone import preprocess
 from embed.config import (
     VIEWS,
     EmbedConfig,
     embedding_identity,
-    parse_shard,
-    part_of,
-    resolve_device,
 )
-from embed.errors import EmbedError, EmbedInterrupted, StoreMismatchError
+from embed.errors import EmbedError, StoreMismatchError
 from embed.model_loop import embed_ids
 from embed.pipeline import build_store
 from embed.pooled import DEFAULT_BLOCKS, feature_dim
-from embed.reader import apply_view, collate_drop_failed, normalize_batch, resize_uint8
+from embed.reader import collate_drop_failed, normalize_batch, resize_uint8
 from embed.sources import FolderSource, HDF5Source, decode_image, open_source
 from embed.store import MANIFEST, FeatureStore
 
-WORKER = Path(__file__).with_name("store_worker.py")
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is absent")
-N_IMAGES = 24
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return random_weights(tmp_path_factory.mktemp("weights") / "random-resnet50.pth")
-
-
-@pytest.fixture(scope="module")
-def model(weights):
-    return load_backbone(weights, "cpu")
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    write_folder(root, N_IMAGES, size=(40, 40))
-    return root
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, folder, weights) -> FeatureStore:
-    """The uninterrupted single-process store of `folder` that other runs must equal."""
-    store = tmp_path_factory.mktemp("reference") / "store"
-    summary = build_store(FolderSource(folder), None, store, "toy", weights, tiny_config())
-    assert summary.embedded == N_IMAGES and summary.stored == N_IMAGES
-    return FeatureStore.open(store)
-
-
-def assert_same_vectors(a: FeatureStore, b: FeatureStore) -> None:
-    assert sorted(a.ids) == sorted(b.ids)
-    ids = sorted(a.ids)
-    va, vb = a.read(ids).astype(np.float32), b.read(ids).astype(np.float32)
-    # fp32 on CPU; batches may be composed differently, so allow fp16 rounding.
-    np.testing.assert_allclose(va, vb, rtol=1e-2, atol=2e-2)
 
 
 def file_digests(path: Path) -> dict[str, tuple[str, int]]:
@@ -101,104 +57,7 @@ def file_digests(path: Path) -> dict[str, tuple[str, int]]:
     }
 
 
-# ----------------------------------------------------------------------------- config and helpers
-
-
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        ({"image_size": 0}, r"EmbedConfig.image_size: expected a positive integer, got 0"),
-        ({"batch_size": -1}, r"EmbedConfig.batch_size: expected a positive integer, got -1"),
-        ({"views": 9}, r"EmbedConfig.views: expected 1..8, got 9"),
-        ({"views": 0}, r"EmbedConfig.views: expected 1..8, got 0"),
-        (
-            {"shard_index": 2, "shard_count": 2},
-            r"EmbedConfig.shard_index: expected 0..1 for shard_count=2, got 2",
-        ),
-        ({"shard_count": 0}, r"EmbedConfig.shard_count: expected a positive integer, got 0"),
-        ({"shard_rows": 0}, r"EmbedConfig.shard_rows: expected a positive integer, got 0"),
-        ({"max_pixels": 0}, r"EmbedConfig.max_pixels: expected a positive integer, got 0"),
-        (
-            {"max_shard_seconds": 0},
-            r"EmbedConfig.max_shard_seconds: expected a number > 0, got 0",
-        ),
-        (
-            {"max_shard_seconds": True},
-            r"EmbedConfig.max_shard_seconds: expected a number > 0, got True",
-        ),
-        ({"num_workers": -1}, r"EmbedConfig.num_workers: expected None or an integer >= 0, got -1"),
-        (
-            {"device": "tpu"},
-            r"EmbedConfig.device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'",
-        ),
-    ],
-)
-def test_config_is_checked(kwargs, message):
-    with pytest.raises(EmbedError, match=message):
-        EmbedConfig(**kwargs)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
-def test_cuda_without_gpu_is_refused():
-    assert resolve_device("auto").type == "cpu"
-    with pytest.raises(EmbedError, match=r"device='cuda' but no CUDA GPU is available"):
-        resolve_device("cuda")
-
-
-def test_views_are_the_eight_symmetries_of_the_square():
-    x = torch.arange(9.0).reshape(1, 1, 3, 3)
-    outs = [apply_view(x, v) for v in range(len(VIEWS))]
-    assert torch.equal(outs[0], x)
-    assert outs[1][0, 0, 0].tolist() == [2.0, 1.0, 0.0]  # hflip
-    assert outs[2][0, 0, 0].tolist() == [6.0, 7.0, 8.0]  # vflip
-    assert torch.equal(outs[6][0, 0], x[0, 0].T)  # transpose
-    assert torch.equal(outs[7][0, 0], x[0, 0].flip(0).flip(1).T)  # anti-transpose
-    assert len({tuple(o.flatten().tolist()) for o in outs}) == 8
-    with pytest.raises(EmbedError, match=r"view: expected 0..7, got 8"):
-        apply_view(x, 8)
-
-
-@pytest.mark.parametrize(
-    "cpus, cpu_workers, cuda_workers", [(2, 0, 1), (4, 0, 2), (16, 1, 14), (64, 4, 16)]
-)
-def test_default_num_workers(monkeypatch, cpus, cpu_workers, cuda_workers):
-    monkeypatch.setattr(embed_config, "_cpu_count", lambda: cpus)
-    assert embed_config.default_num_workers("cpu") == cpu_workers
-    assert embed_config.default_num_workers("cuda") == cuda_workers
-
-
-def test_batch_size_and_workers_default_by_device(monkeypatch):
-    monkeypatch.setattr(embed_config, "_cpu_count", lambda: 16)
-    assert embed_config.default_batch_size("cuda:0") == 256
-    assert embed_config.default_batch_size("cpu") == 32
-    gpu = embed_config.settle_config(EmbedConfig(), torch.device("cuda"))
-    assert (gpu.batch_size, gpu.num_workers) == (256, 14)
-    mine = embed_config.settle_config(
-        EmbedConfig(batch_size=8, num_workers=0), torch.device("cuda")
-    )
-    assert (mine.batch_size, mine.num_workers) == (8, 0)  # what the user set is kept
-    assert model_loop.batches_in_flight(torch.device("cuda")) == 2
-    assert model_loop.batches_in_flight(torch.device("cpu")) == 0
-    with pytest.raises(
-        EmbedError, match=r"EmbedConfig.batch_size: expected a positive integer, got 0"
-    ):
-        EmbedConfig(batch_size=0)
-
-
-def test_parse_shard():
-    assert parse_shard("1/4") == (1, 4)
-    with pytest.raises(EmbedError, match=r"--shard: expected i/n such as 0/4, got 'x'"):
-        parse_shard("x")
-    with pytest.raises(EmbedError, match=r"--shard: expected i/n with 0 <= i < n, got '4/4'"):
-        parse_shard("4/4")
-
-
-def test_part_of_is_a_stable_balanced_split():
-    ids = [f"ISIC_{i:07d}" for i in range(2000)]
-    parts = [part_of(i, 4) for i in ids]
-    assert part_of("ISIC_0000000", 4) == parts[0]  # no per-process hash seed
-    counts = np.bincount(parts, minlength=4)
-    assert counts.min() > 400
+# ----------------------------------------------------------------------------- reader
 
 
 def test_collate_drops_failed_items():
@@ -246,7 +105,11 @@ def test_embed_ids_order_failures_and_views(tmp_path, folder, model):
     assert set(failures) == {"zero", "absent"}
     assert "empty file" in failures["zero"] and "not found" in failures["absent"]
     vecs = np.concatenate([b[1] for b in batches])
-    assert vecs.shape == (3, 3, feature_dim(DEFAULT_BLOCKS)) and vecs.dtype == np.float16 and np.isfinite(vecs).all()
+    assert (
+        vecs.shape == (3, 3, feature_dim(DEFAULT_BLOCKS))
+        and vecs.dtype == np.float16
+        and np.isfinite(vecs).all()
+    )
     assert [b[1].shape[0] for b in batches] == [1, 1, 1]  # each batch of 2 lost or kept one
     plain = np.concatenate([b[1] for b in embed_ids(src, ids, model, tiny_config(batch_size=2))])
     np.testing.assert_allclose(plain[:, 0], vecs[:, 0], rtol=1e-2, atol=2e-2)
@@ -580,325 +443,10 @@ def test_a_symlink_out_of_the_image_folder_is_a_failure_and_the_run_goes_on(
     assert fs.failures == summary.failed
 
 
-# ----------------------------------------------------------------------------- interruptions
-
-
-class _SignalAt(FolderSource):
-    """Sends signals to this process while reading given ids: a signal arriving mid-batch."""
-
-    def __init__(self, root, signals: dict[str, int]):
-        super().__init__(root)
-        self.signals = signals
-
-    def read_bytes(self, image_id: str) -> bytes:
-        if image_id in self.signals:
-            os.kill(os.getpid(), self.signals[image_id])
-        return super().read_bytes(image_id)
-
-
-class _SignalEscaped(Exception):
-    """A signal reached the handler the test installed: build_store did not take it over."""
-
-
-@pytest.fixture
-def guarded_signals():
-    """SIGTERM and SIGINT handled by the test while it runs, so that a build_store that does not
-    catch them fails the test instead of ending (SIGTERM) or aborting (SIGINT) the session."""
-
-    def escaped(signum, frame):
-        raise _SignalEscaped(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, escaped) for sig in (signal.SIGTERM, signal.SIGINT)}
-    yield escaped
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
-
-
-def _interrupted_build(source, store, weights, expected):
-    with expected:
-        build_store(source, None, store, "toy", weights, tiny_config(shard_rows=1000))
-
-
-def test_sigint_mid_batch_finishes_the_batch_saves_every_row_and_raises(
-    tmp_path, folder, weights, reference, guarded_signals
-):
-    store = tmp_path / "store"
-    src = _SignalAt(folder, {"img_005": signal.SIGINT})  # in the second batch of four
-    _interrupted_build(
-        src,
-        store,
-        weights,
-        pytest.raises(
-            EmbedInterrupted,
-            match=r"^interrupted by SIGINT: 8 rows saved to feature store '.*store' \(8 in all\); "
-            r"rerun the same command to continue$",
-        ),
-    )
-    assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is guarded_signals
-    assert FeatureStore.open(store).ids == [f"img_{i:03d}" for i in range(8)]
-    rest = build_store(FolderSource(folder), None, store, "toy", weights, tiny_config())
-    assert (rest.embedded, rest.skipped_existing) == (N_IMAGES - 8, 8)
-    assert_same_vectors(FeatureStore.open(store), reference)
-
-
-def test_a_second_signal_stops_at_once_and_still_saves_the_finished_batches(
-    tmp_path, folder, weights, guarded_signals
-):
-    store = tmp_path / "store"
-    src = _SignalAt(folder, {"img_005": signal.SIGTERM, "img_006": signal.SIGINT})
-    _interrupted_build(src, store, weights, pytest.raises(KeyboardInterrupt))
-    assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is guarded_signals
-    assert FeatureStore.open(store).ids == [f"img_{i:03d}" for i in range(4)]
-
-
-def test_build_store_runs_outside_the_main_thread_without_signal_handlers(
-    tmp_path, folder, weights
-):
-    before = signal.getsignal(signal.SIGINT)
-    result = {}
-
-    def run():
-        try:
-            result["summary"] = build_store(
-                FolderSource(folder), ["img_000"], tmp_path / "s", "toy", weights, tiny_config()
-            )
-        except Exception as error:  # reported below, in the test's thread
-            result["error"] = error
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    assert "error" not in result, result.get("error")
-    assert result["summary"].embedded == 1 and signal.getsignal(signal.SIGINT) is before
-
-
-# ----------------------------------------------------------------------------- other processes
-
-
-def _worker(folder: Path, store: Path, weights, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONHASHSEED": "random", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, str(WORKER), str(folder), str(store), str(weights.path), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-
-
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"worker ended before the shard appeared:\n{proc.stdout.read()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("worker too slow")
-        time.sleep(0.01)
-
-
-def _listed(store: Path) -> int:
-    try:
-        return json.loads((store / MANIFEST).read_text())["count"]
-    except FileNotFoundError:
-        return 0
-
-
-def _shards(store: Path) -> list[str]:
-    return sorted(p.name for p in store.glob("shard-*.npy")) if store.is_dir() else []
-
-
-@pytest.mark.slow
-def test_kill_9_mid_run_then_resume_equals_uninterrupted(tmp_path, folder, weights, reference):
-    store = tmp_path / "store"
-    counts = []
-    # Kill once the moment the first shard file appears (before the manifest lists it), and
-    # once a little after the manifest has listed some more rows.
-    for round_ in range(2):
-        proc = _worker(folder, store, weights, "--delay", "0.05")
-        if round_ == 0:
-            _wait_for(lambda: bool(_shards(store)), proc)
-        else:
-            _wait_for(lambda: _listed(store) > counts[0], proc)
-            time.sleep(0.07)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        fs = FeatureStore.open(store)  # never corrupt: opens, verifies, reads
-        assert fs.verify()["ok"]
-        assert 0 <= fs.count < N_IMAGES
-        fs.read(fs.ids)
-        counts.append(fs.count)
-    assert counts[1] > counts[0]
-    summary = build_store(FolderSource(folder), None, store, "toy", weights, tiny_config())
-    assert summary.skipped_existing == counts[1] and summary.embedded == N_IMAGES - counts[1]
-    assert not [n for n in os.listdir(store) if n.startswith(".tmp")]
-    assert_same_vectors(FeatureStore.open(store), reference)
-
-
-class _Lines:
-    """A worker's output, read by a thread line by line, so a test can wait for a line."""
-
-    def __init__(self, proc: subprocess.Popen):
-        self.proc = proc
-        self.lines: list[str] = []
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def wait_for(self, text: str, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(text in line for line in self.lines):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                raise AssertionError(f"no line with {text!r} from the worker:\n{self.text()}")
-            time.sleep(0.01)
-
-    def text(self) -> str:
-        self.proc.wait(timeout=120)
-        self._thread.join(timeout=30)
-        return "".join(self.lines)
-
-
-@pytest.mark.slow
-def test_sigterm_mid_run_saves_the_rows_exits_non_zero_and_a_rerun_embeds_the_rest(
-    tmp_path, folder, weights, reference
-):
-    store = tmp_path / "store"
-    # Shards of 1000 rows and a minute: without the signal handling nothing would be on disk.
-    proc = _worker(
-        folder, store, weights, "--delay", "0.2", "--shard-rows", "1000", "--log-every", "1"
-    )
-    output = _Lines(proc)
-    output.wait_for("batch 1/6")  # one batch of 4 embedded, more coming
-    proc.send_signal(signal.SIGTERM)
-    text = output.text()
-    assert proc.returncode == 2, text
-    found = re.search(
-        r"error: interrupted by SIGTERM: (\d+) rows saved .*rerun the same command", text
-    )
-    assert found, text
-    saved = int(found.group(1))
-    assert 4 <= saved < N_IMAGES and saved % 4 == 0
-    assert _listed(store) == saved
-    fs = FeatureStore.open(store)
-    assert fs.verify()["ok"] and fs.count == saved
-    rest = build_store(FolderSource(folder), None, store, "toy", weights, tiny_config())
-    assert (rest.embedded, rest.skipped_existing) == (N_IMAGES - saved, saved)
-    assert_same_vectors(FeatureStore.open(store), reference)
-
-
-@pytest.mark.slow
-def test_kill_9_after_a_time_bounded_shard_keeps_its_rows(tmp_path, folder, weights, reference):
-    store = tmp_path / "store"
-    # 1000-row shards are never filled here: only the 0.2 s limit writes shards.
-    proc = _worker(
-        folder,
-        store,
-        weights,
-        *("--delay", "0.1", "--shard-rows", "1000", "--max-shard-seconds", "0.2"),
-    )
-    _wait_for(lambda: _listed(store) > 0, proc)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    fs = FeatureStore.open(store)
-    assert fs.verify()["ok"]
-    kept = fs.count
-    assert 0 < kept < N_IMAGES
-    fs.read(fs.ids)
-    rest = build_store(FolderSource(folder), None, store, "toy", weights, tiny_config())
-    assert (rest.embedded, rest.skipped_existing) == (N_IMAGES - kept, kept)
-    assert_same_vectors(FeatureStore.open(store), reference)
-
-
-@pytest.mark.slow
-def test_two_processes_build_one_sharded_store(tmp_path, folder, weights, reference):
-    store = tmp_path / "store"
-    procs = [
-        _worker(folder, store, weights, "--shard", f"{i}/2", "--shard-rows", "4") for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
-    embedded = [
-        int(next(ln for ln in o.splitlines() if ln.startswith("SUMMARY")).split()[1])
-        for o in outputs
-    ]
-    assert sum(embedded) == N_IMAGES and min(embedded) > 0
-    names = sorted(os.listdir(store))
-    assert any(n.startswith("shard-0-of-2-") for n in names) and any(
-        n.startswith("shard-1-of-2-") for n in names
-    )
-    fs = FeatureStore.open(store)
-    assert fs.verify()["ok"] and fs.count == N_IMAGES
-    assert_same_vectors(fs, reference)
-    # The last writer out merged: one manifest; a re-run of either part has nothing to do.
-    assert [n for n in names if n.startswith("manifest")] in (
-        [MANIFEST],
-        [MANIFEST, "manifest.part-0-of-2.json"],
-        [MANIFEST, "manifest.part-1-of-2.json"],
-    )
-    from embed.store_writer import merge_store
-
-    assert merge_store(store)["count"] == N_IMAGES
-    assert [n for n in os.listdir(store) if n.startswith("manifest")] == [MANIFEST]
-    again = build_store(
-        FolderSource(folder), None, store, "toy", weights, tiny_config(shard_index=1, shard_count=2)
-    )
-    assert again.embedded == 0 and again.skipped_existing == embedded[1]
-    # A single-writer run over the merged store finds everything too.
-    assert (
-        build_store(FolderSource(folder), None, store, "toy", weights, tiny_config()).embedded == 0
-    )
-
-
-@pytest.mark.parametrize(
-    "v2, v1, expected",
-    [
-        ("max 100000\n", None, None),
-        ("400000 100000\n", None, 4),
-        ("150000 100000\n", None, 2),  # 1.5 CPUs: a second worker still has half a core
-        (None, ("-1", "100000"), None),
-        (None, ("200000", "100000"), 2),
-        (None, None, None),
-        ("garbage\n", None, None),
-    ],
-)
-def test_container_cpu_quota_caps_the_cpu_count(tmp_path, v2, v1, expected):
-    v2_path = tmp_path / "cpu.max"
-    v1_path = tmp_path / "cpu" / "cpu.cfs_quota_us"
-    if v2 is not None:
-        v2_path.write_text(v2)
-    if v1 is not None:
-        v1_path.parent.mkdir()
-        v1_path.write_text(v1[0])
-        (v1_path.parent / "cpu.cfs_period_us").write_text(v1[1])
-    assert embed_config.cgroup_cpu_limit((v2_path, v1_path)) == expected
-
-
-def test_cpu_count_takes_the_smaller_of_affinity_and_quota(monkeypatch):
-    monkeypatch.setattr(embed_config, "cgroup_cpu_limit", lambda: 3)
-    assert embed_config._cpu_count() == min(3, len(os.sched_getaffinity(0)))
-    monkeypatch.setattr(embed_config, "cgroup_cpu_limit", lambda: None)
-    assert embed_config._cpu_count() == len(os.sched_getaffinity(0))
-
-
-@pytest.mark.parametrize(
-    ("image_size", "blocks", "minimum"),
-    [(1, DEFAULT_BLOCKS, 16), (8, ("layer3",), 16), (15, ("layer3",), 16), (16, ("layer4",), 32),
-     (31, ("layer3", "layer4"), 32), (3, ("layer1",), 4)],
-)
-def test_image_sizes_the_backbone_cannot_use_are_refused(image_size, blocks, minimum):
-    with pytest.raises(EmbedError, match=rf"--image-size \(EmbedConfig.image_size\) {image_size}: the backbone needs "
-                                         rf"at least {minimum} px for blocks {','.join(blocks)}.*use --image-size "
-                                         rf"{minimum} or more"):
-        EmbedConfig(image_size=image_size, blocks=blocks)
-
-
 def test_the_smallest_usable_size_keeps_a_map_of_one_cell_at_the_deepest_block():
     """The minimum is exact: at it the deepest block's map is 1 x 1 and no earlier stage has
-    collapsed to 1 x 1 before its last downsampling (that is what the size is refused for below it)."""
+    collapsed to 1 x 1 before its last downsampling (that is what the size is refused for below
+    it)."""
     import torchvision
 
     from embed.pooled import min_image_size
@@ -934,13 +482,25 @@ def test_a_size_far_below_training_is_embedded_with_a_warning(tmp_path, caplog):
     for size, warned in ((32, True), (112, False)):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="embed.config"):
-            build_store(source, ["a"], tmp_path / f"store{size}", "t", info,
-                        EmbedConfig(image_size=size, device="cpu", num_workers=0, progress=False))
+            build_store(
+                source,
+                ["a"],
+                tmp_path / f"store{size}",
+                "t",
+                info,
+                EmbedConfig(image_size=size, device="cpu", num_workers=0, progress=False),
+            )
         said = [r.getMessage() for r in caplog.records if "--image-size" in r.getMessage()]
-        assert said == ([f"--image-size {size}: far below the 224 px the ImageNet weights were trained at (under "
-                         "112 px their features lose most of what they describe); the vectors will be of little use "
-                         "for lesions. Use --image-size 224 unless this is a test or a throughput run"]
-                        if warned else []), size
+        assert said == (
+            [
+                f"--image-size {size}: far below the 224 px the ImageNet weights were trained at "
+                "(under 112 px their features lose most of what they describe); the vectors will "
+                "be of little use for lesions. Use --image-size 224 unless this is a test or a "
+                "throughput run"
+            ]
+            if warned
+            else []
+        ), size
 
 
 def test_an_image_replaced_with_the_same_size_and_time_is_embedded_again(tmp_path, folder, weights):

@@ -145,7 +145,9 @@ def test_fingerprints_stored_before_the_content_was_recorded_compare_as_they_did
     assert image_changed(f"file:{info.st_size}:{info.st_mtime_ns + 1}", now)
     assert image_changed(f"file:{info.st_size + 1}:{info.st_mtime_ns}", now)
     assert not image_changed(None, now) and not image_changed(older, None)
-    assert image_changed("h5:10:0000abcd", "h5:10:0000abce") and not image_changed("h5:1:ff", "h5:1:ff")
+    assert image_changed("h5:10:0000abcd", "h5:10:0000abce") and not image_changed(
+        "h5:1:ff", "h5:1:ff"
+    )
 
 
 def test_folder_reads_symlinks_inside_the_folder_only(tmp_path):
@@ -287,7 +289,8 @@ def test_too_many_pixels_is_refused_before_decoding():
     data = _png(Image.new("RGB", (100, 80)))
     with pytest.raises(
         EmbedError,
-        match=r"image 'big': 100x80 = 8000 pixels exceeds max_pixels=5000; refused as a possible decompression bomb",
+        match=r"image 'big': 100x80 = 8000 pixels exceeds max_pixels=5000; refused as a possible "
+        r"decompression bomb",
     ):
         decode_image(data, "big", 5000)
     assert decode_image(data, "big", 8000).size == (100, 80)

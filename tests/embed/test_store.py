@@ -73,8 +73,12 @@ def test_store_name():
         store_name("ham10000-dev", "0123456789abcdef" * 4, 224, 1)
         == "ham10000-dev-0123456789ab-224px-1v"
     )
-    # Other pooled features than the classic layer4 average are named; the classic keeps the old name.
-    assert store_name("d", "ab" * 32, 224, 1, ("layer3", "layer4"), "avg") == "d-abababababab-224px-1v-l34-avg"
+    # Other pooled features than the classic layer4 average are named; the classic keeps the old
+    # name.
+    assert (
+        store_name("d", "ab" * 32, 224, 1, ("layer3", "layer4"), "avg")
+        == "d-abababababab-224px-1v-l34-avg"
+    )
     assert store_name("d", "ab" * 32, 96, 2, ("layer4",), "gem") == "d-abababababab-96px-2v-l4-gem"
 
 
@@ -126,7 +130,8 @@ def test_missing_ids_message(tmp_path):
 def test_open_refuses_a_folder_without_store(tmp_path):
     with pytest.raises(
         EmbedError,
-        match=r"no feature store at .* \(no manifest.json\); build it with `invoke embed --spec SPEC`",
+        match=r"no feature store at .* \(no manifest.json\); build it with `invoke embed --spec "
+        r"SPEC`",
     ):
         FeatureStore.open(tmp_path)
 
@@ -336,7 +341,8 @@ def test_parts_built_with_other_settings_are_refused(tmp_path):
     other.write_text(json.dumps(part))
     with pytest.raises(
         StoreMismatchError,
-        match=r"manifest.part-1-of-2.json.* was built with image_size=32 but manifest.json of the same store has image_size=64",
+        match=r"manifest.part-1-of-2.json.* was built with image_size=32 but manifest.json of the "
+        r"same store has image_size=64",
     ):
         FeatureStore.open(tmp_path)
 

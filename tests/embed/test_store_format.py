@@ -40,8 +40,15 @@ IDENTITY = {
 
 def _name(dataset: str, sha: str = SHA, **kw) -> str:
     settings = {"image_size": 64, "views": 1, "blocks": ("layer3",), "pooling": "gem"} | kw
-    return store_name(dataset, sha, settings["image_size"], settings["views"], settings["blocks"],
-                      settings["pooling"], settings.get("variant", "auto"))
+    return store_name(
+        dataset,
+        sha,
+        settings["image_size"],
+        settings["views"],
+        settings["blocks"],
+        settings["pooling"],
+        settings.get("variant", "auto"),
+    )
 
 
 def _write(path, identity=IDENTITY, ids=("a", "b"), **kw) -> None:
@@ -56,7 +63,9 @@ def test_every_identity_field_is_a_manifest_field():
 def test_a_store_with_only_part_manifests_is_found_and_its_identity_read(tmp_path):
     path = tmp_path / _name("ham")
     # Part 1 of 2 still running: its own manifest is the only one the store has so far.
-    with StoreWriter(path, IDENTITY, shard_index=1, shard_count=2, info={"dataset": "ham"}) as writer:
+    with StoreWriter(
+        path, IDENTITY, shard_index=1, shard_count=2, info={"dataset": "ham"}
+    ) as writer:
         writer.append(["x"], np.ones((1, 1, 4)))
         writer.flush()
         assert not (path / MANIFEST).exists() and (path / part_manifest_name(1, 2)).is_file()
@@ -73,14 +82,20 @@ def test_parts_that_disagree_are_refused_by_name(tmp_path):
     _write(path)
     manifest = json.loads((path / MANIFEST).read_text())
     (path / part_manifest_name(1, 2)).write_text(json.dumps({**manifest, "image_size": 96}))
-    with pytest.raises(StoreMismatchError, match=r"manifest\.part-1-of-2\.json' was built with image_size=96 but "
-                                                 r"manifest\.json of the same store has image_size=64"):
+    with pytest.raises(
+        StoreMismatchError,
+        match=r"manifest\.part-1-of-2\.json' was built with image_size=96 but "
+        r"manifest\.json of the same store has image_size=64",
+    ):
         recorded_identity(path)
 
 
 def test_store_candidates_keeps_this_data_set_and_weights_only(tmp_path):
-    mine = [tmp_path / _name("ham"), tmp_path / _name("ham", image_size=224, blocks=("layer4",), pooling="avg"),
-            tmp_path / _name("ham", variant="int8")]
+    mine = [
+        tmp_path / _name("ham"),
+        tmp_path / _name("ham", image_size=224, blocks=("layer4",), pooling="avg"),
+        tmp_path / _name("ham", variant="int8"),
+    ]
     other_weights = tmp_path / _name("ham", sha="fe" * 32)
     longer_name = tmp_path / _name("ham-big")  # another data set whose name starts with "ham-"
     for path in [*mine, other_weights, longer_name]:
@@ -111,9 +126,14 @@ def test_recorded_identity_refuses_what_is_not_a_store(tmp_path):
     assert not is_store(tmp_path / "nothing")
     (tmp_path / "list").mkdir()
     (tmp_path / "list" / MANIFEST).write_text("[1, 2]")
-    with pytest.raises(EmbedError, match=r"manifest\.json' is not a lesionfuse feature store manifest \(format 'list'"):
+    with pytest.raises(
+        EmbedError,
+        match=r"manifest\.json' is not a lesionfuse feature store manifest \(format 'list'",
+    ):
         read_manifests(tmp_path / "list")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / MANIFEST).write_text("{")
-    with pytest.raises(EmbedError, match=r"feature store file '.*broken/manifest\.json' cannot be read"):
+    with pytest.raises(
+        EmbedError, match=r"feature store file '.*broken/manifest\.json' cannot be read"
+    ):
         recorded_identity(tmp_path / "broken")

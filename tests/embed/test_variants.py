@@ -337,7 +337,9 @@ def test_int8_has_a_store_name_of_its_own_and_the_faithful_variants_keep_theirs(
     for variant in ("auto", "eager", "folded", "jit-frozen", "compiled"):
         assert store_name("ham", sha, 224, 1, ("layer3",), "gem", variant) == plain
     assert store_name("ham", sha, 224, 1, ("layer3",), "gem", "int8") == plain + "-int8"
-    assert store_name("ham", sha, 224, 1) == "ham-abababababab-224px-1v"  # the classic layer4 average
+    assert (
+        store_name("ham", sha, 224, 1) == "ham-abababababab-224px-1v"
+    )  # the classic layer4 average
     assert store_name("ham", sha, 224, 1, variant="int8") == "ham-abababababab-224px-1v-int8"
 
 
@@ -347,31 +349,47 @@ def test_store_path_of_an_int8_embed_is_apart_from_the_default_one(tmp_path):
     from fuse.stores import store_path
     from tabular.spec import DatasetSpec
 
-    spec = DatasetSpec(name="ham", root=tmp_path, metadata=tmp_path / "m.csv", images=tmp_path / "images",
-                       id="id", target="t", group="id", categorical=(), numeric=())
+    spec = DatasetSpec(
+        name="ham",
+        root=tmp_path,
+        metadata=tmp_path / "m.csv",
+        images=tmp_path / "images",
+        id="id",
+        target="t",
+        group="id",
+        categorical=(),
+        numeric=(),
+    )
     weights = WeightsInfo(path=tmp_path / "w.pth", sha256="cd" * 32, source="test")
     default = store_path(spec, weights, EmbedConfig(), tmp_path)
     assert store_path(spec, weights, EmbedConfig(variant="folded"), tmp_path) == default
-    assert store_path(spec, weights, EmbedConfig(variant="int8"), tmp_path) == default.with_name(default.name + "-int8")
+    assert store_path(spec, weights, EmbedConfig(variant="int8"), tmp_path) == default.with_name(
+        default.name + "-int8"
+    )
 
 
 def test_int8_is_said_to_be_unfaithful_with_its_measured_figure(caplog):
     from embed.variants import MEASURED, lowest_measured_cosine, warn_if_unfaithful
 
-    assert lowest_measured_cosine("int8") == min(MEASURED["bf16"]["int8"]["cosine_min"],
-                                                 MEASURED["fp32"]["int8"]["cosine_min"])
+    assert lowest_measured_cosine("int8") == min(
+        MEASURED["bf16"]["int8"]["cosine_min"], MEASURED["fp32"]["int8"]["cosine_min"]
+    )
     with caplog.at_level("WARNING", logger="embed.variants"):
         for variant in ("eager", "folded", "jit-frozen", "compiled"):
             warn_if_unfaithful(variant)
         assert not caplog.records
         warn_if_unfaithful("int8")
     (said,) = [r.getMessage() for r in caplog.records]
-    assert said.startswith("--variant int8: not faithful to the model: its vectors' centred cosine to fp32 eager "
-                           "was as low as 0.91 per image")
+    assert said.startswith(
+        "--variant int8: not faithful to the model: its vectors' centred cosine to fp32 eager "
+        "was as low as 0.91 per image"
+    )
     assert "(its name ends in -int8)" in said and "--variant auto" in said
 
 
-def test_build_store_warns_when_the_variant_it_resolves_is_unfaithful(tmp_path, tiny_store_inputs, monkeypatch):
+def test_build_store_warns_when_the_variant_it_resolves_is_unfaithful(
+    tmp_path, tiny_store_inputs, monkeypatch
+):
     import embed.pipeline as pipeline
     from embed.sources import FolderSource
 
@@ -379,7 +397,9 @@ def test_build_store_warns_when_the_variant_it_resolves_is_unfaithful(tmp_path, 
     monkeypatch.setattr(pipeline, "warn_if_unfaithful", said.append)
     weights, folder = tiny_store_inputs
     source = FolderSource(folder)
-    pipeline.build_store(source, source.ids()[:1], tmp_path / "store", "toy", weights, _config(variant="folded"))
+    pipeline.build_store(
+        source, source.ids()[:1], tmp_path / "store", "toy", weights, _config(variant="folded")
+    )
     assert said == ["folded"]  # the resolved variant is what is judged
 
 
@@ -395,7 +415,10 @@ def test_a_variant_clash_says_how_to_keep_the_store_not_to_rerun_embed(tmp_path,
     with pytest.raises(StoreMismatchError) as refused:
         build_store(source, None, store, "toy", weights, _config(variant="eager"))
     message = str(refused.value)
-    assert re.search(r"built with variant='folded' but this run asks for variant='eager'; the store keeps the "
-                     r"variant it was built with: rerun with --variant folded \(or --variant auto, which keeps "
-                     r"it\), or move the store '.*store' away to rebuild it with eager", message), message
+    assert re.search(
+        r"built with variant='folded' but this run asks for variant='eager'; the store keeps the "
+        r"variant it was built with: rerun with --variant folded \(or --variant auto, which keeps "
+        r"it\), or move the store '.*store' away to rebuild it with eager",
+        message,
+    ), message
     assert "invoke embed" not in message

@@ -71,8 +71,12 @@ def test_carried_files_move_into_the_new_stage(tmp_path):
 def test_a_folder_left_by_a_killed_rewrite_is_removed_by_the_next(tmp_path):
     layout = RunLayout(tmp_path)
     old_stage(layout)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     left = tmp_path / f"gbdt.new-{dead}"
     left.mkdir()
     (left / "store.json").write_text(json.dumps({"dim": 1}))

@@ -1,4 +1,5 @@
-"""The run's shared files: paths, the one "stage missing" message, atomic writes, out-of-fold files."""
+"""The run's shared files: paths, the one "stage missing" message, atomic writes, out-of-fold
+files."""
 
 import json
 
@@ -25,8 +26,11 @@ def test_paths_of_a_run():
 
 
 def test_a_folder_without_a_run_names_the_commands_that_start_one(tmp_path):
-    with pytest.raises(RunError, match=r"run .*: not found \(no run.json\); start one with `invoke train-gbdt "
-                                       r"--spec S --run R` or `invoke train-fusion --spec S --run R`"):
+    with pytest.raises(
+        RunError,
+        match=r"run .*: not found \(no run.json\); start one with `invoke train-gbdt "
+        r"--spec S --run R` or `invoke train-fusion --spec S --run R`",
+    ):
         RunLayout(tmp_path).require()
     with pytest.raises(RunError, match="not found"):
         RunLayout(tmp_path).read_record()
@@ -35,12 +39,18 @@ def test_a_folder_without_a_run_names_the_commands_that_start_one(tmp_path):
 @pytest.mark.parametrize("stage", sorted(MADE_BY))
 def test_a_missing_stage_is_reported_in_one_wording_naming_its_command(tmp_path, stage):
     layout = RunLayout(tmp_path)
-    with pytest.raises(RunError, match=rf"run .*: stage '{stage}' is missing \(.*{stage}/oof.csv not found\); "
-                                       rf"make it with `{MADE_BY[stage]}`"):
+    with pytest.raises(
+        RunError,
+        match=rf"run .*: stage '{stage}' is missing \(.*{stage}/oof.csv not found\); "
+        rf"make it with `{MADE_BY[stage]}`",
+    ):
         layout.require_file(stage)
     # A stage's own loader, given `<run>/<stage>/`, says the same.
-    with pytest.raises(RunError, match=rf"stage '{stage}' is missing \(.*{stage}/x.json not found\); "
-                                       rf"make it with `{MADE_BY[stage]}`"):
+    with pytest.raises(
+        RunError,
+        match=rf"stage '{stage}' is missing \(.*{stage}/x.json not found\); "
+        rf"make it with `{MADE_BY[stage]}`",
+    ):
         require_stage_file(tmp_path / stage, "x.json")
     with pytest.raises(RunError, match=rf"stage '{stage}' is missing .*x.json"):
         layout.read_json(stage, "x.json")
@@ -48,8 +58,11 @@ def test_a_missing_stage_is_reported_in_one_wording_naming_its_command(tmp_path,
 
 def test_final_json_missing_names_invoke_stack(tmp_path):
     (tmp_path / "run.json").write_text("{}")
-    with pytest.raises(RunError, match=r"stage 'stack' is missing \(.*final.json not found\); make it with "
-                                       r"`invoke stack --run R`"):
+    with pytest.raises(
+        RunError,
+        match=r"stage 'stack' is missing \(.*final.json not found\); make it with "
+        r"`invoke stack --run R`",
+    ):
         RunLayout(tmp_path).read_final()
 
 
@@ -70,9 +83,16 @@ def test_out_of_fold_files_round_trip_and_refuse_other_folds(tmp_path):
     layout = RunLayout(tmp_path)
     ids, folds, target = np.array(["a", "b", "c"]), np.array([0, 1, 0]), np.array([1, 0, 0])
     layout.write_oof("gbdt", ids, folds, target, [0.9, 0.2, 0.1])
-    np.testing.assert_array_equal(layout.read_oof("gbdt", ids[::-1], folds[::-1], target[::-1]), [0.1, 0.2, 0.9])
-    with pytest.raises(RunError, match=r"folds differ from the run's folds.csv for ids 1: b; .*retrain the stage: "
-                                       r"`invoke train-gbdt --spec S --run R`"):
+    np.testing.assert_array_equal(
+        layout.read_oof("gbdt", ids[::-1], folds[::-1], target[::-1]), [0.1, 0.2, 0.9]
+    )
+    with pytest.raises(
+        RunError,
+        match=r"folds differ from the run's folds.csv for ids 1: b; .*retrain the stage: "
+        r"`invoke train-gbdt --spec S --run R`",
+    ):
         layout.read_oof("gbdt", ids, np.array([0, 0, 0]))
-    with pytest.raises(RunError, match=r"ids differ from the run's folds.csv \(missing 1: d; not in the run 1: c\)"):
+    with pytest.raises(
+        RunError, match=r"ids differ from the run's folds.csv \(missing 1: d; not in the run 1: c\)"
+    ):
         layout.read_oof("gbdt", np.array(["a", "b", "d"]), folds)

@@ -40,14 +40,25 @@ def test_every_stage_has_the_shape(kind):
 
 
 def test_the_final_models_say_what_they_read():
-    assert (StackModel.READS_METADATA, BlendModel.READS_METADATA, GBDTFinal.READS_METADATA) == (True, False, False)
-    assert (StackModel.NEEDS_FUSION, BlendModel.NEEDS_FUSION, GBDTFinal.NEEDS_FUSION) == (True, True, False)
+    assert (StackModel.READS_METADATA, BlendModel.READS_METADATA, GBDTFinal.READS_METADATA) == (
+        True,
+        False,
+        False,
+    )
+    assert (StackModel.NEEDS_FUSION, BlendModel.NEEDS_FUSION, GBDTFinal.NEEDS_FUSION) == (
+        True,
+        True,
+        False,
+    )
 
 
 def test_load_stage_checks_the_marker_then_loads_with_options(tmp_path):
     layout = RunLayout(tmp_path)
-    with pytest.raises(RunError, match=r"stage 'blend' is missing \(.*blend/doubler.json not found\); make it "
-                                       r"with `invoke stack --run R`"):
+    with pytest.raises(
+        RunError,
+        match=r"stage 'blend' is missing \(.*blend/doubler.json not found\); make it "
+        r"with `invoke stack --run R`",
+    ):
         load_stage(layout, Doubler)
     layout.make_stage("blend")
     (layout.stage("blend") / "doubler.json").write_text("{}")
