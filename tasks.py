@@ -89,7 +89,8 @@ def weights(c, weights=None):
     _logging()
     from embed.weights import ensure_weights
 
-    info = _run(ensure_weights, weights_path=weights)
+    # Always the whole file: other commands trust a hash recorded while the file is unchanged.
+    info = _run(ensure_weights, weights_path=weights, full_check=True)
     print(f"weights: {info.path}\nsha256: {info.sha256}\nsource: {info.source}")
 
 
