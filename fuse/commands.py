@@ -8,27 +8,18 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from common.files import reporting_write_errors
-from embed.config import EmbedConfig, EmbedSummary, parse_shard
-from embed.errors import EmbedError
-from embed.pipeline import build_store
 from embed.pooled import DEFAULT_BLOCKS, DEFAULT_POOLING
-from embed.sources import open_source
-from embed.store_format import is_store, recorded_identity
-from embed.weights import ensure_weights
 from fuse.errors import RunError
-from fuse.stores import (
-    check_same_embeddings,
-    open_for_training,
-    store_path,
-)
-from runfolder.layout import RunLayout
 from runfolder.paths import run_dir
 from tabular.features import unknown_categories_said_once
-from tabular.run import open_run
-from tabular.spec import DatasetSpec, load_spec
-from tabular.validate import check_images, read_metadata
+
+# Each command imports its stages inside it: scoring a few images should not pay for the
+# embedding pipeline, the folds' splitter or the training code (scikit-learn's model selection
+# and metrics among them), which only the other commands use.
+if TYPE_CHECKING:
+    from embed.config import EmbedConfig, EmbedSummary
 
 __all__ = [
     "DEFAULT_IMAGE_PCA", "embed_spec", "score_images", "stack_and_report", "train_fusion", "train_gbdt"
@@ -60,6 +51,14 @@ def embed_spec(spec, image_size: int = 224, views: int = 1, batch_size: int | No
     Returns:
         The store's `EmbedSummary` (embedded, already stored, failed ids with reasons).
     """
+    from embed.config import EmbedConfig, parse_shard
+    from embed.pipeline import build_store
+    from embed.sources import open_source
+    from embed.weights import ensure_weights
+    from fuse.stores import store_path
+    from tabular.spec import DatasetSpec, load_spec
+    from tabular.validate import check_images, read_metadata
+
     shard_index, shard_count = parse_shard(shard)
     # The settings are checked before any file is read: a typo fails at once.
     config = EmbedConfig(image_size=image_size, views=views, blocks=blocks, pooling=pooling, variant=variant,
@@ -84,6 +83,9 @@ def _variant_of_existing_store(store_dir: Path, config: EmbedConfig) -> EmbedCon
     `invoke embed` to add images on another kind of CPU (whose default variant differs) then
     appends instead of being refused. An explicit --variant is left as asked (and refused by the
     store if it differs). A sharded build with only part manifests so far is a store too."""
+    from embed.errors import EmbedError
+    from embed.store_format import is_store, recorded_identity
+
     if config.variant != "auto" or not is_store(store_dir):
         return config
     try:
@@ -104,6 +106,11 @@ def train_gbdt(spec, run, trials: int = 0, storage: str | None = None, image_pca
     `gbdt/store.json`, and refused when another stage of the run was trained on other embeddings.
     `config` (a `tabular.gbdt.GBDTConfig`) overrides `seeds`, `neg_ratio` and `image_pca`'s count.
     """
+    from common.files import reporting_write_errors
+    from fuse.stores import check_same_embeddings, open_for_training
+    from runfolder.layout import RunLayout
+    from tabular.run import open_run
+    from tabular.spec import load_spec
     from tabular.train import fit_gbdt
 
     spec = load_spec(spec)
@@ -140,6 +147,7 @@ def train_fusion(spec, run, store: Path | str | None = None, imbalance: str | No
     """`invoke train-fusion`: the fusion MLP on the spec's feature store and metadata."""
     from fuse.fusion import train_fusion as fit
     from fuse.fusion.model import FusionConfig
+    from tabular.spec import load_spec
 
     spec = load_spec(spec)
     config = config or FusionConfig()

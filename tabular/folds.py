@@ -11,7 +11,6 @@ import warnings
 from pathlib import Path
 
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
 
 from common.files import atomic_write
 from tabular.errors import DataError
@@ -47,6 +46,9 @@ def make_folds(frame: pd.DataFrame, spec: DatasetSpec, n_folds: int = 5, seed: i
             f"n_folds={n_folds} needs at least as many groups; column '{spec.group}' has {n_groups}"
         )
     target = frame[spec.target].to_numpy()
+    # Imported here: scoring imports this module for its names, not for the splitter.
+    from sklearn.model_selection import StratifiedGroupKFold
+
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     fold = pd.Series(-1, index=range(len(frame)), dtype="int64")
     with warnings.catch_warnings():

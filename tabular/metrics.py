@@ -18,16 +18,11 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (
-    auc,
-    average_precision_score,
-    brier_score_loss,
-    confusion_matrix,
-    roc_auc_score,
-    roc_curve,
-)
 
 from tabular.errors import DataError, preview
+
+# scikit-learn's metrics are imported inside the functions that use them: scoring a few lesions
+# imports this module for its names only and should not pay for them.
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +99,8 @@ def pauc80(y_true, y_score, min_tpr: float = MIN_TPR) -> float:
     Raises:
         DataError: lengths differ, targets not 0/1, scores not finite, `min_tpr` out of range.
     """
+    from sklearn.metrics import auc, roc_curve
+
     if not 0.0 <= min_tpr < 1.0:
         raise DataError(f"min_tpr: expected a value in [0, 1), got {min_tpr!r}")
     y, p = _check(y_true, y_score)
@@ -125,6 +122,8 @@ def pauc80(y_true, y_score, min_tpr: float = MIN_TPR) -> float:
 
 def roc_auc(y_true, y_score) -> float:
     """ROC AUC; NaN with a MetricWarning for one class. Raises DataError as `pauc80`."""
+    from sklearn.metrics import roc_auc_score
+
     y, p = _check(y_true, y_score)
     if _one_class(y, "roc_auc"):
         return math.nan
@@ -136,6 +135,8 @@ def pr_auc(y_true, y_score) -> float:
 
     NaN with a MetricWarning for one class. Raises DataError as `pauc80`.
     """
+    from sklearn.metrics import average_precision_score
+
     y, p = _check(y_true, y_score)
     if _one_class(y, "pr_auc"):
         return math.nan
@@ -183,6 +184,8 @@ def metrics_at_threshold(y_true, y_score, threshold: float) -> dict:
     Raises:
         DataError: `threshold` is not a finite number, or bad arrays as in `pauc80`.
     """
+    from sklearn.metrics import confusion_matrix
+
     try:
         threshold = float(threshold)
     except (TypeError, ValueError) as error:
@@ -233,6 +236,8 @@ def expected_calibration_error(y_true, y_score, n_bins: int = CALIBRATION_BINS) 
 
 def brier(y_true, y_score) -> float:
     """Mean squared difference between the 0/1 label and the score (sklearn's `brier_score_loss`)."""
+    from sklearn.metrics import brier_score_loss
+
     y, p = _check(y_true, y_score)
     if p.min() < 0 or p.max() > 1:
         return math.nan  # a score outside [0, 1] is not a probability
