@@ -15,7 +15,7 @@ import pytest
 from tinyrun import train_tiny_run
 
 from fuse.errors import RunError
-from fuse.scoring import score as score_module
+from fuse.scoring import loop as loop_module
 from fuse.scoring.score import NO_METADATA, patient_chunks, read_scoring_metadata, score
 from tabular.spec import ISIC2024_TRAIN_ONLY
 
@@ -126,7 +126,7 @@ def test_chunked_streaming_equals_the_stages_own_predictions(tiny, tmp_path, mon
 
     images, metadata = tiny["data"] / "test-image.hdf5", tiny["data"] / "test-metadata.csv"
     whole = score(tiny["run"], images, metadata, tmp_path / "a.csv", weights=tiny["weights"], **FAST)
-    monkeypatch.setattr(score_module, "chunk_rows", lambda n: 1)
+    monkeypatch.setattr(loop_module, "chunk_rows", lambda n: 1)
     chunked = score(tiny["run"], images, metadata, tmp_path / "b.csv", weights=tiny["weights"], **FAST)
     for column in ("probability", "p_gbdt", "p_fusion"):
         np.testing.assert_allclose(chunked[column], whole[column], rtol=1e-6)
