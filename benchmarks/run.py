@@ -11,7 +11,9 @@ Parts (each measured by its own module, in this one run, on this machine):
   the same row counts;
 - scoring: a folder of images end to end beside the embedding pipeline alone, and scoring with
   the reasons, the triage page and its saliency overlays beside scoring without them
-  (`benchmarks.scoring`), on the demo run (made first if absent).
+  (`benchmarks.scoring`), on the demo run (made first if absent); and `invoke score` of a few
+  images in a fresh process, start-up included, beside the bare import of torch, lightgbm and
+  pandas (`benchmarks.scoring.bench_startup`).
 
 Writes `artifacts/bench/bench.json` (`bench-quick.json` with `quick`), or `--out`, atomically, and
 prints a table. `--out` is checked before any part runs (`check_bench_out`), so a bad path never
@@ -328,6 +330,11 @@ def format_table(result: dict) -> str:
         if "explained_s" in s:
             rows.append((f"score s with reasons + triage page + {s['overlays']} overlays vs without",
                          f"{s['explained_s']:.1f}", f"{s['score_s']:.1f}", f"{s['explained_over_plain']:.2f}", ""))
+        if "startup" in s:
+            u = s["startup"]
+            rows.append((f"invoke score s of {u['n_images']} images vs bare `{u['bare_import']}` (fresh processes)",
+                         f"{u['score_s']:.1f}", f"{u['bare_import_s']:.1f}", f"{u['ratio']:.2f}",
+                         f"<= {u['target_ratio']}"))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     m = result["machine"]
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}, torch {m['torch']}"]

@@ -19,13 +19,22 @@ The embedding baseline runs once untimed first (page cache, CUDA context, kernel
 the three run `repeats` times each, in turn; the fastest of each counts. The ratio of 2.'s rate to
 1.'s says what scoring costs beyond embedding (the target is >= 0.8); the ratio of 3.'s time to
 2.'s says what the reasons, the page and its overlays cost.
+
+`bench_startup` (run by `bench_scoring` too) times what a clinician scoring a handful of lesions
+waits for: `invoke score` on `STARTUP_IMAGES` images in a fresh process (start-up included: imports,
+weights check, models, page), beside the bare import of torch, lightgbm and pandas in a fresh
+process, alternately, the median of each; the target is a ratio of at most 1.5.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,11 +48,19 @@ from fuse.stores import run_identity
 from runfolder.layout import RunLayout
 from tabular.spec import DatasetSpec, spec_from_identity
 
-__all__ = ["OVERLAYS", "PNG_MAGIC", "TARGET_RATIO", "bench_scoring"]
+__all__ = [
+    "BARE_IMPORT", "OVERLAYS", "PNG_MAGIC", "STARTUP_IMAGES", "STARTUP_TARGET", "TARGET_RATIO", "bench_scoring",
+    "bench_startup",
+]
 
 log = logging.getLogger(__name__)
 
 TARGET_RATIO = 0.8
+# `invoke score` of a few images in a fresh process, against the bare import of its heavy libraries.
+STARTUP_IMAGES = 10
+STARTUP_TARGET = 1.5
+BARE_IMPORT = "import torch, lightgbm, pandas"
+_REPO = Path(__file__).resolve().parents[1]
 # Flagged lesions given a saliency overlay in the explained run (`invoke score`'s default).
 OVERLAYS = 20
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -60,6 +77,8 @@ def bench_scoring(
     workdir: Path | str | None = None,
     repeats: int = 1,
     overlays: int = OVERLAYS,
+    startup_images: int = STARTUP_IMAGES,
+    startup_repeats: int = 3,
 ) -> dict:
     """Images/s of `score` end to end and of the embedding pipeline alone, on the same images.
 
@@ -72,6 +91,7 @@ def bench_scoring(
             the explained one.
         repeats: timed runs of each side (the fastest counts), >= 1.
         overlays: flagged lesions given a saliency overlay in the explained run, >= 0.
+        startup_images, startup_repeats: `bench_startup`'s images (0: not run) and repeats.
 
     Returns:
         dict: n_images, device, image_size, views, batch_size, embed_only_s,
@@ -79,7 +99,8 @@ def bench_scoring(
         ratio (score rate / embedding rate), target_ratio, meets_target, explained_s,
         explained_images_per_s (with reasons, triage page and overlays), explained_over_plain
         (explained time / plain scoring time), overlays_asked, overlays (drawn on the page),
-        flagged, final model, repeats, rows_with_error.
+        flagged, final model, repeats, rows_with_error, and `startup`: `bench_startup`'s figures
+        (absent when `startup_images` is 0).
 
     Raises:
         RunError: as `score`; no run at `run_dir`; the run's spec has no images, or no stage of
@@ -109,7 +130,7 @@ def bench_scoring(
     if identity is None:
         raise RunError(f"run {run.dir}: no stage was trained on image embeddings; nothing to compare scoring with")
     own = workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="score-bench-") if own else workdir)
+    workdir = Path(tempfile.mkdtemp(prefix="score-bench-")) if workdir is None else Path(workdir)
     try:
         folder, metadata = _bench_folder(workdir, spec, open_source(spec.images), n_images)
         ids = [p.stem for p in sorted(folder.iterdir())]
@@ -149,7 +170,7 @@ def bench_scoring(
             synchronize(resolved)
             return time.perf_counter() - start, result
 
-        embedding_alone(ids[: min(len(ids), 2 * config.batch_size)])  # warm-up, untimed
+        embedding_alone(ids[: min(len(ids), 2 * (config.batch_size or 1))])  # warm-up, untimed (settled: set)
         embed_s = score_s = explained_s = float("inf")
         for _ in range(repeats):
             seconds, embedded = embedding_alone(ids)
@@ -159,6 +180,9 @@ def bench_scoring(
             seconds, explained = scoring(explained=True)
             explained_s = min(explained_s, seconds)
         drawn = (workdir / "triage.html").read_text().count('alt="saliency of ')
+        startup = (bench_startup(run.dir, startup_images, weights=weights, device=device,
+                                 workdir=workdir / "startup", repeats=startup_repeats)
+                   if startup_images else None)
     finally:
         if own:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -188,8 +212,94 @@ def bench_scoring(
         "flagged": int(explained["flagged"].fillna(False).sum()),
         "final": result.attrs.get("final"),
         "rows_with_error": int((result["error"] != "").sum()),
+        **({"startup": startup} if startup else {}),
     }
     log.info("score bench: %s", json.dumps(figures))
+    return figures
+
+
+def bench_startup(run_dir: Path | str, n_images: int = STARTUP_IMAGES, *, weights: Path | str | None = None,
+                  device: str = "auto", workdir: Path | str | None = None, repeats: int = 3,
+                  page: bool = True) -> dict:
+    """Seconds of `invoke score` on `n_images` images in a fresh process, beside the bare import.
+
+    Each repeat runs, one after the other, `python -c "import torch, lightgbm, pandas"` and
+    `invoke score --run R --images DIR --metadata CSV --out PREDS.csv` (as a user runs it: the
+    triage page with its overlays, unless `page` is False), each in a new process from this
+    repository's root; the median of each counts (a loaded machine makes single runs noisy).
+
+    Args:
+        run_dir: a run ready to score whose spec has images.
+        n_images: images scored (the run's images, cycled), >= 1.
+        weights, device: as `invoke score`'s `--weights` and `--device`.
+        workdir: where the images and outputs go (default: a temporary folder, removed after).
+        repeats: pairs of timings, >= 1.
+        page: write the triage page (with `invoke score`'s default overlays) or `--no-html`.
+
+    Returns:
+        dict: n_images, repeats, page, bare_import_s and score_s (medians), bare_import_all_s and
+        score_all_s (every timing), ratio (score_s / bare_import_s), target_ratio, meets_target,
+        load_average (1-minute, before and after).
+
+    Raises:
+        RunError: `n_images` or `repeats` < 1; as `bench_scoring` for the run; the score
+            command failed (its last output lines are in the message).
+    """
+    if not isinstance(n_images, int) or n_images < 1:
+        raise RunError(f"n_images: expected a positive integer, got {n_images!r}")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise RunError(f"repeats: expected a positive integer, got {repeats!r}")
+    run = RunLayout(Path(run_dir)).require()
+    spec = spec_from_identity(run.read_record()["spec"])
+    if spec.images is None or not Path(spec.images).exists():
+        raise RunError(f"run {run.dir}: its spec '{spec.name}' has no images at {spec.images}; nothing to score")
+    from embed.sources import open_source
+
+    own = workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="score-startup-")) if workdir is None else Path(workdir)
+    try:
+        folder, metadata = _bench_folder(workdir, spec, open_source(spec.images), n_images)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")]))}
+        score_cmd = [sys.executable, "-m", "invoke", "score", "--run", str(run.dir.resolve()), "--images",
+                     str(folder), "--metadata", str(metadata), "--out", str(workdir / "predictions.csv"),
+                     "--device", device, *(["--weights", str(weights)] if weights else []),
+                     *([] if page else ["--no-html"])]
+        bare_cmd = [sys.executable, "-c", BARE_IMPORT]
+
+        def timed(cmd: list[str]) -> float:
+            start = time.perf_counter()
+            done = subprocess.run(cmd, cwd=_REPO, env=env, capture_output=True, text=True)
+            seconds = time.perf_counter() - start
+            if done.returncode != 0:
+                tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-5:])
+                raise RunError(f"{' '.join(cmd[:4])} ... exited {done.returncode}: {tail}")
+            return seconds
+
+        load_before = os.getloadavg()[0]
+        bare, scored = [], []
+        for _ in range(repeats):
+            bare.append(timed(bare_cmd))
+            scored.append(timed(score_cmd))
+        load_after = os.getloadavg()[0]
+    finally:
+        if own:
+            shutil.rmtree(workdir, ignore_errors=True)
+    bare_s, score_s = statistics.median(bare), statistics.median(scored)
+    figures = {
+        "n_images": n_images,
+        "repeats": repeats,
+        "page": page,
+        "bare_import": BARE_IMPORT,
+        "bare_import_s": round(bare_s, 3),
+        "score_s": round(score_s, 3),
+        "bare_import_all_s": [round(x, 3) for x in bare],
+        "score_all_s": [round(x, 3) for x in scored],
+        "ratio": round(score_s / bare_s, 3),
+        "target_ratio": STARTUP_TARGET,
+        "meets_target": score_s / bare_s <= STARTUP_TARGET,
+        "load_average": [round(load_before, 2), round(load_after, 2)],
+    }
+    log.info("score start-up bench: %s", json.dumps(figures))
     return figures
 
 

@@ -62,7 +62,7 @@ def applicability_columns(models: RunModels, novelty: dict | None, probability: 
                 "novelty": np.full(n, np.nan), "novelty_reason": [""] * n}
     unlike = novelty["unlike_training"].astype(bool).copy()
     reason = [str(r) for r in novelty["reason"]]
-    if outside is not None:
+    if outside is not None and outside_text is not None:
         for row in np.flatnonzero(outside):
             # The detector's metadata part already names values beyond its own (narrower) range.
             if outside_text[row] and "metadata" not in reason[row]:

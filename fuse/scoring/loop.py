@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -28,7 +28,7 @@ from fuse.errors import RunError
 from fuse.scoring.run_models import RunModels
 
 if TYPE_CHECKING:
-    import torch
+    from embed.backbone import PooledResNet
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class ScoredRows:
     novelty: dict[str, np.ndarray] | None
     failures: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
-    backbone: torch.nn.Module | None = None
+    backbone: PooledResNet | None = None
 
 
 class _ChunkPredictor:
@@ -103,6 +103,8 @@ class _ChunkPredictor:
         if scored.novelty is not None:
             cues = _chunk_cues(models, self.source, [ids[row] for row in rows], done, self.store)
             found = models.novelty(batch, block, done, cues)
+            if found is None:  # the run has no detector (then `scored.novelty` is None too)
+                return
             for column in scored.novelty:
                 scored.novelty[column][rows] = found[column].to_numpy()
 
@@ -163,10 +165,11 @@ def _batches(source, order: list[str], weights, config, progress: bool, store: P
     """(batches of (ids, vectors, failures), the backbone loaded for them or None with a store)."""
     if store is not None:
         return _stored_batches(source, order, weights, replace(config, progress=progress), store, images), None
-    from embed.backbone import load_backbone
+    from embed.backbone import PooledResNet, load_backbone
     from embed.model_loop import embed_ids
 
-    backbone = load_backbone(weights, "cpu", blocks=config.blocks, pooling=config.pooling)
+    # Without keep_classifier, load_backbone returns a PooledResNet (its annotation is the base class).
+    backbone = cast(PooledResNet, load_backbone(weights, "cpu", blocks=config.blocks, pooling=config.pooling))
     return embed_ids(source, order, backbone, config), backbone
 
 
@@ -199,8 +202,10 @@ def _chunk_cues(models: RunModels, source, chunk_ids: list[str], done: np.ndarra
     (`embed.cue_cache`), so rescoring the same images measures none."""
     from embed.acquisition import CUE_NAMES, acquisition_cues
 
-    if "acquisition" not in models.applicability.parts or source is None:
-        return None if "acquisition" not in models.applicability.parts else _nan_cues(chunk_ids)
+    if models.applicability is None or "acquisition" not in models.applicability.parts:
+        return None
+    if source is None:
+        return _nan_cues(chunk_ids)
     measured = [i for i, d in zip(chunk_ids, done, strict=True) if d]
     frame = pd.DataFrame(np.nan, index=pd.Index(chunk_ids), columns=list(CUE_NAMES))
     if measured:

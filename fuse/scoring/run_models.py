@@ -39,7 +39,7 @@ class EncodingCache:
     batch of rows is encoded once per fold instead of once per stage. Use one cache per batch.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._keys: dict[int, str] = {}
         self._features: dict[str, pd.DataFrame] = {}
         # The batch itself is held, not its id: a freed frame's id can be reused by the next one.
@@ -180,7 +180,7 @@ class RunModels:
             identity=self.identity if "image" in parts else None)
 
     def _predict(self, frame: pd.DataFrame, block: np.ndarray, embedded: np.ndarray):
-        if not self.needs_images:
+        if self.fusion is None:  # a tabular-only run (`needs_images` False)
             p_gbdt = self.gbdt.predict(frame, None, encode=self._encode)
             return p_gbdt, np.full(len(frame), np.nan), self.final.probability(p_gbdt)
         p_fusion = self.fusion.predict(frame, block, encode=self._encode)

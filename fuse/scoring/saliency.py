@@ -26,11 +26,15 @@ import io
 import logging
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    from embed.backbone import PooledResNet
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +62,7 @@ __all__ = ["ALPHA_RANGE", "BATCH", "COLORMAP", "OVERLAY_PX", "grad_cam", "jet_co
 
 def saliency_overlays(models, frame: pd.DataFrame, ids: Sequence[str], source, weights,
                       device: str | torch.device = "cpu", *, size: int = OVERLAY_PX,
-                      backbone: torch.nn.Module | None = None) -> dict[str, bytes]:
+                      backbone: PooledResNet | None = None) -> dict[str, bytes]:
     """Grad-CAM overlays (PNG bytes, longest side `size`) of the fusion MLP's score, by id.
 
     Args:
@@ -78,7 +82,7 @@ def saliency_overlays(models, frame: pd.DataFrame, ids: Sequence[str], source, w
         {id: PNG bytes} for every id whose image could be read and that has a row in `frame`;
         an unreadable image or an id without a row gets no overlay (logged), never an error.
     """
-    from embed.backbone import load_backbone
+    from embed.backbone import PooledResNet, load_backbone
     from embed.config import EmbedConfig, resolve_device
     from embed.reader import resize_uint8
     from embed.sources import decode_image, safe_reason
@@ -122,8 +126,9 @@ def saliency_overlays(models, frame: pd.DataFrame, ids: Sequence[str], source, w
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     if backbone is None:
         # The run's identity holds blocks and pooling (older runs read as the layer4 average).
-        backbone = load_backbone(weights, device, blocks=models.identity["blocks"],
-                                 pooling=models.identity["pooling"])
+        # Without keep_classifier, load_backbone returns a PooledResNet (annotated as its base class).
+        backbone = cast(PooledResNet, load_backbone(weights, device, blocks=models.identity["blocks"],
+                                                    pooling=models.identity["pooling"]))
     meta = _encoded_meta(models, frame, rows)
 
     started = time.perf_counter()
@@ -131,14 +136,15 @@ def saliency_overlays(models, frame: pd.DataFrame, ids: Sequence[str], source, w
     for start in range(0, len(done_ids), BATCH):
         part = slice(start, start + BATCH)
         batch = torch.from_numpy(np.stack(arrays[part]))
-        maps = grad_cam(backbone, models.fusion.folds, batch, [m[part] for m in meta], device)
+        maps = grad_cam(backbone, models.fusion.folds, batch, [None if m is None else m[part] for m in meta],
+                        device)
         for image_id, picture, cam in zip(done_ids[part], pictures[part], maps, strict=True):
             out[image_id] = _overlay_png(picture, cam)
     log.info("saliency: %d overlay(s) of %d asked in %.1f s", len(out), len(ids), time.perf_counter() - started)
     return out
 
 
-def grad_cam(backbone: torch.nn.Module, folds, batch: torch.Tensor, meta: Sequence[np.ndarray | None],
+def grad_cam(backbone: PooledResNet, folds, batch: torch.Tensor, meta: Sequence[np.ndarray | None],
              device: str | torch.device = "cpu") -> np.ndarray:
     """Grad-CAM maps of the fold-averaged fusion logit at the shallowest pooled block.
 
@@ -230,9 +236,9 @@ def jet_colours(heat: np.ndarray) -> np.ndarray:
 def _overlay_png(image: Image.Image, cam: np.ndarray) -> bytes:
     """`cam` (h, w in 0..1) upsampled to `image` and drawn over it with `COLORMAP`, as PNG."""
     width, height = image.size
-    heat = torch.nn.functional.interpolate(torch.from_numpy(cam)[None, None], size=(height, width),
-                                           mode="bilinear", align_corners=False)[0, 0]
-    heat = heat.clamp(0, 1).numpy()
+    upsampled = torch.nn.functional.interpolate(torch.from_numpy(cam)[None, None], size=(height, width),
+                                                mode="bilinear", align_corners=False)[0, 0]
+    heat = upsampled.clamp(0, 1).numpy()
     colour = jet_colours(heat)
     low, high = ALPHA_RANGE
     alpha = (low + (high - low) * heat)[..., None]

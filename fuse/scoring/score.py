@@ -134,26 +134,28 @@ def score(
     """
     started = time.perf_counter()
     _check_settings(batch_size, overlays)
-    out, page, images = _check_paths(run_dir, images, metadata, out, output_format, store, weights, page)
+    out_path, page_path, images_path = _check_paths(run_dir, images, metadata, out, output_format, store, weights,
+                                                    page)
 
     from embed.config import resolve_device
 
     models = RunModels.load(run_dir, resolve_device(device))
     trained_at = _training_prevalence(models, prevalence)
-    inputs = _read_inputs(models, images, metadata, store, weights, batch_size, device, num_workers)
+    inputs = _read_inputs(models, images_path, metadata, store, weights, batch_size, device, num_workers)
     spec = models.run_spec
     ids = inputs.frame[spec.id].tolist()
     available = set(inputs.source.ids()) if inputs.source is not None and models.needs_images else set()
     has_image = np.array([i in available for i in ids], dtype=bool)
     scored = score_rows(models, inputs.frame, spec, has_image, inputs.source, inputs.weights, inputs.config,
-                        progress, store=Path(store) if store is not None else None, images=images,
+                        progress, store=Path(store) if store is not None else None, images=images_path,
                         explain=explain)
     result, threshold = _result_frame(models, inputs, scored, prevalence, trained_at)
-    write_predictions(result, out, output_format, spec.id, threshold)
-    if page is not None:
+    write_predictions(result, out_path, output_format, spec.id, threshold)
+    if page_path is not None:
         pictures = _overlays(models, result, inputs, scored, overlays, device)
-        _write_page(result, page, models, inputs.frame, spec, inputs.source, out, threshold, prevalence, pictures)
-    _log_done(result, models, started, scored.seconds, threshold, out)
+        _write_page(result, page_path, models, inputs.frame, spec, inputs.source, out_path, threshold, prevalence,
+                    pictures)
+    _log_done(result, models, started, scored.seconds, threshold, out_path)
     return result
 
 
@@ -178,16 +180,16 @@ def _check_settings(batch_size: int | None, overlays: int) -> None:
         raise RunError(f"overlays: expected an integer >= 0, got {overlays!r}")
 
 
-def _check_paths(run_dir, images, metadata, out, output_format: str, store, weights, page):
+def _check_paths(run_dir, images, metadata, out, output_format: str, store, weights,
+                 page) -> tuple[Path, Path | None, Path | None]:
     """(out, page, images) as paths, checked before any work (`check_out`, `check_page`)."""
     inputs = {"--images": images, "--metadata": metadata, "--run": run_dir, "--store": store, "--weights": weights}
-    out = check_out(out, output_format, inputs)
-    if page is not None:
-        page = check_page(page, {**inputs, "--out": out})
-    images = Path(images) if images is not None else None
-    if images is not None and not images.exists():
-        raise RunError(f"images: {images} does not exist (expected a folder of <id>.jpg|.jpeg|.png or an .hdf5 file)")
-    return out, page, images
+    out_path = check_out(out, output_format, inputs)
+    page_path = check_page(page, {**inputs, "--out": out_path}) if page is not None else None
+    images_path = Path(images) if images is not None else None
+    if images_path is not None and not images_path.exists():
+        raise RunError(f"images: {images_path} does not exist (expected a folder of <id>.jpg|.jpeg|.png or an .hdf5 file)")
+    return out_path, page_path, images_path
 
 
 def _read_inputs(models: RunModels, images: Path | None, metadata, store, weights, batch_size: int | None,
@@ -196,6 +198,8 @@ def _read_inputs(models: RunModels, images: Path | None, metadata, store, weight
     against the run's embeddings before any image is embedded."""
     if not models.needs_images:
         return _Inputs(*_metadata_rows(models, images, metadata, store))
+    if models.identity is None:  # `RunModels.load` refuses such a run; said here for the reader
+        raise RunError(f"run {models.run.dir}: reads images but records no embedding identity")
     source, frame, errors = _image_rows(models, images, metadata)
     weights_info, config = _embedding_setup(models.identity, weights, batch_size, device, num_workers)
     return _Inputs(source, frame, errors, weights_info, config)
