@@ -49,7 +49,13 @@ from runfolder.layout import RunLayout
 from tabular.spec import DatasetSpec, spec_from_identity
 
 __all__ = [
-    "BARE_IMPORT", "OVERLAYS", "PNG_MAGIC", "STARTUP_IMAGES", "STARTUP_TARGET", "TARGET_RATIO", "bench_scoring",
+    "BARE_IMPORT",
+    "OVERLAYS",
+    "PNG_MAGIC",
+    "STARTUP_IMAGES",
+    "STARTUP_TARGET",
+    "TARGET_RATIO",
+    "bench_scoring",
     "bench_startup",
 ]
 
@@ -125,10 +131,16 @@ def bench_scoring(
     run = RunLayout(Path(run_dir)).require()
     spec = spec_from_identity(run.read_record()["spec"])
     if spec.images is None or not Path(spec.images).exists():
-        raise RunError(f"run {run.dir}: its spec '{spec.name}' has no images at {spec.images}; nothing to score")
+        raise RunError(
+            f"run {run.dir}: its spec '{spec.name}' has no images at {spec.images}; nothing to "
+            "score"
+        )
     identity = run_identity(run)
     if identity is None:
-        raise RunError(f"run {run.dir}: no stage was trained on image embeddings; nothing to compare scoring with")
+        raise RunError(
+            f"run {run.dir}: no stage was trained on image embeddings; nothing to compare scoring "
+            "with"
+        )
     own = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="score-bench-")) if workdir is None else Path(workdir)
     try:
@@ -137,16 +149,25 @@ def bench_scoring(
         # The embedding settings scoring uses: the run's image size and views.
         resolved = resolve_device(device)
         config = settle_config(
-            config_for_identity(identity, batch_size=batch_size, device=device, num_workers=num_workers,
-                                progress=False),
+            config_for_identity(
+                identity,
+                batch_size=batch_size,
+                device=device,
+                num_workers=num_workers,
+                progress=False,
+            ),
             resolved,
         )
         # Refused before any timing, as `score` would refuse it: weights other than the run's.
         info = ensure_weights(Path(weights) if weights else None)
         try:
-            check_identity(embedding_identity(info, config), identity, "scoring",
-                           "the run's models were trained on",
-                           hint=f"weights at hand: {info.path}; pass the file the run was trained with")
+            check_identity(
+                embedding_identity(info, config),
+                identity,
+                "scoring",
+                "the run's models were trained on",
+                hint=f"weights at hand: {info.path}; pass the file the run was trained with",
+            )
         except StoreMismatchError as error:
             raise RunError(str(error)) from error
 
@@ -161,16 +182,31 @@ def bench_scoring(
             return time.perf_counter() - start, count
 
         def scoring(explained: bool) -> tuple[float, pd.DataFrame]:
-            extra = ({"explain": True, "page": workdir / "triage.html", "overlays": overlays} if explained
-                     else {"explain": False, "page": None})
+            extra = (
+                {"explain": True, "page": workdir / "triage.html", "overlays": overlays}
+                if explained
+                else {"explain": False, "page": None}
+            )
             out = workdir / ("predictions-explained.csv" if explained else "predictions.csv")
             start = time.perf_counter()
-            result = score(run.dir, folder, metadata, out, batch_size=batch_size,
-                           device=device, weights=weights, num_workers=num_workers, progress=False, **extra)
+            result = score(
+                run.dir,
+                folder,
+                metadata,
+                out,
+                batch_size=batch_size,
+                device=device,
+                weights=weights,
+                num_workers=num_workers,
+                progress=False,
+                **extra,
+            )
             synchronize(resolved)
             return time.perf_counter() - start, result
 
-        embedding_alone(ids[: min(len(ids), 2 * (config.batch_size or 1))])  # warm-up, untimed (settled: set)
+        embedding_alone(
+            ids[: min(len(ids), 2 * (config.batch_size or 1))]
+        )  # warm-up, untimed (settled: set)
         embed_s = score_s = explained_s = float("inf")
         for _ in range(repeats):
             seconds, embedded = embedding_alone(ids)
@@ -180,9 +216,18 @@ def bench_scoring(
             seconds, explained = scoring(explained=True)
             explained_s = min(explained_s, seconds)
         drawn = (workdir / "triage.html").read_text().count('alt="saliency of ')
-        startup = (bench_startup(run.dir, startup_images, weights=weights, device=device,
-                                 workdir=workdir / "startup", repeats=startup_repeats)
-                   if startup_images else None)
+        startup = (
+            bench_startup(
+                run.dir,
+                startup_images,
+                weights=weights,
+                device=device,
+                workdir=workdir / "startup",
+                repeats=startup_repeats,
+            )
+            if startup_images
+            else None
+        )
     finally:
         if own:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -191,7 +236,9 @@ def bench_scoring(
     score_rate = n_images / score_s
     figures = {
         "n_images": n_images,
-        "device": torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(resolved)
+        if resolved.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
         "image_size": int(identity["image_size"]),
         "views": int(identity["views"]),
         "batch_size": config.batch_size,
@@ -218,9 +265,16 @@ def bench_scoring(
     return figures
 
 
-def bench_startup(run_dir: Path | str, n_images: int = STARTUP_IMAGES, *, weights: Path | str | None = None,
-                  device: str = "auto", workdir: Path | str | None = None, repeats: int = 3,
-                  page: bool = True) -> dict:
+def bench_startup(
+    run_dir: Path | str,
+    n_images: int = STARTUP_IMAGES,
+    *,
+    weights: Path | str | None = None,
+    device: str = "auto",
+    workdir: Path | str | None = None,
+    repeats: int = 3,
+    page: bool = True,
+) -> dict:
     """Seconds of `invoke score` on `n_images` images in a fresh process, beside the bare import.
 
     Each repeat runs, one after the other, `python -c "import torch, lightgbm, pandas"` and
@@ -252,18 +306,38 @@ def bench_startup(run_dir: Path | str, n_images: int = STARTUP_IMAGES, *, weight
     run = RunLayout(Path(run_dir)).require()
     spec = spec_from_identity(run.read_record()["spec"])
     if spec.images is None or not Path(spec.images).exists():
-        raise RunError(f"run {run.dir}: its spec '{spec.name}' has no images at {spec.images}; nothing to score")
+        raise RunError(
+            f"run {run.dir}: its spec '{spec.name}' has no images at {spec.images}; nothing to "
+            "score"
+        )
     from embed.sources import open_source
 
     own = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="score-startup-")) if workdir is None else Path(workdir)
     try:
         folder, metadata = _bench_folder(workdir, spec, open_source(spec.images), n_images)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")]))}
-        score_cmd = [sys.executable, "-m", "invoke", "score", "--run", str(run.dir.resolve()), "--images",
-                     str(folder), "--metadata", str(metadata), "--out", str(workdir / "predictions.csv"),
-                     "--device", device, *(["--weights", str(weights)] if weights else []),
-                     *([] if page else ["--no-html"])]
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")])),
+        }
+        score_cmd = [
+            sys.executable,
+            "-m",
+            "invoke",
+            "score",
+            "--run",
+            str(run.dir.resolve()),
+            "--images",
+            str(folder),
+            "--metadata",
+            str(metadata),
+            "--out",
+            str(workdir / "predictions.csv"),
+            "--device",
+            device,
+            *(["--weights", str(weights)] if weights else []),
+            *([] if page else ["--no-html"]),
+        ]
         bare_cmd = [sys.executable, "-c", BARE_IMPORT]
 
         def timed(cmd: list[str]) -> float:
@@ -311,7 +385,9 @@ def _bench_folder(workdir: Path, spec: DatasetSpec, source, n_images: int) -> tu
     available = set(map(str, source.ids()))
     frame = frame[frame[spec.id].isin(available)].reset_index(drop=True)
     if frame.empty:
-        raise RunError(f"run spec '{spec.name}': none of its metadata rows has an image in {spec.images}")
+        raise RunError(
+            f"run spec '{spec.name}': none of its metadata rows has an image in {spec.images}"
+        )
     rows = []
     for i in range(n_images):
         row = frame.iloc[i % len(frame)].to_dict()

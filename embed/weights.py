@@ -118,7 +118,8 @@ class WeightsInfo:
 
 
 def default_cache_dir() -> Path:
-    """``$LESIONFUSE_ARTIFACTS/weights`` when that variable is set, else ``<repo>/artifacts/weights``."""
+    """``$LESIONFUSE_ARTIFACTS/weights`` when that variable is set, else
+    ``<repo>/artifacts/weights``."""
     root = os.environ.get("LESIONFUSE_ARTIFACTS")
     if root:
         return Path(root).expanduser() / "weights"

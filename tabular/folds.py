@@ -19,7 +19,9 @@ from tabular.spec import DatasetSpec
 log = logging.getLogger(__name__)
 
 
-def make_folds(frame: pd.DataFrame, spec: DatasetSpec, n_folds: int = 5, seed: int = 42) -> pd.DataFrame:
+def make_folds(
+    frame: pd.DataFrame, spec: DatasetSpec, n_folds: int = 5, seed: int = 42
+) -> pd.DataFrame:
     """Assign each row a fold so that no group straddles two folds.
 
     Args:
@@ -56,7 +58,9 @@ def make_folds(frame: pd.DataFrame, spec: DatasetSpec, n_folds: int = 5, seed: i
         warnings.simplefilter("ignore", UserWarning)
         for k, (_, valid) in enumerate(splitter.split(groups, target, groups)):
             fold.iloc[valid] = k
-    folds = pd.DataFrame({"id": frame[spec.id].astype(str).to_numpy(), "group": groups, "fold": fold.to_numpy()})
+    folds = pd.DataFrame(
+        {"id": frame[spec.id].astype(str).to_numpy(), "group": groups, "fold": fold.to_numpy()}
+    )
     for k in range(n_folds):
         classes = set(target[folds["fold"].to_numpy() == k].tolist())
         if len(classes) < 2:

@@ -52,7 +52,9 @@ def _check(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
     try:
         yf = y.astype(float)
     except (TypeError, ValueError) as error:
-        raise DataError(f"y_true: expected 0/1 targets, got values such as {y[:3].tolist()!r}") from error
+        raise DataError(
+            f"y_true: expected 0/1 targets, got values such as {y[:3].tolist()!r}"
+        ) from error
     bad = ~np.isin(yf, (0.0, 1.0))
     if bad.any():
         values = sorted({str(v) for v in y[bad].tolist()})
@@ -60,12 +62,15 @@ def _check(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
     try:
         p = p.astype(float)
     except (TypeError, ValueError) as error:
-        raise DataError(f"y_score: expected numbers, got values such as {p[:3].tolist()!r}") from error
+        raise DataError(
+            f"y_score: expected numbers, got values such as {p[:3].tolist()!r}"
+        ) from error
     nonfinite = ~np.isfinite(p)
     if nonfinite.any():
         rows = np.flatnonzero(nonfinite)
         raise DataError(
-            f"y_score: expected finite scores, got {float(p[rows[0]])} at rows {preview(rows.tolist())}"
+            f"y_score: expected finite scores, got {float(p[rows[0]])} at rows "
+            f"{preview(rows.tolist())}"
         )
     return yf.astype(np.int8), p
 
@@ -218,11 +223,13 @@ def calibration_bins(y_true, y_score, n_bins: int = CALIBRATION_BINS) -> pd.Data
     y, p = _check(y_true, y_score)
     order = np.argsort(p, kind="stable")
     bins = [b for b in np.array_split(order, min(n_bins, len(order))) if len(b)]
-    return pd.DataFrame({
-        "rows": [len(b) for b in bins],
-        "mean_score": [float(p[b].mean()) for b in bins],
-        "share_malignant": [float(y[b].mean()) for b in bins],
-    })
+    return pd.DataFrame(
+        {
+            "rows": [len(b) for b in bins],
+            "mean_score": [float(p[b].mean()) for b in bins],
+            "share_malignant": [float(y[b].mean()) for b in bins],
+        }
+    )
 
 
 def expected_calibration_error(y_true, y_score, n_bins: int = CALIBRATION_BINS) -> float:
@@ -235,7 +242,7 @@ def expected_calibration_error(y_true, y_score, n_bins: int = CALIBRATION_BINS) 
 
 
 def brier(y_true, y_score) -> float:
-    """Mean squared difference between the 0/1 label and the score (sklearn's `brier_score_loss`)."""
+    """Mean squared difference between the 0/1 label and the score (`brier_score_loss`)."""
     from sklearn.metrics import brier_score_loss
 
     y, p = _check(y_true, y_score)
@@ -246,8 +253,10 @@ def brier(y_true, y_score) -> float:
 
 def calibration(y_true, y_score) -> dict:
     """{brier, ece} of a score that claims to be a probability (JSON-ready)."""
-    return {"brier": _json_ready(brier(y_true, y_score)),
-            "ece": _json_ready(expected_calibration_error(y_true, y_score))}
+    return {
+        "brier": _json_ready(brier(y_true, y_score)),
+        "ece": _json_ready(expected_calibration_error(y_true, y_score)),
+    }
 
 
 def _json_ready(value):

@@ -26,9 +26,14 @@ def in_training(models: RunModels, ids: list[str]) -> np.ndarray:
     mask = np.array([i in training for i in ids], dtype=bool)
     if mask.any():
         seen = [i for i, m in zip(ids, mask, strict=True) if m]
-        log.warning("%d of the %d scored id(s) were in run %s's training data: their scores are in-sample "
-                    "(better than the out-of-fold figures promise), marked in column in_training: %s",
-                    len(seen), len(ids), models.run.dir.name, preview(seen))
+        log.warning(
+            "%d of the %d scored id(s) were in run %s's training data: their scores are in-sample "
+            "(better than the out-of-fold figures promise), marked in column in_training: %s",
+            len(seen),
+            len(ids),
+            models.run.dir.name,
+            preview(seen),
+        )
     return mask
 
 
@@ -41,25 +46,39 @@ def outside_training_columns(models: RunModels, frame: pd.DataFrame, spec):
     ids = frame[spec.id].to_numpy()
     for column, rows in by_column.items():
         bounds = models.ranges[column]
-        log.warning("column '%s': %d row(s) hold values far outside the training range %s..%s, so their "
-                    "scores extrapolate (marked in column out_of_range): %s", column, int(rows.sum()),
-                    bounds["min"], bounds["max"], preview(ids[rows].tolist()))
+        log.warning(
+            "column '%s': %d row(s) hold values far outside the training range %s..%s, so their "
+            "scores extrapolate (marked in column out_of_range): %s",
+            column,
+            int(rows.sum()),
+            bounds["min"],
+            bounds["max"],
+            preview(ids[rows].tolist()),
+        )
     return mask, text
 
 
-def applicability_columns(models: RunModels, novelty: dict | None, probability: np.ndarray,
-                           outside: np.ndarray | None, outside_text: list[str] | None) -> dict:
+def applicability_columns(
+    models: RunModels,
+    novelty: dict | None,
+    probability: np.ndarray,
+    outside: np.ndarray | None,
+    outside_text: list[str] | None,
+) -> dict:
     """The columns `unlike_training`, `novelty` and `novelty_reason`, one notion of "unlike
     training": the detector's (image, acquisition, metadata) joined with the range check of
-    `fuse.applicability.ranges` (a value far outside the training range marks the row too, its text in the
-    reason). Rows without a probability (not scored) get empty values; a run without the
+    `fuse.applicability.ranges` (a value far outside the training range marks the row too, its text
+    in the reason). Rows without a probability (not scored) get empty values; a run without the
     applicability stage gets the three columns empty (logged once by `RunModels`).
     """
     n = len(probability)
     scored = np.isfinite(probability)
     if novelty is None:
-        return {"unlike_training": pd.array([None] * n, dtype="boolean"),
-                "novelty": np.full(n, np.nan), "novelty_reason": [""] * n}
+        return {
+            "unlike_training": pd.array([None] * n, dtype="boolean"),
+            "novelty": np.full(n, np.nan),
+            "novelty_reason": [""] * n,
+        }
     unlike = novelty["unlike_training"].astype(bool).copy()
     reason = [str(r) for r in novelty["reason"]]
     if outside is not None and outside_text is not None:
@@ -70,22 +89,27 @@ def applicability_columns(models: RunModels, novelty: dict | None, probability: 
                 reason[row] = f"{reason[row]}; {extra}" if reason[row] else extra
         unlike |= outside
     values = np.where(scored, novelty["novelty"], np.nan)
-    flags = pd.array([bool(u) if s else None for u, s in zip(unlike, scored, strict=True)], dtype="boolean")
+    flags = pd.array(
+        [bool(u) if s else None for u, s in zip(unlike, scored, strict=True)], dtype="boolean"
+    )
     reason = [r if s and u else "" for r, u, s in zip(reason, unlike, scored, strict=True)]
     marked = int((unlike & scored).sum())
     if marked:
         what = "images" if models.needs_images else "rows"
-        log.warning("%d of %d %s look unlike the %s this run was trained on: their probabilities may not "
-                    "hold (marked in columns unlike_training and novelty_reason)", marked, int(scored.sum()),
-                    what, what)
+        log.warning(
+            "%d of %d %s look unlike the %s this run was trained on: their probabilities may not "
+            "hold (marked in columns unlike_training and novelty_reason)",
+            marked,
+            int(scored.sum()),
+            what,
+            what,
+        )
     return {"unlike_training": flags, "novelty": values, "novelty_reason": reason}
-
 
 
 def error_text(image_id: str, errors: dict[str, str], embedded: bool, p_gbdt: float) -> str:
     reason = errors.get(image_id, "")
     if embedded or not reason:
         return reason
-    tail = ("p_gbdt is from metadata only" if math.isfinite(p_gbdt)
-            else "p_gbdt needs the image too")
+    tail = "p_gbdt is from metadata only" if math.isfinite(p_gbdt) else "p_gbdt needs the image too"
     return f"{reason}; not scored: the final model needs the image ({tail})"

@@ -36,7 +36,12 @@ log = logging.getLogger(__name__)
 SCORED_DATASET = "scored images: "
 
 __all__ = [
-    "SCORED_DATASET", "ScoredRows", "chunk_rows", "patient_chunks", "rows_worth_predicting", "score_rows",
+    "SCORED_DATASET",
+    "ScoredRows",
+    "chunk_rows",
+    "patient_chunks",
+    "rows_worth_predicting",
+    "score_rows",
 ]
 
 
@@ -66,10 +71,24 @@ class ScoredRows:
 class _ChunkPredictor:
     """Predicts chunks of rows into a `ScoredRows` as their vectors arrive (run in the worker)."""
 
-    def __init__(self, models: RunModels, frame: pd.DataFrame, spec, worth: np.ndarray, source,
-                 store: Path | None, explain: bool):
+    def __init__(
+        self,
+        models: RunModels,
+        frame: pd.DataFrame,
+        spec,
+        worth: np.ndarray,
+        source,
+        store: Path | None,
+        explain: bool,
+    ):
         n = len(frame)
-        self.models, self.frame, self.worth, self.source, self.store = models, frame, worth, source, store
+        self.models, self.frame, self.worth, self.source, self.store = (
+            models,
+            frame,
+            worth,
+            source,
+            store,
+        )
         self.ids = frame[spec.id].tolist()
         self.vectors: dict[str, np.ndarray] = {}
         # A tabular-only run embeds nothing: its blocks are placeholders the models never read.
@@ -77,7 +96,9 @@ class _ChunkPredictor:
         self.shape = (int(identity["views"]), int(identity["dim"])) if identity else (1, 1)
         p_gbdt, p_fusion, probability = (np.full(n, np.nan) for _ in range(3))
         self.scored = ScoredRows(
-            p_gbdt=p_gbdt, p_fusion=p_fusion, probability=probability,
+            p_gbdt=p_gbdt,
+            p_fusion=p_fusion,
+            probability=probability,
             reasons=np.full(n, "", dtype=object) if explain else None,
             embedded=np.zeros(n, dtype=bool),
             # The applicability detector's output per row (None: the run has no such stage).
@@ -97,7 +118,9 @@ class _ChunkPredictor:
                 block[j], done[j] = vector, True
         scored.embedded[rows] = done
         batch = self.frame.iloc[rows].reset_index(drop=True)
-        scored.p_gbdt[rows], scored.p_fusion[rows], scored.probability[rows] = models.predict(batch, block, done)
+        scored.p_gbdt[rows], scored.p_fusion[rows], scored.probability[rows] = models.predict(
+            batch, block, done
+        )
         if scored.reasons is not None:
             scored.reasons[rows] = models.reasons(batch, block, done)
         if scored.novelty is not None:
@@ -109,9 +132,20 @@ class _ChunkPredictor:
                 scored.novelty[column][rows] = found[column].to_numpy()
 
 
-def score_rows(models: RunModels, frame: pd.DataFrame, spec, has_image: np.ndarray, source,
-               weights, config, progress: bool, *, store: Path | None = None,
-               images: Path | None = None, explain: bool = True) -> ScoredRows:
+def score_rows(
+    models: RunModels,
+    frame: pd.DataFrame,
+    spec,
+    has_image: np.ndarray,
+    source,
+    weights,
+    config,
+    progress: bool,
+    *,
+    store: Path | None = None,
+    images: Path | None = None,
+    explain: bool = True,
+) -> ScoredRows:
     """Embed the rows' images (or take them from `store`, embedding what it lacks) and predict,
     overlapping the two.
 
@@ -126,8 +160,15 @@ def score_rows(models: RunModels, frame: pd.DataFrame, spec, has_image: np.ndarr
 
     ids = frame[spec.id].tolist()
     chunks = patient_chunks(frame, spec, chunk_rows(len(frame)))
-    predictor = _ChunkPredictor(models, frame, spec, rows_worth_predicting(models, frame, spec, has_image),
-                                source, store, explain)
+    predictor = _ChunkPredictor(
+        models,
+        frame,
+        spec,
+        rows_worth_predicting(models, frame, spec, has_image),
+        source,
+        store,
+        explain,
+    )
     order = [ids[row] for rows in chunks for row in rows if has_image[row]]
     # Image rows up to and including chunk c, to know when a chunk's images are all through.
     ready_at = np.cumsum([int(has_image[rows].sum()) for rows in chunks])
@@ -141,12 +182,18 @@ def score_rows(models: RunModels, frame: pd.DataFrame, spec, has_image: np.ndarr
             while next_chunk < len(chunks) and ready_at[next_chunk] <= seen:
                 # The worker runs in this thread's context, so what it collects (categories not
                 # seen at fit, said once per column at the end) reaches the same collection.
-                pending.append(worker.submit(contextvars.copy_context().run, predictor.predict, chunks[next_chunk]))
+                pending.append(
+                    worker.submit(
+                        contextvars.copy_context().run, predictor.predict, chunks[next_chunk]
+                    )
+                )
                 next_chunk += 1
 
         release(0)  # chunks without any image
         if order:
-            batches, predictor.scored.backbone = _batches(source, order, weights, config, progress, store, images)
+            batches, predictor.scored.backbone = _batches(
+                source, order, weights, config, progress, store, images
+            )
             _embed(batches, predictor, len(order), progress, release)
         seconds = time.perf_counter() - started
         release(len(order))  # every chunk is predicted, whatever the loop yielded
@@ -155,30 +202,53 @@ def score_rows(models: RunModels, frame: pd.DataFrame, spec, has_image: np.ndarr
     scored = predictor.scored
     scored.seconds = seconds
     if order:
-        log.info("embedded %d images (%d unreadable) in %.1f s (%.1f images/s, predictions overlapped)",
-                 len(order) - len(scored.failures), len(scored.failures), seconds, len(order) / max(seconds, 1e-9))
+        log.info(
+            "embedded %d images (%d unreadable) in %.1f s (%.1f images/s, predictions overlapped)",
+            len(order) - len(scored.failures),
+            len(scored.failures),
+            seconds,
+            len(order) / max(seconds, 1e-9),
+        )
     return scored
 
 
-def _batches(source, order: list[str], weights, config, progress: bool, store: Path | None,
-             images: Path | None):
+def _batches(
+    source,
+    order: list[str],
+    weights,
+    config,
+    progress: bool,
+    store: Path | None,
+    images: Path | None,
+):
     """(batches of (ids, vectors, failures), the backbone loaded for them or None with a store)."""
     if store is not None:
-        return _stored_batches(source, order, weights, replace(config, progress=progress), store, images), None
+        return _stored_batches(
+            source, order, weights, replace(config, progress=progress), store, images
+        ), None
     from embed.backbone import PooledResNet, load_backbone
     from embed.model_loop import embed_ids
 
-    # Without keep_classifier, load_backbone returns a PooledResNet (its annotation is the base class).
-    backbone = cast(PooledResNet, load_backbone(weights, "cpu", blocks=config.blocks, pooling=config.pooling))
+    # Without keep_classifier, load_backbone returns a PooledResNet (annotated as the base class).
+    backbone = cast(
+        PooledResNet, load_backbone(weights, "cpu", blocks=config.blocks, pooling=config.pooling)
+    )
     return embed_ids(source, order, backbone, config), backbone
 
 
 def _embed(batches, predictor: _ChunkPredictor, total: int, progress: bool, release) -> None:
-    """Collect the vectors of `batches` into `predictor`, releasing each chunk once it is through."""
+    """Collect the vectors of `batches` into `predictor`, releasing each chunk once it is in."""
     from tqdm.auto import tqdm
 
     seen = 0
-    bar = tqdm(total=total, unit="img", desc="score", dynamic_ncols=True, disable=not progress, mininterval=1.0)
+    bar = tqdm(
+        total=total,
+        unit="img",
+        desc="score",
+        dynamic_ncols=True,
+        disable=not progress,
+        mininterval=1.0,
+    )
     try:
         for batch_ids, batch, batch_failures in batches:
             for image_id, vector in zip(batch_ids, batch, strict=True):
@@ -192,11 +262,16 @@ def _embed(batches, predictor: _ChunkPredictor, total: int, progress: bool, rele
 
 
 def _empty_novelty(n: int) -> dict[str, np.ndarray]:
-    return {"novelty": np.full(n, np.nan), "unlike_training": np.zeros(n, dtype=bool),
-            "reason": np.full(n, "", dtype=object)}
+    return {
+        "novelty": np.full(n, np.nan),
+        "unlike_training": np.zeros(n, dtype=bool),
+        "reason": np.full(n, "", dtype=object),
+    }
 
 
-def _chunk_cues(models: RunModels, source, chunk_ids: list[str], done: np.ndarray, store: Path | None):
+def _chunk_cues(
+    models: RunModels, source, chunk_ids: list[str], done: np.ndarray, store: Path | None
+):
     """Acquisition cues of a chunk's embedded images (NaN rows for the others), or None when the
     detector has no acquisition part. With `--store` they are cached beside it
     (`embed.cue_cache`), so rescoring the same images measures none."""
@@ -213,7 +288,9 @@ def _chunk_cues(models: RunModels, source, chunk_ids: list[str], done: np.ndarra
             from embed.cue_cache import cached_cues
             from embed.store import FeatureStore
 
-            table = cached_cues(store, source, measured, FeatureStore.open(store).fingerprints(measured))
+            table = cached_cues(
+                store, source, measured, FeatureStore.open(store).fingerprints(measured)
+            )
         else:
             table = acquisition_cues(source, measured)
         frame.loc[measured] = table.frame.to_numpy()
@@ -226,7 +303,9 @@ def _nan_cues(chunk_ids: list[str]) -> pd.DataFrame:
     return pd.DataFrame(np.nan, index=pd.RangeIndex(len(chunk_ids)), columns=list(CUE_NAMES))
 
 
-def rows_worth_predicting(models: RunModels, frame: pd.DataFrame, spec, has_image: np.ndarray) -> np.ndarray:
+def rows_worth_predicting(
+    models: RunModels, frame: pd.DataFrame, spec, has_image: np.ndarray
+) -> np.ndarray:
     """Mask of the rows the models need to see, shape (n,).
 
     When both base models need the image (the fusion MLP, and a LightGBM stage with image
@@ -245,8 +324,15 @@ def rows_worth_predicting(models: RunModels, frame: pd.DataFrame, spec, has_imag
     return has_image | patients.isin(with_image).to_numpy()
 
 
-def _stored_batches(source, order: list[str], weights, config, store: Path, images: Path | None,
-                    rows_per_read: int = 4096):
+def _stored_batches(
+    source,
+    order: list[str],
+    weights,
+    config,
+    store: Path,
+    images: Path | None,
+    rows_per_read: int = 4096,
+):
     """(ids, vectors, failures) in blocks, from `store` after embedding into it what it lacks.
 
     The store is filled by `embed.pipeline.build_store` (crash-safe, resumable); images it
@@ -261,14 +347,21 @@ def _stored_batches(source, order: list[str], weights, config, store: Path, imag
     try:
         summary = build_store(source, order, store, dataset, weights, config)
     except StoreMismatchError as error:
-        raise RunError(f"--store {store}: {error}. For this run, pass a new --store folder") from error
-    log.info("store %s: %d embedded now, %d already there, %d unreadable", store, summary.embedded,
-             summary.skipped_existing, len(summary.failed) + len(summary.previously_failed))
+        raise RunError(
+            f"--store {store}: {error}. For this run, pass a new --store folder"
+        ) from error
+    log.info(
+        "store %s: %d embedded now, %d already there, %d unreadable",
+        store,
+        summary.embedded,
+        summary.skipped_existing,
+        len(summary.failed) + len(summary.previously_failed),
+    )
     failures = {**summary.previously_failed, **summary.failed}
     readable = [i for i in order if i not in failures]
     stored = FeatureStore.open(store)
     for start in range(0, len(readable), rows_per_read):
-        block = readable[start:start + rows_per_read]
+        block = readable[start : start + rows_per_read]
         yield block, stored.read(block), {}
     yield [], np.empty((0, stored.views, stored.dim), dtype=np.float16), failures
 
@@ -297,8 +390,10 @@ def _keep_provenance(store: Path, images) -> None:
     if recorded is None or str(recorded).startswith(SCORED_DATASET):
         return
     raise RunError(
-        f"--store {store} is the feature store of data set {recorded!r} (from {manifest.get('source', '?')}), "
-        f"made by `invoke embed`; embedding {images} into it would rewrite what it records it was built "
+        f"--store {store} is the feature store of data set {recorded!r} (from "
+        f"{manifest.get('source', '?')}), "
+        f"made by `invoke embed`; embedding {images} into it would rewrite what it records it was "
+        "built "
         "from. Pass a new --store folder for scored images"
     )
 
@@ -331,5 +426,3 @@ def patient_chunks(frame: pd.DataFrame, spec, size: int) -> list[np.ndarray]:
                 chunks.append(order[start:boundary])
             start = boundary
     return chunks
-
-

@@ -51,23 +51,46 @@ ALPHA_RANGE = (0.0, 0.6)
 COLORMAP = "jet"
 _JET_SEGMENTS = {
     "red": ((0.00, 0, 0), (0.35, 0, 0), (0.66, 1, 1), (0.89, 1, 1), (1.00, 0.5, 0.5)),
-    "green": ((0.000, 0, 0), (0.125, 0, 0), (0.375, 1, 1), (0.640, 1, 1), (0.910, 0, 0), (1.000, 0, 0)),
+    "green": (
+        (0.000, 0, 0),
+        (0.125, 0, 0),
+        (0.375, 1, 1),
+        (0.640, 1, 1),
+        (0.910, 0, 0),
+        (1.000, 0, 0),
+    ),
     "blue": ((0.00, 0.5, 0.5), (0.11, 1, 1), (0.34, 1, 1), (0.65, 0, 0), (1.00, 0, 0)),
 }
 _COLOURS = 256
 BATCH = 16
 
-__all__ = ["ALPHA_RANGE", "BATCH", "COLORMAP", "OVERLAY_PX", "grad_cam", "jet_colours", "saliency_overlays"]
+__all__ = [
+    "ALPHA_RANGE",
+    "BATCH",
+    "COLORMAP",
+    "OVERLAY_PX",
+    "grad_cam",
+    "jet_colours",
+    "saliency_overlays",
+]
 
 
-def saliency_overlays(models, frame: pd.DataFrame, ids: Sequence[str], source, weights,
-                      device: str | torch.device = "cpu", *, size: int = OVERLAY_PX,
-                      backbone: PooledResNet | None = None) -> dict[str, bytes]:
+def saliency_overlays(
+    models,
+    frame: pd.DataFrame,
+    ids: Sequence[str],
+    source,
+    weights,
+    device: str | torch.device = "cpu",
+    *,
+    size: int = OVERLAY_PX,
+    backbone: PooledResNet | None = None,
+) -> dict[str, bytes]:
     """Grad-CAM overlays (PNG bytes, longest side `size`) of the fusion MLP's score, by id.
 
     Args:
-        models: the run's loaded models (`fuse.scoring.run_models.RunModels`): its fusion folds, spec and
-            embedding identity (image size) are used.
+        models: the run's loaded models (`fuse.scoring.run_models.RunModels`): its fusion folds,
+            spec and embedding identity (image size) are used.
         frame: the scored metadata rows (the run spec's id column and features). Each id's
             metadata is encoded with the other rows of its patient, as scoring encodes it.
         ids: the images to explain; only these are computed (a backward pass each).
@@ -112,7 +135,9 @@ def saliency_overlays(models, frame: pd.DataFrame, ids: Sequence[str], source, w
             if image_size < size:  # the model's draft may be smaller than the overlay
                 image = decode_image(data, image_id, max_pixels, draft_size=size)
         except Exception as error:  # noqa: BLE001 - one unreadable image loses its overlay only
-            log.warning("saliency %s: image unreadable, no overlay: %s", image_id, safe_reason(error))
+            log.warning(
+                "saliency %s: image unreadable, no overlay: %s", image_id, safe_reason(error)
+            )
             continue
         image = image.copy()
         image.thumbnail((size, size), Image.Resampling.LANCZOS)
@@ -126,9 +151,16 @@ def saliency_overlays(models, frame: pd.DataFrame, ids: Sequence[str], source, w
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     if backbone is None:
         # The run's identity holds blocks and pooling (older runs read as the layer4 average).
-        # Without keep_classifier, load_backbone returns a PooledResNet (annotated as its base class).
-        backbone = cast(PooledResNet, load_backbone(weights, device, blocks=models.identity["blocks"],
-                                                    pooling=models.identity["pooling"]))
+        # Without keep_classifier, load_backbone returns a PooledResNet (annotated as Module).
+        backbone = cast(
+            PooledResNet,
+            load_backbone(
+                weights,
+                device,
+                blocks=models.identity["blocks"],
+                pooling=models.identity["pooling"],
+            ),
+        )
     meta = _encoded_meta(models, frame, rows)
 
     started = time.perf_counter()
@@ -136,16 +168,31 @@ def saliency_overlays(models, frame: pd.DataFrame, ids: Sequence[str], source, w
     for start in range(0, len(done_ids), BATCH):
         part = slice(start, start + BATCH)
         batch = torch.from_numpy(np.stack(arrays[part]))
-        maps = grad_cam(backbone, models.fusion.folds, batch, [None if m is None else m[part] for m in meta],
-                        device)
+        maps = grad_cam(
+            backbone,
+            models.fusion.folds,
+            batch,
+            [None if m is None else m[part] for m in meta],
+            device,
+        )
         for image_id, picture, cam in zip(done_ids[part], pictures[part], maps, strict=True):
             out[image_id] = _overlay_png(picture, cam)
-    log.info("saliency: %d overlay(s) of %d asked in %.1f s", len(out), len(ids), time.perf_counter() - started)
+    log.info(
+        "saliency: %d overlay(s) of %d asked in %.1f s",
+        len(out),
+        len(ids),
+        time.perf_counter() - started,
+    )
     return out
 
 
-def grad_cam(backbone: PooledResNet, folds, batch: torch.Tensor, meta: Sequence[np.ndarray | None],
-             device: str | torch.device = "cpu") -> np.ndarray:
+def grad_cam(
+    backbone: PooledResNet,
+    folds,
+    batch: torch.Tensor,
+    meta: Sequence[np.ndarray | None],
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
     """Grad-CAM maps of the fold-averaged fusion logit at the shallowest pooled block.
 
     Args:
@@ -213,11 +260,15 @@ def _lookup_table(points, n: int) -> np.ndarray:
     at = (n - 1) * np.linspace(0, 1, n)
     ind = np.searchsorted(x, at)[1:-1]
     distance = (at[1:-1] - x[ind - 1]) / (x[ind] - x[ind - 1])
-    table = np.concatenate([[above[0]], distance * (below[ind] - above[ind - 1]) + above[ind - 1], [below[-1]]])
+    table = np.concatenate(
+        [[above[0]], distance * (below[ind] - above[ind - 1]) + above[ind - 1], [below[-1]]]
+    )
     return np.clip(table, 0.0, 1.0)
 
 
-_JET_TABLE = np.stack([_lookup_table(_JET_SEGMENTS[c], _COLOURS) for c in ("red", "green", "blue")], axis=1)
+_JET_TABLE = np.stack(
+    [_lookup_table(_JET_SEGMENTS[c], _COLOURS) for c in ("red", "green", "blue")], axis=1
+)
 
 
 def jet_colours(heat: np.ndarray) -> np.ndarray:
@@ -236,8 +287,12 @@ def jet_colours(heat: np.ndarray) -> np.ndarray:
 def _overlay_png(image: Image.Image, cam: np.ndarray) -> bytes:
     """`cam` (h, w in 0..1) upsampled to `image` and drawn over it with `COLORMAP`, as PNG."""
     width, height = image.size
-    upsampled = torch.nn.functional.interpolate(torch.from_numpy(cam)[None, None], size=(height, width),
-                                                mode="bilinear", align_corners=False)[0, 0]
+    upsampled = torch.nn.functional.interpolate(
+        torch.from_numpy(cam)[None, None],
+        size=(height, width),
+        mode="bilinear",
+        align_corners=False,
+    )[0, 0]
     heat = upsampled.clamp(0, 1).numpy()
     colour = jet_colours(heat)
     low, high = ALPHA_RANGE
@@ -245,5 +300,7 @@ def _overlay_png(image: Image.Image, cam: np.ndarray) -> bytes:
     base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     blended = np.clip((1 - alpha) * base + alpha * colour, 0, 1)
     buffer = io.BytesIO()
-    Image.fromarray((blended * 255 + 0.5).astype(np.uint8)).save(buffer, format="PNG", optimize=True)
+    Image.fromarray((blended * 255 + 0.5).astype(np.uint8)).save(
+        buffer, format="PNG", optimize=True
+    )
     return buffer.getvalue()

