@@ -126,6 +126,20 @@ def _check_count(name: str, value, minimum: int) -> None:
         raise RunError(f"{name}: expected an integer >= {minimum}, got {value!r}")
 
 
+# The smallest value of each count `run_bench` takes (rows: the synthetic table needs positives in
+# every fold).
+_MINIMUMS = {
+    "n_images": 1,
+    "image_size": 1,
+    "batch_size": 1,
+    "num_workers": 0,
+    "rounds": 1,
+    "store_rows": 0,
+    "rows": 1000,
+    "score_images": 1,
+}
+
+
 def run_bench(
     quick: bool = False,
     out: Path | str | None = None,
@@ -178,23 +192,64 @@ def run_bench(
         RunError: an unknown part; a count below its minimum; `weights` together with
             `random_weights`. Each part raises its own side's errors.
     """
+    given = locals()  # the arguments, before any other name is bound here
     chosen = parse_parts(parts)
-    for name, value, minimum in (
-        ("n_images", n_images, 1),
-        ("image_size", image_size, 1),
-        ("batch_size", batch_size, 1),
-        ("num_workers", num_workers, 0),
-        ("rounds", rounds, 1),
-        ("store_rows", store_rows, 0),
-        ("rows", rows, 1000),
-        ("score_images", score_images, 1),
-    ):
-        _check_count(name, value, minimum)
-    if weights is not None and random_weights:
-        raise RunError(f"weights: {weights} was given together with random_weights; choose one")
+    _check_counts({name: given[name] for name in _MINIMUMS}, weights, random_weights)
     out = check_bench_out(
         out if out else artifacts_root() / "bench" / ("bench-quick.json" if quick else "bench.json")
     )
+    embed_weights = _checked_weights(chosen, weights, random_weights, run)
+    sizes = (rows,) if rows else QUICK_SIZES if quick else FULL_SIZES
+    result: dict = {"machine": machine(), "quick": quick, "parts": {}}
+    started = time.perf_counter()
+
+    if "embedding" in chosen:
+        log.info("bench: embedding")
+        settings = dict(
+            image_size=image_size,
+            batch_size=batch_size,
+            device=device,
+            num_workers=num_workers,
+            amp=amp,
+            rounds=rounds,
+        )
+        result["parts"]["embedding"] = _embedding(
+            embed_weights,
+            images=None if images is None else Path(images),
+            n_images=n_images or EMBED_IMAGES[quick],
+            store_rows=STORE_ROWS[quick] if store_rows is None else store_rows,
+            variants=QUICK_VARIANTS if quick else None,
+            **settings,
+        )
+    if "gbdt" in chosen:
+        result["parts"]["gbdt"] = [_gbdt_at(rows) for rows in sizes]
+    if "fusion" in chosen:
+        result["parts"]["fusion"] = [_fusion_at(rows, device) for rows in sizes]
+    if "scoring" in chosen:
+        log.info("bench: scoring")
+        n_scored = score_images or SCORE_IMAGES[quick]
+        result["parts"]["scoring"] = _scoring(
+            n_scored, device, batch_size, num_workers, run=run, weights=weights
+        )
+    result["seconds"] = round(time.perf_counter() - started, 1)
+
+    _write_figures(out, result)
+    print(format_table(result))
+    print(f"bench: {out}")
+    return result
+
+
+def _check_counts(counts: dict, weights, random_weights: bool) -> None:
+    """RunError for a count below its minimum, or `weights` together with `random_weights`."""
+    for name, value in counts.items():
+        _check_count(name, value, _MINIMUMS[name])
+    if weights is not None and random_weights:
+        raise RunError(f"weights: {weights} was given together with random_weights; choose one")
+
+
+def _checked_weights(chosen: tuple[str, ...], weights, random_weights: bool, run):
+    """The embedding part's checked weights (None with `random_weights` or without that part);
+    RunError when the scoring part's run has no final model."""
     # Weights are checked first, so that a missing file stops the run before the long parts.
     embed_weights = None
     if "embedding" in chosen and not random_weights:
@@ -207,41 +262,11 @@ def run_bench(
         if weights is None:
             # the demo run's (or the given run's, when made with the cached weights)
             ensure_weights()
-    sizes = (rows,) if rows else QUICK_SIZES if quick else FULL_SIZES
-    result: dict = {"machine": machine(), "quick": quick, "parts": {}}
-    started = time.perf_counter()
+    return embed_weights
 
-    if "embedding" in chosen:
-        log.info("bench: embedding")
-        result["parts"]["embedding"] = _embedding(
-            embed_weights,
-            images=None if images is None else Path(images),
-            n_images=n_images or EMBED_IMAGES[quick],
-            image_size=image_size,
-            batch_size=batch_size,
-            device=device,
-            num_workers=num_workers,
-            amp=amp,
-            rounds=rounds,
-            store_rows=STORE_ROWS[quick] if store_rows is None else store_rows,
-            variants=QUICK_VARIANTS if quick else None,
-        )
-    if "gbdt" in chosen:
-        result["parts"]["gbdt"] = [_gbdt_at(rows) for rows in sizes]
-    if "fusion" in chosen:
-        result["parts"]["fusion"] = [_fusion_at(rows, device) for rows in sizes]
-    if "scoring" in chosen:
-        log.info("bench: scoring")
-        result["parts"]["scoring"] = _scoring(
-            score_images or SCORE_IMAGES[quick],
-            device,
-            batch_size,
-            num_workers,
-            run=run,
-            weights=weights,
-        )
-    result["seconds"] = round(time.perf_counter() - started, 1)
 
+def _write_figures(out: Path, result: dict) -> None:
+    """`result` as JSON to `out`, atomically; RunError (after printing the table) when it fails."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, json.dumps(result, indent=1, default=str) + "\n")
@@ -252,9 +277,6 @@ def run_bench(
             f"--out {out}: could not be written ({error.strerror or error}); the figures are "
             "printed above"
         ) from None
-    print(format_table(result))
-    print(f"bench: {out}")
-    return result
 
 
 def _embedding(weights, **settings) -> dict:

@@ -106,45 +106,12 @@ def saliency_overlays(
         an unreadable image or an id without a row gets no overlay (logged), never an error.
     """
     from embed.backbone import PooledResNet, load_backbone
-    from embed.config import EmbedConfig, resolve_device
-    from embed.reader import resize_uint8
-    from embed.sources import decode_image, safe_reason
+    from embed.config import resolve_device
 
     ids = list(dict.fromkeys(str(i) for i in ids))
     if not ids:
         return {}
-    spec = models.run_spec
-    image_size = int(models.identity["image_size"])
-    max_pixels = EmbedConfig().max_pixels
-    keys = frame[spec.id].astype(str)
-    positions = pd.Series(np.arange(len(frame)), index=keys.to_numpy())
-    positions = positions[~positions.index.duplicated()]
-
-    pictures: list[Image.Image] = []
-    arrays: list[np.ndarray] = []
-    rows: list[int] = []
-    done_ids: list[str] = []
-    for image_id in ids:
-        if image_id not in positions.index:
-            log.warning("saliency %s: no metadata row among the scored rows; no overlay", image_id)
-            continue
-        try:
-            data = source.read_bytes(image_id)
-            image = decode_image(data, image_id, max_pixels, draft_size=image_size)
-            model_input = resize_uint8(image, image_size)
-            if image_size < size:  # the model's draft may be smaller than the overlay
-                image = decode_image(data, image_id, max_pixels, draft_size=size)
-        except Exception as error:  # noqa: BLE001 - one unreadable image loses its overlay only
-            log.warning(
-                "saliency %s: image unreadable, no overlay: %s", image_id, safe_reason(error)
-            )
-            continue
-        image = image.copy()
-        image.thumbnail((size, size), Image.Resampling.LANCZOS)
-        pictures.append(image)
-        arrays.append(model_input)
-        rows.append(int(positions[image_id]))
-        done_ids.append(image_id)
+    pictures, arrays, rows, done_ids = _read_images(models, frame, ids, source, size)
     if not done_ids:
         return {}
 
@@ -184,6 +151,47 @@ def saliency_overlays(
         time.perf_counter() - started,
     )
     return out
+
+
+def _read_images(models, frame: pd.DataFrame, ids: list[str], source, size: int):
+    """(thumbnails, model inputs, row positions in `frame`, ids) of the `ids` that could be read
+    and have a row; the others are logged and skipped."""
+    from embed.config import EmbedConfig
+    from embed.reader import resize_uint8
+    from embed.sources import decode_image, safe_reason
+
+    spec = models.run_spec
+    image_size = int(models.identity["image_size"])
+    max_pixels = EmbedConfig().max_pixels
+    keys = frame[spec.id].astype(str)
+    positions = pd.Series(np.arange(len(frame)), index=keys.to_numpy())
+    positions = positions[~positions.index.duplicated()]
+    pictures: list[Image.Image] = []
+    arrays: list[np.ndarray] = []
+    rows: list[int] = []
+    done_ids: list[str] = []
+    for image_id in ids:
+        if image_id not in positions.index:
+            log.warning("saliency %s: no metadata row among the scored rows; no overlay", image_id)
+            continue
+        try:
+            data = source.read_bytes(image_id)
+            image = decode_image(data, image_id, max_pixels, draft_size=image_size)
+            model_input = resize_uint8(image, image_size)
+            if image_size < size:  # the model's draft may be smaller than the overlay
+                image = decode_image(data, image_id, max_pixels, draft_size=size)
+        except Exception as error:  # noqa: BLE001 - one unreadable image loses its overlay only
+            log.warning(
+                "saliency %s: image unreadable, no overlay: %s", image_id, safe_reason(error)
+            )
+            continue
+        image = image.copy()
+        image.thumbnail((size, size), Image.Resampling.LANCZOS)
+        pictures.append(image)
+        arrays.append(model_input)
+        rows.append(int(positions[image_id]))
+        done_ids.append(image_id)
+    return pictures, arrays, rows, done_ids
 
 
 def grad_cam(

@@ -17,6 +17,17 @@ Rows that cannot be fully scored are kept, never dropped:
 - an image without a metadata row (or no metadata file at all): scored with every metadata value
   missing (LightGBM routes missing values, the MLP uses its missing indicators), and `error` says
   so, although the row has a probability.
+
+The "csv" layout, one row per input row: metadata rows in file order, then images without a
+metadata row in the image source's order: the id, probability, p_gbdt, p_fusion (not for a
+tabular-only run), flagged, reasons (with `explain`), in_training (the id was a training row of
+the run: warned), out_of_range ("" or the values far outside the training range,
+`fuse.applicability.ranges`; absent for runs stacked before the ranges were recorded),
+unlike_training / novelty / novelty_reason (the run's applicability detector,
+`fuse.applicability.stage`, joined with the range check: empty for rows not scored and for runs
+stacked before the detector existed; the count is warned), error (and prevalence when given).
+Metadata rows without an image are not passed to the models when no score could come of them
+(`fuse.scoring.loop.rows_worth_predicting`).
 """
 
 from __future__ import annotations
@@ -110,17 +121,8 @@ def score(
             each); 0 = none.
 
     Returns:
-        The predictions in the "csv" layout, one row per input row: metadata rows in file order,
-        then images without a metadata row in the image source's order: the id, probability,
-        p_gbdt, p_fusion (not for a tabular-only run), flagged, reasons (with `explain`),
-        in_training (the id was a training row of the run: warned), out_of_range ("" or the
-        values far outside the training range, `fuse.applicability.ranges`; absent for runs stacked
-        before the ranges were recorded), unlike_training / novelty / novelty_reason (the run's
-        applicability detector, `fuse.applicability.stage`, joined with the range check: empty
-        for rows not scored and for runs stacked before the detector existed; the count is
-        warned), error (and prevalence when given). Metadata rows without an
-        image are not passed to the models when no score could come of them (see
-        `fuse.scoring.loop.rows_worth_predicting`).
+        The predictions in the "csv" layout, one row per input row (the columns: see the module
+        docstring).
 
     Raises:
         RunError: `out` is an input or a folder or has an unknown extension; no run; a stage is
@@ -146,41 +148,12 @@ def score(
     inputs = _read_inputs(
         models, images_path, metadata, store, weights, batch_size, device, num_workers
     )
-    spec = models.run_spec
-    ids = inputs.frame[spec.id].tolist()
-    available = (
-        set(inputs.source.ids()) if inputs.source is not None and models.needs_images else set()
-    )
-    has_image = np.array([i in available for i in ids], dtype=bool)
-    scored = score_rows(
-        models,
-        inputs.frame,
-        spec,
-        has_image,
-        inputs.source,
-        inputs.weights,
-        inputs.config,
-        progress,
-        store=Path(store) if store is not None else None,
-        images=images_path,
-        explain=explain,
-    )
+    scored = _score_inputs(models, inputs, store, images_path, progress, explain)
     result, threshold = _result_frame(models, inputs, scored, prevalence, trained_at)
-    write_predictions(result, out_path, output_format, spec.id, threshold)
+    write_predictions(result, out_path, output_format, models.run_spec.id, threshold)
     if page_path is not None:
         pictures = _overlays(models, result, inputs, scored, overlays, device)
-        _write_page(
-            result,
-            page_path,
-            models,
-            inputs.frame,
-            spec,
-            inputs.source,
-            out_path,
-            threshold,
-            prevalence,
-            pictures,
-        )
+        _write_page(result, page_path, models, inputs, out_path, threshold, prevalence, pictures)
     _log_done(result, models, started, scored.seconds, threshold, out_path)
     return result
 
@@ -196,6 +169,35 @@ class _Inputs:
     errors: dict[str, str]
     weights: Any = None
     config: Any = None
+
+
+def _score_inputs(
+    models: RunModels,
+    inputs: _Inputs,
+    store,
+    images: Path | None,
+    progress: bool,
+    explain: bool,
+) -> ScoredRows:
+    """`score_rows` on the rows of `inputs`: those with an image in the source are embedded."""
+    spec = models.run_spec
+    ids = inputs.frame[spec.id].tolist()
+    source = inputs.source
+    available = set(source.ids()) if source is not None and models.needs_images else set()
+    has_image = np.array([i in available for i in ids], dtype=bool)
+    return score_rows(
+        models,
+        inputs.frame,
+        spec,
+        has_image,
+        source,
+        inputs.weights,
+        inputs.config,
+        progress,
+        store=Path(store) if store is not None else None,
+        images=images,
+        explain=explain,
+    )
 
 
 def _check_settings(batch_size: int | None, overlays: int) -> None:
@@ -463,9 +465,7 @@ def _write_page(
     result: pd.DataFrame,
     page: Path,
     models: RunModels,
-    frame: pd.DataFrame,
-    spec,
-    source,
+    inputs: _Inputs,
     out: Path,
     threshold: float,
     prevalence: float | None,
@@ -473,6 +473,8 @@ def _write_page(
 ) -> None:
     """The triage page of `result`: thumbnails read from the image source for the rows shown."""
     from fuse.pages.report import read_operating_point
+
+    spec, frame, source = models.run_spec, inputs.frame, inputs.source
     from fuse.pages.triage import write_triage_page
 
     def thumbnail(image_id: str) -> bytes | None:
