@@ -51,9 +51,13 @@ def _require(name: str, **given) -> None:
     if not missing:
         return
     flags = " and ".join(f"--{option.replace('_', '-')}" for option in missing)
-    what = "; ".join(f"--{option.replace('_', '-')}: {_REQUIRED[option].removeprefix('required: ')}"
-                     for option in missing)
-    print(f"error: invoke {name} needs {flags} ({what}); see `invoke {name} --help`", file=sys.stderr)
+    what = "; ".join(
+        f"--{option.replace('_', '-')}: {_REQUIRED[option].removeprefix('required: ')}"
+        for option in missing
+    )
+    print(
+        f"error: invoke {name} needs {flags} ({what}); see `invoke {name} --help`", file=sys.stderr
+    )
     sys.exit(2)
 
 
@@ -89,17 +93,27 @@ def weights(c, weights=None):
     _logging()
     from embed.weights import ensure_weights
 
-    info = _run(ensure_weights, weights_path=weights)
+    # Always the whole file: other commands trust a hash recorded while the file is unchanged.
+    info = _run(ensure_weights, weights_path=weights, full_check=True)
     print(f"weights: {info.path}\nsha256: {info.sha256}\nsource: {info.source}")
 
 
-@_task(help={"rows": "lesions in the synthetic data set (default 1500)", "trials": "Optuna trials for the GBDT (default 3)"})
+@_task(
+    help={
+        "rows": "lesions in the synthetic data set (default 1500)",
+        "trials": "Optuna trials for the GBDT (default 3)",
+    }
+)
 def demo(c, rows=None, trials=None):
     """Make the synthetic demo data set, run the whole pipeline, print the report path."""
     _logging()
     from fuse.demo import run_demo
 
-    report = _run(run_demo, rows=_number("rows", rows, default=1500), trials=_number("trials", trials, default=3))
+    report = _run(
+        run_demo,
+        rows=_number("rows", rows, default=1500),
+        trials=_number("trials", trials, default=3),
+    )
     print(f"report: {report}")
 
 
@@ -109,29 +123,57 @@ def demo(c, rows=None, trials=None):
         "image_size": "square input size in pixels (default 224)",
         "views": "1 = the plain image (default); more = fixed flips/rotations, each kept",
         "blocks": "ResNet-50 stages pooled into the vector, comma-separated (default: "
-                  + ",".join(DEFAULT_BLOCKS) + ")",
-        "pooling": "avg or gem (generalised mean, p=3), for every block (default: " + DEFAULT_POOLING + ")",
+        + ",".join(DEFAULT_BLOCKS)
+        + ")",
+        "pooling": "avg or gem (generalised mean, p=3), for every block (default: "
+        + DEFAULT_POOLING
+        + ")",
         "batch_size": "images per forward pass (default: 256 on CUDA, 32 on CPU)",
         "device": "auto, cpu or cuda",
         "weights": "torchvision resnet50 state dict to use instead of the cached weights",
         "shard": "i/n: embed only part i of n (for n parallel workers on one store)",
         "workers": "decode worker processes (default: chosen for the device)",
-        "variant": "how the backbone is computed: auto (the measured default here), eager, folded, jit-frozen, "
-                   "compiled or int8; recorded in the store's identity",
+        "variant": "how the backbone is computed: auto (the measured default here), eager, "
+        "folded, jit-frozen, "
+        "compiled or int8; recorded in the store's identity",
         "retry_failed": "try again the images an earlier run could not read",
     }
 )
-def embed(c, spec=None, image_size=None, views=None, blocks=None, pooling=None, batch_size=None, device="auto",
-          weights=None, shard="0/1", workers=None, retry_failed=False, variant="auto"):
+def embed(
+    c,
+    spec=None,
+    image_size=None,
+    views=None,
+    blocks=None,
+    pooling=None,
+    batch_size=None,
+    device="auto",
+    weights=None,
+    shard="0/1",
+    workers=None,
+    retry_failed=False,
+    variant="auto",
+):
     """Embed a data set's images into its feature store (resumable)."""
     _require("embed", spec=spec)
     _logging()
     from fuse.commands import embed_spec
 
-    _run(embed_spec, spec, image_size=_number("image_size", image_size, default=224), views=_number("views", views, default=1),
-         blocks=blocks or DEFAULT_BLOCKS, pooling=pooling or DEFAULT_POOLING, batch_size=_number("batch_size", batch_size), device=device,
-         weights_path=weights, shard=shard, retry_failed=bool(retry_failed),
-         num_workers=_number("workers", workers), variant=variant)
+    _run(
+        embed_spec,
+        spec,
+        image_size=_number("image_size", image_size, default=224),
+        views=_number("views", views, default=1),
+        blocks=blocks or DEFAULT_BLOCKS,
+        pooling=pooling or DEFAULT_POOLING,
+        batch_size=_number("batch_size", batch_size),
+        device=device,
+        weights_path=weights,
+        shard=shard,
+        retry_failed=bool(retry_failed),
+        num_workers=_number("workers", workers),
+        variant=variant,
+    )
 
 
 @_task(
@@ -140,22 +182,34 @@ def embed(c, spec=None, image_size=None, views=None, blocks=None, pooling=None, 
         "run": RUN_HELP,
         "trials": "Optuna trials (0 = default parameters); a rerun runs only the missing ones",
         "storage": "Optuna storage URL (default sqlite in the run folder; any RDB URL or journal:///file.log)",
-        "image_pca": "PCA components of the image embeddings added as features (0 = metadata only; needs `invoke embed`)",
-        "neg_ratio": "negatives kept per positive in each training part, a different draw per seed (default 50: "
-                     "down-samples only where negatives outnumber positives more than 50 to 1, e.g. ISIC 2024; "
-                     "0 = keep every negative); validation parts are never sampled",
-        "store": "feature store folder for the image PCA (default: the spec's store for the current weights)",
+        "image_pca": "PCA components of the image embeddings added as features (0 = metadata "
+        "only; needs `invoke embed`)",
+        "neg_ratio": "negatives kept per positive in each training part, a different draw per "
+        "seed (default 50: "
+        "down-samples only where negatives outnumber positives more than 50 to 1, e.g. ISIC 2024; "
+        "0 = keep every negative); validation parts are never sampled",
+        "store": "feature store folder for the image PCA (default: the spec's store for the "
+        "current weights)",
     }
 )
-def train_gbdt(c, spec=None, run=None, trials=None, storage=None, image_pca=None, neg_ratio=None, store=None):
+def train_gbdt(
+    c, spec=None, run=None, trials=None, storage=None, image_pca=None, neg_ratio=None, store=None
+):
     """Train the Optuna-tuned LightGBM ensemble on metadata (and image PCA) features."""
     _require("train-gbdt", spec=spec, run=run)
     _logging()
     from fuse.commands import train_gbdt as train
 
-    _run(train, spec, run, trials=_number("trials", trials, default=0), storage=storage,
-         image_pca=_number("image_pca", image_pca),
-         neg_ratio=_number("neg_ratio", neg_ratio, float), store=store)
+    _run(
+        train,
+        spec,
+        run,
+        trials=_number("trials", trials, default=0),
+        storage=storage,
+        image_pca=_number("image_pca", image_pca),
+        neg_ratio=_number("neg_ratio", neg_ratio, float),
+        store=store,
+    )
 
 
 @_task(
@@ -174,93 +228,182 @@ def train_fusion(c, spec=None, run=None, store=None, imbalance=None, epochs=None
     _logging()
     from fuse.commands import train_fusion as train
 
-    _run(train, spec, run, store=store, imbalance=imbalance,
-         max_epochs=_number("epochs", epochs), members=_number("members", members))
+    _run(
+        train,
+        spec,
+        run,
+        store=store,
+        imbalance=imbalance,
+        max_epochs=_number("epochs", epochs),
+        members=_number("members", members),
+    )
 
 
-@_task(help={"run": RUN_HELP, "sensitivity": "target sensitivity of the operating threshold (default 0.95)"})
+@_task(
+    help={
+        "run": RUN_HELP,
+        "sensitivity": "target sensitivity of the operating threshold (default 0.95)",
+    }
+)
 def stack(c, run=None, sensitivity=None):
     """Stack the fusion MLP with the LightGBM ensemble and write the evaluation report."""
     _require("stack", run=run)
     _logging()
     from fuse.commands import stack_and_report
 
-    report = _run(stack_and_report, run, sensitivity=_number("sensitivity", sensitivity, float, default=0.95))
+    report = _run(
+        stack_and_report, run, sensitivity=_number("sensitivity", sensitivity, float, default=0.95)
+    )
     print(f"report: {report}")
 
 
 @_task(
     help={
         "run": RUN_HELP,
-        "images": "folder of <id>.jpg|.jpeg|.png, or an HDF5 file of encoded images; required unless the "
-                  "run is tabular-only (a spec without images), which scores --metadata rows alone",
-        "metadata": "CSV with the spec's columns (no target needed); optional with --images, required "
-                    "for a tabular-only run",
+        "images": "folder of <id>.jpg|.jpeg|.png, or an HDF5 file of encoded images; required "
+        "unless the "
+        "run is tabular-only (a spec without images), which scores --metadata rows alone",
+        "metadata": "CSV with the spec's columns (no target needed); optional with --images, "
+        "required "
+        "for a tabular-only run",
         "out": _REQUIRED["out"],
         "format": "csv (all columns) or kaggle (isic_id,target)",
         "batch_size": "images per forward pass (default: 256 on CUDA, 32 on CPU)",
         "device": "auto, cpu or cuda",
-        "weights": "the torchvision resnet50 state dict the run was embedded with, if not the cached one",
-        "store": "feature store folder to embed the images into first and reuse: a rerun embeds only what it lacks",
-        "prevalence": "share of malignant lesions where the images come from (default: the training data's); "
-                      "moves `probability` to that prior",
+        "weights": "the torchvision resnet50 state dict the run was embedded with, if not the "
+        "cached one",
+        "store": "feature store folder to embed the images into first and reuse: a rerun embeds "
+        "only what it lacks",
+        "prevalence": "share of malignant lesions where the images come from (default: the "
+        "training data's); "
+        "moves `probability` to that prior",
         "html": "where to write the triage page (default: beside --out, e.g. preds.html)",
         "no_html": "write no triage page",
-        "overlays": "flagged lesions on the triage page that get a Grad-CAM saliency overlay (default 20; 0 = none)",
+        "overlays": "flagged lesions on the triage page that get a Grad-CAM saliency overlay "
+        "(default 20; 0 = none)",
     }
 )
-def score(c, run=None, images=None, out=None, metadata=None, format="csv", batch_size=None, device="auto",
-          weights=None, store=None, prevalence=None, html=None, no_html=False, overlays=None):
+def score(
+    c,
+    run=None,
+    images=None,
+    out=None,
+    metadata=None,
+    format="csv",
+    batch_size=None,
+    device="auto",
+    weights=None,
+    store=None,
+    prevalence=None,
+    html=None,
+    no_html=False,
+    overlays=None,
+):
     """Score new images (or, for a tabular-only run, metadata rows) with a trained run."""
     _require("score", run=run, out=out)
     if images is None and metadata is None:
-        print("error: invoke score needs --images (a folder or HDF5 of images) or, for a tabular-only run, "
-              "--metadata CSV; see `invoke score --help`", file=sys.stderr)
+        print(
+            "error: invoke score needs --images (a folder or HDF5 of images) or, for a "
+            "tabular-only run, "
+            "--metadata CSV; see `invoke score --help`",
+            file=sys.stderr,
+        )
         sys.exit(2)
     _logging()
     from fuse.commands import score_images
 
-    _run(score_images, run, images=images, metadata=metadata, out=out, output_format=format,
-         batch_size=_number("batch_size", batch_size), device=device, weights=weights,
-         store=store, prevalence=_number("prevalence", prevalence, float), html=html,
-         page=not no_html, overlays=_number("overlays", overlays, default=20))
+    _run(
+        score_images,
+        run,
+        images=images,
+        metadata=metadata,
+        out=out,
+        output_format=format,
+        batch_size=_number("batch_size", batch_size),
+        device=device,
+        weights=weights,
+        store=store,
+        prevalence=_number("prevalence", prevalence, float),
+        html=html,
+        page=not no_html,
+        overlays=_number("overlays", overlays, default=20),
+    )
 
 
-@_task(help={
-    "quick": "a short version with small sizes",
-    "device": "auto, cpu or cuda",
-    "parts": "comma-separated parts to run: embedding,gbdt,fusion,scoring (default: all)",
-    "out": "where to write the figures as JSON (default: artifacts/bench/bench.json)",
-    "weights": "embedding part: this torchvision resnet50 state dict instead of the cached weights",
-    "random_weights": "embedding part: a random-initialised ResNet-50 of the same shape (throughput only, "
-                      "no weights file needed)",
-    "images": "embedding part: a folder or HDF5 to read images from (default: synthetic ISIC-like crops)",
-    "n_images": "embedding part: images to embed (default 192, 64 with --quick)",
-    "image_size": "embedding part: model input side, px (default 224)",
-    "batch_size": "embedding and scoring parts: images per batch (default: 256 on CUDA, 32 on CPU)",
-    "num_workers": "embedding and scoring parts: decoding processes (default: chosen for the device)",
-    "rounds": "embedding part: timed rounds, the best counts (default 2)",
-    "store_rows": "embedding part: rows of the store write/read figures, 0 skips them "
-                  "(default 100000, 20000 with --quick)",
-    "no_amp": "embedding part: fp32 instead of mixed precision",
-    "rows": "gbdt and fusion parts: one row count instead of 10000 (--quick) or 10000,50000,401059",
-    "score_images": "scoring part: images to score (default 2000, 200 with --quick)",
-    "run": "scoring part: the run to score (default: the demo run, made first if absent); "
-           "--weights then applies to it too",
-})
-def bench(c, quick=False, device="auto", parts=None, out=None, weights=None, random_weights=False, images=None,
-          n_images=None, image_size=None, batch_size=None, num_workers=None, rounds=None, store_rows=None, no_amp=False,
-          rows=None, score_images=None, run=None):
+@_task(
+    help={
+        "quick": "a short version with small sizes",
+        "device": "auto, cpu or cuda",
+        "parts": "comma-separated parts to run: embedding,gbdt,fusion,scoring (default: all)",
+        "out": "where to write the figures as JSON (default: artifacts/bench/bench.json)",
+        "weights": "embedding part: this torchvision resnet50 state dict instead of the cached "
+        "weights",
+        "random_weights": "embedding part: a random-initialised ResNet-50 of the same shape "
+        "(throughput only, "
+        "no weights file needed)",
+        "images": "embedding part: a folder or HDF5 to read images from (default: synthetic "
+        "ISIC-like crops)",
+        "n_images": "embedding part: images to embed (default 192, 64 with --quick)",
+        "image_size": "embedding part: model input side, px (default 224)",
+        "batch_size": "embedding and scoring parts: images per batch (default: 256 on CUDA, 32 on "
+        "CPU)",
+        "num_workers": "embedding and scoring parts: decoding processes (default: chosen for the "
+        "device)",
+        "rounds": "embedding part: timed rounds, the best counts (default 2)",
+        "store_rows": "embedding part: rows of the store write/read figures, 0 skips them "
+        "(default 100000, 20000 with --quick)",
+        "no_amp": "embedding part: fp32 instead of mixed precision",
+        "rows": "gbdt and fusion parts: one row count instead of 10000 (--quick) or "
+        "10000,50000,401059",
+        "score_images": "scoring part: images to score (default 2000, 200 with --quick)",
+        "run": "scoring part: the run to score (default: the demo run, made first if absent); "
+        "--weights then applies to it too",
+    }
+)
+def bench(
+    c,
+    quick=False,
+    device="auto",
+    parts=None,
+    out=None,
+    weights=None,
+    random_weights=False,
+    images=None,
+    n_images=None,
+    image_size=None,
+    batch_size=None,
+    num_workers=None,
+    rounds=None,
+    store_rows=None,
+    no_amp=False,
+    rows=None,
+    score_images=None,
+    run=None,
+):
     """Throughput and memory figures, each beside its in-run baseline."""
     _logging()
     from benchmarks.run import run_bench
 
-    _run(run_bench, quick=quick, out=out, device=device, parts=parts, weights=weights,
-         random_weights=random_weights, images=images, n_images=_number("n_images", n_images), image_size=_number("image_size", image_size, default=224),
-         batch_size=_number("batch_size", batch_size), num_workers=_number("num_workers", num_workers),
-         rounds=_number("rounds", rounds, default=2),
-         store_rows=_number("store_rows", store_rows), amp=not no_amp, rows=_number("rows", rows),
-         score_images=_number("score_images", score_images), run=run)
+    _run(
+        run_bench,
+        quick=quick,
+        out=out,
+        device=device,
+        parts=parts,
+        weights=weights,
+        random_weights=random_weights,
+        images=images,
+        n_images=_number("n_images", n_images),
+        image_size=_number("image_size", image_size, default=224),
+        batch_size=_number("batch_size", batch_size),
+        num_workers=_number("num_workers", num_workers),
+        rounds=_number("rounds", rounds, default=2),
+        store_rows=_number("store_rows", store_rows),
+        amp=not no_amp,
+        rows=_number("rows", rows),
+        score_images=_number("score_images", score_images),
+        run=run,
+    )
 
 
 @_task(help={"k": "only tests matching this expression", "quick": "skip the tests marked slow"})

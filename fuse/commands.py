@@ -8,30 +8,26 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from common.files import reporting_write_errors
-from embed.config import EmbedConfig, EmbedSummary, parse_shard
-from embed.errors import EmbedError
-from embed.pipeline import build_store
 from embed.pooled import DEFAULT_BLOCKS, DEFAULT_POOLING
-from embed.sources import open_source
-from embed.store_format import is_store, recorded_identity
-from embed.weights import ensure_weights
 from fuse.errors import RunError
-from fuse.stores import (
-    check_same_embeddings,
-    open_for_training,
-    store_path,
-)
-from runfolder.layout import RunLayout
 from runfolder.paths import run_dir
 from tabular.features import unknown_categories_said_once
-from tabular.run import open_run
-from tabular.spec import DatasetSpec, load_spec
-from tabular.validate import check_images, read_metadata
+
+# Each command imports its stages inside it: scoring a few images should not pay for the
+# embedding pipeline, the folds' splitter or the training code (scikit-learn's model selection
+# and metrics among them), which only the other commands use.
+if TYPE_CHECKING:
+    from embed.config import EmbedConfig, EmbedSummary
 
 __all__ = [
-    "DEFAULT_IMAGE_PCA", "embed_spec", "score_images", "stack_and_report", "train_fusion", "train_gbdt"
+    "DEFAULT_IMAGE_PCA",
+    "embed_spec",
+    "score_images",
+    "stack_and_report",
+    "train_fusion",
+    "train_gbdt",
 ]
 
 log = logging.getLogger(__name__)
@@ -41,11 +37,21 @@ log = logging.getLogger(__name__)
 DEFAULT_IMAGE_PCA = 64
 
 
-def embed_spec(spec, image_size: int = 224, views: int = 1, batch_size: int | None = None, device: str = "auto",
-               weights_path: Path | str | None = None, shard: str = "0/1",
-               num_workers: int | None = None, stores: Path | None = None,
-               retry_failed: bool = False, blocks=DEFAULT_BLOCKS, pooling: str = DEFAULT_POOLING,
-               variant: str = "auto") -> EmbedSummary:
+def embed_spec(
+    spec,
+    image_size: int = 224,
+    views: int = 1,
+    batch_size: int | None = None,
+    device: str = "auto",
+    weights_path: Path | str | None = None,
+    shard: str = "0/1",
+    num_workers: int | None = None,
+    stores: Path | None = None,
+    retry_failed: bool = False,
+    blocks=DEFAULT_BLOCKS,
+    pooling: str = DEFAULT_POOLING,
+    variant: str = "auto",
+) -> EmbedSummary:
     """`invoke embed`: every image a spec's metadata names into `artifacts/stores/<store>/`.
 
     `shard` "i/n" embeds only part i of n (0-based), so n workers can fill one store at once.
@@ -60,11 +66,29 @@ def embed_spec(spec, image_size: int = 224, views: int = 1, batch_size: int | No
     Returns:
         The store's `EmbedSummary` (embedded, already stored, failed ids with reasons).
     """
+    from embed.config import EmbedConfig, parse_shard
+    from embed.pipeline import build_store
+    from embed.sources import open_source
+    from embed.weights import ensure_weights
+    from fuse.stores import store_path
+    from tabular.spec import DatasetSpec, load_spec
+    from tabular.validate import check_images, read_metadata
+
     shard_index, shard_count = parse_shard(shard)
     # The settings are checked before any file is read: a typo fails at once.
-    config = EmbedConfig(image_size=image_size, views=views, blocks=blocks, pooling=pooling, variant=variant,
-                         batch_size=batch_size, device=device, num_workers=num_workers,
-                         shard_index=shard_index, shard_count=shard_count, retry_failed=retry_failed)
+    config = EmbedConfig(
+        image_size=image_size,
+        views=views,
+        blocks=blocks,
+        pooling=pooling,
+        variant=variant,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        retry_failed=retry_failed,
+    )
     spec = spec if isinstance(spec, DatasetSpec) else load_spec(spec)
     if not spec.images:
         raise RunError(f"spec '{spec.name}' names no images (key 'images'); nothing to embed")
@@ -74,7 +98,9 @@ def embed_spec(spec, image_size: int = 224, views: int = 1, batch_size: int | No
     weights = ensure_weights(Path(weights_path) if weights_path else None)
     store_dir = store_path(spec, weights, config, stores)
     config = _variant_of_existing_store(store_dir, config)
-    summary = build_store(source, frame[spec.id].astype(str).tolist(), store_dir, spec.name, weights, config)
+    summary = build_store(
+        source, frame[spec.id].astype(str).tolist(), store_dir, spec.name, weights, config
+    )
     print(f"store: {store_dir}")
     return summary
 
@@ -84,6 +110,9 @@ def _variant_of_existing_store(store_dir: Path, config: EmbedConfig) -> EmbedCon
     `invoke embed` to add images on another kind of CPU (whose default variant differs) then
     appends instead of being refused. An explicit --variant is left as asked (and refused by the
     store if it differs). A sharded build with only part manifests so far is a store too."""
+    from embed.errors import EmbedError
+    from embed.store_format import is_store, recorded_identity
+
     if config.variant != "auto" or not is_store(store_dir):
         return config
     try:
@@ -94,16 +123,30 @@ def _variant_of_existing_store(store_dir: Path, config: EmbedConfig) -> EmbedCon
 
 
 @unknown_categories_said_once()
-def train_gbdt(spec, run, trials: int = 0, storage: str | None = None, image_pca: int | None = None,
-               neg_ratio: float | None = None, store: Path | str | None = None, seeds=(0, 1, 2),
-               config=None) -> dict:
-    """`invoke train-gbdt`: LightGBM on metadata features, plus image PCA features when the spec has images.
+def train_gbdt(
+    spec,
+    run,
+    trials: int = 0,
+    storage: str | None = None,
+    image_pca: int | None = None,
+    neg_ratio: float | None = None,
+    store: Path | str | None = None,
+    seeds=(0, 1, 2),
+    config=None,
+) -> dict:
+    """`invoke train-gbdt`: LightGBM on metadata features, plus image PCA features when the spec
+    has images.
 
     `image_pca` defaults to 64 components for a spec with images (its feature store must exist:
     `invoke embed --spec S`), 0 for a tabular-only spec. The store read is recorded in
     `gbdt/store.json`, and refused when another stage of the run was trained on other embeddings.
     `config` (a `tabular.gbdt.GBDTConfig`) overrides `seeds`, `neg_ratio` and `image_pca`'s count.
     """
+    from common.files import reporting_write_errors
+    from fuse.stores import check_same_embeddings, open_for_training
+    from runfolder.layout import RunLayout
+    from tabular.run import open_run
+    from tabular.spec import load_spec
     from tabular.train import fit_gbdt
 
     spec = load_spec(spec)
@@ -118,7 +161,9 @@ def train_gbdt(spec, run, trials: int = 0, storage: str | None = None, image_pca
         check_storage(storage, layout.stage("gbdt") / "optuna.db")
     extra, reference = None, None
     if image_pca and not spec.images:
-        raise RunError(f"--image-pca {image_pca}: spec '{spec.name}' has no images; use --image-pca 0")
+        raise RunError(
+            f"--image-pca {image_pca}: spec '{spec.name}' has no images; use --image-pca 0"
+        )
     # Opened once: its metadata is read and validated here, and fit_gbdt is handed the result.
     with reporting_write_errors("train-gbdt", layout.dir):  # a new run writes its folds
         opened_run = open_run(spec, layout.dir)
@@ -126,20 +171,40 @@ def train_gbdt(spec, run, trials: int = 0, storage: str | None = None, image_pca
         ids = opened_run.frame[spec.id].astype(str).tolist()
         opened = open_for_training(spec, ids, store, run=layout)
         reference = opened.reference
-        check_same_embeddings(layout, reference, f"feature store {str(opened.store.path)!r}", skip="gbdt")
+        check_same_embeddings(
+            layout, reference, f"feature store {str(opened.store.path)!r}", skip="gbdt"
+        )
         extra = opened.mean_embeddings()
-    metrics = fit_gbdt(spec, layout.dir, trials=trials, storage=storage, extra=extra,
-                       extra_components=image_pca, neg_ratio=neg_ratio, seeds=tuple(seeds), config=config,
-                       store_record=reference, run=opened_run)
+    metrics = fit_gbdt(
+        spec,
+        layout.dir,
+        trials=trials,
+        storage=storage,
+        extra=extra,
+        extra_components=image_pca,
+        neg_ratio=neg_ratio,
+        seeds=tuple(seeds),
+        config=config,
+        store_record=reference,
+        run=opened_run,
+    )
     return metrics
 
 
 @unknown_categories_said_once()
-def train_fusion(spec, run, store: Path | str | None = None, imbalance: str | None = None,
-                 max_epochs: int | None = None, members: int | None = None, config=None) -> dict:
+def train_fusion(
+    spec,
+    run,
+    store: Path | str | None = None,
+    imbalance: str | None = None,
+    max_epochs: int | None = None,
+    members: int | None = None,
+    config=None,
+) -> dict:
     """`invoke train-fusion`: the fusion MLP on the spec's feature store and metadata."""
     from fuse.fusion import train_fusion as fit
     from fuse.fusion.model import FusionConfig
+    from tabular.spec import load_spec
 
     spec = load_spec(spec)
     config = config or FusionConfig()
@@ -165,10 +230,21 @@ def stack_and_report(run, sensitivity: float = 0.95) -> Path:
 
 
 @unknown_categories_said_once()
-def score_images(run, images=None, out=None, metadata=None, output_format: str = "csv", batch_size: int | None = None,
-                 device: str = "auto", weights: Path | str | None = None, store: Path | str | None = None,
-                 prevalence: float | None = None, html: Path | str | None = None, page: bool = True,
-                 overlays: int = 20):
+def score_images(
+    run,
+    images=None,
+    out=None,
+    metadata=None,
+    output_format: str = "csv",
+    batch_size: int | None = None,
+    device: str = "auto",
+    weights: Path | str | None = None,
+    store: Path | str | None = None,
+    prevalence: float | None = None,
+    html: Path | str | None = None,
+    page: bool = True,
+    overlays: int = 20,
+):
     """`invoke score`: score new images (and their metadata) with a trained run, or, for a
     tabular-only run (a spec without images), the rows of `metadata` alone (`images` optional).
 
@@ -182,6 +258,17 @@ def score_images(run, images=None, out=None, metadata=None, output_format: str =
         raise RunError("--out: where to write the predictions (.csv or .parquet) is required")
     out = Path(out)
     html = (Path(html) if html else out.with_suffix(".html")) if page else None
-    return score(run_dir(run), images=Path(images) if images else None, metadata=Path(metadata) if metadata else None,
-                 out=out, output_format=output_format, batch_size=batch_size, device=device,
-                 weights=weights, store=store, prevalence=prevalence, page=html, overlays=overlays)
+    return score(
+        run_dir(run),
+        images=Path(images) if images else None,
+        metadata=Path(metadata) if metadata else None,
+        out=out,
+        output_format=output_format,
+        batch_size=batch_size,
+        device=device,
+        weights=weights,
+        store=store,
+        prevalence=prevalence,
+        page=html,
+        overlays=overlays,
+    )

@@ -11,7 +11,6 @@ import warnings
 from pathlib import Path
 
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
 
 from common.files import atomic_write
 from tabular.errors import DataError
@@ -22,7 +21,9 @@ log = logging.getLogger(__name__)
 __all__ = ["make_folds", "read_folds", "write_folds"]
 
 
-def make_folds(frame: pd.DataFrame, spec: DatasetSpec, n_folds: int = 5, seed: int = 42) -> pd.DataFrame:
+def make_folds(
+    frame: pd.DataFrame, spec: DatasetSpec, n_folds: int = 5, seed: int = 42
+) -> pd.DataFrame:
     """Assign each row a fold so that no group straddles two folds.
 
     Args:
@@ -49,6 +50,9 @@ def make_folds(frame: pd.DataFrame, spec: DatasetSpec, n_folds: int = 5, seed: i
             f"n_folds={n_folds} needs at least as many groups; column '{spec.group}' has {n_groups}"
         )
     target = frame[spec.target].to_numpy()
+    # Imported here: scoring imports this module for its names, not for the splitter.
+    from sklearn.model_selection import StratifiedGroupKFold
+
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     fold = pd.Series(-1, index=range(len(frame)), dtype="int64")
     with warnings.catch_warnings():
@@ -56,7 +60,9 @@ def make_folds(frame: pd.DataFrame, spec: DatasetSpec, n_folds: int = 5, seed: i
         warnings.simplefilter("ignore", UserWarning)
         for k, (_, valid) in enumerate(splitter.split(groups, target, groups)):
             fold.iloc[valid] = k
-    folds = pd.DataFrame({"id": frame[spec.id].astype(str).to_numpy(), "group": groups, "fold": fold.to_numpy()})
+    folds = pd.DataFrame(
+        {"id": frame[spec.id].astype(str).to_numpy(), "group": groups, "fold": fold.to_numpy()}
+    )
     for k in range(n_folds):
         classes = set(target[folds["fold"].to_numpy() == k].tolist())
         if len(classes) < 2:

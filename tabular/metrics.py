@@ -18,16 +18,11 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (
-    auc,
-    average_precision_score,
-    brier_score_loss,
-    confusion_matrix,
-    roc_auc_score,
-    roc_curve,
-)
 
 from tabular.errors import DataError, preview
+
+# scikit-learn's metrics are imported inside the functions that use them: scoring a few lesions
+# imports this module for its names only and should not pay for them.
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +58,9 @@ def _check(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
     try:
         yf = y.astype(float)
     except (TypeError, ValueError) as error:
-        raise DataError(f"y_true: expected 0/1 targets, got values such as {y[:3].tolist()!r}") from error
+        raise DataError(
+            f"y_true: expected 0/1 targets, got values such as {y[:3].tolist()!r}"
+        ) from error
     bad = ~np.isin(yf, (0.0, 1.0))
     if bad.any():
         values = sorted({str(v) for v in y[bad].tolist()})
@@ -71,12 +68,15 @@ def _check(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
     try:
         p = p.astype(float)
     except (TypeError, ValueError) as error:
-        raise DataError(f"y_score: expected numbers, got values such as {p[:3].tolist()!r}") from error
+        raise DataError(
+            f"y_score: expected numbers, got values such as {p[:3].tolist()!r}"
+        ) from error
     nonfinite = ~np.isfinite(p)
     if nonfinite.any():
         rows = np.flatnonzero(nonfinite)
         raise DataError(
-            f"y_score: expected finite scores, got {float(p[rows[0]])} at rows {preview(rows.tolist())}"
+            f"y_score: expected finite scores, got {float(p[rows[0]])} at rows "
+            f"{preview(rows.tolist())}"
         )
     return yf.astype(np.int8), p
 
@@ -110,6 +110,8 @@ def pauc80(y_true, y_score, min_tpr: float = MIN_TPR) -> float:
     Raises:
         DataError: lengths differ, targets not 0/1, scores not finite, `min_tpr` out of range.
     """
+    from sklearn.metrics import auc, roc_curve
+
     if not 0.0 <= min_tpr < 1.0:
         raise DataError(f"min_tpr: expected a value in [0, 1), got {min_tpr!r}")
     y, p = _check(y_true, y_score)
@@ -131,6 +133,8 @@ def pauc80(y_true, y_score, min_tpr: float = MIN_TPR) -> float:
 
 def roc_auc(y_true, y_score) -> float:
     """ROC AUC; NaN with a MetricWarning for one class. Raises DataError as `pauc80`."""
+    from sklearn.metrics import roc_auc_score
+
     y, p = _check(y_true, y_score)
     if _one_class(y, "roc_auc"):
         return math.nan
@@ -142,6 +146,8 @@ def pr_auc(y_true, y_score) -> float:
 
     NaN with a MetricWarning for one class. Raises DataError as `pauc80`.
     """
+    from sklearn.metrics import average_precision_score
+
     y, p = _check(y_true, y_score)
     if _one_class(y, "pr_auc"):
         return math.nan
@@ -189,6 +195,8 @@ def metrics_at_threshold(y_true, y_score, threshold: float) -> dict:
     Raises:
         DataError: `threshold` is not a finite number, or bad arrays as in `pauc80`.
     """
+    from sklearn.metrics import confusion_matrix
+
     try:
         threshold = float(threshold)
     except (TypeError, ValueError) as error:
@@ -221,11 +229,13 @@ def calibration_bins(y_true, y_score, n_bins: int = CALIBRATION_BINS) -> pd.Data
     y, p = _check(y_true, y_score)
     order = np.argsort(p, kind="stable")
     bins = [b for b in np.array_split(order, min(n_bins, len(order))) if len(b)]
-    return pd.DataFrame({
-        "rows": [len(b) for b in bins],
-        "mean_score": [float(p[b].mean()) for b in bins],
-        "share_malignant": [float(y[b].mean()) for b in bins],
-    })
+    return pd.DataFrame(
+        {
+            "rows": [len(b) for b in bins],
+            "mean_score": [float(p[b].mean()) for b in bins],
+            "share_malignant": [float(y[b].mean()) for b in bins],
+        }
+    )
 
 
 def expected_calibration_error(y_true, y_score, n_bins: int = CALIBRATION_BINS) -> float:
@@ -238,7 +248,9 @@ def expected_calibration_error(y_true, y_score, n_bins: int = CALIBRATION_BINS) 
 
 
 def brier(y_true, y_score) -> float:
-    """Mean squared difference between the 0/1 label and the score (sklearn's `brier_score_loss`)."""
+    """Mean squared difference between the 0/1 label and the score (`brier_score_loss`)."""
+    from sklearn.metrics import brier_score_loss
+
     y, p = _check(y_true, y_score)
     if p.min() < 0 or p.max() > 1:
         return math.nan  # a score outside [0, 1] is not a probability
@@ -247,8 +259,10 @@ def brier(y_true, y_score) -> float:
 
 def calibration(y_true, y_score) -> dict:
     """{brier, ece} of a score that claims to be a probability (JSON-ready)."""
-    return {"brier": _json_ready(brier(y_true, y_score)),
-            "ece": _json_ready(expected_calibration_error(y_true, y_score))}
+    return {
+        "brier": _json_ready(brier(y_true, y_score)),
+        "ece": _json_ready(expected_calibration_error(y_true, y_score)),
+    }
 
 
 def _json_ready(value):

@@ -28,12 +28,22 @@ def _collection() -> Collection:
 
 TASKS = _collection()
 # Task.get_arguments() pops the help texts as it reads them: read each task's options once.
-OPTIONS = {name: [(a.names[0], a.help) for a in TASKS[name].get_arguments()] for name in TASKS.task_names}
+OPTIONS = {
+    name: [(a.names[0], a.help) for a in TASKS[name].get_arguments()] for name in TASKS.task_names
+}
 
 
-def invoke(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(INVOKE), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+def invoke(
+    *args: str, env: dict | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(INVOKE), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def _flat(text: str) -> str:
@@ -82,7 +92,10 @@ def test_help_prints_every_option_and_exits_0(name, flag, listed):
         (["stack"], "--run"),
         (["score", "--run", "r", "--images", "imgs"], "--out"),
         (["score", "--out", "p.csv"], "--run"),
-        (["score", "--run", "r", "--out", "p.csv"], "--images"),  # or --metadata, for a tabular-only run
+        (
+            ["score", "--run", "r", "--out", "p.csv"],
+            "--images",
+        ),  # or --metadata, for a tabular-only run
     ],
 )
 def test_a_missing_required_option_is_named(args, missing, tmp_path):
@@ -96,8 +109,9 @@ def test_a_missing_required_option_is_named(args, missing, tmp_path):
 @pytest.mark.parametrize("image_pca", [None, 0])
 def test_train_gbdt_on_the_tabular_only_isic2020_spec(shared_data, tmp_path, image_pca):
     """`invoke train-gbdt --spec ../shared/data/isic2020/dataset.toml --run R [--image-pca 0]`."""
-    metrics = train_gbdt(shared_data / "isic2020" / "dataset.toml", tmp_path / "run", image_pca=image_pca,
-                         seeds=(0,))
+    metrics = train_gbdt(
+        shared_data / "isic2020" / "dataset.toml", tmp_path / "run", image_pca=image_pca, seeds=(0,)
+    )
     assert metrics["rows"] == 25_822 and metrics["extra"] is None
     # Sex, site and age alone, patient-grouped: about 0.79 out-of-fold ROC AUC.
     assert metrics["roc_auc"] > 0.75
@@ -108,7 +122,8 @@ def test_train_gbdt_on_the_tabular_only_isic2020_spec(shared_data, tmp_path, ima
 def _header_only(tmp_path: Path, images: bool) -> Path:
     (tmp_path / "metadata.csv").write_text("image_id,lesion_id,target\n")
     (tmp_path / "dataset.toml").write_text(
-        '[dataset]\nname = "hdr"\nmetadata = "metadata.csv"\n' + ('images = "images"\n' if images else "")
+        '[dataset]\nname = "hdr"\nmetadata = "metadata.csv"\n'
+        + ('images = "images"\n' if images else "")
         + 'id = "image_id"\ntarget = "target"\ngroup = "lesion_id"\n'
     )
     return tmp_path / "dataset.toml"
@@ -123,22 +138,42 @@ def test_embed_refuses_a_header_only_metadata_file(tmp_path):
 def test_invoke_train_gbdt_on_a_header_only_metadata_file(tmp_path):
     # Tabular-only, so that nothing but the metadata is read (no weights, no feature store).
     spec = _header_only(tmp_path, images=False)
-    result = invoke("train-gbdt", "--spec", str(spec), "--run", str(tmp_path / "run"),
-                    env={"LESIONFUSE_ARTIFACTS": str(tmp_path)})
+    result = invoke(
+        "train-gbdt",
+        "--spec",
+        str(spec),
+        "--run",
+        str(tmp_path / "run"),
+        env={"LESIONFUSE_ARTIFACTS": str(tmp_path)},
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert re.search(r"error: spec 'hdr': metadata file .*metadata\.csv has a header but no rows "
-                     r"\(columns: image_id, lesion_id, target\)", result.stderr), result.stderr
+    assert re.search(
+        r"error: spec 'hdr': metadata file .*metadata\.csv has a header but no rows "
+        r"\(columns: image_id, lesion_id, target\)",
+        result.stderr,
+    ), result.stderr
 
 
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["train-gbdt", "--spec", "s.toml", "--run", "r", "--neg-ratio", "abc"], "--neg-ratio expects a number, got 'abc'"),
-        (["train-fusion", "--spec", "s.toml", "--run", "r", "--members", "two"], "--members expects an integer, got 'two'"),
-        (["embed", "--spec", "s.toml", "--image-size", "1.5"], "--image-size expects an integer, got '1.5'"),
-        (["score", "--run", "r", "--images", "i", "--out", "p.csv", "--prevalence", "1%"],
-         "--prevalence expects a number, got '1%'"),
+        (
+            ["train-gbdt", "--spec", "s.toml", "--run", "r", "--neg-ratio", "abc"],
+            "--neg-ratio expects a number, got 'abc'",
+        ),
+        (
+            ["train-fusion", "--spec", "s.toml", "--run", "r", "--members", "two"],
+            "--members expects an integer, got 'two'",
+        ),
+        (
+            ["embed", "--spec", "s.toml", "--image-size", "1.5"],
+            "--image-size expects an integer, got '1.5'",
+        ),
+        (
+            ["score", "--run", "r", "--images", "i", "--out", "p.csv", "--prevalence", "1%"],
+            "--prevalence expects a number, got '1%'",
+        ),
     ],
 )
 def test_a_non_numeric_option_is_named_without_a_traceback(args, expected, tmp_path):
@@ -150,26 +185,46 @@ def test_a_non_numeric_option_is_named_without_a_traceback(args, expected, tmp_p
 
 def test_embed_refuses_an_unknown_block_by_name(tmp_path):
     spec = tmp_path / "s.toml"
-    spec.write_text('[dataset]\nname = "s"\nmetadata = "m.csv"\nimages = "img"\nid = "id"\ntarget = "t"\n'
-                    'group = "id"\ncategorical = []\nnumeric = []\n')
+    spec.write_text(
+        '[dataset]\nname = "s"\nmetadata = "m.csv"\nimages = "img"\nid = "id"\ntarget = "t"\n'
+        'group = "id"\ncategorical = []\nnumeric = []\n'
+    )
     (tmp_path / "m.csv").write_text("id,t\na,0\n")
     (tmp_path / "img").mkdir()
-    result = invoke("embed", "--spec", str(spec), "--blocks", "layer3,layer9",
-                    env={"LESIONFUSE_ARTIFACTS": str(tmp_path)})
+    result = invoke(
+        "embed",
+        "--spec",
+        str(spec),
+        "--blocks",
+        "layer3,layer9",
+        env={"LESIONFUSE_ARTIFACTS": str(tmp_path)},
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "error: blocks: expected one or more distinct of ['layer1', 'layer2', 'layer3', 'layer4']" \
-           " (e.g. 'layer3,layer4'), got ['layer3', 'layer9']" in result.stderr, result.stderr
+    assert (
+        "error: blocks: expected one or more distinct of ['layer1', 'layer2', 'layer3', 'layer4']"
+        " (e.g. 'layer3,layer4'), got ['layer3', 'layer9']" in result.stderr
+    ), result.stderr
 
 
 def test_embed_refuses_an_image_size_the_backbone_cannot_use(tmp_path):
     spec = tmp_path / "s.toml"
-    spec.write_text('[dataset]\nname = "s"\nmetadata = "m.csv"\nimages = "img"\nid = "id"\ntarget = "t"\n'
-                    'group = "id"\ncategorical = []\nnumeric = []\n')
+    spec.write_text(
+        '[dataset]\nname = "s"\nmetadata = "m.csv"\nimages = "img"\nid = "id"\ntarget = "t"\n'
+        'group = "id"\ncategorical = []\nnumeric = []\n'
+    )
     (tmp_path / "m.csv").write_text("id,t\na,0\n")
     (tmp_path / "img").mkdir()
-    result = invoke("embed", "--spec", str(spec), "--image-size", "8",
-                    env={"LESIONFUSE_ARTIFACTS": str(tmp_path)})
+    result = invoke(
+        "embed",
+        "--spec",
+        str(spec),
+        "--image-size",
+        "8",
+        env={"LESIONFUSE_ARTIFACTS": str(tmp_path)},
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "error: --image-size (EmbedConfig.image_size) 8: the backbone needs at least 16 px for blocks layer3" \
-           in result.stderr, result.stderr
+    assert (
+        "error: --image-size (EmbedConfig.image_size) 8: the backbone needs at least 16 px for "
+        "blocks layer3" in result.stderr
+    ), result.stderr
     assert not (tmp_path / "stores").exists()

@@ -33,8 +33,15 @@ from fuse.errors import RunError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FORMULA_STARTS", "LAYOUTS", "check_out", "check_page", "escape_formulas", "file_kind",
-           "write_predictions"]
+__all__ = [
+    "FORMULA_STARTS",
+    "LAYOUTS",
+    "check_out",
+    "check_page",
+    "escape_formulas",
+    "file_kind",
+    "write_predictions",
+]
 
 LAYOUTS = ("csv", "kaggle")
 # What makes a spreadsheet read a cell as a formula (OWASP, "CSV Injection").
@@ -43,7 +50,7 @@ EXTENSIONS = {".csv": "csv", ".parquet": "parquet"}
 
 
 def file_kind(out: Path) -> str:
-    """"csv" or "parquet", from the extension of `out`."""
+    """ "csv" or "parquet", from the extension of `out`."""
     return EXTENSIONS[out.suffix.lower()]
 
 
@@ -68,24 +75,37 @@ def check_out(out: Path | str, layout: str, inputs: dict[str, Path | str | None]
         raise RunError(f"format: expected one of {list(LAYOUTS)}, got {layout!r}")
     out = Path(out)
     if out.is_dir():
-        raise RunError(f"--out {out}: is a folder; give a file path such as {out / 'predictions.csv'}")
+        raise RunError(
+            f"--out {out}: is a folder; give a file path such as {out / 'predictions.csv'}"
+        )
     target = out.resolve()
     for option, path in inputs.items():
         if path is None:
             continue
         source = Path(path).resolve()
         if target == source:
-            raise RunError(f"--out {out} is the {option} input; scoring would overwrite it. "
-                           "Write the predictions to another file")
+            raise RunError(
+                f"--out {out} is the {option} input; scoring would overwrite it. "
+                "Write the predictions to another file"
+            )
         if source.is_dir() and source in target.parents and option in ("--run", "--store"):
-            raise RunError(f"--out {out} lies inside the {option} folder {source}; write it elsewhere")
+            raise RunError(
+                f"--out {out} lies inside the {option} folder {source}; write it elsewhere"
+            )
     if out.suffix.lower() not in EXTENSIONS:
-        raise RunError(f"--out {out}: expected a file ending in {' or '.join(EXTENSIONS)}, got {out.suffix or 'no extension'!r}")
+        raise RunError(
+            f"--out {out}: expected a file ending in {' or '.join(EXTENSIONS)}, got "
+            f"{out.suffix or 'no extension'!r}"
+        )
     if layout == "kaggle" and file_kind(out) != "csv":
         raise RunError(f"--out {out}: the kaggle format is a CSV submission; use a .csv path")
     if out.exists():
         changed = dt.datetime.fromtimestamp(out.stat().st_mtime).isoformat(timespec="seconds")
-        log.warning("--out %s exists (last written %s); it will be replaced once scoring finishes", out, changed)
+        log.warning(
+            "--out %s exists (last written %s); it will be replaced once scoring finishes",
+            out,
+            changed,
+        )
     return out
 
 
@@ -97,18 +117,29 @@ def check_page(page: Path | str, inputs: dict[str, Path | str | None]) -> Path:
     """
     page = Path(page)
     if page.is_dir():
-        raise RunError(f"--html {page}: is a folder; give a file path such as {page / 'triage.html'}")
+        raise RunError(
+            f"--html {page}: is a folder; give a file path such as {page / 'triage.html'}"
+        )
     if page.suffix.lower() not in (".html", ".htm"):
-        raise RunError(f"--html {page}: expected a file ending in .html, got {page.suffix or 'no extension'!r}")
+        raise RunError(
+            f"--html {page}: expected a file ending in .html, got {page.suffix or 'no extension'!r}"
+        )
     target = page.resolve()
     for option, path in inputs.items():
-        if path is not None and (target == Path(path).resolve() or Path(path).resolve() in target.parents
-                                 and option in ("--run", "--store")):
-            raise RunError(f"--html {page} is, or lies inside, the {option} input; write it elsewhere")
+        if path is not None and (
+            target == Path(path).resolve()
+            or Path(path).resolve() in target.parents
+            and option in ("--run", "--store")
+        ):
+            raise RunError(
+                f"--html {page} is, or lies inside, the {option} input; write it elsewhere"
+            )
     return page
 
 
-def write_predictions(result: pd.DataFrame, out: Path, layout: str, id_column: str, threshold: float) -> None:
+def write_predictions(
+    result: pd.DataFrame, out: Path, layout: str, id_column: str, threshold: float
+) -> None:
     """Write `result` (the "csv" layout's columns) to `out` in `layout`, atomically.
 
     In the kaggle layout a row that could not be scored gets the operating threshold (logged by id).
@@ -145,8 +176,11 @@ def _kaggle(result: pd.DataFrame, id_column: str, threshold: float) -> pd.DataFr
     if missing.any():
         # A submission needs a number per row; an unscored lesion is put at the flagging
         # level rather than at the bottom, where a missed melanoma would cost the most.
-        log.warning("kaggle format: %d row(s) could not be scored and get the operating "
-                    "threshold %.4g: %s", int(missing.sum()), threshold,
-                    preview(result.loc[missing, id_column].tolist()))
+        log.warning(
+            "kaggle format: %d row(s) could not be scored and get the operating threshold %.4g: %s",
+            int(missing.sum()),
+            threshold,
+            preview(result.loc[missing, id_column].tolist()),
+        )
         target[missing] = threshold
     return pd.DataFrame({"isic_id": result[id_column], "target": target})

@@ -25,40 +25,72 @@ NO_METADATA = "no metadata row: scored with metadata treated as missing"
 # than a folder with a few images missing: said before any image is embedded.
 WRONG_FOLDER_SHARE = 0.5
 
-__all__ = ["NO_METADATA", "WRONG_FOLDER_SHARE", "metadata_rows", "read_scoring_metadata", "scoring_rows"]
+__all__ = [
+    "NO_METADATA",
+    "WRONG_FOLDER_SHARE",
+    "metadata_rows",
+    "read_scoring_metadata",
+    "scoring_rows",
+]
 
 
-def scoring_rows(metadata, spec, image_ids: list[str], images: Path) -> tuple[pd.DataFrame, dict[str, str]]:
+def scoring_rows(
+    metadata, spec, image_ids: list[str], images: Path
+) -> tuple[pd.DataFrame, dict[str, str]]:
     """The rows to score (metadata rows, then images without one) and the errors known so far."""
     errors: dict[str, str] = {}
     if metadata is None:
         frame = pd.DataFrame({spec.id: image_ids})
         errors.update(dict.fromkeys(image_ids, NO_METADATA))
-        log.warning("no metadata file: %d images scored with metadata treated as missing", len(image_ids))
+        log.warning(
+            "no metadata file: %d images scored with metadata treated as missing", len(image_ids)
+        )
     else:
         frame = read_scoring_metadata(Path(metadata), spec)
         available = set(image_ids)
         no_image = [i for i in frame[spec.id] if i not in available]
         if no_image:
-            log.warning("%d metadata row(s) have no image in %s: %s", len(no_image), images, preview(no_image))
-        if len(frame) and len(no_image) > WRONG_FOLDER_SHARE * len(frame) and len(no_image) < len(frame):
-            log.warning("%d of the %d metadata rows (%.0f%%) have no image in %s: is --images the folder of "
-                        "these lesions? Those rows are reported with an error and only the %d with an image "
-                        "are embedded and scored", len(no_image), len(frame), 100 * len(no_image) / len(frame),
-                        images, len(frame) - len(no_image))
+            log.warning(
+                "%d metadata row(s) have no image in %s: %s",
+                len(no_image),
+                images,
+                preview(no_image),
+            )
+        if (
+            len(frame)
+            and len(no_image) > WRONG_FOLDER_SHARE * len(frame)
+            and len(no_image) < len(frame)
+        ):
+            log.warning(
+                "%d of the %d metadata rows (%.0f%%) have no image in %s: is --images the folder "
+                "of "
+                "these lesions? Those rows are reported with an error and only the %d with an "
+                "image "
+                "are embedded and scored",
+                len(no_image),
+                len(frame),
+                100 * len(no_image) / len(frame),
+                images,
+                len(frame) - len(no_image),
+            )
         errors.update(dict.fromkeys(no_image, f"no image for this id in {images}"))
         listed = set(frame[spec.id])
         extra = [i for i in image_ids if i not in listed]
         if extra:
-            log.warning("%d image(s) have no metadata row and are scored with metadata treated as "
-                        "missing: %s", len(extra), preview(extra))
+            log.warning(
+                "%d image(s) have no metadata row and are scored with metadata treated as "
+                "missing: %s",
+                len(extra),
+                preview(extra),
+            )
             frame = pd.concat([frame, pd.DataFrame({spec.id: extra})], ignore_index=True)
             errors.update(dict.fromkeys(extra, NO_METADATA))
     return _with_model_columns(frame, spec), errors
 
 
 def metadata_rows(metadata: Path, spec) -> pd.DataFrame:
-    """The metadata file's rows alone (a tabular-only run scores no image); see `read_scoring_metadata`."""
+    """The metadata file's rows alone (a tabular-only run scores no image), as
+    `read_scoring_metadata` reads them."""
     return _with_model_columns(read_scoring_metadata(Path(metadata), spec), spec)
 
 
@@ -119,9 +151,15 @@ def read_scoring_metadata(path: Path, spec) -> pd.DataFrame:
         )
     ignored = [c for c in header.columns if c not in (spec.id, *needed)]
     if ignored:
-        log.info("metadata: %d column(s) not used by the run's models are ignored: %s", len(ignored), preview(ignored))
+        log.info(
+            "metadata: %d column(s) not used by the run's models are ignored: %s",
+            len(ignored),
+            preview(ignored),
+        )
     text = [c for c in dict.fromkeys(_text_columns(spec)) if c in (spec.id, *needed)]
-    frame = pd.read_csv(path, usecols=[spec.id, *needed], dtype={c: "string" for c in text}, low_memory=False)
+    frame = pd.read_csv(
+        path, usecols=[spec.id, *needed], dtype={c: "string" for c in text}, low_memory=False
+    )
     frame = frame[[spec.id, *dict.fromkeys(needed)]]
     try:
         check_rows(frame, spec, f"metadata {path}")

@@ -1,8 +1,8 @@
-"""A trained run's models, loaded once through each stage's own `load`, predicting batch after batch.
+"""A trained run's models, loaded once through each stage's own `load`, predicting batch by batch.
 
 `RunModels.load(run_dir)` asks each stage for its model through `runfolder.stage.load_stage`
-(`GBDTModel`, `FusionModel`; the final model through `fuse.stacking.stack.load_final`), whose missing-stage
-message is the run package's, and checks, before any image is embedded, that every
+(`GBDTModel`, `FusionModel`; the final model through `fuse.stacking.stack.load_final`), whose
+missing-stage message is the run package's, and checks, before any image is embedded, that every
 stage that reads embeddings was trained on the same ones (`<stage>/store.json`): its `identity`
 is what new images must be embedded with. Nothing here reads a stage's files.
 """
@@ -39,7 +39,7 @@ class EncodingCache:
     batch of rows is encoded once per fold instead of once per stage. Use one cache per batch.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._keys: dict[int, str] = {}
         self._features: dict[str, pd.DataFrame] = {}
         # The batch itself is held, not its id: a freed frame's id can be reused by the next one.
@@ -59,12 +59,18 @@ class EncodingCache:
 class RunModels:
     """The LightGBM stage, the fusion stage and the final model of one run.
 
-    A tabular-only run (`fuse.stacking.stack.tabular_only`) has no fusion stage (`fusion` and `identity`
-    are None) and scores metadata rows without images (`needs_images` is False).
+    A tabular-only run (`fuse.stacking.stack.tabular_only`) has no fusion stage (`fusion` and
+    `identity` are None) and scores metadata rows without images (`needs_images` is False).
     """
 
-    def __init__(self, run: RunLayout, gbdt: GBDTModel, fusion: FusionModel | None, final: FinalModel,
-                 identity: dict | None):
+    def __init__(
+        self,
+        run: RunLayout,
+        gbdt: GBDTModel,
+        fusion: FusionModel | None,
+        final: FinalModel,
+        identity: dict | None,
+    ):
         self.run, self.gbdt, self.fusion, self.final = run, gbdt, fusion, final
         self.identity = identity
         self.run_spec = spec_from_identity(run.read_record()["spec"])
@@ -82,7 +88,7 @@ class RunModels:
 
     @property
     def stages(self) -> tuple[str, ...]:
-        """The base models whose scores appear as `p_<stage>` columns, by their `Stage.STAGE` name."""
+        """The base models whose scores appear as `p_<stage>` columns, by `Stage.STAGE` name."""
         return tuple(model.STAGE for model in (self.gbdt, self.fusion) if model is not None)
 
     def training_ids(self) -> set[str]:
@@ -126,10 +132,14 @@ class RunModels:
         try:
             identity = run_identity(run)
         except StoreMismatchError as error:
-            raise RunError(f"run {run.dir}: its stages disagree on the embeddings they need: {error}") from error
+            raise RunError(
+                f"run {run.dir}: its stages disagree on the embeddings they need: {error}"
+            ) from error
         if identity is None:
-            raise RunError(f"run {run.dir}: no stage records the feature store it was trained on; "
-                           "retrain with `invoke train-fusion --spec S --run R`")
+            raise RunError(
+                f"run {run.dir}: no stage records the feature store it was trained on; "
+                "retrain with `invoke train-fusion --spec S --run R`"
+            )
         return cls(run, gbdt, fusion, final, identity)
 
     def predict(self, frame: pd.DataFrame, block: np.ndarray, embedded: np.ndarray):
@@ -160,7 +170,9 @@ class RunModels:
             text = [t if done else "" for t, done in zip(text, embedded, strict=True)]
         return text
 
-    def novelty(self, frame: pd.DataFrame, block: np.ndarray, embedded: np.ndarray, cues) -> pd.DataFrame | None:
+    def novelty(
+        self, frame: pd.DataFrame, block: np.ndarray, embedded: np.ndarray, cues
+    ) -> pd.DataFrame | None:
         """The applicability detector's view of `frame`'s rows (`Applicability.predict`: novelty,
         unlike_training, reason, novelty_<part>), or None for a run without that stage.
 
@@ -175,12 +187,14 @@ class RunModels:
             embeddings = block.astype(np.float32).mean(axis=1)
             embeddings[~embedded] = np.nan
         return self.applicability.predict(
-            embeddings, cues if "acquisition" in parts else None,
+            embeddings,
+            cues if "acquisition" in parts else None,
             positional(frame) if "metadata" in parts else None,
-            identity=self.identity if "image" in parts else None)
+            identity=self.identity if "image" in parts else None,
+        )
 
     def _predict(self, frame: pd.DataFrame, block: np.ndarray, embedded: np.ndarray):
-        if not self.needs_images:
+        if self.fusion is None:  # a tabular-only run (`needs_images` False)
             p_gbdt = self.gbdt.predict(frame, None, encode=self._encode)
             return p_gbdt, np.full(len(frame), np.nan), self.final.probability(p_gbdt)
         p_fusion = self.fusion.predict(frame, block, encode=self._encode)
@@ -200,5 +214,7 @@ class RunModels:
                 probability[embedded] = self.final.probability(score)
         else:
             rows = embedded & np.isfinite(p_gbdt)
-            probability[rows] = self.final.probability(self.final.model.predict(None, p_gbdt[rows], p_fusion[rows]))
+            probability[rows] = self.final.probability(
+                self.final.model.predict(None, p_gbdt[rows], p_fusion[rows])
+            )
         return p_gbdt, p_fusion, probability

@@ -26,11 +26,15 @@ import io
 import logging
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    from embed.backbone import PooledResNet
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +43,54 @@ OVERLAY_PX = 192
 # How strongly the colour map covers the image at heat 0 and at heat 1: where the score did not
 # look, the lesion shows through untinted (a floor above 0 washed every image blue-purple).
 ALPHA_RANGE = (0.0, 0.6)
+# The colour map: matplotlib's "jet", from its segment data (`matplotlib._cm._jet_data`: per
+# channel, (x, value below x, value above x)), turned into its 256-entry table the way
+# `matplotlib.colors.LinearSegmentedColormap` does and looked up as its `__call__` does, so that
+# drawing an overlay does not import matplotlib (a tenth of a second or more of every scoring start
+# that draws one). tests/fuse/test_saliency.py checks it against matplotlib value for value.
 COLORMAP = "jet"
+_JET_SEGMENTS = {
+    "red": ((0.00, 0, 0), (0.35, 0, 0), (0.66, 1, 1), (0.89, 1, 1), (1.00, 0.5, 0.5)),
+    "green": (
+        (0.000, 0, 0),
+        (0.125, 0, 0),
+        (0.375, 1, 1),
+        (0.640, 1, 1),
+        (0.910, 0, 0),
+        (1.000, 0, 0),
+    ),
+    "blue": ((0.00, 0.5, 0.5), (0.11, 1, 1), (0.34, 1, 1), (0.65, 0, 0), (1.00, 0, 0)),
+}
+_COLOURS = 256
 BATCH = 16
 
-__all__ = ["OVERLAY_PX", "grad_cam", "saliency_overlays"]
+__all__ = [
+    "ALPHA_RANGE",
+    "BATCH",
+    "COLORMAP",
+    "OVERLAY_PX",
+    "grad_cam",
+    "jet_colours",
+    "saliency_overlays",
+]
 
 
-def saliency_overlays(models, frame: pd.DataFrame, ids: Sequence[str], source, weights,
-                      device: str | torch.device = "cpu", *, size: int = OVERLAY_PX,
-                      backbone: torch.nn.Module | None = None) -> dict[str, bytes]:
+def saliency_overlays(
+    models,
+    frame: pd.DataFrame,
+    ids: Sequence[str],
+    source,
+    weights,
+    device: str | torch.device = "cpu",
+    *,
+    size: int = OVERLAY_PX,
+    backbone: PooledResNet | None = None,
+) -> dict[str, bytes]:
     """Grad-CAM overlays (PNG bytes, longest side `size`) of the fusion MLP's score, by id.
 
     Args:
-        models: the run's loaded models (`fuse.scoring.run_models.RunModels`): its fusion folds, spec and
-            embedding identity (image size) are used.
+        models: the run's loaded models (`fuse.scoring.run_models.RunModels`): its fusion folds,
+            spec and embedding identity (image size) are used.
         frame: the scored metadata rows (the run spec's id column and features). Each id's
             metadata is encoded with the other rows of its patient, as scoring encodes it.
         ids: the images to explain; only these are computed (a backward pass each).
@@ -67,21 +105,67 @@ def saliency_overlays(models, frame: pd.DataFrame, ids: Sequence[str], source, w
         {id: PNG bytes} for every id whose image could be read and that has a row in `frame`;
         an unreadable image or an id without a row gets no overlay (logged), never an error.
     """
-    from embed.backbone import load_backbone
-    from embed.config import EmbedConfig, resolve_device
-    from embed.reader import resize_uint8
-    from embed.sources import decode_image, safe_reason
+    from embed.backbone import PooledResNet, load_backbone
+    from embed.config import resolve_device
 
     ids = list(dict.fromkeys(str(i) for i in ids))
     if not ids:
         return {}
+    pictures, arrays, rows, done_ids = _read_images(models, frame, ids, source, size)
+    if not done_ids:
+        return {}
+
+    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    if backbone is None:
+        # The run's identity holds blocks and pooling (older runs read as the layer4 average).
+        # Without keep_classifier, load_backbone returns a PooledResNet (annotated as Module).
+        backbone = cast(
+            PooledResNet,
+            load_backbone(
+                weights,
+                device,
+                blocks=models.identity["blocks"],
+                pooling=models.identity["pooling"],
+            ),
+        )
+    meta = _encoded_meta(models, frame, rows)
+
+    started = time.perf_counter()
+    out: dict[str, bytes] = {}
+    for start in range(0, len(done_ids), BATCH):
+        part = slice(start, start + BATCH)
+        batch = torch.from_numpy(np.stack(arrays[part]))
+        maps = grad_cam(
+            backbone,
+            models.fusion.folds,
+            batch,
+            [None if m is None else m[part] for m in meta],
+            device,
+        )
+        for image_id, picture, cam in zip(done_ids[part], pictures[part], maps, strict=True):
+            out[image_id] = _overlay_png(picture, cam)
+    log.info(
+        "saliency: %d overlay(s) of %d asked in %.1f s",
+        len(out),
+        len(ids),
+        time.perf_counter() - started,
+    )
+    return out
+
+
+def _read_images(models, frame: pd.DataFrame, ids: list[str], source, size: int):
+    """(thumbnails, model inputs, row positions in `frame`, ids) of the `ids` that could be read
+    and have a row; the others are logged and skipped."""
+    from embed.config import EmbedConfig
+    from embed.reader import resize_uint8
+    from embed.sources import decode_image, safe_reason
+
     spec = models.run_spec
     image_size = int(models.identity["image_size"])
     max_pixels = EmbedConfig().max_pixels
     keys = frame[spec.id].astype(str)
     positions = pd.Series(np.arange(len(frame)), index=keys.to_numpy())
     positions = positions[~positions.index.duplicated()]
-
     pictures: list[Image.Image] = []
     arrays: list[np.ndarray] = []
     rows: list[int] = []
@@ -97,7 +181,9 @@ def saliency_overlays(models, frame: pd.DataFrame, ids: Sequence[str], source, w
             if image_size < size:  # the model's draft may be smaller than the overlay
                 image = decode_image(data, image_id, max_pixels, draft_size=size)
         except Exception as error:  # noqa: BLE001 - one unreadable image loses its overlay only
-            log.warning("saliency %s: image unreadable, no overlay: %s", image_id, safe_reason(error))
+            log.warning(
+                "saliency %s: image unreadable, no overlay: %s", image_id, safe_reason(error)
+            )
             continue
         image = image.copy()
         image.thumbnail((size, size), Image.Resampling.LANCZOS)
@@ -105,30 +191,16 @@ def saliency_overlays(models, frame: pd.DataFrame, ids: Sequence[str], source, w
         arrays.append(model_input)
         rows.append(int(positions[image_id]))
         done_ids.append(image_id)
-    if not done_ids:
-        return {}
-
-    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
-    if backbone is None:
-        # The run's identity holds blocks and pooling (older runs read as the layer4 average).
-        backbone = load_backbone(weights, device, blocks=models.identity["blocks"],
-                                 pooling=models.identity["pooling"])
-    meta = _encoded_meta(models, frame, rows)
-
-    started = time.perf_counter()
-    out: dict[str, bytes] = {}
-    for start in range(0, len(done_ids), BATCH):
-        part = slice(start, start + BATCH)
-        batch = torch.from_numpy(np.stack(arrays[part]))
-        maps = grad_cam(backbone, models.fusion.folds, batch, [m[part] for m in meta], device)
-        for image_id, picture, cam in zip(done_ids[part], pictures[part], maps, strict=True):
-            out[image_id] = _overlay_png(picture, cam)
-    log.info("saliency: %d overlay(s) of %d asked in %.1f s", len(out), len(ids), time.perf_counter() - started)
-    return out
+    return pictures, arrays, rows, done_ids
 
 
-def grad_cam(backbone: torch.nn.Module, folds, batch: torch.Tensor, meta: Sequence[np.ndarray | None],
-             device: str | torch.device = "cpu") -> np.ndarray:
+def grad_cam(
+    backbone: PooledResNet,
+    folds,
+    batch: torch.Tensor,
+    meta: Sequence[np.ndarray | None],
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
     """Grad-CAM maps of the fold-averaged fusion logit at the shallowest pooled block.
 
     Args:
@@ -189,19 +261,54 @@ def _encoded_meta(models, frame: pd.DataFrame, rows: list[int]) -> list[np.ndarr
     return out
 
 
+def _lookup_table(points, n: int) -> np.ndarray:
+    """One channel's (n,) table from its segments, as `matplotlib.colors._create_lookup_table`."""
+    data = np.array(points, dtype=float)
+    x, below, above = data[:, 0] * (n - 1), data[:, 1], data[:, 2]
+    at = (n - 1) * np.linspace(0, 1, n)
+    ind = np.searchsorted(x, at)[1:-1]
+    distance = (at[1:-1] - x[ind - 1]) / (x[ind] - x[ind - 1])
+    table = np.concatenate(
+        [[above[0]], distance * (below[ind] - above[ind - 1]) + above[ind - 1], [below[-1]]]
+    )
+    return np.clip(table, 0.0, 1.0)
+
+
+_JET_TABLE = np.stack(
+    [_lookup_table(_JET_SEGMENTS[c], _COLOURS) for c in ("red", "green", "blue")], axis=1
+)
+
+
+def jet_colours(heat: np.ndarray) -> np.ndarray:
+    """RGB in 0..1, shape heat.shape + (3,), of `heat` (floats in 0..1) under `COLORMAP`: the
+    values `matplotlib.colormaps["jet"](heat)[..., :3]` gives (NaN: black, as its "bad" colour)."""
+    index = np.array(heat, copy=True)
+    index *= _COLOURS  # in the input's own precision, as matplotlib multiplies
+    index[index == _COLOURS] = _COLOURS - 1
+    bad = np.isnan(index)
+    index[bad] = 0
+    colours = _JET_TABLE[np.clip(index, 0, _COLOURS - 1).astype(int)]
+    colours[bad] = 0.0
+    return colours
+
+
 def _overlay_png(image: Image.Image, cam: np.ndarray) -> bytes:
     """`cam` (h, w in 0..1) upsampled to `image` and drawn over it with `COLORMAP`, as PNG."""
-    import matplotlib
-
     width, height = image.size
-    heat = torch.nn.functional.interpolate(torch.from_numpy(cam)[None, None], size=(height, width),
-                                           mode="bilinear", align_corners=False)[0, 0]
-    heat = heat.clamp(0, 1).numpy()
-    colour = matplotlib.colormaps[COLORMAP](heat)[..., :3]
+    upsampled = torch.nn.functional.interpolate(
+        torch.from_numpy(cam)[None, None],
+        size=(height, width),
+        mode="bilinear",
+        align_corners=False,
+    )[0, 0]
+    heat = upsampled.clamp(0, 1).numpy()
+    colour = jet_colours(heat)
     low, high = ALPHA_RANGE
     alpha = (low + (high - low) * heat)[..., None]
     base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     blended = np.clip((1 - alpha) * base + alpha * colour, 0, 1)
     buffer = io.BytesIO()
-    Image.fromarray((blended * 255 + 0.5).astype(np.uint8)).save(buffer, format="PNG", optimize=True)
+    Image.fromarray((blended * 255 + 0.5).astype(np.uint8)).save(
+        buffer, format="PNG", optimize=True
+    )
     return buffer.getvalue()

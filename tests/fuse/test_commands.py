@@ -27,32 +27,52 @@ def tiny(tmp_path_factory):
     weights_path = root / "random-resnet50.pth"
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), weights_path)
-    return {"root": root, "data": data, "weights_path": weights_path,
-            "weights": ensure_weights(weights_path), "stores": root / "stores"}
+    return {
+        "root": root,
+        "data": data,
+        "weights_path": weights_path,
+        "weights": ensure_weights(weights_path),
+        "stores": root / "stores",
+    }
 
 
 def test_embed_spec_builds_the_store_and_a_rerun_does_no_model_work(tiny):
-    first = embed_spec(tiny["data"], image_size=32, weights_path=tiny["weights_path"], stores=tiny["stores"])
+    first = embed_spec(
+        tiny["data"], image_size=32, weights_path=tiny["weights_path"], stores=tiny["stores"]
+    )
     assert first.embedded == 60 and not first.failed
-    again = embed_spec(tiny["data"], image_size=32, weights_path=tiny["weights_path"], stores=tiny["stores"])
+    again = embed_spec(
+        tiny["data"], image_size=32, weights_path=tiny["weights_path"], stores=tiny["stores"]
+    )
     assert again.embedded == 0
     spec = load_spec(tiny["data"])
     store = locate_store(spec, tiny["weights"], stores=tiny["stores"])
-    assert store.name == store_name(spec.name, tiny["weights"].sha256, 32, 1, DEFAULT_BLOCKS, DEFAULT_POOLING)
+    assert store.name == store_name(
+        spec.name, tiny["weights"].sha256, 32, 1, DEFAULT_BLOCKS, DEFAULT_POOLING
+    )
     ids = read_metadata(spec)[spec.id].astype(str).tolist()
     vectors = open_for_training(spec, ids, store).mean_embeddings()
     assert vectors.shape == (60, feature_dim(DEFAULT_BLOCKS)) and vectors.std() > 0
 
 
 def test_a_store_of_several_pooled_blocks_has_its_own_name_and_width(tiny, tmp_path):
-    summary = embed_spec(tiny["data"], image_size=32, blocks="layer4,layer3", pooling="gem",
-                         weights_path=tiny["weights_path"], stores=tmp_path / "stores")
+    summary = embed_spec(
+        tiny["data"],
+        image_size=32,
+        blocks="layer4,layer3",
+        pooling="gem",
+        weights_path=tiny["weights_path"],
+        stores=tmp_path / "stores",
+    )
     assert summary.store_dir.name.endswith("-32px-1v-l34-gem") and summary.embedded == 60
     spec = load_spec(tiny["data"])
     ids = read_metadata(spec)[spec.id].astype(str).tolist()
     opened = open_for_training(spec, ids, summary.store_dir)
     assert opened.mean_embeddings().shape == (60, 3072)
-    assert (opened.store.reference()["blocks"], opened.store.reference()["pooling"]) == (["layer3", "layer4"], "gem")
+    assert (opened.store.reference()["blocks"], opened.store.reference()["pooling"]) == (
+        ["layer3", "layer4"],
+        "gem",
+    )
     # LightGBM's image PCA reads the wider vectors as it reads the classic ones.
     train_gbdt(tiny["data"], tmp_path / "run", image_pca=4, store=summary.store_dir, seeds=(0,))
     assert '"blocks": [\n    "layer3",' in (tmp_path / "run" / "gbdt" / "store.json").read_text()
@@ -60,14 +80,24 @@ def test_a_store_of_several_pooled_blocks_has_its_own_name_and_width(tiny, tmp_p
 
 def test_locate_store_names_the_command_that_makes_one(tiny, tmp_path):
     spec = load_spec(tiny["data"])
-    with pytest.raises(RunError, match=r"no feature store for data set 'isic-tiny-train' .* `invoke embed --spec "):
+    with pytest.raises(
+        RunError, match=r"no feature store for data set 'isic-tiny-train' .* `invoke embed --spec "
+    ):
         locate_store(spec, tiny["weights"], stores=tmp_path)
 
 
 def test_locate_store_asks_to_choose_among_several(tiny):
-    embed_spec(tiny["data"], image_size=32, weights_path=tiny["weights_path"], stores=tiny["stores"])
-    embed_spec(tiny["data"], image_size=40, weights_path=tiny["weights_path"], stores=tiny["stores"])
-    with pytest.raises(RunError, match="several feature stores for 'isic-tiny-train': .*32px-1v.*, .*40px-1v.*; choose one with --store"):
+    embed_spec(
+        tiny["data"], image_size=32, weights_path=tiny["weights_path"], stores=tiny["stores"]
+    )
+    embed_spec(
+        tiny["data"], image_size=40, weights_path=tiny["weights_path"], stores=tiny["stores"]
+    )
+    with pytest.raises(
+        RunError,
+        match="several feature stores for 'isic-tiny-train': .*32px-1v.*, .*40px-1v.*; choose one "
+        "with --store",
+    ):
         locate_store(load_spec(tiny["data"]), tiny["weights"], stores=tiny["stores"])
 
 
@@ -78,7 +108,9 @@ def test_embed_refuses_a_spec_without_images(shared_data):
 
 def test_embed_refuses_a_bad_shard(tiny):
     with pytest.raises(EmbedError, match=r"--shard: expected i/n with 0 <= i < n, got '3/2'"):
-        embed_spec(tiny["data"], shard="3/2", weights_path=tiny["weights_path"], stores=tiny["stores"])
+        embed_spec(
+            tiny["data"], shard="3/2", weights_path=tiny["weights_path"], stores=tiny["stores"]
+        )
 
 
 def test_train_gbdt_refuses_bad_image_pca(shared_data, tmp_path):
@@ -94,7 +126,9 @@ def test_stack_refuses_a_sensitivity_outside_0_1(tmp_path):
 
 
 def test_gbdt_uses_image_pca_from_the_store(tiny, tmp_path):
-    path = next(p for p in tiny["stores"].iterdir() if "-32px-1v" in p.name and "-l34-" not in p.name)
+    path = next(
+        p for p in tiny["stores"].iterdir() if "-32px-1v" in p.name and "-l34-" not in p.name
+    )
     metrics = train_gbdt(tiny["data"], tmp_path / "run", image_pca=4, store=path, seeds=(0,))
     features = (tmp_path / "run" / "gbdt" / "features.json").read_text()
     assert "pca" in features.lower()
@@ -105,13 +139,29 @@ def test_rerunning_embed_with_auto_keeps_the_variant_the_store_was_built_with(ti
     # A store built on another kind of CPU (whose default variant differs) still takes new
     # images with the default --variant auto; an explicit other variant is refused by name.
     stores = tmp_path / "stores"
-    first = embed_spec(tiny["data"], image_size=32, variant="folded", weights_path=tiny["weights_path"],
-                       stores=stores)
-    again = embed_spec(tiny["data"], image_size=32, weights_path=tiny["weights_path"], stores=stores)
+    first = embed_spec(
+        tiny["data"],
+        image_size=32,
+        variant="folded",
+        weights_path=tiny["weights_path"],
+        stores=stores,
+    )
+    again = embed_spec(
+        tiny["data"], image_size=32, weights_path=tiny["weights_path"], stores=stores
+    )
     assert first.embedded == 60 and again.embedded == 0
     assert json.loads((first.store_dir / "manifest.json").read_text())["variant"] == "folded"
-    with pytest.raises(StoreMismatchError, match=r"was built with variant='folded' but this run asks for variant='jit-frozen'"):
-        embed_spec(tiny["data"], image_size=32, variant="jit-frozen", weights_path=tiny["weights_path"], stores=stores)
+    with pytest.raises(
+        StoreMismatchError,
+        match=r"was built with variant='folded' but this run asks for variant='jit-frozen'",
+    ):
+        embed_spec(
+            tiny["data"],
+            image_size=32,
+            variant="jit-frozen",
+            weights_path=tiny["weights_path"],
+            stores=stores,
+        )
 
 
 def test_a_sharded_store_with_only_part_manifests_is_located_and_keeps_its_variant(tiny, tmp_path):
@@ -129,11 +179,21 @@ def test_a_sharded_store_with_only_part_manifests_is_located_and_keeps_its_varia
     stores = tmp_path / "stores"
     store_dir = store_path(spec, tiny["weights"], config, stores)
     identity = embedding_identity(tiny["weights"], config)
-    with StoreWriter(store_dir, identity, shard_index=1, shard_count=2, info={"dataset": spec.name}):
-        assert not (store_dir / MANIFEST).exists() and (store_dir / part_manifest_name(1, 2)).is_file()
+    with StoreWriter(
+        store_dir, identity, shard_index=1, shard_count=2, info={"dataset": spec.name}
+    ):
+        assert (
+            not (store_dir / MANIFEST).exists() and (store_dir / part_manifest_name(1, 2)).is_file()
+        )
         assert locate_store(spec, tiny["weights"], stores=stores) == store_dir
-        part = embed_spec(tiny["data"], image_size=32, shard="0/2", device="cpu",
-                          weights_path=tiny["weights_path"], stores=stores)
+        part = embed_spec(
+            tiny["data"],
+            image_size=32,
+            shard="0/2",
+            device="cpu",
+            weights_path=tiny["weights_path"],
+            stores=stores,
+        )
     assert part.store_dir == store_dir and part.embedded > 0
     assert json.loads((store_dir / MANIFEST).read_text())["variant"] == recorded
 
@@ -141,11 +201,16 @@ def test_a_sharded_store_with_only_part_manifests_is_located_and_keeps_its_varia
 def test_train_gbdt_reads_and_validates_the_metadata_once(tiny, tmp_path, monkeypatch):
     import tabular.validate
 
-    summary = embed_spec(tiny["data"], image_size=32, weights_path=tiny["weights_path"], stores=tiny["stores"])
+    summary = embed_spec(
+        tiny["data"], image_size=32, weights_path=tiny["weights_path"], stores=tiny["stores"]
+    )
     validations = []
     check = tabular.validate.check_metadata
-    monkeypatch.setattr(tabular.validate, "check_metadata",
-                        lambda *args, **kwargs: validations.append(args[1].name) or check(*args, **kwargs))
+    monkeypatch.setattr(
+        tabular.validate,
+        "check_metadata",
+        lambda *args, **kwargs: validations.append(args[1].name) or check(*args, **kwargs),
+    )
     train_gbdt(tiny["data"], tmp_path / "run", image_pca=4, store=summary.store_dir, seeds=(0,))
     assert validations == ["isic-tiny-train"]  # once for the store's ids and the fit together
     validations.clear()

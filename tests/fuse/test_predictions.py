@@ -24,7 +24,9 @@ def inputs(tmp_path):
 
 def test_out_may_not_be_an_input(tmp_path):
     given = inputs(tmp_path)
-    with pytest.raises(RunError, match=r"--out .*metadata.csv is the --metadata input; scoring would overwrite it"):
+    with pytest.raises(
+        RunError, match=r"--out .*metadata.csv is the --metadata input; scoring would overwrite it"
+    ):
         check_out(tmp_path / "metadata.csv", "csv", given)
     with pytest.raises(RunError, match=r"is the --images input"):
         check_out(tmp_path / "sub" / ".." / "images.hdf5", "kaggle", given)
@@ -53,26 +55,45 @@ def test_replacing_an_older_file_is_said(tmp_path, caplog):
 
 
 def test_csv_and_parquet_by_extension(tmp_path):
-    result = pd.DataFrame({"image_id": ["A", "B"], "probability": [0.2, np.nan],
-                           "flagged": pd.array([False, None], dtype="boolean"), "error": ["", "x"]})
+    result = pd.DataFrame(
+        {
+            "image_id": ["A", "B"],
+            "probability": [0.2, np.nan],
+            "flagged": pd.array([False, None], dtype="boolean"),
+            "error": ["", "x"],
+        }
+    )
     write_predictions(result, tmp_path / "p.parquet", "csv", "image_id", 0.5)
     write_predictions(result, tmp_path / "p.csv", "csv", "image_id", 0.5)
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "p.parquet"), result)
     assert pd.read_csv(tmp_path / "p.csv", keep_default_na=False)["error"].tolist() == ["", "x"]
     write_predictions(result, tmp_path / "k.csv", "kaggle", "image_id", 0.5)
-    assert pd.read_csv(tmp_path / "k.csv")["target"].tolist() == [0.2, 0.5]  # unscored: the threshold
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.csv", "p.csv", "p.parquet"]  # no temp file left
+    assert pd.read_csv(tmp_path / "k.csv")["target"].tolist() == [
+        0.2,
+        0.5,
+    ]  # unscored: the threshold
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "k.csv",
+        "p.csv",
+        "p.parquet",
+    ]  # no temp file left
 
 
 def test_escaping_leaves_numbers_booleans_and_missing_cells_alone():
-    table = pd.DataFrame({
-        "id": ["-12", "a-b", None, "@x"],
-        "p": [-0.5, 0.2, np.nan, 1.0],
-        "flagged": pd.array([True, None, False, True], dtype="boolean"),
-        "error": ["", "=bad", "ok", "+1"],
-    })
+    table = pd.DataFrame(
+        {
+            "id": ["-12", "a-b", None, "@x"],
+            "p": [-0.5, 0.2, np.nan, 1.0],
+            "flagged": pd.array([True, None, False, True], dtype="boolean"),
+            "error": ["", "=bad", "ok", "+1"],
+        }
+    )
     escaped = escape_formulas(table)
-    assert escaped["id"].tolist()[:2] == ["'-12", "a-b"] and pd.isna(escaped["id"][2]) and escaped["id"][3] == "'@x"
+    assert (
+        escaped["id"].tolist()[:2] == ["'-12", "a-b"]
+        and pd.isna(escaped["id"][2])
+        and escaped["id"][3] == "'@x"
+    )
     assert escaped["error"].tolist() == ["", "'=bad", "ok", "'+1"]
     pd.testing.assert_series_equal(escaped["p"], table["p"])
     pd.testing.assert_series_equal(escaped["flagged"], table["flagged"])
@@ -80,8 +101,13 @@ def test_escaping_leaves_numbers_booleans_and_missing_cells_alone():
 
 
 def test_write_predictions_escapes_csv_text_and_keeps_parquet_values(tmp_path):
-    table = pd.DataFrame({"isic_id": ["=cmd|' /C calc'!A0", "ISIC_1"], "probability": [-0.0, 0.5],
-                          "error": ["@SUM(1)", ""]})
+    table = pd.DataFrame(
+        {
+            "isic_id": ["=cmd|' /C calc'!A0", "ISIC_1"],
+            "probability": [-0.0, 0.5],
+            "error": ["@SUM(1)", ""],
+        }
+    )
     write_predictions(table, tmp_path / "p.csv", "csv", "isic_id", 0.5)
     assert (tmp_path / "p.csv").read_text().splitlines()[1].startswith("'=cmd|")
     assert "'@SUM(1)" in (tmp_path / "p.csv").read_text()

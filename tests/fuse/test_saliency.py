@@ -1,8 +1,8 @@
 """Grad-CAM saliency overlays of the fusion MLP through the frozen backbone.
 
 One module-scoped run on a synthetic ISIC 2024-layout data set with a random-initialised ResNet-50
-at 64 px (layer3 is then a 4 x 4 grid, layer4 a 2 x 2 one: 32 px would leave layer4 a single cell), one LightGBM
-seed, two fusion epochs and a small stack: about half a minute.
+at 64 px (layer3 is then a 4 x 4 grid, layer4 a 2 x 2 one: 32 px would leave layer4 a single
+cell), one LightGBM seed, two fusion epochs and a small stack: about half a minute.
 """
 
 from __future__ import annotations
@@ -42,8 +42,13 @@ def tiny(tmp_path_factory):
     data, spec = made["data"], made["spec"]
     info = ensure_weights(made["weights"])
     return {
-        "data": data, "run": made["run"], "weights": made["weights"], "spec": spec, "info": info,
-        "models": RunModels.load(made["run"]), "backbone": load_backbone(info, "cpu"),
+        "data": data,
+        "run": made["run"],
+        "weights": made["weights"],
+        "spec": spec,
+        "info": info,
+        "models": RunModels.load(made["run"]),
+        "backbone": load_backbone(info, "cpu"),
         "frame": read_scoring_metadata(data / "test-metadata.csv", spec),
         "source": open_source(data / "test-image.hdf5"),
     }
@@ -84,8 +89,15 @@ def _encoded(array: np.ndarray, fmt: str = "PNG") -> bytes:
 def test_overlays_are_pngs_of_the_thumbnail_size_for_the_ids_asked_only(tiny):
     ids = tiny["frame"]["isic_id"].tolist()
     asked = ids[1:3]
-    got = saliency_overlays(tiny["models"], tiny["frame"], asked, tiny["source"], tiny["info"], "cpu",
-                            backbone=tiny["backbone"])
+    got = saliency_overlays(
+        tiny["models"],
+        tiny["frame"],
+        asked,
+        tiny["source"],
+        tiny["info"],
+        "cpu",
+        backbone=tiny["backbone"],
+    )
     assert sorted(got) == sorted(asked)
     for image_id, data in got.items():
         # the synthetic crops are 24-40 px: never enlarged, the longest side is at most 192
@@ -94,9 +106,15 @@ def test_overlays_are_pngs_of_the_thumbnail_size_for_the_ids_asked_only(tiny):
     # a larger image is brought down to the overlay size, keeping its aspect
     big = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
     frame = tiny["frame"].iloc[[0]]
-    one = saliency_overlays(tiny["models"], frame, frame["isic_id"].tolist(),
-                            _Source({frame["isic_id"].iloc[0]: _encoded(big, "JPEG")}), tiny["info"],
-                            "cpu", backbone=tiny["backbone"])
+    one = saliency_overlays(
+        tiny["models"],
+        frame,
+        frame["isic_id"].tolist(),
+        _Source({frame["isic_id"].iloc[0]: _encoded(big, "JPEG")}),
+        tiny["info"],
+        "cpu",
+        backbone=tiny["backbone"],
+    )
     assert _png(one[frame["isic_id"].iloc[0]]).size == (192, 144)
     assert saliency_overlays(tiny["models"], tiny["frame"], [], tiny["source"], tiny["info"]) == {}
 
@@ -115,8 +133,10 @@ def _meta(tiny, n: int) -> list[np.ndarray | None]:
     from fuse.fusion.model import encode_meta
 
     rows = tiny["frame"].iloc[[0] * n].reset_index(drop=True)
-    return [None if model.image_only else encode_meta(encoder, rows)
-            for model, encoder in tiny["models"].fusion.folds]
+    return [
+        None if model.image_only else encode_meta(encoder, rows)
+        for model, encoder in tiny["models"].fusion.folds
+    ]
 
 
 def _textbook_cam(kept: torch.Tensor) -> np.ndarray:
@@ -157,8 +177,10 @@ def test_the_map_follows_the_image_and_equals_a_hook_based_grad_cam(tiny):
     handle = getattr(backbone, backbone.blocks[0]).register_forward_hook(hook)
     embedding = backbone(normalize_batch(batch, "cpu"))
     handle.remove()
-    logits = [copy.deepcopy(m)(embedding, None if r is None else torch.from_numpy(r))
-              for (m, _), r in zip(folds, meta, strict=True)]
+    logits = [
+        copy.deepcopy(m)(embedding, None if r is None else torch.from_numpy(r))
+        for (m, _), r in zip(folds, meta, strict=True)
+    ]
     torch.stack(logits).mean(dim=0).sum().backward()
     np.testing.assert_allclose(maps, _textbook_cam(kept["a"]), atol=1e-4)
 
@@ -199,8 +221,7 @@ def test_known_readouts(tiny):
     down = grad_cam(b, [(_Readout(-1.0), None)], batch, [None], "cpu")
     assert (down == 0).all()
     # two folds pulling opposite ways at equal strength: the mean logit has no gradient
-    both = grad_cam(b, [(_Readout(1.0), None), (_Readout(-1.0), None)], batch,
-                    [None, None], "cpu")
+    both = grad_cam(b, [(_Readout(1.0), None), (_Readout(-1.0), None)], batch, [None, None], "cpu")
     assert (both == 0).all()
 
 
@@ -231,7 +252,9 @@ def test_the_models_are_left_as_they_were(tiny):
     from fuse.fusion import FusionModel
 
     backbone, models = tiny["backbone"], tiny["models"]
-    x = torch.from_numpy(np.random.default_rng(2).normal(size=(2, 3, SIZE, SIZE)).astype(np.float32))
+    x = torch.from_numpy(
+        np.random.default_rng(2).normal(size=(2, 3, SIZE, SIZE)).astype(np.float32)
+    )
     frame = tiny["frame"]
     block = np.random.default_rng(3).normal(size=(len(frame), 1, backbone.dim)).astype(np.float16)
     with torch.no_grad():
@@ -239,8 +262,15 @@ def test_the_models_are_left_as_they_were(tiny):
     p_before = models.fusion.predict(frame, block)
     state = {k: v.clone() for k, v in backbone.state_dict().items()}
 
-    saliency_overlays(models, frame, frame["isic_id"].tolist(), tiny["source"], tiny["info"], "cpu",
-                      backbone=backbone)
+    saliency_overlays(
+        models,
+        frame,
+        frame["isic_id"].tolist(),
+        tiny["source"],
+        tiny["info"],
+        "cpu",
+        backbone=backbone,
+    )
 
     assert not backbone.training and not any(p.requires_grad for p in backbone.parameters())
     assert all(p.grad is None for p in backbone.parameters())
@@ -258,7 +288,9 @@ def test_the_models_are_left_as_they_were(tiny):
 def test_unreadable_images_and_ids_without_a_row_get_no_overlay(tiny, caplog):
     ids = tiny["frame"]["isic_id"].tolist()
     good = tiny["source"].read_bytes(ids[0])
-    source = _Source({ids[0]: good, ids[1]: b"", ids[2]: b"this is not an image", "ISIC_norow": good})
+    source = _Source(
+        {ids[0]: good, ids[1]: b"", ids[2]: b"this is not an image", "ISIC_norow": good}
+    )
 
     class Failing(_Source):
         def read_bytes(self, image_id):
@@ -267,19 +299,38 @@ def test_unreadable_images_and_ids_without_a_row_get_no_overlay(tiny, caplog):
             return super().read_bytes(image_id)
 
     with caplog.at_level("WARNING", logger="fuse.scoring.saliency"):
-        got = saliency_overlays(tiny["models"], tiny["frame"], [ids[0], ids[1], ids[2], ids[3], "ISIC_norow"],
-                                Failing(source.images), tiny["info"], "cpu", backbone=tiny["backbone"])
+        got = saliency_overlays(
+            tiny["models"],
+            tiny["frame"],
+            [ids[0], ids[1], ids[2], ids[3], "ISIC_norow"],
+            Failing(source.images),
+            tiny["info"],
+            "cpu",
+            backbone=tiny["backbone"],
+        )
     assert list(got) == [ids[0]]
     text = caplog.text
     for missing in (ids[1], ids[2], ids[3], "ISIC_norow"):
         assert missing in text
     assert "empty file" in text and "disk gone" in text
     # nothing readable at all: an empty dict
-    assert saliency_overlays(tiny["models"], tiny["frame"], [ids[1]], source, tiny["info"], "cpu",
-                             backbone=tiny["backbone"]) == {}
+    assert (
+        saliency_overlays(
+            tiny["models"],
+            tiny["frame"],
+            [ids[1]],
+            source,
+            tiny["info"],
+            "cpu",
+            backbone=tiny["backbone"],
+        )
+        == {}
+    )
 
 
-def test_score_computes_overlays_only_for_the_top_flagged_and_none_when_off(tiny, tmp_path, monkeypatch):
+def test_score_computes_overlays_only_for_the_top_flagged_and_none_when_off(
+    tiny, tmp_path, monkeypatch
+):
     calls = []
     real = saliency_module.saliency_overlays
 
@@ -291,13 +342,31 @@ def test_score_computes_overlays_only_for_the_top_flagged_and_none_when_off(tiny
     images, metadata = tiny["data"] / "test-image.hdf5", tiny["data"] / "test-metadata.csv"
     common = {"weights": tiny["weights"], **FAST}
 
-    off = score(tiny["run"], images, metadata, tmp_path / "a.csv", page=tmp_path / "a.html", overlays=0, **common)
+    off = score(
+        tiny["run"],
+        images,
+        metadata,
+        tmp_path / "a.csv",
+        page=tmp_path / "a.html",
+        overlays=0,
+        **common,
+    )
     no_page = score(tiny["run"], images, metadata, tmp_path / "b.csv", overlays=5, **common)
     assert calls == []
     assert "saliency of" not in (tmp_path / "a.html").read_text()
 
-    on = score(tiny["run"], images, metadata, tmp_path / "c.csv", page=tmp_path / "c.html", overlays=2, **common)
-    flagged = on[on["flagged"].fillna(False).astype(bool)].sort_values("probability", ascending=False)
+    on = score(
+        tiny["run"],
+        images,
+        metadata,
+        tmp_path / "c.csv",
+        page=tmp_path / "c.html",
+        overlays=2,
+        **common,
+    )
+    flagged = on[on["flagged"].fillna(False).astype(bool)].sort_values(
+        "probability", ascending=False
+    )
     assert len(flagged) >= 1, "the tiny run flags none of the test lesions"
     assert calls == [flagged["isic_id"].head(2).tolist()]
     page = (tmp_path / "c.html").read_text()
@@ -310,4 +379,37 @@ def test_score_computes_overlays_only_for_the_top_flagged_and_none_when_off(tiny
     from fuse.errors import RunError
 
     with pytest.raises(RunError, match=r"overlays: expected an integer >= 0, got -1"):
-        score(tiny["run"], images, metadata, tmp_path / "d.csv", page=tmp_path / "d.html", overlays=-1, **common)
+        score(
+            tiny["run"],
+            images,
+            metadata,
+            tmp_path / "d.csv",
+            page=tmp_path / "d.html",
+            overlays=-1,
+            **common,
+        )
+
+
+def test_jet_colours_are_matplotlibs_value_for_value():
+    import matplotlib
+
+    from fuse.scoring.saliency import COLORMAP, jet_colours
+
+    rng = np.random.default_rng(0)
+    heat = np.concatenate(
+        [
+            np.linspace(0, 1, 100_001, dtype=np.float32),
+            rng.random(10_000, dtype=np.float32),
+            np.array(
+                [0, 1, 0.5, 1 - 1e-7, 1 / 256, 255 / 256, np.nextafter(1, 0)], dtype=np.float32
+            ),
+        ]
+    ).reshape(-1, 8)
+    expected = matplotlib.colormaps[COLORMAP](heat)[..., :3]
+    assert np.array_equal(jet_colours(heat), expected)
+    assert np.array_equal(
+        jet_colours(heat.astype(np.float64)),
+        matplotlib.colormaps[COLORMAP](heat.astype(np.float64))[..., :3],
+    )
+    with_nan = np.array([[0.2, np.nan]], dtype=np.float32)
+    assert np.array_equal(jet_colours(with_nan), matplotlib.colormaps[COLORMAP](with_nan)[..., :3])

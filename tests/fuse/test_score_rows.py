@@ -27,9 +27,18 @@ numeric = ["age"]
 
 
 def rows(n: int = 4) -> list[dict]:
-    return [{"image_id": f"img{i}", "lesion_id": f"L{i}", "patient_id": f"P{i // 2}",
-             "sex": "male" if i % 2 else None, "age": 40.0 + i, "target": i % 2, "diagnosis": "nevus"}
-            for i in range(n)]
+    return [
+        {
+            "image_id": f"img{i}",
+            "lesion_id": f"L{i}",
+            "patient_id": f"P{i // 2}",
+            "sex": "male" if i % 2 else None,
+            "age": 40.0 + i,
+            "target": i % 2,
+            "diagnosis": "nevus",
+        }
+        for i in range(n)
+    ]
 
 
 def write(folder: Path, data: list[dict]) -> Path:
@@ -50,7 +59,11 @@ def test_only_the_columns_the_models_read_are_kept(spec, tmp_path):
     frame = read_scoring_metadata(path, spec)
     assert list(frame.columns) == ["image_id", "sex", "age", "patient_id"]
     assert frame["image_id"].tolist() == ["img0", "img1", "img2", "img3"]
-    assert frame["age"].dtype == np.float64 and pd.isna(frame.loc[0, "sex"]) and frame.loc[1, "sex"] == "male"
+    assert (
+        frame["age"].dtype == np.float64
+        and pd.isna(frame.loc[0, "sex"])
+        and frame.loc[1, "sex"] == "male"
+    )
 
 
 def test_rows_without_an_image_and_images_without_a_row(spec, tmp_path):
@@ -96,7 +109,9 @@ def test_missing_file_id_column_or_feature_column(spec, tmp_path):
     with pytest.raises(RunError, match=r"metadata: no such file .*absent.csv"):
         read_scoring_metadata(tmp_path / "absent.csv", spec)
     no_id = [{k: v for k, v in row.items() if k != "image_id"} for row in rows()]
-    with pytest.raises(RunError, match=r"the id column 'image_id' \(the run's spec key 'id'\) is missing"):
+    with pytest.raises(
+        RunError, match=r"the id column 'image_id' \(the run's spec key 'id'\) is missing"
+    ):
         read_scoring_metadata(write(tmp_path / "a", no_id), spec)
     no_age = [{k: v for k, v in row.items() if k != "age"} for row in rows()]
     with pytest.raises(RunError, match=r"the run's feature column\(s\) 1: age are missing"):

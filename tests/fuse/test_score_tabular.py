@@ -24,7 +24,7 @@ FAST = {"device": "cpu", "progress": False}
 
 @pytest.fixture(scope="module")
 def tabular(tmp_path_factory):
-    """{"data": folder with spec.toml and metadata.csv, "run": a trained, stacked tabular-only run}."""
+    """{"data": folder with spec.toml and metadata.csv, "run": a stacked tabular-only run}."""
     return train_tiny_tabular_run(tmp_path_factory.mktemp("tabular"))
 
 
@@ -55,10 +55,23 @@ def test_a_tabular_only_run_scores_metadata_rows_without_images(tabular, tmp_pat
     rows = _new_rows(tabular)
     rows.to_csv(tmp_path / "new.csv", index=False)
     out = tmp_path / "preds.csv"
-    result = score(tabular["run"], None, tmp_path / "new.csv", out, page=tmp_path / "preds.html", **FAST)
+    result = score(
+        tabular["run"], None, tmp_path / "new.csv", out, page=tmp_path / "preds.html", **FAST
+    )
 
-    assert list(result.columns) == ["image_id", "probability", "p_gbdt", "flagged", "reasons", "in_training",
-                                    "out_of_range", "unlike_training", "novelty", "novelty_reason", "error"]
+    assert list(result.columns) == [
+        "image_id",
+        "probability",
+        "p_gbdt",
+        "flagged",
+        "reasons",
+        "in_training",
+        "out_of_range",
+        "unlike_training",
+        "novelty",
+        "novelty_reason",
+        "error",
+    ]
     assert result["novelty"].between(0, 1).all() and result["unlike_training"].notna().all()
     assert result["image_id"].tolist() == rows["image_id"].tolist()
     assert result["probability"].between(0, 1).all() and result["p_gbdt"].between(0, 1).all()
@@ -74,8 +87,17 @@ def test_a_tabular_only_run_needs_metadata_and_embeds_nothing(tabular, tmp_path)
     with pytest.raises(RunError, match=r"--metadata: run .* is tabular-only .*pass --metadata CSV"):
         score(tabular["run"], None, None, tmp_path / "p.csv", **FAST)
     _new_rows(tabular).to_csv(tmp_path / "new.csv", index=False)
-    with pytest.raises(RunError, match=r"--store .*: run .* is tabular-only and embeds no image; omit --store"):
-        score(tabular["run"], None, tmp_path / "new.csv", tmp_path / "p.csv", store=tmp_path / "s", **FAST)
+    with pytest.raises(
+        RunError, match=r"--store .*: run .* is tabular-only and embeds no image; omit --store"
+    ):
+        score(
+            tabular["run"],
+            None,
+            tmp_path / "new.csv",
+            tmp_path / "p.csv",
+            store=tmp_path / "s",
+            **FAST,
+        )
 
 
 def test_training_ids_are_named_and_marked_in_training(tabular, tmp_path, caplog):
@@ -83,7 +105,9 @@ def test_training_ids_are_named_and_marked_in_training(tabular, tmp_path, caplog
     seen = tabular["frame"].iloc[10:13].drop(columns=["target"])
     pd.concat([rows, seen]).to_csv(tmp_path / "mixed.csv", index=False)
     with caplog.at_level(logging.WARNING, logger="fuse.scoring.score"):
-        result = score(tabular["run"], None, tmp_path / "mixed.csv", tmp_path / "p.csv", page=None, **FAST)
+        result = score(
+            tabular["run"], None, tmp_path / "mixed.csv", tmp_path / "p.csv", page=None, **FAST
+        )
     assert result["in_training"].tolist() == [False] * 4 + [True] * 3
     warned = [r.getMessage() for r in caplog.records if "training data" in r.getMessage()]
     assert len(warned) == 1 and "3 of the 7" in warned[0]
@@ -101,11 +125,15 @@ def test_values_far_outside_the_training_range_are_named_and_marked(tabular, tmp
     rows.loc[4, "age"] = ages.max() + 0.2 * (ages.max() - ages.min())  # within the margin
     rows.to_csv(tmp_path / "odd.csv", index=False)
     with caplog.at_level(logging.WARNING, logger="fuse.scoring.score"):
-        result = score(tabular["run"], None, tmp_path / "odd.csv", tmp_path / "p.csv", page=None, **FAST)
+        result = score(
+            tabular["run"], None, tmp_path / "odd.csv", tmp_path / "p.csv", page=None, **FAST
+        )
 
     marks = result["out_of_range"].tolist()
     assert marks[0] == marks[4] == marks[5] == ""
-    assert marks[1].startswith("age = -5 (training ") and marks[2].startswith("age = 250 (training ")
+    assert marks[1].startswith("age = -5 (training ") and marks[2].startswith(
+        "age = 250 (training "
+    )
     assert marks[3].startswith("size = 1000000 (training 0.23..")
     assert result["error"].eq("").all() and result["probability"].notna().all()  # still scored
     # one notion of "unlike training": a value far outside the range marks the row, said once
@@ -114,8 +142,11 @@ def test_values_far_outside_the_training_range_are_named_and_marked(tabular, tmp
         reason = result.loc[n, "novelty_reason"]
         assert reason.startswith("metadata (") and reason.count("metadata") == 1, reason
     assert "age = 250" in result.loc[2, "novelty_reason"]
-    warnings = {r.getMessage().split("'")[1]: r.getMessage() for r in caplog.records
-                if "far outside the training range" in r.getMessage()}
+    warnings = {
+        r.getMessage().split("'")[1]: r.getMessage()
+        for r in caplog.records
+        if "far outside the training range" in r.getMessage()
+    }
     assert set(warnings) == {"age", "size"}
     assert "2: NEW_001, NEW_002" in warnings["age"] and "1: NEW_003" in warnings["size"]
 
@@ -126,7 +157,9 @@ def test_reasons_name_only_values_present_and_above_the_floor(tabular, tmp_path)
     rows = _new_rows(tabular, 40)
     rows.loc[:19, ["sex", "site", "age", "size"]] = np.nan  # no metadata at all for half the rows
     rows.to_csv(tmp_path / "partial.csv", index=False)
-    result = score(tabular["run"], None, tmp_path / "partial.csv", tmp_path / "p.csv", page=None, **FAST)
+    result = score(
+        tabular["run"], None, tmp_path / "partial.csv", tmp_path / "p.csv", page=None, **FAST
+    )
 
     assert result.loc[:19, "reasons"].eq("").all(), result.loc[:19, "reasons"].tolist()
     named = [part for text in result.loc[20:, "reasons"] for part in text.split("; ") if part]
@@ -137,18 +170,29 @@ def test_reasons_name_only_values_present_and_above_the_floor(tabular, tmp_path)
 
 
 @pytest.mark.parametrize("start", ["=", "+", "-", "@", "\t", "\r"])
-def test_csv_cells_that_a_spreadsheet_would_run_are_escaped_and_parquet_keeps_them(tabular, tmp_path, start):
+def test_csv_cells_that_a_spreadsheet_would_run_are_escaped_and_parquet_keeps_them(
+    tabular, tmp_path, start
+):
     rows = _new_rows(tabular, 3)
-    evil = f"{start}HYPERLINK(\"http://x\")"
+    evil = f'{start}HYPERLINK("http://x")'
     rows.loc[0, "image_id"] = evil
     rows.to_csv(tmp_path / "evil.csv", index=False)
-    result = score(tabular["run"], None, tmp_path / "evil.csv", tmp_path / "p.csv", page=None, **FAST)
+    result = score(
+        tabular["run"], None, tmp_path / "evil.csv", tmp_path / "p.csv", page=None, **FAST
+    )
     assert result.loc[0, "image_id"] == evil  # the returned frame keeps the value
 
     written = pd.read_csv(tmp_path / "p.csv", dtype={"image_id": str}, keep_default_na=False)
     assert written.loc[0, "image_id"] == "'" + evil
     assert written.loc[1:, "image_id"].tolist() == rows.loc[1:, "image_id"].tolist()
-    score(tabular["run"], None, tmp_path / "evil.csv", tmp_path / "k.csv", output_format="kaggle", **FAST)
+    score(
+        tabular["run"],
+        None,
+        tmp_path / "evil.csv",
+        tmp_path / "k.csv",
+        output_format="kaggle",
+        **FAST,
+    )
     kaggle = pd.read_csv(tmp_path / "k.csv", dtype={"isic_id": str}, keep_default_na=False)
     assert kaggle.loc[0, "isic_id"] == "'" + evil
     score(tabular["run"], None, tmp_path / "evil.csv", tmp_path / "p.parquet", page=None, **FAST)
