@@ -140,7 +140,7 @@ def train_gbdt(
     `image_pca` defaults to 64 components for a spec with images (its feature store must exist:
     `invoke embed --spec S`), 0 for a tabular-only spec. The store read is recorded in
     `gbdt/store.json`, and refused when another stage of the run was trained on other embeddings.
-    `config` (a `tabular.gbdt.GBDTConfig`) overrides `seeds`, `neg_ratio` and `image_pca`'s count.
+    `config` (a `tabular.gbdt_config.GBDTConfig`) overrides `seeds`, `neg_ratio` and `image_pca`'s count.
     """
     from common.files import reporting_write_errors
     from fuse.stores import check_same_embeddings, open_for_training

@@ -10,7 +10,7 @@ only (`RunLayout.require_file`: the stage, the path and the command that makes i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, Self, TypeVar, runtime_checkable
+from typing import Any, Protocol, Self, TypeVar, runtime_checkable
 
 from runfolder.layout import RunLayout
 
@@ -32,15 +32,21 @@ class Stage(Protocol):
     shape (len(frame),); `inputs` are the stage's own (embeddings, or the base models' scores).
     """
 
-    STAGE: ClassVar[str]
-    MARKER: ClassVar[str]
-    READS_METADATA: ClassVar[bool]
-    NEEDS_FUSION: ClassVar[bool]
+    # Plain annotations rather than ClassVar: the stages set them in their class bodies, which
+    # a type checker reads as attributes with class defaults.
+    STAGE: str
+    MARKER: str
+    READS_METADATA: bool
+    NEEDS_FUSION: bool
 
+    # Options (the fusion MLP's `device`) are keywords with defaults, so a stage that takes
+    # none still fits the protocol.
     @classmethod
-    def load(cls, stage_dir: Path | str, **options: Any) -> Self: ...
+    def load(cls, stage_dir: Path | str, /) -> Self: ...
 
-    def predict(self, frame: Any, *inputs: Any, encode: Any = None) -> Any: ...
+    # Each stage names its own inputs (embeddings, base scores) and keywords (`encode`, `spec`);
+    # `*args: Any, **kwargs: Any` lets every such signature fit.
+    def predict(self, frame: Any, *args: Any, **kwargs: Any) -> Any: ...
 
 
 _S = TypeVar("_S", bound=Stage)

@@ -296,7 +296,8 @@ def summarize(y_true, y_score, threshold: float | None = None, sensitivity: floa
     with warnings.catch_warnings():
         # One warning per undefined metric is enough; _one_class already logged it.
         warnings.simplefilter("ignore", MetricWarning)
-        figures = {
+        # ints (counts), floats (figures) and None (counts that do not exist at no threshold)
+        figures: dict[str, int | float | None] = {
             "n": int(len(y)),
             "positives": int(y.sum()),
             "pauc80": pauc80(y, p),
