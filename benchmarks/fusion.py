@@ -145,13 +145,12 @@ def measure_pass(kind: str, store_dir: str, labels: str, n_meta: int, batch_size
     """One pass over the store, in a child process: kind "mlp" (one fusion-MLP epoch) or
     "linear" (one `SGDClassifier.partial_fit` pass over the same mini-batches)."""
     import torch
-    from torch import nn
 
     from embed.config import resolve_device
     from embed.store import FeatureStore
     from fuse.fusion import Embeddings, minibatches
     from fuse.fusion.model import FusionConfig, FusionMLP
-    from fuse.fusion.training import run_epoch
+    from fuse.fusion.training import Recipe, run_epoch
 
     y = np.load(labels, allow_pickle=False).astype(np.int64)
     store = FeatureStore.open(store_dir)
@@ -165,18 +164,17 @@ def measure_pass(kind: str, store_dir: str, labels: str, n_meta: int, batch_size
               "rss_before_bytes": rss_before}
     if kind == "mlp":
         torch.manual_seed(seed)
-        config = FusionConfig(batch_size=batch_size, device=device)
+        # The loss weighs positives by negatives/positives of these rows (every row once per pass).
+        config = FusionConfig(batch_size=batch_size, device=device, imbalance="pos_weight")
         target = resolve_device(device)
         model = FusionMLP(embeddings.dim, n_meta, config).to(target)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        positives = max(int(y.sum()), 1)
-        loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(y) - positives) / positives, device=target))
+        recipe = Recipe.make(model, y, config, len(minibatches(len(order), batch_size)), target)
         meta_t = torch.from_numpy(meta)
         # One warm-up batch first (thread pools, optimizer state), so the figure is the steady rate.
         warm = order[: min(batch_size, len(order))]
-        run_epoch(model, optimizer, loss_fn, embeddings, meta_t, y, warm, views[: len(warm)], batch_size, target)
+        run_epoch(model, recipe, embeddings, meta_t, y, warm, views[: len(warm)], batch_size, target, rng)
         started = time.perf_counter()
-        run_epoch(model, optimizer, loss_fn, embeddings, meta_t, y, order, views, batch_size, target)
+        run_epoch(model, recipe, embeddings, meta_t, y, order, views, batch_size, target, rng)
         if target.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started

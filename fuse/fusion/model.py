@@ -30,6 +30,9 @@ from tabular.features import FeatureEncoder
 log = logging.getLogger(__name__)
 
 IMBALANCE_CHOICES = ("oversample", "pos_weight", "none")
+# How the learning rate moves over training: held at `lr`, or a cosine decay from `lr` towards 0
+# over `max_epochs` after one epoch of linear warm-up.
+SCHEDULE_CHOICES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,16 @@ class FusionConfig:
             predictions on CPU.
         members: MLPs trained per fold, each from its own seed (member 0 is the single model's),
             their probabilities averaged: a seed ensemble, `members` times the training cost.
+        mixup_alpha: mixup in embedding space (Zhang et al., 2018): each training mini-batch is
+            replaced by convex mixes of its rows with a shuffled copy of itself (embedding,
+            metadata vector and target alike), the mixing weight drawn from Beta(alpha, alpha)
+            per row; 0 turns it off (default). Training rows only: validation is never mixed.
+        ema_decay: weight averaging: validation, early stopping and the saved model use an
+            exponential moving average of the weights (and BatchNorm statistics), updated after
+            every optimiser step with this decay; 0 turns it off (default, the raw weights).
+        schedule: the learning rate over training, one of `SCHEDULE_CHOICES`: "constant"
+            (default) or "cosine" (one epoch of linear warm-up, then a cosine decay to 0 at
+            `max_epochs`; early stopping may end training before the decay does).
         device: "auto" (CUDA when present), "cpu" or "cuda".
     """
 
@@ -77,6 +90,9 @@ class FusionConfig:
     pos_weight: float | None = None
     seed: int = 0
     members: int = 1
+    mixup_alpha: float = 0.0
+    ema_decay: float = 0.0
+    schedule: str = "constant"
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -98,6 +114,12 @@ class FusionConfig:
             raise RunError(f"oversample_ratio: expected a positive number, got {self.oversample_ratio!r}")
         if self.pos_weight is not None and not self.pos_weight > 0:
             raise RunError(f"pos_weight: expected a positive number or None, got {self.pos_weight!r}")
+        if not (isinstance(self.mixup_alpha, (int, float)) and self.mixup_alpha >= 0):
+            raise RunError(f"mixup_alpha: expected a number >= 0 (0 = no mixup), got {self.mixup_alpha!r}")
+        if not (isinstance(self.ema_decay, (int, float)) and 0.0 <= self.ema_decay < 1.0):
+            raise RunError(f"ema_decay: expected a value in [0, 1) (0 = no averaging), got {self.ema_decay!r}")
+        if self.schedule not in SCHEDULE_CHOICES:
+            raise RunError(f"schedule: expected one of {SCHEDULE_CHOICES}, got {self.schedule!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise RunError(f"device: expected auto, cpu or cuda, got {self.device!r}")
 

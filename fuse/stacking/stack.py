@@ -9,10 +9,12 @@ Two ways to join the LightGBM ensemble (`gbdt/`) and the fusion MLP (`fusion/`):
   folds, using *their* out-of-fold base predictions, and predicts fold k from fold k's
   out-of-fold base predictions. At scoring time the base features are the fold-averaged base
   predictions and the stack's fold models are averaged.
-- "blend": a weighted average of the two base models' ranks. A rank is taken against a reference
-  distribution (the out-of-fold predictions of the training part), not within the batch being
-  scored, so one row scores the same alone or among thousands. The weight is chosen on the
-  training folds only.
+  For a spec with a `patient` column the stack also gets each base prediction's rank among its
+  patient's rows (`fuse.stacking.patient_ranks`; `StackConfig.patient_ranks`).
+- "blend": a weighted average of the two base models' ranks (`fuse.stacking.blend`). A rank is
+  taken against a reference distribution (the out-of-fold predictions of the training part), not
+  within the batch being scored, so one row scores the same alone or among thousands. The weight
+  is chosen on the training folds only.
 
 Both are evaluated out of fold; the better on pAUC80 becomes the run's final model, recorded in
 `stack/final.json` with its operating threshold (chosen on its out-of-fold predictions for the
@@ -50,7 +52,17 @@ import pandas as pd
 from common.files import atomic_write, atomic_write_json, reporting_write_errors, sha256_file
 from fuse.applicability.ranges import write_ranges
 from fuse.errors import RunError
+from fuse.stacking.blend import (
+    REFERENCE_POINTS,
+    BlendModel,
+    blend_scores,
+    choose_blend_weight,
+    oof_blend,
+    rank_reference,
+    to_rank,
+)
 from fuse.stacking.calibration import Calibrator, choose_calibrator
+from fuse.stacking.patient_ranks import patient_rank, rank_feature
 from fuse.stores import run_identity
 from runfolder.layout import FINAL, RunLayout, require_stage_file
 from runfolder.stage import load_stage
@@ -61,7 +73,8 @@ from tabular.metrics import MetricWarning, pauc80, summarize
 __all__ = ["BASE_FEATURES", "BASE_STAGES", "CALIBRATED_OOF", "FUSION_FEATURE", "GBDT_FEATURE", "REFERENCE_POINTS",
            "TABULAR_FINAL", "BlendModel", "FinalModel", "GBDTFinal", "StackConfig", "StackModel", "blend_scores",
            "choose_blend_weight", "evaluate", "fit_stack_model", "load_encoder", "load_final", "oof_blend",
-           "oof_stack", "rank_reference", "stack", "stack_features", "tabular_only", "to_rank"]
+           "oof_stack", "rank_reference", "stack", "stack_features", "stack_patient", "tabular_only",
+           "to_rank"]
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +85,17 @@ FUSION_FEATURE = "p_fusion"
 GBDT_FEATURE = "p_gbdt"
 # The base-model features the stack appends to the metadata features, in this column order.
 BASE_FEATURES = (FUSION_FEATURE, GBDT_FEATURE)
-# Quantiles kept per base model as the blend's rank reference: fine enough that the top 0.1% of
-# an ISIC-sized set (the part pAUC80 looks at) keeps distinct ranks, small enough for JSON.
-REFERENCE_POINTS = 4097
 # The final model's calibrated out-of-fold probabilities, beside the stack's own oof.csv.
 CALIBRATED_OOF = "final_oof.csv"
 
 
 @dataclass(frozen=True)
 class StackConfig:
-    """The stack's LightGBM parameters and the blend's weight grid.
+    """The stack's LightGBM parameters, its patient ranks and the blend's weight grid.
 
     A fixed number of rounds, no early stopping: stopping on fold k would pick the round count on
-    the rows being evaluated.
+    the rows being evaluated. `patient_ranks`: for a spec with a `patient` column, also give the
+    stack each base prediction's rank within its patient (ignored without one).
     """
 
     num_boost_round: int = 300
@@ -96,6 +107,7 @@ class StackConfig:
     bagging_freq: int = 1
     lambda_l2: float = 1.0
     seed: int = 0
+    patient_ranks: bool = True
     blend_weights: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
 
     def lgb_params(self) -> dict:
@@ -119,22 +131,40 @@ class StackConfig:
 
 
 def stack_features(encoder, frame: pd.DataFrame, p_fusion: np.ndarray, p_gbdt: np.ndarray | None = None,
-                   features: pd.DataFrame | None = None) -> pd.DataFrame:
+                   features: pd.DataFrame | None = None, patient: str | None = None) -> pd.DataFrame:
     """The stack's input: the encoder's metadata features plus `p_fusion` and `p_gbdt` as the last
     columns (in that order; `p_gbdt` omitted when None, as for a stack saved before it was a
-    feature). NaN in `p_gbdt` is passed through: LightGBM routes missing values.
+    feature), then, with `patient` (a column of `frame`), each one's rank within its patient
+    among `frame`'s rows (`p_fusion_patient_rank`, `p_gbdt_patient_rank`). NaN in `p_gbdt` is
+    passed through: LightGBM routes missing values.
 
     `features`, when given, is `encoder.transform(frame)` computed already.
+
+    Raises:
+        RunError: a metadata feature has a base feature's name; `patient` is not a column of `frame`.
     """
     features = (encoder.transform(frame) if features is None else features.copy()).reset_index(drop=True)
     base = {FUSION_FEATURE: p_fusion}
     if p_gbdt is not None:
         base[GBDT_FEATURE] = p_gbdt
+    if patient is not None:
+        if patient not in frame.columns:
+            raise RunError(f"patient column {patient!r}: missing from the rows to stack; the stack "
+                           "ranks each base score within its patient, so give the rows their "
+                           "patient ids")
+        for name in list(base):
+            base[rank_feature(name)] = patient_rank(frame[patient].to_numpy(), np.asarray(base[name]))
     for name, values in base.items():
         if name in features.columns:
             raise RunError(f"metadata feature name {name!r} clashes with the stack's base-model feature")
         features[name] = np.asarray(values, dtype=np.float32)
     return features
+
+
+def stack_patient(spec, config: StackConfig) -> str | None:
+    """The column the stack ranks base scores within: the spec's patient column when it has one
+    and `config.patient_ranks` is set, else None."""
+    return spec.patient if config.patient_ranks and spec.patient else None
 
 
 def fit_stack_model(features: pd.DataFrame, y: np.ndarray, config: StackConfig) -> lgb.Booster:
@@ -161,10 +191,12 @@ def oof_stack(frame: pd.DataFrame, spec, y: np.ndarray, folds: np.ndarray, p_fus
     """Out-of-fold stack predictions, shape (n,); fold k's rows never reach fold k's model.
 
     `p_fusion`, `p_gbdt`: the base models' out-of-fold predictions on the run's folds.
-    For each fold k the encoder and the model are fitted on the rows of the other folds only.
+    For each fold k the encoder and the model are fitted on the rows of the other folds only;
+    patient ranks (`stack_patient`) are taken within the training part and within fold k apart.
     With `out_dir`, each fold's model (`fold{k}.txt`) and encoder (`encoder_fold{k}.json`) are saved.
     """
     p = np.full(len(frame), np.nan)
+    patient = stack_patient(spec, config)
     for k in np.unique(folds):
         # Fold k's model sees only the other folds' rows, their out-of-fold fusion and gbdt
         # predictions and an encoder fitted on them; fold k's own base predictions came from the
@@ -173,10 +205,12 @@ def oof_stack(frame: pd.DataFrame, spec, y: np.ndarray, folds: np.ndarray, p_fus
         valid = np.flatnonzero(folds == k)
         train_frame = frame.iloc[train].reset_index(drop=True)
         encoder = _fit_encoder(train_frame, spec)
-        model = fit_stack_model(stack_features(encoder, train_frame, p_fusion[train], p_gbdt[train]),
-                                y[train], config)
+        model = fit_stack_model(
+            stack_features(encoder, train_frame, p_fusion[train], p_gbdt[train], patient=patient),
+            y[train], config)
         valid_frame = frame.iloc[valid].reset_index(drop=True)
-        p[valid] = model.predict(stack_features(encoder, valid_frame, p_fusion[valid], p_gbdt[valid]))
+        p[valid] = model.predict(
+            stack_features(encoder, valid_frame, p_fusion[valid], p_gbdt[valid], patient=patient))
         if out_dir is not None:
             text = model.model_to_string()
             atomic_write(out_dir / f"fold{k}.txt", lambda f, text=text: f.write(text.encode("utf-8")))
@@ -193,9 +227,11 @@ class StackModel:
     READS_METADATA = True
     NEEDS_FUSION = True
 
-    def __init__(self, folds: list[tuple[object, lgb.Booster]], uses_gbdt: bool = True):
+    def __init__(self, folds: list[tuple[object, lgb.Booster]], uses_gbdt: bool = True,
+                 patient: str | None = None):
         self.folds = folds
         self.uses_gbdt = uses_gbdt  # False for a stack saved when p_fusion was its only base feature
+        self.patient = patient  # the column base scores are ranked within; None: no patient ranks
 
     @property
     def encoders(self) -> list:
@@ -215,7 +251,8 @@ class StackModel:
             model_path = _stage_file(stage_dir, f"fold{k}.txt")
             encoder = load_encoder(_stage_file(stage_dir, f"encoder_fold{k}.json"))
             folds.append((encoder, lgb.Booster(model_file=str(model_path))))
-        return cls(folds, uses_gbdt=GBDT_FEATURE in record.get("features", [record.get("feature")]))
+        return cls(folds, uses_gbdt=GBDT_FEATURE in record.get("features", [record.get("feature")]),
+                   patient=record.get("patient"))
 
     def predict(self, frame: pd.DataFrame, p_gbdt: np.ndarray, p_fusion: np.ndarray,
                 encode: Encode | None = None) -> np.ndarray:
@@ -223,6 +260,8 @@ class StackModel:
 
         `p_gbdt`, `p_fusion`: the LightGBM ensemble's and the fusion MLP's fold-averaged
         predictions for the same rows (NaN in `p_gbdt` is routed by LightGBM as missing).
+        With patient ranks, each row's rank is taken among the rows of its patient in `frame`
+        (so give a patient's rows together: `invoke score` cuts chunks of whole patients).
         `encode`, when given, is called as `encode(encoder, frame)` in place of
         `encoder.transform(frame)` (to share encoded features between stages).
         """
@@ -231,99 +270,13 @@ class StackModel:
         total = np.zeros(len(frame))
         for encoder, model in self.folds:
             features = encode(encoder, frame) if encode is not None else None
-            total += model.predict(stack_features(encoder, frame, p_fusion, gbdt, features))
+            total += model.predict(stack_features(encoder, frame, p_fusion, gbdt, features,
+                                                  patient=self.patient))
         return total / len(self.folds)
 
 
 def _stage_file(stage_dir: Path, name: str) -> Path:
     return require_stage_file(stage_dir, name)
-
-
-# ----------------------------------------------------------------------------------- the blend
-
-
-def rank_reference(p: np.ndarray, points: int = REFERENCE_POINTS) -> np.ndarray:
-    """Strictly increasing quantiles of `p` that define its rank function (see `to_rank`)."""
-    p = np.asarray(p, dtype=np.float64)
-    if len(p) <= points:
-        return np.unique(p)
-    return np.unique(np.quantile(p, np.linspace(0.0, 1.0, points)))
-
-
-def to_rank(reference: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """The share of the reference below `p` (0..1), linear between the reference's quantiles."""
-    reference = np.asarray(reference, dtype=np.float64)
-    if len(reference) == 1:
-        return np.where(np.asarray(p) >= reference[0], 1.0, 0.0)
-    levels = np.linspace(0.0, 1.0, len(reference))
-    return np.interp(np.asarray(p, dtype=np.float64), reference, levels)
-
-
-def blend_scores(weight_gbdt: float, references: dict, p_gbdt: np.ndarray, p_fusion: np.ndarray) -> np.ndarray:
-    """`w * rank(p_gbdt) + (1 - w) * rank(p_fusion)`, ranks against the stored references."""
-    return (weight_gbdt * to_rank(references["gbdt"], p_gbdt)
-            + (1.0 - weight_gbdt) * to_rank(references["fusion"], p_fusion))
-
-
-def choose_blend_weight(y: np.ndarray, p_gbdt: np.ndarray, p_fusion: np.ndarray,
-                        weights: tuple[float, ...]) -> tuple[float, dict]:
-    """The weight of gbdt that maximises pAUC80 on these rows (ties: the one nearest 0.5).
-
-    Returns (weight, references) where references are the rank references of these rows.
-    """
-    references = {"gbdt": rank_reference(p_gbdt), "fusion": rank_reference(p_fusion)}
-    if y.min() == y.max():
-        return 0.5, references
-    best, best_score = 0.5, -math.inf
-    for w in sorted(weights, key=lambda w: abs(w - 0.5)):
-        score = pauc80(y, blend_scores(w, references, p_gbdt, p_fusion))
-        if score > best_score + 1e-12:
-            best, best_score = float(w), score
-    return best, references
-
-
-def oof_blend(y: np.ndarray, folds: np.ndarray, p_gbdt: np.ndarray, p_fusion: np.ndarray,
-              config: StackConfig) -> tuple[np.ndarray, dict[int, float]]:
-    """Out-of-fold blend scores, shape (n,), and the weight each fold used.
-
-    Fold k's weight and rank references come from the other folds' rows only.
-    """
-    p = np.full(len(y), np.nan)
-    chosen = {}
-    for k in np.unique(folds):
-        train = folds != k
-        weight, references = choose_blend_weight(y[train], p_gbdt[train], p_fusion[train], config.blend_weights)
-        p[~train] = blend_scores(weight, references, p_gbdt[~train], p_fusion[~train])
-        chosen[int(k)] = weight
-    return p, chosen
-
-
-class BlendModel:
-    """The blend's weight and rank references, loaded once (`blend/blend.json`; a
-    `runfolder.stage.Stage`)."""
-
-    STAGE = "blend"
-    MARKER = "blend.json"
-    READS_METADATA = False
-    NEEDS_FUSION = True
-    encoders: list = []
-
-    def __init__(self, weight_gbdt: float, references: dict[str, np.ndarray]):
-        self.weight_gbdt, self.references = weight_gbdt, references
-
-    @classmethod
-    def load(cls, stage_dir: Path | str) -> BlendModel:
-        record = json.loads(_stage_file(Path(stage_dir), "blend.json").read_text())
-        return cls(record["weight_gbdt"], {name: np.asarray(values) for name, values in record["references"].items()})
-
-    def predict(self, frame: pd.DataFrame | None, p_gbdt: np.ndarray, p_fusion: np.ndarray,
-                encode: Encode | None = None) -> np.ndarray:
-        """The blend on new rows from the base models' fold-averaged predictions, shape (n,).
-
-        `frame` and `encode` are not used (the blend sees the base models only); they keep the
-        signature of `StackModel.predict`.
-        """
-        return blend_scores(self.weight_gbdt, self.references, p_gbdt, p_fusion)
 
 
 @dataclass(frozen=True)
@@ -457,9 +410,12 @@ def _fit_stack(stack_dir: Path, run, p_gbdt, p_fusion, config: StackConfig, made
     (the new `stack/` being written)."""
     log.info("stack: LightGBM on metadata + fusion and gbdt predictions, %d folds", len(np.unique(run.fold)))
     p_stack = oof_stack(run.frame, run.spec, run.target, run.fold, p_fusion, p_gbdt, config, out_dir=stack_dir)
+    patient = stack_patient(run.spec, config)
+    ranks = [rank_feature(name) for name in BASE_FEATURES] if patient else []
     atomic_write_json(stack_dir / "stack.json", {
         "folds": [int(k) for k in np.unique(run.fold)],
-        "features": list(BASE_FEATURES),
+        "features": [*BASE_FEATURES, *ranks],
+        "patient": patient,
         "config": asdict(config),
         "made_from": made_from,
     })
@@ -469,7 +425,7 @@ def _fit_stack(stack_dir: Path, run, p_gbdt, p_fusion, config: StackConfig, made
 def _fit_blend(blend_dir: Path, y, folds, p_gbdt, p_fusion, config: StackConfig, made_from: dict) -> np.ndarray:
     """The blend's out-of-fold scores; its weight and rank references (from every row) in
     `blend_dir` (the new `blend/` being written)."""
-    p_blend, fold_weights = oof_blend(y, folds, p_gbdt, p_fusion, config)
+    p_blend, fold_weights = oof_blend(y, folds, p_gbdt, p_fusion, config.blend_weights)
     weight, references = choose_blend_weight(y, p_gbdt, p_fusion, config.blend_weights)
     atomic_write_json(blend_dir / "blend.json", {
         "weight_gbdt": weight,
