@@ -19,6 +19,7 @@ from fuse.stacking.stack import (
     stack,
     stack_features,
 )
+from fuse.stacking.patient_ranks import patient_rank
 from tabular.features import FeatureEncoder
 from tabular.metrics import roc_auc, threshold_for_sensitivity
 
@@ -261,3 +262,84 @@ def test_the_old_fold_models_are_kept_until_the_new_stack_is_whole(tabular_run, 
     with pytest.raises(RuntimeError):
         stack(tabular_run.dir)
     assert stage_files(tabular_run.dir / "stack") == before
+
+
+PATIENT_SPEC = """[dataset]
+name = "patients"
+metadata = "metadata.csv"
+id = "image_id"
+target = "target"
+group = "patient_id"
+patient = "patient_id"
+categorical = ["sex"]
+numeric = ["age"]
+"""
+
+
+def patient_run(root, seed=0, patients=80, lesions=8):
+    """A run whose base scores carry a patient's level (large) plus a malignant lesion's rise
+    above its own patient's other lesions (smaller): only the rank within the patient finds it."""
+    from tabular.run import open_run
+    from tabular.spec import load_spec
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    patient = np.repeat(np.arange(patients), lesions)
+    target = np.zeros(len(patient), dtype=int)
+    for p in rng.choice(patients, size=int(0.7 * patients), replace=False):
+        target[p * lesions + rng.integers(lesions)] = 1
+    level = rng.normal(0, 2.0, patients)[patient]
+    frame = pd.DataFrame({
+        "image_id": [f"IMG_{i:05d}" for i in range(len(patient))],
+        "patient_id": [f"P{p:03d}" for p in patient],
+        "sex": rng.choice(["male", "female"], patients)[patient],
+        "age": rng.normal(55, 10, patients).round()[patient],
+        "target": target,
+    })
+    frame.to_csv(root / "metadata.csv", index=False)
+    (root / "spec.toml").write_text(PATIENT_SPEC)
+    run = open_run(load_spec(root / "spec.toml"), root / "run", n_folds=5, seed=seed)
+
+    def score(noise_seed):
+        noise = np.random.default_rng(noise_seed).normal(0, 0.3, len(patient))
+        return 1 / (1 + np.exp(-(level + 1.5 * run.target + noise)))
+
+    return run, score(1), score(2)
+
+
+def test_patient_rank_is_taken_within_each_patient_and_leaves_missing_values_out():
+    patients = np.array(["a", "a", "b", None, "a", "b", "c"], dtype=object)
+    scores = np.array([0.1, 0.5, 0.2, 0.3, np.nan, 0.2, 0.9])
+    np.testing.assert_array_equal(patient_rank(patients, scores), [0.5, 1.0, 0.75, np.nan, np.nan, 0.75, 1.0])
+
+
+def test_the_stack_finds_a_lesion_that_stands_out_among_its_patients_lesions(tmp_path):
+    run, p_fusion, p_gbdt = patient_run(tmp_path / "data")
+    y = run.target
+    with_ranks = oof_stack(run.frame, run.spec, y, run.fold, p_fusion, p_gbdt, FAST)
+    without = oof_stack(run.frame, run.spec, y, run.fold, p_fusion, p_gbdt,
+                        StackConfig(num_boost_round=150, patient_ranks=False))
+    assert roc_auc(y, without) < 0.8  # the patient's level hides the malignant lesions
+    assert roc_auc(y, with_ranks) > 0.9
+
+
+def test_the_stack_records_its_patient_column_and_ranks_without_it_are_refused(tmp_path, oof_writer):
+    run, p_fusion, p_gbdt = patient_run(tmp_path / "data", patients=40)
+    oof_writer(run, "fusion", p_fusion)
+    oof_writer(run, "gbdt", p_gbdt)
+    stack(run.dir, config=FAST)
+    record = json.loads((run.dir / "stack" / "stack.json").read_text())
+    assert record["patient"] == "patient_id"
+    assert record["features"] == ["p_fusion", "p_gbdt", "p_fusion_patient_rank", "p_gbdt_patient_rank"]
+    model = StackModel.load(run.dir / "stack")
+    rows = run.frame.head(16).drop(columns=[run.spec.target])
+    p = model.predict(rows, p_gbdt[:16], p_fusion[:16])
+    assert p.shape == (16,) and np.all((p > 0) & (p < 1))
+    # Features encoded already (shared between stages at scoring) on rows without patient ids.
+    encoder = model.encoders[0]
+    features = encoder.transform(rows)
+    with pytest.raises(RunError, match=r"patient column 'patient_id': missing from the rows to stack"):
+        stack_features(encoder, rows.drop(columns=["patient_id"]), p_fusion[:16], p_gbdt[:16],
+                       features=features, patient="patient_id")
+    stack(run.dir, config=StackConfig(num_boost_round=30, patient_ranks=False))
+    assert StackModel.load(run.dir / "stack").patient is None
