@@ -166,26 +166,37 @@ def train_gbdt(c, spec=None, run=None, trials=None, storage=None, image_pca=None
         "imbalance": "oversample, pos_weight or none",
         "epochs": "maximum epochs per fold",
         "members": "MLPs per fold, each its own seed, averaged (default: FusionConfig.members)",
+        "mixup_alpha": "mixup of the MLP's input vectors in training, Beta(alpha, alpha); 0 = none "
+                       "(default: FusionConfig.mixup_alpha)",
+        "ema_decay": "validate and keep a moving average of the weights with this decay per step; "
+                     "0 = the raw weights (default: FusionConfig.ema_decay)",
+        "schedule": "learning rate over training: constant or cosine (default: FusionConfig.schedule)",
     }
 )
-def train_fusion(c, spec=None, run=None, store=None, imbalance=None, epochs=None, members=None):
+def train_fusion(c, spec=None, run=None, store=None, imbalance=None, epochs=None, members=None,
+                 mixup_alpha=None, ema_decay=None, schedule=None):
     """Train the fusion MLP on image embeddings plus one-hot metadata."""
     _require("train-fusion", spec=spec, run=run)
     _logging()
     from fuse.commands import train_fusion as train
 
     _run(train, spec, run, store=store, imbalance=imbalance,
-         max_epochs=_number("epochs", epochs), members=_number("members", members))
+         max_epochs=_number("epochs", epochs), members=_number("members", members),
+         mixup_alpha=_number("mixup_alpha", mixup_alpha, float),
+         ema_decay=_number("ema_decay", ema_decay, float), schedule=schedule)
 
 
-@_task(help={"run": RUN_HELP, "sensitivity": "target sensitivity of the operating threshold (default 0.95)"})
-def stack(c, run=None, sensitivity=None):
+@_task(help={"run": RUN_HELP, "sensitivity": "target sensitivity of the operating threshold (default 0.95)",
+             "patient_ranks": "also give the stack each base score's rank within its patient (specs "
+                              "with a patient column; off by default: it gained nothing measured)"})
+def stack(c, run=None, sensitivity=None, patient_ranks=False):
     """Stack the fusion MLP with the LightGBM ensemble and write the evaluation report."""
     _require("stack", run=run)
     _logging()
     from fuse.commands import stack_and_report
 
-    report = _run(stack_and_report, run, sensitivity=_number("sensitivity", sensitivity, float, default=0.95))
+    report = _run(stack_and_report, run, sensitivity=_number("sensitivity", sensitivity, float, default=0.95),
+                  patient_ranks=patient_ranks)
     print(f"report: {report}")
 
 

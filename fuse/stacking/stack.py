@@ -95,7 +95,9 @@ class StackConfig:
 
     A fixed number of rounds, no early stopping: stopping on fold k would pick the round count on
     the rows being evaluated. `patient_ranks`: for a spec with a `patient` column, also give the
-    stack each base prediction's rank within its patient (ignored without one).
+    stack each base prediction's rank within its patient (ignored without one); off by default
+    (on the synthetic ISIC 2024-like demo run it changed the stack's out-of-fold pAUC80 by less
+    than its seed noise: LightGBM's per-patient features carry that context already).
     """
 
     num_boost_round: int = 300
@@ -107,7 +109,7 @@ class StackConfig:
     bagging_freq: int = 1
     lambda_l2: float = 1.0
     seed: int = 0
-    patient_ranks: bool = True
+    patient_ranks: bool = False
     blend_weights: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
 
     def lgb_params(self) -> dict:

@@ -316,9 +316,9 @@ def test_patient_rank_is_taken_within_each_patient_and_leaves_missing_values_out
 def test_the_stack_finds_a_lesion_that_stands_out_among_its_patients_lesions(tmp_path):
     run, p_fusion, p_gbdt = patient_run(tmp_path / "data")
     y = run.target
-    with_ranks = oof_stack(run.frame, run.spec, y, run.fold, p_fusion, p_gbdt, FAST)
-    without = oof_stack(run.frame, run.spec, y, run.fold, p_fusion, p_gbdt,
-                        StackConfig(num_boost_round=150, patient_ranks=False))
+    with_ranks = oof_stack(run.frame, run.spec, y, run.fold, p_fusion, p_gbdt,
+                           StackConfig(num_boost_round=150, patient_ranks=True))
+    without = oof_stack(run.frame, run.spec, y, run.fold, p_fusion, p_gbdt, FAST)  # the default
     assert roc_auc(y, without) < 0.8  # the patient's level hides the malignant lesions
     assert roc_auc(y, with_ranks) > 0.9
 
@@ -327,7 +327,7 @@ def test_the_stack_records_its_patient_column_and_ranks_without_it_are_refused(t
     run, p_fusion, p_gbdt = patient_run(tmp_path / "data", patients=40)
     oof_writer(run, "fusion", p_fusion)
     oof_writer(run, "gbdt", p_gbdt)
-    stack(run.dir, config=FAST)
+    stack(run.dir, config=StackConfig(num_boost_round=150, patient_ranks=True))
     record = json.loads((run.dir / "stack" / "stack.json").read_text())
     assert record["patient"] == "patient_id"
     assert record["features"] == ["p_fusion", "p_gbdt", "p_fusion_patient_rank", "p_gbdt_patient_rank"]
@@ -341,5 +341,5 @@ def test_the_stack_records_its_patient_column_and_ranks_without_it_are_refused(t
     with pytest.raises(RunError, match=r"patient column 'patient_id': missing from the rows to stack"):
         stack_features(encoder, rows.drop(columns=["patient_id"]), p_fusion[:16], p_gbdt[:16],
                        features=features, patient="patient_id")
-    stack(run.dir, config=StackConfig(num_boost_round=30, patient_ranks=False))
-    assert StackModel.load(run.dir / "stack").patient is None
+    stack(run.dir, config=StackConfig(num_boost_round=30))
+    assert StackModel.load(run.dir / "stack").patient is None  # off by default
