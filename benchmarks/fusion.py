@@ -30,6 +30,8 @@ from benchmarks.common import ISIC2024_ROWS, peak_rss_bytes, run_child
 from embed.pooled import DEFAULT_BLOCKS, feature_dim
 from fuse.errors import RunError
 
+__all__ = ["TARGET_GROWTH_VS_STORE", "bench_fusion_epoch", "measure_pass"]
+
 log = logging.getLogger(__name__)
 
 # What training the MLP adds to its process's memory (peak minus the memory held before the

@@ -22,6 +22,8 @@ from tabular.run import Run
 
 log = logging.getLogger(__name__)
 
+__all__ = ["LOGREG_CS", "LOGREG_MAX_ROWS", "logistic_baseline"]
+
 LOGREG_CS = (0.0003, 0.001, 0.003, 0.01)
 # Rows of a training part the logistic-regression baseline fits on at most (positives all kept).
 LOGREG_MAX_ROWS = 100_000
@@ -65,7 +67,7 @@ def logistic_baseline(run: Run, embeddings: Embeddings, encoders: dict[int, Feat
         x_train -= mean
         x_train /= std
         x_valid = (np.hstack([image[valid_rows].astype(np.float32), meta[valid_rows]]) - mean) / std
-        best = (-math.inf, None, None)
+        best: tuple[float, float | None, np.ndarray | None] = (-math.inf, None, None)
         for c in cs:
             model = LogisticRegression(C=c, max_iter=2000)
             with warnings.catch_warnings():

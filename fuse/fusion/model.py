@@ -27,12 +27,14 @@ from torch import nn
 from fuse.errors import RunError
 from tabular.features import FeatureEncoder
 
+__all__ = ["FusionConfig", "FusionMLP", "count_parameters", "encode_meta"]
+
 log = logging.getLogger(__name__)
 
-IMBALANCE_CHOICES = ("oversample", "pos_weight", "none")
+_IMBALANCE_CHOICES = ("oversample", "pos_weight", "none")
 # How the learning rate moves over training: held at `lr`, or a cosine decay from `lr` towards 0
 # over `max_epochs` after one epoch of linear warm-up.
-SCHEDULE_CHOICES = ("constant", "cosine")
+_SCHEDULE_CHOICES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,8 @@ class FusionConfig:
         ema_decay: weight averaging: validation, early stopping and the saved model use an
             exponential moving average of the weights (and BatchNorm statistics), updated after
             every optimiser step with this decay; 0 turns it off (default, the raw weights).
-        schedule: the learning rate over training, one of `SCHEDULE_CHOICES`: "constant"
-            (default) or "cosine" (one epoch of linear warm-up, then a cosine decay to 0 at
+        schedule: the learning rate over training, "constant" (default) or
+            "cosine" (one epoch of linear warm-up, then a cosine decay to 0 at
             `max_epochs`; early stopping may end training before the decay does).
         device: "auto" (CUDA when present), "cpu" or "cuda".
     """
@@ -96,8 +98,8 @@ class FusionConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.imbalance not in IMBALANCE_CHOICES:
-            raise RunError(f"imbalance: expected one of {IMBALANCE_CHOICES}, got {self.imbalance!r}")
+        if self.imbalance not in _IMBALANCE_CHOICES:
+            raise RunError(f"imbalance: expected one of {_IMBALANCE_CHOICES}, got {self.imbalance!r}")
         for name in ("image_hidden", "meta_hidden", "fused_hidden", "batch_size", "max_epochs", "members"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -118,8 +120,8 @@ class FusionConfig:
             raise RunError(f"mixup_alpha: expected a number >= 0 (0 = no mixup), got {self.mixup_alpha!r}")
         if not (isinstance(self.ema_decay, (int, float)) and 0.0 <= self.ema_decay < 1.0):
             raise RunError(f"ema_decay: expected a value in [0, 1) (0 = no averaging), got {self.ema_decay!r}")
-        if self.schedule not in SCHEDULE_CHOICES:
-            raise RunError(f"schedule: expected one of {SCHEDULE_CHOICES}, got {self.schedule!r}")
+        if self.schedule not in _SCHEDULE_CHOICES:
+            raise RunError(f"schedule: expected one of {_SCHEDULE_CHOICES}, got {self.schedule!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise RunError(f"device: expected auto, cpu or cuda, got {self.device!r}")
 
@@ -149,6 +151,10 @@ class FusionMLP(nn.Module):
     by the buffers `image_mean`/`image_scale` (set from the training part with `set_image_stats`),
     so that they travel with the state dict.
     """
+
+    # Buffers (registered in __init__): declared so that type checkers see tensors, not modules.
+    image_mean: torch.Tensor
+    image_scale: torch.Tensor
 
     def __init__(self, n_image: int = 2048, n_meta: int = 0, config: FusionConfig = FusionConfig()):
         super().__init__()

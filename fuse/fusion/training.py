@@ -26,10 +26,13 @@ from fuse.fusion.embeddings import Embeddings
 from fuse.fusion.model import FusionConfig, FusionMLP
 from tabular.metrics import MetricWarning, pauc80
 
+__all__ = ["Recipe", "cpu_state", "epoch_rows", "epoch_size", "finite_or_none", "minibatches", "mixup",
+           "predict_rows", "run_epoch", "stop_score", "train_one"]
+
 log = logging.getLogger(__name__)
 
 # Rows sampled from the training part to estimate the embedding's mean and std.
-STATS_ROWS = 20_000
+_STATS_ROWS = 20_000
 
 
 def epoch_size(train_rows: np.ndarray, y: np.ndarray, config: FusionConfig) -> int:
@@ -76,8 +79,8 @@ def minibatches(n: int, size: int) -> list[slice]:
 def _image_stats(embeddings: Embeddings, rows: np.ndarray, rng: np.random.Generator,
                  batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std per dimension over (a sample of) the training rows and all their views."""
-    if len(rows) > STATS_ROWS:
-        rows = np.sort(rng.choice(rows, size=STATS_ROWS, replace=False))
+    if len(rows) > _STATS_ROWS:
+        rows = np.sort(rng.choice(rows, size=_STATS_ROWS, replace=False))
     total = np.zeros(embeddings.dim)
     square = np.zeros(embeddings.dim)
     count = 0

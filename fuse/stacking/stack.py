@@ -43,7 +43,9 @@ import logging
 import math
 import warnings
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 import lightgbm as lgb
 import numpy as np
@@ -69,6 +71,9 @@ from runfolder.stage import load_stage
 from tabular.errors import DataError
 from tabular.gbdt_model import Encode, positional
 from tabular.metrics import MetricWarning, pauc80, summarize
+
+if TYPE_CHECKING:
+    from tabular.features import FeatureEncoder
 
 __all__ = ["BASE_FEATURES", "BASE_STAGES", "CALIBRATED_OOF", "FUSION_FEATURE", "GBDT_FEATURE", "REFERENCE_POINTS",
            "TABULAR_FINAL", "BlendModel", "FinalModel", "GBDTFinal", "StackConfig", "StackModel", "blend_scores",
@@ -214,10 +219,14 @@ def oof_stack(frame: pd.DataFrame, spec, y: np.ndarray, folds: np.ndarray, p_fus
         p[valid] = model.predict(
             stack_features(encoder, valid_frame, p_fusion[valid], p_gbdt[valid], patient=patient))
         if out_dir is not None:
-            text = model.model_to_string()
-            atomic_write(out_dir / f"fold{k}.txt", lambda f, text=text: f.write(text.encode("utf-8")))
+            payload = model.model_to_string().encode("utf-8")
+            atomic_write(out_dir / f"fold{k}.txt", partial(_write_bytes, payload))
             atomic_write_json(out_dir / f"encoder_fold{k}.json", encoder.to_json(), indent=None)
     return p
+
+
+def _write_bytes(payload: bytes, f: BinaryIO) -> None:
+    f.write(payload)
 
 
 class StackModel:
@@ -229,7 +238,7 @@ class StackModel:
     READS_METADATA = True
     NEEDS_FUSION = True
 
-    def __init__(self, folds: list[tuple[object, lgb.Booster]], uses_gbdt: bool = True,
+    def __init__(self, folds: list[tuple[FeatureEncoder, lgb.Booster]], uses_gbdt: bool = True,
                  patient: str | None = None):
         self.folds = folds
         self.uses_gbdt = uses_gbdt  # False for a stack saved when p_fusion was its only base feature

@@ -321,3 +321,20 @@ def test_folds_are_trained_again_when_a_vector_of_the_run_changed(data, tmp_path
     fresh = train_fusion(spec, tmp_path / "fresh", store2, QUICK, n_folds=3)
     pd.testing.assert_frame_equal(after, pd.read_csv(tmp_path / "fresh" / "fusion" / "oof.csv"))
     assert second["pauc80"] == fresh["pauc80"] and first["store"]["read"] != second["store"]["read"]
+
+
+def test_the_commands_recipe_options_reach_the_saved_config_and_bad_ones_are_refused(data, tmp_path):
+    from fuse import commands
+
+    spec, _, _, store = data
+    config = replace(QUICK, max_epochs=2)
+    commands.train_fusion(tmp_path / "data" / "dataset.toml", tmp_path / "run", store=store, config=config,
+                          mixup_alpha=0.3, ema_decay=0.9, schedule="cosine")
+    saved = json.loads((tmp_path / "run" / "fusion" / "config.json").read_text())
+    assert (saved["mixup_alpha"], saved["ema_decay"], saved["schedule"]) == (0.3, 0.9, "cosine")
+    with pytest.raises(RunError, match=r"ema_decay: expected a value in \[0, 1\)"):
+        commands.train_fusion(tmp_path / "data" / "dataset.toml", tmp_path / "run", store=store,
+                              config=config, ema_decay=1.0)
+    with pytest.raises(RunError, match=r"mixup_alpha: expected a number >= 0"):
+        commands.train_fusion(tmp_path / "data" / "dataset.toml", tmp_path / "run", store=store,
+                              config=config, mixup_alpha=-1.0)
