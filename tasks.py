@@ -168,13 +168,13 @@ def train_gbdt(c, spec=None, run=None, trials=None, storage=None, image_pca=None
         "members": "MLPs per fold, each its own seed, averaged (default: FusionConfig.members)",
         "mixup_alpha": "mixup of the MLP's input vectors in training, Beta(alpha, alpha); 0 = none "
                        "(default: FusionConfig.mixup_alpha)",
-        "ema_decay": "validate and keep a moving average of the weights with this decay per step; "
-                     "0 = the raw weights (default: FusionConfig.ema_decay)",
+        "ema_epochs": "validate and keep a moving average of the weights over about this many "
+                      "epochs; 0 = the raw weights (default: FusionConfig.ema_epochs)",
         "schedule": "learning rate over training: constant or cosine (default: FusionConfig.schedule)",
     }
 )
 def train_fusion(c, spec=None, run=None, store=None, imbalance=None, epochs=None, members=None,
-                 mixup_alpha=None, ema_decay=None, schedule=None):
+                 mixup_alpha=None, ema_epochs=None, schedule=None):
     """Train the fusion MLP on image embeddings plus one-hot metadata."""
     _require("train-fusion", spec=spec, run=run)
     _logging()
@@ -183,7 +183,7 @@ def train_fusion(c, spec=None, run=None, store=None, imbalance=None, epochs=None
     _run(train, spec, run, store=store, imbalance=imbalance,
          max_epochs=_number("epochs", epochs), members=_number("members", members),
          mixup_alpha=_number("mixup_alpha", mixup_alpha, float),
-         ema_decay=_number("ema_decay", ema_decay, float), schedule=schedule)
+         ema_epochs=_number("ema_epochs", ema_epochs, float), schedule=schedule)
 
 
 @_task(help={"run": RUN_HELP, "sensitivity": "target sensitivity of the operating threshold (default 0.95)",

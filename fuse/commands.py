@@ -137,7 +137,7 @@ def train_gbdt(spec, run, trials: int = 0, storage: str | None = None, image_pca
 @unknown_categories_said_once()
 def train_fusion(spec, run, store: Path | str | None = None, imbalance: str | None = None,
                  max_epochs: int | None = None, members: int | None = None, config=None,
-                 mixup_alpha: float | None = None, ema_decay: float | None = None,
+                 mixup_alpha: float | None = None, ema_epochs: float | None = None,
                  schedule: str | None = None) -> dict:
     """`invoke train-fusion`: the fusion MLP on the spec's feature store and metadata.
 
@@ -150,7 +150,7 @@ def train_fusion(spec, run, store: Path | str | None = None, imbalance: str | No
     spec = load_spec(spec)
     config = config or FusionConfig()
     given = {"imbalance": imbalance, "max_epochs": max_epochs, "members": members,
-             "mixup_alpha": mixup_alpha, "ema_decay": ema_decay, "schedule": schedule}
+             "mixup_alpha": mixup_alpha, "ema_epochs": ema_epochs, "schedule": schedule}
     config = replace(config, **{name: value for name, value in given.items() if value is not None})
     return fit(spec, run_dir(run), store, config)
 

@@ -26,7 +26,7 @@ from fuse.fusion.embeddings import Embeddings
 from fuse.fusion.model import FusionConfig, FusionMLP
 from tabular.metrics import MetricWarning, pauc80
 
-__all__ = ["Recipe", "cpu_state", "epoch_rows", "epoch_size", "finite_or_none", "minibatches", "mixup",
+__all__ = ["Recipe", "cpu_state", "ema_decay", "epoch_rows", "epoch_size", "finite_or_none", "minibatches", "mixup",
            "predict_rows", "run_epoch", "stop_score", "train_one"]
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def train_one(
         seed_key: mixed with `config.seed` so that folds and variants draw different numbers.
 
     Returns:
-        (model with the best epoch's weights (the averaged weights with `config.ema_decay`), on
+        (model with the best epoch's weights (the averaged weights with `config.ema_epochs`), on
         the CPU; validation probabilities averaged over views, shape (len(valid_rows),); info
         dict: best_epoch, epochs, valid_pauc80, seconds).
 
@@ -154,7 +154,7 @@ def train_one(
 
 class Recipe:
     """What one model's training steps use: the loss, the optimiser, the learning-rate schedule
-    (None when constant), the weight average (None without `ema_decay`) and the mixup alpha."""
+    (None when constant), the weight average (None without `ema_epochs`) and the mixup alpha."""
 
     def __init__(self, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler | None,
@@ -172,10 +172,11 @@ class Recipe:
             scheduler = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, _cosine_with_warmup(steps_per_epoch, steps_per_epoch * config.max_epochs))
         averaged = None
-        if config.ema_decay > 0:
+        if config.ema_epochs > 0:
+            decay = ema_decay(config.ema_epochs, steps_per_epoch)
             # BatchNorm's running statistics are averaged with the weights (use_buffers), so the
             # averaged network normalises with statistics that match its own weights.
-            averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay),
+            averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay),
                                      use_buffers=True)
         return cls(loss_fn, optimizer, scheduler, averaged, float(config.mixup_alpha))
 
@@ -188,6 +189,11 @@ class Recipe:
             self.scheduler.step()
         if self.averaged is not None:
             self.averaged.update_parameters(model)
+
+
+def ema_decay(epochs: float, steps_per_epoch: int) -> float:
+    """The moving average's decay per optimiser step for a horizon of `epochs` epochs."""
+    return 1.0 - 1.0 / max(epochs * steps_per_epoch, 1.0)
 
 
 def _cosine_with_warmup(warmup: int, total: int):

@@ -329,12 +329,12 @@ def test_the_commands_recipe_options_reach_the_saved_config_and_bad_ones_are_ref
     spec, _, _, store = data
     config = replace(QUICK, max_epochs=2)
     commands.train_fusion(tmp_path / "data" / "dataset.toml", tmp_path / "run", store=store, config=config,
-                          mixup_alpha=0.3, ema_decay=0.9, schedule="cosine")
+                          mixup_alpha=0.3, ema_epochs=2.0, schedule="cosine")
     saved = json.loads((tmp_path / "run" / "fusion" / "config.json").read_text())
-    assert (saved["mixup_alpha"], saved["ema_decay"], saved["schedule"]) == (0.3, 0.9, "cosine")
-    with pytest.raises(RunError, match=r"ema_decay: expected a value in \[0, 1\)"):
+    assert (saved["mixup_alpha"], saved["ema_epochs"], saved["schedule"]) == (0.3, 2.0, "cosine")
+    with pytest.raises(RunError, match=r"ema_epochs: expected a number of epochs >= 0"):
         commands.train_fusion(tmp_path / "data" / "dataset.toml", tmp_path / "run", store=store,
-                              config=config, ema_decay=1.0)
+                              config=config, ema_epochs=-1.0)
     with pytest.raises(RunError, match=r"mixup_alpha: expected a number >= 0"):
         commands.train_fusion(tmp_path / "data" / "dataset.toml", tmp_path / "run", store=store,
                               config=config, mixup_alpha=-1.0)

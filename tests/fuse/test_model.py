@@ -46,7 +46,7 @@ def test_fusion_model_without_metadata_input_is_refused():
         ({"pos_weight": -1.0}, "pos_weight: expected a positive number or None, got -1.0"),
         ({"device": "tpu"}, "device: expected auto, cpu or cuda, got 'tpu'"),
         ({"mixup_alpha": -0.2}, r"mixup_alpha: expected a number >= 0 \(0 = no mixup\), got -0.2"),
-        ({"ema_decay": 1.0}, r"ema_decay: expected a value in \[0, 1\) \(0 = no averaging\), got 1.0"),
+        ({"ema_epochs": -1.0}, r"ema_epochs: expected a number of epochs >= 0 \(0 = no averaging\), got -1.0"),
         ({"schedule": "step"}, r"schedule: expected one of \('constant', 'cosine'\), got 'step'"),
     ],
 )
@@ -206,8 +206,9 @@ def test_mixup_without_a_generator_is_refused():
 def test_weight_averaging_keeps_an_exponential_average_of_every_step():
     torch.manual_seed(0)
     model = FusionMLP(6, 0, TINY)
-    config = FusionConfig(**{**TINY.to_dict(), "ema_decay": 0.75})
-    recipe = Recipe.make(model, np.array([0, 1]), config, 1, torch.device("cpu"))
+    # A horizon of 2 epochs of 2 steps: decay 1 - 1/4 per step.
+    config = FusionConfig(**{**TINY.to_dict(), "ema_epochs": 2.0})
+    recipe = Recipe.make(model, np.array([0, 1]), config, 2, torch.device("cpu"))
     expected = None
     for _ in range(4):
         for parameter in model.parameters():
@@ -239,7 +240,7 @@ def test_cosine_schedule_warms_up_for_an_epoch_then_decays_to_zero():
     assert constant.scheduler is None
 
 
-@pytest.mark.parametrize("change", [{"mixup_alpha": 0.4}, {"ema_decay": 0.9}, {"schedule": "cosine"}])
+@pytest.mark.parametrize("change", [{"mixup_alpha": 0.4}, {"ema_epochs": 1.0}, {"schedule": "cosine"}])
 def test_each_recipe_setting_trains_reproducibly_and_changes_the_model(change):
     array, y = _toy()
     meta = np.random.default_rng(1).normal(size=(40, 3)).astype(np.float32)
@@ -252,5 +253,5 @@ def test_each_recipe_setting_trains_reproducibly_and_changes_the_model(change):
     _, plain, _ = train_one(source, meta, y, train, valid, TINY)
     np.testing.assert_array_equal(p_valid, again)
     assert not np.array_equal(p_valid, plain)
-    # The kept model (the averaged one with ema_decay) is the one that made p_valid.
+    # The kept model (the averaged one with ema_epochs) is the one that made p_valid.
     np.testing.assert_array_equal(predict_rows(model, source, torch.from_numpy(meta), valid, 32), p_valid)
