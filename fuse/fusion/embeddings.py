@@ -39,8 +39,12 @@ class Embeddings:
     @classmethod
     def from_store(cls, store, ids: Sequence[str]) -> Embeddings:
         id_array = np.asarray(list(ids), dtype=object)
-        return cls(lambda index: store.read(id_array[index].tolist()), len(id_array), int(store.views),
-                   int(store.dim))
+        return cls(
+            lambda index: store.read(id_array[index].tolist()),
+            len(id_array),
+            int(store.views),
+            int(store.dim),
+        )
 
     def rows(self, index: np.ndarray) -> np.ndarray:
         """Shape (len(index), views, dim), rows in the order asked."""
@@ -58,4 +62,3 @@ class Embeddings:
             index = np.arange(start, min(start + batch, self.n))
             out[index] = self.rows(index).astype(np.float32).mean(axis=1)
         return out
-

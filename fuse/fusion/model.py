@@ -1,9 +1,11 @@
 """The fusion MLP: an image branch on frozen embeddings, a metadata branch, one fused head.
 
 ```
-embedding (B, d)    ─► standardise ─► Linear ─► BatchNorm ─► ReLU ─► Dropout ─┐
-                                                                              ├─► concat ─► Linear ─► ReLU ─► Dropout ─► Linear ─► logit (B,)
-metadata  (B, m)    ─► Linear ─► BatchNorm ─► ReLU ─► Dropout ───────────────┘
+embedding (B, d) ─► standardise ─► Linear ─► BatchNorm ─► ReLU ─► Dropout ─┐
+                                                                           ├─► concat ─► head
+metadata  (B, m) ─► Linear ─► BatchNorm ─► ReLU ─► Dropout ────────────────┘
+
+head: Linear ─► ReLU ─► Dropout ─► Linear ─► logit (B,)
 ```
 
 The metadata input is `tabular.features.FeatureEncoder.mlp_matrix`: standardised numerics (and, for
@@ -103,8 +105,17 @@ class FusionConfig:
 
     def __post_init__(self) -> None:
         if self.imbalance not in _IMBALANCE_CHOICES:
-            raise RunError(f"imbalance: expected one of {_IMBALANCE_CHOICES}, got {self.imbalance!r}")
-        for name in ("image_hidden", "meta_hidden", "fused_hidden", "batch_size", "max_epochs", "members"):
+            raise RunError(
+                f"imbalance: expected one of {_IMBALANCE_CHOICES}, got {self.imbalance!r}"
+            )
+        for name in (
+            "image_hidden",
+            "meta_hidden",
+            "fused_hidden",
+            "batch_size",
+            "max_epochs",
+            "members",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise RunError(f"{name}: expected a positive integer, got {value!r}")
@@ -117,14 +128,22 @@ class FusionConfig:
         if not self.lr > 0:
             raise RunError(f"lr: expected a positive number, got {self.lr!r}")
         if not self.oversample_ratio > 0:
-            raise RunError(f"oversample_ratio: expected a positive number, got {self.oversample_ratio!r}")
+            raise RunError(
+                f"oversample_ratio: expected a positive number, got {self.oversample_ratio!r}"
+            )
         if self.pos_weight is not None and not self.pos_weight > 0:
-            raise RunError(f"pos_weight: expected a positive number or None, got {self.pos_weight!r}")
+            raise RunError(
+                f"pos_weight: expected a positive number or None, got {self.pos_weight!r}"
+            )
         if not (isinstance(self.mixup_alpha, (int, float)) and self.mixup_alpha >= 0):
-            raise RunError(f"mixup_alpha: expected a number >= 0 (0 = no mixup), got {self.mixup_alpha!r}")
+            raise RunError(
+                f"mixup_alpha: expected a number >= 0 (0 = no mixup), got {self.mixup_alpha!r}"
+            )
         if not (isinstance(self.ema_epochs, (int, float)) and self.ema_epochs >= 0):
-            raise RunError(f"ema_epochs: expected a number of epochs >= 0 (0 = no averaging), "
-                           f"got {self.ema_epochs!r}")
+            raise RunError(
+                f"ema_epochs: expected a number of epochs >= 0 (0 = no averaging), "
+                f"got {self.ema_epochs!r}"
+            )
         if self.schedule not in _SCHEDULE_CHOICES:
             raise RunError(f"schedule: expected one of {_SCHEDULE_CHOICES}, got {self.schedule!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
@@ -148,7 +167,8 @@ class FusionMLP(nn.Module):
 
     Args:
         n_image: embedding width (the store's `dim`: 1024 for the default layer3 average).
-        n_meta: metadata input width (columns of the encoder's MLP matrix); 0 builds the image branch alone.
+        n_meta: metadata input width (columns of the encoder's MLP matrix); 0 builds the image
+            branch alone.
         config: layer widths and dropout.
 
     `forward(image, meta=None)`: image (B, n_image) float32, meta (B, n_meta) float32 or None
@@ -203,14 +223,18 @@ class FusionMLP(nn.Module):
 
 
 def _branch(n_in: int, n_out: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(n_in, n_out), nn.BatchNorm1d(n_out), nn.ReLU(), nn.Dropout(dropout))
+    return nn.Sequential(
+        nn.Linear(n_in, n_out), nn.BatchNorm1d(n_out), nn.ReLU(), nn.Dropout(dropout)
+    )
 
 
 def count_parameters(model: nn.Module) -> int:
     return int(sum(math.prod(p.shape) for p in model.parameters()))
 
 
-def encode_meta(encoder: FeatureEncoder, frame: pd.DataFrame, features: pd.DataFrame | None = None) -> np.ndarray:
+def encode_meta(
+    encoder: FeatureEncoder, frame: pd.DataFrame, features: pd.DataFrame | None = None
+) -> np.ndarray:
     """The metadata branch's input: shape (len(frame), n_meta) float32, no NaN.
 
     `features`, when given, is `encoder.transform(frame)` computed already.

@@ -20,8 +20,15 @@ from runfolder.layout import require_stage_file
 from tabular.gbdt_model import Encode
 from tabular.metrics import pauc80
 
-__all__ = ["REFERENCE_POINTS", "BlendModel", "blend_scores", "choose_blend_weight", "oof_blend",
-           "rank_reference", "to_rank"]
+__all__ = [
+    "REFERENCE_POINTS",
+    "BlendModel",
+    "blend_scores",
+    "choose_blend_weight",
+    "oof_blend",
+    "rank_reference",
+    "to_rank",
+]
 
 # Quantiles kept per base model as the blend's rank reference: fine enough that the top 0.1% of
 # an ISIC-sized set (the part pAUC80 looks at) keeps distinct ranks, small enough for JSON.
@@ -45,14 +52,18 @@ def to_rank(reference: np.ndarray, p: np.ndarray) -> np.ndarray:
     return np.interp(np.asarray(p, dtype=np.float64), reference, levels)
 
 
-def blend_scores(weight_gbdt: float, references: dict, p_gbdt: np.ndarray, p_fusion: np.ndarray) -> np.ndarray:
+def blend_scores(
+    weight_gbdt: float, references: dict, p_gbdt: np.ndarray, p_fusion: np.ndarray
+) -> np.ndarray:
     """`w * rank(p_gbdt) + (1 - w) * rank(p_fusion)`, ranks against the stored references."""
-    return (weight_gbdt * to_rank(references["gbdt"], p_gbdt)
-            + (1.0 - weight_gbdt) * to_rank(references["fusion"], p_fusion))
+    return weight_gbdt * to_rank(references["gbdt"], p_gbdt) + (1.0 - weight_gbdt) * to_rank(
+        references["fusion"], p_fusion
+    )
 
 
-def choose_blend_weight(y: np.ndarray, p_gbdt: np.ndarray, p_fusion: np.ndarray,
-                        weights: tuple[float, ...]) -> tuple[float, dict]:
+def choose_blend_weight(
+    y: np.ndarray, p_gbdt: np.ndarray, p_fusion: np.ndarray, weights: tuple[float, ...]
+) -> tuple[float, dict]:
     """The weight of gbdt that maximises pAUC80 on these rows (ties: the one nearest 0.5).
 
     Returns (weight, references) where references are the rank references of these rows.
@@ -68,8 +79,13 @@ def choose_blend_weight(y: np.ndarray, p_gbdt: np.ndarray, p_fusion: np.ndarray,
     return best, references
 
 
-def oof_blend(y: np.ndarray, folds: np.ndarray, p_gbdt: np.ndarray, p_fusion: np.ndarray,
-              weights: Sequence[float]) -> tuple[np.ndarray, dict[int, float]]:
+def oof_blend(
+    y: np.ndarray,
+    folds: np.ndarray,
+    p_gbdt: np.ndarray,
+    p_fusion: np.ndarray,
+    weights: Sequence[float],
+) -> tuple[np.ndarray, dict[int, float]]:
     """Out-of-fold blend scores, shape (n,), and the weight each fold used.
 
     `weights`: the grid of gbdt weights tried (`StackConfig.blend_weights`). Fold k's weight and
@@ -79,7 +95,9 @@ def oof_blend(y: np.ndarray, folds: np.ndarray, p_gbdt: np.ndarray, p_fusion: np
     chosen = {}
     for k in np.unique(folds):
         train = folds != k
-        weight, references = choose_blend_weight(y[train], p_gbdt[train], p_fusion[train], tuple(weights))
+        weight, references = choose_blend_weight(
+            y[train], p_gbdt[train], p_fusion[train], tuple(weights)
+        )
         p[~train] = blend_scores(weight, references, p_gbdt[~train], p_fusion[~train])
         chosen[int(k)] = weight
     return p, chosen
@@ -101,10 +119,18 @@ class BlendModel:
     @classmethod
     def load(cls, stage_dir: Path | str) -> BlendModel:
         record = json.loads(require_stage_file(Path(stage_dir), "blend.json").read_text())
-        return cls(record["weight_gbdt"], {name: np.asarray(values) for name, values in record["references"].items()})
+        return cls(
+            record["weight_gbdt"],
+            {name: np.asarray(values) for name, values in record["references"].items()},
+        )
 
-    def predict(self, frame: pd.DataFrame | None, p_gbdt: np.ndarray, p_fusion: np.ndarray,
-                encode: Encode | None = None) -> np.ndarray:
+    def predict(
+        self,
+        frame: pd.DataFrame | None,
+        p_gbdt: np.ndarray,
+        p_fusion: np.ndarray,
+        encode: Encode | None = None,
+    ) -> np.ndarray:
         """The blend on new rows from the base models' fold-averaged predictions, shape (n,).
 
         `frame` and `encode` are not used (the blend sees the base models only); they keep the

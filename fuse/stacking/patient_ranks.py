@@ -31,7 +31,11 @@ def patient_rank(patients: pd.Series | np.ndarray, scores: np.ndarray) -> np.nda
     lesion). A row with no patient id or no score (NaN) gets NaN, which LightGBM routes as missing;
     it is left out of its patient's other ranks.
     """
-    frame = pd.DataFrame({"patient": pd.Series(np.asarray(patients, dtype=object)),
-                          "score": np.asarray(scores, dtype=np.float64)})
+    frame = pd.DataFrame(
+        {
+            "patient": pd.Series(np.asarray(patients, dtype=object)),
+            "score": np.asarray(scores, dtype=np.float64),
+        }
+    )
     ranks = frame.groupby("patient", dropna=True)["score"].rank(method="average", pct=True)
     return ranks.reindex(frame.index).to_numpy(dtype=np.float64)
