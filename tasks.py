@@ -170,7 +170,8 @@ def train_gbdt(c, spec=None, run=None, trials=None, storage=None, image_pca=None
                        "(default: FusionConfig.mixup_alpha)",
         "ema_epochs": "validate and keep a moving average of the weights over about this many "
                       "epochs; 0 = the raw weights (default: FusionConfig.ema_epochs)",
-        "schedule": "learning rate over training: constant or cosine (default: FusionConfig.schedule)",
+        "schedule": "learning rate over training: constant or cosine "
+                    "(default: FusionConfig.schedule)",
     }
 )
 def train_fusion(c, spec=None, run=None, store=None, imbalance=None, epochs=None, members=None,
@@ -186,17 +187,19 @@ def train_fusion(c, spec=None, run=None, store=None, imbalance=None, epochs=None
          ema_epochs=_number("ema_epochs", ema_epochs, float), schedule=schedule)
 
 
-@_task(help={"run": RUN_HELP, "sensitivity": "target sensitivity of the operating threshold (default 0.95)",
-             "patient_ranks": "also give the stack each base score's rank within its patient (specs "
-                              "with a patient column; off by default: it gained nothing measured)"})
+@_task(help={"run": RUN_HELP,
+             "sensitivity": "target sensitivity of the operating threshold (default 0.95)",
+             "patient_ranks": "also give the stack each base score's rank within its patient "
+                              "(specs with a patient column; off by default: it gained nothing "
+                              "measured)"})
 def stack(c, run=None, sensitivity=None, patient_ranks=False):
     """Stack the fusion MLP with the LightGBM ensemble and write the evaluation report."""
     _require("stack", run=run)
     _logging()
     from fuse.commands import stack_and_report
 
-    report = _run(stack_and_report, run, sensitivity=_number("sensitivity", sensitivity, float, default=0.95),
-                  patient_ranks=patient_ranks)
+    sensitivity = _number("sensitivity", sensitivity, float, default=0.95)
+    report = _run(stack_and_report, run, sensitivity=sensitivity, patient_ranks=patient_ranks)
     print(f"report: {report}")
 
 

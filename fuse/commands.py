@@ -167,7 +167,9 @@ def stack_and_report(run, sensitivity: float = 0.95, patient_ranks: bool | None 
 
     if not 0 < sensitivity < 1:
         raise RunError(f"--sensitivity must be in (0, 1), got: {sensitivity}")
-    config = StackConfig() if patient_ranks is None else StackConfig(patient_ranks=bool(patient_ranks))
+    config = StackConfig()
+    if patient_ranks is not None:
+        config = StackConfig(patient_ranks=bool(patient_ranks))
     stack(run_dir(run), sensitivity=sensitivity, config=config)
     return write_report(run_dir(run), sensitivity=sensitivity)
 
