@@ -5,6 +5,11 @@ weight in the loss): a validation row is never duplicated, dropped or seen in tr
 store holds several views, one view per image is drawn at random each epoch (the views are fixed
 flips/rotations, so this is augmentation), and validation rows are predicted averaging the
 probabilities of all their views. The epoch with the best validation pauc80 is kept.
+
+`Recipe` holds what the steps use besides the data: the loss and AdamW, the learning-rate
+schedule (constant, or cosine after a warm-up epoch), the moving average of the weights that is
+validated and kept (`FusionConfig.ema_epochs`, on by default) and mixup of the training rows'
+input vectors (`mixup`, off by default).
 """
 
 from __future__ import annotations
