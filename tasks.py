@@ -220,9 +220,26 @@ def train_gbdt(
         "imbalance": "oversample, pos_weight or none",
         "epochs": "maximum epochs per fold",
         "members": "MLPs per fold, each its own seed, averaged (default: FusionConfig.members)",
+        "mixup_alpha": "mixup of the MLP's input vectors in training, Beta(alpha, alpha); 0 = none "
+        "(default: FusionConfig.mixup_alpha)",
+        "ema_epochs": "validate and keep a moving average of the weights over about this many "
+        "epochs; 0 = the raw weights (default: FusionConfig.ema_epochs)",
+        "schedule": "learning rate over training: constant or cosine "
+        "(default: FusionConfig.schedule)",
     }
 )
-def train_fusion(c, spec=None, run=None, store=None, imbalance=None, epochs=None, members=None):
+def train_fusion(
+    c,
+    spec=None,
+    run=None,
+    store=None,
+    imbalance=None,
+    epochs=None,
+    members=None,
+    mixup_alpha=None,
+    ema_epochs=None,
+    schedule=None,
+):
     """Train the fusion MLP on image embeddings plus one-hot metadata."""
     _require("train-fusion", spec=spec, run=run)
     _logging()
@@ -236,6 +253,9 @@ def train_fusion(c, spec=None, run=None, store=None, imbalance=None, epochs=None
         imbalance=imbalance,
         max_epochs=_number("epochs", epochs),
         members=_number("members", members),
+        mixup_alpha=_number("mixup_alpha", mixup_alpha, float),
+        ema_epochs=_number("ema_epochs", ema_epochs, float),
+        schedule=schedule,
     )
 
 
@@ -243,17 +263,19 @@ def train_fusion(c, spec=None, run=None, store=None, imbalance=None, epochs=None
     help={
         "run": RUN_HELP,
         "sensitivity": "target sensitivity of the operating threshold (default 0.95)",
+        "patient_ranks": "also give the stack each base score's rank within its patient "
+        "(specs with a patient column; off by default: it gained nothing "
+        "measured)",
     }
 )
-def stack(c, run=None, sensitivity=None):
+def stack(c, run=None, sensitivity=None, patient_ranks=False):
     """Stack the fusion MLP with the LightGBM ensemble and write the evaluation report."""
     _require("stack", run=run)
     _logging()
     from fuse.commands import stack_and_report
 
-    report = _run(
-        stack_and_report, run, sensitivity=_number("sensitivity", sensitivity, float, default=0.95)
-    )
+    sensitivity = _number("sensitivity", sensitivity, float, default=0.95)
+    report = _run(stack_and_report, run, sensitivity=sensitivity, patient_ranks=patient_ranks)
     print(f"report: {report}")
 
 
@@ -417,8 +439,9 @@ def test(c, k=None, quick=False):
 
 @_task()
 def lint(c):
-    """Check the code with ruff."""
+    """Check the code with ruff: its rules, and the formatting `ruff format` gives."""
     c.run(f"{sys.executable} -m ruff check .")
+    c.run(f"{sys.executable} -m ruff format --check .")
 
 
 @_task()

@@ -1,13 +1,16 @@
-"""How fast one fusion-MLP epoch runs on an ISIC 2024-sized feature store, and how much memory it takes.
+"""How fast one fusion-MLP epoch runs on an ISIC 2024-sized feature store, and how much memory
+it takes.
 
-`bench_fusion_epoch` writes a synthetic store with the real store writer (`embed.store_writer.StoreWriter`,
+`bench_fusion_epoch` writes a synthetic store with the real store writer
+(`embed.store_writer.StoreWriter`,
 float16 shards, memory-mapped on reading) in a temporary folder, then, each in a fresh child
 process so that its peak resident memory is its own (`benchmarks.common.run_child`):
 
 - one training epoch of the fusion MLP over every row, through the same code `train_fusion` runs
   (`fuse.fusion.training.run_epoch`: row indices gathered one mini-batch at a time from the
   memory-mapped shards, one random view per image);
-- the in-run baseline: one pass of a linear model with log loss (sklearn `SGDClassifier.partial_fit`)
+- the in-run baseline: one pass of a linear model with log loss
+  (sklearn `SGDClassifier.partial_fit`)
   over the same mini-batches of the same store: the cheapest learner that reads every vector once.
 
 Peak memory is the child's peak resident set (VmHWM, which counts the store's pages it touched
@@ -29,6 +32,8 @@ import numpy as np
 from benchmarks.common import ISIC2024_ROWS, peak_rss_bytes, run_child
 from embed.pooled import DEFAULT_BLOCKS, feature_dim
 from fuse.errors import RunError
+
+__all__ = ["TARGET_GROWTH_VS_STORE", "bench_fusion_epoch", "measure_pass"]
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +80,9 @@ def bench_fusion_epoch(
         RunError: a shape below n_rows 2, dim 1, views 1; a child process failed.
     """
     if n_rows < 2 or dim < 1 or views < 1:
-        raise RunError(f"bench: expected n_rows >= 2, dim >= 1, views >= 1; got {n_rows}, {dim}, {views}")
+        raise RunError(
+            f"bench: expected n_rows >= 2, dim >= 1, views >= 1; got {n_rows}, {dim}, {views}"
+        )
     folder = Path(tempfile.mkdtemp(prefix="fusion-bench-", dir=workdir))
     try:
         store_dir = folder / "store"
@@ -84,10 +91,18 @@ def bench_fusion_epoch(
         write_seconds = time.perf_counter() - started
         np.save(folder / "labels.npy", labels, allow_pickle=False)
         store_bytes = sum(p.stat().st_size for p in store_dir.glob("*.npy"))
-        args = dict(store_dir=str(store_dir), labels=str(folder / "labels.npy"), n_meta=n_meta,
-                    batch_size=batch_size, seed=seed, device=device)
+        args = dict(
+            store_dir=str(store_dir),
+            labels=str(folder / "labels.npy"),
+            n_meta=n_meta,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+        )
         mlp = run_child("benchmarks.fusion:measure_pass", {"kind": "mlp", **args}, label="mlp")
-        linear = run_child("benchmarks.fusion:measure_pass", {"kind": "linear", **args}, label="linear")
+        linear = run_child(
+            "benchmarks.fusion:measure_pass", {"kind": "linear", **args}, label="linear"
+        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     for result in (mlp, linear):
@@ -96,8 +111,13 @@ def bench_fusion_epoch(
         result["growth_bytes"] = result["peak_rss_bytes"] - result["rss_before_bytes"]
         result["growth_vs_store"] = round(result["growth_bytes"] / store_bytes, 3)
     report = {
-        "store": {"rows": n_rows, "views": views, "dim": dim, "bytes": store_bytes,
-                  "write_seconds": round(write_seconds, 2)},
+        "store": {
+            "rows": n_rows,
+            "views": views,
+            "dim": dim,
+            "bytes": store_bytes,
+            "write_seconds": round(write_seconds, 2),
+        },
         "batch_size": batch_size,
         "device": mlp.get("device", device),
         "mlp": mlp,
@@ -108,14 +128,20 @@ def bench_fusion_epoch(
     log.info(
         "fusion epoch: %d rows in %.1f s (%.0f rows/s, peak %.2f x store); linear pass %.1f s "
         "(%.0f rows/s); MLP/linear time %.2f",
-        n_rows, mlp["seconds"], mlp["rows_per_s"], mlp["peak_vs_store"], linear["seconds"],
-        linear["rows_per_s"], report["mlp_vs_linear_time"],
+        n_rows,
+        mlp["seconds"],
+        mlp["rows_per_s"],
+        mlp["peak_vs_store"],
+        linear["seconds"],
+        linear["rows_per_s"],
+        report["mlp_vs_linear_time"],
     )
     return report
 
 
-def _write_store(path: Path, n_rows: int, dim: int, views: int, prevalence: float, seed: int,
-                 shard_rows: int) -> np.ndarray:
+def _write_store(
+    path: Path, n_rows: int, dim: int, views: int, prevalence: float, seed: int, shard_rows: int
+) -> np.ndarray:
     """A store of random float16 vectors (positives shifted a little); returns the labels."""
     from embed.store_writer import StoreWriter
 
@@ -140,18 +166,18 @@ def _write_store(path: Path, n_rows: int, dim: int, views: int, prevalence: floa
     return labels
 
 
-def measure_pass(kind: str, store_dir: str, labels: str, n_meta: int, batch_size: int, seed: int,
-                 device: str) -> dict:
+def measure_pass(
+    kind: str, store_dir: str, labels: str, n_meta: int, batch_size: int, seed: int, device: str
+) -> dict:
     """One pass over the store, in a child process: kind "mlp" (one fusion-MLP epoch) or
     "linear" (one `SGDClassifier.partial_fit` pass over the same mini-batches)."""
     import torch
-    from torch import nn
 
     from embed.config import resolve_device
     from embed.store import FeatureStore
     from fuse.fusion import Embeddings, minibatches
     from fuse.fusion.model import FusionConfig, FusionMLP
-    from fuse.fusion.training import run_epoch
+    from fuse.fusion.training import Recipe, run_epoch
 
     y = np.load(labels, allow_pickle=False).astype(np.int64)
     store = FeatureStore.open(store_dir)
@@ -161,22 +187,27 @@ def measure_pass(kind: str, store_dir: str, labels: str, n_meta: int, batch_size
     order = rng.permutation(len(y))
     views = rng.integers(embeddings.views, size=len(y))
     rss_before = peak_rss_bytes()
-    result = {"kind": kind, "rows": int(len(y)), "threads": torch.get_num_threads(),
-              "rss_before_bytes": rss_before}
+    result = {
+        "kind": kind,
+        "rows": int(len(y)),
+        "threads": torch.get_num_threads(),
+        "rss_before_bytes": rss_before,
+    }
     if kind == "mlp":
         torch.manual_seed(seed)
-        config = FusionConfig(batch_size=batch_size, device=device)
+        # The loss weighs positives by negatives/positives of these rows (every row once per pass).
+        config = FusionConfig(batch_size=batch_size, device=device, imbalance="pos_weight")
         target = resolve_device(device)
         model = FusionMLP(embeddings.dim, n_meta, config).to(target)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        positives = max(int(y.sum()), 1)
-        loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor((len(y) - positives) / positives, device=target))
+        recipe = Recipe.make(model, y, config, len(minibatches(len(order), batch_size)), target)
         meta_t = torch.from_numpy(meta)
         # One warm-up batch first (thread pools, optimizer state), so the figure is the steady rate.
         warm = order[: min(batch_size, len(order))]
-        run_epoch(model, optimizer, loss_fn, embeddings, meta_t, y, warm, views[: len(warm)], batch_size, target)
+        run_epoch(
+            model, recipe, embeddings, meta_t, y, warm, views[: len(warm)], batch_size, target, rng
+        )
         started = time.perf_counter()
-        run_epoch(model, optimizer, loss_fn, embeddings, meta_t, y, order, views, batch_size, target)
+        run_epoch(model, recipe, embeddings, meta_t, y, order, views, batch_size, target, rng)
         if target.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
@@ -187,8 +218,11 @@ def measure_pass(kind: str, store_dir: str, labels: str, n_meta: int, batch_size
         model = SGDClassifier(loss="log_loss", alpha=1e-4, random_state=seed)
         classes = np.array([0, 1])
         warm = order[: min(batch_size, len(order))]
-        model.partial_fit(np.hstack([embeddings.pick(warm, views[: len(warm)]).astype(np.float32), meta[warm]]),
-                          y[warm], classes=classes)
+        model.partial_fit(
+            np.hstack([embeddings.pick(warm, views[: len(warm)]).astype(np.float32), meta[warm]]),
+            y[warm],
+            classes=classes,
+        )
         started = time.perf_counter()
         for part in minibatches(len(order), batch_size):
             rows = order[part]

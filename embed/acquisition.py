@@ -4,7 +4,7 @@ A model trained on dermoscopy (a lens pressed on the skin, dark circular corners
 can be handed crops of 3D total-body photographs (small, square, flat-lit, soft). The embedding
 may or may not say so; these cues say it plainly and cheaply, and name what differs in words a
 user understands ("size 140x140 vs training 200x150"). The image side knows nothing of labels
-or metadata, so the cues are plain measurements; `fuse.applicability.detector` compares them
+or metadata, so the cues are plain measurements; `fuse.applicability.acquisition_part` compares them
 with the training images'.
 
 Every cue is computed from the encoded bytes (size, bytes per pixel) or from one fixed-size
@@ -52,7 +52,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Bumped whenever a cue's definition changes: a detector fitted on cues of another version
-# refuses new ones (`fuse.applicability.detector` checks it).
+# refuses new ones (`fuse.applicability.acquisition_part` checks it).
 CUES_VERSION = "acquisition-cues/1"
 THUMB = 128
 CUE_NAMES: tuple[str, ...] = (

@@ -140,7 +140,8 @@ def train_gbdt(
     `image_pca` defaults to 64 components for a spec with images (its feature store must exist:
     `invoke embed --spec S`), 0 for a tabular-only spec. The store read is recorded in
     `gbdt/store.json`, and refused when another stage of the run was trained on other embeddings.
-    `config` (a `tabular.gbdt_config.GBDTConfig`) overrides `seeds`, `neg_ratio` and `image_pca`'s count.
+    `config` (a `tabular.gbdt_config.GBDTConfig`) overrides `seeds`, `neg_ratio` and
+    `image_pca`'s count.
     """
     from common.files import reporting_write_errors
     from fuse.stores import check_same_embeddings, open_for_training
@@ -200,32 +201,49 @@ def train_fusion(
     max_epochs: int | None = None,
     members: int | None = None,
     config=None,
+    mixup_alpha: float | None = None,
+    ema_epochs: float | None = None,
+    schedule: str | None = None,
 ) -> dict:
-    """`invoke train-fusion`: the fusion MLP on the spec's feature store and metadata."""
+    """`invoke train-fusion`: the fusion MLP on the spec's feature store and metadata.
+
+    Each option given replaces that field of `config` (default `FusionConfig()`); a bad value
+    raises RunError naming it.
+    """
     from fuse.fusion import train_fusion as fit
     from fuse.fusion.model import FusionConfig
     from tabular.spec import load_spec
 
     spec = load_spec(spec)
     config = config or FusionConfig()
-    if imbalance is not None:
-        config = replace(config, imbalance=imbalance)
-    if max_epochs is not None:
-        config = replace(config, max_epochs=max_epochs)
-    if members is not None:
-        config = replace(config, members=members)
+    given = {
+        "imbalance": imbalance,
+        "max_epochs": max_epochs,
+        "members": members,
+        "mixup_alpha": mixup_alpha,
+        "ema_epochs": ema_epochs,
+        "schedule": schedule,
+    }
+    config = replace(config, **{name: value for name, value in given.items() if value is not None})
     return fit(spec, run_dir(run), store, config)
 
 
 @unknown_categories_said_once()
-def stack_and_report(run, sensitivity: float = 0.95) -> Path:
-    """`invoke stack`: stack and blend the base models, choose the final one, write the report."""
+def stack_and_report(run, sensitivity: float = 0.95, patient_ranks: bool | None = None) -> Path:
+    """`invoke stack`: stack and blend the base models, choose the final one, write the report.
+
+    `patient_ranks`: give the stack each base score's rank within its patient (specs with a
+    patient column); None keeps `StackConfig`'s default.
+    """
     from fuse.pages.report import write_report
-    from fuse.stacking.stack import stack
+    from fuse.stacking.stack import StackConfig, stack
 
     if not 0 < sensitivity < 1:
         raise RunError(f"--sensitivity must be in (0, 1), got: {sensitivity}")
-    stack(run_dir(run), sensitivity=sensitivity)
+    config = StackConfig()
+    if patient_ranks is not None:
+        config = StackConfig(patient_ranks=bool(patient_ranks))
+    stack(run_dir(run), sensitivity=sensitivity, config=config)
     return write_report(run_dir(run), sensitivity=sensitivity)
 
 

@@ -31,9 +31,19 @@ MIN_TPR = 0.80
 CALIBRATION_BINS = 10
 
 __all__ = [
-    "CALIBRATION_BINS", "MIN_TPR", "MetricWarning", "brier", "calibration", "calibration_bins",
-    "expected_calibration_error", "metrics_at_threshold", "pauc80", "pr_auc", "roc_auc",
-    "summarize", "threshold_for_sensitivity",
+    "CALIBRATION_BINS",
+    "MIN_TPR",
+    "MetricWarning",
+    "brier",
+    "calibration",
+    "calibration_bins",
+    "expected_calibration_error",
+    "metrics_at_threshold",
+    "pauc80",
+    "pr_auc",
+    "roc_auc",
+    "summarize",
+    "threshold_for_sensitivity",
 ]
 
 

@@ -12,5 +12,12 @@ from fuse.fusion.embeddings import Embeddings
 from fuse.fusion.predict import FusionModel
 from fuse.fusion.training import epoch_rows, minibatches, predict_rows, train_one
 
-__all__ = ["Embeddings", "FusionModel", "epoch_rows", "minibatches", "predict_rows",
-           "train_fusion", "train_one"]
+__all__ = [
+    "Embeddings",
+    "FusionModel",
+    "epoch_rows",
+    "minibatches",
+    "predict_rows",
+    "train_fusion",
+    "train_one",
+]

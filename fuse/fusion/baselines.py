@@ -22,14 +22,21 @@ from tabular.run import Run
 
 log = logging.getLogger(__name__)
 
+__all__ = ["LOGREG_CS", "LOGREG_MAX_ROWS", "logistic_baseline"]
+
 LOGREG_CS = (0.0003, 0.001, 0.003, 0.01)
 # Rows of a training part the logistic-regression baseline fits on at most (positives all kept).
 LOGREG_MAX_ROWS = 100_000
 
 
-def logistic_baseline(run: Run, embeddings: Embeddings, encoders: dict[int, FeatureEncoder],
-                      cs: Sequence[float] = LOGREG_CS, max_rows: int = LOGREG_MAX_ROWS,
-                      seed: int = 0) -> tuple[np.ndarray, list[dict]]:
+def logistic_baseline(
+    run: Run,
+    embeddings: Embeddings,
+    encoders: dict[int, FeatureEncoder],
+    cs: Sequence[float] = LOGREG_CS,
+    max_rows: int = LOGREG_MAX_ROWS,
+    seed: int = 0,
+) -> tuple[np.ndarray, list[dict]]:
     """Out-of-fold probabilities of a logistic regression on mean-over-views embeddings + metadata.
 
     Features (the mean embedding and the fold's metadata matrix) are standardised on each
@@ -65,7 +72,7 @@ def logistic_baseline(run: Run, embeddings: Embeddings, encoders: dict[int, Feat
         x_train -= mean
         x_train /= std
         x_valid = (np.hstack([image[valid_rows].astype(np.float32), meta[valid_rows]]) - mean) / std
-        best = (-math.inf, None, None)
+        best: tuple[float, float | None, np.ndarray | None] = (-math.inf, None, None)
         for c in cs:
             model = LogisticRegression(C=c, max_iter=2000)
             with warnings.catch_warnings():
@@ -76,10 +83,15 @@ def logistic_baseline(run: Run, embeddings: Embeddings, encoders: dict[int, Feat
             if score > best[0]:
                 best = (score, c, p)
         oof[valid_rows] = best[2]
-        info.append({"fold": k, "C": best[1], "valid_pauc80": finite_or_none(best[0]),
-                     "train_rows": int(len(train_rows)),
-                     "seconds": round(time.perf_counter() - started, 2)})
+        info.append(
+            {
+                "fold": k,
+                "C": best[1],
+                "valid_pauc80": finite_or_none(best[0]),
+                "train_rows": int(len(train_rows)),
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+        )
         log.info("logreg fold %d: C=%s, valid pauc80 %.4f", k, best[1], best[0])
         del x_train, x_valid
     return oof, info
-

@@ -67,7 +67,7 @@ STAGE = "fusion"
 def train_fusion(
     spec: DatasetSpec | Path | str,
     run_dir: Path | str,
-    store_dir: Path | str,
+    store_dir: Path | str | None,
     config: FusionConfig | None = None,
     baselines: bool = True,
     n_folds: int = 5,
@@ -108,17 +108,30 @@ def train_fusion(
     embeddings = Embeddings.from_store(opened.store, ids)
     log.info(
         "fusion: %d rows x %d view(s) x %d dims from %s; %d folds",
-        embeddings.n, embeddings.views, embeddings.dim, opened.store.path, run.n_folds,
+        embeddings.n,
+        embeddings.views,
+        embeddings.dim,
+        opened.store.path,
+        run.n_folds,
     )
     with reporting_write_errors("train-fusion", layout.dir):
         with layout.rewriting(STAGE, resumable=True) as out:
-            metrics = _train_all(run, embeddings, reference, config, baselines, out, layout.stage(STAGE))
+            metrics = _train_all(
+                run, embeddings, reference, config, baselines, out, layout.stage(STAGE)
+            )
             record_store(layout, out.name, reference)
     return metrics
 
 
-def _train_all(run: Run, embeddings: Embeddings, identity: dict, config: FusionConfig,
-               baselines: bool, out: Path, previous: Path) -> dict:
+def _train_all(
+    run: Run,
+    embeddings: Embeddings,
+    identity: dict,
+    config: FusionConfig,
+    baselines: bool,
+    out: Path,
+    previous: Path,
+) -> dict:
     """Every fold into `out` (the stage being written), reusing finished folds of `out` and of
     `previous` (the current stage) made with the same key."""
     spec = run.spec
@@ -140,11 +153,17 @@ def _train_all(run: Run, embeddings: Embeddings, identity: dict, config: FusionC
             _adopt_fold(previous, out, k, config.members)
             done = _finished_fold(out, k, key, len(valid_rows))
         if done is None:
-            done = _train_fold(run, embeddings, config, baselines, device, k, train_rows, valid_rows)
+            done = _train_fold(
+                run, embeddings, config, baselines, device, k, train_rows, valid_rows
+            )
             _save_fold(out, k, key, done)
         else:
-            log.info("fusion fold %d: trained before with these settings, data and vectors; kept "
-                     "(delete %s to train it again)", k, previous / f"fold{k}.done.json")
+            log.info(
+                "fusion fold %d: trained before with these settings, data and vectors; kept "
+                "(delete %s to train it again)",
+                k,
+                previous / f"fold{k}.done.json",
+            )
         encoders[k] = done["encoder"]
         oof[valid_rows] = done["p_valid"]
         folds_info.append(done["info"])
@@ -174,7 +193,9 @@ def _train_all(run: Run, embeddings: Embeddings, identity: dict, config: FusionC
             "logreg": {**_figures(y, p_logreg), "folds": logreg_info},
             "image_only": {**_figures(y, oof_image), "folds": image_info},
         }
-        frame = pd.DataFrame({"id": ids, "fold": fold, "target": y, "p_logreg": p_logreg, "p_image_only": oof_image})
+        frame = pd.DataFrame(
+            {"id": ids, "fold": fold, "target": y, "p_logreg": p_logreg, "p_image_only": oof_image}
+        )
         atomic_write(out / "baselines_oof.csv", lambda f: frame.to_csv(f, index=False))
     layout.write_metrics(out.name, metrics)
     line = f"fusion OOF: pauc80 {metrics['pauc80']:.4f}, ROC AUC {metrics['roc_auc']:.4f}"
@@ -185,8 +206,16 @@ def _train_all(run: Run, embeddings: Embeddings, identity: dict, config: FusionC
     return metrics
 
 
-def _train_fold(run: Run, embeddings: Embeddings, config: FusionConfig, baselines: bool,
-                device, k: int, train_rows: np.ndarray, valid_rows: np.ndarray) -> dict:
+def _train_fold(
+    run: Run,
+    embeddings: Embeddings,
+    config: FusionConfig,
+    baselines: bool,
+    device,
+    k: int,
+    train_rows: np.ndarray,
+    valid_rows: np.ndarray,
+) -> dict:
     y = run.target
     encoder = FeatureEncoder().fit(run.frame.iloc[train_rows], run.spec)
     meta = encode_meta(encoder, run.frame)
@@ -195,20 +224,46 @@ def _train_fold(run: Run, embeddings: Embeddings, config: FusionConfig, baseline
         # Member 0 draws what a single model drew, so members=1 is the single model exactly.
         seed_key = (k, 0) if member == 0 else (k, 0, member)
         label = f"fusion fold {k}" + (f" member {member}" if config.members > 1 else "")
-        model, p_member, info = train_one(embeddings, meta, y, train_rows, valid_rows, config, device,
-                                          seed_key=seed_key, label=label)
+        model, p_member, info = train_one(
+            embeddings,
+            meta,
+            y,
+            train_rows,
+            valid_rows,
+            config,
+            device,
+            seed_key=seed_key,
+            label=label,
+        )
         states.append(cpu_state(model))
         predictions.append(p_member)
         infos.append(info)
-    info = infos[0] if config.members == 1 else {
-        "best_epoch": [i["best_epoch"] for i in infos], "epochs": [i["epochs"] for i in infos],
-        "valid_pauc80": finite_or_none(pauc80(y[valid_rows], np.mean(predictions, axis=0))),
-        "seconds": round(sum(i["seconds"] for i in infos), 2)}
-    done = {"encoder": encoder, "models": states, "p_valid": np.mean(predictions, axis=0),
-            "info": {"fold": k, "n_meta": int(meta.shape[1]), **info}}
+    info = (
+        infos[0]
+        if config.members == 1
+        else {
+            "best_epoch": [i["best_epoch"] for i in infos],
+            "epochs": [i["epochs"] for i in infos],
+            "valid_pauc80": finite_or_none(pauc80(y[valid_rows], np.mean(predictions, axis=0))),
+            "seconds": round(sum(i["seconds"] for i in infos), 2),
+        }
+    )
+    done = {
+        "encoder": encoder,
+        "models": states,
+        "p_valid": np.mean(predictions, axis=0),
+        "info": {"fold": k, "n_meta": int(meta.shape[1]), **info},
+    }
     if baselines:
         _, p_image, info_image = train_one(
-            embeddings, None, y, train_rows, valid_rows, config, device, seed_key=(k, 1),
+            embeddings,
+            None,
+            y,
+            train_rows,
+            valid_rows,
+            config,
+            device,
+            seed_key=(k, 1),
             label=f"image-only fold {k}",
         )
         done.update(p_image=p_image, image_info={"fold": k, **info_image})
@@ -227,8 +282,15 @@ def _data_digest(run: Run) -> str:
 def _fold_key(data: str, identity: dict, config: FusionConfig, baselines: bool, k: int) -> str:
     """What fold k's result depends on: code version, settings, store, data, folds, and the
     vectors read (the digest `identity["read"]`, recorded by `fuse.stores.SpecStore.reference`)."""
-    payload = {"code": lesionfuse_version(), "config": config.to_dict(), "baselines": baselines, "fold": k,
-               "store": identity_of(identity), "data": data, "read": identity.get("read")}
+    payload = {
+        "code": lesionfuse_version(),
+        "config": config.to_dict(),
+        "baselines": baselines,
+        "fold": k,
+        "store": identity_of(identity),
+        "data": data,
+        "read": identity.get("read"),
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -267,10 +329,15 @@ def _finished_fold(out: Path, k: int, key: str, n_valid: int) -> dict | None:
         return None
     if record.get("key") != key or len(record.get("p_valid", ())) != n_valid:
         return None
-    done = {"encoder": FeatureEncoder.from_json(json.loads(encoder_path.read_text())),
-            "p_valid": np.asarray(record["p_valid"], dtype=float), "info": record["info"]}
+    done = {
+        "encoder": FeatureEncoder.from_json(json.loads(encoder_path.read_text())),
+        "p_valid": np.asarray(record["p_valid"], dtype=float),
+        "info": record["info"],
+    }
     if "p_image" in record:
-        done.update(p_image=np.asarray(record["p_image"], dtype=float), image_info=record["image_info"])
+        done.update(
+            p_image=np.asarray(record["p_image"], dtype=float), image_info=record["image_info"]
+        )
     return done
 
 
@@ -278,4 +345,3 @@ def _figures(y: np.ndarray, p: np.ndarray) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MetricWarning)
         return {"pauc80": finite_or_none(pauc80(y, p)), "roc_auc": finite_or_none(roc_auc(y, p))}
-

@@ -12,7 +12,9 @@ import numpy as np
 
 from fuse.errors import RunError
 
-RowReader = Callable[[np.ndarray], np.ndarray]
+__all__ = ["Embeddings"]
+
+_RowReader = Callable[[np.ndarray], np.ndarray]
 
 
 class Embeddings:
@@ -23,7 +25,7 @@ class Embeddings:
     Built from a memory-mapped feature store (`from_store`) or an in-memory array (`from_array`).
     """
 
-    def __init__(self, read: RowReader, n: int, views: int, dim: int):
+    def __init__(self, read: _RowReader, n: int, views: int, dim: int):
         self._read = read
         self.n, self.views, self.dim = n, views, dim
 
@@ -36,8 +38,13 @@ class Embeddings:
 
     @classmethod
     def from_store(cls, store, ids: Sequence[str]) -> Embeddings:
-        ids = np.asarray(list(ids), dtype=object)
-        return cls(lambda index: store.read(ids[index].tolist()), len(ids), int(store.views), int(store.dim))
+        id_array = np.asarray(list(ids), dtype=object)
+        return cls(
+            lambda index: store.read(id_array[index].tolist()),
+            len(id_array),
+            int(store.views),
+            int(store.dim),
+        )
 
     def rows(self, index: np.ndarray) -> np.ndarray:
         """Shape (len(index), views, dim), rows in the order asked."""
@@ -55,4 +62,3 @@ class Embeddings:
             index = np.arange(start, min(start + batch, self.n))
             out[index] = self.rows(index).astype(np.float32).mean(axis=1)
         return out
-

@@ -52,8 +52,13 @@ class FusionModel:
     READS_METADATA = True
     NEEDS_FUSION = True
 
-    def __init__(self, record: dict, store: dict, folds: list[tuple[FusionMLP, FeatureEncoder]],
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        record: dict,
+        store: dict,
+        folds: list[tuple[FusionMLP, FeatureEncoder]],
+        device: torch.device | str = "cpu",
+    ):
         self.record, self.store = record, store
         self.dim = int(record["n_image"])
         self.device = torch.device(device)
@@ -79,7 +84,9 @@ class FusionModel:
         stage_dir = Path(stage_dir)
         record = json.loads(require_stage_file(stage_dir, CONFIG_FILE).read_text())
         store = json.loads(require_stage_file(stage_dir, STORE_RECORD).read_text())
-        config = FusionConfig.from_dict({k: v for k, v in record.items() if k in FusionConfig.__dataclass_fields__})
+        config = FusionConfig.from_dict(
+            {k: v for k, v in record.items() if k in FusionConfig.__dataclass_fields__}
+        )
         folds = []
         for k in range(int(record["n_folds"])):
             encoder_path = stage_dir / f"encoder_fold{k}.json"
@@ -95,9 +102,16 @@ class FusionModel:
                 folds.append((model, encoder))
         return cls(record, store, folds, device)
 
-    def predict(self, frame: pd.DataFrame, embeddings: np.ndarray, *, identity: dict | None = None,
-                spec: DatasetSpec | None = None, encode: Encode | None = None,
-                batch_size: int = 4096) -> np.ndarray:
+    def predict(
+        self,
+        frame: pd.DataFrame,
+        embeddings: np.ndarray,
+        *,
+        identity: dict | None = None,
+        spec: DatasetSpec | None = None,
+        encode: Encode | None = None,
+        batch_size: int = 4096,
+    ) -> np.ndarray:
         """Probabilities of malignancy: the mean over fold models and over views.
 
         Args:
@@ -119,7 +133,8 @@ class FusionModel:
         embeddings = np.asarray(embeddings)
         if embeddings.ndim != 3 or embeddings.shape[0] != len(frame):
             raise RunError(
-                f"embeddings: expected shape ({len(frame)}, views, {self.dim}), got {embeddings.shape}"
+                f"embeddings: expected shape ({len(frame)}, views, {self.dim}), "
+                f"got {embeddings.shape}"
             )
         if embeddings.shape[2] != self.dim:
             raise StoreMismatchError(
@@ -127,13 +142,20 @@ class FusionModel:
                 f"got {embeddings.shape[2]}"
             )
         if identity is not None:
-            check_identity(identity, self.identity, "the embeddings given",
-                           "the fusion models were trained on",
-                           hint="embed with the same weights and settings, or train a new run")
+            check_identity(
+                identity,
+                self.identity,
+                "the embeddings given",
+                "the fusion models were trained on",
+                hint="embed with the same weights and settings, or train a new run",
+            )
         bad = ~np.isfinite(embeddings).all(axis=(1, 2))
         if bad.any():
-            ids = (frame[spec.id].astype(str).to_numpy()[bad] if spec is not None and spec.id in frame.columns
-                   else np.flatnonzero(bad))
+            ids = (
+                frame[spec.id].astype(str).to_numpy()[bad]
+                if spec is not None and spec.id in frame.columns
+                else np.flatnonzero(bad)
+            )
             raise RunError(f"embeddings: non-finite values in rows {preview(list(ids))}")
         frame = positional(frame)
         source = Embeddings.from_array(embeddings)
@@ -144,4 +166,3 @@ class FusionModel:
             meta = torch.from_numpy(encode_meta(encoder, frame, features))
             total += predict_rows(model, source, meta, rows, batch_size, self.device)
         return total / len(self.folds)
-

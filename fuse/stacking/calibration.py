@@ -110,7 +110,8 @@ class Calibrator:
     """A fitted score -> probability map, saved as JSON (never pickled).
 
     `method` "platt": p = sigmoid(a * logit(score) + b), `params` {a, b}.
-    `method` "beta": p = sigmoid(a * ln(score) - b * ln(1 - score) + c), `params` {a, b, c}, a, b >= 0.
+    `method` "beta": p = sigmoid(a * ln(score) - b * ln(1 - score) + c), `params` {a, b, c},
+    a, b >= 0.
     `method` "isotonic-interpolated": p = sigmoid(linear interpolation of `params` {x, log_odds}
     at the score), held at the ends outside [x[0], x[-1]]; x and log_odds strictly increasing.
     `method` "isotonic" (runs stacked before the strictly increasing maps): interpolation through
@@ -129,12 +130,16 @@ class Calibrator:
             return _sigmoid(self.params["a"] * _logit(score) + self.params["b"])
         if self.method == "beta":
             s = _clip(score)
-            return _sigmoid(self.params["a"] * np.log(s) - self.params["b"] * np.log1p(-s) + self.params["c"])
+            return _sigmoid(
+                self.params["a"] * np.log(s) - self.params["b"] * np.log1p(-s) + self.params["c"]
+            )
         if self.method == "isotonic-interpolated":
             return _sigmoid(np.interp(score, self.params["x"], self.params["log_odds"]))
         if self.method == "isotonic":
             return np.interp(score, self.params["x"], self.params["y"])
-        raise RunError(f"calibration: unknown method {self.method!r}; expected one of {list(KNOWN_METHODS)}")
+        raise RunError(
+            f"calibration: unknown method {self.method!r}; expected one of {list(KNOWN_METHODS)}"
+        )
 
     def to_json(self) -> dict:
         return {"method": self.method, "params": self.params, "prevalence": self.prevalence}
@@ -147,22 +152,32 @@ class Calibrator:
             RunError: an unknown method (names `invoke stack`).
         """
         if data.get("method") not in KNOWN_METHODS:
-            raise RunError(f"calibration: unknown method {data.get('method')!r}; rerun `invoke stack --run R`")
-        return cls(method=data["method"], params=data["params"], prevalence=float(data["prevalence"]))
+            raise RunError(
+                f"calibration: unknown method {data.get('method')!r}; rerun `invoke stack --run R`"
+            )
+        return cls(
+            method=data["method"], params=data["params"], prevalence=float(data["prevalence"])
+        )
 
 
 def _check(y, score) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(y)
     score = np.asarray(score, dtype=np.float64)
     if y.shape != score.shape or y.ndim != 1:
-        raise RunError(f"calibration: labels and scores must be two arrays of one length, got shapes "
-                       f"{y.shape} and {score.shape}")
+        raise RunError(
+            f"calibration: labels and scores must be two arrays of one length, got shapes "
+            f"{y.shape} and {score.shape}"
+        )
     if not np.isfinite(score).all():
-        raise RunError(f"calibration: {int((~np.isfinite(score)).sum())} scores are not finite; "
-                       "rerun the final model's stage")
+        raise RunError(
+            f"calibration: {int((~np.isfinite(score)).sum())} scores are not finite; "
+            "rerun the final model's stage"
+        )
     if not np.isin(y, (0, 1)).all() or len(np.unique(y)) < 2:
-        raise RunError(f"calibration: labels must be 0/1 with both classes present, got values "
-                       f"{sorted(np.unique(y).tolist())[:5]}")
+        raise RunError(
+            f"calibration: labels must be 0/1 with both classes present, got values "
+            f"{sorted(np.unique(y).tolist())[:5]}"
+        )
     return y.astype(np.int64), score
 
 
@@ -205,15 +220,20 @@ def _fit_isotonic_steps(y: np.ndarray, score: np.ndarray) -> dict:
     return {"x": model.X_thresholds_.tolist(), "y": model.y_thresholds_.tolist()}
 
 
-def _isotonic_steps(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Pool-adjacent-violators on the distinct scores: per step, (mean score, rows, malignant, lowest
+def _isotonic_steps(
+    y: np.ndarray, score: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pool-adjacent-violators on the distinct scores: per step, (mean score, rows, malignant,
+    lowest
     and highest score) as arrays over the steps in increasing order."""
     from sklearn.isotonic import isotonic_regression
 
     # Tied scores are one point (weighted by their rows): a step never splits lesions of one score.
     values, inverse, rows = np.unique(score, return_inverse=True, return_counts=True)
     malignant = np.bincount(inverse, weights=y, minlength=len(values))
-    fitted = isotonic_regression(malignant / rows, sample_weight=rows.astype(np.float64), increasing=True)
+    fitted = isotonic_regression(
+        malignant / rows, sample_weight=rows.astype(np.float64), increasing=True
+    )
     # PAV gives every point of a step the step's own mean, so a step ends where the value changes.
     starts = np.flatnonzero(np.r_[True, np.diff(fitted) != 0])
     step_rows = np.add.reduceat(rows, starts)
@@ -234,7 +254,8 @@ def _fit_isotonic_interpolated(y: np.ndarray, score: np.ndarray) -> dict:
     if share[-1] == 1:
         share[-1] = max(1 - 0.5 / (rows[-1] + 1), (1 + share[-2]) / 2)
     x, z = list(centres), list(np.log(share / (1 - share)))
-    # Strictly increasing up to the lowest and highest fitted scores, not flat past the outer centres.
+    # Strictly increasing up to the lowest and highest fitted scores, not flat past the outer
+    # centres.
     most = math.log(END_ODDS_FACTOR)
     if values[0] < centres[0]:
         slope = (z[1] - z[0]) / (x[1] - x[0])
@@ -259,7 +280,8 @@ def fit_calibrator(y: np.ndarray, score: np.ndarray, method: str) -> Calibrator:
     """Fit `method` (one of `KNOWN_METHODS`) on labels `y` and scores `score`, shape (n,) each.
 
     Raises:
-        RunError: an unknown method; labels not 0/1 or of one class; scores not finite; lengths differ.
+        RunError: an unknown method; labels not 0/1 or of one class; scores not finite; lengths
+            differ.
     """
     if method not in _FITS:
         raise RunError(f"calibration method: expected one of {list(KNOWN_METHODS)}, got {method!r}")
@@ -282,25 +304,29 @@ def out_of_fold(y: np.ndarray, score: np.ndarray, folds: np.ndarray, method: str
 
 
 def distinct_share(calibrated: np.ndarray, score: np.ndarray) -> float:
-    """Distinct calibrated values over distinct scores (1.0: no lesions tied that the score told apart)."""
+    """Distinct calibrated values over distinct scores (1.0: no lesions tied that the score told
+    apart)."""
     return len(np.unique(calibrated)) / len(np.unique(score))
 
 
 def _ranking_loss(figures: dict, uncalibrated: dict) -> float:
-    """How much ROC AUC or pAUC80 the calibrated out-of-fold probabilities lost (the larger; <= 0: none)."""
+    """How much ROC AUC or pAUC80 the calibrated out-of-fold probabilities lost (the larger;
+    <= 0: none)."""
     return max(uncalibrated[name] - figures[name] for name in ("roc_auc", "pauc80"))
 
 
-def choose_calibrator(y: np.ndarray, score: np.ndarray, folds: np.ndarray) -> tuple[Calibrator, np.ndarray, dict]:
+def choose_calibrator(
+    y: np.ndarray, score: np.ndarray, folds: np.ndarray
+) -> tuple[Calibrator, np.ndarray, dict]:
     """The candidate with the lowest out-of-fold Brier score among those that keep the ranking,
     fitted on every row.
 
     Every candidate is strictly increasing, yet out of fold each fold's rows pass through their own
     calibrator, and calibrators that differ from fold to fold reorder lesions of different folds:
     a flexible map (the isotonic one) can cost the pooled figures about 0.001 ROC AUC that way,
-    for a Brier score lower by about 0.0001. So a candidate whose ROC AUC or pAUC80 out of fold falls
-    more than `RANKING_TOLERANCE` below the uncalibrated score's is chosen only when every candidate
-    does (then the one that loses least).
+    for a Brier score lower by about 0.0001. So a candidate whose ROC AUC or pAUC80 out of fold
+    falls more than `RANKING_TOLERANCE` below the uncalibrated score's is chosen only when every
+    candidate does (then the one that loses least).
 
     Args:
         y, score, folds: labels, out-of-fold scores of the final model and their folds, shape (n,).
@@ -330,13 +356,20 @@ def choose_calibrator(y: np.ndarray, score: np.ndarray, folds: np.ndarray) -> tu
         chosen = min(keeping, key=lambda m: figures[m]["brier"])  # ties: the earlier, simpler one
     else:
         chosen = min(METHODS, key=lambda m: losses[m])
-        log.warning("calibration: every candidate loses more than %g ROC AUC or pAUC80 out of fold "
-                    "(%s); chose %s, which loses least", RANKING_TOLERANCE,
-                    ", ".join(f"{m} {losses[m]:.4f}" for m in METHODS), chosen)
+        log.warning(
+            "calibration: every candidate loses more than %g ROC AUC or pAUC80 out of fold "
+            "(%s); chose %s, which loses least",
+            RANKING_TOLERANCE,
+            ", ".join(f"{m} {losses[m]:.4f}" for m in METHODS),
+            chosen,
+        )
     figures["chosen"] = chosen
     figures["tolerance"] = RANKING_TOLERANCE
-    log.info("calibration out of fold (Brier / ranking loss): %s; chosen %s",
-             ", ".join(f"{m} {figures[m]['brier']:.5f} / {losses[m]:+.4f}" for m in METHODS), chosen)
+    log.info(
+        "calibration out of fold (Brier / ranking loss): %s; chosen %s",
+        ", ".join(f"{m} {figures[m]['brier']:.5f} / {losses[m]:+.4f}" for m in METHODS),
+        chosen,
+    )
     return fit_calibrator(y, score, chosen), candidates[chosen], figures
 
 

@@ -5,14 +5,13 @@ Two ways to join the LightGBM ensemble (`gbdt/`) and the fusion MLP (`fusion/`):
 - "stack": LightGBM on the metadata features plus the two base models' predictions as two more
   features, `p_fusion` (the fusion MLP) and `p_gbdt` (the LightGBM ensemble, which also saw the
   image PCA components the stack itself lacks); the shape of the ISIC 2024 winners' second stage.
-  Trained and evaluated with the run's own folds: for fold k it learns on the rows of the other
-  folds, using *their* out-of-fold base predictions, and predicts fold k from fold k's
-  out-of-fold base predictions. At scoring time the base features are the fold-averaged base
-  predictions and the stack's fold models are averaged.
-- "blend": a weighted average of the two base models' ranks. A rank is taken against a reference
-  distribution (the out-of-fold predictions of the training part), not within the batch being
-  scored, so one row scores the same alone or among thousands. The weight is chosen on the
-  training folds only.
+  Trained and evaluated with the run's own folds (`fuse.stacking.stacker`). With
+  `StackConfig.patient_ranks` and a spec with a `patient` column the stack also gets each base
+  prediction's rank among its patient's rows (`fuse.stacking.patient_ranks`).
+- "blend": a weighted average of the two base models' ranks (`fuse.stacking.blend`). A rank is
+  taken against a reference distribution (the out-of-fold predictions of the training part), not
+  within the batch being scored, so one row scores the same alone or among thousands. The weight
+  is chosen on the training folds only.
 
 Both are evaluated out of fold; the better on pAUC80 becomes the run's final model, recorded in
 `stack/final.json` with its operating threshold (chosen on its out-of-fold predictions for the
@@ -20,310 +19,90 @@ target sensitivity). Picking the better of two on the same rows flatters the win
 with two candidates the bias is small, and the report shows both. The blend's output is a rank
 score in [0, 1], ordered like a probability but not calibrated as one.
 
-Why stacking on out-of-fold predictions does not leak fold k's labels into fold k's figures (the
-same reasoning holds for each base feature, `p_fusion` and `p_gbdt` alike, since both base stages
-were trained on the same run folds and both files are out of fold): the feature value of an
-evaluated row of fold k is its out-of-fold base prediction, made by the base model that did not
-see fold k. The training rows' feature values came from base models that *did* see fold k's rows
-(each training row's own base model left out that row's fold, not fold k), so fold k's labels
-shaped those values; but only through a model that had to generalise to the training row, never
-by copying fold k's labels into fold k's features. What the stack learns is "honest out-of-fold
-base scores -> label", and fold k's rows get exactly that kind of scores. A stack that also
-learnt from fold k's rows would leak: tests/fuse/test_stack.py builds one, shows that it scores on
-labels it should not know (random labels; a fusion or gbdt column equal to the label on the
-training folds and noise on the evaluated one), and that this module does not.
+The stacker itself, and why stacking on out-of-fold predictions does not leak fold k's labels
+into fold k's figures, is `fuse.stacking.stacker`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
-from common.files import atomic_write, atomic_write_json, reporting_write_errors, sha256_file
+from common.files import atomic_write_json, reporting_write_errors, sha256_file
 from fuse.applicability.ranges import write_ranges
 from fuse.errors import RunError
+from fuse.stacking.blend import (
+    REFERENCE_POINTS,
+    BlendModel,
+    blend_scores,
+    choose_blend_weight,
+    oof_blend,
+    rank_reference,
+    to_rank,
+)
 from fuse.stacking.calibration import Calibrator, choose_calibrator
+from fuse.stacking.patient_ranks import rank_feature
+from fuse.stacking.stacker import (
+    BASE_FEATURES,
+    FUSION_FEATURE,
+    GBDT_FEATURE,
+    StackConfig,
+    StackModel,
+    fit_stack_model,
+    load_encoder,
+    oof_stack,
+    stack_features,
+    stack_patient,
+)
 from fuse.stores import run_identity
-from runfolder.layout import FINAL, RunLayout, require_stage_file
+from runfolder.layout import FINAL, RunLayout
 from runfolder.stage import load_stage
 from tabular.errors import DataError
-from tabular.gbdt_model import Encode, positional
+from tabular.gbdt_model import Encode
 from tabular.metrics import MetricWarning, pauc80, summarize
 
-__all__ = ["BASE_FEATURES", "BASE_STAGES", "CALIBRATED_OOF", "FUSION_FEATURE", "GBDT_FEATURE", "REFERENCE_POINTS",
-           "TABULAR_FINAL", "BlendModel", "FinalModel", "GBDTFinal", "StackConfig", "StackModel", "blend_scores",
-           "choose_blend_weight", "evaluate", "fit_stack_model", "load_encoder", "load_final", "oof_blend",
-           "oof_stack", "rank_reference", "stack", "stack_features", "tabular_only", "to_rank"]
+__all__ = [
+    "BASE_FEATURES",
+    "BASE_STAGES",
+    "CALIBRATED_OOF",
+    "FUSION_FEATURE",
+    "GBDT_FEATURE",
+    "REFERENCE_POINTS",
+    "TABULAR_FINAL",
+    "BlendModel",
+    "FinalModel",
+    "GBDTFinal",
+    "StackConfig",
+    "StackModel",
+    "blend_scores",
+    "choose_blend_weight",
+    "evaluate",
+    "fit_stack_model",
+    "load_encoder",
+    "load_final",
+    "oof_blend",
+    "oof_stack",
+    "rank_reference",
+    "stack",
+    "stack_features",
+    "stack_patient",
+    "tabular_only",
+    "to_rank",
+]
 
 log = logging.getLogger(__name__)
 
 BASE_STAGES = ("gbdt", "fusion")
 # The final model's name in `final.json` when the run is tabular-only (see `tabular_only`).
 TABULAR_FINAL = "gbdt"
-FUSION_FEATURE = "p_fusion"
-GBDT_FEATURE = "p_gbdt"
-# The base-model features the stack appends to the metadata features, in this column order.
-BASE_FEATURES = (FUSION_FEATURE, GBDT_FEATURE)
-# Quantiles kept per base model as the blend's rank reference: fine enough that the top 0.1% of
-# an ISIC-sized set (the part pAUC80 looks at) keeps distinct ranks, small enough for JSON.
-REFERENCE_POINTS = 4097
 # The final model's calibrated out-of-fold probabilities, beside the stack's own oof.csv.
 CALIBRATED_OOF = "final_oof.csv"
-
-
-@dataclass(frozen=True)
-class StackConfig:
-    """The stack's LightGBM parameters and the blend's weight grid.
-
-    A fixed number of rounds, no early stopping: stopping on fold k would pick the round count on
-    the rows being evaluated.
-    """
-
-    num_boost_round: int = 300
-    learning_rate: float = 0.03
-    num_leaves: int = 15
-    min_data_in_leaf: int = 20
-    feature_fraction: float = 0.8
-    bagging_fraction: float = 0.8
-    bagging_freq: int = 1
-    lambda_l2: float = 1.0
-    seed: int = 0
-    blend_weights: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
-
-    def lgb_params(self) -> dict:
-        return {
-            "objective": "binary",
-            "learning_rate": self.learning_rate,
-            "num_leaves": self.num_leaves,
-            "min_data_in_leaf": self.min_data_in_leaf,
-            "feature_fraction": self.feature_fraction,
-            "bagging_fraction": self.bagging_fraction,
-            "bagging_freq": self.bagging_freq,
-            "lambda_l2": self.lambda_l2,
-            "seed": self.seed,
-            "deterministic": True,
-            "num_threads": 1,
-            "verbosity": -1,
-        }
-
-
-# ----------------------------------------------------------------------------------- the stack
-
-
-def stack_features(encoder, frame: pd.DataFrame, p_fusion: np.ndarray, p_gbdt: np.ndarray | None = None,
-                   features: pd.DataFrame | None = None) -> pd.DataFrame:
-    """The stack's input: the encoder's metadata features plus `p_fusion` and `p_gbdt` as the last
-    columns (in that order; `p_gbdt` omitted when None, as for a stack saved before it was a
-    feature). NaN in `p_gbdt` is passed through: LightGBM routes missing values.
-
-    `features`, when given, is `encoder.transform(frame)` computed already.
-    """
-    features = (encoder.transform(frame) if features is None else features.copy()).reset_index(drop=True)
-    base = {FUSION_FEATURE: p_fusion}
-    if p_gbdt is not None:
-        base[GBDT_FEATURE] = p_gbdt
-    for name, values in base.items():
-        if name in features.columns:
-            raise RunError(f"metadata feature name {name!r} clashes with the stack's base-model feature")
-        features[name] = np.asarray(values, dtype=np.float32)
-    return features
-
-
-def fit_stack_model(features: pd.DataFrame, y: np.ndarray, config: StackConfig) -> lgb.Booster:
-    """One stack LightGBM on (features, y); the rows given are the only rows it learns from."""
-    data = lgb.Dataset(features, label=np.asarray(y), free_raw_data=True)
-    return lgb.train(config.lgb_params(), data, num_boost_round=config.num_boost_round)
-
-
-def _fit_encoder(frame: pd.DataFrame, spec):
-    from tabular.features import FeatureEncoder
-
-    return FeatureEncoder().fit(frame, spec)
-
-
-def load_encoder(path: Path):
-    """A fold's `FeatureEncoder` from its JSON file."""
-    from tabular.features import FeatureEncoder
-
-    return FeatureEncoder.from_json(json.loads(path.read_text()))
-
-
-def oof_stack(frame: pd.DataFrame, spec, y: np.ndarray, folds: np.ndarray, p_fusion: np.ndarray,
-              p_gbdt: np.ndarray, config: StackConfig, out_dir: Path | None = None) -> np.ndarray:
-    """Out-of-fold stack predictions, shape (n,); fold k's rows never reach fold k's model.
-
-    `p_fusion`, `p_gbdt`: the base models' out-of-fold predictions on the run's folds.
-    For each fold k the encoder and the model are fitted on the rows of the other folds only.
-    With `out_dir`, each fold's model (`fold{k}.txt`) and encoder (`encoder_fold{k}.json`) are saved.
-    """
-    p = np.full(len(frame), np.nan)
-    for k in np.unique(folds):
-        # Fold k's model sees only the other folds' rows, their out-of-fold fusion and gbdt
-        # predictions and an encoder fitted on them; fold k's own base predictions came from the
-        # base models that left fold k out (see the module docstring for why this does not leak).
-        train = np.flatnonzero(folds != k)
-        valid = np.flatnonzero(folds == k)
-        train_frame = frame.iloc[train].reset_index(drop=True)
-        encoder = _fit_encoder(train_frame, spec)
-        model = fit_stack_model(stack_features(encoder, train_frame, p_fusion[train], p_gbdt[train]),
-                                y[train], config)
-        valid_frame = frame.iloc[valid].reset_index(drop=True)
-        p[valid] = model.predict(stack_features(encoder, valid_frame, p_fusion[valid], p_gbdt[valid]))
-        if out_dir is not None:
-            text = model.model_to_string()
-            atomic_write(out_dir / f"fold{k}.txt", lambda f, text=text: f.write(text.encode("utf-8")))
-            atomic_write_json(out_dir / f"encoder_fold{k}.json", encoder.to_json(), indent=None)
-    return p
-
-
-class StackModel:
-    """The stack's fold models and encoders, loaded once to score many batches of rows (a
-    `runfolder.stage.Stage`)."""
-
-    STAGE = "stack"
-    MARKER = "stack.json"
-    READS_METADATA = True
-    NEEDS_FUSION = True
-
-    def __init__(self, folds: list[tuple[object, lgb.Booster]], uses_gbdt: bool = True):
-        self.folds = folds
-        self.uses_gbdt = uses_gbdt  # False for a stack saved when p_fusion was its only base feature
-
-    @property
-    def encoders(self) -> list:
-        return [encoder for encoder, _ in self.folds]
-
-    @classmethod
-    def load(cls, stage_dir: Path | str) -> StackModel:
-        """Read `stack.json`, `fold{k}.txt` and `encoder_fold{k}.json` of a `stack/` folder.
-
-        Raises:
-            RunError: a file is missing (names it and `invoke stack`).
-        """
-        stage_dir = Path(stage_dir)
-        record = json.loads(_stage_file(stage_dir, "stack.json").read_text())
-        folds = []
-        for k in record["folds"]:
-            model_path = _stage_file(stage_dir, f"fold{k}.txt")
-            encoder = load_encoder(_stage_file(stage_dir, f"encoder_fold{k}.json"))
-            folds.append((encoder, lgb.Booster(model_file=str(model_path))))
-        return cls(folds, uses_gbdt=GBDT_FEATURE in record.get("features", [record.get("feature")]))
-
-    def predict(self, frame: pd.DataFrame, p_gbdt: np.ndarray, p_fusion: np.ndarray,
-                encode: Encode | None = None) -> np.ndarray:
-        """Mean of the fold models on `frame`'s rows, shape (n,).
-
-        `p_gbdt`, `p_fusion`: the LightGBM ensemble's and the fusion MLP's fold-averaged
-        predictions for the same rows (NaN in `p_gbdt` is routed by LightGBM as missing).
-        `encode`, when given, is called as `encode(encoder, frame)` in place of
-        `encoder.transform(frame)` (to share encoded features between stages).
-        """
-        frame = positional(frame)
-        gbdt = p_gbdt if self.uses_gbdt else None
-        total = np.zeros(len(frame))
-        for encoder, model in self.folds:
-            features = encode(encoder, frame) if encode is not None else None
-            total += model.predict(stack_features(encoder, frame, p_fusion, gbdt, features))
-        return total / len(self.folds)
-
-
-def _stage_file(stage_dir: Path, name: str) -> Path:
-    return require_stage_file(stage_dir, name)
-
-
-# ----------------------------------------------------------------------------------- the blend
-
-
-def rank_reference(p: np.ndarray, points: int = REFERENCE_POINTS) -> np.ndarray:
-    """Strictly increasing quantiles of `p` that define its rank function (see `to_rank`)."""
-    p = np.asarray(p, dtype=np.float64)
-    if len(p) <= points:
-        return np.unique(p)
-    return np.unique(np.quantile(p, np.linspace(0.0, 1.0, points)))
-
-
-def to_rank(reference: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """The share of the reference below `p` (0..1), linear between the reference's quantiles."""
-    reference = np.asarray(reference, dtype=np.float64)
-    if len(reference) == 1:
-        return np.where(np.asarray(p) >= reference[0], 1.0, 0.0)
-    levels = np.linspace(0.0, 1.0, len(reference))
-    return np.interp(np.asarray(p, dtype=np.float64), reference, levels)
-
-
-def blend_scores(weight_gbdt: float, references: dict, p_gbdt: np.ndarray, p_fusion: np.ndarray) -> np.ndarray:
-    """`w * rank(p_gbdt) + (1 - w) * rank(p_fusion)`, ranks against the stored references."""
-    return (weight_gbdt * to_rank(references["gbdt"], p_gbdt)
-            + (1.0 - weight_gbdt) * to_rank(references["fusion"], p_fusion))
-
-
-def choose_blend_weight(y: np.ndarray, p_gbdt: np.ndarray, p_fusion: np.ndarray,
-                        weights: tuple[float, ...]) -> tuple[float, dict]:
-    """The weight of gbdt that maximises pAUC80 on these rows (ties: the one nearest 0.5).
-
-    Returns (weight, references) where references are the rank references of these rows.
-    """
-    references = {"gbdt": rank_reference(p_gbdt), "fusion": rank_reference(p_fusion)}
-    if y.min() == y.max():
-        return 0.5, references
-    best, best_score = 0.5, -math.inf
-    for w in sorted(weights, key=lambda w: abs(w - 0.5)):
-        score = pauc80(y, blend_scores(w, references, p_gbdt, p_fusion))
-        if score > best_score + 1e-12:
-            best, best_score = float(w), score
-    return best, references
-
-
-def oof_blend(y: np.ndarray, folds: np.ndarray, p_gbdt: np.ndarray, p_fusion: np.ndarray,
-              config: StackConfig) -> tuple[np.ndarray, dict[int, float]]:
-    """Out-of-fold blend scores, shape (n,), and the weight each fold used.
-
-    Fold k's weight and rank references come from the other folds' rows only.
-    """
-    p = np.full(len(y), np.nan)
-    chosen = {}
-    for k in np.unique(folds):
-        train = folds != k
-        weight, references = choose_blend_weight(y[train], p_gbdt[train], p_fusion[train], config.blend_weights)
-        p[~train] = blend_scores(weight, references, p_gbdt[~train], p_fusion[~train])
-        chosen[int(k)] = weight
-    return p, chosen
-
-
-class BlendModel:
-    """The blend's weight and rank references, loaded once (`blend/blend.json`; a
-    `runfolder.stage.Stage`)."""
-
-    STAGE = "blend"
-    MARKER = "blend.json"
-    READS_METADATA = False
-    NEEDS_FUSION = True
-    encoders: list = []
-
-    def __init__(self, weight_gbdt: float, references: dict[str, np.ndarray]):
-        self.weight_gbdt, self.references = weight_gbdt, references
-
-    @classmethod
-    def load(cls, stage_dir: Path | str) -> BlendModel:
-        record = json.loads(_stage_file(Path(stage_dir), "blend.json").read_text())
-        return cls(record["weight_gbdt"], {name: np.asarray(values) for name, values in record["references"].items()})
-
-    def predict(self, frame: pd.DataFrame | None, p_gbdt: np.ndarray, p_fusion: np.ndarray,
-                encode: Encode | None = None) -> np.ndarray:
-        """The blend on new rows from the base models' fold-averaged predictions, shape (n,).
-
-        `frame` and `encode` are not used (the blend sees the base models only); they keep the
-        signature of `StackModel.predict`.
-        """
-        return blend_scores(self.weight_gbdt, self.references, p_gbdt, p_fusion)
 
 
 @dataclass(frozen=True)
@@ -353,21 +132,31 @@ def load_final(run_dir: Path | str) -> FinalModel:
     loaders = {"stack": StackModel, "blend": BlendModel, TABULAR_FINAL: GBDTFinal}
     name = record["final"]
     if name not in loaders:
-        raise RunError(f"{layout.final}: unknown final model {name!r}; rerun `invoke stack --run R`")
+        raise RunError(
+            f"{layout.final}: unknown final model {name!r}; rerun `invoke stack --run R`"
+        )
     calibration = record.get("calibration")
     if calibration is None:
-        log.warning("run %s was stacked before calibration: `probability` is the final model's raw "
-                    "score; rerun `invoke stack --run R` to calibrate it", layout.dir)
-    return FinalModel(name=name, threshold=float(record["threshold"]),
-                      sensitivity=float(record.get("sensitivity", math.nan)),
-                      model=load_stage(layout, loaders[name]),
-                      calibrator=Calibrator.from_json(calibration) if calibration else None)
+        log.warning(
+            "run %s was stacked before calibration: `probability` is the final model's raw "
+            "score; rerun `invoke stack --run R` to calibrate it",
+            layout.dir,
+        )
+    return FinalModel(
+        name=name,
+        threshold=float(record["threshold"]),
+        sensitivity=float(record.get("sensitivity", math.nan)),
+        model=load_stage(layout, loaders[name]),
+        calibrator=Calibrator.from_json(calibration) if calibration else None,
+    )
 
 
 # ------------------------------------------------------------------------------------- entry
 
 
-def stack(run_dir: Path | str, sensitivity: float = 0.95, config: StackConfig | None = None) -> dict:
+def stack(
+    run_dir: Path | str, sensitivity: float = 0.95, config: StackConfig | None = None
+) -> dict:
     """Stack and blend a run's base models out of fold and choose its final model.
 
     Reads `gbdt/oof.csv` and `fusion/oof.csv` (checked against the run's `folds.csv`), writes
@@ -409,8 +198,11 @@ def stack(run_dir: Path | str, sensitivity: float = 0.95, config: StackConfig | 
     }
     ids = run.frame[run.spec.id].astype(str).to_numpy()
     y, folds = run.target, run.fold
-    with (reporting_write_errors("stack", layout.dir),
-          layout.rewriting("stack") as stack_dir, layout.rewriting("blend") as blend_dir):
+    with (
+        reporting_write_errors("stack", layout.dir),
+        layout.rewriting("stack") as stack_dir,
+        layout.rewriting("blend") as blend_dir,
+    ):
         written = {"stack": stack_dir, "blend": blend_dir}
         p_stack = _fit_stack(stack_dir, run, p_gbdt, p_fusion, config, made_from)
         p_blend = _fit_blend(blend_dir, y, folds, p_gbdt, p_fusion, config, made_from)
@@ -420,8 +212,18 @@ def stack(run_dir: Path | str, sensitivity: float = 0.95, config: StackConfig | 
             figures[name] = {**evaluate(y, p, folds, sensitivity), "made_from": made_from}
             layout.write_metrics(written[name].name, figures[name])
         final = _choose_final(figures)
-        record = _calibrate_final(layout, stack_dir, ids, y, folds, final,
-                                  p_stack if final == "stack" else p_blend, figures, sensitivity, made_from)
+        record = _calibrate_final(
+            layout,
+            stack_dir,
+            ids,
+            y,
+            folds,
+            final,
+            p_stack if final == "stack" else p_blend,
+            figures,
+            sensitivity,
+            made_from,
+        )
         write_ranges(stack_dir, run.frame, run.spec.numeric)
     _fit_applicability(layout, run)
     return record
@@ -436,7 +238,8 @@ def _fit_applicability(layout: RunLayout, run) -> None:
 
 
 def _base_predictions(layout: RunLayout):
-    """The reopened run and its two base stages' out-of-fold predictions, checked against its folds."""
+    """The reopened run and its two base stages' out-of-fold predictions, checked against its
+    folds."""
     from tabular.run import load_run
 
     for stage in BASE_STAGES:  # say what is missing before reading any metadata
@@ -452,31 +255,50 @@ def _base_predictions(layout: RunLayout):
     return run, p_gbdt, p_fusion
 
 
-def _fit_stack(stack_dir: Path, run, p_gbdt, p_fusion, config: StackConfig, made_from: dict) -> np.ndarray:
+def _fit_stack(
+    stack_dir: Path, run, p_gbdt, p_fusion, config: StackConfig, made_from: dict
+) -> np.ndarray:
     """The stack's out-of-fold predictions; its fold models and encoders saved in `stack_dir`
     (the new `stack/` being written)."""
-    log.info("stack: LightGBM on metadata + fusion and gbdt predictions, %d folds", len(np.unique(run.fold)))
-    p_stack = oof_stack(run.frame, run.spec, run.target, run.fold, p_fusion, p_gbdt, config, out_dir=stack_dir)
-    atomic_write_json(stack_dir / "stack.json", {
-        "folds": [int(k) for k in np.unique(run.fold)],
-        "features": list(BASE_FEATURES),
-        "config": asdict(config),
-        "made_from": made_from,
-    })
+    log.info(
+        "stack: LightGBM on metadata + fusion and gbdt predictions, %d folds",
+        len(np.unique(run.fold)),
+    )
+    p_stack = oof_stack(
+        run.frame, run.spec, run.target, run.fold, p_fusion, p_gbdt, config, out_dir=stack_dir
+    )
+    patient = stack_patient(run.spec, config)
+    ranks = [rank_feature(name) for name in BASE_FEATURES] if patient else []
+    atomic_write_json(
+        stack_dir / "stack.json",
+        {
+            "folds": [int(k) for k in np.unique(run.fold)],
+            "features": [*BASE_FEATURES, *ranks],
+            "patient": patient,
+            "config": asdict(config),
+            "made_from": made_from,
+        },
+    )
     return p_stack
 
 
-def _fit_blend(blend_dir: Path, y, folds, p_gbdt, p_fusion, config: StackConfig, made_from: dict) -> np.ndarray:
+def _fit_blend(
+    blend_dir: Path, y, folds, p_gbdt, p_fusion, config: StackConfig, made_from: dict
+) -> np.ndarray:
     """The blend's out-of-fold scores; its weight and rank references (from every row) in
     `blend_dir` (the new `blend/` being written)."""
-    p_blend, fold_weights = oof_blend(y, folds, p_gbdt, p_fusion, config)
+    p_blend, fold_weights = oof_blend(y, folds, p_gbdt, p_fusion, config.blend_weights)
     weight, references = choose_blend_weight(y, p_gbdt, p_fusion, config.blend_weights)
-    atomic_write_json(blend_dir / "blend.json", {
-        "weight_gbdt": weight,
-        "fold_weights": fold_weights,
-        "references": {name: values.tolist() for name, values in references.items()},
-        "made_from": made_from,
-    }, indent=None)
+    atomic_write_json(
+        blend_dir / "blend.json",
+        {
+            "weight_gbdt": weight,
+            "fold_weights": fold_weights,
+            "references": {name: values.tolist() for name, values in references.items()},
+            "made_from": made_from,
+        },
+        indent=None,
+    )
     return p_blend
 
 
@@ -511,8 +333,13 @@ class GBDTFinal:
     def load(cls, stage_dir: Path | str) -> GBDTFinal:
         return cls()
 
-    def predict(self, frame: pd.DataFrame | None, p_gbdt: np.ndarray, p_fusion: np.ndarray | None = None,
-                encode: Encode | None = None) -> np.ndarray:
+    def predict(
+        self,
+        frame: pd.DataFrame | None,
+        p_gbdt: np.ndarray,
+        p_fusion: np.ndarray | None = None,
+        encode: Encode | None = None,
+    ) -> np.ndarray:
         return np.asarray(p_gbdt, dtype=np.float64)
 
 
@@ -542,7 +369,10 @@ def _stack_tabular_only(layout: RunLayout, sensitivity: float) -> dict:
     ids = run.frame[run.spec.id].astype(str).to_numpy()
     y, folds = run.target, run.fold
     p_gbdt = layout.read_oof("gbdt", ids, folds, y)
-    made_from = {"folds.csv": sha256_file(layout.folds), "gbdt/oof.csv": sha256_file(layout.oof("gbdt"))}
+    made_from = {
+        "folds.csv": sha256_file(layout.folds),
+        "gbdt/oof.csv": sha256_file(layout.oof("gbdt")),
+    }
     log.info("run %s has no images: LightGBM on metadata is its final model", layout.dir)
     figures = evaluate(y, p_gbdt, folds, sensitivity)
     calibrator, p_calibrated, calibration_figures = choose_calibrator(y, p_gbdt, folds)
@@ -553,10 +383,11 @@ def _stack_tabular_only(layout: RunLayout, sensitivity: float) -> dict:
         "sensitivity": sensitivity,
         "pauc80": {TABULAR_FINAL: figures["pauc80"]},
         "calibration": {**calibrator.to_json(), "out_of_fold": calibration_figures},
-        "note": "a tabular-only run (its spec names no images): the LightGBM stage is the final model; "
-                "its score is calibrated (the method with the lower out-of-fold Brier score), "
-                "score_threshold is chosen on its out-of-fold scores for the target sensitivity, "
-                "threshold is the same point on the probability scale",
+        "note": "a tabular-only run (its spec names no images): the LightGBM stage is the final "
+        "model; "
+        "its score is calibrated (the method with the lower out-of-fold Brier score), "
+        "score_threshold is chosen on its out-of-fold scores for the target sensitivity, "
+        "threshold is the same point on the probability scale",
         "made_from": made_from,
     }
     # Written beside the old stage and swapped in whole, as the stacked runs' stage is.
@@ -565,13 +396,28 @@ def _stack_tabular_only(layout: RunLayout, sensitivity: float) -> dict:
         layout.write_json(stack_dir.name, FINAL, record)
         write_ranges(stack_dir, run.frame, run.spec.numeric)
     _fit_applicability(layout, run)
-    log.info("final model: gbdt (tabular-only run; out-of-fold pAUC80 %s), calibrated by %s, threshold %.4g",
-             figures["pauc80"], calibrator.method, record["threshold"])
+    log.info(
+        "final model: gbdt (tabular-only run; out-of-fold pAUC80 %s), calibrated by %s, "
+        "threshold %.4g",
+        figures["pauc80"],
+        calibrator.method,
+        record["threshold"],
+    )
     return record
 
 
-def _calibrate_final(layout: RunLayout, stack_dir: Path, ids, y, folds, final: str, p_final, figures: dict,
-                     sensitivity: float, made_from: dict) -> dict:
+def _calibrate_final(
+    layout: RunLayout,
+    stack_dir: Path,
+    ids,
+    y,
+    folds,
+    final: str,
+    p_final,
+    figures: dict,
+    sensitivity: float,
+    made_from: dict,
+) -> dict:
     """Calibrate the final model's score, write `final.json` and the calibrated out-of-fold file
     into `stack_dir` (the new `stack/` being written)."""
     calibrator, p_calibrated, calibration_figures = choose_calibrator(y, p_final, folds)
@@ -587,16 +433,23 @@ def _calibrate_final(layout: RunLayout, stack_dir: Path, ids, y, folds, final: s
         "pauc80": {name: figures[name]["pauc80"] for name in ("stack", "blend")},
         "calibration": {**calibrator.to_json(), "out_of_fold": calibration_figures},
         "note": "final = the candidate with the higher out-of-fold pAUC80; its score is calibrated "
-                "(the method with the lower out-of-fold Brier score, fitted on all out-of-fold "
-                "scores); score_threshold is chosen on its out-of-fold scores for the target "
-                "sensitivity, threshold is the same point on the probability scale",
+        "(the method with the lower out-of-fold Brier score, fitted on all out-of-fold "
+        "scores); score_threshold is chosen on its out-of-fold scores for the target "
+        "sensitivity, threshold is the same point on the probability scale",
         "made_from": made_from,
     }
     layout.write_json(stack_dir.name, FINAL, record)
-    log.info("final model: %s (pAUC80 stack %s, blend %s), calibrated by %s (out-of-fold Brier %.4f, "
-             "ECE %.4f), threshold %.4g", final, record["pauc80"]["stack"], record["pauc80"]["blend"],
-             calibrator.method, calibration_figures[calibrator.method]["brier"],
-             calibration_figures[calibrator.method]["ece"], record["threshold"])
+    log.info(
+        "final model: %s (pAUC80 stack %s, blend %s), calibrated by %s (out-of-fold Brier %.4f, "
+        "ECE %.4f), threshold %.4g",
+        final,
+        record["pauc80"]["stack"],
+        record["pauc80"]["blend"],
+        calibrator.method,
+        calibration_figures[calibrator.method]["brier"],
+        calibration_figures[calibrator.method]["ece"],
+        record["threshold"],
+    )
     return record
 
 

@@ -117,7 +117,9 @@ def test_the_chosen_calibrator_keeps_the_ranking_and_has_the_lowest_brier_of_tho
     assert {k: figures[chosen][k] for k in ("brier", "ece")} == calibration(y, p_oof)
     for method in METHODS:  # any candidate with a lower Brier lost ranking out of fold
         if figures[method]["brier"] < figures[chosen]["brier"]:
-            loss = max(figures["uncalibrated"][k] - figures[method][k] for k in ("roc_auc", "pauc80"))
+            loss = max(
+                figures["uncalibrated"][k] - figures[method][k] for k in ("roc_auc", "pauc80")
+            )
             assert loss > RANKING_TOLERANCE
     assert calibrator.prevalence == pytest.approx(y.mean())
 
@@ -146,12 +148,21 @@ def test_every_calibrator_is_saved_as_json_and_reloads_to_the_same_map(method):
 
 
 def test_calibrators_of_older_runs_still_load_and_score():
-    """`final.json` of runs stacked before the strictly increasing maps: flat isotonic steps, Platt."""
-    isotonic = Calibrator.from_json({"method": "isotonic", "prevalence": 0.19,
-                                     "params": {"x": [0.0, 0.5, 0.5000001, 1.0], "y": [0.02, 0.02, 0.4, 0.9]}})
-    np.testing.assert_allclose(isotonic(np.array([-0.1, 0.25, 0.75, 1.0, 1.2])), [0.02, 0.02, 0.65, 0.9, 0.9],
-                               rtol=1e-6)
-    platt = Calibrator.from_json({"method": "platt", "params": {"a": 1.0, "b": 0.0}, "prevalence": 0.2})
+    """`final.json` of runs stacked before the strictly increasing maps: flat isotonic steps,
+    Platt."""
+    isotonic = Calibrator.from_json(
+        {
+            "method": "isotonic",
+            "prevalence": 0.19,
+            "params": {"x": [0.0, 0.5, 0.5000001, 1.0], "y": [0.02, 0.02, 0.4, 0.9]},
+        }
+    )
+    np.testing.assert_allclose(
+        isotonic(np.array([-0.1, 0.25, 0.75, 1.0, 1.2])), [0.02, 0.02, 0.65, 0.9, 0.9], rtol=1e-6
+    )
+    platt = Calibrator.from_json(
+        {"method": "platt", "params": {"a": 1.0, "b": 0.0}, "prevalence": 0.2}
+    )
     np.testing.assert_allclose(platt(np.array([0.2, 0.5])), [0.2, 0.5])
     # The flat steps are still fitted on request (to compare), never chosen.
     y, _, rank, _ = population(2_000, 0.2, seed=7)
@@ -184,19 +195,34 @@ def test_prior_shift_gives_probabilities_at_the_new_prevalence():
 
 
 def test_bad_prevalence_method_and_inputs_are_refused():
-    with pytest.raises(RunError, match=r"--prevalence: expected a share strictly between 0 and 1, got 1.5"):
+    with pytest.raises(
+        RunError, match=r"--prevalence: expected a share strictly between 0 and 1, got 1.5"
+    ):
         shift_prevalence(np.array([0.5]), 0.1, 1.5)
-    with pytest.raises(RunError, match=r"calibration method: expected one of \['platt', 'beta', "
-                                       r"'isotonic-interpolated', 'isotonic'\], got 'spline'"):
+    with pytest.raises(
+        RunError,
+        match=r"calibration method: expected one of \['platt', 'beta', "
+        r"'isotonic-interpolated', 'isotonic'\], got 'spline'",
+    ):
         fit_calibrator(np.array([0, 1]), np.array([0.2, 0.8]), "spline")
-    with pytest.raises(RunError, match=r"calibration: unknown method 'spline'; rerun `invoke stack"):
+    with pytest.raises(
+        RunError, match=r"calibration: unknown method 'spline'; rerun `invoke stack"
+    ):
         Calibrator.from_json({"method": "spline", "params": {}, "prevalence": 0.1})
-    with pytest.raises(RunError, match=r"calibration: labels must be 0/1 with both classes present, got values \[1\]"):
+    with pytest.raises(
+        RunError,
+        match=r"calibration: labels must be 0/1 with both classes present, got values \[1\]",
+    ):
         fit_calibrator(np.array([1, 1, 1]), np.array([0.2, 0.5, 0.8]), "beta")
-    with pytest.raises(RunError, match=r"calibration: 1 scores are not finite; rerun the final model's stage"):
+    with pytest.raises(
+        RunError, match=r"calibration: 1 scores are not finite; rerun the final model's stage"
+    ):
         fit_calibrator(np.array([0, 1, 1]), np.array([0.2, np.nan, 0.8]), "platt")
-    with pytest.raises(RunError, match=r"calibration: labels and scores must be two arrays of one length, "
-                                       r"got shapes \(3,\) and \(2,\)"):
+    with pytest.raises(
+        RunError,
+        match=r"calibration: labels and scores must be two arrays of one length, "
+        r"got shapes \(3,\) and \(2,\)",
+    ):
         fit_calibrator(np.array([0, 1, 1]), np.array([0.2, 0.8]), "isotonic-interpolated")
 
 
@@ -209,7 +235,9 @@ def test_stack_calibrates_the_final_model_and_keeps_the_flagged_lesions(tabular_
     assert calibrated["p"].between(0, 1).all()
     raw = pd.read_csv(tabular_run.dir / record["final"] / "oof.csv")
     y = raw["target"].to_numpy()
-    assert record["score_threshold"] == pytest.approx(threshold_for_sensitivity(y, raw["p"].to_numpy(), 0.95))
+    assert record["score_threshold"] == pytest.approx(
+        threshold_for_sensitivity(y, raw["p"].to_numpy(), 0.95)
+    )
     # The same lesions are flagged on either scale, and ordered the same (strictly increasing).
     final = load_final(tabular_run.dir)
     scores = raw["p"].to_numpy()

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from fuse.errors import RunError
+from fuse.stacking.patient_ranks import patient_rank
 from fuse.stacking.stack import (
     BlendModel,
     StackConfig,
@@ -35,7 +36,9 @@ def leaky_stack(frame, spec, y, p_fusion, p_gbdt, folds, config):
 
 
 @pytest.mark.parametrize("leaking", ["fusion", "gbdt"])
-def test_label_on_training_folds_noise_on_evaluated_fold_gives_no_skill(run_factory, oof_writer, leaking):
+def test_label_on_training_folds_noise_on_evaluated_fold_gives_no_skill(
+    run_factory, oof_writer, leaking
+):
     # The fake base column (p_fusion, or p_gbdt: the stack uses both as features) equals the label
     # on folds 1..4 and is noise on fold 0; the other base column is noise everywhere. Evaluated
     # on fold 0, an honest stack learnt "p_<leaking> = label" from folds 1..4 and meets noise: no
@@ -84,14 +87,18 @@ def test_outputs_folds_threshold_and_final_choice(tabular_run):
         assert oof["p"].notna().all()
         metrics = json.loads((run.dir / stage / "metrics.json").read_text())
         assert metrics["pauc80"] == pytest.approx(record["pauc80"][stage])
-    assert sorted(p.name for p in (run.dir / "stack").glob("fold*.txt")) == [f"fold{k}.txt" for k in range(5)]
+    assert sorted(p.name for p in (run.dir / "stack").glob("fold*.txt")) == [
+        f"fold{k}.txt" for k in range(5)
+    ]
 
     final = json.loads((run.dir / "stack" / "final.json").read_text())
     assert final == record
     assert final["final"] == max(("stack", "blend"), key=lambda name: final["pauc80"][name])
     oof = pd.read_csv(run.dir / final["final"] / "oof.csv")
     expected = threshold_for_sensitivity(oof["target"], oof["p"], 0.9)
-    assert final["score_threshold"] == pytest.approx(expected)  # `threshold`: the same on the probability scale
+    assert final["score_threshold"] == pytest.approx(
+        expected
+    )  # `threshold`: the same on the probability scale
     assert final["sensitivity"] == 0.9
     flagged = oof["p"] >= final["score_threshold"]
     assert flagged[oof["target"] == 1].mean() >= 0.9
@@ -182,9 +189,18 @@ def test_bad_sensitivity(tabular_run):
 
 
 def store_record(vectors_sha256: str, ids_sha256: str = "i" * 64) -> dict:
-    return {"backbone": "test-backbone", "weights_sha256": "a" * 64, "image_size": 32, "views": 1,
-            "dim": 16, "dtype": "float16", "store": "/stores/s", "store_uid": "u1", "count": 300,
-            "read": {"rows": 300, "ids_sha256": ids_sha256, "vectors_sha256": vectors_sha256}}
+    return {
+        "backbone": "test-backbone",
+        "weights_sha256": "a" * 64,
+        "image_size": 32,
+        "views": 1,
+        "dim": 16,
+        "dtype": "float16",
+        "store": "/stores/s",
+        "store_uid": "u1",
+        "count": 300,
+        "read": {"rows": 300, "ids_sha256": ids_sha256, "vectors_sha256": vectors_sha256},
+    }
 
 
 def test_stages_that_read_other_vectors_of_the_same_store_are_refused(tabular_run, monkeypatch):
@@ -201,11 +217,13 @@ def test_stages_that_read_other_vectors_of_the_same_store_are_refused(tabular_ru
     (layout_dir / "gbdt" / "store.json").write_text(json.dumps(store_record("1" * 64)))
     (layout_dir / "fusion" / "store.json").write_text(json.dumps(store_record("2" * 64)))
     os.utime(layout_dir / "gbdt" / "store.json", (1_000_000, 1_000_000))  # gbdt trained first
-    with pytest.raises(StoreMismatchError,
-                       match=r"stages 'fusion' and 'gbdt' were trained on different data from the same "
-                             r"feature store: the vectors of the run's 300 rows differ .*vectors sha256 "
-                             r"222222222222 in 'fusion', 111111111111 in 'gbdt'\); retrain the older one, "
-                             r"'gbdt', on the store as it is now: `invoke train-gbdt --spec S --run R`"):
+    with pytest.raises(
+        StoreMismatchError,
+        match=r"stages 'fusion' and 'gbdt' were trained on different data from the same "
+        r"feature store: the vectors of the run's 300 rows differ .*vectors sha256 "
+        r"222222222222 in 'fusion', 111111111111 in 'gbdt'\); retrain the older one, "
+        r"'gbdt', on the store as it is now: `invoke train-gbdt --spec S --run R`",
+    ):
         stack(layout_dir)
     assert not (layout_dir / "stack").exists()
     (layout_dir / "gbdt" / "store.json").write_text(json.dumps(store_record("2" * 64, "j" * 64)))
@@ -222,7 +240,9 @@ def stage_files(folder) -> dict:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def test_a_full_disk_during_a_restack_names_the_path_and_keeps_the_previous_stages(tabular_run, monkeypatch):
+def test_a_full_disk_during_a_restack_names_the_path_and_keeps_the_previous_stages(
+    tabular_run, monkeypatch
+):
     import errno
 
     import runfolder.layout
@@ -238,18 +258,23 @@ def test_a_full_disk_during_a_restack_names_the_path_and_keeps_the_previous_stag
         return real(path, obj, **kwargs)
 
     monkeypatch.setattr(runfolder.layout, "atomic_write_json", full)
-    with pytest.raises(WriteError, match=r"stack: cannot write .*/stack\.new-\d+/final\.json: No space left on "
-                                         r"device \(ENOSPC\); free some space there"):
+    with pytest.raises(
+        WriteError,
+        match=r"stack: cannot write .*/stack\.new-\d+/final\.json: No space left on "
+        r"device \(ENOSPC\); free some space there",
+    ):
         stack(tabular_run.dir, sensitivity=0.9)
     assert {name: stage_files(tabular_run.dir / name) for name in ("stack", "blend")} == before
     assert sorted(p.name for p in tabular_run.dir.iterdir() if ".new" in p.name) == []
-    assert load_final(tabular_run.dir).threshold == json.loads((tabular_run.dir / "stack" / "final.json")
-                                                                .read_text())["threshold"]
+    assert (
+        load_final(tabular_run.dir).threshold
+        == json.loads((tabular_run.dir / "stack" / "final.json").read_text())["threshold"]
+    )
 
 
 def test_the_old_fold_models_are_kept_until_the_new_stack_is_whole(tabular_run, monkeypatch):
     """`stack` used to delete the fold models before fitting: a failure then left half a stage."""
-    from fuse.stacking import stack as stacking
+    from fuse.stacking import stacker as stacking
 
     stack(tabular_run.dir)
     before = stage_files(tabular_run.dir / "stack")
@@ -261,3 +286,110 @@ def test_the_old_fold_models_are_kept_until_the_new_stack_is_whole(tabular_run, 
     with pytest.raises(RuntimeError):
         stack(tabular_run.dir)
     assert stage_files(tabular_run.dir / "stack") == before
+
+
+PATIENT_SPEC = """[dataset]
+name = "patients"
+metadata = "metadata.csv"
+id = "image_id"
+target = "target"
+group = "patient_id"
+patient = "patient_id"
+categorical = ["sex"]
+numeric = ["age"]
+"""
+
+
+def patient_run(root, seed=0, patients=80, lesions=8):
+    """A run whose base scores carry a patient's level (large) plus a malignant lesion's rise
+    above its own patient's other lesions (smaller): only the rank within the patient finds it."""
+    from tabular.run import open_run
+    from tabular.spec import load_spec
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    patient = np.repeat(np.arange(patients), lesions)
+    target = np.zeros(len(patient), dtype=int)
+    for p in rng.choice(patients, size=int(0.7 * patients), replace=False):
+        target[p * lesions + rng.integers(lesions)] = 1
+    level = rng.normal(0, 2.0, patients)[patient]
+    frame = pd.DataFrame(
+        {
+            "image_id": [f"IMG_{i:05d}" for i in range(len(patient))],
+            "patient_id": [f"P{p:03d}" for p in patient],
+            "sex": rng.choice(["male", "female"], patients)[patient],
+            "age": rng.normal(55, 10, patients).round()[patient],
+            "target": target,
+        }
+    )
+    frame.to_csv(root / "metadata.csv", index=False)
+    (root / "spec.toml").write_text(PATIENT_SPEC)
+    run = open_run(load_spec(root / "spec.toml"), root / "run", n_folds=5, seed=seed)
+
+    def score(noise_seed):
+        noise = np.random.default_rng(noise_seed).normal(0, 0.3, len(patient))
+        return 1 / (1 + np.exp(-(level + 1.5 * run.target + noise)))
+
+    return run, score(1), score(2)
+
+
+def test_patient_rank_is_taken_within_each_patient_and_leaves_missing_values_out():
+    patients = np.array(["a", "a", "b", None, "a", "b", "c"], dtype=object)
+    scores = np.array([0.1, 0.5, 0.2, 0.3, np.nan, 0.2, 0.9])
+    np.testing.assert_array_equal(
+        patient_rank(patients, scores), [0.5, 1.0, 0.75, np.nan, np.nan, 0.75, 1.0]
+    )
+
+
+def test_the_stack_finds_a_lesion_that_stands_out_among_its_patients_lesions(tmp_path):
+    run, p_fusion, p_gbdt = patient_run(tmp_path / "data")
+    y = run.target
+    with_ranks = oof_stack(
+        run.frame,
+        run.spec,
+        y,
+        run.fold,
+        p_fusion,
+        p_gbdt,
+        StackConfig(num_boost_round=150, patient_ranks=True),
+    )
+    without = oof_stack(run.frame, run.spec, y, run.fold, p_fusion, p_gbdt, FAST)  # the default
+    assert roc_auc(y, without) < 0.8  # the patient's level hides the malignant lesions
+    assert roc_auc(y, with_ranks) > 0.9
+
+
+def test_the_stack_records_its_patient_column_and_ranks_without_it_are_refused(
+    tmp_path, oof_writer
+):
+    run, p_fusion, p_gbdt = patient_run(tmp_path / "data", patients=40)
+    oof_writer(run, "fusion", p_fusion)
+    oof_writer(run, "gbdt", p_gbdt)
+    stack(run.dir, config=StackConfig(num_boost_round=150, patient_ranks=True))
+    record = json.loads((run.dir / "stack" / "stack.json").read_text())
+    assert record["patient"] == "patient_id"
+    assert record["features"] == [
+        "p_fusion",
+        "p_gbdt",
+        "p_fusion_patient_rank",
+        "p_gbdt_patient_rank",
+    ]
+    model = StackModel.load(run.dir / "stack")
+    rows = run.frame.head(16).drop(columns=[run.spec.target])
+    p = model.predict(rows, p_gbdt[:16], p_fusion[:16])
+    assert p.shape == (16,) and np.all((p > 0) & (p < 1))
+    # Features encoded already (shared between stages at scoring) on rows without patient ids.
+    encoder = model.encoders[0]
+    features = encoder.transform(rows)
+    with pytest.raises(
+        RunError, match=r"patient column 'patient_id': missing from the rows to stack"
+    ):
+        stack_features(
+            encoder,
+            rows.drop(columns=["patient_id"]),
+            p_fusion[:16],
+            p_gbdt[:16],
+            features=features,
+            patient="patient_id",
+        )
+    stack(run.dir, config=StackConfig(num_boost_round=30))
+    assert StackModel.load(run.dir / "stack").patient is None  # off by default
