@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.decomposition import PCA
 
 from tabular.errors import DataError, preview
 from tabular.features_patient import patient_codes
@@ -53,6 +52,9 @@ class FoldPCA:
             pick = np.sort(np.random.default_rng(seed).choice(len(extra), max_rows, replace=False))
             rows = extra[pick]
         k = min(n_components, rows.shape[1], len(rows))
+        # imported here: scoring loads fitted components and never fits one
+        from sklearn.decomposition import PCA
+
         pca = PCA(n_components=k, random_state=seed)
         pca.fit(np.asarray(rows, dtype=np.float32))
         return cls(mean=pca.mean_.astype(np.float32), components=pca.components_.astype(np.float32))

@@ -21,7 +21,6 @@ import warnings
 
 import numpy as np
 import torch
-from sklearn.metrics import log_loss
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
@@ -384,6 +383,8 @@ def stop_score(y: np.ndarray, p: np.ndarray) -> float:
         score = pauc80(y, p)
     if math.isfinite(score):
         return score
+    from sklearn.metrics import log_loss  # training only: scoring never calls it
+
     return -float(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1]))
 
 
