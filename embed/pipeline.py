@@ -35,6 +35,7 @@ from embed.errors import EmbedError, EmbedInterrupted
 from embed.model_loop import BatchTimer, embed_ids
 from embed.reader import DECODE_INFO
 from embed.sources import ImageSource, repeated_ids
+from embed.store import fingerprinted_by_time
 from embed.store_writer import StoreWriter
 from embed.variants import warn_if_unfaithful
 from embed.weights import WeightsInfo
@@ -227,10 +228,18 @@ def _plan(
     """Sort `mine` by what the store holds; changed images are marked to be embedded again."""
     changed = writer.changed({i: now[i] for i in mine if i in now})
     if changed:
+        by_time = sum(fingerprinted_by_time(writer.stored_fingerprint(i)) for i in changed)
+        how = getattr(source, "FINGERPRINT", "fingerprint")
+        if by_time:
+            # Said so that a user who only copied the folder knows why everything re-embeds.
+            how = (
+                f"{how}; {by_time} of them stored before the CRC was recorded, compared by "
+                "size and modification time, which a copy of the folder moves"
+            )
         log.warning(
             "%d image(s) changed since they were embedded (%s): embedding them again: ids %s",
             len(changed),
-            getattr(source, "FINGERPRINT", "fingerprint"),
+            how,
             ", ".join(changed[:5]) + (", ..." if len(changed) > 5 else ""),
         )
         writer.supersede(changed)

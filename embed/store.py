@@ -64,6 +64,7 @@ __all__ = [
     "IDENTITY_FIELDS",
     "MANIFEST",
     "FeatureStore",
+    "fingerprinted_by_time",
     "image_changed",
     "recorded_identity",
     "store_candidates",
@@ -71,6 +72,13 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+def fingerprinted_by_time(stored: str | None) -> bool:
+    """Whether a stored folder fingerprint predates the CRC ("file:<size>:<mtime_ns>"): such an
+    image is compared by size and modification time, so a copy that moved only its time counts
+    as changed."""
+    return stored is not None and stored.startswith("file:") and stored.count(":") == 2
 
 
 def image_changed(stored: str | None, now: str | None) -> bool:

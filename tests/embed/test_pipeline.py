@@ -376,6 +376,42 @@ def test_changed_images_are_embedded_again_and_read_back_new(
     assert (third.embedded, third.changed, third.skipped_existing) == (0, [], N_IMAGES)
 
 
+def test_a_store_fingerprinted_before_the_crc_says_why_a_copied_folder_embeds_again(
+    tmp_path, folder, weights, monkeypatch, caplog
+):
+    """Stores made before the CRC hold "file:<size>:<mtime_ns>" and are compared by size and
+    time: a copy of the folder that moves the times re-embeds every image, and the warning says
+    that this is why (not that the bytes differ)."""
+    root = _copy_folder(folder, tmp_path / "images")
+    src = FolderSource(root)
+
+    with_crc = FolderSource.fingerprints
+
+    def size_and_time(self, ids):  # the fingerprint as stores before the CRC recorded it
+        return {i: ":".join(fp.split(":")[:3]) for i, fp in with_crc(self, ids).items()}
+
+    with monkeypatch.context() as patched:
+        patched.setattr(FolderSource, "fingerprints", size_and_time, raising=True)
+        build_store(src, None, tmp_path / "store", "toy", weights, tiny_config())
+    for path in root.iterdir():  # the copy: same bytes, later times
+        info = path.stat()
+        os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))
+    with caplog.at_level(logging.WARNING, logger="embed.pipeline"):
+        again = build_store(src, None, tmp_path / "store", "toy", weights, tiny_config())
+    assert again.embedded == N_IMAGES
+    assert (
+        f"{N_IMAGES} image(s) changed since they were embedded (file size and CRC-32 of its "
+        f"bytes; {N_IMAGES} of them stored before the CRC was recorded, compared by size and "
+        "modification time, which a copy of the folder moves)" in caplog.text
+    )
+    # embedded again, they carry the content fingerprint: the next copy is not a change
+    for path in root.iterdir():
+        info = path.stat()
+        os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))
+    third = build_store(src, None, tmp_path / "store", "toy", weights, tiny_config())
+    assert (third.embedded, third.changed) == (0, [])
+
+
 def test_changed_images_of_an_hdf5_file_are_embedded_again(tmp_path, weights, monkeypatch):
     import h5py
 

@@ -22,7 +22,7 @@ from embed.sources import (
     open_source,
     safe_reason,
 )
-from embed.store import image_changed
+from embed.store import fingerprinted_by_time, image_changed
 
 MAX = 50_000_000
 
@@ -145,6 +145,8 @@ def test_fingerprints_stored_before_the_content_was_recorded_compare_as_they_did
     assert image_changed(f"file:{info.st_size}:{info.st_mtime_ns + 1}", now)
     assert image_changed(f"file:{info.st_size + 1}:{info.st_mtime_ns}", now)
     assert not image_changed(None, now) and not image_changed(older, None)
+    assert fingerprinted_by_time(older) and not fingerprinted_by_time(now)
+    assert not fingerprinted_by_time(None) and not fingerprinted_by_time("h5:10:0000abcd")
     assert image_changed("h5:10:0000abcd", "h5:10:0000abce") and not image_changed(
         "h5:1:ff", "h5:1:ff"
     )
