@@ -95,7 +95,7 @@ def image_changed(stored: str | None, now: str | None) -> bool:
         return False
     if stored.startswith("file:") and now.startswith("file:"):
         old, new = stored.split(":"), now.split(":")
-        if len(old) == 3 and len(new) == 4:  # size and time, as stores before the CRC compared
+        if fingerprinted_by_time(stored) and len(new) == 4:  # as stores before the CRC compared
             return old[1:] != new[1:3]
         if len(old) == 4 and len(new) == 4:
             return (old[1], old[3]) != (new[1], new[3])

@@ -43,25 +43,8 @@ OVERLAY_PX = 192
 # How strongly the colour map covers the image at heat 0 and at heat 1: where the score did not
 # look, the lesion shows through untinted (a floor above 0 washed every image blue-purple).
 ALPHA_RANGE = (0.0, 0.6)
-# The colour map: matplotlib's "jet", from its segment data (`matplotlib._cm._jet_data`: per
-# channel, (x, value below x, value above x)), turned into its 256-entry table the way
-# `matplotlib.colors.LinearSegmentedColormap` does and looked up as its `__call__` does, so that
-# drawing an overlay does not import matplotlib (a tenth of a second or more of every scoring start
-# that draws one). tests/fuse/test_saliency.py checks it against matplotlib value for value.
+# The colour map of the overlays (matplotlib's, imported only when an overlay is drawn).
 COLORMAP = "jet"
-_JET_SEGMENTS = {
-    "red": ((0.00, 0, 0), (0.35, 0, 0), (0.66, 1, 1), (0.89, 1, 1), (1.00, 0.5, 0.5)),
-    "green": (
-        (0.000, 0, 0),
-        (0.125, 0, 0),
-        (0.375, 1, 1),
-        (0.640, 1, 1),
-        (0.910, 0, 0),
-        (1.000, 0, 0),
-    ),
-    "blue": ((0.00, 0.5, 0.5), (0.11, 1, 1), (0.34, 1, 1), (0.65, 0, 0), (1.00, 0, 0)),
-}
-_COLOURS = 256
 BATCH = 16
 
 __all__ = [
@@ -70,7 +53,6 @@ __all__ = [
     "COLORMAP",
     "OVERLAY_PX",
     "grad_cam",
-    "jet_colours",
     "saliency_overlays",
 ]
 
@@ -261,39 +243,10 @@ def _encoded_meta(models, frame: pd.DataFrame, rows: list[int]) -> list[np.ndarr
     return out
 
 
-def _lookup_table(points, n: int) -> np.ndarray:
-    """One channel's (n,) table from its segments, as `matplotlib.colors._create_lookup_table`."""
-    data = np.array(points, dtype=float)
-    x, below, above = data[:, 0] * (n - 1), data[:, 1], data[:, 2]
-    at = (n - 1) * np.linspace(0, 1, n)
-    ind = np.searchsorted(x, at)[1:-1]
-    distance = (at[1:-1] - x[ind - 1]) / (x[ind] - x[ind - 1])
-    table = np.concatenate(
-        [[above[0]], distance * (below[ind] - above[ind - 1]) + above[ind - 1], [below[-1]]]
-    )
-    return np.clip(table, 0.0, 1.0)
-
-
-_JET_TABLE = np.stack(
-    [_lookup_table(_JET_SEGMENTS[c], _COLOURS) for c in ("red", "green", "blue")], axis=1
-)
-
-
-def jet_colours(heat: np.ndarray) -> np.ndarray:
-    """RGB in 0..1, shape heat.shape + (3,), of `heat` (floats in 0..1) under `COLORMAP`: the
-    values `matplotlib.colormaps["jet"](heat)[..., :3]` gives (NaN: black, as its "bad" colour)."""
-    index = np.array(heat, copy=True)
-    index *= _COLOURS  # in the input's own precision, as matplotlib multiplies
-    index[index == _COLOURS] = _COLOURS - 1
-    bad = np.isnan(index)
-    index[bad] = 0
-    colours = _JET_TABLE[np.clip(index, 0, _COLOURS - 1).astype(int)]
-    colours[bad] = 0.0
-    return colours
-
-
 def _overlay_png(image: Image.Image, cam: np.ndarray) -> bytes:
     """`cam` (h, w in 0..1) upsampled to `image` and drawn over it with `COLORMAP`, as PNG."""
+    import matplotlib  # here: scoring without overlays never loads it
+
     width, height = image.size
     upsampled = torch.nn.functional.interpolate(
         torch.from_numpy(cam)[None, None],
@@ -302,7 +255,7 @@ def _overlay_png(image: Image.Image, cam: np.ndarray) -> bytes:
         align_corners=False,
     )[0, 0]
     heat = upsampled.clamp(0, 1).numpy()
-    colour = jet_colours(heat)
+    colour = matplotlib.colormaps[COLORMAP](heat)[..., :3]
     low, high = ALPHA_RANGE
     alpha = (low + (high - low) * heat)[..., None]
     base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0

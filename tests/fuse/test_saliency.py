@@ -388,28 +388,3 @@ def test_score_computes_overlays_only_for_the_top_flagged_and_none_when_off(
             overlays=-1,
             **common,
         )
-
-
-def test_jet_colours_are_matplotlibs_value_for_value():
-    import matplotlib
-
-    from fuse.scoring.saliency import COLORMAP, jet_colours
-
-    rng = np.random.default_rng(0)
-    heat = np.concatenate(
-        [
-            np.linspace(0, 1, 100_001, dtype=np.float32),
-            rng.random(10_000, dtype=np.float32),
-            np.array(
-                [0, 1, 0.5, 1 - 1e-7, 1 / 256, 255 / 256, np.nextafter(1, 0)], dtype=np.float32
-            ),
-        ]
-    ).reshape(-1, 8)
-    expected = matplotlib.colormaps[COLORMAP](heat)[..., :3]
-    assert np.array_equal(jet_colours(heat), expected)
-    assert np.array_equal(
-        jet_colours(heat.astype(np.float64)),
-        matplotlib.colormaps[COLORMAP](heat.astype(np.float64))[..., :3],
-    )
-    with_nan = np.array([[0.2, np.nan]], dtype=np.float32)
-    assert np.array_equal(jet_colours(with_nan), matplotlib.colormaps[COLORMAP](with_nan)[..., :3])
