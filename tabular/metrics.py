@@ -37,6 +37,7 @@ __all__ = [
     "brier",
     "calibration",
     "calibration_bins",
+    "check_targets",
     "expected_calibration_error",
     "metrics_at_threshold",
     "pauc80",
@@ -51,18 +52,15 @@ class MetricWarning(UserWarning):
     """A metric is undefined on its input (for instance a fold with one class) and is NaN."""
 
 
-def _check(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
-    """Validate and convert to 1-D arrays (int8 targets, float64 scores)."""
+def check_targets(y_true) -> np.ndarray:
+    """Validate 0/1 targets; shape (n,), n >= 1. Returns them as int8.
+
+    Raises:
+        DataError: not 1-D, empty, or a value other than 0 and 1 (naming some of them).
+    """
     y = np.asarray(y_true)
-    p = np.asarray(y_score)
     if y.ndim != 1:
         raise DataError(f"y_true: expected a 1-D array, got shape {y.shape}")
-    if p.ndim != 1:
-        raise DataError(f"y_score: expected a 1-D array, got shape {p.shape}")
-    if len(y) != len(p):
-        raise DataError(
-            f"y_true and y_score: lengths differ, got {len(y)} targets and {len(p)} scores"
-        )
     if len(y) == 0:
         raise DataError("y_true: got an empty array")
     try:
@@ -75,6 +73,19 @@ def _check(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
     if bad.any():
         values = sorted({str(v) for v in y[bad].tolist()})
         raise DataError(f"y_true: expected 0/1 targets, got other values ({preview(values)})")
+    return yf.astype(np.int8)
+
+
+def _check(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and convert to 1-D arrays (int8 targets, float64 scores)."""
+    y = check_targets(y_true)
+    p = np.asarray(y_score)
+    if p.ndim != 1:
+        raise DataError(f"y_score: expected a 1-D array, got shape {p.shape}")
+    if len(y) != len(p):
+        raise DataError(
+            f"y_true and y_score: lengths differ, got {len(y)} targets and {len(p)} scores"
+        )
     try:
         p = p.astype(float)
     except (TypeError, ValueError) as error:
@@ -88,7 +99,7 @@ def _check(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
             f"y_score: expected finite scores, got {float(p[rows[0]])} at rows "
             f"{preview(rows.tolist())}"
         )
-    return yf.astype(np.int8), p
+    return y, p
 
 
 def _one_class(y: np.ndarray, metric: str) -> bool:

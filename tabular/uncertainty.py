@@ -34,7 +34,7 @@ from scipy import sparse
 from scipy.stats import beta, norm, rankdata
 
 from tabular.errors import DataError
-from tabular.metrics import MIN_TPR, MetricWarning
+from tabular.metrics import MIN_TPR, MetricWarning, check_targets
 
 __all__ = [
     "DEFAULT_RESAMPLES",
@@ -77,20 +77,7 @@ def check_inputs(y_true, scores: Mapping, groups=None) -> tuple[np.ndarray, dict
         DataError: no model, lengths that differ, targets not 0/1, scores not finite, missing
             group ids, no row.
     """
-    y = np.asarray(y_true)
-    if y.ndim != 1:
-        raise DataError(f"y_true: expected a 1-D array, got shape {y.shape}")
-    if len(y) == 0:
-        raise DataError("y_true: got an empty array")
-    try:
-        yf = y.astype(float)
-    except (TypeError, ValueError) as error:
-        raise DataError(
-            f"y_true: expected 0/1 targets, got values such as {y[:3].tolist()!r}"
-        ) from error
-    if not np.isin(yf, (0.0, 1.0)).all():
-        bad = sorted({str(v) for v in y[~np.isin(yf, (0.0, 1.0))].tolist()})[:3]
-        raise DataError(f"y_true: expected 0/1 targets, got other values such as {bad}")
+    y = check_targets(y_true)
     if not isinstance(scores, Mapping) or not scores:
         raise DataError(f"scores: expected a mapping of model name -> scores, got {scores!r:.80}")
     checked = {}
@@ -126,7 +113,7 @@ def check_inputs(y_true, scores: Mapping, groups=None) -> tuple[np.ndarray, dict
             )
         _, index = np.unique(g.astype(str), return_inverse=True)
         index = index.astype(np.int64).ravel()
-    return yf.astype(np.int8), checked, index
+    return y, checked, index
 
 
 def _check_threshold(threshold, name: str = "threshold") -> float:

@@ -159,6 +159,11 @@ def test_thresholds_per_model():
         (lambda y, p: bootstrap_figures(y, {"m": p}, None, 0.5, final="x"), "final: .*got 'x'"),
         (lambda y, p: bootstrap_figures(y, {}, None, 0.5), "scores: expected a mapping"),
         (lambda y, p: bootstrap_figures(y * 2, {"m": p}, None, 0.5), "y_true: expected 0/1"),
+        (lambda y, p: bootstrap_figures(y[:0], {"m": p[:0]}, None, 0.5), "y_true: got an empty"),
+        (
+            lambda y, p: bootstrap_figures(y.reshape(20, 10), {"m": p}, None, 0.5),
+            r"y_true: expected a 1-D array, got shape \(20, 10\)",
+        ),
         (
             lambda y, p: bootstrap_figures(y, {"m": np.where(p > 0.5, np.nan, p)}, None, 0.5),
             r"scores\['m'\]: expected finite scores, got nan",
