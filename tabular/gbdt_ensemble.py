@@ -8,8 +8,8 @@ by `tabular.tuning` (which trains one seed per fold and trial):
 - `train_model`: one booster on every positive of the training part and at most `neg_ratio`
   negatives per positive (a different draw per seed and fold); validation parts are never
   sampled; `fit_model`: the same booster and its predictions of the validation part at the best
-  iteration, read from the scores LightGBM keeps for early stopping (only the trees after the
-  best iteration pass over the validation rows again);
+  iteration, copied from the scores LightGBM keeps for early stopping (no second pass of the
+  trees over the validation rows);
 - `fit_ensemble` / `save_ensemble` (read back by `tabular.gbdt_model.GBDTModel.load`),
   `importance_table`.
 
@@ -120,80 +120,108 @@ def fit_model(
     data: FoldData, params: Mapping, seed: int, config: GBDTConfig
 ) -> tuple[lgb.Booster, np.ndarray]:
     """`train_model`, and its predictions of `data`'s validation part at the best iteration,
-    shape (n_valid,): the same values as `predict_valid` (equal to about 1e-15: the same sums of
-    leaf values, added in another order) at a fraction of its cost.
+    shape (n_valid,): the values of `predict_valid` (equal to about 1e-15: the same leaf values,
+    added in another order; rows that `predict_valid` ties stay tied) without its second pass of
+    every tree over the validation rows.
 
-    LightGBM keeps each validation row's score up to date for early stopping, through the last
-    iteration trained (the best one plus up to `early_stopping_rounds`). Those scores are read
-    once when training ends, and only the trees after the best iteration are run over the
-    validation rows to take their part back out, instead of every tree up to the best one.
-    Where that cannot stand for `predict_valid` (an objective whose output is not a logistic, a
-    score saturated at 0 or 1), the predictions come from `predict_valid`.
+    LightGBM keeps each validation row's score up to date for early stopping; a callback copies
+    those scores whenever the stopping metric improves, so the copy left at the end is the best
+    iteration's. Where the copy cannot stand for `predict_valid` (a best iteration it does not
+    match; an iteration before it whose tree could not split, after which LightGBM's trees and
+    iterations no longer line up; an objective whose output is not a logistic; a score saturated
+    at 0 or 1), the predictions come from `predict_valid`.
 
     Raises:
         DataError: as `train_model`.
     """
-    booster = _train(data, params, seed, config, keep=True)
-    predictions = _valid_at_best(booster, data, _offset(data, seed, config), params)
-    # What `lgb.train` returns by default: the model up to its best iteration, training data freed.
-    booster.model_from_string(booster.model_to_string()).free_dataset()
+    watch = _BestValidScores()
+    booster = _train(data, params, seed, config, watch=watch)
+    predictions = watch.predictions(booster, seed_dataset(data, seed, config)[1], params)
     if predictions is None:
         predictions = predict_valid(booster, data)
     return booster, predictions
 
 
-def _offset(data: FoldData, seed: int, config: GBDTConfig) -> float:
-    """The validation init score `train_model` used for this seed (`seed_dataset`)."""
-    return seed_dataset(data, seed, config)[1]
+class _BestValidScores:
+    """LightGBM callback: a copy of the validation part's scores at the best iteration so far, as
+    `lgb.early_stopping` judges it (the first metric of the first validation set, strictly better
+    than every earlier iteration; the first iteration always).
 
-
-def _valid_at_best(
-    booster: lgb.Booster, data: FoldData, offset: float, params: Mapping
-) -> np.ndarray | None:
-    """The validation part's predictions at `booster`'s best iteration, from the scores LightGBM
-    kept for early stopping, or None where they cannot stand for `predict_valid`.
-
-    `booster` is still training (`keep_training_booster`): its validation scores are
-    sigmoid(init score + every tree so far); a model's own prediction is sigmoid(trees up to the
-    best iteration), so the init score (`offset`, the log of the kept share of negatives) and the
-    trees after the best iteration are taken back out of the log-odds.
+    Runs after each iteration's evaluation and before the early-stopping callback (order 20 <
+    30), so it sees every iteration that callback sees, the last one included. No copy (None)
+    where an earlier iteration added no tree (see `__call__`).
     """
-    captured: list[np.ndarray] = []
 
-    def capture(predictions: np.ndarray, _: lgb.Dataset) -> tuple[str, float, bool]:
-        captured.append(np.array(predictions, dtype=np.float64))
-        return "captured", 0.0, False
+    order = 20
 
-    last = booster.current_iteration()
-    best = booster.best_iteration or last
-    booster.eval_valid(feval=capture)
-    scores = captured[0]
-    if best == last and offset == 0.0:
-        return scores
-    full = {**DEFAULT_PARAMS, **params}
-    if (
-        full["objective"] != "binary"
-        or full.get("sigmoid", 1.0) != 1.0
-        or _OBJECTIVE_ALIASES & set(full)  # another spelling of the objective: not checked here
-    ):
+    def __init__(self) -> None:
+        self.best: float | None = None
+        self.iteration = -1
+        self.scores: np.ndarray | None = None
+
+    def __call__(self, env: lgb.callback.CallbackEnv) -> None:
+        results = env.evaluation_result_list
+        if not results:
+            return
+        value, higher_better = results[0][2], results[0][3]
+        if self.best is not None and not (
+            value > self.best if higher_better else value < self.best
+        ):
+            return
+        self.best, self.iteration = value, env.iteration
+        # An iteration whose tree could not split adds no tree: the model's first k trees are then
+        # not the first k iterations, and `predict_valid` (the first `best_iteration` trees) is
+        # not the state early stopping scored. The copy stands for it only where they agree.
+        if env.model.current_iteration() == env.iteration + 1:
+            self.scores = _valid_scores(env.model)
+        else:
+            self.scores = None
+
+    def predictions(
+        self, booster: lgb.Booster, offset: float, params: Mapping
+    ) -> np.ndarray | None:
+        """The copy as `predict_valid` gives it, or None where it cannot stand for it.
+
+        The copy holds sigmoid(init score + trees); a model's own prediction is sigmoid(trees),
+        so the validation init score (`offset`, the log of the kept share of negatives) is taken
+        back out of the log-odds: exact where it is 0, else to about 1e-15.
+        """
+        if self.scores is None or booster.best_iteration != self.iteration + 1:
+            return None
+        if offset == 0.0:
+            return self.scores
+        full = {**DEFAULT_PARAMS, **params}
+        if (
+            full["objective"] != "binary"
+            or full.get("sigmoid", 1.0) != 1.0
+            or _OBJECTIVE_ALIASES & set(full)  # another spelling of the objective: not checked
+        ):
+            return None
+        p = self.scores
+        if not bool(np.all((p > _SATURATED) & (p < 1.0 - _SATURATED))):
+            return None  # the log-odds of a score at 0 or 1 are lost
+        return 1.0 / (1.0 + np.exp(offset - (np.log(p) - np.log1p(-p))))
+
+
+def _valid_scores(booster: lgb.Booster) -> np.ndarray | None:
+    """A copy of the scores LightGBM keeps for the first validation set, shape (n_valid,), read
+    from the booster's own buffer (the one its `eval_valid` hands a custom metric); None where
+    this LightGBM has no such buffer (the caller then predicts with the trees)."""
+    inner = getattr(booster, "_Booster__inner_predict", None)
+    if inner is None:
         return None
-    if not bool(np.all((scores > _SATURATED) & (scores < 1.0 - _SATURATED))):
-        return None  # the log-odds of a score at 0 or 1 are lost
-    logit = np.log(scores) - np.log1p(-scores) - offset
-    if last > best:
-        if data.valid_matrix is None:
-            data.valid_matrix = np.ascontiguousarray(data.X_valid.to_numpy(dtype=np.float32))
-        logit -= booster.predict(
-            data.valid_matrix, start_iteration=best, num_iteration=last - best, raw_score=True
-        )
-    return 1.0 / (1.0 + np.exp(-logit))
+    # The method returns the buffer it refills every iteration: copy it.
+    return np.array(inner(data_idx=1), dtype=np.float64)
 
 
 def _train(
-    data: FoldData, params: Mapping, seed: int, config: GBDTConfig, keep: bool = False
+    data: FoldData,
+    params: Mapping,
+    seed: int,
+    config: GBDTConfig,
+    watch: _BestValidScores | None = None,
 ) -> lgb.Booster:
-    """`train_model`; with `keep`, the booster as training left it (`keep_training_booster`:
-    every tree trained, its validation scores kept)."""
+    """`train_model`, with `watch` among the callbacks when given."""
     train_set, offset = seed_dataset(data, seed, config)
     valid_set = data.valid_set
     if valid_set is None:
@@ -209,6 +237,8 @@ def _train(
         lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False),
         lgb.log_evaluation(config.log_period),
     ]
+    if watch is not None:
+        callbacks.append(watch)
     with warnings.catch_warnings():
         # One-class validation folds (tiny data) make LightGBM's AUC warn; metrics report NaN.
         warnings.simplefilter("ignore", UserWarning)
@@ -219,7 +249,6 @@ def _train(
             valid_sets=[valid_set],
             valid_names=["valid"],
             callbacks=callbacks,
-            keep_training_booster=keep,
         )
     return booster
 

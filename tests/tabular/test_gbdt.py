@@ -572,6 +572,8 @@ def test_fit_model_predicts_the_validation_part_as_the_model_does(neg_ratio, rou
     """The validation predictions read from LightGBM's early-stopping scores are the model's own
     predictions at its best iteration, and the booster is the one `train_model` returns."""
     frame, spec, folds = toy()
+    # Coarse values, as ISIC 2020's ages are: many rows share their leaves, and their predictions.
+    frame["x"] = frame["x"].round(1)
     config = GBDTConfig(
         seeds=(0,),
         neg_ratio=neg_ratio,
@@ -585,6 +587,10 @@ def test_fit_model_predicts_the_validation_part_as_the_model_does(neg_ratio, rou
     expected = predict_valid(booster, d)
     assert predictions.shape == (len(d.valid_rows),)
     assert np.abs(predictions - expected).max() <= 1e-12
+    # The same order, ties included (pAUC80 counts a tie as half): no row swaps with another.
+    np.testing.assert_array_equal(
+        np.argsort(predictions, kind="stable"), np.argsort(expected, kind="stable")
+    )
     own = train_model(d, params, 0, config)
     assert booster.best_iteration == own.best_iteration
     # The cases above as described: stopped before its last round, or best at the last round.
@@ -603,4 +609,18 @@ def test_fit_model_predicts_with_the_trees_where_the_output_is_not_a_logistic():
     d = build_fold(frame, spec, frame["target"].to_numpy(), folds, 0, config=config)
     params = {**DEFAULT_PARAMS, "objective": "cross_entropy", "metric": "cross_entropy"}
     booster, predictions = fit_model(d, params, 0, config)
+    np.testing.assert_array_equal(predictions, predict_valid(booster, d))
+
+
+def test_fit_model_predicts_with_the_trees_where_lightgbm_lacks_the_score_buffer(monkeypatch):
+    """This LightGBM's booster has the buffer `fit_model` reads (the fast path is taken); without
+    it the predictions are the model's own, exactly."""
+    assert hasattr(lgb.Booster, "_Booster__inner_predict")
+    frame, spec, folds = toy()
+    config = GBDTConfig(
+        seeds=(0,), neg_ratio=1.0, num_boost_round=100, early_stopping_rounds=10, num_threads=1
+    )
+    d = build_fold(frame, spec, frame["target"].to_numpy(), folds, 0, config=config)
+    monkeypatch.delattr(lgb.Booster, "_Booster__inner_predict")
+    booster, predictions = fit_model(d, DEFAULT_PARAMS, 0, config)
     np.testing.assert_array_equal(predictions, predict_valid(booster, d))
