@@ -172,10 +172,11 @@ class _BestValidScores:
         # An iteration whose tree could not split adds no tree: the model's first k trees are then
         # not the first k iterations, and `predict_valid` (the first `best_iteration` trees) is
         # not the state early stopping scored. The copy stands for it only where they agree.
-        if env.model.current_iteration() == env.iteration + 1:
-            self.scores = _valid_scores(env.model)
+        model = env.model
+        if isinstance(model, lgb.Booster) and model.current_iteration() == env.iteration + 1:
+            self.scores = _valid_scores(model)
         else:
-            self.scores = None
+            self.scores = None  # (lgb.cv's CVBooster: never here; `fit_model` predicts)
 
     def predictions(
         self, booster: lgb.Booster, offset: float, params: Mapping
