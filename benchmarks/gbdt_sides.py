@@ -4,7 +4,7 @@
 `measure_fit(kind, work)`: "ours" (feature building alone, then the stage as `invoke train-gbdt`
 fits it), "unsampled" (the stage with every negative), "baseline" (plain LightGBM on the raw
 numeric columns with ours' folds, seeds and negative draws) or "plain" (plain LightGBM on every
-row, one seed, `PLAIN_ROUNDS` rounds).
+row, one seed, `PLAIN_ROUNDS` rounds, ours' LightGBM threads per model).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def measure_fit(kind: str, work: str) -> dict:
 
     kind: "ours" (features, then `fit_gbdt_frame`), "unsampled" (`fit_gbdt_frame` with every
     negative), "baseline" (plain LightGBM, raw columns, ours' negative draws) or "plain" (plain
-    LightGBM on every row, raw columns, one seed, `PLAIN_ROUNDS` rounds).
+    LightGBM on every row, raw columns, one seed, `PLAIN_ROUNDS` rounds, ours' threads).
     """
     from tabular.gbdt_config import DEFAULT_PARAMS, GBDTConfig
     from tabular.spec import spec_from_identity
@@ -105,10 +105,12 @@ def _fit_plain(
     config: GBDTConfig,
 ) -> dict:
     """Plain LightGBM on every row: raw numeric columns, seed 0, `PLAIN_ROUNDS` rounds, no early
-    stopping, LightGBM's default threads."""
+    stopping, the same LightGBM threads per model as ours (`lightgbm_threads`), so that the ratio
+    compares the work done and not the cores used; Datasets binned with LightGBM's default
+    threads, as ours are."""
     import lightgbm as lgb
 
-    from tabular.gbdt_config import booster_params
+    from tabular.gbdt_config import booster_params, lightgbm_threads
 
     columns = list(spec.numeric)
     tick, cpu = time.perf_counter(), time.process_time()
@@ -117,9 +119,6 @@ def _fit_plain(
     for k in np.unique(folds):
         train, valid = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
         plain = booster_params(params, 0, config)
-        plain.pop(
-            "num_threads"
-        )  # LightGBM's own default: every logical CPU, as a user's first fit gets
         booster = lgb.train(
             plain, lgb.Dataset(X.iloc[train], label=y[train]), num_boost_round=PLAIN_ROUNDS
         )
@@ -129,7 +128,7 @@ def _fit_plain(
         "fit_cpu_seconds": time.process_time() - cpu,
         "n_features": len(columns),
         "rounds": PLAIN_ROUNDS,
-        "lightgbm_threads": "LightGBM default (every logical CPU)",
+        "lightgbm_threads": lightgbm_threads(config),
     }
     return {**result, **_scores(y, oof)}
 

@@ -37,6 +37,7 @@ import pandas as pd
 from tabular.errors import DataError, preview
 from tabular.features_engineered import COMBINED_SITE, engineered_for, engineered_values
 from tabular.features_patient import patient_features
+from tabular.features_values import as_text, numeric_values
 from tabular.spec import DatasetSpec
 
 __all__ = ["MAX_CATEGORIES", "FeatureEncoder", "unknown_categories_said_once"]
@@ -184,14 +185,15 @@ class FeatureEncoder:
 
         ids = self._ids(df)
         for column in numeric:
-            values = _numeric(df[column], column, ids)
+            values = numeric_values(df[column], column, ids)
             if np.isnan(values).all():
                 raise DataError(
                     f"numeric column '{column}' has no value in the {len(df)} rows given "
                     f"(e.g. {df[column].iloc[0]!r}); exclude it in the spec"
                 )
         categories: dict[str, list[str]] = {}
-        for column, values in self._categorical_values(df).items():
+        categorical_values = self._categorical_values(df)
+        for column, values in categorical_values.items():
             present = values.dropna()
             if present.empty:
                 raise DataError(
@@ -217,7 +219,7 @@ class FeatureEncoder:
             )
 
         # Standardisation for the MLP, from the features of the rows it is fitted on.
-        features = self.transform(df, _warn_unknown=False)
+        features = self.transform(df, _warn_unknown=False, _categorical=categorical_values)
         self.state["mlp"] = self._mlp_state(features)
         return features
 
@@ -320,7 +322,12 @@ class FeatureEncoder:
         """Output column names of `transform`, in order."""
         return [c["name"] for c in self._fitted()["columns"]]
 
-    def transform(self, df: pd.DataFrame, _warn_unknown: bool = True) -> pd.DataFrame:
+    def transform(
+        self,
+        df: pd.DataFrame,
+        _warn_unknown: bool = True,
+        _categorical: dict[str, pd.Series] | None = None,
+    ) -> pd.DataFrame:
         """Features of the given rows.
 
         Args:
@@ -340,7 +347,7 @@ class FeatureEncoder:
         position = {c["name"]: i for i, c in enumerate(columns)}
         ids = self._ids(df)
 
-        numeric = {c: _numeric(df[c], c, ids) for c in state["numeric"]}
+        numeric = {c: numeric_values(df[c], c, ids) for c in state["numeric"]}
         continuous: dict[str, np.ndarray] = {}
         for column in columns:
             if column["kind"] == "numeric":
@@ -355,7 +362,7 @@ class FeatureEncoder:
         if patient_columns:
             count = next(c["name"] for c in columns if c["kind"] == "patient_count")
             patient_features(
-                _as_text(df[state["patient"]]),
+                as_text(df[state["patient"]]),
                 continuous,
                 patient_columns,
                 position[count],
@@ -363,7 +370,8 @@ class FeatureEncoder:
                 out,
             )
 
-        categorical = self._categorical_values(df)
+        # `fit_transform` passes the text values it has just made of the same rows.
+        categorical = self._categorical_values(df) if _categorical is None else _categorical
         for source, levels in state["categories"].items():
             values = categorical[source]
             codes = pd.Index(levels, dtype=object).get_indexer(values)
@@ -497,7 +505,7 @@ class FeatureEncoder:
 
     def _categorical_values(self, df: pd.DataFrame) -> dict[str, pd.Series]:
         """Each categorical source as object strings (NaN kept), engineered ones included."""
-        values = {c: _as_text(df[c]) for c in self._state["categorical"]}
+        values = {c: as_text(df[c]) for c in self._state["categorical"]}
         for combined in self._state["engineered_categorical"]:
             a, b = (values[c] for c in combined["inputs"])
             joined = a.str.cat(b, sep="_")
@@ -564,34 +572,3 @@ def _require_columns(df: pd.DataFrame, columns: list[str], where: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise DataError(f"{where}: the frame lacks feature column(s) {preview(missing)}")
-
-
-def _as_text(values: pd.Series) -> pd.Series:
-    """Categories compared as text; missing stays NaN (so 'nan' text is not confused with NaN)."""
-    array = values.to_numpy(dtype=object, copy=True)
-    present = ~pd.isna(array)
-    array[present] = [str(v) for v in array[present]]
-    array[~present] = np.nan
-    return pd.Series(array, index=values.index, dtype=object)
-
-
-def _numeric(values: pd.Series, column: str, ids: pd.Series) -> np.ndarray:
-    """A numeric column as float64, NaN kept; text or infinity is refused naming the rows."""
-    if pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values):
-        array = values.to_numpy(dtype=np.float64, na_value=np.nan)
-    else:
-        parsed = pd.to_numeric(values, errors="coerce")
-        bad = (values.notna() & parsed.isna()).to_numpy()
-        if bad.any():
-            raise DataError(
-                f"numeric column '{column}' holds text, e.g. {values[bad].iloc[0]!r} "
-                f"(ids {preview(ids[bad].tolist())})"
-            )
-        array = parsed.to_numpy(dtype=np.float64, na_value=np.nan)
-    infinite = np.isinf(array)
-    if infinite.any():
-        raise DataError(
-            f"numeric column '{column}' holds infinite values, e.g. {float(array[infinite][0])} "
-            f"(ids {preview(ids[infinite].tolist())})"
-        )
-    return array

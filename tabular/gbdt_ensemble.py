@@ -7,7 +7,9 @@ by `tabular.tuning` (which trains one seed per fold and trial):
   models as one after another;
 - `train_model`: one booster on every positive of the training part and at most `neg_ratio`
   negatives per positive (a different draw per seed and fold); validation parts are never
-  sampled;
+  sampled; `fit_model`: the same booster and its predictions of the validation part at the best
+  iteration, copied from the scores LightGBM keeps for early stopping (no second pass of the
+  trees over the validation rows);
 - `fit_ensemble` / `save_ensemble` (read back by `tabular.gbdt_model.GBDTModel.load`),
   `importance_table`.
 
@@ -33,7 +35,13 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from common.files import atomic_write_text
-from tabular.gbdt_config import DATASET_PARAMS, GBDTConfig, booster_params, lightgbm_threads
+from tabular.gbdt_config import (
+    DATASET_PARAMS,
+    DEFAULT_PARAMS,
+    GBDTConfig,
+    booster_params,
+    lightgbm_threads,
+)
 from tabular.gbdt_folds import FoldData, seed_dataset
 from tabular.gbdt_model import ENCODER_FILE, FEATURES_FILE
 from tabular.metrics import MetricWarning, pauc80, roc_auc
@@ -41,6 +49,7 @@ from tabular.metrics import MetricWarning, pauc80, roc_auc
 __all__ = [
     "Ensemble",
     "fit_ensemble",
+    "fit_model",
     "importance_table",
     "map_folds",
     "predict_best",
@@ -52,6 +61,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _STAGE_FORMAT = 1
+# LightGBM's other names of `objective` (its parameter aliases).
+_OBJECTIVE_ALIASES = frozenset({"objective_type", "app", "application", "loss"})
+# Validation scores within this of 0 or 1 keep too few digits of their log-odds to be moved back.
+_SATURATED = 1e-12
 _T = TypeVar("_T")
 
 
@@ -100,6 +113,116 @@ def train_model(data: FoldData, params: Mapping, seed: int, config: GBDTConfig) 
         DataError: `data` was built for another negative sample (`build_fold` with another
             neg_ratio, or without this seed).
     """
+    return _train(data, params, seed, config)
+
+
+def fit_model(
+    data: FoldData, params: Mapping, seed: int, config: GBDTConfig
+) -> tuple[lgb.Booster, np.ndarray]:
+    """`train_model`, and its predictions of `data`'s validation part at the best iteration,
+    shape (n_valid,): the values of `predict_valid` (equal to about 1e-15: the same leaf values,
+    added in another order; rows that `predict_valid` ties stay tied) without its second pass of
+    every tree over the validation rows.
+
+    LightGBM keeps each validation row's score up to date for early stopping; a callback copies
+    those scores whenever the stopping metric improves, so the copy left at the end is the best
+    iteration's. Where the copy cannot stand for `predict_valid` (a best iteration it does not
+    match; an iteration before it whose tree could not split, after which LightGBM's trees and
+    iterations no longer line up; an objective whose output is not a logistic; a score saturated
+    at 0 or 1), the predictions come from `predict_valid`.
+
+    Raises:
+        DataError: as `train_model`.
+    """
+    watch = _BestValidScores()
+    booster = _train(data, params, seed, config, watch=watch)
+    predictions = watch.predictions(booster, seed_dataset(data, seed, config)[1], params)
+    if predictions is None:
+        predictions = predict_valid(booster, data)
+    return booster, predictions
+
+
+class _BestValidScores:
+    """LightGBM callback: a copy of the validation part's scores at the best iteration so far, as
+    `lgb.early_stopping` judges it (the first metric of the first validation set, strictly better
+    than every earlier iteration; the first iteration always).
+
+    Runs after each iteration's evaluation and before the early-stopping callback (order 20 <
+    30), so it sees every iteration that callback sees, the last one included. No copy (None)
+    where an earlier iteration added no tree (see `__call__`).
+    """
+
+    order = 20
+
+    def __init__(self) -> None:
+        self.best: float | None = None
+        self.iteration = -1
+        self.scores: np.ndarray | None = None
+
+    def __call__(self, env: lgb.callback.CallbackEnv) -> None:
+        results = env.evaluation_result_list
+        if not results:
+            return
+        value, higher_better = results[0][2], results[0][3]
+        if self.best is not None and not (
+            value > self.best if higher_better else value < self.best
+        ):
+            return
+        self.best, self.iteration = value, env.iteration
+        # An iteration whose tree could not split adds no tree: the model's first k trees are then
+        # not the first k iterations, and `predict_valid` (the first `best_iteration` trees) is
+        # not the state early stopping scored. The copy stands for it only where they agree.
+        model = env.model
+        if isinstance(model, lgb.Booster) and model.current_iteration() == env.iteration + 1:
+            self.scores = _valid_scores(model)
+        else:
+            self.scores = None  # (lgb.cv's CVBooster: never here; `fit_model` predicts)
+
+    def predictions(
+        self, booster: lgb.Booster, offset: float, params: Mapping
+    ) -> np.ndarray | None:
+        """The copy as `predict_valid` gives it, or None where it cannot stand for it.
+
+        The copy holds sigmoid(init score + trees); a model's own prediction is sigmoid(trees),
+        so the validation init score (`offset`, the log of the kept share of negatives) is taken
+        back out of the log-odds: exact where it is 0, else to about 1e-15.
+        """
+        if self.scores is None or booster.best_iteration != self.iteration + 1:
+            return None
+        if offset == 0.0:
+            return self.scores
+        full = {**DEFAULT_PARAMS, **params}
+        if (
+            full["objective"] != "binary"
+            or full.get("sigmoid", 1.0) != 1.0
+            or _OBJECTIVE_ALIASES & set(full)  # another spelling of the objective: not checked
+        ):
+            return None
+        p = self.scores
+        if not bool(np.all((p > _SATURATED) & (p < 1.0 - _SATURATED))):
+            return None  # the log-odds of a score at 0 or 1 are lost
+        return 1.0 / (1.0 + np.exp(offset - (np.log(p) - np.log1p(-p))))
+
+
+def _valid_scores(booster: lgb.Booster) -> np.ndarray | None:
+    """A copy of the scores LightGBM keeps for the first validation set, shape (n_valid,), read
+    from the booster's own buffer (the one its `eval_valid` hands a custom metric); None where
+    this LightGBM has no such buffer (the caller then predicts with the trees)."""
+    inner = getattr(booster, "_Booster__inner_predict", None)
+    if inner is None:
+        return None
+    # The method returns the buffer it refills every iteration: copy it.
+    return np.array(inner(data_idx=1), dtype=np.float64)
+
+
+def _train(
+    data: FoldData,
+    params: Mapping,
+    seed: int,
+    config: GBDTConfig,
+    watch: _BestValidScores | None = None,
+) -> lgb.Booster:
+    """`train_model`, with `watch` among the callbacks when given."""
     train_set, offset = seed_dataset(data, seed, config)
     valid_set = data.valid_set
     if valid_set is None:
@@ -115,6 +238,8 @@ def train_model(data: FoldData, params: Mapping, seed: int, config: GBDTConfig) 
         lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False),
         lgb.log_evaluation(config.log_period),
     ]
+    if watch is not None:
+        callbacks.append(watch)
     with warnings.catch_warnings():
         # One-class validation folds (tiny data) make LightGBM's AUC warn; metrics report NaN.
         warnings.simplefilter("ignore", UserWarning)
@@ -169,8 +294,8 @@ def fit_ensemble(
     def fold_models(data: FoldData) -> list[tuple[int, lgb.Booster, np.ndarray]]:
         models = []
         for seed in config.seeds:
-            booster = train_model(data, params, int(seed), config)
-            models.append((int(seed), booster, predict_valid(booster, data)))
+            booster, prediction = fit_model(data, params, int(seed), config)
+            models.append((int(seed), booster, prediction))
             bar.update(1)
         return models
 

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from common.files import atomic_write_text
 from tabular.errors import DataError
 from tabular.gbdt_config import DEFAULT_PARAMS, GBDTConfig
-from tabular.gbdt_ensemble import map_folds, predict_valid, train_model
+from tabular.gbdt_ensemble import fit_model, map_folds
 from tabular.gbdt_folds import FoldData
 from tabular.metrics import MetricWarning, pauc80
 from tabular.tuning_storage import Heartbeat, fail_stale_trials, heartbeat_timing, open_storage
@@ -305,8 +305,8 @@ class _Objective:
         """(fold pAUC80, best iteration) of one model with `params` on `data`. The fold's Datasets
         (and this seed's negative draw) were built once, before the study: a trial only trains
         and predicts."""
-        booster = train_model(data, params, int(self._config.seeds[0]), self._config)
-        return pauc80(data.y_valid, predict_valid(booster, data)), int(booster.best_iteration)
+        booster, predictions = fit_model(data, params, int(self._config.seeds[0]), self._config)
+        return pauc80(data.y_valid, predictions), int(booster.best_iteration)
 
 
 def _run_missing_trials(

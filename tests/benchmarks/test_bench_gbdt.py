@@ -70,6 +70,8 @@ def test_bench_gbdt_small(tmp_path):
         "any CPU where LightGBM runs 1 thread"
     )
     assert report["lightgbm_threads"] == 1 and report["targets"]["fit_vs_unsampled_met"] is None
+    # The plain fit runs ours' LightGBM threads a model: the ratio compares work, not cores.
+    assert report["plain"]["lightgbm_threads"] == report["lightgbm_threads"]
     assert report["ours"]["fit_cpu_seconds"] > 0 and report["unsampled"]["fit_cpu_seconds"] > 0
     assert report["targets"]["fit_met"] is None and report["targets"]["pauc80_met"] is None
     assert len(report["load_average"]) == 3
@@ -161,3 +163,37 @@ def test_bench_judges_the_default_fit_against_one_plain_fit_on_every_row(tmp_pat
         DataError, match=r"sides: unknown \['fast'\]; choose from \['baseline', 'plain'"
     ):
         bench_gbdt(frame, spec, sides=("fast",))
+
+
+def test_bench_table_prints_the_default_fit_beside_the_plain_fit_on_the_same_threads():
+    from benchmarks.run import format_table
+
+    side = {"fit_seconds": 2.0, "fit_cpu_seconds": 2.0, "peak_rss_bytes": 1e8, "pauc80": 0.1}
+    gbdt = {
+        "rows": 401059,
+        "seeds": [0, 1, 2],
+        "neg_ratio": 50.0,
+        "ours": {**side, "features_seconds": 0.5, "fit_seconds": 30.0, "fit_cpu_seconds": 29.0},
+        "baseline": side,
+        "plain": {
+            **side,
+            "fit_seconds": 40.0,
+            "fit_cpu_seconds": 40.0,
+            "rounds": PLAIN_ROUNDS,
+            "lightgbm_threads": 1,
+        },
+        "ratios": {
+            "fit_seconds": 15.0,
+            "peak_rss": 1.0,
+            "fit_vs_plain": 0.75,
+            "fit_cpu_vs_plain": 0.725,
+        },
+    }
+    machine = {"cpu": "test CPU", "cores": 2, "gpu": None, "torch": "-"}
+    table = format_table({"machine": machine, "parts": {"gbdt": [gbdt]}})
+    line = next(t for t in table.splitlines() if "vs one plain LightGBM 5-fold fit" in t)
+    assert "1 LightGBM thread(s) a model both" in line and "200 rounds" in line
+    assert "30.0" in line and "40.0" in line and "0.75" in line
+    assert f"<= {TARGET_FIT_VS_PLAIN:g}" in line
+    cpu = next(t for t in table.splitlines() if "default fit CPU s (401059 rows) vs the plain" in t)
+    assert "0.72" in cpu or "0.73" in cpu
