@@ -37,7 +37,7 @@ from embed.reader import DECODE_INFO
 from embed.sources import ImageSource, repeated_ids
 from embed.store import fingerprinted_by_time
 from embed.store_writer import StoreWriter
-from embed.variants import warn_if_unfaithful
+from embed.variants import calibration_ids, warn_if_unfaithful
 from embed.weights import WeightsInfo
 
 __all__ = [
@@ -96,7 +96,10 @@ def build_store(
         _log_plan(store_dir, mine, plan)
         if plan.todo and stop.received is None:
             model = load_backbone(weights, device, blocks=config.blocks, pooling=config.pooling)
-            _embed(run, writer, source, plan.todo, now, model, config, stop)
+            # int8 calibrates on images spread over the whole data set, never on what this run
+            # happens to embed: a resumed or sharded build then computes the same function.
+            calibrate_on = calibration_ids(ids)
+            _embed(run, writer, source, plan.todo, now, model, config, stop, calibrate_on)
     # After the writer closed: the last shard and manifest are part of the run's cost.
     summary = _summarise(run, plan, writer, store_dir, config, started)
     _log_summary(summary, run.timer)
@@ -299,11 +302,13 @@ def _embed(
     model: torch.nn.Module,
     config: EmbedConfig,
     stop: _StopSignals,
+    calibrate_on: list[str],
 ) -> None:
     """Embed `todo` into `writer` batch by batch, each row with its image's fingerprint in
-    `now`; stops after the current batch once `stop` has received a signal."""
+    `now`; stops after the current batch once `stop` has received a signal. `calibrate_on`:
+    the ids int8 calibrates on (`embed.variants.calibration_ids` of the data set)."""
     run.loop_start = time.perf_counter()  # the rate excludes loading the model
-    batches = embed_ids(source, todo, model, config, timer=run.timer)
+    batches = embed_ids(source, todo, model, config, timer=run.timer, calibrate_on=calibrate_on)
     with contextlib.closing(batches):
         for batch_ids, vectors, failures in batches:
             t0 = time.perf_counter()
