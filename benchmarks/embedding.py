@@ -553,6 +553,7 @@ def embedding_rows(e: dict) -> list[tuple[str, str, str, str, str]]:
         )
     variants = e.get("variants", {})
     eager = variants.get("eager")
+    nan = float("nan")  # results written before the median was reported
     for name, v in variants.items():
         if name == "eager":
             continue
@@ -572,7 +573,7 @@ def embedding_rows(e: dict) -> list[tuple[str, str, str, str, str]]:
                 f"embed variant {name} vs fp32, centred cosine min / p1 / median "
                 f"({v.get('images_checked', '?')} images)",
                 f"{v['centred_cosine_min']:.4f}",
-                f"{v['centred_cosine_p1']:.4f} / {v.get('centred_cosine_median', float('nan')):.4f}",
+                f"{v['centred_cosine_p1']:.4f} / {v.get('centred_cosine_median', nan):.4f}",
                 "",
                 f">= {MIN_CENTRED_COSINE}",
             )

@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ from embed.reader import DECODE_INFO
 from embed.sources import ImageSource, repeated_ids
 from embed.store import fingerprinted_by_time
 from embed.store_writer import StoreWriter
-from embed.variants import calibration_ids, warn_if_unfaithful
+from embed.variants import AUTO, calibration_ids, default_variant, warn_if_unfaithful
 from embed.weights import WeightsInfo
 
 __all__ = [
@@ -77,6 +77,10 @@ def build_store(
     ids = _unique_ids(source, ids)
     warn_if_small(config)
     device = resolve_device(config.device)
+    if config.variant == AUTO:
+        # "auto" knows here how many images the store is for: int8-mixed only where its
+        # calibration is earned back (`default_variant`).
+        config = replace(config, variant=default_variant(device, config.amp, len(ids)))
     identity = embedding_identity(weights, config)
     warn_if_unfaithful(identity["variant"])
     source_path = _describe(source)

@@ -87,37 +87,51 @@ def check_variant(name: str) -> str:
     return name
 
 
-def default_variant(device: torch.device | str, amp: bool = True) -> str:
-    """What "auto" resolves to on ``device`` (with mixed precision ``amp``).
+def default_variant(device: torch.device | str, amp: bool = True, images: int | None = None) -> str:
+    """What "auto" resolves to on ``device`` (with mixed precision ``amp``) for an embedding of
+    ``images`` images (None: not known, as for scoring or a bench).
 
     Only a variant that is faster than eager on that kind of hardware *and* faithful (centred
-    cosine >= 0.99 to fp32 per image, and the HAM10000 fusion MLP's out-of-fold ROC AUC within
-    0.003 of fp32's) may be a default. From `MEASURED` (2-core AMD EPYC with AVX512-BF16 and
-    AVX512-VNNI, torch 2.14, 224 px, batch 32, the real weights, HAM10000 images):
+    cosine to fp32 per image about 0.99 or more, and the HAM10000 final blend's out-of-fold ROC
+    AUC within 0.003 and pAUC80 within 0.002 of the eager store's) may be a default. From
+    `MEASURED` (torch 2.14, 224 px, batch 32, the real weights, HAM10000 images):
 
-    - CPU computing in fp32 (no native bf16, or amp off): "folded", 1.13x eager's ceiling for
-      about 2 s of folding per process. jit-frozen (1.21x) and compiled (1.20x) are faster per
-      image but cost 15-25 s (tracing, freezing, profiling) and 12-60 s (compiling, and a C++
-      compiler) before the first batch, more than they save on a few hundred images (scoring a
-      folder, every test); pass --variant jit-frozen for a large embed. All three give fp32's
-      vectors up to summation order: 99.8% of the stored float16 values equal fp32 eager's and
-      the rest differ by one float16 step, as two batch compositions of eager itself do, so the
-      fusion MLP sees the same store (the AUC bar holds by construction).
-    - CPU with native bf16 and amp: "eager". No variant clears the bars: compiled was the fastest
-      faithful one at 1.20x in a run on a loaded machine (folded, jit-frozen 1.05-1.06x), below
-      the 1.3x target, for a compile of 12-60 s per process, and its bf16 vectors differ from
-      eager bf16's (centred cosine to fp32 0.9988 either way) so its AUC would need the full
-      HAM10000 check, which was not run; int8 is 2.45x but its centred cosine is 0.91-0.98.
+    - CPU with VNNI int8 (AVX512-VNNI, AVX-VNNI or AMX) and amp, embedding at least
+      `INT8_AUTO_MIN_IMAGES` images: "int8-mixed". On a 2-core Intel Xeon with AMX its
+      model-only ceiling was 2.9x eager bf16's, for 0.5-1.5 minutes of calibration on 256 images
+      of the data set and tracing, which a few thousand images earn back (fewer, or an unknown
+      number, keep the float default below); its worst image of 512 reached a centred cosine of
+      0.989 to fp32 (1st percentile 0.990, median 0.995), and the HAM10000 blend trained on its
+      store stayed within the bars (README). CPUs without VNNI compute int8 with a multiply-add
+      that saturates at full 8-bit range: not measured, so not a default there.
+    - CPU computing in fp32 (no native bf16, or amp off) without VNNI: "folded", 1.13x eager's
+      ceiling for about 2 s of folding per process (2-core AMD EPYC). jit-frozen (1.21x) and
+      compiled (1.20x) are faster per image but cost 15-25 s (tracing, freezing, profiling) and
+      12-60 s (compiling, and a C++ compiler) before the first batch, more than they save on a
+      few hundred images (scoring a folder, every test); pass --variant jit-frozen for a large
+      embed. All three give fp32's vectors up to summation order: 99.8% of the stored float16
+      values equal fp32 eager's and the rest differ by one float16 step, as two batch
+      compositions of eager itself do, so the fusion MLP sees the same store. amp off means
+      fp32 was asked for: "folded" then even with VNNI.
+    - CPU with native bf16 and amp but without VNNI (no such CPU is known): "eager".
     - CUDA: "eager" (nothing here was measured on a GPU; cuDNN already fuses what matters).
     """
     kind = torch.device(device).type
     if kind != "cpu":
         return "eager"
+    if amp and cpu_vnni_supported() and images is not None and images >= INT8_AUTO_MIN_IMAGES:
+        return _DEFAULT_VNNI_CPU
     if amp and cpu_bf16_supported():
         return _DEFAULT_BF16_CPU
     return _DEFAULT_FP32_CPU
 
 
+_DEFAULT_VNNI_CPU = "int8-mixed"
+# Images an embedding must hold for "auto" to take int8-mixed: its setup (0.5-1.5 min on 2
+# cores) against the 5-25 ms per image it saves (Intel Xeon with AMX: 14 ms vs eager bf16's
+# model-only 14 -> 4.8 ms; AMD EPYC 2.45x of 14 images/s for full int8) pays off after about
+# 1,000-6,000 images; a small embed (the demo's 1,500 images, a test) stays in float.
+INT8_AUTO_MIN_IMAGES = 5000
 _DEFAULT_BF16_CPU = "eager"
 _DEFAULT_FP32_CPU = "folded"
 # The figures behind the defaults: `invoke bench --parts embedding --images
@@ -547,6 +561,7 @@ def embed_batches(model: Callable, batches: Sequence[torch.Tensor]) -> np.ndarra
 __all__ = [
     "AUTO",
     "CALIBRATION_IMAGES",
+    "INT8_AUTO_MIN_IMAGES",
     "MEASURED",
     "MIN_CENTRED_COSINE",
     "VARIANTS",

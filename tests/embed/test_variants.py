@@ -80,7 +80,9 @@ def reference(resnet, images) -> np.ndarray:
     return embed_batches(resnet, images)
 
 
-@pytest.mark.parametrize("name", [v for v in VARIANTS if v != "compiled" and not v.startswith("int8")])
+@pytest.mark.parametrize(
+    "name", [v for v in VARIANTS if v != "compiled" and not v.startswith("int8")]
+)
 def test_fp32_variant_matches_eager_fp32(resnet, images, reference, name):
     variant = make_variant(resnet, name, "cpu", amp=False, example=images[0])
     assert variant.precision == "fp32"
@@ -134,9 +136,7 @@ def test_int8_mixed_is_closer_to_fp32_than_int8_on_real_weights(real):
     model, batches, calibration, reference = real
     fidelity = {}
     for name in ("int8", "int8-mixed"):
-        variant = make_variant(
-            model, name, "cpu", example=batches[0], calibration=[calibration]
-        )
+        variant = make_variant(model, name, "cpu", example=batches[0], calibration=[calibration])
         assert variant.precision == "int8"
         fidelity[name] = centred_cosine(reference, embed_batches(variant, batches))
     assert fidelity["int8-mixed"]["min"] > fidelity["int8"]["min"], fidelity
