@@ -64,6 +64,8 @@ from embed.weights import WeightsInfo
 
 __all__ = [
     "BEST_VARIANT_OVER_EAGER",
+    "BEST_VARIANT_OVER_EAGER_VNNI",
+    "FIDELITY_IMAGES",
     "PIPELINE_OVER_NAIVE_FP32_CPU",
     "QUICK_VARIANTS",
     "TARGETS",
