@@ -432,14 +432,17 @@ def _fidelity_ids(
     """(the ids int8 calibrates on, the ids each variant's fidelity is checked on).
 
     A real source: calibration as `invoke embed` picks it from the whole source, fidelity on
-    the first `n` other ids. Synthetic images: both from the timed ids.
+    the first `n` other ids (the timed ids when the source holds no others). Synthetic images:
+    both from the timed ids.
     """
     if not real:
         return calibration_ids(timed), timed
     every = source.ids()
     calib = calibration_ids(every)
     taken = set(calib)
-    return calib, [i for i in sorted(every) if i not in taken][:n]
+    others = [i for i in sorted(every) if i not in taken][:n]
+    # A source no larger than the calibration set leaves nothing else to check on.
+    return calib, others if len(others) >= 2 else timed
 
 
 def _fidelity(bench: _Bench, prepared: dict, checked: list[str]) -> dict:
