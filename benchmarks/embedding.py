@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import cpu_count, cpu_name, synchronize
+from benchmarks.embedding_table import embedding_rows
 from benchmarks.images import open_images, random_weights
 from benchmarks.store import bench_store
 from embed.backbone import autocast_context, load_backbone, prepare_model, preprocess
@@ -71,8 +72,8 @@ __all__ = [
     "TARGETS",
     "TARGET_HARDWARE",
     "bench_embedding",
+    # re-exported from benchmarks.embedding_table and benchmarks.images, where they are defined
     "embedding_rows",
-    # re-exported from benchmarks.images, where it is defined
     "random_weights",
     "targets_for",
 ]
@@ -524,106 +525,3 @@ def _variant_figures(per_variant: dict, prepared: dict, device: torch.device, am
         "targets": targets,
         "target_hardware": {k: TARGET_HARDWARE[k] for k in targets},
     }
-
-
-def embedding_rows(e: dict) -> list[tuple[str, str, str, str, str]]:
-    """Table rows (figure, value, baseline, ratio, target) of a `bench_embedding` result, each
-    target as it applies on the measured hardware."""
-    targets = e.get("targets", TARGETS)
-    rows = [
-        (
-            "embed pipeline images/s vs naive loop",
-            f"{e['pipeline_images_per_s']:.1f}",
-            f"{e['naive_images_per_s']:.1f}",
-            f"{e['pipeline_over_naive']:.2f}",
-            f">= {targets['pipeline_over_naive']}",
-        ),
-        (
-            "embed pipeline images/s vs model-only ceiling",
-            f"{e['pipeline_images_per_s']:.1f}",
-            f"{e['ceiling_images_per_s']:.1f}",
-            f"{e['pipeline_over_ceiling']:.2f}",
-            f">= {targets['pipeline_over_ceiling']}",
-        ),
-    ]
-    if "min_cosine_to_naive" in e:
-        rows.append(
-            (
-                f"embed vectors vs naive fp32, min centred cosine ({e['images_checked']} images)",
-                f"{e['min_cosine_to_naive']:.4f}",
-                "",
-                "",
-                f">= {targets['min_cosine_to_naive']}",
-            )
-        )
-    variants = e.get("variants", {})
-    eager = variants.get("eager")
-    nan = float("nan")  # results written before the median was reported
-    for name, v in variants.items():
-        if name == "eager":
-            continue
-        best = name == e.get("best_variant") and "best_variant_over_eager" in targets
-        rows.append(
-            (
-                f"embed ceiling images/s, variant {name} ({v['precision']}; setup "
-                f"{v['setup_s'] + v['first_call_s']:.0f} s) vs eager",
-                f"{v['ceiling_images_per_s']:.1f}",
-                f"{eager['ceiling_images_per_s']:.1f}",
-                f"{v['over_eager']:.2f}",
-                f">= {targets['best_variant_over_eager']} (best faithful)" if best else "",
-            )
-        )
-        rows.append(
-            (
-                f"embed variant {name} vs fp32, centred cosine min / p1 / median "
-                f"({v.get('images_checked', '?')} images)",
-                f"{v['centred_cosine_min']:.4f}",
-                f"{v['centred_cosine_p1']:.4f} / {v.get('centred_cosine_median', nan):.4f}",
-                "",
-                f">= {MIN_CENTRED_COSINE}",
-            )
-        )
-    if (
-        eager is not None
-        and "best_variant_over_eager" in targets
-        and e.get("best_variant") == "eager"
-    ):
-        rows.append(
-            (
-                "embed best faithful variant ceiling vs eager (none faster)",
-                "eager",
-                "",
-                "1.00",
-                f">= {targets['best_variant_over_eager']}",
-            )
-        )
-    if "reader_images_per_s" in e:
-        rows.append(
-            (
-                "embed pipeline images/s vs its reader (decode only)",
-                f"{e['pipeline_images_per_s']:.1f}",
-                f"{e['reader_images_per_s']:.1f}",
-                f"{e['pipeline_over_reader']:.2f}",
-                "",
-            )
-        )
-    if "store_write_rows_per_s" in e:
-        rows.append(
-            (
-                f"store write rows/s ({e['store_rows']} rows)",
-                f"{e['store_write_rows_per_s']}",
-                "",
-                "",
-                "",
-            )
-        )
-        rows.append(
-            (
-                f"store mmap read rows/s ({e['store_rows']} rows)",
-                f"{e['store_read_rows_per_s']}",
-                "",
-                "",
-                "",
-            )
-        )
-    return rows
