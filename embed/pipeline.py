@@ -67,6 +67,10 @@ def build_store(
     SIGTERM or SIGINT (main thread only) stop the run after the current batch: every row
     embedded so far is written, then EmbedInterrupted is raised (rerunning continues).
 
+    config.variant "auto" resolves with the number of `ids` (`embed.variants.default_variant`:
+    int8-mixed for a large data set on a CPU with VNNI int8). The int8 variants calibrate on
+    `embed.variants.calibration_ids(ids)`, the same images in every part and every rerun.
+
     Raises EmbedError for repeated ids, a bad config, or a store locked by another writer of the
     same part; WriteError (common.files) when the store's folder cannot be written (read-only,
     full), naming the path; StoreMismatchError when the store was made with other weights,
