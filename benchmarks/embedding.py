@@ -53,10 +53,10 @@ from embed.sources import ImageSource, decode_image
 from embed.store import FeatureStore
 from embed.variants import (
     AUTO,
-    MIN_CENTRED_COSINE,
     VARIANTS,
     calibration_ids,
     centred_cosine,
+    cosine_bar,
     default_variant,
     has_compiler,
     make_variant,
@@ -241,7 +241,8 @@ def _variants_result(prepared, runs, fidelity) -> dict:
             "centred_cosine_p1": fidelity[name]["p1"],
             "centred_cosine_median": fidelity[name]["median"],
             "images_checked": fidelity[name]["n"],
-            "faithful": fidelity[name]["min"] >= MIN_CENTRED_COSINE,
+            "cosine_bar": cosine_bar(name),
+            "faithful": fidelity[name]["min"] >= cosine_bar(name),
             "rounds": [round(x, 2) for x in runs[name]],
         }
     return out

@@ -64,7 +64,7 @@ def embedding_rows(e: dict) -> list[tuple[str, str, str, str, str]]:
                 f"{v['centred_cosine_min']:.4f}",
                 f"{v['centred_cosine_p1']:.4f} / {v.get('centred_cosine_median', nan):.4f}",
                 "",
-                f">= {MIN_CENTRED_COSINE}",
+                f">= {v.get('cosine_bar', MIN_CENTRED_COSINE)}",
             )
         )
     if (

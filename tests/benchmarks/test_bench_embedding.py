@@ -107,7 +107,7 @@ def test_variants_fidelity_is_checked_on_images_int8_did_not_calibrate_on(
     source) and every variant is checked on `fidelity_images` other images, beyond the timed
     ones, with the median reported beside the min and the 1st percentile."""
     import benchmarks.embedding as bench
-    from embed.variants import calibration_ids
+    from embed.variants import calibration_ids, cosine_bar
 
     calibrated: list[str] = []
 
@@ -135,6 +135,9 @@ def test_variants_fidelity_is_checked_on_images_int8_did_not_calibrate_on(
         assert figures["images_checked"] == 10  # more than the 4 timed images
         assert figures["centred_cosine_min"] <= figures["centred_cosine_p1"]
         assert figures["centred_cosine_p1"] <= figures["centred_cosine_median"] <= 1.0
+        # Faithful: at or above the bar of that variant (int8-mixed's is what HAM10000 tolerated).
+        assert figures["cosine_bar"] == cosine_bar(name)
+        assert figures["faithful"] == (figures["centred_cosine_min"] >= cosine_bar(name))
     assert result["variants"]["int8-mixed"]["precision"] == "int8"
     # 24 images, 6 calibrated on: the first 10 of the 18 others are the ones checked.
     others = [i for i in sorted(f.stem for f in folder.iterdir()) if i not in calibrated]
