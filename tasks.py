@@ -135,7 +135,7 @@ def demo(c, rows=None, trials=None):
         "workers": "decode worker processes (default: chosen for the device)",
         "variant": "how the backbone is computed: auto (the measured default here), eager, "
         "folded, jit-frozen, "
-        "compiled or int8; recorded in the store's identity",
+        "compiled, int8-mixed or int8; recorded in the store's identity",
         "retry_failed": "try again the images an earlier run could not read",
     }
 )

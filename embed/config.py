@@ -77,8 +77,9 @@ class EmbedConfig:
         (`embed.backbone.BLOCKS`; a comma-separated string is accepted).
     pooling: "avg" (global average) or "gem" (generalised mean, p=3) for every pooled block.
     variant: how the backbone is computed (`embed.variants.VARIANTS`: eager, folded, jit-frozen,
-        compiled, int8), or "auto" (`embed.variants.default_variant` for the device); the
-        resolved name is part of the store's identity.
+        compiled, int8-mixed, int8), or "auto" (`embed.variants.default_variant` for the device
+        and, in `embed.pipeline.build_store`, the number of images); the resolved name is part of
+        the store's identity.
     batch_size: images per model call; None = `default_batch_size(device)` (256 on CUDA, 32 on CPU).
     device: "auto" (cuda when available, else cpu), "cpu", "cuda" or "cuda:N".
     num_workers: decoding processes; None = `default_num_workers(device)`.

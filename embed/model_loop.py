@@ -25,7 +25,7 @@ from embed.identity import DTYPE
 from embed.pooled import feature_dim
 from embed.reader import apply_view, make_loader, normalize_batch
 from embed.sources import ImageSource
-from embed.variants import CALIBRATION_IMAGES, make_variant, resolve_variant
+from embed.variants import calibration_ids, make_variant, resolve_variant
 
 __all__ = [
     "BatchTimer",
@@ -85,8 +85,13 @@ def embed_ids(
     config: EmbedConfig,
     *,
     timer: BatchTimer | None = None,
+    calibrate_on: Sequence[str] | None = None,
 ) -> Generator[tuple[list[str], np.ndarray, dict[str, str]], None, None]:
     """Embed `ids` from `source` with `model`, without a store (scoring uses this).
+
+    calibrate_on: the int8 variant only: the ids of `source` it calibrates its activation
+    ranges on (default `embed.variants.calibration_ids(ids)`); `embed.pipeline` passes those of
+    the whole data set, so that every run over it computes the same function.
 
     Yields per batch, in the order of `ids`: (ids embedded, float16 array of shape
     (len(those ids), config.views, dim), {id: reason} for the batch's unreadable images).
@@ -106,7 +111,7 @@ def embed_ids(
         torch.backends.cudnn.benchmark = True
     # The variant (embed.variants) brings its own precision: autocast where `config.amp` asks
     # and the device has it natively, as `autocast_context` says.
-    model = _variant(model, config, device, source, ids)
+    model = _variant(model, config, device, source, calibrate_on or ids)
     amp = None
     loader = make_loader(source, ids, config, device)
     in_flight = batches_in_flight(device)
@@ -187,12 +192,12 @@ class _Progress:
 
 
 def _variant(model, config: EmbedConfig, device: torch.device, source: ImageSource, ids):
-    """`model` as the variant `config.variant` names on `device`. int8 calibrates on the first
-    `CALIBRATION_IMAGES` of `ids` in sorted order, read as the loop reads them."""
+    """`model` as the variant `config.variant` names on `device`. int8 calibrates on
+    `calibration_ids(ids)` (`CALIBRATION_IMAGES` of them), read as the loop reads them."""
     name = resolve_variant(config.variant, device, config.amp)
     calibration = None
-    if name == "int8":
-        calib = sorted(ids)[:CALIBRATION_IMAGES]
+    if name.startswith("int8"):
+        calib = calibration_ids(ids)
         loader = make_loader(source, calib, replace(config, num_workers=0, progress=False), device)
         calibration = [normalize_batch(b, device) for _, b, _ in loader if b is not None]
     batch_size, _ = settled_sizes(config, device)

@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ from embed.reader import DECODE_INFO
 from embed.sources import ImageSource, repeated_ids
 from embed.store import fingerprinted_by_time
 from embed.store_writer import StoreWriter
-from embed.variants import warn_if_unfaithful
+from embed.variants import AUTO, calibration_ids, default_variant, warn_if_unfaithful
 from embed.weights import WeightsInfo
 
 __all__ = [
@@ -67,6 +67,10 @@ def build_store(
     SIGTERM or SIGINT (main thread only) stop the run after the current batch: every row
     embedded so far is written, then EmbedInterrupted is raised (rerunning continues).
 
+    config.variant "auto" resolves with the number of `ids` (`embed.variants.default_variant`:
+    int8-mixed for a large data set on a CPU with VNNI int8). The int8 variants calibrate on
+    `embed.variants.calibration_ids(ids)`, the same images in every part and every rerun.
+
     Raises EmbedError for repeated ids, a bad config, or a store locked by another writer of the
     same part; WriteError (common.files) when the store's folder cannot be written (read-only,
     full), naming the path; StoreMismatchError when the store was made with other weights,
@@ -77,6 +81,10 @@ def build_store(
     ids = _unique_ids(source, ids)
     warn_if_small(config)
     device = resolve_device(config.device)
+    if config.variant == AUTO:
+        # "auto" knows here how many images the store is for: int8-mixed only where its
+        # calibration is earned back (`default_variant`).
+        config = replace(config, variant=default_variant(device, config.amp, len(ids)))
     identity = embedding_identity(weights, config)
     warn_if_unfaithful(identity["variant"])
     source_path = _describe(source)
@@ -96,7 +104,10 @@ def build_store(
         _log_plan(store_dir, mine, plan)
         if plan.todo and stop.received is None:
             model = load_backbone(weights, device, blocks=config.blocks, pooling=config.pooling)
-            _embed(run, writer, source, plan.todo, now, model, config, stop)
+            # int8 calibrates on images spread over the whole data set, never on what this run
+            # happens to embed: a resumed or sharded build then computes the same function.
+            calibrate_on = calibration_ids(ids)
+            _embed(run, writer, source, plan.todo, now, model, config, stop, calibrate_on)
     # After the writer closed: the last shard and manifest are part of the run's cost.
     summary = _summarise(run, plan, writer, store_dir, config, started)
     _log_summary(summary, run.timer)
@@ -299,11 +310,13 @@ def _embed(
     model: torch.nn.Module,
     config: EmbedConfig,
     stop: _StopSignals,
+    calibrate_on: list[str],
 ) -> None:
     """Embed `todo` into `writer` batch by batch, each row with its image's fingerprint in
-    `now`; stops after the current batch once `stop` has received a signal."""
+    `now`; stops after the current batch once `stop` has received a signal. `calibrate_on`:
+    the ids int8 calibrates on (`embed.variants.calibration_ids` of the data set)."""
     run.loop_start = time.perf_counter()  # the rate excludes loading the model
-    batches = embed_ids(source, todo, model, config, timer=run.timer)
+    batches = embed_ids(source, todo, model, config, timer=run.timer, calibrate_on=calibrate_on)
     with contextlib.closing(batches):
         for batch_ids, vectors, failures in batches:
             t0 = time.perf_counter()

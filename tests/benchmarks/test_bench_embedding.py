@@ -98,3 +98,47 @@ def test_bench_checks_the_pipelines_vectors_against_the_naive_loop(
     monkeypatch.setattr(model_loop, "_launch", shifted)
     bad = bench_embedding(weights, **settings)
     assert bad["min_cosine_to_naive"] < 0.95 and not bad["meets_targets"]
+
+
+def test_variants_fidelity_is_checked_on_images_int8_did_not_calibrate_on(
+    tmp_path, weights, folder, monkeypatch
+):
+    """From a real source, int8 calibrates as `invoke embed` would (spread over the whole
+    source) and every variant is checked on `fidelity_images` other images, beyond the timed
+    ones, with the median reported beside the min and the 1st percentile."""
+    import benchmarks.embedding as bench
+    from embed.variants import calibration_ids, cosine_bar
+
+    calibrated: list[str] = []
+
+    def few(ids):
+        calibrated[:] = calibration_ids(ids, 6)
+        return list(calibrated)
+
+    checked: list[str] = []
+    fidelity = bench._fidelity
+
+    def spy(b, prepared, ids):
+        checked[:] = ids
+        return fidelity(b, prepared, ids)
+
+    monkeypatch.setattr(bench, "calibration_ids", few)
+    monkeypatch.setattr(bench, "_fidelity", spy)
+    result = bench_embedding(
+        weights, n_images=4, image_size=32, batch_size=4, device="cpu", num_workers=0,
+        rounds=1, store_rows=0, images=folder, work_dir=tmp_path,
+        variants=("eager", "int8-mixed"), fidelity_images=10,
+    )  # fmt: skip
+    assert len(calibrated) == 6
+    for name in ("eager", "int8-mixed"):
+        figures = result["variants"][name]
+        assert figures["images_checked"] == 10  # more than the 4 timed images
+        assert figures["centred_cosine_min"] <= figures["centred_cosine_p1"]
+        assert figures["centred_cosine_p1"] <= figures["centred_cosine_median"] <= 1.0
+        # Faithful: at or above the bar of that variant (int8-mixed's is what HAM10000 tolerated).
+        assert figures["cosine_bar"] == cosine_bar(name)
+        assert figures["faithful"] == (figures["centred_cosine_min"] >= cosine_bar(name))
+    assert result["variants"]["int8-mixed"]["precision"] == "int8"
+    # 24 images, 6 calibrated on: the first 10 of the 18 others are the ones checked.
+    others = [i for i in sorted(f.stem for f in folder.iterdir()) if i not in calibrated]
+    assert checked == others[:10] and not set(checked) & set(calibrated)

@@ -27,9 +27,10 @@ from embed.variants import (
 SIZE = 64  # small inputs keep a ResNet-50 quick on 2 cores
 # Centred cosine to eager fp32: the fp32 variants do the same arithmetic reordered; bf16 must
 # clear the adoption bar; int8 does not (0.981 at 224 px on 64 HAM10000 images), so its bar here
-# only says it is the same function.
+# only says it is the same function; int8-mixed (0.989 at 224 px on 512 HAM10000 images, 256
+# calibration images) is held to a bar that 4 calibration images at 112 px still clear.
 FP32_BAR = 0.9999
-REDUCED_BAR = {"bf16": MIN_CENTRED_COSINE, "int8": 0.95}
+REDUCED_BAR = {"bf16": MIN_CENTRED_COSINE, "int8": 0.95, "int8-mixed": 0.97}
 REAL_SIZE = 112
 
 
@@ -79,7 +80,9 @@ def reference(resnet, images) -> np.ndarray:
     return embed_batches(resnet, images)
 
 
-@pytest.mark.parametrize("name", [v for v in VARIANTS if v not in ("compiled", "int8")])
+@pytest.mark.parametrize(
+    "name", [v for v in VARIANTS if v != "compiled" and not v.startswith("int8")]
+)
 def test_fp32_variant_matches_eager_fp32(resnet, images, reference, name):
     variant = make_variant(resnet, name, "cpu", amp=False, example=images[0])
     assert variant.precision == "fp32"
@@ -123,7 +126,40 @@ def test_reduced_precision_variant_matches_eager_fp32_on_real_weights(real, name
             "this CPU has no native bf16 and the variant is fp32: checked on random weights"
         )
     fidelity = centred_cosine(reference, embed_batches(variant, batches))
-    assert fidelity["min"] >= REDUCED_BAR[variant.precision], (name, variant.precision, fidelity)
+    bar = REDUCED_BAR.get(name, REDUCED_BAR[variant.precision])
+    assert fidelity["min"] >= bar, (name, variant.precision, fidelity)
+
+
+def test_int8_mixed_is_closer_to_fp32_than_int8_on_real_weights(real):
+    """The stem in float and the later stages ranged by their extremes: the worst image and the
+    typical one both move less than with every layer int8."""
+    model, batches, calibration, reference = real
+    fidelity = {}
+    for name in ("int8", "int8-mixed"):
+        variant = make_variant(model, name, "cpu", example=batches[0], calibration=[calibration])
+        assert variant.precision == "int8"
+        fidelity[name] = centred_cosine(reference, embed_batches(variant, batches))
+    assert fidelity["int8-mixed"]["min"] > fidelity["int8"]["min"], fidelity
+    assert fidelity["int8-mixed"]["median"] > fidelity["int8"]["median"], fidelity
+
+
+def test_calibration_ids_spread_over_the_whole_data_set_whatever_the_order():
+    from embed.variants import CALIBRATION_IMAGES, calibration_ids
+
+    ids = [f"img_{i:05d}" for i in range(1000)]
+    picked = calibration_ids(ids)
+    assert len(picked) == CALIBRATION_IMAGES == len(set(picked))
+    assert picked == sorted(picked) and set(picked) <= set(ids)
+    assert picked[0] == "img_00000" and picked[-1] >= "img_00990"  # spread, not the first 256
+    assert calibration_ids(list(reversed(ids))) == picked
+    assert calibration_ids(ids[:10]) == ids[:10]
+    with pytest.raises(EmbedError, match="calibration images: expected at least 1, got 0"):
+        calibration_ids(ids, 0)
+
+
+def test_int8_without_a_readable_calibration_image_is_refused(resnet, images):
+    with pytest.raises(EmbedError, match="int8: no calibration images"):
+        make_variant(resnet, "int8-mixed", "cpu", example=images[0], calibration=[])
 
 
 @pytest.mark.skipif(
@@ -171,8 +207,9 @@ def test_auto_resolves_to_a_known_variant_and_int8_is_cpu_only():
     assert resolve_variant("auto", "cpu") in VARIANTS
     assert default_variant("cpu", amp=False) in VARIANTS
     assert resolve_variant("auto", "cuda") == "eager"
-    with pytest.raises(EmbedError, match="CPU only"):
-        resolve_variant("int8", "cuda")
+    for name in ("int8", "int8-mixed"):
+        with pytest.raises(EmbedError, match="CPU only"):
+            resolve_variant(name, "cuda")
 
 
 def test_centred_cosine_sees_vectors_handed_to_the_wrong_ids():
@@ -287,6 +324,7 @@ def test_bench_measures_variants_beside_eager_with_targets_for_this_hardware(
 ):
     from benchmarks.embedding import (
         BEST_VARIANT_OVER_EAGER,
+        BEST_VARIANT_OVER_EAGER_VNNI,
         PIPELINE_OVER_NAIVE_FP32_CPU,
         TARGETS,
         bench_embedding,
@@ -324,7 +362,12 @@ def test_bench_measures_variants_beside_eager_with_targets_for_this_hardware(
         TARGETS["pipeline_over_naive"] if cpu_bf16_supported() else PIPELINE_OVER_NAIVE_FP32_CPU
     )
     assert bf16["pipeline_over_naive"] == expected
-    assert bf16["best_variant_over_eager"] == BEST_VARIANT_OVER_EAGER
+    from embed.variants import cpu_vnni_supported
+
+    # Where a faithful int8 runs (VNNI), the bar is issue 22's 1.8x; elsewhere issue 14's 1.3x.
+    assert bf16["best_variant_over_eager"] == (
+        BEST_VARIANT_OVER_EAGER_VNNI if cpu_vnni_supported() else BEST_VARIANT_OVER_EAGER
+    )
     assert "best_variant_over_eager" not in targets_for(torch.device("cuda"), amp=True)
 
 
@@ -334,7 +377,8 @@ def test_int8_has_a_store_name_of_its_own_and_the_faithful_variants_keep_theirs(
     sha = "ab" * 32
     plain = store_name("ham", sha, 224, 1, ("layer3",), "gem")
     assert plain == "ham-abababababab-224px-1v-l3-gem"
-    for variant in ("auto", "eager", "folded", "jit-frozen", "compiled"):
+    # int8-mixed is faithful: it shares the plain name; the old every-layer int8 keeps its own.
+    for variant in ("auto", "eager", "folded", "jit-frozen", "compiled", "int8-mixed"):
         assert store_name("ham", sha, 224, 1, ("layer3",), "gem", variant) == plain
     assert store_name("ham", sha, 224, 1, ("layer3",), "gem", "int8") == plain + "-int8"
     assert (
@@ -422,3 +466,71 @@ def test_a_variant_clash_says_how_to_keep_the_store_not_to_rerun_embed(tmp_path,
         message,
     ), message
     assert "invoke embed" not in message
+
+
+def test_int8_calibrates_on_the_data_sets_images_in_every_run_over_it(
+    tmp_path, tiny_store_inputs, monkeypatch
+):
+    """Each part of a sharded build, and a rerun that embeds only what is missing, calibrate on
+    the same images (spread over the whole data set), so every row comes from one function."""
+    import embed.model_loop
+    from embed.pipeline import build_store
+    from embed.sources import FolderSource
+    from embed.store import FeatureStore
+
+    weights, folder = tiny_store_inputs
+    seen: list[list[float]] = []
+    real_make = embed.model_loop.make_variant
+
+    def spy(model, name, device, **kwargs):
+        # Each calibration image by its mean pixel, in the order given.
+        seen.append([float(x.mean()) for b in kwargs["calibration"] for x in b])
+        return real_make(model, name, device, **kwargs)
+
+    monkeypatch.setattr(embed.model_loop, "make_variant", spy)
+    source = FolderSource(folder)
+    store = tmp_path / "store"
+    from embed.config import part_of
+
+    part = part_of(source.ids()[0], 4)  # a part holding some but (by these ids) not all images
+    sharded = _config(variant="int8-mixed", shard_index=part, shard_count=4)
+    part0 = build_store(source, None, store, "toy", weights, sharded)
+    rest = build_store(source, None, store, "toy", weights, _config(variant="int8-mixed"))
+    assert 0 < part0.embedded < 4 and part0.embedded + rest.embedded == 4
+    assert len(seen) == 2 and len(seen[0]) == 4 and seen[0] == seen[1]
+    opened = FeatureStore.open(store)
+    assert opened.manifest["variant"] == "int8-mixed" and len(opened.ids) == 4
+
+
+def test_auto_takes_int8_mixed_only_for_a_large_embed_on_a_vnni_cpu(monkeypatch):
+    import embed.variants as variants
+
+    enough = variants.INT8_AUTO_MIN_IMAGES
+    monkeypatch.setattr(variants, "cpu_vnni_supported", lambda: True)
+    assert variants.default_variant("cpu", images=enough) == "int8-mixed"
+    assert variants.default_variant("cpu", images=enough - 1) != "int8-mixed"
+    assert variants.default_variant("cpu") != "int8-mixed"  # a number not known: scoring, bench
+    assert variants.default_variant("cpu", amp=False, images=enough) == "folded"  # fp32 asked
+    assert variants.default_variant("cuda", images=enough) == "eager"
+    monkeypatch.setattr(variants, "cpu_vnni_supported", lambda: False)
+    assert variants.default_variant("cpu", images=enough) in ("eager", "folded")
+
+
+def test_build_store_with_auto_takes_int8_mixed_for_a_data_set_large_enough(
+    tmp_path, tiny_store_inputs, monkeypatch
+):
+    import embed.variants as variants
+    from embed.pipeline import build_store
+    from embed.sources import FolderSource
+    from embed.store import FeatureStore
+
+    weights, folder = tiny_store_inputs
+    source = FolderSource(folder)
+    monkeypatch.setattr(variants, "cpu_vnni_supported", lambda: True)
+    monkeypatch.setattr(variants, "INT8_AUTO_MIN_IMAGES", 4)
+    build_store(source, None, tmp_path / "large", "toy", weights, _config())
+    build_store(source, source.ids()[:3], tmp_path / "small", "toy", weights, _config())
+    assert FeatureStore.open(tmp_path / "large").manifest["variant"] == "int8-mixed"
+    assert FeatureStore.open(tmp_path / "small").manifest["variant"] == variants.default_variant(
+        "cpu"
+    )
