@@ -50,6 +50,7 @@ from embed.weights_npm import (
 from embed.weights_tfjs import convert_tfjs_resnet50
 
 __all__ = [
+    "CHECKED_AS",
     "LICENCE_NOTE",
     "RACY_NS",
     "RECORD_FILENAME",
@@ -78,6 +79,8 @@ _IDENTITY_FIELDS = ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
 # Filesystems stamp times from a coarse clock (ticks of a few ms, up to 2 s on FAT): a file changed
 # within one tick of being hashed keeps its times, so such a hash is not recorded.
 RACY_NS = 2_000_000_000
+# What a user file's verified record says once it passed `check_resnet50_state_dict`.
+CHECKED_AS = "torchvision resnet50 state dict: keys, shapes, finite"
 SOURCE_NPM = f"npm:{NPM_SPEC} (Keras ResNet50 ImageNet weights, converted from TF.js)"
 # sha256 of the converted file as torch 2.14 writes it (torch.save is byte-deterministic for a
 # given file name and torch version). Another torch version may serialise differently; the file
@@ -224,9 +227,13 @@ def _user_weights(path: Path, full_check: bool = False) -> WeightsInfo:
         raise EmbedError(
             f"weights_path: expected a torch state dict file ending in .pth or .pt, got {path}"
         )
-    state = _load_state_dict(path)
-    check_resnet50_state_dict(state, where=f"weights_path {path}")
     sha = file_sha256(path, full_check=full_check)
+    if full_check or not _checked_before(path, sha):
+        # Loading 100 MB and building torchvision's ResNet-50 to compare shapes cost a few
+        # lesions' scoring more than embedding them; a file's verdict holds while it is unchanged.
+        state = _load_state_dict(path)
+        check_resnet50_state_dict(state, where=f"weights_path {path}")
+        _remember_checked(path, sha)
     record_path = path.with_suffix(".json")
     record = _read_record(record_path) if record_path.is_file() else None
     if record is not None and record.get("format") == RECORD_FORMAT:
@@ -244,6 +251,44 @@ def _user_weights(path: Path, full_check: bool = False) -> WeightsInfo:
         source = f"user file {path.resolve()}"
     log.info("using weights %s (sha256 %s, %s)", path, sha[:12], layout)
     return WeightsInfo(path=path, sha256=sha, source=source, stride_layout=layout)
+
+
+def _checked_before(path: Path, sha: str) -> bool:
+    """True when `path`'s verified record (`file_sha256`'s, for the file as it is now, with hash
+    `sha`) says the file passed `check_resnet50_state_dict`."""
+    try:
+        record = json.loads(verified_record_path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(record, dict)
+        and record.get("format") == VERIFIED_FORMAT
+        and record.get("identity") == _file_identity(path)
+        and record.get("sha256") == sha
+        and record.get("checked") == CHECKED_AS
+    )
+
+
+def _remember_checked(path: Path, sha: str) -> None:
+    """Add `"checked": CHECKED_AS` to `path`'s verified record when it stands for the file as it
+    is now (a file hashed moments after a change has no record, and is checked again next time).
+    Rewriting the record for a changed file drops the mark, so the new content is checked."""
+    record_path = verified_record_path(path)
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return
+    if (
+        not isinstance(record, dict)
+        or record.get("format") != VERIFIED_FORMAT
+        or record.get("identity") != _file_identity(path)
+        or record.get("sha256") != sha
+    ):
+        return
+    try:
+        atomic_write_json(record_path, {**record, "checked": CHECKED_AS})
+    except OSError as exc:
+        log.debug("cannot record the check of %s in %s: %s", path, record_path, exc)
 
 
 def _verified_cache(target: Path, full_check: bool = False) -> WeightsInfo:

@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -226,12 +226,16 @@ def _batches(
         return _stored_batches(
             source, order, weights, replace(config, progress=progress), store, images
         ), None
-    from embed.backbone import PooledResNet, load_backbone
+    from embed.backbone_cache import load_backbone_for
+    from embed.config import resolve_device
     from embed.model_loop import embed_ids
+    from embed.variants import resolve_variant
 
-    # Without keep_classifier, load_backbone returns a PooledResNet (annotated as the base class).
-    backbone = cast(
-        PooledResNet, load_backbone(weights, "cpu", blocks=config.blocks, pooling=config.pooling)
+    # The eager variant's stages come from their TorchScript copy (`embed.backbone_cache`):
+    # the same vectors without importing torchvision, which a few images wait for.
+    variant = resolve_variant(config.variant, resolve_device(config.device), config.amp)
+    backbone = load_backbone_for(
+        weights, variant, "cpu", blocks=config.blocks, pooling=config.pooling
     )
     return embed_ids(source, order, backbone, config), backbone
 

@@ -26,7 +26,7 @@ import io
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -87,7 +87,7 @@ def saliency_overlays(
         {id: PNG bytes} for every id whose image could be read and that has a row in `frame`;
         an unreadable image or an id without a row gets no overlay (logged), never an error.
     """
-    from embed.backbone import PooledResNet, load_backbone
+    from embed.backbone_cache import load_cached_backbone
     from embed.config import resolve_device
 
     ids = list(dict.fromkeys(str(i) for i in ids))
@@ -100,15 +100,13 @@ def saliency_overlays(
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     if backbone is None:
         # The run's identity holds blocks and pooling (older runs read as the layer4 average).
-        # Without keep_classifier, load_backbone returns a PooledResNet (annotated as Module).
-        backbone = cast(
-            PooledResNet,
-            load_backbone(
-                weights,
-                device,
-                blocks=models.identity["blocks"],
-                pooling=models.identity["pooling"],
-            ),
+        # Grad-CAM runs the eager model in float32, which the TorchScript copy of its stages
+        # computes bit for bit without importing torchvision (`embed.backbone_cache`).
+        backbone = load_cached_backbone(
+            weights,
+            device,
+            blocks=models.identity["blocks"],
+            pooling=models.identity["pooling"],
         )
     meta = _encoded_meta(models, frame, rows)
 

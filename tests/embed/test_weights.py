@@ -668,3 +668,32 @@ def test_the_weights_task_always_hashes_the_whole_file(tmp_path, monkeypatch, ca
     tasks.weights.body(None)
     assert hashed == [target]
     assert f"sha256: {sha256_file(target)}" in capsys.readouterr().out
+
+
+def test_a_user_file_is_checked_once_while_it_is_unchanged(tmp_path, monkeypatch, resnet50_file):
+    monkeypatch.setattr(W, "RACY_NS", 0)
+    path = tmp_path / "mine.pth"
+    path.write_bytes(resnet50_file.read_bytes())
+    checked = []
+    real_check = W.check_resnet50_state_dict
+    monkeypatch.setattr(
+        W,
+        "check_resnet50_state_dict",
+        lambda state, where: checked.append(where) or real_check(state, where),
+    )
+    first = ensure_weights(weights_path=path)
+    second = ensure_weights(weights_path=path)
+    assert first == second and len(checked) == 1
+    assert json.loads(W.verified_record_path(path).read_text())["checked"] == W.CHECKED_AS
+    ensure_weights(weights_path=path, full_check=True)  # `invoke weights` checks every time
+    assert len(checked) == 2
+
+
+def test_a_user_file_changed_after_its_check_is_checked_again(tmp_path, monkeypatch, resnet50_file):
+    monkeypatch.setattr(W, "RACY_NS", 0)
+    path = tmp_path / "mine.pth"
+    path.write_bytes(resnet50_file.read_bytes())
+    ensure_weights(weights_path=path)
+    torch.save({"conv1.weight": torch.zeros(1)}, path)  # no longer a ResNet-50
+    with pytest.raises(EmbedError, match=r"weights_path .*mine.pth: not a torchvision ResNet-50"):
+        ensure_weights(weights_path=path)

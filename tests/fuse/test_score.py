@@ -7,7 +7,11 @@ ResNet-50 at 32 px, one LightGBM seed, two fusion epochs and a small stack: abou
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -36,6 +40,7 @@ COLUMNS = [
     "error",
 ]
 FAST = {"device": "cpu", "num_workers": 0, "progress": False}
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -908,3 +913,39 @@ def test_the_triage_page_states_the_operating_points_lower_bound_from_the_report
     )
     page = " ".join((tmp_path / "b.html").read_text().split())
     assert f"lower 95% bound {point['sensitivity_low']:.1%}" in page
+
+
+def test_a_later_scoring_skips_torchvision_and_gives_the_same_scores_and_page(tiny, tmp_path):
+    """The first scoring saves the backbone's stages as TorchScript (`embed.backbone_cache`); a
+    scoring in a fresh process then loads them: torchvision (and the torch._dynamo its ops pull
+    in) is never imported, and the predictions and the page with its overlays are the same."""
+    folder = tmp_path / "images"
+    _folder_of_test_images(tiny, folder)
+    first = tmp_path / "first" / "predictions.csv"
+    score(
+        tiny["run"],
+        folder,
+        None,
+        first,
+        weights=tiny["weights"],
+        page=first.with_suffix(".html"),
+        **FAST,
+    )
+    later = tmp_path / "later" / "predictions.csv"
+    code = (
+        "import sys; from fuse.scoring.score import score; "
+        f"score({str(tiny['run'])!r}, {str(folder)!r}, None, {str(later)!r}, "
+        f"weights={str(tiny['weights'])!r}, page={str(later.with_suffix('.html'))!r}, "
+        "device='cpu', num_workers=0, progress=False); "
+        "print('torchvision' in sys.modules, 'torch._dynamo' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["False", "False"]
+    assert later.read_bytes() == first.read_bytes()
+    page = later.with_suffix(".html").read_text()
+    assert page == first.with_suffix(".html").read_text()
+    assert 'alt="saliency of ' in page
