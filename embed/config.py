@@ -245,7 +245,8 @@ def embedding_identity(weights: WeightsInfo, config: EmbedConfig) -> dict:
 def config_for_identity(identity: dict, **settings) -> EmbedConfig:
     """An EmbedConfig that embeds as `identity` says (image size, views, blocks, pooling,
     variant, zoom; an older identity without blocks/pooling means layer4 average, without a
-    variant eager, without a zoom none), plus `settings` (device, batch size, ...): the inverse of `embedding_identity`."""
+    variant eager, without a zoom none), plus `settings` (device, batch size, ...): the inverse
+    of `embedding_identity`."""
     identity = with_legacy_values(identity)
     settings.setdefault("variant", str(identity.get("variant", "eager")))
     zoom = identity.get("zoom")

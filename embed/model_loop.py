@@ -90,7 +90,8 @@ def embed_ids(
     """Embed `ids` from `source` with `model`, without a store (scoring uses this).
 
     Yields per batch, in the order of `ids`: (ids embedded, float16 array of shape
-    (len(those ids), config.views + 1 with config.zoom else config.views, dim), {id: reason} for the batch's unreadable images).
+    (len(those ids), config.views (+ 1 with config.zoom), dim), {id: reason} for the batch's
+    unreadable images).
     The model is moved to `config.device` in channels_last; runs under inference_mode with
     autocast when `config.amp`. On CUDA up to `_CUDA_BATCHES_IN_FLIGHT` later batches are
     already queued on the GPU while the caller handles a yielded one.

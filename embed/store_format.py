@@ -22,9 +22,9 @@ manifests. Every reader merges all of them (`read_manifests`): the first one fou
 once each, failures are united.
 
 Folder name (`store_name`): ``<dataset>-<weights sha256[:12]>-<size>px-<views>v``, then
-``-z<percent>`` for a centre zoom view (``-z75``: `embed.zoom`), then ``-l<digits>-<pooling>`` unless the pooled features are the classic layer4 average (e.g.
-``-l3-gem`` for the default layer3 GeM), then ``-<variant>`` for a variant that computes another
-function (``-int8``).
+``-z<percent>`` for a centre zoom view (``-z75``: `embed.zoom`), then ``-l<digits>-<pooling>``
+unless the pooled features are the classic layer4 average (e.g. ``-l3-gem`` for the default
+layer3 GeM), then ``-<variant>`` for a variant that computes another function (``-int8``).
 """
 
 from __future__ import annotations
@@ -103,9 +103,9 @@ def store_name(
 ) -> str:
     """Directory name of a store: f"{dataset}-{sha[:12]}-{size}px-{views}v", followed by the
     centre zoom view when there is one ("-z75" for `zoom` 0.75; `views` counts the geometric
-    views only), by the pooled features when they are not the classic layer4 average, e.g. "-l34-gem" for layer3
-    and layer4 pooled by GeM (so stores made before blocks were a setting keep their names),
-    and by the variant when it is one that computes another function ("-int8",
+    views only), by the pooled features when they are not the classic layer4 average, e.g.
+    "-l34-gem" for layer3 and layer4 pooled by GeM (so stores made before blocks were a setting
+    keep their names), and by the variant when it is one that computes another function ("-int8",
     `UNFAITHFUL_VARIANTS`).
 
     The faithful variants (auto, eager, folded, jit-frozen, compiled) share one name: they compute
