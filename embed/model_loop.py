@@ -114,11 +114,12 @@ def embed_ids(
     in_flight = batches_in_flight(device)
     timer = timer or BatchTimer()
     log.info(
-        "embedding %d images on %s: %d px, %d view(s), batch %d, %d worker(s), variant %s (%s)",
+        "embedding %d images on %s: %d px, %d view(s)%s, batch %d, %d worker(s), variant %s (%s)",
         len(ids),
         device,
         config.image_size,
         config.views,
+        "" if config.zoom is None else f" + a centre zoom view ({config.zoom:g} of each side)",
         config.batch_size,
         loader.num_workers,
         model.name,
