@@ -230,9 +230,9 @@ def embedding_identity(weights: WeightsInfo, config: EmbedConfig) -> dict:
         "weights_sha256": weights.sha256,
         "preprocessing": preprocessing_for(weights),
         "image_size": config.image_size,
+        "zoom": config.zoom,
         # Vectors per image as stored: the geometric views, then the zoom view when there is one.
         "views": stored_views(config.views, config.zoom),
-        "zoom": config.zoom,
         "blocks": list(config.blocks),
         "pooling": config.pooling,
         # The inference variant as resolved on this machine ("auto" is not an identity).
