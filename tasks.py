@@ -122,6 +122,8 @@ def demo(c, rows=None, trials=None):
         "spec": SPEC_HELP,
         "image_size": "square input size in pixels (default 224)",
         "views": "1 = the plain image (default); more = fixed flips/rotations, each kept",
+        "zoom": "add a centre zoom view: the central fraction of each side (e.g. 0.75) resized "
+        "to the input size, kept as one more view (default: none)",
         "blocks": "ResNet-50 stages pooled into the vector, comma-separated (default: "
         + ",".join(DEFAULT_BLOCKS)
         + ")",
@@ -144,6 +146,7 @@ def embed(
     spec=None,
     image_size=None,
     views=None,
+    zoom=None,
     blocks=None,
     pooling=None,
     batch_size=None,
@@ -164,6 +167,7 @@ def embed(
         spec,
         image_size=_number("image_size", image_size, default=224),
         views=_number("views", views, default=1),
+        zoom=_number("zoom", zoom, kind=float),
         blocks=blocks or DEFAULT_BLOCKS,
         pooling=pooling or DEFAULT_POOLING,
         batch_size=_number("batch_size", batch_size),

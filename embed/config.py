@@ -34,6 +34,7 @@ from embed.pooled import (
 )
 from embed.variants import resolve_variant
 from embed.weights import WeightsInfo
+from embed.zoom import check_zoom, stored_views
 
 __all__ = [
     "VIEWS",
@@ -73,6 +74,8 @@ class EmbedConfig:
 
     image_size: side of the square model input, px (224).
     views: test-time views per image, 1..8 (`VIEWS` order; 1 = the plain image only).
+    zoom: None (default) or the fraction of each side kept by the centre zoom view
+        (`embed.zoom`), embedded as one more view after the `views` geometric ones.
     blocks: the ResNet-50 stages whose output is pooled, concatenated in forward order
         (`embed.backbone.BLOCKS`; a comma-separated string is accepted).
     pooling: "avg" (global average) or "gem" (generalised mean, p=3) for every pooled block.
@@ -97,6 +100,7 @@ class EmbedConfig:
 
     image_size: int = 224
     views: int = 1
+    zoom: float | None = None
     blocks: tuple[str, ...] = DEFAULT_BLOCKS
     pooling: str = DEFAULT_POOLING
     variant: str = "auto"
@@ -145,6 +149,7 @@ class EmbedConfig:
             )
         if not isinstance(self.views, int) or not 1 <= self.views <= len(VIEWS):
             raise EmbedError(f"EmbedConfig.views: expected 1..{len(VIEWS)}, got {self.views!r}")
+        object.__setattr__(self, "zoom", check_zoom(self.zoom))
         if not isinstance(self.shard_index, int) or not 0 <= self.shard_index < self.shard_count:
             raise EmbedError(
                 f"EmbedConfig.shard_index: expected 0..{self.shard_count - 1} for "
@@ -218,14 +223,17 @@ class EmbedSummary:
 
 def embedding_identity(weights: WeightsInfo, config: EmbedConfig) -> dict:
     """The identity (`embed.identity.IDENTITY_FIELDS`) of vectors embedded with `weights` and
-    `config` (image size, views, the pooled blocks and their pooling, the inference variant as
-    resolved on this machine). Raises EmbedError for a device or variant this machine lacks."""
+    `config` (image size, views (vectors per image: the geometric views and the zoom view), the
+    zoom, the pooled blocks and their pooling, the inference variant as resolved on this
+    machine). Raises EmbedError for a device or variant this machine lacks."""
     return {
         "backbone": BACKBONE_NAME,
         "weights_sha256": weights.sha256,
         "preprocessing": preprocessing_for(weights),
         "image_size": config.image_size,
-        "views": config.views,
+        "zoom": config.zoom,
+        # Vectors per image as stored: the geometric views, then the zoom view when there is one.
+        "views": stored_views(config.views, config.zoom),
         "blocks": list(config.blocks),
         "pooling": config.pooling,
         # The inference variant as resolved on this machine ("auto" is not an identity).
@@ -237,13 +245,16 @@ def embedding_identity(weights: WeightsInfo, config: EmbedConfig) -> dict:
 
 def config_for_identity(identity: dict, **settings) -> EmbedConfig:
     """An EmbedConfig that embeds as `identity` says (image size, views, blocks, pooling,
-    variant; an older identity without blocks/pooling means layer4 average, without a variant
-    eager), plus `settings` (device, batch size, ...): the inverse of `embedding_identity`."""
+    variant, zoom; an older identity without blocks/pooling means layer4 average, without a
+    variant eager, without a zoom none), plus `settings` (device, batch size, ...): the inverse
+    of `embedding_identity`."""
     identity = with_legacy_values(identity)
     settings.setdefault("variant", str(identity.get("variant", "eager")))
+    zoom = identity.get("zoom")
     return EmbedConfig(
         image_size=int(identity["image_size"]),
-        views=int(identity["views"]),
+        views=int(identity["views"]) - stored_views(0, zoom),
+        zoom=zoom,
         blocks=tuple(identity["blocks"]),
         pooling=str(identity["pooling"]),
         **settings,

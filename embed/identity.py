@@ -1,7 +1,8 @@
 """What makes two embeddings comparable: the embedding identity, defined and compared in one place.
 
 An embedding identity is the dict of `IDENTITY_FIELDS` (backbone, weights_sha256, preprocessing,
-image_size, views, blocks, pooling, variant, dtype, dim). A feature store records it in its
+image_size, views (vectors per image, the zoom view included), zoom, blocks, pooling, variant,
+dtype, dim). A feature store records it in its
 manifest; a model trained on a store records it too; anything that combines vectors with a store or
 a model compares the two with `check_identity`, which names the first field that differs (dotted for
 nested fields, e.g. `preprocessing.normalize_mean`) and both values.
@@ -32,6 +33,8 @@ IDENTITY_FIELDS: tuple[str, ...] = (
     "weights_sha256",
     "preprocessing",
     "image_size",
+    # Before views: a store with a zoom view also has one view more, and the zoom says why.
+    "zoom",
     "views",
     "blocks",
     "pooling",
@@ -41,7 +44,7 @@ IDENTITY_FIELDS: tuple[str, ...] = (
 )
 # Fields added after stores and runs already existed, with the value every earlier store and
 # model had: an identity that lacks one is read with this value, so older stores stay usable.
-LEGACY_VALUES: dict = {"blocks": ["layer4"], "pooling": "avg", "variant": "eager"}
+LEGACY_VALUES: dict = {"blocks": ["layer4"], "pooling": "avg", "variant": "eager", "zoom": None}
 # Inference variants that compute another function than the fp32 model (measured in
 # `embed.variants.MEASURED`): their vectors never share a store or a run with the others.
 UNFAITHFUL_VARIANTS: tuple[str, ...] = ("int8",)

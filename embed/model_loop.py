@@ -26,6 +26,7 @@ from embed.pooled import feature_dim
 from embed.reader import apply_view, make_loader, normalize_batch
 from embed.sources import ImageSource
 from embed.variants import calibration_ids, make_variant, resolve_variant
+from embed.zoom import stored_views
 
 __all__ = [
     "BatchTimer",
@@ -94,7 +95,8 @@ def embed_ids(
     the whole data set, so that every run over it computes the same function.
 
     Yields per batch, in the order of `ids`: (ids embedded, float16 array of shape
-    (len(those ids), config.views, dim), {id: reason} for the batch's unreadable images).
+    (len(those ids), config.views (+ 1 with config.zoom), dim), {id: reason} for the batch's
+    unreadable images).
     The model is moved to `config.device` in channels_last; runs under inference_mode with
     autocast when `config.amp`. On CUDA up to `_CUDA_BATCHES_IN_FLIGHT` later batches are
     already queued on the GPU while the caller handles a yielded one.
@@ -117,11 +119,12 @@ def embed_ids(
     in_flight = batches_in_flight(device)
     timer = timer or BatchTimer()
     log.info(
-        "embedding %d images on %s: %d px, %d view(s), batch %d, %d worker(s), variant %s (%s)",
+        "embedding %d images on %s: %d px, %d view(s)%s, batch %d, %d worker(s), variant %s (%s)",
         len(ids),
         device,
         config.image_size,
         config.views,
+        "" if config.zoom is None else f" + a centre zoom view ({config.zoom:g} of each side)",
         config.batch_size,
         loader.num_workers,
         model.name,
@@ -164,7 +167,9 @@ class _Progress:
     def finish(self, launched: _Launched) -> tuple[list[str], np.ndarray, dict[str, str]]:
         config, timer = self.config, self.timer
         t0 = time.perf_counter()
-        vectors = launched.collect(config.views, feature_dim(config.blocks))
+        vectors = launched.collect(
+            stored_views(config.views, config.zoom), feature_dim(config.blocks)
+        )
         timer.infer += time.perf_counter() - t0
         timer.batches += 1
         timer.images += len(launched.ids) + len(launched.failures)
@@ -198,7 +203,9 @@ def _variant(model, config: EmbedConfig, device: torch.device, source: ImageSour
     calibration = None
     if name.startswith("int8"):
         calib = calibration_ids(ids)
-        loader = make_loader(source, calib, replace(config, num_workers=0, progress=False), device)
+        # The whole image only: the calibration batches are plain (b, S, S, 3).
+        calib_config = replace(config, num_workers=0, progress=False, zoom=None)
+        loader = make_loader(source, calib, calib_config, device)
         calibration = [normalize_batch(b, device) for _, b, _ in loader if b is not None]
     batch_size, _ = settled_sizes(config, device)
     example = torch.zeros(batch_size, 3, config.image_size, config.image_size)
@@ -210,15 +217,20 @@ def _variant(model, config: EmbedConfig, device: torch.device, source: ImageSour
 def _launch(
     model, batch: torch.Tensor | None, ids, failures, device: torch.device, views: int, amp
 ) -> _Launched:
-    """Start the model on `batch` (every view); on CUDA the copy back to the host is queued
-    too, so this returns before the GPU has finished."""
+    """Start the model on `batch` (every view: the `views` geometric ones of the whole image, then
+    the zoom view when the batch carries one, shape (b, 2, S, S, 3)); on CUDA the copy back to
+    the host is queued too, so this returns before the GPU has finished."""
     if batch is None:
         return _Launched(ids, failures, None, None)
+    zoomed = batch[:, 1] if batch.ndim == 5 else None
+    whole = batch[:, 0] if batch.ndim == 5 else batch
     outs = []
     with torch.inference_mode():
-        x = normalize_batch(batch, device)
-        for v in range(views):
-            xv = apply_view(x, v)
+        x = normalize_batch(whole, device)
+        inputs = [apply_view(x, v) for v in range(views)]
+        if zoomed is not None:
+            inputs.append(normalize_batch(zoomed.contiguous(), device))
+        for v, xv in enumerate(inputs):
             if v:
                 xv = xv.contiguous(memory_format=torch.channels_last)
             if amp is None:

@@ -1,7 +1,8 @@
 """The reader: image ids in, uint8 batches out, and what the model sees of them.
 
 DataLoader worker processes read and decode each image (`embed.sources.decode_image`) and
-resize it (`resize_uint8`); the collate drops unreadable images and passes their ids on with
+resize it (`resize_uint8`), and crop and resize its centre zoom view when asked
+(`embed.zoom`); the collate drops unreadable images and passes their ids on with
 the reason, so they never stop a run. On the device `normalize_batch` finishes the
 preprocessing and `apply_view` makes the test-time views: geometric transforms of the batch
 tensor (flips, rotations, transposes: the dihedral group of the square), applied there rather
@@ -21,6 +22,7 @@ from embed.config import VIEWS, EmbedConfig, settle_config, settled_sizes
 from embed.errors import EmbedError
 from embed.resnet50 import INPUT_MEAN, INPUT_STD
 from embed.sources import ALPHA_BACKGROUND, ImageSource, decode_image, safe_reason
+from embed.zoom import zoom_uint8
 
 __all__ = [
     "DECODE_INFO",
@@ -74,13 +76,25 @@ def normalize_batch(batch: torch.Tensor, device: torch.device | str) -> torch.Te
 
 
 class _DecodeDataset(Dataset):
-    """Item i: (id, uint8 array (S, S, 3) or None, reason or None). Runs in the workers."""
+    """Item i: (id, uint8 array (S, S, 3) or None, reason or None). Runs in the workers.
 
-    def __init__(self, source: ImageSource, ids: Sequence[str], image_size: int, max_pixels: int):
+    With `zoom` the array is (2, S, S, 3): the whole image, then its centre zoom view
+    (`embed.zoom.zoom_uint8`), both from the one decoded image.
+    """
+
+    def __init__(
+        self,
+        source: ImageSource,
+        ids: Sequence[str],
+        image_size: int,
+        max_pixels: int,
+        zoom: float | None = None,
+    ):
         self.source = source
         self.ids = list(ids)
         self.image_size = image_size
         self.max_pixels = max_pixels
+        self.zoom = zoom
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -90,7 +104,10 @@ class _DecodeDataset(Dataset):
         try:
             data = self.source.read_bytes(image_id)
             image = decode_image(data, image_id, self.max_pixels, draft_size=self.image_size)
-            return image_id, resize_uint8(image, self.image_size), None
+            whole = resize_uint8(image, self.image_size)
+            if self.zoom is None:
+                return image_id, whole, None
+            return image_id, np.stack([whole, zoom_uint8(image, self.image_size, self.zoom)]), None
         except EmbedError as exc:
             return image_id, None, str(exc)
         except Exception as exc:  # a broken file must not end the run
@@ -99,7 +116,7 @@ class _DecodeDataset(Dataset):
 
 def collate_drop_failed(items):
     """Collate (id, array|None, reason) items into (ids, uint8 tensor (b, S, S, 3) or None,
-    {id: reason} of the failed items)."""
+    {id: reason} of the failed items); (b, 2, S, S, 3) when the items carry a zoom view."""
     ids = [i for i, a, _ in items if a is not None]
     failures = {i: reason for i, a, reason in items if a is None}
     arrays = [a for _, a, _ in items if a is not None]
@@ -127,12 +144,13 @@ def apply_view(x: torch.Tensor, view: int) -> torch.Tensor:
 def make_loader(
     source: ImageSource, ids: Sequence[str], config: EmbedConfig, device: torch.device
 ) -> DataLoader:
-    """The reader: a DataLoader over `ids` yielding (ids, batch or None, failures) in order."""
+    """The reader: a DataLoader over `ids` yielding (ids, batch or None, failures) in order;
+    a batch is uint8 (b, S, S, 3), or (b, 2, S, S, 3) with `config.zoom` (whole, zoom view)."""
     config = settle_config(config, device)
     batch_size, num_workers = settled_sizes(config, device)
     workers = min(num_workers, max(1, -(-len(ids) // batch_size)))
     return DataLoader(
-        _DecodeDataset(source, ids, config.image_size, config.max_pixels),
+        _DecodeDataset(source, ids, config.image_size, config.max_pixels, config.zoom),
         batch_size=config.batch_size,
         shuffle=False,
         num_workers=workers,

@@ -22,9 +22,9 @@ manifests. Every reader merges all of them (`read_manifests`): the first one fou
 once each, failures are united.
 
 Folder name (`store_name`): ``<dataset>-<weights sha256[:12]>-<size>px-<views>v``, then
-``-l<digits>-<pooling>`` unless the pooled features are the classic layer4 average (e.g.
-``-l3-gem`` for the default layer3 GeM), then ``-<variant>`` for a variant that computes another
-function (``-int8``).
+``-z<percent>`` for a centre zoom view (``-z75``: `embed.zoom`), then ``-l<digits>-<pooling>``
+unless the pooled features are the classic layer4 average (e.g. ``-l3-gem`` for the default
+layer3 GeM), then ``-<variant>`` for a variant that computes another function (``-int8``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from pathlib import Path
 
 from embed.errors import EmbedError
 from embed.identity import IDENTITY_FIELDS, UNFAITHFUL_VARIANTS, check_identity, identity_of
+from embed.zoom import zoom_name
 
 __all__ = [
     "FINGERPRINTS_SUFFIX",
@@ -98,11 +99,13 @@ def store_name(
     blocks=("layer4",),
     pooling: str = "avg",
     variant: str = "auto",
+    zoom: float | None = None,
 ) -> str:
     """Directory name of a store: f"{dataset}-{sha[:12]}-{size}px-{views}v", followed by the
-    pooled features when they are not the classic layer4 average, e.g. "-l34-gem" for layer3
-    and layer4 pooled by GeM (so stores made before blocks were a setting keep their names),
-    and by the variant when it is one that computes another function ("-int8",
+    centre zoom view when there is one ("-z75" for `zoom` 0.75; `views` counts the geometric
+    views only), by the pooled features when they are not the classic layer4 average, e.g.
+    "-l34-gem" for layer3 and layer4 pooled by GeM (so stores made before blocks were a setting
+    keep their names), and by the variant when it is one that computes another function ("-int8",
     `UNFAITHFUL_VARIANTS`).
 
     The faithful variants (auto, eager, folded, jit-frozen, compiled) share one name: they compute
@@ -111,7 +114,7 @@ def store_name(
     name before the variant was a setting. Such a store keeps the variant it was built with
     (`invoke embed` with auto appends with it; an explicit other one is refused, saying so).
     """
-    name = f"{dataset}-{weights_sha256[:12]}-{int(image_size)}px-{int(views)}v"
+    name = f"{dataset}-{weights_sha256[:12]}-{int(image_size)}px-{int(views)}v{zoom_name(zoom)}"
     if not (list(blocks) == ["layer4"] and pooling == "avg"):
         digits = "".join(block.removeprefix("layer") for block in blocks)
         name = f"{name}-l{digits}-{pooling}"
@@ -123,7 +126,8 @@ def _name_pattern(dataset: str, weights_sha256: str | None) -> re.Pattern:
     sha = re.escape(weights_sha256[:12]) if weights_sha256 else "[0-9a-f]{1,12}"
     variants = "|".join(re.escape(v) for v in UNFAITHFUL_VARIANTS)
     return re.compile(
-        rf"^{re.escape(dataset)}-{sha}-\d+px-\d+v(?:-l\d+-[a-z0-9]+)?(?:-(?:{variants}))?$"
+        rf"^{re.escape(dataset)}-{sha}-\d+px-\d+v(?:-z\d+)?(?:-l\d+-[a-z0-9]+)?"
+        rf"(?:-(?:{variants}))?$"
     )
 
 

@@ -51,14 +51,16 @@ def embed_spec(
     blocks=DEFAULT_BLOCKS,
     pooling: str = DEFAULT_POOLING,
     variant: str = "auto",
+    zoom: float | None = None,
 ) -> EmbedSummary:
     """`invoke embed`: every image a spec's metadata names into `artifacts/stores/<store>/`.
 
     `shard` "i/n" embeds only part i of n (0-based), so n workers can fill one store at once.
     `blocks` (e.g. "layer3,layer4") and `pooling` ("avg" or "gem") say which pooled backbone
-    features the store keeps; each setting has its own store. `variant` says how the backbone is
-    computed (`embed.variants`; "auto" = the measured default for this machine), recorded in the
-    store's identity.
+    features the store keeps; each setting has its own store. `zoom` (e.g. 0.75) adds the centre
+    zoom view (`embed.zoom`) as one more view per image; None (default) adds none. `variant`
+    says how the backbone is computed (`embed.variants`; "auto" = the measured default for this
+    machine), recorded in the store's identity.
     Rows without an image are refused before any model work (DataError naming them); images
     without a row are listed and skipped. Rerunning embeds only ids not yet stored, and ids whose
     image changed since it was stored.
@@ -79,6 +81,7 @@ def embed_spec(
     config = EmbedConfig(
         image_size=image_size,
         views=views,
+        zoom=zoom,
         blocks=blocks,
         pooling=pooling,
         variant=variant,

@@ -57,8 +57,8 @@ _READ_ROWS = 8192
 def store_path(
     spec: DatasetSpec, weights: WeightsInfo, config: EmbedConfig, stores: Path | None = None
 ) -> Path:
-    """Where the store for (data set, weights, image size, views, pooled blocks, and the variant
-    when it is not faithful) lives."""
+    """Where the store for (data set, weights, image size, views, the zoom view, pooled blocks,
+    and the variant when it is not faithful) lives."""
     name = store_name(
         spec.name,
         weights.sha256,
@@ -67,6 +67,7 @@ def store_path(
         config.blocks,
         config.pooling,
         config.variant,
+        config.zoom,
     )
     return (stores or stores_root()) / name
 

@@ -206,6 +206,33 @@ def test_embed_refuses_an_unknown_block_by_name(tmp_path):
     ), result.stderr
 
 
+@pytest.mark.parametrize(
+    ("zoom", "message"),
+    [
+        (
+            "1.5",
+            "error: --zoom (EmbedConfig.zoom): expected a fraction of each side between 0.01 "
+            "and 0.99 (e.g. 0.75: the central three quarters), or none for no zoom view; got 1.5",
+        ),
+        ("most", "error: --zoom expects a number, got 'most'"),
+    ],
+)
+def test_embed_refuses_a_zoom_that_is_not_a_fraction(tmp_path, zoom, message):
+    spec = tmp_path / "s.toml"
+    spec.write_text(
+        '[dataset]\nname = "s"\nmetadata = "m.csv"\nimages = "img"\nid = "id"\ntarget = "t"\n'
+        'group = "id"\ncategorical = []\nnumeric = []\n'
+    )
+    (tmp_path / "m.csv").write_text("id,t\na,0\n")
+    (tmp_path / "img").mkdir()
+    result = invoke(
+        "embed", "--spec", str(spec), "--zoom", zoom, env={"LESIONFUSE_ARTIFACTS": str(tmp_path)}
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message in result.stderr, result.stderr
+    assert not (tmp_path / "stores").exists()
+
+
 def test_embed_refuses_an_image_size_the_backbone_cannot_use(tmp_path):
     spec = tmp_path / "s.toml"
     spec.write_text(

@@ -32,6 +32,7 @@ def test_embedding_identity_is_built_from_weights_and_config(tmp_path):
         "weights_sha256": weights.sha256,
         "preprocessing": preprocessing_for(weights),
         "image_size": 48,
+        "zoom": None,
         "views": 2,
         "blocks": list(DEFAULT_BLOCKS),
         "pooling": DEFAULT_POOLING,

@@ -29,6 +29,7 @@ IDENTITY = {
     "weights_sha256": SHA,
     "preprocessing": {"resize": "whole image", "normalize_mean": [0.485, 0.456, 0.406]},
     "image_size": 64,
+    "zoom": None,
     "views": 1,
     "blocks": ["layer3"],
     "pooling": "gem",
