@@ -140,8 +140,9 @@ def _file_identity(path: Path) -> dict[str, int]:
     return {name.removeprefix("st_"): int(getattr(stat, name)) for name in _IDENTITY_FIELDS}
 
 
-def _recorded_sha256(record_path: Path, identity: dict[str, int]) -> str | None:
-    """The hash recorded for a file of this identity, or None (no record, unreadable, other)."""
+def _verified_record(record_path: Path, identity: dict[str, int]) -> dict | None:
+    """The verified record at `record_path` when it is for a file of this identity, or None (no
+    record, unreadable, another format or file state)."""
     try:
         record = json.loads(record_path.read_text())
     except (OSError, ValueError):
@@ -152,7 +153,7 @@ def _recorded_sha256(record_path: Path, identity: dict[str, int]) -> str | None:
         and record.get("identity") == identity
         and isinstance(record.get("sha256"), str)
     ):
-        return str(record["sha256"])
+        return record
     return None
 
 
@@ -173,9 +174,9 @@ def file_sha256(path: Path | str, *, full_check: bool = False) -> str:
     record_path = verified_record_path(path)
     identity = _file_identity(path)
     if not full_check:
-        recorded = _recorded_sha256(record_path, identity)
+        recorded = _verified_record(record_path, identity)
         if recorded is not None:
-            return recorded
+            return str(recorded["sha256"])
     sha = sha256_file(path)
     changed_last = max(identity["mtime_ns"], identity["ctime_ns"])
     if _file_identity(path) == identity and time.time_ns() - changed_last > RACY_NS:
@@ -253,42 +254,31 @@ def _user_weights(path: Path, full_check: bool = False) -> WeightsInfo:
     return WeightsInfo(path=path, sha256=sha, source=source, stride_layout=layout)
 
 
+def _current_verified_record(path: Path, sha: str) -> dict | None:
+    """`path`'s verified record (`file_sha256`'s) when it stands for the file as it is now, with
+    hash `sha`; None when there is none, it is unreadable, or it describes another state."""
+    record = _verified_record(verified_record_path(path), _file_identity(path))
+    return record if record is not None and record["sha256"] == sha else None
+
+
 def _checked_before(path: Path, sha: str) -> bool:
-    """True when `path`'s verified record (`file_sha256`'s, for the file as it is now, with hash
-    `sha`) says the file passed `check_resnet50_state_dict`."""
-    try:
-        record = json.loads(verified_record_path(path).read_text())
-    except (OSError, ValueError):
-        return False
-    return (
-        isinstance(record, dict)
-        and record.get("format") == VERIFIED_FORMAT
-        and record.get("identity") == _file_identity(path)
-        and record.get("sha256") == sha
-        and record.get("checked") == CHECKED_AS
-    )
+    """True when `path`'s current verified record says the file passed
+    `check_resnet50_state_dict`."""
+    record = _current_verified_record(path, sha)
+    return record is not None and record.get("checked") == CHECKED_AS
 
 
 def _remember_checked(path: Path, sha: str) -> None:
     """Add `"checked": CHECKED_AS` to `path`'s verified record when it stands for the file as it
     is now (a file hashed moments after a change has no record, and is checked again next time).
     Rewriting the record for a changed file drops the mark, so the new content is checked."""
-    record_path = verified_record_path(path)
-    try:
-        record = json.loads(record_path.read_text())
-    except (OSError, ValueError):
-        return
-    if (
-        not isinstance(record, dict)
-        or record.get("format") != VERIFIED_FORMAT
-        or record.get("identity") != _file_identity(path)
-        or record.get("sha256") != sha
-    ):
+    record = _current_verified_record(path, sha)
+    if record is None:
         return
     try:
-        atomic_write_json(record_path, {**record, "checked": CHECKED_AS})
+        atomic_write_json(verified_record_path(path), {**record, "checked": CHECKED_AS})
     except OSError as exc:
-        log.debug("cannot record the check of %s in %s: %s", path, record_path, exc)
+        log.debug("cannot record the check of %s in %s: %s", path, verified_record_path(path), exc)
 
 
 def _verified_cache(target: Path, full_check: bool = False) -> WeightsInfo:

@@ -183,41 +183,27 @@ def test_a_non_numeric_option_is_named_without_a_traceback(args, expected, tmp_p
     assert f"error: {expected}" in result.stderr, result.stderr
 
 
-def test_embed_refuses_an_unknown_block_by_name(tmp_path):
-    spec = tmp_path / "s.toml"
-    spec.write_text(
-        '[dataset]\nname = "s"\nmetadata = "m.csv"\nimages = "img"\nid = "id"\ntarget = "t"\n'
-        'group = "id"\ncategorical = []\nnumeric = []\n'
-    )
-    (tmp_path / "m.csv").write_text("id,t\na,0\n")
-    (tmp_path / "img").mkdir()
-    result = invoke(
-        "embed",
-        "--spec",
-        str(spec),
-        "--blocks",
-        "layer3,layer9",
-        env={"LESIONFUSE_ARTIFACTS": str(tmp_path)},
-    )
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert (
-        "error: blocks: expected one or more distinct of ['layer1', 'layer2', 'layer3', 'layer4']"
-        " (e.g. 'layer3,layer4'), got ['layer3', 'layer9']" in result.stderr
-    ), result.stderr
-
-
 @pytest.mark.parametrize(
-    ("zoom", "message"),
+    ("option", "value", "message"),
     [
         (
+            "--blocks",
+            "layer3,layer9",
+            "error: blocks: expected one or more distinct of ['layer1', 'layer2', 'layer3', "
+            "'layer4'] (e.g. 'layer3,layer4'), got ['layer3', 'layer9']",
+        ),
+        (
+            "--zoom",
             "1.5",
             "error: --zoom (EmbedConfig.zoom): expected a fraction of each side between 0.01 "
             "and 0.99 (e.g. 0.75: the central three quarters), or none for no zoom view; got 1.5",
         ),
-        ("most", "error: --zoom expects a number, got 'most'"),
+        ("--zoom", "most", "error: --zoom expects a number, got 'most'"),
     ],
 )
-def test_embed_refuses_a_zoom_that_is_not_a_fraction(tmp_path, zoom, message):
+def test_embed_refuses_an_unknown_block_or_a_zoom_that_is_not_a_fraction(
+    tmp_path, option, value, message
+):
     spec = tmp_path / "s.toml"
     spec.write_text(
         '[dataset]\nname = "s"\nmetadata = "m.csv"\nimages = "img"\nid = "id"\ntarget = "t"\n'
@@ -226,7 +212,7 @@ def test_embed_refuses_a_zoom_that_is_not_a_fraction(tmp_path, zoom, message):
     (tmp_path / "m.csv").write_text("id,t\na,0\n")
     (tmp_path / "img").mkdir()
     result = invoke(
-        "embed", "--spec", str(spec), "--zoom", zoom, env={"LESIONFUSE_ARTIFACTS": str(tmp_path)}
+        "embed", "--spec", str(spec), option, value, env={"LESIONFUSE_ARTIFACTS": str(tmp_path)}
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert message in result.stderr, result.stderr

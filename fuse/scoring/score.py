@@ -45,7 +45,7 @@ import pandas as pd
 from common.errors import preview
 from embed.config import embedding_identity
 from embed.errors import EmbedError, StoreMismatchError
-from embed.identity import check_identity
+from embed.identity import UNFAITHFUL_VARIANTS, check_identity, with_legacy_values
 from fuse.errors import RunError
 from fuse.scoring.columns import (
     applicability_columns,
@@ -529,18 +529,37 @@ def _training_prevalence(models: RunModels, prevalence: float | None) -> float:
 
 
 def _embedding_setup(identity: dict, weights, batch_size: int | None, device: str, num_workers):
-    """Weights and embedding settings for new images, checked against the run's identity."""
+    """Weights and embedding settings for new images, checked against the run's identity.
+
+    A run trained on a faithful variant's store (`embed.identity.UNFAITHFUL_VARIANTS` are the
+    others) is scored with this machine's default for an unknown number of images ("auto"): the
+    faithful variants compute one function (they share a store), and the one that built the store
+    may not suit scoring: int8-mixed calibrates on the data set it embeds (its ranges belong to
+    that data set, and its setup would cost every scoring of a few lesions more than it saves),
+    jit-frozen and compiled spend 15-60 s before the first image. An unfaithful variant's run is
+    scored with that variant, since its models learned its vectors.
+    """
     from embed.config import config_for_identity
+    from embed.variants import AUTO
     from embed.weights import ensure_weights
 
     info = ensure_weights(Path(weights) if weights else None)
+    recorded = with_legacy_values(identity)
+    faithful = recorded.get("variant") not in UNFAITHFUL_VARIANTS
     config = config_for_identity(
-        identity, batch_size=batch_size, device=device, num_workers=num_workers, progress=False
+        recorded,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        progress=False,
+        **({"variant": AUTO} if faithful else {}),
     )
+    have = embedding_identity(info, config)
+    want = {**recorded, "variant": have["variant"]} if faithful else identity
     try:
         check_identity(
-            embedding_identity(info, config),
-            identity,
+            have,
+            want,
             "scoring",
             "the run's models were trained on",
             hint=f"weights at hand: {info.path}; pass --weights with the file the run was trained "

@@ -395,6 +395,46 @@ def test_other_preprocessing_is_refused(tiny, tmp_path):
         )
 
 
+def _record_variant(run: Path, variant: str) -> None:
+    """Make every record of `run` say its store was built by `variant` (the stages' store.json
+    and the applicability detector's identity), as a run trained on such a store would."""
+    recorded = json.loads((run / "fusion" / "store.json").read_text())["variant"]
+    for path in run.rglob("*.json"):
+        text = path.read_text()
+        path.write_text(text.replace(f'"variant": "{recorded}"', f'"variant": "{variant}"'))
+
+
+def test_a_run_on_a_faithful_variants_store_scores_with_the_default_and_int8_keeps_its_own(
+    tiny, tmp_path, monkeypatch
+):
+    # A run whose store was built by int8-mixed (faithful: one function with eager) scores with
+    # this machine's default, so nothing is calibrated on the few images being scored; the
+    # predictions are those of the run as trained. A run on an every-layer int8 store
+    # (unfaithful) must score with int8: it quantizes.
+    import embed.variants
+
+    class Quantized(Exception):
+        pass
+
+    def quantize(*args, **kwargs):
+        raise Quantized
+
+    monkeypatch.setattr(embed.variants, "_quantize_int8", quantize)
+    images = tiny["data"] / "test-image.hdf5"
+    plain = score(
+        tiny["run"], images, None, tmp_path / "plain.csv", weights=tiny["weights"], **FAST
+    )
+    run = tmp_path / "run"
+    shutil.copytree(tiny["run"], run)
+    _record_variant(run, "int8-mixed")
+    assert json.loads((run / "fusion" / "store.json").read_text())["variant"] == "int8-mixed"
+    mixed = score(run, images, None, tmp_path / "mixed.csv", weights=tiny["weights"], **FAST)
+    pd.testing.assert_frame_equal(mixed, plain)
+    _record_variant(run, "int8")
+    with pytest.raises(Quantized):
+        score(run, images, None, tmp_path / "int8.csv", weights=tiny["weights"], **FAST)
+
+
 def test_scoring_through_a_store_resumes_and_reuses_the_embeddings(tiny, tmp_path, monkeypatch):
     """With a store, a rerun after an interruption embeds only what is missing, a second scoring
     embeds nothing, unreadable images keep their reasons, and the predictions are the in-memory
