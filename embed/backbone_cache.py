@@ -45,6 +45,7 @@ from embed.weights import WeightsInfo, file_sha256
 __all__ = [
     "SCRIPT_FORMAT",
     "SCRIPTED_VARIANTS",
+    "ScriptedStagesResNet",
     "load_backbone_for",
     "load_cached_backbone",
     "script_paths",
@@ -120,11 +121,31 @@ def load_cached_backbone(
         model = cast(PooledResNet, load_backbone(weights, "cpu", blocks=blocks, pooling=pooling))
         _save_script(model, stages, script, record, _expected(weights, stages))
     else:
-        model = PooledResNet(loaded, blocks, pooling)
+        model = ScriptedStagesResNet(loaded, blocks, pooling)
         model.float()
         model.eval()
         model.requires_grad_(False)
     return model.to(device)
+
+
+class ScriptedStagesResNet(PooledResNet):
+    """A `PooledResNet` whose stages are TorchScript modules, run by TorchScript's plain
+    interpreter (`torch.jit.optimized_execution(False)`).
+
+    Why: the optimizing executor spends each stage's first calls of a new input type (bf16
+    autocast for embedding, float32 for Grad-CAM) profiling and rewriting the graph, about 0.1 s
+    of a few images' scoring on a 2-core CPU, and it has nothing to fuse in convolutions, batch
+    norms and ReLUs: the interpreter calls the same aten operators, so the outputs are the same bit
+    for bit (tested). The flag is set around each call, in the calling thread (it is per thread).
+    """
+
+    def forward_to(self, x: torch.Tensor, block: str) -> torch.Tensor:
+        with torch.jit.optimized_execution(False):
+            return super().forward_to(x, block)
+
+    def pooled_from(self, activation: torch.Tensor) -> torch.Tensor:
+        with torch.jit.optimized_execution(False):
+            return super().pooled_from(activation)
 
 
 def _stages(blocks: tuple[str, ...]) -> tuple[str, ...]:

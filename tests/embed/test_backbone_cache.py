@@ -17,6 +17,7 @@ from storetools import random_weights
 from embed.backbone import load_backbone, prepare_model
 from embed.backbone_cache import (
     SCRIPT_FORMAT,
+    ScriptedStagesResNet,
     load_backbone_for,
     load_cached_backbone,
     script_paths,
@@ -68,6 +69,23 @@ def test_scripted_stages_give_the_eager_vectors_bit_for_bit(weights, first_amp):
         assert torch.equal(_outputs(made, x, amp), expected)
     assert not loaded.training
     assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_scripted_stages_run_without_torchscripts_optimizing_executor(weights):
+    load_cached_backbone(weights, "cpu")
+    loaded = load_cached_backbone(weights, "cpu")
+    assert isinstance(loaded, ScriptedStagesResNet)
+    seen: list[bool] = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(torch._C._get_graph_executor_optimize())
+            return x
+
+    loaded.maxpool = Spy()
+    loaded.forward_to(_batch(1), "layer3")
+    assert seen == [False]
+    assert torch._C._get_graph_executor_optimize()  # restored for everyone else's scripts
 
 
 def test_grad_cam_halves_match_eager_through_scripted_layers(weights):
