@@ -331,6 +331,8 @@ def _overlays(
         inputs.weights,
         device,
         backbone=scored.backbone,
+        # The forward pass in the precision the scores were embedded with.
+        amp=bool(inputs.config is not None and inputs.config.amp),
     )
 
 

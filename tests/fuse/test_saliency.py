@@ -225,6 +225,32 @@ def test_known_readouts(tiny):
     assert (both == 0).all()
 
 
+def test_with_amp_the_forward_runs_in_the_precision_embedding_used(tiny):
+    # The same known readout (logit = sum of the embedding): with amp the map is the activation
+    # the backbone gives under `autocast_context` (bf16 on CPUs with native bf16), summed over
+    # channels and scaled; on a CPU without native bf16 that context is float32.
+    from embed.backbone import autocast_context, cpu_bf16_supported, load_backbone
+    from embed.reader import normalize_batch
+
+    batch = _quadrant_batch()
+    b = load_backbone(tiny["info"], "cpu", blocks=("layer3",), pooling="avg")
+    with torch.no_grad():
+        x = normalize_batch(batch, "cpu")
+        with autocast_context("cpu"):
+            a = b.forward_to(x, "layer3")
+        total = a.float().sum(dim=1)
+    total = total - total.amin(dim=(1, 2), keepdim=True)
+    total = (total / total.amax(dim=(1, 2), keepdim=True)).numpy()
+    mixed = grad_cam(b, [(_Readout(1.0), None)], batch, [None], "cpu", amp=True)
+    np.testing.assert_allclose(mixed, total, atol=1e-5)
+    full = grad_cam(b, [(_Readout(1.0), None)], batch, [None], "cpu")
+    if cpu_bf16_supported():
+        assert not np.array_equal(mixed, full)  # bf16 did run
+        np.testing.assert_allclose(mixed, full, atol=0.1)  # and the map is the same picture
+    else:
+        np.testing.assert_array_equal(mixed, full)
+
+
 def test_with_several_pooled_blocks_the_map_is_taken_at_the_shallowest(tiny):
     # layer3 + layer4 pooled: the map lies on layer3's grid (twice layer4's) and equals the hook
     # recipe there, whose gradient flows both through layer3's own pooled features and layer4.
@@ -332,10 +358,12 @@ def test_score_computes_overlays_only_for_the_top_flagged_and_none_when_off(
     tiny, tmp_path, monkeypatch
 ):
     calls = []
+    precisions = []
     real = saliency_module.saliency_overlays
 
     def counting(models, frame, ids, *args, **kwargs):
         calls.append(list(ids))
+        precisions.append(kwargs.get("amp"))
         return real(models, frame, ids, *args, **kwargs)
 
     monkeypatch.setattr(saliency_module, "saliency_overlays", counting)
@@ -369,6 +397,7 @@ def test_score_computes_overlays_only_for_the_top_flagged_and_none_when_off(
     )
     assert len(flagged) >= 1, "the tiny run flags none of the test lesions"
     assert calls == [flagged["isic_id"].head(2).tolist()]
+    assert precisions == [True]  # the run embeds with mixed precision: the map's forward too
     page = (tmp_path / "c.html").read_text()
     for image_id in calls[0]:
         assert f'alt="saliency of {image_id}"' in page
