@@ -104,17 +104,18 @@ class GBDTConfig:
     log_period: LightGBM evaluation log every N rounds (0 = quiet).
     num_threads: LightGBM threads; 0 = half the usable CPUs (LightGBM runs best with one thread
         per physical core, and its OpenMP threads slow down sharply on an oversubscribed machine).
-    fold_workers: folds whose models train at the same time, each in its own Python thread (each
-        fold's own models one after another: they share its validation Dataset); 0 (the default)
-        = the usable CPUs over `num_threads`'s threads (2 on a 2-CPU machine, where LightGBM gets 1
-        thread a model), at most the folds; 1 = one fold after another. The models and their
-        predictions are the same for any value. Safe because every LightGBM call made while folds
-        run side by side names the same `num_threads` (`booster_params`, `dataset_params`, the
-        predictions): LightGBM keeps its thread count in one process-wide variable that each call
-        with parameters sets, so a call without it (LightGBM's default: every CPU) made while
-        another thread trains a one-thread model makes that model run two-thread loops over
-        one-thread buffers, and the process crashes (a segmentation fault: reproduced, and the
-        crash once seen in `invoke demo`).
+    fold_workers: models trained at the same time, each in its own Python thread (of any fold:
+        models of one fold share its validation Dataset, whose init score each sets under the
+        fold's lock; a trial's one model a fold); 0 (the default) = the usable CPUs over
+        `num_threads`'s threads (2 on a 2-CPU machine, where LightGBM gets 1 thread a model), at
+        most the models; 1 = one after another. The models and their predictions are the same
+        for any value. Safe because every LightGBM call made while models run side by side
+        names the same `num_threads` (`booster_params`, `dataset_params`, the predictions):
+        LightGBM keeps its thread count in one process-wide variable that each call with
+        parameters sets, so a call without it (LightGBM's default: every CPU) made while another
+        thread trains a one-thread model makes that model run two-thread loops over one-thread
+        buffers, and the process crashes (a segmentation fault, reproduced; the likely cause of
+        the one once seen in `invoke demo`, whose folds then predicted without `num_threads`).
     """
 
     seeds: tuple[int, ...] = (0, 1, 2)

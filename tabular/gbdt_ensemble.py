@@ -3,9 +3,9 @@
 Building blocks used by `tabular.train.fit_gbdt` (on folds built once, `tabular.gbdt_folds`) and
 by `tabular.tuning` (which trains one seed per fold and trial):
 
-- `map_folds`: folds trained side by side on the CPUs LightGBM's threads leave idle; the same
-  models as one after another (every LightGBM call in it names the models' threads: see
-  `GBDTConfig.fold_workers`);
+- `map_folds` (from `tabular.gbdt_threads`): folds trained side by side on the CPUs LightGBM's
+  threads leave idle; the same models as one after another (every LightGBM call in it names the
+  models' threads: see `GBDTConfig.fold_workers`);
 - `train_model`: one booster on every positive of the training part and at most `neg_ratio`
   negatives per positive (a different draw per seed and fold); validation parts are never
   sampled; `fit_model`: the same booster and its predictions of the validation part at the best
@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -195,25 +196,53 @@ def _train(
             params=dataset_params(config),
             free_raw_data=False,
         ).construct()
-    valid_set.set_init_score(np.full(len(data.y_valid), offset))
     callbacks: list[Callable[..., object]] = [
         lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False),
         lgb.log_evaluation(config.log_period),
     ]
     if watch is not None:
         callbacks.append(watch)
-    with warnings.catch_warnings():
-        # One-class validation folds (tiny data) make LightGBM's AUC warn; metrics report NaN.
-        warnings.simplefilter("ignore", UserWarning)
-        booster = lgb.train(
-            booster_params(params, seed, config),
-            train_set,
-            num_boost_round=config.num_boost_round,
-            valid_sets=[valid_set],
-            valid_names=["valid"],
-            callbacks=callbacks,
-        )
+    # The fold's validation Dataset is shared by its models, which may train side by side: its
+    # init score is written, and the booster reads it (and the Dataset's names and parameters),
+    # under the fold's lock; the first iteration releases it (boosting only reads the Dataset).
+    held = _HeldUntilFirstIteration(data.valid_lock)
+    callbacks.append(held)
+    try:
+        valid_set.set_init_score(np.full(len(data.y_valid), offset))
+        with warnings.catch_warnings():
+            # One-class validation folds (tiny data) make LightGBM's AUC warn; metrics report NaN.
+            warnings.simplefilter("ignore", UserWarning)
+            booster = lgb.train(
+                booster_params(params, seed, config),
+                train_set,
+                num_boost_round=config.num_boost_round,
+                valid_sets=[valid_set],
+                valid_names=["valid"],
+                callbacks=callbacks,
+            )
+    finally:
+        held.release()
     return booster
+
+
+class _HeldUntilFirstIteration:
+    """LightGBM callback holding `lock` (acquired here) until just before the first boosting
+    iteration, or until `release()` (a failure before it); releases it once."""
+
+    before_iteration = True
+    order = 0
+
+    def __init__(self, lock: threading.Lock) -> None:
+        lock.acquire()
+        self._lock: threading.Lock | None = lock
+
+    def __call__(self, env: lgb.callback.CallbackEnv) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            lock.release()
 
 
 def predict_valid(
@@ -257,24 +286,31 @@ def fit_ensemble(
     boosters: dict[tuple[int, int], lgb.Booster] = {}
     per_fold = []
     bar = tqdm(total=len(folds) * len(config.seeds), desc=desc, unit="model", leave=False)
+    # One task per model, fold by fold: side by side they keep the CPUs busy to the last model
+    # (5 folds on 2 workers would leave one idle for the last fold).
+    tasks = [(data, int(seed)) for data in folds for seed in config.seeds]
 
-    def fold_models(data: FoldData) -> list[tuple[int, lgb.Booster, np.ndarray]]:
-        models = []
-        for seed in config.seeds:
-            booster, prediction = fit_model(data, params, int(seed), config)
-            models.append((int(seed), booster, prediction))
-            bar.update(1)
-        return models
+    def one_model(task: tuple[FoldData, int]) -> tuple[lgb.Booster, np.ndarray]:
+        booster, prediction = fit_model(task[0], params, task[1], config)
+        bar.update(1)
+        return booster, prediction
 
     with warnings.catch_warnings():
         # Set once here: `catch_warnings` in each thread would restore the filters out of order.
         warnings.simplefilter("ignore", UserWarning)
-        fitted = list(map_folds(fold_models, folds, config))
-    for data, models in zip(folds, fitted, strict=True):
+        fitted = dict(
+            zip(
+                [(data.fold, seed) for data, seed in tasks],
+                map_folds(one_model, tasks, config),
+                strict=True,
+            )
+        )
+    for data in folds:
         predictions = []
         iterations = []
-        for seed, booster, prediction in models:
-            boosters[(data.fold, seed)] = booster
+        for seed in config.seeds:
+            booster, prediction = fitted[(data.fold, int(seed))]
+            boosters[(data.fold, int(seed))] = booster
             predictions.append(prediction)
             iterations.append(int(booster.best_iteration or booster.current_iteration()))
         p = np.mean(predictions, axis=0)

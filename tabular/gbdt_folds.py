@@ -11,8 +11,8 @@ Datasets, reused by every seed, Optuna trial and the final fit.
 
 from __future__ import annotations
 
-import functools
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -23,10 +23,9 @@ from tqdm.auto import tqdm
 
 from tabular.errors import DataError
 from tabular.features import FeatureEncoder
-from tabular.gbdt_config import GBDTConfig, dataset_params
+from tabular.gbdt_config import DATASET_PARAMS, GBDTConfig
 from tabular.gbdt_image import FoldPCA, with_extra
 from tabular.gbdt_sampling import negative_sample, sample_seed, sampled_rows, validation_offset
-from tabular.gbdt_threads import map_folds
 from tabular.spec import DatasetSpec
 
 __all__ = ["FoldData", "build_fold", "build_folds", "seed_dataset"]
@@ -44,6 +43,8 @@ class FoldData:
     `X_valid` (n_valid, n_features) float32 and `y_valid` are the validation part, `valid_set`
     its binned Dataset (built once, shared by every seed and trial); `valid_rows` are its row
     positions in the run's frame; `y_train` is the label of every row of the training part.
+    `valid_lock` is held by a model of this fold from setting `valid_set`'s init score until its
+    booster has read it (models of one fold may train side by side: `tabular.gbdt_threads`).
     """
 
     fold: int
@@ -66,6 +67,7 @@ class FoldData:
     )
     # X_valid as one float32 array, for predictions (a DataFrame is converted on every call).
     valid_matrix: np.ndarray | None = field(default=None, repr=False)
+    valid_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 
 def _pca_components_used(
@@ -176,8 +178,7 @@ def _fold_from_features(
     X_train = X_train.reset_index(drop=True)
     X_valid = X_valid.reset_index(drop=True)
     label = y_train if dataset_rows is None else y_train[dataset_rows]
-    # The models' threads (`dataset_params`): folds may be built side by side (`build_folds`).
-    train_set = lgb.Dataset(X_train, label=label, params=dataset_params(config), free_raw_data=True)
+    train_set = lgb.Dataset(X_train, label=label, params=dict(DATASET_PARAMS), free_raw_data=True)
     train_set.construct()
     del X_train
     # Raw data kept (it is X_valid itself): LightGBM may rebuild it for other booster parameters.
@@ -185,7 +186,7 @@ def _fold_from_features(
         X_valid,
         label=y[valid_rows],
         reference=train_set,
-        params=dataset_params(config),
+        params=dict(DATASET_PARAMS),
         free_raw_data=False,
     )
     valid_set.construct()
@@ -242,17 +243,19 @@ def build_folds(
     numbers = sorted(np.unique(fold_of_row).tolist())
     frame = frame.reset_index(drop=True)
     shared = _encode_once(frame, spec, fold_of_row)
-
-    def own(k: int) -> FoldData:
-        return build_fold(frame, spec, y, fold_of_row, k, extra=extra, config=config)
-
-    def sliced(k: int, encoder: FeatureEncoder, features: pd.DataFrame) -> FoldData:
+    bar = tqdm(numbers, desc="features", unit="fold", leave=False)
+    if shared is None:
+        return [build_fold(frame, spec, y, fold_of_row, k, extra=extra, config=config) for k in bar]
+    encoder, features = shared
+    folds = []
+    for k in bar:
         train_rows = np.flatnonzero(fold_of_row != k)
         try:
             fold_encoder, X_train, picks = encoder.restrict(features, train_rows)
         except DataError:
             # A training part the fold's own fit refuses: let it say why, as it always has.
-            return own(k)
+            folds.append(build_fold(frame, spec, y, fold_of_row, k, extra=extra, config=config))
+            continue
         valid_rows = np.flatnonzero(fold_of_row == k)
         block = features.to_numpy(copy=False)[valid_rows]
         _warn_unseen(block, encoder, picks, k)
@@ -262,21 +265,11 @@ def build_folds(
             columns=fold_encoder.feature_names,
             copy=False,
         )
-        return _fold_from_features(
-            frame, spec, y, fold_of_row, k, fold_encoder, X_train, X_valid, extra, config
+        folds.append(
+            _fold_from_features(
+                frame, spec, y, fold_of_row, k, fold_encoder, X_train, X_valid, extra, config
+            )
         )
-
-    # Folds side by side where CPUs allow (`map_folds`): slicing, PCA and binning are each fold's
-    # own; the results come back in fold order, the first fold's error first.
-    make = (
-        own if shared is None else functools.partial(sliced, encoder=shared[0], features=shared[1])
-    )
-    bar = tqdm(total=len(numbers), desc="features", unit="fold", leave=False)
-    folds = []
-    for data in map_folds(make, numbers, config):
-        folds.append(data)
-        bar.update(1)
-    bar.close()
     return folds
 
 
@@ -333,7 +326,7 @@ def seed_dataset(data: FoldData, seed: int, config: GBDTConfig) -> tuple[lgb.Dat
     (`validation_offset`), made once per fold, seed and ratio and kept in `data.seed_sets`.
 
     The binned rows are the same whatever booster parameters a trial brings (binning parameters
-    are fixed, `tabular.gbdt_config.DATASET_PARAMS`), so every trial and the final fit reuse it.
+    are fixed, `DATASET_PARAMS`), so every trial and the final fit reuse it.
 
     Raises:
         DataError: as `train_model`.

@@ -128,8 +128,8 @@ def test_every_lightgbm_call_in_fold_threads_names_the_models_threads(monkeypatc
     fit_ensemble(data, len(frame), DEFAULT_PARAMS, config)
     tune(data, "gbdt-toy", 2, tmp_path, storage=f"sqlite:///{tmp_path}/s.db", config=config)
     names = {name for name, _ in recorder.calls}
-    # Binning, the seeds' subsets, the boosters and the predictions all ran in fold threads...
-    assert {"LGBM_DatasetCreateFromMat", "LGBM_DatasetGetSubset", "LGBM_BoosterCreate"} <= names
+    # The seeds' subsets, the boosters and the predictions all ran in worker threads...
+    assert {"LGBM_DatasetGetSubset", "LGBM_BoosterCreate"} <= names
     assert any(n.startswith("LGBM_BoosterPredictFor") for n in names)
     # ...and each named the models' one thread: none set LightGBM's default (every CPU).
     threads = f"num_threads={lightgbm_threads(config)}"
@@ -152,3 +152,17 @@ def test_folds_side_by_side_build_and_train_the_same_models():
         results[workers] = (ensemble.oof, models, [d.encoder.to_json() for d in data])
     np.testing.assert_array_equal(results[1][0], results[2][0])
     assert results[1][1] == results[2][1] and results[1][2] == results[2][2]
+
+
+def test_a_model_that_fails_before_boosting_leaves_its_fold_free():
+    from tabular.gbdt_ensemble import train_model
+
+    frame, spec, folds = toy()
+    config = GBDTConfig(seeds=(0,), neg_ratio=1.0, num_boost_round=5, num_threads=1)
+    data = build_folds(frame, spec, frame["target"].to_numpy(), folds, config=config)
+    with pytest.raises(lgb.basic.LightGBMError, match="Unknown objective"):
+        train_model(data[0], {"objective": "no-such-objective"}, 0, config)
+    # The fold's validation Dataset is free for its other models.
+    assert not data[0].valid_lock.locked()
+    assert train_model(data[0], DEFAULT_PARAMS, 0, config).current_iteration() >= 1
+    assert not data[0].valid_lock.locked()
