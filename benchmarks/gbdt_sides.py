@@ -4,7 +4,7 @@
 `measure_fit(kind, work)`: "ours" (feature building alone, then the stage as `invoke train-gbdt`
 fits it), "unsampled" (the stage with every negative), "baseline" (plain LightGBM on the raw
 numeric columns with ours' folds, seeds and negative draws) or "plain" (plain LightGBM on every
-row, one seed, `PLAIN_ROUNDS` rounds, ours' LightGBM threads per model).
+row, one seed, `PLAIN_ROUNDS` rounds, LightGBM's default threads: every CPU).
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ def _fit_stage(
     work_dir: Path,
 ) -> dict:
     """Ours (features alone first, then the stage) or the unsampled stage: `fit_gbdt_frame`."""
+    from tabular.gbdt_config import lightgbm_threads
+    from tabular.gbdt_threads import fold_workers
     from tabular.train import fit_gbdt_frame
 
     result: dict = {}
@@ -88,6 +90,8 @@ def _fit_stage(
     result["fit_seconds"] = time.perf_counter() - tick
     result["fit_cpu_seconds"] = time.process_time() - cpu
     result["fit_breakdown_seconds"] = metrics["seconds"]
+    result["lightgbm_threads"] = lightgbm_threads(config)
+    result["fold_workers"] = fold_workers(config, len(np.unique(folds)))
     result["pauc80"] = metrics["pauc80"]
     result["roc_auc"] = metrics["roc_auc"]
     result["negative_sampling"] = metrics["negative_sampling"]
@@ -105,30 +109,33 @@ def _fit_plain(
     config: GBDTConfig,
 ) -> dict:
     """Plain LightGBM on every row: raw numeric columns, seed 0, `PLAIN_ROUNDS` rounds, no early
-    stopping, the same LightGBM threads per model as ours (`lightgbm_threads`), so that the ratio
-    compares the work done and not the cores used; Datasets binned with LightGBM's default
-    threads, as ours are."""
+    stopping, LightGBM's default threads (every CPU, as a user's first fit gets; `num_threads`
+    where the bench names it), Datasets binned with the same: the whole machine, as ours uses it
+    (its folds side by side, `GBDTConfig.fold_workers`)."""
     import lightgbm as lgb
 
-    from tabular.gbdt_config import booster_params, lightgbm_threads
+    from tabular.gbdt_config import booster_params, usable_cpus
 
     columns = list(spec.numeric)
+    threads = int(config.num_threads)  # 0: LightGBM's (OpenMP's) default, every CPU
     tick, cpu = time.perf_counter(), time.process_time()
     X = frame[columns].apply(pd.to_numeric, errors="coerce").astype(np.float32)
     oof = np.zeros(len(frame))
     for k in np.unique(folds):
         train, valid = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
-        plain = booster_params(params, 0, config)
+        plain = {**booster_params(params, 0, config), "num_threads": threads}
         booster = lgb.train(
-            plain, lgb.Dataset(X.iloc[train], label=y[train]), num_boost_round=PLAIN_ROUNDS
+            plain,
+            lgb.Dataset(X.iloc[train], label=y[train], params={"num_threads": threads}),
+            num_boost_round=PLAIN_ROUNDS,
         )
-        oof[valid] = booster.predict(X.iloc[valid])
+        oof[valid] = booster.predict(X.iloc[valid], num_threads=threads)
     result = {
         "fit_seconds": time.perf_counter() - tick,
         "fit_cpu_seconds": time.process_time() - cpu,
         "n_features": len(columns),
         "rounds": PLAIN_ROUNDS,
-        "lightgbm_threads": lightgbm_threads(config),
+        "lightgbm_threads": threads or usable_cpus(),
     }
     return {**result, **_scores(y, oof)}
 

@@ -5,7 +5,9 @@
 - `DEFAULT_NEG_RATIO`: negatives kept per positive in each training part by default;
 - `GBDTConfig`: how the ensemble is trained (seeds, down-sampling, image PCA, early stopping,
   threads);
-- `booster_params` / `lightgbm_threads`: the full parameters and threads of one model.
+- `booster_params` / `lightgbm_threads` / `dataset_params`: the full parameters and threads of one
+  model, and the binning parameters with those threads (for Datasets built while folds train);
+- `usable_cpus`: the CPUs this process may run on.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ __all__ = [
     "DEFAULT_PARAMS",
     "GBDTConfig",
     "booster_params",
+    "dataset_params",
     "lightgbm_threads",
+    "usable_cpus",
 ]
 
 # Booster parameters of the untuned model, inside the Optuna search space (tabular.tuning) so that
@@ -98,15 +102,20 @@ class GBDTConfig:
         (log loss by default) has not improved for `early_stopping_rounds` rounds; the model is
         saved at its best iteration.
     log_period: LightGBM evaluation log every N rounds (0 = quiet).
-    num_threads: LightGBM threads; 0 = half the logical CPUs (LightGBM runs best with one thread
+    num_threads: LightGBM threads; 0 = half the usable CPUs (LightGBM runs best with one thread
         per physical core, and its OpenMP threads slow down sharply on an oversubscribed machine).
-    fold_workers: folds whose models train at the same time (each fold's own models one after
-        another: they share its validation Dataset); 0 = the logical CPUs over `num_threads`'s
-        threads (2 on a 2-CPU machine, where LightGBM gets 1 thread a model), at most the folds.
-        The models and their predictions are the same for any value. Default 1 (one fold after
-        another): LightGBM trained from several Python threads in a process that has also loaded
-        torch (two OpenMP runtimes) crashed with a segmentation fault in one of two `invoke demo`
-        runs, so concurrent folds are an opt-in.
+    fold_workers: models trained at the same time, each in its own Python thread (of any fold:
+        models of one fold share its validation Dataset, whose init score each sets under the
+        fold's lock; a trial's one model a fold); 0 (the default) = the usable CPUs over
+        `num_threads`'s threads (2 on a 2-CPU machine, where LightGBM gets 1 thread a model), at
+        most the models; 1 = one after another. The models and their predictions are the same
+        for any value. Safe because every LightGBM call made while models run side by side
+        names the same `num_threads` (`booster_params`, `dataset_params`, the predictions):
+        LightGBM keeps its thread count in one process-wide variable that each call with
+        parameters sets, so a call without it (LightGBM's default: every CPU) made while another
+        thread trains a one-thread model makes that model run two-thread loops over one-thread
+        buffers, and the process crashes (a segmentation fault, reproduced; the likely cause of
+        the one once seen in `invoke demo`, whose folds then predicted without `num_threads`).
     """
 
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -118,7 +127,7 @@ class GBDTConfig:
     early_stopping_rounds: int = 50
     log_period: int = 0
     num_threads: int = 0
-    fold_workers: int = 1
+    fold_workers: int = 0
 
     @property
     def negatives_per_positive(self) -> float:
@@ -185,6 +194,22 @@ def booster_params(params: Mapping, seed: int, config: GBDTConfig) -> dict:
     return full
 
 
+def dataset_params(config: GBDTConfig) -> dict:
+    """`DATASET_PARAMS` with the models' LightGBM threads (`lightgbm_threads`): the thread count
+    does not change the bins, and naming it keeps LightGBM's process-wide thread count the same
+    for every call while folds run side by side (see `GBDTConfig.fold_workers`)."""
+    return {**DATASET_PARAMS, "num_threads": lightgbm_threads(config)}
+
+
 def lightgbm_threads(config: GBDTConfig) -> int:
-    """LightGBM threads of each model: `config.num_threads`, else half the logical CPUs."""
-    return config.num_threads or max(1, (os.cpu_count() or 2) // 2)
+    """LightGBM threads of each model: `config.num_threads`, else half the usable CPUs."""
+    return config.num_threads or max(1, usable_cpus() // 2)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one: a container or
+    `taskset` can allow fewer than the machine has), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)

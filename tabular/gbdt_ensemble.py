@@ -3,8 +3,9 @@
 Building blocks used by `tabular.train.fit_gbdt` (on folds built once, `tabular.gbdt_folds`) and
 by `tabular.tuning` (which trains one seed per fold and trial):
 
-- `map_folds`: folds trained side by side on the CPUs LightGBM's threads leave idle; the same
-  models as one after another;
+- `map_folds` (from `tabular.gbdt_threads`): folds trained side by side on the CPUs LightGBM's
+  threads leave idle; the same models as one after another (every LightGBM call in it names the
+  models' threads: see `GBDTConfig.fold_workers`);
 - `train_model`: one booster on every positive of the training part and at most `neg_ratio`
   negatives per positive (a different draw per seed and fold); validation parts are never
   sampled; `fit_model`: the same booster and its predictions of the validation part at the best
@@ -22,12 +23,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
+import threading
 import warnings
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import lightgbm as lgb
 import numpy as np
@@ -36,14 +36,15 @@ from tqdm.auto import tqdm
 
 from common.files import atomic_write_text
 from tabular.gbdt_config import (
-    DATASET_PARAMS,
     DEFAULT_PARAMS,
     GBDTConfig,
     booster_params,
+    dataset_params,
     lightgbm_threads,
 )
 from tabular.gbdt_folds import FoldData, seed_dataset
 from tabular.gbdt_model import ENCODER_FILE, FEATURES_FILE
+from tabular.gbdt_threads import map_folds
 from tabular.metrics import MetricWarning, pauc80, roc_auc
 
 __all__ = [
@@ -65,44 +66,6 @@ _STAGE_FORMAT = 1
 _OBJECTIVE_ALIASES = frozenset({"objective_type", "app", "application", "loss"})
 # Validation scores within this of 0 or 1 keep too few digits of their log-odds to be moved back.
 _SATURATED = 1e-12
-_T = TypeVar("_T")
-
-
-def _fold_workers(config: GBDTConfig, n_folds: int) -> int:
-    """Folds trained at once: `config.fold_workers`, else the logical CPUs over each model's
-    LightGBM threads; between 1 and `n_folds`."""
-    workers = config.fold_workers or (os.cpu_count() or 1) // lightgbm_threads(config)
-    return max(1, min(int(workers), int(n_folds)))
-
-
-def map_folds(
-    function: Callable[[FoldData], _T], folds: Sequence[FoldData], config: GBDTConfig
-) -> Generator[_T, None, None]:
-    """`function(fold)` for each fold, up to `fold_workers` folds at once; yields the results in
-    the order of `folds`, each as soon as it and those before it are done.
-
-    LightGBM releases the GIL while it trains, so threads use the CPUs LightGBM's own threads
-    leave idle (a single-threaded model on a 2-CPU machine). One fold's work stays on one thread,
-    its models one after another: they share the fold's validation Dataset and its init score.
-    Closing the generator early (a pruned trial) cancels the folds not started and waits for those
-    running, so that no thread is left training on a fold the caller goes on to use.
-    """
-    workers = _fold_workers(config, len(folds))
-    if workers == 1:
-        for data in folds:
-            yield function(data)
-        return
-    from concurrent.futures import ThreadPoolExecutor, wait
-
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gbdt-fold") as pool:
-        futures = [pool.submit(function, data) for data in folds]
-        try:
-            for future in futures:
-                yield future.result()
-        finally:
-            for future in futures:
-                future.cancel()
-            wait(futures)
 
 
 def train_model(data: FoldData, params: Mapping, seed: int, config: GBDTConfig) -> lgb.Booster:
@@ -138,7 +101,7 @@ def fit_model(
     booster = _train(data, params, seed, config, watch=watch)
     predictions = watch.predictions(booster, seed_dataset(data, seed, config)[1], params)
     if predictions is None:
-        predictions = predict_valid(booster, data)
+        predictions = predict_valid(booster, data, config)
     return booster, predictions
 
 
@@ -230,36 +193,69 @@ def _train(
             data.X_valid,
             label=data.y_valid,
             reference=data.train_set,
-            params=dict(DATASET_PARAMS),
+            params=dataset_params(config),
             free_raw_data=False,
         ).construct()
-    valid_set.set_init_score(np.full(len(data.y_valid), offset))
     callbacks: list[Callable[..., object]] = [
         lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False),
         lgb.log_evaluation(config.log_period),
     ]
     if watch is not None:
         callbacks.append(watch)
-    with warnings.catch_warnings():
-        # One-class validation folds (tiny data) make LightGBM's AUC warn; metrics report NaN.
-        warnings.simplefilter("ignore", UserWarning)
-        booster = lgb.train(
-            booster_params(params, seed, config),
-            train_set,
-            num_boost_round=config.num_boost_round,
-            valid_sets=[valid_set],
-            valid_names=["valid"],
-            callbacks=callbacks,
-        )
+    # The fold's validation Dataset is shared by its models, which may train side by side: its
+    # init score is written, and the booster reads it (and the Dataset's names and parameters),
+    # under the fold's lock; the first iteration releases it (boosting only reads the Dataset).
+    held = _HeldUntilFirstIteration(data.valid_lock)
+    callbacks.append(held)
+    try:
+        valid_set.set_init_score(np.full(len(data.y_valid), offset))
+        with warnings.catch_warnings():
+            # One-class validation folds (tiny data) make LightGBM's AUC warn; metrics report NaN.
+            warnings.simplefilter("ignore", UserWarning)
+            booster = lgb.train(
+                booster_params(params, seed, config),
+                train_set,
+                num_boost_round=config.num_boost_round,
+                valid_sets=[valid_set],
+                valid_names=["valid"],
+                callbacks=callbacks,
+            )
+    finally:
+        held.release()
     return booster
 
 
-def predict_valid(booster: lgb.Booster, data: FoldData) -> np.ndarray:
-    """`predict_best` on `data`'s validation part, from one array kept in `data` (n_valid,)."""
+class _HeldUntilFirstIteration:
+    """LightGBM callback holding `lock` (acquired here) until just before the first boosting
+    iteration, or until `release()` (a failure before it); releases it once."""
+
+    before_iteration = True
+    order = 0
+
+    def __init__(self, lock: threading.Lock) -> None:
+        lock.acquire()
+        self._lock: threading.Lock | None = lock
+
+    def __call__(self, env: lgb.callback.CallbackEnv) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            lock.release()
+
+
+def predict_valid(
+    booster: lgb.Booster, data: FoldData, config: GBDTConfig | None = None
+) -> np.ndarray:
+    """`predict_best` on `data`'s validation part, from one array kept in `data` (n_valid,), on
+    `lightgbm_threads(config)` threads (default config: `GBDTConfig()`), the models' own, so that
+    it is safe beside folds training in other threads (`map_folds`)."""
     if data.valid_matrix is None:
         data.valid_matrix = np.ascontiguousarray(data.X_valid.to_numpy(dtype=np.float32))
     best = booster.best_iteration if booster.best_iteration > 0 else None
-    return np.asarray(booster.predict(data.valid_matrix, num_iteration=best))
+    threads = lightgbm_threads(config or GBDTConfig())
+    return np.asarray(booster.predict(data.valid_matrix, num_iteration=best, num_threads=threads))
 
 
 def predict_best(booster: lgb.Booster, X: pd.DataFrame) -> np.ndarray:
@@ -290,24 +286,31 @@ def fit_ensemble(
     boosters: dict[tuple[int, int], lgb.Booster] = {}
     per_fold = []
     bar = tqdm(total=len(folds) * len(config.seeds), desc=desc, unit="model", leave=False)
+    # One task per model, fold by fold: side by side they keep the CPUs busy to the last model
+    # (5 folds on 2 workers would leave one idle for the last fold).
+    tasks = [(data, int(seed)) for data in folds for seed in config.seeds]
 
-    def fold_models(data: FoldData) -> list[tuple[int, lgb.Booster, np.ndarray]]:
-        models = []
-        for seed in config.seeds:
-            booster, prediction = fit_model(data, params, int(seed), config)
-            models.append((int(seed), booster, prediction))
-            bar.update(1)
-        return models
+    def one_model(task: tuple[FoldData, int]) -> tuple[lgb.Booster, np.ndarray]:
+        booster, prediction = fit_model(task[0], params, task[1], config)
+        bar.update(1)
+        return booster, prediction
 
     with warnings.catch_warnings():
         # Set once here: `catch_warnings` in each thread would restore the filters out of order.
         warnings.simplefilter("ignore", UserWarning)
-        fitted = list(map_folds(fold_models, folds, config))
-    for data, models in zip(folds, fitted, strict=True):
+        fitted = dict(
+            zip(
+                [(data.fold, seed) for data, seed in tasks],
+                map_folds(one_model, tasks, config),
+                strict=True,
+            )
+        )
+    for data in folds:
         predictions = []
         iterations = []
-        for seed, booster, prediction in models:
-            boosters[(data.fold, seed)] = booster
+        for seed in config.seeds:
+            booster, prediction = fitted[(data.fold, int(seed))]
+            boosters[(data.fold, int(seed))] = booster
             predictions.append(prediction)
             iterations.append(int(booster.best_iteration or booster.current_iteration()))
         p = np.mean(predictions, axis=0)

@@ -12,6 +12,7 @@ Datasets, reused by every seed, Optuna trial and the final fit.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -42,6 +43,8 @@ class FoldData:
     `X_valid` (n_valid, n_features) float32 and `y_valid` are the validation part, `valid_set`
     its binned Dataset (built once, shared by every seed and trial); `valid_rows` are its row
     positions in the run's frame; `y_train` is the label of every row of the training part.
+    `valid_lock` is held by a model of this fold from setting `valid_set`'s init score until its
+    booster has read it (models of one fold may train side by side: `tabular.gbdt_threads`).
     """
 
     fold: int
@@ -64,6 +67,7 @@ class FoldData:
     )
     # X_valid as one float32 array, for predictions (a DataFrame is converted on every call).
     valid_matrix: np.ndarray | None = field(default=None, repr=False)
+    valid_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
 
 def _pca_components_used(

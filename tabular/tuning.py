@@ -6,7 +6,7 @@
 - `n_trials` is the number of finished (complete or pruned) trials the study should hold: a rerun
   after an interruption, or a second worker on the same storage, runs only the missing ones.
 - Each trial trains one model per fold (one seed, for speed) on the fold's Datasets built before
-  the study, folds side by side where CPUs allow (`tabular.gbdt_ensemble.map_folds`), and reports
+  the study, folds side by side where CPUs allow (`tabular.gbdt_threads.map_folds`), and reports
   the running mean pAUC80 after each fold in fold order, so that the MedianPruner can stop a
   hopeless trial early.
 - The sampler is a seeded TPESampler, re-seeded from the trial number: reproducible in one
@@ -43,8 +43,9 @@ from tqdm.auto import tqdm
 from common.files import atomic_write_text
 from tabular.errors import DataError
 from tabular.gbdt_config import DEFAULT_PARAMS, GBDTConfig
-from tabular.gbdt_ensemble import fit_model, map_folds
+from tabular.gbdt_ensemble import fit_model
 from tabular.gbdt_folds import FoldData
+from tabular.gbdt_threads import map_folds
 from tabular.metrics import MetricWarning, pauc80
 from tabular.tuning_storage import Heartbeat, fail_stale_trials, heartbeat_timing, open_storage
 

@@ -309,7 +309,8 @@ def test_workers_share_a_postgres_study_and_a_killed_workers_trial_is_run_again(
             workers[0].best()["trials_finished"] == workers[1].best()["trials_finished"] == BUDGET
         )
 
-        # kill -9 of a worker mid-trial (its first fold reported, four to go) leaves it RUNNING.
+        # kill -9 of a worker mid-trial (a fold reported, others to go: folds train side by side,
+        # so two may report at once) leaves it RUNNING.
         killed = Worker(tmp_path / "machine2", spec_file, postgres_url, BUDGET + MORE)
         workers.append(killed)
         study = optuna.load_study(study_name=STUDY, storage=postgres_url)
@@ -319,7 +320,7 @@ def test_workers_share_a_postgres_study_and_a_killed_workers_trial_is_run_again(
             running = [
                 t
                 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                if len(t.intermediate_values) == 1
+                if 1 <= len(t.intermediate_values) <= 3
             ]
             if running:
                 os.kill(killed.process.pid, signal.SIGKILL)
