@@ -3,12 +3,12 @@ text models that reproduce the out-of-fold predictions, and nothing pickled."""
 
 import math
 import re
-from pathlib import Path
 
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
 import pytest
+from toytable import toy
 
 from runfolder.errors import RunError
 from tabular.errors import DataError
@@ -27,38 +27,8 @@ from tabular.gbdt_image import PATIENT_CONTEXT, FoldPCA, check_extra, with_extra
 from tabular.gbdt_model import GBDTModel
 from tabular.gbdt_sampling import negative_sample, sample_seed, sampling_summary
 from tabular.metrics import roc_auc
-from tabular.spec import DatasetSpec
 
 FAST = GBDTConfig(seeds=(0, 1), num_boost_round=80, early_stopping_rounds=10, num_threads=1)
-
-
-def toy(n=400, seed=0):
-    rng = np.random.default_rng(seed)
-    signal = rng.normal(size=n)
-    frame = pd.DataFrame(
-        {
-            "id": [f"r{i}" for i in range(n)],
-            "patient": [f"p{i // 4}" for i in range(n)],
-            "site": rng.choice(["arm", "leg", "back"], n),
-            "x": signal + rng.normal(scale=0.5, size=n),
-            "noise": rng.normal(size=n),
-            "target": (signal > 0.8).astype(int),
-        }
-    )
-    spec = DatasetSpec(
-        name="toy",
-        root=Path("."),
-        metadata=Path("toy.csv"),
-        images=None,
-        id="id",
-        target="target",
-        group="patient",
-        patient="patient",
-        categorical=("site",),
-        numeric=("x", "noise"),
-    )
-    folds = (np.arange(n) // 4) % 4  # patients never straddle folds
-    return frame, spec, folds
 
 
 def fit(frame, spec, folds, extra=None, config=FAST):

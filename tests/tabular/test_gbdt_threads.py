@@ -5,12 +5,11 @@ another."""
 import ctypes
 import threading
 from dataclasses import replace
-from pathlib import Path
 
 import lightgbm as lgb
 import numpy as np
-import pandas as pd
 import pytest
+from toytable import toy
 
 import tabular.gbdt_config as gbdt_config
 import tabular.gbdt_threads as gbdt_threads
@@ -18,37 +17,7 @@ from tabular.gbdt_config import DEFAULT_PARAMS, GBDTConfig, lightgbm_threads
 from tabular.gbdt_ensemble import fit_ensemble
 from tabular.gbdt_folds import build_folds
 from tabular.gbdt_threads import fold_workers
-from tabular.spec import DatasetSpec
 from tabular.tuning import tune
-
-
-def toy(n=400, seed=0):
-    """Metadata of `n` rows, 4 rows a patient, folds by patient (4 folds)."""
-    rng = np.random.default_rng(seed)
-    signal = rng.normal(size=n)
-    frame = pd.DataFrame(
-        {
-            "id": [f"r{i}" for i in range(n)],
-            "patient": [f"p{i // 4}" for i in range(n)],
-            "site": rng.choice(["arm", "leg", "back"], n),
-            "x": signal + rng.normal(scale=0.5, size=n),
-            "noise": rng.normal(size=n),
-            "target": (signal > 0.8).astype(int),
-        }
-    )
-    spec = DatasetSpec(
-        name="toy",
-        root=Path("."),
-        metadata=Path("toy.csv"),
-        images=None,
-        id="id",
-        target="target",
-        group="patient",
-        patient="patient",
-        categorical=("site",),
-        numeric=("x", "noise"),
-    )
-    return frame, spec, (np.arange(n) // 4) % 4
 
 
 @pytest.mark.parametrize(
