@@ -8,6 +8,7 @@ the reason, where the server cannot start: no binaries, no driver, no user to ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -281,16 +282,50 @@ def _check_numbers(trials) -> None:
     assert numbers == list(range(len(numbers))), f"trial numbers repeated or missing: {numbers}"
 
 
+@contextlib.contextmanager
+def _start_line(url: str, waiters: int, timeout: float = 180) -> Iterator[None]:
+    """Hold Optuna's `trials` table locked while the block starts workers, and release it once
+    `waiters` connections wait on that lock: every worker's first look at the trials then comes
+    after all of them have started, whatever their start-up time."""
+    import sqlalchemy
+
+    optuna.storages.RDBStorage(url)  # makes Optuna's tables, so there is one to lock
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect() as holder:
+            holder.execute(sqlalchemy.text("LOCK TABLE trials IN ACCESS EXCLUSIVE MODE"))
+            yield
+            deadline = time.monotonic() + timeout
+            with engine.connect() as watcher:
+                while True:
+                    waiting = watcher.execute(
+                        sqlalchemy.text(
+                            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+                            " WHERE c.relname = 'trials' AND NOT l.granted"
+                        )
+                    ).scalar_one()
+                    if waiting >= waiters:
+                        break
+                    assert time.monotonic() < deadline, f"{waiting} of {waiters} workers waiting"
+                    time.sleep(0.05)
+            holder.rollback()  # ends the transaction: the lock goes, all of them go on
+    finally:
+        engine.dispose()
+
+
 @pytest.mark.slow
 def test_workers_share_a_postgres_study_and_a_killed_workers_trial_is_run_again(
     postgres_url, spec_file, tmp_path
 ):
     workers: list[Worker] = []
     try:
-        # Two workers at once on one study: exactly --trials finished, each number once.
-        workers = [
-            Worker(tmp_path / f"machine{i}", spec_file, postgres_url, BUDGET) for i in range(2)
-        ]
+        # Two workers at once on one study: exactly --trials finished, each number once. They are
+        # held at a start line (see `_start_line`) so that neither can run the whole budget while
+        # the other is still importing: a trial takes well under a second, start-up seconds.
+        with _start_line(postgres_url, waiters=2):
+            workers = [
+                Worker(tmp_path / f"machine{i}", spec_file, postgres_url, BUDGET) for i in range(2)
+            ]
         for worker in workers:
             assert worker.wait() == 0, worker.text()[-3000:]
         trials = _trials(postgres_url)
