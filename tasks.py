@@ -199,10 +199,21 @@ def embed(
         "0 = keep every negative); validation parts are never sampled",
         "store": "feature store folder for the image PCA (default: the spec's store for the "
         "current weights)",
+        "trial_patience": "early-stopping rounds of an Optuna trial's models (default: the "
+        "ensembles' 50); 10 about halves a trial but may choose other parameters (README "
+        "'Tuning'); a study keeps one patience",
     }
 )
 def train_gbdt(
-    c, spec=None, run=None, trials=None, storage=None, image_pca=None, neg_ratio=None, store=None
+    c,
+    spec=None,
+    run=None,
+    trials=None,
+    storage=None,
+    image_pca=None,
+    neg_ratio=None,
+    store=None,
+    trial_patience=None,
 ):
     """Train the Optuna-tuned LightGBM ensemble on metadata (and image PCA) features."""
     _require("train-gbdt", spec=spec, run=run)
@@ -218,6 +229,7 @@ def train_gbdt(
         image_pca=_number("image_pca", image_pca),
         neg_ratio=_number("neg_ratio", neg_ratio, float),
         store=store,
+        trial_patience=_number("trial_patience", trial_patience),
     )
 
 
@@ -365,7 +377,8 @@ def score(
     help={
         "quick": "a short version with small sizes",
         "device": "auto, cpu or cuda",
-        "parts": "comma-separated parts to run: embedding,gbdt,fusion,scoring (default: all)",
+        "parts": "comma-separated parts to run: embedding,gbdt,tuning,fusion,scoring "
+        "(default: all)",
         "out": "where to write the figures as JSON (default: artifacts/bench/bench.json)",
         "weights": "embedding part: this torchvision resnet50 state dict instead of the cached "
         "weights",

@@ -7,6 +7,8 @@ Parts (each measured by its own module, in this one run, on this machine):
   on the synthetic ISIC 2024-sized table, beside the same fit on every negative (time and pAUC80)
   and plain LightGBM on the raw columns (`benchmarks.gbdt`), at several row counts to show cost
   growth;
+- tuning: an Optuna trial with the trials' own early-stopping patience beside the same study
+  scored with the ensembles' patience, on ISIC 2020 where it lies (`benchmarks.tuning`);
 - fusion: one MLP epoch beside a linear model's pass over the same store (`benchmarks.fusion`), at
   the same row counts;
 - scoring: a folder of images end to end beside the embedding pipeline alone, and scoring with
@@ -51,12 +53,14 @@ __all__ = ["PARTS", "check_bench_out", "format_table", "parse_parts", "run_bench
 
 log = logging.getLogger(__name__)
 
-PARTS = ("embedding", "gbdt", "fusion", "scoring")
+PARTS = ("embedding", "gbdt", "tuning", "fusion", "scoring")
 FULL_SIZES = (10_000, 50_000, ISIC2024_ROWS)
 QUICK_SIZES = (10_000,)
 # Embedding part: images (and store rows) per run, quick / full.
 EMBED_IMAGES = {True: 64, False: 192}
 STORE_ROWS = {True: 20_000, False: 100_000}
+# Tuning part: trials per study, quick / full.
+TUNING_TRIALS = {True: 4, False: 10}
 # Scoring part: images scored, quick / full.
 SCORE_IMAGES = {True: 200, False: 2000}
 
@@ -224,6 +228,13 @@ def run_bench(
         )
     if "gbdt" in chosen:
         result["parts"]["gbdt"] = [_gbdt_at(rows) for rows in sizes]
+    if "tuning" in chosen:
+        from benchmarks.tuning import bench_tuning
+
+        log.info("bench: tuning")
+        result["parts"]["tuning"] = bench_tuning(
+            trials=TUNING_TRIALS[quick], rounds=1 if quick else 2
+        )
     if "fusion" in chosen:
         result["parts"]["fusion"] = [_fusion_at(rows, device) for rows in sizes]
     if "scoring" in chosen:
@@ -450,6 +461,10 @@ def format_table(result: dict) -> str:
         rows.extend(embedding_rows(e))
     for g in parts.get("gbdt", ()):
         rows.extend(_gbdt_rows(g))
+    if parts.get("tuning"):
+        from benchmarks.tuning import tuning_rows
+
+        rows.extend(tuning_rows(parts["tuning"]))
     for f in parts.get("fusion", ()):
         mlp, lin = f["mlp"], f["linear"]
         n = f["store"]["rows"]

@@ -136,6 +136,7 @@ def train_gbdt(
     store: Path | str | None = None,
     seeds=(0, 1, 2),
     config=None,
+    trial_patience: int | None = None,
 ) -> dict:
     """`invoke train-gbdt`: LightGBM on metadata features, plus image PCA features when the spec
     has images.
@@ -143,8 +144,9 @@ def train_gbdt(
     `image_pca` defaults to 64 components for a spec with images (its feature store must exist:
     `invoke embed --spec S`), 0 for a tabular-only spec. The store read is recorded in
     `gbdt/store.json`, and refused when another stage of the run was trained on other embeddings.
-    `config` (a `tabular.gbdt_config.GBDTConfig`) overrides `seeds`, `neg_ratio` and
-    `image_pca`'s count.
+    `trial_patience`: early-stopping rounds of an Optuna trial's models (default: the ensembles'
+    50). `config` (a `tabular.gbdt_config.GBDTConfig`)
+    overrides `seeds`, `neg_ratio`, `trial_patience` and `image_pca`'s count.
     """
     from common.files import reporting_write_errors
     from fuse.stores import check_same_embeddings, open_for_training
@@ -158,6 +160,8 @@ def train_gbdt(
         image_pca = DEFAULT_IMAGE_PCA if spec.images else 0
     if image_pca < 0:
         raise RunError(f"--image-pca must be >= 0, got: {image_pca}")
+    if trial_patience is not None and trial_patience < 1:
+        raise RunError(f"--trial-patience must be >= 1, got: {trial_patience}")
     layout = RunLayout(run_dir(run))
     if trials:  # a storage that cannot be opened fails before the store is read
         from tabular.tuning_storage import check_storage
@@ -191,6 +195,7 @@ def train_gbdt(
         config=config,
         store_record=reference,
         run=opened_run,
+        trial_patience=trial_patience,
     )
     return metrics
 

@@ -56,6 +56,7 @@ def fit_gbdt(
     config: GBDTConfig | None = None,
     store_record: dict | None = None,
     run: Run | None = None,
+    trial_patience: int | None = None,
 ) -> dict:
     """Train the LightGBM stage of the run in `run_dir` and write `<run>/gbdt/`.
 
@@ -79,11 +80,14 @@ def fit_gbdt(
             sampled); None = the default (`tabular.gbdt_config.DEFAULT_NEG_RATIO`, 50: on only
             where a training part has more negatives per positive, e.g. ISIC 2024), 0 = every
             negative.
-        config: full ensemble settings (overrides seeds / neg_ratio / extra_components).
+        config: full ensemble settings (overrides seeds / neg_ratio / extra_components /
+            trial_patience).
         store_record: what the stage records as the feature store (and vectors) `extra` came
             from, written as `gbdt/store.json` inside the new stage (None: no file).
         run: the run in `run_dir` as the caller opened it (`tabular.run.open_run` with this
             spec), so that its metadata is read and validated once; None: opened here.
+        trial_patience: early-stopping rounds of an Optuna trial's models; None = the
+            ensembles' own (50).
 
     Returns:
         The `metrics.json` content: `summarize()` of the out-of-fold predictions plus the data
@@ -105,6 +109,7 @@ def fit_gbdt(
             seeds=tuple(int(s) for s in seeds),
             neg_ratio=neg_ratio,
             extra_components=extra_components,
+            trial_early_stopping_rounds=trial_patience,
         )
     if trials:
         check_storage(storage, Path(run_dir) / STAGE / "optuna.db")

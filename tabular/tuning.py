@@ -6,7 +6,10 @@
 - `n_trials` is the number of finished (complete or pruned) trials the study should hold: a rerun
   after an interruption, or a second worker on the same storage, runs only the missing ones.
 - Each trial trains one model per fold (one seed, for speed) on the fold's Datasets built before
-  the study, folds side by side where CPUs allow (`tabular.gbdt_threads.map_folds`), and reports
+  the study, stopping after `GBDTConfig.trial_patience` rounds without gain (the ensembles'
+  patience unless `--trial-patience` says otherwise; recorded in the study, so that trials scored
+  with another patience are not mixed), folds side by side where CPUs allow
+  (`tabular.gbdt_threads.map_folds`), and reports
   the running mean pAUC80 after each fold in fold order, so that the MedianPruner can stop a
   hopeless trial early.
 - The sampler is a seeded TPESampler, re-seeded from the trial number: reproducible in one
@@ -50,6 +53,7 @@ from tabular.metrics import MetricWarning, pauc80
 from tabular.tuning_storage import Heartbeat, fail_stale_trials, heartbeat_timing, open_storage
 
 __all__ = [
+    "PATIENCE_ATTR",
     "WAIT_SECONDS",
     "TrialSeededTPE",
     "TuneResult",
@@ -62,6 +66,10 @@ log = logging.getLogger(__name__)
 
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 WAIT_SECONDS = 5
+# The study attribute naming its trials' early-stopping patience; studies made before it was
+# recorded scored every trial with the ensembles' patience, 50 rounds (`_BEFORE_RECORDED`).
+PATIENCE_ATTR = "trial_early_stopping_rounds"
+_BEFORE_RECORDED = {PATIENCE_ATTR: 50}
 # lambda_l1 / lambda_l2 are searched on a log scale whose floor stands for "no regularisation".
 _LOG_FLOOR = 1e-8
 
@@ -228,11 +236,17 @@ def tune(
         pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
         load_if_exists=True,
     )
-    _check_attrs(study, dict(study_attrs or {}), storage)
+    # Trials scored with another patience are not comparable with this run's: part of the study.
+    attrs = {**(study_attrs or {}), PATIENCE_ATTR: config.trial_patience}
+    _check_attrs(study, attrs, storage)
     objective = _Objective(
         folds,
         n_trials,
-        replace(config, seeds=(config.seeds[0],)),
+        replace(
+            config,
+            seeds=(config.seeds[0],),
+            early_stopping_rounds=config.trial_patience,
+        ),
         heartbeat=None if isinstance(resolved, optuna.storages.RDBStorage) else heartbeat,
     )
     run = _run_missing_trials(study, resolved, objective, n_trials, stale_after)
@@ -461,8 +475,15 @@ def _check_attrs(study: optuna.Study, attrs: dict, storage) -> None:
             study.set_user_attr(key, value)
         return
     for key, value in attrs.items():
-        if key in stored and stored[key] != value:
+        made_with = stored.get(key, _BEFORE_RECORDED.get(key))
+        if (key in stored or key in _BEFORE_RECORDED) and made_with != value:
+            hint = (
+                f" (or --trial-patience {made_with} to go on with it)"
+                if key == PATIENCE_ATTR
+                else ""
+            )
             raise DataError(
                 f"storage {storage or 'default'}: study '{study.study_name}' was made with {key}="
-                f"{stored[key]!r}, this run has {value!r}; use another --storage (or another run)"
+                f"{made_with!r}, this run has {value!r}; use another --storage (or another "
+                f"run){hint}"
             )

@@ -163,6 +163,10 @@ def test_invoke_train_gbdt_on_a_header_only_metadata_file(tmp_path):
             "--neg-ratio expects a number, got 'abc'",
         ),
         (
+            ["train-gbdt", "--spec", "s.toml", "--run", "r", "--trial-patience", "ten"],
+            "--trial-patience expects an integer, got 'ten'",
+        ),
+        (
             ["train-fusion", "--spec", "s.toml", "--run", "r", "--members", "two"],
             "--members expects an integer, got 'two'",
         ),

@@ -185,7 +185,7 @@ def test_parts_are_named_and_kept_in_order():
     assert parse_parts(["gbdt"]) == ("gbdt",)
     with pytest.raises(
         RunError,
-        match=r"parts: expected a comma-separated subset of embedding, gbdt, "
+        match=r"parts: expected a comma-separated subset of embedding, gbdt, tuning, "
         r"fusion, scoring, got 'embed'",
     ):
         parse_parts("embed")

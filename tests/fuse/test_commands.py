@@ -120,6 +120,11 @@ def test_train_gbdt_refuses_bad_image_pca(shared_data, tmp_path):
         train_gbdt(shared_data / "isic2020" / "dataset.toml", tmp_path / "run", image_pca=8)
 
 
+def test_train_gbdt_refuses_a_trial_patience_below_1(shared_data, tmp_path):
+    with pytest.raises(RunError, match="--trial-patience must be >= 1, got: 0"):
+        train_gbdt(shared_data / "isic2020" / "dataset.toml", tmp_path / "run", trial_patience=0)
+
+
 def test_stack_refuses_a_sensitivity_outside_0_1(tmp_path):
     with pytest.raises(RunError, match=r"--sensitivity must be in \(0, 1\), got: 1.5"):
         stack_and_report(tmp_path, sensitivity=1.5)

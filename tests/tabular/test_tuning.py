@@ -145,6 +145,94 @@ def test_study_made_from_other_data_is_refused(tmp_path, folds):
         )
 
 
+def test_trials_stop_with_their_own_patience_and_the_study_records_it(tmp_path, folds, monkeypatch):
+    import tabular.tuning as tuning
+
+    seen = []
+    real = tuning.fit_model
+
+    def recording(data, params, seed, config):
+        seen.append(config.early_stopping_rounds)
+        return real(data, params, seed, config)
+
+    monkeypatch.setattr(tuning, "fit_model", recording)
+    config = GBDTConfig(
+        seeds=(0,),
+        num_boost_round=30,
+        early_stopping_rounds=25,
+        trial_early_stopping_rounds=3,
+        num_threads=1,
+    )
+    storage = f"sqlite:///{tmp_path}/study.db"
+    tune(folds, "gbdt-toy", 2, tmp_path, storage=storage, config=config)
+    assert seen and set(seen) == {3}
+    # A trial's best iteration is followed by at most 3 rounds: none ran 25 rounds past it.
+    for trial in finished(storage):
+        assert all(best <= 30 for best in trial.user_attrs["best_iterations"])
+    study = optuna.load_study(study_name="gbdt-toy", storage=storage)
+    assert study.user_attrs["trial_early_stopping_rounds"] == 3
+    # Trials scored with another patience are not mixed into the study.
+    with pytest.raises(
+        DataError,
+        match=r"study 'gbdt-toy' was made with trial_early_stopping_rounds=3, this run has 50; "
+        r"use another --storage \(or another run\) \(or --trial-patience 3 to go on with it\)",
+    ):
+        tune(
+            folds,
+            "gbdt-toy",
+            3,
+            tmp_path,
+            storage=storage,
+            config=GBDTConfig(seeds=(0,), num_boost_round=30, num_threads=1),
+        )
+
+
+def test_a_study_made_before_the_patience_was_recorded_counts_as_patience_50(tmp_path, folds):
+    storage = f"sqlite:///{tmp_path}/study.db"
+    old = optuna.create_study(study_name="gbdt-toy", storage=storage, direction="maximize")
+    old.set_user_attr("rows", 240)  # what such a study recorded
+    with pytest.raises(
+        DataError,
+        match=r"made with trial_early_stopping_rounds=50, this run has 10; .*"
+        r"--trial-patience 50 to go on with it",
+    ):
+        tune(
+            folds,
+            "gbdt-toy",
+            1,
+            tmp_path,
+            storage=storage,
+            config=GBDTConfig(
+                seeds=(0,), num_boost_round=30, trial_early_stopping_rounds=10, num_threads=1
+            ),
+            study_attrs={"rows": 240},
+        )
+    result = tune(
+        folds,
+        "gbdt-toy",
+        1,
+        tmp_path,
+        storage=storage,
+        config=GBDTConfig(
+            seeds=(0,), num_boost_round=30, trial_early_stopping_rounds=50, num_threads=1
+        ),
+        study_attrs={"rows": 240},
+    )
+    assert result.trials_finished == 1
+
+
+def test_bad_trial_patience_is_refused_naming_it():
+    for bad in (0, 2.5, True):
+        with pytest.raises(
+            DataError,
+            match=r"trial_early_stopping_rounds: expected an integer >= 1 \(None = "
+            rf"early_stopping_rounds\), got {bad!r}",
+        ):
+            GBDTConfig(trial_early_stopping_rounds=bad)
+    assert GBDTConfig(early_stopping_rounds=7).trial_patience == 7
+    assert GBDTConfig(trial_early_stopping_rounds=3).trial_patience == 3
+
+
 def test_bad_trial_count(tmp_path, folds):
     with pytest.raises(DataError, match="trials: expected a positive integer, got 0"):
         tune(folds, "gbdt-toy", 0, tmp_path, config=FAST)
