@@ -127,8 +127,9 @@ def demo(c, rows=None, trials=None):
         "spec": SPEC_HELP,
         "image_size": "square input size in pixels (default 224)",
         "views": "1 = the plain image (default); more = fixed flips/rotations, each kept",
-        "zoom": "add a centre zoom view: the central fraction of each side (e.g. 0.75) resized "
-        "to the input size, kept as one more view (default: none)",
+        "zoom": "add a centre zoom view: the central fraction of each side resized to the input "
+        "size, kept as one more view (default: none; for dermoscopy 0.5, README 'Where the "
+        "backbone looks')",
         "blocks": "ResNet-50 stages pooled into the vector, comma-separated (default: "
         + ",".join(DEFAULT_BLOCKS)
         + ")",
