@@ -165,10 +165,8 @@ def test_trials_stop_with_their_own_patience_and_the_study_records_it(tmp_path, 
     )
     storage = f"sqlite:///{tmp_path}/study.db"
     tune(folds, "gbdt-toy", 2, tmp_path, storage=storage, config=config)
+    # Every trial model stopped with the trials' patience, not the ensembles'.
     assert seen and set(seen) == {3}
-    # A trial's best iteration is followed by at most 3 rounds: none ran 25 rounds past it.
-    for trial in finished(storage):
-        assert all(best <= 30 for best in trial.user_attrs["best_iterations"])
     study = optuna.load_study(study_name="gbdt-toy", storage=storage)
     assert study.user_attrs["trial_early_stopping_rounds"] == 3
     # Trials scored with another patience are not mixed into the study.
@@ -191,34 +189,28 @@ def test_a_study_made_before_the_patience_was_recorded_counts_as_patience_50(tmp
     storage = f"sqlite:///{tmp_path}/study.db"
     old = optuna.create_study(study_name="gbdt-toy", storage=storage, direction="maximize")
     old.set_user_attr("rows", 240)  # what such a study recorded
-    with pytest.raises(
-        DataError,
-        match=r"made with trial_early_stopping_rounds=50, this run has 10; .*"
-        r"--trial-patience 50 to go on with it",
-    ):
-        tune(
+
+    def tune_with_patience(patience: int):
+        config = GBDTConfig(
+            seeds=(0,), num_boost_round=30, trial_early_stopping_rounds=patience, num_threads=1
+        )
+        return tune(
             folds,
             "gbdt-toy",
             1,
             tmp_path,
             storage=storage,
-            config=GBDTConfig(
-                seeds=(0,), num_boost_round=30, trial_early_stopping_rounds=10, num_threads=1
-            ),
+            config=config,
             study_attrs={"rows": 240},
         )
-    result = tune(
-        folds,
-        "gbdt-toy",
-        1,
-        tmp_path,
-        storage=storage,
-        config=GBDTConfig(
-            seeds=(0,), num_boost_round=30, trial_early_stopping_rounds=50, num_threads=1
-        ),
-        study_attrs={"rows": 240},
-    )
-    assert result.trials_finished == 1
+
+    with pytest.raises(
+        DataError,
+        match=r"made with trial_early_stopping_rounds=50, this run has 10; .*"
+        r"--trial-patience 50 to go on with it",
+    ):
+        tune_with_patience(10)
+    assert tune_with_patience(50).trials_finished == 1
 
 
 def test_bad_trial_patience_is_refused_naming_it():
