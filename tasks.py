@@ -201,8 +201,8 @@ def embed(
         "store": "feature store folder for the image PCA (default: the spec's store for the "
         "current weights)",
         "trial_patience": "early-stopping rounds of an Optuna trial's models (default: the "
-        "ensembles' 50); 10 about halves a trial but may choose other parameters (README "
-        "'Tuning'); a study keeps one patience",
+        "ensembles' 50); 10 cuts a trial to about 0.6x but may choose other parameters (README "
+        "'Shorter trials'); a study keeps one patience",
     }
 )
 def train_gbdt(

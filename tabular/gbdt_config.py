@@ -105,7 +105,7 @@ class GBDTConfig:
         `early_stopping_rounds`, the ensembles' own (`trial_patience` gives the value used). A
         trial only ranks parameter sets, and the rounds run after the best one to be sure of it
         are much of its work, but a shorter patience also ranks them otherwise: measured with 10
-        against 50 (README "Tuning"), an ISIC 2020 trial took about half the time and the study
+        against 50 (README "Shorter trials"), an ISIC 2020 trial took 0.57x the time and the study
         chose parameters as good, while on HAM10000 the tuned ensemble lost pAUC80 for 4 sampler
         seeds of 4. So the default stays the ensembles' patience; `--trial-patience` offers less.
     log_period: LightGBM evaluation log every N rounds (0 = quiet).
