@@ -10,8 +10,8 @@ names) where it lies, else the synthetic ISIC 2024-like table at 25,000 rows, ab
 
 Besides the time, each side's best trial (its mean fold pAUC80, as that side scored it) and
 whether both chose the same parameters: a trial ranks parameter sets, and what the shorter
-patience can cost is another choice (README "Shorter trials" measures what that choice does to the tuned
-ensemble, which keeps 50 rounds on both sides).
+patience can cost is another choice (README "Shorter trials" measures what that choice does to
+the tuned ensemble, which keeps 50 rounds on both sides).
 """
 
 from __future__ import annotations
