@@ -4,7 +4,8 @@ subprocess.
 Sized to run in about a minute or two on a loaded 2-core machine while going through the same code
 as the plain command: a random-initialised ResNet-50 saved as a state dict (`--weights`), 4 images
 at 32 px and a 1,000-row store for the embedding part (every quick variant still measured),
-1,000 rows for the gbdt and fusion parts (instead of 10,000), and 8 images scored on a tiny
+1,000 rows for the gbdt and fusion parts (instead of 10,000), 4 Optuna trials a side for the
+tuning part (ISIC 2020 where it lies, else a synthetic table), and 8 images scored on a tiny
 trained run (`--run`; the plain command makes and scores the 1,500-lesion demo run instead).
 """
 
@@ -66,9 +67,12 @@ def test_bench_quick_runs_every_part_end_to_end(tmp_path):
     assert figures["quick"] is True and list(figures["parts"]) == [
         "embedding",
         "gbdt",
+        "tuning",
         "fusion",
         "scoring",
     ]
+    tuning = figures["parts"]["tuning"]
+    assert tuning["trials"] == 4 and tuning["rounds"] == 1 and tuning["ratio"] > 0
     assert figures["parts"]["embedding"]["n_images"] == 4
     assert [g["rows"] for g in figures["parts"]["gbdt"]] == [1000]
     assert [f["store"]["rows"] for f in figures["parts"]["fusion"]] == [1000]
