@@ -7,8 +7,8 @@ Parts (each measured by its own module, in this one run, on this machine):
   on the synthetic ISIC 2024-sized table, beside the same fit on every negative (time and pAUC80)
   and plain LightGBM on the raw columns (`benchmarks.gbdt`), at several row counts to show cost
   growth;
-- tuning: an Optuna trial with the trials' own early-stopping patience beside the same study
-  scored with the ensembles' patience, on ISIC 2020 where it lies (`benchmarks.tuning`);
+- tuning: an Optuna trial with a short early-stopping patience (`--trial-patience 10`) beside the
+  default (the ensembles' 50), on ISIC 2020 where it lies (`benchmarks.tuning`);
 - fusion: one MLP epoch beside a linear model's pass over the same store (`benchmarks.fusion`), at
   the same row counts;
 - scoring: a folder of images end to end beside the embedding pipeline alone, and scoring with

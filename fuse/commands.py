@@ -145,8 +145,8 @@ def train_gbdt(
     `invoke embed --spec S`), 0 for a tabular-only spec. The store read is recorded in
     `gbdt/store.json`, and refused when another stage of the run was trained on other embeddings.
     `trial_patience`: early-stopping rounds of an Optuna trial's models (default: the ensembles'
-    50). `config` (a `tabular.gbdt_config.GBDTConfig`)
-    overrides `seeds`, `neg_ratio`, `trial_patience` and `image_pca`'s count.
+    50). `config` (a `tabular.gbdt_config.GBDTConfig`) overrides `seeds`, `neg_ratio`,
+    `trial_patience` and `image_pca`'s count.
     """
     from common.files import reporting_write_errors
     from fuse.stores import check_same_embeddings, open_for_training

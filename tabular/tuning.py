@@ -9,9 +9,8 @@
   the study, stopping after `GBDTConfig.trial_patience` rounds without gain (the ensembles'
   patience unless `--trial-patience` says otherwise; recorded in the study, so that trials scored
   with another patience are not mixed), folds side by side where CPUs allow
-  (`tabular.gbdt_threads.map_folds`), and reports
-  the running mean pAUC80 after each fold in fold order, so that the MedianPruner can stop a
-  hopeless trial early.
+  (`tabular.gbdt_threads.map_folds`), and reports the running mean pAUC80 after each fold in fold
+  order, so that the MedianPruner can stop a hopeless trial early.
 - The sampler is a seeded TPESampler, re-seeded from the trial number: reproducible in one
   process, and two workers on one study do not propose the same parameters.
 - The full LightGBM parameters of each trial are kept as JSON in its user attributes; the best are
