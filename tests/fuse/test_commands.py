@@ -36,17 +36,18 @@ def tiny(tmp_path_factory):
     }
 
 
-def test_embed_spec_builds_the_store_and_a_rerun_does_no_model_work(tiny):
+def test_embed_spec_builds_the_store_and_a_rerun_does_no_model_work(tiny, tmp_path):
+    stores = tmp_path / "stores"  # its own: other tests add stores to the shared folder
     first = embed_spec(
-        tiny["data"], image_size=32, weights_path=tiny["weights_path"], stores=tiny["stores"]
+        tiny["data"], image_size=32, weights_path=tiny["weights_path"], stores=stores
     )
     assert first.embedded == 60 and not first.failed
     again = embed_spec(
-        tiny["data"], image_size=32, weights_path=tiny["weights_path"], stores=tiny["stores"]
+        tiny["data"], image_size=32, weights_path=tiny["weights_path"], stores=stores
     )
     assert again.embedded == 0
     spec = load_spec(tiny["data"])
-    store = locate_store(spec, tiny["weights"], stores=tiny["stores"])
+    store = locate_store(spec, tiny["weights"], stores=stores)
     assert store.name == store_name(
         spec.name, tiny["weights"].sha256, 32, 1, DEFAULT_BLOCKS, DEFAULT_POOLING
     )
