@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from toytable import make_spec
 
 from tabular.errors import DataError
 from tabular.features import MAX_CATEGORIES, FeatureEncoder
@@ -13,23 +14,6 @@ from tabular.spec import ISIC2024_NOT_FEATURES, ISIC2024_TRAIN_ONLY, DatasetSpec
 from tabular.validate import read_metadata
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-
-
-def make_spec(**overrides) -> DatasetSpec:
-    fields = dict(
-        name="toy",
-        root=Path("."),
-        metadata=Path("toy.csv"),
-        images=None,
-        id="id",
-        target="target",
-        group="patient",
-        patient="patient",
-        categorical=("site",),
-        numeric=("age", "size"),
-    )
-    fields.update(overrides)
-    return DatasetSpec(**fields)
 
 
 def toy_frame() -> pd.DataFrame:

@@ -1,4 +1,5 @@
-"""A small metadata table for the LightGBM stage's tests: `toy`."""
+"""Small tabular test data: `make_spec` (a toy `DatasetSpec`) and `toy` (a metadata table for the
+LightGBM stage's tests)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,26 @@ import pandas as pd
 
 from tabular.spec import DatasetSpec
 
-__all__ = ["toy"]
+__all__ = ["make_spec", "toy"]
+
+
+def make_spec(**overrides) -> DatasetSpec:
+    """The toy data sets' spec: id, target, patient groups, `site` categorical, `age` and `size`
+    numeric; `overrides` replace fields."""
+    fields = dict(
+        name="toy",
+        root=Path("."),
+        metadata=Path("toy.csv"),
+        images=None,
+        id="id",
+        target="target",
+        group="patient",
+        patient="patient",
+        categorical=("site",),
+        numeric=("age", "size"),
+    )
+    fields.update(overrides)
+    return DatasetSpec(**fields)
 
 
 def toy(n=400, seed=0):
@@ -27,17 +47,6 @@ def toy(n=400, seed=0):
             "target": (signal > 0.8).astype(int),
         }
     )
-    spec = DatasetSpec(
-        name="toy",
-        root=Path("."),
-        metadata=Path("toy.csv"),
-        images=None,
-        id="id",
-        target="target",
-        group="patient",
-        patient="patient",
-        categorical=("site",),
-        numeric=("x", "noise"),
-    )
+    spec = make_spec(numeric=("x", "noise"))
     folds = (np.arange(n) // 4) % 4  # patients never straddle folds
     return frame, spec, folds
