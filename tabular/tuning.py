@@ -69,6 +69,8 @@ WAIT_SECONDS = 5
 # recorded scored every trial with the ensembles' patience, 50 rounds (`_BEFORE_RECORDED`).
 PATIENCE_ATTR = "trial_early_stopping_rounds"
 _BEFORE_RECORDED = {PATIENCE_ATTR: 50}
+# Study attributes a command-line option sets: a refusal names the option that goes on with it.
+_OPTION_OF = {PATIENCE_ATTR: "--trial-patience"}
 # lambda_l1 / lambda_l2 are searched on a log scale whose floor stands for "no regularisation".
 _LOG_FLOOR = 1e-8
 
@@ -476,11 +478,8 @@ def _check_attrs(study: optuna.Study, attrs: dict, storage) -> None:
     for key, value in attrs.items():
         made_with = stored.get(key, _BEFORE_RECORDED.get(key))
         if (key in stored or key in _BEFORE_RECORDED) and made_with != value:
-            hint = (
-                f" (or --trial-patience {made_with} to go on with it)"
-                if key == PATIENCE_ATTR
-                else ""
-            )
+            option = _OPTION_OF.get(key)
+            hint = f" (or {option} {made_with} to go on with it)" if option else ""
             raise DataError(
                 f"storage {storage or 'default'}: study '{study.study_name}' was made with {key}="
                 f"{made_with!r}, this run has {value!r}; use another --storage (or another "
